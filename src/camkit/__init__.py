@@ -1,0 +1,36 @@
+"""camkit: Class Activation Maps for PyTorch vision models.
+
+>>> import camkit
+>>> loaded = camkit.load_model()                       # offline pretrained EfficientNet-Lite0
+>>> expl = camkit.explain(loaded.model, camkit.sample_image(), preprocess=loaded.preprocess)
+>>> expl.labels, expl.maps.shape                        # (['Egyptian cat'], torch.Size([1, 224, 224]))
+>>> expl.overlay(0).save("cat.png")
+"""
+
+from camkit.explain import Explanation, compare, explain
+from camkit.layers import auto_layer, describe_layers
+from camkit.methods import method_names
+from camkit.models import LoadedModel, Preprocess, load_image, load_model, sample_image
+from camkit.targets import TopK
+from camkit.viz import colorize, grid, overlay
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Explanation",
+    "LoadedModel",
+    "Preprocess",
+    "TopK",
+    "__version__",
+    "auto_layer",
+    "colorize",
+    "compare",
+    "describe_layers",
+    "explain",
+    "grid",
+    "load_image",
+    "load_model",
+    "method_names",
+    "overlay",
+    "sample_image",
+]

