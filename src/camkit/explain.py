@@ -119,7 +119,13 @@ def _output_fn(spec: OutputSpec) -> Callable[[object], Tensor]:
 
 
 def _check_eval(model: nn.Module) -> None:
-    training = [name or type(model).__name__ for name, m in model.named_modules() if m.training]
+    """Refuse a model in training mode: the root, or any module whose output depends on the mode."""
+    mode_dependent = (nn.modules.batchnorm._NormBase, nn.modules.dropout._DropoutNd)
+    training = [
+        name or type(model).__name__
+        for name, m in model.named_modules()
+        if m.training and (m is model or isinstance(m, mode_dependent) or "DropPath" in type(m).__name__)
+    ]
     if training:
         raise ValueError(
             f"the model is in training mode ({len(training)} module(s), e.g. {training[:3]}): BatchNorm and "

@@ -15,6 +15,7 @@ The score of a class is its **logit** (the pre-softmax output), as in the Grad-C
 from __future__ import annotations
 
 import difflib
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -61,14 +62,36 @@ def _class_index(item: int | str, num_classes: int, labels: Sequence[str] | None
     if isinstance(item, str):
         if labels is None:
             raise ValueError(f"class name {item!r} given but no class labels are known for this model; pass labels=... or an index")
-        lowered = [lab.lower() for lab in labels]
         key = item.strip().lower()
-        if key in lowered:
-            return lowered.index(key)
-        close = difflib.get_close_matches(key, lowered, n=5, cutoff=0.6)
-        hint = f" Closest: {', '.join(repr(labels[lowered.index(c)]) for c in close)}." if close else ""
+        names = _names(tuple(labels))
+        hits = sorted({i for i, alts in enumerate(names) if key in alts})
+        if len(hits) == 1:
+            return hits[0]
+        if len(hits) > 1:
+            raise ValueError(f"class name {item!r} is ambiguous: classes {hits}; give the index instead")
+        pool = {alt: i for i, alts in enumerate(names) for alt in alts}
+        close = difflib.get_close_matches(key, list(pool), n=5, cutoff=0.6)
+        hint = f" Closest: {', '.join(f'{c!r} ({pool[c]})' for c in close)}." if close else ""
         raise ValueError(f"unknown class name {item!r}.{hint}")
     raise TypeError(f"a class target must be an int or a class name, got {type(item).__name__}")
+
+
+@functools.cache
+def _names(labels: tuple[str, ...]) -> list[set[str]]:
+    """Accepted names per class: the label, plus WordNet synonyms for ImageNet ("tabby" = "tabby cat")."""
+    names = [{lab.lower()} for lab in labels]
+    if len(labels) == 1000:
+        from camkit.models import imagenet_labels
+
+        if list(labels) == imagenet_labels():
+            try:
+                from timm.data import ImageNetInfo
+
+                for i, desc in enumerate(ImageNetInfo().label_descriptions()):
+                    names[i] |= {part.strip().lower() for part in desc.split(",") if part.strip()}
+            except Exception:  # pragma: no cover - timm without ImageNet metadata
+                pass
+    return names
 
 
 def resolve_classes(spec: TargetSpec, output: Tensor, labels: Sequence[str] | None) -> Tensor | None:

@@ -62,7 +62,7 @@ def layercam(x: MethodInput) -> Tensor:
     return (torch.relu(_grad(x)) * x.activations).sum(dim=1)
 
 
-_ONE = "1 forward from the earliest target layer + 1 backward to it (shared by all gradient methods)"
+_ONE = "1 forward + 1 backward to the layer (shared)"
 
 register(
     Method("gradcam", gradcam, True, _ONE, "Selvaraju et al., ICCV 2017",

@@ -1,0 +1,182 @@
+"""The ``camkit`` command.
+
+    camkit explain [IMAGES...] [--model NAME] [--methods a,b] [--layers x,y] [--target T] [--out DIR]
+    camkit layers MODEL
+    camkit methods
+
+With no image, ``camkit explain`` runs on a sample photo shipped with scikit-image (``--sample``), with the
+offline pretrained EfficientNet-Lite0.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Class Activation Maps for PyTorch vision models: why did the model decide what it decided?",
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+_USER_ERRORS = (ValueError, FileNotFoundError, RuntimeError, TypeError, KeyError)
+
+
+def _fail(err: BaseException) -> None:
+    err_console.print(f"[bold red]error:[/] {err}", highlight=False, markup=True, soft_wrap=True)
+    raise typer.Exit(code=2)
+
+
+def _split(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+@app.command()
+def explain(
+    images: Annotated[list[Path] | None, typer.Argument(help="Image files (default: the --sample photo).")] = None,
+    model: Annotated[str, typer.Option("--model", help="efficientnet_lite0 (offline default), a torchvision or timm name.")] = "efficientnet_lite0",
+    weights: Annotated[Path | None, typer.Option("--weights", help="Local state_dict file (loaded with weights_only=True).")] = None,
+    pretrained: Annotated[bool, typer.Option("--pretrained/--no-pretrained", help="Use the library's pretrained weights (network needed except for the default).")] = True,
+    methods: Annotated[str, typer.Option("--method", "--methods", "-m", help="Method name(s), comma-separated; see `camkit methods`.")] = "gradcam",
+    layers: Annotated[str, typer.Option("--layer", "--layers", "-l", help="Target layer(s), comma-separated, or 'auto'; see `camkit layers MODEL`.")] = "auto",
+    target: Annotated[str | None, typer.Option("--target", "-t", help="Class to explain: index, name ('tabby cat') or topK ('top3'). Default: top-1.")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for the PNG files.")] = Path("out"),
+    cmap: Annotated[str, typer.Option(help="Matplotlib colormap.")] = "jet",
+    alpha: Annotated[float, typer.Option(help="Weight of the heatmap in the overlay (0..1).")] = 0.5,
+    fusion: Annotated[str | None, typer.Option(help="Fusion of several layers: max or mean.")] = None,
+    sample: Annotated[str, typer.Option(help="Sample photo used when no image is given: chelsea, coffee, astronaut.")] = "chelsea",
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1, ...")] = "cpu",
+) -> None:
+    """Explain the model's decision on images and write overlay PNGs (and a grid when comparing)."""
+    import camkit
+    from camkit.models import sample_image
+    from camkit.targets import TopK, parse_target
+
+    try:
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"--alpha is the heatmap's weight and must lie in [0, 1], got {alpha}")
+        method_list = _split(methods)
+        for m in method_list:
+            camkit.methods.get_method(m)
+        loaded = camkit.load_model(model, weights=weights, pretrained=pretrained, device=device)
+        if images:
+            pics = [(p.stem, camkit.load_image(p)) for p in images]
+        else:
+            pics = [(sample, sample_image(sample))]
+        spec = parse_target(target)
+        out.mkdir(parents=True, exist_ok=True)
+        table = Table(title=f"camkit explain · {loaded.name}")
+        for col in ("image", "class", "prob", "method", "layers", "file"):
+            table.add_column(col)
+        summary = []
+        for stem, pil in pics:
+            results = camkit.compare(
+                loaded.model, pil, methods=method_list, layers=layers, targets=spec,
+                preprocess=loaded.preprocess, labels=loaded.labels, fusion=fusion,
+            )
+            first = next(iter(results.values()))
+            n_targets = first.maps.shape[1] if first.maps.dim() == 4 else 1
+            for t in range(n_targets):
+                suffix = f"_top{t + 1}" if isinstance(spec, TopK) else ""
+                cells: dict[str, dict[str, object]] = {}
+                for name, expl in results.items():
+                    fname = out / f"{stem}_{name}{suffix}.png"
+                    expl.overlay(0, target=t, cmap=cmap, alpha=alpha).save(fname)
+                    row: dict[str, object] = {}
+                    if len(expl.layers) > 1:
+                        for layer in expl.layers:
+                            row[layer] = expl.overlay(0, target=t, cmap=cmap, alpha=alpha, layer=layer)
+                    row["fused" if len(expl.layers) > 1 else expl.layers[0]] = expl.overlay(0, target=t, cmap=cmap, alpha=alpha)
+                    cells[name] = row
+                    cls = expl.classes[0] if expl.classes is not None else None
+                    cls_i = int(cls[t] if cls is not None and cls.dim() == 1 else cls) if cls is not None else None
+                    label = expl.labels[0] if expl.labels else None
+                    if isinstance(label, list):
+                        label = label[t]
+                    prob = expl.probs[0] if expl.probs is not None else None
+                    prob_f = float(prob[t] if prob is not None and prob.dim() == 1 else prob) if prob is not None else None
+                    table.add_row(
+                        stem, f"{cls_i} {label or ''}".strip(), f"{prob_f:.3f}" if prob_f is not None else "-",
+                        name, ",".join(expl.layers), fname.name,
+                    )
+                    summary.append({"image": stem, "class": cls_i, "label": label, "prob": prob_f,
+                                    "method": name, "layers": expl.layers, "file": str(fname)})
+                if len(results) > 1 or len(first.layers) > 1:
+                    gname = out / f"{stem}_grid{suffix}.png"
+                    title = f"{stem}: {summary[-1]['label'] or summary[-1]['class']}"
+                    camkit.grid(cells, image=pil, title=title).save(gname)  # type: ignore[arg-type]
+                    table.add_row(stem, "", "", "grid", "", gname.name)
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        console.print(table)
+        console.print(f"written to {out}/")
+    except _USER_ERRORS as err:
+        _fail(err)
+
+
+@app.command()
+def layers(
+    model: Annotated[str, typer.Argument(help="Model name (efficientnet_lite0, resnet50, ...).")] = "efficientnet_lite0",
+    all_layers: Annotated[bool, typer.Option("--all", help="Also list layers whose output is not a feature map.")] = False,
+) -> None:
+    """List the hookable layers of a model with their output shapes; the automatic choice is marked."""
+    import torch
+
+    import camkit
+    from camkit.layers import pick_auto
+
+    try:
+        loaded = camkit.load_model(model, pretrained=False)
+        h, w = loaded.preprocess.size
+        infos = camkit.describe_layers(loaded.model, torch.zeros(1, 3, h, w))
+        auto = pick_auto(infos)
+        table = Table(title=f"{loaded.name}: layers at input 3x{h}x{w} (forward order)")
+        table.add_column("name", overflow="fold")
+        for col in ("type", "output (C, h, w)", "calls", ""):
+            table.add_column(col)
+        for info in infos:
+            spatial = info.shape is not None and len(info.shape) == 3
+            if not (all_layers or spatial):
+                continue
+            mark = "[bold green]<- auto[/]" if info.name == auto else ""
+            shape = "x".join(map(str, info.shape)) if info.shape is not None else "-"
+            table.add_row(info.name, info.type, shape, str(info.calls), mark)
+        console.print(table)
+        console.print(f"auto: [bold]{auto}[/]")
+    except _USER_ERRORS as err:
+        _fail(err)
+
+
+@app.command()
+def methods() -> None:
+    """List the available methods, one line each, with their cost."""
+    from camkit.methods import METHODS, method_names
+
+    table = Table(title="camkit methods")
+    for col in ("name", "what", "cost per image", "paper"):
+        table.add_column(col)
+    for name in method_names():
+        m = METHODS[name]
+        table.add_row(name, m.summary, m.cost, m.paper)
+    console.print(table)
+
+
+def main() -> None:
+    """Entry point of the ``camkit`` console script."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
