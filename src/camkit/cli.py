@@ -161,7 +161,8 @@ def methods() -> None:
     from camkit.methods import METHODS, method_names
 
     table = Table(title="camkit methods")
-    for col in ("name", "what", "cost per image", "paper"):
+    table.add_column("name", no_wrap=True, min_width=max(len(n) for n in method_names()))
+    for col in ("what", "cost per image", "paper"):
         table.add_column(col)
     for name in method_names():
         m = METHODS[name]

@@ -188,7 +188,7 @@ def _lite(name: str, weights: str | Path | None, pretrained: bool) -> nn.Module:
     return model
 
 
-def _load_weights_file(model: nn.Module, path: str | Path) -> None:
+def _read_state(path: str | Path) -> dict[str, Tensor]:
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"weights file not found: {str(p)!r}")
@@ -202,16 +202,39 @@ def _load_weights_file(model: nn.Module, path: str | Path) -> None:
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]
-    if not isinstance(state, dict):
-        raise ValueError(f"{str(p)!r} does not hold a state_dict (found {type(state).__name__})")
-    if all(k.startswith("module.") for k in state):
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise ValueError(f"{str(p)!r} does not hold a state_dict of tensors (found {type(state).__name__})")
+    if state and all(k.startswith("module.") for k in state):
         state = {k[len("module.") :]: v for k, v in state.items()}
-    result = model.load_state_dict(state, strict=False)
+    return state
+
+
+def _checkpoint_classes(model: nn.Module, state: dict[str, Tensor]) -> int | None:
+    """Number of classes of the checkpoint's classifier when it differs from the model's (a fine-tuned head)."""
+    name = None
+    for n, m in model.named_modules():
+        if isinstance(m, nn.Linear):
+            name = n
+    if name is None or f"{name}.weight" not in state:
+        return None
+    out = int(state[f"{name}.weight"].shape[0])
+    return out if out != model.get_submodule(name).out_features else None  # type: ignore[union-attr]
+
+
+def _load_state(model: nn.Module, state: dict[str, Tensor], path: str | Path) -> None:
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:
+        raise ValueError(f"{str(path)!r} does not match {type(model).__name__}: {err}") from err
     if result.missing_keys or result.unexpected_keys:
         raise ValueError(
-            f"{str(p)!r} does not match {type(model).__name__}: missing {result.missing_keys[:5]}, "
+            f"{str(path)!r} does not match {type(model).__name__}: missing {result.missing_keys[:5]}, "
             f"unexpected {result.unexpected_keys[:5]}"
         )
+
+
+def _load_weights_file(model: nn.Module, path: str | Path) -> None:
+    _load_state(model, _read_state(path), path)
 
 
 def load_model(
@@ -252,7 +275,11 @@ def load_model(
                 ) from err
             raise
         if weights is not None:
-            _load_weights_file(model, weights)
+            state = _read_state(weights)
+            n = _checkpoint_classes(model, state)
+            if n is not None:
+                model = torchvision.models.get_model(key, weights=None, num_classes=n)
+            _load_state(model, state, weights)
         labels = imagenet_labels() if _num_outputs(model) == 1000 else None
     else:
         tname = key.removeprefix("timm/")
@@ -275,7 +302,11 @@ def load_model(
                 ) from err
             raise
         if weights is not None:
-            _load_weights_file(model, weights)
+            state = _read_state(weights)
+            n = _checkpoint_classes(model, state)
+            if n is not None:
+                model = timm.create_model(tname, pretrained=False, num_classes=n)
+            _load_state(model, state, weights)
         labels = imagenet_labels() if _num_outputs(model) == 1000 else None
     model = model.eval().to(device)
     return LoadedModel(model=model, preprocess=Preprocess.for_model(model), labels=labels, name=key)

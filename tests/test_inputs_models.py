@@ -1,0 +1,129 @@
+"""Bad input gives clear errors or documented conversions; model loading, weights files, preprocessing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+import camkit
+from camkit.models import Preprocess, to_rgb
+
+
+def test_missing_and_corrupt_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        camkit.load_image(tmp_path / "nope.jpg")
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg")
+    with pytest.raises(ValueError, match="cannot read"):
+        camkit.load_image(bad)
+    truncated = tmp_path / "trunc.png"
+    Image.new("RGB", (64, 64), (10, 20, 30)).save(tmp_path / "ok.png")
+    truncated.write_bytes((tmp_path / "ok.png").read_bytes()[:60])
+    with pytest.raises(ValueError, match="cannot read"):
+        camkit.load_image(truncated)
+
+
+def test_grayscale_rgba_and_16bit_conversions(tmp_path):
+    gray = Image.fromarray(np.arange(64, dtype=np.uint8).reshape(8, 8), mode="L")
+    rgb = to_rgb(gray)
+    arr = np.asarray(rgb)
+    assert rgb.mode == "RGB" and (arr[..., 0] == arr[..., 1]).all() and (arr[..., 1] == arr[..., 2]).all()
+    rgba = Image.new("RGBA", (4, 4), (255, 0, 0, 0))  # fully transparent red -> white
+    rgba.putpixel((0, 0), (255, 0, 0, 255))  # one opaque red pixel stays red
+    out = np.asarray(to_rgb(rgba))
+    assert tuple(out[1, 1]) == (255, 255, 255) and tuple(out[0, 0]) == (255, 0, 0)
+    deep = Image.fromarray(np.array([[0, 1000], [2000, 4000]], dtype=np.uint16))
+    deep.save(tmp_path / "deep.png")
+    out16 = np.asarray(camkit.load_image(tmp_path / "deep.png"))
+    assert out16.shape == (2, 2, 3) and out16[0, 0, 0] == 0 and out16[1, 1, 0] == 255
+
+
+def test_bad_tensors(tiny):
+    with pytest.raises(ValueError, match="channel"):
+        camkit.explain(tiny, torch.zeros(1, 1, 16, 16))
+    with pytest.raises(ValueError, match="channel"):
+        camkit.explain(tiny, torch.zeros(1, 4, 16, 16))
+    with pytest.raises(ValueError, match="dtype"):
+        camkit.explain(tiny, torch.zeros(1, 3, 16, 16, dtype=torch.uint8))
+    with pytest.raises(ValueError, match=r"\[B, C, H, W\]"):
+        camkit.explain(tiny, torch.zeros(1, 1, 3, 16, 16))
+    with pytest.raises(ValueError, match="NaN"):
+        camkit.explain(tiny, torch.full((1, 3, 16, 16), float("nan")))
+
+
+def test_single_chw_tensor_and_pil_inputs(tiny, tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(3, 16, 16)
+    assert camkit.explain(tiny, x).maps.shape == (1, 16, 16)
+    pic = Image.fromarray((np.random.default_rng(0).random((20, 30, 4)) * 255).astype(np.uint8), mode="RGBA")
+    pic.save(tmp_path / "p.png")
+    pre = Preprocess(size=(16, 16))
+    e = camkit.explain(tiny, [tmp_path / "p.png", pic.convert("L")], preprocess=pre)
+    assert e.maps.shape == (2, 16, 16) and len(e.images) == 2
+    over = e.overlay(0)
+    assert over.size == (30, 20)  # back at the original size
+
+
+def test_overlay_weights_and_errors():
+    img = Image.new("RGB", (10, 10), (0, 0, 0))
+    heat = torch.ones(5, 5)
+    full = np.asarray(camkit.overlay(img, heat, cmap="gray", alpha=1.0))
+    assert (full == 255).all()
+    none = np.asarray(camkit.overlay(img, heat, cmap="gray", alpha=0.0))
+    assert (none == 0).all()
+    half = np.asarray(camkit.overlay(img, heat, cmap="gray", alpha=0.5))
+    assert np.abs(half.astype(int) - 128).max() <= 1
+    with pytest.raises(ValueError, match="alpha"):
+        camkit.overlay(img, heat, alpha=1.5)
+    with pytest.raises(ValueError, match="colormap"):
+        camkit.overlay(img, heat, cmap="nope")
+
+
+def test_weights_file_roundtrip_and_untrusted_pickle(tmp_path):
+    torch.manual_seed(0)
+    src = torchvision.models.resnet18(weights=None)
+    path = tmp_path / "w.pth"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in src.state_dict().items()}}, path)
+    loaded = camkit.load_model("resnet18", weights=path)
+    for (k, v), (_, w) in zip(src.state_dict().items(), loaded.model.state_dict().items(), strict=True):
+        assert torch.equal(v, w), k
+    assert not loaded.model.training and loaded.labels is not None and len(loaded.labels) == 1000
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    evil = tmp_path / "evil.pth"
+    torch.save({"x": Evil()}, evil)
+    with pytest.raises(ValueError, match="weights_only"):
+        camkit.load_model("resnet18", weights=evil)
+    wrong = tmp_path / "wrong.pth"
+    torch.save({"conv1.weight": torch.zeros(2, 2)}, wrong)
+    with pytest.raises(ValueError, match="does not match"):
+        camkit.load_model("resnet18", weights=wrong)
+    # a fine-tuned head with 7 classes: the model is rebuilt with 7 outputs
+    tuned = torchvision.models.resnet18(weights=None, num_classes=7)
+    torch.save(tuned.state_dict(), tmp_path / "tuned.pth")
+    got = camkit.load_model("resnet18", weights=tmp_path / "tuned.pth")
+    assert got.model.fc.out_features == 7 and got.labels is None
+
+
+def test_unknown_model_and_offline_download(monkeypatch):
+    with pytest.raises(ValueError, match="resnet50"):
+        camkit.load_model("resnet5O")
+
+    def no_network(*args, **kwargs):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(torchvision.models, "get_model", no_network)
+    with pytest.raises(RuntimeError, match="--weights"):
+        camkit.load_model("resnet18")
+
+
+def test_sample_images():
+    assert camkit.sample_image("chelsea").size == (451, 300)
+    with pytest.raises(ValueError, match="chelsea"):
+        camkit.sample_image("dog")
