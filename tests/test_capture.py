@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_unchanged, snapshot
 from torch import nn
 
 import camkit
 from camkit.capture import capture
+from conftest import assert_unchanged, snapshot
 
 
 def reference_grad(model, x, cls, split_at: int):

@@ -2,8 +2,9 @@
 
 raw map at feature resolution (signed) -> ReLU -> bilinear upsample to the input size (``align_corners=False``)
 -> min-max per map. A constant map (max - min <= 1e-6 * max|map|, or all zeros) becomes all zeros, never NaN.
-Min-max before or after a bilinear upsample gives the same map: bilinear interpolation never leaves the range of
-its inputs, so the extremes are kept.
+We normalise *after* upsampling, so every map at input size spans exactly [0, 1]. pytorch-grad-cam normalises
+before resizing; the two differ by an affine map per image (same Pearson correlation, slightly different range:
+with ``align_corners=False`` the upsampled grid does not hit the feature cells' centres exactly).
 """
 
 from __future__ import annotations
