@@ -9,8 +9,9 @@ correlation >= 0.999 with the library's map at input size, per image. Grad-CAM++
 
 * camkit implements the paper's alpha = g^2 / (2 g^2 + sum_ab A[ab] g^3) (Chattopadhyay et al. 2018, eq. 19);
   it is pinned here against a hand computation from activations and gradients this file captures itself;
-* pytorch-grad-cam adds eps = 1e-6 to that denominator. At ``bn2`` |dS/dA| <= ~6e-3, so 2 g^2 is of the order of
-  eps or far below it and eps is not negligible: its map still correlates >= 0.999, but is not the paper's;
+* pytorch-grad-cam adds eps = 1e-6 to that denominator. At ``bn2`` 2 g^2 is at most ~7e-5 and below 1e-6 for
+  ~40% of the entries (median |g| ~ 9e-4), so eps is not negligible: its map still correlates >= 0.999 (0.9994 at
+  worst, chelsea), but it is not the paper's;
 * torchcam 0.5.0's ``alpha[idx][mask].div_(...)`` divides a copy made by boolean indexing, so no denominator is
   ever applied: alpha = g^2. (Its denominator also sums A * g^3 instead of sum(A) * g^3; behind a global-average
   head g is spatially constant, so that part would not show on this model anyway.)
@@ -86,14 +87,17 @@ def paper_denominator(a: Tensor, g: Tensor) -> Tensor:
     return 2 * g**2 + a.sum(dim=(2, 3), keepdim=True) * g**3
 
 
-def grad_cam_map(cam_class: type, model: nn.Module, layers: list[nn.Module], x: Tensor, classes: list[int]) -> Tensor:
+def grad_cam_map(
+    cam_class: type, model: nn.Module, layers: list[str], x: Tensor, classes: list[int]
+) -> Tensor:
     """A pytorch-grad-cam map at input size (its own post-processing), as float64."""
     targets = [pgc_targets.ClassifierOutputTarget(c) for c in classes]
+    modules = [model.get_submodule(name) for name in layers]
     try:
-        with cam_class(model=model, target_layers=layers) as cam:
+        with cam_class(model=model, target_layers=modules) as cam:
             out = cam(input_tensor=x, targets=targets)
     finally:
-        # pytorch-grad-cam calls loss.backward(): do not leave parameter gradients on the shared model.
+        # pytorch-grad-cam calls loss.backward(): leave no parameter gradients on the shared model.
         model.zero_grad(set_to_none=True)
     return torch.from_numpy(np.asarray(out)).double()
 
@@ -146,11 +150,38 @@ def captured(model: nn.Module, x: Tensor, classes: list[int]) -> tuple[Tensor, T
     try:
         with torch.enable_grad():
             logits = model(x)
-            score = logits[torch.arange(len(classes)), torch.tensor(classes)].sum()  # per-image scores independent
+            # Images are independent in eval mode: the gradient of the sum is each image's own gradient.
+            score = logits[torch.arange(len(classes)), torch.tensor(classes)].sum()
             (g,) = torch.autograd.grad(score, store["a"])
     finally:
         handle.remove()
     return store["a"].detach().double(), g.double()
+
+
+@pytest.fixture(scope="module")
+def camkit_expl(model: nn.Module, x: Tensor, classes: list[int]) -> Callable[[str], camkit.Explanation]:
+    """camkit.explain at ``bn2`` for a method, computed once per module."""
+    cache: dict[str, camkit.Explanation] = {}
+
+    def get(method: str) -> camkit.Explanation:
+        if method not in cache:
+            cache[method] = camkit.explain(model, x, method=method, layers=LAYER, targets=classes)
+        return cache[method]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def grad_cam_ref(model: nn.Module, x: Tensor, classes: list[int]) -> Callable[[str], Tensor]:
+    """A pytorch-grad-cam map at ``bn2`` by class name, computed once per module."""
+    cache: dict[str, Tensor] = {}
+
+    def get(name: str) -> Tensor:
+        if name not in cache:
+            cache[name] = grad_cam_map(getattr(pgc, name), model, [LAYER], x, classes)
+        return cache[name]
+
+    return get
 
 
 # ------------------------------------------------------------------------------------------- pytorch-grad-cam
@@ -168,14 +199,20 @@ GRAD_CAM_PAIRS = [
 
 @pytest.mark.parametrize(("method", "ref_name"), GRAD_CAM_PAIRS, ids=[m for m, _ in GRAD_CAM_PAIRS])
 def test_matches_pytorch_grad_cam(
-    model: nn.Module, x: Tensor, classes: list[int], method: str, ref_name: str
+    camkit_expl: Callable[[str], camkit.Explanation],
+    grad_cam_ref: Callable[[str], Tensor],
+    classes: list[int],
+    method: str,
+    ref_name: str,
 ) -> None:
-    expl = camkit.explain(model, x, method=method, layers=LAYER, targets=classes)
-    ref = grad_cam_map(getattr(pgc, ref_name), model, [model.get_submodule(LAYER)], x, classes)
+    expl = camkit_expl(method)
+    ref = grad_cam_ref(ref_name)
     assert expl.maps.shape == ref.shape == (len(SAMPLES), *SIZE)
     assert expl.classes is not None and expl.classes.tolist() == classes
     r = pearson(expl.maps, ref)
-    assert (r >= MIN_PEARSON).all(), f"{method} vs pytorch_grad_cam.{ref_name}: Pearson per image {r.tolist()}"
+    assert (r >= MIN_PEARSON).all(), (
+        f"{method} vs pytorch_grad_cam.{ref_name}: Pearson per image {r.tolist()}"
+    )
     if method != "gradcam++":
         # Same definition and same post-processing (grad-cam min-maxes again after its resize): equal maps.
         diff = (expl.maps.double() - ref).abs().max().item()
@@ -183,12 +220,12 @@ def test_matches_pytorch_grad_cam(
 
 
 def test_pytorch_grad_cam_gradcampp_is_the_paper_plus_eps(
-    model: nn.Module, x: Tensor, classes: list[int], captured: tuple[Tensor, Tensor]
+    grad_cam_ref: Callable[[str], Tensor], captured: tuple[Tensor, Tensor]
 ) -> None:
     """Why grad-cam's Grad-CAM++ is only >= 0.999 and not equal: eps = 1e-6 in its alpha denominator."""
     a, g = captured
     with_eps = gradcampp_by_hand(a, g, lambda a_, g_: paper_denominator(a_, g_) + 1e-6)
-    ref = grad_cam_map(pgc.GradCAMPlusPlus, model, [model.get_submodule(LAYER)], x, classes)
+    ref = grad_cam_ref("GradCAMPlusPlus")
     torch.testing.assert_close(minmax(upsample(torch.relu(with_eps))), ref, rtol=0, atol=1e-4)
     paper = minmax(upsample(torch.relu(gradcampp_by_hand(a, g, paper_denominator))))
     assert (paper - ref).abs().max().item() > 1e-2  # the eps does change the map on this model
@@ -201,14 +238,22 @@ TORCHCAM_PAIRS = [("gradcam", "GradCAM"), ("xgradcam", "XGradCAM"), ("layercam",
 
 
 @pytest.mark.parametrize(("method", "ref_name"), TORCHCAM_PAIRS, ids=[m for m, _ in TORCHCAM_PAIRS])
-def test_matches_torchcam(model: nn.Module, x: Tensor, classes: list[int], method: str, ref_name: str) -> None:
-    expl = camkit.explain(model, x, method=method, layers=LAYER, targets=classes)
+def test_matches_torchcam(
+    camkit_expl: Callable[[str], camkit.Explanation],
+    model: nn.Module,
+    x: Tensor,
+    classes: list[int],
+    method: str,
+    ref_name: str,
+) -> None:
+    expl = camkit_expl(method)
     small = torchcam_map(getattr(tcm, ref_name), model, LAYER, x, classes)
     # torchcam applies the ReLU and min-max normalises (eps 1e-8), at feature size.
     assert small.shape == (len(SAMPLES), *expl.raw[LAYER].shape[-2:])
     assert small.min().item() >= 0.0
-    torch.testing.assert_close(small.amin(dim=(1, 2)), torch.zeros(len(SAMPLES), dtype=torch.float64))
-    torch.testing.assert_close(small.amax(dim=(1, 2)), torch.ones(len(SAMPLES), dtype=torch.float64))
+    ones = torch.ones(len(SAMPLES), dtype=torch.float64)
+    torch.testing.assert_close(small.amin(dim=(1, 2)), 0 * ones, rtol=0, atol=1e-4)
+    torch.testing.assert_close(small.amax(dim=(1, 2)), ones, rtol=0, atol=1e-4)
     ref = upsample(small)
     r = pearson(expl.maps, ref)
     assert (r >= MIN_PEARSON).all(), f"{method} vs torchcam.{ref_name}: Pearson per image {r.tolist()}"
@@ -222,23 +267,25 @@ def test_matches_torchcam(model: nn.Module, x: Tensor, classes: list[int], metho
 
 
 def test_gradcampp_follows_the_paper(
-    model: nn.Module, x: Tensor, classes: list[int], captured: tuple[Tensor, Tensor]
+    camkit_expl: Callable[[str], camkit.Explanation], captured: tuple[Tensor, Tensor]
 ) -> None:
     """camkit's raw Grad-CAM++ is eq. 19 of the paper, computed here from our own activations and gradients."""
     a, g = captured
     expected = gradcampp_by_hand(a, g, paper_denominator)
-    expl = camkit.explain(model, x, method="gradcam++", layers=LAYER, targets=classes)
+    expl = camkit_expl("gradcam++")
     raw = expl.raw[LAYER].double()
     assert raw.shape == expected.shape == (len(SAMPLES), *a.shape[-2:])
     scale = expected.abs().amax().item()
     torch.testing.assert_close(raw, expected, rtol=1e-4, atol=1e-5 * scale)
-    torch.testing.assert_close(
-        expl.maps.double(), minmax(upsample(torch.relu(expected))), rtol=0, atol=1e-4
-    )
+    torch.testing.assert_close(expl.maps.double(), minmax(upsample(torch.relu(expected))), rtol=0, atol=1e-4)
 
 
 def test_torchcam_gradcampp_skips_the_denominator(
-    model: nn.Module, x: Tensor, classes: list[int], captured: tuple[Tensor, Tensor]
+    camkit_expl: Callable[[str], camkit.Explanation],
+    model: nn.Module,
+    x: Tensor,
+    classes: list[int],
+    captured: tuple[Tensor, Tensor],
 ) -> None:
     """Documents torchcam 0.5.0: its Grad-CAM++ uses alpha = g^2. Fails (on purpose) once torchcam fixes it."""
     a, g = captured
@@ -247,7 +294,7 @@ def test_torchcam_gradcampp_skips_the_denominator(
     torch.testing.assert_close(ref, no_denominator, rtol=1e-4, atol=1e-5 * no_denominator.abs().amax().item())
 
     # camkit (the paper) is not that map: compare both normalised at feature size.
-    expl = camkit.explain(model, x, method="gradcam++", layers=LAYER, targets=classes)
+    expl = camkit_expl("gradcam++")
     ours = minmax(torch.relu(expl.raw[LAYER].double()))
     theirs = minmax(ref)
     gap = (ours - theirs).abs().amax(dim=(1, 2))
@@ -257,13 +304,19 @@ def test_torchcam_gradcampp_skips_the_denominator(
 # ------------------------------------------------------------------------------------------------ multi-layer
 
 
-def test_multilayer_layercam_matches_pytorch_grad_cam(model: nn.Module, x: Tensor, classes: list[int]) -> None:
+def test_multilayer_layercam_matches_pytorch_grad_cam(
+    model: nn.Module, x: Tensor, classes: list[int]
+) -> None:
     layers = ["blocks.5", LAYER]
-    expl = camkit.explain(model, x, method="layercam", layers=",".join(layers), targets=classes, fusion="mean")
+    expl = camkit.explain(
+        model, x, method="layercam", layers=",".join(layers), targets=classes, fusion="mean"
+    )
     assert expl.layers == layers
-    ref = grad_cam_map(pgc.LayerCAM, model, [model.get_submodule(n) for n in layers], x, classes)
+    ref = grad_cam_map(pgc.LayerCAM, model, layers, x, classes)
     r = pearson(expl.maps, ref)
-    assert (r >= MIN_PEARSON_MULTI).all(), f"two-layer LayerCAM vs pytorch_grad_cam: Pearson per image {r.tolist()}"
+    assert (r >= MIN_PEARSON_MULTI).all(), (
+        f"two-layer LayerCAM vs pytorch_grad_cam: Pearson per image {r.tolist()}"
+    )
 
     # The small remaining gap is post-processing order only: grad-cam min-maxes each layer at feature size and then
     # resizes (cv2.resize, the same as bilinear align_corners=False), so a layer's map may peak below 1 before the
