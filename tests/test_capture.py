@@ -31,7 +31,9 @@ def reference_grad(model, x, cls, split_at: int):
 
 def test_activation_is_conv_output_despite_inplace_relu(tiny, x_small):
     cls = torch.tensor([0, 1, 2, 3])
-    cap = capture(tiny, x_small, {"features.0": tiny.features[0]}, lambda out: out.gather(1, cls[:, None])[:, 0])
+    cap = capture(
+        tiny, x_small, {"features.0": tiny.features[0]}, lambda out: out.gather(1, cls[:, None])[:, 0]
+    )
     a_ref, g_ref = reference_grad(tiny, x_small, cls, 0)
     a = cap.activations["features.0"]
     assert (a < 0).any(), "the conv output has negatives; a ReLU-overwritten capture would not"
@@ -129,7 +131,9 @@ def test_reused_module_keeps_last_call():
         second = m.conv(m.conv(x))
     torch.testing.assert_close(cap.activations["conv"], second)
     # d out0 / d A = W[0, k] / (h*w) everywhere
-    torch.testing.assert_close(cap.gradients["conv"], (m.fc.weight[0] / 64).view(1, 3, 1, 1).expand(2, 3, 8, 8))
+    torch.testing.assert_close(
+        cap.gradients["conv"], (m.fc.weight[0] / 64).view(1, 3, 1, 1).expand(2, 3, 8, 8)
+    )
 
 
 def test_layer_that_does_not_run(tiny, x_small):

@@ -31,8 +31,21 @@ def test_default_run_writes_a_cat_overlay(tmp_path):
 def test_compare_methods_and_layers_writes_a_grid(tmp_path):
     photo = tmp_path / "coffee.jpg"
     camkit.sample_image("coffee").save(photo)
-    res = runner.invoke(app, ["explain", str(photo), "--methods", "gradcam,gradcam++,layercam",
-                              "--layers", "blocks.3,blocks.5,bn2", "--target", "top2", "--out", str(tmp_path)])
+    res = runner.invoke(
+        app,
+        [
+            "explain",
+            str(photo),
+            "--methods",
+            "gradcam,gradcam++,layercam",
+            "--layers",
+            "blocks.3,blocks.5,bn2",
+            "--target",
+            "top2",
+            "--out",
+            str(tmp_path),
+        ],
+    )
     assert res.exit_code == 0, res.output
     for name in ("coffee_gradcam_top1.png", "coffee_layercam_top2.png", "coffee_grid_top1.png"):
         assert (tmp_path / name).exists(), name

@@ -90,7 +90,9 @@ def test_topk_equals_single_targets(tiny, x_small):
     e = camkit.explain(tiny, x_small, method="gradcam++", targets=TopK(3), layers="features.3")
     assert e.maps.shape == (4, 3, 16, 16) and e.classes.shape == (4, 3)
     for t in range(3):
-        single = camkit.explain(tiny, x_small, method="gradcam++", targets=e.classes[:, t].tolist(), layers="features.3")
+        single = camkit.explain(
+            tiny, x_small, method="gradcam++", targets=e.classes[:, t].tolist(), layers="features.3"
+        )
         torch.testing.assert_close(e.maps[:, t], single.maps)
 
 

@@ -106,7 +106,9 @@ def test_formulas_match_loop_implementations(nonlinear, method, layer):
     x = torch.randn(2, 3, 8, 8)
     res = camkit.explain(nonlinear, x, method=method, layers=layer)
     cls = res.classes
-    cap = capture(nonlinear, x, {layer: nonlinear.get_submodule(layer)}, lambda out: out.gather(1, cls[:, None])[:, 0])
+    cap = capture(
+        nonlinear, x, {layer: nonlinear.get_submodule(layer)}, lambda out: out.gather(1, cls[:, None])[:, 0]
+    )
     g = cap.gradients[layer]
     assert g.flatten(2).std(dim=2).max() > 0, "gradients must vary over space for this test to mean anything"
     expected = _independent(method, cap.activations[layer], g)
@@ -131,7 +133,9 @@ def test_compare_shares_one_pass_and_matches_explain(tiny, x_small):
         h.remove()
     assert len(calls) == 1
     for m in GRADIENT_METHODS:
-        torch.testing.assert_close(res[m].maps, camkit.explain(tiny, x_small, method=m, layers="features.3").maps)
+        torch.testing.assert_close(
+            res[m].maps, camkit.explain(tiny, x_small, method=m, layers="features.3").maps
+        )
 
 
 def test_methods_differ_where_they_should(nonlinear):
@@ -173,7 +177,9 @@ def test_multi_layer_fusion(tiny, x_small):
     expected = camkit.postprocess.normalize(expected)
     torch.testing.assert_close(both.maps, expected)
     mean = camkit.explain(tiny, x_small, method="gradcam", layers="features.1,features.3", fusion="mean")
-    exp_mean = camkit.postprocess.normalize((mean.layer_maps["features.1"] + mean.layer_maps["features.3"]) / 2)
+    exp_mean = camkit.postprocess.normalize(
+        (mean.layer_maps["features.1"] + mean.layer_maps["features.3"]) / 2
+    )
     torch.testing.assert_close(mean.maps, exp_mean)
 
 

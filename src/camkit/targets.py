@@ -57,11 +57,15 @@ def _class_index(item: int | str, num_classes: int, labels: Sequence[str] | None
         raise TypeError("a class target must be an int or a class name, not a bool")
     if isinstance(item, int):
         if not 0 <= item < num_classes:
-            raise ValueError(f"class index {item} is out of range: the model has {num_classes} classes (0..{num_classes - 1})")
+            raise ValueError(
+                f"class index {item} is out of range: the model has {num_classes} classes (0..{num_classes - 1})"
+            )
         return item
     if isinstance(item, str):
         if labels is None:
-            raise ValueError(f"class name {item!r} given but no class labels are known for this model; pass labels=... or an index")
+            raise ValueError(
+                f"class name {item!r} given but no class labels are known for this model; pass labels=... or an index"
+            )
         key = item.strip().lower()
         names = _names(tuple(labels))
         hits = sorted({i for i, alts in enumerate(names) if key in alts})
@@ -120,9 +124,15 @@ def resolve_classes(spec: TargetSpec, output: Tensor, labels: Sequence[str] | No
     if isinstance(spec, Sequence):
         items = list(spec)
         if len(items) != batch:
-            raise ValueError(f"{len(items)} targets given for a batch of {batch} images; give one per image or a single one")
-        return torch.tensor([_class_index(i, num_classes, labels) for i in items], dtype=torch.long, device=output.device)
-    raise TypeError(f"unsupported target {spec!r}: use None, an int, a class name, a list, TopK(k) or a callable")
+            raise ValueError(
+                f"{len(items)} targets given for a batch of {batch} images; give one per image or a single one"
+            )
+        return torch.tensor(
+            [_class_index(i, num_classes, labels) for i in items], dtype=torch.long, device=output.device
+        )
+    raise TypeError(
+        f"unsupported target {spec!r}: use None, an int, a class name, a list, TopK(k) or a callable"
+    )
 
 
 def make_score_fn(
@@ -138,7 +148,9 @@ def make_score_fn(
             scores = spec(output)
             if not isinstance(scores, Tensor) or scores.shape != (output.shape[0],):
                 shape = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__
-                raise ValueError(f"a callable target must return Tensor[B] (one score per image), got {shape}")
+                raise ValueError(
+                    f"a callable target must return Tensor[B] (one score per image), got {shape}"
+                )
             return scores
         if classes.dim() == 1:
             return output.gather(1, classes[:, None])[:, 0]

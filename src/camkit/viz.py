@@ -20,7 +20,12 @@ __all__ = ["colorize", "grid", "hstack", "overlay"]
 
 
 def _as_map(heatmap: Tensor | np.ndarray) -> Tensor:
-    m = torch.as_tensor(np.asarray(heatmap) if not isinstance(heatmap, Tensor) else heatmap).detach().float().cpu()
+    m = (
+        torch.as_tensor(np.asarray(heatmap) if not isinstance(heatmap, Tensor) else heatmap)
+        .detach()
+        .float()
+        .cpu()
+    )
     while m.dim() > 2 and m.shape[0] == 1:
         m = m[0]
     if m.dim() != 2:
@@ -30,7 +35,9 @@ def _as_map(heatmap: Tensor | np.ndarray) -> Tensor:
     return m
 
 
-def colorize(heatmap: Tensor | np.ndarray, cmap: str = "jet", size: tuple[int, int] | None = None) -> Image.Image:
+def colorize(
+    heatmap: Tensor | np.ndarray, cmap: str = "jet", size: tuple[int, int] | None = None
+) -> Image.Image:
     """A [0, 1] heatmap as an RGB picture with a matplotlib colormap; ``size`` = (width, height)."""
     import matplotlib
 

@@ -15,6 +15,13 @@ def cam(x: MethodInput) -> Tensor:
 
 
 register(
-    Method("cam", cam, False, "1 forward, no backward", "Zhou et al., CVPR 2016",
-           "map = sum_k W[c,k] A_k with W the fc weights of a GAP+Linear head", needs_classifier=True)
+    Method(
+        "cam",
+        cam,
+        False,
+        "1 forward, no backward",
+        "Zhou et al., CVPR 2016",
+        "map = sum_k W[c,k] A_k with W the fc weights of a GAP+Linear head",
+        needs_classifier=True,
+    )
 )

@@ -65,27 +65,68 @@ def layercam(x: MethodInput) -> Tensor:
 _ONE = "1 forward + 1 backward to the layer (shared)"
 
 register(
-    Method("gradcam", gradcam, True, _ONE, "Selvaraju et al., ICCV 2017",
-           "channel weight = spatial mean of dS/dA", aliases=("grad-cam",))
+    Method(
+        "gradcam",
+        gradcam,
+        True,
+        _ONE,
+        "Selvaraju et al., ICCV 2017",
+        "channel weight = spatial mean of dS/dA",
+        aliases=("grad-cam",),
+    )
 )
 register(
-    Method("gradcam++", gradcampp, True, _ONE, "Chattopadhyay et al., WACV 2018",
-           "weight = sum alpha*ReLU(g), alpha = g^2/(2g^2 + sum(A) g^3)", aliases=("gradcampp", "gradcamplusplus"))
+    Method(
+        "gradcam++",
+        gradcampp,
+        True,
+        _ONE,
+        "Chattopadhyay et al., WACV 2018",
+        "weight = sum alpha*ReLU(g), alpha = g^2/(2g^2 + sum(A) g^3)",
+        aliases=("gradcampp", "gradcamplusplus"),
+    )
 )
 register(
-    Method("xgradcam", xgradcam, True, _ONE, "Fu et al., BMVC 2020",
-           "weight = sum (A/sum A) * g", aliases=("xgrad-cam",))
+    Method(
+        "xgradcam",
+        xgradcam,
+        True,
+        _ONE,
+        "Fu et al., BMVC 2020",
+        "weight = sum (A/sum A) * g",
+        aliases=("xgrad-cam",),
+    )
 )
 register(
-    Method("hirescam", hirescam, True, _ONE, "Draelos & Carin, 2020",
-           "map = sum_k g_k * A_k (element-wise, no averaging)", aliases=("hires-cam",))
+    Method(
+        "hirescam",
+        hirescam,
+        True,
+        _ONE,
+        "Draelos & Carin, 2020",
+        "map = sum_k g_k * A_k (element-wise, no averaging)",
+        aliases=("hires-cam",),
+    )
 )
 register(
-    Method("gradcam-elementwise", gradcam_elementwise, True, _ONE, "pytorch-grad-cam's GradCAMElementWise",
-           "map = sum_k ReLU(g_k * A_k)", aliases=("gradcamelementwise",))
+    Method(
+        "gradcam-elementwise",
+        gradcam_elementwise,
+        True,
+        _ONE,
+        "pytorch-grad-cam's GradCAMElementWise",
+        "map = sum_k ReLU(g_k * A_k)",
+        aliases=("gradcamelementwise",),
+    )
 )
 register(
-    Method("layercam", layercam, True, _ONE, "Jiang et al., IEEE TIP 2021",
-           "map = sum_k ReLU(g_k) * A_k; several layers fused (tanh-scaled shallow maps, element-wise max)",
-           aliases=("layer-cam",))
+    Method(
+        "layercam",
+        layercam,
+        True,
+        _ONE,
+        "Jiang et al., IEEE TIP 2021",
+        "map = sum_k ReLU(g_k) * A_k; several layers fused (tanh-scaled shallow maps, element-wise max)",
+        aliases=("layer-cam",),
+    )
 )
