@@ -127,3 +127,13 @@ def test_sample_images():
     assert camkit.sample_image("chelsea").size == (451, 300)
     with pytest.raises(ValueError, match="chelsea"):
         camkit.sample_image("dog")
+
+
+def test_notebook_display_is_a_png(tiny):
+    torch.manual_seed(0)
+    e = camkit.explain(tiny, torch.randn(2, 3, 16, 16))
+    png = e._repr_png_()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    import io
+
+    assert Image.open(io.BytesIO(png)).size == (448, 224)  # two maps side by side
