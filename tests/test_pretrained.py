@@ -27,7 +27,9 @@ def test_default_model_classifies_the_samples(pretrained):
     assert e.layers == ["bn2"]
 
 
-@pytest.mark.parametrize("method", ["gradcam", "gradcam++", "layercam", "xgradcam", "hirescam", "cam"])
+@pytest.mark.parametrize(
+    "method", ["gradcam", "gradcam++", "layercam", "xgradcam", "hirescam", "cam", "eigencam", "eigengradcam"]
+)
 def test_peak_lies_on_the_object(pretrained, method):
     cat, coffee = camkit.sample_image("chelsea"), camkit.sample_image("coffee")
     e = camkit.explain(pretrained.model, [cat, coffee], method=method, preprocess=pretrained.preprocess)

@@ -91,4 +91,4 @@ def method_names() -> list[str]:
 
 
 def _ensure_loaded() -> None:
-    from camkit.methods import cam, gradient  # noqa: F401  (registers on import)
+    from camkit.methods import cam, gradient, projection  # noqa: F401  (registers on import)
