@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from camkit.capture import capture
 from camkit.layers import LayerSpec, resolve_layers
 from camkit.methods import Method, MethodInput, get_method
-from camkit.models import Preprocess, imagenet_labels, load_image
+from camkit.models import Preprocess, imagenet_labels, load_image, to_rgb
 from camkit.postprocess import fuse, normalize, upsample
 from camkit.targets import TargetSpec, make_score_fn, resolve_classes
 
@@ -179,10 +179,7 @@ def _prepare(
         items = [images] if isinstance(images, (Image.Image, str, Path)) else list(images)
         if not items:
             raise ValueError("no images given")
-        pils = [it if isinstance(it, Image.Image) else load_image(it) for it in items]
-        from camkit.models import to_rgb
-
-        pils = [to_rgb(p) for p in pils]
+        pils = [to_rgb(it) if isinstance(it, Image.Image) else load_image(it) for it in items]
         pre = preprocess or Preprocess.for_model(model)
         x = pre(pils)
     device = _model_device(model)
@@ -294,6 +291,7 @@ def _compute(
                     f"layer {name!r} outputs shape {tuple(a.shape)}; CNN methods need Tensor[B, K, h, w]. "
                     "Choose a convolutional layer (see `camkit layers MODEL`)"
                 )
+            weights = _classifier_weights(model, a, out, name) if method.needs_classifier else None
             per_target = []
             for t in range(n_targets):
                 g = None
@@ -301,14 +299,9 @@ def _compute(
                     grads = cap.gradients[name]
                     g = grads[t] if isinstance(grads, list) else grads
                 cw = None
-                if method.needs_classifier:
-                    if len(names) != 1 and name != names[-1]:
-                        raise ValueError(
-                            "CAM reads one layer (the one global pooling reads); pass a single layer"
-                        )
-                    w = _classifier_weights(model, a, out, name)
-                    cls = classes if classes is not None and classes.dim() == 1 else classes[:, t]  # type: ignore[index]
-                    cw = w[cls]
+                if weights is not None:
+                    assert classes is not None
+                    cw = weights[classes if classes.dim() == 1 else classes[:, t]]
                 per_target.append(method.fn(MethodInput(a.float(), None if g is None else g.float(), cw)))
             r = torch.stack(per_target, dim=1) if multi else per_target[0]
             raw[name] = r
@@ -364,9 +357,10 @@ def explain(
         output: which part of a non-tensor model output holds the scores: an index, a key, an attribute name,
             or a function (default: tensors as is, ``.logits``, ``["logits"]``, ``["out"]``, or the first item).
     """
-    return _compute(
-        model, images, [get_method(method)], layers, targets, preprocess, labels, fusion, relu, output
-    )[get_method(method).name]
+    chosen = get_method(method)
+    return _compute(model, images, [chosen], layers, targets, preprocess, labels, fusion, relu, output)[
+        chosen.name
+    ]
 
 
 def compare(

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import importlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -247,6 +247,31 @@ def _load_weights_file(model: nn.Module, path: str | Path) -> None:
     _load_state(model, _read_state(path), path)
 
 
+def _build(
+    name: str, build: Callable[..., nn.Module], weights: str | Path | None, pretrained: bool
+) -> nn.Module:
+    """``build(download, num_classes=None)`` with a clear message when the download fails, then the weights file
+    (a checkpoint whose classifier has another number of classes rebuilds the model to match)."""
+    download = pretrained and weights is None
+    try:
+        model = build(download)
+    except Exception as err:
+        if download:
+            raise RuntimeError(
+                f"could not get the pretrained weights of {name!r} ({type(err).__name__}: {err}). Without a "
+                "network, pass a local file with --weights PATH (weights=...), or --no-pretrained for random "
+                f"weights, or use the offline default {DEFAULT_MODEL!r}"
+            ) from err
+        raise
+    if weights is not None:
+        state = _read_state(weights)
+        n = _checkpoint_classes(model, state)
+        if n is not None:
+            model = build(False, num_classes=n)
+        _load_state(model, state, weights)
+    return model
+
+
 def load_model(
     name: str = DEFAULT_MODEL,
     weights: str | Path | None = None,
@@ -273,23 +298,12 @@ def load_model(
         model = _lite(key, weights, pretrained)
         labels = imagenet_labels()
     elif not key.startswith("timm/") and key in torchvision.models.list_models(module=torchvision.models):
-        want_download = pretrained and weights is None
-        try:
-            model = torchvision.models.get_model(key, weights="DEFAULT" if want_download else None)
-        except Exception as err:
-            if want_download:
-                raise RuntimeError(
-                    f"could not get the pretrained weights of {key!r} ({type(err).__name__}: {err}). Without a "
-                    "network, pass a local file with --weights PATH (weights=...), or --no-pretrained for random "
-                    f"weights, or use the offline default {DEFAULT_MODEL!r}"
-                ) from err
-            raise
-        if weights is not None:
-            state = _read_state(weights)
-            n = _checkpoint_classes(model, state)
-            if n is not None:
-                model = torchvision.models.get_model(key, weights=None, num_classes=n)
-            _load_state(model, state, weights)
+
+        def tv_build(download: bool, num_classes: int | None = None) -> nn.Module:
+            extra = {} if num_classes is None else {"num_classes": num_classes}
+            return torchvision.models.get_model(key, weights="DEFAULT" if download else None, **extra)
+
+        model = _build(key, tv_build, weights, pretrained)
         labels = imagenet_labels() if _num_outputs(model) == 1000 else None
     else:
         tname = key.removeprefix("timm/")
@@ -302,23 +316,12 @@ def load_model(
             close = difflib.get_close_matches(tname, pool, n=5, cutoff=0.6)
             hint = f" Closest: {', '.join(close)}." if close else ""
             raise ValueError(f"unknown model {name!r} (neither torchvision nor timm).{hint}")
-        want_download = pretrained and weights is None
-        try:
-            model = timm.create_model(tname, pretrained=want_download)
-        except Exception as err:
-            if want_download:
-                raise RuntimeError(
-                    f"could not get the pretrained weights of {tname!r} ({type(err).__name__}: {err}). Without a "
-                    "network, pass --weights PATH, or --no-pretrained for random weights, or use the offline "
-                    f"default {DEFAULT_MODEL!r}"
-                ) from err
-            raise
-        if weights is not None:
-            state = _read_state(weights)
-            n = _checkpoint_classes(model, state)
-            if n is not None:
-                model = timm.create_model(tname, pretrained=False, num_classes=n)
-            _load_state(model, state, weights)
+
+        def timm_build(download: bool, num_classes: int | None = None) -> nn.Module:
+            extra = {} if num_classes is None else {"num_classes": num_classes}
+            return timm.create_model(tname, pretrained=download, **extra)
+
+        model = _build(tname, timm_build, weights, pretrained)
         labels = imagenet_labels() if _num_outputs(model) == 1000 else None
     model = model.eval().to(device)
     return LoadedModel(model=model, preprocess=Preprocess.for_model(model), labels=labels, name=key)
