@@ -17,6 +17,7 @@ from camkit.methods import Method, MethodInput, get_method
 from camkit.models import Preprocess, imagenet_labels, load_image, to_rgb
 from camkit.postprocess import fuse, normalize, upsample
 from camkit.targets import TargetSpec, make_score_fn, resolve_classes
+from camkit.tokens import Reshape, to_spatial, unwrap
 
 __all__ = ["Explanation", "ImageInput", "compare", "explain"]
 
@@ -110,6 +111,10 @@ def _output_fn(spec: OutputSpec) -> Callable[[object], Tensor]:
             return out.logits
         if isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
             return out[0]
+        from camkit.tasks import is_detection_output, pack_detections
+
+        if is_detection_output(out):
+            return pack_detections(out)  # type: ignore[arg-type]
         raise TypeError(
             f"the model returned {type(out).__name__}; pass output=<index, key or function> to say which "
             "element holds the scores to explain"
@@ -234,7 +239,9 @@ def _compute(
     fusion: str | None,
     relu: bool,
     output: OutputSpec,
+    reshape: Reshape | None = None,
 ) -> dict[str, Explanation]:
+    model = unwrap(model)  # DataParallel / torch.compile: hooks go on the eager module that holds the weights
     _check_eval(model)
     x, pils = _prepare(model, images, preprocess)
     layer_modules = resolve_layers(model, layers, x)
@@ -251,6 +258,7 @@ def _compute(
         return make_score_fn(targets, label_box["labels"], store)(out)
 
     cap = capture(model, x, layer_modules, score_fn if need_grad else None, _output_fn(output))
+    to_spatial(cap.activations, cap.gradients, model, layer_modules, (x.shape[-2], x.shape[-1]), reshape)
     out = cap.output
     if need_grad:
         classes = store.get("classes")
@@ -284,7 +292,11 @@ def _compute(
     for method in methods:
         raw: dict[str, Tensor] = {}
         layer_maps: dict[str, Tensor] = {}
-        for name in names:
+        if method.run is not None:  # computes its own map in its own pass (attention rollout...)
+            r = method.run(model, x, _output_fn(output), classes, targets)
+            raw[method.name] = r
+            layer_maps[method.name] = normalize(upsample(torch.relu(r) if relu else r, size))
+        for name in names if method.run is None else []:
             a = cap.activations[name]
             if a.dim() != 4:
                 raise ValueError(
@@ -309,7 +321,7 @@ def _compute(
             layer_maps[name] = normalize(upsample(m, size))
         mode = fusion or "max"
         shallow_tanh = 2.0 if (method.name == "layercam" and fusion is None) else None
-        fused = fuse([layer_maps[n] for n in names], mode=mode, shallow_tanh=shallow_tanh)
+        fused = fuse(list(layer_maps.values()), mode=mode, shallow_tanh=shallow_tanh)
         results[method.name] = Explanation(
             maps=fused,
             layer_maps=layer_maps,
@@ -319,7 +331,7 @@ def _compute(
             probs=probs,
             labels=class_labels,
             method=method.name,
-            layers=list(names),
+            layers=list(layer_maps),
             images=pils,
         )
     return results
@@ -337,6 +349,7 @@ def explain(
     fusion: str | None = None,
     relu: bool = True,
     output: OutputSpec = None,
+    reshape: Reshape | None = None,
 ) -> Explanation:
     """Explain a model's decision on a batch of images with one CAM method.
 
@@ -355,12 +368,15 @@ def explain(
             layers as in its paper) or ``"mean"`` (pytorch-grad-cam's choice).
         relu: apply the final ReLU (default). ``False`` keeps the signed map (e.g. CAM as in its paper).
         output: which part of a non-tensor model output holds the scores: an index, a key, an attribute name,
-            or a function (default: tensors as is, ``.logits``, ``["logits"]``, ``["out"]``, or the first item).
+            or a function (default: tensors as is, ``.logits``, ``["logits"]``, ``["out"]``, the first item, or
+            a detection model's list of dicts packed by :func:`camkit.tasks.pack_detections`).
+        reshape: ``f(Tensor) -> Tensor[B, K, h, w]`` applied to each target layer's activation and gradient instead
+            of camkit's inference of token / channels-last layouts (:mod:`camkit.tokens`).
     """
     chosen = get_method(method)
-    return _compute(model, images, [chosen], layers, targets, preprocess, labels, fusion, relu, output)[
-        chosen.name
-    ]
+    return _compute(
+        model, images, [chosen], layers, targets, preprocess, labels, fusion, relu, output, reshape
+    )[chosen.name]
 
 
 def compare(
@@ -375,6 +391,7 @@ def compare(
     fusion: str | None = None,
     relu: bool = True,
     output: OutputSpec = None,
+    reshape: Reshape | None = None,
 ) -> dict[str, Explanation]:
     """Several methods at once: one forward and one backward shared by all (same arguments as :func:`explain`).
 
@@ -386,4 +403,4 @@ def compare(
     resolved = list({get_method(m).name: get_method(m) for m in methods}.values())
     if not resolved:
         raise ValueError("no method given")
-    return _compute(model, images, resolved, layers, targets, preprocess, labels, fusion, relu, output)
+    return _compute(model, images, resolved, layers, targets, preprocess, labels, fusion, relu, output, reshape)

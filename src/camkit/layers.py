@@ -1,10 +1,19 @@
 """Target layers: by dotted name, by module, several at once, or found automatically.
 
-The automatic choice is the last *spatial feature map* before global pooling: among the modules whose output is
-Tensor[B, K, h, w] with h*w > 1, the one that finishes last in the forward pass, skipping pooling, dropout,
-identity and flatten modules and containers whose output is the output of such a module. A naive "last 4-D
+The automatic choice is the last *spatial feature map* before global pooling: among the modules whose output can
+be read as Tensor[B, K, h, w] with h*w > 1 (token and channels-last outputs included, see :mod:`camkit.tokens`),
+the one that finishes last in the forward pass, skipping pooling, dropout, identity and flatten modules, containers
+whose output is the output of such a module, and modules called more than once per forward. A naive "last 4-D
 output" would pick VGG's ``avgpool`` (AdaptiveAvgPool2d(7) still outputs 7x7) or a container ending in a pooling
-layer; here VGG16 gets ``features.29``, ResNet ``layer4``, timm EfficientNet ``bn2``.
+layer; here VGG16 gets ``features.29``, ResNet ``layer4``, timm EfficientNet ``bn2``. Two refinements:
+
+* attention models (a module whose class name contains ``Attention``): the last map that finishes before the
+  *last attention module starts*, i.e. the input of the last attention (timm ViT/DeiT ``blocks.11.norm1``,
+  torchvision ViT ``encoder.layers.encoder_layer_11.ln_1``, Swin ``...blocks[-1].norm1``). With class-token
+  pooling the patch tokens after the last attention no longer reach the output: their gradient is exactly 0
+  (pytorch-grad-cam's docs recommend ``blocks[-1].norm1`` for the same reason).
+* models with a ``backbone`` (torchvision detection and segmentation): the backbone's last map (``backbone.body``
+  for feature-pyramid backbones), which every box / pixel depends on, not a head's class-score map.
 """
 
 from __future__ import annotations
@@ -16,6 +25,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+
+from camkit.tokens import Layout, infer_layout, prefix_tokens, unwrap
 
 __all__ = ["LayerInfo", "LayerSpec", "auto_layer", "describe_layers", "resolve_layers"]
 
@@ -36,6 +47,8 @@ class LayerInfo:
         order: the rank at which the module finished its (last) call.
         passthrough: pooling / dropout / identity / flatten, or a container whose output is such a module's
             output: never chosen automatically.
+        layout: how the output reads as [B, K, h, w] (:class:`camkit.tokens.Layout`), None if it cannot.
+        start: the rank at which the module's (last) call started.
     """
 
     name: str
@@ -44,6 +57,13 @@ class LayerInfo:
     calls: int
     order: int
     passthrough: bool = False
+    layout: Layout | None = None
+    start: int = -1
+
+    @property
+    def spatial(self) -> tuple[int, int, int] | None:
+        """(K, h, w) of the output read as a feature map, or None."""
+        return self.layout.spatial_shape if self.layout is not None else None
 
 
 def _is_skipped(module: nn.Module) -> bool:
@@ -71,13 +91,23 @@ def describe_layers(model: nn.Module, example: Tensor) -> list[LayerInfo]:
             rec["order"] = counter[0]
             rec["out_id"] = id(out)
             rec["shape"] = tuple(out.shape[1:]) if isinstance(out, Tensor) else None
+            rec["full_shape"] = tuple(out.shape) if isinstance(out, Tensor) else None
             counter[0] += 1
 
         return hook
 
+    def make_pre_hook(name: str):  # type: ignore[no-untyped-def]
+        def pre_hook(_m: nn.Module, _i: object) -> None:
+            starts[name] = counter[0]
+            counter[0] += 1
+
+        return pre_hook
+
+    starts: dict[str, int] = {}
     try:
         for name, module in model.named_modules():
             if name:
+                handles.append(module.register_forward_pre_hook(make_pre_hook(name)))
                 handles.append(module.register_forward_hook(make_hook(name, module)))
         with torch.inference_mode():
             model(example[:1])
@@ -99,6 +129,15 @@ def describe_layers(model: nn.Module, example: Tensor) -> list[LayerInfo]:
             passthrough[name] = passthrough.get(last, False) and records[last]["out_id"] == rec["out_id"]
         else:
             passthrough[name] = False
+    size = (int(example.shape[-2]), int(example.shape[-1]))
+    prefix = prefix_tokens(model)
+
+    def layout(rec: dict[str, object]) -> Layout | None:
+        full = rec["full_shape"]
+        if full is None:
+            return None
+        return infer_layout(full, size, batch=1, prefix=prefix, module=rec["module"])  # type: ignore[arg-type]
+
     infos = [
         LayerInfo(
             name=name,
@@ -107,6 +146,8 @@ def describe_layers(model: nn.Module, example: Tensor) -> list[LayerInfo]:
             calls=int(rec["calls"]),  # type: ignore[call-overload]
             order=int(rec["order"]),  # type: ignore[call-overload]
             passthrough=passthrough[name],
+            layout=layout(rec),
+            start=starts.get(name, -1),
         )
         for name, rec in records.items()
     ]
@@ -117,16 +158,34 @@ def describe_layers(model: nn.Module, example: Tensor) -> list[LayerInfo]:
 _AUTO_CACHE: weakref.WeakKeyDictionary[nn.Module, dict[tuple[object, ...], str]] = weakref.WeakKeyDictionary()
 
 
+def _is_attention(info: LayerInfo) -> bool:
+    return "Attention" in info.type
+
+
 def pick_auto(infos: list[LayerInfo]) -> str | None:
     """The automatic choice among traced layers (see the module docstring), or None."""
-    best: LayerInfo | None = None
-    for info in infos:
-        if info.passthrough or info.shape is None or len(info.shape) != 3:
-            continue
-        if info.shape[1] * info.shape[2] <= 1:
-            continue
-        if best is None or info.order > best.order:
-            best = info
+    candidates = [
+        i
+        for i in infos
+        if not i.passthrough
+        and i.layout is not None
+        and i.calls == 1
+        and i.layout.grid[0] * i.layout.grid[1] > 1
+    ]
+    names = {i.name for i in infos}
+    for scope in ("backbone.body.", "backbone."):
+        if any(n.startswith(scope) for n in names):
+            inside = [i for i in candidates if i.name.startswith(scope)]
+            if inside:
+                candidates = inside
+                break
+    attention = [i for i in infos if _is_attention(i) and i.start >= 0]
+    if attention:
+        last = max(attention, key=lambda i: i.order)
+        before = [i for i in candidates if i.order < last.start]
+        if before:
+            candidates = before
+    best = max(candidates, key=lambda i: i.order, default=None)
     return best.name if best else None
 
 
@@ -135,6 +194,7 @@ def auto_layer(model: nn.Module, example: Tensor) -> str:
 
     Cached per model and input shape (one extra batch-1 forward the first time).
     """
+    model = unwrap(model)
     key = (tuple(example.shape[1:]), example.dtype, str(example.device))
     cache = _AUTO_CACHE.setdefault(model, {})
     if key in cache:
@@ -143,8 +203,8 @@ def auto_layer(model: nn.Module, example: Tensor) -> str:
     name = pick_auto(infos)
     if name is None:
         raise ValueError(
-            "could not find a spatial feature map (output Tensor[B, K, h, w] with h*w > 1) in this model; "
-            "pass layers=... explicitly (token models need a reshape, see the docs)"
+            "could not find a spatial feature map (an output readable as Tensor[B, K, h, w] with h*w > 1: "
+            "NCHW, channels-last or tokens) in this model; pass layers=... and, for an unusual layout, reshape=..."
         )
     cache[key] = name
     return name
@@ -157,8 +217,22 @@ def _name_of(model: nn.Module, module: nn.Module) -> str:
     raise ValueError(f"the module {type(module).__name__} passed as a target layer is not part of the model")
 
 
+def _canonical(model: nn.Module, name: str) -> str:
+    """Accept names with or without the ``module.`` (DataParallel) / ``_orig_mod.`` (torch.compile) prefixes."""
+    names = {n for n, _ in model.named_modules() if n}
+    if name in names:
+        return name
+    for prefix in ("module.", "_orig_mod."):
+        if name.startswith(prefix) and name[len(prefix) :] in names:
+            return name[len(prefix) :]
+        if prefix + name in names:
+            return prefix + name
+    return name
+
+
 def _get(model: nn.Module, name: str) -> nn.Module:
     names = [n for n, _ in model.named_modules() if n]
+    name = _canonical(model, name)
     if name in names:
         return model.get_submodule(name)
     close = difflib.get_close_matches(name, names, n=5, cutoff=0.5)
@@ -191,10 +265,10 @@ def resolve_layers(model: nn.Module, spec: LayerSpec, example: Tensor) -> dict[s
         if isinstance(item, nn.Module):
             name = _name_of(model, item)
         elif item == "auto":
-            name = auto_layer(model, example)
+            name = _canonical(model, auto_layer(model, example))
         elif isinstance(item, str):
             _get(model, item)
-            name = item
+            name = _canonical(model, item)
         else:
             raise TypeError(f"a target layer is a name or a module, got {type(item).__name__}")
         if name == "":

@@ -45,6 +45,9 @@ class Method:
         paper: short reference.
         summary: one line: what the formula is.
         aliases: other accepted names.
+        run: for methods that are not a function of one layer's (A, dS/dA) (attention rollout...):
+            ``run(model, x, output_fn, classes, targets) -> Tensor[B, h, w]`` (``[B, k, h, w]`` for ``classes``
+            of shape [B, k]), the signed map from the method's own pass; ``fn`` is then unused.
     """
 
     name: str
@@ -55,6 +58,7 @@ class Method:
     summary: str
     needs_classifier: bool = False
     aliases: tuple[str, ...] = ()
+    run: Callable[..., Tensor] | None = None
 
 
 METHODS: dict[str, Method] = {}
@@ -92,3 +96,4 @@ def method_names() -> list[str]:
 
 def _ensure_loaded() -> None:
     from camkit.methods import cam, gradient, projection  # noqa: F401  (registers on import)
+    from camkit.methods import attention  # noqa: F401

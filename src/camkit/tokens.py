@@ -1,0 +1,252 @@
+"""From any layer output to a feature map Tensor[B, K, h, w]: token sequences and channels-last layouts.
+
+CAM methods read a target layer's output as ``K`` channels over an ``h x w`` grid. Transformers produce other
+layouts, and the hand-written ``reshape_transform`` that other libraries ask for (often with a hard-coded 14x14
+grid and one class token) is the most common source of wrong maps. camkit infers it from the output shape, the
+actual input size and what the model declares:
+
+* ``[B, N, C]`` tokens (ViT, DeiT, BEiT...): ``N = p + h*w`` with ``p`` prefix tokens (class, distillation,
+  register tokens) taken from the model (timm's ``num_prefix_tokens``; ``cls_token`` / ``class_token``,
+  ``dist_token``, ``reg_token`` otherwise) or, failing that, the smallest ``p`` for which ``N - p`` factors into a
+  grid with the input's aspect ratio. The prefix tokens are dropped, the rest reshaped row-major to
+  ``[B, C, h, w]``. A sequence-first ``[N, B, C]`` output (``nn.Transformer`` without ``batch_first``) is read too.
+* ``[B, h, w, C]`` channels-last maps (Swin in torchvision and timm): detected when the two middle dimensions form a
+  grid consistent with the input (same stride in both directions) and the ``[B, C, h, w]`` reading does not, or
+  when the layer is a ``LayerNorm`` over the last dimension. Permuted to ``[B, C, h, w]``.
+* ``[B, K, h, w]``: used as is (also when the model's own input transform resizes, as detection models do).
+
+The same reshape is applied to the activation and to its gradient: dropping tokens, reshaping and permuting are
+linear index maps, so the gradient of the reshaped activation is the reshaped gradient.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+__all__ = ["Layout", "infer_layout", "prefix_tokens", "unwrap"]
+
+Reshape = Callable[[Tensor], Tensor]
+
+# Two strides closer than this factor count as "the same" (padding and ceil/floor make them differ slightly).
+_STRIDE_RATIO = 1.5
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How one layer's output maps to Tensor[B, K, h, w].
+
+    Attributes:
+        kind: ``"nchw"`` (as is), ``"nhwc"`` (channels last), ``"tokens"`` ([B, N, C]) or ``"tokens-seq-first"``
+            ([N, B, C]).
+        grid: (h, w) of the spatial grid.
+        channels: K.
+        prefix: number of leading non-spatial tokens dropped (tokens only).
+    """
+
+    kind: str
+    grid: tuple[int, int]
+    channels: int
+    prefix: int = 0
+
+    def __call__(self, t: Tensor) -> Tensor:
+        """Tensor in this layout -> Tensor[B, K, h, w] (a view or a permuted copy; values unchanged)."""
+        h, w = self.grid
+        if self.kind == "nchw":
+            return t
+        if self.kind == "nhwc":
+            return t.permute(0, 3, 1, 2)
+        if self.kind == "tokens-seq-first":
+            t = t.transpose(0, 1)
+        spatial = t[:, self.prefix :, :]
+        return spatial.reshape(t.shape[0], h, w, t.shape[2]).permute(0, 3, 1, 2)
+
+    @property
+    def spatial_shape(self) -> tuple[int, int, int]:
+        """(K, h, w) for one image."""
+        return (self.channels, *self.grid)
+
+    def describe(self) -> str:
+        if self.kind == "nchw":
+            return ""
+        if self.kind == "nhwc":
+            return "channels-last"
+        return f"tokens, {self.prefix} prefix" if self.prefix else "tokens"
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module that really runs: inside ``nn.DataParallel`` / ``DistributedDataParallel`` (``.module``) and
+    ``torch.compile`` (``._orig_mod``, the eager original with the same parameters)."""
+    seen = 0
+    while seen < 8:
+        seen += 1
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        elif type(model).__name__ == "OptimizedModule" and isinstance(
+            getattr(model, "_orig_mod", None), nn.Module
+        ):
+            model = model._orig_mod  # type: ignore[assignment]
+        else:
+            break
+    return model
+
+
+def prefix_tokens(model: nn.Module) -> int | None:
+    """Number of prefix (non-patch) tokens the model declares, or None when it declares nothing."""
+    model = unwrap(model)
+    n = getattr(model, "num_prefix_tokens", None)
+    if isinstance(n, int):
+        return n
+    count = 0
+    found = False
+    for attr in ("cls_token", "class_token", "dist_token"):
+        t = getattr(model, attr, None)
+        if isinstance(t, Tensor):
+            found = True
+            count += 1
+    reg = getattr(model, "reg_token", None)
+    if isinstance(reg, Tensor):
+        found = True
+        count += int(reg.shape[-2]) if reg.dim() >= 2 else 1
+    return count if found else None
+
+
+def _stride_ratio(h: int, w: int, size: tuple[int, int]) -> float | None:
+    """How far apart the strides H/h and W/w are (1.0 = equal), or None when (h, w) cannot be a grid."""
+    big_h, big_w = size
+    if h < 1 or w < 1 or h > big_h or w > big_w:
+        return None
+    sh, sw = big_h / h, big_w / w
+    return max(sh, sw) / min(sh, sw)
+
+
+def _grid_ok(h: int, w: int, size: tuple[int, int]) -> bool:
+    r = _stride_ratio(h, w, size)
+    return r is not None and r <= _STRIDE_RATIO
+
+
+def _factor_grid(n: int, size: tuple[int, int]) -> tuple[int, int] | None:
+    """The (h, w) with h*w = n whose strides agree best with the input size, if they agree well enough."""
+    best: tuple[float, tuple[int, int]] | None = None
+    for h in range(1, n + 1):
+        if n % h:
+            continue
+        w = n // h
+        r = _stride_ratio(h, w, size)
+        if r is None or r > _STRIDE_RATIO:
+            continue
+        if best is None or r < best[0]:
+            best = (r, (h, w))
+    return best[1] if best else None
+
+
+def _token_layout(n: int, c: int, size: tuple[int, int], prefix: int | None, kind: str) -> Layout | None:
+    candidates = [prefix] if prefix is not None else []
+    candidates += [p for p in range(0, 9) if p != prefix]
+    for p in candidates:
+        if n - p < 1:
+            continue
+        grid = _factor_grid(n - p, size)
+        if grid is not None and (p == prefix or grid[0] * grid[1] > 1):
+            return Layout(kind, grid, c, p)
+    return None
+
+
+def _is_channels_last_norm(module: nn.Module | None, last: int) -> bool:
+    if not isinstance(module, nn.LayerNorm) or "2d" in type(module).__name__.lower():
+        return False
+    return tuple(module.normalized_shape) == (last,)
+
+
+def infer_layout(
+    shape: tuple[int, ...],
+    input_size: tuple[int, int],
+    batch: int | None = None,
+    prefix: int | None = None,
+    module: nn.Module | None = None,
+) -> Layout | None:
+    """Infer how an output of ``shape`` (batch included) maps to [B, K, h, w].
+
+    Args:
+        shape: the layer output's shape, e.g. (B, 197, 768) or (B, 7, 7, 768).
+        input_size: (H, W) of the model input.
+        batch: B, to tell [B, N, C] from sequence-first [N, B, C] (default: shape[0]).
+        prefix: number of prefix tokens the model declares (see :func:`prefix_tokens`); tried first.
+        module: the layer itself (a LayerNorm over the last dimension of a 4-D output means channels-last).
+
+    Returns:
+        a :class:`Layout`, or None when the output cannot be read as a spatial map.
+    """
+    b = shape[0] if batch is None else batch
+    if len(shape) == 4:
+        if shape[0] != b:
+            return None
+        _, d1, d2, d3 = shape
+        nchw = _grid_ok(d2, d3, input_size)
+        nhwc = _grid_ok(d1, d2, input_size)
+        if nhwc and (not nchw or _is_channels_last_norm(module, d3)):
+            return Layout("nhwc", (d1, d2), d3)
+        # Anything else 4-D is read as NCHW: also grids larger than the input (detection models resize inside).
+        return Layout("nchw", (d2, d3), d1)
+    if len(shape) == 3:
+        if shape[0] == b:
+            return _token_layout(shape[1], shape[2], input_size, prefix, "tokens")
+        if shape[1] == b:
+            return _token_layout(shape[0], shape[2], input_size, prefix, "tokens-seq-first")
+    return None
+
+
+def to_spatial(
+    activations: dict[str, Tensor],
+    gradients: dict[str, Tensor | list[Tensor]],
+    model: nn.Module,
+    modules: dict[str, nn.Module],
+    input_size: tuple[int, int],
+    reshape: Reshape | None = None,
+) -> dict[str, Layout | None]:
+    """Rewrite captured activations and gradients (in place) as Tensor[B, K, h, w].
+
+    Args:
+        activations: layer name -> captured output (any layout).
+        gradients: layer name -> dS/dA (a tensor, or a list with one per target), same layout.
+        model: the network (for the number of prefix tokens it declares).
+        modules: layer name -> module.
+        input_size: (H, W) of the model input.
+        reshape: a user function applied instead of the inference (same function for activations and gradients).
+
+    Returns:
+        layer name -> the inferred :class:`Layout` (None where ``reshape`` was given or nothing was inferred).
+
+    Raises:
+        ValueError: an output that cannot be read as a feature map, with the shape and what to do.
+    """
+    prefix = prefix_tokens(model)
+    layouts: dict[str, Layout | None] = {}
+    for name, a in list(activations.items()):
+        if reshape is not None:
+            fn: Reshape = reshape
+            layouts[name] = None
+        else:
+            layout = infer_layout(tuple(a.shape), input_size, prefix=prefix, module=modules.get(name))
+            if layout is None:
+                raise ValueError(
+                    f"layer {name!r} outputs shape {tuple(a.shape)}, which camkit cannot read as a feature map "
+                    f"[B, K, h, w] for an input of {input_size[0]}x{input_size[1]} (neither NCHW, channels-last "
+                    "nor [B, prefix + h*w, C] tokens). Choose another layer (`camkit layers MODEL`) or pass "
+                    "reshape=f with f(Tensor) -> Tensor[B, K, h, w]"
+                )
+            layouts[name] = layout
+            fn = layout
+        out = fn(a)
+        if not isinstance(out, Tensor) or out.dim() != 4 or out.shape[0] != a.shape[0]:
+            shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise ValueError(f"reshape of layer {name!r} must give Tensor[B, K, h, w], got {shape}")
+        activations[name] = out
+        g = gradients.get(name)
+        if isinstance(g, list):
+            gradients[name] = [fn(t) for t in g]
+        elif g is not None:
+            gradients[name] = fn(g)
+    return layouts
