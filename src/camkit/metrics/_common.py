@@ -1,0 +1,168 @@
+"""Helpers shared by the metrics: batched model calls, class scores, pixel orders."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import Tensor, nn
+
+ScoreKind = str  # "prob" (softmax probability) or "logit"
+
+
+def model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    for b in model.buffers():
+        return b.device
+    return torch.device("cpu")
+
+
+def logits_of(out: object) -> Tensor:
+    """The class scores of a model output: a tensor, ``.logits``, ``["logits"]``, or the first element."""
+    if isinstance(out, Tensor):
+        return out
+    if isinstance(out, dict) and "logits" in out:
+        return out["logits"]
+    if hasattr(out, "logits") and isinstance(out.logits, Tensor):
+        return out.logits
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
+        return out[0]
+    raise TypeError(f"cannot find class scores in a model output of type {type(out).__name__}")
+
+
+def class_scores(out: Tensor, classes: Tensor, kind: ScoreKind) -> Tensor:
+    """Score of ``classes`` (LongTensor[N]) in logits Tensor[N, C]: softmax probability or logit."""
+    out = out.float()
+    if kind == "prob":
+        out = torch.softmax(out, dim=1)
+    elif kind != "logit":
+        raise ValueError(f"unknown score {kind!r}: 'prob' (softmax) or 'logit'")
+    return out.gather(1, classes[:, None].to(out.device))[:, 0]
+
+
+class Forward:
+    """Calls ``model`` under ``torch.inference_mode()`` in chunks of ``batch_size`` and keeps count.
+
+    Attributes:
+        calls: number of model calls; images: number of images sent; seconds: wall time inside the model
+            (synchronised on CUDA), for benchmarks.
+    """
+
+    def __init__(self, model: nn.Module, batch_size: int = 64) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.model = model
+        self.batch_size = batch_size
+        self.calls = 0
+        self.images = 0
+        self.seconds = 0.0
+
+    def __call__(self, x: Tensor) -> Tensor:
+        import time
+
+        outs = []
+        with torch.inference_mode():
+            for i in range(0, x.shape[0], self.batch_size):
+                chunk = x[i : i + self.batch_size]
+                t0 = time.perf_counter()
+                out = logits_of(self.model(chunk)).float()
+                if out.is_cuda:
+                    torch.cuda.synchronize(out.device)
+                self.seconds += time.perf_counter() - t0
+                self.calls += 1
+                self.images += chunk.shape[0]
+                outs.append(out)
+        return torch.cat(outs)
+
+    def scores(self, x: Tensor, classes: Tensor, kind: ScoreKind) -> Tensor:
+        return class_scores(self(x), classes, kind)
+
+
+def check_inputs(model: nn.Module, inputs: Tensor, maps: Tensor) -> tuple[Tensor, Tensor]:
+    """Move inputs and maps to the model's device; check shapes: inputs [B, C, H, W], maps [B, H, W]."""
+    if model.training:
+        raise ValueError("the model is in training mode; call model.eval() first (BatchNorm/Dropout)")
+    if inputs.dim() != 4:
+        raise ValueError(f"inputs must be a normalised Tensor[B, C, H, W], got shape {tuple(inputs.shape)}")
+    if maps.dim() == 2:
+        maps = maps[None]
+    if maps.dim() != 3 or maps.shape[0] != inputs.shape[0] or maps.shape[-2:] != inputs.shape[-2:]:
+        raise ValueError(
+            f"maps must be Tensor[B, H, W] matching the inputs {tuple(inputs.shape)}, got {tuple(maps.shape)}; "
+            "use Explanation.maps (at the model's input size)"
+        )
+    device = model_device(model)
+    return inputs.to(device).float(), maps.to(device).float()
+
+
+def resolve_targets(fwd: Forward, inputs: Tensor, classes: Tensor | int | None) -> Tensor:
+    """LongTensor[B] of the classes to score: given, or the model's top-1 on ``inputs``."""
+    b = inputs.shape[0]
+    if classes is None:
+        return fwd(inputs).argmax(dim=1)
+    if isinstance(classes, int):
+        return torch.full((b,), classes, dtype=torch.long, device=inputs.device)
+    classes = torch.as_tensor(classes, dtype=torch.long, device=inputs.device).flatten()
+    if classes.shape[0] != b:
+        raise ValueError(f"{classes.shape[0]} classes for {b} images")
+    return classes
+
+
+def pixel_ranks(maps: Tensor, descending: bool = True) -> Tensor:
+    """Rank of every pixel in the order of its map value, LongTensor[B, H*W] (0 = first).
+
+    Ties are broken by raster order (a stable sort), so a uniform map removes pixels row by row.
+    """
+    flat = maps.flatten(1)
+    order = torch.argsort(flat, dim=1, descending=descending, stable=True)
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(flat.shape[1], device=flat.device).expand_as(order).contiguous())
+    return ranks
+
+
+def chunks(n: int, size: int) -> Iterator[tuple[int, int]]:
+    for i in range(0, n, size):
+        yield i, min(n, i + size)
+
+
+def gaussian_blur(x: Tensor, kernel_size: int = 11, sigma: float = 5.0) -> Tensor:
+    """Depthwise Gaussian blur of Tensor[B, C, H, W] with reflect padding (RISE: kernel 11, sigma 5)."""
+    r = kernel_size // 2
+    t = torch.arange(kernel_size, dtype=torch.float32, device=x.device) - r
+    k1 = torch.exp(-(t**2) / (2 * sigma**2))
+    k1 = k1 / k1.sum()
+    c = x.shape[1]
+    mode = "reflect" if min(x.shape[-2:]) > r else "replicate"
+    y = nn.functional.pad(x.float(), (r, r, r, r), mode=mode)
+    y = nn.functional.conv2d(y, k1.view(1, 1, 1, -1).expand(c, 1, 1, kernel_size), groups=c)
+    y = nn.functional.conv2d(y, k1.view(1, 1, -1, 1).expand(c, 1, kernel_size, 1), groups=c)
+    return y
+
+
+Baseline = Tensor | float | str | Callable[[Tensor], Tensor] | None
+
+
+def make_baseline(inputs: Tensor, baseline: Baseline, default: str) -> Tensor:
+    """The substrate pixels are replaced with, Tensor like ``inputs``.
+
+    ``"zeros"`` (zeros of the *normalised* input, i.e. the dataset's mean colour for mean/std normalisation, as
+    in RISE's code), ``"blur"`` (Gaussian blur, kernel 11, sigma 5, as in RISE's code), a float (a constant),
+    a Tensor (broadcast to the inputs), or a function of the inputs.
+    """
+    b = default if baseline is None else baseline
+    if isinstance(b, str):
+        if b == "zeros":
+            return torch.zeros_like(inputs)
+        if b == "blur":
+            return gaussian_blur(inputs)
+        if b == "mean":
+            return inputs.mean(dim=(2, 3), keepdim=True).expand_as(inputs).clone()
+        raise ValueError(f"unknown baseline {b!r}: 'zeros', 'blur', 'mean', a number, a tensor or a function")
+    if isinstance(b, (int, float)):
+        return torch.full_like(inputs, float(b))
+    if isinstance(b, Tensor):
+        return b.to(inputs.device, inputs.dtype).expand_as(inputs).contiguous()
+    if callable(b):
+        return b(inputs).to(inputs.device, inputs.dtype).expand_as(inputs).contiguous()
+    raise TypeError(f"unsupported baseline {type(b).__name__}")

@@ -1,0 +1,399 @@
+"""Faithfulness: does the model's score follow the pixels the map says matter?
+
+* Deletion / Insertion (Petsiuk et al., RISE, BMVC 2018): remove (insert) pixels from the most to the least
+  salient, score the class after each step, report the area under the curve. Lower deletion and higher insertion
+  are better.
+* Average Drop / Increase in Confidence (Chattopadhyay et al., Grad-CAM++, WACV 2018): score the image masked
+  by the map.
+* ROAD (Rong et al., "A Consistent and Efficient Evaluation Strategy for Attribution Methods", ICML 2022):
+  remove a percentage of pixels (most relevant first, MoRF, or least relevant first, LeRF) and fill them by
+  *noisy linear imputation*, so that the shape of the removed region does not leak the class.
+
+All functions take the model (in eval mode), the *normalised* model inputs Tensor[B, C, H, W] (what
+``Preprocess`` returns), the maps Tensor[B, H, W] at the input size (``Explanation.maps``) and the classes to
+score (default: the model's top-1 on the inputs). Work happens on the model's device; perturbed images of all
+steps and images are stacked and sent to the model in chunks of ``batch_size`` (one model call per chunk, under
+``torch.inference_mode()``). Scores are softmax probabilities by default (``score="logit"`` for logits).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from camkit.metrics._common import (
+    Baseline,
+    Forward,
+    check_inputs,
+    chunks,
+    class_scores,
+    make_baseline,
+    pixel_ranks,
+    resolve_targets,
+)
+
+__all__ = [
+    "ConfidenceChange",
+    "Curve",
+    "RoadResult",
+    "average_drop",
+    "confidence_change",
+    "deletion",
+    "increase_in_confidence",
+    "insertion",
+    "noisy_linear_impute",
+    "road",
+]
+
+
+@dataclass
+class Curve:
+    """A deletion or insertion curve.
+
+    Attributes:
+        auc: Tensor[B], trapezoidal area under ``scores`` over ``fractions`` (in [0, 1] for probabilities).
+        fractions: Tensor[S + 1], fraction of pixels removed (deletion) or inserted (insertion) at each step.
+        scores: Tensor[B, S + 1], the class score after each step (``scores[:, 0]`` = no pixel changed).
+        classes: LongTensor[B], the scored classes.
+    """
+
+    auc: Tensor
+    fractions: Tensor
+    scores: Tensor
+    classes: Tensor
+
+
+def _step_counts(n_pixels: int, steps: int) -> Tensor:
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    steps = min(steps, n_pixels)
+    return torch.round(torch.arange(steps + 1, dtype=torch.float64) * n_pixels / steps).long()
+
+
+def _causal_curve(
+    model: nn.Module,
+    inputs: Tensor,
+    maps: Tensor,
+    classes: Tensor | int | None,
+    steps: int,
+    start_of: str,
+    baseline: Baseline,
+    default_baseline: str,
+    score: str,
+    batch_size: int,
+    forward: Forward | None,
+) -> Curve:
+    x, m = check_inputs(model, inputs, maps)
+    fwd = forward or Forward(model, batch_size)
+    cls = resolve_targets(fwd, x, classes)
+    base = make_baseline(x, baseline, default_baseline)
+    # deletion: x -> baseline; insertion: baseline -> x; pixels switch in the order of the map (most salient first)
+    start, finish = (x, base) if start_of == "image" else (base, x)
+    b, _, h, w = x.shape
+    counts = _step_counts(h * w, steps)
+    n_steps = counts.shape[0] - 1
+    ranks = pixel_ranks(m).view(b, 1, h, w)
+    scores = torch.empty(b, n_steps + 1, device=x.device)
+    # the two ends do not depend on the map: one call for all images
+    ends = fwd.scores(torch.cat([start, finish]), torch.cat([cls, cls]), score)
+    scores[:, 0], scores[:, n_steps] = ends[:b], ends[b:]
+    if n_steps > 1:
+        counts_dev = counts.to(x.device)
+        pairs = torch.cartesian_prod(torch.arange(b), torch.arange(1, n_steps)).to(x.device)  # (image, step)
+        for lo, hi in chunks(pairs.shape[0], fwd.batch_size):
+            img, step = pairs[lo:hi, 0], pairs[lo:hi, 1]
+            switched = ranks[img] < counts_dev[step].view(-1, 1, 1, 1)
+            batch = torch.where(switched, finish[img], start[img])
+            scores[img, step] = fwd.scores(batch, cls[img], score)
+    fractions = counts.to(x.device, torch.float32) / (h * w)
+    auc = torch.trapezoid(scores, fractions, dim=1)
+    return Curve(auc=auc, fractions=fractions, scores=scores, classes=cls)
+
+
+def deletion(
+    model: nn.Module,
+    inputs: Tensor,
+    maps: Tensor,
+    classes: Tensor | int | None = None,
+    steps: int = 50,
+    baseline: Baseline = "zeros",
+    score: str = "prob",
+    batch_size: int = 64,
+    forward: Forward | None = None,
+) -> Curve:
+    """Deletion AUC (RISE, Petsiuk et al. 2018; lower is better).
+
+    Paper: pixels are removed from the image in decreasing order of the saliency map, "replacing them with
+    zeros", the probability of the class is recorded after each step and the area under that curve (x = fraction
+    of pixels removed) is the score. A sharp drop (low AUC) means the map found what the model uses.
+
+    Choices: ``steps`` equal steps (step i removes ``round(i * H * W / steps)`` pixels; RISE's code removes 224
+    pixels per step on 224 x 224 images, i.e. 224 steps); removed pixels take the value of ``baseline``
+    (default ``"zeros"`` *of the normalised input*, as RISE's code does: the dataset's mean colour for mean/std
+    normalisation); pixels of equal map value go in raster order; the score is the softmax probability
+    (``score="logit"`` for the logit); the area is the trapezoidal rule over the fractions, so it lies in [0, 1]
+    and equals RISE's ``auc()`` when the step divides H * W. All channels of a pixel are removed together.
+
+    Args:
+        model: the classifier, in eval mode (never modified).
+        inputs: normalised Tensor[B, C, H, W].
+        maps: Tensor[B, H, W] at the input size.
+        classes: the classes to score, LongTensor[B] or an int (default: the top-1 on ``inputs``).
+        steps: number of removal steps (the curve has ``steps + 1`` points).
+        baseline: ``"zeros"``, ``"blur"``, ``"mean"``, a number, a Tensor or a function of the inputs.
+        score: ``"prob"`` or ``"logit"``.
+        batch_size: images per model call.
+        forward: a :class:`~camkit.metrics._common.Forward` to share (and count) model calls.
+    """
+    return _causal_curve(
+        model, inputs, maps, classes, steps, "image", baseline, "zeros", score, batch_size, forward
+    )
+
+
+def insertion(
+    model: nn.Module,
+    inputs: Tensor,
+    maps: Tensor,
+    classes: Tensor | int | None = None,
+    steps: int = 50,
+    baseline: Baseline = "blur",
+    score: str = "prob",
+    batch_size: int = 64,
+    forward: Forward | None = None,
+) -> Curve:
+    """Insertion AUC (RISE, Petsiuk et al. 2018; higher is better).
+
+    Paper: start from a blurred copy of the image and insert the original pixels in decreasing order of the
+    saliency map; the area under the class probability curve is the score. Choices as in :func:`deletion`; the
+    default start is ``"blur"``: a Gaussian blur with kernel 11 and sigma 5 (RISE's code), reflect-padded at the
+    borders (RISE pads with zeros), applied to the normalised input.
+    """
+    return _causal_curve(
+        model, inputs, maps, classes, steps, "baseline", baseline, "blur", score, batch_size, forward
+    )
+
+
+@dataclass
+class ConfidenceChange:
+    """Per-image results of :func:`confidence_change`.
+
+    Attributes:
+        drop: Tensor[B], ``max(0, Y - O) / Y`` (Average Drop is its mean, x 100 in the paper).
+        increase: Tensor[B], 1.0 where ``O > Y`` (Increase in Confidence is its mean, x 100 in the paper).
+        original: Tensor[B], Y: the class score on the image.
+        explained: Tensor[B], O: the class score on the explanation map ``image * map``.
+        classes: LongTensor[B].
+    """
+
+    drop: Tensor
+    increase: Tensor
+    original: Tensor
+    explained: Tensor
+    classes: Tensor
+
+
+def confidence_change(
+    model: nn.Module,
+    inputs: Tensor,
+    maps: Tensor,
+    classes: Tensor | int | None = None,
+    baseline: Baseline = "zeros",
+    score: str = "prob",
+    batch_size: int = 64,
+    forward: Forward | None = None,
+) -> ConfidenceChange:
+    """Average Drop and Increase in Confidence (Grad-CAM++, Chattopadhyay et al. 2018, section 5.1).
+
+    Paper: the explanation map is ``E = L * I`` (the saliency map times the image, element-wise); with ``Y`` the
+    model's confidence for the class on the image and ``O`` on ``E``, Average Drop = ``100/N sum max(0, Y - O) /
+    Y`` (lower is better) and Increase in Confidence = ``100/N sum 1[Y < O]`` (higher is better).
+
+    Choices: the product is taken in the model's input space around ``baseline`` (default zeros of the
+    normalised input, as pytorch-grad-cam's ``input_tensor * cam``): ``E = baseline + map * (x - baseline)``;
+    confidence is the softmax probability (``score="logit"`` for logits; then ``Y`` may be negative and the
+    drop is not meaningful). Values are per image, as fractions (the paper's numbers are their mean x 100).
+    """
+    x, m = check_inputs(model, inputs, maps)
+    fwd = forward or Forward(model, batch_size)
+    out = fwd(x)
+    cls = resolve_targets(fwd, x, classes) if classes is not None else out.argmax(dim=1)
+    y = class_scores(out, cls, score)
+    base = make_baseline(x, baseline, "zeros")
+    e = base + m[:, None] * (x - base)
+    o = fwd.scores(e, cls, score)
+    drop = torch.clamp(y - o, min=0) / y.clamp_min(1e-12)
+    return ConfidenceChange(drop=drop, increase=(o > y).float(), original=y, explained=o, classes=cls)
+
+
+def average_drop(model: nn.Module, inputs: Tensor, maps: Tensor, **kwargs: object) -> Tensor:
+    """Per-image ``max(0, Y - O) / Y`` of :func:`confidence_change` (Average Drop = its mean x 100)."""
+    return confidence_change(model, inputs, maps, **kwargs).drop  # type: ignore[arg-type]
+
+
+def increase_in_confidence(model: nn.Module, inputs: Tensor, maps: Tensor, **kwargs: object) -> Tensor:
+    """Per-image ``1[O > Y]`` of :func:`confidence_change` (Increase in Confidence = its mean x 100)."""
+    return confidence_change(model, inputs, maps, **kwargs).increase  # type: ignore[arg-type]
+
+
+# ROAD's neighbour weights (road_evaluation/imputations.py): 1/6 for the 4 direct neighbours, 1/12 diagonal.
+_ROAD_KERNEL = torch.tensor([[1 / 12, 1 / 6, 1 / 12], [1 / 6, 0.0, 1 / 6], [1 / 12, 1 / 6, 1 / 12]])
+
+
+def noisy_linear_impute(
+    inputs: Tensor,
+    remove: Tensor,
+    noise: float = 0.01,
+    generator: torch.Generator | None = None,
+    tol: float = 1e-4,
+    max_iter: int = 1000,
+) -> Tensor:
+    """ROAD's noisy linear imputation (Rong et al. 2022, section 4.2).
+
+    Every removed pixel ``i`` takes the weighted mean of its (in-image) 8 neighbours,
+    ``x_i = sum_j w_ij x_j / sum_j w_ij`` with ``w = 1/6`` (direct) and ``1/12`` (diagonal), where neighbours may
+    themselves be removed: one sparse linear system per channel whose unknowns are the removed pixels. ROAD's
+    code builds it with scipy and calls ``spsolve``; here the system ``L x = b`` (``L = D - W`` restricted to the
+    removed pixels, symmetric positive definite as soon as one pixel is kept) is solved batched on the device by
+    Jacobi-preconditioned conjugate gradient, with ``L`` applied as a masked 3x3 convolution, until the residual
+    is below ``tol`` times the right-hand side (or ``max_iter`` iterations). CG starts from the solution of the
+    same problem at half resolution (recursively, down to 16 pixels), upsampled: the solution is smooth, so a
+    large hole needs a few dozen iterations instead of hundreds. Then Gaussian noise of standard deviation
+    ``noise`` is added to the imputed pixels (ROAD: 0.01).
+
+    Args:
+        inputs: Tensor[N, C, H, W] (normalised images).
+        remove: BoolTensor[N, H, W] (or [N, 1, H, W]), True = impute this pixel (all channels).
+        noise: standard deviation of the added noise.
+        generator: for the noise, for reproducible results.
+    """
+    x = inputs.float()
+    n, _, h, w = x.shape
+    u = remove.reshape(n, 1, h, w).to(x.device, torch.float32)
+    sol = _harmonic_fill(x, u, tol, max_iter)
+    if noise > 0:
+        eps = torch.randn(
+            x.shape, generator=generator, device="cpu" if generator is None else generator.device
+        )
+        sol = sol + noise * u * eps.to(x.device)
+    return x * (1 - u) + u * sol
+
+
+def _harmonic_fill(x: Tensor, u: Tensor, tol: float, max_iter: int) -> Tensor:
+    """Solve ROAD's neighbour-mean system for the pixels where ``u`` is 1 (values elsewhere are kept)."""
+    _, c, h, w = x.shape
+    kernel = _ROAD_KERNEL.to(x.device).view(1, 1, 3, 3).expand(c, 1, 3, 3)
+
+    def conv(v: Tensor) -> Tensor:
+        return F.conv2d(v, kernel, padding=1, groups=c)
+
+    d = conv(torch.ones(1, c, h, w, device=x.device))  # sum of the weights of the in-image neighbours
+    known = x * (1 - u)
+    rhs = u * conv(known)
+    inv_d = u / d
+
+    def op(v: Tensor) -> Tensor:  # L v on the removed pixels (v is zero elsewhere)
+        return u * (d * v - conv(v))
+
+    if min(h, w) >= 32 and bool(u.any()):
+        # coarse start: a 2x2 block is known when any of its pixels is (their mean), unknown otherwise
+        kept = F.avg_pool2d(1 - u, 2, ceil_mode=True)
+        coarse_x = F.avg_pool2d(known, 2, ceil_mode=True) / kept.clamp_min(1e-12)
+        coarse = _harmonic_fill(coarse_x, (kept == 0).float(), tol, max_iter)
+        sol = u * F.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False)
+    else:
+        sol = rhs * inv_d
+    r = rhs - op(sol)
+    z = r * inv_d
+    p = z.clone()
+    rz = (r * z).sum(dim=(2, 3), keepdim=True)
+    b_norm = rhs.pow(2).sum(dim=(2, 3), keepdim=True).sqrt().clamp_min(1e-12)
+    for _ in range(max_iter):
+        if bool(((r.pow(2).sum(dim=(2, 3), keepdim=True).sqrt() / b_norm) <= tol).all()):
+            break
+        lp = op(p)
+        denom = (p * lp).sum(dim=(2, 3), keepdim=True)
+        alpha = torch.where(denom > 0, rz / denom.clamp_min(1e-30), torch.zeros_like(denom))
+        sol = sol + alpha * p
+        r = r - alpha * lp
+        z = r * inv_d
+        rz_new = (r * z).sum(dim=(2, 3), keepdim=True)
+        beta = torch.where(rz > 0, rz_new / rz.clamp_min(1e-30), torch.zeros_like(rz))
+        p = z + beta * p
+        rz = rz_new
+    return sol
+
+
+@dataclass
+class RoadResult:
+    """ROAD scores at each removal percentage.
+
+    Attributes:
+        percentages: Tensor[P], fractions of pixels removed.
+        scores: Tensor[B, P], class score (softmax probability by default) after removal and imputation.
+        correct: Tensor[B, P], 1.0 where the class is still the model's top-1 (the paper's accuracy is its mean).
+        order: ``"morf"`` or ``"lerf"``.
+        classes: LongTensor[B].
+    """
+
+    percentages: Tensor
+    scores: Tensor
+    correct: Tensor
+    order: str
+    classes: Tensor
+
+    @property
+    def mean_score(self) -> Tensor:
+        """Tensor[B], the mean score over the percentages (area under the curve for equally spaced ones)."""
+        return self.scores.mean(dim=1)
+
+
+def road(
+    model: nn.Module,
+    inputs: Tensor,
+    maps: Tensor,
+    classes: Tensor | int | None = None,
+    percentages: Sequence[float] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
+    order: str = "morf",
+    noise: float = 0.01,
+    seed: int = 0,
+    score: str = "prob",
+    batch_size: int = 64,
+    forward: Forward | None = None,
+) -> RoadResult:
+    """ROAD: RemOve And Debias (Rong et al. 2022).
+
+    Paper: remove the ``p`` most relevant (MoRF) or least relevant (LeRF) pixels by the attribution's ranking,
+    fill them with noisy linear imputation (:func:`noisy_linear_impute`), and measure the model's accuracy on
+    the imputed images, without retraining. A good map makes MoRF accuracy drop fast (low) and LeRF stay high.
+
+    Choices: the ranking is the map's (one value per pixel, all channels removed together; ties in raster
+    order); per image we report the softmax probability of the class and whether it is still the top-1
+    (accuracy per image), at ``percentages`` (default 10%..90%, as in the paper's plots); the noise is seeded.
+    """
+    if order not in ("morf", "lerf"):
+        raise ValueError(f"unknown order {order!r}: 'morf' (most relevant first) or 'lerf'")
+    x, m = check_inputs(model, inputs, maps)
+    fwd = forward or Forward(model, batch_size)
+    cls = resolve_targets(fwd, x, classes)
+    b, _, h, w = x.shape
+    pct = torch.tensor([float(p) for p in percentages], dtype=torch.float64)
+    if ((pct < 0) | (pct > 1)).any():
+        raise ValueError(f"percentages are fractions in [0, 1], got {list(percentages)}")
+    counts = torch.round(pct * h * w).long().to(x.device)
+    ranks = pixel_ranks(m, descending=(order == "morf")).view(b, h, w)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    pairs = torch.cartesian_prod(torch.arange(b), torch.arange(len(pct))).to(x.device)
+    scores = torch.empty(b, len(pct), device=x.device)
+    correct = torch.empty(b, len(pct), device=x.device)
+    for lo, hi in chunks(pairs.shape[0], fwd.batch_size):
+        img, k = pairs[lo:hi, 0], pairs[lo:hi, 1]
+        removed = ranks[img] < counts[k].view(-1, 1, 1)
+        imputed = noisy_linear_impute(x[img], removed, noise=noise, generator=gen)
+        out = fwd(imputed)
+        scores[img, k] = class_scores(out, cls[img], score)
+        correct[img, k] = (out.argmax(dim=1) == cls[img]).float()
+    return RoadResult(percentages=pct.float(), scores=scores, correct=correct, order=order, classes=cls)

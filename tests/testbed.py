@@ -1,0 +1,179 @@
+"""A ground-truth test bed: synthetic images whose object position is known by construction, and a small CNN
+that learns them on CPU in seconds.
+
+Each 64 x 64 image is clutter (smooth colour noise, pixel noise and a few small random rectangles) with one object
+pasted at a random position: a disc, a ring, a plus sign or a checkered square (the 4 classes), 16 to 26 pixels
+wide, in a random bright colour. The box of the object's pixels is the ground truth. Nothing is stored in the
+repository: the data are generated from a seed and the trained weights are cached by the test session.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+SIZE = 64
+CLASSES = ("disc", "ring", "plus", "checker")
+
+
+@dataclass
+class Batch:
+    images: Tensor  # [N, 3, 64, 64] in [0, 1]
+    labels: Tensor  # [N]
+    boxes: Tensor  # [N, 4] x0, y0, x1, y1 (half-open) in pixels
+
+
+def _shape_masks(labels: Tensor, u: Tensor, v: Tensor) -> Tensor:
+    """Masks [N, S, S] on local coordinates u, v in [-1, 1]."""
+    r = torch.sqrt(u**2 + v**2)
+    disc = r <= 1.0
+    ring = (r <= 1.0) & (r >= 0.55)
+    plus = ((u.abs() <= 0.3) | (v.abs() <= 0.3)) & (u.abs() <= 1) & (v.abs() <= 1)
+    checker = (torch.floor((u + 1) * 2).long() + torch.floor((v + 1) * 2).long()) % 2 == 0
+    checker = checker & (u.abs() <= 1) & (v.abs() <= 1)
+    masks = torch.stack([disc, ring, plus, checker], dim=1)  # [N, 4, S, S]
+    return masks[torch.arange(labels.shape[0]), labels]
+
+
+def make_batch(n: int, generator: torch.Generator) -> Batch:
+    g = generator
+    # clutter: smooth colour noise + pixel noise + 4 small rectangles of random colours
+    low = torch.rand(n, 3, 6, 6, generator=g) * 0.5
+    img = F.interpolate(low, size=(SIZE, SIZE), mode="bilinear", align_corners=False)
+    img = img + 0.06 * torch.randn(n, 3, SIZE, SIZE, generator=g)
+    yy, xx = torch.meshgrid(torch.arange(SIZE), torch.arange(SIZE), indexing="ij")
+    for _ in range(4):
+        w = torch.randint(2, 7, (n, 1, 1), generator=g)
+        h = torch.randint(2, 7, (n, 1, 1), generator=g)
+        x0 = torch.randint(0, SIZE - 6, (n, 1, 1), generator=g)
+        y0 = torch.randint(0, SIZE - 6, (n, 1, 1), generator=g)
+        rect = (xx >= x0) & (xx < x0 + w) & (yy >= y0) & (yy < y0 + h)
+        color = torch.rand(n, 3, 1, 1, generator=g) * 0.9 + 0.1
+        img = torch.where(rect[:, None], color, img)
+    labels = torch.randint(0, len(CLASSES), (n,), generator=g)
+    size = torch.randint(16, 27, (n,), generator=g)
+    ox = (torch.rand(n, generator=g) * (SIZE - size)).long()
+    oy = (torch.rand(n, generator=g) * (SIZE - size)).long()
+    # local coordinates of every image pixel relative to the object square, in [-1, 1] inside it
+    half = size.float().view(n, 1, 1) / 2
+    u = (xx[None] + 0.5 - (ox.view(n, 1, 1) + half)) / half
+    v = (yy[None] + 0.5 - (oy.view(n, 1, 1) + half)) / half
+    mask = _shape_masks(labels, u, v)
+    hue = torch.rand(n, 3, 1, 1, generator=g)
+    color = 0.55 + 0.45 * hue / hue.amax(dim=1, keepdim=True)
+    img = torch.where(mask[:, None], color, img).clamp(0, 1)
+    ys = mask.any(dim=2)
+    xs = mask.any(dim=1)
+    ar = torch.arange(SIZE)
+    boxes = torch.stack(
+        [
+            torch.where(xs, ar, SIZE).amin(dim=1),
+            torch.where(ys, ar, SIZE).amin(dim=1),
+            torch.where(xs, ar, -1).amax(dim=1) + 1,
+            torch.where(ys, ar, -1).amax(dim=1) + 1,
+        ],
+        dim=1,
+    )
+    return Batch(images=img, labels=labels, boxes=boxes)
+
+
+def normalize(images: Tensor) -> Tensor:
+    return (images - 0.5) / 0.25
+
+
+class SmallCNN(nn.Module):
+    """conv-BN-ReLU x 4 (64 -> 16 px), GAP, Linear: a CAM-compatible classifier; the last block is ``features.3``."""
+
+    def __init__(self, classes: int = len(CLASSES)) -> None:
+        super().__init__()
+
+        def block(cin: int, cout: int, stride: int) -> nn.Sequential:
+            return nn.Sequential(
+                nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False),
+                nn.BatchNorm2d(cout),
+                nn.ReLU(inplace=True),
+            )
+
+        self.features = nn.Sequential(block(3, 16, 1), block(16, 32, 2), block(32, 32, 2), block(32, 32, 1))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(32, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.pool(self.features(x)).flatten(1))
+
+
+def train(steps: int = 150, batch: int = 32, seed: int = 0) -> SmallCNN:
+    """Train on fresh batches (no epoch, no overfitting); one thread: small ops are slower with two."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _train(steps, batch, seed)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(steps: int, batch: int, seed: int) -> SmallCNN:
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    model = SmallCNN()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps, pct_start=0.15)
+    model.train()
+    for _ in range(steps):
+        b = make_batch(batch, g)
+        loss = F.cross_entropy(model(normalize(b.images)), b.labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    return model.eval()
+
+
+def source_hash() -> str:
+    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
+
+
+def trained_model(cache_dir: Path | None = None) -> SmallCNN:
+    """The trained test-bed model, from ``cache_dir`` when this file has not changed since it was cached."""
+    path = cache_dir / f"smallcnn-{source_hash()}.pt" if cache_dir is not None else None
+    if path is not None and path.exists():
+        model = SmallCNN()
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        return model.eval()
+    model = train()
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(model.state_dict(), path)
+    return model
+
+
+def test_set(n: int = 256, seed: int = 12345) -> Batch:
+    return make_batch(n, torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="session")
+def trained_cnn(request: pytest.FixtureRequest) -> SmallCNN:
+    """The trained test-bed CNN (trained once, cached under pytest's cache folder by the hash of this file)."""
+    return trained_model(Path(request.config.cache.mkdir("camkit-testbed")))
+
+
+@pytest.fixture(scope="session")
+def testbed_data() -> Batch:
+    return test_set(64)
+
+
+if __name__ == "__main__":
+    t0 = time.perf_counter()
+    m = train()
+    t1 = time.perf_counter()
+    b = test_set()
+    with torch.no_grad():
+        acc = (m(normalize(b.images)).argmax(1) == b.labels).float().mean()
+    print(f"trained in {t1 - t0:.1f} s, test accuracy {float(acc):.3f}")
