@@ -237,6 +237,195 @@ def methods() -> None:
     console.print(table)
 
 
+@app.command()
+def evaluate(
+    images: Annotated[
+        list[Path] | None,
+        typer.Argument(help="Image files and/or folders (default: the three sample photos)."),
+    ] = None,
+    methods: Annotated[
+        str,
+        typer.Option(
+            "--methods",
+            "--method",
+            "-m",
+            help="Methods, comma-separated; also 'center' and 'random' reference maps.",
+        ),
+    ] = "gradcam,gradcam++,xgradcam,hirescam,layercam,center,random",
+    metrics: Annotated[
+        str | None,
+        typer.Option(
+            "--metrics",
+            help="deletion,insertion,avg_drop,increase,road,pointing,pointing_strict,box,maxboxacc or all "
+            "(default: the first four, plus the box metrics with --annotations).",
+        ),
+    ] = None,
+    annotations: Annotated[
+        Path | None,
+        typer.Option("--annotations", "-a", help="camkit JSON, COCO JSON, Pascal VOC XML file or folder."),
+    ] = None,
+    model: Annotated[
+        str, typer.Option("--model", help="Model name (see `camkit explain`).")
+    ] = "efficientnet_lite0",
+    weights: Annotated[Path | None, typer.Option("--weights", help="Local state_dict file.")] = None,
+    layers: Annotated[
+        str, typer.Option("--layers", "--layer", "-l", help="Target layer(s) or auto.")
+    ] = "auto",
+    steps: Annotated[int, typer.Option(help="Deletion/insertion steps.")] = 50,
+    batch_size: Annotated[
+        int | None, typer.Option(help="Images per model call (default 8 on CPU, 64 on GPU).")
+    ] = None,
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Folder for evaluate.csv and evaluate.json.")
+    ] = Path("out"),
+    device: Annotated[str, typer.Option(help="cpu, cuda, ...")] = "cpu",
+) -> None:
+    """Score methods on images: faithfulness (deletion, insertion, ...) and, with boxes, localization."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    import camkit
+    from camkit.evaluate import METRICS, collect_images
+    from camkit.evaluate import evaluate as run_evaluation
+    from camkit.models import SAMPLES, sample_image
+
+    try:
+        items: list = [(s, sample_image(s)) for s in SAMPLES] if not images else collect_images(images)
+        loaded = camkit.load_model(model, weights=weights, device=device)
+        method_list = _split(methods)
+        with Progress(
+            TextColumn("[progress.description]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=err_console,
+            transient=True,
+        ) as bar:
+            task = bar.add_task("evaluating", total=len(items) * len(method_list))
+            result = run_evaluation(
+                loaded.model,
+                items,
+                methods=method_list,
+                metrics=_split(metrics) if metrics else None,
+                annotations=annotations,
+                preprocess=loaded.preprocess,
+                labels=loaded.labels,
+                layers=layers,
+                steps=steps,
+                batch_size=batch_size,
+                progress=lambda n, what: bar.update(task, completed=n, description=what),
+            )
+        out.mkdir(parents=True, exist_ok=True)
+        result.to_csv(out / "evaluate.csv")
+        result.to_json(out / "evaluate.json")
+        cols = list(result.columns) + (["maxboxacc"] if result.maxboxacc else [])
+        n_img = result.config["images"]
+        table = Table(title=f"camkit evaluate · {loaded.name} · {n_img} image(s), mean per method")
+        table.add_column("method")
+        for col in cols:
+            lower = next((v[2] for k, v in METRICS.items() if col in v[0] or col == k), False)
+            table.add_column(f"{col} {'↓' if lower else '↑'}", justify="right")
+        for method, vals in result.summary.items():
+            table.add_row(method, *(f"{vals.get(c, float('nan')):.3f}" for c in cols))
+        console.print(table)
+        t = result.timing
+        console.print(
+            f"{t['total']:.1f} s ({t['explain']:.1f} s explaining, {t['metric_forwards']:.1f} s in "
+            f"model calls on {int(t['metric_images'])} perturbed images) · written to {out}/evaluate.csv, evaluate.json"
+        )
+    except _USER_ERRORS as err:
+        _fail(err)
+
+
+@app.command()
+def localize(
+    images: Annotated[
+        list[Path] | None, typer.Argument(help="Image files (default: the --sample photo).")
+    ] = None,
+    model: Annotated[str, typer.Option("--model", help="Model name.")] = "efficientnet_lite0",
+    weights: Annotated[Path | None, typer.Option("--weights", help="Local state_dict file.")] = None,
+    method: Annotated[str, typer.Option("--method", "-m", help="CAM method.")] = "gradcam",
+    layers: Annotated[
+        str, typer.Option("--layers", "--layer", "-l", help="Target layer(s) or auto.")
+    ] = "auto",
+    target: Annotated[
+        str | None, typer.Option("--target", "-t", help="Class index or name (default top-1).")
+    ] = None,
+    threshold: Annotated[
+        str, typer.Option(help="Fraction of the map's max (0.2), value:0.5 for a fixed value, or otsu.")
+    ] = "0.2",
+    mode: Annotated[str, typer.Option(help="largest (one box) or all (one per component).")] = "largest",
+    min_area: Annotated[
+        float, typer.Option(help="With --mode all: smallest component, fraction of the image.")
+    ] = 0.01,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("out"),
+    sample: Annotated[str, typer.Option(help="Sample photo when no image is given.")] = "chelsea",
+    device: Annotated[str, typer.Option(help="cpu, cuda, ...")] = "cpu",
+) -> None:
+    """Boxes around what the model looked at: <image>_boxes.png (overlay + boxes) and boxes.json."""
+    import camkit
+    from camkit.localize import localize as find_boxes
+    from camkit.localize import parse_threshold
+    from camkit.models import sample_image
+    from camkit.targets import TopK, parse_target
+    from camkit.viz import draw_boxes
+
+    try:
+        thr = parse_threshold(threshold)
+        spec = parse_target(target)
+        if isinstance(spec, TopK):
+            raise ValueError("localize explains one class per image: give an index or a name, not topK")
+        loaded = camkit.load_model(model, weights=weights, device=device)
+        pics = (
+            [(p.stem, camkit.load_image(p)) for p in images] if images else [(sample, sample_image(sample))]
+        )
+        out.mkdir(parents=True, exist_ok=True)
+        records = []
+        table = Table(title=f"camkit localize · {loaded.name} · {method}")
+        for col in ("image", "class", "box (x0, y0, x1, y1)", "score", "file"):
+            table.add_column(col)
+        for stem, pil in pics:
+            expl = camkit.explain(
+                loaded.model,
+                pil,
+                method=method,
+                layers=layers,
+                targets=spec,
+                preprocess=loaded.preprocess,
+                labels=loaded.labels,
+            )
+            boxes = find_boxes(expl, threshold=thr, mode=mode, min_area=min_area)[0]
+            label = expl.labels[0] if expl.labels else None
+            cls = int(expl.classes[0]) if expl.classes is not None else None
+            fname = out / f"{stem}_boxes.png"
+            draw_boxes(expl.overlay(0), boxes).save(fname)
+            records.append(
+                {
+                    "image": stem,
+                    "size": list(pil.size),
+                    "class": cls,
+                    "label": label,
+                    "method": expl.method,
+                    "threshold": threshold,
+                    "mode": mode,
+                    "boxes": [b.to_dict() for b in boxes],
+                    "file": str(fname),
+                }
+            )
+            for b in boxes or [None]:
+                table.add_row(
+                    stem,
+                    f"{cls} {label or ''}".strip(),
+                    str(tuple(b.xyxy)) if b else "-",
+                    f"{b.score:.2f}" if b else "-",
+                    fname.name,
+                )
+        (out / "boxes.json").write_text(json.dumps(records, indent=2))
+        console.print(table)
+        console.print(f"written to {out}/ (boxes.json: x1, y1 exclusive, original-image pixels)")
+    except _USER_ERRORS as err:
+        _fail(err)
+
+
 def main() -> None:
     """Entry point of the ``camkit`` console script."""
     try:

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from camkit.postprocess import upsample
 
-__all__ = ["colorize", "grid", "hstack", "overlay"]
+__all__ = ["colorize", "draw_boxes", "grid", "hstack", "overlay"]
 
 
 def _as_map(heatmap: Tensor | np.ndarray) -> Tensor:
@@ -131,4 +131,35 @@ def grid(
         for j, c in enumerate(cols):
             if c in cells[r]:
                 out.paste(cells[r][c].convert("RGB").resize((cell, cell)), (pad_left + cell * (j + extra), y))
+    return out
+
+
+def draw_boxes(
+    image: Image.Image,
+    boxes: Sequence[object],
+    color: str | tuple[int, int, int] = "lime",
+    width: int | None = None,
+    labels: Sequence[str] | None = None,
+) -> Image.Image:
+    """A copy of ``image`` with boxes drawn on it.
+
+    Args:
+        image: any picture (e.g. an overlay, or the original photo).
+        boxes: :class:`camkit.localize.Box` objects or ``[x0, y0, x1, y1]`` in the picture's pixels, half-open
+            (``x1``, ``y1`` exclusive): the outline covers the pixels ``x0 .. x1 - 1``.
+        color: outline color.
+        width: line width in pixels (default: about 1/150 of the picture's larger side, at least 2).
+        labels: a caption per box, written at its top-left corner.
+    """
+    out = image.convert("RGB").copy()
+    draw = ImageDraw.Draw(out)
+    lw = width if width is not None else max(2, round(max(out.size) / 150))
+    font = _font(max(10, lw * 6))
+    for i, b in enumerate(boxes):
+        x0, y0, x1, y1 = (float(v) for v in (b.xyxy if hasattr(b, "xyxy") else b))  # type: ignore[attr-defined,union-attr]
+        if x1 <= x0 or y1 <= y0:
+            continue
+        draw.rectangle([x0, y0, x1 - 1, y1 - 1], outline=color, width=lw)
+        if labels is not None and i < len(labels) and labels[i]:
+            draw.text((x0 + lw + 1, y0 + lw + 1), labels[i], fill=color, font=font)
     return out

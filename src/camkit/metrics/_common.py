@@ -41,6 +41,12 @@ def class_scores(out: Tensor, classes: Tensor, kind: ScoreKind) -> Tensor:
     return out.gather(1, classes[:, None].to(out.device))[:, 0]
 
 
+def default_batch_size(model: nn.Module) -> int:
+    """Images per model call: 64 on a GPU; 8 on a CPU, where small batches stay in cache (EfficientNet-Lite0 on
+    2 cores: about 20 ms per image in batches of 4 to 8, 50 ms in batches of 64)."""
+    return 64 if model_device(model).type != "cpu" else 8
+
+
 class Forward:
     """Calls ``model`` under ``torch.inference_mode()`` in chunks of ``batch_size`` and keeps count.
 
@@ -49,7 +55,9 @@ class Forward:
             (synchronised on CUDA), for benchmarks.
     """
 
-    def __init__(self, model: nn.Module, batch_size: int = 64) -> None:
+    def __init__(self, model: nn.Module, batch_size: int | None = None) -> None:
+        if batch_size is None:
+            batch_size = default_batch_size(model)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.model = model

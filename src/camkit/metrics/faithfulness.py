@@ -84,7 +84,7 @@ def _causal_curve(
     baseline: Baseline,
     default_baseline: str,
     score: str,
-    batch_size: int,
+    batch_size: int | None,
     forward: Forward | None,
 ) -> Curve:
     x, m = check_inputs(model, inputs, maps)
@@ -122,7 +122,7 @@ def deletion(
     steps: int = 50,
     baseline: Baseline = "zeros",
     score: str = "prob",
-    batch_size: int = 64,
+    batch_size: int | None = None,
     forward: Forward | None = None,
 ) -> Curve:
     """Deletion AUC (RISE, Petsiuk et al. 2018; lower is better).
@@ -146,7 +146,7 @@ def deletion(
         steps: number of removal steps (the curve has ``steps + 1`` points).
         baseline: ``"zeros"``, ``"blur"``, ``"mean"``, a number, a Tensor or a function of the inputs.
         score: ``"prob"`` or ``"logit"``.
-        batch_size: images per model call.
+        batch_size: images per model call (default: 8 on CPU, 64 on GPU).
         forward: a :class:`~camkit.metrics._common.Forward` to share (and count) model calls.
     """
     return _causal_curve(
@@ -162,7 +162,7 @@ def insertion(
     steps: int = 50,
     baseline: Baseline = "blur",
     score: str = "prob",
-    batch_size: int = 64,
+    batch_size: int | None = None,
     forward: Forward | None = None,
 ) -> Curve:
     """Insertion AUC (RISE, Petsiuk et al. 2018; higher is better).
@@ -203,7 +203,7 @@ def confidence_change(
     classes: Tensor | int | None = None,
     baseline: Baseline = "zeros",
     score: str = "prob",
-    batch_size: int = 64,
+    batch_size: int | None = None,
     forward: Forward | None = None,
 ) -> ConfidenceChange:
     """Average Drop and Increase in Confidence (Grad-CAM++, Chattopadhyay et al. 2018, section 5.1).
@@ -361,7 +361,7 @@ def road(
     noise: float = 0.01,
     seed: int = 0,
     score: str = "prob",
-    batch_size: int = 64,
+    batch_size: int | None = None,
     forward: Forward | None = None,
 ) -> RoadResult:
     """ROAD: RemOve And Debias (Rong et al. 2022).
