@@ -10,6 +10,7 @@
 from camkit.explain import Explanation, compare, explain
 from camkit.layers import auto_layer, describe_layers
 from camkit.methods import method_names
+from camkit.methods.perturbation import PerturbationOptions
 from camkit.models import LoadedModel, Preprocess, load_image, load_model, sample_image
 from camkit.targets import TopK
 from camkit.viz import colorize, grid, overlay
@@ -19,6 +20,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Explanation",
     "LoadedModel",
+    "PerturbationOptions",
     "Preprocess",
     "TopK",
     "__version__",

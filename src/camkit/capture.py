@@ -42,6 +42,7 @@ class Captured:
     gradients: dict[str, Tensor | list[Tensor]] = field(default_factory=dict)
     scores: Tensor | None = None
     order: list[str] = field(default_factory=list)  # layer names, shallow to deep (finish order)
+    calls: dict[str, int] = field(default_factory=dict)  # how many times each layer ran in the forward
 
 
 class _LayerHook:
@@ -140,7 +141,12 @@ def capture(
                     )
             leaves = {name: h.leaves[-1] for name, h in hooks.items()}
             if not need_grad:
-                return Captured(output=out.detach(), activations=leaves, order=list(window.order))
+                return Captured(
+                    output=out.detach(),
+                    activations=leaves,
+                    order=list(window.order),
+                    calls={n: len(h.leaves) for n, h in hooks.items()},
+                )
             assert score_fn is not None
             scores = score_fn(out)
             if scores.dim() not in (1, 2):
@@ -173,6 +179,7 @@ def capture(
                 gradients=gradients,
                 scores=scores.detach(),
                 order=list(window.order),
+                calls={n: len(h.leaves) for n, h in hooks.items()},
             )
     finally:
         for h in handles:

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from camkit.capture import capture
 from camkit.layers import LayerSpec, resolve_layers
 from camkit.methods import Method, MethodInput, get_method
+from camkit.methods.perturbation import PerturbationContext, PerturbationOptions, _Progress
 from camkit.models import Preprocess, imagenet_labels, load_image, to_rgb
 from camkit.postprocess import fuse, normalize, upsample
 from camkit.targets import TargetSpec, make_score_fn, resolve_classes
@@ -240,6 +241,7 @@ def _compute(
     relu: bool,
     output: OutputSpec,
     reshape: Reshape | None = None,
+    perturbation: PerturbationOptions | None = None,
 ) -> dict[str, Explanation]:
     model = unwrap(model)  # DataParallel / torch.compile: hooks go on the eager module that holds the weights
     _check_eval(model)
@@ -288,6 +290,7 @@ def _compute(
     names = cap.order  # shallow to deep
     size = tuple(x.shape[-2:])
 
+    progress = _Progress(perturbation.progress if perturbation is not None else None)
     results: dict[str, Explanation] = {}
     for method in methods:
         raw: dict[str, Tensor] = {}
@@ -304,6 +307,24 @@ def _compute(
                     "Choose a convolutional layer (see `camkit layers MODEL`)"
                 )
             weights = _classifier_weights(model, a, out, name) if method.needs_classifier else None
+            pweights = None
+            if method.perturb is not None:
+                pweights = method.perturb(
+                    PerturbationContext(
+                        model=model,
+                        x=x,
+                        layer=layer_modules[name],
+                        layer_name=name,
+                        calls=cap.calls.get(name, 1),
+                        activations=a,
+                        output=out,
+                        classes=classes,
+                        target_fn=targets if classes is None else None,  # type: ignore[arg-type]
+                        output_fn=_output_fn(output),
+                        options=perturbation or PerturbationOptions(),
+                        progress=progress,
+                    )
+                )  # [B, T, K]
             per_target = []
             for t in range(n_targets):
                 g = None
@@ -314,6 +335,8 @@ def _compute(
                 if weights is not None:
                     assert classes is not None
                     cw = weights[classes if classes.dim() == 1 else classes[:, t]]
+                if pweights is not None:
+                    cw = pweights[:, t]
                 per_target.append(method.fn(MethodInput(a.float(), None if g is None else g.float(), cw)))
             r = torch.stack(per_target, dim=1) if multi else per_target[0]
             raw[name] = r
@@ -350,6 +373,7 @@ def explain(
     relu: bool = True,
     output: OutputSpec = None,
     reshape: Reshape | None = None,
+    perturbation: PerturbationOptions | None = None,
 ) -> Explanation:
     """Explain a model's decision on a batch of images with one CAM method.
 
@@ -372,10 +396,13 @@ def explain(
             a detection model's list of dicts packed by :func:`camkit.tasks.pack_detections`).
         reshape: ``f(Tensor) -> Tensor[B, K, h, w]`` applied to each target layer's activation and gradient instead
             of camkit's inference of token / channels-last layouts (:mod:`camkit.tokens`).
+        perturbation: settings of Score-CAM, SS-CAM, IS-CAM and Ablation-CAM (batch size, the
+            pytorch-grad-cam variants, top-k channels, progress callback): see
+            :class:`camkit.methods.perturbation.PerturbationOptions`.
     """
     chosen = get_method(method)
     return _compute(
-        model, images, [chosen], layers, targets, preprocess, labels, fusion, relu, output, reshape
+        model, images, [chosen], layers, targets, preprocess, labels, fusion, relu, output, reshape, perturbation
     )[chosen.name]
 
 
@@ -392,6 +419,7 @@ def compare(
     relu: bool = True,
     output: OutputSpec = None,
     reshape: Reshape | None = None,
+    perturbation: PerturbationOptions | None = None,
 ) -> dict[str, Explanation]:
     """Several methods at once: one forward and one backward shared by all (same arguments as :func:`explain`).
 
@@ -403,4 +431,6 @@ def compare(
     resolved = list({get_method(m).name: get_method(m) for m in methods}.values())
     if not resolved:
         raise ValueError("no method given")
-    return _compute(model, images, resolved, layers, targets, preprocess, labels, fusion, relu, output, reshape)
+    return _compute(
+        model, images, resolved, layers, targets, preprocess, labels, fusion, relu, output, reshape, perturbation
+    )

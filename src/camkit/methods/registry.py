@@ -48,6 +48,9 @@ class Method:
         run: for methods that are not a function of one layer's (A, dS/dA) (attention rollout...):
             ``run(model, x, output_fn, classes, targets) -> Tensor[B, h, w]`` (``[B, k, h, w]`` for ``classes``
             of shape [B, k]), the signed map from the method's own pass; ``fn`` is then unused.
+        perturb: for perturbation methods (Score-CAM, Ablation-CAM...): ``perturb(PerturbationContext) ->
+            Tensor[B, T, K]`` channel weights from extra forward passes; ``fn`` then gets them as
+            ``class_weights``.
     """
 
     name: str
@@ -59,6 +62,7 @@ class Method:
     needs_classifier: bool = False
     aliases: tuple[str, ...] = ()
     run: Callable[..., Tensor] | None = None
+    perturb: Callable[..., Tensor] | None = None
 
 
 METHODS: dict[str, Method] = {}
@@ -97,3 +101,4 @@ def method_names() -> list[str]:
 def _ensure_loaded() -> None:
     from camkit.methods import cam, gradient, projection  # noqa: F401  (registers on import)
     from camkit.methods import attention  # noqa: F401
+    from camkit.methods import perturbation  # noqa: F401
