@@ -429,3 +429,52 @@ def test_auto_batch_size_is_bounded(net: nn.Module, xs: Tensor) -> None:
         output_fn=lambda o: o,  # type: ignore[arg-type,return-value]
     )
     assert 1 <= pm.batch_size_for(ctx) <= 64
+
+
+@pytest.mark.slow
+def test_pretrained_peaks_on_the_object(pretrained) -> None:
+    """Ablation-CAM (exact: the replayed tail after bn2 is pooling + classifier) and Score-CAM on the 32 most
+    active channels put their peak on the cat and on the cup, in original pixels."""
+    from camkit.postprocess import upsample
+
+    cat, coffee = camkit.sample_image("chelsea"), camkit.sample_image("coffee")
+    for method, opts in (
+        ("ablationcam", PerturbationOptions()),
+        ("scorecam", PerturbationOptions(top_channels=32)),
+    ):
+        e = camkit.explain(
+            pretrained.model, [cat, coffee], method, preprocess=pretrained.preprocess, perturbation=opts
+        )
+        for i, (img, box) in enumerate(((cat, (100, 40, 360, 300)), (coffee, (170, 15, 420, 300)))):
+            w, h = img.size
+            flat = int(upsample(e.maps[i], (h, w)).argmax())
+            x, y = flat % w, flat // w
+            assert box[0] <= x <= box[2] and box[1] <= y <= box[3], f"{method} peak at {(x, y)} on image {i}"
+
+
+@pytest.mark.slow
+def test_cli_perturbation_options(tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from camkit.cli import app
+
+    res = CliRunner().invoke(
+        app,
+        [
+            "explain",
+            "--methods",
+            "scorecam",
+            "--top-channels",
+            "8",
+            "--batch-size",
+            "4",
+            "--out",
+            str(tmp_path),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "chelsea_scorecam.png").exists()
+    res = CliRunner().invoke(
+        app, ["explain", "--methods", "scorecam", "--weighting", "softmax", "--out", str(tmp_path)]
+    )
+    assert res.exit_code == 2 and "weighting" in res.output

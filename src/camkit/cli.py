@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -38,6 +40,31 @@ def _fail(err: BaseException) -> None:
 
 def _split(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
+
+
+@contextmanager
+def _progress(description: str, enabled: bool) -> Iterator[Callable[[int, int], None] | None]:
+    """A rich progress bar on stderr fed by ``f(done, total)``; nothing when disabled."""
+    if not enabled:
+        yield None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("forwards"),
+        TimeRemainingColumn(),
+        console=err_console,
+        transient=True,
+    ) as bar:
+        task = bar.add_task(description, total=None)
+
+        def report(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        yield report
 
 
 @app.command()
@@ -89,6 +116,26 @@ def explain(
         str, typer.Option(help="Sample photo used when no image is given: chelsea, coffee, astronaut.")
     ] = "chelsea",
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1, ...")] = "cpu",
+    batch_size: Annotated[
+        int | None,
+        typer.Option(help="Perturbation methods: masked inputs per forward (default: from free memory)."),
+    ] = None,
+    top_channels: Annotated[
+        int | None,
+        typer.Option(help="Perturbation methods: only the k most active channels (faster, approximate)."),
+    ] = None,
+    samples: Annotated[
+        int | None, typer.Option(help="SS-CAM noise draws (default 35) / IS-CAM steps (default 10).")
+    ] = None,
+    weighting: Annotated[
+        str,
+        typer.Option(
+            help="Score-CAM family: 'prob' (the authors' code) or 'channel-softmax' (pytorch-grad-cam, torchcam)."
+        ),
+    ] = "prob",
+    ablation: Annotated[
+        str, typer.Option(help="Ablation-CAM: 'zero' (the paper) or 'gradcam-min' (pytorch-grad-cam).")
+    ] = "zero",
 ) -> None:
     """Explain the model's decision on images and write overlay PNGs (and a grid when comparing)."""
     import camkit
@@ -107,22 +154,32 @@ def explain(
         else:
             pics = [(sample, sample_image(sample))]
         spec = parse_target(target)
+        slow = [m for m in method_list if camkit.methods.get_method(m).perturb is not None]
         out.mkdir(parents=True, exist_ok=True)
         table = Table(title=f"camkit explain · {loaded.name}")
         for col in ("image", "class", "prob", "method", "layers", "file"):
             table.add_column(col)
         summary = []
         for stem, pil in pics:
-            results = camkit.compare(
-                loaded.model,
-                pil,
-                methods=method_list,
-                layers=layers,
-                targets=spec,
-                preprocess=loaded.preprocess,
-                labels=loaded.labels,
-                fusion=fusion,
-            )
+            with _progress(f"{stem}: {', '.join(slow)}", enabled=bool(slow)) as report:
+                results = camkit.compare(
+                    loaded.model,
+                    pil,
+                    methods=method_list,
+                    layers=layers,
+                    targets=spec,
+                    preprocess=loaded.preprocess,
+                    labels=loaded.labels,
+                    fusion=fusion,
+                    perturbation=camkit.PerturbationOptions(
+                        batch_size=batch_size,
+                        top_channels=top_channels,
+                        samples=samples,
+                        weighting=weighting,  # type: ignore[arg-type]
+                        ablation=ablation,  # type: ignore[arg-type]
+                        progress=report,
+                    ),
+                )
             first = next(iter(results.values()))
             n_targets = first.maps.shape[1] if first.maps.dim() == 4 else 1
             for t in range(n_targets):
@@ -210,11 +267,13 @@ def layers(
         for col in ("type", "output (C, h, w)", "calls", ""):
             table.add_column(col)
         for info in infos:
-            spatial = info.shape is not None and len(info.shape) == 3
+            spatial = info.spatial is not None  # NCHW, channels-last or tokens (camkit.tokens)
             if not (all_layers or spatial):
                 continue
             mark = "[bold green]<- auto[/]" if info.name == auto else ""
-            shape = "x".join(map(str, info.shape)) if info.shape is not None else "-"
+            shape = "x".join(map(str, info.spatial or info.shape or ())) or "-"
+            if info.layout is not None and info.layout.describe():
+                shape += f" ({info.layout.describe()})"
             table.add_row(info.name, info.type, shape, str(info.calls), mark)
         console.print(table)
         console.print(f"auto: [bold]{auto}[/]")

@@ -368,6 +368,11 @@ def _ablation(ctx: PerturbationContext) -> Tensor:
     sel = _selected(ctx, include_constant=True) & ~noop
     batch = batch_size_for(ctx)
     replay = opts.replay
+    if replay and opts.batch_size is None:
+        # A replayed batch holds only the tail's activations: batch many more ablations per prefix run.
+        per_row = 4 * a[0].numel() * a.element_size()
+        budget = _free_memory(device) // 4 if device.type == "cuda" else 128 << 20
+        batch = max(batch, min(1024, kch, budget // max(per_row, 1)))
     if ctx.progress is not None:
         ctx.progress.total += int(sel.sum())
     new = base[:, None, :].expand(bsz, kch, t).clone()  # y_c^k; no-op and skipped channels keep y_c
