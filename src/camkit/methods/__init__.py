@@ -2,4 +2,7 @@
 
 from camkit.methods.registry import METHODS, Method, MethodInput, get_method, method_names
 
+# Register every family, in the order `camkit methods` lists them.
+from camkit.methods import cam, gradient, projection, perturbation, attention  # noqa: F401  # isort: skip
+
 __all__ = ["METHODS", "Method", "MethodInput", "get_method", "method_names"]
