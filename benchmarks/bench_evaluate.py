@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bench_evaluate.py quality   # table: deletion/insertion/avg drop/increase
     .venv/bin/python benchmarks/bench_evaluate.py timing    # 5 methods x deletion+insertion, 50 steps, 32 images
+    .venv/bin/python benchmarks/bench_evaluate.py timing 4  # the same on 4 images
 
 Photos found offline: scikit-image's astronaut, chelsea, coffee, rocket, motorcycle (left view), matplotlib's
 grace_hopper.jpg, and scikit-learn's china.jpg / flower.jpg when scikit-learn is installed. The 32 timing images
@@ -90,9 +91,9 @@ def quality() -> None:
     print(f"\n{res.timing['total']:.1f} s")
 
 
-def timing() -> None:
+def timing(n_images: int = 32) -> None:
     loaded = camkit.load_model()
-    pics = variants(photos(), 32)
+    pics = variants(photos(), n_images)
     t0 = time.perf_counter()
     res = evaluate(
         loaded.model,
@@ -106,7 +107,9 @@ def timing() -> None:
     total = time.perf_counter() - t0
     t = res.timing
     other = total - t["explain"] - t["metric_forwards"]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, 32 images x 5 methods, 50 steps")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {n_images} images x 5 methods, 50 steps"
+    )
     print(f"total {total:.1f} s; {int(t['metric_images'])} images through the model for the metrics")
     print(
         f"  metric model forwards {t['metric_forwards']:.1f} s ({100 * t['metric_forwards'] / total:.0f}%), "
@@ -120,6 +123,7 @@ def timing() -> None:
 
 if __name__ == "__main__":
     torch.set_num_threads(2)
-    what = sys.argv[1:] or ["quality", "timing"]
+    what = [a for a in sys.argv[1:] if not a.isdigit()] or ["quality", "timing"]
+    count = next((int(a) for a in sys.argv[1:] if a.isdigit()), 32)  # e.g. `timing 8` for a shorter run
     for w in what:
-        {"quality": quality, "timing": timing}[w]()
+        quality() if w == "quality" else timing(count)
