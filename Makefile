@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.camkit-installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench compat clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,8 +20,11 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks tools
+	$(BIN)/ruff format --check src tests benchmarks tools
+
+compat: $(STAMP)   # regenerate docs/compatibility.md from the model-family test matrix
+	$(BIN)/python tools/compat_table.py
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_gradient.py

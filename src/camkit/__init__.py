@@ -13,15 +13,27 @@ from camkit.methods import method_names
 from camkit.methods.perturbation import PerturbationOptions
 from camkit.models import LoadedModel, Preprocess, load_image, load_model, sample_image
 from camkit.targets import TopK
+from camkit.tasks import (
+    DetectionTarget,
+    MultiLabelTarget,
+    RegressionTarget,
+    SegmentationTarget,
+    SimilarityTarget,
+)
 from camkit.viz import colorize, grid, overlay
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DetectionTarget",
     "Explanation",
     "LoadedModel",
+    "MultiLabelTarget",
     "PerturbationOptions",
     "Preprocess",
+    "RegressionTarget",
+    "SegmentationTarget",
+    "SimilarityTarget",
     "TopK",
     "__version__",
     "auto_layer",

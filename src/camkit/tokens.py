@@ -7,8 +7,8 @@ actual input size and what the model declares:
 
 * ``[B, N, C]`` tokens (ViT, DeiT, BEiT...): ``N = p + h*w`` with ``p`` prefix tokens (class, distillation,
   register tokens) taken from the model (timm's ``num_prefix_tokens``; ``cls_token`` / ``class_token``,
-  ``dist_token``, ``reg_token`` otherwise) or, failing that, the smallest ``p`` for which ``N - p`` factors into a
-  grid with the input's aspect ratio. The prefix tokens are dropped, the rest reshaped row-major to
+  ``dist_token``, ``reg_token`` otherwise) or, failing that, the ``p`` in 0..8 for which ``N - p`` factors into
+  the grid closest to the input's aspect ratio (the smallest such ``p`` on ties). The prefix tokens are dropped, the rest reshaped row-major to
   ``[B, C, h, w]``. A sequence-first ``[N, B, C]`` output (``nn.Transformer`` without ``batch_first``) is read too.
 * ``[B, h, w, C]`` channels-last maps (Swin in torchvision and timm): detected when the two middle dimensions form a
   grid consistent with the input (same stride in both directions) and the ``[B, C, h, w]`` reading does not, or
@@ -127,8 +127,8 @@ def _grid_ok(h: int, w: int, size: tuple[int, int]) -> bool:
     return r is not None and r <= _STRIDE_RATIO
 
 
-def _factor_grid(n: int, size: tuple[int, int]) -> tuple[int, int] | None:
-    """The (h, w) with h*w = n whose strides agree best with the input size, if they agree well enough."""
+def _factor_grid(n: int, size: tuple[int, int]) -> tuple[float, tuple[int, int]] | None:
+    """The (h, w) with h*w = n whose strides agree best with the input size (and how well), if well enough."""
     best: tuple[float, tuple[int, int]] | None = None
     for h in range(1, n + 1):
         if n % h:
@@ -139,19 +139,23 @@ def _factor_grid(n: int, size: tuple[int, int]) -> tuple[int, int] | None:
             continue
         if best is None or r < best[0]:
             best = (r, (h, w))
-    return best[1] if best else None
+    return best
 
 
 def _token_layout(n: int, c: int, size: tuple[int, int], prefix: int | None, kind: str) -> Layout | None:
-    candidates = [prefix] if prefix is not None else []
-    candidates += [p for p in range(0, 9) if p != prefix]
-    for p in candidates:
-        if n - p < 1:
-            continue
-        grid = _factor_grid(n - p, size)
-        if grid is not None and (p == prefix or grid[0] * grid[1] > 1):
-            return Layout(kind, grid, c, p)
-    return None
+    """The declared prefix if it leaves a grid; otherwise the prefix (0..8) whose grid fits the input best."""
+    if prefix is not None and n - prefix >= 1:
+        fit = _factor_grid(n - prefix, size)
+        if fit is not None:
+            return Layout(kind, fit[1], c, prefix)
+    best: tuple[float, int, tuple[int, int]] | None = None
+    for p in range(0, 9):
+        if n - p < 2:
+            break
+        fit = _factor_grid(n - p, size)
+        if fit is not None and (best is None or fit[0] < best[0] - 1e-9):
+            best = (fit[0], p, fit[1])
+    return Layout(kind, best[2], c, best[1]) if best else None
 
 
 def _is_channels_last_norm(module: nn.Module | None, last: int) -> bool:

@@ -118,6 +118,14 @@ def attention_probabilities(
                 fused.append((m, m.fused_attn))
                 m.fused_attn = False
                 handles.append(m.attn_drop.register_forward_hook(rec.drop_hook))
+        windowed = sorted(
+            {type(m).__name__ for m in model.modules() if "WindowAttention" in type(m).__name__}
+        )
+        if windowed:
+            raise ValueError(
+                "attention rollout needs global self-attention over all tokens (ViT, DeiT); this model's windowed "
+                f"attention ({windowed[0]}, Swin) is not supported: use a CAM method"
+            )
         if not handles:
             raise ValueError(
                 f"{type(model).__name__} has no self-attention camkit can read (timm Attention with qkv/attn_drop, "

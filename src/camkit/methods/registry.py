@@ -99,6 +99,4 @@ def method_names() -> list[str]:
 
 
 def _ensure_loaded() -> None:
-    from camkit.methods import cam, gradient, projection  # noqa: F401  (registers on import)
-    from camkit.methods import attention  # noqa: F401
-    from camkit.methods import perturbation  # noqa: F401
+    from camkit.methods import attention, cam, gradient, perturbation, projection  # noqa: F401  (registers on import)
