@@ -147,7 +147,7 @@ class DetectionTarget:
             iou = box_iou(det[:, :4], refs[i])
             ok = valid & (iou.detach() >= self.iou_threshold)
             if not bool(ok.any()):
-                best = float(iou[valid].max()) if bool(valid.any()) else 0.0
+                best = float(iou.detach()[valid].max()) if bool(valid.any()) else 0.0
                 raise ValueError(
                     f"image {i}: no detection{'' if self.label is None else f' of class {self.label}'} overlaps "
                     f"the reference box {refs[i].tolist()} with IoU >= {self.iou_threshold} (best {best:.2f} "
