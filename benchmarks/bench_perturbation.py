@@ -19,8 +19,9 @@ What runs (batch 1, one image, random normal input with a fixed seed, the top-1 
   (K = channels of the target layer): what any Score-CAM that runs one forward per channel must pay.
 
 Methodology: ``torch.set_num_threads(--threads)`` (default 2). The contenders of one model are interleaved
-round-robin, ``--repeats`` timed rounds (best and median kept); the floor is the best of 5 batched forwards,
-measured in every round. Agreement (Pearson of the maps at input size, warm-up round): camkit-gc vs grad-cam,
+round-robin, ``--repeats`` timed rounds (best and median kept; no untimed warm-up, every contender's first call
+is timed alike); the floor is the best of 5 batched forwards after one untimed, measured in every round.
+Agreement (Pearson of the maps at input size, last round): camkit-gc vs grad-cam,
 camkit with ``weighting="channel-softmax"`` vs torchcam, camkit's Ablation-CAM vs grad-cam's (target layer after
 a ReLU: both zero the channel). The exactness of camkit's batched map against a one-mask-at-a-time loop is a test
 (tests/test_perturbation.py), not repeated here.
@@ -166,22 +167,21 @@ def bench(case: Case, size: int, repeats: int, methods: list[str]) -> list[list[
             "grad-cam": lambda: gradcam_run(case, x, cls, "score"),
             "torchcam": lambda: torchcam_run(case, x, cls),
         }
-        # warm-up round doubles as the agreement check
-        maps = {name: fn() for name, fn in contenders.items()}
-        softmax = camkit_run(case, x, cls, "scorecam", weighting="channel-softmax")
-        agree_gc = pearson(maps["camkit-gc"][0], maps["grad-cam"][0])  # type: ignore[index]
-        agree_tc = pearson(softmax[0], maps["torchcam"][0])  # type: ignore[index]
         times: dict[str, list[float]] = {name: [] for name in [*contenders, "floor"]}
         names = list(contenders)
+        maps: dict[str, object] = {}
         for r in range(repeats):
             order = names[r % len(names) :] + names[: r % len(names)]
             for name in order:
-                times[name].append(timed(contenders[name]))
+                times[name].append(timed(lambda name=name: maps.__setitem__(name, contenders[name]())))
             times["floor"].append(floor_seconds(case, x, k, batch))
             print(
                 f"  {case.name} score round {r + 1}: "
                 + ", ".join(f"{n} {t[-1]:.1f}s" for n, t in times.items())
             )
+        softmax = camkit_run(case, x, cls, "scorecam", weighting="channel-softmax")
+        agree_gc = pearson(maps["camkit-gc"][0], maps["grad-cam"][0])  # type: ignore[index]
+        agree_tc = pearson(softmax[0], maps["torchcam"][0])  # type: ignore[index]
         best = {n: min(t) for n, t in times.items()}
         med = {n: statistics.median(t) for n, t in times.items()}
         fastest_lib = min(best["grad-cam"], best["torchcam"])
@@ -206,19 +206,19 @@ def bench(case: Case, size: int, repeats: int, methods: list[str]) -> list[list[
             "camkit": lambda: camkit_run(case, x, cls, "ablationcam"),
             "grad-cam": lambda: gradcam_run(case, x, cls, "ablation"),
         }
-        maps = {name: fn() for name, fn in contenders.items()}
-        agree = pearson(maps["camkit"][0], maps["grad-cam"][0])  # type: ignore[index]
         times = {name: [] for name in [*contenders, "floor"]}
         names = list(contenders)
+        maps = {}
         for r in range(repeats):
             order = names[r % len(names) :] + names[: r % len(names)]
             for name in order:
-                times[name].append(timed(contenders[name]))
+                times[name].append(timed(lambda name=name: maps.__setitem__(name, contenders[name]())))
             times["floor"].append(floor_seconds(case, x, k, batch))
             print(
                 f"  {case.name} ablation round {r + 1}: "
                 + ", ".join(f"{n} {t[-1]:.1f}s" for n, t in times.items())
             )
+        agree = pearson(maps["camkit"][0], maps["grad-cam"][0])  # type: ignore[index]
         best = {n: min(t) for n, t in times.items()}
         med = {n: statistics.median(t) for n, t in times.items()}
         rows.append(

@@ -87,8 +87,9 @@ def test_scorecam_variants(setup: tuple[nn.Module, Tensor, list[int]]) -> None:
     for i in range(2):
         assert _pearson(softmax[i], torchcam_maps[i]) >= 0.9999
         assert _pearson(softmax_ac[i], gradcam_maps[i]) >= 0.9999
-    # the paper's weighting (class probability, no softmax over channels) is a different map
-    assert (paper - softmax).abs().amax() > 0.05
+    # the paper's weighting (class probability, no softmax over channels) is a different map (measured max
+    # difference 0.0245 on [0, 1] maps; the exact reproductions above differ by < 1e-4)
+    assert (paper - softmax).abs().amax() > 0.01
 
 
 def test_ablation_variants(setup: tuple[nn.Module, Tensor, list[int]]) -> None:

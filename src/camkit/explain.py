@@ -402,7 +402,18 @@ def explain(
     """
     chosen = get_method(method)
     return _compute(
-        model, images, [chosen], layers, targets, preprocess, labels, fusion, relu, output, reshape, perturbation
+        model,
+        images,
+        [chosen],
+        layers,
+        targets,
+        preprocess,
+        labels,
+        fusion,
+        relu,
+        output,
+        reshape,
+        perturbation,
     )[chosen.name]
 
 
@@ -432,5 +443,16 @@ def compare(
     if not resolved:
         raise ValueError("no method given")
     return _compute(
-        model, images, resolved, layers, targets, preprocess, labels, fusion, relu, output, reshape, perturbation
+        model,
+        images,
+        resolved,
+        layers,
+        targets,
+        preprocess,
+        labels,
+        fusion,
+        relu,
+        output,
+        reshape,
+        perturbation,
     )
