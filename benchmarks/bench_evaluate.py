@@ -71,7 +71,7 @@ def quality() -> None:
     res = evaluate(
         loaded.model,
         pics,
-        methods=[*METHODS, "center", "random"],
+        methods=[*METHODS, "center", "random", "noise"],
         metrics=["deletion", "insertion", "avg_drop", "increase"],
         preprocess=loaded.preprocess,
         labels=loaded.labels,

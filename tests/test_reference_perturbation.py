@@ -1,6 +1,6 @@
 """Score-CAM and Ablation-CAM against pytorch-grad-cam 1.5.7 and torchcam 0.5.0.
 
-Setting: torchvision ResNet-18 with random weights (the definitions, not the weights, are under test), two 64x64
+Setting: torchvision ResNet-18 with random weights (the definitions, not the weights, are under test), two 48x48
 random images, explicit classes. Pearson correlation of the maps at input size, per image.
 
 * Score-CAM. The paper's authors weight channel k by the class *probability* of the masked input (camkit's
@@ -40,7 +40,7 @@ torchvision = pytest.importorskip("torchvision")
 def setup() -> tuple[nn.Module, Tensor, list[int]]:
     torch.manual_seed(0)
     model = torchvision.models.resnet18().eval()
-    x = torch.randn(2, 3, 64, 64)
+    x = torch.randn(2, 3, 48, 48)
     with torch.no_grad():
         classes = model(x).argmax(dim=1).tolist()
     return model, x, classes
