@@ -419,3 +419,92 @@ def test_cli_explains_each_family_without_layer_or_reshape(tmp_path, model, auto
     assert Image.open(tmp_path / "cat_gradcam.png").size == Image.open(photo).size
     layers = CliRunner().invoke(app, ["layers", model])
     assert layers.exit_code == 0 and f"auto: {auto}" in layers.output
+
+
+def _photo(tmp_path: Path) -> Path:
+    photo = tmp_path / "cat.jpg"
+    camkit.sample_image("chelsea").save(photo)
+    return photo
+
+
+@pytest.mark.slow
+def test_cli_explains_a_segmentation_model_without_target(tmp_path):
+    import json
+
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from camkit.cli import app
+
+    name = "deeplabv3_mobilenet_v3_large"
+    photo = _photo(tmp_path)
+    # the same random weights as the command's, to check its choice independently
+    torch.manual_seed(0)
+    loaded = camkit.load_model(name, pretrained=False, input_size=128)
+    with torch.no_grad():
+        pred = loaded.model(loaded.preprocess(camkit.load_image(photo)))["out"][0].argmax(0)
+    counts = torch.bincount(pred.flatten(), minlength=21)
+    counts[0] = 0  # background
+    assert counts.max() > 0
+    base = ["explain", str(photo), "--model", name, "--no-pretrained", "--input-size", "128"]
+    for target, expected in ((None, int(counts.argmax())), ("cat", 8)):
+        out = tmp_path / f"out_{target}"
+        torch.manual_seed(0)
+        res = CliRunner().invoke(app, [*base, "--out", str(out), *(["--target", target] if target else [])])
+        assert res.exit_code == 0, res.output
+        s = json.loads((out / "summary.json").read_text())[0]
+        assert (s["task"], s["layers"], s["class"]) == ("segmentation", ["backbone.16"], expected)
+        assert s["label"] == loaded.labels[expected]
+        covered = float((pred == expected).float().mean())
+        assert s["region"] == ("mask" if covered > 0 else "image")
+        assert s["coverage"] == pytest.approx(covered, abs=1e-4)
+        assert "SegmentationTarget" in res.output and f"class {expected} " in res.output
+        assert Image.open(out / "cat_gradcam.png").size == Image.open(photo).size
+
+
+@pytest.mark.slow
+def test_cli_explains_a_detection_model_without_target(tmp_path):
+    import json
+
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from camkit.cli import app
+
+    name = "fasterrcnn_mobilenet_v3_large_fpn"
+    photo = _photo(tmp_path)
+    pil = camkit.load_image(photo)
+    torch.manual_seed(0)
+    loaded = camkit.load_model(name, pretrained=False, input_size=128)
+    tasks.set_score_threshold(loaded.model, 0.0)
+    with torch.no_grad():
+        det = loaded.model(loaded.preprocess(pil))[0]
+    j = int(det["scores"].argmax())
+    base = [
+        "explain",
+        str(photo),
+        "--model",
+        name,
+        "--no-pretrained",
+        "--input-size",
+        "128",
+        "--out",
+        str(tmp_path),
+    ]
+    torch.manual_seed(0)
+    res = CliRunner().invoke(app, [*base, "--det-threshold", "0"])
+    assert res.exit_code == 0, res.output
+    s = json.loads((tmp_path / "summary.json").read_text())[0]
+    assert (s["task"], s["region"], s["layers"]) == ("detection", "box", ["backbone.body.16"])
+    assert s["class"] == int(det["labels"][j]) and s["label"] == loaded.labels[s["class"]]
+    assert s["prob"] == pytest.approx(float(det["scores"][j]), rel=1e-4)
+    scale = torch.tensor([pil.width / 128, pil.height / 128] * 2)
+    assert s["box"] == pytest.approx((det["boxes"][j] * scale).tolist(), abs=0.06)
+    assert "DetectionTarget" in res.output and "in image pixels" in res.output
+    assert Image.open(tmp_path / "cat_gradcam.png").size == pil.size
+    # nothing scores above the threshold (random weights at the model's own one; here 1): a clean error
+    res = CliRunner().invoke(app, [*base, "--det-threshold", "1"])
+    assert res.exit_code == 2, res.output
+    assert "error:" in res.output and "no detection above the model's score threshold (1)" in res.output
+    assert "--det-threshold 0" in res.output and "pretrained" in res.output
+    assert "Traceback" not in res.output

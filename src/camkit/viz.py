@@ -159,7 +159,8 @@ def draw_boxes(
         x0, y0, x1, y1 = (float(v) for v in (b.xyxy if hasattr(b, "xyxy") else b))  # type: ignore[attr-defined,union-attr]
         if x1 <= x0 or y1 <= y0:
             continue
-        draw.rectangle([x0, y0, x1 - 1, y1 - 1], outline=color, width=lw)
+        # a box under one pixel wide (a detector's sliver) still gets a one-pixel outline
+        draw.rectangle([x0, y0, max(x0, x1 - 1), max(y0, y1 - 1)], outline=color, width=lw)
         if labels is not None and i < len(labels) and labels[i]:
             draw.text((x0 + lw + 1, y0 + lw + 1), labels[i], fill=color, font=font)
     return out
