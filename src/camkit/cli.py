@@ -415,7 +415,7 @@ def evaluate(
             "--methods",
             "--method",
             "-m",
-            help="Methods, comma-separated; also 'center' and 'random' reference maps.",
+            help="Methods, comma-separated; also the reference maps 'center', 'random' (smooth) and 'noise' (per pixel).",
         ),
     ] = "gradcam,gradcam++,xgradcam,hirescam,layercam,center,random",
     metrics: Annotated[
