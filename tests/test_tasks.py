@@ -357,3 +357,58 @@ def test_draw_boxes_accepts_a_box_under_one_pixel_wide():
 
     out = draw_boxes(Image.new("RGB", (20, 20)), [[5.0, 4.0, 5.4, 12.0]], width=1)
     assert out.getpixel((5, 8)) != (0, 0, 0) and out.getpixel((7, 8)) == (0, 0, 0)
+
+
+def test_explain_with_no_target_chooses_per_image_on_segmentation_models():
+    from torchvision.models.segmentation import lraspp_mobilenet_v3_large
+
+    torch.manual_seed(0)
+    model = lraspp_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=4).eval()
+    x = torch.rand(2, 3, 64, 64)
+    before = snapshot(model)
+    res = camkit.explain(model, x, method="gradcam")
+    assert res.chosen is not None and len(res.chosen) == 2 and res.classes is None
+    with torch.no_grad():
+        out = model(x)["out"]
+    for i in range(2):
+        expected = tasks.default_target(out[i : i + 1], "segmentation")
+        assert (res.chosen[i].category, res.chosen[i].region) == (expected.category, expected.region)
+        one = camkit.explain(model, x[i : i + 1], method="gradcam", targets=expected.target)
+        torch.testing.assert_close(res.maps[i], one.maps[0], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(res.scores[i], one.scores[0], atol=1e-4, rtol=1e-4)
+    # A perturbation method scores each masked copy with its own image's target.
+    small = camkit.PerturbationOptions(top_channels=8, batch_size=8)
+    both = camkit.explain(model, x, method="scorecam", perturbation=small)
+    for i in range(2):
+        one = camkit.explain(
+            model, x[i : i + 1], method="scorecam", targets=res.chosen[i].target, perturbation=small
+        )
+        torch.testing.assert_close(both.maps[i], one.maps[0], atol=1e-5, rtol=1e-4)
+    assert_unchanged(before, model)
+    # A classifier is unaffected: no choice recorded.
+    assert (
+        camkit.explain(
+            nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval(), x, layers="0"
+        ).chosen
+        is None
+    )
+
+
+def test_explain_with_no_target_explains_the_best_detection():
+    from torchvision.models.detection import fasterrcnn_mobilenet_v3_large_fpn
+
+    torch.manual_seed(0)
+    model = fasterrcnn_mobilenet_v3_large_fpn(
+        weights=None, weights_backbone=None, min_size=96, max_size=96, box_score_thresh=0.0
+    ).eval()
+    x = torch.rand(1, 3, 96, 96)
+    res = camkit.explain(model, x)
+    with torch.no_grad():
+        det = model(x)
+    best = tasks.default_target(det, "detection", threshold=0.0)
+    assert res.chosen is not None and res.chosen[0].box == pytest.approx(best.box)
+    one = camkit.explain(model, x, targets=best.target)
+    torch.testing.assert_close(res.maps, one.maps, atol=1e-5, rtol=1e-4)
+    tasks.set_score_threshold(model, 1.0)
+    with pytest.raises(ValueError, match="no detection"):
+        camkit.explain(model, x)

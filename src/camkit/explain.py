@@ -18,6 +18,7 @@ from camkit.methods.perturbation import PerturbationContext, PerturbationOptions
 from camkit.models import Preprocess, imagenet_labels, load_image, to_rgb
 from camkit.postprocess import fuse, normalize, upsample
 from camkit.targets import TargetSpec, make_score_fn, resolve_classes
+from camkit.tasks import ChosenTarget, PerImageTargets, default_targets, model_task, score_threshold
 from camkit.tokens import Reshape, to_spatial, unwrap
 
 __all__ = ["Explanation", "ImageInput", "compare", "explain"]
@@ -42,6 +43,9 @@ class Explanation:
         method: canonical method name.
         layers: target layer names, shallow to deep.
         images: the original RGB images when the input was given as images or paths (for overlays).
+        chosen: torchvision segmentation / detection models explained with no target: what was chosen for each
+            image (:func:`camkit.tasks.default_target`: the main non-background class over its predicted mask, or
+            the best detection); else None.
     """
 
     maps: Tensor
@@ -54,6 +58,7 @@ class Explanation:
     method: str
     layers: list[str]
     images: list[Image.Image] | None = field(default=None, repr=False)
+    chosen: list[ChosenTarget] | None = field(default=None, repr=False)
 
     def __repr__(self) -> str:
         return (
@@ -254,10 +259,21 @@ def _compute(
         )
     store: dict[str, Tensor | None] = {}
     label_box: dict[str, Sequence[str] | None] = {}
+    task = model_task(model) if targets is None else "classification"
+    auto: dict[str, PerImageTargets] = {}
+
+    def pick(out: Tensor, lab: Sequence[str] | None) -> TargetSpec:
+        """No target on a torchvision segmentation / detection model: choose one per image."""
+        if task == "classification":
+            return targets
+        auto["t"] = default_targets(
+            out, task, labels=lab, threshold=score_threshold(model) if task == "detection" else None
+        )
+        return auto["t"]
 
     def score_fn(out: Tensor) -> Tensor:
         label_box["labels"] = _default_labels(out, labels)
-        return make_score_fn(targets, label_box["labels"], store)(out)
+        return make_score_fn(pick(out, label_box["labels"]), label_box["labels"], store)(out)
 
     cap = capture(model, x, layer_modules, score_fn if need_grad else None, _output_fn(output))
     to_spatial(cap.activations, cap.gradients, model, layer_modules, (x.shape[-2], x.shape[-1]), reshape)
@@ -267,8 +283,10 @@ def _compute(
         assert cap.scores is not None
         scores = cap.scores if cap.scores.dim() == 1 else cap.scores.T
         lab = label_box.get("labels")
+        targets = auto.get("t", targets)
     else:
         lab = _default_labels(out, labels)
+        targets = pick(out, lab)
         classes = resolve_classes(targets, out, lab)
         if classes is None:
             assert callable(targets)
@@ -356,6 +374,7 @@ def _compute(
             method=method.name,
             layers=list(layer_maps),
             images=pils,
+            chosen=auto["t"].chosen if "t" in auto else None,
         )
     return results
 

@@ -14,7 +14,8 @@ Pass one as ``targets=`` to :func:`camkit.explain` / :func:`camkit.compare`:
   two images similar").
 
 :func:`default_target` picks what to explain when nothing is asked (what ``camkit explain`` does for torchvision
-segmentation and detection models): the non-background class covering most pixels of the predicted mask, or the
+segmentation and detection models, and :func:`camkit.explain` with no target, image by image, through
+:func:`default_targets`): the non-background class covering most pixels of the predicted mask, or the
 highest-scoring detection. :func:`model_task` tells the task of a model, :func:`set_score_threshold` sets a
 detection model's score threshold.
 
@@ -37,10 +38,12 @@ __all__ = [
     "ChosenTarget",
     "DetectionTarget",
     "MultiLabelTarget",
+    "PerImageTargets",
     "RegressionTarget",
     "SegmentationTarget",
     "SimilarityTarget",
     "default_target",
+    "default_targets",
     "is_detection_output",
     "model_task",
     "pack_detections",
@@ -300,6 +303,51 @@ class ChosenTarget:
             return f"{name} over the whole image (no pixel is predicted as it)"
         box = ", ".join(f"{v:.0f}" for v in self.box or [])
         return f"the detection of {name}, score {self.score:.3f}, box ({box})"
+
+
+@dataclass
+class PerImageTargets:
+    """One :class:`ChosenTarget` per image of a batch, as one callable target ``f(output) -> Tensor[B]``.
+
+    :func:`camkit.explain` builds it with :func:`default_targets` when a torchvision segmentation or detection
+    model is explained with no target; the choices are on ``Explanation.chosen``.
+    """
+
+    chosen: list[ChosenTarget]
+
+    def __call__(self, output: Tensor) -> Tensor:
+        if output.shape[0] != len(self.chosen):
+            raise ValueError(
+                f"targets were chosen for {len(self.chosen)} images, but the output has {output.shape[0]} rows"
+            )
+        return torch.cat([c.target(output[i : i + 1]) for i, c in enumerate(self.chosen)])
+
+    def score_rows(self, output: Tensor, image: Tensor) -> Tensor:
+        """Scores Tensor[n] of output rows that belong to images ``image`` (LongTensor[n]), e.g. masked copies."""
+        scores = torch.empty(output.shape[0], dtype=torch.float32, device=output.device)
+        image = image.to(output.device)
+        for i in image.unique().tolist():
+            rows = (image == i).nonzero()[:, 0]
+            scores[rows] = self.chosen[i].target(output[rows]).float()
+        return scores
+
+
+def default_targets(
+    output: Tensor,
+    task: str,
+    labels: Sequence[str] | None = None,
+    background: int | None = 0,
+    threshold: float | None = None,
+) -> PerImageTargets:
+    """:func:`default_target` for each image of a batch output (segmentation Tensor[B, C, H, W], detection
+    :func:`pack_detections` Tensor[B, D, 6])."""
+    output = output.detach()
+    return PerImageTargets(
+        [
+            default_target(output[i : i + 1], task, labels=labels, background=background, threshold=threshold)
+            for i in range(output.shape[0])
+        ]
+    )
 
 
 def _category(category: int | str, num_classes: int | None, labels: Sequence[str] | None) -> int:

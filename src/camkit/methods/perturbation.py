@@ -141,7 +141,8 @@ def _scores(ctx: PerturbationContext, out: Tensor, image: Tensor, prob: bool) ->
     """Scores Tensor[n, T] of the explained target(s) of image ``image[i]`` for each row of the output."""
     if ctx.classes is None:
         assert ctx.target_fn is not None
-        s = ctx.target_fn(out)
+        score_rows = getattr(ctx.target_fn, "score_rows", None)  # one target per image (PerImageTargets)
+        s = score_rows(out, image) if score_rows is not None else ctx.target_fn(out)
         if s.shape != (out.shape[0],):
             raise ValueError(
                 f"the target function must return one score per image, Tensor[{out.shape[0]}], got shape "
