@@ -3,6 +3,9 @@
     .venv/bin/python benchmarks/bench_evaluate.py quality   # table: deletion/insertion/avg drop/increase
     .venv/bin/python benchmarks/bench_evaluate.py timing    # 5 methods x deletion+insertion, 50 steps, 32 images
     .venv/bin/python benchmarks/bench_evaluate.py timing 4  # the same on 4 images
+    .venv/bin/python benchmarks/bench_evaluate.py timing --no-tune  # without camkit.tune_allocator()
+
+The process calls ``camkit.tune_allocator()`` first, as the ``camkit`` command does (``--no-tune``: not).
 
 Photos found offline: scikit-image's astronaut, chelsea, coffee, rocket, motorcycle (left view), matplotlib's
 grace_hopper.jpg, and scikit-learn's china.jpg / flower.jpg when scikit-learn is installed. The 32 timing images
@@ -108,7 +111,8 @@ def timing(n_images: int = 32) -> None:
     t = res.timing
     other = total - t["explain"] - t["metric_forwards"]
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {n_images} images x 5 methods, 50 steps"
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {n_images} images x 5 methods, 50 steps, "
+        f"allocator tuned: {TUNED}"
     )
     print(f"total {total:.1f} s; {int(t['metric_images'])} images through the model for the metrics")
     print(
@@ -121,9 +125,13 @@ def timing(n_images: int = 32) -> None:
     print(f"  the rest (loading, preprocessing, masks, blur, AUC) {other:.1f} s ({100 * other / total:.0f}%)")
 
 
+TUNED = False
+
 if __name__ == "__main__":
     torch.set_num_threads(2)
-    what = [a for a in sys.argv[1:] if not a.isdigit()] or ["quality", "timing"]
+    if "--no-tune" not in sys.argv:
+        TUNED = camkit.tune_allocator()
+    what = [a for a in sys.argv[1:] if not a.isdigit() and a != "--no-tune"] or ["quality", "timing"]
     count = next((int(a) for a in sys.argv[1:] if a.isdigit()), 32)  # e.g. `timing 8` for a shorter run
     for w in what:
         quality() if w == "quality" else timing(count)

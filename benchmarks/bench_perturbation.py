@@ -18,6 +18,10 @@ What runs (batch 1, one image, random normal input with a fixed seed, the top-1 
 * ``floor``: K x the per-image time of one batched ``torch.inference_mode()`` forward at camkit's batch size
   (K = channels of the target layer): what any Score-CAM that runs one forward per channel must pay.
 
+``camkit`` sends the masked inputs in channels-last layout on CPU (``PerturbationOptions.channels_last``, checked
+on the first batch); the floor is the model as given (NCHW). ``--tune-allocator`` applies
+``camkit.tune_allocator()`` to the whole process, so to every contender and the floor alike.
+
 Methodology: ``torch.set_num_threads(--threads)`` (default 2). The contenders of one model are interleaved
 round-robin, ``--repeats`` timed rounds (best and median kept; no untimed warm-up, every contender's first call
 is timed alike); the floor is the best of 5 batched forwards after one untimed, measured in every round.
@@ -247,8 +251,15 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--size", type=int, default=224)
+    p.add_argument(
+        "--tune-allocator",
+        action="store_true",
+        help="call camkit.tune_allocator() first (as the camkit command does): every contender and the floor gain",
+    )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    if args.tune_allocator:
+        print(f"camkit.tune_allocator(): {camkit.tune_allocator()}")
     with contextlib.suppress(ImportError):
         import cv2
 

@@ -292,12 +292,20 @@ def test_constant_channels_cost_nothing(xs: Tensor) -> None:
     constant = int((flat.amax(2) == flat.amin(2)).sum())
     counter = CountCalls(net.stem)
     net.stem = counter
-    e = camkit.explain(net, xs, "scorecam", "act", perturbation=PerturbationOptions(batch_size=64))
+    exact = PerturbationOptions(
+        batch_size=64, channels_last=False
+    )  # no first-batch layout check: exact counts
+    e = camkit.explain(net, xs, "scorecam", "act", perturbation=exact)
     _close(e.raw["act"], refs[0])
     assert sum(bs for _, bs in counter.seen[1:]) == 3 * 6 - constant  # no forward for a constant channel
+    # By default on CPU the first batch also runs once in channels-last layout, to check it agrees.
+    counter.seen.clear()
+    e = camkit.explain(net, xs, "scorecam", "act", perturbation=PerturbationOptions(batch_size=64))
+    _close(e.raw["act"], refs[0])
+    assert [bs for _, bs in counter.seen[1:]] == [3 * 6 - constant] * 2
     # channel-softmax: constant channels score as the zero image, computed once per image (one batch of 3)
     counter.seen.clear()
-    opts = PerturbationOptions(weighting="channel-softmax", batch_size=64)
+    opts = PerturbationOptions(weighting="channel-softmax", batch_size=64, channels_last=False)
     e = camkit.explain(net, xs, "scorecam", "act", perturbation=opts)
     _close(e.raw["act"], refs[1])
     assert sum(bs for _, bs in counter.seen[1:]) == 3 * 6 - constant + 3

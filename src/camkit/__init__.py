@@ -12,6 +12,7 @@ from camkit.layers import auto_layer, describe_layers
 from camkit.methods import method_names
 from camkit.methods.perturbation import PerturbationOptions
 from camkit.models import LoadedModel, Preprocess, load_image, load_model, sample_image
+from camkit.runtime import tune_allocator
 from camkit.targets import TopK
 from camkit.tasks import (
     DetectionTarget,
@@ -47,4 +48,5 @@ __all__ = [
     "method_names",
     "overlay",
     "sample_image",
+    "tune_allocator",
 ]

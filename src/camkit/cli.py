@@ -594,6 +594,9 @@ def localize(
 
 def main() -> None:
     """Entry point of the ``camkit`` console script."""
+    from camkit.runtime import tune_allocator
+
+    tune_allocator()  # this process is ours: keep freed memory for reuse (CPU forwards 1.1-2.4x faster)
     try:
         app()
     except KeyboardInterrupt:
