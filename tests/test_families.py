@@ -388,6 +388,24 @@ def test_bfloat16_autocast_on_cpu(resnet, xr, reference):
         assert corr > 0.9, (m, float(corr))
 
 
+def test_float16_model_on_cpu(resnet, xr, reference):
+    # A model in float16 (model.half(), as on a GPU): the dtype path of half precision, run on CPU.
+    import copy
+
+    half = copy.deepcopy(resnet).half()
+    before = snapshot(half)
+    res = camkit.compare(half, xr.half(), methods=["gradcam", "layercam"])
+    for m, e in reference.items():
+        assert res[m].maps.dtype == torch.float32 and torch.isfinite(res[m].maps).all()
+        corr = torch.corrcoef(torch.stack([res[m].maps.flatten(), e.maps.flatten()]))[0, 1]
+        assert corr > 0.999, (m, float(corr))
+    for method in ("scorecam", "ablationcam"):
+        opts = camkit.PerturbationOptions(top_channels=8)
+        e = camkit.explain(half, xr.half(), method, perturbation=opts)
+        assert e.maps.dtype == torch.float32 and torch.isfinite(e.maps).all() and e.maps.amax() > 0, method
+    assert_unchanged(before, half)
+
+
 # ----------------------------------------------------------------------------------------------- command line
 
 
