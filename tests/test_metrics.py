@@ -107,6 +107,48 @@ def test_pixel_ranks_ties_in_raster_order() -> None:
     assert r.tolist() == [[1, 0, 2, 3]]
 
 
+def _rise_causal_auc(model: nn.Module, img: torch.Tensor, sal: np.ndarray, step: int, start, finish) -> float:
+    """RISE's CausalMetric.single_run, one image, written from the paper's code's steps: sort the pixels by
+    saliency (descending), score, then copy ``step`` pixels from ``finish`` into ``start``, until all moved; the
+    AUC is (sum - first/2 - last/2) / (n - 1)."""
+    hw = img.shape[-1] * img.shape[-2]
+    n_steps = (hw + step - 1) // step
+    start, finish = start.clone(), finish.clone()
+    c = int(model(img).argmax())
+    order = np.flip(np.argsort(sal.reshape(-1), kind="stable"), axis=0)
+    scores = []
+    with torch.no_grad():
+        for i in range(n_steps + 1):
+            scores.append(float(torch.softmax(model(start), dim=1)[0, c]))
+            if i < n_steps:
+                coords = torch.as_tensor(order[step * i : step * (i + 1)].copy())
+                start.view(1, 3, hw)[0, :, coords] = finish.view(1, 3, hw)[0, :, coords]
+    arr = np.array(scores)
+    return float((arr.sum() - arr[0] / 2 - arr[-1] / 2) / (len(arr) - 1))
+
+
+def test_deletion_and_insertion_match_rise_loop() -> None:
+    from camkit.metrics._common import gaussian_blur
+
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, 5)
+    ).eval()
+    with torch.no_grad():
+        net[4].weight.mul_(20)  # confident predictions: the curves move far from 1/5
+    x = torch.randn(3, 3, 16, 16)
+    maps = torch.rand(3, 16, 16)  # distinct values: no ties
+    blurred = gaussian_blur(x)
+    dele = metrics.deletion(net, x, maps, steps=16).auc
+    ins = metrics.insertion(net, x, maps, steps=16, baseline=blurred).auc
+    for i in range(3):
+        xi, sal = x[i : i + 1], maps[i].numpy()
+        ref_d = _rise_causal_auc(net, xi, sal, 16, xi, torch.zeros_like(xi))
+        ref_i = _rise_causal_auc(net, xi, sal, 16, blurred[i : i + 1], xi)
+        assert float(dele[i]) == pytest.approx(ref_d, abs=1e-5)
+        assert float(ins[i]) == pytest.approx(ref_i, abs=1e-5)
+
+
 def test_blur_baseline_is_rise_kernel() -> None:
     from camkit.metrics._common import gaussian_blur
 
