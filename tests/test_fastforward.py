@@ -129,3 +129,56 @@ def test_the_command_tunes_the_allocator(monkeypatch) -> None:
     monkeypatch.setattr(cli, "app", lambda: calls.append("app"))
     cli.main()
     assert calls == ["tune", "app"]
+
+
+class ConvBN(nn.Module):
+    """conv -> BN -> ReLU twice; ``skip``: the first conv's raw output is also added after the block (a use the
+    fold would change)."""
+
+    def __init__(self, skip: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.c1, self.b1 = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.c2, self.b2 = nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+        for bn in (self.b1, self.b2):  # non-trivial statistics
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.5, 2)
+            bn.weight.data.uniform_(0.5, 1.5)
+            bn.bias.data.uniform_(-0.5, 0.5)
+        self.fc = nn.Linear(4, 3)
+        self.skip = skip
+
+    def forward(self, x: Tensor) -> Tensor:
+        a = self.c1(x)
+        h = torch.relu(self.b2(self.c2(torch.relu(self.b1(a)))))
+        if self.skip:
+            h = h + a
+        return self.fc(h.mean(dim=(2, 3)))
+
+
+def test_fold_batchnorm_copies_and_folds() -> None:
+    from camkit._fastforward import fold_batchnorm
+
+    net = ConvBN().eval()
+    before = snapshot(net)
+    x = torch.randn(4, 3, 8, 8)
+    twin = fold_batchnorm(net, x[:1])
+    assert twin is not None and twin is not net
+    assert isinstance(twin.b1, nn.Identity) and isinstance(twin.b2, nn.Identity)
+    assert twin.c2.bias is not None  # a conv without bias gets one
+    with torch.inference_mode():
+        torch.testing.assert_close(twin(x), net(x), rtol=1e-5, atol=1e-5)
+    assert_unchanged(before, net)
+    assert isinstance(net.b1, nn.BatchNorm2d)
+    assert fold_batchnorm(Layouts().eval(), x[:1]) is None  # nothing to fold
+
+
+def test_fast_path_choice() -> None:
+    x = torch.randn(4, 3, 8, 8)
+    with torch.inference_mode():
+        for skip, path in ((False, "folded+channels-last"), (True, "channels-last")):
+            net = ConvBN(skip).eval()
+            ff = FastForward(net, _identity)
+            outs = torch.cat([ff(x[:2]), ff(x[2:])])
+            assert ff.path == path, skip
+            torch.testing.assert_close(outs, net(x), rtol=1e-4, atol=1e-5)

@@ -5,14 +5,21 @@ project's 2-core CPU, batches of 8-32 images at 224 px, 1.2-1.3x for ResNet-18 a
 EfficientNet-Lite0 (depthwise convolutions). A channels-last input is enough: PyTorch's convolutions keep the
 format of their input, so the whole network runs NHWC without touching the model's weights.
 
+On top of that, on a copy of the model (never the user's), every ``BatchNorm2d`` that reads a ``Conv2d``'s output
+directly is folded into that convolution (inference BatchNorm is an affine map per channel: ``w' = w * g``,
+``b' = (b - mean) * g + beta`` with ``g = gamma / sqrt(var + eps)``), which saves a pass over every feature map
+(ResNet-18: a further 1.07-1.1x).
+
 The outputs are the same up to float rounding (the sums are taken in another order). Models whose code depends on
-the memory layout (``.view`` on a feature map, custom kernels) could fail or, in theory, differ: the first batch is
-run both ways, and the channels-last path is used only when it runs and agrees with the plain one
-(``rtol=1e-3``, ``atol=1e-4`` of the output's scale); otherwise every batch runs as given.
+the memory layout (``.view`` on a feature map, custom kernels), or that use a convolution's output elsewhere than in
+its BatchNorm, could fail or differ: the first batch is run every way, and a faster path is used only when it runs
+and agrees with the plain one (``rtol=1e-3``, ``atol=1e-4`` of the output's scale): folded + channels-last, else
+channels-last, else every batch runs as given.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 
 import torch
@@ -30,7 +37,8 @@ class FastForward:
         channels_last: None: on CPU for 4-D inputs (measured faster there); True: on any device; False: never.
 
     Attributes:
-        active: None until the first batch; then whether channels-last inputs are used.
+        active: None until the first batch; then whether a faster path is used.
+        path: ``"folded+channels-last"``, ``"channels-last"`` or ``"plain"`` once decided.
     """
 
     def __init__(
@@ -43,6 +51,8 @@ class FastForward:
         self.output_fn = output_fn
         self.wanted = channels_last
         self.active: bool | None = None if channels_last is not False else False
+        self.path: str | None = None if channels_last is not False else "plain"
+        self._fast_model: nn.Module = model
 
     def _applies(self, inputs: Tensor) -> bool:
         if inputs.dim() != 4 or inputs.is_contiguous(memory_format=torch.channels_last):
@@ -54,14 +64,22 @@ class FastForward:
             return self.output_fn(self.model(inputs))
         fast = inputs.contiguous(memory_format=torch.channels_last)
         if self.active:
-            return self.output_fn(self.model(fast))
+            return self.output_fn(self._fast_model(fast))
         ref = self.output_fn(self.model(inputs))
-        try:
-            out = self.output_fn(self.model(fast))
-        except Exception:  # a layout-dependent model (e.g. .view on a feature map): run it as given
-            self.active = False
-            return ref
-        self.active = _agree(ref, out)
+        candidates: list[tuple[str, nn.Module]] = []
+        folded = fold_batchnorm(self.model, inputs[:1])
+        if folded is not None:
+            candidates.append(("folded+channels-last", folded))
+        candidates.append(("channels-last", self.model))
+        for name, model in candidates:
+            try:
+                out = self.output_fn(model(fast))
+            except Exception:  # a layout-dependent model (e.g. .view on a feature map): not this way
+                continue
+            if _agree(ref, out):
+                self.active, self.path, self._fast_model = True, name, model
+                return ref
+        self.active, self.path = False, "plain"
         return ref
 
 
@@ -74,3 +92,72 @@ def _agree(ref: Tensor, out: Tensor) -> bool:
     finite = torch.isfinite(a)
     scale = float(a[finite].abs().max()) if bool(finite.any()) else 0.0
     return bool(torch.allclose(a[finite], b[finite], rtol=1e-3, atol=1e-4 * max(scale, 1e-6)))
+
+
+def fold_batchnorm(model: nn.Module, example: Tensor) -> nn.Module | None:
+    """A copy of ``model`` where each ``nn.BatchNorm2d`` (exactly that class, running statistics, called once) that
+    receives a ``nn.Conv2d``'s output tensor (that conv called once) is folded into the conv and replaced by
+    ``nn.Identity``; None when there is nothing to fold or the model cannot be copied. One forward of ``example``
+    (one image) finds the pairs. The caller must check the copy's output: a conv output that is also used
+    elsewhere (a skip connection before the BatchNorm) makes the copy differ."""
+    try:
+        twin = copy.deepcopy(model)
+    except Exception:
+        return None
+    convs = {m for m in twin.modules() if type(m) is nn.Conv2d}
+    norms = {
+        m
+        for m in twin.modules()
+        if type(m) is nn.BatchNorm2d and m.running_mean is not None and m.running_var is not None
+    }
+    if not convs or not norms:
+        return None
+    produced: list[tuple[Tensor, nn.Conv2d]] = []
+    calls: dict[nn.Module, int] = {}
+    pairs: list[tuple[nn.Conv2d, nn.BatchNorm2d]] = []
+
+    def after_conv(m: nn.Module, _i: object, out: object) -> None:
+        calls[m] = calls.get(m, 0) + 1
+        if isinstance(out, Tensor):
+            produced.append((out, m))  # type: ignore[arg-type]
+
+    def before_norm(m: nn.Module, inputs: tuple[object, ...]) -> None:
+        calls[m] = calls.get(m, 0) + 1
+        for out, conv in produced:
+            if inputs and inputs[0] is out:
+                pairs.append((conv, m))  # type: ignore[arg-type]
+                break
+
+    handles = [m.register_forward_hook(after_conv) for m in convs]
+    handles += [m.register_forward_pre_hook(before_norm) for m in norms]
+    try:
+        with torch.inference_mode():
+            twin(example)
+    except Exception:
+        return None
+    finally:
+        for h in handles:
+            h.remove()
+    produced.clear()
+    pairs = [(c, n) for c, n in pairs if calls.get(c) == 1 and calls.get(n) == 1]
+    if not pairs:
+        return None
+    names = {id(m): name for name, m in twin.named_modules()}
+    with torch.no_grad():
+        for conv, norm in pairs:
+            var = norm.running_var
+            mean = norm.running_mean
+            assert var is not None and mean is not None
+            g = torch.rsqrt(var.double() + norm.eps)
+            if norm.weight is not None:
+                g = g * norm.weight.double()
+            shift = -mean.double() * g
+            if norm.bias is not None:
+                shift = shift + norm.bias.double()
+            w = conv.weight.double() * g.view(-1, *([1] * (conv.weight.dim() - 1)))
+            b = shift if conv.bias is None else conv.bias.double() * g + shift
+            conv.weight = nn.Parameter(w.to(conv.weight.dtype), requires_grad=False)
+            conv.bias = nn.Parameter(b.to(conv.weight.dtype), requires_grad=False)
+            parent_name, _, child = names[id(norm)].rpartition(".")
+            setattr(twin.get_submodule(parent_name), child, nn.Identity())
+    return twin
