@@ -68,9 +68,10 @@ class PerturbationOptions:
         noise_std: standard deviation of SS-CAM's mask noise.
         seed: seed of SS-CAM's noise.
         replay: Ablation-CAM re-runs only the layers after the target (default); False runs whole forwards.
-        channels_last: Score-CAM family: send the masked inputs to the model in channels-last memory format
-            (faster convolutions; same outputs up to float rounding, checked on the first batch, see
-            :mod:`camkit._fastforward`). None (default): on CPU; True: on any device; False: never.
+        channels_last: Score-CAM family: send the masked inputs in channels-last memory format to a copy of
+            the model whose BatchNorms are folded into the convolutions before them (faster; same outputs up to
+            float rounding, checked on the first batch, see :mod:`camkit._fastforward`). None (default): on CPU;
+            True: on any device; False: never (the model as given, NCHW).
         align_corners: upsample the Score-CAM masks with ``align_corners=True``, as pytorch-grad-cam's
             ``nn.UpsamplingBilinear2d`` does (the Score-CAM authors use ``False``, the default). With
             ``weighting="channel-softmax"`` this reproduces pytorch-grad-cam's ScoreCAM.
