@@ -52,6 +52,9 @@ def default_batch_size(model: nn.Module) -> int:
 class Forward:
     """Calls ``model`` under ``torch.inference_mode()`` in chunks of ``batch_size`` and keeps count.
 
+    On CPU the chunks go, channels-last, to a BatchNorm-folded copy of the model when the first chunk shows the
+    same output (:class:`camkit._fastforward.FastForward`; ``channels_last=False``: never).
+
     Attributes:
         calls: number of model calls; images: number of images sent; seconds: wall time inside the model
             (synchronised on CUDA), for benchmarks.
