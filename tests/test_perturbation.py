@@ -421,6 +421,8 @@ def test_bad_options() -> None:
         PerturbationOptions(weighting="softmax")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="batch_size"):
         PerturbationOptions(batch_size=0)
+    with pytest.raises(ValueError, match="channels_last must be None, True or False"):
+        PerturbationOptions(channels_last="yes")  # type: ignore[arg-type]
 
 
 def test_auto_batch_size_is_bounded(net: nn.Module, xs: Tensor) -> None:

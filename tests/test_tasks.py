@@ -384,6 +384,17 @@ def test_explain_with_no_target_chooses_per_image_on_segmentation_models():
             model, x[i : i + 1], method="scorecam", targets=res.chosen[i].target, perturbation=small
         )
         torch.testing.assert_close(both.maps[i], one.maps[0], atol=1e-5, rtol=1e-4)
+    # A class index or name (with labels): that class over its mask in each image; a wrong one: a clear error.
+    labels = ["background", "cat", "dog", "car"]
+    by_name = camkit.explain(model, x, targets="dog", labels=labels)
+    assert by_name.chosen is not None and [c.category for c in by_name.chosen] == [2, 2]
+    expected = tasks.default_target(out[1:2], "segmentation", category=2)
+    one = camkit.explain(model, x[1:2], targets=expected.target)
+    torch.testing.assert_close(by_name.maps[1], one.maps[0], atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="Closest: 'dog'"):
+        camkit.explain(model, x, targets="dgo", labels=labels)
+    with pytest.raises(ValueError, match="out of range"):
+        camkit.explain(model, x, targets=9)
     assert_unchanged(before, model)
     # A classifier is unaffected: no choice recorded.
     assert (

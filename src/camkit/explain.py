@@ -43,9 +43,9 @@ class Explanation:
         method: canonical method name.
         layers: target layer names, shallow to deep.
         images: the original RGB images when the input was given as images or paths (for overlays).
-        chosen: torchvision segmentation / detection models explained with no target: what was chosen for each
-            image (:func:`camkit.tasks.default_target`: the main non-background class over its predicted mask, or
-            the best detection); else None.
+        chosen: torchvision segmentation / detection models explained with no target or with a class (index or
+            name): what was chosen for each image (:func:`camkit.tasks.default_target`: that class, or the main
+            non-background one, over its predicted mask; or the best detection of it); else None.
     """
 
     maps: Tensor
@@ -259,15 +259,21 @@ def _compute(
         )
     store: dict[str, Tensor | None] = {}
     label_box: dict[str, Sequence[str] | None] = {}
-    task = model_task(model) if targets is None else "classification"
+    # torchvision segmentation / detection models: no target, a class index or a class name -> chosen per image
+    by_task = targets is None or (isinstance(targets, (int, str)) and not isinstance(targets, bool))
+    task = model_task(model) if by_task else "classification"
     auto: dict[str, PerImageTargets] = {}
 
     def pick(out: Tensor, lab: Sequence[str] | None) -> TargetSpec:
-        """No target on a torchvision segmentation / detection model: choose one per image."""
+        """A torchvision segmentation / detection model and no target or a class: choose one per image."""
         if task == "classification":
             return targets
         auto["t"] = default_targets(
-            out, task, labels=lab, threshold=score_threshold(model) if task == "detection" else None
+            out,
+            task,
+            category=targets,  # type: ignore[arg-type]
+            labels=lab,
+            threshold=score_threshold(model) if task == "detection" else None,
         )
         return auto["t"]
 
@@ -404,7 +410,8 @@ def explain(
         method: a method name (see ``camkit methods`` / :func:`camkit.methods.method_names`).
         layers: ``"auto"``, a dotted name (``"layer4"``), names separated by commas, a module, or a list.
         targets: None (top-1), a class index or name, a list (one per image), ``TopK(k)``, or a callable
-            ``f(output) -> Tensor[B]``.
+            ``f(output) -> Tensor[B]``. torchvision segmentation / detection models: None or a class is turned
+            into a target per image (:func:`camkit.tasks.default_targets`, recorded in ``Explanation.chosen``).
         preprocess: how to turn PIL images into the model input.
         labels: class names (default: ImageNet's for 1000-class outputs).
         fusion: how several layers are fused: ``"max"`` (default; for LayerCAM with tanh-scaled shallow

@@ -335,16 +335,24 @@ class PerImageTargets:
 def default_targets(
     output: Tensor,
     task: str,
+    category: int | str | None = None,
     labels: Sequence[str] | None = None,
     background: int | None = 0,
     threshold: float | None = None,
 ) -> PerImageTargets:
     """:func:`default_target` for each image of a batch output (segmentation Tensor[B, C, H, W], detection
-    :func:`pack_detections` Tensor[B, D, 6])."""
+    :func:`pack_detections` Tensor[B, D, 6]), with the same ``category`` (None: chosen per image)."""
     output = output.detach()
     return PerImageTargets(
         [
-            default_target(output[i : i + 1], task, labels=labels, background=background, threshold=threshold)
+            default_target(
+                output[i : i + 1],
+                task,
+                category=category,
+                labels=labels,
+                background=background,
+                threshold=threshold,
+            )
             for i in range(output.shape[0])
         ]
     )

@@ -99,6 +99,8 @@ class PerturbationOptions:
             raise ValueError(f"ablation must be 'zero' or 'gradcam-min', got {self.ablation!r}")
         if self.top_channels is not None and self.top_channels < 1:
             raise ValueError(f"top_channels must be >= 1, got {self.top_channels}")
+        if self.channels_last not in (None, True, False):
+            raise ValueError(f"channels_last must be None, True or False, got {self.channels_last!r}")
         if self.samples is not None and self.samples < 1:
             raise ValueError(f"samples must be >= 1, got {self.samples}")
 
