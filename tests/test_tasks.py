@@ -76,13 +76,18 @@ def test_pack_detections_keeps_the_graph():
         tasks.DetectionTarget([0.0, 0, 10, 12], label=7)(packed[:1])
 
 
-def test_faster_rcnn_explains_one_box():
+def _tiny_frcnn() -> nn.Module:
+    """Faster R-CNN (MobileNetV3 FPN) with random weights at 96 px, keeping every detection."""
     from torchvision.models.detection import fasterrcnn_mobilenet_v3_large_fpn
 
     torch.manual_seed(0)
-    model = fasterrcnn_mobilenet_v3_large_fpn(
+    return fasterrcnn_mobilenet_v3_large_fpn(
         weights=None, weights_backbone=None, min_size=96, max_size=96, box_score_thresh=0.0
     ).eval()
+
+
+def test_faster_rcnn_explains_one_box():
+    model = _tiny_frcnn()
     x = torch.rand(1, 3, 96, 96)
     with torch.no_grad():
         det = model(x)[0]
@@ -406,12 +411,7 @@ def test_explain_with_no_target_chooses_per_image_on_segmentation_models():
 
 
 def test_explain_with_no_target_explains_the_best_detection():
-    from torchvision.models.detection import fasterrcnn_mobilenet_v3_large_fpn
-
-    torch.manual_seed(0)
-    model = fasterrcnn_mobilenet_v3_large_fpn(
-        weights=None, weights_backbone=None, min_size=96, max_size=96, box_score_thresh=0.0
-    ).eval()
+    model = _tiny_frcnn()
     x = torch.rand(1, 3, 96, 96)
     res = camkit.explain(model, x)
     with torch.no_grad():

@@ -29,10 +29,11 @@ __all__ = ["FastForward"]
 
 
 class FastForward:
-    """``output_fn(model(inputs))`` for batches of perturbed inputs, channels-last where it is checked to agree.
+    """``output_fn(model(inputs))`` for batches of perturbed inputs: channels-last, on a BatchNorm-folded copy,
+    where the first batch shows that this agrees with the model as given.
 
     Args:
-        model: the model, in eval mode; called as given (no copy, weights untouched).
+        model: the model, in eval mode; never modified (the folded model is a deep copy).
         output_fn: turns the model's output into the Tensor that is scored.
         channels_last: None: on CPU for 4-D inputs (measured faster there); True: on any device; False: never.
 
@@ -100,6 +101,8 @@ def fold_batchnorm(model: nn.Module, example: Tensor) -> nn.Module | None:
     ``nn.Identity``; None when there is nothing to fold or the model cannot be copied. One forward of ``example``
     (one image) finds the pairs. The caller must check the copy's output: a conv output that is also used
     elsewhere (a skip connection before the BatchNorm) makes the copy differ."""
+    if not any(type(m) is nn.BatchNorm2d for m in model.modules()):
+        return None  # e.g. timm's BatchNormAct2d only: no copy made
     try:
         twin = copy.deepcopy(model)
     except Exception:

@@ -145,14 +145,6 @@ def _check_eval(model: nn.Module) -> None:
         )
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    for b in model.buffers():
-        return b.device
-    return torch.device("cpu")
-
-
 def _expected_channels(model: nn.Module) -> int | None:
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
@@ -193,7 +185,9 @@ def _prepare(
         pils = [to_rgb(it) if isinstance(it, Image.Image) else load_image(it) for it in items]
         pre = preprocess or Preprocess.for_model(model)
         x = pre(pils)
-    device = _model_device(model)
+    from camkit.metrics._common import model_device  # here: camkit.metrics imports camkit.localize -> explain
+
+    device = model_device(model)
     if x.device != device:
         x = x.to(device)
     return x, pils
