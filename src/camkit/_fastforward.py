@@ -1,7 +1,7 @@
 """Batched inference forwards with channels-last inputs, where that gives the model's own outputs faster.
 
 On CPU, oneDNN runs convolutions on NHWC ("channels last") tensors faster than on NCHW ones: measured on this
-project's 2-core CPU, batches of 8-32 images at 224 px, 1.2-1.3x for ResNet-18 and 1.4-1.9x for
+project's 2-core CPU, batches of 8-32 images at 224 px, 1.2-1.4x for ResNet-18 and 1.4-1.8x for
 EfficientNet-Lite0 (depthwise convolutions). A channels-last input is enough: PyTorch's convolutions keep the
 format of their input, so the whole network runs NHWC without touching the model's weights.
 
