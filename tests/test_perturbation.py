@@ -488,3 +488,55 @@ def test_cli_perturbation_options(tmp_path) -> None:
         app, ["explain", "--methods", "scorecam", "--weighting", "softmax", "--out", str(tmp_path)]
     )
     assert res.exit_code == 2 and "weighting" in res.output
+
+
+class DuplicateChannels(nn.Module):
+    """Channel 3 of ``features`` is channel 2 times 2.5 (weights and bias): after the ReLU their maps are equal
+    up to scale, so they have the same normalised mask."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(6)
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
+        self.features = nn.Conv2d(8, 6, 3, padding=1, stride=2)
+        self.act = nn.ReLU()
+        with torch.no_grad():
+            self.features.weight[3] = 2.5 * self.features.weight[2]
+            self.features.bias[3] = 2.5 * self.features.bias[2]
+        self.fc = nn.Linear(6, 5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        a = self.act(self.features(self.stem(x)))
+        return self.fc(a.mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("method", ["scorecam", "iscam"])
+def test_equal_masks_share_one_forward(xs: Tensor, method: str) -> None:
+    net = DuplicateChannels().eval()
+    classes = _classes(net, xs)
+    a = _activations(net, net.act, xs)
+    assert not torch.equal(a[:, 2], a[:, 3])  # different maps, equal once normalised
+    ref = (
+        ref_scorecam(net, net.act, xs, classes)
+        if method == "scorecam"
+        else ref_iscam(net, net.act, xs, classes, 4)
+    )
+    counter = CountCalls(net.stem)
+    net.stem = counter
+    opts = PerturbationOptions(batch_size=64, channels_last=False, samples=4)
+    e = camkit.explain(net, xs, method, "act", perturbation=opts)
+    _close(e.raw["act"], ref)  # channel 3 gets channel 2's score
+    flat = a.flatten(2)
+    live = int((flat.amax(2) != flat.amin(2)).sum())
+    per_mask = 1 if method == "scorecam" else 4
+    assert sum(bs for _, bs in counter.seen[1:]) == (live - 3) * per_mask  # one pair fewer per image
+    # SS-CAM's noisy masks differ per channel: nothing shared there.
+    counter.seen.clear()
+    camkit.explain(
+        net,
+        xs,
+        "sscam",
+        "act",
+        perturbation=PerturbationOptions(batch_size=64, channels_last=False, samples=2),
+    )
+    assert sum(bs for _, bs in counter.seen[1:]) == live * 2

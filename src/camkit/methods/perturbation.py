@@ -29,7 +29,8 @@ For a callable target the score is its value (no softmax): w_k = f(X * H_k).
 
 Speed: all masked inputs go through the model in batches under ``torch.inference_mode()``, with no hook of ours
 attached (Score-CAM family) or only the replay hook (Ablation-CAM). ``PerturbationOptions.batch_size`` sets the
-batch; by default it comes from the free memory and a per-image estimate of the forward's activations.
+batch; by default it comes from the free memory and a per-image estimate of the forward's activations. Channels
+of one image whose normalised maps are equal (to 1e-6) share one forward pass (Score-CAM, IS-CAM).
 ``top_channels`` (off by default) keeps only the k channels with the highest mean activation per image, the
 others get w_k = 0: an approximation, with its measured effect in the README.
 """
@@ -69,9 +70,10 @@ class PerturbationOptions:
         seed: seed of SS-CAM's noise.
         replay: Ablation-CAM re-runs only the layers after the target (default); False runs whole forwards.
         channels_last: Score-CAM family: send the masked inputs in channels-last memory format to a copy of
-            the model whose BatchNorms are folded into the convolutions before them (faster; same outputs up to
-            float rounding, checked on the first batch, see :mod:`camkit._fastforward`). None (default): on CPU;
-            True: on any device; False: never (the model as given, NCHW).
+            the model whose BatchNorms are folded into the convolutions before them and, on CPU, whose wide 3x3
+            convolutions run the Winograd way where that is faster (same outputs up to float rounding, checked on
+            the first batch, see :mod:`camkit._fastforward`). None (default): on CPU; True: on any device;
+            False: never (the model as given, NCHW).
         align_corners: upsample the Score-CAM masks with ``align_corners=True``, as pytorch-grad-cam's
             ``nn.UpsamplingBilinear2d`` does (the Score-CAM authors use ``False``, the default). With
             ``weighting="channel-softmax"`` this reproduces pytorch-grad-cam's ScoreCAM.
@@ -260,6 +262,34 @@ def _masks(ctx: PerturbationContext, b: Tensor, k: Tensor) -> Tensor:
     return torch.where(ok, (up - lo) / torch.where(ok, span, torch.ones_like(span)), torch.zeros_like(up))
 
 
+def _distinct(ctx: PerturbationContext, bidx: Tensor, kidx: Tensor) -> tuple[Tensor, Tensor]:
+    """Positions (in ``bidx``) of one (image, channel) pair per distinct normalised map, sorted, and for every pair
+    the index of its representative among them.
+
+    Channels of one image whose maps are equal after min-max normalisation (ReLU maps with one non-zero cell at the
+    same place: ResNet-50 with random weights, 27 of 1949 channels; or one map a multiple of another) give the same
+    mask, so one forward pass serves them all. Maps are grouped on a coarse grid (2^-10), then each member is
+    checked against its group's first: merged only when no cell differs by more than 2^-20 (1e-6, the float32
+    rounding of the normalisation itself); a pair the grid splits is merely not shared."""
+    a = ctx.activations[bidx, kidx].float().flatten(1).cpu()
+    n = a.shape[0]
+    lo, hi = a.amin(dim=1, keepdim=True), a.amax(dim=1, keepdim=True)
+    norm = (a - lo) / torch.where(hi > lo, hi - lo, torch.ones_like(hi))
+    key = torch.cat([bidx.cpu()[:, None].float(), torch.round(norm * 2.0**10)], dim=1)
+    _, group = torch.unique(key, dim=0, return_inverse=True)
+    rep = torch.arange(n)
+    order = torch.argsort(group, stable=True)
+    sizes = torch.bincount(group)
+    for members in torch.split(order, sizes.tolist()):
+        if len(members) < 2:
+            continue
+        head = int(members[0])
+        same = (norm[members[1:]] - norm[head]).abs().amax(dim=1) <= 2.0**-20
+        rep[members[1:][same]] = head
+    reps = torch.unique(rep)  # sorted positions of the representatives
+    return reps, torch.searchsorted(reps, rep)
+
+
 def _noise(ctx: PerturbationContext, b: int, k: int, n: int) -> Tensor:
     """SS-CAM's n noise maps of pair (b, k), Tensor[n, H, W], from the pair's own seeded generator."""
     g = torch.Generator().manual_seed(ctx.options.seed * 1_000_003 + b * ctx.activations.shape[1] + k)
@@ -278,35 +308,44 @@ def _score_family(ctx: PerturbationContext, variant: Literal["score", "smooth", 
     t = _n_targets(ctx)
     prob = opts.weighting == "prob" and ctx.classes is not None
     channel_softmax = opts.weighting == "channel-softmax"
-    reps = 1 if variant == "score" else (opts.samples or (35 if variant == "smooth" else 10))
+    n_rep = (
+        1 if variant == "score" else (opts.samples or (35 if variant == "smooth" else 10))
+    )  # passes per mask
     # SS-CAM's constant channels still get noisy masks in the channel-softmax variant (as torchcam).
     sel = _selected(ctx, include_constant=channel_softmax and variant == "smooth")
     bidx, kidx = sel.nonzero(as_tuple=True)
+    # Equal masks give equal masked inputs: one forward per distinct mask (SS-CAM's noise differs per channel).
+    if variant == "smooth":
+        reps, owner = torch.arange(len(bidx)), torch.arange(len(bidx))
+    else:
+        reps, owner = _distinct(ctx, bidx, kidx)
+    rb, rk = bidx[reps.to(bidx.device)], kidx[reps.to(kidx.device)]
     need_baseline = channel_softmax and variant != "smooth" and bool((~sel).any())
     batch = batch_size_for(ctx)
-    items_per_batch = max(1, batch // reps)
+    items_per_batch = max(1, batch // n_rep)
     if ctx.progress is not None:
-        ctx.progress.total += len(bidx) * reps + (bsz if need_baseline else 0)
+        ctx.progress.total += len(rb) * n_rep + (bsz if need_baseline else 0)
     device = ctx.x.device
-    item_scores = torch.zeros(len(bidx), t, device=device)
+    rep_scores = torch.zeros(len(rb), t, device=device)
     with torch.inference_mode():
-        for start in range(0, len(bidx), items_per_batch):
-            b, k = bidx[start : start + items_per_batch], kidx[start : start + items_per_batch]
+        for start in range(0, len(rb), items_per_batch):
+            b, k = rb[start : start + items_per_batch], rk[start : start + items_per_batch]
             masks = _masks(ctx, b, k)  # [n, H, W]
             if variant == "smooth":
                 noise = torch.stack(
-                    [_noise(ctx, int(bi), int(ki), reps) for bi, ki in zip(b, k, strict=True)]
+                    [_noise(ctx, int(bi), int(ki), n_rep) for bi, ki in zip(b, k, strict=True)]
                 )
                 masks = (masks[:, None] + noise.to(device)).flatten(0, 1)
             elif variant == "integrated":
-                steps = torch.arange(1, reps + 1, device=device, dtype=masks.dtype) / reps
+                steps = torch.arange(1, n_rep + 1, device=device, dtype=masks.dtype) / n_rep
                 masks = (masks[:, None] * steps[None, :, None, None]).flatten(0, 1)
-            images = b.repeat_interleave(reps)
+            images = b.repeat_interleave(n_rep)
             inputs = ctx.x[images] * masks[:, None].to(ctx.x.dtype)
             s = _scores(ctx, _forward(ctx, inputs, fast=True), images, prob)
-            item_scores[start : start + len(b)] = s.view(len(b), reps, t).mean(dim=1)
+            rep_scores[start : start + len(b)] = s.view(len(b), n_rep, t).mean(dim=1)
             if ctx.progress is not None:
                 ctx.progress.add(len(images))
+        item_scores = rep_scores[owner.to(device)]
         baseline = None
         if need_baseline:
             baseline = _scores(
