@@ -149,11 +149,6 @@ def eligible(conv: nn.Module) -> bool:
     )
 
 
-def _agree(ref: Tensor, out: Tensor) -> bool:
-    scale = float(ref.abs().max()) if ref.numel() else 0.0
-    return out.shape == ref.shape and bool(torch.allclose(out, ref, rtol=1e-3, atol=1e-4 * max(scale, 1e-6)))
-
-
 class WinogradConv2d(nn.Module):
     """Runs a 3x3 ``nn.Conv2d`` (see :func:`eligible`) the Winograd way where that is measured faster.
 
@@ -199,6 +194,8 @@ class WinogradConv2d(nn.Module):
             return self._winograd(x)
         self._calls += 1
         if self._calls == 1:
+            from camkit._fastforward import _agree  # the fast path's own test (imported here: it imports us)
+
             ref = self.conv(x)
             if not _agree(ref, self._winograd(x)):
                 self._decide("direct")
