@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import Tensor, nn
 
@@ -173,12 +174,22 @@ def test_fold_batchnorm_copies_and_folds() -> None:
     assert fold_batchnorm(Layouts().eval(), x[:1]) is None  # nothing to fold
 
 
-def test_fast_path_choice() -> None:
+@pytest.mark.parametrize("fusion", [True, False])
+def test_fast_path_choice(monkeypatch, fusion: bool) -> None:
+    from camkit import _fusion
+
+    if not fusion:  # a PyTorch build without oneDNN's fused operators
+        monkeypatch.setattr(_fusion, "available", lambda: False)
+    elif not _fusion.available():
+        pytest.skip("this PyTorch build has no oneDNN fused convolution")
     x = torch.randn(4, 3, 8, 8)
+    fused = "fused+" if fusion else ""
     with torch.inference_mode():
-        for skip, path in ((False, "folded+channels-last"), (True, "channels-last")):
+        for skip, path in ((False, f"folded+{fused}channels-last"), (True, f"{fused}channels-last")):
             net = ConvBN(skip).eval()
+            before = snapshot(net)
             ff = FastForward(net, _identity)
             outs = torch.cat([ff(x[:2]), ff(x[2:])])
             assert ff.path == path, skip
             torch.testing.assert_close(outs, net(x), rtol=1e-4, atol=1e-5)
+            assert_unchanged(before, net)

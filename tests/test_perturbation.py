@@ -298,11 +298,12 @@ def test_constant_channels_cost_nothing(xs: Tensor) -> None:
     e = camkit.explain(net, xs, "scorecam", "act", perturbation=exact)
     _close(e.raw["act"], refs[0])
     assert sum(bs for _, bs in counter.seen[1:]) == 3 * 6 - constant  # no forward for a constant channel
-    # By default on CPU the first batch also runs once in channels-last layout, to check it agrees.
+    # By default on CPU the first batch also runs once in channels-last layout, to check it agrees: on the model
+    # itself (a second call here) or on a faster copy of it (the copy's own counter).
     counter.seen.clear()
     e = camkit.explain(net, xs, "scorecam", "act", perturbation=PerturbationOptions(batch_size=64))
     _close(e.raw["act"], refs[0])
-    assert [bs for _, bs in counter.seen[1:]] == [3 * 6 - constant] * 2
+    assert [bs for _, bs in counter.seen[1:]] in ([3 * 6 - constant], [3 * 6 - constant] * 2)
     # channel-softmax: constant channels score as the zero image, computed once per image (one batch of 3)
     counter.seen.clear()
     opts = PerturbationOptions(weighting="channel-softmax", batch_size=64, channels_last=False)

@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import Tensor, nn
 
-from camkit import _winograd
+from camkit import _fusion, _winograd
 
 __all__ = ["FastForward"]
 
@@ -76,7 +76,7 @@ class FastForward:
         if self.active:
             return self.output_fn(self._fast_model(fast))
         ref = self.output_fn(self.model(inputs))
-        for name, model in _candidates(self.model, inputs[:1]):
+        for name, model in _candidates(self.model, inputs[:1], inputs.shape[0]):
             try:
                 out = self.output_fn(model(fast))
             except Exception:  # a layout-dependent model (e.g. .view on a feature map): not this way
@@ -88,34 +88,53 @@ class FastForward:
         return ref
 
 
-def _candidates(model: nn.Module, example: Tensor) -> Iterator[tuple[str, nn.Module]]:
+def _candidates(model: nn.Module, example: Tensor, batch: int) -> Iterator[tuple[str, nn.Module]]:
     """The faster ways to run ``model``, best first, each made only when the one before failed: a copy with
     BatchNorms folded and Winograd convolutions (CPU), the copy without folding (when the fold is what made it
-    differ), then the model itself; all with channels-last inputs."""
-    wino = example.device.type == "cpu" and any(_winograd.eligible(m) for m in model.modules())
+    differ), then the model itself; all with channels-last inputs, and each first with its convolutions packed
+    and fused with the activation and add that follow (:mod:`camkit._fusion`, CPU) where ``torch.fx`` can trace
+    it."""
+    cpu = example.device.type == "cpu"
+    wino = cpu and any(_winograd.eligible(m) for m in model.modules())
+    fusing = cpu and _fusion.available()
+
+    def with_fused(parts: list[str], m: nn.Module, own: bool = True) -> Iterator[tuple[str, nn.Module]]:
+        # Tracing runs the forward code with proxies: only ever on a copy (``own``), never on the user's modules.
+        if fusing:
+            try:
+                got = _fusion.fuse(m if own else copy.deepcopy(m), example[:1], batch)
+            except Exception:
+                got = None
+            if got is not None:
+                at = 1 if parts[0] == "folded" else 0
+                yield "+".join([*parts[:at], "fused", *parts[at:]]), got[0]
+        yield "+".join(parts), m
+
     folded = fold_batchnorm(model, example)
     if folded is not None:
         n = _winograd.install(folded) if wino else 0
-        yield ("folded+winograd+channels-last" if n else "folded+channels-last"), folded
+        yield from with_fused(["folded", *(["winograd"] if n else []), "channels-last"], folded)
     if wino:
         try:
             twin = copy.deepcopy(model)
         except Exception:
             twin = None
         if twin is not None and _winograd.install(twin):
-            yield "winograd+channels-last", twin
-    yield "channels-last", model
+            yield from with_fused(["winograd", "channels-last"], twin)
+    yield from with_fused(["channels-last"], model, own=False)
 
 
 def _agree(ref: Tensor, out: Tensor) -> bool:
     if out.shape != ref.shape or out.dtype != ref.dtype:
         return False
     a, b = ref.float(), out.float()
-    if not (torch.isfinite(a) == torch.isfinite(b)).all():
-        return False
     finite = torch.isfinite(a)
-    scale = float(a[finite].abs().max()) if bool(finite.any()) else 0.0
-    return bool(torch.allclose(a[finite], b[finite], rtol=1e-3, atol=1e-4 * max(scale, 1e-6)))
+    if not torch.equal(finite, torch.isfinite(b)):
+        return False
+    if not bool(finite.all()):  # boolean indexing is slow (nonzero): only when there is something to drop
+        a, b = a[finite], b[finite]
+    scale = float(a.abs().max()) if a.numel() else 0.0
+    return bool(torch.allclose(a, b, rtol=1e-3, atol=1e-4 * max(scale, 1e-6)))
 
 
 def fold_batchnorm(model: nn.Module, example: Tensor) -> nn.Module | None:

@@ -16,12 +16,13 @@ memory than the products save). The result is the same sum taken another way: th
 another order.
 
 :class:`WinogradConv2d` therefore chooses per layer: its first call computes both ways and checks that they agree,
-the next four alternate between them and are timed, and the faster is kept (either is correct).
+the next six alternate between them and are timed, and the faster is kept (either is correct).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -83,10 +84,15 @@ def _sandwich(left: Tensor, x: Tensor) -> Tensor:
 
 
 def transform_weight(weight: Tensor) -> Tensor:
-    """U = G g G^T for every (output, input) channel pair: Tensor[36, C_in, C_out] (float32, computed in float64)."""
-    g = _G.to(weight.device)
-    u = torch.einsum("ai,oxij,bj->abxo", g, weight.detach().to(_F64), g)
-    return u.reshape(_A * _A, weight.shape[1], weight.shape[0]).to(weight.dtype).contiguous()
+    """U = G g G^T for every (output, input) channel pair: Tensor[36, C_in, C_out], in ``weight``'s dtype.
+
+    Two matrix products over all pairs at once (G's entries such as 1/6 are rounded in float32 either way: the
+    result equals a float64 computation to about 3e-8 of its largest value)."""
+    co, ci = weight.shape[:2]
+    g = _G.to(device=weight.device, dtype=weight.dtype)
+    w = weight.detach().permute(2, 3, 1, 0).reshape(3, 3 * ci * co)  # [row i, (column j, C_in, C_out)]
+    left = (g @ w).view(_A, 3, ci * co)  # sum_i G[a, i] w[i, j]
+    return torch.matmul(g, left).view(_A * _A, ci, co).contiguous()  # sum_j G[b, j] (G w)[a, j]
 
 
 def winograd_conv2d(x: Tensor, u: Tensor, bias: Tensor | None, padding: tuple[int, int]) -> Tensor:
@@ -152,66 +158,107 @@ def eligible(conv: nn.Module) -> bool:
 class WinogradConv2d(nn.Module):
     """Runs a 3x3 ``nn.Conv2d`` (see :func:`eligible`) the Winograd way where that is measured faster.
 
-    Calls 1-5 decide: call 1 computes both ways and keeps the direct path for good if they disagree; calls 2-5
-    alternate between the two, timed; then the faster (best of two) is used for every later call. Inputs it does not
-    handle (not float32 on CPU, or a gradient needed) always take the direct path.
+    Calls 1-7 decide: call 1 computes both ways and keeps the direct path for good if they disagree; calls 2-7
+    alternate between the two, timed; then the faster (best of three) is used for every later call. Inputs it does
+    not handle (not float32 on CPU, or a gradient needed) always take the direct path.
+
+    Args:
+        conv: the convolution.
+        direct: what computes the direct path (default ``conv``), e.g. a :class:`camkit._fusion.FusedConv2d` of
+            ``conv`` that also applies ``post`` (and the add, with ``binary``).
+        post: applied in place to the Winograd path's result (after the add); it must match what ``direct`` does.
+        binary: ``forward`` takes a second tensor that is added to the convolution's output before ``post``.
+        u: ``transform_weight(conv.weight)`` when already computed (shared, not copied).
 
     Attributes:
-        conv: the wrapped convolution (the direct path).
+        conv: the wrapped convolution.
         choice: ``"tune"`` while deciding, then ``"winograd"`` or ``"direct"``.
     """
 
-    def __init__(self, conv: nn.Conv2d) -> None:
+    TUNE_ROUNDS = 3
+    """Timed calls of each kind before the choice."""
+
+    def __init__(
+        self,
+        conv: nn.Conv2d,
+        direct: nn.Module | None = None,
+        post: Callable[[Tensor], Tensor] | None = None,
+        binary: bool = False,
+        u: Tensor | None = None,
+    ) -> None:
         super().__init__()
         if not eligible(conv):
             raise ValueError(f"not a convolution WinogradConv2d can run: {conv}")
+        if direct is None and (post is not None or binary):
+            raise ValueError("post and binary need a direct path that applies them too")
         self.conv = conv
-        self.u: Tensor | None = transform_weight(conv.weight)
+        self.direct = direct
+        self.post = post
+        self.binary = binary
+        self.u: Tensor | None = transform_weight(conv.weight) if u is None else u
         self.padding = (int(conv.padding[0]), int(conv.padding[1]))
         self.choice: Literal["tune", "winograd", "direct"] = "tune"
         self.seconds: dict[str, list[float]] = {"winograd": [], "direct": []}
         self._calls = 0
 
-    def _winograd(self, x: Tensor) -> Tensor:
+    def _winograd(self, x: Tensor, other: Tensor | None) -> Tensor:
         assert self.u is not None
-        return winograd_conv2d(x, self.u, self.conv.bias, self.padding)
+        y = winograd_conv2d(x, self.u, self.conv.bias, self.padding)
+        if other is not None:
+            y = y.add_(other)
+        return y if self.post is None else self.post(y)
+
+    def _direct(self, x: Tensor, other: Tensor | None) -> Tensor:
+        if self.direct is None:
+            return self.conv(x)
+        return self.direct(x) if other is None else self.direct(x, other)
 
     def _decide(self, choice: Literal["winograd", "direct"]) -> None:
         self.choice = choice
         if choice == "direct":
             self.u = None  # 36/9 of the weight's memory, no longer needed
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, other: Tensor | None = None) -> Tensor:
+        if (other is not None) != self.binary:
+            raise TypeError(f"WinogradConv2d(binary={self.binary}) called with other={other is not None}")
         if (
             self.choice == "direct"
             or x.dim() != 4
             or x.dtype != torch.float32
             or x.device.type != "cpu"
-            or (torch.is_grad_enabled() and (x.requires_grad or self.conv.weight.requires_grad))
+            or (other is not None and (other.dtype != torch.float32 or other.device.type != "cpu"))
+            or (
+                torch.is_grad_enabled()
+                and (
+                    x.requires_grad
+                    or self.conv.weight.requires_grad
+                    or (other is not None and other.requires_grad)
+                )
+            )
         ):
-            return self.conv(x)
+            return self._direct(x, other)
         if self.choice == "winograd":
-            return self._winograd(x)
+            return self._winograd(x, other)
         self._calls += 1
         if self._calls == 1:
             from camkit._fastforward import _agree  # the fast path's own test (imported here: it imports us)
 
-            ref = self.conv(x)
-            if not _agree(ref, self._winograd(x)):
+            ref = self._direct(x, other)
+            if not _agree(ref, self._winograd(x, other)):
                 self._decide("direct")
             return ref
         kind = "winograd" if self._calls % 2 == 0 else "direct"
         t0 = time.perf_counter()
-        out = self._winograd(x) if kind == "winograd" else self.conv(x)
+        out = self._winograd(x, other) if kind == "winograd" else self._direct(x, other)
         self.seconds[kind].append(time.perf_counter() - t0)
-        if min(len(t) for t in self.seconds.values()) >= 2:
+        if min(len(t) for t in self.seconds.values()) >= self.TUNE_ROUNDS:
             self._decide(
                 "winograd" if min(self.seconds["winograd"]) < min(self.seconds["direct"]) else "direct"
             )
         return out
 
     def extra_repr(self) -> str:
-        return f"choice={self.choice!r}"
+        return f"choice={self.choice!r}" + (", binary=True" if self.binary else "")
 
 
 def install(model: nn.Module) -> int:
