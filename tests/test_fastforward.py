@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 import camkit
 from camkit import PerturbationOptions
-from camkit._fastforward import FastForward
+from camkit._fastforward import CHECK_ROWS, FastForward
 from camkit.metrics._common import Forward
 from conftest import assert_unchanged, snapshot
 
@@ -49,11 +49,9 @@ def test_first_batch_checked_then_channels_last() -> None:
         ref = net.fc(net.conv(x).flatten(1))
         outs = [ff(x[:3]), ff(x[3:])]
     assert ff.active is True
-    assert net.seen == [
-        False,
-        True,
-        True,
-    ]  # plain + channels-last on the first batch, then channels-last only
+    # plain + channels-last on the first batch's first CHECK_ROWS rows, then channels-last only (rest of the first
+    # batch, second batch)
+    assert CHECK_ROWS < 3 and net.seen == [False, True, True, True]
     torch.testing.assert_close(torch.cat(outs), ref, rtol=1e-4, atol=1e-5)
 
 
@@ -193,3 +191,22 @@ def test_fast_path_choice(monkeypatch, fusion: bool) -> None:
             assert ff.path == path, skip
             torch.testing.assert_close(outs, net(x), rtol=1e-4, atol=1e-5)
             assert_unchanged(before, net)
+
+
+def test_first_batch_split_and_batch_dependent_outputs() -> None:
+    net = Layouts().eval()
+    x = torch.randn(5, 3, 8, 8)
+
+    def padded(out: object) -> Tensor:  # width depends on the batch, like padded detections
+        assert isinstance(out, Tensor)
+        return out.repeat(1, out.shape[0])
+
+    with torch.inference_mode():
+        ref = padded(net(x))
+        net.seen.clear()
+        ff = FastForward(net, padded)
+        out = ff(x)
+    assert ff.active is True and out.shape == ref.shape
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    # the check rows twice, the rest once, then (the halves cannot be joined) the whole batch again
+    assert net.seen == [False, True, True, True]

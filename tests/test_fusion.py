@@ -213,3 +213,26 @@ def test_torchvision_resnet_is_fused_throughout() -> None:
         for b in layer
     )
     assert_unchanged(before, net)
+
+
+@pytest.mark.parametrize("choice", ["winograd", "direct"])
+def test_winograd_layer_with_post_ops(choice: str) -> None:
+    torch.manual_seed(0)
+    conv = nn.Conv2d(128, 128, 3, padding=1).eval()
+    x = torch.randn(3, 128, 9, 9).contiguous(memory_format=torch.channels_last)
+    other = torch.randn(3, 128, 9, 9).contiguous(memory_format=torch.channels_last)
+    direct = FusedConv2d(conv, tuple(x.shape), "relu", binary=True)
+    layer = _winograd.WinogradConv2d(conv, direct, F.relu_, binary=True)
+    with torch.inference_mode():
+        ref = F.relu(conv(x) + other)
+        for _ in range(8):  # the check, the timed calls, and beyond
+            torch.testing.assert_close(layer(x, other), ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+        assert layer.choice in ("winograd", "direct")
+        layer.choice = choice  # both ways give the same result
+        if choice == "winograd":
+            layer.u = _winograd.transform_weight(conv.weight)
+        torch.testing.assert_close(layer(x, other), ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+        with pytest.raises(TypeError, match="binary=True"):
+            layer(x)
+    with pytest.raises(ValueError, match="direct path"):
+        _winograd.WinogradConv2d(conv, post=F.relu_)

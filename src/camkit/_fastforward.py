@@ -15,12 +15,16 @@ On CPU, the copy's 3x3 stride-1 convolutions of at least 128 channels also becom
 calls show it agrees with and is faster than the direct convolution (ResNet-18's ``layer3``/``layer4``: 1.3-1.9x
 per layer here).
 
+Each of these copies (and a copy of the model itself when nothing else applies) is then traced with ``torch.fx``
+and its convolutions packed for oneDNN and fused with the activation and residual add after them
+(:mod:`camkit._fusion`; ResNet-18 a further 1.10-1.14x); a model that cannot be traced keeps the copy unfused.
+
 The outputs are the same up to float rounding (the sums are taken in another order). Models whose code depends on
 the memory layout (``.view`` on a feature map, custom kernels), or that use a convolution's output elsewhere than in
 its BatchNorm, could fail or differ: the first batch is run every way, and a faster path is used only when it runs
 and agrees with the plain one (``rtol=1e-3``, ``atol=1e-4`` of the output's scale): the folded copy (with Winograd
-layers where there are any), else the unfolded copy with Winograd layers, else channels-last alone, else every
-batch runs as given.
+layers where there are any), else the unfolded copy with Winograd layers, else channels-last alone, each fused
+first and then unfused, else every batch runs as given.
 """
 
 from __future__ import annotations
@@ -33,7 +37,10 @@ from torch import Tensor, nn
 
 from camkit import _fusion, _winograd
 
-__all__ = ["FastForward"]
+__all__ = ["CHECK_ROWS", "FastForward"]
+
+CHECK_ROWS = 2
+"""The first batch's first rows run every way to choose the path; the rest of that batch runs the chosen way."""
 
 
 class FastForward:
@@ -48,7 +55,8 @@ class FastForward:
     Attributes:
         active: None until the first batch; then whether a faster path is used.
         path: once decided, ``"folded+winograd+channels-last"``, ``"folded+channels-last"``,
-            ``"winograd+channels-last"``, ``"channels-last"`` or ``"plain"``.
+            ``"winograd+channels-last"``, ``"channels-last"`` (each also with ``"fused+"`` after ``"folded+"`` or
+            first) or ``"plain"``.
     """
 
     def __init__(
@@ -75,8 +83,19 @@ class FastForward:
         fast = inputs.contiguous(memory_format=torch.channels_last)
         if self.active:
             return self.output_fn(self._fast_model(fast))
+        if inputs.shape[0] > CHECK_ROWS:
+            # Decide on the first rows only (the candidates' check forwards are the overhead), then run the rest.
+            head = self._decide(inputs[:CHECK_ROWS], inputs.shape[0])
+            tail = self(inputs[CHECK_ROWS:])
+            if head.dim() and tail.dim() and head.shape[1:] == tail.shape[1:]:
+                return torch.cat([head, tail])
+            return self(inputs)  # an output whose shape depends on the batch (padded detections): whole batch
+        return self._decide(inputs, inputs.shape[0])
+
+    def _decide(self, inputs: Tensor, batch: int) -> Tensor:
+        fast = inputs.contiguous(memory_format=torch.channels_last)
         ref = self.output_fn(self.model(inputs))
-        for name, model in _candidates(self.model, inputs[:1], inputs.shape[0]):
+        for name, model in _candidates(self.model, inputs[:1], batch):
             try:
                 out = self.output_fn(model(fast))
             except Exception:  # a layout-dependent model (e.g. .view on a feature map): not this way
