@@ -19,25 +19,32 @@ from camkit.methods.perturbation import PerturbationOptions
 from conftest import TinyGapNet, assert_unchanged, snapshot
 
 
-class ConstantChannels(nn.Module):
-    """Conv features where channel 0 is constant (bias only) and channel 1 is all zero (dead ReLU)."""
+class ConvFeatures(nn.Module):
+    """stem -> ``features`` (6 channels, stride 2) -> ReLU ``act`` -> mean -> fc, seeded; subclasses edit channels."""
 
-    def __init__(self) -> None:
+    def __init__(self, seed: int) -> None:
         super().__init__()
-        torch.manual_seed(3)
+        torch.manual_seed(seed)
         self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
         self.features = nn.Conv2d(8, 6, 3, padding=1, stride=2)
         self.act = nn.ReLU()
-        with torch.no_grad():
-            self.features.weight[0].zero_()
-            self.features.bias[0] = 0.7
-            self.features.weight[1].zero_()
-            self.features.bias[1] = -1.0
         self.fc = nn.Linear(6, 5)
 
     def forward(self, x: Tensor) -> Tensor:
         a = self.act(self.features(self.stem(x)))
         return self.fc(a.mean(dim=(2, 3)))
+
+
+class ConstantChannels(ConvFeatures):
+    """Conv features where channel 0 is constant (bias only) and channel 1 is all zero (dead ReLU)."""
+
+    def __init__(self) -> None:
+        super().__init__(seed=3)
+        with torch.no_grad():
+            self.features.weight[0].zero_()
+            self.features.bias[0] = 0.7
+            self.features.weight[1].zero_()
+            self.features.bias[1] = -1.0
 
 
 class ConcatSkip(nn.Module):
@@ -494,24 +501,15 @@ def test_cli_perturbation_options(tmp_path) -> None:
     assert res.exit_code == 2 and "weighting" in res.output
 
 
-class DuplicateChannels(nn.Module):
+class DuplicateChannels(ConvFeatures):
     """Channel 3 of ``features`` is channel 2 times 2.5 (weights and bias): after the ReLU their maps are equal
     up to scale, so they have the same normalised mask."""
 
     def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(6)
-        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
-        self.features = nn.Conv2d(8, 6, 3, padding=1, stride=2)
-        self.act = nn.ReLU()
+        super().__init__(seed=6)
         with torch.no_grad():
             self.features.weight[3] = 2.5 * self.features.weight[2]
             self.features.bias[3] = 2.5 * self.features.bias[2]
-        self.fc = nn.Linear(6, 5)
-
-    def forward(self, x: Tensor) -> Tensor:
-        a = self.act(self.features(self.stem(x)))
-        return self.fc(a.mean(dim=(2, 3)))
 
 
 @pytest.mark.parametrize("method", ["scorecam", "iscam"])

@@ -80,9 +80,8 @@ class FastForward:
     def __call__(self, inputs: Tensor) -> Tensor:
         if self.active is False or not self._applies(inputs):
             return self.output_fn(self.model(inputs))
-        fast = inputs.contiguous(memory_format=torch.channels_last)
         if self.active:
-            return self.output_fn(self._fast_model(fast))
+            return self.output_fn(self._fast_model(inputs.contiguous(memory_format=torch.channels_last)))
         if inputs.shape[0] > CHECK_ROWS:
             # Decide on the first rows only (the candidates' check forwards are the overhead), then run the rest.
             head = self._decide(inputs[:CHECK_ROWS], inputs.shape[0])
@@ -121,7 +120,7 @@ def _candidates(model: nn.Module, example: Tensor, batch: int) -> Iterator[tuple
         # Tracing runs the forward code with proxies: only ever on a copy (``own``), never on the user's modules.
         if fusing:
             try:
-                got = _fusion.fuse(m if own else copy.deepcopy(m), example[:1], batch)
+                got = _fusion.fuse(m if own else copy.deepcopy(m), example, batch)
             except Exception:
                 got = None
             if got is not None:

@@ -53,25 +53,19 @@ _AFTER_ADD = {"relu"}
 """The only activation oneDNN's fused add accepts after it (PyTorch 2.x: "Unary Fusion behavior undefined")."""
 _ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
 _ADD_METHODS = ("add", "add_")
-_REFERENCE: dict[str, Callable[[Tensor, list[float]], Tensor]] = {
-    "relu": lambda y, _s: F.relu(y),
-    "hardtanh": lambda y, s: F.hardtanh(y, s[0], s[1]),
-    "swish": lambda y, _s: F.silu(y),
-    "hardswish": lambda y, _s: F.hardswish(y),
+_ACTIVATIONS: dict[str, Callable[[Tensor, list[float], bool], Tensor]] = {
+    "relu": lambda y, _s, inplace: F.relu(y, inplace=inplace),
+    "hardtanh": lambda y, s, inplace: F.hardtanh(y, s[0], s[1], inplace=inplace),
+    "swish": lambda y, _s, inplace: F.silu(y, inplace=inplace),
+    "hardswish": lambda y, _s, inplace: F.hardswish(y, inplace=inplace),
 }
+"""What each oneDNN post-op name computes: ``(tensor, scalars, inplace) -> tensor``."""
 
 
 def _in_place(name: str, scalars: list[float]) -> Callable[[Tensor], Tensor]:
     """The activation oneDNN calls ``name``, applied in place (for the Winograd path of a fused layer)."""
-    if name == "relu":
-        return F.relu_
-    if name == "hardtanh":
-        return lambda y: F.hardtanh_(y, scalars[0], scalars[1])
-    if name == "swish":
-        return lambda y: F.silu(y, inplace=True)
-    if name == "hardswish":
-        return lambda y: F.hardswish(y, inplace=True)
-    raise ValueError(f"unknown post-op {name!r}")
+    act = _ACTIVATIONS[name]
+    return lambda y: act(y, scalars, True)
 
 
 def available() -> bool:
@@ -121,8 +115,8 @@ class FusedConv2d(nn.Module):
         super().__init__()
         if not packable(conv):
             raise ValueError(f"not a convolution FusedConv2d can pack: {conv}")
-        if unary is not None and unary not in _REFERENCE:
-            raise ValueError(f"unknown post-op {unary!r}: one of {sorted(_REFERENCE)}")
+        if unary is not None and unary not in _ACTIVATIONS:
+            raise ValueError(f"unknown post-op {unary!r}: one of {sorted(_ACTIVATIONS)}")
         if binary and unary is not None and unary not in _AFTER_ADD:
             raise ValueError(f"oneDNN fuses only {sorted(_AFTER_ADD)} after an add, not {unary!r}")
         self.conv = conv
@@ -148,7 +142,7 @@ class FusedConv2d(nn.Module):
         y = self.conv(x)
         if other is not None:
             y = y + other
-        return y if self.unary is None else _REFERENCE[self.unary](y, self.scalars)
+        return y if self.unary is None else _ACTIVATIONS[self.unary](y, self.scalars, False)
 
     def forward(self, x: Tensor, other: Tensor | None = None) -> Tensor:
         if (other is not None) != self.binary:

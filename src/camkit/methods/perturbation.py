@@ -71,8 +71,9 @@ class PerturbationOptions:
         replay: Ablation-CAM re-runs only the layers after the target (default); False runs whole forwards.
         channels_last: Score-CAM family: send the masked inputs in channels-last memory format to a copy of
             the model whose BatchNorms are folded into the convolutions before them and, on CPU, whose wide 3x3
-            convolutions run the Winograd way where that is faster (same outputs up to float rounding, checked on
-            the first batch, see :mod:`camkit._fastforward`). None (default): on CPU; True: on any device;
+            convolutions run the Winograd way where that is faster and whose convolutions are packed for oneDNN
+            with their ReLU and residual add fused (same outputs up to float rounding, checked on the first
+            batch, see :mod:`camkit._fastforward`). None (default): on CPU; True: on any device;
             False: never (the model as given, NCHW).
         align_corners: upsample the Score-CAM masks with ``align_corners=True``, as pytorch-grad-cam's
             ``nn.UpsamplingBilinear2d`` does (the Score-CAM authors use ``False``, the default). With
@@ -308,9 +309,8 @@ def _score_family(ctx: PerturbationContext, variant: Literal["score", "smooth", 
     t = _n_targets(ctx)
     prob = opts.weighting == "prob" and ctx.classes is not None
     channel_softmax = opts.weighting == "channel-softmax"
-    n_rep = (
-        1 if variant == "score" else (opts.samples or (35 if variant == "smooth" else 10))
-    )  # passes per mask
+    # forward passes per mask
+    n_rep = 1 if variant == "score" else (opts.samples or (35 if variant == "smooth" else 10))
     # SS-CAM's constant channels still get noisy masks in the channel-softmax variant (as torchcam).
     sel = _selected(ctx, include_constant=channel_softmax and variant == "smooth")
     bidx, kidx = sel.nonzero(as_tuple=True)
