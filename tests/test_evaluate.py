@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from camkit.cli import app
 from camkit.evaluate import Annotation, baseline_map, collect_images, evaluate, read_annotations
-from camkit.models import Preprocess
+from camkit.io import Preprocess
 
 runner = CliRunner()
 
@@ -129,7 +129,7 @@ def test_cli_errors_exit_2(tmp_path) -> None:
 
 @pytest.mark.slow
 def test_cli_evaluate_and_localize_on_photos(tmp_path) -> None:
-    from camkit.models import sample_image
+    from camkit.io import sample_image
 
     folder = tmp_path / "photos"
     folder.mkdir()

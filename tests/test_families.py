@@ -24,10 +24,10 @@ from torch import nn
 
 import camkit
 from camkit import tasks
-from camkit.explain import _output_fn
 from camkit.layers import auto_layer
-from camkit.methods import METHODS, method_names
+from camkit.methods import METHODS, AttentionMethod, LayerMethod, method_names
 from camkit.methods.attention import attention_probabilities
+from camkit.pipeline import _output_fn
 from conftest import assert_unchanged, snapshot
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "compatibility.md"
@@ -187,14 +187,12 @@ def shared_pass_methods() -> list[str]:
     return sorted(
         n
         for n in method_names()
-        if METHODS[n].run is None
-        and getattr(METHODS[n], "perturb", None) is None
-        and not METHODS[n].needs_classifier
+        if isinstance(METHODS[n], LayerMethod) and not METHODS[n].needs_classifier  # type: ignore[attr-defined]
     )
 
 
 def attention_methods() -> list[str]:
-    return sorted(n for n in method_names() if METHODS[n].run is not None)
+    return sorted(n for n in method_names() if isinstance(METHODS[n], AttentionMethod))
 
 
 def _target(fam: Family, model: nn.Module, x: torch.Tensor) -> object:

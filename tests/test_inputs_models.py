@@ -9,7 +9,7 @@ import torchvision
 from PIL import Image
 
 import camkit
-from camkit.models import Preprocess, to_rgb
+from camkit.io import Preprocess, to_rgb
 
 
 def test_missing_and_corrupt_files(tmp_path):

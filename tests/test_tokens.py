@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import camkit
-from camkit.explain import _output_fn
 from camkit.methods.attention import attention_probabilities, grad_rollout, rollout
+from camkit.pipeline import _output_fn
 from camkit.tokens import Layout, infer_layout, prefix_tokens
 from conftest import assert_unchanged, snapshot
 

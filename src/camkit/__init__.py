@@ -7,11 +7,12 @@
 >>> expl.overlay(0).save("cat.png")
 """
 
-from camkit.explain import Explanation, compare, explain
+from camkit.explanation import Explanation
+from camkit.io import LoadedModel, Preprocess, load_image, load_model, sample_image
 from camkit.layers import auto_layer, describe_layers
 from camkit.methods import method_names
 from camkit.methods.perturbation import PerturbationOptions
-from camkit.models import LoadedModel, Preprocess, load_image, load_model, sample_image
+from camkit.pipeline import compare, explain
 from camkit.runtime import tune_allocator
 from camkit.targets import TopK
 from camkit.tasks import (

@@ -24,7 +24,7 @@ from rich.table import Table
 if TYPE_CHECKING:
     from PIL import Image
 
-    from camkit.models import LoadedModel
+    from camkit.io import LoadedModel
     from camkit.targets import TargetSpec
     from camkit.tasks import ChosenTarget
 
@@ -217,7 +217,7 @@ def explain(
 ) -> None:
     """Explain the model's decision on images and write overlay PNGs (and a grid when comparing)."""
     import camkit
-    from camkit.models import sample_image
+    from camkit.io import sample_image
     from camkit.targets import TopK, parse_target
     from camkit.tasks import set_score_threshold
 
@@ -245,7 +245,11 @@ def explain(
                     f"--det-threshold is for detection models; {loaded.name} is a {loaded.task} model"
                 )
             set_score_threshold(loaded.model, det_threshold)
-        slow = [m for m in method_list if camkit.methods.get_method(m).perturb is not None]
+        slow = [
+            m
+            for m in method_list
+            if isinstance(camkit.methods.get_method(m), camkit.methods.PerturbationMethod)
+        ]
         out.mkdir(parents=True, exist_ok=True)
         table = Table(title=f"camkit explain · {loaded.name}")
         for col in ("image", "class", "prob", "method", "layers", "file"):
@@ -452,7 +456,7 @@ def evaluate(
     import camkit
     from camkit.evaluate import METRICS, collect_images
     from camkit.evaluate import evaluate as run_evaluation
-    from camkit.models import SAMPLES, sample_image
+    from camkit.io import SAMPLES, sample_image
 
     try:
         items: list = [(s, sample_image(s)) for s in SAMPLES] if not images else collect_images(images)
@@ -529,9 +533,9 @@ def localize(
 ) -> None:
     """Boxes around what the model looked at: <image>_boxes.png (overlay + boxes) and boxes.json."""
     import camkit
+    from camkit.io import sample_image
     from camkit.localize import localize as find_boxes
     from camkit.localize import parse_threshold
-    from camkit.models import sample_image
     from camkit.targets import TopK, parse_target
     from camkit.viz import draw_boxes
 

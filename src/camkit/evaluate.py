@@ -34,7 +34,7 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from camkit.models import Preprocess, load_image
+from camkit.io import Preprocess, load_image
 
 __all__ = [
     "BASELINES",
@@ -285,9 +285,9 @@ def evaluate(
         progress: called as ``progress(n_done, description)`` after each (batch, method).
     """
     from camkit import metrics as M
-    from camkit.explain import compare
     from camkit.methods import get_method
     from camkit.metrics._common import Forward, model_device
+    from camkit.pipeline import compare
 
     t_start = time.perf_counter()
     anns = read_annotations(annotations) if isinstance(annotations, (str, Path)) else (annotations or {})
@@ -325,7 +325,7 @@ def evaluate(
         logits = fwd(x)
         lab = labels
         if lab is None and logits.shape[1] == 1000:
-            from camkit.models import imagenet_labels
+            from camkit.io import imagenet_labels
 
             lab = imagenet_labels()
         classes = _class_indices(logits, batch_anns, lab).to(device)

@@ -9,7 +9,7 @@ Coordinates. A :class:`Box` is ``(x0, y0, x1, y1)`` in pixels with ``x0, y0`` in
 exclusive (continuous coordinates where pixel ``i`` spans ``[i, i + 1)``): width ``x1 - x0``, the same convention
 as ``torchvision.ops.box_iou`` and COCO ``[x, y, w, h]``. Components are found on the map at the model's input
 size (8-connectivity, ``skimage.measure.label``), then the box edges are scaled to the original image:
-camkit's :class:`~camkit.models.Preprocess` resizes the *whole* image (no crop), so input edge ``u`` is original
+camkit's :class:`~camkit.io.Preprocess` resizes the *whole* image (no crop), so input edge ``u`` is original
 edge ``u * W / w`` (:func:`map_to_image`); edges are rounded to whole pixels.
 """
 
@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 if TYPE_CHECKING:
-    from camkit.explain import Explanation
+    from camkit.explanation import Explanation
 
 __all__ = [
     "Box",
@@ -117,7 +117,7 @@ def map_to_image(
     box: Sequence[float], map_size: tuple[int, int], image_size: tuple[int, int] | None
 ) -> tuple[int, int, int, int]:
     """Scale box edges from the map (at the model input, ``map_size`` = (H, W)) to the original image
-    (``image_size`` = (W, H), PIL's order), undoing :class:`~camkit.models.Preprocess`'s whole-image resize.
+    (``image_size`` = (W, H), PIL's order), undoing :class:`~camkit.io.Preprocess`'s whole-image resize.
 
     Edge ``u`` on the map is edge ``u * W_image / W_map`` on the image; edges are rounded to whole pixels.
     """
@@ -203,7 +203,7 @@ def localize(
     """Boxes around the salient regions of each map.
 
     Args:
-        source: an :class:`~camkit.explain.Explanation` (boxes in the original images' pixels when it holds
+        source: an :class:`~camkit.Explanation` (boxes in the original images' pixels when it holds
             them), or maps Tensor[B, H, W] / Tensor[H, W] (boxes in map pixels unless ``image_sizes`` is given).
         threshold: ``0.2`` = keep pixels ``>= 0.2 * max`` (the CAM paper); ``("value", 0.5)`` a fixed value;
             ``"otsu"``.

@@ -85,7 +85,7 @@ def _names(labels: tuple[str, ...]) -> list[set[str]]:
     """Accepted names per class: the label, plus WordNet synonyms for ImageNet ("tabby" = "tabby cat")."""
     names = [{lab.lower()} for lab in labels]
     if len(labels) == 1000:
-        from camkit.models import imagenet_labels
+        from camkit.io import imagenet_labels
 
         if list(labels) == imagenet_labels():
             try:

@@ -395,7 +395,7 @@ def default_target(
         ValueError: a batch of several images, an unknown class, or (detection) no detection to explain.
     """
     if not isinstance(output, Tensor):
-        from camkit.explain import _output_fn
+        from camkit.pipeline import _output_fn
 
         output = _output_fn(None)(output)
     if output.shape[0] != 1:

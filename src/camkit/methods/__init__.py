@@ -1,8 +1,28 @@
 """The method registry: a name on the command line or in ``explain(method=...)`` maps to a :class:`Method`."""
 
-from camkit.methods.registry import METHODS, Method, MethodInput, get_method, method_names
+from camkit.methods.registry import (
+    METHODS,
+    AttentionMethod,
+    LayerMethod,
+    Method,
+    MethodInput,
+    PerturbationMethod,
+    get_method,
+    method_names,
+    register,
+)
 
 # Register every family, in the order `camkit methods` lists them.
 from camkit.methods import cam, gradient, projection, perturbation, attention  # noqa: F401  # isort: skip
 
-__all__ = ["METHODS", "Method", "MethodInput", "get_method", "method_names"]
+__all__ = [
+    "METHODS",
+    "AttentionMethod",
+    "LayerMethod",
+    "Method",
+    "MethodInput",
+    "PerturbationMethod",
+    "get_method",
+    "method_names",
+    "register",
+]

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from camkit.methods.registry import Method, MethodInput, register
+from camkit.methods.registry import AttentionMethod, register
 from camkit.tokens import infer_layout, prefix_tokens
 
 __all__ = ["attention_probabilities", "grad_rollout", "rollout"]
@@ -238,30 +238,24 @@ def _run_grad_rollout(
     return torch.stack(maps, dim=1) if classes is not None and classes.dim() == 2 else maps[0]
 
 
-def _not_layerwise(_x: MethodInput) -> Tensor:
-    raise RuntimeError("attention methods compute their map in their own pass (Method.run)")
-
-
 register(
-    Method(
-        "rollout",
-        _not_layerwise,
-        False,
-        "1 extra forward (class-agnostic), no backward",
-        "Abnar & Zuidema, ACL 2020",
-        "R = prod_l (mean_h A_l + I)/2 over the blocks; map = class-token row of R over the patches",
+    AttentionMethod(
+        name="rollout",
+        needs_grad=False,
+        cost="1 extra forward (class-agnostic), no backward",
+        paper="Abnar & Zuidema, ACL 2020",
+        summary="R = prod_l (mean_h A_l + I)/2 over the blocks; map = class-token row of R over the patches",
         aliases=("attention-rollout", "attentionrollout"),
         run=_run_rollout,
     )
 )
 register(
-    Method(
-        "gradrollout",
-        _not_layerwise,
-        False,
-        "1 extra forward + 1 backward through the blocks",
-        "Chefer, Gur & Wolf, ICCV 2021 (generic attention explainability)",
-        "R = prod_l (I + mean_h ReLU(dS/dA_l * A_l)); map = class-token row of R over the patches",
+    AttentionMethod(
+        name="gradrollout",
+        needs_grad=False,
+        cost="1 extra forward + 1 backward through the blocks",
+        paper="Chefer, Gur & Wolf, ICCV 2021 (generic attention explainability)",
+        summary="R = prod_l (I + mean_h ReLU(dS/dA_l * A_l)); map = class-token row of R over the patches",
         aliases=("grad-rollout", "chefer", "chefer2021", "attention-grad"),
         run=_run_grad_rollout,
     )

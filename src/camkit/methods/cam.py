@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from camkit.methods.registry import Method, MethodInput, register
+from camkit.methods.registry import LayerMethod, MethodInput, register
 
 
 def cam(x: MethodInput) -> Tensor:
@@ -15,13 +15,13 @@ def cam(x: MethodInput) -> Tensor:
 
 
 register(
-    Method(
-        "cam",
-        cam,
-        False,
-        "1 forward, no backward",
-        "Zhou et al., CVPR 2016",
-        "map = sum_k W[c,k] A_k with W the fc weights of a GAP+Linear head",
+    LayerMethod(
+        name="cam",
+        fn=cam,
+        needs_grad=False,
+        cost="1 forward, no backward",
+        paper="Zhou et al., CVPR 2016",
+        summary="map = sum_k W[c,k] A_k with W the fc weights of a GAP+Linear head",
         needs_classifier=True,
     )
 )

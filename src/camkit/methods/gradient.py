@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from camkit.methods.registry import Method, MethodInput, register
+from camkit.methods.registry import LayerMethod, MethodInput, register
 
 
 def _grad(x: MethodInput) -> Tensor:
@@ -65,68 +65,68 @@ def layercam(x: MethodInput) -> Tensor:
 _ONE = "1 forward + 1 backward to the layer (shared)"
 
 register(
-    Method(
-        "gradcam",
-        gradcam,
-        True,
-        _ONE,
-        "Selvaraju et al., ICCV 2017",
-        "channel weight = spatial mean of dS/dA",
+    LayerMethod(
+        name="gradcam",
+        fn=gradcam,
+        needs_grad=True,
+        cost=_ONE,
+        paper="Selvaraju et al., ICCV 2017",
+        summary="channel weight = spatial mean of dS/dA",
         aliases=("grad-cam",),
     )
 )
 register(
-    Method(
-        "gradcam++",
-        gradcampp,
-        True,
-        _ONE,
-        "Chattopadhyay et al., WACV 2018",
-        "weight = sum alpha*ReLU(g), alpha = g^2/(2g^2 + sum(A) g^3)",
+    LayerMethod(
+        name="gradcam++",
+        fn=gradcampp,
+        needs_grad=True,
+        cost=_ONE,
+        paper="Chattopadhyay et al., WACV 2018",
+        summary="weight = sum alpha*ReLU(g), alpha = g^2/(2g^2 + sum(A) g^3)",
         aliases=("gradcampp", "gradcamplusplus"),
     )
 )
 register(
-    Method(
-        "xgradcam",
-        xgradcam,
-        True,
-        _ONE,
-        "Fu et al., BMVC 2020",
-        "weight = sum (A/sum A) * g",
+    LayerMethod(
+        name="xgradcam",
+        fn=xgradcam,
+        needs_grad=True,
+        cost=_ONE,
+        paper="Fu et al., BMVC 2020",
+        summary="weight = sum (A/sum A) * g",
         aliases=("xgrad-cam",),
     )
 )
 register(
-    Method(
-        "hirescam",
-        hirescam,
-        True,
-        _ONE,
-        "Draelos & Carin, 2020",
-        "map = sum_k g_k * A_k (element-wise, no averaging)",
+    LayerMethod(
+        name="hirescam",
+        fn=hirescam,
+        needs_grad=True,
+        cost=_ONE,
+        paper="Draelos & Carin, 2020",
+        summary="map = sum_k g_k * A_k (element-wise, no averaging)",
         aliases=("hires-cam",),
     )
 )
 register(
-    Method(
-        "gradcam-elementwise",
-        gradcam_elementwise,
-        True,
-        _ONE,
-        "pytorch-grad-cam's GradCAMElementWise",
-        "map = sum_k ReLU(g_k * A_k)",
+    LayerMethod(
+        name="gradcam-elementwise",
+        fn=gradcam_elementwise,
+        needs_grad=True,
+        cost=_ONE,
+        paper="pytorch-grad-cam's GradCAMElementWise",
+        summary="map = sum_k ReLU(g_k * A_k)",
         aliases=("gradcamelementwise",),
     )
 )
 register(
-    Method(
-        "layercam",
-        layercam,
-        True,
-        _ONE,
-        "Jiang et al., IEEE TIP 2021",
-        "map = sum_k ReLU(g_k) * A_k; several layers fused (tanh-scaled shallow maps, element-wise max)",
+    LayerMethod(
+        name="layercam",
+        fn=layercam,
+        needs_grad=True,
+        cost=_ONE,
+        paper="Jiang et al., IEEE TIP 2021",
+        summary="map = sum_k ReLU(g_k) * A_k; several layers fused (tanh-scaled shallow maps, element-wise max)",
         aliases=("layer-cam",),
     )
 )

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from camkit._fastforward import FastForward
-from camkit.methods.registry import Method, MethodInput, register
+from camkit.methods.registry import PerturbationMethod, register
 
 __all__ = ["PerturbationContext", "PerturbationOptions"]
 
@@ -482,57 +482,47 @@ def _same(a: Tensor, b: Tensor) -> bool:
 # ----------------------------------------------------------------------------------------------- registry
 
 
-def weighted_sum(x: MethodInput) -> Tensor:
-    """sum_k w_k A_k with the perturbation weights passed as ``class_weights`` Tensor[B, K]."""
-    assert x.class_weights is not None
-    return torch.einsum("bk,bkhw->bhw", x.class_weights.to(x.activations.dtype), x.activations)
-
-
 register(
-    Method(
-        "scorecam",
-        weighted_sum,
-        False,
-        "1 forward + K masked forwards (K channels), batched",
-        "Wang et al., CVPRW 2020",
-        "w_k = p_c(X * minmax(up(A_k))); map = sum_k w_k A_k",
+    PerturbationMethod(
+        name="scorecam",
+        needs_grad=False,
+        cost="1 forward + K masked forwards (K channels), batched",
+        paper="Wang et al., CVPRW 2020",
+        summary="w_k = p_c(X * minmax(up(A_k))); map = sum_k w_k A_k",
         aliases=("score-cam",),
-        perturb=lambda ctx: _score_family(ctx, "score"),
+        weights=lambda ctx: _score_family(ctx, "score"),
     )
 )
 register(
-    Method(
-        "sscam",
-        weighted_sum,
-        False,
-        "1 forward + K x samples noisy masked forwards, batched",
-        "Naidu, Wang et al. 2020 (SS-CAM)",
-        "w_k = mean_i p_c(X * (H_k + noise_i)); map = sum_k w_k A_k",
+    PerturbationMethod(
+        name="sscam",
+        needs_grad=False,
+        cost="1 forward + K x samples noisy masked forwards, batched",
+        paper="Naidu, Wang et al. 2020 (SS-CAM)",
+        summary="w_k = mean_i p_c(X * (H_k + noise_i)); map = sum_k w_k A_k",
         aliases=("ss-cam", "smoothscorecam"),
-        perturb=lambda ctx: _score_family(ctx, "smooth"),
+        weights=lambda ctx: _score_family(ctx, "smooth"),
     )
 )
 register(
-    Method(
-        "iscam",
-        weighted_sum,
-        False,
-        "1 forward + K x samples scaled masked forwards, batched",
-        "Naidu et al. 2020 (IS-CAM)",
-        "w_k = mean_i p_c(X * (i/N) H_k); map = sum_k w_k A_k",
+    PerturbationMethod(
+        name="iscam",
+        needs_grad=False,
+        cost="1 forward + K x samples scaled masked forwards, batched",
+        paper="Naidu et al. 2020 (IS-CAM)",
+        summary="w_k = mean_i p_c(X * (i/N) H_k); map = sum_k w_k A_k",
         aliases=("is-cam", "integratedscorecam"),
-        perturb=lambda ctx: _score_family(ctx, "integrated"),
+        weights=lambda ctx: _score_family(ctx, "integrated"),
     )
 )
 register(
-    Method(
-        "ablationcam",
-        weighted_sum,
-        False,
-        "1 forward + K replays of the layers after the target, batched",
-        "Desai & Ramaswamy, WACV 2020",
-        "w_k = (y_c - y_c with A_k := 0) / y_c; map = sum_k w_k A_k",
+    PerturbationMethod(
+        name="ablationcam",
+        needs_grad=False,
+        cost="1 forward + K replays of the layers after the target, batched",
+        paper="Desai & Ramaswamy, WACV 2020",
+        summary="w_k = (y_c - y_c with A_k := 0) / y_c; map = sum_k w_k A_k",
         aliases=("ablation-cam", "ablation"),
-        perturb=_ablation,
+        weights=_ablation,
     )
 )

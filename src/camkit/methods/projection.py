@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from camkit.methods.registry import Method, MethodInput, register
+from camkit.methods.registry import LayerMethod, MethodInput, register
 
 
 def first_component(x: Tensor) -> Tensor:
@@ -35,22 +35,22 @@ def eigengradcam(x: MethodInput) -> Tensor:
 
 
 register(
-    Method(
-        "eigencam",
-        eigencam,
-        False,
-        "1 forward, no backward (class-agnostic)",
-        "Muhammad & Yeasin, IJCNN 2020",
-        "map = projection of A on its first principal component (SVD over channels)",
+    LayerMethod(
+        name="eigencam",
+        fn=eigencam,
+        needs_grad=False,
+        cost="1 forward, no backward (class-agnostic)",
+        paper="Muhammad & Yeasin, IJCNN 2020",
+        summary="map = projection of A on its first principal component (SVD over channels)",
     )
 )
 register(
-    Method(
-        "eigengradcam",
-        eigengradcam,
-        True,
-        "1 forward + 1 backward to the layer (shared)",
-        "pytorch-grad-cam's EigenGradCAM",
-        "map = first principal component of g * A",
+    LayerMethod(
+        name="eigengradcam",
+        fn=eigengradcam,
+        needs_grad=True,
+        cost="1 forward + 1 backward to the layer (shared)",
+        paper="pytorch-grad-cam's EigenGradCAM",
+        summary="map = first principal component of g * A",
     )
 )

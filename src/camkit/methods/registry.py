@@ -1,9 +1,14 @@
-"""Registry of CAM methods.
+"""Registry of CAM methods, in three explicit kinds.
 
-Every method here is a small pure function of what one capture forward gives (DESIGN.md section 1): the target
-layer's activation ``A`` (Tensor[B, K, h, w]), the gradient ``G = dS/dA`` of the explained score, and for CAM the
-weights of the classifier. It returns the *signed* map, Tensor[B, h, w], before the final ReLU; ReLU, upsampling
-and normalisation happen in one place (:mod:`camkit.postprocess`).
+* :class:`LayerMethod`: a pure function of what one capture forward gives: the target layer's activation ``A``
+  (Tensor[B, K, h, w]), the gradient ``G = dS/dA`` of the explained score, and for CAM the classifier's weights.
+  It returns the *signed* map, Tensor[B, h, w], before the final ReLU.
+* :class:`PerturbationMethod`: a weight formula ``w[B, T, K]`` computed from extra forward passes of perturbed
+  inputs by the shared batching/replay engine (:mod:`camkit.methods.perturbation`); the map is ``sum_k w_k A_k``.
+* :class:`AttentionMethod`: computes its map in its own pass over a transformer's attention probabilities.
+
+ReLU, upsampling and normalisation happen in one place for all kinds (:mod:`camkit.postprocess`).
+To add a method: write its formula in the module of its kind and call :func:`register` with keywords.
 """
 
 from __future__ import annotations
@@ -11,15 +16,29 @@ from __future__ import annotations
 import difflib
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import Tensor
 
-__all__ = ["METHODS", "Method", "MethodInput", "get_method", "method_names"]
+if TYPE_CHECKING:
+    from camkit.methods.perturbation import PerturbationContext
+
+__all__ = [
+    "METHODS",
+    "AttentionMethod",
+    "LayerMethod",
+    "Method",
+    "MethodInput",
+    "PerturbationMethod",
+    "get_method",
+    "method_names",
+    "register",
+]
 
 
 @dataclass(frozen=True)
 class MethodInput:
-    """What a method's function receives.
+    """What a layer method's function receives.
 
     Attributes:
         activations: Tensor[B, K, h, w], the target layer's output.
@@ -32,37 +51,66 @@ class MethodInput:
     class_weights: Tensor | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Method:
-    """A CAM method.
+    """What every method declares.
 
     Attributes:
         name: canonical name (``gradcam++``).
-        fn: ``MethodInput -> Tensor[B, h, w]`` signed map, before ReLU.
-        needs_grad: whether the method needs dS/dA.
-        needs_classifier: whether it reads the weights of a GAP+Linear head (CAM).
         cost: forward/backward passes per image, for ``camkit methods``.
         paper: short reference.
         summary: one line: what the formula is.
         aliases: other accepted names.
-        run: for methods that are not a function of one layer's (A, dS/dA) (attention rollout...):
-            ``run(model, x, output_fn, classes, targets) -> Tensor[B, h, w]`` (``[B, k, h, w]`` for ``classes``
-            of shape [B, k]), the signed map from the method's own pass; ``fn`` is then unused.
-        perturb: for perturbation methods (Score-CAM, Ablation-CAM...): ``perturb(PerturbationContext) ->
-            Tensor[B, T, K]`` channel weights from extra forward passes; ``fn`` then gets them as
-            ``class_weights``.
+        needs_grad: whether the method needs dS/dA from the shared capture pass.
+        family: the kind, for listings (``"layer"``, ``"perturbation"``, ``"attention"``).
     """
 
+    family: ClassVar[str] = "method"
     name: str
-    fn: Callable[[MethodInput], Tensor]
-    needs_grad: bool
     cost: str
     paper: str
     summary: str
-    needs_classifier: bool = False
     aliases: tuple[str, ...] = ()
-    run: Callable[..., Tensor] | None = None
-    perturb: Callable[..., Tensor] | None = None
+    needs_grad: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class LayerMethod(Method):
+    """A map that is a pure function of one layer's activation and gradient.
+
+    Attributes:
+        fn: ``MethodInput -> Tensor[B, h, w]``, the signed map before ReLU.
+        needs_classifier: reads the weights of a GAP + Linear head (CAM): ``class_weights`` is filled.
+    """
+
+    family: ClassVar[str] = "layer"
+    fn: Callable[[MethodInput], Tensor]
+    needs_classifier: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class PerturbationMethod(Method):
+    """Channel weights from extra forward passes; the map is ``sum_k w_k A_k``.
+
+    Attributes:
+        weights: ``PerturbationContext -> Tensor[B, T, K]``, built on the shared engine.
+    """
+
+    family: ClassVar[str] = "perturbation"
+    weights: Callable[[PerturbationContext], Tensor]
+
+
+@dataclass(frozen=True, kw_only=True)
+class AttentionMethod(Method):
+    """A map from a transformer's attention probabilities, in the method's own pass.
+
+    Attributes:
+        run: ``run(model, x, output_fn, classes, targets) -> Tensor[B, h, w]`` (``[B, k, h, w]`` for ``classes``
+            of shape [B, k]), the signed map.
+    """
+
+    family: ClassVar[str] = "attention"
+    run: Callable[..., Tensor]
 
 
 METHODS: dict[str, Method] = {}
@@ -71,6 +119,10 @@ _ALIASES: dict[str, str] = {}
 
 def register(method: Method) -> Method:
     """Add a method to the registry (its name and aliases, case-insensitive)."""
+    if not isinstance(method, (LayerMethod, PerturbationMethod, AttentionMethod)):
+        raise TypeError(
+            f"register a LayerMethod, PerturbationMethod or AttentionMethod, not {type(method).__name__}"
+        )
     METHODS[method.name] = method
     for key in (method.name, *method.aliases):
         _ALIASES[_norm(key)] = method.name
@@ -81,9 +133,15 @@ def _norm(name: str) -> str:
     return name.lower().replace("_", "").replace("-", "").replace(" ", "")
 
 
-def get_method(name: str) -> Method:
+def get_method(name: Any) -> Method:
     """Look a method up by name or alias; unknown names raise ``ValueError`` with the closest matches."""
     _ensure_loaded()
+    if isinstance(name, Method):
+        return name
+    if not isinstance(name, str):
+        raise TypeError(
+            f"a method is given by its name (a str, see `camkit methods`), not {type(name).__name__}"
+        )
     key = _norm(name)
     if key in _ALIASES:
         return METHODS[_ALIASES[key]]

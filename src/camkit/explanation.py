@@ -1,0 +1,83 @@
+"""The result of :func:`camkit.explain`: maps, scores, classes and the images they explain."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+
+from PIL import Image
+from torch import Tensor
+
+from camkit.tasks import ChosenTarget
+
+__all__ = ["Explanation"]
+
+
+@dataclass
+class Explanation:
+    """The result of :func:`explain`.
+
+    Attributes:
+        maps: Tensor[B, H, W] in [0, 1] at the model's input size (Tensor[B, k, H, W] for ``TopK(k)``), fused over
+            the target layers.
+        layer_maps: layer name -> its own normalised map, same shape as ``maps``.
+        raw: layer name -> the signed map at feature resolution before ReLU, Tensor[B, h, w] (or [B, k, h, w]).
+        classes: explained class indices, LongTensor[B] (or [B, k]); None for a callable target.
+        scores: the explained scores (logits), Tensor[B] (or [B, k]).
+        probs: softmax probabilities of the explained classes, or None for a callable target.
+        labels: class names of ``classes`` when known.
+        method: canonical method name.
+        layers: target layer names, shallow to deep.
+        images: the original RGB images when the input was given as images or paths (for overlays).
+        chosen: torchvision segmentation / detection models explained with no target or with a class (index or
+            name): what was chosen for each image (:func:`camkit.tasks.default_target`: that class, or the main
+            non-background one, over its predicted mask; or the best detection of it); else None.
+    """
+
+    maps: Tensor
+    layer_maps: dict[str, Tensor]
+    raw: dict[str, Tensor]
+    classes: Tensor | None
+    scores: Tensor
+    probs: Tensor | None
+    labels: list[str] | list[list[str]] | None
+    method: str
+    layers: list[str]
+    images: list[Image.Image] | None = field(default=None, repr=False)
+    chosen: list[ChosenTarget] | None = field(default=None, repr=False)
+
+    def __repr__(self) -> str:
+        return (
+            f"Explanation(method={self.method!r}, layers={self.layers}, maps={tuple(self.maps.shape)}, "
+            f"classes={self.classes.tolist() if self.classes is not None else None}, labels={self.labels})"
+        )
+
+    def overlay(
+        self, index: int = 0, target: int = 0, cmap: str = "jet", alpha: float = 0.5, layer: str | None = None
+    ) -> Image.Image:
+        """The map of image ``index`` over its original image (or over nothing: the colored map alone).
+
+        Args:
+            index: which image of the batch.
+            target: which target for ``TopK`` explanations.
+            cmap: a matplotlib colormap name.
+            alpha: weight of the heatmap; the photo gets ``1 - alpha``.
+            layer: show one layer's map instead of the fused one.
+        """
+        from camkit.viz import colorize, overlay
+
+        m = self.layer_maps[layer] if layer is not None else self.maps
+        m = m[index]
+        if m.dim() == 3:
+            m = m[target]
+        if self.images is not None:
+            return overlay(self.images[index], m, cmap=cmap, alpha=alpha)
+        return colorize(m, cmap=cmap)
+
+    def _repr_png_(self) -> bytes:
+        from camkit.viz import hstack
+
+        pics = [self.overlay(i) for i in range(self.maps.shape[0])]
+        buf = io.BytesIO()
+        hstack(pics, height=224).save(buf, format="PNG")
+        return buf.getvalue()
