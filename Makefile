@@ -22,6 +22,7 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks tools
 	$(BIN)/ruff format --check src tests benchmarks tools
+	$(BIN)/mypy
 
 compat: $(STAMP)   # regenerate docs/compatibility.md from the model-family test matrix
 	$(BIN)/python tools/compat_table.py
