@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 import camkit
 from camkit._fastforward import CHECK_ROWS
-from camkit.methods import perturbation as pm
+from camkit.methods import engine as pm
 from camkit.methods.perturbation import PerturbationOptions
 from conftest import TinyGapNet, assert_unchanged, snapshot
 

@@ -11,7 +11,7 @@ from camkit.explanation import Explanation
 from camkit.io import LoadedModel, Preprocess, load_image, load_model, sample_image
 from camkit.layers import auto_layer, describe_layers
 from camkit.methods import method_names
-from camkit.methods.perturbation import PerturbationOptions
+from camkit.methods.engine import PerturbationOptions
 from camkit.pipeline import compare, explain
 from camkit.runtime import tune_allocator
 from camkit.targets import TopK

@@ -14,7 +14,7 @@ from camkit.explanation import Explanation
 from camkit.io import Preprocess, imagenet_labels, load_image, to_rgb
 from camkit.layers import LayerSpec, resolve_layers
 from camkit.methods import AttentionMethod, LayerMethod, Method, MethodInput, PerturbationMethod, get_method
-from camkit.methods.perturbation import PerturbationContext, PerturbationOptions, _Progress
+from camkit.methods.engine import PerturbationContext, PerturbationOptions, Progress
 from camkit.postprocess import fuse, normalize, upsample
 from camkit.targets import TargetSpec, make_score_fn, resolve_classes
 from camkit.tasks import PerImageTargets, default_targets, model_task, score_threshold
@@ -237,7 +237,7 @@ def _compute(
     names = cap.order  # shallow to deep
     size = tuple(x.shape[-2:])
 
-    progress = _Progress(perturbation.progress if perturbation is not None else None)
+    progress = Progress(perturbation.progress if perturbation is not None else None)
     results: dict[str, Explanation] = {}
     for method in methods:
         raw: dict[str, Tensor] = {}

@@ -4,7 +4,7 @@
   (Tensor[B, K, h, w]), the gradient ``G = dS/dA`` of the explained score, and for CAM the classifier's weights.
   It returns the *signed* map, Tensor[B, h, w], before the final ReLU.
 * :class:`PerturbationMethod`: a weight formula ``w[B, T, K]`` computed from extra forward passes of perturbed
-  inputs by the shared batching/replay engine (:mod:`camkit.methods.perturbation`); the map is ``sum_k w_k A_k``.
+  inputs by the shared batching/replay engine (:mod:`camkit.methods.engine`); the map is ``sum_k w_k A_k``.
 * :class:`AttentionMethod`: computes its map in its own pass over a transformer's attention probabilities.
 
 ReLU, upsampling and normalisation happen in one place for all kinds (:mod:`camkit.postprocess`).
@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from torch import Tensor
 
 if TYPE_CHECKING:
-    from camkit.methods.perturbation import PerturbationContext
+    from camkit.methods.engine import PerturbationContext
 
 __all__ = [
     "METHODS",
