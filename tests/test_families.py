@@ -27,7 +27,7 @@ from camkit import tasks
 from camkit.layers import auto_layer
 from camkit.methods import METHODS, AttentionMethod, LayerMethod, method_names
 from camkit.methods.attention import attention_probabilities
-from camkit.pipeline import _output_fn
+from camkit.outputs import output_fn
 from conftest import assert_unchanged, snapshot
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "compatibility.md"
@@ -252,7 +252,7 @@ def test_family(fam: Family) -> None:
         else:
             # The refusal explain() would raise after its shared pass, without that pass (CNNs: no forward).
             with pytest.raises(ValueError, match="self-attention"):
-                attention_probabilities(model, x, _output_fn(None))
+                attention_probabilities(model, x, output_fn(None))
             row[name] = "no (windowed attention)" if fam.kind == "swin" else "no (no self-attention)"
     assert_unchanged(before, model)
     row["seconds"] = round(time.perf_counter() - t0, 1)

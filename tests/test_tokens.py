@@ -9,7 +9,7 @@ from torch import nn
 
 import camkit
 from camkit.methods.attention import attention_probabilities, grad_rollout, rollout
-from camkit.pipeline import _output_fn
+from camkit.outputs import output_fn
 from camkit.tokens import Layout, infer_layout, prefix_tokens
 from conftest import assert_unchanged, snapshot
 
@@ -190,7 +190,7 @@ def test_attention_capture_does_not_change_the_outputs(tv_vit, deit_distilled):
         with torch.no_grad():
             ref = model(x)
         before = snapshot(model)
-        out, probs, grads = attention_probabilities(model, x, _output_fn(None), lambda o: o[:, 3])
+        out, probs, grads = attention_probabilities(model, x, output_fn(None), lambda o: o[:, 3])
         torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
         assert len(probs) == blocks and len(grads) == 1 and len(grads[0]) == blocks
         for p in probs:
@@ -229,7 +229,7 @@ def test_one_block_rollout_is_the_class_row_of_the_attention():
     model = _tiny_vit()
     model.encoder.layers = model.encoder.layers[:1]
     x = torch.randn(2, 3, 64, 64)
-    _, probs, grads = attention_probabilities(model, x, _output_fn(None), lambda o: o[:, 0])
+    _, probs, grads = attention_probabilities(model, x, output_fn(None), lambda o: o[:, 0])
     expl = camkit.explain(model, x, method="rollout", relu=False)
     ref = 0.5 * probs[0].mean(1)[:, 0, 1:].reshape(2, 4, 4)
     torch.testing.assert_close(expl.raw["rollout"], ref, rtol=1e-5, atol=1e-7)

@@ -14,13 +14,13 @@ from camkit.methods import method_names
 from camkit.methods.engine import PerturbationOptions
 from camkit.pipeline import compare, explain
 from camkit.runtime import tune_allocator
-from camkit.targets import TopK
-from camkit.tasks import (
+from camkit.targets import (
     DetectionTarget,
     MultiLabelTarget,
     RegressionTarget,
     SegmentationTarget,
     SimilarityTarget,
+    TopK,
 )
 from camkit.viz import colorize, grid, overlay
 

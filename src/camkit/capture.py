@@ -1,6 +1,6 @@
 """The capture window: target-layer activations and their gradients at the cost of about one forward.
 
-How it works (see DESIGN.md section 1):
+How it works:
 
 * the forward runs with grad mode **off**, so nothing before the earliest target layer records a graph;
 * the forward hook of each target layer detaches its output into a leaf ``A`` that requires grad, turns grad
@@ -9,83 +9,235 @@ How it works (see DESIGN.md section 1):
 * after the forward, ``torch.autograd.grad(score.sum(), [A1, A2, ...])`` gives ``dS/dA`` for every layer in one
   backward pass; per-image scores are independent, so the sum gives per-image gradients. No parameter gradient
   is computed and ``param.grad`` / ``param.requires_grad`` are never touched;
-* in ``finally`` every hook is removed and grad mode restored, also when the forward raises.
+* on exit every hook is removed and grad mode restored, also when the forward raises.
 
-When no gradient is needed (Eigen-CAM, CAM) the whole forward runs under ``torch.no_grad()``.
+When no gradient is needed (Eigen-CAM, CAM) the whole forward runs with grad mode off.
+
+:class:`Window` is the generic piece (hooks, leaves, grad mode, per-target backward); :class:`LayerCapture`
+records target layers with it, and the attention methods (:mod:`camkit.methods.attention`) record attention
+probabilities with it.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from types import TracebackType
+from typing import TypeVar
 
 import torch
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
-__all__ = ["Captured", "capture"]
+__all__ = ["Captured", "LayerCapture", "Window", "capture", "target_gradients"]
+
+W = TypeVar("W", bound="Window")
+L = TypeVar("L", bound="LayerCapture")
+
+Gradients = Tensor | list[Tensor]  # one tensor, or one per target when the score is Tensor[T, B]
 
 
-@dataclass
+@dataclass(frozen=True)
 class Captured:
     """What one capture forward produced.
 
     Attributes:
         output: the model output (logits), detached from any graph.
         activations: layer name -> activation ``A`` (Tensor[B, K, h, w] for CNNs), detached.
-        gradients: layer name -> ``dS/dA`` of the same shape, or empty when no score was given.
+        gradients: layer name -> ``dS/dA`` of the same shape (a list with one per target for scores Tensor[T, B]),
+            or empty when no gradient was asked for.
         scores: the explained scores ``S`` (Tensor[B] or Tensor[T, B] for T targets per image), detached.
+        order: layer names, shallow to deep (the order their last calls finished).
+        calls: how many times each layer ran in the forward.
     """
 
     output: Tensor
     activations: dict[str, Tensor]
-    gradients: dict[str, Tensor | list[Tensor]] = field(default_factory=dict)
+    gradients: dict[str, Gradients] = field(default_factory=dict)
     scores: Tensor | None = None
-    order: list[str] = field(default_factory=list)  # layer names, shallow to deep (finish order)
-    calls: dict[str, int] = field(default_factory=dict)  # how many times each layer ran in the forward
+    order: list[str] = field(default_factory=list)
+    calls: dict[str, int] = field(default_factory=dict)
 
 
-class _LayerHook:
-    """Forward hook for one target layer; keeps the leaf of the last call."""
+class Window:
+    """A forward pass with hooks of ours, as a context manager.
 
-    def __init__(self, name: str, window: _Window) -> None:
-        self.name = name
-        self.window = window
-        self.leaves: list[Tensor] = []
+    On entry grad mode is switched off (inside ``inference_mode(False)``, so it also works when the caller is in
+    ``torch.inference_mode()``); :meth:`record` turns a tensor met during the forward into a leaf of the backward.
+    On exit, also after an exception, the hooks are removed, the ``undo`` callbacks run and grad mode is restored.
 
-    def __call__(self, module: nn.Module, inputs: object, output: object) -> Tensor:
-        if not isinstance(output, Tensor):
-            raise TypeError(
-                f"target layer {self.name!r} ({type(module).__name__}) returns {type(output).__name__}, "
-                "not a tensor; choose a layer whose output is a feature map (see `camkit layers MODEL`)"
-            )
-        self.window.finished(self.name)
-        if not self.window.need_grad:
-            # Clone so that later in-place ops cannot overwrite what we read.
-            leaf = output.detach().clone()
-            self.leaves.append(leaf)
-            return output
-        torch.set_grad_enabled(True)
-        if output.requires_grad:
-            # Already downstream of an earlier target layer: keep the graph through it intact.
-            leaf = output
-        else:
-            # A leaf that requires grad: gradients stop here, nothing before it is recorded.
-            leaf = output.detach().requires_grad_(True)
-        self.leaves.append(leaf)
-        # The network continues on a copy: in-place ops downstream cannot touch ``leaf``.
-        return leaf.clone()
+    Args:
+        need_grad: whether recorded tensors become leaves that require grad.
+        copy: hand the network a copy of each recorded tensor, so that later in-place ops cannot overwrite it.
+    """
 
-
-class _Window:
-    def __init__(self, need_grad: bool) -> None:
+    def __init__(self, need_grad: bool, copy: bool = True) -> None:
         self.need_grad = need_grad
+        self.copy = copy
+        self._handles: list[RemovableHandle] = []
+        self._undo: list[Callable[[], None]] = []
+        self._prev_grad = torch.is_grad_enabled()
+        self._inference = torch.inference_mode(False)
+
+    def __enter__(self: W) -> W:
+        self._prev_grad = torch.is_grad_enabled()
+        self._inference.__enter__()
+        torch.set_grad_enabled(False)
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        try:
+            for handle in self._handles:
+                handle.remove()
+            for undo in reversed(self._undo):
+                undo()
+        finally:
+            self._inference.__exit__(kind, exc, tb)
+            torch.set_grad_enabled(self._prev_grad)
+
+    def hook(self, module: nn.Module, fn: Callable[..., object], with_kwargs: bool = False) -> None:
+        """Register a forward hook, removed on exit."""
+        self._handles.append(module.register_forward_hook(fn, with_kwargs=with_kwargs))
+
+    @property
+    def hooked(self) -> bool:
+        """Whether any hook is registered."""
+        return bool(self._handles)
+
+    def on_exit(self, undo: Callable[[], None]) -> None:
+        """Run ``undo`` on exit (e.g. to restore a flag switched for the forward)."""
+        self._undo.append(undo)
+
+    def record(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """-> (the tensor to keep, the tensor the network continues with).
+
+        With ``need_grad`` the kept tensor is a leaf that requires grad (or ``t`` itself when it is already
+        downstream of an earlier recorded tensor, so the graph through it stays intact) and grad mode is on from
+        here. Without, the kept tensor is a detached copy.
+        """
+        if not self.need_grad:
+            return (t.detach().clone(), t) if self.copy else (t, t)
+        torch.set_grad_enabled(True)
+        # A leaf that requires grad: gradients stop here, nothing before it is recorded.
+        leaf = t if t.requires_grad else t.detach().requires_grad_(True)
+        return leaf, (leaf.clone() if self.copy else leaf)
+
+
+def target_gradients(scores: Tensor, leaves: Sequence[Tensor]) -> list[list[Tensor]]:
+    """dS_t/dL for every target row t of ``scores`` (Tensor[B] or Tensor[T, B]) and every leaf L.
+
+    One backward per target; a leaf the score does not depend on gets zeros.
+
+    Returns:
+        per target, per leaf, a gradient of the leaf's shape.
+    """
+    rows = scores[None] if scores.dim() == 1 else scores
+    out = []
+    for t in range(rows.shape[0]):
+        grads = torch.autograd.grad(
+            rows[t].sum(), list(leaves), retain_graph=t < rows.shape[0] - 1, allow_unused=True
+        )
+        out.append([torch.zeros_like(a) if g is None else g for g, a in zip(grads, leaves, strict=True)])
+    return out
+
+
+class LayerCapture(Window):
+    """A :class:`Window` with a forward hook on each target layer; the last call of each layer is kept.
+
+    >>> with LayerCapture(layers, need_grad=True) as window:
+    ...     out = window.forward(model, x)
+    ...     captured = window.result(out, out[:, 0])
+    """
+
+    def __init__(self, layers: dict[str, nn.Module], need_grad: bool) -> None:
+        super().__init__(need_grad)
+        self.layers = layers
+        self.leaves: dict[str, list[Tensor]] = {name: [] for name in layers}
         self.order: list[str] = []  # layer names in the order their last call finished
 
-    def finished(self, name: str) -> None:
-        if name in self.order:
-            self.order.remove(name)
-        self.order.append(name)
+    def __enter__(self: L) -> L:
+        super().__enter__()
+        for name, module in self.layers.items():
+            self.hook(module, self._hook_for(name))
+        return self
+
+    def _hook_for(self, name: str) -> Callable[[nn.Module, object, object], Tensor]:
+        def hook(module: nn.Module, inputs: object, output: object) -> Tensor:
+            if not isinstance(output, Tensor):
+                raise TypeError(
+                    f"target layer {name!r} ({type(module).__name__}) returns {type(output).__name__}, "
+                    "not a tensor; choose a layer whose output is a feature map (see `camkit layers MODEL`)"
+                )
+            if name in self.order:
+                self.order.remove(name)
+            self.order.append(name)
+            kept, onward = self.record(output)
+            self.leaves[name].append(kept)
+            return onward
+
+        return hook
+
+    def forward(
+        self, model: nn.Module, inputs: Tensor, output_fn: Callable[[object], Tensor] | None = None
+    ) -> Tensor:
+        """Run ``model(inputs)`` and read its output with ``output_fn`` (default: the output as is)."""
+        raw_out = model(inputs)
+        out = output_fn(raw_out) if output_fn is not None else raw_out
+        if not isinstance(out, Tensor):
+            raise TypeError(
+                f"the model returned {type(raw_out).__name__}; pass output=... to say which element "
+                "holds the scores to explain"
+            )
+        missing = [n for n, kept in self.leaves.items() if not kept]
+        if missing:
+            raise RuntimeError(
+                f"target layer(s) {missing} did not run during the forward pass; "
+                "choose layers the model actually calls (see `camkit layers MODEL`)"
+            )
+        for name, kept in self.leaves.items():
+            if len(kept) > 1:
+                warnings.warn(
+                    f"layer {name!r} ran {len(kept)} times in one forward; its last call is used",
+                    stacklevel=3,
+                )
+        return out
+
+    def result(self, output: Tensor, scores: Tensor | None = None) -> Captured:
+        """The captured record; with ``need_grad``, ``dS/dA`` of ``scores`` (Tensor[B] or Tensor[T, B])."""
+        leaves = {name: kept[-1] for name, kept in self.leaves.items()}
+        calls = {name: len(kept) for name, kept in self.leaves.items()}
+        if not self.need_grad or scores is None:
+            return Captured(
+                output=output.detach(),
+                activations=leaves,
+                scores=None if scores is None else scores.detach(),
+                order=list(self.order),
+                calls=calls,
+            )
+        if scores.dim() not in (1, 2):
+            raise ValueError(f"scores must be Tensor[B] or Tensor[T, B], got shape {tuple(scores.shape)}")
+        if not scores.requires_grad:
+            raise RuntimeError(
+                f"the explained score does not depend on the target layer(s) {list(leaves)}: pick a layer on the "
+                "path to the output"
+            )
+        names = list(leaves)
+        per_target = target_gradients(scores, [leaves[n] for n in names])
+        gradients: dict[str, Gradients] = {
+            n: (per_target[0][i] if scores.dim() == 1 else [grads[i] for grads in per_target])
+            for i, n in enumerate(names)
+        }
+        return Captured(
+            output=output.detach(),
+            activations={n: a.detach() for n, a in leaves.items()},
+            gradients=gradients,
+            scores=scores.detach(),
+            order=list(self.order),
+            calls=calls,
+        )
 
 
 def capture(
@@ -98,8 +250,8 @@ def capture(
     """Run ``model(inputs)`` once and capture the target layers' activations (and gradients).
 
     Args:
-        model: the network, in eval mode. It is not modified: hooks are removed and grad mode restored in
-            ``finally``; ``requires_grad`` and ``.grad`` of parameters are never touched.
+        model: the network, in eval mode. It is not modified: hooks are removed and grad mode restored on exit;
+            ``requires_grad`` and ``.grad`` of parameters are never touched.
         inputs: Tensor[B, C, H, W], never modified, never made to require grad.
         layers: name -> module to capture. A module called several times in one forward keeps its last call.
         score_fn: maps the model output (Tensor[B, ...]) to scores, Tensor[B] (one target per image) or
@@ -109,83 +261,6 @@ def capture(
     Returns:
         a :class:`Captured`.
     """
-    need_grad = score_fn is not None
-    window = _Window(need_grad)
-    hooks = {name: _LayerHook(name, window) for name in layers}
-    handles = []
-    prev_grad = torch.is_grad_enabled()
-    try:
-        for name, module in layers.items():
-            handles.append(module.register_forward_hook(hooks[name]))
-        # inference_mode(False): also works when the caller is inside torch.inference_mode().
-        with torch.inference_mode(False):
-            torch.set_grad_enabled(False)
-            raw_out = model(inputs)
-            out = output_fn(raw_out) if output_fn is not None else raw_out
-            if not isinstance(out, Tensor):
-                raise TypeError(
-                    f"the model returned {type(raw_out).__name__}; pass output=... to say which element "
-                    "holds the scores to explain"
-                )
-            missing = [n for n, h in hooks.items() if not h.leaves]
-            if missing:
-                raise RuntimeError(
-                    f"target layer(s) {missing} did not run during the forward pass; "
-                    "choose layers the model actually calls (see `camkit layers MODEL`)"
-                )
-            for name, h in hooks.items():
-                if len(h.leaves) > 1:
-                    warnings.warn(
-                        f"layer {name!r} ran {len(h.leaves)} times in one forward; its last call is used",
-                        stacklevel=3,
-                    )
-            leaves = {name: h.leaves[-1] for name, h in hooks.items()}
-            if not need_grad:
-                return Captured(
-                    output=out.detach(),
-                    activations=leaves,
-                    order=list(window.order),
-                    calls={n: len(h.leaves) for n, h in hooks.items()},
-                )
-            assert score_fn is not None
-            scores = score_fn(out)
-            if scores.dim() not in (1, 2):
-                raise ValueError(f"scores must be Tensor[B] or Tensor[T, B], got shape {tuple(scores.shape)}")
-            if not scores.requires_grad:
-                raise RuntimeError(
-                    "the explained score does not depend on the target layer(s) "
-                    f"{list(leaves)}: pick a layer on the path to the output"
-                )
-            names = list(leaves)
-            tensors = [leaves[n] for n in names]
-            if scores.dim() == 1:
-                grads = torch.autograd.grad(scores.sum(), tensors, allow_unused=True)
-                gradients: dict[str, Tensor | list[Tensor]] = {
-                    n: _zero_if_none(g, t) for n, g, t in zip(names, grads, tensors, strict=True)
-                }
-            else:
-                per_target: dict[str, list[Tensor]] = {n: [] for n in names}
-                n_targets = scores.shape[0]
-                for t in range(n_targets):
-                    grads = torch.autograd.grad(
-                        scores[t].sum(), tensors, retain_graph=t < n_targets - 1, allow_unused=True
-                    )
-                    for n, g, a in zip(names, grads, tensors, strict=True):
-                        per_target[n].append(_zero_if_none(g, a))
-                gradients = dict(per_target.items())
-            return Captured(
-                output=out.detach(),
-                activations={n: a.detach() for n, a in leaves.items()},
-                gradients=gradients,
-                scores=scores.detach(),
-                order=list(window.order),
-                calls={n: len(h.leaves) for n, h in hooks.items()},
-            )
-    finally:
-        for h in handles:
-            h.remove()
-        torch.set_grad_enabled(prev_grad)
-
-
-def _zero_if_none(g: Tensor | None, like: Tensor) -> Tensor:
-    return torch.zeros_like(like) if g is None else g
+    with LayerCapture(layers, need_grad=score_fn is not None) as window:
+        out = window.forward(model, inputs, output_fn)
+        return window.result(out, None if score_fn is None else score_fn(out))

@@ -1,159 +1,294 @@
-"""The public entry: :func:`explain` (one method) and :func:`compare` (several methods, one shared pass)."""
+"""The public entry: :func:`explain` (one method) and :func:`compare` (several methods, one shared pass).
+
+One call runs nine stages, each a function from values to values, in this order:
+
+1. inputs (:func:`_inputs`): images, paths or a tensor -> the normalised batch on the model's device;
+2. layers (:func:`_layers`): the layer spec -> ``{name: module}`` (:mod:`camkit.layers`);
+3. targets (:func:`_targets`): what to explain -> a :class:`TargetPlan` (:mod:`camkit.targets`,
+   :mod:`camkit.tasks`);
+4. capture (:func:`_capture`): one forward (and one backward when a method needs dS/dA) with the plan resolved
+   on the model's output -> :class:`camkit.capture.Captured` and :class:`Targets` (:mod:`camkit.capture`);
+5. token layout (:func:`_token_layout`): token and channels-last outputs -> Tensor[B, K, h, w]
+   (:mod:`camkit.tokens`);
+6. method weights (:func:`_method_weights`): per layer, the channel weights of the method's kind: classifier rows
+   (CAM, :mod:`camkit.methods.cam`), perturbation weights (:mod:`camkit.methods.engine`), none (gradient and
+   projection formulas read A and dS/dA themselves);
+7. maps (:func:`_maps`): the signed map of each layer, or the attention method's own pass;
+8. post-processing (:func:`_postprocess`): ReLU, upsampling, min-max, fusion of layers (:mod:`camkit.postprocess`);
+9. the :class:`~camkit.explanation.Explanation` (:func:`_explanation`).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from camkit.capture import capture
+from camkit.capture import Captured, LayerCapture
 from camkit.explanation import Explanation
 from camkit.io import Preprocess, imagenet_labels, load_image, to_rgb
 from camkit.layers import LayerSpec, resolve_layers
-from camkit.methods import AttentionMethod, LayerMethod, Method, MethodInput, PerturbationMethod, get_method
+from camkit.methods import (
+    AttentionInput,
+    AttentionMethod,
+    LayerMethod,
+    Method,
+    MethodInput,
+    PerturbationMethod,
+    get_method,
+)
+from camkit.methods.cam import classifier_weights
 from camkit.methods.engine import PerturbationContext, PerturbationOptions, Progress
+from camkit.outputs import OutputSpec, model_device, output_fn
 from camkit.postprocess import fuse, normalize, upsample
-from camkit.targets import TargetSpec, make_score_fn, resolve_classes
-from camkit.tasks import PerImageTargets, default_targets, model_task, score_threshold
-from camkit.tokens import Reshape, to_spatial, unwrap
+from camkit.targets import TargetSpec, resolve_classes, score_fn
+from camkit.tasks import ChosenTarget, default_targets, model_task, score_threshold
+from camkit.tokens import FeatureMaps, Reshape, to_spatial, unwrap
 
-__all__ = ["ImageInput", "compare", "explain"]
+__all__ = ["ImageInput", "OutputSpec", "TargetPlan", "Targets", "compare", "explain"]
 
 ImageInput = Tensor | Image.Image | str | Path | Sequence[Image.Image | str | Path]
-OutputSpec = int | str | Callable[[object], Tensor] | None
 
 
-def _output_fn(spec: OutputSpec) -> Callable[[object], Tensor]:
-    def pick(out: object) -> Tensor:
-        if spec is not None and callable(spec):
-            return spec(out)
-        if isinstance(out, Tensor) and spec is None:
-            return out
-        if spec is not None:
-            if isinstance(out, Mapping):
-                return out[spec]  # type: ignore[index]
-            if isinstance(spec, str):
-                return getattr(out, spec)  # type: ignore[no-any-return]
-            return out[spec]  # type: ignore[index,call-overload,no-any-return]
-        if isinstance(out, Mapping):
-            for key in ("logits", "out"):
-                if key in out:
-                    return out[key]  # type: ignore[no-any-return]
-        if hasattr(out, "logits") and isinstance(out.logits, Tensor):
-            return out.logits
-        if isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
-            return out[0]
-        from camkit.tasks import is_detection_output, pack_detections
-
-        if is_detection_output(out):
-            return pack_detections(out)  # type: ignore[arg-type]
-        raise TypeError(
-            f"the model returned {type(out).__name__}; pass output=<index, key or function> to say which "
-            "element holds the scores to explain"
-        )
-
-    return pick
+# ------------------------------------------------------------------------------------------------ records
 
 
-def _check_eval(model: nn.Module) -> None:
-    """Refuse a model in training mode: the root, or any module whose output depends on the mode."""
-    mode_dependent = (nn.modules.batchnorm._NormBase, nn.modules.dropout._DropoutNd)
-    training = [
-        name or type(model).__name__
-        for name, m in model.named_modules()
-        if m.training and (m is model or isinstance(m, mode_dependent) or "DropPath" in type(m).__name__)
-    ]
-    if training:
-        raise ValueError(
-            f"the model is in training mode ({len(training)} module(s), e.g. {training[:3]}): BatchNorm and "
-            "Dropout would make each map depend on the rest of the batch and update running statistics. "
-            "Call model.eval() first."
-        )
+@dataclass(frozen=True)
+class Inputs:
+    """Stage 1's result: the model input Tensor[B, C, H, W] and the RGB images it came from (None for a tensor)."""
+
+    x: Tensor
+    images: list[Image.Image] | None
 
 
-def _expected_channels(model: nn.Module) -> int | None:
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            return m.in_channels
-    return None
+@dataclass(frozen=True)
+class TargetPlan:
+    """What to explain, before the model has run.
+
+    Attributes:
+        spec: the user's target spec.
+        labels: the user's class names (None: ImageNet's for 1000-class outputs).
+        task: ``"classification"``, or ``"segmentation"`` / ``"detection"`` when a torchvision model of that task
+            gets a target chosen per image (``category``: None or the class asked for).
+        category: the class asked for, for a segmentation / detection model.
+        threshold: a detection model's score threshold (for messages).
+    """
+
+    spec: TargetSpec
+    labels: Sequence[str] | None
+    task: str = "classification"
+    category: int | str | None = None
+    threshold: float | None = None
 
 
-def _prepare(
-    model: nn.Module, images: ImageInput, preprocess: Preprocess | None
-) -> tuple[Tensor, list[Image.Image] | None]:
-    pils: list[Image.Image] | None = None
+@dataclass(frozen=True)
+class Targets:
+    """The plan resolved on the model's output.
+
+    Attributes:
+        classes: LongTensor[B] or [B, k] of explained classes; None for a callable target.
+        fn: the callable target (the user's, or the targets chosen per image); None for classes.
+        labels: the class names of the output, when known.
+        chosen: what was chosen per image for a segmentation / detection model, else None.
+    """
+
+    classes: Tensor | None
+    fn: Callable[[Tensor], Tensor] | None
+    labels: Sequence[str] | None
+    chosen: list[ChosenTarget] | None = None
+
+    def score(self, output: Tensor) -> Tensor:
+        """The explained scores of ``output``: Tensor[B], or Tensor[k, B] for classes [B, k]."""
+        return score_fn(self.classes, self.fn)(output)
+
+
+@dataclass(frozen=True)
+class Shared:
+    """What every method reads: the outcome of stages 1-5 and the call's settings."""
+
+    model: nn.Module
+    x: Tensor
+    layers: dict[str, nn.Module]
+    captured: Captured
+    features: FeatureMaps
+    targets: Targets
+    output_fn: Callable[[object], Tensor]
+    perturbation: PerturbationOptions
+    progress: Progress
+
+    @property
+    def n_targets(self) -> int:
+        classes = self.targets.classes
+        return 1 if classes is None or classes.dim() == 1 else classes.shape[1]
+
+
+@dataclass(frozen=True)
+class Maps:
+    """Stage 8's result: the normalised map of each layer and their fusion, at input size."""
+
+    layer_maps: dict[str, Tensor]
+    fused: Tensor
+
+
+# ------------------------------------------------------------------------------------------------ stages
+
+
+def _inputs(model: nn.Module, images: ImageInput, preprocess: Preprocess | None) -> Inputs:
+    """1. Check the model is in eval mode; images / paths / a tensor -> the batch on the model's device."""
+    _check_eval(model)
     if isinstance(images, Tensor):
-        x = images
-        if x.dim() == 3:
-            x = x.unsqueeze(0)
-        if x.dim() != 4:
-            raise ValueError(
-                f"an image tensor must be [B, C, H, W] or [C, H, W], got shape {tuple(images.shape)}"
-            )
-        if not x.is_floating_point():
-            raise ValueError(
-                f"the image tensor has dtype {x.dtype}; pass a normalised float tensor, or pass PIL images / "
-                "paths and camkit will preprocess them"
-            )
-        channels = _expected_channels(model)
-        if channels is not None and x.shape[1] != channels:
-            raise ValueError(
-                f"the image tensor has {x.shape[1]} channel(s) (shape {tuple(x.shape)}), the model's first "
-                f"convolution expects {channels}; for a grayscale image repeat it to 3 channels, for RGBA drop "
-                "alpha, or pass the image file and camkit converts it"
-            )
-        if not torch.isfinite(x).all():
-            raise ValueError("the image tensor contains NaN or infinite values")
+        x, pils = _check_tensor(model, images), None
     else:
         items = [images] if isinstance(images, (Image.Image, str, Path)) else list(images)
         if not items:
             raise ValueError("no images given")
         pils = [to_rgb(it) if isinstance(it, Image.Image) else load_image(it) for it in items]
-        pre = preprocess or Preprocess.for_model(model)
-        x = pre(pils)
-    from camkit.metrics._common import model_device  # here: camkit.metrics imports camkit.localize -> explain
-
+        x = (preprocess or Preprocess.for_model(model))(pils)
     device = model_device(model)
-    if x.device != device:
-        x = x.to(device)
-    return x, pils
+    return Inputs(x if x.device == device else x.to(device), pils)
 
 
-def _default_labels(output: Tensor, labels: Sequence[str] | None) -> Sequence[str] | None:
-    if labels is not None:
-        return labels
-    if output.dim() == 2 and output.shape[1] == 1000:
-        return imagenet_labels()
+def _layers(model: nn.Module, spec: LayerSpec, x: Tensor) -> dict[str, nn.Module]:
+    """2. The layer spec -> ``{dotted name: module}``."""
+    return resolve_layers(model, spec, x)
+
+
+def _targets(
+    model: nn.Module, spec: TargetSpec, labels: Sequence[str] | None, methods: Sequence[Method]
+) -> TargetPlan:
+    """3. What to explain. torchvision segmentation / detection models with no target or a class get one per image."""
+    if callable(spec) and any(isinstance(m, LayerMethod) and m.needs_classifier for m in methods):
+        raise ValueError(
+            "CAM explains a class (it reads the classifier's weights): give class targets, not a function"
+        )
+    if spec is None or (isinstance(spec, (int, str)) and not isinstance(spec, bool)):
+        task = model_task(model)
+        if task != "classification":
+            threshold = score_threshold(model) if task == "detection" else None
+            return TargetPlan(spec, labels, task, category=spec, threshold=threshold)
+    return TargetPlan(spec, labels)
+
+
+def _capture(
+    model: nn.Module,
+    x: Tensor,
+    layers: dict[str, nn.Module],
+    plan: TargetPlan,
+    need_grad: bool,
+    read: Callable[[object], Tensor],
+) -> tuple[Captured, Targets]:
+    """4. One forward (and one backward for ``need_grad``); the plan is resolved on the output in between."""
+    with LayerCapture(layers, need_grad) as window:
+        out = window.forward(model, x, read)
+        targets = _resolve(plan, out.detach())
+        return window.result(out, targets.score(out)), targets
+
+
+def _token_layout(
+    model: nn.Module, layers: dict[str, nn.Module], cap: Captured, x: Tensor, reshape: Reshape | None
+) -> FeatureMaps:
+    """5. Every captured activation and gradient as Tensor[B, K, h, w]."""
+    return to_spatial(cap.activations, cap.gradients, model, layers, (x.shape[-2], x.shape[-1]), reshape)
+
+
+def _method_weights(method: Method, shared: Shared, layer: str) -> list[Tensor] | None:
+    """6. Channel weights Tensor[B, K] per target for one layer: CAM's classifier rows, a perturbation method's
+    weights; None for formulas that read A and dS/dA themselves."""
+    a = shared.features.activations[layer]
+    classes = shared.targets.classes
+    if isinstance(method, LayerMethod) and method.needs_classifier:
+        if classes is None:
+            raise ValueError(f"{method.name} explains a class: give class targets (an index, a name or TopK)")
+        w = classifier_weights(shared.model, a, shared.captured.output, layer)
+        return [w[classes if classes.dim() == 1 else classes[:, t]] for t in range(shared.n_targets)]
+    if isinstance(method, PerturbationMethod):
+        ctx = PerturbationContext(
+            model=shared.model,
+            x=shared.x,
+            layer=shared.layers[layer],
+            layer_name=layer,
+            calls=shared.captured.calls.get(layer, 1),
+            activations=a,
+            output=shared.captured.output,
+            classes=classes,
+            target_fn=shared.targets.fn if classes is None else None,
+            output_fn=shared.output_fn,
+            options=shared.perturbation,
+            progress=shared.progress,
+        )
+        w = method.weights(ctx)  # [B, T, K]
+        return [w[:, t] for t in range(shared.n_targets)]
     return None
 
 
-def _classifier_weights(model: nn.Module, activation: Tensor, output: Tensor, layer: str) -> Tensor:
-    """Weight matrix W[C, K] of the Linear layer that reads the global average of ``activation``.
+def _maps(method: Method, shared: Shared) -> dict[str, Tensor]:
+    """7. The signed map of each layer, shallow to deep (Tensor[B, h, w], [B, k, h, w] for k targets per image);
+    an attention method: its own map from its own pass."""
+    if isinstance(method, AttentionMethod):
+        tg = shared.targets
+        return {
+            method.name: method.run(AttentionInput(shared.model, shared.x, shared.output_fn, tg.classes, tg.fn))
+        }
+    raw = {}
+    for layer in shared.captured.order:
+        a = shared.features.activations[layer].float()
+        weights = _method_weights(method, shared, layer)
+        per_target = []
+        for t in range(shared.n_targets):
+            if isinstance(method, PerturbationMethod):
+                assert weights is not None
+                per_target.append(torch.einsum("bk,bkhw->bhw", weights[t].float(), a))
+                continue
+            assert isinstance(method, LayerMethod)
+            g = _gradient(shared.features, layer, t) if method.needs_grad else None
+            per_target.append(method.fn(MethodInput(a, g, None if weights is None else weights[t])))
+        multi = shared.targets.classes is not None and shared.targets.classes.dim() == 2
+        raw[layer] = torch.stack(per_target, dim=1) if multi else per_target[0]
+    return raw
 
-    Checked numerically: the output must equal mean_hw(A) @ W.T + b, else the head is not GAP+Linear.
-    """
-    k = activation.shape[1]
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear) and m.in_features == k]
-    why = ""
-    if linears:
-        fc = linears[-1]
-        with torch.no_grad():
-            pooled = activation.float().mean(dim=(2, 3))
-            expected = pooled @ fc.weight.float().T
-            if fc.bias is not None:
-                expected = expected + fc.bias.float()
-        if expected.shape == output.shape and torch.allclose(
-            expected, output.float(), rtol=1e-3, atol=1e-3 * float(output.abs().max().clamp_min(1.0))
-        ):
-            return fc.weight.detach()
-        why = " (the model output is not mean(A) @ W.T + b for its last matching Linear layer)"
-    raise ValueError(
-        f"CAM needs the target layer {layer!r} to be followed by global average pooling and a single Linear "
-        f"layer{why}. Target the layer that global pooling reads (layers='auto'), or use 'gradcam', which "
-        "equals CAM / (h*w) for such heads and works on any head."
+
+def _postprocess(
+    method: Method, raw: dict[str, Tensor], size: tuple[int, int], relu: bool, fusion: str | None
+) -> Maps:
+    """8. ReLU, upsampling to the input size and min-max per layer, then the fusion of the layers."""
+    layer_maps = {name: normalize(upsample(torch.relu(r) if relu else r, size)) for name, r in raw.items()}
+    shallow_tanh = 2.0 if (method.name == "layercam" and fusion is None) else None  # LayerCAM's paper
+    return Maps(layer_maps, fuse(list(layer_maps.values()), mode=fusion or "max", shallow_tanh=shallow_tanh))
+
+
+def _explanation(
+    method: Method, raw: dict[str, Tensor], maps: Maps, cap: Captured, targets: Targets, images: Inputs
+) -> Explanation:
+    """9. The record the user gets: maps, scores, classes with their probabilities and names, the images."""
+    assert cap.scores is not None
+    classes, lab = targets.classes, targets.labels
+    probs = None
+    names: list[str] | list[list[str]] | None = None
+    if classes is not None:
+        p = torch.softmax(cap.output.float(), dim=1)
+        probs = p.gather(1, classes[:, None])[:, 0] if classes.dim() == 1 else p.gather(1, classes)
+        if lab is not None:
+            names = (
+                [lab[int(c)] for c in classes]
+                if classes.dim() == 1
+                else [[lab[int(c)] for c in row] for row in classes]
+            )
+    return Explanation(
+        maps=maps.fused,
+        layer_maps=maps.layer_maps,
+        raw=raw,
+        classes=classes,
+        scores=cap.scores if cap.scores.dim() == 1 else cap.scores.T,
+        probs=probs,
+        labels=names,
+        method=method.name,
+        layers=list(maps.layer_maps),
+        images=images.images,
+        chosen=targets.chosen,
     )
 
 
@@ -172,146 +307,87 @@ def _compute(
     perturbation: PerturbationOptions | None = None,
 ) -> dict[str, Explanation]:
     model = unwrap(model)  # DataParallel / torch.compile: hooks go on the eager module that holds the weights
-    _check_eval(model)
-    x, pils = _prepare(model, images, preprocess)
-    layer_modules = resolve_layers(model, layers, x)
+    read = output_fn(output)
+    inputs = _inputs(model, images, preprocess)
+    modules = _layers(model, layers, inputs.x)
+    plan = _targets(model, targets, labels, methods)
     need_grad = any(m.needs_grad for m in methods)
-    if callable(targets) and any(isinstance(m, LayerMethod) and m.needs_classifier for m in methods):
-        raise ValueError(
-            "CAM explains a class (it reads the classifier's weights): give class targets, not a function"
-        )
-    store: dict[str, Tensor | None] = {}
-    label_box: dict[str, Sequence[str] | None] = {}
-    # torchvision segmentation / detection models: no target, a class index or a class name -> chosen per image
-    by_task = targets is None or (isinstance(targets, (int, str)) and not isinstance(targets, bool))
-    task = model_task(model) if by_task else "classification"
-    auto: dict[str, PerImageTargets] = {}
-
-    def pick(out: Tensor, lab: Sequence[str] | None) -> TargetSpec:
-        """A torchvision segmentation / detection model and no target or a class: choose one per image."""
-        if task == "classification":
-            return targets
-        auto["t"] = default_targets(
-            out,
-            task,
-            category=targets,  # type: ignore[arg-type]
-            labels=lab,
-            threshold=score_threshold(model) if task == "detection" else None,
-        )
-        return auto["t"]
-
-    def score_fn(out: Tensor) -> Tensor:
-        label_box["labels"] = _default_labels(out, labels)
-        return make_score_fn(pick(out, label_box["labels"]), label_box["labels"], store)(out)
-
-    cap = capture(model, x, layer_modules, score_fn if need_grad else None, _output_fn(output))
-    to_spatial(cap.activations, cap.gradients, model, layer_modules, (x.shape[-2], x.shape[-1]), reshape)
-    out = cap.output
-    if need_grad:
-        classes = store.get("classes")
-        assert cap.scores is not None
-        scores = cap.scores if cap.scores.dim() == 1 else cap.scores.T
-        lab = label_box.get("labels")
-        targets = auto.get("t", targets)
-    else:
-        lab = _default_labels(out, labels)
-        targets = pick(out, lab)
-        classes = resolve_classes(targets, out, lab)
-        if classes is None:
-            assert callable(targets)
-            scores = targets(out).detach()
-        else:
-            scores = out.gather(1, classes[:, None])[:, 0] if classes.dim() == 1 else out.gather(1, classes)
-    probs = None
-    class_labels: list[str] | list[list[str]] | None = None
-    if classes is not None:
-        p = torch.softmax(out.float(), dim=1)
-        probs = p.gather(1, classes[:, None])[:, 0] if classes.dim() == 1 else p.gather(1, classes)
-        if lab is not None:
-            if classes.dim() == 1:
-                class_labels = [lab[int(c)] for c in classes]
-            else:
-                class_labels = [[lab[int(c)] for c in row] for row in classes]
-    multi = scores.dim() == 2
-    n_targets = scores.shape[1] if scores.dim() == 2 else 1
-    names = cap.order  # shallow to deep
-    size = tuple(x.shape[-2:])
-
-    progress = Progress(perturbation.progress if perturbation is not None else None)
-    results: dict[str, Explanation] = {}
+    cap, resolved = _capture(model, inputs.x, modules, plan, need_grad, read)
+    features = _token_layout(model, modules, cap, inputs.x, reshape)
+    options = perturbation or PerturbationOptions()
+    shared = Shared(
+        model, inputs.x, modules, cap, features, resolved, read, options, Progress(options.progress)
+    )
+    size = (inputs.x.shape[-2], inputs.x.shape[-1])
+    results = {}
     for method in methods:
-        raw: dict[str, Tensor] = {}
-        layer_maps: dict[str, Tensor] = {}
-        if isinstance(method, AttentionMethod):  # computes its own map in its own pass (attention rollout...)
-            r = method.run(model, x, _output_fn(output), classes, targets)
-            raw[method.name] = r
-            layer_maps[method.name] = normalize(upsample(torch.relu(r) if relu else r, size))
-        for name in names if not isinstance(method, AttentionMethod) else []:
-            a = cap.activations[name]
-            if a.dim() != 4:
-                raise ValueError(
-                    f"layer {name!r} outputs shape {tuple(a.shape)}; CNN methods need Tensor[B, K, h, w]. "
-                    "Choose a convolutional layer (see `camkit layers MODEL`)"
-                )
-            weights = (
-                _classifier_weights(model, a, out, name)
-                if isinstance(method, LayerMethod) and method.needs_classifier
-                else None
-            )
-            pweights = None
-            if isinstance(method, PerturbationMethod):
-                pweights = method.weights(
-                    PerturbationContext(
-                        model=model,
-                        x=x,
-                        layer=layer_modules[name],
-                        layer_name=name,
-                        calls=cap.calls.get(name, 1),
-                        activations=a,
-                        output=out,
-                        classes=classes,
-                        target_fn=targets if classes is None else None,  # type: ignore[arg-type]
-                        output_fn=_output_fn(output),
-                        options=perturbation or PerturbationOptions(),
-                        progress=progress,
-                    )
-                )  # [B, T, K]
-            per_target = []
-            for t in range(n_targets):
-                g = None
-                if method.needs_grad:
-                    grads = cap.gradients[name]
-                    g = grads[t] if isinstance(grads, list) else grads
-                cw = None
-                if weights is not None:
-                    assert classes is not None
-                    cw = weights[classes if classes.dim() == 1 else classes[:, t]]
-                if pweights is not None:
-                    per_target.append(torch.einsum("bk,bkhw->bhw", pweights[:, t].float(), a.float()))
-                    continue
-                assert isinstance(method, LayerMethod)
-                per_target.append(method.fn(MethodInput(a.float(), None if g is None else g.float(), cw)))
-            r = torch.stack(per_target, dim=1) if multi else per_target[0]
-            raw[name] = r
-            m = torch.relu(r) if relu else r
-            layer_maps[name] = normalize(upsample(m, size))
-        mode = fusion or "max"
-        shallow_tanh = 2.0 if (method.name == "layercam" and fusion is None) else None
-        fused = fuse(list(layer_maps.values()), mode=mode, shallow_tanh=shallow_tanh)
-        results[method.name] = Explanation(
-            maps=fused,
-            layer_maps=layer_maps,
-            raw=raw,
-            classes=classes,
-            scores=scores,
-            probs=probs,
-            labels=class_labels,
-            method=method.name,
-            layers=list(layer_maps),
-            images=pils,
-            chosen=auto["t"].chosen if "t" in auto else None,
-        )
+        raw = _maps(method, shared)  # stages 6 (method weights) and 7
+        maps = _postprocess(method, raw, size, relu, fusion)
+        results[method.name] = _explanation(method, raw, maps, cap, resolved, inputs)
     return results
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def _resolve(plan: TargetPlan, output: Tensor) -> Targets:
+    """The plan on the (detached) model output: class indices, or a target chosen per image, or the callable."""
+    labels = plan.labels
+    if labels is None and output.dim() == 2 and output.shape[1] == 1000:
+        labels = imagenet_labels()
+    if plan.task != "classification":
+        chosen = default_targets(
+            output, plan.task, category=plan.category, labels=labels, threshold=plan.threshold
+        )
+        return Targets(None, chosen, labels, chosen.chosen)
+    classes = resolve_classes(plan.spec, output, labels)
+    fn = plan.spec if classes is None and callable(plan.spec) else None
+    return Targets(classes, fn, labels)
+
+
+def _gradient(features: FeatureMaps, layer: str, target: int) -> Tensor:
+    grads = features.gradients[layer]
+    return (grads[target] if isinstance(grads, list) else grads).float()
+
+
+def _check_eval(model: nn.Module) -> None:
+    """Refuse a model in training mode: the root, or any module whose output depends on the mode."""
+    mode_dependent = (nn.modules.batchnorm._NormBase, nn.modules.dropout._DropoutNd)
+    training = [
+        name or type(model).__name__
+        for name, m in model.named_modules()
+        if m.training and (m is model or isinstance(m, mode_dependent) or "DropPath" in type(m).__name__)
+    ]
+    if training:
+        raise ValueError(
+            f"the model is in training mode ({len(training)} module(s), e.g. {training[:3]}): BatchNorm and "
+            "Dropout would make each map depend on the rest of the batch and update running statistics. "
+            "Call model.eval() first."
+        )
+
+
+def _check_tensor(model: nn.Module, images: Tensor) -> Tensor:
+    """A user's image tensor, checked: [B, C, H, W] (or [C, H, W]), float, the model's channels, finite."""
+    x = images.unsqueeze(0) if images.dim() == 3 else images
+    if x.dim() != 4:
+        raise ValueError(
+            f"an image tensor must be [B, C, H, W] or [C, H, W], got shape {tuple(images.shape)}"
+        )
+    if not x.is_floating_point():
+        raise ValueError(
+            f"the image tensor has dtype {x.dtype}; pass a normalised float tensor, or pass PIL images / "
+            "paths and camkit will preprocess them"
+        )
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    if convs and x.shape[1] != convs[0].in_channels:
+        raise ValueError(
+            f"the image tensor has {x.shape[1]} channel(s) (shape {tuple(x.shape)}), the model's first "
+            f"convolution expects {convs[0].in_channels}; for a grayscale image repeat it to 3 channels, for RGBA "
+            "drop alpha, or pass the image file and camkit converts it"
+        )
+    if not torch.isfinite(x).all():
+        raise ValueError("the image tensor contains NaN or infinite values")
+    return x
 
 
 def explain(

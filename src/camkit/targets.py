@@ -10,6 +10,21 @@ A target spec is one of:
   sum for segmentation, an embedding similarity...).
 
 The score of a class is its **logit** (the pre-softmax output), as in the Grad-CAM paper.
+
+Targets for tasks other than single-label classification, each a callable ``f(output) -> Tensor[B]``:
+
+* :class:`SegmentationTarget` (semantic segmentation, output Tensor[B, C, H, W], e.g. torchvision FCN/DeepLabV3
+  whose ``{"out": ...}`` dict is read automatically): the sum of one class's logits over a mask or the image.
+* :class:`DetectionTarget` (torchvision Faster R-CNN / RetinaNet / FCOS in eval mode): the detection of a class
+  that best overlaps a reference box; score = its confidence + its IoU with the reference box (the IoU term makes
+  the map explain where the box is, as pytorch-grad-cam's ``FasterRCNNBoxScoreTarget`` does). The models' list of
+  dicts is packed by :func:`camkit.outputs.pack_detections` into a tensor that keeps the graph.
+* :class:`MultiLabelTarget`: one or several independent (sigmoid) labels; logit or probability.
+* :class:`RegressionTarget`: one output of a regression model (``sign=-1`` explains what lowers it).
+* :class:`SimilarityTarget`: cosine similarity of the output embedding to a reference embedding ("why are these
+  two images similar").
+
+What to explain when nothing is asked (segmentation and detection models) is chosen in :mod:`camkit.tasks`.
 """
 
 from __future__ import annotations
@@ -20,9 +35,24 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["TargetSpec", "TopK", "resolve_classes"]
+from camkit.io import imagenet_labels
+
+__all__ = [
+    "DetectionTarget",
+    "MultiLabelTarget",
+    "RegressionTarget",
+    "SegmentationTarget",
+    "SimilarityTarget",
+    "TargetSpec",
+    "TopK",
+    "class_index",
+    "parse_target",
+    "resolve_classes",
+    "score_fn",
+]
 
 
 @dataclass(frozen=True)
@@ -52,7 +82,14 @@ def parse_target(text: str | None) -> TargetSpec:
     return t
 
 
-def _class_index(item: int | str, num_classes: int, labels: Sequence[str] | None) -> int:
+def class_index(item: int | str, num_classes: int, labels: Sequence[str] | None) -> int:
+    """The index of one class target: an index (checked against ``num_classes``) or a class name.
+
+    Names match ``labels`` case-insensitively (for ImageNet's labels also WordNet synonyms, "tabby" = "tabby cat").
+
+    Raises:
+        ValueError: an index out of range, or an unknown or ambiguous name (with the closest names).
+    """
     if isinstance(item, bool):
         raise TypeError("a class target must be an int or a class name, not a bool")
     if isinstance(item, int):
@@ -84,17 +121,14 @@ def _class_index(item: int | str, num_classes: int, labels: Sequence[str] | None
 def _names(labels: tuple[str, ...]) -> list[set[str]]:
     """Accepted names per class: the label, plus WordNet synonyms for ImageNet ("tabby" = "tabby cat")."""
     names = [{lab.lower()} for lab in labels]
-    if len(labels) == 1000:
-        from camkit.io import imagenet_labels
+    if len(labels) == 1000 and list(labels) == imagenet_labels():
+        try:
+            from timm.data import ImageNetInfo  # optional: timm's WordNet descriptions
 
-        if list(labels) == imagenet_labels():
-            try:
-                from timm.data import ImageNetInfo
-
-                for i, desc in enumerate(ImageNetInfo().label_descriptions()):
-                    names[i] |= {part.strip().lower() for part in desc.split(",") if part.strip()}
-            except Exception:  # pragma: no cover - timm without ImageNet metadata
-                pass
+            for i, desc in enumerate(ImageNetInfo().label_descriptions()):
+                names[i] |= {part.strip().lower() for part in desc.split(",") if part.strip()}
+        except Exception:  # pragma: no cover - timm without ImageNet metadata
+            pass
     return names
 
 
@@ -119,7 +153,7 @@ def resolve_classes(spec: TargetSpec, output: Tensor, labels: Sequence[str] | No
             raise ValueError(f"TopK({spec.k}) asks for more classes than the model has ({num_classes})")
         return output.topk(spec.k, dim=1).indices
     if isinstance(spec, (int, str)):
-        idx = _class_index(spec, num_classes, labels)
+        idx = class_index(spec, num_classes, labels)
         return torch.full((batch,), idx, dtype=torch.long, device=output.device)
     if isinstance(spec, Sequence):
         items = list(spec)
@@ -128,32 +162,181 @@ def resolve_classes(spec: TargetSpec, output: Tensor, labels: Sequence[str] | No
                 f"{len(items)} targets given for a batch of {batch} images; give one per image or a single one"
             )
         return torch.tensor(
-            [_class_index(i, num_classes, labels) for i in items], dtype=torch.long, device=output.device
+            [class_index(i, num_classes, labels) for i in items], dtype=torch.long, device=output.device
         )
     raise TypeError(
         f"unsupported target {spec!r}: use None, an int, a class name, a list, TopK(k) or a callable"
     )
 
 
-def make_score_fn(
-    spec: TargetSpec, labels: Sequence[str] | None, store: dict[str, Tensor | None]
-) -> Callable[[Tensor], Tensor]:
-    """The score function for :func:`camkit.capture.capture`; it records the resolved classes in ``store``."""
+def score_fn(classes: Tensor | None, target: Callable[[Tensor], Tensor] | None) -> Callable[[Tensor], Tensor]:
+    """The explained score ``S`` of a model output: the logits of ``classes``, or a callable target's value.
 
-    def score_fn(output: Tensor) -> Tensor:
-        classes = resolve_classes(spec, output, labels)
-        store["classes"] = classes
-        if classes is None:
-            assert callable(spec)
-            scores = spec(output)
-            if not isinstance(scores, Tensor) or scores.shape != (output.shape[0],):
-                shape = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__
+    Args:
+        classes: LongTensor[B] (one class per image) or [B, T] (T per image), from :func:`resolve_classes`; None
+            for a callable target.
+        target: the callable target ``f(output) -> Tensor[B]`` (used when ``classes`` is None).
+
+    Returns:
+        ``f(output) -> Tensor[B]``, or Tensor[T, B] for classes [B, T].
+    """
+    if classes is not None:
+        return functools.partial(_class_scores, classes)
+    if target is None:
+        raise ValueError("a score needs classes or a callable target")
+    return functools.partial(_target_scores, target)
+
+
+def _class_scores(classes: Tensor, output: Tensor) -> Tensor:
+    if classes.dim() == 1:
+        return output.gather(1, classes[:, None])[:, 0]
+    return output.gather(1, classes).T  # Tensor[T, B]
+
+
+def _target_scores(target: Callable[[Tensor], Tensor], output: Tensor) -> Tensor:
+    scores = target(output)
+    if not isinstance(scores, Tensor) or scores.shape != (output.shape[0],):
+        shape = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__
+        raise ValueError(f"a callable target must return Tensor[B] (one score per image), got {shape}")
+    return scores
+
+
+# ------------------------------------------------------------------------------------ targets of other tasks
+
+
+@dataclass
+class SegmentationTarget:
+    """Sum of class ``category``'s logits over ``mask`` (or the whole image).
+
+    Args:
+        category: class index of the segmentation output Tensor[B, C, H, W].
+        mask: Tensor[H, W] or Tensor[B, H, W] (bool or float weights) at the output's resolution; None: all pixels.
+    """
+
+    category: int
+    mask: Tensor | None = None
+
+    def __call__(self, output: Tensor) -> Tensor:
+        if output.dim() != 4:
+            raise ValueError(
+                f"SegmentationTarget needs a Tensor[B, C, H, W] output, got {tuple(output.shape)}"
+            )
+        if not 0 <= self.category < output.shape[1]:
+            raise ValueError(f"class {self.category} out of range: the output has {output.shape[1]} classes")
+        logits = output[:, self.category]
+        if self.mask is None:
+            return logits.sum(dim=(1, 2))
+        mask = self.mask.to(device=logits.device, dtype=logits.dtype)
+        if mask.shape[-2:] != logits.shape[-2:]:
+            raise ValueError(
+                f"mask shape {tuple(self.mask.shape)} does not match the output's {tuple(logits.shape[-2:])}"
+            )
+        return (logits * mask).sum(dim=(-2, -1))
+
+
+@dataclass
+class DetectionTarget:
+    """The detection that best matches a reference box: score + IoU.
+
+    Args:
+        box: reference box (x1, y1, x2, y2) in input pixels, Tensor[4] or a sequence; or Tensor[B, 4], one per image.
+        label: only detections of this class (None: any class).
+        iou_threshold: a detection matches when its IoU with ``box`` is at least this.
+        use_iou: add the IoU to the score (default), so the map also explains the box's position.
+
+    The chosen detection (per image) is recorded in ``self.matched`` (row index into the packed output).
+    """
+
+    box: Tensor | Sequence[float]
+    label: int | None = None
+    iou_threshold: float = 0.5
+    use_iou: bool = True
+
+    def __post_init__(self) -> None:
+        self.matched: list[int] = []
+
+    def __call__(self, output: Tensor) -> Tensor:
+        if output.dim() != 3 or output.shape[-1] != 6:
+            raise ValueError(
+                "DetectionTarget needs a detection model's output (a list of dicts with boxes/scores/labels, "
+                f"packed to Tensor[B, D, 6]); got shape {tuple(output.shape)}"
+            )
+        from torchvision.ops import (
+            box_iou,
+        )  # here: importing torchvision takes seconds, needed only for boxes
+
+        ref = torch.as_tensor(self.box, dtype=output.dtype, device=output.device)
+        refs = ref.expand(output.shape[0], 4) if ref.dim() == 1 else ref
+        scores = []
+        self.matched = []
+        for i in range(output.shape[0]):
+            det = output[i]
+            valid = det[:, 5] >= 0
+            if self.label is not None:
+                valid = valid & (det[:, 5] == self.label)
+            iou = box_iou(det[:, :4], refs[i][None])[:, 0]
+            ok = valid & (iou.detach() >= self.iou_threshold)
+            if not bool(ok.any()):
+                best = float(iou.detach()[valid].max()) if bool(valid.any()) else 0.0
                 raise ValueError(
-                    f"a callable target must return Tensor[B] (one score per image), got {shape}"
+                    f"image {i}: no detection{'' if self.label is None else f' of class {self.label}'} overlaps "
+                    f"the reference box {refs[i].tolist()} with IoU >= {self.iou_threshold} (best {best:.2f} "
+                    f"among {int(valid.sum())}); lower iou_threshold, or the model's score threshold"
                 )
-            return scores
-        if classes.dim() == 1:
-            return output.gather(1, classes[:, None])[:, 0]
-        return output.gather(1, classes).T  # Tensor[k, B]
+            key = torch.where(ok, iou.detach() + det[:, 4].detach(), torch.full_like(iou, -1.0))
+            j = int(key.argmax())
+            self.matched.append(j)
+            scores.append(det[j, 4] + (iou[j] if self.use_iou else 0.0))
+        return torch.stack(scores)
 
-    return score_fn
+
+@dataclass
+class MultiLabelTarget:
+    """Independent labels of a multi-label model (sigmoid outputs).
+
+    Args:
+        classes: one class index, or several (their scores are summed: "why these labels together").
+        probability: explain sigmoid(logit) instead of the logit. For one class the normalised map is the same
+            either way for Grad-CAM-style methods (the sigmoid's derivative is one positive factor per image).
+    """
+
+    classes: int | Sequence[int]
+    probability: bool = False
+
+    def __call__(self, output: Tensor) -> Tensor:
+        idx = [self.classes] if isinstance(self.classes, int) else list(self.classes)
+        z = output[:, idx]
+        if self.probability:
+            z = torch.sigmoid(z)
+        return z.sum(dim=1)
+
+
+@dataclass
+class RegressionTarget:
+    """One output of a regression model: ``sign * output[:, index]`` (a Tensor[B] or [B, 1] output: ``index=0``).
+
+    ``sign=-1`` explains what makes the value smaller.
+    """
+
+    index: int = 0
+    sign: float = 1.0
+
+    def __call__(self, output: Tensor) -> Tensor:
+        y = output if output.dim() == 1 else output.reshape(output.shape[0], -1)[:, self.index]
+        return self.sign * y
+
+
+@dataclass
+class SimilarityTarget:
+    """Cosine similarity of the model's embedding to ``reference`` (Tensor[D] or Tensor[B, D], one per image).
+
+    ``explain(model, image_a, targets=SimilarityTarget(model(image_b)))`` shows what in image A makes it similar to
+    image B. The reference is detached (it is a constant).
+    """
+
+    reference: Tensor
+
+    def __call__(self, output: Tensor) -> Tensor:
+        emb = output.reshape(output.shape[0], -1)
+        ref = self.reference.detach().to(device=emb.device, dtype=emb.dtype).reshape(-1, emb.shape[1])
+        return F.cosine_similarity(emb, ref.expand_as(emb), dim=1)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-__all__ = ["Layout", "infer_layout", "prefix_tokens", "unwrap"]
+__all__ = ["FeatureMaps", "Layout", "Reshape", "infer_layout", "prefix_tokens", "to_spatial", "unwrap"]
 
 Reshape = Callable[[Tensor], Tensor]
 
@@ -82,12 +82,11 @@ def unwrap(model: nn.Module) -> nn.Module:
     seen = 0
     while seen < 8:
         seen += 1
+        inner = getattr(model, "_orig_mod", None)
         if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
             model = model.module
-        elif type(model).__name__ == "OptimizedModule" and isinstance(
-            getattr(model, "_orig_mod", None), nn.Module
-        ):
-            model = model._orig_mod  # type: ignore[assignment]
+        elif type(model).__name__ == "OptimizedModule" and isinstance(inner, nn.Module):
+            model = inner
         else:
             break
     return model
@@ -202,6 +201,21 @@ def infer_layout(
     return None
 
 
+@dataclass(frozen=True)
+class FeatureMaps:
+    """Captured activations and gradients read as feature maps.
+
+    Attributes:
+        activations: layer name -> Tensor[B, K, h, w].
+        gradients: layer name -> dS/dA of the same shape (a list with one per target), where captured.
+        layouts: layer name -> the inferred :class:`Layout` (None where ``reshape`` was given).
+    """
+
+    activations: dict[str, Tensor]
+    gradients: dict[str, Tensor | list[Tensor]]
+    layouts: dict[str, Layout | None]
+
+
 def to_spatial(
     activations: dict[str, Tensor],
     gradients: dict[str, Tensor | list[Tensor]],
@@ -209,8 +223,8 @@ def to_spatial(
     modules: dict[str, nn.Module],
     input_size: tuple[int, int],
     reshape: Reshape | None = None,
-) -> dict[str, Layout | None]:
-    """Rewrite captured activations and gradients (in place) as Tensor[B, K, h, w].
+) -> FeatureMaps:
+    """Read captured activations and gradients as Tensor[B, K, h, w] (the given dicts are not modified).
 
     Args:
         activations: layer name -> captured output (any layout).
@@ -221,14 +235,16 @@ def to_spatial(
         reshape: a user function applied instead of the inference (same function for activations and gradients).
 
     Returns:
-        layer name -> the inferred :class:`Layout` (None where ``reshape`` was given or nothing was inferred).
+        the :class:`FeatureMaps`.
 
     Raises:
         ValueError: an output that cannot be read as a feature map, with the shape and what to do.
     """
     prefix = prefix_tokens(model)
     layouts: dict[str, Layout | None] = {}
-    for name, a in list(activations.items()):
+    spatial: dict[str, Tensor] = {}
+    spatial_grads: dict[str, Tensor | list[Tensor]] = {}
+    for name, a in activations.items():
         if reshape is not None:
             fn: Reshape = reshape
             layouts[name] = None
@@ -247,10 +263,10 @@ def to_spatial(
         if not isinstance(out, Tensor) or out.dim() != 4 or out.shape[0] != a.shape[0]:
             shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
             raise ValueError(f"reshape of layer {name!r} must give Tensor[B, K, h, w], got {shape}")
-        activations[name] = out
+        spatial[name] = out
         g = gradients.get(name)
         if isinstance(g, list):
-            gradients[name] = [fn(t) for t in g]
+            spatial_grads[name] = [fn(t) for t in g]
         elif g is not None:
-            gradients[name] = fn(g)
-    return layouts
+            spatial_grads[name] = fn(g)
+    return FeatureMaps(spatial, spatial_grads, layouts)

@@ -2,6 +2,7 @@
 
 from camkit.methods.registry import (
     METHODS,
+    AttentionInput,
     AttentionMethod,
     LayerMethod,
     Method,
@@ -17,6 +18,7 @@ from camkit.methods import cam, gradient, projection, perturbation, attention  #
 
 __all__ = [
     "METHODS",
+    "AttentionInput",
     "AttentionMethod",
     "LayerMethod",
     "Method",

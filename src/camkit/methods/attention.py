@@ -19,13 +19,14 @@ How the attention probabilities are obtained (they are not a module output in ei
   and returns that, so the probabilities it reads are the ones the rest of the network uses. Self-attention with
   ``batch_first=True`` and no mask only.
 
-As in :mod:`camkit.capture`, the forward runs with grad mode off; the first attention's probabilities become a leaf
+With :mod:`camkit.capture`'s window, the forward runs with grad mode off; the first attention's probabilities become a leaf
 that requires grad, so the backward stops there and no parameter gradient is computed. Windowed attention (Swin)
 does not attend over all tokens: these methods refuse it with a clear error.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -33,10 +34,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from camkit.methods.registry import AttentionMethod, register
+from camkit.capture import Window, target_gradients
+from camkit.methods.registry import AttentionInput, AttentionMethod, register
+from camkit.targets import score_fn
 from camkit.tokens import infer_layout, prefix_tokens
 
 __all__ = ["attention_probabilities", "grad_rollout", "rollout"]
+
+
+_FUSED = "fused_attn"  # timm Attention's switch to F.scaled_dot_product_attention
 
 
 def _timm_style(m: nn.Module) -> bool:
@@ -47,44 +53,59 @@ def _timm_style(m: nn.Module) -> bool:
     )
 
 
-class _Recorder:
+class _AttentionWindow(Window):
+    """A capture :class:`Window` whose hooks record every self-attention's probabilities, in call order."""
+
     def __init__(self, need_grad: bool) -> None:
-        self.need_grad = need_grad
+        # The probabilities go straight into a matmul (never modified in place): no copy is needed.
+        super().__init__(need_grad, copy=False)
         self.probs: list[Tensor] = []
 
-    def record(self, probs: Tensor) -> Tensor:
-        if self.need_grad:
-            if not probs.requires_grad:
-                # The earliest attention: a leaf, so the backward stops here (as in camkit.capture).
-                probs = probs.detach().requires_grad_(True)
-            torch.set_grad_enabled(True)
-        self.probs.append(probs)
-        return probs
+    def keep(self, probs: Tensor) -> Tensor:
+        kept, onward = self.record(probs)
+        self.probs.append(kept)
+        return onward
 
     def drop_hook(self, _m: nn.Module, _i: object, out: Tensor) -> Tensor:
-        return self.record(out)
+        return self.keep(out)
 
     def mha_hook(
         self, m: nn.MultiheadAttention, args: tuple[object, ...], kwargs: dict[str, object], _out: object
-    ):  # type: ignore[no-untyped-def]
+    ) -> tuple[Tensor, None]:
         q_in = args[0] if args else kwargs.get("query")
         k_in = args[1] if len(args) > 1 else kwargs.get("key")
         v_in = args[2] if len(args) > 2 else kwargs.get("value")
         masked = any(kwargs.get(k) is not None for k in ("attn_mask", "key_padding_mask")) or len(args) > 4
-        if not (q_in is k_in is v_in) or not m.batch_first or not m._qkv_same_embed_dim or masked:
+        if (
+            not isinstance(q_in, Tensor)
+            or not (q_in is k_in is v_in)
+            or not m.batch_first
+            or not m._qkv_same_embed_dim
+            or masked
+        ):
             raise ValueError(
                 "attention methods read nn.MultiheadAttention only as unmasked self-attention with batch_first=True"
             )
-        x: Tensor = q_in  # type: ignore[assignment]
-        b, n, e = x.shape
+        b, n, e = q_in.shape
         h = m.num_heads
         d = e // h
-        qkv = F.linear(x, m.in_proj_weight, m.in_proj_bias).reshape(b, n, 3, h, d).permute(2, 0, 3, 1, 4)
+        qkv = F.linear(q_in, m.in_proj_weight, m.in_proj_bias).reshape(b, n, 3, h, d).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
-        probs = torch.softmax((q @ k.transpose(-2, -1)) / math.sqrt(d), dim=-1)
-        probs = self.record(probs)
+        probs = self.keep(torch.softmax((q @ k.transpose(-2, -1)) / math.sqrt(d), dim=-1))
         out = (probs @ v).transpose(1, 2).reshape(b, n, e)
         return m.out_proj(out), None
+
+    def install(self, model: nn.Module) -> None:
+        for m in model.modules():
+            if isinstance(m, nn.MultiheadAttention):
+                self.hook(m, self.mha_hook, with_kwargs=True)
+            elif _timm_style(m):
+                # a plain bool flag, set through setattr: nn.Module's attribute typing expects tensors or modules
+                self.on_exit(functools.partial(setattr, m, _FUSED, getattr(m, _FUSED)))
+                setattr(m, _FUSED, False)
+                drop = m.attn_drop
+                assert isinstance(drop, nn.Module)
+                self.hook(drop, self.drop_hook)
 
 
 def attention_probabilities(
@@ -96,7 +117,7 @@ def attention_probabilities(
     """One forward recording every self-attention's probabilities (and their gradients for ``score_fn``).
 
     Args:
-        model: a transformer in eval mode (not modified: hooks removed and ``fused_attn`` restored in ``finally``).
+        model: a transformer in eval mode (not modified: hooks removed and ``fused_attn`` restored on exit).
         x: Tensor[B, 3, H, W].
         output_fn: model output -> Tensor.
         score_fn: output -> Tensor[B] or Tensor[T, B]; None: no gradient.
@@ -105,19 +126,8 @@ def attention_probabilities(
         (output, probabilities per block, shallow to deep, each Tensor[B, heads, N, N] detached,
         gradients: per target t, per block, dS_t/dA_l of the same shape; empty without ``score_fn``).
     """
-    need_grad = score_fn is not None
-    rec = _Recorder(need_grad)
-    handles = []
-    fused: list[tuple[nn.Module, object]] = []
-    prev_grad = torch.is_grad_enabled()
-    try:
-        for m in model.modules():
-            if isinstance(m, nn.MultiheadAttention):
-                handles.append(m.register_forward_hook(rec.mha_hook, with_kwargs=True))
-            elif _timm_style(m):
-                fused.append((m, m.fused_attn))
-                m.fused_attn = False
-                handles.append(m.attn_drop.register_forward_hook(rec.drop_hook))
+    with _AttentionWindow(need_grad=score_fn is not None) as window:
+        window.install(model)
         windowed = sorted(
             {type(m).__name__ for m in model.modules() if "WindowAttention" in type(m).__name__}
         )
@@ -126,45 +136,27 @@ def attention_probabilities(
                 "attention rollout needs global self-attention over all tokens (ViT, DeiT); this model's windowed "
                 f"attention ({windowed[0]}, Swin) is not supported: use a CAM method"
             )
-        if not handles:
+        if not window.hooked:
             raise ValueError(
                 f"{type(model).__name__} has no self-attention camkit can read (timm Attention with qkv/attn_drop, "
                 "or torch.nn.MultiheadAttention): attention rollout is for ViT-style transformers; use a CAM method"
             )
-        with torch.inference_mode(False):
-            torch.set_grad_enabled(False)
-            out = output_fn(model(x))
-            if not rec.probs:
-                raise RuntimeError("no attention module ran during the forward pass")
-            shapes = {tuple(p.shape) for p in rec.probs}
-            n = rec.probs[0].shape[-1]
-            if len(shapes) != 1 or rec.probs[0].shape[0] != x.shape[0] or rec.probs[0].shape[-2] != n:
-                raise ValueError(
-                    "attention rollout needs global self-attention over the same tokens in every block "
-                    f"(ViT, DeiT); this model's attention maps have shapes {sorted(shapes)[:3]} for a batch of "
-                    f"{x.shape[0]} (windowed attention such as Swin's is not supported): use a CAM method"
-                )
-            grads: list[list[Tensor]] = []
-            if score_fn is not None:
-                scores = score_fn(out)
-                rows = scores[None] if scores.dim() == 1 else scores
-                for t in range(rows.shape[0]):
-                    g = torch.autograd.grad(
-                        rows[t].sum(), rec.probs, retain_graph=t < rows.shape[0] - 1, allow_unused=True
-                    )
-                    grads.append(
-                        [
-                            torch.zeros_like(p) if gi is None else gi.detach()
-                            for gi, p in zip(g, rec.probs, strict=True)
-                        ]
-                    )
-            return out.detach(), [p.detach() for p in rec.probs], grads
-    finally:
-        for hnd in handles:
-            hnd.remove()
-        for m, value in fused:
-            m.fused_attn = value
-        torch.set_grad_enabled(prev_grad)
+        out = output_fn(model(x))
+        probs = window.probs
+        if not probs:
+            raise RuntimeError("no attention module ran during the forward pass")
+        shapes = {tuple(p.shape) for p in probs}
+        n = probs[0].shape[-1]
+        if len(shapes) != 1 or probs[0].shape[0] != x.shape[0] or probs[0].shape[-2] != n:
+            raise ValueError(
+                "attention rollout needs global self-attention over the same tokens in every block "
+                f"(ViT, DeiT); this model's attention maps have shapes {sorted(shapes)[:3]} for a batch of "
+                f"{x.shape[0]} (windowed attention such as Swin's is not supported): use a CAM method"
+            )
+        grads: list[list[Tensor]] = []
+        if score_fn is not None:
+            grads = [[g.detach() for g in per_block] for per_block in target_gradients(score_fn(out), probs)]
+        return out.detach(), [p.detach() for p in probs], grads
 
 
 def _patch_map(model: nn.Module, r: Tensor, size: tuple[int, int]) -> Tensor:
@@ -199,43 +191,22 @@ def grad_rollout(probs: list[Tensor], grads: list[Tensor]) -> Tensor:
     return r
 
 
-def _score_fn(classes: Tensor | None, targets: object) -> Callable[[Tensor], Tensor]:
-    def score(out: Tensor) -> Tensor:
-        if classes is None:
-            assert callable(targets)
-            return targets(out)  # type: ignore[no-any-return]
-        if classes.dim() == 1:
-            return out.gather(1, classes[:, None])[:, 0]
-        return out.gather(1, classes).T
-
-    return score
-
-
-def _run_rollout(
-    model: nn.Module,
-    x: Tensor,
-    output_fn: Callable[[object], Tensor],
-    classes: Tensor | None,
-    targets: object,
-) -> Tensor:
-    _, probs, _ = attention_probabilities(model, x, output_fn)
-    m = _patch_map(model, rollout(probs), (x.shape[-2], x.shape[-1])).float()
-    if classes is not None and classes.dim() == 2:  # TopK: the same class-agnostic map for every target
-        m = m[:, None].expand(-1, classes.shape[1], -1, -1)
+def _run_rollout(inp: AttentionInput) -> Tensor:
+    _, probs, _ = attention_probabilities(inp.model, inp.x, inp.output_fn)
+    m = _patch_map(inp.model, rollout(probs), (inp.x.shape[-2], inp.x.shape[-1])).float()
+    if (
+        inp.classes is not None and inp.classes.dim() == 2
+    ):  # TopK: the same class-agnostic map for every target
+        m = m[:, None].expand(-1, inp.classes.shape[1], -1, -1)
     return m
 
 
-def _run_grad_rollout(
-    model: nn.Module,
-    x: Tensor,
-    output_fn: Callable[[object], Tensor],
-    classes: Tensor | None,
-    targets: object,
-) -> Tensor:
-    _, probs, grads = attention_probabilities(model, x, output_fn, _score_fn(classes, targets))
-    size = (x.shape[-2], x.shape[-1])
-    maps = [_patch_map(model, grad_rollout(probs, g), size).float() for g in grads]
-    return torch.stack(maps, dim=1) if classes is not None and classes.dim() == 2 else maps[0]
+def _run_grad_rollout(inp: AttentionInput) -> Tensor:
+    score = score_fn(inp.classes, inp.target_fn)
+    _, probs, grads = attention_probabilities(inp.model, inp.x, inp.output_fn, score)
+    size = (inp.x.shape[-2], inp.x.shape[-1])
+    maps = [_patch_map(inp.model, grad_rollout(probs, g), size).float() for g in grads]
+    return torch.stack(maps, dim=1) if inp.classes is not None and inp.classes.dim() == 2 else maps[0]
 
 
 register(
@@ -245,6 +216,7 @@ register(
         cost="1 extra forward (class-agnostic), no backward",
         paper="Abnar & Zuidema, ACL 2020",
         summary="R = prod_l (mean_h A_l + I)/2 over the blocks; map = class-token row of R over the patches",
+        prefer="a ViT/DeiT's class-agnostic attention flow, with no backward",
         aliases=("attention-rollout", "attentionrollout"),
         run=_run_rollout,
     )
@@ -256,6 +228,7 @@ register(
         cost="1 extra forward + 1 backward through the blocks",
         paper="Chefer, Gur & Wolf, ICCV 2021 (generic attention explainability)",
         summary="R = prod_l (I + mean_h ReLU(dS/dA_l * A_l)); map = class-token row of R over the patches",
+        prefer="a class-specific map of a ViT/DeiT read from its attention, not from a CNN-style layer",
         aliases=("grad-rollout", "chefer", "chefer2021", "attention-grad"),
         run=_run_grad_rollout,
     )

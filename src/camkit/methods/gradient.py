@@ -72,6 +72,7 @@ register(
         cost=_ONE,
         paper="Selvaraju et al., ICCV 2017",
         summary="channel weight = spatial mean of dS/dA",
+        prefer="the default: one backward, robust on any architecture, the most compared-against",
         aliases=("grad-cam",),
     )
 )
@@ -83,6 +84,7 @@ register(
         cost=_ONE,
         paper="Chattopadhyay et al., WACV 2018",
         summary="weight = sum alpha*ReLU(g), alpha = g^2/(2g^2 + sum(A) g^3)",
+        prefer="several instances of the class in one image (weights favour every positive gradient region)",
         aliases=("gradcampp", "gradcamplusplus"),
     )
 )
@@ -94,6 +96,7 @@ register(
         cost=_ONE,
         paper="Fu et al., BMVC 2020",
         summary="weight = sum (A/sum A) * g",
+        prefer="Grad-CAM with weights that satisfy the sensitivity and conservation axioms; as cheap",
         aliases=("xgrad-cam",),
     )
 )
@@ -105,6 +108,7 @@ register(
         cost=_ONE,
         paper="Draelos & Carin, 2020",
         summary="map = sum_k g_k * A_k (element-wise, no averaging)",
+        prefer="maps that provably reflect where the model looks (no gradient averaging), at the same cost",
         aliases=("hires-cam",),
     )
 )
@@ -116,6 +120,7 @@ register(
         cost=_ONE,
         paper="pytorch-grad-cam's GradCAMElementWise",
         summary="map = sum_k ReLU(g_k * A_k)",
+        prefer="like HiResCAM but without negative evidence cancelling positive evidence",
         aliases=("gradcamelementwise",),
     )
 )
@@ -127,6 +132,7 @@ register(
         cost=_ONE,
         paper="Jiang et al., IEEE TIP 2021",
         summary="map = sum_k ReLU(g_k) * A_k; several layers fused (tanh-scaled shallow maps, element-wise max)",
+        prefer="fine detail from shallow layers, or fusing several layers (layers='layer2,layer3,layer4')",
         aliases=("layer-cam",),
     )
 )

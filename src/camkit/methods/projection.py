@@ -20,7 +20,7 @@ def first_component(x: Tensor) -> Tensor:
     b, k, h, w = x.shape
     mat = x.reshape(b, k, h * w).transpose(1, 2).double()  # [B, h*w, K]
     _, _, vh = torch.linalg.svd(mat, full_matrices=False)
-    proj = mat @ vh[:, 0, :, None]  # [B, h*w, 1]
+    proj: Tensor = mat @ vh[:, 0, :, None]  # [B, h*w, 1]
     sign = torch.where(proj.sum(dim=(1, 2), keepdim=True) < 0, -1.0, 1.0).to(proj.dtype)
     return (proj * sign).reshape(b, h, w).to(x.dtype)
 
@@ -42,6 +42,7 @@ register(
         cost="1 forward, no backward (class-agnostic)",
         paper="Muhammad & Yeasin, IJCNN 2020",
         summary="map = projection of A on its first principal component (SVD over channels)",
+        prefer="what the layer sees regardless of class (class-agnostic), with no backward; any head",
     )
 )
 register(
@@ -52,5 +53,6 @@ register(
         cost="1 forward + 1 backward to the layer (shared)",
         paper="pytorch-grad-cam's EigenGradCAM",
         summary="map = first principal component of g * A",
+        prefer="an Eigen-CAM that follows the explained class, denoised by the projection",
     )
 )

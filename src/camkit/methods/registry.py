@@ -8,7 +8,8 @@
 * :class:`AttentionMethod`: computes its map in its own pass over a transformer's attention probabilities.
 
 ReLU, upsampling and normalisation happen in one place for all kinds (:mod:`camkit.postprocess`).
-To add a method: write its formula in the module of its kind and call :func:`register` with keywords.
+To add a method: write its formula in the module of its kind and call :func:`register` with keywords. Importing
+:mod:`camkit.methods` (which any import of a submodule does first) registers every method.
 """
 
 from __future__ import annotations
@@ -18,13 +19,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from torch import Tensor
+from torch import Tensor, nn
 
 if TYPE_CHECKING:
     from camkit.methods.engine import PerturbationContext
 
 __all__ = [
     "METHODS",
+    "AttentionInput",
     "AttentionMethod",
     "LayerMethod",
     "Method",
@@ -61,6 +63,7 @@ class Method:
         paper: short reference.
         summary: one line: what the formula is.
         aliases: other accepted names.
+        prefer: one line: when to prefer it over the others.
         needs_grad: whether the method needs dS/dA from the shared capture pass.
         family: the kind, for listings (``"layer"``, ``"perturbation"``, ``"attention"``).
     """
@@ -71,6 +74,7 @@ class Method:
     paper: str
     summary: str
     aliases: tuple[str, ...] = ()
+    prefer: str = ""
     needs_grad: bool = False
 
 
@@ -100,17 +104,36 @@ class PerturbationMethod(Method):
     weights: Callable[[PerturbationContext], Tensor]
 
 
+@dataclass(frozen=True)
+class AttentionInput:
+    """What an attention method's pass receives.
+
+    Attributes:
+        model: the transformer, in eval mode.
+        x: its input, Tensor[B, 3, H, W].
+        output_fn: raw model output -> the explained Tensor.
+        classes: LongTensor[B] or [B, k] of the explained classes; None for a callable target.
+        target_fn: the callable target ``f(output) -> Tensor[B]`` when ``classes`` is None.
+    """
+
+    model: nn.Module
+    x: Tensor
+    output_fn: Callable[[object], Tensor]
+    classes: Tensor | None
+    target_fn: Callable[[Tensor], Tensor] | None = None
+
+
 @dataclass(frozen=True, kw_only=True)
 class AttentionMethod(Method):
     """A map from a transformer's attention probabilities, in the method's own pass.
 
     Attributes:
-        run: ``run(model, x, output_fn, classes, targets) -> Tensor[B, h, w]`` (``[B, k, h, w]`` for ``classes``
-            of shape [B, k]), the signed map.
+        run: ``AttentionInput -> Tensor[B, h, w]`` (``[B, k, h, w]`` for ``classes`` of shape [B, k]), the signed
+            map.
     """
 
     family: ClassVar[str] = "attention"
-    run: Callable[..., Tensor]
+    run: Callable[[AttentionInput], Tensor]
 
 
 METHODS: dict[str, Method] = {}
@@ -135,7 +158,6 @@ def _norm(name: str) -> str:
 
 def get_method(name: Any) -> Method:
     """Look a method up by name or alias; unknown names raise ``ValueError`` with the closest matches."""
-    _ensure_loaded()
     if isinstance(name, Method):
         return name
     if not isinstance(name, str):
@@ -152,9 +174,4 @@ def get_method(name: Any) -> Method:
 
 def method_names() -> list[str]:
     """Canonical names of all registered methods."""
-    _ensure_loaded()
     return list(METHODS)
-
-
-def _ensure_loaded() -> None:
-    from camkit.methods import attention, cam, gradient, perturbation, projection  # noqa: F401  (registers on import)

@@ -8,29 +8,9 @@ import torch
 from torch import Tensor, nn
 
 from camkit._fastforward import FastForward
+from camkit.outputs import logits_of, model_device
 
 ScoreKind = str  # "prob" (softmax probability) or "logit"
-
-
-def model_device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    for b in model.buffers():
-        return b.device
-    return torch.device("cpu")
-
-
-def logits_of(out: object) -> Tensor:
-    """The class scores of a model output: a tensor, ``.logits``, ``["logits"]``, or the first element."""
-    if isinstance(out, Tensor):
-        return out
-    if isinstance(out, dict) and "logits" in out:
-        return out["logits"]
-    if hasattr(out, "logits") and isinstance(out.logits, Tensor):
-        return out.logits
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
-        return out[0]
-    raise TypeError(f"cannot find class scores in a model output of type {type(out).__name__}")
 
 
 def class_scores(out: Tensor, classes: Tensor, kind: ScoreKind) -> Tensor:

@@ -35,7 +35,7 @@ def _as_boxes(boxes: BoxesLike | Box) -> Tensor:
         return torch.tensor([boxes.xyxy], dtype=torch.float64)
     if isinstance(boxes, Tensor):
         t = boxes.detach().cpu().double()
-    elif len(boxes) and isinstance(boxes[0], Box):  # type: ignore[arg-type]
+    elif len(boxes) and isinstance(boxes[0], Box):
         t = torch.tensor([b.xyxy for b in boxes], dtype=torch.float64)  # type: ignore[union-attr]
     else:
         t = torch.as_tensor(np.asarray(boxes, dtype=np.float64))
@@ -56,14 +56,10 @@ def box_iou(a: BoxesLike | Box, b: BoxesLike | Box) -> Tensor:
     Half-open boxes: area = (x1 - x0) * (y1 - y0) (``torchvision.ops.box_iou``'s convention). Two empty boxes
     have IoU 0.
     """
-    ba, bb = _as_boxes(a), _as_boxes(b)
-    area_a = (ba[:, 2] - ba[:, 0]) * (ba[:, 3] - ba[:, 1])
-    area_b = (bb[:, 2] - bb[:, 0]) * (bb[:, 3] - bb[:, 1])
-    lt = torch.maximum(ba[:, None, :2], bb[None, :, :2])
-    rb = torch.minimum(ba[:, None, 2:], bb[None, :, 2:])
-    inter = (rb - lt).clamp(min=0).prod(dim=2)
-    union = area_a[:, None] + area_b[None, :] - inter
-    return torch.where(union > 0, inter / union.clamp_min(1e-12), torch.zeros_like(union))
+    # imported here: torchvision takes seconds to import and only box comparisons need it
+    from torchvision.ops import box_iou as iou
+
+    return torch.nan_to_num(iou(_as_boxes(a), _as_boxes(b)), nan=0.0)  # two empty boxes: 0 / 0 -> 0
 
 
 def _maps3(maps: Tensor) -> Tensor:
