@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from PIL import Image
 from torch import Tensor
 
+from camkit import viz
 from camkit.tasks import ChosenTarget
 
 __all__ = ["Explanation"]
@@ -64,20 +65,16 @@ class Explanation:
             alpha: weight of the heatmap; the photo gets ``1 - alpha``.
             layer: show one layer's map instead of the fused one.
         """
-        from camkit.viz import colorize, overlay
-
         m = self.layer_maps[layer] if layer is not None else self.maps
         m = m[index]
         if m.dim() == 3:
             m = m[target]
         if self.images is not None:
-            return overlay(self.images[index], m, cmap=cmap, alpha=alpha)
-        return colorize(m, cmap=cmap)
+            return viz.overlay(self.images[index], m, cmap=cmap, alpha=alpha)
+        return viz.colorize(m, cmap=cmap)
 
     def _repr_png_(self) -> bytes:
-        from camkit.viz import hstack
-
         pics = [self.overlay(i) for i in range(self.maps.shape[0])]
         buf = io.BytesIO()
-        hstack(pics, height=224).save(buf, format="PNG")
+        viz.hstack(pics, height=224).save(buf, format="PNG")
         return buf.getvalue()

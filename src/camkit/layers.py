@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import difflib
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -71,6 +71,48 @@ def _is_skipped(module: nn.Module) -> bool:
     return any(s in name for s in _SKIP_TYPES)
 
 
+@dataclass
+class _Trace:
+    """What the trace saw of one module (updated by each of its calls)."""
+
+    module: nn.Module
+    calls: int = 0
+    order: int = -1  # rank at which its last call finished
+    out_id: int = 0  # id() of its last output
+    full_shape: tuple[int, ...] | None = (
+        None  # shape of its last output (with the batch), None if not a tensor
+    )
+
+
+class _Tracer:
+    """Forward (pre-)hooks that rank every module's start and finish in one forward pass."""
+
+    def __init__(self) -> None:
+        self.records: dict[str, _Trace] = {}
+        self.starts: dict[str, int] = {}
+        self.counter = 0
+        self.keep: list[object] = []  # keep outputs alive so that id() stays unique during the trace
+
+    def pre_hook(self, name: str) -> Callable[[nn.Module, object], None]:
+        def pre_hook(_m: nn.Module, _i: object) -> None:
+            self.starts[name] = self.counter
+            self.counter += 1
+
+        return pre_hook
+
+    def hook(self, name: str, module: nn.Module) -> Callable[[nn.Module, object, object], None]:
+        def hook(_m: nn.Module, _i: object, out: object) -> None:
+            self.keep.append(out)
+            rec = self.records.setdefault(name, _Trace(module))
+            rec.calls += 1
+            rec.order = self.counter
+            rec.out_id = id(out)
+            rec.full_shape = tuple(out.shape) if isinstance(out, Tensor) else None
+            self.counter += 1
+
+        return hook
+
+
 def describe_layers(model: nn.Module, example: Tensor) -> list[LayerInfo]:
     """Trace one forward (no grad) and describe every submodule that ran, in finish order.
 
@@ -78,76 +120,52 @@ def describe_layers(model: nn.Module, example: Tensor) -> list[LayerInfo]:
         model: the network (not modified; hooks are removed on return).
         example: an input batch, Tensor[B, C, H, W] (only the first image is used).
     """
-    records: dict[str, dict[str, object]] = {}
-    counter = [0]
+    tracer = _Tracer()
     handles = []
-    keep: list[object] = []  # keep outputs alive so that id() stays unique during the trace
-
-    def make_hook(name: str, module: nn.Module):  # type: ignore[no-untyped-def]
-        def hook(_m: nn.Module, _i: object, out: object) -> None:
-            keep.append(out)
-            rec = records.setdefault(name, {"calls": 0, "module": module})
-            rec["calls"] = int(rec["calls"]) + 1  # type: ignore[call-overload]
-            rec["order"] = counter[0]
-            rec["out_id"] = id(out)
-            rec["shape"] = tuple(out.shape[1:]) if isinstance(out, Tensor) else None
-            rec["full_shape"] = tuple(out.shape) if isinstance(out, Tensor) else None
-            counter[0] += 1
-
-        return hook
-
-    def make_pre_hook(name: str):  # type: ignore[no-untyped-def]
-        def pre_hook(_m: nn.Module, _i: object) -> None:
-            starts[name] = counter[0]
-            counter[0] += 1
-
-        return pre_hook
-
-    starts: dict[str, int] = {}
     try:
         for name, module in model.named_modules():
             if name:
-                handles.append(module.register_forward_pre_hook(make_pre_hook(name)))
-                handles.append(module.register_forward_hook(make_hook(name, module)))
+                handles.append(module.register_forward_pre_hook(tracer.pre_hook(name)))
+                handles.append(module.register_forward_hook(tracer.hook(name, module)))
         with torch.inference_mode():
             model(example[:1])
     finally:
         for h in handles:
             h.remove()
+    records = tracer.records
     # A module is a passthrough if it is a pooling/dropout/identity/flatten module, or a container whose last
     # finished descendant is a passthrough returning the very same tensor (VGG's `features` ends in a MaxPool).
     passthrough: dict[str, bool] = {}
-    for name, rec in sorted(records.items(), key=lambda kv: int(kv[1]["order"])):  # type: ignore[call-overload]
-        if _is_skipped(rec["module"]):  # type: ignore[arg-type]
+    for name, rec in sorted(records.items(), key=lambda kv: kv[1].order):
+        if _is_skipped(rec.module):
             passthrough[name] = True
             continue
         prefix = name + "."
-        children = [(int(r["order"]), n) for n, r in records.items() if n.startswith(prefix)]  # type: ignore[call-overload]
-        before = [c for c in children if c[0] < int(rec["order"])]  # type: ignore[call-overload]
+        children = [(r.order, n) for n, r in records.items() if n.startswith(prefix)]
+        before = [c for c in children if c[0] < rec.order]
         if before:
             last = max(before)[1]
-            passthrough[name] = passthrough.get(last, False) and records[last]["out_id"] == rec["out_id"]
+            passthrough[name] = passthrough.get(last, False) and records[last].out_id == rec.out_id
         else:
             passthrough[name] = False
     size = (int(example.shape[-2]), int(example.shape[-1]))
-    prefix = prefix_tokens(model)
+    tokens = prefix_tokens(model)
 
-    def layout(rec: dict[str, object]) -> Layout | None:
-        full = rec["full_shape"]
-        if full is None:
+    def layout(rec: _Trace) -> Layout | None:
+        if rec.full_shape is None:
             return None
-        return infer_layout(full, size, batch=1, prefix=prefix, module=rec["module"])  # type: ignore[arg-type]
+        return infer_layout(rec.full_shape, size, batch=1, prefix=tokens, module=rec.module)
 
     infos = [
         LayerInfo(
             name=name,
-            type=type(rec["module"]).__name__,
-            shape=rec["shape"],  # type: ignore[arg-type]
-            calls=int(rec["calls"]),  # type: ignore[call-overload]
-            order=int(rec["order"]),  # type: ignore[call-overload]
+            type=type(rec.module).__name__,
+            shape=None if rec.full_shape is None else rec.full_shape[1:],
+            calls=rec.calls,
+            order=rec.order,
             passthrough=passthrough[name],
             layout=layout(rec),
-            start=starts.get(name, -1),
+            start=tracer.starts.get(name, -1),
         )
         for name, rec in records.items()
     ]
@@ -213,7 +231,7 @@ def auto_layer(model: nn.Module, example: Tensor) -> str:
 def _name_of(model: nn.Module, module: nn.Module) -> str:
     for name, m in model.named_modules():
         if m is module:
-            return name
+            return str(name)  # named_modules() is untyped in torch
     raise ValueError(f"the module {type(module).__name__} passed as a target layer is not part of the model")
 
 

@@ -195,9 +195,17 @@ def _token_layout(
     return to_spatial(cap.activations, cap.gradients, model, layers, (x.shape[-2], x.shape[-1]), reshape)
 
 
-def _method_weights(method: Method, shared: Shared, layer: str) -> list[Tensor] | None:
-    """6. Channel weights Tensor[B, K] per target for one layer: CAM's classifier rows, a perturbation method's
-    weights; None for formulas that read A and dS/dA themselves."""
+def _method_weights(method: Method, shared: Shared) -> dict[str, list[Tensor]]:
+    """6. Per layer, channel weights Tensor[B, K] per target, by the method's kind: CAM's classifier rows, a
+    perturbation method's weights; none for formulas that read A and dS/dA themselves, nor for attention."""
+    if isinstance(method, PerturbationMethod) or (
+        isinstance(method, LayerMethod) and method.needs_classifier
+    ):
+        return {layer: _layer_weights(method, shared, layer) for layer in shared.captured.order}
+    return {}
+
+
+def _layer_weights(method: Method, shared: Shared, layer: str) -> list[Tensor]:
     a = shared.features.activations[layer]
     classes = shared.targets.classes
     if isinstance(method, LayerMethod) and method.needs_classifier:
@@ -222,30 +230,32 @@ def _method_weights(method: Method, shared: Shared, layer: str) -> list[Tensor] 
         )
         w = method.weights(ctx)  # [B, T, K]
         return [w[:, t] for t in range(shared.n_targets)]
-    return None
+    raise TypeError(f"{method.name} ({method.family}) has no channel weights")
 
 
-def _maps(method: Method, shared: Shared) -> dict[str, Tensor]:
+def _maps(method: Method, shared: Shared, weights: dict[str, list[Tensor]]) -> dict[str, Tensor]:
     """7. The signed map of each layer, shallow to deep (Tensor[B, h, w], [B, k, h, w] for k targets per image);
     an attention method: its own map from its own pass."""
     if isinstance(method, AttentionMethod):
         tg = shared.targets
         return {
-            method.name: method.run(AttentionInput(shared.model, shared.x, shared.output_fn, tg.classes, tg.fn))
+            method.name: method.run(
+                AttentionInput(shared.model, shared.x, shared.output_fn, tg.classes, tg.fn)
+            )
         }
     raw = {}
     for layer in shared.captured.order:
         a = shared.features.activations[layer].float()
-        weights = _method_weights(method, shared, layer)
+        w = weights.get(layer)
         per_target = []
         for t in range(shared.n_targets):
             if isinstance(method, PerturbationMethod):
-                assert weights is not None
-                per_target.append(torch.einsum("bk,bkhw->bhw", weights[t].float(), a))
+                assert w is not None
+                per_target.append(torch.einsum("bk,bkhw->bhw", w[t].float(), a))
                 continue
             assert isinstance(method, LayerMethod)
             g = _gradient(shared.features, layer, t) if method.needs_grad else None
-            per_target.append(method.fn(MethodInput(a, g, None if weights is None else weights[t])))
+            per_target.append(method.fn(MethodInput(a, g, None if w is None else w[t])))
         multi = shared.targets.classes is not None and shared.targets.classes.dim() == 2
         raw[layer] = torch.stack(per_target, dim=1) if multi else per_target[0]
     return raw
@@ -321,7 +331,8 @@ def _compute(
     size = (inputs.x.shape[-2], inputs.x.shape[-1])
     results = {}
     for method in methods:
-        raw = _maps(method, shared)  # stages 6 (method weights) and 7
+        weights = _method_weights(method, shared)
+        raw = _maps(method, shared, weights)
         maps = _postprocess(method, raw, size, relu, fusion)
         results[method.name] = _explanation(method, raw, maps, cap, resolved, inputs)
     return results

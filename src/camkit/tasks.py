@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol, cast
 
 import torch
 from torch import Tensor
@@ -71,14 +72,18 @@ def model_task(model: object) -> str:
     return "classification"
 
 
-def _threshold_owner(model: object) -> object:
+class _Thresholded(Protocol):
+    score_thresh: float
+
+
+def _threshold_owner(model: object) -> _Thresholded:
     heads = getattr(
         model, "roi_heads", None
     )  # Faster / Mask / Keypoint R-CNN (the RPN has its own threshold)
     if heads is not None and hasattr(heads, "score_thresh"):
-        return heads
+        return cast(_Thresholded, heads)
     if model_task(model) == "detection" and hasattr(model, "score_thresh"):  # RetinaNet, FCOS, SSD
-        return model
+        return cast(_Thresholded, model)
     raise ValueError(
         f"{type(model).__name__} is not a torchvision detection model: it has no score threshold"
     )
@@ -86,14 +91,14 @@ def _threshold_owner(model: object) -> object:
 
 def score_threshold(model: object) -> float:
     """The score a torchvision detection model's detections must exceed to be returned."""
-    return float(_threshold_owner(model).score_thresh)  # type: ignore[attr-defined]
+    return float(_threshold_owner(model).score_thresh)
 
 
 def set_score_threshold(model: object, threshold: float) -> None:
     """Set that threshold (``0.0`` keeps every detection, e.g. to explain a model with random weights)."""
     if not 0.0 <= threshold <= 1.0:
         raise ValueError(f"a detection score threshold lies in [0, 1], got {threshold}")
-    _threshold_owner(model).score_thresh = float(threshold)  # type: ignore[attr-defined]
+    _threshold_owner(model).score_thresh = float(threshold)
 
 
 @dataclass
