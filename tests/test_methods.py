@@ -8,7 +8,7 @@ from torch import nn
 
 import camkit
 from camkit.capture import capture
-from camkit.methods import method_names
+from camkit.methods import METHODS, AttentionMethod, LayerMethod, method_names
 
 GRADIENT_METHODS = ["gradcam", "gradcam++", "xgradcam", "hirescam", "gradcam-elementwise", "layercam"]
 
@@ -192,6 +192,12 @@ def test_every_registered_method_runs(tiny, x_small):
     for name, e in res.items():
         assert e.maps.shape == (4, 16, 16), name
         assert torch.isfinite(e.maps).all() and e.maps.min() >= 0 and e.maps.max() <= 1
+
+
+def test_layer_and_attention_methods_say_when_to_prefer_them():
+    for name, method in METHODS.items():
+        if isinstance(method, (LayerMethod, AttentionMethod)):
+            assert method.prefer and "\n" not in method.prefer, name
 
 
 def test_unknown_method_suggests():
