@@ -12,8 +12,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from camkit.cli import app
-from camkit.evaluate import Annotation, baseline_map, collect_images, evaluate, read_annotations
-from camkit.io import Preprocess
+from camkit.evaluate import baseline_map, collect_images, evaluate
+from camkit.io import Annotation, Preprocess, read_annotations
 
 runner = CliRunner()
 

@@ -6,16 +6,8 @@ model in chunks (:mod:`camkit.metrics`). Two reference maps can be evaluated lik
 Gaussian blob, sigma = 1/4 of the side), ``random`` (seeded uniform noise on a grid of 1/32 of the side, upsampled:
 as smooth as a CAM of a stride-32 network) and ``noise`` (seeded uniform noise per pixel).
 
-Annotation files (optional; boxes in original-image pixels, ``x1``/``y1`` exclusive):
-
-* camkit JSON: ``{"cat.jpg": {"class": 281, "boxes": [[x0, y0, x1, y1], ...]}, ...}``; ``class`` is an index
-  or a class name (``"tabby cat"``) and is explained instead of the top-1; both keys are optional.
-* COCO JSON (``images`` / ``annotations`` / ``categories``; ``bbox`` = ``[x, y, w, h]``): all boxes of an image;
-  its class is the category name of the first annotation when the model knows that name, else the top-1.
-* Pascal VOC XML (a file or a folder of them): ``<object><name>`` and ``<bndbox>`` (1-based inclusive
-  ``xmin..xmax``, so x0 = xmin - 1, x1 = xmax).
-
-Images are matched to annotations by file name.
+Ground truth (a class to explain and boxes per image, optional) comes from annotation files read by
+:func:`camkit.io.annotations.read_annotations` (camkit JSON, COCO JSON, Pascal VOC XML), re-exported here.
 """
 
 from __future__ import annotations
@@ -25,22 +17,29 @@ import json
 import math
 import time
 import warnings
-import xml.etree.ElementTree as ET
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from PIL import Image
 from torch import Tensor, nn
 
 from camkit.io import Preprocess, load_image
+from camkit.io.annotations import Annotation, read_annotations
+
+if TYPE_CHECKING:
+    from camkit.metrics._common import Forward
 
 __all__ = [
     "BASELINES",
     "METRICS",
     "Annotation",
+    "EvaluationConfig",
     "EvaluationResult",
+    "EvaluationRow",
+    "Metric",
     "collect_images",
     "evaluate",
     "read_annotations",
@@ -48,95 +47,36 @@ __all__ = [
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 BASELINES = ("center", "random", "noise")
-# metric name -> (per-image column(s), needs boxes, lower is better)
-METRICS: dict[str, tuple[tuple[str, ...], bool, bool]] = {
-    "deletion": (("deletion",), False, True),
-    "insertion": (("insertion",), False, False),
-    "avg_drop": (("avg_drop",), False, True),
-    "increase": (("increase",), False, False),
-    "road": (("road_morf", "road_lerf"), False, True),
-    "pointing": (("pointing",), True, False),
-    "pointing_strict": (("pointing_strict",), True, False),
-    "box": (("box_iou", "box_acc"), True, False),
-    "maxboxacc": ((), True, False),
+
+
+class Metric(NamedTuple):
+    """What a metric of :func:`evaluate` produces.
+
+    Attributes:
+        columns: its per-image column(s) in :attr:`EvaluationResult.rows` (none for ``maxboxacc``, a value
+            over all images).
+        needs_boxes: it compares the maps with ground-truth boxes.
+        lower_is_better: a lower value means a better map.
+    """
+
+    columns: tuple[str, ...]
+    needs_boxes: bool
+    lower_is_better: bool
+
+
+METRICS: dict[str, Metric] = {
+    "deletion": Metric(("deletion",), False, True),
+    "insertion": Metric(("insertion",), False, False),
+    "avg_drop": Metric(("avg_drop",), False, True),
+    "increase": Metric(("increase",), False, False),
+    "road": Metric(("road_morf", "road_lerf"), False, True),
+    "pointing": Metric(("pointing",), True, False),
+    "pointing_strict": Metric(("pointing_strict",), True, False),
+    "box": Metric(("box_iou", "box_acc"), True, False),
+    "maxboxacc": Metric((), True, False),
 }
 DEFAULT_METRICS = ("deletion", "insertion", "avg_drop", "increase")
 BOX_METRICS = ("pointing", "pointing_strict", "box", "maxboxacc")
-
-
-@dataclass
-class Annotation:
-    """Ground truth of one image: a class (index or name, or None = top-1) and boxes [x0, y0, x1, y1]."""
-
-    cls: int | str | None = None
-    boxes: list[list[float]] = field(default_factory=list)
-    strict_class: bool = True  # False: an unknown class name falls back to the top-1 (COCO/VOC vocabularies)
-
-
-def _voc(path: Path) -> tuple[str, Annotation]:
-    root = ET.parse(path).getroot()
-    name = root.findtext("filename") or path.with_suffix(".jpg").name
-    ann = Annotation(strict_class=False)
-    for obj in root.iter("object"):
-        box = obj.find("bndbox")
-        if box is None:
-            continue
-        xmin, ymin, xmax, ymax = (float(box.findtext(k) or "nan") for k in ("xmin", "ymin", "xmax", "ymax"))
-        ann.boxes.append([xmin - 1, ymin - 1, xmax, ymax])
-        if ann.cls is None:
-            ann.cls = obj.findtext("name")
-    return name, ann
-
-
-def read_annotations(path: str | Path) -> dict[str, Annotation]:
-    """Read a camkit JSON, COCO JSON, Pascal VOC XML file or a folder of VOC XML files (see the module doc).
-
-    Returns:
-        file name -> :class:`Annotation`.
-    """
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"annotation file not found: {str(p)!r}")
-    if p.is_dir():
-        xmls = sorted(p.glob("*.xml"))
-        if not xmls:
-            raise ValueError(f"no .xml annotation in folder {str(p)!r}")
-        return dict(_voc(x) for x in xmls)
-    if p.suffix.lower() == ".xml":
-        return dict([_voc(p)])
-    try:
-        data = json.loads(p.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{str(p)!r} is not valid JSON ({err})") from err
-    if isinstance(data, dict) and "images" in data and "annotations" in data:
-        cats = {c["id"]: c.get("name") for c in data.get("categories", [])}
-        by_id = {im["id"]: Path(im["file_name"]).name for im in data["images"]}
-        out = {name: Annotation(strict_class=False) for name in by_id.values()}
-        for a in data["annotations"]:
-            if a.get("image_id") not in by_id or "bbox" not in a:
-                continue
-            x, y, w, h = (float(v) for v in a["bbox"])
-            ann = out[by_id[a["image_id"]]]
-            ann.boxes.append([x, y, x + w, y + h])
-            if ann.cls is None:
-                ann.cls = cats.get(a.get("category_id"))
-        return out
-    if not isinstance(data, dict):
-        raise ValueError(f"{str(p)!r}: expected an object {{file name: {{class, boxes}}}} or a COCO file")
-    out = {}
-    for name, entry in data.items():
-        if not isinstance(entry, dict):
-            raise ValueError(
-                f"{str(p)!r}: the entry of {name!r} must be an object with 'class' and/or 'boxes'"
-            )
-        boxes = [[float(v) for v in b] for b in entry.get("boxes", [])]
-        for b in boxes:
-            if len(b) != 4 or b[2] < b[0] or b[3] < b[1]:
-                raise ValueError(
-                    f"{str(p)!r}: box {b} of {name!r} is not [x0, y0, x1, y1] with x1 >= x0, y1 >= y0"
-                )
-        out[Path(name).name] = Annotation(cls=entry.get("class"), boxes=boxes)
-    return out
 
 
 def collect_images(paths: Sequence[str | Path]) -> list[Path]:
@@ -177,42 +117,95 @@ def baseline_map(name: str, n: int, size: tuple[int, int], seed: int = 0) -> Ten
 
 
 @dataclass
+class EvaluationRow:
+    """The scores of one method on one image.
+
+    A row also reads like its CSV line: ``row["class"]``, ``row["deletion"]``.
+
+    Attributes:
+        image: the image's name.
+        method: the method (or reference map) name.
+        cls: the explained class index.
+        label: its name when labels are known.
+        prob: its softmax probability, rounded to 6 decimals.
+        values: metric column -> value (NaN when it does not apply, e.g. a box metric on an image without boxes).
+    """
+
+    image: str
+    method: str
+    cls: int
+    label: str | None
+    prob: float
+    values: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, object]:
+        """The CSV / JSON record: image, method, class, label, prob, then the metric columns."""
+        return {
+            "image": self.image,
+            "method": self.method,
+            "class": self.cls,
+            "label": self.label,
+            "prob": self.prob,
+            **self.values,
+        }
+
+    def __getitem__(self, key: str) -> object:
+        return self.to_dict()[key]
+
+
+@dataclass
+class EvaluationConfig:
+    """The settings an :class:`EvaluationResult` was measured with (``config`` in evaluate.json)."""
+
+    methods: list[str]
+    metrics: list[str]
+    layers: str
+    steps: int
+    box_threshold: float
+    images: int
+
+
+@dataclass
 class EvaluationResult:
     """What :func:`evaluate` measured.
 
     Attributes:
-        rows: one dict per (image, method): image, method, class, label, prob, and one column per metric.
+        rows: one :class:`EvaluationRow` per (image, method), image by image.
         summary: method -> column -> mean over images (NaN values, e.g. images without boxes, left out).
         maxboxacc: method -> {"value", "iou_0.3", "iou_0.5", "iou_0.7"} over the images with boxes.
         columns: metric columns, in order.
         timing: seconds: ``total``, ``explain`` (the shared CAM passes), ``metric_forwards`` (model calls of the
             metrics), ``metric_images`` (images sent to the model by the metrics).
+        config: the settings.
     """
 
-    rows: list[dict[str, object]]
+    rows: list[EvaluationRow]
     summary: dict[str, dict[str, float]]
     maxboxacc: dict[str, dict[str, float]]
     columns: list[str]
     timing: dict[str, float]
-    config: dict[str, object] = field(default_factory=dict)
+    config: EvaluationConfig
 
     def to_csv(self, path: str | Path) -> None:
+        """One line per row: image, method, class, label, prob and the metric columns."""
         keys = ["image", "method", "class", "label", "prob", *self.columns]
         with open(path, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
             writer.writeheader()
-            writer.writerows(self.rows)
+            writer.writerows(r.to_dict() for r in self.rows)
 
     def to_json(self, path: str | Path) -> None:
+        """config, summary, maxboxacc, timing and rows; NaN written as null."""
+
         def clean(v: object) -> object:
             return None if isinstance(v, float) and math.isnan(v) else v
 
         data = {
-            "config": self.config,
+            "config": asdict(self.config),
             "summary": {m: {k: clean(v) for k, v in d.items()} for m, d in self.summary.items()},
             "maxboxacc": self.maxboxacc,
             "timing": self.timing,
-            "rows": [{k: clean(v) for k, v in r.items()} for r in self.rows],
+            "rows": [{k: clean(v) for k, v in r.to_dict().items()} for r in self.rows],
         }
         Path(path).write_text(json.dumps(data, indent=2))
 
@@ -220,21 +213,23 @@ class EvaluationResult:
 def _resolve_metrics(metrics: Sequence[str] | None, have_boxes: bool) -> list[str]:
     if metrics is None:
         return list(DEFAULT_METRICS) + (list(BOX_METRICS) if have_boxes else [])
-    out = []
+    out: list[str] = []
     for m in metrics:
         key = m.strip().lower().replace("-", "_")
         if key == "all":
-            out.extend(k for k in METRICS if have_boxes or not METRICS[k][1])
+            out.extend(k for k in METRICS if have_boxes or not METRICS[k].needs_boxes)
             continue
         if key not in METRICS:
             raise ValueError(f"unknown metric {m!r}; choose from {', '.join(METRICS)} (or all)")
-        if METRICS[key][1] and not have_boxes:
+        if METRICS[key].needs_boxes and not have_boxes:
             raise ValueError(f"metric {m!r} needs ground-truth boxes: pass an annotation file with boxes")
         out.append(key)
     return list(dict.fromkeys(out))
 
 
 def _class_indices(fwd_logits: Tensor, anns: list[Annotation | None], labels: Sequence[str] | None) -> Tensor:
+    """The top-1 of each image, or its annotated class (a class the model does not know: an error when
+    the annotation is strict, else a warning and the top-1)."""
     from camkit.targets import resolve_classes
 
     classes = fwd_logits.argmax(dim=1).cpu()
@@ -242,12 +237,71 @@ def _class_indices(fwd_logits: Tensor, anns: list[Annotation | None], labels: Se
         if a is None or a.cls is None:
             continue
         try:
-            classes[i] = resolve_classes(a.cls, fwd_logits[i : i + 1].cpu(), labels)[0]  # type: ignore[index]
+            resolved = resolve_classes(a.cls, fwd_logits[i : i + 1].cpu(), labels)
         except (ValueError, TypeError):
             if a.strict_class:
                 raise
             warnings.warn(f"class {a.cls!r} is not a class of the model: explaining the top-1", stacklevel=3)
+            continue
+        assert resolved is not None  # a class index or name, never a callable
+        classes[i] = resolved[0]
     return classes
+
+
+@dataclass
+class _Scorer:
+    """Computes the chosen metrics of one batch of maps (the model calls go through ``forward``)."""
+
+    model: nn.Module
+    forward: Forward
+    chosen: list[str]
+    steps: int
+    box_threshold: float
+    thresholds: Tensor  # of the MaxBoxAccV2 IoU curves
+
+    def __call__(
+        self,
+        x: Tensor,
+        maps: Tensor,
+        classes: Tensor,
+        gt: list[list[list[float]]],
+        sizes: list[tuple[int, int]],
+    ) -> tuple[dict[str, Tensor], Tensor | None]:
+        """Metric column -> Tensor[B] of values, and the IoU curves of ``maxboxacc`` (None when not chosen)."""
+        from camkit import metrics as M
+
+        model, fwd, chosen = self.model, self.forward, self.chosen
+        values: dict[str, Tensor] = {}
+        if "deletion" in chosen:
+            values["deletion"] = M.deletion(model, x, maps, classes, steps=self.steps, forward=fwd).auc
+        if "insertion" in chosen:
+            values["insertion"] = M.insertion(model, x, maps, classes, steps=self.steps, forward=fwd).auc
+        if "avg_drop" in chosen or "increase" in chosen:
+            cc = M.confidence_change(model, x, maps, classes, forward=fwd)
+            values["avg_drop"], values["increase"] = cc.drop, cc.increase
+        if "road" in chosen:
+            values["road_morf"] = M.road(model, x, maps, classes, forward=fwd).mean_score
+            values["road_lerf"] = M.road(model, x, maps, classes, order="lerf", forward=fwd).mean_score
+        if "pointing" in chosen:
+            values["pointing"] = M.pointing_game(maps, gt, image_sizes=sizes)
+        if "pointing_strict" in chosen:
+            values["pointing_strict"] = M.pointing_game(maps, gt, tolerance=0, image_sizes=sizes)
+        if "box" in chosen:
+            acc = M.box_accuracy(maps, gt, threshold=self.box_threshold, image_sizes=sizes)
+            values["box_iou"], values["box_acc"] = acc.iou, acc.correct
+        curves = M.iou_curves(maps, gt, self.thresholds, image_sizes=sizes) if "maxboxacc" in chosen else None
+        return values, curves
+
+
+def _means(rows: list[EvaluationRow], order: list[str], columns: list[str]) -> dict[str, dict[str, float]]:
+    """method -> column -> mean over the rows of that method (NaN values left out; NaN when all are)."""
+    summary: dict[str, dict[str, float]] = {}
+    for method in order:
+        summary[method] = {}
+        for col in columns:
+            vals = [r.values[col] for r in rows if r.method == method and not math.isnan(r.values[col])]
+            summary[method][col] = sum(vals) / len(vals) if vals else float("nan")
+    return summary
 
 
 def evaluate(
@@ -296,24 +350,23 @@ def evaluate(
     ]
     if not items:
         raise ValueError("no images given")
-    names = [n for n, _ in items]
-    have_boxes = any(anns.get(n) is not None and anns[n].boxes for n in names)
+    have_boxes = any(anns.get(n) is not None and anns[n].boxes for n, _ in items)
     chosen = _resolve_metrics(metrics, have_boxes)
     method_list = [m.strip() for m in methods if m.strip()]
     if not method_list:
         raise ValueError("no method given")
     cam_methods = [get_method(m).name for m in method_list if m not in BASELINES]
-    order = [m if m in BASELINES else get_method(m).name for m in method_list]
-    order = list(dict.fromkeys(order))
+    order = list(dict.fromkeys(m if m in BASELINES else get_method(m).name for m in method_list))
     if model.training:
         raise ValueError("the model is in training mode; call model.eval() first")
     pre = preprocess or Preprocess.for_model(model)
     device = model_device(model)
     fwd = Forward(model, batch_size)
-    columns = [c for m in chosen for c in METRICS[m][0]]
-    rows: list[dict[str, object]] = []
-    curves: dict[str, list[Tensor]] = {m: [] for m in order}
     thresholds = torch.arange(0, 1, 0.01)
+    score = _Scorer(model, fwd, chosen, steps, box_threshold, thresholds)
+    columns = [c for m in chosen for c in METRICS[m].columns]
+    rows: list[EvaluationRow] = []
+    curves: dict[str, list[Tensor]] = {m: [] for m in order}
     t_explain = 0.0
     done = 0
     for start in range(0, len(items), images_per_batch):
@@ -340,50 +393,31 @@ def evaluate(
         gt = [a.boxes if a is not None else [] for a in batch_anns]
         for method in order:
             if method in BASELINES:
-                maps = baseline_map(method, len(batch), tuple(x.shape[-2:]), seed=start).to(device)
+                size = (x.shape[-2], x.shape[-1])
+                maps = baseline_map(method, len(batch), size, seed=start).to(device)
             else:
                 maps = expl[method].maps
-            values: dict[str, Tensor] = {}
-            if "deletion" in chosen:
-                values["deletion"] = M.deletion(model, x, maps, classes, steps=steps, forward=fwd).auc
-            if "insertion" in chosen:
-                values["insertion"] = M.insertion(model, x, maps, classes, steps=steps, forward=fwd).auc
-            if "avg_drop" in chosen or "increase" in chosen:
-                cc = M.confidence_change(model, x, maps, classes, forward=fwd)
-                values["avg_drop"], values["increase"] = cc.drop, cc.increase
-            if "road" in chosen:
-                values["road_morf"] = M.road(model, x, maps, classes, forward=fwd).mean_score
-                values["road_lerf"] = M.road(model, x, maps, classes, order="lerf", forward=fwd).mean_score
-            if "pointing" in chosen:
-                values["pointing"] = M.pointing_game(maps, gt, image_sizes=sizes)
-            if "pointing_strict" in chosen:
-                values["pointing_strict"] = M.pointing_game(maps, gt, tolerance=0, image_sizes=sizes)
-            if "box" in chosen:
-                acc = M.box_accuracy(maps, gt, threshold=box_threshold, image_sizes=sizes)
-                values["box_iou"], values["box_acc"] = acc.iou, acc.correct
-            if "maxboxacc" in chosen:
-                curves[method].append(M.iou_curves(maps, gt, thresholds, image_sizes=sizes))
+            values, iou = score(x, maps, classes, gt, sizes)
+            if iou is not None:
+                curves[method].append(iou)
             for i, (name, _) in enumerate(batch):
                 c = int(classes[i])
-                row: dict[str, object] = {
-                    "image": name,
-                    "method": method,
-                    "class": c,
-                    "label": lab[c] if lab is not None else None,
-                    "prob": round(float(probs[i]), 6),
-                }
-                for col in columns:
-                    row[col] = float(values[col][i]) if col in values else float("nan")
-                rows.append(row)
+                rows.append(
+                    EvaluationRow(
+                        image=name,
+                        method=method,
+                        cls=c,
+                        label=lab[c] if lab is not None else None,
+                        prob=round(float(probs[i]), 6),
+                        values={
+                            col: float(values[col][i]) if col in values else float("nan") for col in columns
+                        },
+                    )
+                )
             done += len(batch)
             if progress is not None:
-                progress(done, f"{method} on {name}")
-    summary: dict[str, dict[str, float]] = {}
-    for method in order:
-        summary[method] = {}
-        for col in columns:
-            vals = [float(r[col]) for r in rows if r["method"] == method and not math.isnan(float(r[col]))]  # type: ignore[arg-type]
-            summary[method][col] = sum(vals) / len(vals) if vals else float("nan")
+                progress(done, f"{method} on {batch[-1][0]}")
+    summary = _means(rows, order, columns)
     mba: dict[str, dict[str, float]] = {}
     if "maxboxacc" in chosen:
         for method in order:
@@ -396,14 +430,14 @@ def evaluate(
         "metric_forwards": fwd.seconds,
         "metric_images": float(fwd.images),
     }
-    config = {
-        "methods": order,
-        "metrics": chosen,
-        "layers": layers,
-        "steps": steps,
-        "box_threshold": box_threshold,
-        "images": len(items),
-    }
+    config = EvaluationConfig(
+        methods=order,
+        metrics=chosen,
+        layers=layers,
+        steps=steps,
+        box_threshold=box_threshold,
+        images=len(items),
+    )
     return EvaluationResult(
         rows=rows, summary=summary, maxboxacc=mba, columns=columns, timing=timing, config=config
     )

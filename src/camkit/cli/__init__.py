@@ -1,0 +1,49 @@
+"""The ``camkit`` command.
+
+    camkit explain [IMAGES...] [--model NAME] [--methods a,b] [--layers x,y] [--target T] [--out DIR]
+    camkit layers MODEL
+    camkit methods
+    camkit evaluate [IMAGES/FOLDERS...] [--methods a,b] [--metrics m,n] [--annotations FILE] [--out DIR]
+    camkit localize [IMAGES...] [--method NAME] [--threshold T] [--mode largest|all] [--out DIR]
+
+With no image, ``camkit explain`` runs on a sample photo shipped with scikit-image (``--sample``), with the
+offline pretrained EfficientNet-Lite0.
+
+One module per command (:mod:`camkit.cli.explain`, ...), what they share in :mod:`camkit.cli.common`. A user's
+mistake (unknown layer, class, method, missing file...) prints one ``error:`` line and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from camkit.cli import evaluate, explain, layers, localize, methods
+from camkit.cli.common import err_console
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Class Activation Maps for PyTorch vision models: why did the model decide what it decided?",
+    pretty_exceptions_enable=False,
+)
+app.command()(explain.explain)
+app.command()(layers.layers)
+app.command()(methods.methods)
+app.command()(evaluate.evaluate)
+app.command()(localize.localize)
+
+
+def main() -> None:
+    """Entry point of the ``camkit`` console script."""
+    from camkit.runtime import tune_allocator
+
+    tune_allocator()  # this process is ours: keep freed memory for reuse (CPU forwards 1.1-2.4x faster)
+    try:
+        app()
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        sys.exit(130)
