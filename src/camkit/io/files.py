@@ -1,0 +1,133 @@
+"""Writing results safely: every file is written to a temporary file beside it and renamed into place.
+
+* :func:`atomic_write` / :func:`save_image` / :func:`write_json`: a reader (or a run killed mid-way) never sees a
+  half-written file under its final name. ``os.replace`` swaps the directory entry, so a symbolic link already
+  at the destination is replaced by the new file, never written through.
+* :func:`write_json` writes strict JSON (RFC 8259): NaN and infinities become ``null``, text stays UTF-8
+  (``ensure_ascii=False``).
+* :func:`prepare_out_dir` checks an output folder before any model work; :func:`output_stems` gives inputs that
+  share a file name distinct, bounded output names.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any
+
+from PIL import Image
+
+__all__ = ["atomic_write", "output_stems", "prepare_out_dir", "save_image", "strict_json", "write_json"]
+
+MAX_NAME_BYTES = 200
+"""Longest output file name camkit makes (most file systems allow 255 bytes)."""
+
+
+@contextmanager
+def atomic_write(path: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
+    """Open a temporary file beside ``path``; on success it is flushed, synced and renamed to ``path``.
+
+    On an exception (or an interrupt) the temporary file is removed and ``path`` is left as it was.
+    """
+    target = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name[:40]}.", suffix=".part")
+    try:
+        with os.fdopen(fd, mode, **({"encoding": "utf-8"} if "b" not in mode else {})) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def save_image(image: Image.Image, path: str | Path, format: str | None = None, **options: Any) -> None:
+    """``image.save(path)``, atomically; the format comes from the suffix unless given."""
+    target = Path(path)
+    fmt = format or Image.registered_extensions().get(target.suffix.lower())
+    if fmt is None:
+        raise ValueError(f"cannot tell the image format of {str(target)!r}; use a .png, .jpg or .webp name")
+    with atomic_write(target) as f:
+        image.save(f, format=fmt, **options)
+
+
+def strict_json(value: Any) -> Any:
+    """``value`` with every non-finite float replaced by None (JSON ``null``), recursively."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
+
+
+def write_json(path: str | Path, value: Any) -> None:
+    """Write ``value`` as strict, indented UTF-8 JSON, atomically."""
+    text = json.dumps(strict_json(value), indent=2, ensure_ascii=False, allow_nan=False)
+    with atomic_write(path, "w") as f:
+        f.write(text + "\n")
+
+
+def prepare_out_dir(out: str | Path) -> Path:
+    """Create the output folder (and its parents) or explain why it cannot be used; call before model work."""
+    p = Path(out)
+    for parent in [p, *p.parents]:
+        if parent.exists() and not parent.is_dir():
+            what = "is" if parent == p else f"has a file on its path ({str(parent)!r})"
+            raise ValueError(f"--out {str(p)!r} {what} a file, not a folder; choose a folder")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"cannot create the output folder {str(p)!r}: {err.strerror or err}") from err
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise ValueError(f"the output folder {str(p)!r} is not writable")
+    return p
+
+
+def _bounded(stem: str, room: int) -> str:
+    raw = stem.encode("utf-8")
+    if len(raw) <= room:
+        return stem
+    digest = hashlib.sha1(raw).hexdigest()[:8]
+    cut = raw[: max(1, room - 9)].decode("utf-8", errors="ignore")
+    return f"{cut}-{digest}"
+
+
+def output_stems(paths: Sequence[str | Path], suffix_room: int = 40) -> list[str]:
+    """A distinct output name stem per input: its file stem, with its parent folders prepended (``d1_x``,
+    ``d2_x``) where two inputs share a stem, and a number as the last resort; each stem leaves ``suffix_room``
+    bytes for ``_<method>.png`` within :data:`MAX_NAME_BYTES`."""
+    room = MAX_NAME_BYTES - suffix_room
+    items = [Path(p) for p in paths]
+    stems = [p.stem for p in items]
+    depth = 0
+    while len(set(stems)) < len(stems) and depth < 8:
+        depth += 1
+        counts: dict[str, int] = {}
+        for s in stems:
+            counts[s] = counts.get(s, 0) + 1
+        stems = [
+            "_".join([*p.parent.parts[-depth:], p.stem]).replace(os.sep, "_").lstrip("_")
+            if counts[s] > 1
+            else s
+            for p, s in zip(items, stems, strict=True)
+        ]
+    seen: dict[str, int] = {}
+    result = []
+    for s in stems:
+        s = _bounded(s, room)
+        n = seen.get(s, 0)
+        seen[s] = n + 1
+        result.append(s if n == 0 else f"{s}_{n + 1}")
+    return result
