@@ -1,10 +1,15 @@
-"""Shared fixtures: tiny random-weight networks (weights do not matter) and the real pretrained model."""
+"""Shared fixtures: tiny random-weight networks (weights do not matter), the ground-truth test bed and the real
+pretrained model."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
+
+import testbed
 
 torch.set_num_threads(2)
 
@@ -58,6 +63,19 @@ def nonlinear() -> nn.Module:
 def x_small() -> torch.Tensor:
     torch.manual_seed(2)
     return torch.randn(4, 3, 16, 16)
+
+
+@pytest.fixture(scope="session")
+def trained_cnn(request: pytest.FixtureRequest) -> testbed.SmallCNN:
+    """The trained test-bed CNN: trained once per session; kept between sessions in pytest's cache folder when
+    the cache plugin is on (``-p no:cacheprovider`` works too, it only trains again)."""
+    cache = getattr(request.config, "cache", None)
+    return testbed.trained_model(Path(cache.mkdir("camkit-testbed")) if cache is not None else None)
+
+
+@pytest.fixture(scope="session")
+def testbed_data() -> testbed.Batch:
+    return testbed.test_set(64)
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ import camkit
 from camkit.localize import Box, binarize, localize, map_to_image, otsu_threshold, parse_threshold
 from camkit.metrics import box_iou
 from camkit.viz import draw_boxes
-from testbed import normalize, testbed_data, trained_cnn  # noqa: F401  (fixtures)
+from testbed import normalize
 
 
 def two_blobs() -> torch.Tensor:
@@ -96,7 +96,7 @@ def test_draw_boxes_outlines_exactly_the_box() -> None:
     assert img.getpixel((5, 6)) == (0, 0, 0)  # the input is not modified
 
 
-def test_gradcam_boxes_overlap_the_objects(trained_cnn, testbed_data) -> None:  # noqa: F811
+def test_gradcam_boxes_overlap_the_objects(trained_cnn, testbed_data) -> None:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

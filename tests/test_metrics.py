@@ -14,7 +14,7 @@ import camkit
 from camkit import metrics
 from camkit.metrics._common import Forward, pixel_ranks
 from conftest import assert_unchanged, snapshot
-from testbed import normalize, testbed_data, trained_cnn  # noqa: F401  (fixtures)
+from testbed import normalize
 
 # ---------------------------------------------------------------- a toy model with a known answer
 
@@ -374,7 +374,7 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def testbed_maps(trained_cnn, testbed_data):  # noqa: F811
+def testbed_maps(trained_cnn, testbed_data):
     x = normalize(testbed_data.images)
     res = camkit.compare(trained_cnn, x, methods=["gradcam", "gradcam++", "layercam"], layers="features.3")
     n = x.shape[0]
@@ -384,13 +384,13 @@ def testbed_maps(trained_cnn, testbed_data):  # noqa: F811
     return x, maps
 
 
-def test_testbed_model_is_accurate(trained_cnn, testbed_data) -> None:  # noqa: F811
+def test_testbed_model_is_accurate(trained_cnn, testbed_data) -> None:
     with torch.no_grad():
         pred = trained_cnn(normalize(testbed_data.images)).argmax(1)
     assert (pred == testbed_data.labels).float().mean().item() >= 0.95
 
 
-def test_gradcam_points_at_the_object(testbed_maps, testbed_data) -> None:  # noqa: F811
+def test_gradcam_points_at_the_object(testbed_maps, testbed_data) -> None:
     _, maps = testbed_maps
     gt = [b[None] for b in testbed_data.boxes]
     hits = {k: metrics.pointing_game(m, gt, tolerance=0).mean().item() for k, m in maps.items()}
@@ -407,7 +407,7 @@ def test_gradcam_points_at_the_object(testbed_maps, testbed_data) -> None:  # no
     assert acc["gradcam"] >= 0.6 and acc["gradcam"] >= acc["centre"] + 0.3 and acc["gradcam"] > acc["random"]
 
 
-def test_faithfulness_orders_methods_on_the_testbed(trained_cnn, testbed_maps) -> None:  # noqa: F811
+def test_faithfulness_orders_methods_on_the_testbed(trained_cnn, testbed_maps) -> None:
     x, maps = testbed_maps
     x = x[:16]
     maps = {k: maps[k][:16] for k in ("gradcam", "centre", "random")}
@@ -423,7 +423,7 @@ def test_faithfulness_orders_methods_on_the_testbed(trained_cnn, testbed_maps) -
     assert lerf.correct.mean() > morf.correct.mean()
 
 
-def test_sanity_check_separates_trained_from_randomized(trained_cnn, testbed_data) -> None:  # noqa: F811
+def test_sanity_check_separates_trained_from_randomized(trained_cnn, testbed_data) -> None:
     x = normalize(testbed_data.images[:16])
     before = snapshot(trained_cnn)
     res = metrics.cascading_randomization(trained_cnn, x, method="gradcam", layers="features.3")
