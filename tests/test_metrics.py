@@ -162,6 +162,51 @@ def test_blur_baseline_is_rise_kernel() -> None:
     assert y.sum().item() == pytest.approx(1.0, abs=1e-5)
 
 
+def _separable_blur(x: torch.Tensor, padding: str = "reflect", kernel_size: int = 11, sigma: float = 5.0):
+    """The blur camkit computed by hand before it called torchvision: a sampled 1-D Gaussian applied along rows
+    then columns; reflect padding, edge (replicate) padding when a side is too short to reflect."""
+    r = kernel_size // 2
+    t = torch.arange(kernel_size, dtype=torch.float32) - r
+    k1 = torch.exp(-(t**2) / (2 * sigma**2))
+    k1 = k1 / k1.sum()
+    c = x.shape[1]
+    if padding == "reflect" and min(x.shape[-2:]) <= r:
+        padding = "replicate"
+    y = nn.functional.pad(x.float(), (r, r, r, r), mode=padding)
+    y = nn.functional.conv2d(y, k1.view(1, 1, 1, -1).expand(c, 1, 1, kernel_size), groups=c)
+    return nn.functional.conv2d(y, k1.view(1, 1, -1, 1).expand(c, 1, kernel_size, 1), groups=c)
+
+
+@pytest.mark.parametrize(
+    "shape", [(2, 3, 224, 224), (3, 3, 16, 16), (1, 3, 6, 40), (1, 3, 5, 5), (2, 3, 3, 9)]
+)
+def test_blur_matches_the_hand_written_separable_blur(shape: tuple[int, int, int, int]) -> None:
+    """torchvision's blur pads by reflection like the hand-written one did (not with zeros, as RISE's code): the
+    borders agree, and so do images with a side of 5 pixels or less (edge padding)."""
+    from camkit.metrics._common import gaussian_blur
+
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(sum(shape)))
+    y = gaussian_blur(x)
+    assert y.dtype == torch.float32 and y.shape == x.shape
+    assert torch.allclose(y, _separable_blur(x), rtol=0, atol=1e-6)
+    # the comparison can tell the paddings apart
+    assert not torch.allclose(y, _separable_blur(x, padding="constant"), rtol=0, atol=1e-3)
+
+
+def test_insertion_auc_unchanged_by_the_library_blur() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, 5)
+    ).eval()
+    with torch.no_grad():
+        net[4].weight.mul_(20)
+    x, maps = torch.randn(4, 3, 32, 32), torch.rand(4, 32, 32)
+    new = metrics.insertion(net, x, maps, steps=32).auc
+    old = metrics.insertion(net, x, maps, steps=32, baseline=_separable_blur(x)).auc
+    assert torch.allclose(new, old, rtol=0, atol=1e-6)
+    assert not torch.allclose(new, metrics.insertion(net, x, maps, steps=32, baseline="zeros").auc, atol=1e-3)
+
+
 def test_confidence_change_known(toy) -> None:
     model, x = toy
     half = torch.tensor([[[1.0, 1.0], [0.0, 0.0]]])  # keeps 0.1 + 0.4
