@@ -3,6 +3,7 @@ pretrained model."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -85,39 +86,47 @@ def pretrained():
     return camkit.load_model()
 
 
-def snapshot(model: nn.Module) -> dict[str, object]:
+@dataclass
+class Snapshot:
     """Everything about a model that camkit must leave as it found it."""
-    hooks = {}
-    for name, m in model.named_modules():
-        hooks[name] = tuple(
-            len(getattr(m, attr))
-            for attr in (
-                "_forward_hooks",
-                "_forward_pre_hooks",
-                "_backward_hooks",
-                "_backward_pre_hooks",
-                "_forward_hooks_with_kwargs",
-                "_state_dict_hooks",
-            )
-        )
-    return {
-        "state": {k: v.clone() for k, v in model.state_dict().items()},
-        "hooks": hooks,
-        "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
-        "grad": {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()},
-        "training": {n: m.training for n, m in model.named_modules()},
-        "grad_mode": torch.is_grad_enabled(),
-    }
+
+    state: dict[str, torch.Tensor]
+    hooks: dict[str, tuple[int, ...]]  # module name -> number of hooks of each kind
+    requires_grad: dict[str, bool]
+    grad: dict[str, torch.Tensor | None]
+    training: dict[str, bool]
+    grad_mode: bool
 
 
-def assert_unchanged(before: dict[str, object], model: nn.Module) -> None:
+_HOOK_DICTS = (
+    "_forward_hooks",
+    "_forward_pre_hooks",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+    "_forward_hooks_with_kwargs",
+    "_state_dict_hooks",
+)
+
+
+def snapshot(model: nn.Module) -> Snapshot:
+    return Snapshot(
+        state={k: v.clone() for k, v in model.state_dict().items()},
+        hooks={n: tuple(len(getattr(m, attr)) for attr in _HOOK_DICTS) for n, m in model.named_modules()},
+        requires_grad={n: p.requires_grad for n, p in model.named_parameters()},
+        grad={n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()},
+        training={n: m.training for n, m in model.named_modules()},
+        grad_mode=torch.is_grad_enabled(),
+    )
+
+
+def assert_unchanged(before: Snapshot, model: nn.Module) -> None:
     after = snapshot(model)
-    assert after["hooks"] == before["hooks"], "hooks left on the model"
-    assert after["requires_grad"] == before["requires_grad"]
-    assert after["training"] == before["training"]
-    assert after["grad_mode"] == before["grad_mode"]
-    for k, v in before["state"].items():  # type: ignore[union-attr]
-        assert torch.equal(after["state"][k], v), f"state {k} changed"  # type: ignore[index]
-    for k, g in before["grad"].items():  # type: ignore[union-attr]
-        g2 = after["grad"][k]  # type: ignore[index]
+    assert after.hooks == before.hooks, "hooks left on the model"
+    assert after.requires_grad == before.requires_grad
+    assert after.training == before.training
+    assert after.grad_mode == before.grad_mode
+    for k, v in before.state.items():
+        assert torch.equal(after.state[k], v), f"state {k} changed"
+    for k, g in before.grad.items():
+        g2 = after.grad[k]
         assert (g is None and g2 is None) or (g is not None and g2 is not None and torch.equal(g, g2)), k

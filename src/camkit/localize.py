@@ -195,7 +195,7 @@ def localize(
     threshold: Threshold = 0.2,
     mode: str = "largest",
     min_area: float = 0.0,
-    image_sizes: Sequence[tuple[int, int]] | None = None,
+    image_sizes: Sequence[Sequence[int]] | None = None,
     target: int = 0,
 ) -> list[list[Box]]:
     """Boxes around the salient regions of each map.
@@ -233,11 +233,17 @@ def localize(
     if not 0.0 <= min_area <= 1.0:
         raise ValueError(f"min_area is a fraction of the map's area, in [0, 1]; got {min_area}")
     return [
-        _boxes_of_map(
-            maps[i], threshold, mode, min_area, None if image_sizes is None else tuple(image_sizes[i])
-        )
+        _boxes_of_map(maps[i], threshold, mode, min_area, image_size(image_sizes, i))
         for i in range(maps.shape[0])
     ]
+
+
+def image_size(image_sizes: Sequence[Sequence[int]] | None, i: int) -> tuple[int, int] | None:
+    """Image ``i``'s (W, H) as a tuple (the sizes may come as lists, e.g. from JSON), None without sizes."""
+    if image_sizes is None:
+        return None
+    w, h = image_sizes[i]
+    return w, h
 
 
 def parse_threshold(text: str | float) -> Threshold:

@@ -152,10 +152,12 @@ def gaussian_blur(x: Tensor, kernel_size: int = 11, sigma: float = 5.0) -> Tenso
     x = x.float()
     h, w = x.shape[-2:]
     if min(h, w) > r:
-        return blur(x, [kernel_size, kernel_size], [sigma, sigma])
+        out: Tensor = blur(x, [kernel_size, kernel_size], [sigma, sigma])
+        return out
     # edge padding first; the blur's own reflect padding then only reaches pixels the crop drops
     y = nn.functional.pad(x, (r, r, r, r), mode="replicate")
-    return blur(y, [kernel_size, kernel_size], [sigma, sigma])[..., r : r + h, r : r + w]
+    out = blur(y, [kernel_size, kernel_size], [sigma, sigma])
+    return out[..., r : r + h, r : r + w]
 
 
 Baseline = Tensor | float | str | Callable[[Tensor], Tensor] | None
