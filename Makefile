@@ -1,10 +1,11 @@
-# The two commands: `make demo` and `make test`. Both build .venv from nothing when it is missing.
+# `make demo`, `make test` (the whole suite), `make test-fast` (the suite without the tests marked slow) and
+# `make lint` (ruff, ruff format, mypy). Each builds .venv from nothing when it is missing.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.camkit-installed
 
-.PHONY: demo test lint bench compat clean
+.PHONY: demo test test-fast lint bench compat clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,6 +19,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)   # without the tests marked slow and without the model-family matrix (make test runs both)
+	$(BIN)/python -m pytest -q -m "not slow" --ignore=tests/test_families.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks tools

@@ -1,10 +1,16 @@
-"""Shared fixtures: tiny random-weight networks (weights do not matter) and the real pretrained model."""
+"""Shared fixtures: tiny random-weight networks (weights do not matter), the ground-truth test bed and the real
+pretrained model."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
+
+import testbed
 
 torch.set_num_threads(2)
 
@@ -61,45 +67,66 @@ def x_small() -> torch.Tensor:
 
 
 @pytest.fixture(scope="session")
+def trained_cnn(request: pytest.FixtureRequest) -> testbed.SmallCNN:
+    """The trained test-bed CNN: trained once per session; kept between sessions in pytest's cache folder when
+    the cache plugin is on (``-p no:cacheprovider`` works too, it only trains again)."""
+    cache = getattr(request.config, "cache", None)
+    return testbed.trained_model(Path(cache.mkdir("camkit-testbed")) if cache is not None else None)
+
+
+@pytest.fixture(scope="session")
+def testbed_data() -> testbed.Batch:
+    return testbed.test_set(64)
+
+
+@pytest.fixture(scope="session")
 def pretrained():
     import camkit
 
     return camkit.load_model()
 
 
-def snapshot(model: nn.Module) -> dict[str, object]:
+@dataclass
+class Snapshot:
     """Everything about a model that camkit must leave as it found it."""
-    hooks = {}
-    for name, m in model.named_modules():
-        hooks[name] = tuple(
-            len(getattr(m, attr))
-            for attr in (
-                "_forward_hooks",
-                "_forward_pre_hooks",
-                "_backward_hooks",
-                "_backward_pre_hooks",
-                "_forward_hooks_with_kwargs",
-                "_state_dict_hooks",
-            )
-        )
-    return {
-        "state": {k: v.clone() for k, v in model.state_dict().items()},
-        "hooks": hooks,
-        "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
-        "grad": {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()},
-        "training": {n: m.training for n, m in model.named_modules()},
-        "grad_mode": torch.is_grad_enabled(),
-    }
+
+    state: dict[str, torch.Tensor]
+    hooks: dict[str, tuple[int, ...]]  # module name -> number of hooks of each kind
+    requires_grad: dict[str, bool]
+    grad: dict[str, torch.Tensor | None]
+    training: dict[str, bool]
+    grad_mode: bool
 
 
-def assert_unchanged(before: dict[str, object], model: nn.Module) -> None:
+_HOOK_DICTS = (
+    "_forward_hooks",
+    "_forward_pre_hooks",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+    "_forward_hooks_with_kwargs",
+    "_state_dict_hooks",
+)
+
+
+def snapshot(model: nn.Module) -> Snapshot:
+    return Snapshot(
+        state={k: v.clone() for k, v in model.state_dict().items()},
+        hooks={n: tuple(len(getattr(m, attr)) for attr in _HOOK_DICTS) for n, m in model.named_modules()},
+        requires_grad={n: p.requires_grad for n, p in model.named_parameters()},
+        grad={n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()},
+        training={n: m.training for n, m in model.named_modules()},
+        grad_mode=torch.is_grad_enabled(),
+    )
+
+
+def assert_unchanged(before: Snapshot, model: nn.Module) -> None:
     after = snapshot(model)
-    assert after["hooks"] == before["hooks"], "hooks left on the model"
-    assert after["requires_grad"] == before["requires_grad"]
-    assert after["training"] == before["training"]
-    assert after["grad_mode"] == before["grad_mode"]
-    for k, v in before["state"].items():  # type: ignore[union-attr]
-        assert torch.equal(after["state"][k], v), f"state {k} changed"  # type: ignore[index]
-    for k, g in before["grad"].items():  # type: ignore[union-attr]
-        g2 = after["grad"][k]  # type: ignore[index]
+    assert after.hooks == before.hooks, "hooks left on the model"
+    assert after.requires_grad == before.requires_grad
+    assert after.training == before.training
+    assert after.grad_mode == before.grad_mode
+    for k, v in before.state.items():
+        assert torch.equal(after.state[k], v), f"state {k} changed"
+    for k, g in before.grad.items():
+        g2 = after.grad[k]
         assert (g is None and g2 is None) or (g is not None and g2 is not None and torch.equal(g, g2)), k

@@ -10,7 +10,7 @@ import camkit
 from camkit.localize import Box, binarize, localize, map_to_image, otsu_threshold, parse_threshold
 from camkit.metrics import box_iou
 from camkit.viz import draw_boxes
-from testbed import normalize, testbed_data, trained_cnn  # noqa: F401  (fixtures)
+from testbed import normalize
 
 
 def two_blobs() -> torch.Tensor:
@@ -56,6 +56,52 @@ def test_otsu_splits_a_bimodal_map() -> None:
     assert localize(m, threshold="otsu")[0][0].xyxy == [8, 8, 24, 16]
 
 
+def _histogram_otsu(m: torch.Tensor, bins: int = 256) -> float:
+    """Otsu as camkit computed it by hand before it called scikit-image: a ``bins``-bin histogram between the
+    map's min and max, the split k maximising the between-class variance, the upper edge of bin k."""
+    m = m.float().flatten()
+    lo, hi = float(m.min()), float(m.max())
+    hist = torch.histc(m, bins=bins, min=lo, max=hi).double()
+    centers = lo + (torch.arange(bins, dtype=torch.float64) + 0.5) * (hi - lo) / bins
+    w0 = hist.cumsum(0)
+    w1 = hist.sum() - w0
+    s0 = (hist * centers).cumsum(0)
+    between = w0 * w1 * (s0 / w0.clamp_min(1e-12) - (s0[-1] - s0) / w1.clamp_min(1e-12)) ** 2
+    between[(w0 == 0) | (w1 == 0)] = -1.0
+    return lo + (int(between.argmax()) + 1) * (hi - lo) / bins
+
+
+def _cam_like_maps() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    maps = []
+    for i in range(24):
+        low = torch.randn(1, 1, 7, 7, generator=g)
+        m = torch.nn.functional.interpolate(low, size=(112, 112), mode="bilinear", align_corners=False)[0, 0]
+        maps.append(m.clamp_min(0) if i % 2 else m)  # every other one ReLU'd: a spike at 0, as a CAM
+    maps += [torch.rand(48, 64, generator=g) ** 3 for _ in range(8)]
+    return maps
+
+
+def test_otsu_agrees_with_the_hand_written_histogram_otsu() -> None:
+    """scikit-image's threshold is the centre of the background's last bin; camkit's is that bin's upper edge,
+    so ``m > t`` keeps exactly Otsu's foreground class: the masks of the former implementation, pixel for pixel."""
+    from skimage.filters import threshold_otsu
+
+    centre_differs = 0
+    for m in _cam_like_maps():
+        t, ref = otsu_threshold(m), _histogram_otsu(m)
+        assert t == pytest.approx(ref, rel=0, abs=1e-9)
+        assert torch.equal(binarize(m, "otsu"), m > ref)
+        centre_differs += int(not torch.equal(m > float(threshold_otsu(m.double().numpy())), m > ref))
+    assert centre_differs > 0  # the bin centre alone would move pixels: the half bin matters
+
+
+def test_otsu_of_a_constant_map_keeps_nothing() -> None:
+    m = torch.full((8, 8), 0.5)
+    assert otsu_threshold(m) == 0.5
+    assert not binarize(m, "otsu").any()
+
+
 def test_empty_map_has_no_box() -> None:
     assert localize(torch.zeros(2, 16, 16)) == [[], []]
 
@@ -96,7 +142,7 @@ def test_draw_boxes_outlines_exactly_the_box() -> None:
     assert img.getpixel((5, 6)) == (0, 0, 0)  # the input is not modified
 
 
-def test_gradcam_boxes_overlap_the_objects(trained_cnn, testbed_data) -> None:  # noqa: F811
+def test_gradcam_boxes_overlap_the_objects(trained_cnn, testbed_data) -> None:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -14,7 +14,7 @@ import camkit
 from camkit import metrics
 from camkit.metrics._common import Forward, pixel_ranks
 from conftest import assert_unchanged, snapshot
-from testbed import normalize, testbed_data, trained_cnn  # noqa: F401  (fixtures)
+from testbed import normalize
 
 # ---------------------------------------------------------------- a toy model with a known answer
 
@@ -160,6 +160,51 @@ def test_blur_baseline_is_rise_kernel() -> None:
     k2 = torch.outer(k, k) / torch.outer(k, k).sum()
     assert torch.allclose(y[0, 0, 10:21, 10:21], k2, atol=1e-6)
     assert y.sum().item() == pytest.approx(1.0, abs=1e-5)
+
+
+def _separable_blur(x: torch.Tensor, padding: str = "reflect", kernel_size: int = 11, sigma: float = 5.0):
+    """The blur camkit computed by hand before it called torchvision: a sampled 1-D Gaussian applied along rows
+    then columns; reflect padding, edge (replicate) padding when a side is too short to reflect."""
+    r = kernel_size // 2
+    t = torch.arange(kernel_size, dtype=torch.float32) - r
+    k1 = torch.exp(-(t**2) / (2 * sigma**2))
+    k1 = k1 / k1.sum()
+    c = x.shape[1]
+    if padding == "reflect" and min(x.shape[-2:]) <= r:
+        padding = "replicate"
+    y = nn.functional.pad(x.float(), (r, r, r, r), mode=padding)
+    y = nn.functional.conv2d(y, k1.view(1, 1, 1, -1).expand(c, 1, 1, kernel_size), groups=c)
+    return nn.functional.conv2d(y, k1.view(1, 1, -1, 1).expand(c, 1, kernel_size, 1), groups=c)
+
+
+@pytest.mark.parametrize(
+    "shape", [(2, 3, 224, 224), (3, 3, 16, 16), (1, 3, 6, 40), (1, 3, 5, 5), (2, 3, 3, 9)]
+)
+def test_blur_matches_the_hand_written_separable_blur(shape: tuple[int, int, int, int]) -> None:
+    """torchvision's blur pads by reflection like the hand-written one did (not with zeros, as RISE's code): the
+    borders agree, and so do images with a side of 5 pixels or less (edge padding)."""
+    from camkit.metrics._common import gaussian_blur
+
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(sum(shape)))
+    y = gaussian_blur(x)
+    assert y.dtype == torch.float32 and y.shape == x.shape
+    assert torch.allclose(y, _separable_blur(x), rtol=0, atol=1e-6)
+    # the comparison can tell the paddings apart
+    assert not torch.allclose(y, _separable_blur(x, padding="constant"), rtol=0, atol=1e-3)
+
+
+def test_insertion_auc_unchanged_by_the_library_blur() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, 5)
+    ).eval()
+    with torch.no_grad():
+        net[4].weight.mul_(20)
+    x, maps = torch.randn(4, 3, 32, 32), torch.rand(4, 32, 32)
+    new = metrics.insertion(net, x, maps, steps=32).auc
+    old = metrics.insertion(net, x, maps, steps=32, baseline=_separable_blur(x)).auc
+    assert torch.allclose(new, old, rtol=0, atol=1e-6)
+    assert not torch.allclose(new, metrics.insertion(net, x, maps, steps=32, baseline="zeros").auc, atol=1e-3)
 
 
 def test_confidence_change_known(toy) -> None:
@@ -374,7 +419,7 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def testbed_maps(trained_cnn, testbed_data):  # noqa: F811
+def testbed_maps(trained_cnn, testbed_data):
     x = normalize(testbed_data.images)
     res = camkit.compare(trained_cnn, x, methods=["gradcam", "gradcam++", "layercam"], layers="features.3")
     n = x.shape[0]
@@ -384,13 +429,13 @@ def testbed_maps(trained_cnn, testbed_data):  # noqa: F811
     return x, maps
 
 
-def test_testbed_model_is_accurate(trained_cnn, testbed_data) -> None:  # noqa: F811
+def test_testbed_model_is_accurate(trained_cnn, testbed_data) -> None:
     with torch.no_grad():
         pred = trained_cnn(normalize(testbed_data.images)).argmax(1)
     assert (pred == testbed_data.labels).float().mean().item() >= 0.95
 
 
-def test_gradcam_points_at_the_object(testbed_maps, testbed_data) -> None:  # noqa: F811
+def test_gradcam_points_at_the_object(testbed_maps, testbed_data) -> None:
     _, maps = testbed_maps
     gt = [b[None] for b in testbed_data.boxes]
     hits = {k: metrics.pointing_game(m, gt, tolerance=0).mean().item() for k, m in maps.items()}
@@ -407,7 +452,7 @@ def test_gradcam_points_at_the_object(testbed_maps, testbed_data) -> None:  # no
     assert acc["gradcam"] >= 0.6 and acc["gradcam"] >= acc["centre"] + 0.3 and acc["gradcam"] > acc["random"]
 
 
-def test_faithfulness_orders_methods_on_the_testbed(trained_cnn, testbed_maps) -> None:  # noqa: F811
+def test_faithfulness_orders_methods_on_the_testbed(trained_cnn, testbed_maps) -> None:
     x, maps = testbed_maps
     x = x[:16]
     maps = {k: maps[k][:16] for k in ("gradcam", "centre", "random")}
@@ -423,7 +468,7 @@ def test_faithfulness_orders_methods_on_the_testbed(trained_cnn, testbed_maps) -
     assert lerf.correct.mean() > morf.correct.mean()
 
 
-def test_sanity_check_separates_trained_from_randomized(trained_cnn, testbed_data) -> None:  # noqa: F811
+def test_sanity_check_separates_trained_from_randomized(trained_cnn, testbed_data) -> None:
     x = normalize(testbed_data.images[:16])
     before = snapshot(trained_cnn)
     res = metrics.cascading_randomization(trained_cnn, x, method="gradcam", layers="features.3")

@@ -4,7 +4,8 @@ that learns them on CPU in seconds.
 Each 64 x 64 image is clutter (smooth colour noise, pixel noise and a few small random rectangles) with one object
 pasted at a random position: a disc, a ring, a plus sign or a checkered square (the 4 classes), 16 to 26 pixels
 wide, in a random bright colour. The box of the object's pixels is the ground truth. Nothing is stored in the
-repository: the data are generated from a seed and the trained weights are cached by the test session.
+repository: the data are generated from a seed, the model is trained once per test session (the fixtures in
+``conftest.py``) and its weights are also kept in pytest's cache folder when the cache plugin is on.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -140,33 +140,29 @@ def source_hash() -> str:
     return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
 
 
+_TRAINED: dict[str, dict[str, Tensor]] = {}  # source hash -> state dict, for the whole process
+
+
 def trained_model(cache_dir: Path | None = None) -> SmallCNN:
-    """The trained test-bed model, from ``cache_dir`` when this file has not changed since it was cached."""
-    path = cache_dir / f"smallcnn-{source_hash()}.pt" if cache_dir is not None else None
-    if path is not None and path.exists():
-        model = SmallCNN()
-        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        return model.eval()
-    model = train()
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(model.state_dict(), path)
-    return model
+    """A fresh copy of the trained test-bed model: trained on the first call in this process, or loaded from
+    ``cache_dir`` when it holds weights cached by this version of this file."""
+    key = source_hash()
+    path = cache_dir / f"smallcnn-{key}.pt" if cache_dir is not None else None
+    if key not in _TRAINED:
+        if path is not None and path.exists():
+            _TRAINED[key] = torch.load(path, map_location="cpu", weights_only=True)
+        else:
+            _TRAINED[key] = train().state_dict()
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                torch.save(_TRAINED[key], path)
+    model = SmallCNN()
+    model.load_state_dict(_TRAINED[key])
+    return model.eval()
 
 
 def test_set(n: int = 256, seed: int = 12345) -> Batch:
     return make_batch(n, torch.Generator().manual_seed(seed))
-
-
-@pytest.fixture(scope="session")
-def trained_cnn(request: pytest.FixtureRequest) -> SmallCNN:
-    """The trained test-bed CNN (trained once, cached under pytest's cache folder by the hash of this file)."""
-    return trained_model(Path(request.config.cache.mkdir("camkit-testbed")))
-
-
-@pytest.fixture(scope="session")
-def testbed_data() -> Batch:
-    return test_set(64)
 
 
 if __name__ == "__main__":

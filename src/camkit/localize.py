@@ -68,22 +68,20 @@ class Box:
 
 
 def otsu_threshold(m: Tensor, bins: int = 256) -> float:
-    """Otsu's threshold of a map (maximises the between-class variance of a ``bins``-bin histogram)."""
-    m = m.detach().float().flatten()
-    lo, hi = float(m.min()), float(m.max())
+    """Otsu's threshold of a map: the split of a ``bins``-bin histogram that maximises the between-class
+    variance (``skimage.filters.threshold_otsu``), as the value between the two classes: the upper edge of the
+    background's last bin, so that ``m > threshold`` is exactly the foreground class.
+
+    ``threshold_otsu`` returns the *centre* of that bin; its upper half belongs to the background class of the
+    split, so the edge is half a bin higher.
+    """
+    from skimage.filters import threshold_otsu
+
+    arr = m.detach().double().cpu().numpy().ravel()
+    lo, hi = float(arr.min()), float(arr.max())
     if hi <= lo:
         return hi
-    hist = torch.histc(m, bins=bins, min=lo, max=hi).double()
-    centers = lo + (torch.arange(bins, dtype=torch.float64, device=hist.device) + 0.5) * (hi - lo) / bins
-    w0 = hist.cumsum(0)
-    w1 = hist.sum() - w0
-    s0 = (hist * centers).cumsum(0)
-    mu0 = s0 / w0.clamp_min(1e-12)
-    mu1 = (s0[-1] - s0) / w1.clamp_min(1e-12)
-    between = w0 * w1 * (mu0 - mu1) ** 2
-    between[(w0 == 0) | (w1 == 0)] = -1.0
-    k = int(between.argmax())
-    return lo + (k + 1) * (hi - lo) / bins  # the upper edge of the last bin of the background class
+    return float(threshold_otsu(arr, nbins=bins)) + (hi - lo) / (2 * bins)
 
 
 def binarize(m: Tensor, threshold: Threshold = 0.2) -> Tensor:
@@ -197,7 +195,7 @@ def localize(
     threshold: Threshold = 0.2,
     mode: str = "largest",
     min_area: float = 0.0,
-    image_sizes: Sequence[tuple[int, int]] | None = None,
+    image_sizes: Sequence[Sequence[int]] | None = None,
     target: int = 0,
 ) -> list[list[Box]]:
     """Boxes around the salient regions of each map.
@@ -235,11 +233,17 @@ def localize(
     if not 0.0 <= min_area <= 1.0:
         raise ValueError(f"min_area is a fraction of the map's area, in [0, 1]; got {min_area}")
     return [
-        _boxes_of_map(
-            maps[i], threshold, mode, min_area, None if image_sizes is None else tuple(image_sizes[i])
-        )
+        _boxes_of_map(maps[i], threshold, mode, min_area, image_size(image_sizes, i))
         for i in range(maps.shape[0])
     ]
+
+
+def image_size(image_sizes: Sequence[Sequence[int]] | None, i: int) -> tuple[int, int] | None:
+    """Image ``i``'s (W, H) as a tuple (the sizes may come as lists, e.g. from JSON), None without sizes."""
+    if image_sizes is None:
+        return None
+    w, h = image_sizes[i]
+    return w, h
 
 
 def parse_threshold(text: str | float) -> Threshold:

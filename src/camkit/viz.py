@@ -14,6 +14,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
+from camkit.localize import Box
 from camkit.postprocess import upsample
 
 __all__ = ["colorize", "draw_boxes", "grid", "hstack", "overlay"]
@@ -136,7 +137,7 @@ def grid(
 
 def draw_boxes(
     image: Image.Image,
-    boxes: Sequence[object],
+    boxes: Sequence[Box | Sequence[float] | Tensor],
     color: str | tuple[int, int, int] = "lime",
     width: int | None = None,
     labels: Sequence[str] | None = None,
@@ -145,7 +146,7 @@ def draw_boxes(
 
     Args:
         image: any picture (e.g. an overlay, or the original photo).
-        boxes: :class:`camkit.localize.Box` objects or ``[x0, y0, x1, y1]`` in the picture's pixels, half-open
+        boxes: :class:`camkit.localize.Box` objects, ``[x0, y0, x1, y1]`` or Tensor[4] in the picture's pixels, half-open
             (``x1``, ``y1`` exclusive): the outline covers the pixels ``x0 .. x1 - 1``.
         color: outline color.
         width: line width in pixels (default: about 1/150 of the picture's larger side, at least 2).
@@ -156,7 +157,7 @@ def draw_boxes(
     lw = width if width is not None else max(2, round(max(out.size) / 150))
     font = _font(max(10, lw * 6))
     for i, b in enumerate(boxes):
-        x0, y0, x1, y1 = (float(v) for v in (b.xyxy if hasattr(b, "xyxy") else b))  # type: ignore[attr-defined,union-attr]
+        x0, y0, x1, y1 = (float(v) for v in (b.xyxy if isinstance(b, Box) else b))
         if x1 <= x0 or y1 <= y0:
             continue
         # a box under one pixel wide (a detector's sliver) still gets a one-pixel outline

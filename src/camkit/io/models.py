@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from camkit.io.preprocess import SEGMENTATION_SIZE, Preprocess, imagenet_labels
+from camkit.io.preprocess import SEGMENTATION_SIZE, Preprocess, detection_transform, imagenet_labels
 
 __all__ = ["DEFAULT_MODEL", "LoadedModel", "load_model"]
 
@@ -110,14 +110,14 @@ def _read_state(path: str | Path) -> dict[str, Tensor]:
 
 def _checkpoint_classes(model: nn.Module, state: dict[str, Tensor]) -> int | None:
     """Number of classes of the checkpoint's classifier when it differs from the model's (a fine-tuned head)."""
-    name = None
+    last: tuple[str, nn.Linear] | None = None
     for n, m in model.named_modules():
         if isinstance(m, nn.Linear):
-            name = n
-    if name is None or f"{name}.weight" not in state:
+            last = n, m
+    if last is None or f"{last[0]}.weight" not in state:
         return None
-    out = int(state[f"{name}.weight"].shape[0])
-    return out if out != model.get_submodule(name).out_features else None  # type: ignore[union-attr]
+    out = int(state[f"{last[0]}.weight"].shape[0])
+    return out if out != last[1].out_features else None
 
 
 def _load_state(model: nn.Module, state: dict[str, Tensor], path: str | Path) -> None:
@@ -204,7 +204,10 @@ def load_model(
 
         def tv_build(download: bool, num_classes: int | None = None) -> nn.Module:
             extra = {} if num_classes is None else {"num_classes": num_classes}
-            return torchvision.models.get_model(key, weights="DEFAULT" if download else None, **extra)
+            built: nn.Module = torchvision.models.get_model(
+                key, weights="DEFAULT" if download else None, **extra
+            )
+            return built
 
         model = _build(key, tv_build, weights, pretrained)
         labels = imagenet_labels() if _num_outputs(model) == 1000 else None
@@ -221,8 +224,8 @@ def load_model(
             raise ValueError(f"unknown model {name!r} (neither torchvision nor timm).{hint}")
 
         def timm_build(download: bool, num_classes: int | None = None) -> nn.Module:
-            extra = {} if num_classes is None else {"num_classes": num_classes}
-            return timm.create_model(tname, pretrained=download, **extra)
+            # timm drops keyword arguments that are None: the model's own number of classes
+            return timm.create_model(tname, pretrained=download, num_classes=num_classes)
 
         model = _build(tname, timm_build, weights, pretrained)
         labels = imagenet_labels() if _num_outputs(model) == 1000 else None
@@ -255,14 +258,17 @@ def _load_task_model(
 
     def build(download: bool, num_classes: int | None = None) -> nn.Module:
         extra = {} if num_classes is None else {"num_classes": num_classes}
+        built: nn.Module
         if download:
-            return torchvision.models.get_model(key, weights="DEFAULT", **extra)
-        return torchvision.models.get_model(key, weights=None, weights_backbone=None, **extra)
+            built = torchvision.models.get_model(key, weights="DEFAULT", **extra)
+        else:
+            built = torchvision.models.get_model(key, weights=None, weights_backbone=None, **extra)
+        return built
 
     model = _build(key, build, weights, pretrained).eval().to(device)
     labels = list(torchvision.models.get_model_weights(key).DEFAULT.meta["categories"])
     if task == "detection":
-        t = model.transform  # type: ignore[union-attr]
+        t = detection_transform(model)
         if t.fixed_size is not None:  # SSD: a fixed input size
             if input_size is not None:
                 t.fixed_size = (input_size, input_size)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -13,6 +14,9 @@ from PIL import Image
 from torch import Tensor, nn
 
 from camkit.io.images import to_rgb
+
+if TYPE_CHECKING:
+    from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "SEGMENTATION_SIZE", "Preprocess", "imagenet_labels"]
 
@@ -56,7 +60,7 @@ class Preprocess:
 
         task = model_task(model)
         if task == "detection":
-            t = model.transform
+            t = detection_transform(model)
             if t.fixed_size is not None:  # (width, height)
                 size = (int(t.fixed_size[1]), int(t.fixed_size[0]))
             else:
@@ -70,10 +74,28 @@ class Preprocess:
             _, h, w = cfg["input_size"]
             return cls(
                 size=(int(h), int(w)),
-                mean=tuple(cfg.get("mean", IMAGENET_MEAN)),
-                std=tuple(cfg.get("std", IMAGENET_STD)),
-            )  # type: ignore[arg-type]
+                mean=_rgb(cfg.get("mean", IMAGENET_MEAN)),
+                std=_rgb(cfg.get("std", IMAGENET_STD)),
+            )
         return cls()
+
+
+def _rgb(values: Sequence[float]) -> tuple[float, float, float]:
+    """Three per-channel values (a timm ``pretrained_cfg`` mean or std)."""
+    r, g, b = values
+    return float(r), float(g), float(b)
+
+
+def detection_transform(model: nn.Module) -> GeneralizedRCNNTransform:
+    """The resizing and normalising transform a torchvision detection model runs inside (``model.transform``)."""
+    from torchvision.models.detection.transform import GeneralizedRCNNTransform
+
+    t = getattr(model, "transform", None)
+    if not isinstance(t, GeneralizedRCNNTransform):
+        raise TypeError(
+            f"{type(model).__name__} is not a torchvision detection model (no GeneralizedRCNNTransform)"
+        )
+    return t
 
 
 @functools.cache

@@ -123,17 +123,21 @@ def chunks(n: int, size: int) -> Iterator[tuple[int, int]]:
 
 
 def gaussian_blur(x: Tensor, kernel_size: int = 11, sigma: float = 5.0) -> Tensor:
-    """Depthwise Gaussian blur of Tensor[B, C, H, W] with reflect padding (RISE: kernel 11, sigma 5)."""
+    """Depthwise Gaussian blur of Tensor[B, C, H, W] in float32 with reflect padding (RISE: kernel 11, sigma 5;
+    ``torchvision.transforms.v2.functional.gaussian_blur``). An image with a side of at most ``kernel_size // 2``
+    pixels, too small to reflect, is padded by repeating its edge pixels instead."""
+    from torchvision.transforms.v2.functional import gaussian_blur as blur
+
     r = kernel_size // 2
-    t = torch.arange(kernel_size, dtype=torch.float32, device=x.device) - r
-    k1 = torch.exp(-(t**2) / (2 * sigma**2))
-    k1 = k1 / k1.sum()
-    c = x.shape[1]
-    mode = "reflect" if min(x.shape[-2:]) > r else "replicate"
-    y = nn.functional.pad(x.float(), (r, r, r, r), mode=mode)
-    y = nn.functional.conv2d(y, k1.view(1, 1, 1, -1).expand(c, 1, 1, kernel_size), groups=c)
-    y = nn.functional.conv2d(y, k1.view(1, 1, -1, 1).expand(c, 1, kernel_size, 1), groups=c)
-    return y
+    x = x.float()
+    h, w = x.shape[-2:]
+    if min(h, w) > r:
+        out: Tensor = blur(x, [kernel_size, kernel_size], [sigma, sigma])
+        return out
+    # edge padding first; the blur's own reflect padding then only reaches pixels the crop drops
+    y = nn.functional.pad(x, (r, r, r, r), mode="replicate")
+    out = blur(y, [kernel_size, kernel_size], [sigma, sigma])
+    return out[..., r : r + h, r : r + w]
 
 
 Baseline = Tensor | float | str | Callable[[Tensor], Tensor] | None

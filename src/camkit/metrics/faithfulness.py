@@ -229,17 +229,35 @@ def confidence_change(
     return ConfidenceChange(drop=drop, increase=(o > y).float(), original=y, explained=o, classes=cls)
 
 
-def average_drop(model: nn.Module, inputs: Tensor, maps: Tensor, **kwargs: object) -> Tensor:
+def average_drop(
+    model: nn.Module,
+    inputs: Tensor,
+    maps: Tensor,
+    classes: Tensor | int | None = None,
+    baseline: Baseline = "zeros",
+    score: str = "prob",
+    batch_size: int | None = None,
+    forward: Forward | None = None,
+) -> Tensor:
     """Per-image ``max(0, Y - O) / Y`` of :func:`confidence_change` (Average Drop = its mean x 100)."""
-    return confidence_change(model, inputs, maps, **kwargs).drop  # type: ignore[arg-type]
+    return confidence_change(model, inputs, maps, classes, baseline, score, batch_size, forward).drop
 
 
-def increase_in_confidence(model: nn.Module, inputs: Tensor, maps: Tensor, **kwargs: object) -> Tensor:
+def increase_in_confidence(
+    model: nn.Module,
+    inputs: Tensor,
+    maps: Tensor,
+    classes: Tensor | int | None = None,
+    baseline: Baseline = "zeros",
+    score: str = "prob",
+    batch_size: int | None = None,
+    forward: Forward | None = None,
+) -> Tensor:
     """Per-image ``1[O > Y]`` of :func:`confidence_change` (Increase in Confidence = its mean x 100)."""
-    return confidence_change(model, inputs, maps, **kwargs).increase  # type: ignore[arg-type]
+    return confidence_change(model, inputs, maps, classes, baseline, score, batch_size, forward).increase
 
 
-# ROAD's neighbour weights (road_evaluation/imputations.py): 1/6 for the 4 direct neighbours, 1/12 diagonal.
+# ROAD's neighbour weights (its code's imputation): 1/6 for the 4 direct neighbours, 1/12 diagonal.
 _ROAD_KERNEL = torch.tensor([[1 / 12, 1 / 6, 1 / 12], [1 / 6, 0.0, 1 / 6], [1 / 12, 1 / 6, 1 / 12]])
 
 

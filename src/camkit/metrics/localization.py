@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from camkit.localize import Box, binarize, component_boxes, localize, map_to_image
+from camkit.localize import Box, binarize, component_boxes, image_size, localize, map_to_image
 
 __all__ = [
     "BoxAccuracy",
@@ -36,7 +36,7 @@ def _as_boxes(boxes: BoxesLike | Box) -> Tensor:
     if isinstance(boxes, Tensor):
         t = boxes.detach().cpu().double()
     elif len(boxes) and isinstance(boxes[0], Box):
-        t = torch.tensor([b.xyxy for b in boxes], dtype=torch.float64)  # type: ignore[union-attr]
+        t = torch.tensor([b.xyxy if isinstance(b, Box) else list(b) for b in boxes], dtype=torch.float64)
     else:
         t = torch.as_tensor(np.asarray(boxes, dtype=np.float64))
     if t.numel() == 0:
@@ -188,14 +188,14 @@ def iou_curves(
         if gt.shape[0] == 0:
             out[i] = float("nan")
             continue
-        size = tuple(image_sizes[i]) if image_sizes is not None else None
+        size = image_size(image_sizes, i)
         for j, t in enumerate(thr.tolist()):
             boxes, counts, _ = component_boxes(binarize(m[i], ("frac", t)))
             if len(counts) == 0:
                 continue
             if not multi_contour:
                 boxes = boxes[[int(np.argmax(counts))]]
-            scaled = [map_to_image(bx.tolist(), (h, w), size) for bx in boxes]  # type: ignore[arg-type]
+            scaled = [map_to_image(bx.tolist(), (h, w), size) for bx in boxes]
             out[i, j] = float(box_iou(scaled, gt).max())
     return out
 

@@ -61,8 +61,9 @@ def _reinit(module: nn.Module) -> None:
         own = list(m.parameters(recurse=False))
         if not own:
             continue
-        if hasattr(m, "reset_parameters"):
-            m.reset_parameters()
+        reset = getattr(m, "reset_parameters", None)
+        if callable(reset):
+            reset()
             continue
         with torch.no_grad():
             for p in own:
