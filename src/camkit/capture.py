@@ -11,6 +11,11 @@ How it works:
   is computed and ``param.grad`` / ``param.requires_grad`` are never touched;
 * on exit every hook is removed and grad mode restored, also when the forward raises.
 
+Threads: every hook camkit puts on a user's module is registered with :func:`hook_forward`, which makes it act
+only in the thread that registered it. Another thread's forward through the same module calls the hook, which
+returns at once without touching anything, so that forward runs exactly as without camkit. Grad mode and
+inference mode are per-thread in PyTorch, so switching grad mode on inside a hook affects the caller's thread only.
+
 When no gradient is needed (Eigen-CAM, CAM) the whole forward runs with grad mode off.
 
 :class:`Window` is the generic piece (hooks, leaves, grad mode, per-target backward); :class:`LayerCapture`
@@ -20,6 +25,7 @@ probabilities with it.
 
 from __future__ import annotations
 
+import threading
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -30,12 +36,49 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-__all__ = ["Captured", "LayerCapture", "Window", "capture", "target_gradients"]
+__all__ = ["Captured", "LayerCapture", "Window", "capture", "hook_forward", "target_gradients"]
 
 W = TypeVar("W", bound="Window")
 L = TypeVar("L", bound="LayerCapture")
 
 Gradients = Tensor | list[Tensor]  # one tensor, or one per target when the score is Tensor[T, B]
+
+
+def hook_forward(
+    module: nn.Module,
+    fn: Callable[..., object],
+    *,
+    pre: bool = False,
+    with_kwargs: bool = False,
+    always_call: bool = False,
+) -> RemovableHandle:
+    """Register a forward hook (``pre``: a forward pre-hook) on ``module`` that acts only in the calling thread.
+
+    In any other thread the hook returns None at once: that thread's forward through ``module`` keeps its inputs
+    and output, and nothing of camkit's runs there. Every hook camkit puts on a user's module goes through here.
+
+    Args:
+        module: the module to hook.
+        fn: the hook, called as PyTorch calls forward (pre-)hooks (``with_kwargs``: with the keyword arguments).
+        pre: a forward pre-hook instead of a forward hook.
+        with_kwargs: pass the forward's keyword arguments to ``fn``.
+        always_call: (forward hooks) call ``fn`` also when the module's forward raises.
+
+    Returns:
+        the handle; the caller removes it (in ``finally``).
+    """
+    owner = threading.get_ident()
+
+    # *args: a hook being removed by its own thread while another thread's forward has already listed it may be
+    # called there with or without the keyword arguments; the guard answers None to either.
+    def guarded(*args: object) -> object:
+        if threading.get_ident() != owner:
+            return None
+        return fn(*args)
+
+    if pre:
+        return module.register_forward_pre_hook(guarded, with_kwargs=with_kwargs)
+    return module.register_forward_hook(guarded, with_kwargs=with_kwargs, always_call=always_call)
 
 
 @dataclass(frozen=True)
@@ -98,9 +141,20 @@ class Window:
             self._inference.__exit__(kind, exc, tb)
             torch.set_grad_enabled(self._prev_grad)
 
-    def hook(self, module: nn.Module, fn: Callable[..., object], with_kwargs: bool = False) -> None:
-        """Register a forward hook, removed on exit."""
-        self._handles.append(module.register_forward_hook(fn, with_kwargs=with_kwargs))
+    def hook(
+        self,
+        module: nn.Module,
+        fn: Callable[..., object],
+        with_kwargs: bool = False,
+        *,
+        pre: bool = False,
+        always_call: bool = False,
+    ) -> None:
+        """Register a forward (``pre``: pre-) hook acting in this thread only (:func:`hook_forward`), removed on
+        exit."""
+        self._handles.append(
+            hook_forward(module, fn, pre=pre, with_kwargs=with_kwargs, always_call=always_call)
+        )
 
     @property
     def hooked(self) -> bool:

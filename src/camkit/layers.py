@@ -19,6 +19,7 @@ layer; here VGG16 gets ``features.29``, ResNet ``layer4``, timm EfficientNet ``b
 from __future__ import annotations
 
 import difflib
+import threading
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from camkit.capture import hook_forward
 from camkit.tokens import Layout, infer_layout, prefix_tokens, unwrap
 
 __all__ = ["LayerInfo", "LayerSpec", "auto_layer", "describe_layers", "resolve_layers"]
@@ -125,8 +127,9 @@ def describe_layers(model: nn.Module, example: Tensor) -> list[LayerInfo]:
     try:
         for name, module in model.named_modules():
             if name:
-                handles.append(module.register_forward_pre_hook(tracer.pre_hook(name)))
-                handles.append(module.register_forward_hook(tracer.hook(name, module)))
+                # per-thread hooks: another thread's forward is neither traced nor changed
+                handles.append(hook_forward(module, tracer.pre_hook(name), pre=True))
+                handles.append(hook_forward(module, tracer.hook(name, module)))
         with torch.inference_mode():
             model(example[:1])
     finally:
@@ -174,6 +177,7 @@ def describe_layers(model: nn.Module, example: Tensor) -> list[LayerInfo]:
 
 
 _AUTO_CACHE: weakref.WeakKeyDictionary[nn.Module, dict[tuple[object, ...], str]] = weakref.WeakKeyDictionary()
+_AUTO_LOCK = threading.Lock()  # guards _AUTO_CACHE (not held during the trace: threads trace concurrently)
 
 
 def _is_attention(info: LayerInfo) -> bool:
@@ -210,13 +214,15 @@ def pick_auto(infos: list[LayerInfo]) -> str | None:
 def auto_layer(model: nn.Module, example: Tensor) -> str:
     """Name of the automatic target layer for ``model`` on inputs shaped like ``example``.
 
-    Cached per model and input shape (one extra batch-1 forward the first time).
+    Cached per model and input shape (one extra batch-1 forward the first time; two threads asking at once may
+    both trace, and get the same name).
     """
     model = unwrap(model)
     key = (tuple(example.shape[1:]), example.dtype, str(example.device))
-    cache = _AUTO_CACHE.setdefault(model, {})
-    if key in cache:
-        return cache[key]
+    with _AUTO_LOCK:
+        cached = _AUTO_CACHE.get(model, {}).get(key)
+    if cached is not None:
+        return cached
     infos = describe_layers(model, example)
     name = pick_auto(infos)
     if name is None:
@@ -224,7 +230,8 @@ def auto_layer(model: nn.Module, example: Tensor) -> str:
             "could not find a spatial feature map (an output readable as Tensor[B, K, h, w] with h*w > 1: "
             "NCHW, channels-last or tokens) in this model; pass layers=... and, for an unusual layout, reshape=..."
         )
-    cache[key] = name
+    with _AUTO_LOCK:
+        _AUTO_CACHE.setdefault(model, {})[key] = name
     return name
 
 

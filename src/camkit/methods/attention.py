@@ -11,9 +11,12 @@
 How the attention probabilities are obtained (they are not a module output in either library):
 
 * timm ``Attention`` (ViT, DeiT, BEiT-style blocks with ``qkv`` / ``attn_drop``): its fused kernel
-  (``F.scaled_dot_product_attention``) never forms the probabilities, so ``fused_attn`` is switched off for the
-  duration of the call (restored in ``finally``); the explicit path computes ``softmax(q k^T * scale)`` and passes
-  it through ``attn_drop`` (identity in eval mode), whose forward hook reads it.
+  (``F.scaled_dot_product_attention``) never forms the probabilities. Nothing of the module is changed (its
+  ``fused_attn`` flag is shared by every thread): a forward pre-hook acting in the caller's thread only pushes a
+  torch function mode (per-thread in PyTorch) for the duration of the block's forward, which computes that call the
+  way timm's explicit path does, ``softmax((q * scale) k^T + mask) v``, and records the probabilities on the way;
+  a forward hook pops it again. A block whose ``fused_attn`` is already off passes its probabilities through
+  ``attn_drop`` (identity in eval mode), whose forward hook (this thread only) reads them.
 * ``torch.nn.MultiheadAttention`` (torchvision ViT calls it with ``need_weights=False``): a forward hook recomputes
   the block's output from its input with the module's own weights (in_proj, softmax(q k^T / sqrt(d)), out_proj)
   and returns that, so the probabilities it reads are the ones the rest of the network uses. Self-attention with
@@ -26,13 +29,14 @@ does not attend over all tokens: these methods refuse it with a clear error.
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 from camkit.capture import Window, target_gradients
 from camkit.methods.registry import AttentionInput, AttentionMethod, register
@@ -42,15 +46,71 @@ from camkit.tokens import infer_layout, prefix_tokens
 __all__ = ["attention_probabilities", "grad_rollout", "rollout"]
 
 
-_FUSED = "fused_attn"  # timm Attention's switch to F.scaled_dot_product_attention
-
-
 def _timm_style(m: nn.Module) -> bool:
     return (
         hasattr(m, "fused_attn")
         and isinstance(getattr(m, "attn_drop", None), nn.Module)
         and hasattr(m, "qkv")
     )
+
+
+class _ExplicitAttention(TorchFunctionMode):
+    """While pushed (inside one timm attention block's forward, in the explaining thread only: torch function
+    modes are per-thread), ``F.scaled_dot_product_attention`` is computed as timm's explicit path does, and its
+    probabilities are recorded; every other function runs as is."""
+
+    def __init__(self, keep: Callable[[Tensor], Tensor]) -> None:
+        super().__init__()
+        self.keep = keep
+        self.pushed = False
+
+    def push(self, *_: object) -> None:
+        if not self.pushed:
+            self.__enter__()
+            self.pushed = True
+
+    def pop(self, *_: object) -> None:
+        if self.pushed:
+            self.pushed = False
+            self.__exit__(None, None, None)
+
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: object,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            return self._explicit(*args, **kwargs)
+        return func(*args, **kwargs)
+
+    def _explicit(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        attn_mask: Tensor | None = None,
+        dropout_p: float = 0.0,
+        is_causal: bool = False,
+        scale: float | None = None,
+        enable_gqa: bool = False,
+    ) -> Tensor:
+        if dropout_p or is_causal or enable_gqa or q.shape[-3] != k.shape[-3]:
+            raise ValueError(
+                "attention methods read timm attention only without dropout, causal masking or grouped queries"
+            )
+        # the very operations of timm's explicit path (q * scale, then q k^T), so the result is the same bit for bit
+        q = q * (q.shape[-1] ** -0.5 if scale is None else scale)
+        attn = q @ k.transpose(-2, -1)
+        if attn_mask is not None:
+            if attn_mask.dtype == torch.bool:
+                attn = attn.masked_fill(~attn_mask, float("-inf"))
+            else:
+                attn = attn + attn_mask
+        attn = self.keep(attn.softmax(dim=-1))
+        return attn @ v
 
 
 class _AttentionWindow(Window):
@@ -100,9 +160,12 @@ class _AttentionWindow(Window):
             if isinstance(m, nn.MultiheadAttention):
                 self.hook(m, self.mha_hook, with_kwargs=True)
             elif _timm_style(m):
-                # a plain bool flag, set through setattr: nn.Module's attribute typing expects tensors or modules
-                self.on_exit(functools.partial(setattr, m, _FUSED, getattr(m, _FUSED)))
-                setattr(m, _FUSED, False)
+                # Fused blocks: the mode computes the probabilities; unfused ones pass them through attn_drop.
+                # Neither touches the module's attributes, and both hooks act in this thread only.
+                mode = _ExplicitAttention(self.keep)
+                self.hook(m, mode.push, pre=True)
+                self.hook(m, mode.pop, always_call=True)
+                self.on_exit(mode.pop)  # a forward that raised before the block's hooks ran to the end
                 drop = m.attn_drop
                 assert isinstance(drop, nn.Module)
                 self.hook(drop, self.drop_hook)
@@ -117,7 +180,7 @@ def attention_probabilities(
     """One forward recording every self-attention's probabilities (and their gradients for ``score_fn``).
 
     Args:
-        model: a transformer in eval mode (not modified: hooks removed and ``fused_attn`` restored on exit).
+        model: a transformer in eval mode (not modified: only per-thread hooks, removed on exit).
         x: Tensor[B, 3, H, W].
         output_fn: model output -> Tensor.
         score_fn: output -> Tensor[B] or Tensor[T, B]; None: no gradient.
