@@ -104,12 +104,38 @@ def test_frozen_model_and_inference_mode_caller(tiny, x_small):
     torch.testing.assert_close(got, expected)
 
 
-def test_train_mode_is_refused(tiny, x_small):
+def test_train_mode_without_mode_dependent_modules_warns_and_explains(tiny, x_small):
+    expected = camkit.explain(tiny, x_small, "gradcam++").maps
     tiny.train()
     before = snapshot(tiny)
-    with pytest.raises(ValueError, match=r"model.eval\(\)"):
-        camkit.explain(tiny, x_small)
+    with pytest.warns(UserWarning, match="no mode-dependent modules; explaining it as is; call model.eval"):
+        got = camkit.explain(tiny, x_small, "gradcam++").maps
     assert_unchanged(before, tiny)
+    assert tiny.training
+    assert torch.equal(got, expected)
+
+
+def test_train_mode_with_mode_dependent_modules_is_refused_and_named(tiny, x_small):
+    tiny.features.insert(1, nn.BatchNorm2d(8))
+    tiny.drop = nn.Dropout(0.5)  # registered, never called: its mode still matters to the refusal
+    for i in range(5):
+        tiny.add_module(f"extra{i}", nn.Dropout2d(0.1))
+    tiny.train()
+    before = snapshot(tiny)
+    with pytest.raises(ValueError, match=r"model.eval\(\)") as err:
+        camkit.explain(tiny, x_small)
+    msg = str(err.value)
+    assert "7 module(s)" in msg and "'features.1' (BatchNorm2d)" in msg and "'drop' (Dropout)" in msg
+    assert "and 3 more" in msg and "'fc'" not in msg
+    assert_unchanged(before, tiny)
+
+
+def test_eval_root_with_a_training_batchnorm_is_refused(tiny, x_small):
+    tiny.features.insert(1, nn.BatchNorm2d(8))
+    tiny.eval()
+    tiny.features[1].train()
+    with pytest.raises(ValueError, match=r"'features.1' \(BatchNorm2d\)"):
+        camkit.explain(tiny, x_small)
 
 
 def test_reused_module_keeps_last_call():

@@ -20,6 +20,7 @@ One call runs nine stages, each a function from values to values, in this order:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -184,8 +185,12 @@ def _capture(
     """4. One forward (and one backward for ``need_grad``); the plan is resolved on the output in between."""
     with LayerCapture(layers, need_grad) as window:
         out = window.forward(model, x, read)
+        batch = x.shape[0]
+        _check_finite(out, batch, "the model's output", "check the model's weights (NaN?) and its input")
         targets = _resolve(plan, out.detach())
-        return window.result(out, targets.score(out)), targets
+        scores = targets.score(out)
+        _check_finite(scores, batch, "the explained score", "check the target function", batch_dim=-1)
+        return window.result(out, scores), targets
 
 
 def _token_layout(
@@ -333,7 +338,13 @@ def _compute(
     for method in methods:
         weights = _method_weights(method, shared)
         raw = _maps(method, shared, weights)
+        for layer, r in raw.items():
+            _check_finite(
+                r, r.shape[0], f"the {method.name} map of {layer!r}", "its gradients or weights overflowed"
+            )
         maps = _postprocess(method, raw, size, relu, fusion)
+        for layer, m in {**maps.layer_maps, "(fused)": maps.fused}.items():
+            _check_finite(m, m.shape[0], f"the post-processed {method.name} map of {layer!r}", "")
         results[method.name] = _explanation(method, raw, maps, cap, resolved, inputs)
     return results
 
@@ -361,20 +372,67 @@ def _gradient(features: FeatureMaps, layer: str, target: int) -> Tensor:
     return (grads[target] if isinstance(grads, list) else grads).float()
 
 
+def _mode_dependent(m: nn.Module) -> bool:
+    """Whether a module's output depends on its training flag (batch statistics, dropout, stochastic depth)."""
+    if isinstance(m, (nn.modules.batchnorm._NormBase, nn.modules.dropout._DropoutNd, nn.RReLU)):
+        return True
+    if isinstance(m, (nn.MultiheadAttention, nn.RNNBase)) and float(getattr(m, "dropout", 0.0) or 0.0) > 0:
+        return True
+    name = type(m).__name__
+    return any(s in name for s in ("Dropout", "DropPath", "DropBlock", "StochasticDepth"))
+
+
 def _check_eval(model: nn.Module) -> None:
-    """Refuse a model in training mode: the root, or any module whose output depends on the mode."""
-    mode_dependent = (nn.modules.batchnorm._NormBase, nn.modules.dropout._DropoutNd)
+    """Refuse a model whose mode-dependent modules (BatchNorm, Dropout, DropPath, ...) are in training mode, naming
+    them; a model in training mode without any is explained as is, with a warning."""
     training = [
-        name or type(model).__name__
+        (name or type(model).__name__, type(m).__name__)
         for name, m in model.named_modules()
-        if m.training and (m is model or isinstance(m, mode_dependent) or "DropPath" in type(m).__name__)
+        if m.training and _mode_dependent(m)
     ]
     if training:
+        shown = ", ".join(f"{name!r} ({kind})" for name, kind in training[:4])
+        more = f" and {len(training) - 4} more" if len(training) > 4 else ""
         raise ValueError(
-            f"the model is in training mode ({len(training)} module(s), e.g. {training[:3]}): BatchNorm and "
-            "Dropout would make each map depend on the rest of the batch and update running statistics. "
-            "Call model.eval() first."
+            f"the model is in training mode and {len(training)} module(s) whose output depends on it would run in "
+            f"training mode: {shown}{more} (batch statistics or random dropping would make each map depend on "
+            "the rest of the batch or on chance, and update running statistics). Call model.eval() first."
         )
+    if model.training:
+        which = (
+            "its mode-dependent modules are in eval mode"
+            if any(_mode_dependent(m) for m in model.modules())
+            else "has no mode-dependent modules"
+        )
+        warnings.warn(
+            f"model is in training mode but {which}; explaining it as is; call model.eval() to silence",
+            UserWarning,
+            stacklevel=4,
+        )
+
+
+def _check_finite(t: Tensor, batch: int, what: str, hint: str, batch_dim: int = 0) -> None:
+    """Raise a ValueError naming the images (indices in the batch) for which ``t`` holds NaN or Inf.
+
+    ``batch_dim`` is the axis of ``t`` that runs over the images; a tensor without such an axis is named whole.
+    """
+    finite = torch.isfinite(t)
+    if bool(finite.all()):
+        return
+    if t.dim() > 0 and t.shape[batch_dim] == batch:
+        ok = finite.movedim(batch_dim, 0).reshape(batch, -1).all(dim=1)
+        bad = [int(i) for i in (~ok).nonzero()[:, 0]]
+        shown = ", ".join(map(str, bad[:10])) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
+        where = f"image(s) {shown} (indices in the batch of {batch})"
+    else:
+        where = f"the batch of {batch}"
+    kinds = " and ".join(
+        k for k, present in (("NaN", bool(t.isnan().any())), ("Inf", bool(t.isinf().any()))) if present
+    )
+    raise ValueError(
+        f"{what} is not finite ({kinds}) for {where}: nothing can be explained there"
+        + (f"; {hint}" if hint else "")
+    )
 
 
 def _check_tensor(model: nn.Module, images: Tensor) -> Tensor:

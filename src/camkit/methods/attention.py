@@ -64,12 +64,12 @@ class _ExplicitAttention(TorchFunctionMode):
         self.keep = keep
         self.pushed = False
 
-    def push(self, *_: object) -> None:
+    def enter_block(self, *_: object) -> None:
         if not self.pushed:
             self.__enter__()
             self.pushed = True
 
-    def pop(self, *_: object) -> None:
+    def leave_block(self, *_: object) -> None:
         if self.pushed:
             self.pushed = False
             self.__exit__(None, None, None)
@@ -163,9 +163,9 @@ class _AttentionWindow(Window):
                 # Fused blocks: the mode computes the probabilities; unfused ones pass them through attn_drop.
                 # Neither touches the module's attributes, and both hooks act in this thread only.
                 mode = _ExplicitAttention(self.keep)
-                self.hook(m, mode.push, pre=True)
-                self.hook(m, mode.pop, always_call=True)
-                self.on_exit(mode.pop)  # a forward that raised before the block's hooks ran to the end
+                self.hook(m, mode.enter_block, pre=True)
+                self.hook(m, mode.leave_block, always_call=True)
+                self.on_exit(mode.leave_block)  # a forward that raised before the block's hooks ran to the end
                 drop = m.attn_drop
                 assert isinstance(drop, nn.Module)
                 self.hook(drop, self.drop_hook)

@@ -1,0 +1,106 @@
+"""NaN and Inf: a non-finite model output, explained score or map is a ValueError naming the images, never a
+silent class 0 with an all-zero map."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import camkit
+from conftest import TinyGapNet, assert_unchanged, snapshot
+
+
+class Poison(nn.Module):
+    """Multiplies the given images of the batch by ``value`` (inf, or NaN via inf * 0)."""
+
+    def __init__(self, images: list[int], value: float) -> None:
+        super().__init__()
+        self.images = images
+        self.value = value
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = torch.ones(x.shape[0], *([1] * (x.dim() - 1)), dtype=x.dtype)
+        scale[[i for i in self.images if i < x.shape[0]]] = self.value
+        return x * scale
+
+
+def _net(head: nn.Module | None = None) -> TinyGapNet:
+    torch.manual_seed(0)
+    net = TinyGapNet()
+    if head is not None:
+        net.fc = nn.Sequential(net.fc, head)
+    return net.eval()
+
+
+def _same_state(before: dict[str, torch.Tensor], model: nn.Module) -> bool:
+    return all(torch.equal(v.nan_to_num(), model.state_dict()[k].nan_to_num()) for k, v in before.items())
+
+
+@pytest.mark.parametrize("method", ["gradcam", "eigencam", "cam", "scorecam"])
+def test_nan_weights_are_an_error_naming_every_image(method: str, x_small: torch.Tensor) -> None:
+    net = _net()
+    with torch.no_grad():
+        net.fc.weight[1, 2] = float("nan")
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises(ValueError, match=r"model's output is not finite \(NaN\) for image\(s\) 0, 1, 2, 3 "):
+        camkit.explain(net, x_small, method)
+    assert _same_state(state, net)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in net.modules())
+
+
+@pytest.mark.parametrize(("value", "kind"), [(float("inf"), "Inf"), (float("nan"), "NaN")])
+def test_non_finite_logits_of_some_images_are_named(value: float, kind: str, x_small: torch.Tensor) -> None:
+    net = _net(Poison([1, 3], value))
+    before = snapshot(net)
+    with pytest.raises(
+        ValueError, match=rf"not finite \({kind}\) for image\(s\) 1, 3 \(indices in the batch of 4\)"
+    ):
+        camkit.explain(net, x_small, "gradcam")
+    assert_unchanged(before, net)
+    with pytest.raises(ValueError, match=r"image\(s\) 1, 3 "):
+        camkit.compare(net, x_small, ["gradcam", "layercam"], targets=2)
+
+
+def test_non_finite_explained_score_is_named(x_small: torch.Tensor) -> None:
+    net = _net()
+
+    def target(out: torch.Tensor) -> torch.Tensor:
+        s = out[:, 0].clone()
+        s[2] = float("nan")
+        return s
+
+    before = snapshot(net)
+    with pytest.raises(ValueError, match=r"explained score is not finite \(NaN\) for image\(s\) 2 "):
+        camkit.explain(net, x_small, "gradcam", targets=target)
+    assert_unchanged(before, net)
+
+
+class SqrtHead(nn.Module):
+    """Finite scores whose gradient at the target layer is not: d sqrt(a) / da = inf where the ReLU output a is 0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.features = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU())
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.sqrt(self.features(x)).mean((2, 3)))
+
+
+def test_non_finite_map_is_an_error_not_a_zero_map(x_small: torch.Tensor) -> None:
+    net = SqrtHead().eval()
+    before = snapshot(net)
+    with pytest.raises(
+        ValueError, match=r"gradcam map of 'features.1' is not finite \(NaN\) for image\(s\) 0, 1, 2, 3"
+    ):
+        camkit.explain(net, x_small, "gradcam", layers="features.1")
+    assert_unchanged(before, net)
+    # a method that reads no gradient explains the same model
+    assert torch.isfinite(camkit.explain(net, x_small, "eigencam", layers="features.1").maps).all()
+
+
+def test_finite_model_is_unaffected(tiny: nn.Module, x_small: torch.Tensor) -> None:
+    expl = camkit.explain(tiny, x_small, "gradcam")
+    assert torch.isfinite(expl.maps).all() and torch.isfinite(expl.scores).all()
