@@ -36,7 +36,17 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-__all__ = ["Captured", "LayerCapture", "Window", "capture", "hook_forward", "target_gradients"]
+__all__ = [
+    "HOOK_LOCK",
+    "Captured",
+    "LayerCapture",
+    "Window",
+    "capture",
+    "drop_thread_hooks",
+    "hook_forward",
+    "is_thread_hook",
+    "target_gradients",
+]
 
 W = TypeVar("W", bound="Window")
 L = TypeVar("L", bound="LayerCapture")
@@ -76,9 +86,51 @@ def hook_forward(
             return None
         return fn(*args)
 
-    if pre:
-        return module.register_forward_pre_hook(guarded, with_kwargs=with_kwargs)
-    return module.register_forward_hook(guarded, with_kwargs=with_kwargs, always_call=always_call)
+    setattr(guarded, _MARK, True)
+    with HOOK_LOCK:
+        if pre:
+            handle = module.register_forward_pre_hook(guarded, with_kwargs=with_kwargs)
+        else:
+            handle = module.register_forward_hook(guarded, with_kwargs=with_kwargs, always_call=always_call)
+    return _LockedHandle(handle)
+
+
+HOOK_LOCK = threading.RLock()
+"""Held while camkit adds or removes a hook on a user's module (PyTorch numbers hooks with a class-wide counter that
+two threads could read at once), and while a copy of a user's model is made (:func:`copy.deepcopy` walks the hook
+dictionaries: a hook added or removed by another thread in the middle would make it fail)."""
+
+_MARK = "_camkit_thread_hook"
+
+
+class _LockedHandle(RemovableHandle):
+    """The handle of a :func:`hook_forward` hook: removed under :data:`HOOK_LOCK`."""
+
+    def __init__(self, handle: RemovableHandle) -> None:  # the very handle PyTorch returned, same id
+        self.__dict__.update(handle.__dict__)
+
+    def remove(self) -> None:
+        with HOOK_LOCK:
+            super().remove()
+
+
+def is_thread_hook(fn: object) -> bool:
+    """Whether ``fn`` is a hook registered by :func:`hook_forward` (of any thread)."""
+    return bool(getattr(fn, _MARK, False))
+
+
+def drop_thread_hooks(model: nn.Module) -> None:
+    """Remove every :func:`hook_forward` hook from ``model``'s modules: for a copy of a user's model made while
+    another thread's call had hooks on it (the copy must not carry them)."""
+    for m in model.modules():
+        for hooks, extras in (
+            (m._forward_hooks, (m._forward_hooks_with_kwargs, m._forward_hooks_always_called)),
+            (m._forward_pre_hooks, (m._forward_pre_hooks_with_kwargs,)),
+        ):
+            for key in [k for k, fn in hooks.items() if is_thread_hook(fn)]:
+                del hooks[key]
+                for extra in extras:
+                    extra.pop(key, None)
 
 
 @dataclass(frozen=True)

@@ -165,7 +165,9 @@ class _AttentionWindow(Window):
                 mode = _ExplicitAttention(self.keep)
                 self.hook(m, mode.enter_block, pre=True)
                 self.hook(m, mode.leave_block, always_call=True)
-                self.on_exit(mode.leave_block)  # a forward that raised before the block's hooks ran to the end
+                self.on_exit(
+                    mode.leave_block
+                )  # a forward that raised before the block's hooks ran to the end
                 drop = m.attn_drop
                 assert isinstance(drop, nn.Module)
                 self.hook(drop, self.drop_hook)
