@@ -407,7 +407,7 @@ def _check_eval(model: nn.Module) -> None:
         warnings.warn(
             f"model is in training mode but {which}; explaining it as is; call model.eval() to silence",
             UserWarning,
-            stacklevel=4,
+            stacklevel=5,
         )
 
 
