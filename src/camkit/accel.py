@@ -185,10 +185,11 @@ def fold_batchnorm(model: nn.Module, example: Tensor) -> tuple[nn.Module, int]:
         for h in handles:
             h.remove()
         keep.clear()
-    pairs = [(c, n) for c, n in pairs if calls.get(c) == 1 and calls.get(n) == 1]
+    # training-mode BatchNorms normalise with batch statistics: not foldable
+    pairs = [(c, n) for c, n in pairs if calls.get(c) == 1 and calls.get(n) == 1 and not n.training]
     names = {id(m): name for name, m in twin.named_modules()}
     for conv, norm in pairs:
-        fused = fuse_conv_bn_eval(conv, norm)
+        fused = fuse_conv_bn_eval(conv.eval(), norm)
         for p in fused.parameters():
             p.requires_grad_(False)
         for module, replacement in ((conv, fused), (norm, nn.Identity())):

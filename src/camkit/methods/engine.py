@@ -526,14 +526,21 @@ def ablated_scores(ctx: PerturbationContext, value: Tensor) -> tuple[Tensor, Ten
                 images = torch.full((acts.shape[0],), b, dtype=torch.long)
                 out = None
                 if replay:
+                    why = "its output differs from the model's"
                     try:
                         out = _run_replaced(ctx, ctx.x[b : b + 1], acts)
-                    except (RuntimeError, IndexError):  # e.g. a concatenation with an earlier tensor
-                        out = None
+                    except (RuntimeError, IndexError) as err:  # e.g. a concatenation with an earlier tensor
+                        out, why = None, f"{type(err).__name__}: {err}"
                     if out is not None and not checked and not _same(out[:1], ctx.output[b : b + 1]):
                         out = None
                     if out is None:
                         replay = False
+                        warnings.warn(
+                            f"Ablation-CAM: replaying the layers after {ctx.layer_name!r} does not work for this "
+                            f"model ({why}); running whole forwards instead (slower, same weights)",
+                            RuntimeWarning,
+                            stacklevel=2,
+                        )
                 if out is None:
                     out = _run_replaced(ctx, ctx.x[b : b + 1].expand(acts.shape[0], *ctx.x.shape[1:]), acts)
                     if not checked and not _same(out[:1], ctx.output[b : b + 1]):
