@@ -321,3 +321,25 @@ def test_compiled_path_agrees_and_compiles_once(monkeypatch) -> None:
     with torch.inference_mode():
         out = fwd(torch.randn(5, 3, 8, 8))
     assert fwd.fast.path == "compiled" and out.shape == (5, 3) and len(compiles) == 1
+
+
+def test_a_compiler_failure_warns_once_and_runs_the_default_path(monkeypatch) -> None:
+    def broken(_module: nn.Module) -> accel.ModelForward:
+        def run(_x: Tensor) -> Tensor:
+            raise RuntimeError("no C++ compiler")
+
+        return run
+
+    monkeypatch.setattr(accel, "_compile_model", broken)
+    net = ConvBN().eval()
+    x = torch.randn(2, 3, 8, 8)
+    default = camkit.explain(net, x, "scorecam", "c2").raw["c2"]
+    with pytest.warns(
+        AccelWarning, match="compiled forward of ConvBN is not used.*no C\\+\\+ compiler"
+    ) as got:
+        maps = [
+            camkit.explain(net, x, "scorecam", "c2", perturbation=PerturbationOptions(compile=True)).raw["c2"]
+            for _ in range(2)
+        ]
+    assert len(got) == 1
+    assert torch.equal(maps[0], default) and torch.equal(maps[1], default)

@@ -339,7 +339,7 @@ class BatchForward:
             _warn_once(
                 entry,
                 f"camkit.accel: the {path.name} forward of {type(self.model).__name__} is not used, {reason}; "
-                f"running it {'as ' + nxt.name if nxt else 'another way'} instead",
+                f"running it {'as ' + nxt.name if nxt else 'on the default (uncompiled) path'} instead",
             )
             if nxt is None:
                 raise _Fallback
