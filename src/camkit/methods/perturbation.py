@@ -119,6 +119,7 @@ register(
         summary="w_k = p_c(X * minmax(up(A_k))); map = sum_k w_k A_k",
         aliases=("score-cam",),
         weights=scorecam,
+        prefer="no gradients needed, or gradients that saturate: weights from the class score itself; K forwards",
     )
 )
 register(
@@ -130,6 +131,7 @@ register(
         summary="w_k = mean_i p_c(X * (H_k + noise_i)); map = sum_k w_k A_k",
         aliases=("ss-cam", "smoothscorecam"),
         weights=sscam,
+        prefer="Score-CAM with less noise in the weights, when its maps look speckled; K x samples forwards",
     )
 )
 register(
@@ -141,6 +143,7 @@ register(
         summary="w_k = mean_i p_c(X * (i/N) H_k); map = sum_k w_k A_k",
         aliases=("is-cam", "integratedscorecam"),
         weights=iscam,
+        prefer="Score-CAM that integrates the mask from 0 to 1, smoother weights for low-confidence classes",
     )
 )
 register(
@@ -152,5 +155,6 @@ register(
         summary="w_k = (y_c - y_c with A_k := 0) / y_c; map = sum_k w_k A_k",
         aliases=("ablation-cam", "ablation"),
         weights=ablationcam,
+        prefer="gradient-free and cheap with the replay (only the layers after the target rerun); CNN layers",
     )
 )
