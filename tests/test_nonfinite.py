@@ -104,3 +104,46 @@ def test_non_finite_map_is_an_error_not_a_zero_map(x_small: torch.Tensor) -> Non
 def test_finite_model_is_unaffected(tiny: nn.Module, x_small: torch.Tensor) -> None:
     expl = camkit.explain(tiny, x_small, "gradcam")
     assert torch.isfinite(expl.maps).all() and torch.isfinite(expl.scores).all()
+
+
+class ZeroPoison(nn.Module):
+    """inf for the rows holding an all-zero channel map: finite on the images themselves, not on a masked input
+    (its mask is 0 somewhere: the input's channels are 0 there... and everywhere for an ablated channel)."""
+
+    def __init__(self, whole_channel: bool) -> None:
+        super().__init__()
+        self.whole_channel = whole_channel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        zero = x.flatten(2) == 0
+        bad = (zero.all(2) if self.whole_channel else zero.any(2)).any(1)
+        return x * torch.where(bad, float("inf"), 1.0).to(x.dtype)[:, None, None, None]
+
+
+def _poisoned(whole_channel: bool) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        ZeroPoison(whole_channel=False) if not whole_channel else nn.Identity(),
+        nn.Conv2d(3, 4, 3, padding=1),
+        ZeroPoison(whole_channel=True) if whole_channel else nn.Identity(),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 3),
+    ).eval()
+
+
+@pytest.mark.parametrize(
+    ("method", "whole_channel", "what"),
+    [("scorecam", False, "a masked input"), ("ablationcam", True, "an ablated activation")],
+)
+def test_non_finite_perturbed_score_is_named(method: str, whole_channel: bool, what: str) -> None:
+    net = _poisoned(whole_channel)
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert torch.isfinite(net(x)).all()
+    before = snapshot(net)
+    opts = camkit.PerturbationOptions(batch_size=64, replay=False)
+    with pytest.raises(ValueError, match=rf"score of {what} is not finite \(NaN or Inf\) for image\(s\) 0"):
+        camkit.explain(net, x, method, layers="1", perturbation=opts)
+    assert_unchanged(before, net)

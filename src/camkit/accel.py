@@ -27,12 +27,17 @@ copies). A cache entry is used only while the model is unchanged: the same modul
 and each parameter and buffer the same tensor object, storage and version counter (``Tensor._version``, which
 every in-place change bumps, ``load_state_dict`` and optimiser steps included). Writes through ``.data`` do not
 bump the version: after such writes call :func:`clear_cache`.
+
+Threads: the cache is lock-protected (one thread prepares and checks a path, the others then use it), the hooks a
+concurrent camkit call has on the model (per-thread, :func:`camkit.capture.hook_forward`) do not count as a
+change, and a copy never carries them. Prepared copies have no hooks and are run by several threads at once.
 """
 
 from __future__ import annotations
 
 import copy
 import itertools
+import threading
 import warnings
 import weakref
 from collections.abc import Callable, Hashable
@@ -41,6 +46,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+from camkit.capture import HOOK_LOCK, drop_thread_hooks, is_thread_hook
 
 __all__ = ["CHECK_ROWS", "AccelWarning", "BatchForward", "clear_cache", "fold_batchnorm"]
 
@@ -78,11 +85,15 @@ class _Entry:
 
 
 _CACHE: weakref.WeakKeyDictionary[nn.Module, _Entry] = weakref.WeakKeyDictionary()
+_LOCK = threading.RLock()
+"""Guards :data:`_CACHE` and every entry in it: one thread prepares (copies, folds, checks) a path, the others wait
+and use it. Not held while a checked path runs."""
 
 
 def clear_cache() -> None:
     """Forget every prepared copy and compiled model (they are rebuilt on next use)."""
-    _CACHE.clear()
+    with _LOCK:
+        _CACHE.clear()
 
 
 def _version(t: Tensor) -> int:
@@ -97,8 +108,9 @@ def _signature(model: nn.Module) -> tuple[object, ...]:
         (
             id(m),
             m.training,
-            tuple(m._forward_hooks),
-            tuple(m._forward_pre_hooks),
+            # another thread's camkit call may have its (per-thread) hooks on the model just now: not a change
+            tuple(k for k, fn in list(m._forward_hooks.items()) if not is_thread_hook(fn)),
+            tuple(k for k, fn in list(m._forward_pre_hooks.items()) if not is_thread_hook(fn)),
         )
         for m in model.modules()
     )
@@ -111,16 +123,19 @@ def _signature(model: nn.Module) -> tuple[object, ...]:
 
 def _entry(model: nn.Module) -> _Entry:
     sig = _signature(model)
-    entry = _CACHE.get(model)
-    if entry is None or entry.signature != sig:
-        entry = _Entry(sig)
-        _CACHE[model] = entry
-    return entry
+    with _LOCK:
+        entry = _CACHE.get(model)
+        if entry is None or entry.signature != sig:
+            entry = _Entry(sig)
+            _CACHE[model] = entry
+        return entry
 
 
 def _warn_once(entry: _Entry, reason: str) -> None:
-    if reason not in entry.warned:
+    with _LOCK:
+        first = reason not in entry.warned
         entry.warned.add(reason)
+    if first:
         warnings.warn(reason, AccelWarning, stacklevel=4)
 
 
@@ -129,7 +144,9 @@ def _warn_once(entry: _Entry, reason: str) -> None:
 
 def _copy(model: nn.Module) -> nn.Module:
     """A deep copy for inference, without gradients."""
-    twin = copy.deepcopy(model)
+    with HOOK_LOCK:  # no other thread adds or removes a hook while the copy walks the hook dictionaries
+        twin = copy.deepcopy(model)
+    drop_thread_hooks(twin)  # another thread's call may have had its hooks on the model: not on the copy
     for p in twin.parameters():
         p.requires_grad_(False)
     return twin
@@ -175,6 +192,7 @@ def fold_batchnorm(model: nn.Module, example: Tensor) -> tuple[nn.Module, int]:
     def keep_alive(_m: nn.Module, _i: object, out: object) -> None:
         keep.append(out)
 
+    # hooks on the private copy (no other thread sees it yet), not on the user's model
     handles = [m.register_forward_hook(after_conv) for m in convs]
     handles += [m.register_forward_hook(keep_alive) for m in convs]
     handles += [m.register_forward_pre_hook(before_norm) for m in norms]
@@ -290,10 +308,11 @@ class BatchForward:
     def _default(self, entry: _Entry, inputs: Tensor) -> Tensor:
         nhwc = self._layout(inputs) and self.channels_last is not False
         key = ("default", inputs.device, inputs.dtype, nhwc)
-        path = entry.paths.get(key)
-        if path is None:
-            path = self._prepare_default(entry, inputs, nhwc)
-            entry.paths[key] = path
+        with _LOCK:  # one thread prepares the path, the others use it
+            path = entry.paths.get(key)
+            if path is None:
+                path = self._prepare_default(entry, inputs, nhwc)
+                entry.paths[key] = path
         self.path = path.name
         return self._run_checked(entry, path, inputs, key)
 
@@ -321,6 +340,14 @@ class BatchForward:
         return None  # compiled: the caller falls back to the default path
 
     def _run_checked(self, entry: _Entry, path: _Path, inputs: Tensor, key: Hashable) -> Tensor:
+        if path.checked:
+            return self._run(path, inputs)
+        with _LOCK:  # the first batch is checked (and a failed path replaced) by one thread at a time
+            path = entry.paths.get(key, path)
+            self.path = path.name
+            return self._check_first(entry, path, inputs, key)
+
+    def _check_first(self, entry: _Entry, path: _Path, inputs: Tensor, key: Hashable) -> Tensor:
         while True:
             if path.checked:
                 return self._run(path, inputs)
@@ -364,24 +391,26 @@ class BatchForward:
         if self.batch is None:
             self.batch = inputs.shape[0]
         key = ("compiled", inputs.device, inputs.dtype, nhwc, self.batch)
-        path = entry.paths.get(key)
-        if path is None:
-            try:
-                twin = _copy(self.model)
-            except (TypeError, RuntimeError, copy.Error) as err:
-                _warn_once(entry, f"camkit.accel: not compiled, the model could not be copied ({err})")
-                return None
-            path = _Path("compiled", _compile_model(twin), nhwc, pad_to=self.batch)
-            entry.paths[key] = path
-        elif path.name != "compiled":
-            return None  # an earlier failure: the default path
+        with _LOCK:
+            path = entry.paths.get(key)
+            if path is None:
+                try:
+                    twin = _copy(self.model)
+                except (TypeError, RuntimeError, copy.Error) as err:
+                    _warn_once(entry, f"camkit.accel: not compiled, the model could not be copied ({err})")
+                    return None
+                path = _Path("compiled", _compile_model(twin), nhwc, pad_to=self.batch)
+                entry.paths[key] = path
+            elif path.name != "compiled":
+                return None  # an earlier failure: the default path
         if path.pad_to is not None and inputs.shape[0] > path.pad_to:
             return torch.cat([self._one_compiled(entry, part) for part in inputs.split(path.pad_to)])
         self.path = "compiled"
         try:
             return self._run_checked(entry, path, inputs, key)
         except _Fallback:
-            entry.paths[key] = _Path("failed", None, False)
+            with _LOCK:
+                entry.paths[key] = _Path("failed", None, False)
             return None
 
     def _one_compiled(self, entry: _Entry, inputs: Tensor) -> Tensor:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from camkit.accel import BatchForward
+from camkit.capture import hook_forward
 
 __all__ = [
     "ChannelScores",
@@ -170,6 +171,26 @@ def _scores(ctx: PerturbationContext, out: Tensor, image: Tensor, prob: bool) ->
     return values.gather(1, cls)
 
 
+def _check_finite(scores: Tensor, image: Tensor, what: str) -> None:
+    """Raise a ValueError naming the images (indices in the batch) whose perturbed score is NaN or Inf.
+
+    Args:
+        scores: Tensor[n, T], the scores of n perturbed inputs.
+        image: Tensor[n], the image each row perturbs.
+        what: which perturbation, for the message.
+    """
+    bad = ~torch.isfinite(scores).flatten(1).all(dim=1)
+    if bool(bad.any()):
+        images = sorted({int(i) for i in image.cpu()[bad.cpu()]})
+        shown = ", ".join(map(str, images[:10])) + (
+            f" and {len(images) - 10} more" if len(images) > 10 else ""
+        )
+        raise ValueError(
+            f"the model's score of {what} is not finite (NaN or Inf) for image(s) {shown} (indices in the "
+            "batch): nothing can be weighted there; check the model's weights and that it accepts perturbed inputs"
+        )
+
+
 def _forward(ctx: PerturbationContext, inputs: Tensor, rows: int | None = None, fast: bool = False) -> Tensor:
     """The model's output for a batch; ``fast``: through :class:`camkit.accel.BatchForward` (not for hooked
     replays, which need the real model)."""
@@ -227,7 +248,7 @@ def _per_image_bytes(model: nn.Module, x1: Tensor, output_fn: Callable[[object],
         if isinstance(out, Tensor):
             largest[0] = max(largest[0], out.numel() * out.element_size())
 
-    handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
+    handles = [hook_forward(m, hook) for m in model.modules() if not list(m.children())]
     try:
         with torch.inference_mode():
             output_fn(model(x1))
@@ -412,12 +433,14 @@ def masked_scores(
             images = b.repeat_interleave(repeats)
             inputs = ctx.x[images] * masks.flatten(0, 1)[:, None].to(ctx.x.dtype)
             s = _scores(ctx, _forward(ctx, inputs, fast=True), images, prob)
+            _check_finite(s, images, "a masked input")
             rep_scores[start : start + len(b)] = s.view(len(b), repeats, t)
             if ctx.progress is not None:
                 ctx.progress.add(len(images))
         base = None
         if need_baseline:
             base = _scores(ctx, _forward(ctx, torch.zeros_like(ctx.x), fast=True), torch.arange(bsz), prob)
+            _check_finite(base, torch.arange(bsz), "the all-zero input")
             if ctx.progress is not None:
                 ctx.progress.add(bsz)
     return ChannelScores(bidx, kidx, rep_scores[owner.to(device)], base)
@@ -471,7 +494,7 @@ class _Replace:
 def _run_replaced(ctx: PerturbationContext, inputs: Tensor, acts: Tensor) -> Tensor:
     hook = _Replace(ctx.calls)
     hook.value = acts
-    handle = ctx.layer.register_forward_hook(hook)
+    handle = hook_forward(ctx.layer, hook)  # this thread only
     try:
         out = _forward(ctx, inputs, rows=acts.shape[0])
     finally:
@@ -549,6 +572,7 @@ def ablated_scores(ctx: PerturbationContext, value: Tensor) -> tuple[Tensor, Ten
                             "back unchanged; is it deterministic and in eval mode?"
                         )
                 s = _scores(ctx, out, images, prob=False)
+                _check_finite(s, images, "an ablated activation")
                 if not checked:
                     s = s[1:]
                     checked = True
