@@ -15,6 +15,7 @@ from torch import nn
 import camkit
 import camkit.accel
 from camkit import layers as camkit_layers
+from camkit.capture import hook_forward
 
 METHODS = ["gradcam", "gradcam++", "layercam", "eigencam", "scorecam", "ablationcam", "cam"]
 
@@ -174,3 +175,45 @@ def test_threads_on_a_vit_with_attention_methods() -> None:
     print(
         f"ViT: {n_threads} threads x {n // n_threads} calls, {plain} plain forwards, {time.perf_counter() - start:.1f} s"
     )
+
+
+def test_hook_forward_acts_only_in_its_thread() -> None:
+    model = _model()
+    x = torch.randn(1, 3, 8, 8)
+    calls: list[str] = []
+
+    def replace(_m: nn.Module, _i: object, out: torch.Tensor) -> torch.Tensor:
+        calls.append(threading.current_thread().name)
+        return torch.zeros_like(out)
+
+    handle = hook_forward(model[3], replace)
+    try:
+        outputs: list[torch.Tensor] = []
+        other = threading.Thread(target=lambda: outputs.append(model(x)), name="other")
+        other.start()
+        other.join()
+        mine = model(x)
+    finally:
+        handle.remove()
+    assert calls == [threading.current_thread().name]
+    assert not torch.equal(outputs[0], mine) and torch.equal(outputs[0], model(x))
+    assert not model[3]._forward_hooks
+
+
+def test_accel_cache_and_copies_ignore_other_calls_hooks() -> None:
+    """Another thread's call with its hooks on the model is not a change of the model (the prepared copy stays
+    valid) and its hooks never travel into a copy; a hook of the user's still counts."""
+    model = _model()
+    plain = camkit.accel._signature(model)
+    handle = hook_forward(model[3], lambda *_: None, pre=True)
+    try:
+        assert camkit.accel._signature(model) == plain
+        twin = camkit.accel._copy(model)
+    finally:
+        handle.remove()
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in twin.modules())
+    user = model[3].register_forward_hook(lambda *_: None)
+    try:
+        assert camkit.accel._signature(model) != plain
+    finally:
+        user.remove()
