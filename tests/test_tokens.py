@@ -204,10 +204,31 @@ def test_attention_capture_does_not_change_the_outputs(tv_vit, deit_distilled):
         assert_unchanged(before, model)
 
 
-def test_fused_attention_is_restored(deit_distilled):
-    flags = [m.fused_attn for m in deit_distilled.modules() if hasattr(m, "fused_attn")]
-    camkit.explain(deit_distilled, torch.randn(1, 3, 64, 64), method="gradrollout")
-    assert [m.fused_attn for m in deit_distilled.modules() if hasattr(m, "fused_attn")] == flags
+def test_fused_attention_is_never_switched(deit_distilled):
+    """The fused flag stays as it is during the call too (other threads read it): a hook of the user's on the
+    model, called inside camkit's forward, sees it unchanged; the maps equal those of the unfused model bitwise."""
+    attns = [m for m in deit_distilled.modules() if hasattr(m, "fused_attn")]
+    flags = [m.fused_attn for m in attns]
+    assert all(flags)
+    seen: list[list[bool]] = []
+    handle = deit_distilled.register_forward_hook(lambda *_: seen.append([m.fused_attn for m in attns]))
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    try:
+        fused = {
+            m: camkit.explain(deit_distilled, x, method=m, targets=3).maps for m in ("rollout", "gradrollout")
+        }
+    finally:
+        handle.remove()
+    assert seen and all(s == flags for s in seen)
+    assert [m.fused_attn for m in attns] == flags
+    try:
+        for m in attns:
+            m.fused_attn = False
+        for method, maps in fused.items():
+            assert torch.equal(camkit.explain(deit_distilled, x, method=method, targets=3).maps, maps)
+    finally:
+        for m, flag in zip(attns, flags, strict=True):
+            m.fused_attn = flag
 
 
 def test_rollout_formula_on_known_matrices():
