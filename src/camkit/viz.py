@@ -37,23 +37,30 @@ __all__ = [
 # pixels per band when rendering: bounds the temporaries of one call, whatever the picture's size
 _BAND_PIXELS = 1 << 17
 
+# modes that are cropped / resized a band at a time and converted to RGB band by band
+_BANDED_MODES = frozenset({"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr"})
+
 ImageLike = Image.Image | np.ndarray | Tensor
 
 
-def _as_map(heatmap: Tensor | np.ndarray) -> Tensor:
-    m = (
-        torch.as_tensor(np.asarray(heatmap) if not isinstance(heatmap, Tensor) else heatmap)
-        .detach()
-        .float()
-        .cpu()
-    )
-    while m.dim() > 2 and m.shape[0] == 1:
+def _as_map(heatmap: Tensor | np.ndarray) -> np.ndarray:
+    """A heatmap as float32[H, W] (leading dimensions of 1 dropped); numpy only, so a forked worker never runs a
+    torch kernel here."""
+    if isinstance(heatmap, Tensor):
+        t = heatmap.detach().cpu()
+        arr = (t.float() if t.dtype == torch.bfloat16 else t).numpy()
+    else:
+        arr = np.asarray(heatmap)
+    if arr.dtype.kind not in "biuf":
+        raise ValueError(f"a heatmap must hold numbers, got dtype {arr.dtype}")
+    m = arr.astype(np.float32, copy=False)
+    while m.ndim > 2 and m.shape[0] == 1:
         m = m[0]
-    if m.dim() != 2:
+    if m.ndim != 2:
         raise ValueError(f"a heatmap must be 2-D [H, W], got shape {tuple(m.shape)}")
-    if m.numel() == 0:
+    if m.size == 0:
         raise ValueError(f"a heatmap must not be empty, got shape {tuple(m.shape)}")
-    if not torch.isfinite(m).all():
+    if not np.isfinite(m).all():
         raise ValueError("the heatmap contains NaN or infinite values")
     return m
 
@@ -146,8 +153,22 @@ def _capped(size: tuple[int, int], max_side: int | None) -> tuple[int, int]:
     return (min(max_side, max(1, round(w * scale))), min(max_side, max(1, round(h * scale))))
 
 
+def _map_band(src: Image.Image, size: tuple[int, int], y0: int, y1: int) -> np.ndarray:
+    """Rows ``y0:y1`` of the 'F' image ``src`` resized bilinearly to ``size`` (width, height), float32[y1 - y0, W].
+
+    Enlarging, this is :func:`camkit.postprocess.upsample` (``align_corners=False``) up to float rounding;
+    shrinking, PIL widens the filter (antialiasing) where ``upsample`` samples two pixels.
+    """
+    width, height = size
+    w, h = src.size
+    if (w, h) == size:
+        return np.asarray(src.crop((0, y0, width, y1)))
+    box = (0.0, y0 * h / height, float(w), y1 * h / height)
+    return np.asarray(src.resize((width, y1 - y0), Image.Resampling.BILINEAR, box=box))
+
+
 def _render(
-    m: Tensor, size: tuple[int, int], table: np.ndarray, base: Image.Image | None, alpha: float
+    m: np.ndarray, size: tuple[int, int], table: np.ndarray, base: Image.Image | None, alpha: float
 ) -> Image.Image:
     """The map ``m`` [h, w] resized to ``size`` (width, height), coloured by ``table`` and blended over ``base``.
 
@@ -155,20 +176,13 @@ def _render(
     ``1 - alpha``; rounding to nearest, with ``alpha`` taken to 1/65536. Works a band of rows at a time.
     """
     width, height = size
-    h, w = m.shape
-    src = Image.fromarray(m.clamp(0, 1).numpy().astype(np.float32, copy=False))
+    src = Image.fromarray(np.ascontiguousarray(np.clip(m, 0.0, 1.0)))
     out = Image.new("RGB", size)
     a = np.uint32(round(alpha * 65536))
     band = max(1, _BAND_PIXELS // width)
     for y0 in range(0, height, band):
         y1 = min(height, y0 + band)
-        if (w, h) == (width, height):
-            vals = np.asarray(src.crop((0, y0, width, y1)))
-        else:
-            part = src.resize(
-                (width, y1 - y0), Image.Resampling.BILINEAR, box=(0, y0 * h / height, w, y1 * h / height)
-            )
-            vals = np.asarray(part)
+        vals = _map_band(src, size, y0, y1)
         idx = np.minimum(vals * 256.0, 255.0).astype(np.uint8)  # floor: values are >= 0
         heat = table[idx]
         if base is not None:
@@ -234,6 +248,8 @@ def overlay(
     table = colormap_table(cmap)
     m = _as_map(heatmap)
     base = _as_image(image)
+    if base.mode not in _BANDED_MODES:  # e.g. 16-bit grey: converted whole, as PIL resizes few such modes
+        base = base.convert("RGB")
     return _render(m, _capped(base.size, max_side), table, base, alpha)
 
 
