@@ -31,9 +31,11 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_MAX_PIXELS",
     "IMAGE_SUFFIXES",
+    "SAMPLE_NAMES",
     "USER_ERRORS",
     "DeviceOption",
     "ImagesArgument",
+    "Input",
     "LayersOption",
     "MaxPixelsOption",
     "ModelOption",
@@ -54,10 +56,14 @@ __all__ = [
     "load_model",
     "load_pictures",
     "max_pixels_limit",
+    "merge_entries",
     "model_option",
     "new_table",
     "out_option",
+    "previous_entries",
     "read_input",
+    "read_or_skip",
+    "resolve_inputs",
     "run_progress",
     "split",
     "user_errors",
@@ -79,7 +85,8 @@ IMAGE_SUFFIXES = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".pnm"}
 )
 
-_SAMPLES = ("chelsea", "coffee", "astronaut")  # camkit.io.SAMPLES (checked by a test; no import at --help)
+#: The sample photos (:data:`camkit.io.SAMPLES`; a copy so that ``--help`` imports no torch, checked by a test).
+SAMPLE_NAMES = ("chelsea", "coffee", "astronaut")
 
 # Options several commands take with the same flags and help.
 ImagesArgument = Annotated[
@@ -138,7 +145,7 @@ MaxPixelsOption = Annotated[
 ]
 SampleOption = Annotated[
     str,
-    typer.Option("--sample", help=f"Sample photo used when no image is given: {', '.join(_SAMPLES)}."),
+    typer.Option("--sample", help=f"Sample photo used when no image is given: {', '.join(SAMPLE_NAMES)}."),
 ]
 ProgressOption = Annotated[
     bool | None,
@@ -189,7 +196,7 @@ def new_table(title: str, columns: Sequence[str]) -> Table:
     """A rich table with these plain columns."""
     table = Table(title=title)
     for col in columns:
-        table.add_column(col)
+        table.add_column(col, overflow="fold")  # names are never cut (a narrow or piped output folds them)
     return table
 
 
@@ -330,6 +337,47 @@ def load_pictures(
     return [(sample, sample_image(sample))]
 
 
+@dataclass(frozen=True)
+class Input:
+    """One input of a command: its file (None for the sample photo), its name (the table's and summary's
+    ``image``), the start of its output file names, its source."""
+
+    path: Path | None
+    name: str
+    stem: str
+    source: str
+
+
+def resolve_inputs(images: list[Path] | None, sample: str, tag: str) -> list[Input]:
+    """The inputs (folders expanded, missing files refused) with distinct, bounded output stems ending in
+    ``tag``; the ``sample`` photo when no image is given."""
+    from camkit.io.files import output_stems
+
+    if not images:
+        if sample not in SAMPLE_NAMES:
+            raise ValueError(f"unknown sample {sample!r}; choose one of {', '.join(SAMPLE_NAMES)}")
+        return [Input(None, sample, f"{sample}{tag}", f"sample:{sample}")]
+    files = collect_inputs(images)
+    stems = output_stems(files, suffix_room=40 + len(tag.encode("utf-8")))
+    return [Input(f, stem, f"{stem}{tag}", str(f)) for f, stem in zip(files, stems, strict=True)]
+
+
+def read_or_skip(item: Input, max_pixels: int | None, alone: bool) -> Image.Image | None:
+    """The input's image; an unreadable one is reported on stderr and skipped (None), or raises ValueError when
+    it is the only input."""
+    from camkit.io import sample_image
+
+    if item.path is None:
+        return sample_image(item.source.removeprefix("sample:"))
+    try:
+        return read_input(item.path, max_pixels)
+    except (ValueError, OSError) as err:
+        if alone:
+            raise ValueError(str(err)) from err
+        warn(f"skipped {str(item.path)!r}: {err}")
+        return None
+
+
 # ---------------------------------------------------------------------------------------------- progress
 
 
@@ -436,3 +484,46 @@ def evaluation_progress(total: int) -> Iterator[Callable[[int, str], None]]:
             bar.update(task, completed=done, description=description)
 
         yield report
+
+
+# ------------------------------------------------------------------------------------------------ summaries
+
+
+def previous_entries(path: Path) -> list[dict[str, Any]]:
+    """The entries of an earlier run's summary file (``[]`` when there is none); read before any model work.
+
+    Raises:
+        ValueError: the file is not a JSON list of objects (camkit does not overwrite what it did not write).
+    """
+    import json
+
+    if not path.exists() and not path.is_symlink():
+        return []
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(
+            f"{str(path)!r} exists and is not a camkit summary ({err}); move it away or choose another --out"
+        ) from err
+    if not isinstance(value, list) or not all(isinstance(e, dict) for e in value):
+        raise ValueError(
+            f"{str(path)!r} exists and is not a camkit summary (a JSON list of objects); move it away or choose "
+            "another --out"
+        )
+    return value
+
+
+def merge_entries(
+    previous: list[dict[str, Any]], new: list[dict[str, Any]], out: Path
+) -> list[dict[str, Any]]:
+    """The summary rule: earlier entries whose file still exists in ``out`` and was not written again by this run,
+    then this run's entries (an entry per file written)."""
+    written = {Path(str(e.get("file", ""))).name for e in new}
+    kept = [
+        e
+        for e in previous
+        if isinstance(e.get("file"), str)
+        and Path(e["file"]).name not in written
+        and (out / Path(e["file"]).name).is_file()
+    ]
+    return kept + new
