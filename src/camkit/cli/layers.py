@@ -8,7 +8,15 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from camkit.cli.common import user_errors
+from camkit.cli.common import (
+    DeviceOption,
+    ModelOptions,
+    SeedOption,
+    ThreadsOption,
+    WeightsOption,
+    load_model,
+    user_errors,
+)
 from camkit.cli.output import Format, FormatOption, emit, note
 
 if TYPE_CHECKING:
@@ -18,9 +26,28 @@ __all__ = ["layers"]
 
 
 def layers(
+    model_name: Annotated[
+        str | None,
+        typer.Argument(
+            metavar="MODEL", help="Model name (efficientnet_lite0, resnet50, ...); or give it with --model."
+        ),
+    ] = None,
     model: Annotated[
-        str, typer.Argument(help="Model name (efficientnet_lite0, resnet50, ...).")
-    ] = "efficientnet_lite0",
+        str | None,
+        typer.Option("--model", help="The model, as with the other commands (default efficientnet_lite0)."),
+    ] = None,
+    weights: WeightsOption = None,
+    pretrained: Annotated[
+        bool,
+        typer.Option(
+            "--pretrained/--no-pretrained",
+            help="Load the pretrained weights too (layers and shapes do not depend on them; default: random "
+            "weights drawn from --seed, nothing downloaded).",
+        ),
+    ] = False,
+    seed: SeedOption = 0,
+    threads: ThreadsOption = None,
+    device: DeviceOption = "cpu",
     all_layers: Annotated[
         bool,
         typer.Option(
@@ -38,9 +65,12 @@ def layers(
     from camkit.layers import pick_auto
 
     with user_errors():
-        loaded = camkit.load_model(model, pretrained=False)
+        if model_name is not None and model is not None and model_name != model:
+            raise ValueError(f"two models given: {model_name!r} and --model {model!r}; give one")
+        name = model_name or model or "efficientnet_lite0"
+        loaded = load_model(ModelOptions(name, weights, pretrained, seed, threads, device))
         h, w = loaded.preprocess.size
-        infos = camkit.describe_layers(loaded.model, torch.zeros(1, 3, h, w))
+        infos = camkit.describe_layers(loaded.model, torch.zeros(1, 3, h, w, device=device))
         auto = pick_auto(infos)
         _print(f"{loaded.name}: layers at input 3x{h}x{w} (forward order)", infos, auto, all_layers, fmt)
 
