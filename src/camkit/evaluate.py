@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from camkit.io import Preprocess, load_image
 from camkit.io.annotations import Annotation, fit_boxes, read_annotations
 from camkit.io.files import atomic_write, write_json
+from camkit.io.images import DEFAULT_MAX_PIXELS
 
 if TYPE_CHECKING:
     from camkit.metrics._common import Forward
@@ -117,9 +118,16 @@ def collect_images(paths: Sequence[str | Path]) -> list[Path]:
 
 
 def probe_images(
-    items: Sequence[tuple[str, Path | Image.Image]], annotations: dict[str, Annotation]
+    items: Sequence[tuple[str, Path | Image.Image]],
+    annotations: dict[str, Annotation],
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> tuple[list[tuple[str, Path | Image.Image]], dict[str, Annotation], list[Skipped]]:
     """Read each image's size (the header only for files) and fit the annotation boxes to it, before any model work.
+
+    Args:
+        items: (name, path or image) pairs.
+        annotations: file name -> :class:`Annotation`.
+        max_pixels: an image file with more pixels is left out (None: no limit), as :func:`load_image` would.
 
     Returns:
         the readable items, the annotations with boxes clipped to their image (:func:`fit_boxes`), and the
@@ -140,6 +148,14 @@ def probe_images(
                     size = opened.size
             except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
                 skipped.append(Skipped(str(im), f"cannot read it as an image ({err})"))
+                continue
+            if max_pixels is not None and size[0] * size[1] > max_pixels:
+                skipped.append(
+                    Skipped(
+                        str(im),
+                        f"{size[0]}x{size[1]} pixels is more than the limit of {max_pixels} (--max-pixels)",
+                    )
+                )
                 continue
         ok.append((name, im))
         ann = annotations.get(name)
@@ -403,6 +419,7 @@ def evaluate(
     box_threshold: float = 0.2,
     progress: Callable[[float, int, str], None] | None = None,
     on_skip: Callable[[Skipped], None] | None = None,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> EvaluationResult:
     """Evaluate methods (and the ``center``/``random`` reference maps) on images with the chosen metrics.
 
@@ -428,6 +445,7 @@ def evaluate(
             pairs, ``total`` = images x methods is the same in every call and ``done`` grows after each metric
             (fractions of a batch) up to ``total``, skipped images included.
         on_skip: called with each :class:`Skipped` input as it is found.
+        max_pixels: image files with more pixels are skipped (decompression bombs); None: no limit.
     """
     from camkit import metrics as M
     from camkit.methods import get_method
@@ -448,7 +466,7 @@ def evaluate(
     order = list(dict.fromkeys(m if m in BASELINES else get_method(m).name for m in method_list))
     if model.training:
         raise ValueError("the model is in training mode; call model.eval() first")
-    items, anns, skipped = probe_images(given, anns)
+    items, anns, skipped = probe_images(given, anns, max_pixels)
     have_boxes = any(anns.get(n) is not None and anns[n].boxes for n, _ in given)
     chosen = _resolve_metrics(metrics, have_boxes)
     total = len(given) * len(order)
@@ -489,7 +507,7 @@ def evaluate(
                 pils.append(im)
             else:
                 try:
-                    pils.append(load_image(im))
+                    pils.append(load_image(im, max_pixels=max_pixels))
                 except (ValueError, OSError, Image.DecompressionBombError) as err:
                     skip(Skipped(str(im), str(err)))
                     continue

@@ -18,14 +18,24 @@ from rich.table import Table
 from rich.text import Text
 
 from camkit.cli.common import (
+    DEFAULT_MAX_PIXELS,
     DeviceOption,
     LayersOption,
+    MaxPixelsOption,
+    ModelOption,
+    ModelOptions,
+    PretrainedOption,
+    ProgressOption,
+    SeedOption,
+    ThreadsOption,
     WeightsOption,
     err_console,
-    model_option,
+    load_model,
+    max_pixels_limit,
     out_option,
     split,
     user_errors,
+    versions,
 )
 from camkit.cli.output import Format, FormatOption, emit, note
 
@@ -68,8 +78,12 @@ def evaluate(
         Path | None,
         typer.Option("--annotations", "-a", help="camkit JSON, COCO JSON, Pascal VOC XML file or folder."),
     ] = None,
-    model: Annotated[str, model_option("Model name (see `camkit explain`).")] = "efficientnet_lite0",
+    model: ModelOption = "efficientnet_lite0",
     weights: WeightsOption = None,
+    pretrained: PretrainedOption = True,
+    seed: SeedOption = 0,
+    threads: ThreadsOption = None,
+    max_pixels: MaxPixelsOption = DEFAULT_MAX_PIXELS,
     layers: LayersOption = "auto",
     steps: Annotated[int, typer.Option(help="Deletion/insertion steps.")] = 50,
     batch_size: Annotated[
@@ -78,16 +92,16 @@ def evaluate(
     out: Annotated[Path, out_option("Folder for evaluate.csv and evaluate.json.")] = Path("out"),
     device: DeviceOption = "cpu",
     fmt: FormatOption = Format.table,
+    progress: ProgressOption = None,
 ) -> None:
     """Score methods on images: faithfulness (deletion, insertion, ...) and, with boxes, localization.
 
     Exit status: 0 when every image was evaluated, 1 when some could not be read (skipped, listed on stderr and
     in evaluate.json), 2 on a usage error (nothing evaluated).
     """
-    import camkit
     from camkit.evaluate import collect_images, probe_images, read_annotations
     from camkit.evaluate import evaluate as run_evaluation
-    from camkit.io.files import prepare_out_dir
+    from camkit.io.files import prepare_out_dir, write_json
     from camkit.methods import get_method
 
     with user_errors():
@@ -103,10 +117,17 @@ def evaluate(
             list(_samples()) if not images else [(p.name, p) for p in collect_images(images)]
         )
         anns = read_annotations(annotations) if annotations is not None else {}
-        probe_images(items, anns)  # boxes against image sizes: an error here, before the model is loaded
+        limit = max_pixels_limit(max_pixels)
+        probe_images(
+            items, anns, limit
+        )  # boxes against image sizes: an error here, before the model is loaded
         prepare_out_dir(out)
-        loaded = camkit.load_model(model, weights=weights, device=device)
-        with _progress() as report:
+        options = ModelOptions(
+            model=model, weights=weights, pretrained=pretrained, seed=seed, threads=threads, device=device
+        )
+        loaded = load_model(options)
+        show = err_console.is_terminal if progress is None else progress
+        with _progress(show) as report:
             result = run_evaluation(
                 loaded.model,
                 items,
@@ -120,11 +141,13 @@ def evaluate(
                 batch_size=batch_size,
                 progress=report,
                 on_skip=_report_skip,
+                max_pixels=limit,
             )
         csv_path, json_path = out / "evaluate.csv", out / "evaluate.json"
         result.to_csv(csv_path)
-        result.to_json(json_path)
-    _print(result, loaded.name, fmt, [csv_path, json_path])
+        record = {"run": {**options.to_dict(), **versions()}, **result.to_dict()}
+        write_json(json_path, record)
+    _print(result, loaded.name, fmt, [csv_path, json_path], record)
     if result.skipped:
         raise typer.Exit(code=EXIT_SOME_SKIPPED)
 
@@ -134,7 +157,7 @@ def _report_skip(entry: Skipped) -> None:
 
 
 @contextmanager
-def _progress() -> Iterator[Callable[[float, int, str], None]]:
+def _progress(enabled: bool) -> Iterator[Callable[[float, int, str], None]]:
     """One bar on stderr over (image, method) pairs: its total is set once, it moves after every metric."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -146,6 +169,7 @@ def _progress() -> Iterator[Callable[[float, int, str], None]]:
         TimeElapsedColumn(),
         console=err_console,
         transient=True,
+        disable=not enabled,
     ) as bar:
         task = bar.add_task("evaluating", total=None)
 
@@ -162,8 +186,11 @@ def _samples() -> list[tuple[str, Image.Image]]:
     return [(s, sample_image(s)) for s in SAMPLES]
 
 
-def _print(result: EvaluationResult, model: str, fmt: Format, files: list[Path]) -> None:
-    """The means per method in ``fmt``, then what was excluded or skipped and where the files are."""
+def _print(
+    result: EvaluationResult, model: str, fmt: Format, files: list[Path], record: dict[str, object]
+) -> None:
+    """The means per method in ``fmt`` (json: the ``record`` written to evaluate.json and the files), then what
+    was excluded or skipped and where the files are."""
     from camkit.evaluate import METRICS
 
     cols = list(result.columns) + (["maxboxacc"] if result.maxboxacc else [])
@@ -183,7 +210,7 @@ def _print(result: EvaluationResult, model: str, fmt: Format, files: list[Path])
         f"{int(t['metric_images'])} perturbed images) · written to {', '.join(str(f) for f in files)}"
     )
     if fmt is Format.json:
-        data = {"model": model, **result.to_dict(), "files": [str(f) for f in files]}
+        data = {**record, "files": [str(f) for f in files]}
         emit("", [], [], fmt, data=data)
     elif fmt is Format.tsv:
         emit("", ["method", *cols], rows, fmt)
