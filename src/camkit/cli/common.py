@@ -122,7 +122,7 @@ SeedOption = Annotated[
 ]
 ThreadsOption = Annotated[
     int | None,
-    typer.Option("--threads", help="CPU threads of torch (default: torch's own choice).", min=1),
+    typer.Option("--threads", help="CPU threads of torch (default: torch's own choice)."),
 ]
 DeviceOption = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:1, ...")]
 LayersOption = Annotated[
@@ -140,7 +140,6 @@ MaxPixelsOption = Annotated[
         "--max-pixels",
         help=f"Refuse images with more pixels than this (decompression bombs); default PIL's limit "
         f"{DEFAULT_MAX_PIXELS}; 0: no limit.",
-        min=0,
     ),
 ]
 SampleOption = Annotated[
@@ -284,6 +283,8 @@ def versions() -> dict[str, str]:
 
 def max_pixels_limit(max_pixels: int) -> int | None:
     """``--max-pixels``: 0 means no limit (None for :func:`camkit.io.load_image`)."""
+    if max_pixels < 0:
+        raise ValueError(f"--max-pixels is a number of pixels (0: no limit), got {max_pixels}")
     return None if max_pixels == 0 else max_pixels
 
 

@@ -1,0 +1,393 @@
+"""The command line's inputs and outputs: bombs, --out checks, atomic writes, name collisions, symlinks,
+summary.json, shared model options, folders, progress, --sample help (issue 14).
+
+Runs use a random-weight SqueezeNet (``--model squeezenet1_0 --no-pretrained``: built in a tenth of a second) on
+small photos; what the weights are does not matter here.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from camkit.cli import app, common
+
+runner = CliRunner()
+FAST = ["--model", "squeezenet1_0", "--no-pretrained"]
+
+
+def photo(path: Path, size: tuple[int, int] = (64, 48), seed: int = 0) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def bomb_png(path: Path, side: int = 30000) -> Path:
+    """A few bytes that claim a side x side PNG (a decompression bomb's header; nothing to decode)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b""))
+        + chunk(b"IEND", b"")
+    )
+    return path
+
+
+def invoke(*args: str | Path):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def clean_error(res, status: int = 2) -> str:
+    assert res.exit_code == status, res.output
+    assert "Traceback" not in res.output and isinstance(res.exception, SystemExit)
+    assert "error:" in res.output
+    return res.output
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Fail the test if a model is loaded (checks that must come before any model work)."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(common, "load_model", refuse)
+    for module in ("explain", "localize", "layers"):
+        monkeypatch.setattr(f"camkit.cli.{module}.load_model", refuse)
+
+
+# ------------------------------------------------------------------------------------------ 4: bombs
+
+
+def test_a_decompression_bomb_is_one_error_line(tmp_path):
+    bomb = bomb_png(tmp_path / "bomb.png")
+    for command in ("explain", "localize"):
+        out = clean_error(invoke(command, bomb, *FAST, "--out", tmp_path / "o"))
+        assert "900000000 pixels" in out and "--max-pixels" in out
+
+
+def test_max_pixels_is_an_option_of_every_image_command(tmp_path):
+    small = photo(tmp_path / "p.png")
+    for command in ("explain", "localize"):
+        out = clean_error(invoke(command, small, *FAST, "--max-pixels", "100", "--out", tmp_path / "o"))
+        assert "3072 pixels" in out and "limit of 100" in out
+
+
+def test_max_pixels_zero_lifts_the_limit(tmp_path):
+    bomb = bomb_png(tmp_path / "bomb.png")
+    out = clean_error(invoke("explain", bomb, *FAST, "--max-pixels", "0", "--out", tmp_path / "o"))
+    assert "limit" not in out and "cannot read" in out  # past the size check, then the empty data
+
+
+def test_the_default_limit_is_pils():
+    from camkit.io import images
+
+    assert common.DEFAULT_MAX_PIXELS == images.DEFAULT_MAX_PIXELS == (1024 * 1024 * 1024 // 4 // 3)
+
+
+# ------------------------------------------------------------------------------------------- 6: --out
+
+
+def test_out_that_is_a_file_is_refused_before_model_work(tmp_path, no_model):
+    file = tmp_path / "taken"
+    file.write_text("x")
+    for out in (file, file / "sub"):
+        for command in ("explain", "localize"):
+            msg = clean_error(invoke(command, photo(tmp_path / "p.png"), "--out", out))
+            assert "a file, not a folder" in msg
+    assert file.read_text() == "x"
+
+
+def test_missing_input_is_refused_before_model_work(tmp_path, no_model):
+    msg = clean_error(invoke("explain", tmp_path / "nope.png", photo(tmp_path / "p.png"), "--out", tmp_path))
+    assert "not found" in msg and "nope.png" in msg
+
+
+def test_a_very_long_input_name_gives_bounded_output_names(tmp_path):
+    src = photo(tmp_path / ("x" * 250 + ".png"))
+    res = invoke("explain", src, *FAST, "--out", tmp_path / "o")
+    assert res.exit_code == 0, res.output
+    pngs = list((tmp_path / "o").glob("*.png"))
+    assert len(pngs) == 1 and len(pngs[0].name.encode()) <= 200
+
+
+# ------------------------------------------------------------------------------------ 8: atomic writes
+
+
+def test_an_interrupted_save_leaves_no_partial_file(tmp_path, monkeypatch):
+    src = photo(tmp_path / "p.png")
+
+    def broken_save(self, fp, *args, **kwargs):
+        if isinstance(fp, (str, Path)):
+            fp = open(fp, "wb")
+        fp.write(b"\x89PNG half")  # the first bytes, then the disk fills up
+        fp.flush()
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", broken_save)
+    out = tmp_path / "o"
+    res = invoke("explain", src, *FAST, "--out", out)
+    assert res.exit_code != 0
+    assert list(out.iterdir()) == []  # no truncated PNG under its name, no temporary file left
+
+
+# ---------------------------------------------------------------------------------------- 9: collisions
+
+
+def test_inputs_with_the_same_name_get_distinct_outputs(tmp_path):
+    a, b = photo(tmp_path / "d1" / "x.png", seed=1), photo(tmp_path / "d2" / "x.png", seed=2)
+    out = tmp_path / "o"
+    res = invoke("explain", a, b, *FAST, "--out", out)
+    assert res.exit_code == 0, res.output
+    summary = json.loads((out / "summary.json").read_text())
+    files = [Path(e["file"]).name for e in summary]
+    assert len(set(files)) == 2 and all((out / f).is_file() for f in files)
+    assert [e["source"] for e in summary] == [str(a), str(b)]
+
+
+def test_the_model_name_is_in_the_file_name_unless_default():
+    assert common.ModelOptions().file_tag() == ""
+    assert common.ModelOptions(model="resnet50").file_tag() == "_resnet50"
+    assert common.ModelOptions(model="timm/convnext_tiny").file_tag() == "_timm-convnext_tiny"
+
+
+def test_a_second_model_does_not_overwrite_the_first(tmp_path):
+    src, out = photo(tmp_path / "cat.png"), tmp_path / "o"
+    assert invoke("explain", src, *FAST, "--out", out).exit_code == 0
+    assert (
+        invoke("explain", src, "--model", "mobilenet_v3_small", "--no-pretrained", "--out", out).exit_code
+        == 0
+    )
+    names = sorted(p.name for p in out.glob("*.png"))
+    assert names == ["cat_mobilenet_v3_small_gradcam.png", "cat_squeezenet1_0_gradcam.png"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert sorted(Path(e["file"]).name for e in summary) == names  # both runs' entries are kept
+
+
+def test_summary_merge_rule(tmp_path):
+    src, out = photo(tmp_path / "cat.png"), tmp_path / "o"
+    assert invoke("explain", src, *FAST, "--methods", "gradcam", "--out", out).exit_code == 0
+    assert invoke("explain", src, *FAST, "--methods", "gradcam,layercam", "--out", out).exit_code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    files = [Path(e["file"]).name for e in summary]
+    assert sorted(files) == sorted(set(files))  # the file written again is replaced, not listed twice
+    assert {
+        "cat_squeezenet1_0_gradcam.png",
+        "cat_squeezenet1_0_layercam.png",
+        "cat_squeezenet1_0_grid.png",
+    } == set(files)
+    (out / "cat_squeezenet1_0_grid.png").unlink()  # an earlier file deleted: its entry goes at the next run
+    assert invoke("explain", src, *FAST, "--methods", "layercam", "--out", out).exit_code == 0
+    files = {Path(e["file"]).name for e in json.loads((out / "summary.json").read_text())}
+    assert files == {"cat_squeezenet1_0_gradcam.png", "cat_squeezenet1_0_layercam.png"}
+
+
+def test_a_foreign_summary_is_not_overwritten(tmp_path, no_model):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "summary.json").write_text("my notes")
+    msg = clean_error(invoke("explain", photo(tmp_path / "p.png"), "--out", out))
+    assert "not a camkit summary" in msg and (out / "summary.json").read_text() == "my notes"
+
+
+# ------------------------------------------------------------------------------------------ 10: symlinks
+
+
+def test_a_symlink_in_out_is_replaced_not_written_through(tmp_path):
+    out, outside = tmp_path / "o", tmp_path / "precious.txt"
+    out.mkdir()
+    outside.write_text("keep me")
+    link = out / "cat_squeezenet1_0_gradcam.png"
+    link.symlink_to(outside)
+    other = tmp_path / "other.json"
+    other.write_text("[]")
+    (out / "summary.json").symlink_to(other)
+    res = invoke("explain", photo(tmp_path / "cat.png"), *FAST, "--out", out)
+    assert res.exit_code == 0, res.output
+    assert outside.read_text() == "keep me" and other.read_text() == "[]"
+    assert not link.is_symlink() and Image.open(link).format == "PNG"
+    assert not (out / "summary.json").is_symlink() and json.loads((out / "summary.json").read_text())
+
+
+# ---------------------------------------------------------------------------------------- 11: summary
+
+
+def test_summary_records_the_run(tmp_path):
+    src, out = photo(tmp_path / "chat_été.png"), tmp_path / "o"
+    res = invoke("explain", src, *FAST, "--seed", "7", "--methods", "gradcam,layercam", "--out", out)
+    assert res.exit_code == 0, res.output
+    text = (out / "summary.json").read_text(encoding="utf-8")
+    assert "chat_été" in text  # ensure_ascii=False
+    summary = json.loads(text)
+    grid = [e for e in summary if e["method"] == "grid"]
+    assert len(grid) == 1 and (out / Path(grid[0]["file"]).name).is_file()
+    for entry in summary:
+        assert (
+            list(entry)[:7] == ["image", "class", "label", "prob", "method", "layers", "file"]
+            or entry is grid[0]
+        )
+        assert entry["model"] == "squeezenet1_0" and entry["pretrained"] is False and entry["weights"] is None
+        assert entry["seed"] == 7 and entry["source"] == str(src)
+        assert entry["camkit"] and entry["torch"]
+        assert entry["options"]["methods"] == ["gradcam", "layercam"] and entry["options"]["layers"] == "auto"
+
+
+def test_boxes_json_records_the_run(tmp_path):
+    src, out = photo(tmp_path / "cat.png"), tmp_path / "o"
+    res = invoke("localize", src, *FAST, "--out", out)
+    assert res.exit_code == 0, res.output
+    (entry,) = json.loads((out / "boxes.json").read_text())
+    assert entry["model"] == "squeezenet1_0" and entry["source"] == str(src) and "boxes" in entry
+    assert (out / Path(entry["file"]).name).is_file()
+
+
+# ------------------------------------------------------------------------------------------- 12: flags
+
+
+@pytest.mark.parametrize("command", ["explain", "localize", "layers"])
+def test_every_model_command_takes_the_model_options(command):
+    res = invoke(command, "--help")
+    for flag in ("--model", "--weights", "--no-pretrained", "--seed", "--threads", "--device"):
+        assert flag in res.output, (command, flag)
+
+
+def test_seed_makes_random_weights_reproducible(tmp_path):
+    src = photo(tmp_path / "cat.png")
+
+    def prob(seed: str, out: str) -> float:
+        res = invoke("explain", src, *FAST, "--seed", seed, "--out", tmp_path / out)
+        assert res.exit_code == 0, res.output
+        return json.loads((tmp_path / out / "summary.json").read_text())[0]["prob"]
+
+    assert prob("3", "a") == prob("3", "b") != prob("4", "c")
+
+
+def test_threads_sets_torchs_threads(tmp_path, monkeypatch):
+    import torch
+
+    calls: list[int] = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    res = invoke("layers", "squeezenet1_0", "--threads", "1")
+    assert res.exit_code == 0 and calls == [1] and "auto:" in res.output
+    assert clean_error(invoke("layers", "squeezenet1_0", "--threads", "0"))
+
+
+def test_localize_and_layers_work_offline_with_no_pretrained(tmp_path):
+    res = invoke("localize", photo(tmp_path / "p.png"), *FAST, "--out", tmp_path / "o")
+    assert res.exit_code == 0, res.output
+    res = invoke("layers", "--model", "squeezenet1_0", "--no-pretrained")
+    assert res.exit_code == 0, res.output
+
+
+# ------------------------------------------------------------------------------------------ 13: folders
+
+
+def test_folders_recursive_sorted_hidden_skipped_bad_reported(tmp_path):
+    root = tmp_path / "photos"
+    photo(root / "b.png")
+    photo(root / "a.jpg")
+    photo(root / "sub" / "c.png")
+    photo(root / ".hidden" / "d.png")
+    photo(root / ".e.png")
+    (root / "notes.txt").write_text("not an image")
+    (root / "sub" / "broken.png").write_bytes(b"not a png")
+    out = tmp_path / "o"
+    res = invoke("explain", root, *FAST, "--out", out)
+    assert res.exit_code == 1, res.output  # some inputs failed
+    assert "error:" in res.output and "broken.png" in res.output and "cannot read" in res.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert [e["image"] for e in summary] == ["a", "b", "c"]
+    res = invoke("localize", root, *FAST, "--out", out)
+    assert res.exit_code == 1 and "broken.png" in res.output
+    assert [e["image"] for e in json.loads((out / "boxes.json").read_text())] == ["a", "b", "c"]
+
+
+def test_a_folder_without_images_is_an_error(tmp_path, no_model):
+    (tmp_path / "empty").mkdir()
+    assert "no image file" in clean_error(invoke("explain", tmp_path / "empty", "--out", tmp_path / "o"))
+
+
+def test_one_bad_file_alone_still_exits_2(tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"junk")
+    assert "cannot read" in clean_error(invoke("localize", bad, *FAST, "--out", tmp_path / "o"))
+
+
+# ----------------------------------------------------------------------------------------- 14: progress
+
+
+class FakeBar:
+    def __init__(self) -> None:
+        self.tasks: dict[int, dict[str, float | None]] = {}
+        self.history: list[tuple[int, float, float | None]] = []
+
+    def add_task(self, description: str, total: float | None = None) -> int:
+        self.tasks[len(self.tasks)] = {"completed": 0, "total": total}
+        return len(self.tasks) - 1
+
+    def update(self, task: int, completed=None, total=None, advance=None, description=None) -> None:
+        t = self.tasks[task]
+        if advance is not None:
+            t["completed"] = (t["completed"] or 0) + advance
+        if completed is not None:
+            t["completed"] = completed
+        if total is not None:
+            t["total"] = total
+        self.history.append((task, t["completed"], t["total"]))
+
+
+def test_progress_totals_never_restart():
+    bar = FakeBar()
+    progress = common.RunProgress(bar, n_images=2, forwards=True)
+    for _ in range(2):  # two images, each with two perturbation methods counted by the engine
+        report = progress.forwards()
+        assert report is not None
+        for done, total in [(10, 469), (469, 469), (500, 988), (988, 988)]:
+            report(done, total)
+        progress.image_done("x")
+    forwards = [(c, t) for task, c, t in bar.history if task == 1]
+    assert forwards[-1] == (1976, 1976)
+    assert all(a[0] <= b[0] and a[1] <= b[1] for a, b in itertools.pairwise(forwards))
+    assert bar.tasks[0] == {"completed": 2, "total": 2}
+
+
+def test_progress_is_off_when_stderr_is_not_a_terminal(tmp_path, monkeypatch):
+    made: list[int] = []
+    monkeypatch.setattr(common.RunProgress, "__init__", lambda self, bar, n, f: made.append(bar is not None))
+    with common.run_progress(3, forwards=False, enabled=None):
+        pass
+    with common.run_progress(3, forwards=False, enabled=True):
+        pass
+    assert made == [False, True]
+
+
+def test_progress_reaches_stderr_when_forced(tmp_path):
+    res = invoke("explain", photo(tmp_path / "p.png"), *FAST, "--progress", "--out", tmp_path / "o")
+    assert res.exit_code == 0, res.output
+
+
+# ------------------------------------------------------------------------------------------- 16: samples
+
+
+def test_sample_help_lists_every_sample():
+    from camkit.io import SAMPLES
+
+    assert tuple(common.SAMPLE_NAMES) == tuple(SAMPLES)
+    for command in ("explain", "localize"):
+        res = invoke(command, "--help")
+        for name in SAMPLES:
+            assert name in res.output, (command, name)
