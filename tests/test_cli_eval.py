@@ -327,7 +327,7 @@ def test_cli_folder_with_a_corrupt_image_exits_1(tmp_path, loads) -> None:
     )
     assert res.exit_code == 1, res.output
     assert "Traceback" not in res.output
-    assert f"skipped {folder / 'sub' / 'bad.jpg'}: cannot read" in res.stderr
+    assert f"error: skipped {str(folder / 'sub' / 'bad.jpg')!r}: cannot read" in res.stderr
     data = _strict((out / "evaluate.json").read_text())
     assert {r["image"] for r in data["rows"]} == {"a.png", "b.png"}
     assert data["skipped"][0]["file"] == str(folder / "sub" / "bad.jpg")

@@ -36,6 +36,7 @@ from camkit.cli.common import (
     split,
     user_errors,
     versions,
+    warn,
 )
 from camkit.cli.output import Format, FormatOption, emit, note
 
@@ -153,7 +154,7 @@ def evaluate(
 
 
 def _report_skip(entry: Skipped) -> None:
-    err_console.print(f"skipped {entry.file}: {entry.reason}", highlight=False, markup=False, soft_wrap=True)
+    warn(f"skipped {entry.file!r}: {entry.reason}")
 
 
 @contextmanager
