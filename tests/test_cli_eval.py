@@ -435,3 +435,20 @@ def test_evaluate_offline_with_random_weights(tmp_path) -> None:
     assert res.exit_code == 0, res.output
     data = _strict(res.stdout)
     assert data["run"]["model"] == "resnet18" and data["run"]["pretrained"] is False
+
+
+def test_progress_total_does_not_restart_with_perturbation_methods() -> None:
+    img = Image.new("RGB", (20, 20), (120, 40, 200))
+    calls: list[tuple[float, int, str]] = []
+    evaluate(
+        Tiny().eval(),
+        [("a.png", img), ("b.png", img)],
+        ["scorecam", "ablationcam"],
+        ["avg_drop"],
+        preprocess=Preprocess(size=(16, 16)),
+        progress=lambda done, total, d: calls.append((done, total, d)),
+    )
+    assert {t for _, t, _ in calls} == {4}  # old: 469/469 then a new total of 988
+    assert any("forwards" in d for _, _, d in calls)  # the perturbation passes show as they run
+    done = [d for d, _, _ in calls]
+    assert done == sorted(done) and done[-1] == 4

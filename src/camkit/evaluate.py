@@ -462,6 +462,7 @@ def evaluate(
     """
     from camkit import metrics as M
     from camkit.methods import get_method
+    from camkit.methods.engine import PerturbationOptions
     from camkit.metrics._common import Forward, model_device
     from camkit.pipeline import compare
 
@@ -540,8 +541,25 @@ def evaluate(
         classes = _class_indices(logits, batch_anns, lab).to(device)
         probs = torch.softmax(logits, dim=1).gather(1, classes[:, None])[:, 0]
         t0 = time.perf_counter()
+        options = None
+        if progress is not None and any(get_method(m).family == "perturbation" for m in cam_methods):
+            # the forwards of the perturbation methods show in the description; the count stays in
+            # (image, method) pairs, so the total never changes
+            def forwards(d: int, t: int, at: float = done, last: str = batch[-1][0]) -> None:
+                assert progress is not None
+                progress(at, total, f"explaining up to {last}: {d}/{t} forwards")
+
+            options = PerturbationOptions(progress=forwards)
         expl = (
-            compare(model, x, methods=cam_methods, layers=layers, targets=classes.tolist(), labels=lab)
+            compare(
+                model,
+                x,
+                methods=cam_methods,
+                layers=layers,
+                targets=classes.tolist(),
+                labels=lab,
+                perturbation=options,
+            )
             if cam_methods
             else {}
         )
