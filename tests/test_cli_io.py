@@ -93,6 +93,13 @@ def test_max_pixels_zero_lifts_the_limit(tmp_path):
     assert "limit" not in out and "cannot read" in out  # past the size check, then the empty data
 
 
+def test_a_negative_max_pixels_is_refused_before_model_work(tmp_path, no_model):
+    msg = clean_error(
+        invoke("explain", photo(tmp_path / "p.png"), "--max-pixels", "-1", "--out", tmp_path / "o")
+    )
+    assert "--max-pixels" in msg
+
+
 def test_the_default_limit_is_pils():
     from camkit.io import images
 

@@ -235,6 +235,7 @@ def explain(
             weighting=weighting,  # type: ignore[arg-type]
             ablation=ablation,  # type: ignore[arg-type]
         )
+        limit = max_pixels_limit(max_pixels)
         inputs = resolve_inputs(images, sample, opts.file_tag())
         prepare_out_dir(out)
         previous = previous_entries(out / "summary.json")
@@ -279,7 +280,7 @@ def explain(
         failed = 0
         with run_progress(len(inputs), forwards=bool(slow), enabled=progress) as bar:
             for item in inputs:
-                pil = read_or_skip(item, max_pixels_limit(max_pixels), alone=len(inputs) == 1)
+                pil = read_or_skip(item, limit, alone=len(inputs) == 1)
                 if pil is None:
                     failed += 1
                     bar.image_done(item.name)

@@ -178,6 +178,7 @@ def localize(
             raise ValueError(f"--mode is 'largest' or 'all', got {mode!r}")
         get_method(method)  # an unknown name raises here
         tag = opts.file_tag() + ("" if method == "gradcam" else f"_{method}")
+        limit = max_pixels_limit(max_pixels)
         inputs = resolve_inputs(images, sample, tag)
         prepare_out_dir(out)
         previous = previous_entries(out / "boxes.json")
@@ -204,7 +205,7 @@ def localize(
         failed = 0
         with run_progress(len(inputs), forwards=False, enabled=progress) as bar:
             for item in inputs:
-                pil = read_or_skip(item, max_pixels_limit(max_pixels), alone=len(inputs) == 1)
+                pil = read_or_skip(item, limit, alone=len(inputs) == 1)
                 if pil is not None:
                     record = run(item, pil)
                     record.add_rows(table)
