@@ -278,7 +278,8 @@ def explain(
         table = new_table(f"camkit explain · {loaded.name}", _COLUMNS)
         entries: list[dict[str, object]] = []
         failed = 0
-        with run_progress(len(inputs), forwards=bool(slow), enabled=progress) as bar:
+        n_layers = 1 if layers.strip() == "auto" else max(len(split(layers)), 1)
+        with run_progress(len(inputs), steps=len(slow) * n_layers, enabled=progress) as bar:
             for item in inputs:
                 pil = read_or_skip(item, limit, alone=len(inputs) == 1)
                 if pil is None:
