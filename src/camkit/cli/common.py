@@ -435,9 +435,12 @@ class RunProgress:
 
 
 @contextmanager
-def run_progress(n_images: int, steps: int, enabled: bool | None) -> Iterator[RunProgress]:
-    """A :class:`RunProgress` on stderr (``steps``: perturbation methods x layers per image, 0 when none);
-    ``enabled`` None: only when stderr is a terminal."""
+def run_progress(
+    n_images: int, steps: int = 0, enabled: bool | None = None, forwards: bool = False
+) -> Iterator[RunProgress]:
+    """A :class:`RunProgress` on stderr (``steps``: perturbation methods x layers per image, 0 when none;
+    ``forwards=True`` is ``steps=1``, as in the first version); ``enabled`` None: only when stderr is a terminal."""
+    steps = steps or int(forwards)
     show = err_console.is_terminal if enabled is None else enabled
     if not show:
         yield RunProgress(None, n_images, steps)
