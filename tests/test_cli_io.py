@@ -418,3 +418,18 @@ def test_sample_help_lists_every_sample():
         res = invoke(command, "--help")
         for name in SAMPLES:
             assert name in res.output, (command, name)
+
+
+def test_compile_reaches_the_perturbation_options(tmp_path, monkeypatch):
+    seen: list[bool] = []
+
+    def fake_compare(*args, perturbation, **kwargs):
+        seen.append(perturbation.compile)
+        raise ValueError("stop here")
+
+    monkeypatch.setattr("camkit.pipeline.compare", fake_compare)
+    src = photo(tmp_path / "p.png")
+    for flags in ([], ["--compile"]):
+        res = invoke("explain", src, *FAST, "--methods", "scorecam", *flags, "--out", tmp_path / "o")
+        assert res.exit_code == 2 and "stop here" in res.output
+    assert seen == [False, True]

@@ -200,6 +200,14 @@ def explain(
     ablation: Annotated[
         str, typer.Option(help="Ablation-CAM: 'zero' (the paper) or 'gradcam-min' (pytorch-grad-cam).")
     ] = "zero",
+    compile: Annotated[
+        bool,
+        typer.Option(
+            "--compile",
+            help="Score-CAM family: run the masked inputs through torch.compile (tens of seconds once; pays off "
+            "over many images).",
+        ),
+    ] = False,
     input_size: Annotated[
         int | None,
         typer.Option(
@@ -234,6 +242,7 @@ def explain(
             samples=samples,
             weighting=weighting,  # type: ignore[arg-type]
             ablation=ablation,  # type: ignore[arg-type]
+            compile=compile,
         )
         limit = max_pixels_limit(max_pixels)
         inputs = resolve_inputs(images, sample, opts.file_tag())
@@ -270,6 +279,7 @@ def explain(
                 "samples": samples,
                 "weighting": weighting,
                 "ablation": ablation,
+                "compile": compile,
                 "input_size": input_size,
                 "det_threshold": det_threshold,
                 "max_pixels": max_pixels,
