@@ -1,34 +1,29 @@
-"""Speed of camkit's Score-CAM and Ablation-CAM against pytorch-grad-cam, torchcam and the "floor" (CPU).
+"""Speed of camkit's Score-CAM (default and compiled) and Ablation-CAM against pytorch-grad-cam and torchcam (CPU).
 
-Run from the repository root:
+Run from the repository root (results: ``benchmarks/README.md``):
 
-    .venv/bin/python benchmarks/bench_perturbation.py                       # resnet18, resnet50, lite0; 2 threads
-    .venv/bin/python benchmarks/bench_perturbation.py --models resnet18 --repeats 1 --size 96   # quick look
+    .venv/bin/python benchmarks/bench_perturbation.py                          # lite0 and resnet18, 8 images
+    .venv/bin/python benchmarks/bench_perturbation.py --models resnet18 --images 2 --size 128   # quick look
 
-What runs (batch 1, one image, random normal input with a fixed seed, the top-1 class as target):
+What runs (one image per call, ``--images`` random normal inputs with fixed seeds, the top-1 class as target):
 
-* models: torchvision ResNet-18 and ResNet-50 with random weights (explained at ``layer4``: 512 / 2048 channels)
-  and the pretrained EfficientNet-Lite0 of ``camkit.load_model()`` (``bn2``: 1280 channels);
-* Score-CAM contenders: ``camkit`` (the paper's weighting, default options), ``camkit-gc``
-  (``weighting="channel-softmax", align_corners=True``: the same map as pytorch-grad-cam), ``grad-cam``
-  (pytorch-grad-cam 1.5.7 ``ScoreCAM``, its default batch of 16) and ``torchcam`` (torchcam 0.5.0 ``ScoreCAM``,
-  its default batch of 32);
-* Ablation-CAM contenders: ``camkit`` (replay of the layers after the target) and ``grad-cam`` (``AblationCAM``,
-  its default batch of 32; torchcam has no Ablation-CAM);
-* ``floor``: K x the per-image time of one batched ``torch.inference_mode()`` forward at camkit's batch size
-  (K = channels of the target layer): what any Score-CAM that runs one forward per channel must pay.
+* models: the pretrained EfficientNet-Lite0 of ``camkit.load_model()`` (``bn2``: 1280 channels) and torchvision
+  ResNet-18 with random weights (``layer4``: 512 channels), ``--models resnet50`` too if asked;
+* Score-CAM contenders: ``camkit`` (default options: BatchNorm-folded copy, channels-last inputs),
+  ``camkit-compiled`` (``PerturbationOptions(compile=True)``: ``torch.compile`` with freezing, compiled on the
+  first image and reused for the others), ``grad-cam`` (pytorch-grad-cam ``ScoreCAM``, its default batch of 16)
+  and ``torchcam`` (torchcam ``ScoreCAM``, its default batch of 32);
+* Ablation-CAM (``--methods score,ablation``): ``camkit`` (replay of the layers after the target) and
+  ``grad-cam`` (``AblationCAM``).
 
-``camkit`` sends the masked inputs in channels-last layout on CPU (``PerturbationOptions.channels_last``, checked
-on the first batch); the floor is the model as given (NCHW). ``--tune-allocator`` applies
-``camkit.tune_allocator()`` to the whole process, so to every contender and the floor alike.
-
-Methodology: ``torch.set_num_threads(--threads)`` (default 2). The contenders of one model are interleaved
-round-robin, ``--repeats`` timed rounds (best and median kept; no untimed warm-up, every contender's first call
-is timed alike); the floor is the best of 5 batched forwards after one untimed, measured in every round.
-Agreement (Pearson of the maps at input size, last round): camkit-gc vs grad-cam,
-camkit with ``weighting="channel-softmax"`` vs torchcam, camkit's Ablation-CAM vs grad-cam's (target layer after
-a ReLU: both zero the channel). The exactness of camkit's batched map against a one-mask-at-a-time loop is a test
-(tests/test_perturbation.py), not repeated here.
+Methodology: ``torch.set_num_threads(--threads)`` (default 1). For each image the contenders run interleaved, in
+an order that rotates from image to image; ``--rounds`` passes over all images, best time per (contender, image)
+kept. The compile time is measured once, in the first round, as the compiled contender's first call minus its
+median later call, with a fresh inductor cache directory (so the compile is cold, as on a first run; pass
+``--warm-cache`` to use the default on-disk cache). Totals over the images: compiled = compile time + its
+per-image times. Break-even = compile time / (default per-image - compiled per-image). Agreement (Pearson of the
+maps at input size, first image): camkit-compiled vs camkit, camkit ``weighting="channel-softmax",
+align_corners=True`` vs grad-cam, camkit ``weighting="channel-softmax"`` vs torchcam.
 """
 
 from __future__ import annotations
@@ -38,47 +33,48 @@ import contextlib
 import gc
 import io
 import os
+import platform
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
-
-import camkit
-from camkit.methods import perturbation as pm
 
 
 @dataclass
 class Case:
     name: str
-    model: nn.Module
+    model: object
     layer: str
 
 
 def load_case(key: str) -> Case:
+    import torch
+
+    import camkit
+
     if key in ("resnet18", "resnet50"):
         import torchvision
 
         torch.manual_seed(0)
-        return Case(key, getattr(torchvision.models, key)(weights=None).eval(), "layer4")
+        return Case(f"{key} (random)", getattr(torchvision.models, key)(weights=None).eval(), "layer4")
     if key == "lite0":
         return Case("lite0 (pretrained)", camkit.load_model().model, "bn2")
-    raise SystemExit(f"unknown model {key!r}: resnet18, resnet50, lite0")
+    raise SystemExit(f"unknown model {key!r}: lite0, resnet18, resnet50")
 
 
 def pearson(a: object, b: object) -> float:
-    a = np.asarray(a, dtype=np.float64).ravel()
-    b = np.asarray(b, dtype=np.float64).ravel()
-    return float(np.corrcoef(a, b)[0, 1])
+    x = np.asarray(a, dtype=np.float64).ravel()
+    y = np.asarray(b, dtype=np.float64).ravel()
+    return float(np.corrcoef(x, y)[0, 1])
 
 
-def module(model: nn.Module, name: str) -> nn.Module:
-    return dict(model.named_modules())[name]
+def module(model: object, name: str) -> object:
+    return dict(model.named_modules())[name]  # type: ignore[attr-defined]
 
 
 def quiet(fn: Callable[[], object]) -> object:
@@ -86,210 +82,209 @@ def quiet(fn: Callable[[], object]) -> object:
         return fn()
 
 
-def camkit_run(case: Case, x: Tensor, cls: int, method: str, **opts: object) -> Tensor:
-    return camkit.explain(
-        case.model, x, method, case.layer, [cls], perturbation=camkit.PerturbationOptions(**opts)
-    ).maps
-
-
-def gradcam_run(case: Case, x: Tensor, cls: int, kind: str) -> np.ndarray:
-    from pytorch_grad_cam import AblationCAM, ScoreCAM
-    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
-
-    klass = ScoreCAM if kind == "score" else AblationCAM
-    with klass(case.model, [module(case.model, case.layer)]) as cam:
-        return quiet(lambda: cam(x, [ClassifierOutputTarget(cls)]))  # type: ignore[return-value]
-
-
-def torchcam_run(case: Case, x: Tensor, cls: int) -> Tensor:
-    import torchcam.methods as tcm
-
-    extractor = tcm.ScoreCAM(case.model, case.layer, input_shape=tuple(x.shape[1:]))
+def cpu_name() -> str:
     try:
-        with torch.no_grad():
-            out = case.model(x)
-        maps = extractor(cls, out)[0]
-    finally:
-        extractor.remove_hooks()
-    return F.interpolate(maps[:, None], size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
-
-
-def floor_seconds(case: Case, x: Tensor, channels: int, batch: int) -> float:
-    xb = x.expand(batch, *x.shape[1:]).contiguous()
-    best = float("inf")
-    with torch.inference_mode():
-        case.model(xb)
-        for _ in range(5):
-            t = time.perf_counter()
-            case.model(xb)
-            best = min(best, time.perf_counter() - t)
-    return best / batch * channels
-
-
-def camkit_batch(case: Case, x: Tensor, act: Tensor) -> int:
-    ctx = pm.PerturbationContext(
-        model=case.model,
-        x=x,
-        layer=module(case.model, case.layer),
-        layer_name=case.layer,
-        calls=1,
-        activations=act,
-        output=torch.zeros(1, 1),
-        classes=None,
-        target_fn=None,
-        output_fn=lambda o: o,  # type: ignore[arg-type,return-value]
-    )
-    return pm.batch_size_for(ctx)
-
-
-def timed(fn: Callable[[], object]) -> float:
-    gc.collect()
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
-
-
-def bench(case: Case, size: int, repeats: int, methods: list[str]) -> list[list[str]]:
-    torch.manual_seed(1)
-    x = torch.randn(1, 3, size, size)
-    with torch.no_grad():
-        cls = int(case.model(x).argmax())
-    box: list[Tensor] = []
-    h = module(case.model, case.layer).register_forward_hook(lambda _m, _i, o: box.append(o.detach()))
-    with torch.no_grad():
-        case.model(x)
-    h.remove()
-    k = box[0].shape[1]
-    batch = camkit_batch(case, x, box[0])
-    rows = []
-    if "score" in methods:
-        contenders: dict[str, Callable[[], object]] = {
-            "camkit": lambda: camkit_run(case, x, cls, "scorecam"),
-            "camkit-gc": lambda: camkit_run(
-                case, x, cls, "scorecam", weighting="channel-softmax", align_corners=True
-            ),
-            "grad-cam": lambda: gradcam_run(case, x, cls, "score"),
-            "torchcam": lambda: torchcam_run(case, x, cls),
-        }
-        times: dict[str, list[float]] = {name: [] for name in [*contenders, "floor"]}
-        names = list(contenders)
-        maps: dict[str, object] = {}
-        for r in range(repeats):
-            order = names[r % len(names) :] + names[: r % len(names)]
-            for name in order:
-                times[name].append(timed(lambda name=name: maps.__setitem__(name, contenders[name]())))
-            times["floor"].append(floor_seconds(case, x, k, batch))
-            print(
-                f"  {case.name} score round {r + 1}: "
-                + ", ".join(f"{n} {t[-1]:.1f}s" for n, t in times.items())
-            )
-        softmax = camkit_run(case, x, cls, "scorecam", weighting="channel-softmax")
-        agree_gc = pearson(maps["camkit-gc"][0], maps["grad-cam"][0])  # type: ignore[index]
-        agree_tc = pearson(softmax[0], maps["torchcam"][0])  # type: ignore[index]
-        best = {n: min(t) for n, t in times.items()}
-        med = {n: statistics.median(t) for n, t in times.items()}
-        fastest_lib = min(best["grad-cam"], best["torchcam"])
-        rows.append(
-            [
-                case.name,
-                "Score-CAM",
-                str(k),
-                str(batch),
-                f"{med['floor']:.1f}/{best['floor']:.1f}",
-                f"{med['camkit']:.1f}/{best['camkit']:.1f}",
-                f"{med['camkit-gc']:.1f}/{best['camkit-gc']:.1f}",
-                f"{med['grad-cam']:.1f}/{best['grad-cam']:.1f}",
-                f"{med['torchcam']:.1f}/{best['torchcam']:.1f}",
-                f"{best['camkit'] / best['floor']:.2f}",
-                f"{fastest_lib / best['camkit']:.2f}",
-                f"gc {agree_gc:.5f}, tc {agree_tc:.5f}",
-            ]
-        )
-    if "ablation" in methods:
-        contenders = {
-            "camkit": lambda: camkit_run(case, x, cls, "ablationcam"),
-            "grad-cam": lambda: gradcam_run(case, x, cls, "ablation"),
-        }
-        times = {name: [] for name in [*contenders, "floor"]}
-        names = list(contenders)
-        maps = {}
-        for r in range(repeats):
-            order = names[r % len(names) :] + names[: r % len(names)]
-            for name in order:
-                times[name].append(timed(lambda name=name: maps.__setitem__(name, contenders[name]())))
-            times["floor"].append(floor_seconds(case, x, k, batch))
-            print(
-                f"  {case.name} ablation round {r + 1}: "
-                + ", ".join(f"{n} {t[-1]:.1f}s" for n, t in times.items())
-            )
-        agree = pearson(maps["camkit"][0], maps["grad-cam"][0])  # type: ignore[index]
-        best = {n: min(t) for n, t in times.items()}
-        med = {n: statistics.median(t) for n, t in times.items()}
-        rows.append(
-            [
-                case.name,
-                "Ablation-CAM",
-                str(k),
-                "auto",
-                f"{med['floor']:.1f}/{best['floor']:.1f}",
-                f"{med['camkit']:.1f}/{best['camkit']:.1f}",
-                "",
-                f"{med['grad-cam']:.1f}/{best['grad-cam']:.1f}",
-                "",
-                f"{best['camkit'] / best['floor']:.2f}",
-                f"{best['grad-cam'] / best['camkit']:.2f}",
-                f"gc {agree:.5f}",
-            ]
-        )
-    return rows
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return platform.processor() or "unknown CPU"
+    for line in out.splitlines():
+        if line.startswith("Model name:"):
+            return line.split(":", 1)[1].strip()
+    return "unknown CPU"
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--models", default="resnet18,resnet50,lite0")
-    p.add_argument("--methods", default="score,ablation")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--models", default="lite0,resnet18")
+    p.add_argument("--methods", default="score")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--images", type=int, default=8)
+    p.add_argument("--rounds", type=int, default=1)
     p.add_argument(
-        "--tune-allocator",
-        action="store_true",
-        help="call camkit.tune_allocator() first (as the camkit command does): every contender and the floor gain",
+        "--total-images",
+        type=int,
+        default=None,
+        help="totals for this many images, from the measured per-image medians (default: --images, measured)",
+    )
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--no-compiled", action="store_true", help="skip the compiled contender")
+    p.add_argument("--skip", default="", help="contenders to leave out, e.g. torchcam")
+    p.add_argument(
+        "--warm-cache", action="store_true", help="keep inductor's on-disk cache (default: fresh dir)"
     )
     args = p.parse_args()
+    if not args.warm_cache:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="camkit-bench-inductor-")
+
+    import torch
+    import torch.nn.functional as F
+
+    import camkit
+    from camkit import accel
+
     torch.set_num_threads(args.threads)
-    if args.tune_allocator:
-        print(f"camkit.tune_allocator(): {camkit.tune_allocator()}")
     with contextlib.suppress(ImportError):
         import cv2
 
         cv2.setNumThreads(args.threads)
-    print(f"torch {torch.__version__}, {args.threads} thread(s), input {args.size}px, load {os.getloadavg()}")
+    skip = {s for s in args.skip.split(",") if s}
+
+    def camkit_run(case: Case, x: torch.Tensor, cls: int, method: str, **opts: object) -> torch.Tensor:
+        return camkit.explain(
+            case.model, x, method, case.layer, [cls], perturbation=camkit.PerturbationOptions(**opts)
+        ).maps
+
+    def gradcam_run(case: Case, x: torch.Tensor, cls: int, kind: str) -> np.ndarray:
+        from pytorch_grad_cam import AblationCAM, ScoreCAM
+        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+        klass = ScoreCAM if kind == "score" else AblationCAM
+        with klass(case.model, [module(case.model, case.layer)]) as cam:
+            return quiet(lambda: cam(x, [ClassifierOutputTarget(cls)]))  # type: ignore[return-value]
+
+    def torchcam_run(case: Case, x: torch.Tensor, cls: int) -> torch.Tensor:
+        import torchcam.methods as tcm
+
+        extractor = tcm.ScoreCAM(case.model, case.layer, input_shape=tuple(x.shape[1:]))
+        try:
+            with torch.no_grad():
+                out = case.model(x)  # type: ignore[operator]
+            maps = extractor(cls, out)[0]
+        finally:
+            extractor.remove_hooks()
+        return F.interpolate(maps[:, None], size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+
+    def make_contenders(
+        case: Case, xs: list[torch.Tensor], classes: list[int], method: str
+    ) -> dict[str, Callable[[int], object]]:
+        if method != "score":
+            return {
+                "camkit": lambda i: camkit_run(case, xs[i], classes[i], "ablationcam"),
+                "grad-cam": lambda i: gradcam_run(case, xs[i], classes[i], "ablation"),
+            }
+        out: dict[str, Callable[[int], object]] = {
+            "camkit": lambda i: camkit_run(case, xs[i], classes[i], "scorecam")
+        }
+        if not args.no_compiled:
+            out["camkit-compiled"] = lambda i: camkit_run(case, xs[i], classes[i], "scorecam", compile=True)
+        out["grad-cam"] = lambda i: gradcam_run(case, xs[i], classes[i], "score")
+        out["torchcam"] = lambda i: torchcam_run(case, xs[i], classes[i])
+        return out
+
+    def timed(fn: Callable[[], object]) -> tuple[float, object]:
+        gc.collect()
+        t = time.perf_counter()
+        out = fn()
+        return time.perf_counter() - t, out
+
+    print(
+        f"torch {torch.__version__}, {cpu_name()}, {os.cpu_count()} logical CPUs, {args.threads} thread(s), "
+        f"input {args.size}px, {args.images} image(s), {args.rounds} round(s), load {os.getloadavg()}",
+        flush=True,
+    )
+    rows: list[list[str]] = []
+    for key in args.models.split(","):
+        case = load_case(key.strip())
+        xs, classes = [], []
+        for i in range(args.images):
+            torch.manual_seed(100 + i)
+            x = torch.randn(1, 3, args.size, args.size)
+            with torch.no_grad():
+                classes.append(int(case.model(x).argmax()))  # type: ignore[operator]
+            xs.append(x)
+        for method in args.methods.split(","):
+            contenders = make_contenders(case, xs, classes, method)
+            contenders = {n: f for n, f in contenders.items() if n not in skip}
+            names = list(contenders)
+            times = {n: [[] for _ in range(args.images)] for n in names}  # type: dict[str, list[list[float]]]
+            first_maps: dict[str, object] = {}
+            accel.clear_cache()
+            for r in range(args.rounds):
+                for i in range(args.images):
+                    shift = (i + r) % len(names)
+                    for n in names[shift:] + names[:shift]:
+                        t, m = timed(lambda f=contenders[n], i=i: f(i))
+                        times[n][i].append(t)
+                        if i == 0:
+                            first_maps[n] = m
+                    print(
+                        f"  {case.name} {method} round {r + 1} image {i + 1}: "
+                        + ", ".join(f"{n} {times[n][i][-1]:.1f}s" for n in names),
+                        flush=True,
+                    )
+            per_image = {n: [min(t) for t in times[n]] for n in names}
+            steady = {n: statistics.median(v[1:] if len(v) > 1 else v) for n, v in per_image.items()}
+            compile_s = None
+            if "camkit-compiled" in names:
+                first = times["camkit-compiled"][0][0]  # round 1, image 1: includes the compile
+                later = [t[0] for t in times["camkit-compiled"][1:]] or [per_image["camkit-compiled"][0]]
+                compile_s = max(0.0, first - statistics.median(later))
+            if args.total_images is None:
+                totals = {n: sum(per_image[n]) for n in names}
+                if compile_s is not None:
+                    totals["camkit-compiled"] = compile_s + sum(
+                        [statistics.median(later), *per_image["camkit-compiled"][1:]]
+                    )
+            else:  # projected from the medians
+                totals = {n: args.total_images * steady[n] for n in names}
+                if compile_s is not None:
+                    totals["camkit-compiled"] += compile_s
+            libs = [n for n in ("grad-cam", "torchcam") if n in names]
+            fastest = min((totals[n] for n in libs), default=float("nan"))
+            agree = []
+            if method == "score":
+                i0 = 0
+                if "camkit-compiled" in first_maps:
+                    agree.append(
+                        f"compiled {pearson(first_maps['camkit'], first_maps['camkit-compiled']):.5f}"
+                    )
+                if "grad-cam" in first_maps:
+                    gc_map = camkit_run(
+                        case, xs[i0], classes[i0], "scorecam", weighting="channel-softmax", align_corners=True
+                    )
+                    agree.append(f"gc {pearson(gc_map[0], first_maps['grad-cam'][0]):.5f}")  # type: ignore[index]
+                if "torchcam" in first_maps:
+                    tc_map = camkit_run(case, xs[i0], classes[i0], "scorecam", weighting="channel-softmax")
+                    agree.append(f"tc {pearson(tc_map[0], first_maps['torchcam'][0]):.5f}")  # type: ignore[index]
+            for n in names:
+                rows.append(
+                    [
+                        case.name,
+                        "Score-CAM" if method == "score" else "Ablation-CAM",
+                        n,
+                        f"{steady[n]:.2f}",
+                        f"{compile_s:.1f}" if n == "camkit-compiled" and compile_s is not None else "",
+                        f"{totals[n]:.1f}",
+                        f"{fastest / totals[n]:.2f}x" if libs else "",
+                        ", ".join(agree) if n == names[0] else "",
+                    ]
+                )
+            if compile_s is not None and "camkit" in names:
+                saving = steady["camkit"] - steady["camkit-compiled"]
+                even = f"{compile_s / saving:.1f} images" if saving > 0 else "never (no per-image saving)"
+                print(
+                    f"  {case.name}: compile {compile_s:.1f}s, saving {saving:.2f}s/image, break-even {even}"
+                )
+                rows.append([case.name, "", "break-even (compiled vs default)", "", "", "", "", even])
     header = [
         "model",
         "method",
-        "K",
-        "batch",
-        "floor s",
-        "camkit s",
-        "camkit-gc s",
-        "grad-cam s",
-        "torchcam s",
-        "camkit/floor",
-        "fastest lib/camkit",
+        "contender",
+        "s / image",
+        "compile s",
+        f"total s ({args.total_images or args.images} images"
+        + (", projected)" if args.total_images else ")"),
+        "fastest library / this",
         "agreement (Pearson)",
     ]
-    rows = []
-    for key in args.models.split(","):
-        case = load_case(key.strip())
-        rows += bench(case, args.size, args.repeats, args.methods.split(","))
     print(
-        f"\nload at the end {os.getloadavg()}; cells: median/best seconds per image over {args.repeats} round(s)\n"
+        f"\nload at the end {os.getloadavg()}; s / image: median over the images (compiled: images 2..n) of the "
+        f"best of {args.rounds} round(s); totals include the compile\n"
     )
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
-    for r in rows:
-        print("| " + " | ".join(r) + " |")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
     sys.stdout.flush()
 
 

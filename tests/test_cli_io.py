@@ -7,7 +7,6 @@ small photos; what the weights are does not matter here.
 
 from __future__ import annotations
 
-import itertools
 import json
 import struct
 import zlib
@@ -91,6 +90,13 @@ def test_max_pixels_zero_lifts_the_limit(tmp_path):
     bomb = bomb_png(tmp_path / "bomb.png")
     out = clean_error(invoke("explain", bomb, *FAST, "--max-pixels", "0", "--out", tmp_path / "o"))
     assert "limit" not in out and "cannot read" in out  # past the size check, then the empty data
+
+
+def test_a_negative_max_pixels_is_refused_before_model_work(tmp_path, no_model):
+    msg = clean_error(
+        invoke("explain", photo(tmp_path / "p.png"), "--max-pixels", "-1", "--out", tmp_path / "o")
+    )
+    assert "--max-pixels" in msg
 
 
 def test_the_default_limit_is_pils():
@@ -331,52 +337,73 @@ def test_one_bad_file_alone_still_exits_2(tmp_path):
 
 
 class FakeBar:
+    """Records what a rich Progress would show."""
+
     def __init__(self) -> None:
-        self.tasks: dict[int, dict[str, float | None]] = {}
-        self.history: list[tuple[int, float, float | None]] = []
+        self.history: list[tuple[float, float, str]] = []
+        self.total = 0.0
+        self.completed = 0.0
+        self.forwards = ""
 
-    def add_task(self, description: str, total: float | None = None) -> int:
-        self.tasks[len(self.tasks)] = {"completed": 0, "total": total}
-        return len(self.tasks) - 1
+    def add_task(self, description: str, total: float, **fields: str) -> int:
+        self.total = total
+        return 0
 
-    def update(self, task: int, completed=None, total=None, advance=None, description=None) -> None:
-        t = self.tasks[task]
-        if advance is not None:
-            t["completed"] = (t["completed"] or 0) + advance
-        if completed is not None:
-            t["completed"] = completed
-        if total is not None:
-            t["total"] = total
-        self.history.append((task, t["completed"], t["total"]))
+    def update(self, task: int, completed=None, total=None, description=None, forwards=None) -> None:
+        assert total is None  # the total is set once
+        self.completed = completed if completed is not None else self.completed
+        self.forwards = forwards if forwards is not None else self.forwards
+        self.history.append((self.completed, self.total, self.forwards))
 
 
-def test_progress_totals_never_restart():
+def test_progress_has_one_total_that_never_restarts():
     bar = FakeBar()
-    progress = common.RunProgress(bar, n_images=2, forwards=True)
-    for _ in range(2):  # two images, each with two perturbation methods counted by the engine
+    progress = common.RunProgress(bar, n_images=2, steps=2)
+    for _ in range(2):  # two images, each with Score-CAM then Ablation-CAM, counted by the engine as it goes
         report = progress.forwards()
         assert report is not None
-        for done, total in [(10, 469), (469, 469), (500, 988), (988, 988)]:
+        for done, total in [
+            (10, 469),
+            (469, 469),
+            (500, 988),
+            (988, 988),
+        ]:  # the total grows at the 2nd method
             report(done, total)
         progress.image_done("x")
-    forwards = [(c, t) for task, c, t in bar.history if task == 1]
-    assert forwards[-1] == (1976, 1976)
-    assert all(a[0] <= b[0] and a[1] <= b[1] for a, b in itertools.pairwise(forwards))
-    assert bar.tasks[0] == {"completed": 2, "total": 2}
+    completed = [c for c, _, _ in bar.history]
+    assert all(t == 2 for _, t, _ in bar.history)
+    assert completed == sorted(completed) and completed[-1] == 2  # never back, never restarted
+    assert 0.45 < completed[1] < 0.55  # the first method done: half of the first image
+    assert bar.history[-2][2] == "1976 forwards"  # forward passes of the whole command
 
 
 def test_progress_is_off_when_stderr_is_not_a_terminal(tmp_path, monkeypatch):
-    made: list[int] = []
-    monkeypatch.setattr(common.RunProgress, "__init__", lambda self, bar, n, f: made.append(bar is not None))
-    with common.run_progress(3, forwards=False, enabled=None):
+    made: list[bool] = []
+    monkeypatch.setattr(
+        common.RunProgress, "__init__", lambda self, bar, n, steps: made.append(bar is not None)
+    )
+    with common.run_progress(3, steps=0, enabled=None):
         pass
-    with common.run_progress(3, forwards=False, enabled=True):
+    with common.run_progress(3, steps=0, enabled=True):
         pass
     assert made == [False, True]
 
 
 def test_progress_reaches_stderr_when_forced(tmp_path):
-    res = invoke("explain", photo(tmp_path / "p.png"), *FAST, "--progress", "--out", tmp_path / "o")
+    src = photo(tmp_path / "p.png")
+    res = invoke(
+        "explain",
+        src,
+        src,
+        *FAST,
+        "--methods",
+        "scorecam",
+        "--top-channels",
+        "4",
+        "--progress",
+        "--out",
+        tmp_path / "o",
+    )
     assert res.exit_code == 0, res.output
 
 
@@ -391,3 +418,18 @@ def test_sample_help_lists_every_sample():
         res = invoke(command, "--help")
         for name in SAMPLES:
             assert name in res.output, (command, name)
+
+
+def test_compile_reaches_the_perturbation_options(tmp_path, monkeypatch):
+    seen: list[bool] = []
+
+    def fake_compare(*args, perturbation, **kwargs):
+        seen.append(perturbation.compile)
+        raise ValueError("stop here")
+
+    monkeypatch.setattr("camkit.pipeline.compare", fake_compare)
+    src = photo(tmp_path / "p.png")
+    for flags in ([], ["--compile"]):
+        res = invoke("explain", src, *FAST, "--methods", "scorecam", *flags, "--out", tmp_path / "o")
+        assert res.exit_code == 2 and "stop here" in res.output
+    assert seen == [False, True]

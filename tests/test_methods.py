@@ -8,7 +8,7 @@ from torch import nn
 
 import camkit
 from camkit.capture import capture
-from camkit.methods import METHODS, AttentionMethod, LayerMethod, method_names
+from camkit.methods import METHODS, method_names
 
 GRADIENT_METHODS = ["gradcam", "gradcam++", "xgradcam", "hirescam", "gradcam-elementwise", "layercam"]
 
@@ -194,10 +194,9 @@ def test_every_registered_method_runs(tiny, x_small):
         assert torch.isfinite(e.maps).all() and e.maps.min() >= 0 and e.maps.max() <= 1
 
 
-def test_layer_and_attention_methods_say_when_to_prefer_them():
+def test_every_method_says_when_to_prefer_it():
     for name, method in METHODS.items():
-        if isinstance(method, (LayerMethod, AttentionMethod)):
-            assert method.prefer and "\n" not in method.prefer, name
+        assert method.prefer and "\n" not in method.prefer, name
 
 
 def test_unknown_method_suggests():

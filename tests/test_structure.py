@@ -12,14 +12,6 @@ import camkit
 SRC = Path(camkit.__file__).resolve().parent  # src/camkit
 ROOT = SRC.parent
 
-# Private names still imported across modules in files this test's authors do not own; each entry is
-# (file relative to src/, imported name). Remove an entry once its file stops importing the name.
-KNOWN_PRIVATE_IMPORTS = {
-    ("camkit/methods/perturbation.py", "_ablation"),  # from camkit.methods.engine (being rewritten)
-    ("camkit/methods/perturbation.py", "_score_family"),
-    ("camkit/_winograd.py", "_agree"),  # from camkit._fastforward
-}
-
 
 def _modules() -> list[str]:
     names = []
@@ -90,14 +82,14 @@ def test_no_module_imports_another_modules_private_names() -> None:
         package = ".".join(path.relative_to(ROOT).parent.parts)
         rel = path.relative_to(ROOT).as_posix()
         found |= {(rel, name) for name in _private_imports(path.read_text(), package)}
-    unexpected = sorted(found - KNOWN_PRIVATE_IMPORTS)
+    unexpected = sorted(found)
     assert not unexpected, f"private names imported from other camkit modules: {unexpected}; make them public"
 
 
 def test_the_private_import_scan_sees_names_not_private_modules() -> None:
     source = (
         "from camkit.targets import _names, class_index\n"
-        "from camkit import _fusion\n"
+        "from camkit.metrics import _common\n"
         "def f():\n    from .outputs import _tensor\n"
     )
     assert _private_imports(source, "camkit") == ["_names", "_tensor"]

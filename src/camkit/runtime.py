@@ -16,9 +16,8 @@ def tune_allocator(keep_bytes: int = 1 << 30) -> bool:
 
     By default glibc serves every large block (a batch of feature maps: tens of MB) with a fresh ``mmap`` and
     unmaps it when the tensor is freed, so the next forward pass page-faults its way through new, zeroed memory
-    again. On this project's 2-core CPU that costs as much as the convolutions themselves: batched inference of
-    EfficientNet-Lite0 at 224 px ran 2-2.4x faster per image (batches of 8-64) with this setting, ResNet-18
-    1.1-1.4x. Raising the mmap and trim thresholds to ``keep_bytes`` keeps the blocks in the process.
+    again; on a small CPU that can cost as much as the convolutions themselves. Raising the mmap and trim
+    thresholds to ``keep_bytes`` keeps the blocks in the process.
 
     The price: memory freed by this process stays mapped to it (its resident size stays near its peak) until it
     exits. It changes the whole process, so camkit never calls it behind a library user's back; the ``camkit``

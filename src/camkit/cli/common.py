@@ -383,62 +383,88 @@ def read_or_skip(item: Input, max_pixels: int | None, alone: bool) -> Image.Imag
 
 
 class RunProgress:
-    """One progress display for a whole command: images done out of all of them, and, when perturbation
-    methods run, forward passes done so far out of those known so far (a total that only grows, never
-    restarts).
+    """One progress bar for a whole command, with one fixed total: the number of images.
+
+    Within an image the bar advances with the perturbation methods' forward passes: the engine reports
+    ``(done, total)`` where ``total`` grows as each (method, layer) starts; each of the ``steps`` expected per
+    image gets an equal share of the image, so the bar moves smoothly, never goes back and never restarts. The
+    forward passes done so far in the whole command are counted beside it.
     """
 
-    def __init__(self, bar: Any, n_images: int, forwards: bool) -> None:
+    def __init__(self, bar: Any, n_images: int, steps: int = 0) -> None:
         self._bar = bar
-        self._images = bar.add_task("images", total=n_images) if bar is not None else None
-        self._forwards = bar.add_task("forwards", total=None) if bar is not None and forwards else None
-        self._offset_done = 0
-        self._offset_total = 0
-        self._last = (0, 0)
+        self._steps = steps  # forward-counting steps per image (perturbation methods x layers); 0: none
+        self._task = bar.add_task("images", total=n_images, forwards="") if bar is not None else None
+        self._images = 0
+        self._fraction = 0.0  # of the current image
+        self._forwards = 0  # forward passes of the images already done
+        self._step = self._start = self._end = self._done = 0  # the current image's engine counts
+
+    @property
+    def completed(self) -> float:
+        """Images done, with the current image's fraction."""
+        return self._images + self._fraction
 
     def image_done(self, name: str) -> None:
         """One more image finished (``name`` shown beside the bar)."""
+        self._images += 1
+        self._fraction = 0.0
+        self._forwards += self._done
+        self._step = self._start = self._end = self._done = 0
         if self._bar is not None:
-            self._bar.update(self._images, advance=1, description=f"images ({name})")
-        self._offset_done += self._last[0]
-        self._offset_total += self._last[1]
-        self._last = (0, 0)
+            self._bar.update(self._task, completed=self._images, description=f"images ({name})")
 
     def forwards(self) -> Callable[[int, int], None] | None:
-        """The ``f(done, total)`` callback of one image's perturbation methods (None when not shown)."""
-        if self._bar is None or self._forwards is None:
+        """The ``f(done, total)`` callback of the current image's perturbation methods (None when not shown)."""
+        if self._bar is None or self._steps == 0:
             return None
-        self._offset_done += self._last[0]
-        self._offset_total += self._last[1]
-        self._last = (0, 0)
+        return self._report
 
-        def report(done: int, total: int) -> None:
-            self._last = (done, total)
+    def _report(self, done: int, total: int) -> None:
+        if total > self._end:  # a new (method, layer) step starts where the last one ended
+            self._step += 1
+            self._start, self._end = self._end, total
+        span = max(self._end - self._start, 1)
+        share = (self._step - 1 + min(max(done - self._start, 0) / span, 1.0)) / self._steps
+        self._fraction = max(self._fraction, min(share, 0.999))  # never back; 1 only when the image is done
+        self._done = done
+        if self._bar is not None:
             self._bar.update(
-                self._forwards, completed=self._offset_done + done, total=self._offset_total + total
+                self._task, completed=self.completed, forwards=f"{self._forwards + done} forwards"
             )
-
-        return report
 
 
 @contextmanager
-def run_progress(n_images: int, forwards: bool, enabled: bool | None) -> Iterator[RunProgress]:
-    """A :class:`RunProgress` on stderr; ``enabled`` None: only when stderr is a terminal."""
+def run_progress(
+    n_images: int, steps: int = 0, enabled: bool | None = None, forwards: bool = False
+) -> Iterator[RunProgress]:
+    """A :class:`RunProgress` on stderr (``steps``: perturbation methods x layers per image, 0 when none;
+    ``forwards=True`` is ``steps=1``, as in the first version); ``enabled`` None: only when stderr is a terminal."""
+    steps = steps or int(forwards)
     show = err_console.is_terminal if enabled is None else enabled
     if not show:
-        yield RunProgress(None, n_images, forwards)
+        yield RunProgress(None, n_images, steps)
         return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
+        TextColumn("{task.fields[forwards]}"),
         TimeElapsedColumn(),
+        TimeRemainingColumn(),
         console=err_console,
         transient=True,
     ) as bar:
-        yield RunProgress(bar, n_images, forwards)
+        yield RunProgress(bar, n_images, steps)
 
 
 @contextmanager

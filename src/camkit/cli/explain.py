@@ -200,6 +200,14 @@ def explain(
     ablation: Annotated[
         str, typer.Option(help="Ablation-CAM: 'zero' (the paper) or 'gradcam-min' (pytorch-grad-cam).")
     ] = "zero",
+    compile: Annotated[
+        bool,
+        typer.Option(
+            "--compile",
+            help="Score-CAM family: run the masked inputs through torch.compile (tens of seconds once; pays off "
+            "over many images).",
+        ),
+    ] = False,
     input_size: Annotated[
         int | None,
         typer.Option(
@@ -234,7 +242,9 @@ def explain(
             samples=samples,
             weighting=weighting,  # type: ignore[arg-type]
             ablation=ablation,  # type: ignore[arg-type]
+            compile=compile,
         )
+        limit = max_pixels_limit(max_pixels)
         inputs = resolve_inputs(images, sample, opts.file_tag())
         prepare_out_dir(out)
         previous = previous_entries(out / "summary.json")
@@ -269,6 +279,7 @@ def explain(
                 "samples": samples,
                 "weighting": weighting,
                 "ablation": ablation,
+                "compile": compile,
                 "input_size": input_size,
                 "det_threshold": det_threshold,
                 "max_pixels": max_pixels,
@@ -277,9 +288,10 @@ def explain(
         table = new_table(f"camkit explain · {loaded.name}", _COLUMNS)
         entries: list[dict[str, object]] = []
         failed = 0
-        with run_progress(len(inputs), forwards=bool(slow), enabled=progress) as bar:
+        n_layers = 1 if layers.strip() == "auto" else max(len(split(layers)), 1)
+        with run_progress(len(inputs), steps=len(slow) * n_layers, enabled=progress) as bar:
             for item in inputs:
-                pil = read_or_skip(item, max_pixels_limit(max_pixels), alone=len(inputs) == 1)
+                pil = read_or_skip(item, limit, alone=len(inputs) == 1)
                 if pil is None:
                     failed += 1
                     bar.image_done(item.name)

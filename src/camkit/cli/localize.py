@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -35,6 +36,7 @@ from camkit.cli.common import (
     read_or_skip,
     resolve_inputs,
     run_progress,
+    split,
     user_errors,
     versions,
 )
@@ -100,10 +102,14 @@ class _Localizer:
     min_area: float
     out: Path
 
-    def __call__(self, item: Input, pil: Image.Image) -> BoxRecord:
-        """Explain one image, find its boxes, write ``<stem>_boxes.png``."""
+    def __call__(
+        self, item: Input, pil: Image.Image, progress: Callable[[int, int], None] | None = None
+    ) -> BoxRecord:
+        """Explain one image, find its boxes, write ``<stem>_boxes.png`` (``progress``: forward passes of a
+        perturbation method)."""
         from camkit.io.files import save_image
         from camkit.localize import localize as find_boxes
+        from camkit.methods.engine import PerturbationOptions
         from camkit.pipeline import explain
         from camkit.viz import draw_boxes
 
@@ -115,6 +121,7 @@ class _Localizer:
             targets=self.spec,
             preprocess=self.loaded.preprocess,
             labels=self.loaded.labels,
+            perturbation=PerturbationOptions(progress=progress),
         )
         boxes = find_boxes(expl, threshold=self.parsed, mode=self.mode, min_area=self.min_area)[0]
         file = self.out / f"{item.stem}_boxes.png"
@@ -165,7 +172,7 @@ def localize(
     """
     from camkit.io.files import prepare_out_dir, write_json
     from camkit.localize import parse_threshold
-    from camkit.methods import get_method
+    from camkit.methods import PerturbationMethod, get_method
     from camkit.targets import TopK, parse_target
 
     opts = ModelOptions(model, weights, pretrained, seed, threads, device)
@@ -176,8 +183,9 @@ def localize(
             raise ValueError("localize explains one class per image: give an index or a name, not topK")
         if mode not in ("largest", "all"):
             raise ValueError(f"--mode is 'largest' or 'all', got {mode!r}")
-        get_method(method)  # an unknown name raises here
+        slow = isinstance(get_method(method), PerturbationMethod)  # an unknown name raises here
         tag = opts.file_tag() + ("" if method == "gradcam" else f"_{method}")
+        limit = max_pixels_limit(max_pixels)
         inputs = resolve_inputs(images, sample, tag)
         prepare_out_dir(out)
         previous = previous_entries(out / "boxes.json")
@@ -202,11 +210,12 @@ def localize(
         }
         entries: list[dict[str, object]] = []
         failed = 0
-        with run_progress(len(inputs), forwards=False, enabled=progress) as bar:
+        n_layers = 1 if layers.strip() == "auto" else max(len(split(layers)), 1)
+        with run_progress(len(inputs), steps=n_layers if slow else 0, enabled=progress) as bar:
             for item in inputs:
-                pil = read_or_skip(item, max_pixels_limit(max_pixels), alone=len(inputs) == 1)
+                pil = read_or_skip(item, limit, alone=len(inputs) == 1)
                 if pil is not None:
-                    record = run(item, pil)
+                    record = run(item, pil, bar.forwards())
                     record.add_rows(table)
                     entries.append({**record.to_dict(), "source": item.source, **run_info})
                 else:

@@ -1,11 +1,17 @@
 """The shared engine of the perturbation methods: batching masked inputs under ``torch.inference_mode()``,
-skipping and deduplicating channels, and replaying the layers after the target (Ablation-CAM).
+selecting, skipping and deduplicating channels, seeded noise, replaying the layers after the target (Ablation-CAM)
+and progress reports.
 
-The weight formulas themselves, with their papers, are in :mod:`camkit.methods.perturbation`.
+The weight formulas themselves, with their papers, are in :mod:`camkit.methods.perturbation`; they call
+:func:`masked_scores` (scores of the input times perturbed channel masks) or :func:`ablated_scores` (scores with one
+channel of the target layer replaced), then :func:`channel_weights` to lay the scores out as Tensor[B, T, K].
+The batches of masked inputs go through :class:`camkit.accel.BatchForward` (BatchNorm-folded, channels-last copy;
+optionally compiled; or the user's ``forward``).
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -14,9 +20,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from camkit._fastforward import FastForward
+from camkit.accel import BatchForward
 
-__all__ = ["PerturbationContext", "PerturbationOptions", "Progress"]
+__all__ = [
+    "ChannelScores",
+    "PerturbationContext",
+    "PerturbationOptions",
+    "Progress",
+    "ablated_scores",
+    "channel_weights",
+    "masked_scores",
+    "noise",
+]
+
+Perturb = Callable[[Tensor, Tensor, Tensor], Tensor]
+"""``perturb(masks[n, H, W], image[n], channel[n]) -> Tensor[n, R, H, W]``: the R masks to score per channel."""
 
 
 @dataclass(frozen=True)
@@ -25,8 +43,9 @@ class PerturbationOptions:
 
     Attributes:
         batch_size: masked inputs per forward pass; None: chosen from an estimate of one image's activation
-            memory: what fits in a quarter of the free memory, and on CPU in 128 MiB (larger batches are not
-            faster there), at most 64 on CPU and 256 on GPU.
+            memory: on CPU what fits in a fixed 128 MiB (larger batches are not faster there; fixed, so that two
+            identical calls batch alike and round alike), at most 64; on GPU a quarter of the free memory, at
+            most 256.
         weighting: ``"prob"`` (the Score-CAM authors' code: the class probability of each masked input) or
             ``"channel-softmax"`` (pytorch-grad-cam / torchcam: softmax over channels of the masked logits).
         ablation: ``"zero"`` (the paper) or ``"gradcam-min"`` (pytorch-grad-cam: ``min(A) - 1e7`` when the
@@ -37,12 +56,21 @@ class PerturbationOptions:
         noise_std: standard deviation of SS-CAM's mask noise.
         seed: seed of SS-CAM's noise.
         replay: Ablation-CAM re-runs only the layers after the target (default); False runs whole forwards.
-        channels_last: Score-CAM family: send the masked inputs in channels-last memory format to a copy of
-            the model whose BatchNorms are folded into the convolutions before them and, on CPU, whose wide 3x3
-            convolutions run the Winograd way where that is faster and whose convolutions are packed for oneDNN
-            with their ReLU and residual add fused (same outputs up to float rounding, checked on the first
-            batch, see :mod:`camkit._fastforward`). None (default): on CPU; True: on any device;
-            False: never (the model as given, NCHW).
+        channels_last: Score-CAM family: the masked inputs go to a copy of the model whose BatchNorms are
+            folded into the convolutions before them, in channels-last memory format (same outputs up to float
+            rounding, checked once on the first batch, see :mod:`camkit.accel`). None (default): channels-last
+            on CPU; True: on any device; False: neither (the model as given, NCHW).
+        compile: Score-CAM family: run the masked inputs through ``torch.compile`` (inductor, freezing) of a
+            copy of the model, compiled once per model and batch shape and reused by later calls in the process
+            (invalidated when the weights change). Costs tens of seconds once; pays off over many images.
+        forward: a callable ``Tensor[N, C, H, W] -> model output`` used for the masked inputs instead of the
+            model (Score-CAM family), for example your own compiled model or an ONNX Runtime session::
+
+                sess = onnxruntime.InferenceSession("model.onnx")
+                run = lambda x: torch.from_numpy(sess.run(None, {"input": x.numpy()})[0])
+                camkit.explain(model, x, "scorecam", perturbation=PerturbationOptions(forward=run))
+
+            It must compute what the model computes: camkit does not check it.
         align_corners: upsample the Score-CAM masks with ``align_corners=True``, as pytorch-grad-cam's
             ``nn.UpsamplingBilinear2d`` does (the Score-CAM authors use ``False``, the default). With
             ``weighting="channel-softmax"`` this reproduces pytorch-grad-cam's ScoreCAM.
@@ -59,6 +87,8 @@ class PerturbationOptions:
     replay: bool = True
     align_corners: bool = False
     channels_last: bool | None = None
+    compile: bool = False
+    forward: Callable[[Tensor], object] | None = field(default=None, compare=False)
     progress: Callable[[int, int], None] | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
@@ -74,6 +104,10 @@ class PerturbationOptions:
             raise ValueError(f"channels_last must be None, True or False, got {self.channels_last!r}")
         if self.samples is not None and self.samples < 1:
             raise ValueError(f"samples must be >= 1, got {self.samples}")
+        if self.forward is not None and not callable(self.forward):
+            raise TypeError(
+                f"forward must be a callable Tensor[N, C, H, W] -> model output, got {self.forward!r}"
+            )
 
 
 @dataclass
@@ -92,7 +126,7 @@ class PerturbationContext:
     output_fn: Callable[[object], Tensor]
     options: PerturbationOptions = field(default_factory=PerturbationOptions)
     progress: Progress | None = None
-    fast: FastForward | None = None  # made on first use; remembers whether channels-last inputs agree
+    batched: BatchForward | None = None  # made on first use (see :mod:`camkit.accel`)
 
 
 class Progress:
@@ -137,12 +171,15 @@ def _scores(ctx: PerturbationContext, out: Tensor, image: Tensor, prob: bool) ->
 
 
 def _forward(ctx: PerturbationContext, inputs: Tensor, rows: int | None = None, fast: bool = False) -> Tensor:
-    """The model's output for a batch; ``fast``: through :class:`FastForward` (not for hooked replays, whose
-    hooks count calls)."""
+    """The model's output for a batch; ``fast``: through :class:`camkit.accel.BatchForward` (not for hooked
+    replays, which need the real model)."""
     if fast:
-        if ctx.fast is None:
-            ctx.fast = FastForward(ctx.model, ctx.output_fn, ctx.options.channels_last)
-        out = ctx.fast(inputs)
+        if ctx.batched is None:
+            o = ctx.options
+            ctx.batched = BatchForward(
+                ctx.model, ctx.output_fn, channels_last=o.channels_last, compile=o.compile, forward=o.forward
+            )
+        out = ctx.batched(inputs)
     else:
         out = ctx.output_fn(ctx.model(inputs))
     rows = inputs.shape[0] if rows is None else rows
@@ -151,18 +188,35 @@ def _forward(ctx: PerturbationContext, inputs: Tensor, rows: int | None = None, 
     return out
 
 
+_CPU_BUDGET = 128 << 20
+"""Activation memory of one CPU batch: fixed, so the batch (and the float rounding) never depends on free memory."""
+
+
 def _free_memory(device: torch.device) -> int:
+    """Free memory of the device, in bytes (GPU: the CUDA driver's count; else psutil's available memory)."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free)
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 2 << 30
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def _budget(device: torch.device) -> int:
+    """Bytes a batch may use: a quarter of the free GPU memory; on CPU the fixed :data:`_CPU_BUDGET`, lowered only
+    when less than four times that is available (then a warning says the batch depends on free memory)."""
+    if device.type == "cuda":
+        return _free_memory(device) // 4
+    free = _free_memory(device)
+    if free < 4 * _CPU_BUDGET:
+        warnings.warn(
+            f"only {free >> 20} MiB of memory available: smaller perturbation batches than usual (set "
+            "PerturbationOptions(batch_size=...) for results that do not depend on free memory)",
+            ResourceWarning,
+            stacklevel=3,
+        )
+        return max(free // 4, 1)
+    return _CPU_BUDGET
 
 
 def _per_image_bytes(model: nn.Module, x1: Tensor, output_fn: Callable[[object], Tensor]) -> int:
@@ -184,19 +238,15 @@ def _per_image_bytes(model: nn.Module, x1: Tensor, output_fn: Callable[[object],
 
 
 def batch_size_for(ctx: PerturbationContext) -> int:
-    """The number of masked inputs per forward: the user's setting, or what fits in a quarter of free memory."""
+    """The number of masked inputs per forward: the user's setting, or what fits the budget (:func:`_budget`)."""
     if ctx.options.batch_size is not None:
         return ctx.options.batch_size
     if ctx.progress is not None and ctx.progress.batch is not None:
         return ctx.progress.batch
     device = ctx.x.device
     per_image = _per_image_bytes(ctx.model, ctx.x[:1], ctx.output_fn)
-    budget = _free_memory(device) // 4
-    if device.type == "cuda":
-        cap = 256
-    else:  # on CPU a batch whose activations outgrow the caches is slower per image, not faster
-        cap = 64
-        budget = min(budget, 128 << 20)
+    budget = _budget(device)
+    cap = 256 if device.type == "cuda" else 64  # on CPU a batch that outgrows the caches is slower per image
     batch = int(max(1, min(cap, budget // max(per_image, 1))))
     if ctx.progress is not None:
         ctx.progress.batch = batch
@@ -259,82 +309,141 @@ def _distinct(ctx: PerturbationContext, bidx: Tensor, kidx: Tensor) -> tuple[Ten
     return reps, torch.searchsorted(reps, rep)
 
 
-def _noise(ctx: PerturbationContext, b: int, k: int, n: int) -> Tensor:
-    """SS-CAM's n noise maps of pair (b, k), Tensor[n, H, W], from the pair's own seeded generator."""
-    g = torch.Generator().manual_seed(ctx.options.seed * 1_000_003 + b * ctx.activations.shape[1] + k)
+def noise(ctx: PerturbationContext, image: Tensor, channel: Tensor, n: int, std: float) -> Tensor:
+    """n Gaussian noise maps N(0, std^2) per (image, channel) pair, Tensor[len(image), n, H, W].
+
+    Each pair draws from its own generator seeded from ``options.seed``, the image and the channel, so the noise
+    (and the result) does not depend on the batch size or on which other channels are computed."""
     h, w = ctx.x.shape[-2:]
-    return torch.randn(n, h, w, generator=g) * ctx.options.noise_std
+    kch = ctx.activations.shape[1]
+    maps = [
+        torch.randn(
+            n, h, w, generator=torch.Generator().manual_seed(ctx.options.seed * 1_000_003 + b * kch + k)
+        )
+        for b, k in zip(image.tolist(), channel.tolist(), strict=True)
+    ]
+    return (torch.stack(maps) * std).to(ctx.x.device)
 
 
-# ----------------------------------------------------------------------------------------------- Score-CAM family
+# ----------------------------------------------------------------------------------------------- masked inputs
 
 
-def _score_family(ctx: PerturbationContext, variant: Literal["score", "smooth", "integrated"]) -> Tensor:
-    """Channel weights Tensor[B, T, K] of Score-CAM / SS-CAM / IS-CAM."""
-    opts = ctx.options
-    a = ctx.activations
-    bsz, kch = a.shape[:2]
-    t = _n_targets(ctx)
-    prob = opts.weighting == "prob" and ctx.classes is not None
-    channel_softmax = opts.weighting == "channel-softmax"
-    # forward passes per mask
-    n_rep = 1 if variant == "score" else (opts.samples or (35 if variant == "smooth" else 10))
-    # SS-CAM's constant channels still get noisy masks in the channel-softmax variant (as torchcam).
-    sel = _selected(ctx, include_constant=channel_softmax and variant == "smooth")
+@dataclass(frozen=True)
+class ChannelScores:
+    """Scores of perturbed inputs, one row per (image, channel) pair that got forward passes.
+
+    Attributes:
+        image, channel: LongTensor[n], the pairs.
+        values: Tensor[n, R, T], the explained target(s)' score of each of the pair's R perturbed inputs.
+        baseline: Tensor[B, T], the score of the all-zero input (the masked input of a constant channel), when
+            asked for; else None.
+    """
+
+    image: Tensor
+    channel: Tensor
+    values: Tensor
+    baseline: Tensor | None = None
+
+
+def _identity_mask(masks: Tensor, _image: Tensor, _channel: Tensor) -> Tensor:
+    return masks[:, None]
+
+
+def masked_scores(
+    ctx: PerturbationContext,
+    perturb: Perturb = _identity_mask,
+    *,
+    repeats: int = 1,
+    prob: bool = True,
+    include_constant: bool = False,
+    deterministic: bool = True,
+    baseline: bool = False,
+) -> ChannelScores:
+    """Scores of ``X * m`` for the masks ``m = perturb(H_k)`` of the selected channels, all in batches.
+
+    H_k = minmax(upsample(A_k)) is channel k's mask at input size (all zeros for a constant channel).
+
+    Args:
+        perturb: ``(masks[n, H, W], image[n], channel[n]) -> Tensor[n, repeats, H, W]``; default: H_k itself.
+        repeats: R, how many masks ``perturb`` makes per channel.
+        prob: score the softmax probability of the class (else the logit; a callable target: its value).
+        include_constant: also give forward passes to constant channels (else they are skipped).
+        deterministic: ``perturb`` is a function of the mask alone, so channels with equal masks share their
+            forward passes (False for noise).
+        baseline: also score the all-zero input of each image (``ChannelScores.baseline``), when some channel
+            of the top-k set is skipped.
+
+    Channels outside ``options.top_channels`` are never scored.
+    """
+    sel = _selected(ctx, include_constant=include_constant)
     bidx, kidx = sel.nonzero(as_tuple=True)
-    # Equal masks give equal masked inputs: one forward per distinct mask (SS-CAM's noise differs per channel).
-    if variant == "smooth":
-        reps, owner = torch.arange(len(bidx)), torch.arange(len(bidx))
-    else:
+    # Equal masks give equal masked inputs: one forward per distinct mask.
+    if deterministic:
         reps, owner = _distinct(ctx, bidx, kidx)
+    else:
+        reps = owner = torch.arange(len(bidx))
     rb, rk = bidx[reps.to(bidx.device)], kidx[reps.to(kidx.device)]
-    need_baseline = channel_softmax and variant != "smooth" and bool((~sel).any())
-    batch = batch_size_for(ctx)
-    items_per_batch = max(1, batch // n_rep)
+    bsz, t = ctx.activations.shape[0], _n_targets(ctx)
+    need_baseline = baseline and bool((_selected(ctx, include_constant=True) & ~sel).any())
+    per_batch = max(1, batch_size_for(ctx) // repeats)
     if ctx.progress is not None:
-        ctx.progress.total += len(rb) * n_rep + (bsz if need_baseline else 0)
+        ctx.progress.total += len(rb) * repeats + (bsz if need_baseline else 0)
     device = ctx.x.device
-    rep_scores = torch.zeros(len(rb), t, device=device)
+    prob = prob and ctx.classes is not None
+    rep_scores = torch.zeros(len(rb), repeats, t, device=device)
+    if ctx.batched is None:
+        o = ctx.options
+        ctx.batched = BatchForward(
+            ctx.model,
+            ctx.output_fn,
+            channels_last=o.channels_last,
+            compile=o.compile,
+            forward=o.forward,
+            batch=per_batch * repeats,
+        )
     with torch.inference_mode():
-        for start in range(0, len(rb), items_per_batch):
-            b, k = rb[start : start + items_per_batch], rk[start : start + items_per_batch]
-            masks = _masks(ctx, b, k)  # [n, H, W]
-            if variant == "smooth":
-                noise = torch.stack(
-                    [_noise(ctx, int(bi), int(ki), n_rep) for bi, ki in zip(b, k, strict=True)]
+        for start in range(0, len(rb), per_batch):
+            b, k = rb[start : start + per_batch], rk[start : start + per_batch]
+            masks = perturb(_masks(ctx, b, k), b, k)  # [n, R, H, W]
+            if masks.shape[:2] != (len(b), repeats):
+                raise ValueError(
+                    f"perturb must return Tensor[{len(b)}, {repeats}, H, W], got {tuple(masks.shape)}"
                 )
-                masks = (masks[:, None] + noise.to(device)).flatten(0, 1)
-            elif variant == "integrated":
-                steps = torch.arange(1, n_rep + 1, device=device, dtype=masks.dtype) / n_rep
-                masks = (masks[:, None] * steps[None, :, None, None]).flatten(0, 1)
-            images = b.repeat_interleave(n_rep)
-            inputs = ctx.x[images] * masks[:, None].to(ctx.x.dtype)
+            images = b.repeat_interleave(repeats)
+            inputs = ctx.x[images] * masks.flatten(0, 1)[:, None].to(ctx.x.dtype)
             s = _scores(ctx, _forward(ctx, inputs, fast=True), images, prob)
-            rep_scores[start : start + len(b)] = s.view(len(b), n_rep, t).mean(dim=1)
+            rep_scores[start : start + len(b)] = s.view(len(b), repeats, t)
             if ctx.progress is not None:
                 ctx.progress.add(len(images))
-        item_scores = rep_scores[owner.to(device)]
-        baseline = None
+        base = None
         if need_baseline:
-            baseline = _scores(
-                ctx, _forward(ctx, torch.zeros_like(ctx.x), fast=True), torch.arange(bsz), prob
-            )  # [B, T]
+            base = _scores(ctx, _forward(ctx, torch.zeros_like(ctx.x), fast=True), torch.arange(bsz), prob)
             if ctx.progress is not None:
                 ctx.progress.add(bsz)
-    weights = torch.zeros(bsz, kch, t, device=device)
-    if channel_softmax:
-        filled = (
-            baseline[:, None, :].expand(bsz, kch, t).clone()
-            if baseline is not None
-            else torch.full((bsz, kch, t), float("-inf"), device=device)
-        )
-        if opts.top_channels is not None:  # channels outside the top-k do not take part in the softmax
-            filled[~_selected(ctx, include_constant=True)] = float("-inf")
-        filled[bidx, kidx] = item_scores
-        weights = torch.softmax(filled, dim=1)
+    return ChannelScores(bidx, kidx, rep_scores[owner.to(device)], base)
+
+
+def channel_weights(ctx: PerturbationContext, scores: ChannelScores, per_channel: Tensor) -> Tensor:
+    """Lay per-channel values Tensor[n, T] (one per scored pair) out as weights Tensor[B, T, K].
+
+    ``weighting="prob"``: the value itself; unscored channels get 0. ``weighting="channel-softmax"``: softmax over
+    the channels of each image, where an unscored constant channel takes the score of the zero input
+    (``scores.baseline``) and channels outside ``top_channels`` do not take part."""
+    bsz, kch = ctx.activations.shape[:2]
+    t = _n_targets(ctx)
+    device = per_channel.device
+    if ctx.options.weighting != "channel-softmax":
+        weights = torch.zeros(bsz, kch, t, device=device)
+        weights[scores.image, scores.channel] = per_channel
+        return weights.transpose(1, 2)
+    if scores.baseline is not None:
+        filled = scores.baseline[:, None, :].expand(bsz, kch, t).clone()
     else:
-        weights[bidx, kidx] = item_scores
-    return weights.transpose(1, 2)  # [B, T, K]
+        filled = torch.full((bsz, kch, t), float("-inf"), device=device)
+    if ctx.options.top_channels is not None:  # channels outside the top-k do not take part in the softmax
+        filled[~_selected(ctx, include_constant=True)] = float("-inf")
+    filled[scores.image, scores.channel] = per_channel
+    return torch.softmax(filled, dim=1).transpose(1, 2)
 
 
 # ----------------------------------------------------------------------------------------------- Ablation-CAM
@@ -375,19 +484,21 @@ def _run_replaced(ctx: PerturbationContext, inputs: Tensor, acts: Tensor) -> Ten
     return out
 
 
-def _ablation(ctx: PerturbationContext) -> Tensor:
-    """Channel weights Tensor[B, T, K] of Ablation-CAM."""
+def ablated_scores(ctx: PerturbationContext, value: Tensor) -> tuple[Tensor, Tensor]:
+    """The explained score y_c (logit, or a callable target's value) of each image, Tensor[B, T], and y_c^k with
+    channel k of the target layer's activation set to ``value[b]`` everywhere, Tensor[B, K, T].
+
+    By default only the layers after the target run again (the cached activation is replayed with the channel
+    replaced, through a forward hook on the real model; checked against the original output on the first batch,
+    else whole forwards). Channels already equal to ``value[b]`` everywhere, and channels outside
+    ``top_channels``, get no forward: y_c^k = y_c."""
     opts = ctx.options
     a = ctx.activations
     bsz, kch = a.shape[:2]
     t = _n_targets(ctx)
     device = a.device
     base = _scores(ctx, ctx.output, torch.arange(bsz), prob=False)  # [B, T]
-    if opts.ablation == "gradcam-min":
-        lows = a.flatten(1).amin(dim=1)
-        value = torch.where(lows == 0, torch.zeros_like(lows), lows - 1e7)  # [B]
-    else:
-        value = torch.zeros(bsz, device=device, dtype=a.dtype)
+    value = value.to(device=device, dtype=a.dtype)
     flat = a.flatten(2)
     # Channels already equal to the ablation value everywhere: ablating them changes nothing (w_k = 0).
     noop = (flat == value[:, None, None]).all(dim=2)
@@ -397,7 +508,7 @@ def _ablation(ctx: PerturbationContext) -> Tensor:
     if replay and opts.batch_size is None:
         # A replayed batch holds only the tail's activations: batch many more ablations per prefix run.
         per_row = 4 * a[0].numel() * a.element_size()
-        budget = _free_memory(device) // 4 if device.type == "cuda" else 128 << 20
+        budget = _budget(device)
         batch = max(batch, min(1024, kch, budget // max(per_row, 1)))
     if ctx.progress is not None:
         ctx.progress.total += int(sel.sum())
@@ -415,14 +526,21 @@ def _ablation(ctx: PerturbationContext) -> Tensor:
                 images = torch.full((acts.shape[0],), b, dtype=torch.long)
                 out = None
                 if replay:
+                    why = "its output differs from the model's"
                     try:
                         out = _run_replaced(ctx, ctx.x[b : b + 1], acts)
-                    except (RuntimeError, IndexError):  # e.g. a concatenation with an earlier tensor
-                        out = None
+                    except (RuntimeError, IndexError) as err:  # e.g. a concatenation with an earlier tensor
+                        out, why = None, f"{type(err).__name__}: {err}"
                     if out is not None and not checked and not _same(out[:1], ctx.output[b : b + 1]):
                         out = None
                     if out is None:
                         replay = False
+                        warnings.warn(
+                            f"Ablation-CAM: replaying the layers after {ctx.layer_name!r} does not work for this "
+                            f"model ({why}); running whole forwards instead (slower, same weights)",
+                            RuntimeWarning,
+                            stacklevel=2,
+                        )
                 if out is None:
                     out = _run_replaced(ctx, ctx.x[b : b + 1].expand(acts.shape[0], *ctx.x.shape[1:]), acts)
                     if not checked and not _same(out[:1], ctx.output[b : b + 1]):
@@ -437,9 +555,7 @@ def _ablation(ctx: PerturbationContext) -> Tensor:
                 new[b, k] = s
                 if ctx.progress is not None:
                     ctx.progress.add(n)
-    weights = (base[:, None, :] - new) / base[:, None, :]
-    weights = torch.where(torch.isfinite(weights), weights, torch.zeros_like(weights))
-    return weights.transpose(1, 2)  # [B, T, K]
+    return base, new
 
 
 def _same(a: Tensor, b: Tensor) -> bool:

@@ -4,7 +4,7 @@ A_k: channel k of the target layer (Tensor[B, K, h, w]); H_k = minmax(upsample(A
 p_c(X) the softmax probability of the explained class c; y_c(X) its logit. Every map is ``sum_k w_k A_k``, then
 ReLU, upsampling and min-max as for every method (:mod:`camkit.postprocess`).
 
-* **Score-CAM** (Wang et al., CVPRW 2020), as in the authors' code (haofanwang/Score-CAM): w_k = p_c(X * H_k).
+* **Score-CAM** (Wang et al., CVPRW 2020), as in the authors' code: w_k = p_c(X * H_k).
   A channel that is constant over the map has no mask; the authors skip it (w_k = 0) and so do we, without a
   forward pass. ``weighting="channel-softmax"`` gives pytorch-grad-cam's and torchcam's variant instead:
   w = softmax_k(y_c(X * H_k)) over the channels, where a constant channel's mask is all zeros, so its masked input
@@ -27,24 +27,88 @@ ReLU, upsampling and min-max as for every method (:mod:`camkit.postprocess`).
 
 For a callable target the score is its value (no softmax): w_k = f(X * H_k).
 
-Speed: all masked inputs go through the model in batches under ``torch.inference_mode()``, with no hook of ours
-attached (Score-CAM family) or only the replay hook (Ablation-CAM). ``PerturbationOptions.batch_size`` sets the
-batch; by default it comes from the free memory and a per-image estimate of the forward's activations. Channels
-of one image whose normalised maps are equal (to 1e-6) share one forward pass (Score-CAM, IS-CAM).
-``top_channels`` (off by default) keeps only the k channels with the highest mean activation per image, the
-others get w_k = 0: an approximation, with its measured effect in the README.
+The shared machinery (batching under ``torch.inference_mode()``, channel selection and skipping, equal-mask
+dedupe, seeded noise, Ablation-CAM's replay, progress, and the accelerated forward of :mod:`camkit.accel`) is in
+:mod:`camkit.methods.engine`; each method below is only its weight formula on top of it.
 """
 
 from __future__ import annotations
 
-from camkit.methods.engine import PerturbationContext, PerturbationOptions, _ablation, _score_family
+import torch
+from torch import Tensor
+
+from camkit.methods.engine import (
+    PerturbationContext,
+    PerturbationOptions,
+    ablated_scores,
+    channel_weights,
+    masked_scores,
+    noise,
+)
 from camkit.methods.registry import PerturbationMethod, register
 
-__all__ = ["PerturbationContext", "PerturbationOptions"]
+__all__ = ["PerturbationContext", "PerturbationOptions", "ablationcam", "iscam", "scorecam", "sscam"]
+
+
+# ----------------------------------------------------------------------------------------------- formulas
+
+
+def _softmax_variant(ctx: PerturbationContext) -> bool:
+    return ctx.options.weighting == "channel-softmax"
+
+
+def scorecam(ctx: PerturbationContext) -> Tensor:
+    """Score-CAM (Wang et al., CVPRW 2020): w_k = p_c(X * H_k); constant channels w_k = 0 (no mask).
+
+    ``weighting="channel-softmax"``: w = softmax_k(y_c(X * H_k)), a constant channel scoring the zero input."""
+    softmax = _softmax_variant(ctx)
+    s = masked_scores(ctx, prob=not softmax, baseline=softmax)
+    return channel_weights(ctx, s, s.values[:, 0])
+
+
+def sscam(ctx: PerturbationContext) -> Tensor:
+    """SS-CAM (Naidu, Wang et al. 2020): w_k = (1/N) sum_i p_c(X * (H_k + n_i)), n_i ~ N(0, noise_std^2).
+
+    N = ``samples`` (default 35). ``weighting="channel-softmax"`` (torchcam): softmax over the channels of the
+    mean logits, constant channels included (their noisy masks are not zero)."""
+    o, softmax = ctx.options, _softmax_variant(ctx)
+    n = o.samples or 35
+    s = masked_scores(
+        ctx,
+        lambda h, b, k: h[:, None] + noise(ctx, b, k, n, o.noise_std),
+        repeats=n,
+        prob=not softmax,
+        include_constant=softmax,
+        deterministic=False,
+    )
+    return channel_weights(ctx, s, s.values.mean(dim=1))
+
+
+def iscam(ctx: PerturbationContext) -> Tensor:
+    """IS-CAM (Naidu et al. 2020): w_k = (1/N) sum_{i=1..N} p_c(X * (i/N) H_k), N = ``samples`` (default 10)."""
+    softmax = _softmax_variant(ctx)
+    n = ctx.options.samples or 10
+    steps = torch.arange(1, n + 1, device=ctx.x.device, dtype=torch.float32)[None, :, None, None] / n
+    s = masked_scores(ctx, lambda h, b, k: h[:, None] * steps, repeats=n, prob=not softmax, baseline=softmax)
+    return channel_weights(ctx, s, s.values.mean(dim=1))
+
+
+def ablationcam(ctx: PerturbationContext) -> Tensor:
+    """Ablation-CAM (Desai & Ramaswamy, WACV 2020): w_k = (y_c - y_c^k) / y_c, y_c^k with channel k set to 0.
+
+    ``ablation="gradcam-min"`` (pytorch-grad-cam): the channel is set to ``min(A) - 1e7`` instead when the
+    activation's minimum is not 0. A zero y_c gives w_k = 0."""
+    lows = ctx.activations.flatten(1).amin(dim=1)
+    if ctx.options.ablation == "gradcam-min":
+        value = torch.where(lows == 0, torch.zeros_like(lows), lows - 1e7)
+    else:
+        value = torch.zeros_like(lows)
+    y, y_k = ablated_scores(ctx, value)  # [B, T], [B, K, T]
+    w = (y[:, None, :] - y_k) / y[:, None, :]
+    return torch.where(torch.isfinite(w), w, torch.zeros_like(w)).transpose(1, 2)
 
 
 # ----------------------------------------------------------------------------------------------- registry
-
 
 register(
     PerturbationMethod(
@@ -56,7 +120,8 @@ register(
         prefer="gradients are unavailable or untrustworthy (saturated or non-differentiable heads): weights "
         "from the class score itself, at K forwards per image",
         aliases=("score-cam",),
-        weights=lambda ctx: _score_family(ctx, "score"),
+        weights=scorecam,
+        prefer="no gradients needed, or gradients that saturate: weights from the class score itself; K forwards",
     )
 )
 register(
@@ -68,7 +133,8 @@ register(
         summary="w_k = mean_i p_c(X * (H_k + noise_i)); map = sum_k w_k A_k",
         prefer="Score-CAM maps look noisy: averaging over noisy masks smooths them, at samples x the cost",
         aliases=("ss-cam", "smoothscorecam"),
-        weights=lambda ctx: _score_family(ctx, "smooth"),
+        weights=sscam,
+        prefer="Score-CAM with less noise in the weights, when its maps look speckled; K x samples forwards",
     )
 )
 register(
@@ -81,7 +147,8 @@ register(
         prefer="Score-CAM with masks at several strengths (integrated), less sensitive to one mask scale, "
         "at samples x the cost",
         aliases=("is-cam", "integratedscorecam"),
-        weights=lambda ctx: _score_family(ctx, "integrated"),
+        weights=iscam,
+        prefer="Score-CAM that integrates the mask from 0 to 1, smoother weights for low-confidence classes",
     )
 )
 register(
@@ -94,6 +161,7 @@ register(
         prefer="gradient-free weights that measure each channel's effect on the score; cheapest of the "
         "perturbation methods when the layer is near the output (only the layers after it are replayed)",
         aliases=("ablation-cam", "ablation"),
-        weights=_ablation,
+        weights=ablationcam,
+        prefer="gradient-free and cheap with the replay (only the layers after the target rerun); CNN layers",
     )
 )

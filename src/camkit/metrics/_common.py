@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import Tensor, nn
 
-from camkit._fastforward import FastForward
+from camkit.accel import BatchForward
 from camkit.outputs import logits_of, model_device
 
 ScoreKind = str  # "prob" (softmax probability) or "logit"
@@ -32,8 +32,10 @@ def default_batch_size(model: nn.Module) -> int:
 class Forward:
     """Calls ``model`` under ``torch.inference_mode()`` in chunks of ``batch_size`` and keeps count.
 
-    On CPU the chunks go, channels-last, to a BatchNorm-folded copy of the model when the first chunk shows the
-    same output (:class:`camkit._fastforward.FastForward`; ``channels_last=False``: never).
+    The chunks go through :class:`camkit.accel.BatchForward`: by default a BatchNorm-folded copy of the model with
+    channels-last inputs on CPU, checked once against the model on the first chunk (``channels_last=False``: the
+    model as given); ``compile=True``: a ``torch.compile``'d copy, compiled once per model and chunk shape and
+    reused by every later ``Forward`` of the same model in the process.
 
     Attributes:
         calls: number of model calls; images: number of images sent; seconds: wall time inside the model
@@ -41,14 +43,20 @@ class Forward:
     """
 
     def __init__(
-        self, model: nn.Module, batch_size: int | None = None, channels_last: bool | None = None
+        self,
+        model: nn.Module,
+        batch_size: int | None = None,
+        channels_last: bool | None = None,
+        compile: bool = False,
     ) -> None:
         if batch_size is None:
             batch_size = default_batch_size(model)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.model = model
-        self.fast = FastForward(model, logits_of, channels_last)  # NHWC inputs on CPU where they agree
+        self.fast = BatchForward(
+            model, logits_of, channels_last=channels_last, compile=compile, batch=batch_size
+        )
         self.batch_size = batch_size
         self.calls = 0
         self.images = 0

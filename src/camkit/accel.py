@@ -1,0 +1,393 @@
+"""Batched inference forwards of the perturbation methods and the metrics: the one place where they are made faster.
+
+Every batch of perturbed inputs (Score-CAM's masked images, deletion/insertion steps, ...) goes through a
+:class:`BatchForward`. It runs one of three paths, all on public PyTorch only:
+
+* **default** (deterministic): on a copy of the model (never yours), every ``nn.BatchNorm2d`` that reads an
+  ``nn.Conv2d``'s output is folded into that convolution with :func:`torch.nn.utils.fusion.fuse_conv_bn_eval`
+  (one pass over each feature map less), and on CPU the inputs are sent channels-last (oneDNN's convolutions are
+  faster on NHWC tensors and keep their input's layout, so the whole network runs NHWC). The first batch is checked
+  ONCE against the model as given (its first :data:`CHECK_ROWS` rows, ``rtol=1e-3`` and ``atol=1e-4`` of the
+  output's scale). Nothing is chosen by timing, so two identical calls give bitwise-identical outputs. A model
+  whose code breaks under the fold or the layout (``.view`` on a feature map, a convolution output also used
+  outside its BatchNorm) falls back to the next path: folded + channels-last, then channels-last alone, then the
+  model as given. Each fallback emits one :class:`AccelWarning` naming the reason.
+* **compiled** (``compile=True``): ``torch.compile`` of a copy, with inductor's ``freezing`` (weights become
+  constants: BatchNorm folding, weight pre-packing and layout choice happen at compile time). It is compiled once
+  per model, dtype, device, memory format and batch size, and kept for the process; a smaller last batch is padded
+  to the compiled batch size, so no second compile happens. The first batch is checked against the model like
+  the default path; a compiler error or a disagreement warns and falls back to the default path. Compiling costs
+  tens of seconds once (see ``benchmarks/README.md``), after which each batch is faster than the default path:
+  worth it for many images of one model.
+* **your callable** (``forward=f``): ``f(inputs)`` instead of the model, e.g. an ONNX Runtime session you wrapped
+  (it must return what the model returns). It is used as given: no copy, no check.
+
+Prepared copies and compiled models are cached per model (a weak reference: a model that is deleted frees its
+copies). A cache entry is used only while the model is unchanged: the same modules, training flags and hooks,
+and each parameter and buffer the same tensor object, storage and version counter (``Tensor._version``, which
+every in-place change bumps, ``load_state_dict`` and optimiser steps included). Writes through ``.data`` do not
+bump the version: after such writes call :func:`clear_cache`.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import warnings
+import weakref
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+__all__ = ["CHECK_ROWS", "AccelWarning", "BatchForward", "clear_cache", "fold_batchnorm"]
+
+CHECK_ROWS = 2
+"""Rows of the first batch that also run through the model as given, to check the faster path once."""
+
+ModelForward = Callable[[Tensor], object]
+
+
+class AccelWarning(UserWarning):
+    """A faster forward path could not be used for a model; camkit runs a slower, equivalent one."""
+
+
+# ------------------------------------------------------------------------------------------------- the cache
+
+
+@dataclass
+class _Path:
+    """One prepared way to run the model: what to call, in which layout, and whether it was checked."""
+
+    name: str
+    run: (
+        ModelForward | None
+    )  # None: the user's model itself (not held here: the cache must not keep it alive)
+    channels_last: bool
+    pad_to: int | None = None  # compiled: the batch size it was compiled for
+    checked: bool = False
+
+
+@dataclass
+class _Entry:
+    signature: tuple[object, ...]
+    paths: dict[Hashable, _Path] = field(default_factory=dict)
+    warned: set[str] = field(default_factory=set)
+
+
+_CACHE: weakref.WeakKeyDictionary[nn.Module, _Entry] = weakref.WeakKeyDictionary()
+
+
+def clear_cache() -> None:
+    """Forget every prepared copy and compiled model (they are rebuilt on next use)."""
+    _CACHE.clear()
+
+
+def _version(t: Tensor) -> int:
+    if t.is_inference():  # inference tensors have no version counter
+        return -1
+    return int(t._version)
+
+
+def _signature(model: nn.Module) -> tuple[object, ...]:
+    """What must not change for a prepared copy to stay valid (cheap: no pass over the weights' values)."""
+    modules = tuple(
+        (
+            id(m),
+            m.training,
+            tuple(m._forward_hooks),
+            tuple(m._forward_pre_hooks),
+        )
+        for m in model.modules()
+    )
+    tensors = tuple(
+        (id(t), t.data_ptr(), _version(t), t.dtype, t.device, tuple(t.shape))
+        for t in itertools.chain(model.parameters(), model.buffers())
+    )
+    return modules, tensors
+
+
+def _entry(model: nn.Module) -> _Entry:
+    sig = _signature(model)
+    entry = _CACHE.get(model)
+    if entry is None or entry.signature != sig:
+        entry = _Entry(sig)
+        _CACHE[model] = entry
+    return entry
+
+
+def _warn_once(entry: _Entry, reason: str) -> None:
+    if reason not in entry.warned:
+        entry.warned.add(reason)
+        warnings.warn(reason, AccelWarning, stacklevel=4)
+
+
+# ------------------------------------------------------------------------------------------------- folding
+
+
+def _copy(model: nn.Module) -> nn.Module:
+    """A deep copy for inference, without gradients."""
+    twin = copy.deepcopy(model)
+    for p in twin.parameters():
+        p.requires_grad_(False)
+    return twin
+
+
+def fold_batchnorm(model: nn.Module, example: Tensor) -> tuple[nn.Module, int]:
+    """A copy of ``model`` in which each ``nn.BatchNorm2d`` (exactly that class, with running statistics, called
+    once per forward) that receives an ``nn.Conv2d``'s output (that conv called once) is folded into the conv with
+    :func:`torch.nn.utils.fusion.fuse_conv_bn_eval` and replaced by ``nn.Identity``, and the number of folds.
+
+    One forward of ``example`` (one image) on the copy finds the pairs. The caller must check the copy's outputs:
+    a conv output that is also used elsewhere (a skip connection before the BatchNorm) makes it differ.
+
+    Raises:
+        TypeError, RuntimeError, copy.Error: the model cannot be deep-copied or run on ``example``.
+    """
+    twin = _copy(model)
+    convs = {m for m in twin.modules() if type(m) is nn.Conv2d}
+    norms = {
+        m
+        for m in twin.modules()
+        if type(m) is nn.BatchNorm2d and m.running_mean is not None and m.running_var is not None
+    }
+    if not convs or not norms:
+        return twin, 0
+    produced: dict[int, nn.Conv2d] = {}
+    calls: dict[nn.Module, int] = {}
+    pairs: list[tuple[nn.Conv2d, nn.BatchNorm2d]] = []
+
+    def after_conv(m: nn.Module, _i: object, out: object) -> None:
+        calls[m] = calls.get(m, 0) + 1
+        if isinstance(out, Tensor) and isinstance(m, nn.Conv2d):
+            produced[id(out)] = m
+
+    def before_norm(m: nn.Module, inputs: tuple[object, ...]) -> None:
+        calls[m] = calls.get(m, 0) + 1
+        conv = produced.get(id(inputs[0])) if inputs else None
+        if conv is not None and isinstance(m, nn.BatchNorm2d):
+            pairs.append((conv, m))
+
+    keep: list[object] = []  # the conv outputs stay alive during the forward, so their ids are unique
+
+    def keep_alive(_m: nn.Module, _i: object, out: object) -> None:
+        keep.append(out)
+
+    handles = [m.register_forward_hook(after_conv) for m in convs]
+    handles += [m.register_forward_hook(keep_alive) for m in convs]
+    handles += [m.register_forward_pre_hook(before_norm) for m in norms]
+    try:
+        with torch.inference_mode():
+            twin(example)
+    finally:
+        for h in handles:
+            h.remove()
+        keep.clear()
+    # training-mode BatchNorms normalise with batch statistics: not foldable
+    pairs = [(c, n) for c, n in pairs if calls.get(c) == 1 and calls.get(n) == 1 and not n.training]
+    names = {id(m): name for name, m in twin.named_modules()}
+    for conv, norm in pairs:
+        fused = fuse_conv_bn_eval(conv.eval(), norm)
+        for p in fused.parameters():
+            p.requires_grad_(False)
+        for module, replacement in ((conv, fused), (norm, nn.Identity())):
+            parent, _, child = names[id(module)].rpartition(".")
+            setattr(twin.get_submodule(parent), child, replacement)
+    return twin, len(pairs)
+
+
+def _agree(ref: Tensor, out: Tensor) -> bool:
+    if out.shape != ref.shape or out.dtype != ref.dtype:
+        return False
+    a, b = ref.float(), out.float()
+    finite = torch.isfinite(a)
+    if not torch.equal(finite, torch.isfinite(b)):
+        return False
+    if not bool(finite.all()):
+        a, b = a[finite], b[finite]
+    scale = float(a.abs().max()) if a.numel() else 0.0
+    return bool(torch.allclose(a, b, rtol=1e-3, atol=1e-4 * max(scale, 1e-6)))
+
+
+# ------------------------------------------------------------------------------------------------- compiling
+
+
+def _compile_model(module: nn.Module) -> ModelForward:
+    """``torch.compile`` with inductor's freezing (weights as constants: BatchNorms folded, weights packed)."""
+    return torch.compile(module, dynamic=False, options={"freezing": True})
+
+
+# ------------------------------------------------------------------------------------------------- the forward
+
+
+class BatchForward:
+    """``output_fn(model(inputs))`` for batches of perturbed inputs, through the fastest path allowed.
+
+    Args:
+        model: the model, in eval mode; never modified (faster paths run on copies).
+        output_fn: turns the model's output into the Tensor that is scored.
+        channels_last: None (default): channels-last inputs on CPU; True: on any device; False: never (and no
+            BatchNorm folding either: the model as given).
+        compile: use a ``torch.compile``'d copy (compiled once per model and batch shape, then reused in the
+            process).
+        forward: a callable used instead of the model (no copy, no check); its output goes through ``output_fn``.
+        batch: the usual number of rows per call, for ``compile``: the copy is compiled for that batch size and
+            smaller batches are padded to it (default: the first batch's size).
+
+    Attributes:
+        path: the path that ran the last batch: ``"compiled"``, ``"folded+channels-last"``, ``"folded"``,
+            ``"channels-last"``, ``"plain"`` or ``"forward"``.
+
+    Example:
+        >>> fwd = BatchForward(model, lambda out: out)  # doctest: +SKIP
+        >>> with torch.inference_mode():  # doctest: +SKIP
+        ...     logits = fwd(batch)
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        output_fn: Callable[[object], Tensor],
+        *,
+        channels_last: bool | None = None,
+        compile: bool = False,
+        forward: ModelForward | None = None,
+        batch: int | None = None,
+    ) -> None:
+        if channels_last not in (None, True, False):
+            raise ValueError(f"channels_last must be None, True or False, got {channels_last!r}")
+        if forward is not None and not callable(forward):
+            raise TypeError(f"forward must be a callable Tensor[N, C, H, W] -> model output, got {forward!r}")
+        self.model = model
+        self.output_fn = output_fn
+        self.channels_last = channels_last
+        self.compile = compile
+        self.forward = forward
+        self.batch = batch
+        self.path: str | None = None
+
+    def __call__(self, inputs: Tensor) -> Tensor:
+        if self.forward is not None:
+            self.path = "forward"
+            return self.output_fn(self.forward(inputs))
+        if inputs.dim() != 4 or (self.channels_last is False and not self.compile):
+            self.path = "plain"
+            return self.output_fn(self.model(inputs))
+        entry = _entry(self.model)
+        if self.compile:
+            out = self._compiled(entry, inputs)
+            if out is not None:
+                return out
+        return self._default(entry, inputs)
+
+    # -- default path
+
+    def _layout(self, inputs: Tensor) -> bool:
+        return self.channels_last is True or (self.channels_last is None and inputs.device.type == "cpu")
+
+    def _default(self, entry: _Entry, inputs: Tensor) -> Tensor:
+        nhwc = self._layout(inputs) and self.channels_last is not False
+        key = ("default", inputs.device, inputs.dtype, nhwc)
+        path = entry.paths.get(key)
+        if path is None:
+            path = self._prepare_default(entry, inputs, nhwc)
+            entry.paths[key] = path
+        self.path = path.name
+        return self._run_checked(entry, path, inputs, key)
+
+    def _prepare_default(self, entry: _Entry, inputs: Tensor, nhwc: bool) -> _Path:
+        if self.channels_last is False:
+            return _Path("plain", None, False, checked=True)
+        try:
+            folded, n = fold_batchnorm(self.model, inputs[:1])
+        except (TypeError, RuntimeError, copy.Error) as err:
+            _warn_once(
+                entry, f"camkit.accel: BatchNorm folding skipped, the model could not be copied/run ({err})"
+            )
+            folded, n = None, 0
+        if folded is not None and n:
+            return _Path("folded+channels-last" if nhwc else "folded", folded, nhwc)
+        if nhwc:
+            return _Path("channels-last", None, True)
+        return _Path("plain", None, False, checked=True)
+
+    def _fallback(self, path: _Path) -> _Path | None:
+        if path.name == "folded+channels-last":
+            return _Path("channels-last", None, True)
+        if path.name in ("folded", "channels-last"):
+            return _Path("plain", None, False, checked=True)
+        return None  # compiled: the caller falls back to the default path
+
+    def _run_checked(self, entry: _Entry, path: _Path, inputs: Tensor, key: Hashable) -> Tensor:
+        while True:
+            if path.checked:
+                return self._run(path, inputs)
+            try:
+                out = self._run(path, inputs)
+            except RuntimeError as err:  # e.g. ``.view`` on a channels-last feature map
+                reason = f"it raised {type(err).__name__}: {err}"
+            else:
+                rows = min(CHECK_ROWS, inputs.shape[0])
+                ref = self.output_fn(self.model(inputs[:rows]))
+                if out.dim() and _agree(ref, out[:rows]):
+                    path.checked = True
+                    return out
+                reason = "its outputs differ from the model's (layout- or BatchNorm-dependent code?)"
+            nxt = self._fallback(path)
+            _warn_once(
+                entry,
+                f"camkit.accel: the {path.name} forward of {type(self.model).__name__} is not used, {reason}; "
+                f"running it {'as ' + nxt.name if nxt else 'on the default (uncompiled) path'} instead",
+            )
+            if nxt is None:
+                raise _Fallback
+            path = nxt
+            entry.paths[key] = path
+            self.path = path.name
+
+    def _run(self, path: _Path, inputs: Tensor) -> Tensor:
+        x = inputs.contiguous(memory_format=torch.channels_last) if path.channels_last else inputs
+        n = x.shape[0]
+        run = self.model if path.run is None else path.run
+        if path.pad_to is not None and n < path.pad_to:
+            fmt = torch.channels_last if path.channels_last else torch.contiguous_format
+            x = torch.cat([x, x.new_zeros(path.pad_to - n, *x.shape[1:])]).contiguous(memory_format=fmt)
+            return self.output_fn(run(x))[:n]
+        return self.output_fn(run(x))
+
+    # -- compiled path
+
+    def _compiled(self, entry: _Entry, inputs: Tensor) -> Tensor | None:
+        nhwc = self._layout(inputs)
+        if self.batch is None:
+            self.batch = inputs.shape[0]
+        key = ("compiled", inputs.device, inputs.dtype, nhwc, self.batch)
+        path = entry.paths.get(key)
+        if path is None:
+            try:
+                twin = _copy(self.model)
+            except (TypeError, RuntimeError, copy.Error) as err:
+                _warn_once(entry, f"camkit.accel: not compiled, the model could not be copied ({err})")
+                return None
+            path = _Path("compiled", _compile_model(twin), nhwc, pad_to=self.batch)
+            entry.paths[key] = path
+        elif path.name != "compiled":
+            return None  # an earlier failure: the default path
+        if path.pad_to is not None and inputs.shape[0] > path.pad_to:
+            return torch.cat([self._one_compiled(entry, part) for part in inputs.split(path.pad_to)])
+        self.path = "compiled"
+        try:
+            return self._run_checked(entry, path, inputs, key)
+        except _Fallback:
+            entry.paths[key] = _Path("failed", None, False)
+            return None
+
+    def _one_compiled(self, entry: _Entry, inputs: Tensor) -> Tensor:
+        out = self._compiled(entry, inputs)
+        return self._default(entry, inputs) if out is None else out
+
+
+class _Fallback(Exception):
+    """The compiled path failed its check: use the default path."""
