@@ -117,8 +117,6 @@ register(
         cost="1 forward + K masked forwards (K channels), batched",
         paper="Wang et al., CVPRW 2020",
         summary="w_k = p_c(X * minmax(up(A_k))); map = sum_k w_k A_k",
-        prefer="gradients are unavailable or untrustworthy (saturated or non-differentiable heads): weights "
-        "from the class score itself, at K forwards per image",
         aliases=("score-cam",),
         weights=scorecam,
         prefer="no gradients needed, or gradients that saturate: weights from the class score itself; K forwards",
@@ -131,7 +129,6 @@ register(
         cost="1 forward + K x samples noisy masked forwards, batched",
         paper="Naidu, Wang et al. 2020 (SS-CAM)",
         summary="w_k = mean_i p_c(X * (H_k + noise_i)); map = sum_k w_k A_k",
-        prefer="Score-CAM maps look noisy: averaging over noisy masks smooths them, at samples x the cost",
         aliases=("ss-cam", "smoothscorecam"),
         weights=sscam,
         prefer="Score-CAM with less noise in the weights, when its maps look speckled; K x samples forwards",
@@ -144,8 +141,6 @@ register(
         cost="1 forward + K x samples scaled masked forwards, batched",
         paper="Naidu et al. 2020 (IS-CAM)",
         summary="w_k = mean_i p_c(X * (i/N) H_k); map = sum_k w_k A_k",
-        prefer="Score-CAM with masks at several strengths (integrated), less sensitive to one mask scale, "
-        "at samples x the cost",
         aliases=("is-cam", "integratedscorecam"),
         weights=iscam,
         prefer="Score-CAM that integrates the mask from 0 to 1, smoother weights for low-confidence classes",
@@ -158,8 +153,6 @@ register(
         cost="1 forward + K replays of the layers after the target, batched",
         paper="Desai & Ramaswamy, WACV 2020",
         summary="w_k = (y_c - y_c with A_k := 0) / y_c; map = sum_k w_k A_k",
-        prefer="gradient-free weights that measure each channel's effect on the score; cheapest of the "
-        "perturbation methods when the layer is near the output (only the layers after it are replayed)",
         aliases=("ablation-cam", "ablation"),
         weights=ablationcam,
         prefer="gradient-free and cheap with the replay (only the layers after the target rerun); CNN layers",
