@@ -22,8 +22,8 @@ def methods(fmt: FormatOption = Format.table) -> None:
         for n in names
     ]
     table = Table(title="camkit methods")
-    table.add_column("name", no_wrap=True, min_width=max(len(n) for n in names))
-    table.add_column("family", no_wrap=True)
+    table.add_column("name", no_wrap=True, overflow="fold", min_width=max(len(n) for n in names))
+    table.add_column("family", overflow="fold")
     for col in COLUMNS[2:]:
         table.add_column(col, overflow="fold")
     for r in rows:
