@@ -433,3 +433,20 @@ def test_compile_reaches_the_perturbation_options(tmp_path, monkeypatch):
         res = invoke("explain", src, *FAST, "--methods", "scorecam", *flags, "--out", tmp_path / "o")
         assert res.exit_code == 2 and "stop here" in res.output
     assert seen == [False, True]
+
+
+def test_max_side_and_caption(tmp_path):
+    src = photo(tmp_path / "in" / "p.png", size=(200, 100))
+    res = invoke("explain", src, *FAST, "--max-side", "80", "--out", tmp_path / "plain")
+    assert res.exit_code == 0, res.output
+    with Image.open(tmp_path / "plain" / "p_squeezenet1_0_gradcam.png") as im:
+        assert im.size == (80, 40)  # the longer side is 80, the aspect ratio kept
+    res = invoke("explain", src, *FAST, "--max-side", "80", "--caption", "--out", tmp_path / "cap")
+    assert res.exit_code == 0, res.output
+    with Image.open(tmp_path / "cap" / "p_squeezenet1_0_gradcam.png") as im:
+        plain = Image.open(tmp_path / "plain" / "p_squeezenet1_0_gradcam.png").convert("RGB")
+        assert im.size[0] > 80 and im.size[1] > 40  # a colour bar to the right, a caption below
+        assert np.array_equal(np.asarray(im.convert("RGB"))[:40, :80], np.asarray(plain))
+    entry = json.loads((tmp_path / "cap" / "summary.json").read_text())[0]
+    assert entry["options"]["caption"] is True and entry["options"]["max_side"] == 80
+    assert clean_error(invoke("explain", src, *FAST, "--max-side", "3", "--out", tmp_path / "bad"))

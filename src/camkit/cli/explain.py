@@ -136,6 +136,8 @@ class _Job:
     out: Path
     cmap: str
     alpha: float
+    max_side: int | None = None  # longer side of the written pictures (None: the photo's size)
+    caption: bool = False  # a caption strip and a colour bar on each single overlay
     progress: Callable[[int, int], None] | None = None  # forward passes of this image's perturbation methods
 
 
@@ -176,6 +178,17 @@ def explain(
     cmap: Annotated[str, typer.Option(help="Matplotlib colormap.")] = "jet",
     alpha: Annotated[float, typer.Option(help="Weight of the heatmap in the overlay (0..1).")] = 0.5,
     fusion: Annotated[str | None, typer.Option(help="Fusion of several layers: max or mean.")] = None,
+    max_side: Annotated[
+        int | None,
+        typer.Option(help="Longer side of the written pictures in pixels (default: the photo's own size)."),
+    ] = None,
+    caption: Annotated[
+        bool,
+        typer.Option(
+            "--caption/--no-caption",
+            help="Add a caption (class, probability, method, layer) and a colour bar to each single overlay.",
+        ),
+    ] = False,
     sample: SampleOption = "chelsea",
     device: DeviceOption = "cpu",
     max_pixels: MaxPixelsOption = DEFAULT_MAX_PIXELS,
@@ -235,6 +248,8 @@ def explain(
         # everything that can be checked without the model first: options, output folder, input files
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"--alpha is the heatmap's weight and must lie in [0, 1], got {alpha}")
+        if max_side is not None and max_side < 16:
+            raise ValueError(f"--max-side must be at least 16 pixels, got {max_side}")
         method_list, slow = _methods(methods)
         perturbation = camkit.PerturbationOptions(  # checks its values
             batch_size=batch_size,
@@ -263,6 +278,8 @@ def explain(
             out=out,
             cmap=cmap,
             alpha=alpha,
+            max_side=max_side,
+            caption=caption,
         )
         run_info = {
             **opts.to_dict(),
@@ -274,6 +291,8 @@ def explain(
                 "fusion": fusion,
                 "cmap": cmap,
                 "alpha": alpha,
+                "max_side": max_side,
+                "caption": caption,
                 "batch_size": batch_size,
                 "top_channels": top_channels,
                 "samples": samples,
@@ -405,7 +424,7 @@ def _write_target(
     """The overlays of target ``t`` (``_topK`` in the names for topK) and, when comparing, their grid."""
     from camkit.io.files import save_image
     from camkit.targets import TopK
-    from camkit.viz import grid
+    from camkit.viz import annotate, caption_text, grid
 
     suffix = f"_top{t + 1}" if isinstance(job.spec, TopK) else ""
     decorate = _decorator(job.loaded, pic)
@@ -413,14 +432,21 @@ def _write_target(
     cells: dict[str, dict[str, Image.Image]] = {}
     for name, expl in results.items():
         file = job.out / f"{pic.stem}_{name}{suffix}.png"
-        fused = decorate(expl.overlay(0, target=t, cmap=job.cmap, alpha=job.alpha))
-        save_image(fused, file)
+        fused = decorate(expl.overlay(0, target=t, cmap=job.cmap, alpha=job.alpha, max_side=job.max_side))
+        row = _summary_row(job, pic, name, expl, t, file)
+        if job.caption:
+            text = caption_text(row.label, row.cls, row.prob, name, expl.layers)
+            save_image(annotate(fused, caption=text, colorbar=job.cmap), file)
+        else:
+            save_image(fused, file)
         cells[name] = {
-            layer: decorate(expl.overlay(0, target=t, cmap=job.cmap, alpha=job.alpha, layer=layer))
+            layer: decorate(
+                expl.overlay(0, target=t, cmap=job.cmap, alpha=job.alpha, layer=layer, max_side=job.max_side)
+            )
             for layer in (expl.layers if len(expl.layers) > 1 else [])
         }
         cells[name]["fused" if len(expl.layers) > 1 else expl.layers[0]] = fused
-        rows.append(_summary_row(job, pic, name, expl, t, file))
+        rows.append(row)
     if len(results) > 1 or len(next(iter(results.values())).layers) > 1:
         file = job.out / f"{pic.stem}_grid{suffix}.png"
         picture = grid(cells, image=pic.image, title=f"{pic.name}: {rows[-1].label or rows[-1].cls}")
@@ -516,4 +542,10 @@ def _decorator(loaded: LoadedModel, pic: _Picture) -> Callable[[Image.Image], Im
 
     box = _image_box(loaded, pic.image, chosen.box)
     caption = f"{chosen.label or chosen.category} {chosen.score:.2f}"
-    return lambda im: draw_boxes(im, [box], labels=[caption])
+    width = pic.image.size[0]
+
+    def draw(im: Image.Image) -> Image.Image:  # the overlay may be smaller than the photo (--max-side)
+        scale = im.size[0] / width
+        return draw_boxes(im, [[v * scale for v in box]], labels=[caption])
+
+    return draw
