@@ -432,9 +432,16 @@ def test_cli_explains_each_family_without_layer_or_reshape(tmp_path, model, auto
     assert res.exit_code == 0, res.output
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary[0]["layers"] == [auto]
-    assert Image.open(tmp_path / "cat_gradcam.png").size == Image.open(photo).size
+    assert Image.open(tmp_path / _overlay_name(model)).size == Image.open(photo).size
     layers = CliRunner().invoke(app, ["layers", model])
     assert layers.exit_code == 0 and f"auto: {auto}" in layers.output
+
+
+def _overlay_name(model: str) -> str:
+    """``cat_<model>_gradcam.png``: the command names its files after the model unless it is the default."""
+    from camkit.cli.common import ModelOptions
+
+    return f"cat{ModelOptions(model=model).file_tag()}_gradcam.png"
 
 
 def _photo(tmp_path: Path) -> Path:
@@ -475,7 +482,7 @@ def test_cli_explains_a_segmentation_model_without_target(tmp_path):
         assert s["region"] == ("mask" if covered > 0 else "image")
         assert s["coverage"] == pytest.approx(covered, abs=1e-4)
         assert "SegmentationTarget" in res.output and f"class {expected} " in res.output
-        assert Image.open(out / "cat_gradcam.png").size == Image.open(photo).size
+        assert Image.open(out / _overlay_name(name)).size == Image.open(photo).size
 
 
 @pytest.mark.slow
@@ -517,7 +524,7 @@ def test_cli_explains_a_detection_model_without_target(tmp_path):
     scale = torch.tensor([pil.width / 128, pil.height / 128] * 2)
     assert s["box"] == pytest.approx((det["boxes"][j] * scale).tolist(), abs=0.06)
     assert "DetectionTarget" in res.output and "in image pixels" in res.output
-    assert Image.open(tmp_path / "cat_gradcam.png").size == pil.size
+    assert Image.open(tmp_path / _overlay_name(name)).size == pil.size
     # nothing scores above the threshold (random weights at the model's own one; here 1): a clean error
     res = CliRunner().invoke(app, [*base, "--det-threshold", "1"])
     assert res.exit_code == 2, res.output

@@ -26,6 +26,49 @@ def test_missing_and_corrupt_files(tmp_path):
         camkit.load_image(truncated)
 
 
+def _bomb_header(path, side=30000):
+    """A few bytes claiming a side x side PNG: nothing behind the header."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b""))
+    return path
+
+
+def test_decompression_bombs_are_a_value_error(tmp_path):
+    bomb = _bomb_header(tmp_path / "bomb.png")
+    with pytest.raises(ValueError, match=r"30000x30000 = 900000000 pixels.*limit of 89478485.*max_pixels"):
+        camkit.load_image(bomb)  # PIL's own DecompressionBombError before
+    small = tmp_path / "small.png"
+    Image.new("RGB", (40, 30)).save(small)
+    with pytest.raises(ValueError, match="1200 pixels, more than the limit of 1000"):
+        camkit.load_image(small, max_pixels=1000)
+    assert camkit.load_image(small, max_pixels=1200).size == (40, 30)
+    assert camkit.load_image(small, max_pixels=None).size == (40, 30)
+    with pytest.raises(ValueError, match="cannot read"):  # no limit: past the size check, no data to decode
+        camkit.load_image(bomb, max_pixels=None)
+    assert Image.MAX_IMAGE_PIXELS == 89478485  # PIL's global limit left as it was
+
+
+def test_float_images_with_nan_are_refused(tmp_path):
+    arr = np.linspace(0, 1, 16, dtype=np.float32).reshape(4, 4)
+    arr[1, 2] = np.nan
+    arr[3, 3] = np.inf
+    path = tmp_path / "nan.tif"
+    Image.fromarray(arr, mode="F").save(path)
+    with pytest.raises(ValueError, match=r"nan\.tif.*2 NaN or infinite"):
+        camkit.load_image(path)  # a black image before
+    with pytest.raises(ValueError, match="NaN"):
+        to_rgb(Image.fromarray(arr, mode="F"))
+    arr[1, 2] = arr[3, 3] = 0.5
+    Image.fromarray(arr, mode="F").save(path)
+    assert np.asarray(camkit.load_image(path)).max() == 255
+
+
 def test_grayscale_rgba_and_16bit_conversions(tmp_path):
     gray = Image.fromarray(np.arange(64, dtype=np.uint8).reshape(8, 8), mode="L")
     rgb = to_rgb(gray)

@@ -340,6 +340,22 @@ def test_box_accuracy_perfect_map_and_scaling() -> None:
     assert empty.iou.item() == 0.0 and empty.boxes == [[]]
 
 
+def test_box_accuracy_excludes_images_without_ground_truth() -> None:
+    gt = [10, 20, 30, 50]
+    maps = torch.stack([box_map(gt), box_map(gt)])
+    res = metrics.box_accuracy(maps, [[gt], []])
+    assert res.correct[0].item() == 1.0
+    assert torch.isnan(res.iou[1]) and torch.isnan(res.correct[1])  # not a miss (old: 0.0)
+    assert torch.nanmean(res.correct).item() == 1.0
+
+
+def test_non_finite_boxes_are_refused() -> None:
+    with pytest.raises(ValueError, match="finite"):
+        metrics.box_iou([[0, 0, float("nan"), 5]], [[0, 0, 5, 5]])
+    with pytest.raises(ValueError, match="finite"):
+        metrics.pointing_game(torch.rand(1, 8, 8), [[[0, 0, float("inf"), 5]]])
+
+
 def test_max_box_acc_v2_known_answers() -> None:
     gts = [[8, 8, 40, 48], [20, 4, 60, 30], [0, 0, 64, 40]]
     perfect = torch.stack([box_map(b) for b in gts])

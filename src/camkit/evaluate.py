@@ -13,8 +13,9 @@ Ground truth (a class to explain and boxes per image, optional) comes from annot
 from __future__ import annotations
 
 import csv
-import json
+import io
 import math
+import os
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -27,7 +28,9 @@ from PIL import Image
 from torch import Tensor, nn
 
 from camkit.io import Preprocess, load_image
-from camkit.io.annotations import Annotation, read_annotations
+from camkit.io.annotations import Annotation, fit_boxes, read_annotations
+from camkit.io.files import atomic_write, write_json
+from camkit.io.images import DEFAULT_MAX_PIXELS
 
 if TYPE_CHECKING:
     from camkit.metrics._common import Forward
@@ -40,13 +43,35 @@ __all__ = [
     "EvaluationResult",
     "EvaluationRow",
     "Metric",
+    "Skipped",
     "collect_images",
     "evaluate",
+    "probe_images",
     "read_annotations",
 ]
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+IMAGE_EXTENSIONS = {
+    ".jpg",
+    ".jpeg",
+    ".png",
+    ".bmp",
+    ".gif",
+    ".tif",
+    ".tiff",
+    ".webp",
+    ".ppm",
+    ".pgm",
+    ".pbm",
+    ".pnm",
+}
 BASELINES = ("center", "random", "noise")
+
+
+class Skipped(NamedTuple):
+    """An input :func:`evaluate` could not read and left out: its file and why."""
+
+    file: str
+    reason: str
 
 
 class Metric(NamedTuple):
@@ -80,20 +105,76 @@ BOX_METRICS = ("pointing", "pointing_strict", "box", "maxboxacc")
 
 
 def collect_images(paths: Sequence[str | Path]) -> list[Path]:
-    """Image files from files and folders (a folder contributes its image files, sorted, not recursively)."""
+    """Image files from files and folders: a folder contributes the image files (by extension) of its whole
+    tree, subfolders included, sorted by path; hidden files and folders (``.name``) are skipped and symbolic
+    links to folders are not followed."""
     files: list[Path] = []
     for item in paths:
         p = Path(item)
         if p.is_dir():
-            found = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file())
+            found: list[Path] = []
+            for root, dirs, names in os.walk(p):
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                found.extend(
+                    Path(root) / n
+                    for n in sorted(names)
+                    if not n.startswith(".") and Path(n).suffix.lower() in IMAGE_EXTENSIONS
+                )
             if not found:
-                raise ValueError(f"no image file in folder {str(p)!r}")
+                raise ValueError(f"no image file in folder {str(p)!r} (nor in its subfolders)")
             files.extend(found)
         elif p.exists():
             files.append(p)
         else:
             raise FileNotFoundError(f"image file not found: {str(p)!r}")
     return files
+
+
+def probe_images(
+    items: Sequence[tuple[str, Path | Image.Image]],
+    annotations: dict[str, Annotation],
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+) -> tuple[list[tuple[str, Path | Image.Image]], dict[str, Annotation], list[Skipped]]:
+    """Read each image's size (the header only for files) and fit the annotation boxes to it, before any model work.
+
+    Args:
+        items: (name, path or image) pairs.
+        annotations: file name -> :class:`Annotation`.
+        max_pixels: an image file with more pixels is left out (None: no limit), as :func:`load_image` would.
+
+    Returns:
+        the readable items, the annotations with boxes clipped to their image (:func:`fit_boxes`), and the
+        files that could not be read.
+
+    Raises:
+        ValueError: a box lies outside its image (the message names the annotation file, box and image).
+    """
+    ok: list[tuple[str, Path | Image.Image]] = []
+    skipped: list[Skipped] = []
+    fitted = dict(annotations)
+    for name, im in items:
+        if isinstance(im, Image.Image):
+            size = im.size
+        else:
+            try:
+                with Image.open(im) as opened:
+                    size = opened.size
+            except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+                skipped.append(Skipped(str(im), f"cannot read it as an image ({err})"))
+                continue
+            if max_pixels is not None and size[0] * size[1] > max_pixels:
+                skipped.append(
+                    Skipped(
+                        str(im),
+                        f"{size[0]}x{size[1]} pixels is more than the limit of {max_pixels} (--max-pixels)",
+                    )
+                )
+                continue
+        ok.append((name, im))
+        ann = annotations.get(name)
+        if ann is not None and ann.boxes:
+            fitted[name] = fit_boxes(ann, size, name)
+    return ok, fitted, skipped
 
 
 def baseline_map(name: str, n: int, size: tuple[int, int], seed: int = 0) -> Tensor:
@@ -171,12 +252,16 @@ class EvaluationResult:
 
     Attributes:
         rows: one :class:`EvaluationRow` per (image, method), image by image.
-        summary: method -> column -> mean over images (NaN values, e.g. images without boxes, left out).
+        summary: method -> column -> mean over images (NaN values left out: images without boxes do not count
+            in the box metrics).
         maxboxacc: method -> {"value", "iou_0.3", "iou_0.5", "iou_0.7"} over the images with boxes.
         columns: metric columns, in order.
         timing: seconds: ``total``, ``explain`` (the shared CAM passes), ``metric_forwards`` (model calls of the
             metrics), ``metric_images`` (images sent to the model by the metrics).
         config: the settings.
+        excluded: images left out of the box metrics (``pointing``, ``box``, ``maxboxacc``) because they have no
+            ground-truth box; empty when no box metric was chosen.
+        skipped: inputs that could not be read (file, reason); they are in no row.
     """
 
     rows: list[EvaluationRow]
@@ -185,29 +270,34 @@ class EvaluationResult:
     columns: list[str]
     timing: dict[str, float]
     config: EvaluationConfig
+    excluded: list[str] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
 
     def to_csv(self, path: str | Path) -> None:
-        """One line per row: image, method, class, label, prob and the metric columns."""
+        """One line per row: image, method, class, label, prob and the metric columns; written atomically."""
         keys = ["image", "method", "class", "label", "prob", *self.columns]
-        with open(path, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(r.to_dict() for r in self.rows)
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=keys, extrasaction="ignore", lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(r.to_dict() for r in self.rows)
+        with atomic_write(path, "w") as f:
+            f.write(buf.getvalue())
+
+    def to_dict(self) -> dict[str, object]:
+        """config, summary, maxboxacc, the excluded and skipped inputs, timing and rows (NaN kept as float)."""
+        return {
+            "config": asdict(self.config),
+            "summary": self.summary,
+            "maxboxacc": self.maxboxacc,
+            "excluded_from_box_metrics": {"count": len(self.excluded), "images": self.excluded},
+            "skipped": [s._asdict() for s in self.skipped],
+            "timing": self.timing,
+            "rows": [r.to_dict() for r in self.rows],
+        }
 
     def to_json(self, path: str | Path) -> None:
-        """config, summary, maxboxacc, timing and rows; NaN written as null."""
-
-        def clean(v: object) -> object:
-            return None if isinstance(v, float) and math.isnan(v) else v
-
-        data = {
-            "config": asdict(self.config),
-            "summary": {m: {k: clean(v) for k, v in d.items()} for m, d in self.summary.items()},
-            "maxboxacc": self.maxboxacc,
-            "timing": self.timing,
-            "rows": [{k: clean(v) for k, v in r.to_dict().items()} for r in self.rows],
-        }
-        Path(path).write_text(json.dumps(data, indent=2))
+        """:meth:`to_dict` as strict JSON (NaN written as null), atomically."""
+        write_json(path, self.to_dict())
 
 
 def _resolve_metrics(metrics: Sequence[str] | None, have_boxes: bool) -> list[str]:
@@ -266,30 +356,52 @@ class _Scorer:
         classes: Tensor,
         gt: list[list[list[float]]],
         sizes: list[tuple[int, int]],
+        tick: Callable[[float, str], None] | None = None,
     ) -> tuple[dict[str, Tensor], Tensor | None]:
-        """Metric column -> Tensor[B] of values, and the IoU curves of ``maxboxacc`` (None when not chosen)."""
+        """Metric column -> Tensor[B] of values, and the IoU curves of ``maxboxacc`` (None when not chosen);
+        ``tick(fraction done, metric)`` after each metric."""
         from camkit import metrics as M
 
         model, fwd, chosen = self.model, self.forward, self.chosen
         values: dict[str, Tensor] = {}
+        # confidence_change gives avg_drop and increase at once
+        parts = [m for m in chosen if m != "increase" or "avg_drop" not in chosen]
+        finished = 0
+
+        def step(what: str) -> None:
+            nonlocal finished
+            finished += 1
+            if tick is not None:
+                tick(finished / len(parts), what)
+
         if "deletion" in chosen:
             values["deletion"] = M.deletion(model, x, maps, classes, steps=self.steps, forward=fwd).auc
+            step("deletion")
         if "insertion" in chosen:
             values["insertion"] = M.insertion(model, x, maps, classes, steps=self.steps, forward=fwd).auc
+            step("insertion")
         if "avg_drop" in chosen or "increase" in chosen:
             cc = M.confidence_change(model, x, maps, classes, forward=fwd)
             values["avg_drop"], values["increase"] = cc.drop, cc.increase
+            step("avg_drop")
         if "road" in chosen:
             values["road_morf"] = M.road(model, x, maps, classes, forward=fwd).mean_score
             values["road_lerf"] = M.road(model, x, maps, classes, order="lerf", forward=fwd).mean_score
+            step("road")
         if "pointing" in chosen:
             values["pointing"] = M.pointing_game(maps, gt, image_sizes=sizes)
+            step("pointing")
         if "pointing_strict" in chosen:
             values["pointing_strict"] = M.pointing_game(maps, gt, tolerance=0, image_sizes=sizes)
+            step("pointing_strict")
         if "box" in chosen:
             acc = M.box_accuracy(maps, gt, threshold=self.box_threshold, image_sizes=sizes)
             values["box_iou"], values["box_acc"] = acc.iou, acc.correct
-        curves = M.iou_curves(maps, gt, self.thresholds, image_sizes=sizes) if "maxboxacc" in chosen else None
+            step("box")
+        curves = None
+        if "maxboxacc" in chosen:
+            curves = M.iou_curves(maps, gt, self.thresholds, image_sizes=sizes)
+            step("maxboxacc")
         return values, curves
 
 
@@ -306,7 +418,7 @@ def _means(rows: list[EvaluationRow], order: list[str], columns: list[str]) -> d
 
 def evaluate(
     model: nn.Module,
-    images: Sequence[str | Path | tuple[str, Image.Image]],
+    images: Sequence[str | Path | tuple[str, Path | Image.Image]],
     methods: Sequence[str] = ("gradcam", "gradcam++", "xgradcam", "hirescam", "layercam"),
     metrics: Sequence[str] | None = None,
     annotations: dict[str, Annotation] | str | Path | None = None,
@@ -318,9 +430,15 @@ def evaluate(
     batch_size: int | None = None,
     images_per_batch: int = 8,
     box_threshold: float = 0.2,
-    progress: Callable[[int, str], None] | None = None,
+    progress: Callable[[float, int, str], None] | None = None,
+    on_skip: Callable[[Skipped], None] | None = None,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> EvaluationResult:
     """Evaluate methods (and the ``center``/``random`` reference maps) on images with the chosen metrics.
+
+    Before the model runs, the annotations are read and checked, every image's size is read and the boxes are
+    fitted to it (:func:`probe_images`). An image file that cannot be read (there, or when it is decoded) is
+    skipped and listed in :attr:`EvaluationResult.skipped`; when none can be read, a ValueError.
 
     Args:
         model: classifier in eval mode.
@@ -336,22 +454,25 @@ def evaluate(
         batch_size: images per model call in the metrics (default: 8 on CPU, 64 on GPU).
         images_per_batch: images explained together.
         box_threshold: map threshold (fraction of the max) of the box metrics.
-        progress: called as ``progress(n_done, description)`` after each (batch, method).
+        progress: called as ``progress(done, total, description)``; the work is counted in (image, method)
+            pairs, ``total`` = images x methods is the same in every call and ``done`` grows after each metric
+            (fractions of a batch) up to ``total``, skipped images included.
+        on_skip: called with each :class:`Skipped` input as it is found.
+        max_pixels: image files with more pixels are skipped (decompression bombs); None: no limit.
     """
     from camkit import metrics as M
     from camkit.methods import get_method
+    from camkit.methods.engine import PerturbationOptions
     from camkit.metrics._common import Forward, model_device
     from camkit.pipeline import compare
 
     t_start = time.perf_counter()
     anns = read_annotations(annotations) if isinstance(annotations, (str, Path)) else (annotations or {})
-    items: list[tuple[str, Path | Image.Image]] = [
+    given: list[tuple[str, Path | Image.Image]] = [
         (it[0], it[1]) if isinstance(it, tuple) else (Path(it).name, Path(it)) for it in images
     ]
-    if not items:
+    if not given:
         raise ValueError("no images given")
-    have_boxes = any(anns.get(n) is not None and anns[n].boxes for n, _ in items)
-    chosen = _resolve_metrics(metrics, have_boxes)
     method_list = [m.strip() for m in methods if m.strip()]
     if not method_list:
         raise ValueError("no method given")
@@ -359,6 +480,30 @@ def evaluate(
     order = list(dict.fromkeys(m if m in BASELINES else get_method(m).name for m in method_list))
     if model.training:
         raise ValueError("the model is in training mode; call model.eval() first")
+    items, anns, skipped = probe_images(given, anns, max_pixels)
+    have_boxes = any(anns.get(n) is not None and anns[n].boxes for n, _ in given)
+    chosen = _resolve_metrics(metrics, have_boxes)
+    total = len(given) * len(order)
+    done = 0.0
+
+    def skip(entry: Skipped) -> None:
+        nonlocal done
+        skipped.append(entry)
+        if on_skip is not None:
+            on_skip(entry)
+        done += len(order)
+        if progress is not None:
+            progress(done, total, f"skipped {Path(entry.file).name}")
+
+    unreadable, skipped = skipped, []
+    for entry in unreadable:
+        skip(entry)
+    if not items:
+        raise ValueError(
+            f"none of the {len(given)} image(s) could be read; first: {skipped[0].file} ({skipped[0].reason})"
+        )
+    if progress is not None:
+        progress(done, total, "starting")
     pre = preprocess or Preprocess.for_model(model)
     device = model_device(model)
     fwd = Forward(model, batch_size)
@@ -368,10 +513,22 @@ def evaluate(
     rows: list[EvaluationRow] = []
     curves: dict[str, list[Tensor]] = {m: [] for m in order}
     t_explain = 0.0
-    done = 0
+    evaluated: list[str] = []
     for start in range(0, len(items), images_per_batch):
-        batch = items[start : start + images_per_batch]
-        pils = [im if isinstance(im, Image.Image) else load_image(im) for _, im in batch]
+        batch, pils = [], []
+        for name, im in items[start : start + images_per_batch]:
+            if isinstance(im, Image.Image):
+                pils.append(im)
+            else:
+                try:
+                    pils.append(load_image(im, max_pixels=max_pixels))
+                except (ValueError, OSError, Image.DecompressionBombError) as err:
+                    skip(Skipped(str(im), str(err)))
+                    continue
+            batch.append((name, im))
+        if not batch:
+            continue
+        evaluated.extend(n for n, _ in batch)
         sizes = [im.size for im in pils]
         batch_anns = [anns.get(n) for n, _ in batch]
         x = pre(pils).to(device)
@@ -384,8 +541,25 @@ def evaluate(
         classes = _class_indices(logits, batch_anns, lab).to(device)
         probs = torch.softmax(logits, dim=1).gather(1, classes[:, None])[:, 0]
         t0 = time.perf_counter()
+        options = None
+        if progress is not None and any(get_method(m).family == "perturbation" for m in cam_methods):
+            # the forwards of the perturbation methods show in the description; the count stays in
+            # (image, method) pairs, so the total never changes
+            def forwards(d: int, t: int, at: float = done, last: str = batch[-1][0]) -> None:
+                assert progress is not None
+                progress(at, total, f"explaining up to {last}: {d}/{t} forwards")
+
+            options = PerturbationOptions(progress=forwards)
         expl = (
-            compare(model, x, methods=cam_methods, layers=layers, targets=classes.tolist(), labels=lab)
+            compare(
+                model,
+                x,
+                methods=cam_methods,
+                layers=layers,
+                targets=classes.tolist(),
+                labels=lab,
+                perturbation=options,
+            )
             if cam_methods
             else {}
         )
@@ -397,7 +571,20 @@ def evaluate(
                 maps = baseline_map(method, len(batch), size, seed=start).to(device)
             else:
                 maps = expl[method].maps
-            values, iou = score(x, maps, classes, gt, sizes)
+            step_start = done
+
+            def tick(
+                fraction: float,
+                what: str,
+                method: str = method,
+                step_start: float = step_start,
+                n: int = len(batch),
+                last: str = batch[-1][0],
+            ) -> None:
+                if progress is not None:
+                    progress(step_start + fraction * n, total, f"{method}: {what} on {last}")
+
+            values, iou = score(x, maps, classes, gt, sizes, tick)
             if iou is not None:
                 curves[method].append(iou)
             for i, (name, _) in enumerate(batch):
@@ -414,9 +601,13 @@ def evaluate(
                         },
                     )
                 )
-            done += len(batch)
+            done = step_start + len(batch)
             if progress is not None:
-                progress(done, f"{method} on {batch[-1][0]}")
+                progress(done, total, f"{method} on {batch[-1][0]}")
+    if not evaluated:
+        raise ValueError(
+            f"none of the {len(given)} image(s) could be read; first: {skipped[0].file} ({skipped[0].reason})"
+        )
     summary = _means(rows, order, columns)
     mba: dict[str, dict[str, float]] = {}
     if "maxboxacc" in chosen:
@@ -424,6 +615,11 @@ def evaluate(
             res = M.max_box_acc_v2(torch.cat(curves[method]), thresholds)
             mba[method] = {"value": res.value} | {f"iou_{k}": v for k, v in res.per_iou.items()}
             summary[method]["maxboxacc"] = res.value
+    excluded = (
+        [n for n in evaluated if anns.get(n) is None or not anns[n].boxes]
+        if any(METRICS[m].needs_boxes for m in chosen)
+        else []
+    )
     timing = {
         "total": time.perf_counter() - t_start,
         "explain": t_explain,
@@ -436,8 +632,15 @@ def evaluate(
         layers=layers,
         steps=steps,
         box_threshold=box_threshold,
-        images=len(items),
+        images=len(evaluated),
     )
     return EvaluationResult(
-        rows=rows, summary=summary, maxboxacc=mba, columns=columns, timing=timing, config=config
+        rows=rows,
+        summary=summary,
+        maxboxacc=mba,
+        columns=columns,
+        timing=timing,
+        config=config,
+        excluded=excluded,
+        skipped=skipped,
     )

@@ -54,7 +54,13 @@ class Explanation:
         )
 
     def overlay(
-        self, index: int = 0, target: int = 0, cmap: str = "jet", alpha: float = 0.5, layer: str | None = None
+        self,
+        index: int = 0,
+        target: int = 0,
+        cmap: str = "jet",
+        alpha: float = 0.5,
+        layer: str | None = None,
+        max_side: int | None = None,
     ) -> Image.Image:
         """The map of image ``index`` over its original image (or over nothing: the colored map alone).
 
@@ -64,14 +70,16 @@ class Explanation:
             cmap: a matplotlib colormap name.
             alpha: weight of the heatmap; the photo gets ``1 - alpha``.
             layer: show one layer's map instead of the fused one.
+            max_side: shrink the picture (aspect kept) so that its longer side is at most this many pixels; the
+                photo is shrunk before blending, so a big photo costs memory in proportion to the output.
         """
         m = self.layer_maps[layer] if layer is not None else self.maps
         m = m[index]
         if m.dim() == 3:
             m = m[target]
         if self.images is not None:
-            return viz.overlay(self.images[index], m, cmap=cmap, alpha=alpha)
-        return viz.colorize(m, cmap=cmap)
+            return viz.overlay(self.images[index], m, cmap=cmap, alpha=alpha, max_side=max_side)
+        return viz.colorize(m, cmap=cmap, max_side=max_side)
 
     def _repr_png_(self) -> bytes:
         pics = [self.overlay(i) for i in range(self.maps.shape[0])]

@@ -1,16 +1,19 @@
 """The ``camkit`` command.
 
-    camkit explain [IMAGES...] [--model NAME] [--methods a,b] [--layers x,y] [--target T] [--out DIR]
+    camkit explain [IMAGES/FOLDERS...] [--model NAME] [--methods a,b] [--layers x,y] [--target T] [--out DIR]
     camkit layers MODEL
     camkit methods
     camkit evaluate [IMAGES/FOLDERS...] [--methods a,b] [--metrics m,n] [--annotations FILE] [--out DIR]
-    camkit localize [IMAGES...] [--method NAME] [--threshold T] [--mode largest|all] [--out DIR]
+    camkit localize [IMAGES/FOLDERS...] [--method NAME] [--threshold T] [--mode largest|all] [--out DIR]
 
 With no image, ``camkit explain`` runs on a sample photo shipped with scikit-image (``--sample``), with the
 offline pretrained EfficientNet-Lite0.
 
 One module per command (:mod:`camkit.cli.explain`, ...), what they share in :mod:`camkit.cli.common`. A user's
-mistake (unknown layer, class, method, missing file...) prints one ``error:`` line and exits with status 2.
+mistake (unknown layer, class, method, missing file...) prints one ``error:`` line and exits with status 2. The
+commands that load a model share the model options (``--model``, ``--weights``, ``--no-pretrained``, ``--seed``,
+``--threads``, ``--device``: :class:`camkit.cli.common.ModelOptions`). ``explain`` and ``localize`` skip inputs that
+cannot be read (an ``error:`` line each) and exit with status 1 when they did.
 """
 
 from __future__ import annotations

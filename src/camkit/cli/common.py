@@ -1,4 +1,12 @@
-"""What the ``camkit`` commands share: consoles, options, the ``error:`` exit, progress bars, image loading.
+"""What the ``camkit`` commands share: consoles, options, the ``error:`` exit, progress bars, inputs, models.
+
+* Model options (:class:`ModelOptions`, the ``*Option`` aliases, :func:`load_model`): every command that loads a
+  model takes ``--model``, ``--weights``, ``--pretrained/--no-pretrained``, ``--seed``, ``--threads`` and
+  ``--device`` with the same meaning.
+* Inputs (:func:`collect_inputs`, :func:`read_input`): files and folders (searched recursively for image files,
+  sorted, hidden files skipped), read one at a time under ``--max-pixels``.
+* Progress (:class:`RunProgress`): one bar on stderr per command, over images and, for perturbation methods, over
+  forward passes; off when stderr is not a terminal unless ``--progress`` forces it.
 
 Heavy imports (torch, the library) stay inside the functions so that ``camkit --help`` stays fast.
 """
@@ -7,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -17,23 +26,49 @@ from rich.table import Table
 if TYPE_CHECKING:
     from PIL import Image
 
+    from camkit.io import LoadedModel
+
 __all__ = [
+    "DEFAULT_MAX_PIXELS",
+    "IMAGE_SUFFIXES",
+    "SAMPLE_NAMES",
     "USER_ERRORS",
     "DeviceOption",
     "ImagesArgument",
+    "Input",
     "LayersOption",
+    "MaxPixelsOption",
+    "ModelOption",
+    "ModelOptions",
+    "PretrainedOption",
+    "ProgressOption",
+    "RunProgress",
+    "SampleOption",
+    "SeedOption",
+    "ThreadsOption",
     "WeightsOption",
+    "collect_inputs",
     "console",
     "err_console",
     "evaluation_progress",
     "fail",
     "forwards_progress",
+    "load_model",
     "load_pictures",
+    "max_pixels_limit",
+    "merge_entries",
     "model_option",
     "new_table",
     "out_option",
+    "previous_entries",
+    "read_input",
+    "read_or_skip",
+    "resolve_inputs",
+    "run_progress",
     "split",
     "user_errors",
+    "versions",
+    "warn",
 ]
 
 console = Console()
@@ -42,13 +77,83 @@ err_console = Console(stderr=True)
 #: Exceptions that mean "the user asked for something wrong": one ``error:`` line, exit status 2.
 USER_ERRORS = (ValueError, FileNotFoundError, RuntimeError, TypeError, KeyError)
 
+#: PIL's own decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``), the default of ``--max-pixels``.
+DEFAULT_MAX_PIXELS = 89_478_485
+
+#: File name suffixes read as images when a folder is given (case-insensitive).
+IMAGE_SUFFIXES = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".pnm"}
+)
+
+#: The sample photos (:data:`camkit.io.SAMPLES`; a copy so that ``--help`` imports no torch, checked by a test).
+SAMPLE_NAMES = ("chelsea", "coffee", "astronaut")
+
 # Options several commands take with the same flags and help.
 ImagesArgument = Annotated[
-    list[Path] | None, typer.Argument(help="Image files (default: the --sample photo).")
+    list[Path] | None,
+    typer.Argument(
+        help="Image files and/or folders (searched recursively for image files; hidden files skipped). "
+        "Default: the --sample photo."
+    ),
 ]
-WeightsOption = Annotated[Path | None, typer.Option("--weights", help="Local state_dict file.")]
-LayersOption = Annotated[str, typer.Option("--layers", "--layer", "-l", help="Target layer(s) or auto.")]
-DeviceOption = Annotated[str, typer.Option(help="cpu, cuda, ...")]
+ModelOption = Annotated[
+    str,
+    typer.Option(
+        "--model", help="efficientnet_lite0 (default, offline pretrained), a torchvision or timm name."
+    ),
+]
+WeightsOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--weights", help="Local state_dict file (read with weights_only=True) instead of pretrained."
+    ),
+]
+PretrainedOption = Annotated[
+    bool,
+    typer.Option(
+        "--pretrained/--no-pretrained",
+        help="The library's pretrained weights (network needed except for the default model), or random ones "
+        "drawn from --seed.",
+    ),
+]
+SeedOption = Annotated[
+    int,
+    typer.Option("--seed", help="Seed of torch's random numbers: random weights (--no-pretrained), noise."),
+]
+ThreadsOption = Annotated[
+    int | None,
+    typer.Option("--threads", help="CPU threads of torch (default: torch's own choice)."),
+]
+DeviceOption = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:1, ...")]
+LayersOption = Annotated[
+    str,
+    typer.Option(
+        "--layers",
+        "--layer",
+        "-l",
+        help="Target layer(s), comma-separated, or 'auto'; see `camkit layers MODEL`.",
+    ),
+]
+MaxPixelsOption = Annotated[
+    int,
+    typer.Option(
+        "--max-pixels",
+        help=f"Refuse images with more pixels than this (decompression bombs); default PIL's limit "
+        f"{DEFAULT_MAX_PIXELS}; 0: no limit.",
+    ),
+]
+SampleOption = Annotated[
+    str,
+    typer.Option("--sample", help=f"Sample photo used when no image is given: {', '.join(SAMPLE_NAMES)}."),
+]
+ProgressOption = Annotated[
+    bool | None,
+    typer.Option(
+        "--progress/--no-progress",
+        help="Progress bar on stderr (default: only when stderr is a terminal).",
+        show_default=False,
+    ),
+]
 
 
 def model_option(help: str) -> Any:
@@ -61,10 +166,15 @@ def out_option(help: str) -> Any:
     return typer.Option("--out", "-o", help=help)
 
 
-def fail(err: BaseException) -> None:
+def fail(err: BaseException | str) -> None:
     """Print ``error: <message>`` on stderr and exit with status 2."""
     err_console.print(f"[bold red]error:[/] {err}", highlight=False, markup=True, soft_wrap=True)
     raise typer.Exit(code=2)
+
+
+def warn(message: str) -> None:
+    """Print ``error: <message>`` on stderr and go on (an input that is skipped)."""
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, markup=True, soft_wrap=True)
 
 
 @contextmanager
@@ -85,8 +195,276 @@ def new_table(title: str, columns: Sequence[str]) -> Table:
     """A rich table with these plain columns."""
     table = Table(title=title)
     for col in columns:
-        table.add_column(col)
+        table.add_column(col, overflow="fold")  # names are never cut (a narrow or piped output folds them)
     return table
+
+
+# ------------------------------------------------------------------------------------------------ models
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """The model options every command that loads a model takes (``--model`` ... ``--device``).
+
+    Attributes:
+        model: the model name (:func:`camkit.load_model`).
+        weights: a local state_dict file, or None.
+        pretrained: the library's pretrained weights when no file is given; False: random weights.
+        seed: seeds torch's random numbers before the model is built, so that random weights are the same run
+            after run.
+        threads: ``torch.set_num_threads`` (None: torch's default).
+        device: where the model runs.
+    """
+
+    model: str = "efficientnet_lite0"
+    weights: Path | None = None
+    pretrained: bool = True
+    seed: int = 0
+    threads: int | None = None
+    device: str = "cpu"
+
+    def to_dict(self) -> dict[str, object]:
+        """The summary.json fields (``weights`` as given, or None)."""
+        return {
+            "model": self.model,
+            "weights": str(self.weights) if self.weights is not None else None,
+            "pretrained": self.pretrained if self.weights is None else False,
+            "seed": self.seed,
+            "threads": self.threads,
+            "device": self.device,
+        }
+
+    def file_tag(self, default: str = "efficientnet_lite0") -> str:
+        """``""`` for the default model, else ``_<model>`` (safe in a file name) to put in output names."""
+        name = self.model.strip()
+        if name == default:
+            return ""
+        safe = "".join(c if c.isalnum() or c in "-._" else "-" for c in name).strip("-.")
+        return f"_{safe[:40]}" if safe else ""
+
+
+def load_model(options: ModelOptions, input_size: int | None = None) -> LoadedModel:
+    """Apply ``--threads`` and ``--seed``, then :func:`camkit.load_model` with the options."""
+    import torch
+
+    import camkit
+
+    if options.threads is not None:
+        if options.threads < 1:
+            raise ValueError(f"--threads must be at least 1, got {options.threads}")
+        torch.set_num_threads(options.threads)
+    torch.manual_seed(options.seed)
+    return camkit.load_model(
+        options.model,
+        weights=options.weights,
+        pretrained=options.pretrained,
+        device=options.device,
+        input_size=input_size,
+    )
+
+
+def versions() -> dict[str, str]:
+    """The camkit and torch versions, for summary files."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import torch
+
+    try:
+        own = version("camkit")
+    except PackageNotFoundError:
+        import camkit
+
+        own = str(getattr(camkit, "__version__", "unknown"))
+    return {"camkit": own, "torch": str(torch.__version__)}
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+
+
+def max_pixels_limit(max_pixels: int) -> int | None:
+    """``--max-pixels``: 0 means no limit (None for :func:`camkit.io.load_image`)."""
+    if max_pixels < 0:
+        raise ValueError(f"--max-pixels is a number of pixels (0: no limit), got {max_pixels}")
+    return None if max_pixels == 0 else max_pixels
+
+
+def _hidden(path: Path, root: Path) -> bool:
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
+def collect_inputs(paths: Sequence[Path]) -> list[Path]:
+    """The image files named or found in folders (recursively; image suffixes only, hidden files and folders
+    skipped, sorted per folder), in the order given.
+
+    Raises:
+        FileNotFoundError: a path does not exist.
+        ValueError: a folder holds no image file.
+    """
+    found: list[Path] = []
+    for p in paths:
+        if not p.exists():
+            raise FileNotFoundError(f"image file not found: {str(p)!r}")
+        if not p.is_dir():
+            found.append(p)
+            continue
+        files = sorted(
+            f
+            for f in p.rglob("*")
+            if f.suffix.lower() in IMAGE_SUFFIXES and not _hidden(f, p) and f.is_file()
+        )
+        if not files:
+            raise ValueError(
+                f"the folder {str(p)!r} holds no image file ({', '.join(sorted(IMAGE_SUFFIXES))})"
+            )
+        found += files
+    return found
+
+
+def read_input(path: Path, max_pixels: int | None) -> Image.Image:
+    """One input image as RGB (:func:`camkit.io.load_image`)."""
+    from camkit.io import load_image
+
+    return load_image(path, max_pixels=max_pixels)
+
+
+def load_pictures(
+    images: Sequence[Path] | None, sample: str, max_pixels: int | None = DEFAULT_MAX_PIXELS
+) -> list[tuple[str, Image.Image]]:
+    """(name, RGB image) pairs: the image files (named by their stem), or the sample photo when none."""
+    from camkit.io import load_image, sample_image
+
+    if images:
+        return [(p.stem, load_image(p, max_pixels=max_pixels)) for p in images]
+    return [(sample, sample_image(sample))]
+
+
+@dataclass(frozen=True)
+class Input:
+    """One input of a command: its file (None for the sample photo), its name (the table's and summary's
+    ``image``), the start of its output file names, its source."""
+
+    path: Path | None
+    name: str
+    stem: str
+    source: str
+
+
+def resolve_inputs(images: list[Path] | None, sample: str, tag: str) -> list[Input]:
+    """The inputs (folders expanded, missing files refused) with distinct, bounded output stems ending in
+    ``tag``; the ``sample`` photo when no image is given."""
+    from camkit.io.files import output_stems
+
+    if not images:
+        if sample not in SAMPLE_NAMES:
+            raise ValueError(f"unknown sample {sample!r}; choose one of {', '.join(SAMPLE_NAMES)}")
+        return [Input(None, sample, f"{sample}{tag}", f"sample:{sample}")]
+    files = collect_inputs(images)
+    stems = output_stems(files, suffix_room=40 + len(tag.encode("utf-8")))
+    return [Input(f, stem, f"{stem}{tag}", str(f)) for f, stem in zip(files, stems, strict=True)]
+
+
+def read_or_skip(item: Input, max_pixels: int | None, alone: bool) -> Image.Image | None:
+    """The input's image; an unreadable one is reported on stderr and skipped (None), or raises ValueError when
+    it is the only input."""
+    from camkit.io import sample_image
+
+    if item.path is None:
+        return sample_image(item.source.removeprefix("sample:"))
+    try:
+        return read_input(item.path, max_pixels)
+    except (ValueError, OSError) as err:
+        if alone:
+            raise ValueError(str(err)) from err
+        warn(f"skipped {str(item.path)!r}: {err}")
+        return None
+
+
+# ---------------------------------------------------------------------------------------------- progress
+
+
+class RunProgress:
+    """One progress bar for a whole command, with one fixed total: the number of images.
+
+    Within an image the bar advances with the perturbation methods' forward passes: the engine reports
+    ``(done, total)`` where ``total`` grows as each (method, layer) starts; each of the ``steps`` expected per
+    image gets an equal share of the image, so the bar moves smoothly, never goes back and never restarts. The
+    forward passes done so far in the whole command are counted beside it.
+    """
+
+    def __init__(self, bar: Any, n_images: int, steps: int = 0) -> None:
+        self._bar = bar
+        self._steps = steps  # forward-counting steps per image (perturbation methods x layers); 0: none
+        self._task = bar.add_task("images", total=n_images, forwards="") if bar is not None else None
+        self._images = 0
+        self._fraction = 0.0  # of the current image
+        self._forwards = 0  # forward passes of the images already done
+        self._step = self._start = self._end = self._done = 0  # the current image's engine counts
+
+    @property
+    def completed(self) -> float:
+        """Images done, with the current image's fraction."""
+        return self._images + self._fraction
+
+    def image_done(self, name: str) -> None:
+        """One more image finished (``name`` shown beside the bar)."""
+        self._images += 1
+        self._fraction = 0.0
+        self._forwards += self._done
+        self._step = self._start = self._end = self._done = 0
+        if self._bar is not None:
+            self._bar.update(self._task, completed=self._images, description=f"images ({name})")
+
+    def forwards(self) -> Callable[[int, int], None] | None:
+        """The ``f(done, total)`` callback of the current image's perturbation methods (None when not shown)."""
+        if self._bar is None or self._steps == 0:
+            return None
+        return self._report
+
+    def _report(self, done: int, total: int) -> None:
+        if total > self._end:  # a new (method, layer) step starts where the last one ended
+            self._step += 1
+            self._start, self._end = self._end, total
+        span = max(self._end - self._start, 1)
+        share = (self._step - 1 + min(max(done - self._start, 0) / span, 1.0)) / self._steps
+        self._fraction = max(self._fraction, min(share, 0.999))  # never back; 1 only when the image is done
+        self._done = done
+        if self._bar is not None:
+            self._bar.update(
+                self._task, completed=self.completed, forwards=f"{self._forwards + done} forwards"
+            )
+
+
+@contextmanager
+def run_progress(
+    n_images: int, steps: int = 0, enabled: bool | None = None, forwards: bool = False
+) -> Iterator[RunProgress]:
+    """A :class:`RunProgress` on stderr (``steps``: perturbation methods x layers per image, 0 when none;
+    ``forwards=True`` is ``steps=1``, as in the first version); ``enabled`` None: only when stderr is a terminal."""
+    steps = steps or int(forwards)
+    show = err_console.is_terminal if enabled is None else enabled
+    if not show:
+        yield RunProgress(None, n_images, steps)
+        return
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[forwards]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=err_console,
+        transient=True,
+    ) as bar:
+        yield RunProgress(bar, n_images, steps)
 
 
 @contextmanager
@@ -135,10 +513,44 @@ def evaluation_progress(total: int) -> Iterator[Callable[[int, str], None]]:
         yield report
 
 
-def load_pictures(images: Sequence[Path] | None, sample: str) -> list[tuple[str, Image.Image]]:
-    """(name, RGB image) pairs: the image files (named by their stem), or the sample photo when none."""
-    from camkit.io import load_image, sample_image
+# ------------------------------------------------------------------------------------------------ summaries
 
-    if images:
-        return [(p.stem, load_image(p)) for p in images]
-    return [(sample, sample_image(sample))]
+
+def previous_entries(path: Path) -> list[dict[str, Any]]:
+    """The entries of an earlier run's summary file (``[]`` when there is none); read before any model work.
+
+    Raises:
+        ValueError: the file is not a JSON list of objects (camkit does not overwrite what it did not write).
+    """
+    import json
+
+    if not path.exists() and not path.is_symlink():
+        return []
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(
+            f"{str(path)!r} exists and is not a camkit summary ({err}); move it away or choose another --out"
+        ) from err
+    if not isinstance(value, list) or not all(isinstance(e, dict) for e in value):
+        raise ValueError(
+            f"{str(path)!r} exists and is not a camkit summary (a JSON list of objects); move it away or choose "
+            "another --out"
+        )
+    return value
+
+
+def merge_entries(
+    previous: list[dict[str, Any]], new: list[dict[str, Any]], out: Path
+) -> list[dict[str, Any]]:
+    """The summary rule: earlier entries whose file still exists in ``out`` and was not written again by this run,
+    then this run's entries (an entry per file written)."""
+    written = {Path(str(e.get("file", ""))).name for e in new}
+    kept = [
+        e
+        for e in previous
+        if isinstance(e.get("file"), str)
+        and Path(e["file"]).name not in written
+        and (out / Path(e["file"]).name).is_file()
+    ]
+    return kept + new

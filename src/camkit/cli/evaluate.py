@@ -1,37 +1,62 @@
-"""``camkit evaluate``: score methods on images (faithfulness, and localization with boxes); CSV + JSON."""
+"""``camkit evaluate``: score methods on images (faithfulness, and localization with boxes); CSV + JSON.
+
+Everything the user can get wrong is checked before the model is loaded: the methods and metrics, the images
+(folders are searched recursively), the annotation file (format, keys, boxes), the boxes against the image sizes,
+and the ``--out`` folder. An image that cannot be read is reported on stderr, skipped, and listed in
+evaluate.json; the command then exits with status 1 (0 when every input was evaluated, 2 on a user error).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from camkit.cli.common import (
+    DEFAULT_MAX_PIXELS,
     DeviceOption,
     LayersOption,
+    MaxPixelsOption,
+    ModelOption,
+    ModelOptions,
+    PretrainedOption,
+    ProgressOption,
+    SeedOption,
+    ThreadsOption,
     WeightsOption,
-    console,
-    evaluation_progress,
-    model_option,
+    err_console,
+    load_model,
+    max_pixels_limit,
     out_option,
     split,
     user_errors,
+    versions,
+    warn,
 )
+from camkit.cli.output import Format, FormatOption, emit, note
 
 if TYPE_CHECKING:
     from PIL import Image
 
-    from camkit.evaluate import EvaluationResult
+    from camkit.evaluate import EvaluationResult, Skipped
 
 __all__ = ["evaluate"]
+
+#: Exit status when the run finished but some inputs could not be read (and were skipped).
+EXIT_SOME_SKIPPED = 1
 
 
 def evaluate(
     images: Annotated[
         list[Path] | None,
-        typer.Argument(help="Image files and/or folders (default: the three sample photos)."),
+        typer.Argument(
+            help="Image files and/or folders, searched recursively (default: the three sample photos)."
+        ),
     ] = None,
     methods: Annotated[
         str,
@@ -54,8 +79,12 @@ def evaluate(
         Path | None,
         typer.Option("--annotations", "-a", help="camkit JSON, COCO JSON, Pascal VOC XML file or folder."),
     ] = None,
-    model: Annotated[str, model_option("Model name (see `camkit explain`).")] = "efficientnet_lite0",
+    model: ModelOption = "efficientnet_lite0",
     weights: WeightsOption = None,
+    pretrained: PretrainedOption = True,
+    seed: SeedOption = 0,
+    threads: ThreadsOption = None,
+    max_pixels: MaxPixelsOption = DEFAULT_MAX_PIXELS,
     layers: LayersOption = "auto",
     steps: Annotated[int, typer.Option(help="Deletion/insertion steps.")] = 50,
     batch_size: Annotated[
@@ -63,40 +92,92 @@ def evaluate(
     ] = None,
     out: Annotated[Path, out_option("Folder for evaluate.csv and evaluate.json.")] = Path("out"),
     device: DeviceOption = "cpu",
+    fmt: FormatOption = Format.table,
+    progress: ProgressOption = None,
 ) -> None:
-    """Score methods on images: faithfulness (deletion, insertion, ...) and, with boxes, localization."""
-    import camkit
-    from camkit.evaluate import collect_images
+    """Score methods on images: faithfulness (deletion, insertion, ...) and, with boxes, localization.
+
+    Exit status: 0 when every image was evaluated, 1 when some could not be read (skipped, listed on stderr and
+    in evaluate.json), 2 on a usage error (nothing evaluated).
+    """
+    from camkit.evaluate import collect_images, probe_images, read_annotations
     from camkit.evaluate import evaluate as run_evaluation
+    from camkit.io.files import prepare_out_dir, write_json
+    from camkit.methods import get_method
 
     with user_errors():
-        items = _samples() if not images else collect_images(images)
-        loaded = camkit.load_model(model, weights=weights, device=device)
         method_list = split(methods)
-        with evaluation_progress(len(items) * len(method_list)) as report:
+        if not method_list:
+            raise ValueError("--methods is empty; give at least one method (see `camkit methods`)")
+        for m in method_list:
+            if m not in ("center", "random", "noise"):
+                get_method(m)
+        if steps < 1:
+            raise ValueError(f"--steps must be at least 1, got {steps}")
+        items: list[tuple[str, Path | Image.Image]] = (
+            list(_samples()) if not images else [(p.name, p) for p in collect_images(images)]
+        )
+        anns = read_annotations(annotations) if annotations is not None else {}
+        limit = max_pixels_limit(max_pixels)
+        probe_images(
+            items, anns, limit
+        )  # boxes against image sizes: an error here, before the model is loaded
+        prepare_out_dir(out)
+        options = ModelOptions(
+            model=model, weights=weights, pretrained=pretrained, seed=seed, threads=threads, device=device
+        )
+        loaded = load_model(options)
+        show = err_console.is_terminal if progress is None else progress
+        with _progress(show) as report:
             result = run_evaluation(
                 loaded.model,
                 items,
                 methods=method_list,
                 metrics=split(metrics) if metrics else None,
-                annotations=annotations,
+                annotations=anns,
                 preprocess=loaded.preprocess,
                 labels=loaded.labels,
                 layers=layers,
                 steps=steps,
                 batch_size=batch_size,
                 progress=report,
+                on_skip=_report_skip,
+                max_pixels=limit,
             )
-        out.mkdir(parents=True, exist_ok=True)
-        result.to_csv(out / "evaluate.csv")
-        result.to_json(out / "evaluate.json")
-        title = f"camkit evaluate · {loaded.name} · {result.config.images} image(s), mean per method"
-        console.print(_table(result, title))
-        t = result.timing
-        console.print(
-            f"{t['total']:.1f} s ({t['explain']:.1f} s explaining, {t['metric_forwards']:.1f} s in "
-            f"model calls on {int(t['metric_images'])} perturbed images) · written to {out}/evaluate.csv, evaluate.json"
-        )
+        csv_path, json_path = out / "evaluate.csv", out / "evaluate.json"
+        result.to_csv(csv_path)
+        record = {"run": {**options.to_dict(), **versions()}, **result.to_dict()}
+        write_json(json_path, record)
+    _print(result, loaded.name, fmt, [csv_path, json_path], record)
+    if result.skipped:
+        raise typer.Exit(code=EXIT_SOME_SKIPPED)
+
+
+def _report_skip(entry: Skipped) -> None:
+    warn(f"skipped {entry.file!r}: {entry.reason}")
+
+
+@contextmanager
+def _progress(enabled: bool) -> Iterator[Callable[[float, int, str], None]]:
+    """One bar on stderr over (image, method) pairs: its total is set once, it moves after every metric."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("image x method"),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=True,
+        disable=not enabled,
+    ) as bar:
+        task = bar.add_task("evaluating", total=None)
+
+        def report(done: float, total: int, description: str) -> None:
+            bar.update(task, completed=done, total=total, description=description)
+
+        yield report
 
 
 def _samples() -> list[tuple[str, Image.Image]]:
@@ -106,16 +187,45 @@ def _samples() -> list[tuple[str, Image.Image]]:
     return [(s, sample_image(s)) for s in SAMPLES]
 
 
-def _table(result: EvaluationResult, title: str) -> Table:
-    """One row per method: its mean of each column, with whether lower (↓) or higher (↑) is better."""
+def _print(
+    result: EvaluationResult, model: str, fmt: Format, files: list[Path], record: dict[str, object]
+) -> None:
+    """The means per method in ``fmt`` (json: the ``record`` written to evaluate.json and the files), then what
+    was excluded or skipped and where the files are."""
     from camkit.evaluate import METRICS
 
     cols = list(result.columns) + (["maxboxacc"] if result.maxboxacc else [])
-    table = Table(title=title)
-    table.add_column("method")
-    for col in cols:
-        lower = next((m.lower_is_better for k, m in METRICS.items() if col in m.columns or col == k), False)
-        table.add_column(f"{col} {'↓' if lower else '↑'}", justify="right")
-    for method, vals in result.summary.items():
-        table.add_row(method, *(f"{vals.get(c, float('nan')):.3f}" for c in cols))
-    return table
+    rows = [(method, *(vals.get(c, float("nan")) for c in cols)) for method, vals in result.summary.items()]
+    notes = []
+    if result.excluded:
+        names = ", ".join(result.excluded[:5]) + (", ..." if len(result.excluded) > 5 else "")
+        notes.append(
+            f"box metrics over {result.config.images - len(result.excluded)} image(s): "
+            f"{len(result.excluded)} without ground-truth boxes excluded ({names})"
+        )
+    if result.skipped:
+        notes.append(f"{len(result.skipped)} input(s) could not be read and were skipped (see evaluate.json)")
+    t = result.timing
+    notes.append(
+        f"{t['total']:.1f} s ({t['explain']:.1f} s explaining, {t['metric_forwards']:.1f} s in model calls on "
+        f"{int(t['metric_images'])} perturbed images) · written to {', '.join(str(f) for f in files)}"
+    )
+    if fmt is Format.json:
+        data = {**record, "files": [str(f) for f in files]}
+        emit("", [], [], fmt, data=data)
+    elif fmt is Format.tsv:
+        emit("", ["method", *cols], rows, fmt)
+    else:
+        title = f"camkit evaluate · {model} · {result.config.images} image(s), mean per method"
+        table = Table(title=title)
+        table.add_column("method", overflow="fold")
+        for col in cols:
+            lower = next(
+                (m.lower_is_better for k, m in METRICS.items() if col in m.columns or col == k), False
+            )
+            table.add_column(f"{col} {'↓' if lower else '↑'}", justify="right", overflow="fold")
+        for method, *vals in rows:
+            table.add_row(Text(str(method)), *(f"{v:.3f}" for v in vals))
+        emit(title, [], [], fmt, table=table)
+    for line in notes:
+        note(line, fmt)

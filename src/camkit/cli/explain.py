@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -12,13 +11,34 @@ import typer
 from rich.table import Table
 
 from camkit.cli.common import (
+    DEFAULT_MAX_PIXELS,
+    DeviceOption,
     ImagesArgument,
+    Input,
+    LayersOption,
+    MaxPixelsOption,
+    ModelOption,
+    ModelOptions,
+    PretrainedOption,
+    ProgressOption,
+    SampleOption,
+    SeedOption,
+    ThreadsOption,
+    WeightsOption,
     console,
-    forwards_progress,
-    load_pictures,
+    err_console,
+    load_model,
+    max_pixels_limit,
+    merge_entries,
     new_table,
+    out_option,
+    previous_entries,
+    read_or_skip,
+    resolve_inputs,
+    run_progress,
     split,
     user_errors,
+    versions,
 )
 
 if TYPE_CHECKING:
@@ -116,47 +136,35 @@ class _Job:
     out: Path
     cmap: str
     alpha: float
+    max_side: int | None = None  # longer side of the written pictures (None: the photo's size)
+    caption: bool = False  # a caption strip and a colour bar on each single overlay
+    progress: Callable[[int, int], None] | None = None  # forward passes of this image's perturbation methods
 
 
 @dataclass(frozen=True)
 class _Picture:
     """One input image and, for segmentation / detection models, what is explained in it."""
 
-    stem: str
+    name: str  # shown in the table and summary.json
+    stem: str  # output files start with it
     image: Image.Image
     chosen: ChosenTarget | None
 
 
 def explain(
     images: ImagesArgument = None,
-    model: Annotated[
-        str, typer.Option("--model", help="efficientnet_lite0 (offline default), a torchvision or timm name.")
-    ] = "efficientnet_lite0",
-    weights: Annotated[
-        Path | None, typer.Option("--weights", help="Local state_dict file (loaded with weights_only=True).")
-    ] = None,
-    pretrained: Annotated[
-        bool,
-        typer.Option(
-            "--pretrained/--no-pretrained",
-            help="Use the library's pretrained weights (network needed except for the default).",
-        ),
-    ] = True,
+    model: ModelOption = "efficientnet_lite0",
+    weights: WeightsOption = None,
+    pretrained: PretrainedOption = True,
+    seed: SeedOption = 0,
+    threads: ThreadsOption = None,
     methods: Annotated[
         str,
         typer.Option(
             "--method", "--methods", "-m", help="Method name(s), comma-separated; see `camkit methods`."
         ),
     ] = "gradcam",
-    layers: Annotated[
-        str,
-        typer.Option(
-            "--layer",
-            "--layers",
-            "-l",
-            help="Target layer(s), comma-separated, or 'auto'; see `camkit layers MODEL`.",
-        ),
-    ] = "auto",
+    layers: LayersOption = "auto",
     target: Annotated[
         str | None,
         typer.Option(
@@ -166,14 +174,25 @@ def explain(
             "models: the class covering most of the predicted mask; detection models: the best detection.",
         ),
     ] = None,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for the PNG files.")] = Path("out"),
+    out: Annotated[Path, out_option("Output folder for the PNG files and summary.json.")] = Path("out"),
     cmap: Annotated[str, typer.Option(help="Matplotlib colormap.")] = "jet",
     alpha: Annotated[float, typer.Option(help="Weight of the heatmap in the overlay (0..1).")] = 0.5,
     fusion: Annotated[str | None, typer.Option(help="Fusion of several layers: max or mean.")] = None,
-    sample: Annotated[
-        str, typer.Option(help="Sample photo used when no image is given: chelsea, coffee, astronaut.")
-    ] = "chelsea",
-    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1, ...")] = "cpu",
+    max_side: Annotated[
+        int | None,
+        typer.Option(help="Longer side of the written pictures in pixels (default: the photo's own size)."),
+    ] = None,
+    caption: Annotated[
+        bool,
+        typer.Option(
+            "--caption/--no-caption",
+            help="Add a caption (class, probability, method, layer) and a colour bar to each single overlay.",
+        ),
+    ] = False,
+    sample: SampleOption = "chelsea",
+    device: DeviceOption = "cpu",
+    max_pixels: MaxPixelsOption = DEFAULT_MAX_PIXELS,
+    progress: ProgressOption = None,
     batch_size: Annotated[
         int | None,
         typer.Option(help="Perturbation methods: masked inputs per forward (default: from free memory)."),
@@ -194,6 +213,14 @@ def explain(
     ablation: Annotated[
         str, typer.Option(help="Ablation-CAM: 'zero' (the paper) or 'gradcam-min' (pytorch-grad-cam).")
     ] = "zero",
+    compile: Annotated[
+        bool,
+        typer.Option(
+            "--compile",
+            help="Score-CAM family: run the masked inputs through torch.compile (tens of seconds once; pays off "
+            "over many images).",
+        ),
+    ] = False,
     input_size: Annotated[
         int | None,
         typer.Option(
@@ -208,20 +235,37 @@ def explain(
         ),
     ] = None,
 ) -> None:
-    """Explain the model's decision on images and write overlay PNGs (and a grid when comparing)."""
-    import camkit
+    """Explain the model's decision on images and write overlay PNGs (and a grid when comparing).
 
+    Exit status: 0 when every image was explained, 1 when some inputs could not be read (each named on
+    stderr, the others explained), 2 on a usage error or when no image could be read.
+    """
+    import camkit
+    from camkit.io.files import prepare_out_dir, write_json
+
+    opts = ModelOptions(model, weights, pretrained, seed, threads, device)
     with user_errors():
+        # everything that can be checked without the model first: options, output folder, input files
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"--alpha is the heatmap's weight and must lie in [0, 1], got {alpha}")
+        if max_side is not None and max_side < 16:
+            raise ValueError(f"--max-side must be at least 16 pixels, got {max_side}")
         method_list, slow = _methods(methods)
-        loaded = camkit.load_model(
-            model, weights=weights, pretrained=pretrained, device=device, input_size=input_size
+        perturbation = camkit.PerturbationOptions(  # checks its values
+            batch_size=batch_size,
+            top_channels=top_channels,
+            samples=samples,
+            weighting=weighting,  # type: ignore[arg-type]
+            ablation=ablation,  # type: ignore[arg-type]
+            compile=compile,
         )
-        pics = load_pictures(images, sample)
+        limit = max_pixels_limit(max_pixels)
+        inputs = resolve_inputs(images, sample, opts.file_tag())
+        prepare_out_dir(out)
+        previous = previous_entries(out / "summary.json")
+        loaded = load_model(opts, input_size=input_size)
         spec = _target_spec(loaded, target)
         _set_det_threshold(loaded, det_threshold)
-        out.mkdir(parents=True, exist_ok=True)
         job = _Job(
             loaded=loaded,
             methods=method_list,
@@ -229,23 +273,62 @@ def explain(
             layers=layers,
             spec=spec,
             fusion=fusion,
-            perturbation=camkit.PerturbationOptions(  # checks its values
-                batch_size=batch_size,
-                top_channels=top_channels,
-                samples=samples,
-                weighting=weighting,  # type: ignore[arg-type]
-                ablation=ablation,  # type: ignore[arg-type]
-            ),
+            perturbation=perturbation,
             device=device,
             out=out,
             cmap=cmap,
             alpha=alpha,
+            max_side=max_side,
+            caption=caption,
         )
+        run_info = {
+            **opts.to_dict(),
+            **versions(),
+            "options": {
+                "methods": method_list,
+                "layers": layers,
+                "target": target,
+                "fusion": fusion,
+                "cmap": cmap,
+                "alpha": alpha,
+                "max_side": max_side,
+                "caption": caption,
+                "batch_size": batch_size,
+                "top_channels": top_channels,
+                "samples": samples,
+                "weighting": weighting,
+                "ablation": ablation,
+                "compile": compile,
+                "input_size": input_size,
+                "det_threshold": det_threshold,
+                "max_pixels": max_pixels,
+            },
+        }
         table = new_table(f"camkit explain · {loaded.name}", _COLUMNS)
-        rows = [row for stem, pil in pics for row in _explain_picture(job, stem, pil, table)]
-        (out / "summary.json").write_text(json.dumps([r.to_dict() for r in rows], indent=2))
+        entries: list[dict[str, object]] = []
+        failed = 0
+        n_layers = 1 if layers.strip() == "auto" else max(len(split(layers)), 1)
+        with run_progress(len(inputs), steps=len(slow) * n_layers, enabled=progress) as bar:
+            for item in inputs:
+                pil = read_or_skip(item, limit, alone=len(inputs) == 1)
+                if pil is None:
+                    failed += 1
+                    bar.image_done(item.name)
+                    continue
+                job_item = replace(job, progress=bar.forwards())
+                for entry in _explain_picture(job_item, item, pil, table):
+                    entries.append({**entry, "source": item.source, **run_info})
+                bar.image_done(item.name)
+        if failed == len(inputs):
+            raise ValueError(f"none of the {len(inputs)} images could be read (see above)")
+        write_json(out / "summary.json", merge_entries(previous, entries, out))
         console.print(table)
         console.print(f"written to {out}/")
+    if failed:  # outside user_errors: typer.Exit is a RuntimeError
+        err_console.print(
+            f"{failed} of {len(inputs)} inputs could not be read and were skipped", highlight=False
+        )
+        raise typer.Exit(code=1)
 
 
 def _methods(text: str) -> tuple[list[str], list[str]]:
@@ -280,13 +363,14 @@ def _set_det_threshold(loaded: LoadedModel, threshold: float | None) -> None:
     set_score_threshold(loaded.model, threshold)
 
 
-def _explain_picture(job: _Job, stem: str, pil: Image.Image, table: Table) -> list[SummaryRow]:
-    """Explain one image with every method, write its overlays (and grids), add them to the table."""
+def _explain_picture(job: _Job, item: Input, pil: Image.Image, table: Table) -> list[dict[str, object]]:
+    """Explain one image with every method, write its overlays (and grids), add them to the table; the
+    summary.json entries of the files written."""
     chosen = _task_target(job, pil) if job.loaded.task != "classification" else None
-    pic = _Picture(stem, pil, chosen)
+    pic = _Picture(item.name, item.stem, pil, chosen)
     if chosen is not None:
         console.print(
-            f"{stem}: {job.loaded.task}, explaining {_describe(job.loaded, pil, chosen)}",
+            f"{item.name}: {job.loaded.task}, explaining {_describe(job.loaded, pil, chosen)}",
             highlight=False,
             markup=False,
             soft_wrap=True,
@@ -294,41 +378,53 @@ def _explain_picture(job: _Job, stem: str, pil: Image.Image, table: Table) -> li
     results = _run_methods(job, pic)
     first = next(iter(results.values()))
     n_targets = first.maps.shape[1] if first.maps.dim() == 4 else 1
-    rows: list[SummaryRow] = []
+    entries: list[dict[str, object]] = []
     for t in range(n_targets):
         written, grid = _write_target(job, pic, results, t)
         for row in written:
             table.add_row(*row.cells())
+        entries += [row.to_dict() for row in written]
         if grid is not None:
-            table.add_row(stem, "", "", "grid", "", grid.name)
-        rows += written
-    return rows
+            table.add_row(pic.name, "", "", "grid", "", grid.name)
+            entries.append(
+                {
+                    "image": pic.name,
+                    "class": written[-1].cls,
+                    "label": written[-1].label,
+                    "prob": None,
+                    "method": "grid",
+                    "methods": list(results),
+                    "layers": sorted({layer for row in written for layer in row.layers}),
+                    "file": str(grid),
+                }
+            )
+    return entries
 
 
 def _run_methods(job: _Job, pic: _Picture) -> dict[str, Explanation]:
-    """All methods on one image (:func:`camkit.compare`), with a progress bar for the slow ones."""
+    """All methods on one image (:func:`camkit.compare`), the perturbation methods' forwards reported."""
     from camkit.pipeline import compare
 
-    with forwards_progress(f"{pic.stem}: {', '.join(job.slow)}", enabled=bool(job.slow)) as report:
-        return compare(
-            job.loaded.model,
-            pic.image,
-            methods=job.methods,
-            layers=job.layers,
-            targets=job.spec if pic.chosen is None else pic.chosen.target,
-            preprocess=job.loaded.preprocess,
-            labels=job.loaded.labels,
-            fusion=job.fusion,
-            perturbation=replace(job.perturbation, progress=report),
-        )
+    return compare(
+        job.loaded.model,
+        pic.image,
+        methods=job.methods,
+        layers=job.layers,
+        targets=job.spec if pic.chosen is None else pic.chosen.target,
+        preprocess=job.loaded.preprocess,
+        labels=job.loaded.labels,
+        fusion=job.fusion,
+        perturbation=replace(job.perturbation, progress=job.progress),
+    )
 
 
 def _write_target(
     job: _Job, pic: _Picture, results: dict[str, Explanation], t: int
 ) -> tuple[list[SummaryRow], Path | None]:
     """The overlays of target ``t`` (``_topK`` in the names for topK) and, when comparing, their grid."""
+    from camkit.io.files import save_image
     from camkit.targets import TopK
-    from camkit.viz import grid
+    from camkit.viz import annotate, caption_text, grid
 
     suffix = f"_top{t + 1}" if isinstance(job.spec, TopK) else ""
     decorate = _decorator(job.loaded, pic)
@@ -336,17 +432,25 @@ def _write_target(
     cells: dict[str, dict[str, Image.Image]] = {}
     for name, expl in results.items():
         file = job.out / f"{pic.stem}_{name}{suffix}.png"
-        fused = decorate(expl.overlay(0, target=t, cmap=job.cmap, alpha=job.alpha))
-        fused.save(file)
+        fused = decorate(expl.overlay(0, target=t, cmap=job.cmap, alpha=job.alpha, max_side=job.max_side))
+        row = _summary_row(job, pic, name, expl, t, file)
+        if job.caption:
+            text = caption_text(row.label, row.cls, row.prob, name, expl.layers)
+            save_image(annotate(fused, caption=text, colorbar=job.cmap), file)
+        else:
+            save_image(fused, file)
         cells[name] = {
-            layer: decorate(expl.overlay(0, target=t, cmap=job.cmap, alpha=job.alpha, layer=layer))
+            layer: decorate(
+                expl.overlay(0, target=t, cmap=job.cmap, alpha=job.alpha, layer=layer, max_side=job.max_side)
+            )
             for layer in (expl.layers if len(expl.layers) > 1 else [])
         }
         cells[name]["fused" if len(expl.layers) > 1 else expl.layers[0]] = fused
-        rows.append(_summary_row(job, pic, name, expl, t, file))
+        rows.append(row)
     if len(results) > 1 or len(next(iter(results.values())).layers) > 1:
         file = job.out / f"{pic.stem}_grid{suffix}.png"
-        grid(cells, image=pic.image, title=f"{pic.stem}: {rows[-1].label or rows[-1].cls}").save(file)
+        picture = grid(cells, image=pic.image, title=f"{pic.name}: {rows[-1].label or rows[-1].cls}")
+        save_image(picture, file)
         return rows, file
     return rows, None
 
@@ -357,7 +461,7 @@ def _summary_row(job: _Job, pic: _Picture, method: str, expl: Explanation, t: in
         chosen = pic.chosen
         info = _task_info(job.loaded, pic.image, chosen)
         return SummaryRow(
-            pic.stem, chosen.category, chosen.label, chosen.score, method, expl.layers, file, info
+            pic.name, chosen.category, chosen.label, chosen.score, method, expl.layers, file, info
         )
     cls = _of_target(expl.classes, t)
     prob = _of_target(expl.probs, t)
@@ -365,7 +469,7 @@ def _summary_row(job: _Job, pic: _Picture, method: str, expl: Explanation, t: in
     if isinstance(label, list):
         label = label[t]
     return SummaryRow(
-        pic.stem,
+        pic.name,
         int(cls) if cls is not None else None,
         label,
         float(prob) if prob is not None else None,
@@ -438,4 +542,10 @@ def _decorator(loaded: LoadedModel, pic: _Picture) -> Callable[[Image.Image], Im
 
     box = _image_box(loaded, pic.image, chosen.box)
     caption = f"{chosen.label or chosen.category} {chosen.score:.2f}"
-    return lambda im: draw_boxes(im, [box], labels=[caption])
+    width = pic.image.size[0]
+
+    def draw(im: Image.Image) -> Image.Image:  # the overlay may be smaller than the photo (--max-side)
+        scale = im.size[0] / width
+        return draw_boxes(im, [[v * scale for v in box]], labels=[caption])
+
+    return draw

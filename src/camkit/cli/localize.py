@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -11,16 +11,34 @@ import typer
 from rich.table import Table
 
 from camkit.cli.common import (
+    DEFAULT_MAX_PIXELS,
     DeviceOption,
     ImagesArgument,
+    Input,
     LayersOption,
+    MaxPixelsOption,
+    ModelOption,
+    ModelOptions,
+    PretrainedOption,
+    ProgressOption,
+    SampleOption,
+    SeedOption,
+    ThreadsOption,
     WeightsOption,
     console,
-    load_pictures,
-    model_option,
+    err_console,
+    load_model,
+    max_pixels_limit,
+    merge_entries,
     new_table,
     out_option,
+    previous_entries,
+    read_or_skip,
+    resolve_inputs,
+    run_progress,
+    split,
     user_errors,
+    versions,
 )
 
 if TYPE_CHECKING:
@@ -84,9 +102,14 @@ class _Localizer:
     min_area: float
     out: Path
 
-    def __call__(self, stem: str, pil: Image.Image) -> BoxRecord:
-        """Explain one image, find its boxes, write ``<stem>_boxes.png``."""
+    def __call__(
+        self, item: Input, pil: Image.Image, progress: Callable[[int, int], None] | None = None
+    ) -> BoxRecord:
+        """Explain one image, find its boxes, write ``<stem>_boxes.png`` (``progress``: forward passes of a
+        perturbation method)."""
+        from camkit.io.files import save_image
         from camkit.localize import localize as find_boxes
+        from camkit.methods.engine import PerturbationOptions
         from camkit.pipeline import explain
         from camkit.viz import draw_boxes
 
@@ -98,13 +121,14 @@ class _Localizer:
             targets=self.spec,
             preprocess=self.loaded.preprocess,
             labels=self.loaded.labels,
+            perturbation=PerturbationOptions(progress=progress),
         )
         boxes = find_boxes(expl, threshold=self.parsed, mode=self.mode, min_area=self.min_area)[0]
-        file = self.out / f"{stem}_boxes.png"
-        draw_boxes(expl.overlay(0), boxes).save(file)
+        file = self.out / f"{item.stem}_boxes.png"
+        save_image(draw_boxes(expl.overlay(0), boxes), file)
         label = expl.labels[0] if expl.labels else None
         return BoxRecord(
-            image=stem,
+            image=item.name,
             size=pil.size,
             cls=int(expl.classes[0]) if expl.classes is not None else None,
             label=label[0] if isinstance(label, list) else label,  # a list only for topK, refused
@@ -118,8 +142,11 @@ class _Localizer:
 
 def localize(
     images: ImagesArgument = None,
-    model: Annotated[str, model_option("Model name.")] = "efficientnet_lite0",
+    model: ModelOption = "efficientnet_lite0",
     weights: WeightsOption = None,
+    pretrained: PretrainedOption = True,
+    seed: SeedOption = 0,
+    threads: ThreadsOption = None,
     method: Annotated[str, typer.Option("--method", "-m", help="CAM method.")] = "gradcam",
     layers: LayersOption = "auto",
     target: Annotated[
@@ -132,31 +159,75 @@ def localize(
     min_area: Annotated[
         float, typer.Option(help="With --mode all: smallest component, fraction of the image.")
     ] = 0.01,
-    out: Annotated[Path, out_option("Output folder.")] = Path("out"),
-    sample: Annotated[str, typer.Option(help="Sample photo when no image is given.")] = "chelsea",
+    out: Annotated[Path, out_option("Output folder for the PNG files and boxes.json.")] = Path("out"),
+    sample: SampleOption = "chelsea",
     device: DeviceOption = "cpu",
+    max_pixels: MaxPixelsOption = DEFAULT_MAX_PIXELS,
+    progress: ProgressOption = None,
 ) -> None:
-    """Boxes around what the model looked at: <image>_boxes.png (overlay + boxes) and boxes.json."""
-    import camkit
+    """Boxes around what the model looked at: <image>_boxes.png (overlay + boxes) and boxes.json.
+
+    Exit status: 0 when every image was boxed, 1 when some inputs could not be read (each named on stderr, the
+    others boxed), 2 on a usage error or when no image could be read.
+    """
+    from camkit.io.files import prepare_out_dir, write_json
     from camkit.localize import parse_threshold
+    from camkit.methods import PerturbationMethod, get_method
     from camkit.targets import TopK, parse_target
 
+    opts = ModelOptions(model, weights, pretrained, seed, threads, device)
     with user_errors():
         parsed = parse_threshold(threshold)
         spec = parse_target(target)
         if isinstance(spec, TopK):
             raise ValueError("localize explains one class per image: give an index or a name, not topK")
-        loaded = camkit.load_model(model, weights=weights, device=device)
-        pics = load_pictures(images, sample)
-        out.mkdir(parents=True, exist_ok=True)
+        if mode not in ("largest", "all"):
+            raise ValueError(f"--mode is 'largest' or 'all', got {mode!r}")
+        slow = isinstance(get_method(method), PerturbationMethod)  # an unknown name raises here
+        tag = opts.file_tag() + ("" if method == "gradcam" else f"_{method}")
+        limit = max_pixels_limit(max_pixels)
+        inputs = resolve_inputs(images, sample, tag)
+        prepare_out_dir(out)
+        previous = previous_entries(out / "boxes.json")
+        loaded = load_model(opts)
         run = _Localizer(loaded, method, layers, spec, threshold, parsed, mode, min_area, out)
         table = new_table(
             f"camkit localize · {loaded.name} · {method}",
             ("image", "class", "box (x0, y0, x1, y1)", "score", "file"),
         )
-        records = [run(stem, pil) for stem, pil in pics]
-        for record in records:
-            record.add_rows(table)
-        (out / "boxes.json").write_text(json.dumps([r.to_dict() for r in records], indent=2))
+        run_info = {
+            **opts.to_dict(),
+            **versions(),
+            "options": {
+                "method": method,
+                "layers": layers,
+                "target": target,
+                "threshold": threshold,
+                "mode": mode,
+                "min_area": min_area,
+                "max_pixels": max_pixels,
+            },
+        }
+        entries: list[dict[str, object]] = []
+        failed = 0
+        n_layers = 1 if layers.strip() == "auto" else max(len(split(layers)), 1)
+        with run_progress(len(inputs), steps=n_layers if slow else 0, enabled=progress) as bar:
+            for item in inputs:
+                pil = read_or_skip(item, limit, alone=len(inputs) == 1)
+                if pil is not None:
+                    record = run(item, pil, bar.forwards())
+                    record.add_rows(table)
+                    entries.append({**record.to_dict(), "source": item.source, **run_info})
+                else:
+                    failed += 1
+                bar.image_done(item.name)
+        if failed == len(inputs):
+            raise ValueError(f"none of the {len(inputs)} images could be read (see above)")
+        write_json(out / "boxes.json", merge_entries(previous, entries, out))
         console.print(table)
         console.print(f"written to {out}/ (boxes.json: x1, y1 exclusive, original-image pixels)")
+    if failed:  # outside user_errors: typer.Exit is a RuntimeError
+        err_console.print(
+            f"{failed} of {len(inputs)} inputs could not be read and were skipped", highlight=False
+        )
+        raise typer.Exit(code=1)

@@ -85,8 +85,8 @@ def prepare_out_dir(out: str | Path) -> Path:
     p = Path(out)
     for parent in [p, *p.parents]:
         if parent.exists() and not parent.is_dir():
-            what = "is" if parent == p else f"has a file on its path ({str(parent)!r})"
-            raise ValueError(f"--out {str(p)!r} {what} a file, not a folder; choose a folder")
+            what = "is a file" if parent == p else f"has a file on its path ({str(parent)!r})"
+            raise ValueError(f"--out {str(p)!r} {what}, not a folder; choose a folder")
     try:
         p.mkdir(parents=True, exist_ok=True)
     except OSError as err:

@@ -45,6 +45,8 @@ def _as_boxes(boxes: BoxesLike | Box) -> Tensor:
         t = t[None]
     if t.dim() != 2 or t.shape[1] != 4:
         raise ValueError(f"boxes must be [N, 4] (x0, y0, x1, y1), got shape {tuple(t.shape)}")
+    if not torch.isfinite(t).all():
+        raise ValueError("boxes must have finite coordinates (a NaN or infinite coordinate was given)")
     if ((t[:, 2] < t[:, 0]) | (t[:, 3] < t[:, 1])).any():
         raise ValueError("boxes must have x1 >= x0 and y1 >= y0 (x0, y0, x1, y1 order)")
     return t
@@ -128,8 +130,10 @@ class BoxAccuracy:
     """Per-image results of :func:`box_accuracy`.
 
     Attributes:
-        iou: Tensor[B], best IoU between the predicted box and any ground-truth box (0 without a prediction).
-        correct: Tensor[B], 1.0 where ``iou >= iou_threshold``.
+        iou: Tensor[B], best IoU between the predicted box and any ground-truth box (0 without a prediction,
+            NaN for an image without ground-truth boxes).
+        correct: Tensor[B], 1.0 where ``iou >= iou_threshold``, 0.0 below, NaN for an image without ground truth
+            (it is excluded, not a miss: average with ``nanmean``).
         boxes: the predicted boxes per image.
     """
 
@@ -161,7 +165,8 @@ def box_accuracy(
             ious[i] = float("nan")
         elif boxes:
             ious[i] = float(box_iou(boxes, gt).max())
-    return BoxAccuracy(iou=ious, correct=(ious >= iou_threshold).float(), boxes=pred)
+    correct = torch.where(torch.isnan(ious), ious, (ious >= iou_threshold).float())
+    return BoxAccuracy(iou=ious, correct=correct, boxes=pred)
 
 
 def iou_curves(
