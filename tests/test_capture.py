@@ -138,6 +138,21 @@ def test_eval_root_with_a_training_batchnorm_is_refused(tiny, x_small):
         camkit.explain(tiny, x_small)
 
 
+def test_metrics_apply_the_same_training_mode_rule(tiny, x_small):
+    from camkit import metrics
+
+    maps = camkit.explain(tiny, x_small).maps
+    expected = metrics.deletion(tiny, x_small, maps, steps=4).auc
+    tiny.train()
+    with pytest.warns(UserWarning, match="no mode-dependent modules"):
+        got = metrics.deletion(tiny, x_small, maps, steps=4).auc
+    assert torch.equal(got, expected)
+    tiny.features.insert(1, nn.BatchNorm2d(8))
+    tiny.train()
+    with pytest.raises(ValueError, match=r"'features.1' \(BatchNorm2d\)"):
+        metrics.deletion(tiny, x_small, maps, steps=4)
+
+
 def test_reused_module_keeps_last_call():
     class Reuse(nn.Module):
         def __init__(self):

@@ -370,3 +370,43 @@ def capture(
     with LayerCapture(layers, need_grad=score_fn is not None) as window:
         out = window.forward(model, inputs, output_fn)
         return window.result(out, None if score_fn is None else score_fn(out))
+
+
+def mode_dependent(m: nn.Module) -> bool:
+    """Whether a module's output depends on its training flag (batch statistics, dropout, stochastic depth)."""
+    if isinstance(m, (nn.modules.batchnorm._NormBase, nn.modules.dropout._DropoutNd, nn.RReLU)):
+        return True
+    if isinstance(m, (nn.MultiheadAttention, nn.RNNBase)) and float(getattr(m, "dropout", 0.0) or 0.0) > 0:
+        return True
+    name = type(m).__name__
+    return any(s in name for s in ("Dropout", "DropPath", "DropBlock", "StochasticDepth"))
+
+
+def check_eval(model: nn.Module, stacklevel: int = 2) -> None:
+    """Refuse a model whose mode-dependent modules (BatchNorm, Dropout, DropPath, ...) are in training mode, naming
+    them; a model in training mode without any is explained as is, with a warning (``stacklevel`` as in
+    :func:`warnings.warn`, counted from the caller of this function)."""
+    training = [
+        (name or type(model).__name__, type(m).__name__)
+        for name, m in model.named_modules()
+        if m.training and mode_dependent(m)
+    ]
+    if training:
+        shown = ", ".join(f"{name!r} ({kind})" for name, kind in training[:4])
+        more = f" and {len(training) - 4} more" if len(training) > 4 else ""
+        raise ValueError(
+            f"the model is in training mode and {len(training)} module(s) whose output depends on it would run in "
+            f"training mode: {shown}{more} (batch statistics or random dropping would make each map depend on "
+            "the rest of the batch or on chance, and update running statistics). Call model.eval() first."
+        )
+    if model.training:
+        which = (
+            "its mode-dependent modules are in eval mode"
+            if any(mode_dependent(m) for m in model.modules())
+            else "has no mode-dependent modules"
+        )
+        warnings.warn(
+            f"model is in training mode but {which}; explaining it as is; call model.eval() to silence",
+            UserWarning,
+            stacklevel=stacklevel + 1,
+        )

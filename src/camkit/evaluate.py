@@ -27,6 +27,7 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
+from camkit.capture import check_eval
 from camkit.io import Preprocess, load_image
 from camkit.io.annotations import Annotation, fit_boxes, read_annotations
 from camkit.io.files import atomic_write, write_json
@@ -478,8 +479,7 @@ def evaluate(
         raise ValueError("no method given")
     cam_methods = [get_method(m).name for m in method_list if m not in BASELINES]
     order = list(dict.fromkeys(m if m in BASELINES else get_method(m).name for m in method_list))
-    if model.training:
-        raise ValueError("the model is in training mode; call model.eval() first")
+    check_eval(model, stacklevel=3)
     items, anns, skipped = probe_images(given, anns, max_pixels)
     have_boxes = any(anns.get(n) is not None and anns[n].boxes for n, _ in given)
     chosen = _resolve_metrics(metrics, have_boxes)

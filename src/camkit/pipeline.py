@@ -20,7 +20,6 @@ One call runs nine stages, each a function from values to values, in this order:
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,7 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from camkit.capture import Captured, LayerCapture
+from camkit.capture import Captured, LayerCapture, check_eval
 from camkit.explanation import Explanation
 from camkit.io import Preprocess, imagenet_labels, load_image, to_rgb
 from camkit.layers import LayerSpec, resolve_layers
@@ -140,7 +139,7 @@ class Maps:
 
 def _inputs(model: nn.Module, images: ImageInput, preprocess: Preprocess | None) -> Inputs:
     """1. Check the model is in eval mode; images / paths / a tensor -> the batch on the model's device."""
-    _check_eval(model)
+    check_eval(model, stacklevel=6)
     if isinstance(images, Tensor):
         x, pils = _check_tensor(model, images), None
     else:
@@ -370,45 +369,6 @@ def _resolve(plan: TargetPlan, output: Tensor) -> Targets:
 def _gradient(features: FeatureMaps, layer: str, target: int) -> Tensor:
     grads = features.gradients[layer]
     return (grads[target] if isinstance(grads, list) else grads).float()
-
-
-def _mode_dependent(m: nn.Module) -> bool:
-    """Whether a module's output depends on its training flag (batch statistics, dropout, stochastic depth)."""
-    if isinstance(m, (nn.modules.batchnorm._NormBase, nn.modules.dropout._DropoutNd, nn.RReLU)):
-        return True
-    if isinstance(m, (nn.MultiheadAttention, nn.RNNBase)) and float(getattr(m, "dropout", 0.0) or 0.0) > 0:
-        return True
-    name = type(m).__name__
-    return any(s in name for s in ("Dropout", "DropPath", "DropBlock", "StochasticDepth"))
-
-
-def _check_eval(model: nn.Module) -> None:
-    """Refuse a model whose mode-dependent modules (BatchNorm, Dropout, DropPath, ...) are in training mode, naming
-    them; a model in training mode without any is explained as is, with a warning."""
-    training = [
-        (name or type(model).__name__, type(m).__name__)
-        for name, m in model.named_modules()
-        if m.training and _mode_dependent(m)
-    ]
-    if training:
-        shown = ", ".join(f"{name!r} ({kind})" for name, kind in training[:4])
-        more = f" and {len(training) - 4} more" if len(training) > 4 else ""
-        raise ValueError(
-            f"the model is in training mode and {len(training)} module(s) whose output depends on it would run in "
-            f"training mode: {shown}{more} (batch statistics or random dropping would make each map depend on "
-            "the rest of the batch or on chance, and update running statistics). Call model.eval() first."
-        )
-    if model.training:
-        which = (
-            "its mode-dependent modules are in eval mode"
-            if any(_mode_dependent(m) for m in model.modules())
-            else "has no mode-dependent modules"
-        )
-        warnings.warn(
-            f"model is in training mode but {which}; explaining it as is; call model.eval() to silence",
-            UserWarning,
-            stacklevel=5,
-        )
 
 
 def _check_finite(t: Tensor, batch: int, what: str, hint: str, batch_dim: int = 0) -> None:

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from camkit.accel import BatchForward
+from camkit.capture import check_eval
 from camkit.outputs import logits_of, model_device
 
 ScoreKind = str  # "prob" (softmax probability) or "logit"
@@ -85,8 +86,7 @@ class Forward:
 
 def check_inputs(model: nn.Module, inputs: Tensor, maps: Tensor) -> tuple[Tensor, Tensor]:
     """Move inputs and maps to the model's device; check shapes: inputs [B, C, H, W], maps [B, H, W]."""
-    if model.training:
-        raise ValueError("the model is in training mode; call model.eval() first (BatchNorm/Dropout)")
+    check_eval(model, stacklevel=3)
     if inputs.dim() != 4:
         raise ValueError(f"inputs must be a normalised Tensor[B, C, H, W], got shape {tuple(inputs.shape)}")
     if maps.dim() == 2:
