@@ -452,3 +452,22 @@ def test_progress_total_does_not_restart_with_perturbation_methods() -> None:
     assert any("forwards" in d for _, _, d in calls)  # the perturbation passes show as they run
     done = [d for d, _, _ in calls]
     assert done == sorted(done) and done[-1] == 4
+
+
+def test_images_that_share_a_file_name_get_distinct_rows(tmp_path, loads) -> None:
+    folder = tmp_path / "photos"
+    _image(folder / "a" / "x.png")
+    _image(folder / "b" / "x.png", colour=(10, 200, 10))
+    out = tmp_path / "out"
+    args = ["evaluate", str(folder), "--methods", "center", "--metrics", "deletion", "--steps", "2"]
+    res = runner.invoke(app, [*args, "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    rows = _strict((out / "evaluate.json").read_text())["rows"]
+    assert sorted(r["image"] for r in rows) == ["a/x.png", "b/x.png"]
+    assert "replaced" not in res.stderr
+    again = runner.invoke(app, [*args, "-o", str(out)])
+    assert again.exit_code == 0 and "note: replaced" in again.stderr and "evaluate.csv" in again.stderr
+    ann = tmp_path / "ann.json"
+    ann.write_text(json.dumps({"x.png": {"boxes": [[0, 0, 4, 4]]}}))
+    res = runner.invoke(app, [*args, "-a", str(ann), "-o", str(tmp_path / "o2")])
+    assert res.exit_code == 2 and "2 images are named 'x.png'" in res.output

@@ -8,7 +8,8 @@ evaluate.json; the command then exits with status 1 (0 when every input was eval
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import os
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -114,10 +115,10 @@ def evaluate(
                 get_method(m)
         if steps < 1:
             raise ValueError(f"--steps must be at least 1, got {steps}")
-        items: list[tuple[str, Path | Image.Image]] = (
-            list(_samples()) if not images else [(p.name, p) for p in collect_images(images)]
-        )
         anns = read_annotations(annotations) if annotations is not None else {}
+        items: list[tuple[str, Path | Image.Image]] = (
+            list(_samples()) if not images else _named(collect_images(images), anns)
+        )
         limit = max_pixels_limit(max_pixels)
         probe_images(
             items, anns, limit
@@ -145,12 +146,39 @@ def evaluate(
                 max_pixels=limit,
             )
         csv_path, json_path = out / "evaluate.csv", out / "evaluate.json"
+        replaced = [str(f) for f in (csv_path, json_path) if f.exists()]
         result.to_csv(csv_path)
         record = {"run": {**options.to_dict(), **versions()}, **result.to_dict()}
         write_json(json_path, record)
     _print(result, loaded.name, fmt, [csv_path, json_path], record)
+    if replaced:  # never silently: an earlier run's results in the same --out are gone
+        err_console.print(f"note: replaced {' and '.join(replaced)} of an earlier run", highlight=False)
     if result.skipped:
         raise typer.Exit(code=EXIT_SOME_SKIPPED)
+
+
+def _named(paths: list[Path], anns: Mapping[str, object]) -> list[tuple[str, Path | Image.Image]]:
+    """Each image's row name: its file name, or where two images share one, its path from their common folder
+    (``a/x.jpg``, ``b/x.jpg``). Annotations are matched by file name, so a shared name that has an annotation
+    is ambiguous: refused."""
+    by_name: dict[str, list[Path]] = {}
+    for p in paths:
+        by_name.setdefault(p.name, []).append(p)
+    named: list[tuple[str, Path | Image.Image]] = []
+    for p in paths:
+        same = by_name[p.name]
+        if len(same) == 1:
+            named.append((p.name, p))
+            continue
+        if p.name in anns:
+            listed = ", ".join(str(q) for q in same[:3])
+            raise ValueError(
+                f"{len(same)} images are named {p.name!r} ({listed}) and the annotations match images by file "
+                "name: rename the files or evaluate the folders one at a time"
+            )
+        root = Path(os.path.commonpath([str(q.parent.resolve()) for q in same]))
+        named.append((p.resolve().relative_to(root).as_posix(), p))
+    return named
 
 
 def _report_skip(entry: Skipped) -> None:
