@@ -127,7 +127,12 @@ def _names(labels: tuple[str, ...]) -> list[set[str]]:
 
             for i, desc in enumerate(ImageNetInfo().label_descriptions()):
                 names[i] |= {part.strip().lower() for part in desc.split(",") if part.strip()}
-        except Exception:  # pragma: no cover - timm without ImageNet metadata
+        except (
+            ImportError,
+            AttributeError,
+            OSError,
+            ValueError,
+        ):  # pragma: no cover - timm without its metadata
             pass
     return names
 
