@@ -463,11 +463,12 @@ class BatchForward:
                     [example, example.new_zeros(self.batch - example.shape[0], *example.shape[1:])]
                 )
             return _Path(backend, _trace_model(folded, example.contiguous()), False, pad_to=self.batch)
-        except (_NotPrepared, TypeError, RuntimeError, copy.Error) as err:
+        except Exception as err:  # any model the tracer or compiler cannot take: the default path
+            why = str(err) if isinstance(err, _NotPrepared) else f"{type(err).__name__}: {err}"
             _warn_once(
                 entry,
                 f"camkit.accel: the {backend} forward of {type(self.model).__name__} is not used, it could not be "
-                f"prepared: {err}; running it on the default (uncompiled) path instead",
+                f"prepared: {why}; running it on the default (uncompiled) path instead",
             )
             return _Path("failed", None, False)
 
