@@ -10,19 +10,22 @@ What runs (one image per call, ``--images`` random normal inputs with fixed seed
 * models: the pretrained EfficientNet-Lite0 of ``camkit.load_model()`` (``bn2``: 1280 channels) and torchvision
   ResNet-18 with random weights (``layer4``: 512 channels), ``--models resnet50`` too if asked;
 * Score-CAM contenders: ``camkit`` (default options: BatchNorm-folded copy, channels-last inputs),
-  ``camkit-compiled`` (``PerturbationOptions(compile=True)``: ``torch.compile`` with freezing, compiled on the
-  first image and reused for the others), ``grad-cam`` (pytorch-grad-cam ``ScoreCAM``, its default batch of 16)
+  ``camkit-jit`` (``PerturbationOptions(compile="jit")``: traced, ``torch.jit.freeze`` +
+  ``optimize_for_inference``) and/or ``camkit-inductor`` (``compile="inductor"``: ``torch.compile`` with
+  freezing), as ``--compiled-backend jit|inductor|both|none`` asks (default both), each prepared on the first
+  image and reused for the others, ``grad-cam`` (pytorch-grad-cam ``ScoreCAM``, its default batch of 16)
   and ``torchcam`` (torchcam ``ScoreCAM``, its default batch of 32);
 * Ablation-CAM (``--methods score,ablation``): ``camkit`` (replay of the layers after the target) and
   ``grad-cam`` (``AblationCAM``).
 
 Methodology: ``torch.set_num_threads(--threads)`` (default 1). For each image the contenders run interleaved, in
 an order that rotates from image to image; ``--rounds`` passes over all images, best time per (contender, image)
-kept. The compile time is measured once, in the first round, as the compiled contender's first call minus its
-median later call, with a fresh inductor cache directory (so the compile is cold, as on a first run; pass
-``--warm-cache`` to use the default on-disk cache). Totals over the images: compiled = compile time + its
-per-image times. Break-even = compile time / (default per-image - compiled per-image). Agreement (Pearson of the
-maps at input size, first image): camkit-compiled vs camkit, camkit ``weighting="channel-softmax",
+kept. The compile (prepare) time is measured once per compiled contender, in the first round, as its first call
+minus its median later call, with a fresh inductor cache directory (so the compile is cold, as on a first run;
+pass ``--warm-cache`` to use the default on-disk cache). The jit backend's preparation (fold, trace, freeze,
+optimisation) is timed directly instead, since a load change between images would inflate the difference. Totals over the images: compiled = compile time + its
+per-image times. Break-even = compile time / (default per-image - compiled per-image), in images. Agreement
+(Pearson of the maps at input size, first image): each compiled contender vs camkit, camkit ``weighting="channel-softmax",
 align_corners=True`` vs grad-cam, camkit ``weighting="channel-softmax"`` vs torchcam.
 """
 
@@ -107,7 +110,13 @@ def main() -> None:
         help="totals for this many images, from the measured per-image medians (default: --images, measured)",
     )
     p.add_argument("--size", type=int, default=224)
-    p.add_argument("--no-compiled", action="store_true", help="skip the compiled contender")
+    p.add_argument(
+        "--compiled-backend",
+        choices=("jit", "inductor", "both", "none"),
+        default="both",
+        help="which compiled contenders run: camkit-jit, camkit-inductor, both or none",
+    )
+    p.add_argument("--no-compiled", action="store_true", help="same as --compiled-backend none")
     p.add_argument("--skip", default="", help="contenders to leave out, e.g. torchcam")
     p.add_argument(
         "--warm-cache", action="store_true", help="keep inductor's on-disk cache (default: fresh dir)"
@@ -123,11 +132,28 @@ def main() -> None:
     from camkit import accel
 
     torch.set_num_threads(args.threads)
+    prepare_s: dict[str, float] = {}  # measured directly: the jit backend's trace + freeze + optimisation
+
+    real_prepare = accel.BatchForward._prepare_compiled
+
+    def timed_prepare(self: accel.BatchForward, *a: object, **k: object) -> object:
+        t = time.perf_counter()
+        try:
+            return real_prepare(self, *a, **k)  # type: ignore[arg-type]
+        finally:
+            backend = str(a[1] if len(a) > 1 else k.get("backend"))
+            prepare_s[backend] = prepare_s.get(backend, 0.0) + time.perf_counter() - t
+
+    accel.BatchForward._prepare_compiled = timed_prepare  # type: ignore[method-assign]
     with contextlib.suppress(ImportError):
         import cv2
 
         cv2.setNumThreads(args.threads)
     skip = {s for s in args.skip.split(",") if s}
+    backends = [] if args.no_compiled or args.compiled_backend == "none" else ["jit", "inductor"]
+    if args.compiled_backend in ("jit", "inductor"):
+        backends = [args.compiled_backend]
+    compiled_names = [f"camkit-{b}" for b in backends]
 
     def camkit_run(case: Case, x: torch.Tensor, cls: int, method: str, **opts: object) -> torch.Tensor:
         return camkit.explain(
@@ -165,8 +191,8 @@ def main() -> None:
         out: dict[str, Callable[[int], object]] = {
             "camkit": lambda i: camkit_run(case, xs[i], classes[i], "scorecam")
         }
-        if not args.no_compiled:
-            out["camkit-compiled"] = lambda i: camkit_run(case, xs[i], classes[i], "scorecam", compile=True)
+        for b in backends:
+            out[f"camkit-{b}"] = lambda i, b=b: camkit_run(case, xs[i], classes[i], "scorecam", compile=b)
         out["grad-cam"] = lambda i: gradcam_run(case, xs[i], classes[i], "score")
         out["torchcam"] = lambda i: torchcam_run(case, xs[i], classes[i])
         return out
@@ -199,6 +225,7 @@ def main() -> None:
             times = {n: [[] for _ in range(args.images)] for n in names}  # type: dict[str, list[list[float]]]
             first_maps: dict[str, object] = {}
             accel.clear_cache()
+            prepare_s.clear()
             for r in range(args.rounds):
                 for i in range(args.images):
                     shift = (i + r) % len(names)
@@ -214,30 +241,33 @@ def main() -> None:
                     )
             per_image = {n: [min(t) for t in times[n]] for n in names}
             steady = {n: statistics.median(v[1:] if len(v) > 1 else v) for n, v in per_image.items()}
-            compile_s = None
-            if "camkit-compiled" in names:
-                first = times["camkit-compiled"][0][0]  # round 1, image 1: includes the compile
-                later = [t[0] for t in times["camkit-compiled"][1:]] or [per_image["camkit-compiled"][0]]
-                compile_s = max(0.0, first - statistics.median(later))
+            compile_s: dict[str, float] = {}
+            later: dict[str, float] = {}
+            for n in (c for c in compiled_names if c in names):
+                first = times[n][0][0]  # round 1, image 1: includes the compile
+                later[n] = statistics.median([t[0] for t in times[n][1:]] or [per_image[n][0]])
+                compile_s[n] = max(0.0, first - later[n])
+                if n == "camkit-jit" and "jit" in prepare_s:  # timed directly: not inflated by a load change
+                    print(
+                        f"  camkit-jit: prepare measured {prepare_s['jit']:.1f}s, estimated {compile_s[n]:.1f}s"
+                    )
+                    compile_s[n] = prepare_s["jit"]
             if args.total_images is None:
                 totals = {n: sum(per_image[n]) for n in names}
-                if compile_s is not None:
-                    totals["camkit-compiled"] = compile_s + sum(
-                        [statistics.median(later), *per_image["camkit-compiled"][1:]]
-                    )
+                for n in compile_s:
+                    totals[n] = compile_s[n] + sum([later[n], *per_image[n][1:]])
             else:  # projected from the medians
                 totals = {n: args.total_images * steady[n] for n in names}
-                if compile_s is not None:
-                    totals["camkit-compiled"] += compile_s
+                for n in compile_s:
+                    totals[n] += compile_s[n]
             libs = [n for n in ("grad-cam", "torchcam") if n in names]
             fastest = min((totals[n] for n in libs), default=float("nan"))
             agree = []
             if method == "score":
                 i0 = 0
-                if "camkit-compiled" in first_maps:
-                    agree.append(
-                        f"compiled {pearson(first_maps['camkit'], first_maps['camkit-compiled']):.5f}"
-                    )
+                for n in compiled_names:
+                    if n in first_maps and "camkit" in first_maps:
+                        agree.append(f"{n[7:]} {pearson(first_maps['camkit'], first_maps[n]):.5f}")
                 if "grad-cam" in first_maps:
                     gc_map = camkit_run(
                         case, xs[i0], classes[i0], "scorecam", weighting="channel-softmax", align_corners=True
@@ -253,25 +283,27 @@ def main() -> None:
                         "Score-CAM" if method == "score" else "Ablation-CAM",
                         n,
                         f"{steady[n]:.2f}",
-                        f"{compile_s:.1f}" if n == "camkit-compiled" and compile_s is not None else "",
+                        f"{compile_s[n]:.1f}" if n in compile_s else "",
                         f"{totals[n]:.1f}",
                         f"{fastest / totals[n]:.2f}x" if libs else "",
                         ", ".join(agree) if n == names[0] else "",
                     ]
                 )
-            if compile_s is not None and "camkit" in names:
-                saving = steady["camkit"] - steady["camkit-compiled"]
-                even = f"{compile_s / saving:.1f} images" if saving > 0 else "never (no per-image saving)"
+            for n in compile_s:
+                if "camkit" not in names:
+                    continue
+                saving = steady["camkit"] - steady[n]
+                even = f"{compile_s[n] / saving:.1f} images" if saving > 0 else "never (no per-image saving)"
                 print(
-                    f"  {case.name}: compile {compile_s:.1f}s, saving {saving:.2f}s/image, break-even {even}"
+                    f"  {case.name}: {n} compile {compile_s[n]:.1f}s, saving {saving:.2f}s/image, break-even {even}"
                 )
-                rows.append([case.name, "", "break-even (compiled vs default)", "", "", "", "", even])
+                rows.append([case.name, "", f"break-even ({n} vs default)", "", "", "", "", even])
     header = [
         "model",
         "method",
         "contender",
         "s / image",
-        "compile s",
+        "compile / prepare s",
         f"total s ({args.total_images or args.images} images"
         + (", projected)" if args.total_images else ")"),
         "fastest library / this",

@@ -309,7 +309,7 @@ def test_compiled_path_agrees_and_compiles_once(monkeypatch) -> None:
         warnings.simplefilter("error", AccelWarning)  # no fallback
         fast = [
             camkit.explain(
-                net, x, "scorecam", "c2", perturbation=PerturbationOptions(batch_size=3, compile=True)
+                net, x, "scorecam", "c2", perturbation=PerturbationOptions(batch_size=3, compile="inductor")
             ).raw["c2"]
             for _ in range(2)
         ]
@@ -317,10 +317,10 @@ def test_compiled_path_agrees_and_compiles_once(monkeypatch) -> None:
     torch.testing.assert_close(fast[0], default, rtol=1e-4, atol=1e-6)
     assert torch.equal(fast[0], fast[1])
     assert_unchanged(before, net)
-    fwd = Forward(net, batch_size=3, compile=True)  # the same batch shape: the same compiled copy
+    fwd = Forward(net, batch_size=3, compile="inductor")  # the same batch shape: the same compiled copy
     with torch.inference_mode():
         out = fwd(torch.randn(5, 3, 8, 8))
-    assert fwd.fast.path == "compiled" and out.shape == (5, 3) and len(compiles) == 1
+    assert fwd.fast.path == "inductor" and out.shape == (5, 3) and len(compiles) == 1
 
 
 def test_a_compiler_failure_warns_once_and_runs_the_default_path(monkeypatch) -> None:
@@ -334,12 +334,125 @@ def test_a_compiler_failure_warns_once_and_runs_the_default_path(monkeypatch) ->
     net = ConvBN().eval()
     x = torch.randn(2, 3, 8, 8)
     default = camkit.explain(net, x, "scorecam", "c2").raw["c2"]
+    opts = PerturbationOptions(compile="inductor")
     with pytest.warns(
-        AccelWarning, match="compiled forward of ConvBN is not used.*no C\\+\\+ compiler"
+        AccelWarning, match="inductor forward of ConvBN is not used.*no C\\+\\+ compiler"
     ) as got:
-        maps = [
-            camkit.explain(net, x, "scorecam", "c2", perturbation=PerturbationOptions(compile=True)).raw["c2"]
-            for _ in range(2)
-        ]
+        maps = [camkit.explain(net, x, "scorecam", "c2", perturbation=opts).raw["c2"] for _ in range(2)]
     assert len(got) == 1
     assert torch.equal(maps[0], default) and torch.equal(maps[1], default)
+
+
+def _counting_traces(monkeypatch) -> list[nn.Module]:
+    traces: list[nn.Module] = []
+    real = accel._trace_model
+
+    def counting(module: nn.Module, example: Tensor) -> accel.ModelForward:
+        traces.append(module)
+        return real(module, example)
+
+    monkeypatch.setattr(accel, "_trace_model", counting)
+    return traces
+
+
+def test_jit_path_agrees_and_is_prepared_once(monkeypatch) -> None:
+    traces = _counting_traces(monkeypatch)
+    net = ConvBN().eval()
+    before = snapshot(net)
+    x = torch.randn(2, 3, 8, 8)
+    default = camkit.explain(net, x, "scorecam", "c2", perturbation=PerturbationOptions(batch_size=3)).raw[
+        "c2"
+    ]
+    opts = PerturbationOptions(
+        batch_size=3, compile="jit"
+    )  # 8 masks: batches of 3, 3, 2 (the last one padded)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback, and torch.jit's deprecation warnings are silenced
+        fast = [camkit.explain(net, x, "scorecam", "c2", perturbation=opts).raw["c2"] for _ in range(2)]
+    assert len(traces) == 1 and traces[0] is not net  # once, on a copy, reused by the second call
+    assert isinstance(traces[0].b1, nn.Identity)  # the folded copy is traced
+    torch.testing.assert_close(fast[0], default, rtol=1e-4, atol=1e-6)
+    assert torch.equal(fast[0], fast[1])
+    assert_unchanged(before, net)
+    fwd = Forward(net, batch_size=3, compile="jit")  # the same batch shape: the same traced copy
+    with torch.inference_mode():
+        out = fwd(torch.randn(5, 3, 8, 8))
+    assert fwd.fast.path == "jit" and out.shape == (5, 3) and len(traces) == 1
+    with torch.no_grad():
+        net.c1.weight.mul_(0.5)  # a changed model is traced again
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        changed = camkit.explain(net, x, "scorecam", "c2", perturbation=opts).raw["c2"]
+    assert len(traces) == 2
+    ref = camkit.explain(net, x, "scorecam", "c2", perturbation=PerturbationOptions(batch_size=3)).raw["c2"]
+    torch.testing.assert_close(changed, ref, rtol=1e-4, atol=1e-6)
+
+
+def test_compile_true_means_jit_on_cpu(monkeypatch) -> None:
+    traces = _counting_traces(monkeypatch)
+    monkeypatch.setattr(accel, "_compile_model", lambda _m: pytest.fail("inductor on CPU"))
+    net = ConvBN().eval()
+    with torch.inference_mode():
+        ff = BatchForward(net, _identity, compile=True)
+        out = ff(torch.randn(4, 3, 8, 8))
+    assert ff.path == "jit" and len(traces) == 1 and out.shape == (4, 3)
+
+
+class Branchy(ConvBN):
+    """Data-dependent control flow: tracing would bake in the branch of the example batch."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.relu(self.b2(self.c2(torch.relu(self.b1(self.c1(x))))))
+        if h.mean() > 0.5:
+            h = -h
+        return self.fc(h.mean(dim=(2, 3)))
+
+
+def test_jit_trace_with_data_dependent_control_flow_falls_back_with_one_warning() -> None:
+    net = Branchy().eval()
+    x = torch.randn(2, 3, 8, 8)
+    default = camkit.explain(net, x, "scorecam", "c2").raw["c2"]
+    opts = PerturbationOptions(compile="jit")
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        maps = [camkit.explain(net, x, "scorecam", "c2", perturbation=opts).raw["c2"] for _ in range(2)]
+    assert [w.category for w in got] == [AccelWarning], [str(w.message) for w in got]
+    assert "jit forward of Branchy is not used" in str(got[0].message)
+    assert "tracing it warned" in str(got[0].message)
+    assert torch.equal(maps[0], default) and torch.equal(maps[1], default)
+
+
+def test_jit_missing_in_torch_falls_back(monkeypatch) -> None:
+    monkeypatch.delattr(torch.jit, "freeze")
+    net = ConvBN().eval()
+    x = torch.randn(2, 3, 8, 8)
+    default = camkit.explain(net, x, "scorecam", "c2").raw["c2"]
+    with pytest.warns(AccelWarning, match="no torch.jit.trace/freeze") as got:
+        maps = camkit.explain(net, x, "scorecam", "c2", perturbation=PerturbationOptions(compile="jit"))
+    assert len(got) == 1 and torch.equal(maps.raw["c2"], default)
+
+
+@pytest.mark.parametrize("value", ["yes", "JIT", 1, None, "compiled"])
+def test_invalid_compile_values_raise(value: object) -> None:
+    for make in (
+        lambda: PerturbationOptions(compile=value),  # type: ignore[arg-type]
+        lambda: BatchForward(ConvBN().eval(), _identity, compile=value),  # type: ignore[arg-type]
+        lambda: Forward(ConvBN().eval(), compile=value),  # type: ignore[arg-type]
+    ):
+        with pytest.raises(ValueError, match="compile must be False, True, 'jit' or 'inductor'"):
+            make()
+
+
+def test_jit_path_same_call_twice_is_bitwise_identical() -> None:
+    net = _resnet18()
+    torch.manual_seed(1)
+    x = torch.randn(2, 3, 48, 48)
+    opts = PerturbationOptions(
+        top_channels=32, batch_size=24, compile="jit"
+    )  # batches of 24, 24, 16 (padded)
+    maps = []
+    for clear in (False, False, True):  # first (checked), cached, freshly traced again
+        if clear:
+            accel.clear_cache()
+        maps.append(camkit.explain(net, x, "scorecam", "layer3", perturbation=opts).raw["layer3"])
+    assert torch.equal(maps[0], maps[1]) and torch.equal(maps[0], maps[2])

@@ -12,13 +12,22 @@ Every batch of perturbed inputs (Score-CAM's masked images, deletion/insertion s
   whose code breaks under the fold or the layout (``.view`` on a feature map, a convolution output also used
   outside its BatchNorm) falls back to the next path: folded + channels-last, then channels-last alone, then the
   model as given. Each fallback emits one :class:`AccelWarning` naming the reason.
-* **compiled** (``compile=True``): ``torch.compile`` of a copy, with inductor's ``freezing`` (weights become
-  constants: BatchNorm folding, weight pre-packing and layout choice happen at compile time). It is compiled once
-  per model, dtype, device, memory format and batch size, and kept for the process; a smaller last batch is padded
-  to the compiled batch size, so no second compile happens. The first batch is checked against the model like
-  the default path; a compiler error or a disagreement warns and falls back to the default path. Compiling costs
-  tens of seconds once (see ``benchmarks/README.md``), after which each batch is faster than the default path:
-  worth it for many images of one model.
+* **compiled** (``compile=...``, opt-in), one of two backends on a copy of the model:
+
+  - ``"jit"``: the BatchNorm-folded copy in eval mode is traced with ``torch.jit.trace`` on an example batch, then
+    ``torch.jit.freeze`` (weights become constants) and ``torch.jit.optimize_for_inference`` (conv/BatchNorm
+    folding, oneDNN weight layouts on CPU). Preparing takes seconds. ``torch.jit``'s deprecation FutureWarnings
+    are silenced inside this call (the user opted in). A trace that warns (``torch.jit.TracerWarning``:
+    data-dependent control flow or values baked in as constants) counts as a failure.
+  - ``"inductor"``: ``torch.compile`` with inductor's ``freezing`` (weights become constants: BatchNorm folding,
+    weight pre-packing and layout choice happen at compile time). Compiling costs tens of seconds once.
+
+  ``compile=True`` means ``"jit"`` on CPU (per batch as fast as inductor there, for a fraction of the preparation
+  time, see ``benchmarks/README.md``) and ``"inductor"`` on other devices. Either is prepared once per model,
+  dtype, device, memory format and batch size, and kept for the process; a smaller last batch is padded to the
+  prepared batch size, so no second preparation happens. The first batch is checked against the model like the
+  default path; a failure to prepare (a tracer warning, a compiler error, no ``torch.jit.freeze`` in this torch)
+  or a disagreement warns once and falls back to the default path. Worth it for many images of one model.
 * **your callable** (``forward=f``): ``f(inputs)`` instead of the model, e.g. an ONNX Runtime session you wrapped
   (it must return what the model returns). It is used as given: no copy, no check.
 
@@ -42,6 +51,7 @@ import warnings
 import weakref
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -49,12 +59,32 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from camkit.capture import HOOK_LOCK, drop_thread_hooks, is_thread_hook
 
-__all__ = ["CHECK_ROWS", "AccelWarning", "BatchForward", "clear_cache", "fold_batchnorm"]
+__all__ = [
+    "CHECK_ROWS",
+    "COMPILE_CHOICES",
+    "AccelWarning",
+    "BatchForward",
+    "Compile",
+    "check_compile",
+    "clear_cache",
+    "fold_batchnorm",
+]
 
 CHECK_ROWS = 2
 """Rows of the first batch that also run through the model as given, to check the faster path once."""
 
 ModelForward = Callable[[Tensor], object]
+
+Compile = bool | Literal["jit", "inductor"]
+"""The ``compile`` setting: False (default path), True (the device's default backend), ``"jit"`` or ``"inductor"``."""
+
+COMPILE_CHOICES: tuple[Compile, ...] = (False, True, "jit", "inductor")
+
+
+def check_compile(value: object) -> None:
+    """Raise ValueError unless ``value`` is one of :data:`COMPILE_CHOICES`."""
+    if not (isinstance(value, bool) or (isinstance(value, str) and value in ("jit", "inductor"))):
+        raise ValueError(f"compile must be False, True, 'jit' or 'inductor', got {value!r}")
 
 
 class AccelWarning(UserWarning):
@@ -237,6 +267,40 @@ def _compile_model(module: nn.Module) -> ModelForward:
     return torch.compile(module, dynamic=False, options={"freezing": True})
 
 
+class _NotPrepared(Exception):
+    """A compiled path could not be prepared (the message says why)."""
+
+
+def _trace_model(module: nn.Module, example: Tensor) -> ModelForward:
+    """``torch.jit.trace`` of ``module`` (a folded copy in eval mode) on ``example``, frozen and optimised for
+    inference. ``torch.jit``'s deprecation FutureWarnings are silenced; a ``TracerWarning`` raises _NotPrepared,
+    other warnings pass through.
+
+    Raises:
+        _NotPrepared: no ``torch.jit.freeze``/``optimize_for_inference`` in this torch, or the trace warned.
+        RuntimeError, TypeError: tracing or freezing failed.
+    """
+    jit = getattr(torch, "jit", None)
+    trace = getattr(jit, "trace", None)
+    freeze = getattr(jit, "freeze", None)
+    optimize = getattr(jit, "optimize_for_inference", None)
+    if trace is None or freeze is None or optimize is None:
+        raise _NotPrepared("this torch has no torch.jit.trace/freeze/optimize_for_inference")
+    tracer_warning = getattr(jit, "TracerWarning", None)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")
+        traced = trace(module.eval(), example, check_trace=False)
+        prepared: ModelForward = optimize(freeze(traced))
+    bad = [w for w in seen if tracer_warning is not None and issubclass(w.category, tracer_warning)]
+    for w in seen:
+        if w not in bad:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
+    if bad:
+        raise _NotPrepared(f"tracing it warned ({bad[0].message})")
+    return prepared
+
+
 # ------------------------------------------------------------------------------------------------- the forward
 
 
@@ -248,15 +312,16 @@ class BatchForward:
         output_fn: turns the model's output into the Tensor that is scored.
         channels_last: None (default): channels-last inputs on CPU; True: on any device; False: never (and no
             BatchNorm folding either: the model as given).
-        compile: use a ``torch.compile``'d copy (compiled once per model and batch shape, then reused in the
-            process).
+        compile: False (default): the default path; ``"jit"``: a traced, frozen copy; ``"inductor"``: a
+            ``torch.compile``'d copy; True: ``"jit"`` on CPU, ``"inductor"`` elsewhere. Prepared once per model
+            and batch shape, then reused in the process.
         forward: a callable used instead of the model (no copy, no check); its output goes through ``output_fn``.
-        batch: the usual number of rows per call, for ``compile``: the copy is compiled for that batch size and
+        batch: the usual number of rows per call, for ``compile``: the copy is prepared for that batch size and
             smaller batches are padded to it (default: the first batch's size).
 
     Attributes:
-        path: the path that ran the last batch: ``"compiled"``, ``"folded+channels-last"``, ``"folded"``,
-            ``"channels-last"``, ``"plain"`` or ``"forward"``.
+        path: the path that ran the last batch: ``"jit"``, ``"inductor"``, ``"folded+channels-last"``,
+            ``"folded"``, ``"channels-last"``, ``"plain"`` or ``"forward"``.
 
     Example:
         >>> fwd = BatchForward(model, lambda out: out)  # doctest: +SKIP
@@ -270,12 +335,13 @@ class BatchForward:
         output_fn: Callable[[object], Tensor],
         *,
         channels_last: bool | None = None,
-        compile: bool = False,
+        compile: Compile = False,
         forward: ModelForward | None = None,
         batch: int | None = None,
     ) -> None:
         if channels_last not in (None, True, False):
             raise ValueError(f"channels_last must be None, True or False, got {channels_last!r}")
+        check_compile(compile)
         if forward is not None and not callable(forward):
             raise TypeError(f"forward must be a callable Tensor[N, C, H, W] -> model output, got {forward!r}")
         self.model = model
@@ -337,7 +403,7 @@ class BatchForward:
             return _Path("channels-last", None, True)
         if path.name in ("folded", "channels-last"):
             return _Path("plain", None, False, checked=True)
-        return None  # compiled: the caller falls back to the default path
+        return None  # jit/inductor: the caller falls back to the default path
 
     def _run_checked(self, entry: _Entry, path: _Path, inputs: Tensor, key: Hashable) -> Tensor:
         if path.checked:
@@ -386,32 +452,54 @@ class BatchForward:
 
     # -- compiled path
 
+    def _backend(self, inputs: Tensor) -> str:
+        if self.compile is True:
+            return "jit" if inputs.device.type == "cpu" else "inductor"
+        return str(self.compile)
+
     def _compiled(self, entry: _Entry, inputs: Tensor) -> Tensor | None:
-        nhwc = self._layout(inputs)
+        backend = self._backend(inputs)
+        nhwc = self._layout(inputs) and backend == "inductor"  # jit: optimize_for_inference picks the layout
         if self.batch is None:
             self.batch = inputs.shape[0]
-        key = ("compiled", inputs.device, inputs.dtype, nhwc, self.batch)
+        key = (backend, inputs.device, inputs.dtype, nhwc, self.batch)
         with _LOCK:
             path = entry.paths.get(key)
             if path is None:
-                try:
-                    twin = _copy(self.model)
-                except (TypeError, RuntimeError, copy.Error) as err:
-                    _warn_once(entry, f"camkit.accel: not compiled, the model could not be copied ({err})")
-                    return None
-                path = _Path("compiled", _compile_model(twin), nhwc, pad_to=self.batch)
+                path = self._prepare_compiled(entry, backend, inputs, nhwc)
                 entry.paths[key] = path
-            elif path.name != "compiled":
-                return None  # an earlier failure: the default path
+        if path.name != backend:
+            return None  # an earlier failure: the default path
         if path.pad_to is not None and inputs.shape[0] > path.pad_to:
             return torch.cat([self._one_compiled(entry, part) for part in inputs.split(path.pad_to)])
-        self.path = "compiled"
+        self.path = backend
         try:
             return self._run_checked(entry, path, inputs, key)
         except _Fallback:
             with _LOCK:
                 entry.paths[key] = _Path("failed", None, False)
             return None
+
+    def _prepare_compiled(self, entry: _Entry, backend: str, inputs: Tensor, nhwc: bool) -> _Path:
+        assert self.batch is not None
+        try:
+            if backend == "inductor":
+                return _Path(backend, _compile_model(_copy(self.model)), nhwc, pad_to=self.batch)
+            folded, _ = fold_batchnorm(self.model, inputs[:1])
+            example = inputs[: self.batch]
+            if example.shape[0] < self.batch:
+                example = torch.cat(
+                    [example, example.new_zeros(self.batch - example.shape[0], *example.shape[1:])]
+                )
+            return _Path(backend, _trace_model(folded, example.contiguous()), False, pad_to=self.batch)
+        except Exception as err:  # any model the tracer or compiler cannot take: the default path
+            why = str(err) if isinstance(err, _NotPrepared) else f"{type(err).__name__}: {err}"
+            _warn_once(
+                entry,
+                f"camkit.accel: the {backend} forward of {type(self.model).__name__} is not used, it could not be "
+                f"prepared: {why}; running it on the default (uncompiled) path instead",
+            )
+            return _Path("failed", None, False)
 
     def _one_compiled(self, entry: _Entry, inputs: Tensor) -> Tensor:
         out = self._compiled(entry, inputs)

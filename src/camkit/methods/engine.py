@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from camkit.accel import BatchForward
+from camkit.accel import BatchForward, Compile, check_compile
 from camkit.capture import hook_forward
 
 __all__ = [
@@ -61,9 +61,13 @@ class PerturbationOptions:
             folded into the convolutions before them, in channels-last memory format (same outputs up to float
             rounding, checked once on the first batch, see :mod:`camkit.accel`). None (default): channels-last
             on CPU; True: on any device; False: neither (the model as given, NCHW).
-        compile: Score-CAM family: run the masked inputs through ``torch.compile`` (inductor, freezing) of a
-            copy of the model, compiled once per model and batch shape and reused by later calls in the process
-            (invalidated when the weights change). Costs tens of seconds once; pays off over many images.
+        compile: Score-CAM family: run the masked inputs through a prepared copy of the model, prepared once per
+            model and batch shape and reused by later calls in the process (invalidated when the weights
+            change), checked once against the model (see :mod:`camkit.accel`). ``"jit"``: ``torch.jit.trace`` of
+            the BatchNorm-folded copy, ``torch.jit.freeze`` and ``torch.jit.optimize_for_inference`` (seconds to
+            prepare; a model whose trace warns, e.g. data-dependent control flow, falls back to the default path
+            with one ``AccelWarning``); ``"inductor"``: ``torch.compile`` with freezing (tens of seconds to
+            compile); True: ``"jit"`` on CPU, ``"inductor"`` on other devices; False (default): neither.
         forward: a callable ``Tensor[N, C, H, W] -> model output`` used for the masked inputs instead of the
             model (Score-CAM family), for example your own compiled model or an ONNX Runtime session::
 
@@ -88,7 +92,7 @@ class PerturbationOptions:
     replay: bool = True
     align_corners: bool = False
     channels_last: bool | None = None
-    compile: bool = False
+    compile: Compile = False
     forward: Callable[[Tensor], object] | None = field(default=None, compare=False)
     progress: Callable[[int, int], None] | None = field(default=None, compare=False)
 
@@ -103,6 +107,7 @@ class PerturbationOptions:
             raise ValueError(f"top_channels must be >= 1, got {self.top_channels}")
         if self.channels_last not in (None, True, False):
             raise ValueError(f"channels_last must be None, True or False, got {self.channels_last!r}")
+        check_compile(self.compile)
         if self.samples is not None and self.samples < 1:
             raise ValueError(f"samples must be >= 1, got {self.samples}")
         if self.forward is not None and not callable(self.forward):

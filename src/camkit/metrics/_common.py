@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import Tensor, nn
 
-from camkit.accel import BatchForward
+from camkit.accel import BatchForward, Compile
 from camkit.capture import check_eval
 from camkit.outputs import logits_of, model_device
 
@@ -25,8 +25,8 @@ def class_scores(out: Tensor, classes: Tensor, kind: ScoreKind) -> Tensor:
 
 
 def default_batch_size(model: nn.Module) -> int:
-    """Images per model call: 64 on a GPU; 8 on a CPU, where small batches stay in cache (EfficientNet-Lite0 on
-    2 cores: about 20 ms per image in batches of 4 to 8, 50 ms in batches of 64)."""
+    """Images per model call: 64 on a GPU; 8 on a CPU, where a small batch's activations stay in the CPU caches
+    (larger batches measured slower per image there, see ``benchmarks/README.md``)."""
     return 64 if model_device(model).type != "cpu" else 8
 
 
@@ -35,8 +35,9 @@ class Forward:
 
     The chunks go through :class:`camkit.accel.BatchForward`: by default a BatchNorm-folded copy of the model with
     channels-last inputs on CPU, checked once against the model on the first chunk (``channels_last=False``: the
-    model as given); ``compile=True``: a ``torch.compile``'d copy, compiled once per model and chunk shape and
-    reused by every later ``Forward`` of the same model in the process.
+    model as given); ``compile``: a traced and frozen copy (``"jit"``) or a ``torch.compile``'d one
+    (``"inductor"``; True: ``"jit"`` on CPU, ``"inductor"`` elsewhere), prepared once per model and chunk shape and
+    reused by every later ``Forward`` of the same model in the process (see :mod:`camkit.accel`).
 
     Attributes:
         calls: number of model calls; images: number of images sent; seconds: wall time inside the model
@@ -48,7 +49,7 @@ class Forward:
         model: nn.Module,
         batch_size: int | None = None,
         channels_last: bool | None = None,
-        compile: bool = False,
+        compile: Compile = False,
     ) -> None:
         if batch_size is None:
             batch_size = default_batch_size(model)
