@@ -217,8 +217,8 @@ def explain(
         bool,
         typer.Option(
             "--compile",
-            help="Score-CAM family: run the masked inputs through torch.compile (tens of seconds once; pays off "
-            "over many images).",
+            help="Score-CAM family: run the masked inputs through a compiled copy of the model (CPU: a frozen "
+            "torch.jit trace, prepared in seconds; GPU: torch.compile), reused for every image.",
         ),
     ] = False,
     input_size: Annotated[
