@@ -17,6 +17,10 @@ ScoreKind = str  # "prob" (softmax probability) or "logit"
 def class_scores(out: Tensor, classes: Tensor, kind: ScoreKind) -> Tensor:
     """Score of ``classes`` (LongTensor[N]) in logits Tensor[N, C]: softmax probability or logit."""
     out = out.float()
+    n = out.shape[1]
+    if classes.numel() and (int(classes.min()) < 0 or int(classes.max()) >= n):
+        bad = sorted({int(c) for c in classes.flatten() if not 0 <= int(c) < n})
+        raise ValueError(f"class indices must be in [0, {n - 1}] for a model with {n} outputs, got {bad}")
     if kind == "prob":
         out = torch.softmax(out, dim=1)
     elif kind != "logit":
@@ -96,6 +100,12 @@ def check_inputs(model: nn.Module, inputs: Tensor, maps: Tensor) -> tuple[Tensor
             f"maps must be Tensor[B, H, W] matching the inputs {tuple(inputs.shape)}, got {tuple(maps.shape)}; "
             "use Explanation.maps (at the model's input size)"
         )
+    bad = (~torch.isfinite(maps.detach().float())).flatten(1).any(dim=1)
+    if bool(bad.any()):
+        images = bad.nonzero()[:, 0].tolist()
+        raise ValueError(
+            f"maps of images {images} contain NaN or Inf: a metric of such a map would be meaningless"
+        )
     device = model_device(model)
     return inputs.to(device).float(), maps.to(device).float()
 
@@ -105,6 +115,10 @@ def resolve_targets(fwd: Forward, inputs: Tensor, classes: Tensor | int | None) 
     b = inputs.shape[0]
     if classes is None:
         return fwd(inputs).argmax(dim=1)
+    if isinstance(classes, bool) or (isinstance(classes, Tensor) and classes.dtype == torch.bool):
+        raise TypeError(f"classes must be class indices (ints), got a bool {classes!r}")
+    if isinstance(classes, (list, tuple)) and any(isinstance(c, bool) for c in classes):
+        raise TypeError(f"classes must be class indices (ints), got bools in {list(classes)!r}")
     if isinstance(classes, int):
         return torch.full((b,), classes, dtype=torch.long, device=inputs.device)
     classes = torch.as_tensor(classes, dtype=torch.long, device=inputs.device).flatten()
@@ -170,7 +184,23 @@ def make_baseline(inputs: Tensor, baseline: Baseline, default: str) -> Tensor:
     if isinstance(b, (int, float)):
         return torch.full_like(inputs, float(b))
     if isinstance(b, Tensor):
-        return b.to(inputs.device, inputs.dtype).expand_as(inputs).contiguous()
+        return _fit_baseline(b, inputs, "the baseline tensor")
     if callable(b):
-        return b(inputs).to(inputs.device, inputs.dtype).expand_as(inputs).contiguous()
+        out = b(inputs)
+        if not isinstance(out, Tensor):
+            raise TypeError(
+                f"a baseline function must return a Tensor shaped like the inputs {tuple(inputs.shape)}, "
+                f"got {type(out).__name__}"
+            )
+        return _fit_baseline(out, inputs, "the baseline function's result")
     raise TypeError(f"unsupported baseline {type(b).__name__}")
+
+
+def _fit_baseline(b: Tensor, inputs: Tensor, what: str) -> Tensor:
+    try:
+        return b.to(inputs.device, inputs.dtype).expand_as(inputs).contiguous()
+    except RuntimeError:
+        raise ValueError(
+            f"{what} has shape {tuple(b.shape)}: it must be shaped like (or broadcast to) the inputs "
+            f"{tuple(inputs.shape)}"
+        ) from None

@@ -1,0 +1,106 @@
+"""Argument checks at the public boundary: a wrong argument is a ValueError / TypeError saying what was expected,
+never an IndexError or AttributeError from inside torch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import camkit
+from camkit import metrics
+from conftest import TinyGapNet
+
+
+def _net(classes: int = 5) -> nn.Module:
+    torch.manual_seed(0)
+    return TinyGapNet(classes=classes).eval()
+
+
+def _data(b: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    torch.manual_seed(1)
+    return torch.randn(b, 3, 8, 8), torch.rand(b, 8, 8)
+
+
+# --------------------------------------------------------------------------------------------- metrics arguments
+
+
+def test_metrics_class_out_of_range() -> None:
+    net, (x, m) = _net(classes=2), _data()
+    for fn in (metrics.deletion, metrics.insertion, metrics.confidence_change, metrics.road):
+        with pytest.raises(ValueError, match=r"class indices must be in \[0, 1\].*2 outputs"):
+            fn(net, x, m, classes=2)
+    with pytest.raises(ValueError, match="class indices"):
+        metrics.deletion(net, x, m, classes=[0, -1], steps=2)
+
+
+def test_metrics_bool_classes() -> None:
+    net, (x, m) = _net(), _data()
+    with pytest.raises(TypeError, match="bool"):
+        metrics.deletion(net, x, m, classes=[False, 0], steps=2)
+    with pytest.raises(TypeError, match="bool"):
+        metrics.deletion(net, x, m, classes=True, steps=2)
+    with pytest.raises(TypeError, match="bool"):
+        metrics.confidence_change(net, x, m, classes=torch.tensor([True, False]))
+
+
+@pytest.mark.parametrize("steps", [1.5, 1.25, 0.5, "3", True])
+def test_metrics_steps_must_be_int(steps: object) -> None:
+    net, (x, m) = _net(), _data()
+    with pytest.raises(TypeError, match="steps must be an int"):
+        metrics.deletion(net, x, m, steps=steps)  # type: ignore[arg-type]
+
+
+def test_metrics_steps_numpy_int_ok() -> None:
+    import numpy as np
+
+    net, (x, m) = _net(), _data()
+    a = metrics.deletion(net, x, m, steps=np.int64(4)).auc
+    assert torch.equal(a, metrics.deletion(net, x, m, steps=4).auc)
+
+
+def test_metrics_bad_baselines() -> None:
+    net, (x, m) = _net(), _data()
+    with pytest.raises(TypeError, match=r"baseline function must return a Tensor.*got int"):
+        metrics.deletion(net, x, m, steps=2, baseline=lambda t: 0)  # type: ignore[arg-type,return-value]
+    with pytest.raises(ValueError, match=r"baseline function's result has shape \(2, 3, 4, 4\)"):
+        metrics.insertion(net, x, m, steps=2, baseline=lambda t: t[..., :4, :4])
+    with pytest.raises(ValueError, match=r"baseline tensor has shape \(5, 3\)"):
+        metrics.confidence_change(net, x, m, baseline=torch.zeros(5, 3))
+    # broadcastable baselines stay valid
+    metrics.deletion(net, x, m, steps=2, baseline=torch.zeros(3, 1, 1))
+
+
+# --------------------------------------------------------------------------------------------- non-finite maps
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_metrics_refuse_non_finite_maps(bad: float) -> None:
+    net, (x, m) = _net(), _data(3)
+    m[1, 2, 3] = bad
+    for fn in (metrics.deletion, metrics.insertion, metrics.confidence_change, metrics.road):
+        with pytest.raises(ValueError, match=r"maps of images \[1\] contain NaN or Inf"):
+            fn(net, x, m)
+
+
+# --------------------------------------------------------------------------------------------- explain arguments
+
+
+def test_explain_model_none() -> None:
+    x, _ = _data()
+    with pytest.raises(TypeError, match=r"model must be a torch\.nn\.Module"):
+        camkit.explain(None, x)  # type: ignore[arg-type]
+
+
+def test_explain_method_module() -> None:
+    x, _ = _data()
+    with pytest.raises(TypeError, match="method is given by its name"):
+        camkit.explain(_net(), x, method=_net())  # type: ignore[arg-type]
+
+
+def test_explain_too_few_labels() -> None:
+    x, _ = _data()
+    with pytest.raises(ValueError, match="3 labels for a model with 5 outputs"):
+        camkit.explain(_net(), x, labels=["a", "b", "c"])
+    e = camkit.explain(_net(), x, labels=list("abcde"))
+    assert e.labels is not None and len(e.labels) == 2
