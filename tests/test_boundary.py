@@ -104,3 +104,31 @@ def test_explain_too_few_labels() -> None:
         camkit.explain(_net(), x, labels=["a", "b", "c"])
     e = camkit.explain(_net(), x, labels=list("abcde"))
     assert e.labels is not None and len(e.labels) == 2
+
+
+# --------------------------------------------------------------------------------------------- model dtypes
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
+def test_metrics_on_a_model_in_its_own_dtype(dtype: torch.dtype) -> None:
+    """float32 inputs and maps; the model runs in its dtype, the scores come back in float32."""
+    ref, (x, m) = _net(), _data()
+    net = _net().to(dtype)
+    tol = 1e-6 if dtype == torch.float64 else 5e-2
+    d, d32 = metrics.deletion(net, x, m, steps=4), metrics.deletion(ref, x, m, steps=4)
+    i = metrics.insertion(net, x, m, steps=4, classes=d32.classes)
+    c = metrics.confidence_change(net, x, m, classes=d32.classes)
+    r = metrics.road(net, x, m, classes=d32.classes, percentages=(0.2, 0.5))
+    for got in (d.scores, i.scores, c.original, c.explained, r.scores):
+        assert got.dtype == torch.float32
+    torch.testing.assert_close(d.scores, d32.scores, atol=tol, rtol=tol)
+    torch.testing.assert_close(
+        i.scores, metrics.insertion(ref, x, m, steps=4, classes=d32.classes).scores, atol=tol, rtol=tol
+    )
+    torch.testing.assert_close(
+        r.scores,
+        metrics.road(ref, x, m, classes=d32.classes, percentages=(0.2, 0.5)).scores,
+        atol=tol,
+        rtol=tol,
+    )
+    assert next(net.parameters()).dtype == dtype  # the model is not converted

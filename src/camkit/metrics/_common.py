@@ -59,6 +59,7 @@ class Forward:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.model = model
+        self.dtype = _param_dtype(model)
         self.fast = BatchForward(
             model, logits_of, channels_last=channels_last, compile=compile, batch=batch_size
         )
@@ -74,6 +75,9 @@ class Forward:
         with torch.inference_mode():
             for i in range(0, x.shape[0], self.batch_size):
                 chunk = x[i : i + self.batch_size]
+                if chunk.is_floating_point() and chunk.dtype != self.dtype:
+                    # the model runs in its own dtype; its scores come back in float32
+                    chunk = chunk.to(self.dtype)
                 t0 = time.perf_counter()
                 out = self.fast(chunk).float()
                 if out.is_cuda:
@@ -86,6 +90,14 @@ class Forward:
 
     def scores(self, x: Tensor, classes: Tensor, kind: ScoreKind) -> Tensor:
         return class_scores(self(x), classes, kind)
+
+
+def _param_dtype(model: nn.Module) -> torch.dtype:
+    """The model's floating dtype (its first floating parameter or buffer; float32 when it has none)."""
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.is_floating_point():
+            return t.dtype
+    return torch.float32
 
 
 def check_inputs(model: nn.Module, inputs: Tensor, maps: Tensor) -> tuple[Tensor, Tensor]:
