@@ -132,3 +132,54 @@ def test_metrics_on_a_model_in_its_own_dtype(dtype: torch.dtype) -> None:
         rtol=tol,
     )
     assert next(net.parameters()).dtype == dtype  # the model is not converted
+
+
+# --------------------------------------------------------------------------------------------- CAM, 1x1-conv head
+
+
+class ConvHeadNet(nn.Module):
+    """features -> 1x1 conv (K -> C) -> global average pooling: CAM's own case, SqueezeNet's head without ReLU."""
+
+    def __init__(self, relu: bool = False) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 6, 3, stride=2))
+        self.classifier = nn.Sequential(
+            nn.Conv2d(6, 4, 1), *([nn.ReLU()] if relu else []), nn.AdaptiveAvgPool2d(1), nn.Flatten()
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+def test_cam_on_a_1x1_conv_head() -> None:
+    torch.manual_seed(0)
+    net = ConvHeadNet().eval()
+    x = torch.randn(2, 3, 12, 12)
+    e = camkit.explain(net, x, method="cam", layers="features", targets=[1, 3], relu=False)
+    a = net.features(x).detach()
+    w = net.classifier[0].weight.detach()[:, :, 0, 0]
+    expected = torch.einsum("bk,bkhw->bhw", w[[1, 3]], a)
+    assert torch.equal(e.raw["features"], expected)
+    # for such a head Grad-CAM is CAM / (h*w)
+    g = camkit.explain(net, x, method="gradcam", layers="features", targets=[1, 3], relu=False)
+    torch.testing.assert_close(g.raw["features"] * a.shape[-2] * a.shape[-1], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_cam_refuses_a_relu_between_the_1x1_conv_and_the_pooling() -> None:
+    torch.manual_seed(0)
+    net = ConvHeadNet(relu=True).eval()
+    with torch.no_grad():
+        net.classifier[0].bias.fill_(-0.5)  # the ReLU clips: the head is not linear in A
+    with pytest.raises(ValueError, match=r"not mean_hw\(conv1x1\(A\)\).*ReLU"):
+        camkit.explain(net, torch.randn(2, 3, 12, 12), method="cam", layers="features")
+
+
+def test_cam_on_torchvision_squeezenet_is_refused() -> None:
+    """torchvision's SqueezeNet: conv 1x1 -> ReLU -> average pooling. The ReLU makes the head non-linear in A, so
+    CAM refuses it (use Grad-CAM), unless no output is clipped on these images, which the numeric check sees."""
+    from torchvision.models import squeezenet1_1
+
+    torch.manual_seed(0)
+    net = squeezenet1_1(weights=None, num_classes=10).eval()
+    with pytest.raises(ValueError, match=r"SqueezeNet.*gradcam"):
+        camkit.explain(net, torch.randn(1, 3, 64, 64), method="cam", layers="features")
