@@ -139,6 +139,8 @@ class Maps:
 
 def _inputs(model: nn.Module, images: ImageInput, preprocess: Preprocess | None) -> Inputs:
     """1. Check the model is in eval mode; images / paths / a tensor -> the batch on the model's device."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module (in eval mode), got {type(model).__name__}")
     check_eval(model, stacklevel=6)
     if isinstance(images, Tensor):
         x, pils = _check_tensor(model, images), None
@@ -361,6 +363,10 @@ def _resolve(plan: TargetPlan, output: Tensor) -> Targets:
             output, plan.task, category=plan.category, labels=labels, threshold=plan.threshold
         )
         return Targets(None, chosen, labels, chosen.chosen)
+    if plan.labels is not None and output.dim() == 2 and len(plan.labels) < output.shape[1]:
+        raise ValueError(
+            f"{len(plan.labels)} labels for a model with {output.shape[1]} outputs: give one name per class"
+        )
     classes = resolve_classes(plan.spec, output, labels)
     fn = plan.spec if classes is None and callable(plan.spec) else None
     return Targets(classes, fn, labels)

@@ -1,7 +1,9 @@
 """CAM (Zhou et al., CVPR 2016): map = sum_k W[c, k] A_k, with W the weight of the Linear layer that follows global
-average pooling of the target layer. For such a head Grad-CAM equals CAM / (h*w).
+average pooling of the target layer, or of a 1x1 convolution followed by global average pooling (SqueezeNet's
+style of head, without a non-linearity in between: the two orders give the same output). For such a head Grad-CAM
+equals CAM / (h*w).
 
-:func:`classifier_weights` finds W and checks numerically that the head really is GAP + Linear.
+:func:`classifier_weights` finds W and checks numerically that the head really is GAP + Linear (or conv 1x1 + GAP).
 """
 
 from __future__ import annotations
@@ -20,32 +22,57 @@ def cam(x: MethodInput) -> Tensor:
 
 
 def classifier_weights(model: nn.Module, activation: Tensor, output: Tensor, layer: str) -> Tensor:
-    """Weight matrix W[C, K] of the Linear layer that reads the global average of ``activation`` [B, K, h, w].
+    """Weight matrix W[C, K] of the Linear layer that reads the global average of ``activation`` [B, K, h, w], or
+    of a 1x1 ``nn.Conv2d`` (K -> C) whose output is globally averaged.
 
-    Checked numerically: the output must equal mean_hw(A) @ W.T + b, else the head is not GAP + Linear.
+    Checked numerically: the output must equal mean_hw(A) @ W.T + b (for the convolution that is
+    mean_hw(conv1x1(A)), the same thing), else the head is not linear in A: a ReLU between the 1x1 convolution
+    and the pooling (torchvision's SqueezeNet) is refused.
 
     Raises:
-        ValueError: the head is not GAP + Linear; the message names the layer and what to do instead.
+        ValueError: the head is not GAP + Linear nor conv 1x1 + GAP; the message names the layer and what to do
+            instead.
     """
     k = activation.shape[1]
     linears = [m for m in model.modules() if isinstance(m, nn.Linear) and m.in_features == k]
+    convs = [
+        m
+        for m in model.modules()
+        if isinstance(m, nn.Conv2d)
+        and m.in_channels == k
+        and m.kernel_size == (1, 1)
+        and m.stride == (1, 1)
+        and m.groups == 1
+        and m.dilation == (1, 1)
+        and m.padding in ((0, 0), "valid")
+    ]
     why = ""
-    if linears:
-        fc = linears[-1]
+    with torch.no_grad():
+        pooled = activation.float().mean(dim=(2, 3))
+    for kind, head in (("Linear", linears[-1] if linears else None), ("conv", convs[-1] if convs else None)):
+        if head is None:
+            continue
+        w = head.weight.detach().flatten(1)  # [C, K] (a 1x1 convolution's [C, K, 1, 1] too)
         with torch.no_grad():
-            pooled = activation.float().mean(dim=(2, 3))
-            expected = pooled @ fc.weight.float().T
-            if fc.bias is not None:
-                expected = expected + fc.bias.float()
+            expected = pooled @ w.float().T
+            if head.bias is not None:
+                expected = expected + head.bias.float()
         if expected.shape == output.shape and torch.allclose(
             expected, output.float(), rtol=1e-3, atol=1e-3 * float(output.abs().max().clamp_min(1.0))
         ):
-            return fc.weight.detach()
-        why = " (the model output is not mean(A) @ W.T + b for its last matching Linear layer)"
+            return head.weight.detach() if kind == "Linear" else w
+        why = (
+            " (the model output is not mean(A) @ W.T + b for its last matching Linear layer)"
+            if kind == "Linear"
+            else " (the model output is not mean_hw(conv1x1(A)) for its last 1x1 convolution reading A: a "
+            "non-linearity such as a ReLU between that convolution and the pooling, as in torchvision's "
+            "SqueezeNet, makes the map non-linear)"
+        )
     raise ValueError(
         f"CAM needs the target layer {layer!r} to be followed by global average pooling and a single Linear "
-        f"layer{why}. Target the layer that global pooling reads (layers='auto'), or use 'gradcam', which "
-        "equals CAM / (h*w) for such heads and works on any head."
+        f"layer, or by a 1x1 convolution and global average pooling{why}. Target the layer that global pooling "
+        "(or the 1x1 classifier convolution) reads (layers='auto'), or use 'gradcam', which equals CAM / (h*w) "
+        "for such heads and works on any head."
     )
 
 

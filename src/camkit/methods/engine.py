@@ -493,7 +493,17 @@ class _Replace:
         assert self.value is not None
         if isinstance(out, Tensor):
             self.shape = tuple(out.shape[1:])
+        if self.shape != tuple(self.value.shape[1:]):
+            # a token / channels-last layout: the layers after it cannot read a [B, K, h, w] map, so stop here,
+            # before they run (they would fail with an error of their own)
+            raise _LayoutMismatch(self.shape)
         return self.value
+
+
+class _LayoutMismatch(Exception):
+    def __init__(self, shape: tuple[int, ...] | None) -> None:
+        super().__init__(shape)
+        self.shape = shape
 
 
 def _run_replaced(ctx: PerturbationContext, inputs: Tensor, acts: Tensor) -> Tensor:
@@ -502,6 +512,13 @@ def _run_replaced(ctx: PerturbationContext, inputs: Tensor, acts: Tensor) -> Ten
     handle = hook_forward(ctx.layer, hook)  # this thread only
     try:
         out = _forward(ctx, inputs, rows=acts.shape[0])
+    except _LayoutMismatch as err:
+        shape = "a non-tensor" if err.shape is None else f"[B, {', '.join(map(str, err.shape))}]"
+        raise ValueError(
+            f"Ablation-CAM needs a target layer whose output is the feature map Tensor[B, K, h, w]; "
+            f"{ctx.layer_name!r} outputs {shape}, a token or channels-last layout (use Score-CAM for token "
+            f"layouts, or a gradient method)"
+        ) from None
     finally:
         handle.remove()
     if hook.shape != tuple(acts.shape[1:]):

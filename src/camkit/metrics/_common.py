@@ -17,6 +17,10 @@ ScoreKind = str  # "prob" (softmax probability) or "logit"
 def class_scores(out: Tensor, classes: Tensor, kind: ScoreKind) -> Tensor:
     """Score of ``classes`` (LongTensor[N]) in logits Tensor[N, C]: softmax probability or logit."""
     out = out.float()
+    n = out.shape[1]
+    if classes.numel() and (int(classes.min()) < 0 or int(classes.max()) >= n):
+        bad = sorted({int(c) for c in classes.flatten() if not 0 <= int(c) < n})
+        raise ValueError(f"class indices must be in [0, {n - 1}] for a model with {n} outputs, got {bad}")
     if kind == "prob":
         out = torch.softmax(out, dim=1)
     elif kind != "logit":
@@ -56,6 +60,7 @@ class Forward:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.model = model
+        self.dtype = _param_dtype(model)
         self.fast = BatchForward(
             model, logits_of, channels_last=channels_last, compile=compile, batch=batch_size
         )
@@ -71,6 +76,9 @@ class Forward:
         with torch.inference_mode():
             for i in range(0, x.shape[0], self.batch_size):
                 chunk = x[i : i + self.batch_size]
+                if chunk.is_floating_point() and chunk.dtype != self.dtype:
+                    # the model runs in its own dtype; its scores come back in float32
+                    chunk = chunk.to(self.dtype)
                 t0 = time.perf_counter()
                 out = self.fast(chunk).float()
                 if out.is_cuda:
@@ -85,6 +93,14 @@ class Forward:
         return class_scores(self(x), classes, kind)
 
 
+def _param_dtype(model: nn.Module) -> torch.dtype:
+    """The model's floating dtype (its first floating parameter or buffer; float32 when it has none)."""
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.is_floating_point():
+            return t.dtype
+    return torch.float32
+
+
 def check_inputs(model: nn.Module, inputs: Tensor, maps: Tensor) -> tuple[Tensor, Tensor]:
     """Move inputs and maps to the model's device; check shapes: inputs [B, C, H, W], maps [B, H, W]."""
     check_eval(model, stacklevel=3)
@@ -97,6 +113,12 @@ def check_inputs(model: nn.Module, inputs: Tensor, maps: Tensor) -> tuple[Tensor
             f"maps must be Tensor[B, H, W] matching the inputs {tuple(inputs.shape)}, got {tuple(maps.shape)}; "
             "use Explanation.maps (at the model's input size)"
         )
+    bad = (~torch.isfinite(maps.detach().float())).flatten(1).any(dim=1)
+    if bool(bad.any()):
+        images = bad.nonzero()[:, 0].tolist()
+        raise ValueError(
+            f"maps of images {images} contain NaN or Inf: a metric of such a map would be meaningless"
+        )
     device = model_device(model)
     return inputs.to(device).float(), maps.to(device).float()
 
@@ -106,6 +128,10 @@ def resolve_targets(fwd: Forward, inputs: Tensor, classes: Tensor | int | None) 
     b = inputs.shape[0]
     if classes is None:
         return fwd(inputs).argmax(dim=1)
+    if isinstance(classes, bool) or (isinstance(classes, Tensor) and classes.dtype == torch.bool):
+        raise TypeError(f"classes must be class indices (ints), got a bool {classes!r}")
+    if isinstance(classes, (list, tuple)) and any(isinstance(c, bool) for c in classes):
+        raise TypeError(f"classes must be class indices (ints), got bools in {list(classes)!r}")
     if isinstance(classes, int):
         return torch.full((b,), classes, dtype=torch.long, device=inputs.device)
     classes = torch.as_tensor(classes, dtype=torch.long, device=inputs.device).flatten()
@@ -171,7 +197,23 @@ def make_baseline(inputs: Tensor, baseline: Baseline, default: str) -> Tensor:
     if isinstance(b, (int, float)):
         return torch.full_like(inputs, float(b))
     if isinstance(b, Tensor):
-        return b.to(inputs.device, inputs.dtype).expand_as(inputs).contiguous()
+        return _fit_baseline(b, inputs, "the baseline tensor")
     if callable(b):
-        return b(inputs).to(inputs.device, inputs.dtype).expand_as(inputs).contiguous()
+        out = b(inputs)
+        if not isinstance(out, Tensor):
+            raise TypeError(
+                f"a baseline function must return a Tensor shaped like the inputs {tuple(inputs.shape)}, "
+                f"got {type(out).__name__}"
+            )
+        return _fit_baseline(out, inputs, "the baseline function's result")
     raise TypeError(f"unsupported baseline {type(b).__name__}")
+
+
+def _fit_baseline(b: Tensor, inputs: Tensor, what: str) -> Tensor:
+    try:
+        return b.to(inputs.device, inputs.dtype).expand_as(inputs).contiguous()
+    except RuntimeError:
+        raise ValueError(
+            f"{what} has shape {tuple(b.shape)}: it must be shaped like (or broadcast to) the inputs "
+            f"{tuple(inputs.shape)}"
+        ) from None

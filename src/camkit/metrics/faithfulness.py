@@ -18,6 +18,7 @@ steps and images are stacked and sent to the model in chunks of ``batch_size`` (
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -68,6 +69,12 @@ class Curve:
 
 
 def _step_counts(n_pixels: int, steps: int) -> Tensor:
+    if isinstance(steps, bool):
+        raise TypeError(f"steps must be an int >= 1, got {steps!r}")
+    try:
+        steps = operator.index(steps)  # ints and numpy integers; 1.5 is refused, not truncated
+    except TypeError:
+        raise TypeError(f"steps must be an int >= 1, got {steps!r}") from None
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     steps = min(steps, n_pixels)
