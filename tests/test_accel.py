@@ -139,16 +139,6 @@ def test_tune_allocator_in_a_child_process() -> None:
     assert out.strip() == ("True" if glibc else "False")
 
 
-def test_the_command_tunes_the_allocator(monkeypatch) -> None:
-    from camkit import cli, runtime
-
-    calls: list[str] = []
-    monkeypatch.setattr(runtime, "tune_allocator", lambda: calls.append("tune") or True)
-    monkeypatch.setattr(cli, "app", lambda: calls.append("app"))
-    cli.main()
-    assert calls == ["tune", "app"]
-
-
 class ConvBN(nn.Module):
     """conv -> BN -> ReLU twice; ``skip``: the first conv's raw output is also added after the block (a use the
     fold would change)."""
