@@ -99,7 +99,7 @@ def cpu_name() -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", default="lite0,resnet18")
-    p.add_argument("--methods", default="score")
+    p.add_argument("--methods", default="score", help="comma-separated: score, ablation")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--images", type=int, default=8)
     p.add_argument("--rounds", type=int, default=1)
@@ -122,6 +122,9 @@ def main() -> None:
         "--warm-cache", action="store_true", help="keep inductor's on-disk cache (default: fresh dir)"
     )
     args = p.parse_args()
+    unknown = sorted(set(args.methods.split(",")) - {"score", "ablation"})
+    if unknown:
+        p.error(f"unknown --methods {unknown}: use score and/or ablation")
     if not args.warm_cache:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="camkit-bench-inductor-")
 
