@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.camkit-installed
 
-.PHONY: demo test test-fast lint bench compat clean
+.PHONY: demo test test-fast lint bench compat docs clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,9 @@ lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks tools
 	$(BIN)/ruff format --check src tests benchmarks tools
 	$(BIN)/mypy
+
+docs: $(STAMP)   # regenerate docs/methods.md from the method registry
+	$(BIN)/python tools/methods_table.py
 
 compat: $(STAMP)   # regenerate docs/compatibility.md from the model-family test matrix
 	$(BIN)/python tools/compat_table.py
