@@ -38,6 +38,8 @@ from camkit.methods import (
     LayerMethod,
     Method,
     MethodInput,
+    PassInput,
+    PassMethod,
     PerturbationMethod,
     get_method,
 )
@@ -119,6 +121,7 @@ class Shared:
     output_fn: Callable[[object], Tensor]
     perturbation: PerturbationOptions
     progress: Progress
+    reshape: Reshape | None = None
 
     @property
     def n_targets(self) -> int:
@@ -249,6 +252,8 @@ def _maps(method: Method, shared: Shared, weights: dict[str, list[Tensor]]) -> d
                 AttentionInput(shared.model, shared.x, shared.output_fn, tg.classes, tg.fn)
             )
         }
+    if isinstance(method, PassMethod):
+        return _pass_maps(method, shared)
     raw = {}
     for layer in shared.captured.order:
         a = shared.features.activations[layer].float()
@@ -265,6 +270,25 @@ def _maps(method: Method, shared: Shared, weights: dict[str, list[Tensor]]) -> d
         multi = shared.targets.classes is not None and shared.targets.classes.dim() == 2
         raw[layer] = torch.stack(per_target, dim=1) if multi else per_target[0]
     return raw
+
+
+def _pass_maps(method: PassMethod, shared: Shared) -> dict[str, Tensor]:
+    """7, for a :class:`PassMethod`: its own passes' maps, given the shared capture in case it combines both."""
+    tg = shared.targets
+    features = shared.features
+    return method.run(
+        PassInput(
+            shared.model,
+            shared.x,
+            shared.layers,
+            shared.output_fn,
+            tg.classes,
+            tg.fn,
+            activations=dict(features.activations),
+            gradients=dict(features.gradients),
+            reshape=shared.reshape,
+        )
+    )
 
 
 def _postprocess(
@@ -332,7 +356,7 @@ def _compute(
     features = _token_layout(model, modules, cap, inputs.x, reshape)
     options = perturbation or PerturbationOptions()
     shared = Shared(
-        model, inputs.x, modules, cap, features, resolved, read, options, Progress(options.progress)
+        model, inputs.x, modules, cap, features, resolved, read, options, Progress(options.progress), reshape
     )
     size = (inputs.x.shape[-2], inputs.x.shape[-1])
     results = {}

@@ -7,6 +7,8 @@ from camkit.methods.registry import (
     LayerMethod,
     Method,
     MethodInput,
+    PassInput,
+    PassMethod,
     PerturbationMethod,
     get_method,
     method_names,
@@ -15,6 +17,7 @@ from camkit.methods.registry import (
 
 # Register every family, in the order `camkit methods` lists them.
 from camkit.methods import cam, gradient, projection, perturbation, attention  # noqa: F401  # isort: skip
+from camkit.methods import fullgrad, guided, shapley, finer, smooth, refine  # noqa: F401  # isort: skip
 
 __all__ = [
     "METHODS",
@@ -23,6 +26,8 @@ __all__ = [
     "LayerMethod",
     "Method",
     "MethodInput",
+    "PassInput",
+    "PassMethod",
     "PerturbationMethod",
     "get_method",
     "method_names",

@@ -6,6 +6,9 @@
 * :class:`PerturbationMethod`: a weight formula ``w[B, T, K]`` computed from extra forward passes of perturbed
   inputs by the shared batching/replay engine (:mod:`camkit.methods.engine`); the map is ``sum_k w_k A_k``.
 * :class:`AttentionMethod`: computes its map in its own pass over a transformer's attention probabilities.
+* :class:`PassMethod`: runs its own forward/backward passes with the model and the input (FullGrad, guided
+  backprop, ShapleyCAM's double backward, FinerCAM's contrast target, noise or multi-scale averaging) and returns
+  named signed maps, at a layer's or the input's resolution.
 
 ReLU, upsampling and normalisation happen in one place for all kinds (:mod:`camkit.postprocess`).
 To add a method: write its formula in the module of its kind and call :func:`register` with keywords. Importing
@@ -16,7 +19,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import Tensor, nn
@@ -31,6 +34,8 @@ __all__ = [
     "LayerMethod",
     "Method",
     "MethodInput",
+    "PassInput",
+    "PassMethod",
     "PerturbationMethod",
     "get_method",
     "method_names",
@@ -136,15 +141,60 @@ class AttentionMethod(Method):
     run: Callable[[AttentionInput], Tensor]
 
 
+@dataclass(frozen=True)
+class PassInput:
+    """What a :class:`PassMethod`'s passes receive.
+
+    Attributes:
+        model: the network, in eval mode (the method must leave it exactly as it was: hooks only through
+            :func:`camkit.capture.hook_forward`, removed on exit, and no module swapped).
+        x: its input, Tensor[B, C, H, W].
+        layers: the resolved target layers, ``{dotted name: module}``, shallow to deep as given.
+        output_fn: raw model output -> the explained Tensor.
+        classes: LongTensor[B] or [B, k] of the explained classes; None for a callable target.
+        target_fn: the callable target ``f(output) -> Tensor[B]`` when ``classes`` is None.
+        activations: the shared capture's activations as Tensor[B, K, h, w] per layer (for methods that combine
+            their own pass with the shared one, e.g. Guided Grad-CAM).
+        gradients: the shared capture's dS/dA per layer (a list with one per target), empty without
+            ``needs_grad``.
+        reshape: the user's ``reshape`` function for token layouts, or None.
+    """
+
+    model: nn.Module
+    x: Tensor
+    layers: dict[str, nn.Module]
+    output_fn: Callable[[object], Tensor]
+    classes: Tensor | None
+    target_fn: Callable[[Tensor], Tensor] | None = None
+    activations: dict[str, Tensor] = field(default_factory=dict)
+    gradients: dict[str, Tensor | list[Tensor]] = field(default_factory=dict)
+    reshape: Callable[[Tensor], Tensor] | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class PassMethod(Method):
+    """Maps from the method's own forward/backward passes.
+
+    Attributes:
+        run: ``PassInput -> {name: Tensor[B, h, w]}`` (``[B, k, h, w]`` for ``classes`` of shape [B, k]), the
+            signed maps (a layer name, or the method's name for an input-resolution map); the pipeline applies
+            the ReLU, upsampling, min-max and fusion as for every kind.
+    """
+
+    family: ClassVar[str] = "own-pass"
+    run: Callable[[PassInput], dict[str, Tensor]]
+
+
 METHODS: dict[str, Method] = {}
 _ALIASES: dict[str, str] = {}
 
 
 def register(method: Method) -> Method:
     """Add a method to the registry (its name and aliases, case-insensitive)."""
-    if not isinstance(method, (LayerMethod, PerturbationMethod, AttentionMethod)):
+    if not isinstance(method, (LayerMethod, PerturbationMethod, AttentionMethod, PassMethod)):
         raise TypeError(
-            f"register a LayerMethod, PerturbationMethod or AttentionMethod, not {type(method).__name__}"
+            "register a LayerMethod, PerturbationMethod, AttentionMethod or PassMethod, not "
+            f"{type(method).__name__}"
         )
     METHODS[method.name] = method
     for key in (method.name, *method.aliases):
