@@ -6,9 +6,10 @@ input was positive, ``grad_in = ReLU(grad_out) * [x > 0]``. camkit applies the r
 every ReLU call through an autograd Function with that backward. No module is replaced (pytorch-grad-cam swaps
 the model's ``nn.ReLU`` modules), so the model comes back exactly as it was, also on an exception.
 
-Covered: ``nn.ReLU`` modules (also ``inplace=True``), ``F.relu`` / ``F.relu_``, ``torch.relu`` / ``torch.relu_``
-and ``Tensor.relu`` / ``Tensor.relu_``. Not covered: other activations (SiLU, GELU, ReLU6, LeakyReLU, Hardswish)
-keep their ordinary gradient; and ReLUs computed inside fused C++ kernels that never reach Python
+Covered: ``nn.ReLU`` modules (also ``inplace=True``), ``F.relu`` / ``F.relu_``, ``torch.relu`` / ``torch.relu_``,
+``Tensor.relu`` / ``Tensor.relu_``, and the clipped ReLUs ``nn.ReLU6`` / ``F.relu6`` / ``F.hardtanh`` with
+``min_val=0`` (EfficientNet-Lite, MobileNetV2), whose rule passes positive gradients where 0 < x < max. Not
+covered: other activations (SiLU, GELU, LeakyReLU, Hardswish) keep their ordinary gradient; and ReLUs computed inside fused C++ kernels that never reach Python
 (``torch.ops.aten.*`` calls, TorchScript models).
 
 Every image of the batch gets its own gradient (scores of different images are independent in eval mode, so one
@@ -36,32 +37,41 @@ from camkit.postprocess import fuse, normalize, upsample
 __all__ = ["GuidedReLU", "guided_gradcam", "guided_gradients"]
 
 
-class _GuidedReLUFunction(torch.autograd.Function):
-    """ReLU whose backward passes only positive gradients through positive inputs."""
+class _GuidedClamp(torch.autograd.Function):
+    """``clamp(x, 0, hi)`` (ReLU: hi = None; ReLU6: hi = 6) whose backward passes only positive gradients where
+    the input was inside (0, hi)."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, inplace: bool) -> Tensor:
+    def forward(ctx: Any, x: Tensor, hi: float | None, inplace: bool) -> Tensor:
         if inplace:
             ctx.mark_dirty(x)
-            out = x.clamp_(min=0)
+            out = x.clamp_(min=0, max=hi)
         else:
-            out = x.clamp(min=0)
+            out = x.clamp(min=0, max=hi)
+        ctx.hi = hi
         ctx.save_for_backward(out)
         return out
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
         (out,) = ctx.saved_tensors
-        return grad.clamp(min=0) * (out > 0).to(grad.dtype), None
+        inside = out > 0
+        if ctx.hi is not None:
+            inside = inside & (out < ctx.hi)
+        return grad.clamp(min=0) * inside.to(grad.dtype), None, None
 
 
-_OUT_OF_PLACE = {F.relu, torch.relu, Tensor.relu}
-_IN_PLACE = {torch.relu_, Tensor.relu_}
+_RELU = {F.relu, torch.relu, Tensor.relu}
+_RELU_ = {torch.relu_, Tensor.relu_}
+
+
+def _arg(args: tuple[Any, ...], kwargs: dict[str, Any], i: int, name: str, default: Any) -> Any:
+    return args[i] if len(args) > i else kwargs.get(name, default)
 
 
 class GuidedReLU(TorchFunctionMode):
-    """While active (``with GuidedReLU(): ...``, this thread only), every ReLU call listed in the module docstring
-    runs with guided backprop's backward rule."""
+    """While active (``with GuidedReLU(): ...``, this thread only), every ReLU / ReLU6 call listed in the module
+    docstring runs with guided backprop's backward rule."""
 
     def __torch_function__(
         self,
@@ -71,11 +81,16 @@ class GuidedReLU(TorchFunctionMode):
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
         kwargs = kwargs or {}
-        if func in _OUT_OF_PLACE or func in _IN_PLACE:
-            x = args[0] if args else kwargs["input"]
-            inplace = func in _IN_PLACE or bool(kwargs.get("inplace", args[1] if len(args) > 1 else False))
-            if isinstance(x, Tensor) and x.requires_grad:
-                return _GuidedReLUFunction.apply(x, inplace)
+        x = _arg(args, kwargs, 0, "input", None)
+        if isinstance(x, Tensor) and x.requires_grad:
+            if func in _RELU or func in _RELU_:
+                inplace = func in _RELU_ or bool(_arg(args, kwargs, 1, "inplace", False))
+                return _GuidedClamp.apply(x, None, inplace)
+            if func is F.relu6:
+                return _GuidedClamp.apply(x, 6.0, bool(_arg(args, kwargs, 1, "inplace", False)))
+            if func is F.hardtanh and float(_arg(args, kwargs, 1, "min_val", -1.0)) == 0.0:
+                hi = float(_arg(args, kwargs, 2, "max_val", 1.0))
+                return _GuidedClamp.apply(x, hi, bool(_arg(args, kwargs, 3, "inplace", False)))
         return func(*args, **kwargs)
 
 
