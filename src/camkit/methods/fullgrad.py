@@ -12,8 +12,8 @@ affine parameters). The saliency map (the paper's eq. 5) is
     psi(|dS/dx * x|) summed over input channels + sum over conv / BN layers and channels of psi(|dS/dz_l * b_l|)
 
 with psi = min-max to [0, 1] per image and channel, then bilinear upsampling to the input size (pytorch-grad-cam's
-order: scale, then resize). Linear layers' biases enter the decomposition but not the map (they have no spatial
-extent), as in the paper.
+order: scale, then resize; the resize is linear, so each layer's channels are summed before one resize). Linear
+layers' biases enter the decomposition but not the map (they have no spatial extent), as in the paper.
 
 How: a forward hook (this thread only) on every bias-carrying conv / BN / linear layer keeps the layer's output
 node and hands the network a copy, so later in-place ops cannot change it; one ``torch.autograd.grad`` per target
@@ -127,25 +127,27 @@ def full_gradients(inp: PassInput) -> list[FullGradient]:
     return results
 
 
-def _psi(t: Tensor, size: tuple[int, int]) -> Tensor:
-    """|t| [B, C, h, w] min-maxed to [0, 1] per image and channel, then bilinearly resized: Tensor[B, C, H, W]."""
+def _psi_sum(t: Tensor, size: tuple[int, int]) -> Tensor:
+    """sum over channels of psi(t) for t [B, C, h, w]: |t| min-maxed to [0, 1] per image and channel, bilinearly
+    resized to ``size`` -> Tensor[B, H, W]. Resizing is linear, so the channels are summed first and resized once
+    (the same numbers as resizing each channel, for a fraction of the memory)."""
     a = t.abs().float()
     flat = a.flatten(2)
     lo = flat.min(dim=2, keepdim=True).values
     hi = (flat - lo).max(dim=2, keepdim=True).values
-    scaled = ((flat - lo) / (hi + 1e-7)).reshape(a.shape)
-    if tuple(scaled.shape[-2:]) != size:
-        scaled = F.interpolate(scaled, size=size, mode="bilinear", align_corners=False)
-    return scaled
+    total = ((flat - lo) / (hi + 1e-7)).sum(dim=1).reshape(a.shape[0], 1, *a.shape[2:])
+    if tuple(total.shape[-2:]) != size:
+        total = F.interpolate(total, size=size, mode="bilinear", align_corners=False)
+    return total[:, 0]
 
 
 def fullgrad_map(fg: FullGradient) -> Tensor:
     """The paper's saliency map (eq. 5) of one decomposition: Tensor[B, H, W] (not yet min-maxed)."""
     size = (fg.input_term.shape[-2], fg.input_term.shape[-1])
-    total = _psi(fg.input_term, size).sum(dim=1)
+    total = _psi_sum(fg.input_term, size)
     for _, term in fg.bias_terms:
         if term.dim() == 4:  # conv / BN outputs; linear layers have no spatial extent
-            total = total + _psi(term, size).sum(dim=1)
+            total = total + _psi_sum(term, size)
     return total
 
 
