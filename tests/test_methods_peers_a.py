@@ -163,6 +163,29 @@ def test_fullgrad_completeness_input_and_bias_terms_sum_to_the_score() -> None:
     assert [n for n, _ in fg.bias_terms] == ["c1", "b1", "b2", "fc"]  # c2 has no bias
 
 
+def test_fullgrad_completeness_with_timm_batch_norms_fused_with_their_activation() -> None:
+    # timm's BatchNormAct2d applies its activation inside the module: the bias-gradient is read before it.
+    from timm.layers import BatchNormAct2d
+
+    torch.manual_seed(4)
+    model = nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1, bias=False),
+        BatchNormAct2d(6, act_layer=nn.ReLU),
+        nn.Conv2d(6, 4, 3, padding=1),
+        BatchNormAct2d(4, act_layer=nn.ReLU, inplace=True),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 3),
+    )
+    _randomize_bn(model)
+    model = model.double().eval()
+    x = torch.randn(2, 3, 12, 12, dtype=torch.float64)
+    classes = torch.tensor([1, 2])
+    (fg,) = full_gradients(pass_input(model, x, classes))
+    assert [n for n, _ in fg.bias_terms] == ["1", "2", "3", "6"]
+    assert torch.allclose(fg.total(), model(x).gather(1, classes[:, None])[:, 0], atol=1e-10)
+
+
 def test_fullgrad_batch_norm_bias_is_the_effective_bias() -> None:
     bn = nn.BatchNorm2d(2, eps=0.0).eval()
     with torch.no_grad():

@@ -18,13 +18,16 @@ layers' biases enter the decomposition but not the map (they have no spatial ext
 How: a forward hook (this thread only) on every bias-carrying conv / BN / linear layer keeps the layer's output
 node and hands the network a copy, so later in-place ops cannot change it; one ``torch.autograd.grad`` per target
 gives dS/dx and every dS/dz_l. No module is replaced, no parameter's ``requires_grad`` or ``.grad`` is touched,
-every hook is removed on exit, also on an exception. Norms other than batch norm (LayerNorm, GroupNorm) are not
+every hook is removed on exit, also on an exception. A batch norm module that also applies an activation
+(timm's ``BatchNormAct2d``, whose children ``drop`` and ``act`` run after the normalisation) is read at the input
+of its first child, which is the normalised tensor before the activation. Norms other than batch norm (LayerNorm, GroupNorm) are not
 linear in their input: their biases are not part of the decomposition, so completeness holds only for networks
 without them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -95,19 +98,37 @@ def full_gradients(inp: PassInput) -> list[FullGradient]:
     names = {m: n for n, m in inp.model.named_modules()}
     kept: list[tuple[str, Tensor, Tensor]] = []  # (name, the layer's output node, its bias)
 
+    def keep(name: str, bias: Tensor, t: object) -> Tensor | None:
+        if not isinstance(t, Tensor) or not t.requires_grad:
+            return None
+        kept.append((name, t, bias))
+        return t.clone()  # later in-place ops write into the copy: the kept node stays the layer's output
+
     def hook(module: nn.Module, _inputs: object, output: object) -> object:
         bias = bias_of(module)
-        if bias is None or not isinstance(output, Tensor) or not output.requires_grad:
-            return None
-        kept.append((names.get(module, type(module).__name__), output, bias))
-        return (
-            output.clone()
-        )  # later in-place ops write into the copy: the kept node stays the layer's output
+        return None if bias is None else keep(names.get(module, type(module).__name__), bias, output)
+
+    def fused_hook(owner: nn.Module) -> Callable[[nn.Module, tuple[object, ...]], object]:
+        # a batch norm whose module also applies an activation (timm's BatchNormAct2d: batch norm, then its
+        # children drop and act): its plain output is the input of its first child
+        def pre(_child: nn.Module, args: tuple[object, ...]) -> object:
+            bias = bias_of(owner)
+            if bias is None or not args:
+                return None
+            onward = keep(names.get(owner, type(owner).__name__), bias, args[0])
+            return None if onward is None else (onward, *args[1:])
+
+        return pre
 
     x = inp.x.detach().clone().requires_grad_(True)
     with Hooks() as hooks:
         for m in inp.model.modules():
-            if isinstance(m, (_BN, _CONV, nn.Linear)) and bias_of(m) is not None:
+            if not isinstance(m, (_BN, _CONV, nn.Linear)) or bias_of(m) is None:
+                continue
+            first = next(iter(m.children()), None)
+            if isinstance(m, _BN) and first is not None:
+                hooks.add(first, fused_hook(m), pre=True)
+            else:
                 hooks.add(m, hook)
         out = inp.output_fn(inp.model(x))
         rows = score_rows(inp, out)

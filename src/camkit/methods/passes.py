@@ -31,9 +31,9 @@ class Hooks:
         self._grad = torch.is_grad_enabled()
         self._inference = torch.inference_mode(False)
 
-    def add(self, module: nn.Module, fn: Callable[..., object]) -> None:
-        """A forward hook acting in this thread only."""
-        self._handles.append(hook_forward(module, fn))
+    def add(self, module: nn.Module, fn: Callable[..., object], pre: bool = False) -> None:
+        """A forward (``pre``: pre-) hook acting in this thread only."""
+        self._handles.append(hook_forward(module, fn, pre=pre))
 
     def __enter__(self) -> Hooks:
         self._grad = torch.is_grad_enabled()
