@@ -8,6 +8,8 @@ same input), and the model must come back exactly as it was, also when an except
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -20,7 +22,7 @@ from camkit.methods.finer import finercam, similar_classes
 from camkit.methods.fullgrad import bias_of, full_gradients
 from camkit.methods.guided import guided_gradcam, guided_gradients
 from camkit.methods.refine import refinecam
-from camkit.methods.shapley import shapley_gradients
+from camkit.methods.shapley import rest_target, shapley_gradients
 from camkit.methods.smooth import smoothgradcampp
 from camkit.outputs import output_fn
 
@@ -362,6 +364,23 @@ def test_shapleycam_agrees_with_pytorch_grad_cam(peer: tuple[nn.Module, Tensor, 
     assert (pearson(ours.maps, ref) >= MIN_PEARSON).all()
     grad = camkit.explain(model, x, "gradcam", layers="features", targets=classes.tolist())
     assert not torch.allclose(ours.maps, grad.maps, atol=1e-3)  # the Hessian term matters on this model
+
+
+def test_rest_target_is_the_logit_minus_the_cross_entropy(peer: tuple[nn.Module, Tensor, Tensor]) -> None:
+    y = torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]])
+    expected = [3.0 + 3.0 - math.log(math.e + math.e**2 + math.e**3), 0.0 - math.log(3.0)]
+    assert torch.allclose(rest_target([2, 0])(y), torch.tensor(expected))
+    with pytest.raises(TypeError, match="integers"):
+        rest_target(1.5)  # type: ignore[arg-type]
+    from pytorch_grad_cam import ShapleyCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputReST
+
+    model, x, classes = peer
+    ours = camkit.explain(model, x, "shapleycam", layers="features", targets=rest_target(classes))
+    ref = ShapleyCAM(model, [model.features])(
+        input_tensor=x, targets=[ClassifierOutputReST(int(c)) for c in classes]
+    )
+    assert (pearson(ours.maps, ref) >= MIN_PEARSON).all()
 
 
 # --------------------------------------------------------------------------------------------------- Finer-CAM

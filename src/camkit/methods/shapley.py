@@ -5,8 +5,9 @@ Hessian-vector product ``H A = d(g . A)/dA`` (a double backward),
 
     w_k = mean_ij (g - 0.5 * H A)_k[ij],   map = sum_k w_k A_k
 
-(pytorch-grad-cam's ShapleyCAM, the same formula). The paper pairs it with the ReST target (logit minus
-cross-entropy); camkit explains whatever target the call gives (a logit by default; pass a callable for ReST).
+(pytorch-grad-cam's ShapleyCAM, the same formula). The paper pairs it with the ReST target, the logit minus the
+cross-entropy ``y_c + log softmax(y)_c``; camkit explains whatever target the call gives (a logit by default;
+``targets=rest_target(classes)`` for ReST).
 
 How: one capture forward (:class:`camkit.capture.LayerCapture`: the target layers' outputs become leaves, so
 nothing before them is recorded), ``torch.autograd.grad(..., create_graph=True)`` for g, then a second
@@ -16,6 +17,8 @@ memory cost is that graph on top of Grad-CAM's (README: "Methods from the peers 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import torch
 from torch import Tensor
 
@@ -24,7 +27,25 @@ from camkit.methods.passes import score_rows, stack_targets
 from camkit.methods.registry import PassInput, PassMethod, register
 from camkit.tokens import to_spatial
 
-__all__ = ["shapley_gradients"]
+__all__ = ["rest_target", "shapley_gradients"]
+
+
+def rest_target(classes: int | Sequence[int] | Tensor) -> Callable[[Tensor], Tensor]:
+    """The paper's ReST target (residual softmax target-class): ``f(output) = y_c + log softmax(y)_c`` per image,
+    for ``explain(..., targets=rest_target(c))`` (one class for every image, or one per image).
+
+    Raises:
+        TypeError: classes that are not integers.
+    """
+    c = torch.as_tensor(classes)
+    if c.is_floating_point() or c.dtype == torch.bool or c.dim() > 1:
+        raise TypeError(f"rest_target takes a class index or one per image (integers), got {classes!r}")
+
+    def target(output: Tensor) -> Tensor:
+        idx = c.to(output.device).expand(output.shape[0])[:, None]
+        return output.gather(1, idx)[:, 0] + torch.log_softmax(output, dim=1).gather(1, idx)[:, 0]
+
+    return target
 
 
 def shapley_gradients(inp: PassInput) -> tuple[dict[str, Tensor], dict[str, list[Tensor]]]:
