@@ -383,6 +383,32 @@ def test_rest_target_is_the_logit_minus_the_cross_entropy(peer: tuple[nn.Module,
     assert (pearson(ours.maps, ref) >= MIN_PEARSON).all()
 
 
+def test_shapleycam_and_fullgrad_on_a_vit_with_fused_attention() -> None:
+    # Fused attention kernels have no double backward: ShapleyCAM computes attention explicitly in its pass. The
+    # map equals the one of the same ViT with timm's explicit attention path switched on (a copy).
+    import copy
+
+    import timm
+
+    torch.manual_seed(0)
+    vit = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2, num_classes=4
+    ).eval()
+    explicit = copy.deepcopy(vit)
+    for m in explicit.modules():
+        if hasattr(m, "fused_attn"):
+            m.fused_attn = False
+    x = torch.randn(2, 3, 32, 32)
+    ours = camkit.explain(vit, x, "shapleycam", layers="blocks.0.norm1", targets=1)
+    ref = camkit.explain(explicit, x, "shapleycam", layers="blocks.0.norm1", targets=1)
+    assert (pearson(ours.maps, ref.maps) >= 0.99999).all()
+    # FullGrad: linear layers' biases act on the token axis (no spatial map), the patch embedding's on the grid
+    (fg,) = full_gradients(pass_input(vit, x, torch.tensor([1, 1])))
+    shapes = {n: tuple(t.shape) for n, t in fg.bias_terms}
+    assert shapes["patch_embed.proj"] == (2, 192, 4, 4) and shapes["blocks.0.attn.qkv"] == (2, 17, 576)
+    assert camkit.explain(vit, x, "fullgrad", targets=1).maps.shape == (2, 32, 32)
+
+
 # --------------------------------------------------------------------------------------------------- Finer-CAM
 
 
@@ -542,6 +568,18 @@ def test_refinecam_is_the_mean_of_the_base_maps_over_scales_and_fuses_layers(
     assert multi.layers == ["features.2", "features"]
     fused = minmax(torch.maximum(*multi.layer_maps.values()))
     assert torch.allclose(multi.maps.double(), fused, atol=1e-6)
+
+
+def test_refinecam_on_a_fixed_size_model_says_what_to_do() -> None:
+    import timm
+
+    vit = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=1
+    ).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with pytest.raises(ValueError, match=r"resizes the input by 1.5 to 48x48.*scales=\(1.0,\)"):
+        camkit.explain(vit, x, "refinecam", targets=0)
+    assert camkit.explain(vit, x, refinecam(scales=(1.0,)), targets=0).maps.shape == (1, 32, 32)
 
 
 def test_refinecam_settings_are_checked() -> None:

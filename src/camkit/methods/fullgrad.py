@@ -96,17 +96,21 @@ def full_gradients(inp: PassInput) -> list[FullGradient]:
         one :class:`FullGradient` per target per image (k for classes [B, k], else 1).
     """
     names = {m: n for n, m in inp.model.named_modules()}
-    kept: list[tuple[str, Tensor, Tensor]] = []  # (name, the layer's output node, its bias)
+    kept: list[
+        tuple[str, Tensor, Tensor]
+    ] = []  # (name, the layer's output node, its bias shaped to match it)
 
-    def keep(name: str, bias: Tensor, t: object) -> Tensor | None:
+    def keep(name: str, bias: Tensor, t: object, linear: bool = False) -> Tensor | None:
         if not isinstance(t, Tensor) or not t.requires_grad:
             return None
-        kept.append((name, t, bias))
+        kept.append((name, t, _broadcast(bias, t, linear)))
         return t.clone()  # later in-place ops write into the copy: the kept node stays the layer's output
 
     def hook(module: nn.Module, _inputs: object, output: object) -> object:
         bias = bias_of(module)
-        return None if bias is None else keep(names.get(module, type(module).__name__), bias, output)
+        if bias is None:
+            return None
+        return keep(names.get(module, type(module).__name__), bias, output, isinstance(module, nn.Linear))
 
     def fused_hook(owner: nn.Module) -> Callable[[nn.Module, tuple[object, ...]], object]:
         # a batch norm whose module also applies an activation (timm's BatchNormAct2d: batch norm, then its
@@ -142,10 +146,17 @@ def full_gradients(inp: PassInput) -> list[FullGradient]:
             terms = []
             for (name, node, bias), g in zip(kept, grads[1:], strict=True):
                 g = torch.zeros_like(node) if g is None else g
-                shape = [1, -1] + [1] * (node.dim() - 2)
-                terms.append((name, (g * bias.to(g.dtype).reshape(shape)).detach()))
+                terms.append((name, (g * bias.to(g.dtype)).detach()))
             results.append(FullGradient((gx * x).detach(), terms))
     return results
+
+
+def _broadcast(bias: Tensor, node: Tensor, linear: bool) -> Tensor:
+    """A per-channel bias shaped to multiply a layer output: a linear layer's features are its last axis (tokens
+    [B, N, C] too), a conv's / batch norm's channels axis 1."""
+    if linear:
+        return bias
+    return bias.reshape([1, -1] + [1] * (node.dim() - 2))
 
 
 def _psi_sum(t: Tensor, size: tuple[int, int]) -> Tensor:

@@ -67,7 +67,15 @@ def _run(inp: PassInput, scales: list[float], fn: Callable[[MethodInput], Tensor
             if (h, w) == size
             else F.interpolate(inp.x, size=(h, w), mode="bilinear", align_corners=False)
         )
-        feats = layer_features(inp, x)
+        try:
+            feats = layer_features(inp, x)
+        except (RuntimeError, AssertionError, ValueError) as err:
+            if (h, w) == size:
+                raise
+            raise ValueError(
+                f"refinecam resizes the input by {s:g} to {h}x{w}, and this model does not take that size "
+                f"({type(err).__name__}: {err}); use scales=(1.0,) or a model that accepts any input size"
+            ) from err
         for name, a in feats.activations.items():
             maps = [
                 normalize(upsample(torch.relu(fn(MethodInput(a.float(), g))), size))

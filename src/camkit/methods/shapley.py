@@ -13,14 +13,21 @@ How: one capture forward (:class:`camkit.capture.LayerCapture`: the target layer
 nothing before them is recorded), ``torch.autograd.grad(..., create_graph=True)`` for g, then a second
 ``torch.autograd.grad(g, A, grad_outputs=A)`` for H A. The first backward keeps its graph for the second: the
 memory cost is that graph on top of Grad-CAM's (README: "Methods from the peers (1)" has the measurement).
+PyTorch's fused attention kernels have no double backward: during this forward (in the caller's thread only, by
+a torch function mode) ``F.scaled_dot_product_attention`` is computed explicitly, softmax(q k^T * scale + mask) v,
+which has one.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+from torch.overrides import TorchFunctionMode
 
 from camkit.capture import LayerCapture
 from camkit.methods.passes import score_rows, stack_targets
@@ -48,6 +55,50 @@ def rest_target(classes: int | Sequence[int] | Tensor) -> Callable[[Tensor], Ten
     return target
 
 
+class _ExplicitAttention(TorchFunctionMode):
+    """``F.scaled_dot_product_attention`` computed with ordinary ops (twice differentiable) while active."""
+
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: object,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            return _attention(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+def _attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    attn_mask: Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> Tensor:
+    if dropout_p:
+        raise ValueError("ShapleyCAM needs attention without dropout: call model.eval() first")
+    if enable_gqa and k.shape[-3] != q.shape[-3]:
+        k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
+        v = v.repeat_interleave(q.shape[-3] // v.shape[-3], dim=-3)
+    logits = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]) if scale is None else scale)
+    if is_causal:
+        causal = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+        logits = logits.masked_fill(~causal, float("-inf"))
+    if attn_mask is not None:
+        logits = (
+            logits.masked_fill(~attn_mask, float("-inf"))
+            if attn_mask.dtype == torch.bool
+            else logits + attn_mask
+        )
+    return torch.softmax(logits, dim=-1) @ v
+
+
 def shapley_gradients(inp: PassInput) -> tuple[dict[str, Tensor], dict[str, list[Tensor]]]:
     """The target layers' activations and, per target, ``g - 0.5 * H A`` in the layers' own layout.
 
@@ -55,7 +106,8 @@ def shapley_gradients(inp: PassInput) -> tuple[dict[str, Tensor], dict[str, list
         (layer name -> activation, layer name -> per target ``dS/dA - 0.5 * H A`` of the same shape).
     """
     with LayerCapture(inp.layers, need_grad=True) as window:
-        out = window.forward(inp.model, inp.x, inp.output_fn)
+        with _ExplicitAttention():
+            out = window.forward(inp.model, inp.x, inp.output_fn)
         rows = score_rows(inp, out)
         if not rows.requires_grad:
             raise RuntimeError(
