@@ -119,8 +119,9 @@ def record_json(record: ImageRecord, options: ReportOptions | None = None) -> di
     photo = record.photo()
     big = options.full_side or options.thumb_side
     base = _shrunk(photo, big)
+    zoom = max(base.size) > options.thumb_side  # else the thumbnail is the full-size view
     thumb = _data_uri(_shrunk(base, options.thumb_side), options)
-    full = _data_uri(base, options) if options.full_side else thumb
+    full = _data_uri(base, options) if zoom else thumb
     maps = []
     for entry in record.maps:
         pic = overlay(base, entry.map, cmap=options.cmap, alpha=options.alpha)
@@ -130,7 +131,7 @@ def record_json(record: ImageRecord, options: ReportOptions | None = None) -> di
                 "method": entry.method,
                 "layer": entry.layer,
                 "thumb": small,
-                "full": _data_uri(pic, options) if options.full_side else small,
+                "full": _data_uri(pic, options) if zoom else small,
                 "boxes": [[b.x0, b.y0, b.x1, b.y1, round(b.score, 4)] for b in entry.boxes],
             }
         )
