@@ -1,7 +1,7 @@
 """Fixtures of the report and app tests: a headless Chromium (Debian's ``/usr/bin/chromium`` driven by Playwright;
 nothing downloads a browser), a small random-weight model, and picture checks.
 
-Imported by ``tests/test_report.py`` and ``tests/test_app.py`` (``from _browser import ...``). Without Chromium
+Used by ``tests/test_report*.py`` and ``tests/test_app.py``, which make fixtures of these generators and functions. Without Chromium
 or Playwright the browser tests are skipped with the reason, unless ``CAMKIT_REQUIRE_BROWSER=1`` (set it in CI:
 then a missing browser fails).
 """
@@ -35,15 +35,16 @@ def _missing(reason: str) -> None:
     pytest.skip(reason)
 
 
-@pytest.fixture(scope="session")
-def chromium() -> Iterator[Any]:
-    """A headless Chromium browser (Playwright's ``Browser``)."""
+def launch_chromium() -> Iterator[Any]:
+    """A headless Chromium browser (Playwright's ``Browser``), as a fixture's generator."""
     if not (Path(CHROMIUM).exists() or shutil.which(CHROMIUM)):
         _missing(f"no Chromium at {CHROMIUM} (apt-get install chromium; or set CAMKIT_CHROMIUM)")
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
-        _missing("the playwright package is not installed (pip install playwright; no browser download needed)")
+        _missing(
+            "the playwright package is not installed (pip install playwright; no browser download needed)"
+        )
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
         try:
@@ -52,7 +53,15 @@ def chromium() -> Iterator[Any]:
             browser.close()
 
 
-@pytest.fixture(scope="session")
+def one_thread() -> Iterator[None]:
+    """One torch thread per test (restored after): the app's workers, the browser and the test share the CPU, and
+    on a small machine extra intra-op threads only fight each other."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
 def small_model() -> camkit.LoadedModel:
     """Random-weight ResNet-18 (seed 0) fed 64 x 64 images."""
     torch.manual_seed(0)
@@ -87,7 +96,7 @@ def save_screenshot(png: bytes, name: str) -> Path:
     """Keep a screenshot under docs/screenshots/ (shrunk to a palette PNG to stay small) and return its path."""
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     path = SCREENSHOTS / name
-    Image.open(io.BytesIO(png)).convert("RGB").quantize(colors=128, dither=Image.Dither.NONE).save(
+    Image.open(io.BytesIO(png)).convert("RGB").quantize(colors=256, dither=Image.Dither.NONE).save(
         path, optimize=True
     )
     return path

@@ -309,18 +309,26 @@ def create_app(config: AppConfig | None = None) -> FastAPI:
     config = config or AppConfig()
     cache = ModelCache(config)
     limiter = Limiter(config.workers + config.queue)
-    pool = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="camkit-app")
+    pools: list[ThreadPoolExecutor] = []  # the running server's worker threads (a new pool after a restart)
+    pools_lock = threading.Lock()
+
+    def pool() -> ThreadPoolExecutor:
+        with pools_lock:
+            if not pools:
+                pools.append(ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="camkit-app"))
+            return pools[0]
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
-        pool.shutdown(wait=False, cancel_futures=True)
+        with pools_lock:
+            while pools:
+                pools.pop().shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="camkit", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.config = config
     app.state.models = cache
     app.state.limiter = limiter
-    app.state.pool = pool
     samples: dict[str, Image.Image] = {}
     samples_lock = threading.Lock()
 
@@ -341,7 +349,7 @@ def create_app(config: AppConfig | None = None) -> FastAPI:
                 headers={"Retry-After": "1"},
             )
         try:
-            return await asyncio.get_running_loop().run_in_executor(pool, fn)
+            return await asyncio.get_running_loop().run_in_executor(pool(), fn)
         except (ValueError, KeyError, TypeError) as err:
             message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
             raise HTTPException(422, str(message)) from err

@@ -95,7 +95,8 @@ class ReportStats:
 def _data_uri(picture: Image.Image, options: ReportOptions) -> str:
     fmt, mime = _FORMATS[options.format]
     buf = io.BytesIO()
-    picture.convert("RGB").save(buf, format=fmt, quality=options.quality)
+    extra = {"method": 2} if fmt == "WEBP" else {}  # libwebp's effort 2 of 6: ~2.7x faster, ~4% larger
+    picture.convert("RGB").save(buf, format=fmt, quality=options.quality, **extra)
     return f"data:{mime};base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
