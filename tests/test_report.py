@@ -265,3 +265,45 @@ def test_report_in_chromium_from_disk_sorts_filters_pages_and_zooms(
         assert requested and all(u.startswith(("file:", "data:")) for u in requested), requested
     finally:
         page.close()
+
+
+def test_many_images_are_paginated_and_sorted_across_pages(chromium: object, tmp_path: Path) -> None:
+    """600 images, 50 per page: only one page's cards exist; a sort orders all images, not one page."""
+    rng = np.random.default_rng(1)
+    pic = photo(40, 30, 0)
+    values = rng.random(600)
+    records = (
+        ImageRecord(
+            f"im{i:03d}",
+            pic,
+            [Prediction(1, "one", 0.5)],
+            None,
+            [MapEntry("gradcam", "layer4", rng.random((4, 4)).astype(np.float32))],
+            {"gradcam": {"insertion": float(values[i])}},
+        )
+        for i in range(600)
+    )
+    stats = write_report(
+        records, tmp_path / "many.html", ReportOptions(per_page=50, full_side=0, thumb_side=32)
+    )
+    assert stats.images == 600
+    page = chromium.new_page()  # type: ignore[attr-defined]
+    try:
+        page.goto(stats.path.as_uri())
+        assert page.locator("#page").inner_text() == "page 1 of 12"
+        assert page.locator("section.card").count() == 50 and page.locator("#rows tr").count() == 50
+        page.click("#head th:text-is('gradcam insertion')")
+        page.click("#head th:text-is('gradcam insertion')")
+        first = page.locator("#rows tr").first.locator("td").nth(1).inner_text()
+        assert first == f"im{int(np.argmax(values)):03d}"
+        for _ in range(11):
+            page.click("#next")
+        assert (
+            page.locator("#page").inner_text() == "page 12 of 12" and page.locator("#rows tr").count() == 50
+        )
+        last = page.locator("#rows tr").last.locator("td").nth(1).inner_text()
+        assert last == f"im{int(np.argmin(values)):03d}"
+        page.fill("#filter", "gradcam.insertion>=0.5")
+        assert page.locator("#count").inner_text() == f"{int((values >= 0.5).sum())} of 600 images"
+    finally:
+        page.close()
