@@ -2,8 +2,8 @@
 nothing downloads a browser), a small random-weight model, and picture checks.
 
 Used by ``tests/test_report*.py`` and ``tests/test_app.py``, which make fixtures of these generators and functions. Without Chromium
-or Playwright the browser tests are skipped with the reason, unless ``CAMKIT_REQUIRE_BROWSER=1`` (set it in CI:
-then a missing browser fails).
+or Playwright the browser tests are skipped with the reason, unless ``CAMKIT_REQUIRE_BROWSER=1`` or ``CI=true``
+(then a missing browser fails).
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ SMALL_SIZE = 64  # the small model's input size: fast on a CPU
 
 
 def _missing(reason: str) -> None:
-    if os.environ.get("CAMKIT_REQUIRE_BROWSER") == "1":
-        pytest.fail(f"{reason} (CAMKIT_REQUIRE_BROWSER=1)")
+    if os.environ.get("CAMKIT_REQUIRE_BROWSER") == "1" or os.environ.get("CI", "").lower() in ("1", "true"):
+        pytest.fail(f"{reason}; the browser tests are required here (CAMKIT_REQUIRE_BROWSER=1 or CI=true)")
     pytest.skip(reason)
 
 

@@ -230,6 +230,7 @@ def test_load_on_loopback_all_answers_equal_the_library_and_memory_stays_flat(we
             one_round(srv.url)
             rss.append(process.memory_info().rss)
     assert failures == []
+    print(f"RSS after rounds 2-4: {[round(r / 2**20, 1) for r in rss]} MiB")
     growth = (rss[-1] - rss[0]) / 2**20
     assert growth < 25, f"RSS grew {growth:.1f} MiB over 2 rounds after warm-up: {[r >> 20 for r in rss]} MiB"
 

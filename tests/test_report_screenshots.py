@@ -56,7 +56,12 @@ def test_report_screenshot_of_the_samples_with_the_pretrained_default(
     records = build_records(loaded, [(s, camkit.sample_image(s)) for s in SAMPLES], ["gradcam", "layercam"],
                             "blocks.5,bn2", metrics=["insertion"], steps=8)  # fmt: skip
     stats = write_report(
-        records, tmp_path / "report.html", ReportOptions(title="camkit report: sample photos")
+        records,
+        tmp_path / "report.html",
+        ReportOptions(
+            title="camkit report: sample photos",
+            meta="3 images · model efficientnet_lite0 · gradcam, layercam · layers blocks.5,bn2",
+        ),
     )
     page = chromium.new_page(viewport={"width": 1150, "height": 1000})  # type: ignore[attr-defined]
     try:
