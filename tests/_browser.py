@@ -93,10 +93,19 @@ def pixel_std(png: bytes) -> float:
 
 
 def save_screenshot(png: bytes, name: str) -> Path:
-    """Keep a screenshot under docs/screenshots/ (shrunk to a palette PNG to stay small) and return its path."""
+    """Keep a screenshot under docs/screenshots/ (a palette PNG, to stay small) and return its path.
+
+    A file already there that differs in under 1% of its pixels (a timing in the page, a date) is left as it is,
+    so that running the tests does not rewrite the pictures in the repository each time.
+    """
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     path = SCREENSHOTS / name
-    Image.open(io.BytesIO(png)).convert("RGB").quantize(colors=256, dither=Image.Dither.NONE).save(
-        path, optimize=True
-    )
+    new = Image.open(io.BytesIO(png)).convert("RGB").quantize(colors=256, dither=Image.Dither.NONE)
+    if path.exists():
+        old = Image.open(path).convert("RGB")
+        if old.size == new.size:
+            changed = np.any(np.asarray(old) != np.asarray(new.convert("RGB")), axis=-1).mean()
+            if changed < 0.01:
+                return path
+    new.save(path, optimize=True)
     return path
