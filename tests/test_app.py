@@ -285,11 +285,16 @@ def test_page_in_chromium_upload_then_method_changes_the_overlay(
                 "document.getElementById('error').textContent.includes('413')", timeout=60_000
             )
             assert "pixels, more than the limit" in page.inner_text("#error")
-            assert page.get_attribute("#overlay", "src") == page.get_attribute("#download", "href")  # kept
+            assert page.get_attribute("#overlay", "src") == page.get_attribute(
+                "#download", "href"
+            )  # kept, greyed
+            assert "stale" in (page.get_attribute("#result", "class") or "")
             save_screenshot(page.screenshot(), "app_error.png")
             page.select_option("#sample", "chelsea")
             page.wait_for_function("document.body.dataset.state === 'ready'", timeout=60_000)
-            assert not page.locator("#error").is_visible()
+            assert not page.locator("#error").is_visible() and "stale" not in (
+                page.get_attribute("#result", "class") or ""
+            )
             assert errors == []
         finally:
             page.close()
