@@ -3,6 +3,8 @@ from disk: the table sorts and filters, pages turn, a thumbnail opens its full-s
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import math
 import re
@@ -11,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 from typer.testing import CliRunner
 
 import _browser
@@ -307,3 +310,16 @@ def test_many_images_are_paginated_and_sorted_across_pages(chromium: object, tmp
         assert page.locator("#count").inner_text() == f"{int((values >= 0.5).sum())} of 600 images"
     finally:
         page.close()
+
+
+def test_records_may_hold_paths_read_when_rendered(tmp_path: Path) -> None:
+    photo(300, 200, 4).save(tmp_path / "p.jpg")
+    rec = ImageRecord("p", tmp_path / "p.jpg", maps=[MapEntry("gradcam", "l", np.eye(4, dtype=np.float32))])
+    data = _data(render([rec], ReportOptions(thumb_side=100, full_side=250)))
+    assert (data["images"][0]["w"], data["images"][0]["h"]) == (300, 200)
+    thumb = Image.open(io.BytesIO(base64.b64decode(data["images"][0]["maps"][0]["thumb"].split(",", 1)[1])))
+    full = Image.open(io.BytesIO(base64.b64decode(data["images"][0]["maps"][0]["full"].split(",", 1)[1])))
+    assert thumb.size == (100, 67) and full.size == (250, 167) and thumb.format == "WEBP"
+    (tmp_path / "p.jpg").write_bytes(b"gone")
+    with pytest.raises(ValueError, match="cannot read"):
+        render([rec])
