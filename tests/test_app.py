@@ -104,6 +104,13 @@ def test_layers_lists_hookable_layers_and_the_auto_choice(client: TestClient) ->
     assert "gradcam" in [m["name"] for m in cfg["methods"]] and cfg["max_bytes"] == 300_000
 
 
+def _cut() -> bytes:
+    data = png_bytes(
+        Image.fromarray(np.random.default_rng(0).integers(0, 255, (150, 200, 3), dtype=np.uint8))
+    )
+    return data[: len(data) // 2]  # a whole header, half the pixels
+
+
 def _ico() -> bytes:
     return png_bytes(photo(32, 32), format="ICO")
 
@@ -132,6 +139,7 @@ def _ico() -> bytes:
         ),
         ({"file": ("icon.ico", _ico(), "image/x-icon")}, {}, 415, "format ICO are not accepted"),
         ({"file": ("empty.png", b"", "image/png")}, {}, 422, "empty"),
+        ({"file": ("cut.png", _cut(), "image/png")}, {}, 415, "could not be decoded"),
         (None, {}, 422, "no image"),
         (None, {"sample": "moon"}, 422, "unknown sample"),
         (None, {"sample": "chelsea", "method": "nope"}, 422, "unknown method"),

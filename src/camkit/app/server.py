@@ -200,31 +200,40 @@ def _page() -> str:
     return resources.files("camkit.app").joinpath("static").joinpath("index.html").read_text(encoding="utf-8")
 
 
-def _read_upload(data: bytes, config: AppConfig) -> Image.Image:
-    """The uploaded image as RGB, or an HTTPException (413 pixels, 415 type)."""
-    from camkit.io import to_rgb
-
+def _open_upload(data: bytes, config: AppConfig) -> Image.Image:
+    """The uploaded image opened (its header read, nothing decoded), or an HTTPException (413 pixels, 415 type,
+    422 empty)."""
     if not data:
         raise HTTPException(422, "the uploaded file is empty; choose an image file")
     try:
         im = Image.open(io.BytesIO(data))
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+    except Image.DecompressionBombError as err:  # beyond twice PIL's own limit
+        raise HTTPException(413, f"the image has too many pixels ({err}); shrink it first") from err
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise HTTPException(
             415, f"the file is not an image camkit can read; upload one of {', '.join(ACCEPTED_FORMATS)}"
         ) from err
+    if im.format not in ACCEPTED_FORMATS:
+        im.close()
+        raise HTTPException(
+            415, f"images in format {im.format} are not accepted; use one of {', '.join(ACCEPTED_FORMATS)}"
+        )
+    w, h = im.size
+    if w * h > config.max_pixels:
+        im.close()
+        raise HTTPException(
+            413,
+            f"the image is {w}x{h} = {w * h} pixels, more than the limit of {config.max_pixels}; "
+            "shrink it first (or start camkit serve with a larger --max-pixels)",
+        )
+    return im
+
+
+def _decode(im: Image.Image) -> Image.Image:
+    """An opened upload decoded to RGB (in a worker thread), or an HTTPException 415."""
+    from camkit.io import to_rgb
+
     with im:
-        if im.format not in ACCEPTED_FORMATS:
-            raise HTTPException(
-                415,
-                f"images in format {im.format} are not accepted; use one of {', '.join(ACCEPTED_FORMATS)}",
-            )
-        w, h = im.size
-        if w * h > config.max_pixels:
-            raise HTTPException(
-                413,
-                f"the image is {w}x{h} = {w * h} pixels, more than the limit of {config.max_pixels}; "
-                "shrink it first (or start camkit serve with a larger --max-pixels)",
-            )
         try:
             im.load()
             return to_rgb(im)
@@ -406,13 +415,23 @@ def create_app(config: AppConfig | None = None) -> FastAPI:
                     f"the file is larger than the limit of {config.max_bytes} bytes; shrink it first (or start "
                     "camkit serve with a larger --max-upload-mb)",
                 )
-            picture = _read_upload(data, config)
+            opened = _open_upload(data, config)  # header only: type and pixel limits before any decoding
+
+            def picture() -> Image.Image:
+                return _decode(opened)
+
         elif sample_name:
-            picture = sample(sample_name)
+            chosen = sample(sample_name)
+
+            def picture() -> Image.Image:
+                return chosen
+
         else:
             raise HTTPException(422, "no image: upload a file or pick a sample")
         name = model.strip() or config.model
-        result = await admitted(lambda: _explain(cache, picture, name, method, layer, target, alpha, config))
+        result = await admitted(
+            lambda: _explain(cache, picture(), name, method, layer, target, alpha, config)
+        )
         return JSONResponse(result)
 
     @app.middleware("http")
