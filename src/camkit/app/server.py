@@ -350,7 +350,8 @@ def create_app(config: AppConfig | None = None) -> FastAPI:
             return samples[name]
 
     async def admitted(fn: Callable[[], T]) -> T:
-        """Run ``fn`` on the worker pool if there is room (else 503); user errors become 422."""
+        """Run ``fn`` on the worker pool if there is room (else 503); user errors (as the command line counts
+        them: ValueError, KeyError, TypeError, RuntimeError) become 422 with their message."""
         if not limiter.try_acquire():
             raise HTTPException(
                 503,
@@ -359,7 +360,7 @@ def create_app(config: AppConfig | None = None) -> FastAPI:
             )
         try:
             return await asyncio.get_running_loop().run_in_executor(pool(), fn)
-        except (ValueError, KeyError, TypeError) as err:
+        except (ValueError, KeyError, TypeError, RuntimeError) as err:  # the CLI's user errors (exit 2)
             message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
             raise HTTPException(422, str(message)) from err
         finally:
@@ -392,7 +393,6 @@ def create_app(config: AppConfig | None = None) -> FastAPI:
 
     @app.post("/api/explain")
     async def api_explain(
-        request: Request,
         file: UploadFile | None = File(None),
         sample_name: str = Form("", alias="sample"),
         model: str = Form(""),
