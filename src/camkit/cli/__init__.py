@@ -23,6 +23,8 @@ import sys
 import typer
 
 from camkit.cli import evaluate, explain, layers, localize, methods
+from camkit.cli import report as report_cli
+from camkit.cli import serve as serve_cli
 from camkit.cli.common import err_console
 
 __all__ = ["app", "main"]
@@ -38,6 +40,8 @@ app.command()(layers.layers)
 app.command()(methods.methods)
 app.command()(evaluate.evaluate)
 app.command()(localize.localize)
+app.command()(report_cli.report)
+app.command()(serve_cli.serve)
 
 
 def main() -> None:

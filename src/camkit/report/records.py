@@ -1,0 +1,233 @@
+"""What a report shows about one image: :class:`ImageRecord`, and :func:`build_records` to make them.
+
+A record holds the photo (a PIL image, or a file path read when the report is rendered), the model's top-5, the
+class that was explained, one :class:`MapEntry` per method x layer (the map in [0, 1] at any size, with the
+localisation boxes of the fused map) and metric values per method. The renderer (:func:`camkit.report.render`)
+only reads records, so any source of maps (a live model here, a stored run later) can feed it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from camkit.localize import Box
+
+if TYPE_CHECKING:
+    from camkit.io import LoadedModel
+    from camkit.localize import Threshold
+    from camkit.targets import TargetSpec
+
+__all__ = ["FUSED", "METRICS", "ImageRecord", "MapEntry", "Prediction", "build_records", "top_predictions"]
+
+#: The metrics a report can compute per image and method (lower is better for ``deletion`` and ``avg_drop``).
+METRICS = ("deletion", "insertion", "avg_drop", "increase")
+
+#: The layer name of the map fused over several layers.
+FUSED = "fused"
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """A class and its softmax probability."""
+
+    cls: int
+    label: str | None
+    prob: float
+
+
+@dataclass
+class MapEntry:
+    """One method's map at one layer (or fused over layers: ``layer == "fused"``).
+
+    Attributes:
+        method: the method's name.
+        layer: the layer's dotted name, or :data:`FUSED`.
+        map: the map in [0, 1], ``[H, W]`` (any size: it is stretched over the whole photo).
+        boxes: the localisation boxes in original-image pixels (x1, y1 exclusive); empty when not computed.
+    """
+
+    method: str
+    layer: str
+    map: np.ndarray
+    boxes: list[Box] = field(default_factory=list)
+
+
+@dataclass
+class ImageRecord:
+    """Everything a report shows about one image.
+
+    Attributes:
+        name: the image's name (its row in the table).
+        image: the photo as a PIL image, or the path of its file (read when the report is rendered).
+        top5: the model's best classes, most probable first (empty when the model gives no class scores).
+        target: the class the maps explain, or None (a callable target).
+        maps: one entry per method x layer.
+        metrics: method -> metric name -> value (NaN when it could not be computed).
+        source: where the image came from (a path, ``sample:chelsea``).
+    """
+
+    name: str
+    image: Image.Image | Path
+    top5: list[Prediction] = field(default_factory=list)
+    target: Prediction | None = None
+    maps: list[MapEntry] = field(default_factory=list)
+    metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise TypeError(f"ImageRecord.name must be a non-empty str, got {self.name!r}")
+        if not isinstance(self.image, (Image.Image, Path)):
+            raise TypeError(
+                f"ImageRecord.image must be a PIL image or a pathlib.Path, got {type(self.image).__name__}"
+            )
+
+    def photo(self) -> Image.Image:
+        """The photo as RGB (read from disk when the record holds a path)."""
+        if isinstance(self.image, Path):
+            from camkit.io import load_image
+
+            return load_image(self.image)
+        return self.image.convert("RGB") if self.image.mode != "RGB" else self.image
+
+
+def top_predictions(logits: Tensor, labels: Sequence[str] | None, k: int = 5) -> list[Prediction]:
+    """The ``k`` most probable classes of one image's logits ``[C]`` (softmax), most probable first."""
+    probs = torch.softmax(logits.detach().float().flatten(), dim=0)
+    values, indices = probs.topk(min(k, probs.numel()))
+    return [
+        Prediction(int(i), labels[int(i)] if labels is not None and int(i) < len(labels) else None, float(p))
+        for p, i in zip(values.tolist(), indices.tolist(), strict=True)
+    ]
+
+
+def _metric_values(
+    loaded: LoadedModel, x: Tensor, maps: Tensor, cls: Tensor | None, names: Sequence[str], steps: int
+) -> dict[str, float]:
+    from camkit import metrics as m
+
+    out: dict[str, float] = {}
+    if "deletion" in names:
+        out["deletion"] = float(m.deletion(loaded.model, x, maps, classes=cls, steps=steps).auc[0])
+    if "insertion" in names:
+        out["insertion"] = float(m.insertion(loaded.model, x, maps, classes=cls, steps=steps).auc[0])
+    if "avg_drop" in names or "increase" in names:
+        change = m.confidence_change(loaded.model, x, maps, classes=cls)
+        if "avg_drop" in names:
+            out["avg_drop"] = float(change.drop[0])
+        if "increase" in names:
+            out["increase"] = float(change.increase[0])
+    return out
+
+
+def build_records(
+    loaded: LoadedModel,
+    images: Iterable[tuple[str, Image.Image | Path]],
+    methods: Sequence[str] = ("gradcam",),
+    layers: str | Sequence[str] = "auto",
+    target: TargetSpec = None,
+    metrics: Sequence[str] = (),
+    steps: int = 20,
+    threshold: Threshold = 0.2,
+) -> Iterator[ImageRecord]:
+    """Explain each image with every method (one :func:`camkit.compare` per image) and make its record.
+
+    Images are read and explained one at a time, as the records are consumed (a generator), so a long list
+    costs the memory of one image at a time when passed straight to :func:`camkit.report.write_report`.
+
+    Args:
+        loaded: a model from :func:`camkit.load_model`.
+        images: (name, PIL image or file path) pairs.
+        methods: method names (``camkit methods``).
+        layers: ``"auto"``, or layer names (a comma-separated string or a list): with several, each layer's map
+            and the fused one are shown.
+        target: the class to explain (None: the top-1 of each image); a ``TopK`` is refused.
+        metrics: names among :data:`METRICS`, computed per image and method on the fused map.
+        steps: steps of the deletion and insertion curves.
+        threshold: the localisation threshold (:func:`camkit.localize.localize`).
+
+    Raises:
+        ValueError: an unknown metric or method, a ``TopK`` target, ``steps`` below 1.
+    """
+    from camkit.localize import localize
+    from camkit.methods import get_method
+    from camkit.outputs import logits_of
+    from camkit.pipeline import compare
+    from camkit.targets import TopK
+
+    unknown = [n for n in metrics if n not in METRICS]
+    if unknown:
+        raise ValueError(
+            f"unknown metric(s) {', '.join(map(repr, unknown))}; choose among {', '.join(METRICS)}"
+        )
+    if isinstance(target, TopK):
+        raise ValueError("a report explains one class per image: give a class index or name, not topK")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+    if isinstance(methods, str):
+        methods = [s.strip() for s in methods.split(",") if s.strip()]
+    if not methods:
+        raise ValueError("no method given: pass at least one method name (see `camkit methods`)")
+    for name in methods:
+        get_method(name)  # an unknown name raises here, before any image is read
+    layer_spec: str | list[str] = layers if isinstance(layers, str) else list(layers)
+
+    for name, image in images:
+        pil = _read(image)
+        x = loaded.preprocess([pil])
+        with torch.no_grad():
+            out = loaded.model(x)
+        try:
+            logits = logits_of(out)
+        except (TypeError, ValueError):
+            logits = None
+        top5 = top_predictions(logits[0], loaded.labels) if logits is not None and logits.dim() == 2 else []
+        result = compare(
+            loaded.model,
+            [pil],
+            list(methods),
+            layer_spec,
+            target,
+            preprocess=loaded.preprocess,
+            labels=loaded.labels,
+        )
+        entries: list[MapEntry] = []
+        values: dict[str, dict[str, float]] = {}
+        chosen: Prediction | None = None
+        for method, expl in result.items():
+            fused = expl.maps[0].detach().float().cpu()
+            boxes = localize(fused[None], threshold=threshold, image_sizes=[pil.size])[0]
+            if len(expl.layers) > 1:
+                for layer in expl.layers:
+                    entries.append(MapEntry(method, layer, expl.layer_maps[layer][0].float().cpu().numpy()))
+                entries.append(MapEntry(method, FUSED, fused.numpy(), boxes))
+            else:
+                entries.append(MapEntry(method, expl.layers[0], fused.numpy(), boxes))
+            cls = expl.classes
+            if chosen is None and cls is not None:
+                label = expl.labels[0] if expl.labels else None
+                prob = float(expl.probs[0]) if expl.probs is not None else math.nan
+                chosen = Prediction(int(cls[0]), label if isinstance(label, str) else None, prob)
+            if metrics:
+                values[method] = _metric_values(loaded, x, expl.maps[:1].float(), cls, metrics, steps)
+        source = str(image) if isinstance(image, Path) else name
+        yield ImageRecord(name, image, top5, chosen, entries, values, source)
+
+
+def _read(image: Image.Image | Path) -> Image.Image:
+    if isinstance(image, Path):
+        from camkit.io import load_image
+
+        return load_image(image)
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"an image is a PIL image or a pathlib.Path, got {type(image).__name__}")
+    return image.convert("RGB") if image.mode != "RGB" else image
