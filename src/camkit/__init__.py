@@ -12,6 +12,7 @@ from camkit.io import LoadedModel, Preprocess, load_image, load_model, sample_im
 from camkit.layers import auto_layer, describe_layers
 from camkit.methods import method_names
 from camkit.methods.engine import PerturbationOptions
+from camkit.methods.projection import Factorization, factorize
 from camkit.pipeline import compare, explain
 from camkit.runtime import tune_allocator
 from camkit.targets import (
@@ -29,6 +30,7 @@ __version__ = "0.1.0"
 __all__ = [
     "DetectionTarget",
     "Explanation",
+    "Factorization",
     "LoadedModel",
     "MultiLabelTarget",
     "PerturbationOptions",
@@ -43,6 +45,7 @@ __all__ = [
     "compare",
     "describe_layers",
     "explain",
+    "factorize",
     "grid",
     "load_image",
     "load_model",
