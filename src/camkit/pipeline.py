@@ -233,6 +233,7 @@ def _layer_weights(method: Method, shared: Shared, layer: str) -> list[Tensor]:
             output_fn=shared.output_fn,
             options=shared.perturbation,
             progress=shared.progress,
+            layout=shared.features.layouts.get(layer),
         )
         w = method.weights(ctx)  # [B, T, K]
         return [w[:, t] for t in range(shared.n_targets)]
