@@ -7,6 +7,7 @@
 >>> expl.overlay(0).save("cat.png")
 """
 
+from camkit.augment import Augment
 from camkit.explanation import Explanation
 from camkit.io import LoadedModel, Preprocess, load_image, load_model, sample_image
 from camkit.layers import auto_layer, describe_layers
@@ -28,6 +29,7 @@ from camkit.viz import colorize, grid, overlay
 __version__ = "0.1.0"
 
 __all__ = [
+    "Augment",
     "DetectionTarget",
     "Explanation",
     "Factorization",

@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from camkit.pipeline import ImageInput
     from camkit.tokens import Reshape
 
-__all__ = ["Factorization", "factorize", "first_component", "kpca_projection", "nmf"]
+__all__ = ["Factorization", "factorize", "first_component", "kpca_projection", "nmf", "smooth_projection"]
 
 Kernel = Literal["sigmoid", "rbf", "linear", "poly", "cosine"]
 
@@ -102,6 +102,26 @@ def kpca_projection(
     peak = top.gather(1, top.abs().argmax(dim=1, keepdim=True))
     signed: Tensor = top * torch.where(peak < 0, -1.0, 1.0).to(top.dtype)
     return signed.reshape(b, h, w).to(x.dtype)
+
+
+def smooth_projection(terms: Tensor) -> Tensor:
+    """Eigen-smoothing (pytorch-grad-cam's ``eigen_smooth``): the first principal component of a map's per-channel
+    terms Tensor[B, K, h, w] (w_k A_k for Grad-CAM, g_k A_k for HiResCAM, ...) -> Tensor[B, h, w].
+
+    The positions' term vectors (rows of [h*w, K]) are centred over the positions, as pytorch-grad-cam does, and
+    projected on their first right singular vector. The sign, arbitrary in the SVD, is chosen so that the result
+    correlates non-negatively with the plain map sum_k terms_k (smoothing never turns a map into its negative).
+    """
+    b, k, h, w = terms.shape
+    mat = torch.nan_to_num(terms.double()).reshape(b, k, h * w).transpose(1, 2)  # [B, n, K]
+    mat = mat - mat.mean(dim=1, keepdim=True)
+    _, _, vh = torch.linalg.svd(mat, full_matrices=False)
+    proj = (mat @ vh[:, 0, :, None])[:, :, 0]  # [B, n]
+    plain = terms.double().sum(dim=1).reshape(b, h * w)
+    plain = plain - plain.mean(dim=1, keepdim=True)
+    sign = torch.where((proj * plain).sum(dim=1, keepdim=True) < 0, -1.0, 1.0).to(proj.dtype)
+    smoothed: Tensor = (proj * sign).reshape(b, h, w).to(terms.dtype)
+    return smoothed
 
 
 def kpcacam(x: MethodInput) -> Tensor:
