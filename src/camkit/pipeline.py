@@ -157,8 +157,31 @@ def _inputs(model: nn.Module, images: ImageInput, preprocess: Preprocess | None)
 
 
 def _layers(model: nn.Module, spec: LayerSpec, x: Tensor) -> dict[str, nn.Module]:
-    """2. The layer spec -> ``{dotted name: module}``."""
-    return resolve_layers(model, spec, x)
+    """2. The layer spec -> ``{dotted name: module}``; a feature-pyramid backbone becomes its levels."""
+    return _fpn_levels(resolve_layers(model, spec, x))
+
+
+def _fpn_levels(layers: dict[str, nn.Module]) -> dict[str, nn.Module]:
+    """A torchvision feature-pyramid backbone (``BackboneWithFPN``, e.g. Faster R-CNN's ``backbone``) or its
+    ``FeaturePyramidNetwork`` returns a dict of levels, not a map: it is replaced by the modules whose outputs are
+    the levels (``fpn.layer_blocks.i``, the 3x3 convolutions of each level; the extra ``pool`` level is their last
+    one subsampled, so its gradient reaches that level). Each level is explained and the maps fused as for any
+    several layers (``fusion=``)."""
+    out: dict[str, nn.Module] = {}
+    for name, module in layers.items():
+        fpn, prefix = module, name
+        if not hasattr(fpn, "layer_blocks"):
+            inner = getattr(module, "fpn", None)
+            if isinstance(inner, nn.Module) and hasattr(inner, "layer_blocks"):
+                fpn, prefix = inner, f"{name}.fpn"
+        blocks = getattr(fpn, "layer_blocks", None)
+        if fpn is not module or type(module).__name__ == "FeaturePyramidNetwork":
+            if isinstance(blocks, nn.ModuleList) and len(blocks) > 0:
+                for i, block in enumerate(blocks):
+                    out[f"{prefix}.layer_blocks.{i}"] = block
+                continue
+        out[name] = module
+    return out
 
 
 def _targets(
