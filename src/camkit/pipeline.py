@@ -161,6 +161,15 @@ def _layers(model: nn.Module, spec: LayerSpec, x: Tensor) -> dict[str, nn.Module
     return _fpn_levels(resolve_layers(model, spec, x))
 
 
+def prepare(
+    model: nn.Module, images: ImageInput, layers: LayerSpec, preprocess: Preprocess | None = None
+) -> tuple[Inputs, dict[str, nn.Module]]:
+    """Stages 1 and 2 for other entry points (:func:`camkit.factorize`): the checked batch on the model's device
+    (and the RGB images it came from) and the target layers ``{name: module}``."""
+    inputs = _inputs(model, images, preprocess)
+    return inputs, _layers(model, layers, inputs.x)
+
+
 def _fpn_levels(layers: dict[str, nn.Module]) -> dict[str, nn.Module]:
     """A torchvision feature-pyramid backbone (``BackboneWithFPN``, e.g. Faster R-CNN's ``backbone``) or its
     ``FeaturePyramidNetwork`` returns a dict of levels, not a map: it is replaced by the modules whose outputs are

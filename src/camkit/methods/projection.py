@@ -306,7 +306,7 @@ def factorize(
     """
     from camkit.capture import capture
     from camkit.outputs import output_fn
-    from camkit.pipeline import _inputs, _layers
+    from camkit.pipeline import prepare
     from camkit.postprocess import normalize, upsample
     from camkit.tokens import to_spatial, unwrap
 
@@ -317,8 +317,7 @@ def factorize(
             f"classifier must be a module Tensor[n, K] -> logits, got {type(classifier).__name__}"
         )
     model = unwrap(model)
-    inputs = _inputs(model, images, preprocess)
-    modules = _layers(model, layer, inputs.x)
+    inputs, modules = prepare(model, images, layer, preprocess)
     if len(modules) != 1:
         raise ValueError(f"factorize takes one target layer, got {list(modules)}")
     name = next(iter(modules))
