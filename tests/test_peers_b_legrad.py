@@ -43,7 +43,7 @@ def tv_vit() -> nn.Module:
     return m.eval()
 
 
-def _reference_timm(model: nn.Module, x: torch.Tensor, cls: int) -> torch.Tensor:
+def _reference_timm(model: nn.Module, x: torch.Tensor, cls: int, prefix: int = 1) -> torch.Tensor:
     """The formula written out on a copy with timm's explicit attention (fused_attn off), plain autograd."""
     import copy
 
@@ -56,9 +56,10 @@ def _reference_timm(model: nn.Module, x: torch.Tensor, cls: int) -> torch.Tensor
     m(x)
     per_layer = []
     for z, a in zip(outs, probs, strict=True):
-        s = m.head(m.fc_norm(m.norm(z.mean(dim=1))))[:, cls].sum()
-        (g,) = torch.autograd.grad(s, a, retain_graph=True)
-        per_layer.append(g.clamp_min(0).mean(dim=(1, 2))[:, 1:])  # drop the class-token key
+        f = m.fc_norm(m.norm(z.mean(dim=1)))
+        logits = (m.head(f) + m.head_dist(f)) / 2 if hasattr(m, "head_dist") else m.head(f)
+        (g,) = torch.autograd.grad(logits[:, cls].sum(), a, retain_graph=True)
+        per_layer.append(g.clamp_min(0).mean(dim=(1, 2))[:, prefix:])  # drop the prefix keys
     return torch.stack(per_layer).mean(dim=0).reshape(x.shape[0], 4, 4)
 
 
@@ -73,6 +74,17 @@ def test_legrad_timm_equals_the_formula(timm_vit):
     assert [b.attn.fused_attn for b in timm_vit.blocks] == flags
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in timm_vit.modules())
     assert e.maps.shape == (2, 64, 64)
+
+
+def test_legrad_deit_distilled_uses_both_heads():
+    torch.manual_seed(3)
+    model = timm.create_model(
+        "deit_tiny_distilled_patch16_224", pretrained=False, img_size=64, depth=2, embed_dim=48, num_heads=3
+    ).eval()
+    x = torch.randn(1, 3, 64, 64)
+    e = camkit.explain(model, x, "legrad", targets=7, relu=False)
+    ref = _reference_timm(model, x, 7, prefix=2)
+    torch.testing.assert_close(e.raw["legrad"][0], ref[0].float(), rtol=1e-4, atol=1e-7)
 
 
 def test_legrad_topk_stacks_the_targets(timm_vit):

@@ -115,6 +115,17 @@ def test_eigen_smooth_for_scorecam_weights_and_refused_for_projections(net):
         camkit.explain(net, x, "gradcam", "features.3", eigen_smooth="yes")  # type: ignore[arg-type]
 
 
+def test_eigen_smooth_for_cam_projects_the_classifier_weighted_activations(tiny):
+    torch.manual_seed(7)
+    x = torch.randn(2, 3, 16, 16)
+    e = camkit.explain(tiny, x, "cam", "features.3", targets=[1, 2], eigen_smooth=True)
+    a = capture(tiny, x, {"features.3": tiny.features[3]}).activations["features.3"]
+    w = tiny.fc.weight.detach()[[1, 2]]
+    torch.testing.assert_close(
+        e.raw["features.3"], smooth_projection(w[:, :, None, None] * a), rtol=1e-4, atol=1e-6
+    )
+
+
 def test_augment_by_hand_flip(net):
     """augment='flip' = mean of the map and the mirrored map of the mirrored input, renormalised."""
     torch.manual_seed(4)
@@ -126,6 +137,9 @@ def test_augment_by_hand_flip(net):
     torch.testing.assert_close(e.maps, expected)
     torch.testing.assert_close(e.raw["features.3"], a.raw["features.3"])  # raw, scores: the original input's
     torch.testing.assert_close(e.scores, a.scores)
+    both = camkit.compare(net, x, ["gradcam", "layercam"], "features.3", targets=[0, 4], augment="flip")
+    torch.testing.assert_close(both["gradcam"].maps, expected)
+    assert set(both) == {"gradcam", "layercam"}
 
 
 def test_augment_scale_is_warped_back(net):

@@ -13,7 +13,8 @@
   output tokens, as the authors' code and torchcam do), its gradient with respect to that block's attention
   probabilities, E^l = mean over heads and queries of ReLU(ds^l/dA^l), the prefix keys dropped; the map is the
   mean of E^l over all blocks. Attention values are not multiplied in. One forward and one (partial) backward per
-  block. timm ViT / DeiT (``head(fc_norm(norm(.)))``) and torchvision ViT (``heads(encoder.ln(.))``).
+  block. timm ViT / DeiT (``head(fc_norm(norm(.)))``; DeiT distilled: the mean of ``head`` and ``head_dist``, as
+  its eval-mode output) and torchvision ViT (``heads(encoder.ln(.))``).
 
 How the attention probabilities are obtained (they are not a module output in either library):
 
@@ -299,6 +300,16 @@ def _blocks_and_projection(model: nn.Module) -> tuple[list[nn.Module], Callable[
         fc_norm = getattr(model, "fc_norm", None)
         timm_norm, timm_head = norm, head
         post = fc_norm if isinstance(fc_norm, nn.Module) else nn.Identity()
+        dist = getattr(model, "head_dist", None)
+        if isinstance(dist, nn.Module):  # DeiT distilled: in eval mode its output is the mean of both heads
+            dist_head = dist
+            return (
+                list(blocks.children()),
+                lambda z: (
+                    (timm_head(post(timm_norm(z.mean(dim=1)))) + dist_head(post(timm_norm(z.mean(dim=1)))))
+                    / 2
+                ),
+            )
         return list(blocks.children()), lambda z: timm_head(post(timm_norm(z.mean(dim=1))))
     raise ValueError(
         f"LeGrad needs a ViT whose blocks and classifier camkit can find: timm (blocks, norm, head) or torchvision "
