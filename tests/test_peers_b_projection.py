@@ -69,6 +69,8 @@ def test_kpcacam_method_through_explain_is_class_agnostic():
 def test_kpca_rejects_unknown_kernel():
     with pytest.raises(ValueError, match="kernel must be"):
         kpca_projection(torch.rand(1, 2, 3, 3), "laplace")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="deeper layer"):
+        kpca_projection(torch.rand(1, 1, 128, 128))
 
 
 def _planted(n=3, k=12, b=2, h=6, w=6, seed=0):

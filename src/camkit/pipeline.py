@@ -173,8 +173,8 @@ def prepare(
 def _fpn_levels(layers: dict[str, nn.Module]) -> dict[str, nn.Module]:
     """A torchvision feature-pyramid backbone (``BackboneWithFPN``, e.g. Faster R-CNN's ``backbone``) or its
     ``FeaturePyramidNetwork`` returns a dict of levels, not a map: it is replaced by the modules whose outputs are
-    the levels (``fpn.layer_blocks.i``, the 3x3 convolutions of each level; the extra ``pool`` level is their last
-    one subsampled, so its gradient reaches that level). Each level is explained and the maps fused as for any
+    the levels (``fpn.layer_blocks.i``, the 3x3 convolutions of each level; extra levels computed from the last
+    one, such as Faster R-CNN's ``pool``, pass their gradient to it). Each level is explained and the maps fused as for any
     several layers (``fusion=``)."""
     out: dict[str, nn.Module] = {}
     for name, module in layers.items():

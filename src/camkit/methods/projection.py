@@ -51,6 +51,10 @@ def first_component(x: Tensor) -> Tensor:
     return (proj * sign).reshape(b, h, w).to(x.dtype)
 
 
+_KPCA_MAX_POSITIONS = 8192
+"""Largest h*w KPCA-CAM accepts: its float64 kernel matrix then takes 512 MiB per image."""
+
+
 def kpca_projection(
     x: Tensor, kernel: Kernel = "sigmoid", gamma: float | None = None, degree: int = 3, coef0: float = 1.0
 ) -> Tensor:
@@ -71,6 +75,11 @@ def kpca_projection(
         raise ValueError(f"kernel must be 'sigmoid', 'rbf', 'linear', 'poly' or 'cosine', got {kernel!r}")
     b, k, h, w = x.shape
     n = h * w
+    if n > _KPCA_MAX_POSITIONS:
+        raise ValueError(
+            f"KPCA-CAM forms an [h*w, h*w] kernel matrix per image; this layer's {h}x{w} grid ({n} positions) would "
+            f"need {n * n * 8 >> 20} MiB per image: choose a deeper layer (at most {_KPCA_MAX_POSITIONS} positions)"
+        )
     mat = torch.nan_to_num(x.double()).reshape(b, k, n).transpose(1, 2)  # [B, n, K]
     mat = mat - mat.mean(dim=1, keepdim=True)
     g = 1.0 / k if gamma is None else float(gamma)
