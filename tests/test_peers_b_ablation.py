@@ -19,7 +19,7 @@ timm = pytest.importorskip("timm")
 def deit() -> nn.Module:
     torch.manual_seed(0)
     return timm.create_model(
-        "deit_tiny_distilled_patch16_224", pretrained=False, img_size=64, depth=2, embed_dim=48, num_heads=2
+        "deit_tiny_distilled_patch16_224", pretrained=False, img_size=64, depth=2, embed_dim=24, num_heads=2
     ).eval()
 
 
