@@ -174,8 +174,8 @@ def _fpn_levels(layers: dict[str, nn.Module]) -> dict[str, nn.Module]:
     """A torchvision feature-pyramid backbone (``BackboneWithFPN``, e.g. Faster R-CNN's ``backbone``) or its
     ``FeaturePyramidNetwork`` returns a dict of levels, not a map: it is replaced by the modules whose outputs are
     the levels (``fpn.layer_blocks.i``, the 3x3 convolutions of each level; extra levels computed from the last
-    one, such as Faster R-CNN's ``pool``, pass their gradient to it). Each level is explained and the maps fused as for any
-    several layers (``fusion=``)."""
+    one, such as Faster R-CNN's ``pool``, pass their gradient to it). Each level is explained and the maps fused as
+    for any several layers (``fusion=``)."""
     out: dict[str, nn.Module] = {}
     for name, module in layers.items():
         fpn, prefix = module, name
@@ -461,7 +461,7 @@ def _augmented(
     original input and averaged. The first pass (the input as given) fixes the classes, the layers, the scores
     and the raw maps; the other passes explain the same classes."""
     model = unwrap(model)
-    if isinstance(targets, TopK) or (callable(targets) and not isinstance(targets, TopK)):
+    if isinstance(targets, TopK) or callable(targets):
         raise ValueError(
             "augment explains one class per image: give None, a class index or name, or a list; TopK and "
             "callable targets (a mask or a box does not follow a flip) are not supported with augment"
