@@ -7,11 +7,13 @@
 >>> expl.overlay(0).save("cat.png")
 """
 
+from camkit.augment import Augment
 from camkit.explanation import Explanation
 from camkit.io import LoadedModel, Preprocess, load_image, load_model, sample_image
 from camkit.layers import auto_layer, describe_layers
 from camkit.methods import method_names
 from camkit.methods.engine import PerturbationOptions
+from camkit.methods.projection import Factorization, factorize
 from camkit.pipeline import compare, explain
 from camkit.runtime import tune_allocator
 from camkit.targets import (
@@ -27,8 +29,10 @@ from camkit.viz import colorize, grid, overlay
 __version__ = "0.1.0"
 
 __all__ = [
+    "Augment",
     "DetectionTarget",
     "Explanation",
+    "Factorization",
     "LoadedModel",
     "MultiLabelTarget",
     "PerturbationOptions",
@@ -43,6 +47,7 @@ __all__ = [
     "compare",
     "describe_layers",
     "explain",
+    "factorize",
     "grid",
     "load_image",
     "load_model",

@@ -21,13 +21,14 @@ One call runs nine stages, each a function from values to values, in this order:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from PIL import Image
 from torch import Tensor, nn
 
+from camkit.augment import Augment, AugmentSpec, average, resolve_augment
 from camkit.capture import Captured, LayerCapture, check_eval
 from camkit.explanation import Explanation
 from camkit.io import Preprocess, imagenet_labels, load_image, to_rgb
@@ -45,9 +46,10 @@ from camkit.methods import (
 )
 from camkit.methods.cam import classifier_weights
 from camkit.methods.engine import PerturbationContext, PerturbationOptions, Progress
+from camkit.methods.projection import smooth_projection
 from camkit.outputs import OutputSpec, model_device, output_fn
 from camkit.postprocess import fuse, normalize, upsample
-from camkit.targets import TargetSpec, resolve_classes, score_fn
+from camkit.targets import TargetSpec, TopK, resolve_classes, score_fn
 from camkit.tasks import ChosenTarget, default_targets, model_task, score_threshold
 from camkit.tokens import FeatureMaps, Reshape, to_spatial, unwrap
 
@@ -158,8 +160,40 @@ def _inputs(model: nn.Module, images: ImageInput, preprocess: Preprocess | None)
 
 
 def _layers(model: nn.Module, spec: LayerSpec, x: Tensor) -> dict[str, nn.Module]:
-    """2. The layer spec -> ``{dotted name: module}``."""
-    return resolve_layers(model, spec, x)
+    """2. The layer spec -> ``{dotted name: module}``; a feature-pyramid backbone becomes its levels."""
+    return _fpn_levels(resolve_layers(model, spec, x))
+
+
+def prepare(
+    model: nn.Module, images: ImageInput, layers: LayerSpec, preprocess: Preprocess | None = None
+) -> tuple[Inputs, dict[str, nn.Module]]:
+    """Stages 1 and 2 for other entry points (:func:`camkit.factorize`): the checked batch on the model's device
+    (and the RGB images it came from) and the target layers ``{name: module}``."""
+    inputs = _inputs(model, images, preprocess)
+    return inputs, _layers(model, layers, inputs.x)
+
+
+def _fpn_levels(layers: dict[str, nn.Module]) -> dict[str, nn.Module]:
+    """A torchvision feature-pyramid backbone (``BackboneWithFPN``, e.g. Faster R-CNN's ``backbone``) or its
+    ``FeaturePyramidNetwork`` returns a dict of levels, not a map: it is replaced by the modules whose outputs are
+    the levels (``fpn.layer_blocks.i``, the 3x3 convolutions of each level; extra levels computed from the last
+    one, such as Faster R-CNN's ``pool``, pass their gradient to it). Each level is explained and the maps fused as
+    for any several layers (``fusion=``)."""
+    out: dict[str, nn.Module] = {}
+    for name, module in layers.items():
+        fpn, prefix = module, name
+        if not hasattr(fpn, "layer_blocks"):
+            inner = getattr(module, "fpn", None)
+            if isinstance(inner, nn.Module) and hasattr(inner, "layer_blocks"):
+                fpn, prefix = inner, f"{name}.fpn"
+        blocks = getattr(fpn, "layer_blocks", None)
+        if fpn is not module or type(module).__name__ == "FeaturePyramidNetwork":
+            if isinstance(blocks, nn.ModuleList) and len(blocks) > 0:
+                for i, block in enumerate(blocks):
+                    out[f"{prefix}.layer_blocks.{i}"] = block
+                continue
+        out[name] = module
+    return out
 
 
 def _targets(
@@ -236,15 +270,19 @@ def _layer_weights(method: Method, shared: Shared, layer: str) -> list[Tensor]:
             output_fn=shared.output_fn,
             options=shared.perturbation,
             progress=shared.progress,
+            layout=shared.features.layouts.get(layer),
         )
         w = method.weights(ctx)  # [B, T, K]
         return [w[:, t] for t in range(shared.n_targets)]
     raise TypeError(f"{method.name} ({method.family}) has no channel weights")
 
 
-def _maps(method: Method, shared: Shared, weights: dict[str, list[Tensor]]) -> dict[str, Tensor]:
+def _maps(
+    method: Method, shared: Shared, weights: dict[str, list[Tensor]], eigen_smooth: bool = False
+) -> dict[str, Tensor]:
     """7. The signed map of each layer, shallow to deep (Tensor[B, h, w], [B, k, h, w] for k targets per image);
-    an attention method: its own map from its own pass."""
+    an attention method: its own map from its own pass. ``eigen_smooth``: the first principal component of the
+    map's per-channel terms instead of their sum (:func:`_eigen_smoothed`)."""
     if isinstance(method, AttentionMethod):
         tg = shared.targets
         return {
@@ -262,11 +300,15 @@ def _maps(method: Method, shared: Shared, weights: dict[str, list[Tensor]]) -> d
         for t in range(shared.n_targets):
             if isinstance(method, PerturbationMethod):
                 assert w is not None
-                per_target.append(torch.einsum("bk,bkhw->bhw", w[t].float(), a))
+                if eigen_smooth:
+                    per_target.append(smooth_projection(w[t].float()[:, :, None, None] * a))
+                else:
+                    per_target.append(torch.einsum("bk,bkhw->bhw", w[t].float(), a))
                 continue
             assert isinstance(method, LayerMethod)
             g = _gradient(shared.features, layer, t) if method.needs_grad else None
-            per_target.append(method.fn(MethodInput(a, g, None if w is None else w[t])))
+            inp = MethodInput(a, g, None if w is None else w[t])
+            per_target.append(_eigen_smoothed(method, inp, layer) if eigen_smooth else method.fn(inp))
         multi = shared.targets.classes is not None and shared.targets.classes.dim() == 2
         raw[layer] = torch.stack(per_target, dim=1) if multi else per_target[0]
     return raw
@@ -289,6 +331,30 @@ def _pass_maps(method: PassMethod, shared: Shared) -> dict[str, Tensor]:
             reshape=shared.reshape,
         )
     )
+
+def _eigen_smoothed(method: LayerMethod, inp: MethodInput, layer: str) -> Tensor:
+    """Eigen-smoothing of a layer method whose map is a sum over channels of terms that each read only their own
+    channel (Grad-CAM: w_k A_k; HiResCAM: g_k A_k; LayerCAM: ReLU(g_k) A_k; CAM: W_ck A_k; ...): the terms are
+    the method's formula applied to each channel alone (channels folded into the batch), checked to sum to the
+    method's map, then projected on their first principal component (:func:`smooth_projection`)."""
+    a = inp.activations
+    b, k, h, w = a.shape
+
+    def fold(t: Tensor | None) -> Tensor | None:
+        return (
+            None if t is None else t.reshape(b * k, 1, *t.shape[2:]) if t.dim() == 4 else t.reshape(b * k, 1)
+        )
+
+    terms = method.fn(MethodInput(a.reshape(b * k, 1, h, w), fold(inp.gradients), fold(inp.class_weights)))
+    plain = method.fn(inp)
+    terms = terms.reshape(b, k, h, w)
+    scale = float(plain.abs().max().clamp_min(1e-30))
+    if not torch.allclose(terms.sum(dim=1), plain, rtol=1e-4, atol=1e-5 * scale):
+        raise ValueError(
+            f"eigen_smooth needs a map that is a sum over channels of per-channel terms; {method.name}'s map of "
+            f"{layer!r} is not (a projection method such as Eigen-CAM is smoothed already): use eigen_smooth=False"
+        )
+    return smooth_projection(terms)
 
 
 def _postprocess(
@@ -345,7 +411,34 @@ def _compute(
     output: OutputSpec,
     reshape: Reshape | None = None,
     perturbation: PerturbationOptions | None = None,
+    eigen_smooth: bool = False,
+    augment: AugmentSpec = None,
 ) -> dict[str, Explanation]:
+    if not isinstance(eigen_smooth, bool):
+        raise TypeError(f"eigen_smooth must be True or False, got {eigen_smooth!r}")
+    if eigen_smooth and any(isinstance(m, (AttentionMethod, PassMethod)) for m in methods):
+        raise ValueError(
+            "eigen_smooth applies to layer and perturbation methods, not to attention methods or methods with "
+            "passes of their own (FullGrad, guided backprop, ...)"
+        )
+    augs = resolve_augment(augment)
+    if augs:
+        return _augmented(
+            augs,
+            model,
+            images,
+            methods,
+            layers,
+            targets,
+            preprocess,
+            labels,
+            fusion,
+            relu,
+            output,
+            reshape,
+            perturbation,
+            eigen_smooth,
+        )
     model = unwrap(model)  # DataParallel / torch.compile: hooks go on the eager module that holds the weights
     read = output_fn(output)
     inputs = _inputs(model, images, preprocess)
@@ -362,7 +455,7 @@ def _compute(
     results = {}
     for method in methods:
         weights = _method_weights(method, shared)
-        raw = _maps(method, shared, weights)
+        raw = _maps(method, shared, weights, eigen_smooth)
         for layer, r in raw.items():
             _check_finite(
                 r, r.shape[0], f"the {method.name} map of {layer!r}", "its gradients or weights overflowed"
@@ -372,6 +465,82 @@ def _compute(
             _check_finite(m, m.shape[0], f"the post-processed {method.name} map of {layer!r}", "")
         results[method.name] = _explanation(method, raw, maps, cap, resolved, inputs)
     return results
+
+
+def _augmented(
+    augs: list[Augment],
+    model: nn.Module,
+    images: ImageInput,
+    methods: Sequence[Method],
+    layers: LayerSpec,
+    targets: TargetSpec,
+    preprocess: Preprocess | None,
+    labels: Sequence[str] | None,
+    fusion: str | None,
+    relu: bool,
+    output: OutputSpec,
+    reshape: Reshape | None,
+    perturbation: PerturbationOptions | None,
+    eigen_smooth: bool,
+) -> dict[str, Explanation]:
+    """Test-time augmentation (:mod:`camkit.augment`): one call per augmentation, the maps warped back onto the
+    original input and averaged. The first pass (the input as given) fixes the classes, the layers, the scores
+    and the raw maps; the other passes explain the same classes."""
+    model = unwrap(model)
+    if isinstance(targets, TopK) or callable(targets):
+        raise ValueError(
+            "augment explains one class per image: give None, a class index or name, or a list; TopK and "
+            "callable targets (a mask or a box does not follow a flip) are not supported with augment"
+        )
+    if model_task(model) != "classification":
+        raise ValueError(
+            "augment is for classifiers: a segmentation mask or a detection box does not follow a flip"
+        )
+    if any(isinstance(m, AttentionMethod) for m in methods):
+        raise ValueError("augment applies to layer and perturbation methods, not to attention methods")
+    inputs = _inputs(model, images, preprocess)
+    x = inputs.x
+    size = (x.shape[-2], x.shape[-1])
+
+    def once(xa: Tensor, layer_spec: LayerSpec, target: TargetSpec) -> dict[str, Explanation]:
+        return _compute(
+            model,
+            xa,
+            methods,
+            layer_spec,
+            target,
+            None,
+            labels,
+            fusion,
+            relu,
+            output,
+            reshape,
+            perturbation,
+            eigen_smooth,
+        )
+
+    base = once(x, layers, targets)
+    first = next(iter(base.values()))
+    assert first.classes is not None
+    classes = [int(c) for c in first.classes]
+    names = list(first.layers)
+    fused: dict[str, list[Tensor]] = {m: [] for m in base}
+    per_layer: dict[str, dict[str, list[Tensor]]] = {m: {n: [] for n in base[m].layer_maps} for m in base}
+    for aug in augs:
+        res = base if aug.identity else once(aug.apply(x), names, classes)
+        for m, e in res.items():
+            fused[m].append(aug.invert(e.maps, size))
+            for n, lm in e.layer_maps.items():
+                per_layer[m][n].append(aug.invert(lm, size))
+    return {
+        m: replace(
+            e,
+            maps=average(fused[m]),
+            layer_maps={n: average(v) for n, v in per_layer[m].items()},
+            images=inputs.images,
+        )
+        for m, e in base.items()
+    }
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -463,6 +632,8 @@ def explain(
     output: OutputSpec = None,
     reshape: Reshape | None = None,
     perturbation: PerturbationOptions | None = None,
+    eigen_smooth: bool = False,
+    augment: AugmentSpec = None,
 ) -> Explanation:
     """Explain a model's decision on a batch of images with one CAM method.
 
@@ -489,6 +660,13 @@ def explain(
         perturbation: settings of Score-CAM, SS-CAM, IS-CAM and Ablation-CAM (batch size, the
             pytorch-grad-cam variants, top-k channels, progress callback): see
             :class:`camkit.methods.perturbation.PerturbationOptions`.
+        eigen_smooth: replace each layer's map by the first principal component of its per-channel terms
+            (w_k A_k, g_k A_k, ...), as pytorch-grad-cam's ``eigen_smooth``; layer and perturbation methods whose
+            map is a sum over channels (a ``ValueError`` for the others).
+        augment: test-time augmentation (:mod:`camkit.augment`): ``True`` / ``"gradcam"`` (pytorch-grad-cam's
+            ``aug_smooth``: flip x multiply by 0.9, 1, 1.1), ``"flip"``, or a list of :class:`camkit.Augment`;
+            the maps of the augmented inputs are warped back and averaged (``raw``, scores and classes are the
+            original input's). One class per image (not ``TopK`` nor a callable target); classifiers only.
     """
     chosen = get_method(method)
     return _compute(
@@ -504,6 +682,8 @@ def explain(
         output,
         reshape,
         perturbation,
+        eigen_smooth,
+        augment,
     )[chosen.name]
 
 
@@ -521,6 +701,8 @@ def compare(
     output: OutputSpec = None,
     reshape: Reshape | None = None,
     perturbation: PerturbationOptions | None = None,
+    eigen_smooth: bool = False,
+    augment: AugmentSpec = None,
 ) -> dict[str, Explanation]:
     """Several methods at once: one forward and one backward shared by all (same arguments as :func:`explain`).
 
@@ -545,4 +727,6 @@ def compare(
         output,
         reshape,
         perturbation,
+        eigen_smooth,
+        augment,
     )

@@ -139,6 +139,8 @@ class _Job:
     max_side: int | None = None  # longer side of the written pictures (None: the photo's size)
     caption: bool = False  # a caption strip and a colour bar on each single overlay
     progress: Callable[[int, int], None] | None = None  # forward passes of this image's perturbation methods
+    eigen_smooth: bool = False  # first principal component of each map's per-channel terms
+    augment: str | None = None  # test-time augmentation: 'gradcam' or 'flip'
 
 
 @dataclass(frozen=True)
@@ -234,6 +236,21 @@ def explain(
             help="Detection models: score threshold of the detections (default: the model's own); 0 keeps all."
         ),
     ] = None,
+    eigen_smooth: Annotated[
+        bool,
+        typer.Option(
+            "--eigen-smooth",
+            help="Layer and perturbation methods: each map becomes the first principal component of its "
+            "per-channel terms (pytorch-grad-cam's eigen_smooth).",
+        ),
+    ] = False,
+    augment: Annotated[
+        str | None,
+        typer.Option(
+            help="Test-time augmentation, maps warped back and averaged: 'gradcam' (flip x brightness 0.9, 1, "
+            "1.1: 6 passes, pytorch-grad-cam's aug_smooth) or 'flip' (2 passes).",
+        ),
+    ] = None,
 ) -> None:
     """Explain the model's decision on images and write overlay PNGs (and a grid when comparing).
 
@@ -251,6 +268,7 @@ def explain(
         if max_side is not None and max_side < 16:
             raise ValueError(f"--max-side must be at least 16 pixels, got {max_side}")
         method_list, slow = _methods(methods)
+        _check_smoothing(method_list, eigen_smooth, augment)
         perturbation = camkit.PerturbationOptions(  # checks its values
             batch_size=batch_size,
             top_channels=top_channels,
@@ -280,6 +298,8 @@ def explain(
             alpha=alpha,
             max_side=max_side,
             caption=caption,
+            eigen_smooth=eigen_smooth,
+            augment=augment,
         )
         run_info = {
             **opts.to_dict(),
@@ -298,6 +318,8 @@ def explain(
                 "samples": samples,
                 "weighting": weighting,
                 "ablation": ablation,
+                "eigen_smooth": eigen_smooth,
+                "augment": augment,
                 "compile": compile,
                 "input_size": input_size,
                 "det_threshold": det_threshold,
@@ -415,7 +437,24 @@ def _run_methods(job: _Job, pic: _Picture) -> dict[str, Explanation]:
         labels=job.loaded.labels,
         fusion=job.fusion,
         perturbation=replace(job.perturbation, progress=job.progress),
+        eigen_smooth=job.eigen_smooth,
+        augment=job.augment,
     )
+
+
+def _check_smoothing(methods: list[str], eigen_smooth: bool, augment: str | None) -> None:
+    """``--eigen-smooth`` and ``--augment``, checked before the model is loaded."""
+    from camkit.augment import resolve_augment
+    from camkit.methods import AttentionMethod, get_method
+
+    if augment is not None and augment.strip().lower() not in ("gradcam", "flip", "none"):
+        raise ValueError(f"--augment must be 'gradcam', 'flip' or 'none', got {augment!r}")
+    resolve_augment(augment)
+    attention = [m for m in methods if isinstance(get_method(m), AttentionMethod)]
+    if attention and (eigen_smooth or (augment is not None and augment.strip().lower() != "none")):
+        raise ValueError(
+            f"--eigen-smooth and --augment apply to layer and perturbation methods, not to {', '.join(attention)}"
+        )
 
 
 def _write_target(

@@ -7,6 +7,14 @@
 * Gradient-weighted attention rollout (Chefer, Gur & Wolf, ICCV 2021, "Generic Attention-model Explainability
   for Interpreting Bi-Modal and Encoder-Decoder Transformers", eqs. 5-6): Ā_l = mean_h ReLU(dS/dA_l * A_l),
   R = I, R <- R + Ā_l R for l = 1..L; map = R's prefix rows over the patch tokens. Class-specific, one backward.
+* LeGrad (Bousselham, Boggust, Chaybouti, Strobelt & Kuehne, 2024, "LeGrad: An Explainability Method for Vision
+  Transformers via Feature Formation Sensitivity"): for every block l, the block's own class score
+  s^l = head(norm(mean_tokens(z^l)))_c (the model's final norm and classifier applied to the mean of the block's
+  output tokens, as the authors' code and torchcam do), its gradient with respect to that block's attention
+  probabilities, E^l = mean over heads and queries of ReLU(ds^l/dA^l), the prefix keys dropped; the map is the
+  mean of E^l over all blocks. Attention values are not multiplied in. One forward and one (partial) backward per
+  block. timm ViT / DeiT (``head(fc_norm(norm(.)))``; DeiT distilled: the mean of ``head`` and ``head_dist``, as
+  its eval-mode output) and torchvision ViT (``heads(encoder.ln(.))``).
 
 How the attention probabilities are obtained (they are not a module output in either library):
 
@@ -43,7 +51,7 @@ from camkit.methods.registry import AttentionInput, AttentionMethod, register
 from camkit.targets import score_fn
 from camkit.tokens import infer_layout, prefix_tokens
 
-__all__ = ["attention_probabilities", "grad_rollout", "rollout"]
+__all__ = ["attention_probabilities", "grad_rollout", "legrad", "rollout"]
 
 
 def _timm_style(m: nn.Module) -> bool:
@@ -274,6 +282,88 @@ def _run_grad_rollout(inp: AttentionInput) -> Tensor:
     return torch.stack(maps, dim=1) if inp.classes is not None and inp.classes.dim() == 2 else maps[0]
 
 
+def _blocks_and_projection(model: nn.Module) -> tuple[list[nn.Module], Callable[[Tensor], Tensor]]:
+    """The transformer blocks (shallow to deep) and LeGrad's score projection z [B, N, D] -> logits [B, C]."""
+    encoder = getattr(model, "encoder", None)
+    layers = getattr(encoder, "layers", None)
+    ln = getattr(encoder, "ln", None)
+    heads = getattr(model, "heads", None)
+    if (
+        isinstance(layers, nn.Module) and isinstance(ln, nn.Module) and isinstance(heads, nn.Module)
+    ):  # torchvision
+        tv_ln, tv_heads = ln, heads
+        return list(layers.children()), lambda z: tv_heads(tv_ln(z.mean(dim=1)))
+    blocks = getattr(model, "blocks", None)
+    norm = getattr(model, "norm", None)
+    head = getattr(model, "head", None)
+    if isinstance(blocks, nn.Module) and isinstance(norm, nn.Module) and isinstance(head, nn.Module):  # timm
+        fc_norm = getattr(model, "fc_norm", None)
+        timm_norm, timm_head = norm, head
+        post = fc_norm if isinstance(fc_norm, nn.Module) else nn.Identity()
+        dist = getattr(model, "head_dist", None)
+        if isinstance(dist, nn.Module):  # DeiT distilled: in eval mode its output is the mean of both heads
+            dist_head = dist
+            return (
+                list(blocks.children()),
+                lambda z: (
+                    (timm_head(post(timm_norm(z.mean(dim=1)))) + dist_head(post(timm_norm(z.mean(dim=1)))))
+                    / 2
+                ),
+            )
+        return list(blocks.children()), lambda z: timm_head(post(timm_norm(z.mean(dim=1))))
+    raise ValueError(
+        f"LeGrad needs a ViT whose blocks and classifier camkit can find: timm (blocks, norm, head) or torchvision "
+        f"(encoder.layers, encoder.ln, heads); {type(model).__name__} is neither: use gradrollout or a CAM method"
+    )
+
+
+def legrad(inp: AttentionInput) -> Tensor:
+    """LeGrad's map (see the module docstring): Tensor[B, h, w], or [B, k, h, w] for classes [B, k]."""
+    model = inp.model
+    blocks, project = _blocks_and_projection(model)
+    if inp.classes is None:
+        raise ValueError("LeGrad explains a class through each block's own class score: give class targets")
+    size = (inp.x.shape[-2], inp.x.shape[-1])
+    with _AttentionWindow(need_grad=True) as window:
+        window.install(model)
+        if any("WindowAttention" in type(m).__name__ for m in model.modules()):
+            raise ValueError(
+                "LeGrad needs global self-attention (ViT, DeiT); Swin's windowed attention is not"
+            )
+        outputs: list[Tensor] = []
+        for block in blocks:
+            window.hook(block, lambda _m, _i, out: outputs.append(out))
+        inp.output_fn(model(inp.x))
+        probs = window.probs
+        if len(probs) != len(blocks) or len(outputs) != len(blocks):
+            raise ValueError(
+                f"LeGrad found {len(probs)} attention maps and {len(outputs)} block outputs for {len(blocks)} "
+                "blocks: a ViT with one self-attention per block is needed"
+            )
+        classes = inp.classes if inp.classes.dim() == 2 else inp.classes[:, None]
+        maps = []
+        for t in range(classes.shape[1]):
+            relevance = []
+            for z, a in zip(outputs, probs, strict=True):
+                if not a.requires_grad:
+                    raise ValueError("LeGrad: an attention map is not connected to the class score")
+                score = project(z).gather(1, classes[:, t : t + 1].to(z.device))[:, 0]
+                (grad,) = torch.autograd.grad(score.sum(), a, retain_graph=True)
+                relevance.append(torch.relu(grad.double()).mean(dim=(1, 2)))  # [B, N keys]
+            e = torch.stack(relevance).mean(dim=0)  # [B, N]
+            maps.append(_patch_row(model, e, size).float())
+    return torch.stack(maps, dim=1) if inp.classes.dim() == 2 else maps[0]
+
+
+def _patch_row(model: nn.Module, row: Tensor, size: tuple[int, int]) -> Tensor:
+    """A per-key relevance Tensor[B, N] without its prefix keys, as Tensor[B, h, w]."""
+    b, n = row.shape
+    layout = infer_layout((b, n, 1), size, prefix=prefix_tokens(model))
+    if layout is None:
+        raise ValueError(f"cannot read {n} tokens as prefix + a grid for an input of {size[0]}x{size[1]}")
+    return row[:, layout.prefix :].reshape(b, *layout.grid)
+
+
 register(
     AttentionMethod(
         name="rollout",
@@ -296,5 +386,17 @@ register(
         prefer="a class-specific map of a ViT/DeiT read from its attention, not from a CNN-style layer",
         aliases=("grad-rollout", "chefer", "chefer2021", "attention-grad"),
         run=_run_grad_rollout,
+    )
+)
+register(
+    AttentionMethod(
+        name="legrad",
+        needs_grad=False,
+        cost="1 extra forward + 1 partial backward per block",
+        paper="Bousselham, Boggust, Chaybouti, Strobelt & Kuehne, 2024 (LeGrad)",
+        summary="map = mean over blocks l of mean_{heads, queries} ReLU(d s^l / d A^l), s^l = head(norm(mean(z^l)))_c",
+        prefer="a class-specific ViT map from every block's own prediction (timm and torchvision ViTs)",
+        aliases=("le-grad",),
+        run=legrad,
     )
 )

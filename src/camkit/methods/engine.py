@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from camkit.accel import BatchForward, Compile, check_compile
 from camkit.capture import hook_forward
+from camkit.tokens import Layout
 
 __all__ = [
     "ChannelScores",
@@ -133,6 +134,9 @@ class PerturbationContext:
     options: PerturbationOptions = field(default_factory=PerturbationOptions)
     progress: Progress | None = None
     batched: BatchForward | None = None  # made on first use (see :mod:`camkit.accel`)
+    layout: Layout | None = (
+        None  # how the layer's own output maps to ``activations`` (None: as is, or unknown)
+    )
 
 
 class Progress:
@@ -477,14 +481,47 @@ def channel_weights(ctx: PerturbationContext, scores: ChannelScores, per_channel
 # ----------------------------------------------------------------------------------------------- Ablation-CAM
 
 
-class _Replace:
-    """Forward hook that swaps the layer's output on its explained (last) call for a given tensor."""
+def _to_layout(layout: Layout, acts: Tensor, live: Tensor) -> Tensor:
+    """Feature maps Tensor[n, K, h, w] back in the layer's own layout, for a replay: channels-last [n, h, w, K],
+    or tokens [n, p + h*w, K] whose p prefix tokens (class, distillation, ...) are taken from the live output
+    ``live`` of the same forward ([1 or n, N, K]; sequence-first [N, 1 or n, K])."""
+    n = acts.shape[0]
+    if layout.kind == "nhwc":
+        return acts.permute(0, 2, 3, 1).contiguous()
+    tokens = acts.flatten(2).transpose(1, 2)  # [n, h*w, K]
+    seq_first = layout.kind == "tokens-seq-first"
+    base = live.transpose(0, 1) if seq_first else live
+    out = base.expand(n, *base.shape[1:]).clone() if base.shape[0] != n else base.clone()
+    out[:, layout.prefix :, :] = tokens.to(out.dtype)
+    return out.transpose(0, 1).contiguous() if seq_first else out
 
-    def __init__(self, calls: int) -> None:
+
+class _Replace:
+    """Forward hook that swaps the layer's output on its explained (last) call for a given tensor.
+
+    The tensor is a batch of feature maps [n, K, h, w]; for a token or channels-last ``layout`` it is put back
+    into that layout first (:func:`_to_layout`), so the layers after the target read what they always read."""
+
+    def __init__(self, calls: int, layout: Layout | None = None) -> None:
         self.calls = calls
+        self.layout = layout if layout is not None and layout.kind != "nchw" else None
         self.seen = 0
         self.value: Tensor | None = None
         self.shape: tuple[int, ...] | None = None
+
+    def expected(self, out: Tensor) -> bool:
+        """Whether the live output ``out`` has the layout the feature maps came from."""
+        assert self.value is not None
+        if self.layout is None:
+            return tuple(out.shape[1:]) == tuple(self.value.shape[1:])
+        k, h, w = self.value.shape[1:]
+        if self.layout.kind == "nhwc":
+            return out.dim() == 4 and tuple(out.shape[1:]) == (h, w, k)
+        n_tok = self.layout.prefix + h * w
+        dims = (
+            (out.shape[0], out.shape[2]) if self.layout.kind == "tokens-seq-first" else tuple(out.shape[1:])
+        )
+        return out.dim() == 3 and dims == (n_tok, k)
 
     def __call__(self, _m: nn.Module, _i: object, out: object) -> Tensor | None:
         self.seen += 1
@@ -493,11 +530,13 @@ class _Replace:
         assert self.value is not None
         if isinstance(out, Tensor):
             self.shape = tuple(out.shape[1:])
-        if self.shape != tuple(self.value.shape[1:]):
-            # a token / channels-last layout: the layers after it cannot read a [B, K, h, w] map, so stop here,
-            # before they run (they would fail with an error of their own)
+        if not isinstance(out, Tensor) or not self.expected(out):
+            # an output the feature maps cannot be put back into: stop here, before the layers after it run (they
+            # would fail with an error of their own)
             raise _LayoutMismatch(self.shape)
-        return self.value
+        if self.layout is None:
+            return self.value
+        return _to_layout(self.layout, self.value, out)
 
 
 class _LayoutMismatch(Exception):
@@ -507,7 +546,7 @@ class _LayoutMismatch(Exception):
 
 
 def _run_replaced(ctx: PerturbationContext, inputs: Tensor, acts: Tensor) -> Tensor:
-    hook = _Replace(ctx.calls)
+    hook = _Replace(ctx.calls, ctx.layout)
     hook.value = acts
     handle = hook_forward(ctx.layer, hook)  # this thread only
     try:
@@ -515,16 +554,16 @@ def _run_replaced(ctx: PerturbationContext, inputs: Tensor, acts: Tensor) -> Ten
     except _LayoutMismatch as err:
         shape = "a non-tensor" if err.shape is None else f"[B, {', '.join(map(str, err.shape))}]"
         raise ValueError(
-            f"Ablation-CAM needs a target layer whose output is the feature map Tensor[B, K, h, w]; "
-            f"{ctx.layer_name!r} outputs {shape}, a token or channels-last layout (use Score-CAM for token "
-            f"layouts, or a gradient method)"
+            f"Ablation-CAM cannot feed the ablated feature maps [B, {', '.join(map(str, acts.shape[1:]))}] back "
+            f"into {ctx.layer_name!r}, which outputs {shape}: a layout camkit could not read back (with a custom "
+            "reshape=, the inverse is unknown); use Score-CAM or a gradient method there, or leave reshape= "
+            "to camkit"
         ) from None
     finally:
         handle.remove()
-    if hook.shape != tuple(acts.shape[1:]):
+    if hook.seen < ctx.calls:
         raise ValueError(
-            f"Ablation-CAM needs a target layer whose output is the feature map Tensor[B, K, h, w]; "
-            f"{ctx.layer_name!r} outputs {hook.shape} (use Score-CAM for token layouts)"
+            f"Ablation-CAM: the target layer {ctx.layer_name!r} did not run in the replayed forward"
         )
     return out
 
@@ -535,7 +574,8 @@ def ablated_scores(ctx: PerturbationContext, value: Tensor) -> tuple[Tensor, Ten
 
     By default only the layers after the target run again (the cached activation is replayed with the channel
     replaced, through a forward hook on the real model; checked against the original output on the first batch,
-    else whole forwards). Channels already equal to ``value[b]`` everywhere, and channels outside
+    else whole forwards). A token or channels-last layer (``ctx.layout``) gets the ablated maps back in its own
+    layout: channel k of the patch tokens is ablated, prefix tokens (class, distillation) are kept. Channels already equal to ``value[b]`` everywhere, and channels outside
     ``top_channels``, get no forward: y_c^k = y_c."""
     opts = ctx.options
     a = ctx.activations

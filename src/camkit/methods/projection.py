@@ -4,15 +4,41 @@
   X v1 on the first right singular vector of X. As in the paper X is not mean-centred (pytorch-grad-cam centres it).
   The SVD's sign is arbitrary: it is fixed so that the map sums to a non-negative value.
 * EigenGrad-CAM (pytorch-grad-cam's EigenGradCAM): the same projection applied to g * A.
-Eigen-CAM is class-agnostic: the target changes nothing, and it needs no backward pass.
+* KPCA-CAM (Karmani, Hamdi & Ben Amar, 2024): the positions' activation vectors (rows of X = [h*w, K], centred
+  over the positions as pytorch-grad-cam does) are projected on the first principal component of a kernel PCA:
+  with the kernel matrix G_ij = k(x_i, x_j) doubly centred (G~ = G - 1G - G1 + 1G1, 1 = the matrix of 1/n), the map
+  at position i is sqrt(lambda_1) v_1[i] for the top eigenpair (lambda_1, v_1) of G~. Default kernel: sigmoid,
+  k(x, y) = tanh(gamma <x, y> + 1) with gamma = 1/K (scikit-learn's defaults, which pytorch-grad-cam uses). The
+  component sums to 0 (centring), so its sign is fixed by making its entry of largest magnitude positive
+  (scikit-learn's rule). torch only (``torch.linalg.eigh``), no
+  scikit-learn.
+* Deep Feature Factorization (Collins, Achanta & Süsstrunk, ECCV 2018): :func:`factorize`. Non-negative matrix
+  factorisation of the activations of a batch, A^T = [K, B*h*w] ~ W H (W: n concept vectors over the channels, H: n
+  heatmaps), by Lee & Seung's multiplicative updates from a seeded random start, in torch; each concept vector
+  passed through the model's classifier gives the concept's class scores.
+Eigen-CAM and KPCA-CAM are class-agnostic: the target changes nothing, and they need no backward pass.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from camkit.methods.registry import LayerMethod, MethodInput, register
+
+if TYPE_CHECKING:
+    from camkit.io import Preprocess
+    from camkit.layers import LayerSpec
+    from camkit.outputs import OutputSpec
+    from camkit.pipeline import ImageInput
+    from camkit.tokens import Reshape
+
+__all__ = ["Factorization", "factorize", "first_component", "kpca_projection", "nmf", "smooth_projection"]
+
+Kernel = Literal["sigmoid", "rbf", "linear", "poly", "cosine"]
 
 
 def first_component(x: Tensor) -> Tensor:
@@ -23,6 +49,92 @@ def first_component(x: Tensor) -> Tensor:
     proj: Tensor = mat @ vh[:, 0, :, None]  # [B, h*w, 1]
     sign = torch.where(proj.sum(dim=(1, 2), keepdim=True) < 0, -1.0, 1.0).to(proj.dtype)
     return (proj * sign).reshape(b, h, w).to(x.dtype)
+
+
+_KPCA_MAX_POSITIONS = 8192
+"""Largest h*w KPCA-CAM accepts: its float64 kernel matrix then takes 512 MiB per image."""
+
+
+def kpca_projection(
+    x: Tensor, kernel: Kernel = "sigmoid", gamma: float | None = None, degree: int = 3, coef0: float = 1.0
+) -> Tensor:
+    """KPCA-CAM's map: projection of Tensor[B, K, h, w] on the first kernel principal component -> Tensor[B, h, w].
+
+    Args:
+        x: the activations.
+        kernel: ``"sigmoid"`` tanh(gamma <x, y> + coef0) (default, as pytorch-grad-cam), ``"rbf"``
+            exp(-gamma |x - y|^2), ``"linear"`` <x, y> (then the map is PCA's, Eigen-CAM with centring), ``"poly"``
+            (gamma <x, y> + coef0)^degree, ``"cosine"``.
+        gamma: kernel coefficient; None: 1/K.
+        degree, coef0: of the polynomial and sigmoid kernels.
+
+    Each image's positions are centred over the positions first (as pytorch-grad-cam does); the sign of the
+    component is fixed so that its entry of largest magnitude is positive.
+    """
+    if kernel not in ("sigmoid", "rbf", "linear", "poly", "cosine"):
+        raise ValueError(f"kernel must be 'sigmoid', 'rbf', 'linear', 'poly' or 'cosine', got {kernel!r}")
+    b, k, h, w = x.shape
+    n = h * w
+    if n > _KPCA_MAX_POSITIONS:
+        raise ValueError(
+            f"KPCA-CAM forms an [h*w, h*w] kernel matrix per image; this layer's {h}x{w} grid ({n} positions) would "
+            f"need {n * n * 8 >> 20} MiB per image: choose a deeper layer (at most {_KPCA_MAX_POSITIONS} positions)"
+        )
+    mat = torch.nan_to_num(x.double()).reshape(b, k, n).transpose(1, 2)  # [B, n, K]
+    mat = mat - mat.mean(dim=1, keepdim=True)
+    g = 1.0 / k if gamma is None else float(gamma)
+    dot = mat @ mat.transpose(1, 2)
+    if kernel == "sigmoid":
+        gram = torch.tanh(g * dot + coef0)
+    elif kernel == "rbf":
+        sq = dot.diagonal(dim1=1, dim2=2)
+        gram = torch.exp(-g * (sq[:, :, None] + sq[:, None, :] - 2 * dot).clamp_min(0))
+    elif kernel == "poly":
+        gram = (g * dot + coef0) ** degree
+    elif kernel == "cosine":
+        norm = mat.norm(dim=2).clamp_min(1e-300)
+        gram = dot / (norm[:, :, None] * norm[:, None, :])
+    else:
+        gram = dot
+    # double centring of the kernel matrix (the feature-space mean is removed)
+    gram = (
+        gram
+        - gram.mean(dim=1, keepdim=True)
+        - gram.mean(dim=2, keepdim=True)
+        + gram.mean(dim=(1, 2), keepdim=True)
+    )
+    gram = 0.5 * (gram + gram.transpose(1, 2))
+    values, vectors = torch.linalg.eigh(gram)  # ascending
+    top = vectors[:, :, -1] * values[:, -1:].clamp_min(0).sqrt()
+    # the component sums to 0 (it is orthogonal to the constant vector after centring): its sign is fixed by its
+    # entry of largest magnitude, made positive (scikit-learn's convention, so pytorch-grad-cam's sign too)
+    peak = top.gather(1, top.abs().argmax(dim=1, keepdim=True))
+    signed: Tensor = top * torch.where(peak < 0, -1.0, 1.0).to(top.dtype)
+    return signed.reshape(b, h, w).to(x.dtype)
+
+
+def smooth_projection(terms: Tensor) -> Tensor:
+    """Eigen-smoothing (pytorch-grad-cam's ``eigen_smooth``): the first principal component of a map's per-channel
+    terms Tensor[B, K, h, w] (w_k A_k for Grad-CAM, g_k A_k for HiResCAM, ...) -> Tensor[B, h, w].
+
+    The positions' term vectors (rows of [h*w, K]) are centred over the positions, as pytorch-grad-cam does, and
+    projected on their first right singular vector. The sign, arbitrary in the SVD, is chosen so that the result
+    correlates non-negatively with the plain map sum_k terms_k (smoothing never turns a map into its negative).
+    """
+    b, k, h, w = terms.shape
+    mat = torch.nan_to_num(terms.double()).reshape(b, k, h * w).transpose(1, 2)  # [B, n, K]
+    mat = mat - mat.mean(dim=1, keepdim=True)
+    _, _, vh = torch.linalg.svd(mat, full_matrices=False)
+    proj = (mat @ vh[:, 0, :, None])[:, :, 0]  # [B, n]
+    plain = terms.double().sum(dim=1).reshape(b, h * w)
+    plain = plain - plain.mean(dim=1, keepdim=True)
+    sign = torch.where((proj * plain).sum(dim=1, keepdim=True) < 0, -1.0, 1.0).to(proj.dtype)
+    smoothed: Tensor = (proj * sign).reshape(b, h, w).to(terms.dtype)
+    return smoothed
+
+
+def kpcacam(x: MethodInput) -> Tensor:
+    return kpca_projection(x.activations)
 
 
 def eigencam(x: MethodInput) -> Tensor:
@@ -56,3 +168,188 @@ register(
         prefer="an Eigen-CAM that follows the explained class, denoised by the projection",
     )
 )
+register(
+    LayerMethod(
+        name="kpcacam",
+        fn=kpcacam,
+        needs_grad=False,
+        cost="1 forward, no backward (class-agnostic); an eigendecomposition of [h*w, h*w] per image",
+        paper="Karmani, Hamdi & Ben Amar, KPCA-CAM, 2024",
+        summary="map = projection of the (centred) positions on the first kernel principal component (sigmoid kernel)",
+        prefer="an Eigen-CAM that captures non-linear structure of the activations; class-agnostic, no backward",
+        aliases=("kpca-cam", "kpca"),
+    )
+)
+
+
+# ------------------------------------------------------------------------------------------ Deep Feature Factorization
+
+
+def nmf(
+    v: Tensor, n: int, *, seed: int = 0, iterations: int = 500, tol: float = 1e-7
+) -> tuple[Tensor, Tensor]:
+    """Non-negative matrix factorisation V ~ W H of Tensor[m, p] (>= 0) with ``n`` components, in torch.
+
+    Lee & Seung's multiplicative updates for the Frobenius loss, in float64, from a seeded random start
+    (|N(0, 1)| * sqrt(mean(V) / n), scikit-learn's ``init="random"`` scale). Stops after ``iterations`` or when the
+    relative loss decrease of an iteration falls below ``tol``. The same call gives the same result.
+
+    Returns:
+        (W Tensor[m, n], H Tensor[n, p]), both >= 0, float64.
+    """
+    if v.dim() != 2:
+        raise ValueError(f"nmf factorises a matrix, got shape {tuple(v.shape)}")
+    if bool((v < 0).any()):
+        raise ValueError("nmf needs a non-negative matrix")
+    m, p = v.shape
+    gen = torch.Generator().manual_seed(int(seed))
+    vd = v.detach().double().cpu()
+    scale = float(vd.mean().clamp_min(1e-12) / n) ** 0.5
+    w = torch.randn(m, n, generator=gen, dtype=torch.float64).abs() * scale
+    h = torch.randn(n, p, generator=gen, dtype=torch.float64).abs() * scale
+    eps = 1e-12
+    prev = float("inf")
+    for it in range(iterations):
+        h = h * (w.T @ vd) / (w.T @ w @ h + eps)
+        w = w * (vd @ h.T) / (w @ (h @ h.T) + eps)
+        if it % 10 == 9 or it == iterations - 1:
+            loss = float(torch.linalg.matrix_norm(vd - w @ h))
+            if prev - loss <= tol * max(prev, 1e-300) and prev != float("inf"):
+                break
+            prev = loss
+    return w.to(v.device), h.to(v.device)
+
+
+@dataclass(frozen=True)
+class Factorization:
+    """The result of :func:`factorize` (Deep Feature Factorization).
+
+    Attributes:
+        maps: Tensor[B, n, H, W], each concept's heatmap in [0, 1] at the input size (min-max per image and concept,
+            after bilinear upsampling; a concept absent from an image is all zeros).
+        raw: Tensor[B, n, h, w], the NMF heatmaps H at feature size (non-negative, not normalised).
+        concepts: Tensor[n, K], the concept vectors over the layer's channels (W^T, the channel offset added back).
+        scores: Tensor[n, C], the model's classifier applied to each concept vector (logits), or None when the
+            layer is not followed by global average pooling and a Linear layer (or a 1x1 convolution) and no
+            ``classifier`` was given.
+        layer: the target layer's name.
+    """
+
+    maps: Tensor
+    raw: Tensor
+    concepts: Tensor
+    scores: Tensor | None
+    layer: str
+
+    def top_classes(self, k: int = 1) -> Tensor:
+        """LongTensor[n, k]: the k classes each concept scores highest (needs ``scores``)."""
+        if self.scores is None:
+            raise ValueError(
+                "no class scores: pass classifier=... to factorize (the layer's head was not found)"
+            )
+        return self.scores.topk(k, dim=1).indices
+
+
+def _head_scores(model: nn.Module, concepts: Tensor, a: Tensor, output: Tensor) -> Tensor | None:
+    """The classifier (GAP + Linear, or 1x1 conv + GAP) applied to concept vectors Tensor[n, K], or None."""
+    from camkit.methods.cam import classifier_weights
+
+    try:
+        w = classifier_weights(model, a, output, "")
+    except ValueError:
+        return None
+    k = a.shape[1]
+    head = [
+        m
+        for m in model.modules()
+        if (isinstance(m, nn.Linear) and m.in_features == k)
+        or (isinstance(m, nn.Conv2d) and m.in_channels == k)
+    ]
+    bias = next(
+        (
+            m.bias
+            for m in reversed(head)
+            if m.weight.flatten(1).shape == w.flatten(1).shape and m.bias is not None
+        ),
+        None,
+    )
+    scores = concepts.double() @ w.flatten(1).double().T
+    return scores + bias.detach().double() if bias is not None else scores
+
+
+def factorize(
+    model: nn.Module,
+    images: ImageInput,
+    layer: LayerSpec = "auto",
+    n_concepts: int = 5,
+    *,
+    preprocess: Preprocess | None = None,
+    classifier: nn.Module | None = None,
+    seed: int = 0,
+    iterations: int = 500,
+    output: OutputSpec = None,
+    reshape: Reshape | None = None,
+) -> Factorization:
+    """Deep Feature Factorization (Collins et al., ECCV 2018): ``n_concepts`` concepts shared by the images.
+
+    The layer's activations of the whole batch, A^T = [K, B*h*w], shifted per channel to be non-negative (its
+    minimum subtracted, as pytorch-grad-cam does), are factorised by NMF (:func:`nmf`, torch, seeded) into concept
+    vectors W [K, n] and heatmaps H [n, B*h*w]. One forward, no backward; the model is not modified.
+
+    Args:
+        model: a model in eval mode.
+        images: as for :func:`camkit.explain` (a normalised tensor, PIL images or paths).
+        layer: one target layer (``"auto"``, a name or a module); token and channels-last layouts are read as by
+            :func:`camkit.explain`.
+        n_concepts: the number of concepts n (>= 1).
+        preprocess: how PIL images become the model input.
+        classifier: a module mapping concept vectors Tensor[n, K] to class logits (default: the layer's own
+            GAP + Linear / 1x1-conv head, found and checked as for CAM; None when there is none).
+        seed: seed of the NMF's random start (same seed, same concepts).
+        iterations: at most this many NMF updates.
+        output: which part of a non-tensor model output holds the scores (as for :func:`camkit.explain`).
+        reshape: ``f(Tensor) -> Tensor[B, K, h, w]`` instead of camkit's layout inference.
+
+    Returns:
+        a :class:`Factorization`: the maps, the raw heatmaps, the concept vectors and their class scores.
+    """
+    from camkit.capture import capture
+    from camkit.outputs import output_fn
+    from camkit.pipeline import prepare
+    from camkit.postprocess import normalize, upsample
+    from camkit.tokens import to_spatial, unwrap
+
+    if isinstance(n_concepts, bool) or not isinstance(n_concepts, int) or n_concepts < 1:
+        raise ValueError(f"n_concepts must be an int >= 1, got {n_concepts!r}")
+    if classifier is not None and not callable(classifier):
+        raise TypeError(
+            f"classifier must be a module Tensor[n, K] -> logits, got {type(classifier).__name__}"
+        )
+    model = unwrap(model)
+    inputs, modules = prepare(model, images, layer, preprocess)
+    if len(modules) != 1:
+        raise ValueError(f"factorize takes one target layer, got {list(modules)}")
+    name = next(iter(modules))
+    cap = capture(model, inputs.x, modules, None, output_fn(output))
+    size = (inputs.x.shape[-2], inputs.x.shape[-1])
+    a = to_spatial(cap.activations, {}, model, modules, size, reshape).activations[name].detach()
+    b, k, h, w = a.shape
+    flat = torch.nan_to_num(a.double()).transpose(0, 1).reshape(k, b * h * w)
+    offset = flat.amin(dim=1, keepdim=True)
+    wm, hm = nmf(flat - offset, n_concepts, seed=seed, iterations=iterations)
+    concepts = (wm + offset).T.contiguous()  # [n, K]
+    raw = hm.reshape(n_concepts, b, h, w).transpose(0, 1).float()
+    if classifier is not None:
+        with torch.no_grad():
+            scores: Tensor | None = classifier(concepts.to(a.dtype)).double()
+    else:
+        scores = _head_scores(model, concepts, a.float(), cap.output.float())
+    up = upsample(raw.reshape(b * n_concepts, h, w), size)
+    maps = normalize(up).reshape(b, n_concepts, *size)
+    return Factorization(
+        maps=maps,
+        raw=raw,
+        concepts=concepts.float(),
+        scores=None if scores is None else scores.float(),
+        layer=name,
+    )
