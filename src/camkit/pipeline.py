@@ -305,6 +305,7 @@ def _explanation(
         layers=list(maps.layer_maps),
         images=images.images,
         chosen=targets.chosen,
+        output=cap.output,
     )
 
 

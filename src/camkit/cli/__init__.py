@@ -22,7 +22,7 @@ import sys
 
 import typer
 
-from camkit.cli import evaluate, explain, layers, localize, methods
+from camkit.cli import evaluate, explain, layers, localize, methods, run
 from camkit.cli.common import err_console
 
 __all__ = ["app", "main"]
@@ -38,6 +38,7 @@ app.command()(layers.layers)
 app.command()(methods.methods)
 app.command()(evaluate.evaluate)
 app.command()(localize.localize)
+app.command()(run.run)
 
 
 def main() -> None:
