@@ -12,7 +12,7 @@
 Reader API for other tools: :func:`open_store` and :class:`Store` (``config``, ``table()``, ``maps(method)``,
 ``summary()``, ``thumbnail()``, ``complete``); the folder layout is in :mod:`camkit.run.store`. Inputs:
 :mod:`camkit.run.sources`; the runner: :mod:`camkit.run.runner`; several processes: :mod:`camkit.run.distributed`
-(torchrun / srun); Ray Data: :mod:`camkit.run.ray`.
+(torchrun / srun); Ray Data: :mod:`camkit.run.raydata`.
 """
 
 from camkit.run.runner import Explainer, ModelSpec, RunOptions, RunResult, run

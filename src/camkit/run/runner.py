@@ -8,7 +8,7 @@
 * :func:`process_shards`: a DataLoader (with worker processes) over the batches of some shards; each finished
   shard is written atomically with its done-marker.
 * :func:`run`: the whole run: store created or resumed, shards split over torchrun ranks or Ray actors (see
-  :mod:`camkit.run.distributed`, :mod:`camkit.run.ray`), the table merged and the summary written.
+  :mod:`camkit.run.distributed`, :mod:`camkit.run.raydata`), the table merged and the summary written.
 
 Batches never straddle shards (each shard is cut into batches of ``batch_size`` the same way every time), so a
 resumed, distributed or Ray run computes every image in the same batch as an uninterrupted one: the results are
@@ -478,7 +478,7 @@ def run(
         overwrite: delete a store made with other options instead of refusing.
         workers: DataLoader worker processes per process (0: decode in the main process).
         engine: ``"local"`` (one process, or one per rank under torchrun: see :mod:`camkit.run.distributed`) or
-            ``"ray"`` (Ray Data actors, :mod:`camkit.run.ray`).
+            ``"ray"`` (Ray Data actors, :mod:`camkit.run.raydata`).
         ray_workers: Ray actors. num_gpus: GPUs per Ray actor.
         progress: ``progress(to_do, total) -> advance(n)``: called once with the images this process will
             compute and the total; ``advance`` after each batch.
@@ -517,9 +517,9 @@ def run(
         to_do = sum(len(store.shard_range(s)) for s in mine)
         advance = progress(to_do, store.n) if progress is not None else None
         if engine == "ray":
-            from camkit.run import ray as ray_engine
+            from camkit.run import raydata
 
-            computed = ray_engine.process_shards(
+            computed = raydata.process_shards(
                 store, spec, opts, items, mine, ray_workers=ray_workers, num_gpus=num_gpus, progress=advance
             )
         else:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -40,20 +40,18 @@ class ShardActor:
     def __init__(
         self,
         store: str,
-        spec: dict[str, Any],
-        options: dict[str, Any],
+        spec: ModelSpec,
+        options: RunOptions,
         items: list[Item],
         workers: int = 0,
     ) -> None:
         import torch
 
-        model = ModelSpec(**spec)
-        if model.device.startswith("cuda") and torch.cuda.is_available():
-            model = ModelSpec(**{**spec, "device": "cuda"})  # Ray sets CUDA_VISIBLE_DEVICES per actor
-        loaded = model.load()
-        opts = RunOptions(**{k: tuple(v) if isinstance(v, list) else v for k, v in options.items()})
+        if spec.device.startswith("cuda") and torch.cuda.is_available():
+            spec = replace(spec, device="cuda")  # Ray sets CUDA_VISIBLE_DEVICES per actor
+        loaded = spec.load()
         self.store = open_store(store)
-        self.explainer = Explainer(loaded.model, loaded.preprocess, loaded.labels, opts, items)
+        self.explainer = Explainer(loaded.model, loaded.preprocess, loaded.labels, options, items)
         self.explainer.map_shape()
         self.workers = workers
 
@@ -108,8 +106,8 @@ def process_shards(
         actor,
         fn_constructor_kwargs={
             "store": str(store.path),
-            "spec": asdict(spec),
-            "options": asdict(options),
+            "spec": spec,
+            "options": options,
             "items": list(items),
             "workers": workers,
         },
