@@ -71,7 +71,7 @@ def process_shards(
     ray_workers: int = 2,
     num_gpus: float = 0.0,
     workers: int = 0,
-    actor: type[ShardActor] = ShardActor,
+    actor: type[ShardActor] | None = None,
     max_retries: int = 3,
     progress: Callable[[int], None] | None = None,
 ) -> int:
@@ -83,7 +83,7 @@ def process_shards(
         shards: the shard numbers to compute.
         ray_workers: actors (each holds one model). num_gpus: GPUs per actor (fractions share a GPU).
         workers: DataLoader worker processes inside each actor.
-        actor: the actor class (a subclass of :class:`ShardActor`).
+        actor: the actor class (default :class:`ShardActor`; a subclass, e.g. to inject faults in tests).
         max_retries: restarts of a dead actor and retries of its shard.
         progress: ``progress(n)`` after each shard of n images.
 
@@ -101,6 +101,7 @@ def process_shards(
         raise ValueError(f"--ray-workers must be at least 1, got {ray_workers}")
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False)
+    actor = actor or ShardActor
     ds = ray.data.from_items([{"shard": int(s)} for s in shards], override_num_blocks=len(shards))
     out = ds.map_batches(
         actor,
@@ -112,7 +113,7 @@ def process_shards(
             "workers": workers,
         },
         batch_size=1,
-        concurrency=min(ray_workers, len(shards)),
+        compute=ray.data.ActorPoolStrategy(size=min(ray_workers, len(shards))),
         num_cpus=1,
         num_gpus=num_gpus,
         max_restarts=max_retries,
