@@ -42,7 +42,9 @@ def make_data(root: Path, n: int) -> Path:
     rng = np.random.default_rng(0)
     root.mkdir(parents=True, exist_ok=True)
     for i in range(n):
-        Image.fromarray(rng.integers(0, 255, (240, 320, 3), dtype=np.uint8)).save(root / f"{i:05d}.jpg", quality=90)
+        Image.fromarray(rng.integers(0, 255, (240, 320, 3), dtype=np.uint8)).save(
+            root / f"{i:05d}.jpg", quality=90
+        )
     return root
 
 
@@ -74,7 +76,9 @@ def plain(loaded: object, items: list, opts: RunOptions, workers: int, preproces
     return time.perf_counter() - t0
 
 
-def camkit_pass(loaded: object, items: list, opts: RunOptions, workers: int, out: Path, spec: ModelSpec) -> float:
+def camkit_pass(
+    loaded: object, items: list, opts: RunOptions, workers: int, out: Path, spec: ModelSpec
+) -> float:
     if out.exists():
         shutil.rmtree(out)
     ex = Explainer(loaded.model, loaded.preprocess, loaded.labels, opts, items)  # type: ignore[attr-defined]
@@ -118,33 +122,70 @@ def main() -> None:
         t["five"].append(camkit_pass(loaded, items, five, a.workers, tmp / "s5", spec))
     n = len(items)
     best = {k: min(v) for k, v in t.items()}
-    print(f"model {a.model}, {n} images 320x240 JPEG, batch {a.batch_size}, DataLoader workers {a.workers}, 1 thread")
-    print("| pass | images/s (best of %d) | ratio |" % a.repeats)
+    print(
+        f"model {a.model}, {n} images 320x240 JPEG, batch {a.batch_size}, DataLoader workers {a.workers}, 1 thread"
+    )
+    print(f"| pass | images/s (best of {a.repeats}) | ratio |")
     print("| --- | --- | --- |")
     print(f"| plain inference (forward + top-5) | {n / best['plain']:.1f} | 1.00 |")
-    print(f"| camkit run --methods gradcam | {n / best['gradcam']:.1f} | {best['plain'] / best['gradcam']:.2f} |")
+    print(
+        f"| camkit run --methods gradcam | {n / best['gradcam']:.1f} | {best['plain'] / best['gradcam']:.2f} |"
+    )
     print(f"| camkit run, 5 gradient methods | {n / best['five']:.1f} | {best['plain'] / best['five']:.2f} |")
     print(f"five methods / one: {best['five'] / best['gradcam']:.2f}x the time")
     print("all runs (s):", {k: [round(x, 2) for x in v] for k, v in t.items()})
     # store size per image
     for res in ("feature", "input"):
-        opts = RunOptions(methods=("gradcam",), resolution=res, batch_size=a.batch_size, shard_size=4 * a.batch_size)
+        opts = RunOptions(
+            methods=("gradcam",), resolution=res, batch_size=a.batch_size, shard_size=4 * a.batch_size
+        )
         r = run([data], tmp / f"size_{res}", model=spec, options=opts, workers=a.workers)
-        print(f"store bytes/image, {res} resolution {r.store.config['map_shape']}: {r.store.store_bytes() / n:.0f}")
+        print(
+            f"store bytes/image, {res} resolution {r.store.config['map_shape']}: {r.store.store_bytes() / n:.0f}"
+        )
     # resume of a finished store: the same call again
-    opts = RunOptions(methods=("gradcam",), resolution="input", batch_size=a.batch_size, shard_size=4 * a.batch_size)
+    opts = RunOptions(
+        methods=("gradcam",), resolution="input", batch_size=a.batch_size, shard_size=4 * a.batch_size
+    )
     t0 = time.perf_counter()
     r = run([data], tmp / "size_input", model=spec, options=opts, workers=a.workers)
-    print(f"resume of a finished store (in-process, model load included): {time.perf_counter() - t0:.2f} s, computed {r.computed}")
+    print(
+        f"resume of a finished store (in-process, model load included): {time.perf_counter() - t0:.2f} s, computed {r.computed}"
+    )
     if not a.skip_processes:
         src = str(Path(__file__).resolve().parents[1] / "src")
         env = dict(os.environ, PYTHONPATH=src + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        base = ["run", str(data), "--model", a.model, "--batch-size", str(a.batch_size), "--workers", "0",
-                "--shard-size", str(4 * a.batch_size)]
-        w1, out1 = command([sys.executable, "-m", "camkit", *base, "--out", str(tmp / "p1"), "--threads", "2"], env)
+        base = [
+            "run",
+            str(data),
+            "--model",
+            a.model,
+            "--batch-size",
+            str(a.batch_size),
+            "--workers",
+            "0",
+            "--shard-size",
+            str(4 * a.batch_size),
+        ]
+        w1, out1 = command(
+            [sys.executable, "-m", "camkit", *base, "--out", str(tmp / "p1"), "--threads", "2"], env
+        )
         w2, out2 = command(
-            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "camkit",
-             *base, "--out", str(tmp / "p2"), "--threads", "1"],
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc-per-node",
+                "2",
+                "-m",
+                "camkit",
+                *base,
+                "--out",
+                str(tmp / "p2"),
+                "--threads",
+                "1",
+            ],
             env,
         )
         print(f"1 process x 2 threads: {w1:.1f} s wall ({out1.splitlines()[0]})")
