@@ -342,12 +342,19 @@ def test_sigkill_and_resume_equals_uninterrupted(tmp_path: Path) -> None:
 def test_cli_run_and_evaluate_store(tmp_path: Path) -> None:
     data = make_images(tmp_path / "d", 6)
     out = tmp_path / "st"
-    res = runner.invoke(app, run_args(data, out, "--workers", "0", "--metrics", "deletion", "--steps", "3"))
+    res = runner.invoke(
+        app, run_args(data, out, "--workers", "0", "--metrics", "deletion", "--steps", "3", "--progress")
+    )
     assert res.exit_code == 0, res.output
     assert "6 of 6 images explained" in res.output and "deletion" in res.output
     res = runner.invoke(app, ["evaluate", str(out)])
     assert res.exit_code == 0, res.output
     assert "6 of 6 images explained" in res.output and "gradcam" in res.output
+    res = runner.invoke(app, ["evaluate", str(out), "--format", "json"])
+    assert res.exit_code == 0 and json.loads(res.stdout)["ok"] == 6
+    # the same command again resumes nothing and says so
+    res = runner.invoke(app, run_args(data, out, "--workers", "0", "--metrics", "deletion", "--steps", "3"))
+    assert res.exit_code == 0 and "this run computed 0" in res.output
     res = runner.invoke(app, run_args(data, out, "--workers", "0", "--methods", "layercam"))
     assert res.exit_code == 2 and "--overwrite" in res.output
     res = runner.invoke(app, run_args(data, tmp_path / "x", "--target", "best"))

@@ -224,6 +224,11 @@ class Explainer:
             x = torch.zeros(1, 3, *self.preprocess.size, device=self.device)
             expl = compare(self.model, x, self.methods, self.options.layers, labels=self.labels)
             first = expl[self.methods[0]]
+            if first.classes is None or first.output is None or first.output.dim() != 2:
+                raise ValueError(
+                    "camkit run explains classifiers (a model whose output is Tensor[B, classes]); explain "
+                    "segmentation and detection models with `camkit explain` or camkit.explain"
+                )
             if self.options.resolution == "input":
                 self._shape = (int(first.maps.shape[-2]), int(first.maps.shape[-1]))
             else:
