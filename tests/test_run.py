@@ -317,12 +317,12 @@ def test_sigkill_and_resume_equals_uninterrupted(tmp_path: Path) -> None:
         return len(list((out / "shards").glob("*.done"))) if (out / "shards").is_dir() else 0
 
     killed_at = []
-    for target in sorted(rnd.sample(range(1, n_shards - 1), 3)):
+    for target in sorted(rnd.sample(range(1, n_shards - 4), 3)):
         proc = subprocess.Popen(cmd, env=_subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 300
         while proc.poll() is None and done() < target and time.monotonic() < deadline:
             time.sleep(0.02)
-        time.sleep(rnd.uniform(0.0, 0.3))  # anywhere in the next shard: mid-batch, mid-write
+        time.sleep(rnd.uniform(0.0, 0.1))  # somewhere in the next shard: mid-batch, mid-write
         assert proc.poll() is None, proc.communicate()[1].decode()
         proc.send_signal(signal.SIGKILL)
         proc.wait()

@@ -203,7 +203,7 @@ def print_summary(summary: dict[str, Any], where: str) -> None:
         line += f"; this run computed {this.get('computed')} in {this.get('seconds')} s"
         if this.get("images_per_s"):
             line += f" ({this['images_per_s']} images/s, {this.get('processes', 1)} process(es), {this.get('engine')})"
-    console.print(line, highlight=False)
+    console.print(line, highlight=False, soft_wrap=True)
     metrics = summary.get("metrics", {})
     cols = sorted({c for v in metrics.values() for c in v})
     if cols:
@@ -214,4 +214,4 @@ def print_summary(summary: dict[str, Any], where: str) -> None:
         for m, vals in metrics.items():
             table.add_row(m, *("-" if vals.get(c) is None else f"{vals[c]:.4f}" for c in cols))
         console.print(table)
-    console.print(f"store: {where} (camkit.run.open_store)", highlight=False)
+    console.print(f"store: {where} (read it with camkit.run.open_store)", highlight=False, soft_wrap=True)
