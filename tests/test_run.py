@@ -259,6 +259,11 @@ def test_store_rows_errors_and_reader(tmp_path: Path) -> None:
         workers=0,
     )
     assert again.computed == 0 and again.store.table().num_rows == 4
+    # a creation killed before run.json: started again, not refused
+    half = tmp_path / "half"
+    half.mkdir()
+    (half / "items.parquet").write_bytes(b"partial")
+    assert run([data / "c0"], half, model=MODEL, options=RunOptions(image_size=64), workers=0).store.complete
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "x.txt").write_text("mine")
     with pytest.raises(ValueError, match="not a camkit run store"):

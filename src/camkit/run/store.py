@@ -215,6 +215,8 @@ def create_store(
     p = Path(path)
     if p.exists() and not p.is_dir():
         raise ValueError(f"--out {str(p)!r} is a file; give a folder for the store")
+    if p.is_dir() and not (p / CONFIG_FILE).is_file() and _half_created(p):
+        shutil.rmtree(p)  # a creation killed before run.json was written: nothing was computed yet
     if p.is_dir() and any(p.iterdir()):
         if not (p / CONFIG_FILE).is_file():
             raise ValueError(
@@ -256,6 +258,12 @@ def create_store(
         )
     write_json(p / CONFIG_FILE, {**config, "map_shape": list(map_shape), "version": STORE_VERSION})
     return Store(p)
+
+
+def _half_created(p: Path) -> bool:
+    """The folder holds only what :func:`create_store` writes before ``run.json`` (and temporary files)."""
+    names = [c.name for c in p.iterdir()]
+    return bool(names) and all(n in ("items.parquet", "maps.zarr") or n.startswith(".") for n in names)
 
 
 def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
