@@ -66,3 +66,31 @@ def test_torchrun_two_processes_equal_one(tmp_path: Path) -> None:
     assert summary["this_run"]["processes"] == 2 and summary["this_run"]["computed"] == 44
     # each rank wrote its own shards: 6 shards dealt 0,2,4 / 1,3,5; all present exactly once
     assert sorted(int(p.stem) for p in (tmp_path / "two" / "shards").glob("*.done")) == list(range(6))
+
+
+def test_rank_from_torchrun_or_slurm(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from camkit.run.distributed import env_rank, session
+
+    for k in (
+        "RANK",
+        "WORLD_SIZE",
+        "LOCAL_RANK",
+        "SLURM_PROCID",
+        "SLURM_NTASKS",
+        "SLURM_LOCALID",
+        "MASTER_ADDR",
+    ):
+        monkeypatch.delenv(k, raising=False)
+    assert env_rank() == (0, 1, 0)
+    monkeypatch.setenv("SLURM_PROCID", "3")
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    assert env_rank() == (3, 4, 1)
+    import pytest
+
+    with pytest.raises(ValueError, match="MASTER_ADDR"), session("cpu"):
+        pass
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert env_rank() == (1, 2, 1)  # torchrun's variables first
