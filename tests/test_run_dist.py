@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from camkit.run import open_store
 from test_run import MODEL_ARGS, assert_same_store, make_images
 
@@ -68,7 +70,7 @@ def test_torchrun_two_processes_equal_one(tmp_path: Path) -> None:
     assert sorted(int(p.stem) for p in (tmp_path / "two" / "shards").glob("*.done")) == list(range(6))
 
 
-def test_rank_from_torchrun_or_slurm(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_rank_from_torchrun_or_slurm(monkeypatch: pytest.MonkeyPatch) -> None:
     from camkit.run.distributed import env_rank, session
 
     for k in (
@@ -86,8 +88,6 @@ def test_rank_from_torchrun_or_slurm(monkeypatch) -> None:  # type: ignore[no-un
     monkeypatch.setenv("SLURM_NTASKS", "4")
     monkeypatch.setenv("SLURM_LOCALID", "1")
     assert env_rank() == (3, 4, 1)
-    import pytest
-
     with pytest.raises(ValueError, match="MASTER_ADDR"), session("cpu"):
         pass
     monkeypatch.setenv("RANK", "1")
