@@ -33,6 +33,7 @@ class Explanation:
         chosen: torchvision segmentation / detection models explained with no target or with a class (index or
             name): what was chosen for each image (:func:`camkit.tasks.default_target`: that class, or the main
             non-background one, over its predicted mask; or the best detection of it); else None.
+        output: the model output (logits) of the explained forward, detached; None when not recorded.
     """
 
     maps: Tensor
@@ -46,6 +47,7 @@ class Explanation:
     layers: list[str]
     images: list[Image.Image] | None = field(default=None, repr=False)
     chosen: list[ChosenTarget] | None = field(default=None, repr=False)
+    output: Tensor | None = field(default=None, repr=False)
 
     def __repr__(self) -> str:
         return (

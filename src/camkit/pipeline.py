@@ -395,6 +395,7 @@ def _explanation(
         layers=list(maps.layer_maps),
         images=images.images,
         chosen=targets.chosen,
+        output=cap.output,
     )
 
 

@@ -5,6 +5,9 @@
     camkit methods
     camkit evaluate [IMAGES/FOLDERS...] [--methods a,b] [--metrics m,n] [--annotations FILE] [--out DIR]
     camkit localize [IMAGES/FOLDERS...] [--method NAME] [--threshold T] [--mode largest|all] [--out DIR]
+    camkit run DATA --out STORE [--methods a,b] [--metrics m,n] [--engine local|ray]   (resumable; torchrun -m camkit run)
+    camkit report IMAGES... [--methods a,b] [--metrics m,n] -o report.html
+    camkit serve [--host 127.0.0.1] [--port 8000] [--model NAME]
 
 With no image, ``camkit explain`` runs on a sample photo shipped with scikit-image (``--sample``), with the
 offline pretrained EfficientNet-Lite0.
@@ -22,7 +25,7 @@ import sys
 
 import typer
 
-from camkit.cli import evaluate, explain, layers, localize, methods
+from camkit.cli import evaluate, explain, layers, localize, methods, run
 from camkit.cli import report as report_cli
 from camkit.cli import serve as serve_cli
 from camkit.cli.common import err_console
@@ -40,6 +43,7 @@ app.command()(layers.layers)
 app.command()(methods.methods)
 app.command()(evaluate.evaluate)
 app.command()(localize.localize)
+app.command()(run.run)
 app.command()(report_cli.report)
 app.command()(serve_cli.serve)
 

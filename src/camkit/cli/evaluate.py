@@ -98,6 +98,8 @@ def evaluate(
 ) -> None:
     """Score methods on images: faithfulness (deletion, insertion, ...) and, with boxes, localization.
 
+    Given a `camkit run` store (a folder with run.json), prints its summary without recomputing anything.
+
     Exit status: 0 when every image was evaluated, 1 when some could not be read (skipped, listed on stderr and
     in evaluate.json), 2 on a usage error (nothing evaluated).
     """
@@ -106,6 +108,9 @@ def evaluate(
     from camkit.io.files import prepare_out_dir, write_json
     from camkit.methods import get_method
 
+    if images and len(images) == 1 and (images[0] / "run.json").is_file():
+        _print_store(images[0], fmt)  # a `camkit run` store: its summary, nothing recomputed
+        return
     with user_errors():
         method_list = split(methods)
         if not method_list:
@@ -155,6 +160,25 @@ def evaluate(
         err_console.print(f"note: replaced {' and '.join(replaced)} of an earlier run", highlight=False)
     if result.skipped:
         raise typer.Exit(code=EXIT_SOME_SKIPPED)
+
+
+def _print_store(path: Path, fmt: Format) -> None:
+    """The summary of a ``camkit run`` store (``summary.json``, or computed from its table), no model work."""
+    from camkit.cli.run import print_summary
+    from camkit.run import open_store
+
+    with user_errors():
+        store = open_store(path)
+        summary = store.summary()
+    if fmt is Format.json:
+        emit("", [], [], fmt, data={"store": str(path), **summary})
+        return
+    if not store.complete:
+        note(
+            f"the run in {str(path)!r} is not finished: {len(store.done_shards())} of {store.n_shards} shards",
+            fmt,
+        )
+    print_summary(summary, str(path))
 
 
 def _named(paths: list[Path], anns: Mapping[str, object]) -> list[tuple[str, Path | Image.Image]]:

@@ -1,0 +1,217 @@
+"""``camkit run``: explain a whole dataset into a resumable store (maps in zarr, one Parquet row per image).
+
+A killed run restarted with the same command continues where it stopped; other options against an existing
+store are refused unless ``--overwrite``. ``torchrun --nproc-per-node N -m camkit run ...`` splits the work over N
+processes; ``--engine ray`` over Ray Data actors. See :mod:`camkit.run`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from camkit.cli.common import (
+    DEFAULT_MAX_PIXELS,
+    DeviceOption,
+    LayersOption,
+    MaxPixelsOption,
+    ModelOption,
+    PretrainedOption,
+    ProgressOption,
+    SeedOption,
+    ThreadsOption,
+    WeightsOption,
+    err_console,
+    max_pixels_limit,
+    out_option,
+    split,
+    user_errors,
+)
+
+__all__ = ["print_summary", "run"]
+
+
+def run(
+    data: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Image folders (recursive), an ImageFolder tree, a .csv/.jsonl manifest or .tar shards."
+        ),
+    ],
+    out: Annotated[Path, out_option("The store folder (created, or resumed when it exists).")] = Path(
+        "store"
+    ),
+    methods: Annotated[
+        str, typer.Option("--methods", "--method", "-m", help="CAM methods, comma-separated.")
+    ] = "gradcam",
+    layers: LayersOption = "auto",
+    layout: Annotated[
+        str, typer.Option(help="auto, folder, imagefolder (class = first folder), manifest or tar.")
+    ] = "auto",
+    target: Annotated[
+        str, typer.Option(help="top1 (the prediction) or true (the class of the manifest / ImageFolder).")
+    ] = "top1",
+    resolution: Annotated[
+        str, typer.Option(help="Stored maps at the layer's 'feature' resolution or the model's 'input' size.")
+    ] = "feature",
+    metrics: Annotated[
+        str, typer.Option(help="Per-image metrics, comma-separated: deletion,insertion,pointing,box.")
+    ] = "",
+    steps: Annotated[int, typer.Option(help="Deletion/insertion steps.")] = 20,
+    topk: Annotated[int, typer.Option(help="Predicted classes kept per image, with probabilities.")] = 5,
+    threshold: Annotated[float, typer.Option(help="Box threshold, a fraction of the map's max.")] = 0.2,
+    thumbnails: Annotated[
+        int, typer.Option(help="Longer side of the JPEG overlays per image and method (0: none).")
+    ] = 0,
+    image_size: Annotated[
+        int | None, typer.Option(help="Resize images to N x N instead of the model's input size.")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per model call.")] = 16,
+    shard_size: Annotated[int, typer.Option(help="Images per shard (the unit of resumption).")] = 256,
+    workers: Annotated[
+        int, typer.Option(help="DataLoader worker processes (0: decode in the main one).")
+    ] = 2,
+    engine: Annotated[str, typer.Option(help="local (also under torchrun) or ray.")] = "local",
+    ray_workers: Annotated[int, typer.Option(help="Ray actors (--engine ray).")] = 2,
+    num_gpus: Annotated[float, typer.Option(help="GPUs per Ray actor (--engine ray).")] = 0.0,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Delete a store made with other options and start again.")
+    ] = False,
+    model: ModelOption = "efficientnet_lite0",
+    weights: WeightsOption = None,
+    pretrained: PretrainedOption = True,
+    seed: SeedOption = 0,
+    threads: ThreadsOption = None,
+    device: DeviceOption = "cpu",
+    max_pixels: MaxPixelsOption = DEFAULT_MAX_PIXELS,
+    progress: ProgressOption = None,
+) -> None:
+    """Explain every image of a dataset into a resumable store: maps (zarr), a table (Parquet), a summary.
+
+    Exit status: 0 when every image was explained, 1 when some could not be read (status 'error' in the table),
+    2 on a usage error.
+    """
+    from camkit.run import ModelSpec, RunOptions
+    from camkit.run import run as run_dataset
+    from camkit.run.distributed import env_rank
+
+    with user_errors():
+        options = RunOptions(
+            methods=tuple(split(methods)),
+            layers=layers,
+            target=target,
+            resolution=resolution,
+            topk=topk,
+            threshold=threshold,
+            metrics=tuple(split(metrics)),
+            steps=steps,
+            thumbnails=thumbnails,
+            image_size=image_size,
+            batch_size=batch_size,
+            shard_size=shard_size,
+            max_pixels=max_pixels_limit(max_pixels),
+        )
+        options.check()
+        spec = ModelSpec(
+            name=model,
+            weights=str(weights) if weights is not None else None,
+            pretrained=pretrained,
+            seed=seed,
+            device=device,
+            threads=threads,
+        )
+        rank = env_rank()[0]
+        show = (err_console.is_terminal if progress is None else progress) and rank == 0
+        with _bar(show) as bar:
+            result = run_dataset(
+                [str(d) for d in data],
+                out,
+                model=spec,
+                options=options,
+                layout=layout,
+                overwrite=overwrite,
+                workers=workers,
+                engine=engine,
+                ray_workers=ray_workers,
+                num_gpus=num_gpus,
+                progress=bar,
+            )
+    if rank != 0:
+        return
+    print_summary(result.summary, str(out))
+    if result.summary.get("errors"):
+        raise typer.Exit(code=1)
+
+
+@contextmanager
+def _bar(enabled: bool) -> Iterator[Callable[[int, int], Callable[[int], None]]]:
+    """One bar on stderr: images of this process, images/s and the time left."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TaskProgressColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    with Progress(
+        TextColumn("explaining"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TaskProgressColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=err_console,
+        transient=True,
+        disable=not enabled,
+    ) as bar:
+
+        def start(to_do: int, total: int) -> Callable[[int], None]:
+            task = bar.add_task("images", total=to_do, rate="")
+            if to_do < total:
+                err_console.print(
+                    f"resuming: {total - to_do} of {total} images already in the store", highlight=False
+                )
+
+            def advance(n: int) -> None:
+                bar.advance(task, n)
+                speed = bar.tasks[task].speed
+                bar.update(task, rate=f"{speed:.1f} images/s" if speed else "")
+
+            return advance
+
+        yield start
+
+
+def print_summary(summary: dict[str, Any], where: str) -> None:
+    """The summary of a store on stdout: counts, then a table of metric means per method."""
+    from rich.table import Table
+
+    from camkit.cli.common import console
+
+    this = summary.get("this_run", {})
+    line = f"{summary.get('ok', 0)} of {summary.get('images', 0)} images explained, {summary.get('errors', 0)} unreadable"
+    if this:
+        line += f"; this run computed {this.get('computed')} in {this.get('seconds')} s"
+        if this.get("images_per_s"):
+            line += f" ({this['images_per_s']} images/s, {this.get('processes', 1)} process(es), {this.get('engine')})"
+    console.print(line, highlight=False, soft_wrap=True)
+    metrics = summary.get("metrics", {})
+    cols = sorted({c for v in metrics.values() for c in v})
+    if cols:
+        table = Table(title=f"means per method ({where})")
+        table.add_column("method")
+        for c in cols:
+            table.add_column(c, justify="right")
+        for m, vals in metrics.items():
+            table.add_row(m, *("-" if vals.get(c) is None else f"{vals[c]:.4f}" for c in cols))
+        console.print(table)
+    console.print(f"store: {where} (read it with camkit.run.open_store)", highlight=False, soft_wrap=True)

@@ -1,0 +1,547 @@
+"""The runner of ``camkit run``: inputs -> DataLoader -> :func:`camkit.compare` per batch -> shards of the store.
+
+* :class:`ModelSpec`: how to build the model (every process or Ray actor builds its own, once).
+* :class:`RunOptions`: what decides the results (methods, layers, target, resolution, metrics, batch and shard
+  sizes...). They are recorded in the store; a later run with other options is refused (or ``overwrite``).
+* :class:`Explainer`: one batch of decoded images -> table rows and maps, through the library's own
+  :func:`camkit.compare` (one forward, and one backward shared by every gradient method).
+* :func:`process_shards`: a DataLoader (with worker processes) over the batches of some shards; each finished
+  shard is written atomically with its done-marker.
+* :func:`run`: the whole run: store created or resumed, shards split over torchrun ranks or Ray actors (see
+  :mod:`camkit.run.distributed`, :mod:`camkit.run.raydata`), the table merged and the summary written.
+
+Batches never straddle shards (each shard is cut into batches of ``batch_size`` the same way every time), so a
+resumed, distributed or Ray run computes every image in the same batch as an uninterrupted one: the results are
+identical bit for bit on the same machine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+from torch import Tensor, nn
+
+from camkit.io.files import save_image, write_json
+from camkit.io.images import DEFAULT_MAX_PIXELS
+from camkit.io.preprocess import Preprocess
+from camkit.run.sources import ImageDataset, Item, Sample, collate, collect_items
+from camkit.run.store import Store, create_store, open_store, summarize
+
+__all__ = [
+    "METRIC_COLUMNS",
+    "Explainer",
+    "ModelSpec",
+    "RunOptions",
+    "RunResult",
+    "process_shards",
+    "run",
+    "shard_batches",
+]
+
+#: ``--metrics`` names -> their per-method columns.
+METRIC_COLUMNS: dict[str, tuple[str, ...]] = {
+    "deletion": ("deletion",),
+    "insertion": ("insertion",),
+    "pointing": ("pointing",),
+    "box": ("box_iou", "box_acc"),
+}
+TARGETS = ("top1", "true")
+RESOLUTIONS = ("feature", "input")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How to build the model, the same in every process (``camkit run``'s model options).
+
+    Attributes:
+        name: :func:`camkit.load_model`'s name. weights: a local state_dict file. pretrained: the library's
+        weights (False: random ones drawn from ``seed``). seed: ``torch.manual_seed`` before building.
+        device: where it runs (``cuda`` under torchrun means ``cuda:<LOCAL_RANK>``). threads: torch's CPU threads
+        (None: torch's choice).
+    """
+
+    name: str = "efficientnet_lite0"
+    weights: str | None = None
+    pretrained: bool = True
+    seed: int = 0
+    device: str = "cpu"
+    threads: int | None = None
+
+    def load(self) -> Any:
+        """The :class:`camkit.LoadedModel`."""
+        import camkit
+
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)
+        torch.manual_seed(self.seed)
+        return camkit.load_model(
+            self.name, weights=self.weights, pretrained=self.pretrained, device=self.device
+        )
+
+    def identity(self) -> dict[str, Any]:
+        """What decides the weights (device and threads do not)."""
+        return {"model": self.name, "weights": self.weights, "pretrained": self.pretrained, "seed": self.seed}
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """What decides a run's results; recorded in the store.
+
+    Attributes:
+        methods: CAM method names (gradient methods share one forward and one backward per batch).
+        layers: target layer(s), ``"auto"`` or names.
+        target: ``"top1"`` (the predicted class) or ``"true"`` (each image's ground-truth class: a class index or
+            a name of the model's labels).
+        resolution: ``"feature"`` (the map at the target layer's resolution, one layer only) or ``"input"`` (at
+            the model's input size).
+        topk: predicted classes (with probabilities) kept per image.
+        threshold: map threshold (fraction of its max) of the box per image (and of the ``box`` metric).
+        metrics: per-image metrics: ``deletion``, ``insertion`` (``steps`` steps), ``pointing``, ``box`` (the last
+            two need ground-truth boxes, NaN without).
+        steps: deletion/insertion steps.
+        thumbnails: longer side of the JPEG overlays written per image and method (0: none).
+        image_size: resize images to this square size instead of the model's own input size (None: the model's).
+        batch_size: images per model call. shard_size: images per shard (a multiple of ``batch_size`` is best).
+        max_pixels: larger images are recorded as errors (None: no limit).
+    """
+
+    methods: tuple[str, ...] = ("gradcam",)
+    layers: str = "auto"
+    target: str = "top1"
+    resolution: str = "feature"
+    topk: int = 5
+    threshold: float = 0.2
+    metrics: tuple[str, ...] = ()
+    steps: int = 20
+    thumbnails: int = 0
+    image_size: int | None = None
+    batch_size: int = 16
+    shard_size: int = 256
+    max_pixels: int | None = DEFAULT_MAX_PIXELS
+
+    def check(self) -> None:
+        """Raise ValueError for an option out of range (before any model work)."""
+        from camkit.methods import get_method
+
+        if not self.methods:
+            raise ValueError("--methods is empty; give at least one method (see `camkit methods`)")
+        for m in self.methods:
+            get_method(m)
+        if self.target not in TARGETS:
+            raise ValueError(f"--target must be one of {', '.join(TARGETS)}, got {self.target!r}")
+        if self.resolution not in RESOLUTIONS:
+            raise ValueError(f"--resolution must be one of {', '.join(RESOLUTIONS)}, got {self.resolution!r}")
+        for name, value, low in (
+            ("--topk", self.topk, 1),
+            ("--steps", self.steps, 1),
+            ("--batch-size", self.batch_size, 1),
+            ("--shard-size", self.shard_size, 1),
+            ("--thumbnails", self.thumbnails, 0),
+        ):
+            if value < low:
+                raise ValueError(f"{name} must be at least {low}, got {value}")
+        if not 0.0 < self.threshold < 1.0:
+            raise ValueError(f"--threshold is a fraction of the map's max, in (0, 1); got {self.threshold}")
+        for m in self.metrics:
+            if m not in METRIC_COLUMNS:
+                raise ValueError(f"unknown metric {m!r}; choose from {', '.join(METRIC_COLUMNS)}")
+        if self.image_size is not None and self.image_size < 16:
+            raise ValueError(f"--image-size must be at least 16 pixels, got {self.image_size}")
+
+
+@dataclass
+class RunResult:
+    """What :func:`run` did: the store, how many images this call computed, its seconds, the summary."""
+
+    store: Store
+    computed: int
+    seconds: float
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def _resolve_true_class(item: Item, labels: Sequence[str] | None, n_classes: int) -> int:
+    cls = item.cls
+    if cls is None:
+        raise ValueError(
+            f"--target true: {item.path!r} has no class (give a class column, or use --target top1)"
+        )
+    if cls.lstrip("-").isdigit():
+        c = int(cls)
+    elif labels is not None and cls in labels:
+        c = list(labels).index(cls)
+    else:
+        raise ValueError(
+            f"--target true: the class {cls!r} of {item.path!r} is neither an index nor a class name of the model"
+        )
+    if not 0 <= c < n_classes:
+        raise ValueError(f"--target true: class {c} of {item.path!r} is not in [0, {n_classes - 1}]")
+    return c
+
+
+class Explainer:
+    """A model and the run's options: a batch of :class:`Sample` -> rows and maps (the user's model is used as
+    :func:`camkit.compare` uses it: it comes back as it was)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        preprocess: Preprocess,
+        labels: Sequence[str] | None,
+        options: RunOptions,
+        items: Sequence[Item],
+    ) -> None:
+        from camkit.methods import get_method
+
+        self.model = model
+        self.labels = list(labels) if labels is not None else None
+        self.options = options
+        self.items = list(items)
+        self.methods = [get_method(m).name for m in options.methods]
+        if options.image_size is not None:
+            preprocess = Preprocess(
+                size=(options.image_size, options.image_size), mean=preprocess.mean, std=preprocess.std
+            )
+        self.preprocess = preprocess
+        self.device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        self._classes: list[int] | None = None
+        self._forward: Any = None
+        self._shape: tuple[int, int] | None = None
+
+    def map_shape(self) -> tuple[int, int]:
+        """(H, W) of the stored maps, from one explained blank image (checks the layers and methods too)."""
+        if self._shape is None:
+            from camkit.pipeline import compare
+
+            x = torch.zeros(1, 3, *self.preprocess.size, device=self.device)
+            expl = compare(self.model, x, self.methods, self.options.layers, labels=self.labels)
+            first = expl[self.methods[0]]
+            if first.classes is None or first.output is None or first.output.dim() != 2:
+                raise ValueError(
+                    "camkit run explains classifiers (a model whose output is Tensor[B, classes]); explain "
+                    "segmentation and detection models with `camkit explain` or camkit.explain"
+                )
+            if self.options.resolution == "input":
+                self._shape = (int(first.maps.shape[-2]), int(first.maps.shape[-1]))
+            else:
+                if len(first.raw) != 1:
+                    raise ValueError(
+                        f"--resolution feature keeps one layer's map, but {len(first.raw)} layers are asked for "
+                        f"({', '.join(first.raw)}); use --resolution input for a fused map"
+                    )
+                raw = next(iter(first.raw.values()))
+                self._shape = (int(raw.shape[-2]), int(raw.shape[-1]))
+            out = first.output
+            n_classes = int(out.shape[1]) if out is not None and out.dim() == 2 else 0
+            if self.options.target == "true":
+                self._classes = [_resolve_true_class(it, self.labels, n_classes) for it in self.items]
+        return self._shape
+
+    def _metric_forward(self) -> Any:
+        if self._forward is None:
+            from camkit.metrics._common import Forward
+
+            self._forward = Forward(self.model)
+        return self._forward
+
+    def __call__(
+        self, samples: Sequence[Sample]
+    ) -> tuple[list[dict[str, Any]], dict[str, np.ndarray], list[Any]]:
+        """Rows (one per sample, in order), maps per method float16 [B, H, W] (NaN for unreadable images) and
+        the thumbnails to write: (method, index, PIL image)."""
+        from camkit import metrics as M
+        from camkit.localize import localize
+        from camkit.pipeline import compare
+        from camkit.postprocess import normalize
+
+        opts = self.options
+        h, w = self.map_shape()
+        b = len(samples)
+        maps = {m: np.full((b, h, w), np.nan, dtype=np.float16) for m in self.methods}
+        rows = [self._base_row(s) for s in samples]
+        thumbs: list[Any] = []
+        ok = [k for k, s in enumerate(samples) if s.x is not None]
+        if not ok:
+            return rows, maps, thumbs
+        x = torch.stack([samples[k].x for k in ok]).to(self.device)  # type: ignore[misc]
+        targets = [self._classes[samples[k].index] for k in ok] if self._classes is not None else None
+        expl = compare(self.model, x, self.methods, opts.layers, targets, labels=self.labels)
+        first = expl[self.methods[0]]
+        assert first.output is not None and first.classes is not None and first.probs is not None
+        probs_all = torch.softmax(first.output.float(), dim=1)
+        top = probs_all.topk(min(opts.topk, probs_all.shape[1]), dim=1)
+        classes = first.classes
+        sizes = [samples[k].size for k in ok]
+        gt = [[list(bx) for bx in self.items[samples[k].index].boxes] for k in ok]
+        for j, k in enumerate(ok):
+            row = rows[k]
+            row["topk_classes"] = [int(c) for c in top.indices[j]]
+            row["topk_probs"] = [float(p) for p in top.values[j]]
+            row["topk_labels"] = [self.labels[int(c)] for c in top.indices[j]] if self.labels else None
+            row["class"] = int(classes[j])
+            row["label"] = self.labels[int(classes[j])] if self.labels else None
+            row["prob"] = float(first.probs[j])
+        for m in self.methods:
+            e = expl[m]
+            full = e.maps.float()
+            if opts.resolution == "input":
+                stored = full
+            else:
+                stored = normalize(torch.relu(next(iter(e.raw.values())).float()))
+            maps[m][ok] = stored.detach().cpu().numpy().astype(np.float16)
+            boxes = localize(full, threshold=opts.threshold, image_sizes=sizes)
+            values: dict[str, Tensor] = {}
+            if "deletion" in opts.metrics:
+                values["deletion"] = M.deletion(
+                    self.model, x, full, classes, steps=opts.steps, forward=self._metric_forward()
+                ).auc
+            if "insertion" in opts.metrics:
+                values["insertion"] = M.insertion(
+                    self.model, x, full, classes, steps=opts.steps, forward=self._metric_forward()
+                ).auc
+            if "pointing" in opts.metrics:
+                values["pointing"] = M.pointing_game(full, gt, image_sizes=sizes)
+            if "box" in opts.metrics:
+                acc = M.box_accuracy(full, gt, threshold=opts.threshold, image_sizes=sizes)
+                values["box_iou"], values["box_acc"] = acc.iou, acc.correct
+            for j, k in enumerate(ok):
+                rows[k][f"{m}.box"] = boxes[j][0].xyxy if boxes[j] else None
+                for col, v in values.items():
+                    rows[k][f"{m}.{col}"] = float(v[j])
+            if opts.thumbnails:
+                from camkit.viz import overlay
+
+                for j, k in enumerate(ok):
+                    pic = samples[k].thumb
+                    if pic is not None:
+                        thumbs.append((m, samples[k].index, overlay(pic, full[j].cpu())))
+        return rows, maps, thumbs
+
+    def _base_row(self, s: Sample) -> dict[str, Any]:
+        item = self.items[s.index]
+        row: dict[str, Any] = {
+            "index": s.index,
+            "path": item.path,
+            "width": s.size[0] if s.x is not None else None,
+            "height": s.size[1] if s.x is not None else None,
+            "status": "ok" if s.x is not None else "error",
+            "error": s.error,
+            "true_class": item.cls,
+            "gt_boxes": [list(b) for b in item.boxes],
+        }
+        return row
+
+    def schema(self) -> pa.Schema:
+        """The table's columns and types (the same in every shard)."""
+        fields = [
+            ("index", pa.int64()),
+            ("path", pa.string()),
+            ("width", pa.int32()),
+            ("height", pa.int32()),
+            ("status", pa.string()),
+            ("error", pa.string()),
+            ("true_class", pa.string()),
+            ("gt_boxes", pa.list_(pa.list_(pa.float64()))),
+            ("topk_classes", pa.list_(pa.int64())),
+            ("topk_probs", pa.list_(pa.float32())),
+            ("topk_labels", pa.list_(pa.string())),
+            ("class", pa.int64()),
+            ("label", pa.string()),
+            ("prob", pa.float32()),
+        ]
+        for m in self.methods:
+            fields.append((f"{m}.box", pa.list_(pa.int64())))
+            for metric in self.options.metrics:
+                fields += [(f"{m}.{col}", pa.float64()) for col in METRIC_COLUMNS[metric]]
+        return pa.schema(fields)
+
+    def table(self, rows: Sequence[dict[str, Any]]) -> pa.Table:
+        """Rows -> a table with :meth:`schema` (missing values null; metric columns NaN)."""
+        schema = self.schema()
+        cols = {}
+        for f in schema:
+            default = float("nan") if pa.types.is_float64(f.type) else None
+            cols[f.name] = pa.array([r.get(f.name, default) for r in rows], type=f.type)
+        return pa.table(cols, schema=schema)
+
+
+def shard_batches(store: Store, shards: Sequence[int], batch_size: int) -> list[list[int]]:
+    """The batches of row indices of these shards: each shard cut into ``batch_size`` pieces from its start."""
+    out = []
+    for s in shards:
+        r = store.shard_range(s)
+        out += [list(range(i, min(i + batch_size, r.stop))) for i in range(r.start, r.stop, batch_size)]
+    return out
+
+
+def process_shards(
+    store: Store,
+    explainer: Explainer,
+    shards: Sequence[int],
+    workers: int = 2,
+    progress: Callable[[int], None] | None = None,
+) -> int:
+    """Compute and write these shards; returns the number of images computed.
+
+    A DataLoader with ``workers`` processes decodes and preprocesses the images (0: in this process); each batch
+    goes through ``explainer``; a shard is written (maps, rows, thumbnails, then its done-marker) as soon as its
+    last batch is done. ``progress(n)`` after each batch of n images.
+    """
+    opts = explainer.options
+    batches = shard_batches(store, shards, opts.batch_size)
+    if not batches:
+        return 0
+    dataset = ImageDataset(explainer.items, explainer.preprocess, opts.max_pixels, opts.thumbnails)
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=batches,
+        num_workers=workers,
+        collate_fn=collate,
+        prefetch_factor=4 if workers > 0 else None,
+    )
+    pending: dict[int, tuple[list[dict[str, Any]], list[dict[str, np.ndarray]]]] = {}
+    done = 0
+    for samples in loader:
+        rows, maps, thumbs = explainer(samples)
+        for method, index, pic in thumbs:
+            folder = store.path / "thumbs" / method
+            folder.mkdir(parents=True, exist_ok=True)
+            save_image(pic, folder / f"{index:08d}.jpg", quality=85)
+        shard = samples[0].index // store.shard_size
+        acc = pending.setdefault(shard, ([], []))
+        acc[0].extend(rows)
+        acc[1].append(maps)
+        if len(acc[0]) == len(store.shard_range(shard)):
+            store.write_shard(
+                shard,
+                explainer.table(acc[0]),
+                {m: np.concatenate([part[m] for part in acc[1]]) for m in explainer.methods},
+            )
+            del pending[shard]
+        done += len(samples)
+        if progress is not None:
+            progress(len(samples))
+    return done
+
+
+def inputs_digest(items: Sequence[Item]) -> str:
+    """A digest of the inputs (paths, classes, boxes, in order)."""
+    h = hashlib.sha256()
+    for it in items:
+        h.update(json.dumps([it.path, it.cls, it.boxes]).encode("utf-8"))
+    return h.hexdigest()[:16]
+
+
+def run_config(
+    spec: ModelSpec, options: RunOptions, items: Sequence[Item], methods: Sequence[str]
+) -> dict[str, Any]:
+    """The store's ``run.json`` (without the map shape)."""
+    return {
+        "options": {
+            **spec.identity(),
+            **asdict(options),
+            "methods": list(methods),
+            "metrics": list(options.metrics),
+        },
+        "methods": list(methods),
+        "n": len(items),
+        "shard_size": options.shard_size,
+        "inputs_digest": inputs_digest(items),
+    }
+
+
+def run(
+    inputs: Sequence[str | Path],
+    out: str | Path,
+    *,
+    model: ModelSpec | None = None,
+    options: RunOptions | None = None,
+    layout: str = "auto",
+    overwrite: bool = False,
+    workers: int = 2,
+    engine: str = "local",
+    ray_workers: int = 2,
+    num_gpus: float = 0.0,
+    progress: Callable[[int, int], Callable[[int], None]] | None = None,
+) -> RunResult:
+    """Explain every image of ``inputs`` into the store ``out`` (created, or resumed where it stopped).
+
+    Args:
+        inputs: folders, files, a manifest or tar shards (:func:`camkit.run.sources.collect_items`).
+        out: the store folder.
+        model: how to build the model (default: the offline pretrained EfficientNet-Lite0).
+        options: what to compute (:class:`RunOptions`).
+        layout: how to read ``inputs`` (``auto``, ``folder``, ``imagefolder``, ``manifest``, ``tar``).
+        overwrite: delete a store made with other options instead of refusing.
+        workers: DataLoader worker processes per process (0: decode in the main process).
+        engine: ``"local"`` (one process, or one per rank under torchrun: see :mod:`camkit.run.distributed`) or
+            ``"ray"`` (Ray Data actors, :mod:`camkit.run.raydata`).
+        ray_workers: Ray actors. num_gpus: GPUs per Ray actor.
+        progress: ``progress(to_do, total) -> advance(n)``: called once with the images this process will
+            compute and the total; ``advance`` after each batch.
+
+    Raises:
+        ValueError: bad options or inputs, or a store made with other settings (and not ``overwrite``).
+    """
+    from camkit.run import distributed
+
+    spec = model or ModelSpec()
+    opts = options or RunOptions()
+    opts.check()
+    if engine not in ("local", "ray"):
+        raise ValueError(f"unknown engine {engine!r}: 'local' (also under torchrun) or 'ray'")
+    if workers < 0:
+        raise ValueError(f"--workers must be 0 or more, got {workers}")
+    items = collect_items(inputs, layout)
+    t0 = time.perf_counter()
+    with distributed.session(spec.device) as dist:
+        if dist.world > 1 and engine == "ray":
+            raise ValueError("--engine ray is not run under torchrun: start it as one process")
+        device = dist.device
+        spec = ModelSpec(spec.name, spec.weights, spec.pretrained, spec.seed, device, spec.threads)
+        loaded = spec.load()
+        explainer = Explainer(loaded.model, loaded.preprocess, loaded.labels, opts, items)
+        shape = explainer.map_shape()
+        config = run_config(spec, opts, items, explainer.methods)
+        if dist.rank == 0:
+            store = create_store(out, config, items, shape, overwrite=overwrite)
+        dist.barrier()
+        store = open_store(out)
+        if dist.rank != 0:
+            create_store(out, config, items, shape)  # the same check: a store of other settings is refused
+        pending = dist.broadcast(sorted(set(range(store.n_shards)) - store.done_shards()))
+        mine = pending[dist.rank :: dist.world]
+        to_do = sum(len(store.shard_range(s)) for s in mine)
+        advance = progress(to_do, store.n) if progress is not None else None
+        if engine == "ray":
+            from camkit.run import raydata
+
+            computed = raydata.process_shards(
+                store, spec, opts, items, mine, ray_workers=ray_workers, num_gpus=num_gpus, progress=advance
+            )
+        else:
+            computed = process_shards(store, explainer, mine, workers=workers, progress=advance)
+        computed = dist.total(computed)
+        seconds = time.perf_counter() - t0
+        summary: dict[str, Any] = {}
+        if dist.rank == 0:
+            table = store.merge()
+            summary = summarize(table, store.methods, store.config)
+            summary["this_run"] = {
+                "computed": computed,
+                "seconds": round(seconds, 3),
+                "images_per_s": round(computed / seconds, 2) if seconds > 0 else None,
+                "processes": dist.world,
+                "engine": engine,
+            }
+            write_json(store.path / "summary.json", summary)
+        dist.barrier()
+    return RunResult(store=store, computed=computed, seconds=seconds, summary=summary)
