@@ -4,10 +4,12 @@ far as it is done, and the page opened in Chromium sorts by a stored metric."""
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import re
 import shutil
+import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -150,6 +152,39 @@ def test_large_jpeg_is_decoded_small_and_boxes_stay_in_original_pixels(tmp_path:
     im = _data(stats.stats.path.read_text(encoding="utf-8"))["images"][0]
     assert (im["w"], im["h"]) == (1600, 1200)  # the boxes' frame: original pixels
     assert im["maps"][0]["boxes"][0][:4] == open_store(out).table().column("gradcam.box")[0].as_py()
+
+
+def test_tar_members_and_manifest_paths_are_read(tmp_path: Path) -> None:
+    """A tar member is read from its shard; a manifest's relative paths from --image-root (a gone one: noted)."""
+    pics = [_browser.photo(70, 50, seed=i) for i in range(3)]
+    with tarfile.open(tmp_path / "a.tar", "w") as tf:
+        for i, pic in enumerate(pics[:2]):
+            data = _browser.png_bytes(pic)
+            info = tarfile.TarInfo(f"k{i}.png")
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    res = runner.invoke(
+        app, ["run", str(tmp_path / "a.tar"), "--out", str(tmp_path / "t"), *RUN_ARGS, "--workers", "0"]
+    )
+    assert res.exit_code == 0, res.output
+    records = list(store_records(tmp_path / "t"))
+    assert [r.name for r in records] == ["k0.png", "k1.png"] and all(not r.notes for r in records)
+    for rec, pic in zip(records, pics[:2], strict=True):
+        np.testing.assert_array_equal(np.asarray(rec.photo()), np.asarray(pic))
+    sub = tmp_path / "m"
+    sub.mkdir()
+    pics[2].save(sub / "p.png")
+    (sub / "list.csv").write_text("path\np.png\n")
+    res = runner.invoke(
+        app, ["run", str(sub / "list.csv"), "--out", str(tmp_path / "s"), *RUN_ARGS, "--workers", "0"]
+    )
+    assert res.exit_code == 0, res.output
+    rec = next(store_records(tmp_path / "s", image_root=sub))
+    assert not rec.notes and np.array_equal(np.asarray(rec.photo()), np.asarray(pics[2]))
+    rec = next(store_records(tmp_path / "s", image_root=tmp_path))
+    assert rec.notes and "photo not found at 'p.png'" in rec.notes[0] and "--image-root" in rec.notes[0]
+    with pytest.raises(ValueError, match="is not a folder"):
+        next(store_records(tmp_path / "s", image_root=tmp_path / "nope"))
 
 
 def test_cli_report_store_writes_the_page_without_a_model(
