@@ -296,6 +296,7 @@ def test_store_report_in_chromium_sorts_by_a_stored_metric(
         assert column("image") == [f"{BAD:02d}.png"] and column("status") == ["error"]
         assert page.locator("#rows tr.error").count() == 1
         assert "cannot read" in page.inner_text("section.card p.error")
+        assert page.locator("section.card h2 small").count() == 0  # no size: the image was never read
         page.fill("#filter", f"{GONE:02d}.jpg")
         assert column("status") == ["note"]
         assert "photo not found" in page.inner_text("section.card p.note")

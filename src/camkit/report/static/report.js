@@ -99,7 +99,7 @@
     const target = im.target ? "explained: " + esc(im.target[1] || im.target[0]) + " (class " + im.target[0] + ", p = " + fmt(im.target[2], 3) + ")" : "";
     const notes = (im.error ? '<p class="error">error: ' + esc(im.error) + "</p>" : "") +
       (im.notes || []).map((n) => '<p class="note">' + esc(n) + "</p>").join("");
-    return '<section class="card" id="card-' + im.index + '"><h2>' + esc(im.name) + ' <small>' + im.w + "\u00d7" + im.h + "</small></h2>" + notes +
+    return '<section class="card" id="card-' + im.index + '"><h2>' + esc(im.name) + (im.error ? "" : ' <small>' + im.w + "\u00d7" + im.h + "</small>") + "</h2>" + notes +
       '<div class="top">' + figure(im.thumb, im.full, im.w, im.h, [], im.name) +
       "<div>" + (top5 ? '<table class="top5">' + top5 + "</table>" : "") + "<p>" + target + "</p>" +
       (boxes ? "<p>boxes (x0, y0, x1, y1):<br>" + boxes + "</p>" : "") + metrics + "</div></div>" +
