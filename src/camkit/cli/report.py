@@ -1,4 +1,8 @@
-"""``camkit report``: one self-contained HTML file (photos, top-5, methods x layers overlays, boxes, metrics)."""
+"""``camkit report``: one self-contained HTML file (photos, top-5, methods x layers overlays, boxes, metrics).
+
+``camkit report STORE`` (a folder holding a ``camkit run`` store) reports the stored results instead, without a
+model: :func:`camkit.report.store.report_store`.
+"""
 
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ from camkit.cli.common import (
     WeightsOption,
     console,
     err_console,
+    fail,
     load_model,
     max_pixels_limit,
     read_or_skip,
@@ -35,10 +40,20 @@ from camkit.cli.common import (
 if TYPE_CHECKING:
     from PIL import Image
 
+    from camkit.report import ReportOptions
+
 __all__ = ["report"]
 
 
+#: Options that decide what a model computes: meaningless for a store, whose results are read as stored.
+_MODEL_WORK = (
+    "model", "weights", "pretrained", "seed", "threads", "layers", "target", "metrics", "steps", "threshold",
+    "sample", "device", "max_pixels",
+)  # fmt: skip
+
+
 def report(
+    ctx: typer.Context,
     images: ImagesArgument = None,
     model: ModelOption = "efficientnet_lite0",
     weights: WeightsOption = None,
@@ -65,11 +80,26 @@ def report(
     out: Annotated[Path, typer.Option("--out", "-o", help="The HTML file to write.")] = Path("report.html"),
     title: Annotated[str, typer.Option(help="The report's title.")] = "camkit report",
     per_page: Annotated[int, typer.Option(help="Images per page.")] = 20,
-    thumb_side: Annotated[int, typer.Option(help="Longer side of the thumbnails, pixels.")] = 224,
+    thumb_side: Annotated[
+        int, typer.Option(help="Longer side of the thumbnails, pixels (a store's default: 128).")
+    ] = 224,
     full_side: Annotated[
         int,
-        typer.Option(help="Longer side of the view on click, pixels (0: thumbnails only, smallest file)."),
+        typer.Option(
+            help="Longer side of the view on click, pixels (0: thumbnails only, smallest file; a store's "
+            "default: 0)."
+        ),
     ] = 800,
+    limit: Annotated[
+        int | None, typer.Option(help="A store: report its first N images only (default: all).")
+    ] = None,
+    image_root: Annotated[
+        Path | None,
+        typer.Option(
+            help="A store: the folder its relative image paths are read from (default: the current folder; "
+            "for a manifest run, the manifest's folder)."
+        ),
+    ] = None,
     image_format: Annotated[str, typer.Option("--format", help="Picture format: webp or jpeg.")] = "webp",
     quality: Annotated[int, typer.Option(help="Picture quality, 1-100.")] = 80,
     alpha: Annotated[float, typer.Option(help="Weight of the heatmap in the overlays.")] = 0.5,
@@ -81,15 +111,40 @@ def report(
     """One HTML file that opens offline: per image the photo, the top-5, methods x layers overlays, the boxes and
     the metrics asked for; a sortable, filterable table over the images; pages of --per-page images.
 
+    Given a `camkit run` store (a folder with run.json), reports its stored table and maps: nothing is recomputed
+    and no model is loaded (--methods picks some of the store's methods; --limit the first N images; an
+    unfinished run is reported as far as it is done, with a warning).
+
     Exit status: 0 when every image is in the report, 1 when some inputs could not be read (each named on stderr,
     the others reported), 2 on a usage error or when no image could be read.
     """
     from camkit.localize import parse_threshold
     from camkit.methods import get_method
     from camkit.report import ReportOptions, build_records, write_report
+    from camkit.report.store import is_store
     from camkit.targets import parse_target
     from camkit.viz import colormap_table
 
+    if images and len(images) == 1 and is_store(images[0]):
+        given = _given(ctx)
+        with user_errors():
+            options = ReportOptions(
+                title=title,
+                per_page=per_page,
+                thumb_side=thumb_side if "thumb_side" in given else 128,
+                full_side=full_side if "full_side" in given else 0,
+                format=image_format,
+                quality=quality,
+                cmap=cmap,
+                alpha=alpha,
+            )
+            colormap_table(cmap)
+            _report_store(
+                images[0], out, options, methods if "methods" in given else None, limit, image_root, given
+            )
+        return
+    if limit is not None or image_root is not None:
+        fail(ValueError("--limit and --image-root are for a `camkit run` store (a folder holding run.json)"))
     opts = ModelOptions(model, weights, pretrained, seed, threads, device)
     failed: list[str] = []
     with user_errors():
@@ -145,3 +200,68 @@ def report(
             f"{len(failed)} of {len(inputs)} inputs could not be read and were skipped", highlight=False
         )
         raise typer.Exit(code=1)
+
+
+def _given(ctx: typer.Context) -> set[str]:
+    """The parameters the user set on the command line (not left at their defaults)."""
+    given = set()
+    for name in ctx.params:
+        source = ctx.get_parameter_source(name)
+        if source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP"):
+            given.add(name)
+    return given
+
+
+def _report_store(
+    path: Path,
+    out: Path,
+    options: ReportOptions,
+    methods: str | None,
+    limit: int | None,
+    image_root: Path | None,
+    given: set[str],
+) -> None:
+    """``camkit report STORE``: the stored results as a report, no model loaded."""
+    from camkit.report.store import report_store
+    from camkit.run import open_store
+
+    ignored = sorted(n for n in given if n in _MODEL_WORK)
+    if ignored:
+        flags = ", ".join("--" + n.replace("_", "-") for n in ignored)
+        raise ValueError(
+            f"{flags}: a store is reported as the run computed it, nothing is recomputed; drop these options "
+            "(or run `camkit run` again with them into a new store)"
+        )
+    if limit is not None and limit < 1:
+        raise ValueError(f"--limit must be at least 1, got {limit}")
+    if out.is_dir():
+        raise ValueError(
+            f"--out {str(out)!r} is a folder; give the report's file name, e.g. {str(out / 'report.html')!r}"
+        )
+    if not out.parent.exists():
+        raise ValueError(f"the folder of --out {str(out)!r} does not exist")
+    store = open_store(path)
+    if not store.complete:
+        done = len(store.done_shards())
+        err_console.print(
+            f"warning: the run in {str(path)!r} is not finished ({done} of {store.n_shards} shards done): the "
+            "report holds the images done so far; run the same `camkit run` command to finish it",
+            highlight=False,
+        )
+    result = report_store(
+        store, out, options, methods=split(methods) if methods is not None else None, limit=limit,
+        image_root=image_root,
+    )  # fmt: skip
+    stats = result.stats
+    console.print(
+        f"written {out} ({stats.bytes / 1e6:.2f} MB, {stats.images} images, "
+        f"{stats.bytes_per_image / 1e3:.1f} kB per image)"
+    )
+    if result.errors:
+        err_console.print(f"{result.errors} error row(s): images the run could not read", highlight=False)
+    if result.missing_photos:
+        err_console.print(
+            f"{result.missing_photos} photo(s) could not be read now (see their cards); relative paths are read "
+            "from --image-root (default: the current folder)",
+            highlight=False,
+        )

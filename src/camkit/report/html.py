@@ -136,11 +136,12 @@ def record_json(record: ImageRecord, options: ReportOptions | None = None) -> di
                 "boxes": [[b.x0, b.y0, b.x1, b.y1, round(b.score, 4)] for b in entry.boxes],
             }
         )
+    w, h = record.size or photo.size  # the original size: boxes are in its pixels
     return {
         "name": record.name,
         "source": record.source,
-        "w": photo.width,
-        "h": photo.height,
+        "w": w,
+        "h": h,
         "thumb": thumb,
         "full": full,
         "top5": [[p.cls, p.label, _number(p.prob)] for p in record.top5],
@@ -149,6 +150,8 @@ def record_json(record: ImageRecord, options: ReportOptions | None = None) -> di
         else None,
         "maps": maps,
         "metrics": {m: {k: _number(v) for k, v in values.items()} for m, values in record.metrics.items()},
+        "error": record.error,
+        "notes": list(record.notes),
     }
 
 

@@ -73,6 +73,10 @@ class ImageRecord:
         maps: one entry per method x layer.
         metrics: method -> metric name -> value (NaN when it could not be computed).
         source: where the image came from (a path, ``sample:chelsea``).
+        error: why the image could not be explained (an error row of a stored run), or None; its card shows it.
+        notes: remarks shown in the image's card (a stored photo that is gone, ...).
+        size: the photo's original (width, height) when ``image`` is a reduced copy (boxes are in original
+            pixels); None: ``image``'s own size.
     """
 
     name: str
@@ -82,6 +86,9 @@ class ImageRecord:
     maps: list[MapEntry] = field(default_factory=list)
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     source: str = ""
+    error: str | None = None
+    notes: list[str] = field(default_factory=list)
+    size: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:

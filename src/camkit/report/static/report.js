@@ -19,6 +19,8 @@
     columns.push({key: method + "." + metric, title: method + " " + metric, num: true,
       get: (im) => (im.metrics[method] || {})[metric] ?? null});
   }
+  const status = (im) => im.error ? "error" : (im.notes || []).length ? "note" : "ok";
+  if (images.some((im) => status(im) !== "ok")) columns.splice(2, 0, {key: "status", title: "status", num: false, get: status});
   columns.push({key: "boxes", title: "boxes", num: true, get: (im) => im.maps.reduce((n, m) => n + m.boxes.length, 0)});
   images.forEach((im, i) => { im.index = i; });
 
@@ -34,7 +36,7 @@
         return {"<": v < x, ">": v > x, "<=": v <= x, ">=": v >= x, "=": v === x}[m[2]];
       }
     }
-    const text = [im.name, im.source, ...im.top5.map((t) => t[1] || ""), im.target ? im.target[1] || "" : ""]
+    const text = [im.name, im.source, im.error ? "error " + im.error : "", ...(im.notes || []), ...im.top5.map((t) => t[1] || ""), im.target ? im.target[1] || "" : ""]
       .join(" ").toLowerCase();
     return text.includes(token.toLowerCase());
   }
@@ -60,7 +62,7 @@
       th.setAttribute("aria-sort", th.dataset.key === sortKey ? (sortDir > 0 ? "ascending" : "descending") : "none");
     }
     const slice = shown.slice(page * perPage, (page + 1) * perPage);
-    document.getElementById("rows").innerHTML = slice.map((im) => "<tr>" + columns.map((c) => {
+    document.getElementById("rows").innerHTML = slice.map((im) => (im.error ? '<tr class="error">' : "<tr>") + columns.map((c) => {
       const v = c.get(im);
       if (c.key === "image") return '<td><a class="jump" data-index="' + im.index + '">' + esc(v) + "</a></td>";
       return c.num ? '<td class="num">' + (c.key === "index" || c.key === "boxes" ? v : fmt(v, 3)) + "</td>" : "<td>" + esc(v) + "</td>";
@@ -95,7 +97,9 @@
     const boxes = im.maps.filter((m) => m.boxes.length).map((m) => esc(m.method) + ": " +
       m.boxes.map((b) => "[" + b.slice(0, 4).join(", ") + "]").join(" ")).join("<br>");
     const target = im.target ? "explained: " + esc(im.target[1] || im.target[0]) + " (class " + im.target[0] + ", p = " + fmt(im.target[2], 3) + ")" : "";
-    return '<section class="card" id="card-' + im.index + '"><h2>' + esc(im.name) + ' <small>' + im.w + "\u00d7" + im.h + "</small></h2>" +
+    const notes = (im.error ? '<p class="error">error: ' + esc(im.error) + "</p>" : "") +
+      (im.notes || []).map((n) => '<p class="note">' + esc(n) + "</p>").join("");
+    return '<section class="card" id="card-' + im.index + '"><h2>' + esc(im.name) + (im.error ? "" : ' <small>' + im.w + "\u00d7" + im.h + "</small>") + "</h2>" + notes +
       '<div class="top">' + figure(im.thumb, im.full, im.w, im.h, [], im.name) +
       "<div>" + (top5 ? '<table class="top5">' + top5 + "</table>" : "") + "<p>" + target + "</p>" +
       (boxes ? "<p>boxes (x0, y0, x1, y1):<br>" + boxes + "</p>" : "") + metrics + "</div></div>" +
