@@ -332,6 +332,7 @@ def _pass_maps(method: PassMethod, shared: Shared) -> dict[str, Tensor]:
         )
     )
 
+
 def _eigen_smoothed(method: LayerMethod, inp: MethodInput, layer: str) -> Tensor:
     """Eigen-smoothing of a layer method whose map is a sum over channels of terms that each read only their own
     channel (Grad-CAM: w_k A_k; HiResCAM: g_k A_k; LayerCAM: ReLU(g_k) A_k; CAM: W_ck A_k; ...): the terms are
