@@ -69,6 +69,7 @@ class Store:
             )
         self.config: dict[str, Any] = json.loads(cfg.read_text(encoding="utf-8"))
         self._group: Any = None
+        self._reader: Any = None
 
     # -------------------------------------------------------------------------------------------- reading
 
@@ -133,7 +134,11 @@ class Store:
         explained: unreadable, or not done yet). ``store.maps("gradcam")[i]`` is image i's map as numpy."""
         if method not in self.methods:
             raise ValueError(f"the store holds no maps of {method!r}; it has {', '.join(self.methods)}")
-        return self._zarr_group()[method]
+        import zarr
+
+        if self._reader is None:  # read-only: a store on a read-only file system or shared with readers
+            self._reader = zarr.open_group(str(self.path / "maps.zarr"), mode="r")
+        return self._reader[method]
 
     def thumbnail(self, method: str, index: int) -> Path | None:
         """The overlay JPEG of an image for a method, when the run wrote thumbnails."""
