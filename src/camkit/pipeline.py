@@ -263,16 +263,23 @@ def _maps(method: Method, shared: Shared, weights: dict[str, list[Tensor]]) -> d
             g = _gradient(shared.features, layer, t) if method.needs_grad else None
             per_target.append(method.fn(MethodInput(a, g, None if w is None else w[t])))
         multi = shared.targets.classes is not None and shared.targets.classes.dim() == 2
-        raw[layer] = torch.stack(per_target, dim=1) if multi else per_target[0]
+        raw[layer] = _unfold(
+            shared.features, layer, torch.stack(per_target, dim=1) if multi else per_target[0]
+        )
     return raw
 
 
 def _postprocess(
-    method: Method, raw: dict[str, Tensor], size: tuple[int, int], relu: bool, fusion: str | None
+    method: Method, raw: dict[str, Tensor], size: tuple[int, ...], relu: bool, fusion: str | None
 ) -> Maps:
-    """8. ReLU, upsampling to the input size and min-max per layer, then the fusion of the layers."""
-    layer_maps = {name: normalize(upsample(torch.relu(r) if relu else r, size)) for name, r in raw.items()}
+    """8. ReLU, upsampling to the input size and min-max per layer, then the fusion of the layers (a clip:
+    ``size`` is (T, H, W), see :func:`camkit.video.postprocess_clip`)."""
     shallow_tanh = 2.0 if (method.name == "layercam" and fusion is None) else None  # LayerCAM's paper
+    if len(size) == 3:
+        from camkit.video import postprocess_clip
+
+        return Maps(*postprocess_clip(raw, (size[0], size[1], size[2]), relu, fusion, shallow_tanh))
+    layer_maps = {name: normalize(upsample(torch.relu(r) if relu else r, size)) for name, r in raw.items()}
     return Maps(layer_maps, fuse(list(layer_maps.values()), mode=fusion or "max", shallow_tanh=shallow_tanh))
 
 
@@ -325,6 +332,7 @@ def _compute(
     model = unwrap(model)  # DataParallel / torch.compile: hooks go on the eager module that holds the weights
     read = output_fn(output)
     inputs = _inputs(model, images, preprocess)
+    _check_clip_methods(inputs.x, methods)
     modules = _layers(model, layers, inputs.x)
     plan = _targets(model, targets, labels, methods)
     need_grad = any(m.needs_grad for m in methods)
@@ -334,7 +342,7 @@ def _compute(
     shared = Shared(
         model, inputs.x, modules, cap, features, resolved, read, options, Progress(options.progress)
     )
-    size = (inputs.x.shape[-2], inputs.x.shape[-1])
+    size = tuple(int(n) for n in inputs.x.shape[2:])  # (H, W); (T, H, W) for a clip
     results = {}
     for method in methods:
         weights = _method_weights(method, shared)
@@ -377,6 +385,24 @@ def _gradient(features: FeatureMaps, layer: str, target: int) -> Tensor:
     return (grads[target] if isinstance(grads, list) else grads).float()
 
 
+def _unfold(features: FeatureMaps, layer: str, raw: Tensor) -> Tensor:
+    """A map of a 3-D layer, computed with the frames stacked along the height, gets its time axis back."""
+    layout = features.layouts.get(layer)
+    return layout.unfold(raw) if layout is not None else raw
+
+
+def _check_clip_methods(x: Tensor, methods: Sequence[Method]) -> None:
+    """Clips Tensor[B, C, T, H, W] are explained by the layer methods only."""
+    if x.dim() != 5:
+        return
+    other = [m.name for m in methods if not isinstance(m, LayerMethod)]
+    if other:
+        raise ValueError(
+            f"{', '.join(other)} cannot explain a clip Tensor[B, C, T, H, W] (perturbation and attention methods "
+            "work on images); use a layer method: gradcam, gradcam++, xgradcam, hirescam, layercam, eigencam, cam"
+        )
+
+
 def _check_finite(t: Tensor, batch: int, what: str, hint: str, batch_dim: int = 0) -> None:
     """Raise a ValueError naming the images (indices in the batch) for which ``t`` holds NaN or Inf.
 
@@ -402,11 +428,22 @@ def _check_finite(t: Tensor, batch: int, what: str, hint: str, batch_dim: int = 
 
 
 def _check_tensor(model: nn.Module, images: Tensor) -> Tensor:
-    """A user's image tensor, checked: [B, C, H, W] (or [C, H, W]), float, the model's channels, finite."""
+    """A user's image tensor, checked: [B, C, H, W] (or [C, H, W]), float, the model's channels, finite; for a
+    model of 3-D convolutions a clip [B, C, T, H, W]."""
     x = images.unsqueeze(0) if images.dim() == 3 else images
-    if x.dim() != 4:
+    conv3d = [m for m in model.modules() if isinstance(m, nn.Conv3d)]
+    if x.dim() == 5 and conv3d:
+        if x.shape[1] != conv3d[0].in_channels:
+            raise ValueError(
+                f"the clip tensor has {x.shape[1]} channel(s) (shape {tuple(x.shape)}), the model's first 3-D "
+                f"convolution expects {conv3d[0].in_channels}; a clip is Tensor[B, C, T, H, W] (channels before "
+                "time: permute a [B, T, C, H, W] clip with x.permute(0, 2, 1, 3, 4))"
+            )
+    elif x.dim() != 4:
+        clip = " or, for a model of 3-D convolutions, a clip [B, C, T, H, W]" if x.dim() == 5 else ""
         raise ValueError(
-            f"an image tensor must be [B, C, H, W] or [C, H, W], got shape {tuple(images.shape)}"
+            f"an image tensor must be [B, C, H, W] or [C, H, W]{clip}, got shape {tuple(images.shape)}"
+            + (" (this model has no nn.Conv3d)" if x.dim() == 5 else "")
         )
     if not x.is_floating_point():
         raise ValueError(

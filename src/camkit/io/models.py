@@ -46,7 +46,8 @@ class LoadedModel:
         labels: class names (ImageNet's for ImageNet classifiers, VOC's for torchvision segmentation models,
             COCO's for detection models), or None.
         name: the name it was loaded by.
-        task: ``"classification"``, ``"segmentation"`` or ``"detection"`` (see :func:`camkit.tasks.model_task`).
+        task: ``"classification"``, ``"segmentation"`` or ``"detection"`` (see :func:`camkit.tasks.model_task`),
+            or ``"video"`` for torchvision's video classifiers (their input is a clip, see :mod:`camkit.video`).
     """
 
     model: nn.Module
@@ -189,14 +190,17 @@ def load_model(
     key = name.strip()
     labels: list[str] | None = None
     task = _torchvision_task(key)
-    if input_size is not None and task is None:
+    if input_size is not None and task is None and not _is_video(key):
         raise ValueError(
-            f"input_size is for segmentation and detection models; {name!r} uses the input size it declares"
+            f"input_size is for segmentation, detection and video models; {name!r} uses the input size it "
+            "declares"
         )
     if input_size is not None and input_size < 32:
         raise ValueError(f"input_size must be at least 32 pixels, got {input_size}")
     if task is not None:
         return _load_task_model(key, task, weights, pretrained, device, input_size)
+    if _is_video(key):
+        return _load_video_model(key, weights, pretrained, device, input_size)
     if key in _LITE:
         model = _lite(key, weights, pretrained)
         labels = imagenet_labels()
@@ -231,6 +235,36 @@ def load_model(
         labels = imagenet_labels() if _num_outputs(model) == 1000 else None
     model = model.eval().to(device)
     return LoadedModel(model=model, preprocess=Preprocess.for_model(model), labels=labels, name=key)
+
+
+def _is_video(key: str) -> bool:
+    """Whether ``key`` names one of torchvision's video classifiers (``r3d_18``, ``mc3_18``, ``r2plus1d_18``...)."""
+    import torchvision.models as tvm
+
+    return key in tvm.list_models(module=tvm.video)
+
+
+def _load_video_model(
+    key: str, weights: str | Path | None, pretrained: bool, device: str | torch.device, input_size: int | None
+) -> LoadedModel:
+    """A torchvision video classifier (Kinetics-400 labels, shipped with torchvision) and its clip preprocessing
+    (:class:`camkit.video.ClipPreprocess`: 16 frames at 112x112, or ``input_size``). Its pretrained weights are
+    downloaded by torchvision: offline, pass ``weights=`` (``--weights``) or ``pretrained=False``
+    (``--no-pretrained``) for random weights."""
+    import torchvision
+
+    from camkit.video import ClipPreprocess
+
+    def build(download: bool, num_classes: int | None = None) -> nn.Module:
+        extra = {} if num_classes is None else {"num_classes": num_classes}
+        built: nn.Module = torchvision.models.get_model(key, weights="DEFAULT" if download else None, **extra)
+        return built
+
+    model = _build(key, build, weights, pretrained).eval().to(device)
+    categories = list(torchvision.models.get_model_weights(key).DEFAULT.meta["categories"])
+    labels = categories if _num_outputs(model) == len(categories) else None
+    side = input_size if input_size is not None else 112
+    return LoadedModel(model, ClipPreprocess(size=(side, side)), labels, key, task="video")
 
 
 def _torchvision_task(key: str) -> str | None:
