@@ -410,7 +410,12 @@ def capture(
 
 
 def mode_dependent(m: nn.Module) -> bool:
-    """Whether a module's output depends on its training flag (batch statistics, dropout, stochastic depth)."""
+    """Whether a module's output depends on its training flag (batch statistics, dropout, stochastic depth).
+
+    Keras layers never do: Keras decides by the ``training`` argument of the call (camkit passes False).
+    """
+    if any(cls.__module__.split(".")[0] == "keras" for cls in type(m).__mro__):
+        return False
     if isinstance(m, (nn.modules.batchnorm._NormBase, nn.modules.dropout._DropoutNd, nn.RReLU)):
         return True
     if isinstance(m, (nn.MultiheadAttention, nn.RNNBase)) and float(getattr(m, "dropout", 0.0) or 0.0) > 0:

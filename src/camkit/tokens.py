@@ -97,7 +97,12 @@ class Layout:
 
 def unwrap(model: nn.Module) -> nn.Module:
     """The module that really runs: inside ``nn.DataParallel`` / ``DistributedDataParallel`` (``.module``) and
-    ``torch.compile`` (``._orig_mod``, the eager original with the same parameters)."""
+    ``torch.compile`` (``._orig_mod``, the eager original with the same parameters); for a Keras 3 model its
+    :class:`camkit.keras.KerasModel` view (NCHW in, Keras layers as named submodules)."""
+    if any(cls.__module__.split(".")[0] == "keras" for cls in type(model).__mro__):
+        from camkit.keras import as_torch  # only for a Keras model: keras itself is not imported here
+
+        return as_torch(model)
     seen = 0
     while seen < 8:
         seen += 1
@@ -188,6 +193,7 @@ def infer_layout(
     batch: int | None = None,
     prefix: int | None = None,
     module: nn.Module | None = None,
+    channels_last: bool = False,
 ) -> Layout | None:
     """Infer how an output of ``shape`` (batch included) maps to [B, K, h, w].
 
@@ -197,6 +203,7 @@ def infer_layout(
         batch: B, to tell [B, N, C] from sequence-first [N, B, C] (default: shape[0]).
         prefix: number of prefix tokens the model declares (see :func:`prefix_tokens`); tried first.
         module: the layer itself (a LayerNorm over the last dimension of a 4-D output means channels-last).
+        channels_last: the model's 4-D outputs are NHWC (Keras models), whatever the shape.
 
     Returns:
         a :class:`Layout`, or None when the output cannot be read as a spatial map.
@@ -211,6 +218,8 @@ def infer_layout(
         if shape[0] != b:
             return None
         _, d1, d2, d3 = shape
+        if channels_last:
+            return Layout("nhwc", (d1, d2), d3)
         nchw = _grid_ok(d2, d3, input_size)
         nhwc = _grid_ok(d1, d2, input_size)
         if nhwc and (not nchw or _is_channels_last_norm(module, d3)):
@@ -273,7 +282,13 @@ def to_spatial(
             fn: Reshape = reshape
             layouts[name] = None
         else:
-            layout = infer_layout(tuple(a.shape), input_size, prefix=prefix, module=modules.get(name))
+            layout = infer_layout(
+                tuple(a.shape),
+                input_size,
+                prefix=prefix,
+                module=modules.get(name),
+                channels_last=bool(getattr(model, "channels_last", False)),
+            )
             if layout is None:
                 raise ValueError(
                     f"layer {name!r} outputs shape {tuple(a.shape)}, which camkit cannot read as a feature map "
