@@ -111,3 +111,53 @@ def test_target_gradients_unused_leaf_and_single_row() -> None:
     assert all(bool((g[1] == 0).all()) and g[1].shape == (2, 4) for g in grads)
     one = target_gradients(a.sum(1), [a])
     torch.testing.assert_close(one[0][0], torch.ones(2, 3))
+
+
+class PackedDetector(nn.Module):
+    """A stand-in detection model: D fixed boxes whose scores come from the features, packed as Tensor[B, D, 6]
+    (x0, y0, x1, y1, score, label) like camkit.tasks.pack_detections."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 6, 3, padding=1))
+        self.head = nn.Linear(6 * 16, 3)
+        self.register_buffer(
+            "boxes", torch.tensor([[0, 0, 16, 16], [16, 16, 32, 32], [0, 16, 16, 32]]).float()
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        f = nn.functional.adaptive_avg_pool2d(torch.tanh(self.features(x)), 4).flatten(1)
+        scores = torch.sigmoid(self.head(f))  # [B, D]
+        b = x.shape[0]
+        boxes = self.boxes.expand(b, 3, 4)
+        labels = torch.tensor([1.0, 2.0, 1.0]).expand(b, 3)
+        return torch.cat([boxes, scores[..., None], labels[..., None]], dim=2)
+
+
+def test_multi_label_and_multi_box_targets_share_one_backward(
+    resnet: nn.Module, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    torch.manual_seed(4)
+    x = torch.randn(2, 3, 64, 64)
+    calls = _count_grad_calls(monkeypatch)
+    per_label = camkit.explain(
+        resnet, x, layers="layer3", targets=camkit.MultiLabelTarget([3, 7, 11], separate=True)
+    )
+    assert calls == [True] and per_label.maps.shape == (2, 3, 64, 64) and per_label.scores.shape == (2, 3)
+    for t, c in enumerate((3, 7, 11)):
+        single = camkit.explain(resnet, x, layers="layer3", targets=camkit.MultiLabelTarget(c))
+        torch.testing.assert_close(per_label.maps[:, t], single.maps, rtol=1e-5, atol=1e-5)
+
+    det = PackedDetector().eval()
+    y = torch.randn(2, 3, 32, 32)
+    boxes = [camkit.DetectionTarget([0, 0, 16, 16]), camkit.DetectionTarget([16, 16, 32, 32], label=2)]
+    del calls[:]
+    both = camkit.explain(det, y, layers="features.0", targets=camkit.EachTarget(boxes))
+    assert calls[-1:] == [True] and both.maps.shape == (2, 2, 32, 32)
+    for t, box in enumerate(boxes):
+        single = camkit.explain(det, y, layers="features.0", targets=box)
+        torch.testing.assert_close(both.maps[:, t], single.maps, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"Tensor\[B, T\]"):
+        camkit.explain(det, y, method="scorecam", layers="features.0", targets=camkit.EachTarget(boxes))
+    with pytest.raises(ValueError, match=r"Tensor\[B\] .* or Tensor\[B, T\]"):
+        camkit.explain(det, y, layers="features.0", targets=lambda out: out[:, :, 4].T)

@@ -16,6 +16,7 @@ from camkit.pipeline import compare, explain
 from camkit.runtime import tune_allocator
 from camkit.targets import (
     DetectionTarget,
+    EachTarget,
     MultiLabelTarget,
     RegressionTarget,
     SegmentationTarget,
@@ -28,6 +29,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DetectionTarget",
+    "EachTarget",
     "Explanation",
     "LoadedModel",
     "MultiLabelTarget",

@@ -122,8 +122,15 @@ class Shared:
 
     @property
     def n_targets(self) -> int:
-        classes = self.targets.classes
-        return 1 if classes is None or classes.dim() == 1 else classes.shape[1]
+        """Targets per image: k for ``TopK(k)`` or a callable returning Tensor[B, k], else 1."""
+        scores = self.captured.scores
+        return 1 if scores is None or scores.dim() == 1 else scores.shape[0]
+
+    @property
+    def multi(self) -> bool:
+        """Whether maps get a target axis (several targets per image)."""
+        scores = self.captured.scores
+        return scores is not None and scores.dim() == 2
 
 
 @dataclass(frozen=True)
@@ -220,6 +227,11 @@ def _layer_weights(method: Method, shared: Shared, layer: str) -> list[Tensor]:
         w = classifier_weights(shared.model, a, shared.captured.output, layer)
         return [w[classes if classes.dim() == 1 else classes[:, t]] for t in range(shared.n_targets)]
     if isinstance(method, PerturbationMethod):
+        if classes is None and shared.multi:
+            raise ValueError(
+                f"{method.name} explains one callable target per image; for a target returning Tensor[B, T] "
+                "use a gradient method, or explain each target in its own call"
+            )
         ctx = PerturbationContext(
             model=shared.model,
             x=shared.x,
@@ -262,9 +274,8 @@ def _maps(method: Method, shared: Shared, weights: dict[str, list[Tensor]]) -> d
             assert isinstance(method, LayerMethod)
             g = _gradient(shared.features, layer, t) if method.needs_grad else None
             per_target.append(method.fn(MethodInput(a, g, None if w is None else w[t])))
-        multi = shared.targets.classes is not None and shared.targets.classes.dim() == 2
         raw[layer] = _unfold(
-            shared.features, layer, torch.stack(per_target, dim=1) if multi else per_target[0]
+            shared.features, layer, torch.stack(per_target, dim=1) if shared.multi else per_target[0]
         )
     return raw
 
