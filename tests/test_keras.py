@@ -175,3 +175,8 @@ def test_camkit_does_not_import_keras() -> None:
     env = {**os.environ, "PYTHONPATH": str(Path(camkit.__file__).parents[1])}
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert res.returncode == 0, res.stderr
+
+
+def test_channels_last_tensor_is_refused_with_the_fix(vgg: Any) -> None:
+    with pytest.raises(ValueError, match=r"permute\(0, 3, 1, 2\)"):
+        camkit.explain(vgg, torch.randn(1, SIZE, SIZE, 3), layers="block5_conv3")

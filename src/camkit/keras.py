@@ -113,6 +113,18 @@ def _input_size(keras_model: Any) -> tuple[int, int]:
     return (224, 224)
 
 
+def _input_channels(keras_model: Any) -> int | None:
+    try:
+        shape = keras_model.input_shape
+    except (AttributeError, ValueError):
+        return None
+    if isinstance(shape, list):
+        shape = shape[0]
+    if isinstance(shape, tuple) and len(shape) == 4 and isinstance(shape[3], int):
+        return shape[3]
+    return None
+
+
 def preprocess_for(keras_model: Any, size: tuple[int, int] | None = None) -> Preprocess:
     """The :class:`~camkit.io.Preprocess` of a Keras model: its Keras Applications family's ``preprocess_input``
     (BGR models: :class:`KerasModel` flips the channels) at its input size, or raw 0..255 pixels."""
@@ -185,6 +197,17 @@ class KerasModel(nn.Module):
         """Tensor[B, C, H, W] -> the Keras model's output (the logits for a softmax classifier)."""
         if x.dim() != 4:
             raise ValueError(f"a Keras image model takes Tensor[B, C, H, W] here, got shape {tuple(x.shape)}")
+        channels = _input_channels(self.keras_model)
+        if channels is not None and x.shape[1] != channels:
+            hint = (
+                ": camkit takes images channels-first, permute a Keras NHWC batch with x.permute(0, 3, 1, 2)"
+                if x.shape[-1] == channels
+                else ""
+            )
+            raise ValueError(
+                f"the Keras model expects {channels} channel(s), the input Tensor[B, C, H, W] has shape "
+                f"{tuple(x.shape)}{hint}"
+            )
         if self.bgr:
             x = x.flip(1)
         nhwc = x.permute(0, 2, 3, 1)

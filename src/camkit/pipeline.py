@@ -491,14 +491,18 @@ def explain(
     """Explain a model's decision on a batch of images with one CAM method.
 
     Args:
-        model: a PyTorch model in eval mode. It comes back exactly as it was (no hooks, same grad mode,
-            ``requires_grad``, ``.grad`` and mode), also when an error is raised.
+        model: a PyTorch model in eval mode, or a Keras 3 model on the torch backend (:mod:`camkit.keras`). It
+            comes back exactly as it was (no hooks, same grad mode, ``requires_grad``, ``.grad`` and mode), also
+            when an error is raised.
         images: a normalised Tensor[B, 3, H, W] (or [3, H, W]), or PIL images / file paths (preprocessed with
-            ``preprocess``, default: the model's own config or ImageNet mean/std at 224x224).
+            ``preprocess``, default: the model's own config or ImageNet mean/std at 224x224). A model of
+            ``nn.Conv3d`` also takes a clip Tensor[B, 3, T, H, W] (maps Tensor[B, T, H, W], :mod:`camkit.video`).
         method: a method name (see ``camkit methods`` / :func:`camkit.methods.method_names`).
         layers: ``"auto"``, a dotted name (``"layer4"``), names separated by commas, a module, or a list.
         targets: None (top-1), a class index or name, a list (one per image), ``TopK(k)``, or a callable
-            ``f(output) -> Tensor[B]``. torchvision segmentation / detection models: None or a class is turned
+            ``f(output) -> Tensor[B]`` (or ``Tensor[B, k]``: k maps per image, e.g.
+            ``MultiLabelTarget([...], separate=True)``, ``EachTarget([...])``). k targets per image share one
+            forward and one batched backward. torchvision segmentation / detection models: None or a class is turned
             into a target per image (:func:`camkit.tasks.default_targets`, recorded in ``Explanation.chosen``).
         preprocess: how to turn PIL images into the model input.
         labels: class names (default: ImageNet's for 1000-class outputs).
