@@ -265,3 +265,41 @@ def test_cli_offline_pretrained_video_model_says_so(tmp_path: Path, monkeypatch:
     assert (
         "could not get the pretrained weights of 'r3d_18'" in res.output and "--no-pretrained" in res.output
     )
+
+
+@pytest.mark.parametrize("method", ["gradcam", "gradcam++", "xgradcam", "layercam"])
+def test_agrees_with_pytorch_grad_cam_on_clips(
+    trained: nn.Module, method: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the definitions coincide: the same map at the layer's resolution (pytorch-grad-cam's resize, a cubic
+    spline zoom after a per-image min-max, is switched off; its epsilons are negligible here)."""
+    import pytorch_grad_cam
+    import pytorch_grad_cam.base_cam
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    def minmax_only(cam: np.ndarray, target_size: object = None) -> np.ndarray:
+        flat = cam.reshape(cam.shape[0], -1)
+        lo, hi = flat.min(1), flat.max(1)
+        return np.float32(
+            (cam - lo.reshape(-1, *[1] * (cam.ndim - 1)))
+            / (1e-7 + (hi - lo).reshape(-1, *[1] * (cam.ndim - 1)))
+        )
+
+    monkeypatch.setattr(pytorch_grad_cam.base_cam, "scale_cam_image", minmax_only)
+    cls = {
+        "gradcam": pytorch_grad_cam.GradCAM,
+        "gradcam++": pytorch_grad_cam.GradCAMPlusPlus,
+        "xgradcam": pytorch_grad_cam.XGradCAM,
+        "layercam": pytorch_grad_cam.LayerCAM,
+    }[method]
+    x, _, _ = _blob_clips(2, torch.Generator().manual_seed(9))
+    with cls(model=trained, target_layers=[trained.features[3]]) as cam:
+        theirs = torch.as_tensor(cam(input_tensor=x, targets=[ClassifierOutputTarget(1)] * 2))
+    trained.zero_grad(set_to_none=True)  # pytorch-grad-cam's backward leaves parameter gradients
+    ours = torch.relu(
+        camkit.explain(trained, x, method=method, layers="features.3", targets=1).raw["features.3"]
+    )
+    assert theirs.shape == ours.shape == (2, T // 2, SIDE // 2, SIDE // 2)
+    for i in range(2):
+        r = torch.corrcoef(torch.stack([theirs[i].flatten(), ours[i].flatten()]))[0, 1]
+        assert float(r) >= 0.999, (method, i, float(r))
