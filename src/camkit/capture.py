@@ -19,7 +19,7 @@ inference mode are per-thread in PyTorch, so switching grad mode on inside a hoo
 
 When no gradient is needed (Eigen-CAM, CAM) the whole forward runs with grad mode off.
 
-:class:`Window` is the generic piece (hooks, leaves, grad mode, per-target backward); :class:`LayerCapture`
+:class:`Window` is the generic piece (hooks, leaves, grad mode, the batched backward of several targets); :class:`LayerCapture`
 records target layers with it, and the attention methods (:mod:`camkit.methods.attention`) record attention
 probabilities with it.
 """
