@@ -235,10 +235,18 @@ def test_cli_explains_a_clip(tmp_path: Path) -> None:
     path = tmp_path / "clip.mp4"
     _write_clip(path)
     out = tmp_path / "out"
-    args = ["explain", str(path), "--model", "r3d_18", "--no-pretrained", "--frames", "4"]
-    res = CliRunner().invoke(
-        app, [*args, "--input-size", "48", "--out", str(out), "--methods", "gradcam,layercam"]
-    )
+    args = [
+        "explain",
+        str(path),
+        "--model",
+        "r3d_18",
+        "--no-pretrained",
+        "--frames",
+        "4",
+        "--input-size",
+        "48",
+    ]
+    res = CliRunner().invoke(app, [*args, "--out", str(out), "--methods", "gradcam,layercam"])
     assert res.exit_code == 0, res.output
     for method in ("gradcam", "layercam"):
         gif = out / f"clip_r3d_18_{method}.gif"
@@ -249,6 +257,12 @@ def test_cli_explains_a_clip(tmp_path: Path) -> None:
         e["frames"] == 4 for e in summary
     )
     assert all(e["label"] for e in summary)  # Kinetics-400 names
+    res = CliRunner().invoke(app, [*args, "--out", str(out), "--target", "top2", "--animation", "mp4"])
+    assert res.exit_code == 0, res.output
+    for k in (1, 2):
+        assert len(list(iio.imiter(out / f"clip_r3d_18_gradcam_top{k}.mp4"))) == 4
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary) == 8  # the first run's four files are kept, the second run's four added
 
 
 def test_cli_offline_pretrained_video_model_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

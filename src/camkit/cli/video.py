@@ -46,10 +46,9 @@ def explain_clips(paths: list[Path], job: ClipJob) -> None:
     ``summary.json``. Raises ValueError (printed as ``error:``, exit 2) for a usage error."""
     from dataclasses import replace
 
-    from camkit.cli.explain import _target_spec
     from camkit.io.files import output_stems, prepare_out_dir, save_image, write_json
     from camkit.pipeline import compare
-    from camkit.targets import TopK
+    from camkit.targets import TopK, parse_target
     from camkit.video import VIDEO_SUFFIXES, ClipPreprocess, load_clip, overlay_frames, save_animation
     from camkit.viz import hstack
 
@@ -75,7 +74,7 @@ def explain_clips(paths: list[Path], job: ClipJob) -> None:
             "(--model r3d_18, mc3_18 or r2plus1d_18)"
         )
     preprocess = replace(loaded.preprocess, frames=job.frames)
-    spec = _target_spec(loaded, job.target)
+    spec = parse_target(job.target)
     run_info = {
         **job.opts.to_dict(),
         **versions(),
