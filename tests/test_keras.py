@@ -180,3 +180,28 @@ def test_camkit_does_not_import_keras() -> None:
 def test_channels_last_tensor_is_refused_with_the_fix(vgg: Any) -> None:
     with pytest.raises(ValueError, match=r"permute\(0, 3, 1, 2\)"):
         camkit.explain(vgg, torch.randn(1, SIZE, SIZE, 3), layers="block5_conv3")
+
+
+def test_nested_keras_model(keras: Any) -> None:
+    """Transfer learning: a Keras Applications base inside a Sequential; its layers are named through the base
+    (dots in Keras names become underscores), the logits are read before the final softmax Dense."""
+    keras.utils.set_random_seed(1)
+    base = keras.applications.MobileNetV2(weights=None, include_top=False, input_shape=(SIZE, SIZE, 3))
+    model = keras.Sequential(
+        [
+            keras.Input((SIZE, SIZE, 3)),
+            base,
+            keras.layers.GlobalAveragePooling2D(),
+            keras.layers.Dense(3, activation="softmax"),
+        ]
+    )
+    before = _state(model)
+    x = torch.randn(2, 3, SIZE, SIZE)
+    expl = camkit.explain(model, x)
+    assert expl.layers == ["mobilenetv2_1_00_64.out_relu"] and expl.maps.shape == (2, SIZE, SIZE)
+    with torch.no_grad():
+        probs = model(x.permute(0, 2, 3, 1))
+    torch.testing.assert_close(
+        torch.softmax(expl.scores.new_tensor(0) + as_torch(model)(x), 1), probs, rtol=1e-4, atol=1e-6
+    )
+    assert _state(model) == before

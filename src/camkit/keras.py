@@ -7,8 +7,8 @@ of it: :func:`camkit.explain` given a Keras model explains it through :class:`Ke
 
 * takes camkit's input Tensor[B, 3, H, W] and calls the Keras model on ``x.permute(0, 2, 3, 1)`` with
   ``training=False`` (BGR models get their channels flipped first);
-* lists the Keras layers under their Keras names (``block5_conv3``; layers of a nested model as
-  ``base.block5_conv3``), so that ``layers="block5_conv3"``, ``layers="auto"``, ``camkit layers`` and the
+* lists the Keras layers under their Keras names (``block5_conv3``; layers of a nested model under its name,
+  ``mobilenetv2_1_00_224.out_relu``, a dot in a Keras name becoming ``_``), so that ``layers="block5_conv3"``, ``layers="auto"``, ``camkit layers`` and the
   layer hooks work as for any module;
 * returns the **logits** of a model whose last layer is a ``Dense`` with a softmax (every Keras Applications
   classifier): the input of that layer is read by a forward hook and multiplied by its kernel, so the score
