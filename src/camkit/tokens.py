@@ -91,7 +91,7 @@ class Layout:
         if self.kind == "nhwc":
             return "channels-last"
         if self.kind == "ncthw":
-            return f"{self.frames} time steps"
+            return f"{self.frames} time step{'s' if self.frames != 1 else ''}"
         return f"tokens, {self.prefix} prefix" if self.prefix else "tokens"
 
 
