@@ -18,6 +18,7 @@ from camkit.pipeline import compare, explain
 from camkit.runtime import tune_allocator
 from camkit.targets import (
     DetectionTarget,
+    EachTarget,
     MultiLabelTarget,
     RegressionTarget,
     SegmentationTarget,
@@ -31,6 +32,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Augment",
     "DetectionTarget",
+    "EachTarget",
     "Explanation",
     "Factorization",
     "LoadedModel",

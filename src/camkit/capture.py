@@ -7,7 +7,8 @@ How it works:
   mode on, and hands a *clone* of ``A`` to the rest of the network. Later in-place ops (``ReLU(inplace=True)``)
   write into the clone, so ``A`` keeps the values the layer produced;
 * after the forward, ``torch.autograd.grad(score.sum(), [A1, A2, ...])`` gives ``dS/dA`` for every layer in one
-  backward pass; per-image scores are independent, so the sum gives per-image gradients. No parameter gradient
+  backward pass; per-image scores are independent, so the sum gives per-image gradients. ``T`` targets per image
+  (``TopK``) go through one batched backward (:func:`target_gradients`), not ``T``. No parameter gradient
   is computed and ``param.grad`` / ``param.requires_grad`` are never touched;
 * on exit every hook is removed and grad mode restored, also when the forward raises.
 
@@ -18,7 +19,7 @@ inference mode are per-thread in PyTorch, so switching grad mode on inside a hoo
 
 When no gradient is needed (Eigen-CAM, CAM) the whole forward runs with grad mode off.
 
-:class:`Window` is the generic piece (hooks, leaves, grad mode, per-target backward); :class:`LayerCapture`
+:class:`Window` is the generic piece (hooks, leaves, grad mode, the batched backward of several targets); :class:`LayerCapture`
 records target layers with it, and the attention methods (:mod:`camkit.methods.attention`) record attention
 probabilities with it.
 """
@@ -232,21 +233,57 @@ class Window:
         return leaf, (leaf.clone() if self.copy else leaf)
 
 
-def target_gradients(scores: Tensor, leaves: Sequence[Tensor]) -> list[list[Tensor]]:
+def target_gradients(
+    scores: Tensor, leaves: Sequence[Tensor], batched: bool | None = None
+) -> list[list[Tensor]]:
     """dS_t/dL for every target row t of ``scores`` (Tensor[B] or Tensor[T, B]) and every leaf L.
 
-    One backward per target; a leaf the score does not depend on gets zeros.
+    T targets cost one backward pass, not T: the T one-hot output gradients go through the graph together as one
+    batched vector-Jacobian product (``torch.autograd.grad(..., is_grads_batched=True)``, a vmap over the
+    backward). An op without a batching rule makes PyTorch fall back to a slower loop inside the same call (it
+    warns; camkit silences that warning); an op that vmap cannot run at all makes camkit fall back to one
+    backward per target (``retain_graph``), which gives the same gradients. A leaf the score does not depend on
+    gets zeros.
+
+    Args:
+        scores: the explained scores, Tensor[B] or Tensor[T, B].
+        leaves: the tensors to differentiate against.
+        batched: force (True) or forbid (False) the batched backward; None: batched for T > 1.
 
     Returns:
         per target, per leaf, a gradient of the leaf's shape.
     """
     rows = scores[None] if scores.dim() == 1 else scores
+    t_count = rows.shape[0]
+    use_batched = t_count > 1 if batched is None else batched
+    if use_batched:
+        # grad_outputs[t] is 1 on row t and 0 elsewhere: dS_t/dL for every t in one backward.
+        eye = torch.eye(t_count, dtype=rows.dtype, device=rows.device)
+        seeds = eye[:, :, None].expand(t_count, t_count, rows.shape[1])
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*[Bb]atching rule.*")
+                grads = torch.autograd.grad(
+                    rows,
+                    list(leaves),
+                    grad_outputs=seeds,
+                    retain_graph=True,
+                    allow_unused=True,
+                    is_grads_batched=True,
+                )
+        except RuntimeError:
+            pass  # an op vmap cannot batch: one backward per target below (the graph was retained)
+        else:
+            return [
+                [torch.zeros_like(a) if g is None else g[t] for g, a in zip(grads, leaves, strict=True)]
+                for t in range(t_count)
+            ]
     out = []
-    for t in range(rows.shape[0]):
-        grads = torch.autograd.grad(
-            rows[t].sum(), list(leaves), retain_graph=t < rows.shape[0] - 1, allow_unused=True
+    for t in range(t_count):
+        per_leaf = torch.autograd.grad(
+            rows[t].sum(), list(leaves), retain_graph=t < t_count - 1, allow_unused=True
         )
-        out.append([torch.zeros_like(a) if g is None else g for g, a in zip(grads, leaves, strict=True)])
+        out.append([torch.zeros_like(a) if g is None else g for g, a in zip(per_leaf, leaves, strict=True)])
     return out
 
 
@@ -373,7 +410,12 @@ def capture(
 
 
 def mode_dependent(m: nn.Module) -> bool:
-    """Whether a module's output depends on its training flag (batch statistics, dropout, stochastic depth)."""
+    """Whether a module's output depends on its training flag (batch statistics, dropout, stochastic depth).
+
+    Keras layers never do: Keras decides by the ``training`` argument of the call (camkit passes False).
+    """
+    if any(cls.__module__.split(".")[0] == "keras" for cls in type(m).__mro__):
+        return False
     if isinstance(m, (nn.modules.batchnorm._NormBase, nn.modules.dropout._DropoutNd, nn.RReLU)):
         return True
     if isinstance(m, (nn.MultiheadAttention, nn.RNNBase)) and float(getattr(m, "dropout", 0.0) or 0.0) > 0:

@@ -20,9 +20,11 @@ class Explanation:
 
     Attributes:
         maps: Tensor[B, H, W] in [0, 1] at the model's input size (Tensor[B, k, H, W] for ``TopK(k)``), fused over
-            the target layers.
+            the target layers. A clip Tensor[B, C, T, H, W] (3-D models): Tensor[B, T, H, W] (``[B, k, T, H, W]``),
+            see :mod:`camkit.video` for its per-frame overlays.
         layer_maps: layer name -> its own normalised map, same shape as ``maps``.
-        raw: layer name -> the signed map at feature resolution before ReLU, Tensor[B, h, w] (or [B, k, h, w]).
+        raw: layer name -> the signed map at feature resolution before ReLU, Tensor[B, h, w] (or [B, k, h, w];
+            a clip: [B, t, h, w]).
         classes: explained class indices, LongTensor[B] (or [B, k]); None for a callable target.
         scores: the explained scores (logits), Tensor[B] (or [B, k]).
         probs: softmax probabilities of the explained classes, or None for a callable target.

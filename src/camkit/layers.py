@@ -122,6 +122,7 @@ def describe_layers(model: nn.Module, example: Tensor) -> list[LayerInfo]:
         model: the network (not modified; hooks are removed on return).
         example: an input batch, Tensor[B, C, H, W] (only the first image is used).
     """
+    model = unwrap(model)  # a Keras model: its view with the Keras layers by name
     tracer = _Tracer()
     handles = []
     try:
@@ -153,11 +154,14 @@ def describe_layers(model: nn.Module, example: Tensor) -> list[LayerInfo]:
             passthrough[name] = False
     size = (int(example.shape[-2]), int(example.shape[-1]))
     tokens = prefix_tokens(model)
+    channels_last = bool(getattr(model, "channels_last", False))  # Keras models (camkit.keras.KerasModel)
 
     def layout(rec: _Trace) -> Layout | None:
         if rec.full_shape is None:
             return None
-        return infer_layout(rec.full_shape, size, batch=1, prefix=tokens, module=rec.module)
+        return infer_layout(
+            rec.full_shape, size, batch=1, prefix=tokens, module=rec.module, channels_last=channels_last
+        )
 
     infos = [
         LayerInfo(
@@ -276,6 +280,7 @@ def resolve_layers(model: nn.Module, spec: LayerSpec, example: Tensor) -> dict[s
         spec: ``"auto"``, a dotted name, a comma-separated list of names, a module, or a sequence of those.
         example: an input batch (used for ``"auto"``).
     """
+    model = unwrap(model)
     items: list[str | nn.Module]
     if isinstance(spec, str):
         items = [s.strip() for s in spec.split(",") if s.strip()]

@@ -127,8 +127,15 @@ class Shared:
 
     @property
     def n_targets(self) -> int:
-        classes = self.targets.classes
-        return 1 if classes is None or classes.dim() == 1 else classes.shape[1]
+        """Targets per image: k for ``TopK(k)`` or a callable returning Tensor[B, k], else 1."""
+        scores = self.captured.scores
+        return 1 if scores is None or scores.dim() == 1 else scores.shape[0]
+
+    @property
+    def multi(self) -> bool:
+        """Whether maps get a target axis (several targets per image)."""
+        scores = self.captured.scores
+        return scores is not None and scores.dim() == 2
 
 
 @dataclass(frozen=True)
@@ -257,6 +264,11 @@ def _layer_weights(method: Method, shared: Shared, layer: str) -> list[Tensor]:
         w = classifier_weights(shared.model, a, shared.captured.output, layer)
         return [w[classes if classes.dim() == 1 else classes[:, t]] for t in range(shared.n_targets)]
     if isinstance(method, PerturbationMethod):
+        if classes is None and shared.multi:
+            raise ValueError(
+                f"{method.name} explains one callable target per image; for a target returning Tensor[B, T] "
+                "use a gradient method, or explain each target in its own call"
+            )
         ctx = PerturbationContext(
             model=shared.model,
             x=shared.x,
@@ -309,8 +321,9 @@ def _maps(
             g = _gradient(shared.features, layer, t) if method.needs_grad else None
             inp = MethodInput(a, g, None if w is None else w[t])
             per_target.append(_eigen_smoothed(method, inp, layer) if eigen_smooth else method.fn(inp))
-        multi = shared.targets.classes is not None and shared.targets.classes.dim() == 2
-        raw[layer] = torch.stack(per_target, dim=1) if multi else per_target[0]
+        raw[layer] = _unfold(
+            shared.features, layer, torch.stack(per_target, dim=1) if shared.multi else per_target[0]
+        )
     return raw
 
 
@@ -359,11 +372,16 @@ def _eigen_smoothed(method: LayerMethod, inp: MethodInput, layer: str) -> Tensor
 
 
 def _postprocess(
-    method: Method, raw: dict[str, Tensor], size: tuple[int, int], relu: bool, fusion: str | None
+    method: Method, raw: dict[str, Tensor], size: tuple[int, ...], relu: bool, fusion: str | None
 ) -> Maps:
-    """8. ReLU, upsampling to the input size and min-max per layer, then the fusion of the layers."""
-    layer_maps = {name: normalize(upsample(torch.relu(r) if relu else r, size)) for name, r in raw.items()}
+    """8. ReLU, upsampling to the input size and min-max per layer, then the fusion of the layers (a clip:
+    ``size`` is (T, H, W), see :func:`camkit.video.postprocess_clip`)."""
     shallow_tanh = 2.0 if (method.name == "layercam" and fusion is None) else None  # LayerCAM's paper
+    if len(size) == 3:
+        from camkit.video import postprocess_clip
+
+        return Maps(*postprocess_clip(raw, (size[0], size[1], size[2]), relu, fusion, shallow_tanh))
+    layer_maps = {name: normalize(upsample(torch.relu(r) if relu else r, size)) for name, r in raw.items()}
     return Maps(layer_maps, fuse(list(layer_maps.values()), mode=fusion or "max", shallow_tanh=shallow_tanh))
 
 
@@ -424,6 +442,8 @@ def _compute(
             "passes of their own (FullGrad, guided backprop, ...)"
         )
     augs = resolve_augment(augment)
+    if augs and isinstance(images, Tensor) and images.dim() == 5:
+        raise ValueError("augment= works on images, not on clips Tensor[B, C, T, H, W]: use augment=None")
     if augs:
         return _augmented(
             augs,
@@ -444,6 +464,7 @@ def _compute(
     model = unwrap(model)  # DataParallel / torch.compile: hooks go on the eager module that holds the weights
     read = output_fn(output)
     inputs = _inputs(model, images, preprocess)
+    _check_clip_methods(inputs.x, methods)
     modules = _layers(model, layers, inputs.x)
     plan = _targets(model, targets, labels, methods)
     need_grad = any(m.needs_grad for m in methods)
@@ -453,7 +474,7 @@ def _compute(
     shared = Shared(
         model, inputs.x, modules, cap, features, resolved, read, options, Progress(options.progress), reshape
     )
-    size = (inputs.x.shape[-2], inputs.x.shape[-1])
+    size = tuple(int(n) for n in inputs.x.shape[2:])  # (H, W); (T, H, W) for a clip
     results = {}
     for method in methods:
         weights = _method_weights(method, shared)
@@ -572,6 +593,24 @@ def _gradient(features: FeatureMaps, layer: str, target: int) -> Tensor:
     return (grads[target] if isinstance(grads, list) else grads).float()
 
 
+def _unfold(features: FeatureMaps, layer: str, raw: Tensor) -> Tensor:
+    """A map of a 3-D layer, computed with the frames stacked along the height, gets its time axis back."""
+    layout = features.layouts.get(layer)
+    return layout.unfold(raw) if layout is not None else raw
+
+
+def _check_clip_methods(x: Tensor, methods: Sequence[Method]) -> None:
+    """Clips Tensor[B, C, T, H, W] are explained by the layer methods only."""
+    if x.dim() != 5:
+        return
+    other = [m.name for m in methods if not isinstance(m, LayerMethod)]
+    if other:
+        raise ValueError(
+            f"{', '.join(other)} cannot explain a clip Tensor[B, C, T, H, W] (perturbation, attention and "
+            "own-pass methods work on images); use a layer method: gradcam, gradcam++, xgradcam, hirescam, layercam, eigencam, cam"
+        )
+
+
 def _check_finite(t: Tensor, batch: int, what: str, hint: str, batch_dim: int = 0) -> None:
     """Raise a ValueError naming the images (indices in the batch) for which ``t`` holds NaN or Inf.
 
@@ -597,11 +636,22 @@ def _check_finite(t: Tensor, batch: int, what: str, hint: str, batch_dim: int = 
 
 
 def _check_tensor(model: nn.Module, images: Tensor) -> Tensor:
-    """A user's image tensor, checked: [B, C, H, W] (or [C, H, W]), float, the model's channels, finite."""
+    """A user's image tensor, checked: [B, C, H, W] (or [C, H, W]), float, the model's channels, finite; for a
+    model of 3-D convolutions a clip [B, C, T, H, W]."""
     x = images.unsqueeze(0) if images.dim() == 3 else images
-    if x.dim() != 4:
+    conv3d = [m for m in model.modules() if isinstance(m, nn.Conv3d)]
+    if x.dim() == 5 and conv3d:
+        if x.shape[1] != conv3d[0].in_channels:
+            raise ValueError(
+                f"the clip tensor has {x.shape[1]} channel(s) (shape {tuple(x.shape)}), the model's first 3-D "
+                f"convolution expects {conv3d[0].in_channels}; a clip is Tensor[B, C, T, H, W] (channels before "
+                "time: permute a [B, T, C, H, W] clip with x.permute(0, 2, 1, 3, 4))"
+            )
+    elif x.dim() != 4:
+        clip = " or, for a model of 3-D convolutions, a clip [B, C, T, H, W]" if x.dim() == 5 else ""
         raise ValueError(
-            f"an image tensor must be [B, C, H, W] or [C, H, W], got shape {tuple(images.shape)}"
+            f"an image tensor must be [B, C, H, W] or [C, H, W]{clip}, got shape {tuple(images.shape)}"
+            + (" (this model has no nn.Conv3d)" if x.dim() == 5 else "")
         )
     if not x.is_floating_point():
         raise ValueError(
@@ -640,14 +690,18 @@ def explain(
     """Explain a model's decision on a batch of images with one CAM method.
 
     Args:
-        model: a PyTorch model in eval mode. It comes back exactly as it was (no hooks, same grad mode,
-            ``requires_grad``, ``.grad`` and mode), also when an error is raised.
+        model: a PyTorch model in eval mode, or a Keras 3 model on the torch backend (:mod:`camkit.keras`). It
+            comes back exactly as it was (no hooks, same grad mode, ``requires_grad``, ``.grad`` and mode), also
+            when an error is raised.
         images: a normalised Tensor[B, 3, H, W] (or [3, H, W]), or PIL images / file paths (preprocessed with
-            ``preprocess``, default: the model's own config or ImageNet mean/std at 224x224).
+            ``preprocess``, default: the model's own config or ImageNet mean/std at 224x224). A model of
+            ``nn.Conv3d`` also takes a clip Tensor[B, 3, T, H, W] (maps Tensor[B, T, H, W], :mod:`camkit.video`).
         method: a method name (see ``camkit methods`` / :func:`camkit.methods.method_names`).
         layers: ``"auto"``, a dotted name (``"layer4"``), names separated by commas, a module, or a list.
         targets: None (top-1), a class index or name, a list (one per image), ``TopK(k)``, or a callable
-            ``f(output) -> Tensor[B]``. torchvision segmentation / detection models: None or a class is turned
+            ``f(output) -> Tensor[B]`` (or ``Tensor[B, k]``: k maps per image, e.g.
+            ``MultiLabelTarget([...], separate=True)``, ``EachTarget([...])``). k targets per image share one
+            forward and one batched backward. torchvision segmentation / detection models: None or a class is turned
             into a target per image (:func:`camkit.tasks.default_targets`, recorded in ``Explanation.chosen``).
         preprocess: how to turn PIL images into the model input.
         labels: class names (default: ImageNet's for 1000-class outputs).

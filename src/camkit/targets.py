@@ -7,7 +7,8 @@ A target spec is one of:
 * a sequence with one index or name per image;
 * :class:`TopK`: the k best classes of each image (maps get a target axis: Tensor[B, k, H, W]);
 * a callable ``f(output) -> Tensor[B]`` on the whole model output (any score: a difference of logits, a mask
-  sum for segmentation, an embedding similarity...).
+  sum for segmentation, an embedding similarity...), or ``-> Tensor[B, T]`` for T targets per image (maps get a
+  target axis, as for ``TopK``; all T gradients come from one batched backward).
 
 The score of a class is its **logit** (the pre-softmax output), as in the Grad-CAM paper.
 
@@ -19,7 +20,10 @@ Targets for tasks other than single-label classification, each a callable ``f(ou
   that best overlaps a reference box; score = its confidence + its IoU with the reference box (the IoU term makes
   the map explain where the box is, as pytorch-grad-cam's ``FasterRCNNBoxScoreTarget`` does). The models' list of
   dicts is packed by :func:`camkit.outputs.pack_detections` into a tensor that keeps the graph.
-* :class:`MultiLabelTarget`: one or several independent (sigmoid) labels; logit or probability.
+* :class:`MultiLabelTarget`: one or several independent (sigmoid) labels; logit or probability; with
+  ``separate=True`` one map per label (a target axis, like ``TopK``).
+* :class:`EachTarget`: several callable targets at once, one map each (several boxes of a detection model,
+  several regions...): ``f(output) -> Tensor[B, T]``.
 * :class:`RegressionTarget`: one output of a regression model (``sign=-1`` explains what lowers it).
 * :class:`SimilarityTarget`: cosine similarity of the output embedding to a reference embedding ("why are these
   two images similar").
@@ -42,6 +46,7 @@ from camkit.io import imagenet_labels
 
 __all__ = [
     "DetectionTarget",
+    "EachTarget",
     "MultiLabelTarget",
     "RegressionTarget",
     "SegmentationTarget",
@@ -200,9 +205,15 @@ def _class_scores(classes: Tensor, output: Tensor) -> Tensor:
 
 def _target_scores(target: Callable[[Tensor], Tensor], output: Tensor) -> Tensor:
     scores = target(output)
-    if not isinstance(scores, Tensor) or scores.shape != (output.shape[0],):
+    batch = output.shape[0]
+    if isinstance(scores, Tensor) and scores.dim() == 2 and scores.shape[0] == batch and scores.shape[1] >= 1:
+        return scores.T  # Tensor[T, B]: T targets per image
+    if not isinstance(scores, Tensor) or scores.shape != (batch,):
         shape = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__
-        raise ValueError(f"a callable target must return Tensor[B] (one score per image), got {shape}")
+        raise ValueError(
+            f"a callable target must return Tensor[B] (one score per image) or Tensor[B, T] (T per image), "
+            f"got {shape} for a batch of {batch}"
+        )
     return scores
 
 
@@ -303,17 +314,44 @@ class MultiLabelTarget:
         classes: one class index, or several (their scores are summed: "why these labels together").
         probability: explain sigmoid(logit) instead of the logit. For one class the normalised map is the same
             either way for Grad-CAM-style methods (the sigmoid's derivative is one positive factor per image).
+        separate: one map per class instead of their sum (scores Tensor[B, T], maps Tensor[B, T, H, W]).
     """
 
     classes: int | Sequence[int]
     probability: bool = False
+    separate: bool = False
 
     def __call__(self, output: Tensor) -> Tensor:
         idx = [self.classes] if isinstance(self.classes, int) else list(self.classes)
         z = output[:, idx]
         if self.probability:
             z = torch.sigmoid(z)
-        return z.sum(dim=1)
+        return z if self.separate else z.sum(dim=1)
+
+
+@dataclass
+class EachTarget:
+    """Several callable targets explained at once, one map each: ``f(output) -> Tensor[B, T]``.
+
+    ``EachTarget([DetectionTarget(box1), DetectionTarget(box2)])`` explains two boxes of a detection model with one
+    forward and one batched backward; maps get a target axis, Tensor[B, T, H, W].
+    """
+
+    targets: Sequence[Callable[[Tensor], Tensor]]
+
+    def __post_init__(self) -> None:
+        if not self.targets or not all(callable(t) for t in self.targets):
+            raise TypeError("EachTarget takes a non-empty list of callable targets f(output) -> Tensor[B]")
+
+    def __call__(self, output: Tensor) -> Tensor:
+        rows = []
+        for i, target in enumerate(self.targets):
+            s = target(output)
+            if not isinstance(s, Tensor) or s.shape != (output.shape[0],):
+                shape = tuple(s.shape) if isinstance(s, Tensor) else type(s).__name__
+                raise ValueError(f"EachTarget: target {i} must return Tensor[B], got {shape}")
+            rows.append(s)
+        return torch.stack(rows, dim=1)
 
 
 @dataclass

@@ -14,6 +14,11 @@ actual input size and what the model declares:
   grid consistent with the input (same stride in both directions) and the ``[B, C, h, w]`` reading does not, or
   when the layer is a ``LayerNorm`` over the last dimension. Permuted to ``[B, C, h, w]``.
 * ``[B, K, h, w]``: used as is (also when the model's own input transform resizes, as detection models do).
+* ``[B, K, t, h, w]`` (3-D convolutions on a clip ``[B, C, T, H, W]``: torchvision ``r3d_18``, ``mc3_18``,
+  ``r2plus1d_18``): the frames are stacked along the height, ``[B, K, t*h, w]``. Every CAM formula sums or
+  averages over all positions of a channel, and over the stacked map that is over the whole space-time volume
+  (Grad-CAM's weight is the mean of dS/dA over t, h and w, as for a 3-D network); element-wise formulas do not
+  care. :meth:`Layout.unfold` gives the map back its time axis, ``[..., t, h, w]``.
 
 The same reshape is applied to the activation and to its gradient: dropping tokens, reshaping and permuting are
 linear index maps, so the gradient of the reshaped activation is the reshaped gradient.
@@ -39,17 +44,19 @@ class Layout:
     """How one layer's output maps to Tensor[B, K, h, w].
 
     Attributes:
-        kind: ``"nchw"`` (as is), ``"nhwc"`` (channels last), ``"tokens"`` ([B, N, C]) or ``"tokens-seq-first"``
-            ([N, B, C]).
-        grid: (h, w) of the spatial grid.
+        kind: ``"nchw"`` (as is), ``"nhwc"`` (channels last), ``"tokens"`` ([B, N, C]), ``"tokens-seq-first"``
+            ([N, B, C]) or ``"ncthw"`` (a 3-D convolution's [B, K, t, h, w], frames stacked along the height).
+        grid: (h, w) of the spatial grid (of one frame for ``"ncthw"``).
         channels: K.
         prefix: number of leading non-spatial tokens dropped (tokens only).
+        frames: t, the number of time steps (``"ncthw"`` only; 1 otherwise).
     """
 
     kind: str
     grid: tuple[int, int]
     channels: int
     prefix: int = 0
+    frames: int = 1
 
     def __call__(self, t: Tensor) -> Tensor:
         """Tensor in this layout -> Tensor[B, K, h, w] (a view or a permuted copy; values unchanged)."""
@@ -58,14 +65,24 @@ class Layout:
             return t
         if self.kind == "nhwc":
             return t.permute(0, 3, 1, 2)
+        if self.kind == "ncthw":
+            return t.reshape(t.shape[0], t.shape[1], self.frames * h, w)
         if self.kind == "tokens-seq-first":
             t = t.transpose(0, 1)
         spatial = t[:, self.prefix :, :]
         return spatial.reshape(t.shape[0], h, w, t.shape[2]).permute(0, 3, 1, 2)
 
+    def unfold(self, m: Tensor) -> Tensor:
+        """A map computed on the stacked layout, Tensor[..., t*h, w] -> Tensor[..., t, h, w] (``"ncthw"``); any
+        other layout: ``m`` as is."""
+        if self.kind != "ncthw":
+            return m
+        h, w = self.grid
+        return m.reshape(*m.shape[:-2], self.frames, h, w)
+
     @property
     def spatial_shape(self) -> tuple[int, int, int]:
-        """(K, h, w) for one image."""
+        """(K, h, w) for one image (one frame for ``"ncthw"``)."""
         return (self.channels, *self.grid)
 
     def describe(self) -> str:
@@ -73,12 +90,19 @@ class Layout:
             return ""
         if self.kind == "nhwc":
             return "channels-last"
+        if self.kind == "ncthw":
+            return f"{self.frames} time step{'s' if self.frames != 1 else ''}"
         return f"tokens, {self.prefix} prefix" if self.prefix else "tokens"
 
 
 def unwrap(model: nn.Module) -> nn.Module:
     """The module that really runs: inside ``nn.DataParallel`` / ``DistributedDataParallel`` (``.module``) and
-    ``torch.compile`` (``._orig_mod``, the eager original with the same parameters)."""
+    ``torch.compile`` (``._orig_mod``, the eager original with the same parameters); for a Keras 3 model its
+    :class:`camkit.keras.KerasModel` view (NCHW in, Keras layers as named submodules)."""
+    if any(cls.__module__.split(".")[0] == "keras" for cls in type(model).__mro__):
+        from camkit.keras import as_torch  # only for a Keras model: keras itself is not imported here
+
+        return as_torch(model)
     seen = 0
     while seen < 8:
         seen += 1
@@ -169,24 +193,33 @@ def infer_layout(
     batch: int | None = None,
     prefix: int | None = None,
     module: nn.Module | None = None,
+    channels_last: bool = False,
 ) -> Layout | None:
     """Infer how an output of ``shape`` (batch included) maps to [B, K, h, w].
 
     Args:
-        shape: the layer output's shape, e.g. (B, 197, 768) or (B, 7, 7, 768).
+        shape: the layer output's shape, e.g. (B, 197, 768), (B, 7, 7, 768) or (B, 512, 1, 7, 7) (a 3-D network).
         input_size: (H, W) of the model input.
         batch: B, to tell [B, N, C] from sequence-first [N, B, C] (default: shape[0]).
         prefix: number of prefix tokens the model declares (see :func:`prefix_tokens`); tried first.
         module: the layer itself (a LayerNorm over the last dimension of a 4-D output means channels-last).
+        channels_last: the model's 4-D outputs are NHWC (Keras models), whatever the shape.
 
     Returns:
         a :class:`Layout`, or None when the output cannot be read as a spatial map.
     """
     b = shape[0] if batch is None else batch
+    if len(shape) == 5:
+        if shape[0] != b:
+            return None
+        _, k, t, h, w = shape
+        return Layout("ncthw", (h, w), k, frames=t)
     if len(shape) == 4:
         if shape[0] != b:
             return None
         _, d1, d2, d3 = shape
+        if channels_last:
+            return Layout("nhwc", (d1, d2), d3)
         nchw = _grid_ok(d2, d3, input_size)
         nhwc = _grid_ok(d1, d2, input_size)
         if nhwc and (not nchw or _is_channels_last_norm(module, d3)):
@@ -249,7 +282,13 @@ def to_spatial(
             fn: Reshape = reshape
             layouts[name] = None
         else:
-            layout = infer_layout(tuple(a.shape), input_size, prefix=prefix, module=modules.get(name))
+            layout = infer_layout(
+                tuple(a.shape),
+                input_size,
+                prefix=prefix,
+                module=modules.get(name),
+                channels_last=bool(getattr(model, "channels_last", False)),
+            )
             if layout is None:
                 raise ValueError(
                     f"layer {name!r} outputs shape {tuple(a.shape)}, which camkit cannot read as a feature map "

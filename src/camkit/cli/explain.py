@@ -251,6 +251,13 @@ def explain(
             "1.1: 6 passes, pytorch-grad-cam's aug_smooth) or 'flip' (2 passes).",
         ),
     ] = None,
+    frames: Annotated[
+        int,
+        typer.Option(help="Video models: frames sampled evenly from each clip (0: all of them)."),
+    ] = 16,
+    animation: Annotated[
+        str, typer.Option(help="Video models: the animated overlay's format, gif or mp4.")
+    ] = "gif",
 ) -> None:
     """Explain the model's decision on images and write overlay PNGs (and a grid when comparing).
 
@@ -278,6 +285,25 @@ def explain(
             compile=compile,
         )
         limit = max_pixels_limit(max_pixels)
+        if _clip_run(images, model):
+            from camkit.cli.video import ClipJob, explain_clips
+
+            clip_job = ClipJob(
+                opts,
+                method_list,
+                layers,
+                target,
+                out,
+                cmap,
+                alpha,
+                fusion,
+                max_side,
+                input_size,
+                frames,
+                animation,
+            )
+            explain_clips(images or [], clip_job)
+            return
         inputs = resolve_inputs(images, sample, opts.file_tag())
         prepare_out_dir(out)
         previous = previous_entries(out / "summary.json")
@@ -351,6 +377,18 @@ def explain(
             f"{failed} of {len(inputs)} inputs could not be read and were skipped", highlight=False
         )
         raise typer.Exit(code=1)
+
+
+def _clip_run(images: list[Path] | None, model: str) -> bool:
+    """Whether this run explains clips: a video model (``r3d_18``...) or a video file among the inputs."""
+    from camkit.video import VIDEO_SUFFIXES
+
+    videos = [p for p in images or [] if p.suffix.lower() in VIDEO_SUFFIXES - {".gif"}]
+    if videos:
+        return True
+    import torchvision.models as tvm
+
+    return model.strip() in tvm.list_models(module=tvm.video)
 
 
 def _methods(text: str) -> tuple[list[str], list[str]]:

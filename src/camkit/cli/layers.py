@@ -70,7 +70,11 @@ def layers(
         name = model_name or model or "efficientnet_lite0"
         loaded = load_model(ModelOptions(name, weights, pretrained, seed, threads, device))
         h, w = loaded.preprocess.size
-        infos = camkit.describe_layers(loaded.model, torch.zeros(1, 3, h, w, device=device))
+        frames = (
+            getattr(loaded.preprocess, "frames", 0) if loaded.task == "video" else 0
+        )  # a clip [1, 3, T, H, W]
+        shape = (1, 3, frames, h, w) if frames else (1, 3, h, w)
+        infos = camkit.describe_layers(loaded.model, torch.zeros(*shape, device=device))
         auto = pick_auto(infos)
         _print(f"{loaded.name}: layers at input 3x{h}x{w} (forward order)", infos, auto, all_layers, fmt)
 

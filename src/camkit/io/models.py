@@ -46,7 +46,8 @@ class LoadedModel:
         labels: class names (ImageNet's for ImageNet classifiers, VOC's for torchvision segmentation models,
             COCO's for detection models), or None.
         name: the name it was loaded by.
-        task: ``"classification"``, ``"segmentation"`` or ``"detection"`` (see :func:`camkit.tasks.model_task`).
+        task: ``"classification"``, ``"segmentation"`` or ``"detection"`` (see :func:`camkit.tasks.model_task`),
+            or ``"video"`` for torchvision's video classifiers (their input is a clip, see :mod:`camkit.video`).
     """
 
     model: nn.Module
@@ -174,29 +175,38 @@ def load_model(
         name: ``efficientnet_lite0`` (default, offline ImageNet weights; also ``_lite1``/``_lite2`` if their
             packages are installed), a torchvision model name (``resnet50``; segmentation ``fcn_resnet50``,
             ``deeplabv3_mobilenet_v3_large``...; detection ``fasterrcnn_mobilenet_v3_large_fpn``,
-            ``retinanet_resnet50_fpn``...), or a timm name (``convnext_tiny``; prefix ``timm/`` to force timm).
+            ``retinanet_resnet50_fpn``...; video ``r3d_18``, ``mc3_18``, ``r2plus1d_18``), a timm name
+            (``convnext_tiny``; prefix ``timm/`` to force timm), or a Keras Applications model on the torch
+            backend, ``keras:vgg16``, ``keras:resnet50``, ``keras:mobilenetv2``... (:mod:`camkit.keras`; the model
+            is its :class:`camkit.keras.KerasModel` view).
         weights: a local state_dict file to load instead of pretrained weights (``weights_only=True``).
         pretrained: download the library's pretrained weights when no file is given (needs a network, except for
             the EfficientNet-Lite default). ``False``: random weights.
         device: where to put the model.
-        input_size: segmentation and detection models only: the square size images are resized to (default
-            520 for segmentation; detection: the model's own ``min_size`` capped at 640, and the model is set to
-            keep that size as is). Classifiers use the size they declare.
+        input_size: segmentation, detection, video and Keras models only: the square size images are resized
+            to (default 520 for segmentation; detection: the model's own ``min_size`` capped at 640, and the model
+            is set to keep that size as is; video 112; Keras 224, the model built for that size). Other
+            classifiers use the size they declare.
     """
     import timm
     import torchvision
 
     key = name.strip()
+    if key.lower().startswith("keras:"):
+        return _load_keras(key, weights, pretrained, device, input_size)
     labels: list[str] | None = None
     task = _torchvision_task(key)
-    if input_size is not None and task is None:
+    if input_size is not None and task is None and not _is_video(key):
         raise ValueError(
-            f"input_size is for segmentation and detection models; {name!r} uses the input size it declares"
+            f"input_size is for segmentation, detection and video models; {name!r} uses the input size it "
+            "declares"
         )
     if input_size is not None and input_size < 32:
         raise ValueError(f"input_size must be at least 32 pixels, got {input_size}")
     if task is not None:
         return _load_task_model(key, task, weights, pretrained, device, input_size)
+    if _is_video(key):
+        return _load_video_model(key, weights, pretrained, device, input_size)
     if key in _LITE:
         model = _lite(key, weights, pretrained)
         labels = imagenet_labels()
@@ -231,6 +241,62 @@ def load_model(
         labels = imagenet_labels() if _num_outputs(model) == 1000 else None
     model = model.eval().to(device)
     return LoadedModel(model=model, preprocess=Preprocess.for_model(model), labels=labels, name=key)
+
+
+def _load_keras(
+    key: str, weights: str | Path | None, pretrained: bool, device: str | torch.device, input_size: int | None
+) -> LoadedModel:
+    """``keras:NAME``: a Keras Applications model on the torch backend (:func:`camkit.keras.load`), as its
+    :class:`camkit.keras.KerasModel` view, with its ``preprocess_input`` as a Preprocess and ImageNet's labels."""
+    from camkit.keras import as_torch, load, preprocess_for
+
+    if input_size is not None and input_size < 32:
+        raise ValueError(f"input_size must be at least 32 pixels, got {input_size}")
+    if str(device) != "cpu":
+        raise ValueError(
+            f"{key}: camkit runs Keras models on the CPU here (Keras picks its own device); use --device cpu"
+        )
+    keras_model = load(
+        key.split(":", 1)[1], pretrained, input_size, None if weights is None else str(weights)
+    )
+    view = as_torch(keras_model)
+    labels = imagenet_labels() if _num_keras_outputs(keras_model) == 1000 else None
+    return LoadedModel(view, preprocess_for(keras_model), labels, key)
+
+
+def _num_keras_outputs(keras_model: object) -> int | None:
+    shape = getattr(keras_model, "output_shape", None)
+    return int(shape[-1]) if isinstance(shape, tuple) and shape and isinstance(shape[-1], int) else None
+
+
+def _is_video(key: str) -> bool:
+    """Whether ``key`` names one of torchvision's video classifiers (``r3d_18``, ``mc3_18``, ``r2plus1d_18``...)."""
+    import torchvision.models as tvm
+
+    return key in tvm.list_models(module=tvm.video)
+
+
+def _load_video_model(
+    key: str, weights: str | Path | None, pretrained: bool, device: str | torch.device, input_size: int | None
+) -> LoadedModel:
+    """A torchvision video classifier (Kinetics-400 labels, shipped with torchvision) and its clip preprocessing
+    (:class:`camkit.video.ClipPreprocess`: 16 frames at 112x112, or ``input_size``). Its pretrained weights are
+    downloaded by torchvision: offline, pass ``weights=`` (``--weights``) or ``pretrained=False``
+    (``--no-pretrained``) for random weights."""
+    import torchvision
+
+    from camkit.video import ClipPreprocess
+
+    def build(download: bool, num_classes: int | None = None) -> nn.Module:
+        extra = {} if num_classes is None else {"num_classes": num_classes}
+        built: nn.Module = torchvision.models.get_model(key, weights="DEFAULT" if download else None, **extra)
+        return built
+
+    model = _build(key, build, weights, pretrained).eval().to(device)
+    categories = list(torchvision.models.get_model_weights(key).DEFAULT.meta["categories"])
+    labels = categories if _num_outputs(model) == len(categories) else None
+    side = input_size if input_size is not None else 112
+    return LoadedModel(model, ClipPreprocess(size=(side, side)), labels, key, task="video")
 
 
 def _torchvision_task(key: str) -> str | None:
