@@ -166,6 +166,11 @@ def test_evaluate_images_and_store_print_the_same_summary(tmp_path: Path, small:
             assert _same(v, store_metrics[method][col]), (method, col, v, store_metrics[method][col])
         for col in ("deletion", "road_morf", "avg_drop", "pointing", "box_iou", "maxboxacc"):
             assert values[col] is not None and math.isfinite(values[col]), (method, col)
+    # MaxBoxAccV2 per IoU threshold, in both
+    assert isinstance(ev["maxboxacc"], dict) and isinstance(st["maxboxacc"], dict)
+    for method, per in ev["maxboxacc"].items():
+        assert set(per) == {"value", "iou_0.3", "iou_0.5", "iou_0.7"} == set(st["maxboxacc"][method])
+        assert all(_same(v, st["maxboxacc"][method][k]) for k, v in per.items()), (per, st["maxboxacc"])
     # the image without a box is left out of the box metrics by both paths
     excluded = ev["excluded_from_box_metrics"]
     assert isinstance(excluded, dict) and excluded["images"] == ["d.png"]
@@ -188,12 +193,14 @@ def test_store_summary_maxboxacc_is_maxboxaccv2_of_the_curves(tmp_path: Path) ->
         }
     )
     out = summarize(table, ["g"], {"n": 6})
-    assert out["metrics"]["g"]["maxboxacc"] == pytest.approx(max_box_acc_v2(curves, IOU_THRESHOLDS).value)
+    expected = max_box_acc_v2(curves, IOU_THRESHOLDS)
+    assert out["metrics"]["g"]["maxboxacc"] == pytest.approx(expected.value)
+    assert out["maxboxacc"]["g"]["iou_0.5"] == pytest.approx(expected.per_iou[0.5])
     assert out["metrics"]["g"]["box_iou"] == pytest.approx(1.75 / 4)
     none = summarize(
         table.set_column(1, "g.iou_curve", pa.array([None] * 6, pa.list_(pa.float32()))), ["g"], {}
     )
-    assert none["metrics"]["g"]["maxboxacc"] is None
+    assert none["metrics"]["g"]["maxboxacc"] is None and "maxboxacc" not in none
 
 
 def test_scorer_is_the_one_the_run_uses() -> None:
