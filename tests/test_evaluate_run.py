@@ -42,7 +42,7 @@ METRICS = "deletion,insertion,avg_drop,increase,road,pointing,pointing_strict,bo
 BOXES: dict[str, list[float] | None] = {
     "a.png": [8, 8, 40, 40],
     "b.png": [30, 10, 70, 50],
-    "c.png": [0, 20, 48, 60],
+    "c.png": [0, 20, 120, 60],  # past the right edge (80 px): clipped by both paths
     "d.png": None,
 }
 

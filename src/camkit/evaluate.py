@@ -2,7 +2,9 @@
 
 Images are processed in batches: one preprocessing, one shared forward + backward for all gradient methods
 (:func:`camkit.compare`), then each metric sends the perturbed images of all steps and images of the batch to the
-model in chunks (:mod:`camkit.metrics`). Two reference maps can be evaluated like methods: ``center`` (a centred
+model in chunks (:mod:`camkit.metrics`). The per-image metrics of a batch are computed by :class:`MetricScorer`,
+which ``camkit run`` (:class:`camkit.run.Explainer`) calls too: a run's store and :func:`evaluate` give the same
+numbers for the same images and options. Two reference maps can be evaluated like methods: ``center`` (a centred
 Gaussian blob, sigma = 1/4 of the side), ``random`` (seeded uniform noise on a grid of 1/32 of the side, upsampled:
 as smooth as a CAM of a stride-32 network) and ``noise`` (seeded uniform noise per pixel).
 

@@ -189,6 +189,17 @@ def _resolve_true_class(item: Item, labels: Sequence[str] | None, n_classes: int
     return c
 
 
+def _clipped(boxes: Sequence[Sequence[float]], size: tuple[int, int]) -> list[list[float]]:
+    """Boxes cut at the image's right and bottom edges, as :func:`camkit.evaluate.evaluate` fits them (a box
+    wholly outside the image, an error there, is kept: it scores as a miss)."""
+    w, h = size
+    out = []
+    for x0, y0, x1, y1 in boxes:
+        inside = x0 < w and y0 < h
+        out.append([x0, y0, min(x1, float(w)), min(y1, float(h))] if inside else [x0, y0, x1, y1])
+    return out
+
+
 class Explainer:
     """A model and the run's options: a batch of :class:`Sample` -> rows and maps (the user's model is used as
     :func:`camkit.compare` uses it: it comes back as it was)."""
@@ -285,7 +296,7 @@ class Explainer:
         top = probs_all.topk(min(opts.topk, probs_all.shape[1]), dim=1)
         classes = first.classes
         sizes = [samples[k].size for k in ok]
-        gt = [[list(bx) for bx in self.items[samples[k].index].boxes] for k in ok]
+        gt = [_clipped(self.items[samples[k].index].boxes, samples[k].size) for k in ok]
         for j, k in enumerate(ok):
             row = rows[k]
             row["topk_classes"] = [int(c) for c in top.indices[j]]
