@@ -287,7 +287,10 @@ class Explainer:
         ok = [k for k, s in enumerate(samples) if s.x is not None]
         if not ok:
             return rows, maps, thumbs
+        # channels-last, the layout of a batch made by Preprocess (as camkit.evaluate makes it): the same kernels
+        # run, so a store's metrics equal evaluate's bit for bit on the same batches
         x = torch.stack([samples[k].x for k in ok]).to(self.device)  # type: ignore[misc]
+        x = x.contiguous(memory_format=torch.channels_last)
         targets = [self._classes[samples[k].index] for k in ok] if self._classes is not None else None
         expl = compare(self.model, x, self.methods, opts.layers, targets, labels=self.labels)
         first = expl[self.methods[0]]
