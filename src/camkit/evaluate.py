@@ -2,7 +2,9 @@
 
 Images are processed in batches: one preprocessing, one shared forward + backward for all gradient methods
 (:func:`camkit.compare`), then each metric sends the perturbed images of all steps and images of the batch to the
-model in chunks (:mod:`camkit.metrics`). Two reference maps can be evaluated like methods: ``center`` (a centred
+model in chunks (:mod:`camkit.metrics`). The per-image metrics of a batch are computed by :class:`MetricScorer`,
+which ``camkit run`` (:class:`camkit.run.Explainer`) calls too: a run's store and :func:`evaluate` give the same
+numbers for the same images and options. Two reference maps can be evaluated like methods: ``center`` (a centred
 Gaussian blob, sigma = 1/4 of the side), ``random`` (seeded uniform noise on a grid of 1/32 of the side, upsampled:
 as smooth as a CAM of a stride-32 network) and ``noise`` (seeded uniform noise per pixel).
 
@@ -38,12 +40,14 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BASELINES",
+    "IOU_THRESHOLDS",
     "METRICS",
     "Annotation",
     "EvaluationConfig",
     "EvaluationResult",
     "EvaluationRow",
     "Metric",
+    "MetricScorer",
     "Skipped",
     "collect_images",
     "evaluate",
@@ -102,6 +106,8 @@ METRICS: dict[str, Metric] = {
     "maxboxacc": Metric((), True, False),
 }
 DEFAULT_METRICS = ("deletion", "insertion", "avg_drop", "increase")
+#: The map thresholds of the MaxBoxAccV2 IoU curves (wsolevaluation's 0, 0.01, ..., 0.99).
+IOU_THRESHOLDS: Tensor = torch.arange(0, 1, 0.01)
 BOX_METRICS = ("pointing", "pointing_strict", "box", "maxboxacc")
 
 
@@ -340,22 +346,32 @@ def _class_indices(fwd_logits: Tensor, anns: list[Annotation | None], labels: Se
 
 
 @dataclass
-class _Scorer:
-    """Computes the chosen metrics of one batch of maps (the model calls go through ``forward``)."""
+class MetricScorer:
+    """The per-image metrics of one batch of maps: the one computation behind both :func:`evaluate` and
+    ``camkit run`` (:class:`camkit.run.Explainer`), so their numbers cannot drift apart.
+
+    Attributes:
+        model: the classifier (in eval mode).
+        forward: how the perturbed images reach the model (:class:`camkit.metrics._common.Forward`, in chunks).
+        chosen: metric names of :data:`METRICS` (``increase`` comes with ``avg_drop`` in one pass).
+        steps: deletion/insertion steps.
+        box_threshold: map threshold (fraction of the max) of ``box``.
+        thresholds: the map thresholds of the ``maxboxacc`` IoU curves (:data:`IOU_THRESHOLDS`).
+    """
 
     model: nn.Module
     forward: Forward
     chosen: list[str]
     steps: int
     box_threshold: float
-    thresholds: Tensor  # of the MaxBoxAccV2 IoU curves
+    thresholds: Tensor = field(default_factory=lambda: IOU_THRESHOLDS.clone())
 
     def __call__(
         self,
         x: Tensor,
         maps: Tensor,
         classes: Tensor,
-        gt: list[list[list[float]]],
+        gt: Sequence[Sequence[Sequence[float]]],
         sizes: list[tuple[int, int]],
         tick: Callable[[float, str], None] | None = None,
     ) -> tuple[dict[str, Tensor], Tensor | None]:
@@ -507,8 +523,8 @@ def evaluate(
     pre = preprocess or Preprocess.for_model(model)
     device = model_device(model)
     fwd = Forward(model, batch_size)
-    thresholds = torch.arange(0, 1, 0.01)
-    score = _Scorer(model, fwd, chosen, steps, box_threshold, thresholds)
+    thresholds = IOU_THRESHOLDS.clone()
+    score = MetricScorer(model, fwd, chosen, steps, box_threshold, thresholds)
     columns = [c for m in chosen for c in METRICS[m].columns]
     rows: list[EvaluationRow] = []
     curves: dict[str, list[Tensor]] = {m: [] for m in order}

@@ -4,6 +4,9 @@ Everything the user can get wrong is checked before the model is loaded: the met
 (folders are searched recursively), the annotation file (format, keys, boxes), the boxes against the image sizes,
 and the ``--out`` folder. An image that cannot be read is reported on stderr, skipped, and listed in
 evaluate.json; the command then exits with status 1 (0 when every input was evaluated, 2 on a user error).
+
+``camkit evaluate STORE`` prints the summary of a ``camkit run`` store; the run computed its per-image metrics with
+the same :class:`camkit.evaluate.MetricScorer`, so both forms give the same means for the same images and options.
 """
 
 from __future__ import annotations

@@ -59,7 +59,10 @@ def run(
         str, typer.Option(help="Stored maps at the layer's 'feature' resolution or the model's 'input' size.")
     ] = "feature",
     metrics: Annotated[
-        str, typer.Option(help="Per-image metrics, comma-separated: deletion,insertion,pointing,box.")
+        str,
+        typer.Option(
+            help="Per-image metrics, comma-separated: deletion,insertion,avg_drop,increase,road,pointing,pointing_strict,box,maxboxacc (those of camkit evaluate)."
+        ),
     ] = "",
     steps: Annotated[int, typer.Option(help="Deletion/insertion steps.")] = 20,
     topk: Annotated[int, typer.Option(help="Predicted classes kept per image, with probabilities.")] = 5,

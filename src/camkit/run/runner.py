@@ -30,6 +30,7 @@ import pyarrow as pa
 import torch
 from torch import Tensor, nn
 
+from camkit.evaluate import METRICS, MetricScorer
 from camkit.io.files import save_image, write_json
 from camkit.io.images import DEFAULT_MAX_PIXELS
 from camkit.io.preprocess import Preprocess
@@ -47,12 +48,12 @@ __all__ = [
     "shard_batches",
 ]
 
-#: ``--metrics`` names -> their per-method columns.
+#: ``--metrics`` names -> their per-method columns: the metrics of :data:`camkit.evaluate.METRICS`, computed by
+#: the same :class:`camkit.evaluate.MetricScorer`; ``maxboxacc`` (a value over the whole data set) keeps each
+#: image's IoU curve (``<method>.iou_curve``, one IoU per threshold of :data:`camkit.evaluate.IOU_THRESHOLDS`),
+#: and the summary computes MaxBoxAccV2 from them.
 METRIC_COLUMNS: dict[str, tuple[str, ...]] = {
-    "deletion": ("deletion",),
-    "insertion": ("insertion",),
-    "pointing": ("pointing",),
-    "box": ("box_iou", "box_acc"),
+    name: (metric.columns if name != "maxboxacc" else ("iou_curve",)) for name, metric in METRICS.items()
 }
 TARGETS = ("top1", "true")
 RESOLUTIONS = ("feature", "input")
@@ -105,8 +106,9 @@ class RunOptions:
             the model's input size).
         topk: predicted classes (with probabilities) kept per image.
         threshold: map threshold (fraction of its max) of the box per image (and of the ``box`` metric).
-        metrics: per-image metrics: ``deletion``, ``insertion`` (``steps`` steps), ``pointing``, ``box`` (the last
-            two need ground-truth boxes, NaN without).
+        metrics: per-image metrics, those of ``camkit evaluate`` (:data:`camkit.evaluate.METRICS`): ``deletion``,
+            ``insertion`` (``steps`` steps), ``avg_drop``, ``increase``, ``road``, and with ground-truth boxes
+            ``pointing``, ``pointing_strict``, ``box`` (at ``threshold``) and ``maxboxacc`` (NaN without boxes).
         steps: deletion/insertion steps.
         thumbnails: longer side of the JPEG overlays written per image and method (0: none).
         image_size: resize images to this square size instead of the model's own input size (None: the model's).
@@ -187,6 +189,17 @@ def _resolve_true_class(item: Item, labels: Sequence[str] | None, n_classes: int
     return c
 
 
+def _clipped(boxes: Sequence[Sequence[float]], size: tuple[int, int]) -> list[list[float]]:
+    """Boxes cut at the image's right and bottom edges, as :func:`camkit.evaluate.evaluate` fits them (a box
+    wholly outside the image, an error there, is kept: it scores as a miss)."""
+    w, h = size
+    out = []
+    for x0, y0, x1, y1 in boxes:
+        inside = x0 < w and y0 < h
+        out.append([x0, y0, min(x1, float(w)), min(y1, float(h))] if inside else [x0, y0, x1, y1])
+    return out
+
+
 class Explainer:
     """A model and the run's options: a batch of :class:`Sample` -> rows and maps (the user's model is used as
     :func:`camkit.compare` uses it: it comes back as it was)."""
@@ -213,7 +226,7 @@ class Explainer:
         self.preprocess = preprocess
         self.device = next((p.device for p in model.parameters()), torch.device("cpu"))
         self._classes: list[int] | None = None
-        self._forward: Any = None
+        self._scorer: MetricScorer | None = None
         self._shape: tuple[int, int] | None = None
 
     def map_shape(self) -> tuple[int, int]:
@@ -245,19 +258,22 @@ class Explainer:
                 self._classes = [_resolve_true_class(it, self.labels, n_classes) for it in self.items]
         return self._shape
 
-    def _metric_forward(self) -> Any:
-        if self._forward is None:
+    def scorer(self) -> MetricScorer:
+        """The per-image metrics of the run (the same computation as :func:`camkit.evaluate.evaluate`)."""
+        if self._scorer is None:
             from camkit.metrics._common import Forward
 
-            self._forward = Forward(self.model)
-        return self._forward
+            o = self.options
+            self._scorer = MetricScorer(
+                self.model, Forward(self.model), list(o.metrics), o.steps, o.threshold
+            )
+        return self._scorer
 
     def __call__(
         self, samples: Sequence[Sample]
     ) -> tuple[list[dict[str, Any]], dict[str, np.ndarray], list[Any]]:
         """Rows (one per sample, in order), maps per method float16 [B, H, W] (NaN for unreadable images) and
         the thumbnails to write: (method, index, PIL image)."""
-        from camkit import metrics as M
         from camkit.localize import localize
         from camkit.pipeline import compare
         from camkit.postprocess import normalize
@@ -271,7 +287,10 @@ class Explainer:
         ok = [k for k, s in enumerate(samples) if s.x is not None]
         if not ok:
             return rows, maps, thumbs
+        # channels-last, the layout of a batch made by Preprocess (as camkit.evaluate makes it): the same kernels
+        # run, so a store's metrics equal evaluate's bit for bit on the same batches
         x = torch.stack([samples[k].x for k in ok]).to(self.device)  # type: ignore[misc]
+        x = x.contiguous(memory_format=torch.channels_last)
         targets = [self._classes[samples[k].index] for k in ok] if self._classes is not None else None
         expl = compare(self.model, x, self.methods, opts.layers, targets, labels=self.labels)
         first = expl[self.methods[0]]
@@ -280,7 +299,7 @@ class Explainer:
         top = probs_all.topk(min(opts.topk, probs_all.shape[1]), dim=1)
         classes = first.classes
         sizes = [samples[k].size for k in ok]
-        gt = [[list(bx) for bx in self.items[samples[k].index].boxes] for k in ok]
+        gt = [_clipped(self.items[samples[k].index].boxes, samples[k].size) for k in ok]
         for j, k in enumerate(ok):
             row = rows[k]
             row["topk_classes"] = [int(c) for c in top.indices[j]]
@@ -299,23 +318,15 @@ class Explainer:
             maps[m][ok] = stored.detach().cpu().numpy().astype(np.float16)
             boxes = localize(full, threshold=opts.threshold, image_sizes=sizes)
             values: dict[str, Tensor] = {}
-            if "deletion" in opts.metrics:
-                values["deletion"] = M.deletion(
-                    self.model, x, full, classes, steps=opts.steps, forward=self._metric_forward()
-                ).auc
-            if "insertion" in opts.metrics:
-                values["insertion"] = M.insertion(
-                    self.model, x, full, classes, steps=opts.steps, forward=self._metric_forward()
-                ).auc
-            if "pointing" in opts.metrics:
-                values["pointing"] = M.pointing_game(full, gt, image_sizes=sizes)
-            if "box" in opts.metrics:
-                acc = M.box_accuracy(full, gt, threshold=opts.threshold, image_sizes=sizes)
-                values["box_iou"], values["box_acc"] = acc.iou, acc.correct
+            curves: Tensor | None = None
+            if opts.metrics:
+                values, curves = self.scorer()(x, full, classes, gt, sizes)
             for j, k in enumerate(ok):
                 rows[k][f"{m}.box"] = boxes[j][0].xyxy if boxes[j] else None
                 for col, v in values.items():
                     rows[k][f"{m}.{col}"] = float(v[j])
+                if curves is not None:
+                    rows[k][f"{m}.iou_curve"] = None if bool(curves[j].isnan().any()) else curves[j].tolist()
             if opts.thumbnails:
                 from camkit.viz import overlay
 
@@ -360,7 +371,10 @@ class Explainer:
         for m in self.methods:
             fields.append((f"{m}.box", pa.list_(pa.int64())))
             for metric in self.options.metrics:
-                fields += [(f"{m}.{col}", pa.float64()) for col in METRIC_COLUMNS[metric]]
+                fields += [
+                    (f"{m}.{col}", pa.list_(pa.float32()) if col == "iou_curve" else pa.float64())
+                    for col in METRIC_COLUMNS[metric]
+                ]
         return pa.schema(fields)
 
     def table(self, rows: Sequence[dict[str, Any]]) -> pa.Table:

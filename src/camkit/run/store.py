@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 
 from camkit.io.files import atomic_write, write_json
 from camkit.run.sources import Item
@@ -299,19 +300,34 @@ def open_store(path: str | Path) -> Store:
 
 
 def summarize(table: pa.Table, methods: Sequence[str], config: dict[str, Any]) -> dict[str, Any]:
-    """Counts and, per method, the mean of each metric column over the images that have a value."""
+    """Counts and, per method, the mean of each metric column over the images that have a value (NaN left out,
+    as :func:`camkit.evaluate.evaluate` does), and ``maxboxacc``: MaxBoxAccV2 over the IoU curves of the images
+    with ground-truth boxes (None when none has boxes); with curves, a ``maxboxacc`` key like evaluate's too
+    (method -> ``value`` and the accuracy at each IoU threshold, ``iou_0.3``, ``iou_0.5``, ``iou_0.7``)."""
+    from camkit.evaluate import IOU_THRESHOLDS
+    from camkit.metrics import max_box_acc_v2
+
     n = table.num_rows
     status = table.column("status").to_pylist() if n else []
     means: dict[str, dict[str, float | None]] = {}
+    mba: dict[str, dict[str, float]] = {}
     for m in methods:
         means[m] = {}
         for col in table.column_names:
             if not col.startswith(f"{m}.") or col == f"{m}.box":
                 continue
+            if col == f"{m}.iou_curve":
+                curves = [c for c in table.column(col).to_pylist() if c is not None]
+                means[m]["maxboxacc"] = None
+                if curves:
+                    res = max_box_acc_v2(torch.tensor(curves, dtype=torch.float32), IOU_THRESHOLDS)
+                    means[m]["maxboxacc"] = res.value
+                    mba[m] = {"value": res.value} | {f"iou_{k}": v for k, v in res.per_iou.items()}
+                continue
             vals = np.asarray(table.column(col).to_numpy(zero_copy_only=False), dtype=np.float64)
             vals = vals[~np.isnan(vals)]
             means[m][col.split(".", 1)[1]] = float(vals.mean()) if len(vals) else None
-    return {
+    out: dict[str, Any] = {
         "images": int(config.get("n", n)),
         "rows": n,
         "ok": sum(s == "ok" for s in status),
@@ -319,3 +335,6 @@ def summarize(table: pa.Table, methods: Sequence[str], config: dict[str, Any]) -
         "methods": list(methods),
         "metrics": means,
     }
+    if mba:
+        out["maxboxacc"] = mba
+    return out
