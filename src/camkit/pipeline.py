@@ -246,7 +246,7 @@ def _maps(method: Method, shared: Shared, weights: dict[str, list[Tensor]]) -> d
         tg = shared.targets
         return {
             method.name: method.run(
-                AttentionInput(shared.model, shared.x, shared.output_fn, tg.classes, tg.fn)
+                AttentionInput(shared.model, shared.x, shared.output_fn, tg.classes, tg.fn, shared.layers)
             )
         }
     raw = {}

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import Tensor, nn
@@ -114,6 +114,7 @@ class AttentionInput:
         output_fn: raw model output -> the explained Tensor.
         classes: LongTensor[B] or [B, k] of the explained classes; None for a callable target.
         target_fn: the callable target ``f(output) -> Tensor[B]`` when ``classes`` is None.
+        layers: the call's target layers, name -> module (methods with their own passes at given layers).
     """
 
     model: nn.Module
@@ -121,6 +122,7 @@ class AttentionInput:
     output_fn: Callable[[object], Tensor]
     classes: Tensor | None
     target_fn: Callable[[Tensor], Tensor] | None = None
+    layers: dict[str, nn.Module] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, kw_only=True)
