@@ -52,12 +52,14 @@ def _values(record: dict[str, object]) -> dict[str, dict[str, float]]:
 
 
 def load(paths: list[Path]) -> dict[str, dict[str, dict[str, float]]]:
-    """model -> method -> column -> mean, merged over evaluate.json files (later files add methods)."""
+    """model -> method -> column -> mean, merged over evaluate.json files (later files add methods and columns)."""
     models: dict[str, dict[str, dict[str, float]]] = {}
     for p in paths:
         record = json.loads(p.read_text(encoding="utf-8"))
         name = str(record["run"]["model"])
-        models.setdefault(name, {}).update(_values(record))
+        per_model = models.setdefault(name, {})
+        for method, cols in _values(record).items():
+            per_model.setdefault(method, {}).update({k: v for k, v in cols.items() if not math.isnan(v)})
     return models
 
 
@@ -66,12 +68,13 @@ def _fmt(v: float | None) -> str:
 
 
 def table(model: str, rows: dict[str, dict[str, float]], cost: dict[str, float] | None = None) -> str:
-    """A markdown table of one model's means."""
-    head = "| method | " + " | ".join(h for _, h in COLUMNS) + (" | cost (x forward) |" if cost else " |")
-    sep = "|" + " --- |" * (len(COLUMNS) + 1 + (1 if cost else 0))
+    """A markdown table of one model's means (columns that no method has are left out)."""
+    cols = [(k, h) for k, h in COLUMNS if any(not math.isnan(v.get(k, float("nan"))) for v in rows.values())]
+    head = "| method | " + " | ".join(h for _, h in cols) + (" | cost (x forward) |" if cost else " |")
+    sep = "|" + " --- |" * (len(cols) + 1 + (1 if cost else 0))
     lines = [f"**{model}**", "", head, sep]
     for method, vals in rows.items():
-        cells = [_fmt(vals.get(k)) for k, _ in COLUMNS]
+        cells = [_fmt(vals.get(k)) for k, _ in cols]
         extra = [f"{cost[method]:.1f}" if cost and method in cost else ""] if cost else []
         lines.append("| " + " | ".join([method, *cells, *extra]) + " |")
     return "\n".join(lines)
