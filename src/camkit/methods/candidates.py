@@ -36,6 +36,8 @@ hook is removed, grad mode restored, parameters' ``requires_grad`` and ``.grad``
 
 from __future__ import annotations
 
+import threading
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
@@ -220,9 +222,30 @@ def polycam_recursion(maps: list[Tensor], eps: float = 1e-8) -> Tensor:
     return s
 
 
+_STAGES: weakref.WeakKeyDictionary[nn.Module, dict[tuple[object, ...], list[str]]] = (
+    weakref.WeakKeyDictionary()
+)
+_STAGES_LOCK = threading.Lock()
+
+
 def stage_layers(model: nn.Module, example: Tensor, stages: int = 3) -> dict[str, nn.Module]:
-    """The last layer of each of the ``stages`` deepest resolutions (CNN layouts), shallow to deep."""
-    from camkit.layers import describe_layers, pick_auto, resolve_layers
+    """The last layer of each of the ``stages`` deepest resolutions (CNN layouts), shallow to deep.
+
+    Cached per model and input shape, like the automatic layer (one traced batch-1 forward the first time)."""
+    from camkit.layers import resolve_layers
+
+    key = (tuple(example.shape[1:]), example.dtype, str(example.device), stages)
+    with _STAGES_LOCK:
+        names = _STAGES.get(model, {}).get(key)
+    if names is None:
+        names = _stage_names(model, example, stages)
+        with _STAGES_LOCK:
+            _STAGES.setdefault(model, {})[key] = names
+    return resolve_layers(model, ",".join(names), example)
+
+
+def _stage_names(model: nn.Module, example: Tensor, stages: int) -> list[str]:
+    from camkit.layers import describe_layers, pick_auto
 
     infos = [
         i
@@ -243,7 +266,7 @@ def stage_layers(model: nn.Module, example: Tensor, stages: int = 3) -> dict[str
     names = [n for _, n in chosen]
     if auto is not None and auto not in names:
         names = [*names[1:], auto]
-    return resolve_layers(model, ",".join(names), example)
+    return names
 
 
 def polycam(inp: AttentionInput) -> Tensor:
