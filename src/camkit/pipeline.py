@@ -38,6 +38,7 @@ from camkit.methods import (
     LayerMethod,
     Method,
     MethodInput,
+    PassMethod,
     PerturbationMethod,
     get_method,
 )
@@ -242,7 +243,7 @@ def _layer_weights(method: Method, shared: Shared, layer: str) -> list[Tensor]:
 def _maps(method: Method, shared: Shared, weights: dict[str, list[Tensor]]) -> dict[str, Tensor]:
     """7. The signed map of each layer, shallow to deep (Tensor[B, h, w], [B, k, h, w] for k targets per image);
     an attention method: its own map from its own pass."""
-    if isinstance(method, AttentionMethod):
+    if isinstance(method, (AttentionMethod, PassMethod)):
         tg = shared.targets
         return {
             method.name: method.run(

@@ -39,8 +39,6 @@ from __future__ import annotations
 import threading
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -48,7 +46,7 @@ from torch import Tensor, nn
 
 from camkit.capture import capture, hook_forward
 from camkit.methods.engine import PerturbationContext
-from camkit.methods.registry import AttentionInput, AttentionMethod, PerturbationMethod, register
+from camkit.methods.registry import AttentionInput, PassMethod, PerturbationMethod, register
 from camkit.postprocess import normalize, upsample
 from camkit.targets import score_fn
 
@@ -65,17 +63,6 @@ __all__ = [
 
 CAMERAS_SCALES: tuple[float, ...] = (1.0, 1.5, 2.0)
 """Input scale factors accumulated by ``cameras`` (the paper: 224 to 1124 px in 10 steps)."""
-
-
-@dataclass(frozen=True, kw_only=True)
-class PassMethod(AttentionMethod):
-    """A method that computes its map in its own passes over the model at the call's target layers.
-
-    Attributes:
-        run: ``AttentionInput -> Tensor[B, h, w]``, the signed map (``AttentionInput.layers`` holds the layers).
-    """
-
-    family: ClassVar[str] = "pass"
 
 
 # ----------------------------------------------------------------------------------------------- helpers

@@ -6,6 +6,8 @@
 * :class:`PerturbationMethod`: a weight formula ``w[B, T, K]`` computed from extra forward passes of perturbed
   inputs by the shared batching/replay engine (:mod:`camkit.methods.engine`); the map is ``sum_k w_k A_k``.
 * :class:`AttentionMethod`: computes its map in its own pass over a transformer's attention probabilities.
+* :class:`PassMethod`: computes its map in its own passes over the model at the call's target layers
+  (multi-scale or multi-layer methods: :mod:`camkit.methods.candidates`).
 
 ReLU, upsampling and normalisation happen in one place for all kinds (:mod:`camkit.postprocess`).
 To add a method: write its formula in the module of its kind and call :func:`register` with keywords. Importing
@@ -31,6 +33,7 @@ __all__ = [
     "LayerMethod",
     "Method",
     "MethodInput",
+    "PassMethod",
     "PerturbationMethod",
     "get_method",
     "method_names",
@@ -138,15 +141,27 @@ class AttentionMethod(Method):
     run: Callable[[AttentionInput], Tensor]
 
 
+@dataclass(frozen=True, kw_only=True)
+class PassMethod(Method):
+    """A map from the method's own passes over the model at the call's target layers (``AttentionInput.layers``).
+
+    Attributes:
+        run: ``AttentionInput -> Tensor[B, h, w]``, the signed map.
+    """
+
+    family: ClassVar[str] = "pass"
+    run: Callable[[AttentionInput], Tensor]
+
+
 METHODS: dict[str, Method] = {}
 _ALIASES: dict[str, str] = {}
 
 
 def register(method: Method) -> Method:
     """Add a method to the registry (its name and aliases, case-insensitive)."""
-    if not isinstance(method, (LayerMethod, PerturbationMethod, AttentionMethod)):
+    if not isinstance(method, (LayerMethod, PerturbationMethod, AttentionMethod, PassMethod)):
         raise TypeError(
-            f"register a LayerMethod, PerturbationMethod or AttentionMethod, not {type(method).__name__}"
+            f"register a LayerMethod, PerturbationMethod, AttentionMethod or PassMethod, not {type(method).__name__}"
         )
     METHODS[method.name] = method
     for key in (method.name, *method.aliases):
