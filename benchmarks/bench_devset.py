@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     r.add_argument("--models", default=",".join(MODELS))
     r.add_argument("--methods", default=",".join(REFERENCES + CANDIDATES))
-    r.add_argument("--steps", type=int, default=25)
+    r.add_argument("--steps", type=int, default=10, help="deletion/insertion steps (10: the README table)")
     t = sub.add_parser("table", help="tables and the verdict from evaluate.json files")
     t.add_argument("files", type=Path, nargs="+")
     t.add_argument("--cost", type=Path, default=None, help="a JSON {method: x forward} from `cost`")
