@@ -90,7 +90,8 @@ def verdict(
         fails = []
         for model, rows in models.items():
             ref, row = rows.get("gradcam"), rows.get(method)
-            if ref is None or row is None:
+            keys = ("maxboxacc", "insertion", "deletion")
+            if ref is None or row is None or any(k not in ref or k not in row for k in keys):
                 fails.append(f"{model}: not measured")
                 continue
             if not row["maxboxacc"] > ref["maxboxacc"]:
