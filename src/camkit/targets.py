@@ -207,6 +207,13 @@ def _target_scores(target: Callable[[Tensor], Tensor], output: Tensor) -> Tensor
     scores = target(output)
     batch = output.shape[0]
     if isinstance(scores, Tensor) and scores.dim() == 2 and scores.shape[0] == batch and scores.shape[1] >= 1:
+        explicit = isinstance(target, (MultiLabelTarget, EachTarget))
+        if not explicit and output.dim() == 2 and scores.shape == output.shape and scores.shape[1] > 1:
+            raise ValueError(
+                f"the callable target returned a score for every one of the output's {scores.shape[1]} columns "
+                "(Tensor[B, C]), which would explain each of them; return Tensor[B] (e.g. out[:, c]), or use "
+                "TopK(k), MultiLabelTarget(classes, separate=True) or EachTarget([...]) for several targets"
+            )
         return scores.T  # Tensor[T, B]: T targets per image
     if not isinstance(scores, Tensor) or scores.shape != (batch,):
         shape = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__

@@ -522,7 +522,9 @@ def _write_target(
             )
             for layer in (expl.layers if len(expl.layers) > 1 else [])
         }
-        cells[name]["fused" if len(expl.layers) > 1 else expl.layers[0]] = fused
+        # a map of the method's own passes is filed under the method's name: one shared column for all of them
+        single = "own map" if expl.layers[0] == name else expl.layers[0]
+        cells[name]["fused" if len(expl.layers) > 1 else single] = fused
         rows.append(row)
     if len(results) > 1 or len(next(iter(results.values())).layers) > 1:
         file = job.out / f"{pic.stem}_grid{suffix}.png"
