@@ -351,7 +351,7 @@ def test_load_segmentation_model_by_name(offline):
     assert (loaded.labels[0], loaded.labels[8]) == ("__background__", "cat")
     small = camkit.load_model("lraspp_mobilenet_v3_large", pretrained=False, input_size=128)
     assert small.preprocess.size == (128, 128)
-    with pytest.raises(ValueError, match="input_size is for segmentation and detection models"):
+    with pytest.raises(ValueError, match="input_size is for segmentation, detection and video models"):
         camkit.load_model("resnet18", pretrained=False, input_size=128)
     assert tasks.model_task(nn.Conv2d(3, 3, 1)) == "classification"
 
