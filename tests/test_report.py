@@ -323,3 +323,22 @@ def test_records_may_hold_paths_read_when_rendered(tmp_path: Path) -> None:
     (tmp_path / "p.jpg").write_bytes(b"gone")
     with pytest.raises(ValueError, match="cannot read"):
         render([rec])
+
+
+def test_build_records_refuses_a_training_model_before_any_forward(small_model: camkit.LoadedModel) -> None:
+    import copy
+
+    import torch
+
+    loaded = copy.deepcopy(small_model)
+    loaded.model.train()
+    before = {k: v.clone() for k, v in loaded.model.state_dict().items()}
+    with pytest.raises(ValueError, match="training mode"):
+        next(iter(build_records(loaded, [("cat", photo())])))
+    after = loaded.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # no BatchNorm statistic moved
+    assert loaded.model.training
+    with pytest.raises(TypeError, match="LoadedModel"):
+        next(iter(build_records(loaded.model, [("cat", photo())])))  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="pairs"):
+        next(iter(build_records(small_model, [photo()])))  # type: ignore[list-item]

@@ -165,12 +165,22 @@ def build_records(
     Raises:
         ValueError: an unknown metric or method, a ``TopK`` target, ``steps`` below 1.
     """
+    from camkit.capture import check_eval
+    from camkit.io import LoadedModel
     from camkit.localize import localize
     from camkit.methods import get_method
     from camkit.outputs import logits_of
     from camkit.pipeline import compare
     from camkit.targets import TopK
 
+    if not isinstance(loaded, LoadedModel):
+        raise TypeError(
+            f"loaded must be a camkit.LoadedModel (from camkit.load_model), got {type(loaded).__name__}; for "
+            "your own network: LoadedModel(model=..., preprocess=camkit.Preprocess(...), labels=...)"
+        )
+    check_eval(
+        loaded.model, stacklevel=3
+    )  # before the top-5 forward below, which would update BatchNorm stats
     unknown = [n for n in metrics if n not in METRICS]
     if unknown:
         raise ValueError(
@@ -188,7 +198,10 @@ def build_records(
         get_method(name)  # an unknown name raises here, before any image is read
     layer_spec: str | list[str] = layers if isinstance(layers, str) else list(layers)
 
-    for name, image in images:
+    for item in images:
+        if not (isinstance(item, tuple) and len(item) == 2):
+            raise TypeError(f"images must be (name, PIL image or path) pairs, got {item!r:.80}")
+        name, image = item
         pil = _read(image)
         x = loaded.preprocess([pil])
         with torch.no_grad():
