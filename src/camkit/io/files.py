@@ -5,6 +5,11 @@
   at the destination is replaced by the new file, never written through.
 * :func:`write_json` writes strict JSON (RFC 8259): NaN and infinities become ``null``, text stays UTF-8
   (``ensure_ascii=False``).
+* Files get the mode a plain ``open()`` would give them under the process's umask (``0o666 & ~umask``), not
+  the ``0o600`` of the temporary file they were written to, so a colleague (or another user of a shared file
+  system) can read them as they could any file the user writes.
+* :func:`file_lock` takes an OS lock on a lock file, for read-merge-write updates and store creation that two
+  processes may do at once.
 * :func:`prepare_out_dir` checks an output folder before any model work; :func:`output_stems` gives inputs that
   share a file name distinct, bounded output names.
 """
@@ -16,14 +21,24 @@ import json
 import math
 import os
 import tempfile
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
+from filelock import FileLock, Timeout
 from PIL import Image
 
-__all__ = ["atomic_write", "output_stems", "prepare_out_dir", "save_image", "strict_json", "write_json"]
+__all__ = [
+    "atomic_write",
+    "file_lock",
+    "output_stems",
+    "prepare_out_dir",
+    "save_image",
+    "strict_json",
+    "write_json",
+]
 
 MAX_NAME_BYTES = 200
 """Longest output file name camkit makes (most file systems allow 255 bytes)."""
@@ -38,6 +53,7 @@ def atomic_write(path: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
     target = Path(path)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name[:40]}.", suffix=".part")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         stream = os.fdopen(fd, mode) if "b" in mode else os.fdopen(fd, mode, encoding="utf-8")
         with stream as f:
             yield f
@@ -50,6 +66,39 @@ def atomic_write(path: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
         except FileNotFoundError:
             pass
         raise
+
+
+_UMASK_LOCK = threading.Lock()
+
+
+def _umask() -> int:
+    """The process's umask (read by setting it and setting it back, under a lock so threads see one value)."""
+    with _UMASK_LOCK:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+@contextmanager
+def file_lock(path: str | Path, timeout: float = -1, what: str = "") -> Iterator[None]:
+    """Hold an exclusive OS lock (``flock``, through the ``filelock`` package) on the file ``path``.
+
+    Another process (or thread) asking for the same lock waits; with ``timeout >= 0`` it gives up after that
+    many seconds with a :class:`ValueError` naming ``what`` (or the lock file). The lock file itself is left in
+    place: removing it while another process waits on it would let two holders in.
+    """
+    lock = FileLock(str(path), timeout=timeout, mode=0o666 & ~_umask())
+    try:
+        lock.acquire()
+    except Timeout as err:
+        raise ValueError(
+            f"{what or str(path)!r} is in use by another camkit process (lock {str(path)!r}); "
+            "wait for it to finish and try again"
+        ) from err
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def save_image(image: Image.Image, path: str | Path, format: str | None = None, **options: Any) -> None:
