@@ -1,11 +1,13 @@
-# `make demo`, `make test` (the whole suite), `make test-fast` (the suite without the tests marked slow) and
-# `make lint` (ruff, ruff format, mypy). Each builds .venv from nothing when it is missing.
+# `make demo`, `make test` (the whole suite), `make test-fast` (the suite without the tests marked slow),
+# `make lint` (ruff, ruff format, mypy), `make docs` (the mkdocs site, --strict, into site/), `make methods-table`
+# and `make compat` (regenerate docs/methods.md and docs/compatibility.md) and `make bench`.
+# Each builds .venv from nothing when it is missing.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.camkit-installed
 
-.PHONY: demo test test-fast lint bench compat docs clean
+.PHONY: demo test test-fast lint bench compat docs methods-table clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,7 +30,10 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check src tests benchmarks tools
 	$(BIN)/mypy
 
-docs: $(STAMP)   # regenerate docs/methods.md from the method registry
+docs: $(STAMP)   # build the documentation site into site/ (gitignored); fails on any warning
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict -d site -f mkdocs.yml
+
+methods-table: $(STAMP)   # regenerate docs/methods.md from the method registry
 	$(BIN)/python tools/methods_table.py
 
 compat: $(STAMP)   # regenerate docs/compatibility.md from the model-family test matrix
@@ -38,4 +43,4 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_gradient.py
 
 clean:
-	rm -rf $(VENV) out build *.egg-info src/*.egg-info .pytest_cache
+	rm -rf $(VENV) out build site *.egg-info src/*.egg-info .pytest_cache

@@ -1,6 +1,6 @@
 """Regenerate docs/methods.md from the method registry (camkit.methods.METHODS).
 
-    .venv/bin/python tools/methods_table.py      # or: make docs
+    .venv/bin/python tools/methods_table.py      # or: make methods-table
 
 tests/test_docs.py fails when the committed docs/methods.md differs from what the registry renders, so the table
 cannot drift from the code.
@@ -25,8 +25,9 @@ def render() -> str:
     lines = [
         "# Methods",
         "",
-        "Generated from the method registry by `make docs` (`tools/methods_table.py`); `camkit methods` prints the",
-        "same (`--format json` for programs). To add a method, see the README's Architecture section.",
+        "Generated from the method registry by `make methods-table` (`tools/methods_table.py`); `camkit methods`",
+        "prints the same (`--format json` for programs). The formulas in full: [Formulas and conventions](conventions.md);",
+        "to add a method, see [Architecture](architecture.md#adding-a-method).",
         "",
         "| name | family | map / weights | cost | when to prefer it | paper | aliases |",
         "| --- | --- | --- | --- | --- | --- | --- |",
