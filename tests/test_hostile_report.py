@@ -13,10 +13,16 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
+from typer.testing import CliRunner
 
+from camkit.cli import app
+
+runner = CliRunner()
+FAST = ["--model", "squeezenet1_0", "--no-pretrained", "--threads", "1"]
 SRC = Path(__file__).resolve().parent.parent / "src"
 
 
@@ -84,3 +90,50 @@ def test_concurrent_explain_runs_keep_every_summary_entry(tmp_path: Path) -> Non
         assert len(pngs) == procs * per_proc
         assert sorted(Path(e["file"]).name for e in summary) == pngs
         assert (out / ".camkit-summary.lock").exists()  # left in place: a waiting process may hold it open
+
+
+# ---------------------------------------------------------------------- 7: a store made with every metric
+
+
+def _report_data(page: str) -> dict[str, Any]:
+    """The JSON block of a report page."""
+    start = page.index('id="report-data">') + len('id="report-data">')
+    data: dict[str, Any] = json.loads(page[start : page.index("</script>", start)])
+    return data
+
+
+def test_a_store_with_every_metric_is_reported(tmp_path: Path) -> None:
+    """`camkit run` with every --metrics name (maxboxacc too, whose per-image value is an IoU curve: a list) on a
+    manifest with boxes, then `camkit report`: the page has every one-number metric column of every method, no
+    list column, and MaxBoxAcc (a data-set value) in its header line, as the store's summary gives it."""
+    from camkit.run import open_store
+    from camkit.run.runner import METRIC_COLUMNS
+
+    (tmp_path / "in").mkdir()
+    lines = ["path,class,boxes"]
+    for i in range(3):
+        path = _photo(tmp_path / "in" / f"p{i}.png", seed=i).resolve()
+        lines.append(f'{path},{i},"[[4, 4, 30, 30]]"')
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    store = tmp_path / "store"
+    args = ["run", str(manifest), "--out", str(store), *FAST, "--image-size", "64", "--workers", "0"]
+    res = runner.invoke(
+        app, [*args, "-m", "gradcam,layercam", "--metrics", ",".join(METRIC_COLUMNS), "--steps", "4"]
+    )
+    assert res.exit_code == 0, res.output
+    assert "gradcam.iou_curve" in open_store(store).table().column_names  # the list column the report met
+
+    page = tmp_path / "r.html"
+    res = runner.invoke(app, ["report", str(store), "--out", str(page)])
+    assert res.exit_code == 0, res.output
+    data = _report_data(page.read_text(encoding="utf-8"))
+    scalar = [c for cols in METRIC_COLUMNS.values() for c in cols if c != "iou_curve"]
+    assert data["metricColumns"] == [[m, c] for m in ("gradcam", "layercam") for c in scalar]
+    for image in data["images"]:
+        for values in image["metrics"].values():
+            assert set(values) == set(scalar)
+            assert all(v is None or isinstance(v, float) for v in values.values())
+    summary = open_store(store).summary()["maxboxacc"]
+    shown = ", ".join(f"{m} {summary[m]['value']:.3f}" for m in ("gradcam", "layercam"))
+    assert f"MaxBoxAcc {shown}" in data["meta"]
