@@ -66,6 +66,7 @@ __all__ = [
     "resolve_inputs",
     "run_progress",
     "split",
+    "update_entries",
     "user_errors",
     "versions",
     "warn",
@@ -554,3 +555,16 @@ def merge_entries(
         and (out / Path(e["file"]).name).is_file()
     ]
     return kept + new
+
+
+def update_entries(path: Path, new: list[dict[str, Any]]) -> None:
+    """Merge this run's entries into the summary file ``path`` (:func:`merge_entries`) and write it, atomically.
+
+    The read-merge-write holds an OS lock on ``.camkit-<stem>.lock`` beside the file (left in place), and the
+    file is read again under it, so that runs writing into one folder at once each keep their entries.
+    """
+    from camkit.io.files import file_lock, write_json
+
+    out = path.parent
+    with file_lock(out / f".camkit-{path.stem}.lock", what=str(path)):
+        write_json(path, merge_entries(previous_entries(path), new, out))

@@ -29,7 +29,6 @@ from camkit.cli.common import (
     err_console,
     load_model,
     max_pixels_limit,
-    merge_entries,
     new_table,
     out_option,
     previous_entries,
@@ -37,6 +36,7 @@ from camkit.cli.common import (
     resolve_inputs,
     run_progress,
     split,
+    update_entries,
     user_errors,
     versions,
 )
@@ -265,7 +265,7 @@ def explain(
     stderr, the others explained), 2 on a usage error or when no image could be read.
     """
     import camkit
-    from camkit.io.files import prepare_out_dir, write_json
+    from camkit.io.files import prepare_out_dir
 
     opts = ModelOptions(model, weights, pretrained, seed, threads, device)
     with user_errors():
@@ -306,7 +306,7 @@ def explain(
             return
         inputs = resolve_inputs(images, sample, opts.file_tag())
         prepare_out_dir(out)
-        previous = previous_entries(out / "summary.json")
+        previous_entries(out / "summary.json")  # refuse a foreign summary.json before any model work
         loaded = load_model(opts, input_size=input_size)
         spec = _target_spec(loaded, target)
         _set_det_threshold(loaded, det_threshold)
@@ -369,7 +369,7 @@ def explain(
                 bar.image_done(item.name)
         if failed == len(inputs):
             raise ValueError(f"none of the {len(inputs)} images could be read (see above)")
-        write_json(out / "summary.json", merge_entries(previous, entries, out))
+        update_entries(out / "summary.json", entries)
         console.print(table)
         console.print(f"written to {out}/")
     if failed:  # outside user_errors: typer.Exit is a RuntimeError

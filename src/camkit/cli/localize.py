@@ -29,7 +29,6 @@ from camkit.cli.common import (
     err_console,
     load_model,
     max_pixels_limit,
-    merge_entries,
     new_table,
     out_option,
     previous_entries,
@@ -37,6 +36,7 @@ from camkit.cli.common import (
     resolve_inputs,
     run_progress,
     split,
+    update_entries,
     user_errors,
     versions,
 )
@@ -170,7 +170,7 @@ def localize(
     Exit status: 0 when every image was boxed, 1 when some inputs could not be read (each named on stderr, the
     others boxed), 2 on a usage error or when no image could be read.
     """
-    from camkit.io.files import prepare_out_dir, write_json
+    from camkit.io.files import prepare_out_dir
     from camkit.localize import parse_threshold
     from camkit.methods import PerturbationMethod, get_method
     from camkit.targets import TopK, parse_target
@@ -188,7 +188,7 @@ def localize(
         limit = max_pixels_limit(max_pixels)
         inputs = resolve_inputs(images, sample, tag)
         prepare_out_dir(out)
-        previous = previous_entries(out / "boxes.json")
+        previous_entries(out / "boxes.json")  # refuse a foreign boxes.json before any model work
         loaded = load_model(opts)
         run = _Localizer(loaded, method, layers, spec, threshold, parsed, mode, min_area, out)
         table = new_table(
@@ -223,7 +223,7 @@ def localize(
                 bar.image_done(item.name)
         if failed == len(inputs):
             raise ValueError(f"none of the {len(inputs)} images could be read (see above)")
-        write_json(out / "boxes.json", merge_entries(previous, entries, out))
+        update_entries(out / "boxes.json", entries)
         console.print(table)
         console.print(f"written to {out}/ (boxes.json: x1, y1 exclusive, original-image pixels)")
     if failed:  # outside user_errors: typer.Exit is a RuntimeError

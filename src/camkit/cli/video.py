@@ -14,9 +14,9 @@ from camkit.cli.common import (
     ModelOptions,
     console,
     load_model,
-    merge_entries,
     new_table,
     previous_entries,
+    update_entries,
     versions,
 )
 
@@ -46,7 +46,7 @@ def explain_clips(paths: list[Path], job: ClipJob) -> None:
     ``summary.json``. Raises ValueError (printed as ``error:``, exit 2) for a usage error."""
     from dataclasses import replace
 
-    from camkit.io.files import output_stems, prepare_out_dir, save_image, write_json
+    from camkit.io.files import output_stems, prepare_out_dir, save_image
     from camkit.pipeline import compare
     from camkit.targets import TopK, parse_target
     from camkit.video import VIDEO_SUFFIXES, ClipPreprocess, load_clip, overlay_frames, save_animation
@@ -66,7 +66,7 @@ def explain_clips(paths: list[Path], job: ClipJob) -> None:
                 f"{str(p)!r} is not a clip ({', '.join(sorted(VIDEO_SUFFIXES))}); a video model explains clips"
             )
     prepare_out_dir(job.out)
-    previous = previous_entries(job.out / "summary.json")
+    previous_entries(job.out / "summary.json")  # refuse a foreign summary.json before any model work
     loaded = load_model(job.opts, input_size=job.input_size)
     if loaded.task != "video" or not isinstance(loaded.preprocess, ClipPreprocess):
         raise ValueError(
@@ -151,6 +151,6 @@ def explain_clips(paths: list[Path], job: ClipJob) -> None:
                         ",".join(expl.layers),
                         file.name,
                     )
-    write_json(job.out / "summary.json", merge_entries(previous, entries, job.out))
+    update_entries(job.out / "summary.json", entries)
     console.print(table)
     console.print(f"written to {job.out}/")

@@ -10,7 +10,7 @@
 :class:`ImageRecord` objects. :func:`write_report` writes them one at a time.
 """
 
-from camkit.report.html import ReportOptions, ReportStats, record_json, render, write_report
+from camkit.report.html import ReportOptions, ReportStats, check_record, record_json, render, write_report
 from camkit.report.records import (
     FUSED,
     METRICS,
@@ -30,6 +30,7 @@ __all__ = [
     "ReportOptions",
     "ReportStats",
     "build_records",
+    "check_record",
     "record_json",
     "render",
     "top_predictions",

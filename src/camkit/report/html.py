@@ -5,15 +5,30 @@ on click), the styles and a small vanilla script; a Content-Security-Policy lets
 records go into one JSON block; the script builds the table (sortable by any column, filterable by text or by
 ``column<value`` conditions) and the cards of one page of images at a time, so a file of thousands of images opens
 without building thousands of cards.
+
+What a record holds is data, never markup or code:
+
+* :func:`write_report` checks every record's field types first (:func:`check_record`: a class that is not an
+  int, a label or a box that is not what it should be is a ``TypeError`` naming the record and field).
+* The script puts every value into the page as text (``textContent``, text nodes) or as a number; it never
+  parses data as HTML. Pictures must be ``data:image/...;base64`` URIs (the ones this module makes).
+* The Content-Security-Policy allows only the page's own script and style, by their SHA-256 hashes (no
+  ``'unsafe-inline'``), pictures from ``data:`` URIs and nothing else: ``default-src 'none'``,
+  ``form-action 'none'``, ``base-uri 'none'``.
+* The title is HTML-escaped and the template's slots are filled in one pass, so no text given (``"__JS__"``)
+  is read as a slot.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import html
 import io
 import json
 import math
+import numbers
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -21,11 +36,12 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from PIL import Image
 
-from camkit.report.records import ImageRecord
+from camkit.report.records import ImageRecord, MapEntry, Prediction
 
-__all__ = ["ReportOptions", "ReportStats", "record_json", "render", "write_report"]
+__all__ = ["ReportOptions", "ReportStats", "check_record", "record_json", "render", "write_report"]
 
 _FORMATS = {"webp": ("WEBP", "image/webp"), "jpeg": ("JPEG", "image/jpeg")}
 
@@ -58,6 +74,10 @@ class ReportOptions:
     meta: str | None = None
 
     def __post_init__(self) -> None:
+        if not isinstance(self.title, str):
+            raise TypeError(f"ReportOptions.title must be a str, got {type(self.title).__name__}")
+        if self.meta is not None and not isinstance(self.meta, str):
+            raise TypeError(f"ReportOptions.meta must be a str or None, got {type(self.meta).__name__}")
         for name in ("per_page", "thumb_side", "full_side", "quality"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
@@ -109,14 +129,19 @@ def _shrunk(picture: Image.Image, side: int) -> Image.Image:
 
 
 def _number(value: float) -> float | None:
-    return float(value) if math.isfinite(value) else None
+    value = float(value)
+    return value if math.isfinite(value) else None
 
 
 def record_json(record: ImageRecord, options: ReportOptions | None = None) -> dict[str, Any]:
-    """One record as the report's script reads it: pictures encoded, NaN as null."""
+    """One record as the report's script reads it: pictures encoded, NaN as null (checked: :func:`check_record`)."""
+    check_record(record)
+    return _record_json(record, options or ReportOptions())
+
+
+def _record_json(record: ImageRecord, options: ReportOptions) -> dict[str, Any]:
     from camkit.viz import overlay
 
-    options = options or ReportOptions()
     photo = record.photo()
     big = options.full_side or options.thumb_side
     base = _shrunk(photo, big)
@@ -133,19 +158,22 @@ def record_json(record: ImageRecord, options: ReportOptions | None = None) -> di
                 "layer": entry.layer,
                 "thumb": small,
                 "full": _data_uri(pic, options) if zoom else small,
-                "boxes": [[b.x0, b.y0, b.x1, b.y1, round(b.score, 4)] for b in entry.boxes],
+                "boxes": [
+                    [int(b.x0), int(b.y0), int(b.x1), int(b.y1), _number(round(float(b.score), 4))]
+                    for b in entry.boxes
+                ],
             }
         )
     w, h = record.size or photo.size  # the original size: boxes are in its pixels
     return {
         "name": record.name,
         "source": record.source,
-        "w": w,
-        "h": h,
+        "w": int(w),
+        "h": int(h),
         "thumb": thumb,
         "full": full,
-        "top5": [[p.cls, p.label, _number(p.prob)] for p in record.top5],
-        "target": [record.target.cls, record.target.label, _number(record.target.prob)]
+        "top5": [[int(p.cls), p.label, _number(p.prob)] for p in record.top5],
+        "target": [int(record.target.cls), record.target.label, _number(record.target.prob)]
         if record.target is not None
         else None,
         "maps": maps,
@@ -153,6 +181,118 @@ def record_json(record: ImageRecord, options: ReportOptions | None = None) -> di
         "error": record.error,
         "notes": list(record.notes),
     }
+
+
+def _int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
+def _real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
+def _got(value: Any) -> str:
+    return f"{type(value).__name__} {value!r:.60}"
+
+
+def _check_prediction(value: Any, field: str, where: str) -> None:
+    if not isinstance(value, Prediction):
+        raise TypeError(f"{where}: {field} must be a camkit.report.Prediction, got {_got(value)}")
+    if not _int(value.cls):
+        raise TypeError(f"{where}: {field}.cls must be an int (a class index), got {_got(value.cls)}")
+    if value.label is not None and not isinstance(value.label, str):
+        raise TypeError(f"{where}: {field}.label must be a str or None, got {_got(value.label)}")
+    if not _real(value.prob):
+        raise TypeError(f"{where}: {field}.prob must be a number (NaN when unknown), got {_got(value.prob)}")
+
+
+def _check_map(entry: Any, field: str, where: str) -> None:
+    from camkit.localize import Box
+
+    if not isinstance(entry, MapEntry):
+        raise TypeError(f"{where}: {field} must be a camkit.report.MapEntry, got {_got(entry)}")
+    for name in ("method", "layer"):
+        if not isinstance(getattr(entry, name), str):
+            raise TypeError(f"{where}: {field}.{name} must be a str, got {_got(getattr(entry, name))}")
+    shape = getattr(entry.map, "shape", None)
+    if shape is None or len(shape) != 2:
+        raise TypeError(f"{where}: {field}.map must be a 2-D array [H, W], got {_got(entry.map)}")
+    if not isinstance(entry.boxes, (list, tuple)):
+        raise TypeError(
+            f"{where}: {field}.boxes must be a list of camkit.localize.Box, got {_got(entry.boxes)}"
+        )
+    for j, box in enumerate(entry.boxes):
+        if not isinstance(box, Box):
+            raise TypeError(f"{where}: {field}.boxes[{j}] must be a camkit.localize.Box, got {_got(box)}")
+        for name in ("x0", "y0", "x1", "y1"):
+            v = getattr(box, name)
+            if not _int(v):
+                raise TypeError(f"{where}: {field}.boxes[{j}].{name} must be an int (pixels), got {_got(v)}")
+        if not _real(box.score):
+            raise TypeError(f"{where}: {field}.boxes[{j}].score must be a number, got {_got(box.score)}")
+
+
+def check_record(record: Any, index: int = 0) -> None:
+    """Check that ``record`` is an :class:`ImageRecord` whose fields have the documented types.
+
+    :func:`write_report` checks each record before it is written (records are mutable dataclasses), so a value
+    of the wrong type (a class that is a string, a box of text) is refused with the record and field it is in,
+    rather than put into the page.
+
+    Raises:
+        TypeError: not an ImageRecord, or a field of the wrong type (the message names the record and field).
+        ValueError: ``size`` that is not two positive ints.
+    """
+    if not isinstance(record, ImageRecord):
+        raise TypeError(
+            f"a report is made of ImageRecord objects, got {type(record).__name__} (record {index})"
+        )
+    if not isinstance(record.name, str) or not record.name:
+        raise TypeError(f"record {index}: name must be a non-empty str, got {_got(record.name)}")
+    where = f"record {index} ({record.name[:60]!r})"
+    if not isinstance(record.image, (Image.Image, Path)):
+        raise TypeError(f"{where}: image must be a PIL image or a pathlib.Path, got {_got(record.image)}")
+    if not isinstance(record.source, str):
+        raise TypeError(f"{where}: source must be a str, got {_got(record.source)}")
+    if record.error is not None and not isinstance(record.error, str):
+        raise TypeError(f"{where}: error must be a str or None, got {_got(record.error)}")
+    if not isinstance(record.notes, (list, tuple)) or not all(isinstance(n, str) for n in record.notes):
+        raise TypeError(f"{where}: notes must be a list of str, got {_got(record.notes)}")
+    if record.size is not None:
+        size = record.size
+        if not (isinstance(size, (tuple, list)) and len(size) == 2 and all(_int(v) for v in size)):
+            raise TypeError(f"{where}: size must be None or (width, height) ints, got {_got(size)}")
+        if min(size) < 1:
+            raise ValueError(f"{where}: size must be (width, height) of at least 1 pixel, got {size!r}")
+    if not isinstance(record.top5, (list, tuple)):
+        raise TypeError(f"{where}: top5 must be a list of Prediction, got {_got(record.top5)}")
+    for j, pred in enumerate(record.top5):
+        _check_prediction(pred, f"top5[{j}]", where)
+    if record.target is not None:
+        _check_prediction(record.target, "target", where)
+    if not isinstance(record.maps, (list, tuple)):
+        raise TypeError(f"{where}: maps must be a list of MapEntry, got {_got(record.maps)}")
+    for j, entry in enumerate(record.maps):
+        _check_map(entry, f"maps[{j}]", where)
+    if not isinstance(record.metrics, dict):
+        raise TypeError(
+            f"{where}: metrics must be a dict method -> metric -> number, got {_got(record.metrics)}"
+        )
+    for method, values in record.metrics.items():
+        if not isinstance(method, str) or not isinstance(values, dict):
+            raise TypeError(
+                f"{where}: metrics must be a dict method (str) -> dict metric (str) -> number, "
+                f"got {_got(method)} -> {_got(values)}"
+            )
+        for metric, value in values.items():
+            if not isinstance(metric, str):
+                raise TypeError(
+                    f"{where}: metrics[{method!r}] keys must be metric names (str), got {_got(metric)}"
+                )
+            if not _real(value):
+                raise TypeError(
+                    f"{where}: metrics[{method!r}][{metric!r}] must be a number (NaN when unknown), got {_got(value)}"
+                )
 
 
 def _dumps(value: Any) -> str:
@@ -164,14 +304,40 @@ def _static(name: str) -> str:
     return resources.files("camkit.report").joinpath("static").joinpath(name).read_text(encoding="utf-8")
 
 
+_SLOT = re.compile(r"__(TITLE|CSS|JS|STYLE_HASH|SCRIPT_HASH)__")
+
+
+def _csp_hash(source: str) -> str:
+    """The Content-Security-Policy source that allows exactly this inline script or style element's text."""
+    return (
+        "'sha256-" + base64.b64encode(hashlib.sha256(source.encode("utf-8")).digest()).decode("ascii") + "'"
+    )
+
+
 def _pieces(options: ReportOptions) -> tuple[str, str]:
-    """The page before and after the list of images."""
-    page = _static("template.html")
-    title = html.escape(options.title)
-    page = page.replace("__TITLE__", title).replace("__CSS__", _static("report.css"))
-    page = page.replace("__JS__", _static("report.js"))
-    before, after = page.split("__DATA__")
-    return before, after
+    """The page before and after the list of images.
+
+    The template is cut at its data slot first, then each part's slots are filled in one pass (``re.sub``), so a
+    value put in (a title such as ``"__JS__"`` or ``"__DATA__"``) is never read as a slot itself.
+    """
+    template = _static("template.html")
+    before, slot, after = template.partition("__DATA__")
+    if not slot:  # pragma: no cover - the packaged template has one
+        raise RuntimeError("the report template has no __DATA__ slot")
+    css = "\n" + _static("report.css") + "\n"
+    js = "\n" + _static("report.js") + "\n"
+    values = {
+        "TITLE": html.escape(options.title),
+        "CSS": css,
+        "JS": js,
+        "STYLE_HASH": _csp_hash(css),
+        "SCRIPT_HASH": _csp_hash(js),
+    }
+
+    def fill(part: str) -> str:
+        return _SLOT.sub(lambda m: values[m.group(1)], part)
+
+    return fill(before), fill(after)
 
 
 def _chunks(records: Iterable[ImageRecord], options: ReportOptions) -> Iterable[str]:
@@ -182,12 +348,11 @@ def _chunks(records: Iterable[ImageRecord], options: ReportOptions) -> Iterable[
     n = 0
     columns: dict[tuple[str, str], None] = {}
     for record in records:
-        if not isinstance(record, ImageRecord):
-            raise TypeError(f"a report is made of ImageRecord objects, got {type(record).__name__}")
+        check_record(record, n)
         for method, values in record.metrics.items():
             for metric in values:
                 columns[(method, metric)] = None
-        yield ("," if n else "") + _dumps(record_json(record, options))
+        yield ("," if n else "") + _dumps(_record_json(record, options))
         n += 1
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     meta = options.meta if options.meta is not None else f"{n} images · {now}"

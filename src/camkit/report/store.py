@@ -183,6 +183,16 @@ def _float(value: Any) -> float:
     return float(value) if value is not None else math.nan
 
 
+def _scalar(value: Any) -> float | None:
+    """A stored metric cell as a number (NaN for a missing one), or None for a value that is not one number
+    (``<method>.iou_curve``, a list per image: its data-set value, MaxBoxAcc, is in the page's header line)."""
+    if value is None:
+        return math.nan
+    if isinstance(value, (bool, int, float, np.integer, np.floating)):
+        return float(value)
+    return None
+
+
 def _layer_label(store: Store) -> str:
     opts = store.config.get("options", {})
     layers = str(opts.get("layers", "auto"))
@@ -273,11 +283,12 @@ def store_records(
                 box = row.get(f"{m}.box")
                 boxes = [Box(*(int(v) for v in box))] if box else []
                 entries.append(MapEntry(m, layer, stored, boxes))
-                values = {
-                    col.split(".", 1)[1]: _float(row[col])
-                    for col in row
-                    if col.startswith(f"{m}.") and col != f"{m}.box"
-                }
+                values: dict[str, float] = {}
+                for col in row:
+                    if col.startswith(f"{m}.") and col != f"{m}.box":
+                        value = _scalar(row[col])
+                        if value is not None:
+                            values[col.split(".", 1)[1]] = value
                 if values:
                     metrics[m] = values
             classes = row.get("topk_classes") or []
@@ -301,9 +312,25 @@ def _meta(store: Store, methods: Sequence[str], shown: int, done: int) -> str:
     weights = "" if opts.get("pretrained", True) or opts.get("weights") else " (random weights)"
     line = f"{shown} images · store {store.path.name} · model {model}{weights} · {', '.join(methods)}"
     line += f" · layers {_layer_label(store)} · target {opts.get('target', 'top1')}"
+    if "maxboxacc" in opts.get("metrics", ()):
+        line += _maxboxacc(store, methods)
     if done < store.n:
         line += f" · unfinished run: {done} of {store.n} images done"
     return line
+
+
+def _maxboxacc(store: Store, methods: Sequence[str]) -> str:
+    """`` · MaxBoxAcc gradcam 0.667, ...``: the data-set values of the store's summary (empty when unknown)."""
+    try:
+        values = store.summary().get("maxboxacc") or {}
+    except (OSError, ValueError):
+        return ""
+    parts = []
+    for m in methods:
+        value = values.get(m, {}).get("value") if isinstance(values.get(m), dict) else None
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            parts.append(f"{m} {value:.3f}")
+    return f" · MaxBoxAcc {', '.join(parts)}" if parts else ""
 
 
 def report_store(

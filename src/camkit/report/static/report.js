@@ -1,18 +1,31 @@
 "use strict";
 (function () {
+  // Every value of the data is put into the page as text (textContent, text nodes) or as a number: nothing from
+  // the data is ever parsed as HTML.
   const data = JSON.parse(document.getElementById("report-data").textContent);
   const images = data.images;
   const perPage = data.perPage;
-  const esc = (s) => String(s).replace(/[&<>"']/g, (c) => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;"}[c]));
-  const fmt = (v, d) => (v === null || v === undefined || Number.isNaN(v)) ? "" : Number(v).toFixed(d);
+  const SVG = "http://www.w3.org/2000/svg";
+  const missing = (v) => v === null || v === undefined || (typeof v === "number" && Number.isNaN(v));
+  const fmt = (v, d) => missing(v) ? "" : Number(v).toFixed(d);
+  const text = (v) => missing(v) ? "" : String(v);
+  const picture = (v) => /^data:image\/(webp|jpeg|png);base64,[A-Za-z0-9+\/=]*$/.test(String(v)) ? String(v) : "";
+
+  // An element with a class (or none) and children: strings become text nodes, null/undefined are left out.
+  function el(tag, cls, ...children) {
+    const e = document.createElement(tag);
+    if (cls) e.className = cls;
+    for (const c of children) if (c !== null && c !== undefined) e.append(c);
+    return e;
+  }
 
   // Table columns: key, header, how to read a value from an image, numeric or not.
   const columns = [
     {key: "index", title: "#", num: true, get: (im) => im.index + 1},
     {key: "image", title: "image", num: false, get: (im) => im.name},
-    {key: "top1", title: "top-1", num: false, get: (im) => im.top5.length ? (im.top5[0][1] || String(im.top5[0][0])) : ""},
+    {key: "top1", title: "top-1", num: false, get: (im) => im.top5.length ? text(im.top5[0][1] || im.top5[0][0]) : ""},
     {key: "p", title: "p(top-1)", num: true, get: (im) => im.top5.length ? im.top5[0][2] : null},
-    {key: "class", title: "explained", num: false, get: (im) => im.target ? (im.target[1] || String(im.target[0])) : ""},
+    {key: "class", title: "explained", num: false, get: (im) => im.target ? text(im.target[1] || im.target[0]) : ""},
     {key: "pclass", title: "p(explained)", num: true, get: (im) => im.target ? im.target[2] : null},
   ];
   for (const [method, metric] of data.metricColumns) {
@@ -32,13 +45,30 @@
       const col = columns.find((c) => c.key.toLowerCase() === m[1].toLowerCase());
       if (col) {
         const v = col.get(im), x = parseFloat(m[3]);
-        if (v === null || v === undefined || Number.isNaN(v)) return false;
+        if (missing(v)) return false;
         return {"<": v < x, ">": v > x, "<=": v <= x, ">=": v >= x, "=": v === x}[m[2]];
       }
     }
-    const text = [im.name, im.source, im.error ? "error " + im.error : "", ...(im.notes || []), ...im.top5.map((t) => t[1] || ""), im.target ? im.target[1] || "" : ""]
-      .join(" ").toLowerCase();
-    return text.includes(token.toLowerCase());
+    const words = [im.name, im.source, im.error ? "error " + im.error : "", ...(im.notes || []), ...im.top5.map((t) => t[1] || ""), im.target ? im.target[1] || "" : ""]
+      .map(text).join(" ").toLowerCase();
+    return words.includes(token.toLowerCase());
+  }
+
+  function row(im) {
+    const tr = el("tr", im.error ? "error" : "");
+    for (const c of columns) {
+      const v = c.get(im);
+      if (c.key === "image") {
+        const a = el("a", "jump", text(v));
+        a.dataset.index = String(im.index);
+        tr.append(el("td", "", a));
+      } else if (c.num) {
+        tr.append(el("td", "num", c.key === "index" || c.key === "boxes" ? text(v) : fmt(v, 3)));
+      } else {
+        tr.append(el("td", "", text(v)));
+      }
+    }
+    return tr;
   }
 
   function update() {
@@ -47,7 +77,7 @@
     const col = columns.find((c) => c.key === sortKey);
     shown.sort((a, b) => {
       let x = col.get(a), y = col.get(b);
-      const xm = x === null || x === undefined || Number.isNaN(x), ym = y === null || y === undefined || Number.isNaN(y);
+      const xm = missing(x), ym = missing(y);
       if (xm || ym) return xm === ym ? a.index - b.index : (xm ? 1 : -1);  // missing values last
       if (!col.num) { x = String(x).toLowerCase(); y = String(y).toLowerCase(); }
       return (x < y ? -1 : x > y ? 1 : a.index - b.index) * sortDir;
@@ -62,52 +92,96 @@
       th.setAttribute("aria-sort", th.dataset.key === sortKey ? (sortDir > 0 ? "ascending" : "descending") : "none");
     }
     const slice = shown.slice(page * perPage, (page + 1) * perPage);
-    document.getElementById("rows").innerHTML = slice.map((im) => (im.error ? '<tr class="error">' : "<tr>") + columns.map((c) => {
-      const v = c.get(im);
-      if (c.key === "image") return '<td><a class="jump" data-index="' + im.index + '">' + esc(v) + "</a></td>";
-      return c.num ? '<td class="num">' + (c.key === "index" || c.key === "boxes" ? v : fmt(v, 3)) + "</td>" : "<td>" + esc(v) + "</td>";
-    }).join("") + "</tr>").join("");
-    document.getElementById("cards").innerHTML = slice.length ? slice.map(card).join("")
-      : '<p class="empty">No image matches the filter.</p>';
+    document.getElementById("rows").replaceChildren(...slice.map(row));
+    document.getElementById("cards").replaceChildren(...(slice.length ? slice.map(card)
+      : [el("p", "empty", "No image matches the filter.")]));
   }
 
   function figure(src, full, w, h, boxes, caption) {
-    const rects = boxes.map((b) => '<rect x="' + b[0] + '" y="' + b[1] + '" width="' + (b[2] - b[0]) + '" height="' + (b[3] - b[1]) +
-      '" fill="none" stroke="lime" stroke-width="' + Math.max(2, Math.max(w, h) / 120) + '"></rect>').join("");
-    return '<figure><img src="' + src + '" data-full="' + full + '" data-caption="' + esc(caption) + '" alt="' + esc(caption) + '">' +
-      (rects ? '<svg viewBox="0 0 ' + w + " " + h + '" preserveAspectRatio="none">' + rects + "</svg>" : "") + "</figure>";
+    const img = document.createElement("img");
+    img.src = picture(src);
+    img.dataset.full = picture(full);
+    img.dataset.caption = caption;
+    img.alt = caption;
+    const fig = el("figure", "", img);
+    if (boxes.length) {
+      const svg = document.createElementNS(SVG, "svg");
+      svg.setAttribute("viewBox", "0 0 " + Number(w) + " " + Number(h));
+      svg.setAttribute("preserveAspectRatio", "none");
+      for (const b of boxes) {
+        const r = document.createElementNS(SVG, "rect");
+        const [x0, y0, x1, y1] = b.slice(0, 4).map(Number);
+        r.setAttribute("x", String(x0));
+        r.setAttribute("y", String(y0));
+        r.setAttribute("width", String(x1 - x0));
+        r.setAttribute("height", String(y1 - y0));
+        r.setAttribute("fill", "none");
+        r.setAttribute("stroke", "lime");
+        r.setAttribute("stroke-width", String(Math.max(2, Math.max(Number(w), Number(h)) / 120)));
+        svg.append(r);
+      }
+      fig.append(svg);
+    }
+    return fig;
   }
 
   function card(im) {
-    const top5 = im.top5.map((t) => "<tr><td>" + esc(t[1] || t[0]) + '</td><td class="num">' + fmt(t[2], 3) +
-      '</td><td><span class="bar" style="width:' + Math.round(t[2] * 120) + 'px"></span></td></tr>').join("");
-    const methods = [...new Set(im.maps.map((m) => m.method))];
-    const layers = [...new Set(im.maps.map((m) => m.layer))];
-    let grid = "<tr><th></th>" + layers.map((l) => "<th>" + esc(l) + "</th>").join("") + "</tr>";
-    for (const method of methods) {
-      grid += "<tr><th>" + esc(method) + "</th>" + layers.map((layer) => {
-        const m = im.maps.find((e) => e.method === method && e.layer === layer);
-        return "<td>" + (m ? figure(m.thumb, m.full, im.w, im.h, m.boxes, im.name + " \u00b7 " + method + " \u00b7 " + layer) : "") + "</td>";
-      }).join("") + "</tr>";
+    const section = el("section", "card");
+    section.id = "card-" + im.index;
+    section.append(el("h2", "", text(im.name), im.error ? null : " ", im.error ? null : el("small", "", Number(im.w) + "\u00d7" + Number(im.h))));
+    if (im.error) section.append(el("p", "error", "error: " + text(im.error)));
+    for (const n of im.notes || []) section.append(el("p", "note", text(n)));
+
+    const side = el("div", "");
+    if (im.top5.length) {
+      const top5 = el("table", "top5");
+      for (const t of im.top5) {
+        const bar = el("span", "bar");
+        bar.style.width = Math.round((missing(t[2]) ? 0 : Number(t[2])) * 120) + "px";
+        top5.append(el("tr", "", el("td", "", text(t[1] || t[0])), el("td", "num", fmt(t[2], 3)), el("td", "", bar)));
+      }
+      side.append(top5);
+    }
+    side.append(el("p", "", im.target ? "explained: " + text(im.target[1] || im.target[0]) + " (class " + text(im.target[0]) +
+      ", p = " + fmt(im.target[2], 3) + ")" : ""));
+    const withBoxes = im.maps.filter((m) => m.boxes.length);
+    if (withBoxes.length) {
+      const p = el("p", "", "boxes (x0, y0, x1, y1):");
+      for (const m of withBoxes) {
+        p.append(el("br"), text(m.method) + ": " + m.boxes.map((b) => "[" + b.slice(0, 4).map(Number).join(", ") + "]").join(" "));
+      }
+      side.append(p);
     }
     const metricNames = [...new Set(Object.values(im.metrics).flatMap((v) => Object.keys(v)))];
-    const metrics = metricNames.length ? '<table class="metrics"><tr><th>method</th>' + metricNames.map((n) => "<th>" + esc(n) + "</th>").join("") +
-      "</tr>" + Object.entries(im.metrics).map(([method, v]) => "<tr><td>" + esc(method) + "</td>" +
-        metricNames.map((n) => '<td class="num">' + fmt(v[n], 3) + "</td>").join("") + "</tr>").join("") + "</table>" : "";
-    const boxes = im.maps.filter((m) => m.boxes.length).map((m) => esc(m.method) + ": " +
-      m.boxes.map((b) => "[" + b.slice(0, 4).join(", ") + "]").join(" ")).join("<br>");
-    const target = im.target ? "explained: " + esc(im.target[1] || im.target[0]) + " (class " + im.target[0] + ", p = " + fmt(im.target[2], 3) + ")" : "";
-    const notes = (im.error ? '<p class="error">error: ' + esc(im.error) + "</p>" : "") +
-      (im.notes || []).map((n) => '<p class="note">' + esc(n) + "</p>").join("");
-    return '<section class="card" id="card-' + im.index + '"><h2>' + esc(im.name) + (im.error ? "" : ' <small>' + im.w + "\u00d7" + im.h + "</small>") + "</h2>" + notes +
-      '<div class="top">' + figure(im.thumb, im.full, im.w, im.h, [], im.name) +
-      "<div>" + (top5 ? '<table class="top5">' + top5 + "</table>" : "") + "<p>" + target + "</p>" +
-      (boxes ? "<p>boxes (x0, y0, x1, y1):<br>" + boxes + "</p>" : "") + metrics + "</div></div>" +
-      '<table class="overlays">' + grid + "</table></section>";
+    if (metricNames.length) {
+      const table = el("table", "metrics", el("tr", "", el("th", "", "method"), ...metricNames.map((n) => el("th", "", n))));
+      for (const [method, v] of Object.entries(im.metrics)) {
+        table.append(el("tr", "", el("td", "", method), ...metricNames.map((n) => el("td", "num", fmt(v[n], 3)))));
+      }
+      side.append(table);
+    }
+    section.append(el("div", "top", figure(im.thumb, im.full, im.w, im.h, [], text(im.name)), side));
+
+    const methods = [...new Set(im.maps.map((m) => m.method))];
+    const layers = [...new Set(im.maps.map((m) => m.layer))];
+    const grid = el("table", "overlays", el("tr", "", el("th", ""), ...layers.map((l) => el("th", "", text(l)))));
+    for (const method of methods) {
+      grid.append(el("tr", "", el("th", "", text(method)), ...layers.map((layer) => {
+        const m = im.maps.find((e) => e.method === method && e.layer === layer);
+        return el("td", "", m ? figure(m.thumb, m.full, im.w, im.h, m.boxes, text(im.name) + " \u00b7 " + method + " \u00b7 " + layer) : null);
+      })));
+    }
+    section.append(grid);
+    return section;
   }
 
   const head = document.getElementById("head");
-  head.innerHTML = columns.map((c) => '<th data-key="' + esc(c.key) + '" aria-sort="none">' + esc(c.title) + "</th>").join("");
+  head.replaceChildren(...columns.map((c) => {
+    const th = el("th", "", c.title);
+    th.dataset.key = c.key;
+    th.setAttribute("aria-sort", "none");
+    return th;
+  }));
   head.addEventListener("click", (e) => {
     const th = e.target.closest("th");
     if (!th) return;
@@ -132,6 +206,6 @@
   });
   viewer.addEventListener("click", () => viewer.classList.remove("open"));
   document.addEventListener("keydown", (e) => { if (e.key === "Escape") viewer.classList.remove("open"); });
-  document.getElementById("meta").textContent = data.meta;
+  document.getElementById("meta").textContent = text(data.meta);
   update();
 })();
