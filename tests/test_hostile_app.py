@@ -22,14 +22,13 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from PIL import Image
 from typer.testing import CliRunner
 
 import _browser
 import camkit
-from _browser import SMALL_SIZE, photo, png_bytes
+from _browser import SMALL_SIZE, photo
 from camkit.app import AppConfig, BackgroundServer, create_app
 from camkit.app.server import model_bytes
 from camkit.cli import app as cli
@@ -63,9 +62,13 @@ def until(condition: Callable[[], bool], seconds: float = 60.0, what: str = "") 
 
 
 def form(fields: dict[str, str], boundary: str = "XyZb0und") -> tuple[bytes, str]:
-    body = b"".join(
-        f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode() for k, v in fields.items()
-    ) + f"--{boundary}--\r\n".encode()
+    body = (
+        b"".join(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
+            for k, v in fields.items()
+        )
+        + f"--{boundary}--\r\n".encode()
+    )
     return body, f"multipart/form-data; boundary={boundary}"
 
 
@@ -75,7 +78,8 @@ def raw_post(port: int, path: str, fields: dict[str, str]) -> socket.socket:
     sock = socket.create_connection(("127.0.0.1", port), timeout=30)
     sock.sendall(
         f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: {ctype}\r\n"
-        f"Content-Length: {len(body)}\r\n\r\n".encode() + body
+        f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body
     )
     return sock
 
@@ -166,7 +170,9 @@ def test_cli_serve_takes_the_models_the_cache_budget_and_the_hosts(fake_serve: l
                               "--allowed-hosts", "box.lan,10.0.0.7", "--header-timeout", "3"])  # fmt: skip
     assert res.exit_code == 0, res.output
     cfg = fake_serve[-1]["config"]
-    assert cfg.served_models == (MODEL, "squeezenet1_1") and cfg.model == MODEL  # the default --model gives way
+    assert (
+        cfg.served_models == (MODEL, "squeezenet1_1") and cfg.model == MODEL
+    )  # the default --model gives way
     assert cfg.cache_bytes == 500_000_000 and cfg.allowed_hosts == ("box.lan", "10.0.0.7")
     assert cfg.header_timeout == 3
     res = runner.invoke(cli, ["serve"])
@@ -241,16 +247,29 @@ def test_a_foreign_host_header_is_refused_and_does_no_work(monkeypatch: pytest.M
     web = create_app(config(allowed_hosts=("camkit.lan",)))
     with BackgroundServer(web) as srv:
         port = srv.port
-        for host in ("evil.example", f"evil.example:{port}", f"rebind.attacker.test:{port}", "127.0.0.1.nip.io"):
+        for host in (
+            "evil.example",
+            f"evil.example:{port}",
+            f"rebind.attacker.test:{port}",
+            "127.0.0.1.nip.io",
+        ):
             for res in (
                 httpx.get(srv.url, headers={"Host": host}),
                 httpx.get(srv.url + "api/layers", params={"model": MODEL}, headers={"Host": host}),
                 httpx.post(srv.url + "api/explain", data={"sample": "chelsea"}, headers={"Host": host}),
             ):
                 assert res.status_code == 400, (host, res.status_code)
-                assert "is not served here" in res.json()["detail"] and "--allowed-hosts" in res.json()["detail"]
+                assert (
+                    "is not served here" in res.json()["detail"] and "--allowed-hosts" in res.json()["detail"]
+                )
         assert loads == [] and web.state.activity.started == 0
-        for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"LOCALHOST:{port}", f"[::1]:{port}", "camkit.lan"):
+        for host in (
+            f"127.0.0.1:{port}",
+            f"localhost:{port}",
+            f"LOCALHOST:{port}",
+            f"[::1]:{port}",
+            "camkit.lan",
+        ):
             res = httpx.get(srv.url + "api/config", headers={"Host": host})
             assert res.status_code == 200, (host, res.text)
 
@@ -259,7 +278,10 @@ def test_cross_site_requests_are_refused_before_the_body_is_read() -> None:
     web = create_app(config())
     with BackgroundServer(web) as srv:
         own = f"http://127.0.0.1:{srv.port}"
-        post = lambda headers: httpx.post(srv.url + "api/explain", data={"sample": "chelsea"}, headers=headers)  # noqa: E731
+
+        def post(headers: dict[str, str]) -> httpx.Response:
+            return httpx.post(srv.url + "api/explain", data={"sample": "chelsea"}, headers=headers)
+
         for headers in (
             {"Origin": "http://127.0.0.1:9"},  # another loopback port: another origin
             {"Origin": "http://evil.example"},
@@ -269,13 +291,17 @@ def test_cross_site_requests_are_refused_before_the_body_is_read() -> None:
         ):
             res = post(headers)
             assert res.status_code == 403 and "cross-site request refused" in res.json()["detail"], headers
-        res = httpx.get(srv.url + "api/layers", params={"model": MODEL}, headers={"Sec-Fetch-Site": "cross-site"})
+        res = httpx.get(
+            srv.url + "api/layers", params={"model": MODEL}, headers={"Sec-Fetch-Site": "cross-site"}
+        )
         assert res.status_code == 403
         assert web.state.activity.started == 0 and web.state.activity.refused_origin == 6
         # the app's own page, and clients without a browser's headers
         assert post({"Origin": own, "Sec-Fetch-Site": "same-origin"}).status_code == 200
         assert post({}).status_code == 200
-        assert httpx.get(srv.url, headers={"Sec-Fetch-Site": "cross-site"}).status_code == 200  # a link to the app
+        assert (
+            httpx.get(srv.url, headers={"Sec-Fetch-Site": "cross-site"}).status_code == 200
+        )  # a link to the app
 
 
 def test_every_answer_carries_the_security_headers() -> None:
@@ -295,7 +321,7 @@ def test_every_answer_carries_the_security_headers() -> None:
 class _Attacker(http.server.BaseHTTPRequestHandler):
     page = b""
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         self.send_response(200)
         self.send_header("Content-Type", "text/html")
         self.end_headers()
@@ -376,7 +402,9 @@ def test_queued_work_of_a_closed_connection_is_dropped(monkeypatch: pytest.Monke
             srv.url + "api/explain", data={"sample": "chelsea"}, timeout=60).status_code))  # fmt: skip
         t.start()
         until(lambda: calls == [MODEL], what="the first request holds the worker")
-        waiting = [raw_post(srv.port, "/api/explain", {"sample": "coffee", "method": "scorecam"}) for _ in range(3)]
+        waiting = [
+            raw_post(srv.port, "/api/explain", {"sample": "coffee", "method": "scorecam"}) for _ in range(3)
+        ]
         until(lambda: web.state.limiter.busy == 4, what="three requests wait for the worker")
         for sock in waiting:
             sock.close()  # the clients leave
@@ -395,7 +423,9 @@ def test_running_work_of_a_closed_connection_stops_at_the_next_batch() -> None:
     web = create_app(config(workers=1, batch_size=4))
     act = web.state.activity
     with BackgroundServer(web) as srv:
-        sock = raw_post(srv.port, "/api/explain", {"sample": "coffee", "method": "scorecam", "layer": "layer3"})
+        sock = raw_post(
+            srv.port, "/api/explain", {"sample": "coffee", "method": "scorecam", "layer": "layer3"}
+        )
         until(lambda: act.forwards >= 8, what="the Score-CAM run has begun")
         sock.close()
         until(lambda: web.state.limiter.busy == 0, what="the run stops")
@@ -417,7 +447,9 @@ def test_half_open_connections_are_closed_after_the_header_timeout() -> None:
             if i % 4 == 1:
                 sock.sendall(b"GET /api/con")  # half a request line
             elif i % 4 == 2:
-                sock.sendall(f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{srv.port}\r\nX-A: ".encode())  # half the headers
+                sock.sendall(
+                    f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{srv.port}\r\nX-A: ".encode()
+                )  # half the headers
             elif i % 4 == 3:  # the head, then a body that stops
                 sock.sendall(f"POST /api/explain HTTP/1.1\r\nHost: 127.0.0.1:{srv.port}\r\n"
                              "Content-Type: multipart/form-data; boundary=x\r\nContent-Length: 1000\r\n\r\n--x\r\n"
@@ -434,13 +466,17 @@ def test_half_open_connections_are_closed_after_the_header_timeout() -> None:
             if select.select([drip], [], [], 0.1)[0]:
                 closed_after = time.monotonic() - opened
                 break
-        assert closed_after is not None and closed_after < 5, "a client trickling its headers kept its connection"
+        assert closed_after is not None and closed_after < 5, (
+            "a client trickling its headers kept its connection"
+        )
         answers = []
         for sock in socks:
             with sock:
                 data = b""
                 try:
-                    while chunk := sock.recv(4096):  # b"": closed by the server (a timeout here fails the test)
+                    while chunk := sock.recv(
+                        4096
+                    ):  # b"": closed by the server (a timeout here fails the test)
                         data += chunk
                 except ConnectionResetError:
                     pass
@@ -461,7 +497,9 @@ def test_half_open_connections_are_closed_after_the_header_timeout() -> None:
 
 def _canvas(page: Any) -> np.ndarray:
     uri = page.evaluate("() => document.getElementById('overlay').toDataURL('image/png')")
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))).convert("RGB"), dtype=np.int16)
+    return np.asarray(
+        Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))).convert("RGB"), dtype=np.int16
+    )
 
 
 def test_in_chromium_the_slider_blends_in_the_page_and_a_new_image_starts_from_its_top1(
@@ -492,7 +530,12 @@ def test_in_chromium_the_slider_blends_in_the_page_and_a_new_image_starts_from_i
             calls = len(api)
             page.focus("#alpha")
             seen = []
-            for keyname, alpha in (("End", 1.0), ("Home", 0.0), ("ArrowLeft", 0.0), *[("ArrowRight", 0.05 * (i + 1)) for i in range(6)]):
+            for keyname, alpha in (
+                ("End", 1.0),
+                ("Home", 0.0),
+                ("ArrowLeft", 0.0),
+                *[("ArrowRight", 0.05 * (i + 1)) for i in range(6)],
+            ):
                 page.keyboard.press(keyname)
                 assert page.get_attribute("#overlay", "data-alpha") == f"{alpha:.2f}"
                 seen.append(_canvas(page))

@@ -54,7 +54,9 @@ def _guarded_protocol(header_timeout: float, body_timeout: float) -> type[asynci
                 return
             state = self.conn.their_state
             if state is h11.IDLE:
-                if self._guard_phase != "head":  # the head's deadline runs from the start, not from the last byte
+                if (
+                    self._guard_phase != "head"
+                ):  # the head's deadline runs from the start, not from the last byte
                     self._arm("head", header_timeout)
             elif state is h11.SEND_BODY:
                 self._arm("body", body_timeout)  # restarted by each piece of the body
@@ -65,14 +67,16 @@ def _guarded_protocol(header_timeout: float, body_timeout: float) -> type[asynci
             self._guard = None
             if self.transport.is_closing():
                 return
-            if self._guard_phase == "head" and self.conn.their_state is h11.IDLE and (
-                self.cycle is None or self.cycle.response_complete
+            if (
+                self._guard_phase == "head"
+                and self.conn.their_state is h11.IDLE
+                and (self.cycle is None or self.cycle.response_complete)
             ):
                 self.transport.write(_TIMEOUT_408)
             self.transport.close()
 
-        def connection_made(self, transport: asyncio.BaseTransport) -> None:  # type: ignore[override]
-            super().connection_made(transport)  # type: ignore[arg-type]
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
             self._follow()
 
         def data_received(self, data: bytes) -> None:

@@ -63,6 +63,8 @@ __all__ = [
     "Cancelled",
     "Limiter",
     "ModelCache",
+    "allow_host",
+    "content_security_policy",
     "create_app",
     "model_bytes",
 ]
@@ -155,7 +157,9 @@ class AppConfig:
             raise ValueError(f"AppConfig.queue must be an int >= 0, got {self.queue!r}")
         for name in ("header_timeout", "body_timeout"):
             if not _positive_number(getattr(self, name)):
-                raise ValueError(f"AppConfig.{name} must be a positive number of seconds, got {getattr(self, name)!r}")
+                raise ValueError(
+                    f"AppConfig.{name} must be a positive number of seconds, got {getattr(self, name)!r}"
+                )
         for name in ("models", "allowed_hosts"):
             value = getattr(self, name)
             if isinstance(value, str) or not all(isinstance(v, str) and v.strip() for v in value):
@@ -381,7 +385,10 @@ def _page() -> str:
 def _hashes(page: str, tag: str) -> list[str]:
     """CSP source expressions (``'sha256-...'``) of the page's inline ``<script>`` or ``<style>`` blocks."""
     blocks = re.findall(rf"<{tag}>(.*?)</{tag}>", page, flags=re.S)
-    return ["'sha256-" + base64.b64encode(hashlib.sha256(b.encode("utf-8")).digest()).decode("ascii") + "'" for b in blocks]
+    return [
+        "'sha256-" + base64.b64encode(hashlib.sha256(b.encode("utf-8")).digest()).decode("ascii") + "'"
+        for b in blocks
+    ]
 
 
 def content_security_policy(page: str) -> str:
@@ -427,7 +434,9 @@ class _Guard:
 
     SAFE = ("GET", "HEAD", "OPTIONS")
 
-    def __init__(self, app: ASGIApp, config: AppConfig, hosts: set[str], activity: Activity, csp: str) -> None:
+    def __init__(
+        self, app: ASGIApp, config: AppConfig, hosts: set[str], activity: Activity, csp: str
+    ) -> None:
         self.app = app
         self.config = config
         self.hosts = hosts
@@ -445,7 +454,11 @@ class _Guard:
     def _check(self, scope: Scope) -> None:
         host_header = _header(scope, b"host")
         if host_header is None:
-            raise _Refuse(400, "the request has no Host header; camkit serve answers only requests naming it", "refused_host")
+            raise _Refuse(
+                400,
+                "the request has no Host header; camkit serve answers only requests naming it",
+                "refused_host",
+            )
         host, _ = _split_host(host_header)
         if host not in self.hosts:
             raise _Refuse(
@@ -471,7 +484,11 @@ class _Guard:
                     "refused_origin",
                 )
         elif cross and scope.get("path", "/") != "/":
-            raise _Refuse(403, f"cross-site request refused (Sec-Fetch-Site {site!r}): only the app's own page may send it", "refused_origin")
+            raise _Refuse(
+                403,
+                f"cross-site request refused (Sec-Fetch-Site {site!r}): only the app's own page may send it",
+                "refused_origin",
+            )
         length = _header(scope, b"content-length")
         if length is not None and length.strip().isdigit() and int(length) > self.limit:
             raise _Refuse(413, self._too_large(), "refused_size")
@@ -486,7 +503,10 @@ class _Guard:
         import json
 
         body = json.dumps({"detail": message}).encode("utf-8")
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode("ascii"))]
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode("ascii")),
+        ]
         if close:
             headers.append((b"connection", b"close"))
         await send({"type": "http.response.start", "status": status, "headers": headers + self.headers})
@@ -783,7 +803,8 @@ def create_app(config: AppConfig | None = None) -> FastAPI:
         work.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved also when no one waits
         gone = asyncio.ensure_future(_disconnected(request))
         try:
-            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+            waited: set[asyncio.Future[Any]] = {work, gone}
+            await asyncio.wait(waited, return_when=asyncio.FIRST_COMPLETED)
             if not work.done():
                 cancel.set()
                 if future.cancel():  # still queued: it never runs
@@ -870,7 +891,9 @@ def create_app(config: AppConfig | None = None) -> FastAPI:
             raise HTTPException(422, "no image: upload a file or pick a sample")
         result = await admitted(
             request,
-            lambda cancel: _explain(cache, picture, name, method, layer, target, alpha, config, cancel, activity),
+            lambda cancel: _explain(
+                cache, picture, name, method, layer, target, alpha, config, cancel, activity
+            ),
         )
         return JSONResponse(result)
 

@@ -51,8 +51,10 @@ def serve(
     ] = None,
     cache_mb: Annotated[
         float,
-        typer.Option(help="Memory for the models kept loaded (parameters and buffers, in megabytes; least "
-                     "recently used dropped first)."),
+        typer.Option(
+            help="Memory for the models kept loaded (parameters and buffers, in megabytes; least "
+            "recently used dropped first)."
+        ),
     ] = 2000.0,
     cache_models: Annotated[int, typer.Option(help="Models kept loaded at most.")] = 3,
     allowed_hosts: Annotated[
@@ -63,7 +65,10 @@ def serve(
         ),
     ] = None,
     header_timeout: Annotated[
-        float, typer.Option(help="Seconds a client has to send a request's head; then 408 and the connection closed.")
+        float,
+        typer.Option(
+            help="Seconds a client has to send a request's head; then 408 and the connection closed."
+        ),
     ] = 10.0,
 ) -> None:
     """A local web app: upload a photo or pick a sample; choose the model, method, layer, class and alpha; see the
