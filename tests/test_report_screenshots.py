@@ -35,11 +35,12 @@ def test_app_screenshot_with_the_pretrained_default(chromium: object) -> None:
         page = chromium.new_page(viewport={"width": 1150, "height": 760})  # type: ignore[attr-defined]
         try:
             page.goto(srv.url)
-            page.wait_for_function("document.body.dataset.state === 'ready'", timeout=120_000)
+            # functions, not expressions: the app's Content-Security-Policy forbids the eval of a string
+            page.wait_for_function("() => document.body.dataset.state === 'ready'", timeout=120_000)
             assert page.input_value("#model") == "efficientnet_lite0"
             assert any(cat in page.inner_text("#figures") for cat in CATS), page.inner_text("#figures")
             page.select_option("#method", "gradcam++")
-            page.wait_for_function("document.body.dataset.state === 'ready' && "
+            page.wait_for_function("() => document.body.dataset.state === 'ready' && "
                                    "document.getElementById('figures').textContent.includes('gradcam++')",
                                    timeout=120_000)  # fmt: skip
             shot = page.screenshot()

@@ -6,18 +6,30 @@ class and alpha, and see the overlay, the top-5 and the boxes.
 
 FastAPI and uvicorn (``pip install camkit[app]``) serve one plain page with a small script: no asset is fetched
 from anywhere else, so the app works offline. :class:`BackgroundServer` runs it in a thread (tests, notebooks).
+What the app accepts and refuses (hosts, origins, models, sizes, timeouts, disconnections) is in docs/app.md.
 """
 
-from camkit.app.run import BackgroundServer, is_loopback, serve
-from camkit.app.server import ACCEPTED_FORMATS, AppConfig, Limiter, ModelCache, create_app
+from camkit.app.run import BackgroundServer, is_loopback, serve, server_config
+from camkit.app.server import (
+    ACCEPTED_FORMATS,
+    Activity,
+    AppConfig,
+    Limiter,
+    ModelCache,
+    allow_host,
+    create_app,
+)
 
 __all__ = [
     "ACCEPTED_FORMATS",
+    "Activity",
     "AppConfig",
     "BackgroundServer",
     "Limiter",
     "ModelCache",
+    "allow_host",
     "create_app",
     "is_loopback",
     "serve",
+    "server_config",
 ]

@@ -3,18 +3,108 @@ thread, on a free port: tests and notebooks)."""
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import socket
 import threading
 import time
 from types import TracebackType
+from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
 
-from camkit.app.server import AppConfig, create_app
+from camkit.app.server import AppConfig, allow_host, create_app
 
-__all__ = ["BackgroundServer", "is_loopback", "serve"]
+__all__ = ["BackgroundServer", "is_loopback", "serve", "server_config"]
+
+_TIMEOUT_408 = (
+    b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; charset=utf-8\r\nconnection: close\r\n"
+    b"content-length: 42\r\n\r\nthe request head did not arrive in time.\r\n"
+)
+
+
+def _guarded_protocol(header_timeout: float, body_timeout: float) -> type[asyncio.Protocol]:
+    """uvicorn's h11 protocol with two deadlines uvicorn does not have: a request head (request line and headers)
+    must arrive within ``header_timeout`` seconds of the connection's opening or of the previous answer (then a 408
+    and the connection is closed), and a request body may not pause longer than ``body_timeout`` seconds (then the
+    connection is closed). uvicorn's keep-alive timeout is cancelled by any byte received, so a client sending
+    half a request line would otherwise hold its connection forever."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class GuardedH11Protocol(H11Protocol):
+        _guard: asyncio.TimerHandle | None = None
+        _guard_phase = ""
+
+        def _arm(self, phase: str, seconds: float) -> None:
+            self._disarm()
+            self._guard_phase = phase
+            self._guard = self.loop.call_later(seconds, self._expire)
+
+        def _disarm(self) -> None:
+            if self._guard is not None:
+                self._guard.cancel()
+                self._guard = None
+            self._guard_phase = ""
+
+        def _follow(self) -> None:
+            if self.transport.is_closing():
+                self._disarm()
+                return
+            state = self.conn.their_state
+            if state is h11.IDLE:
+                if (
+                    self._guard_phase != "head"
+                ):  # the head's deadline runs from the start, not from the last byte
+                    self._arm("head", header_timeout)
+            elif state is h11.SEND_BODY:
+                self._arm("body", body_timeout)  # restarted by each piece of the body
+            else:
+                self._disarm()
+
+        def _expire(self) -> None:
+            self._guard = None
+            if self.transport.is_closing():
+                return
+            if (
+                self._guard_phase == "head"
+                and self.conn.their_state is h11.IDLE
+                and (self.cycle is None or self.cycle.response_complete)
+            ):
+                self.transport.write(_TIMEOUT_408)
+            self.transport.close()
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._follow()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            self._follow()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._follow()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+    return GuardedH11Protocol
+
+
+def server_config(app: FastAPI, **kwargs: Any) -> uvicorn.Config:
+    """The uvicorn settings of the app: h11 with the head and body deadlines of ``app.state.config``
+    (:attr:`AppConfig.header_timeout`, :attr:`AppConfig.body_timeout`)."""
+    config: AppConfig = app.state.config
+    return uvicorn.Config(
+        app,
+        http=_guarded_protocol(config.header_timeout, config.body_timeout),
+        log_level="warning",
+        timeout_graceful_shutdown=2,
+        **kwargs,
+    )
 
 
 def is_loopback(host: str) -> bool:
@@ -54,12 +144,13 @@ def serve(
     """
     config = config or AppConfig()
     app = create_app(config)
+    allow_host(app, host)
     if preload:
         app.state.models.get(config.model)
     sock = _bind(host, port)
     shown = f"[{host}]" if ":" in host else host
     print(f"camkit serve: http://{shown}:{sock.getsockname()[1]}/  (Ctrl-C stops)", flush=True)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+    server = uvicorn.Server(server_config(app))
     server.run(sockets=[sock])
 
 
@@ -74,12 +165,11 @@ class BackgroundServer:
         self, config: AppConfig | FastAPI | None = None, host: str = "127.0.0.1", port: int = 0
     ) -> None:
         self.app = config if isinstance(config, FastAPI) else create_app(config)
+        allow_host(self.app, host)
         self._sock = _bind(host, port)
         self.port: int = self._sock.getsockname()[1]
         self.url = f"http://{host}:{self.port}/"
-        self._server = uvicorn.Server(
-            uvicorn.Config(self.app, log_level="warning", timeout_graceful_shutdown=2)
-        )
+        self._server = uvicorn.Server(server_config(self.app))
         self._thread = threading.Thread(
             target=self._server.run, kwargs={"sockets": [self._sock]}, daemon=True
         )

@@ -1,34 +1,50 @@
 """The web app behind ``camkit serve``: a FastAPI application with one plain page and a small JSON API.
 
 * ``GET /``: the page (vanilla HTML, CSS and script, shipped inside the package: nothing is fetched elsewhere).
-* ``GET /api/config``: the defaults, the sample photos, the methods and the upload limits.
+* ``GET /api/config``: the defaults, the models served, the sample photos, the methods and the upload limits.
 * ``GET /api/layers?model=NAME``: the model's hookable layers and its automatic choice.
 * ``POST /api/explain`` (multipart form): ``file`` (an upload) or ``sample``, ``model``, ``method``, ``layer``,
-  ``target`` (index or name, empty: top-1), ``alpha`` -> the overlay as a PNG ``data:`` URI, the map
+  ``target`` (index or name, empty: top-1), ``alpha`` -> the overlay as a PNG ``data:`` URI, the photo and the
+  colored map alone (PNG ``data:`` URIs: the page blends them at any alpha without asking again), the map
   (float32, base64), the top-5, the explained class, the boxes.
 
-Errors are JSON ``{"detail": message}``: 413 for an upload over the byte or pixel limit, 415 for a file that is not
-an image of an accepted format, 422 for a wrong parameter (unknown model, method, layer or class), 503 when every
-worker is busy and the queue is full.
+Errors are JSON ``{"detail": message}``: 400 for a ``Host`` header that is not served, 403 for a cross-site
+request, 413 for a body or an upload over the byte or pixel limit, 415 for a file that is not an image of an
+accepted format, 422 for a wrong parameter (a model that is not served, an unknown method, layer or class), 503
+when every worker is busy and the queue is full.
 
-Models are loaded once per name and kept (the last :attr:`AppConfig.cache_models` used). Explanations run on a
-pool of :attr:`AppConfig.workers` threads sharing the models: :func:`camkit.explain` is safe to call from many
-threads on one model (README, "Concurrency"). At most ``workers + queue`` requests are admitted at once; the
-next one is answered 503 at once rather than waiting.
+Trust boundary (docs/app.md): every request must name a served host (the bound address, ``localhost``,
+``127.0.0.1``, ``::1`` or one of :attr:`AppConfig.allowed_hosts`), which defeats DNS rebinding; requests that change
+or compute something must come from the app's own page (an ``Origin`` other than the app's own, or
+``Sec-Fetch-Site`` other than ``same-origin`` / ``none``, is refused before the body is read). Every answer carries a
+Content-Security-Policy without ``'unsafe-inline'`` (the page's one script and one style block are allowed by
+their SHA-256), ``frame-ancestors 'none'``, ``X-Frame-Options: DENY``, ``X-Content-Type-Options: nosniff`` and
+``Referrer-Policy: no-referrer``.
+
+Only the models of :attr:`AppConfig.models` are served (default: :attr:`AppConfig.model` and camkit's offline
+default), each loaded once and kept within a budget (:attr:`AppConfig.cache_models` models and
+:attr:`AppConfig.cache_bytes` bytes of parameters and buffers; least recently used dropped first). Explanations
+run on a pool of :attr:`AppConfig.workers` threads sharing the models: :func:`camkit.explain` is safe to call from
+many threads on one model (README, "Concurrency"). At most ``workers + queue`` requests are admitted at once; the
+next one is answered 503 at once rather than waiting. When a client closes its connection, its request is dropped
+if it is still waiting for a thread, and stopped after the current batch of forward passes if it is running (see
+:class:`Activity`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import io
+import re
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from typing import Any, TypeVar
 
@@ -38,12 +54,41 @@ from PIL import Image, UnidentifiedImageError
 
 from camkit.io import LoadedModel
 
-__all__ = ["ACCEPTED_FORMATS", "AppConfig", "Limiter", "ModelCache", "create_app"]
+__all__ = [
+    "ACCEPTED_FORMATS",
+    "FORM_OVERHEAD",
+    "LOCAL_HOSTS",
+    "Activity",
+    "AppConfig",
+    "Cancelled",
+    "Limiter",
+    "ModelCache",
+    "allow_host",
+    "content_security_policy",
+    "create_app",
+    "model_bytes",
+]
 
 #: Image formats an upload may have (PIL's format names).
 ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF", "PPM")
 
+#: Host names always served (besides the bound address and :attr:`AppConfig.allowed_hosts`).
+LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
+
+#: Bytes a request body may hold beyond :attr:`AppConfig.max_bytes` (the form's other fields and boundaries).
+FORM_OVERHEAD = 64_000
+
 T = TypeVar("T")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+def _positive_number(value: object) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and value > 0
 
 
 @dataclass(frozen=True)
@@ -52,20 +97,33 @@ class AppConfig:
 
     Attributes:
         model: the model selected when the page opens (any name :func:`camkit.load_model` accepts).
+        models: the model names the app serves; any other name is refused (422) before anything is built.
+            Empty (default): :attr:`model` and camkit's offline default (``efficientnet_lite0``).
         pretrained: load the libraries' pretrained weights (False: random weights drawn from ``seed``, for tests).
         seed: torch's seed before a model is built with random weights.
         device: where the models run.
-        max_bytes: largest upload, in bytes (413 above).
+        max_bytes: largest upload, in bytes (413 above); a request body may hold :data:`FORM_OVERHEAD` more bytes
+            for the form's other fields, counted while it arrives (also without a Content-Length).
         max_pixels: largest upload, in pixels (width x height, read from the header before decoding; 413 above).
         workers: threads explaining at once.
         queue: requests admitted beyond ``workers``, waiting for a thread; the next are answered 503.
-        cache_models: models kept in memory (least recently used dropped first).
+        cache_models: models kept in memory at most (least recently used dropped first).
+        cache_bytes: bytes of parameters and buffers kept in memory at most, all cached models together (least
+            recently used dropped first; a model larger than this alone is refused).
         max_side: the longer side of the overlay returned, in pixels.
         input_size: classifiers only: resize images to this square size instead of the model's own (smaller is
             faster on a CPU, coarser maps); None: the model's size.
+        batch_size: masked or ablated inputs per forward pass of the perturbation methods (Score-CAM, ...): the
+            step at which the work of a client that disconnected stops. None: camkit's automatic size.
+        allowed_hosts: host names or addresses accepted in the ``Host`` header besides the bound address,
+            ``localhost``, ``127.0.0.1`` and ``::1`` (e.g. the machine's name when serving on a network).
+        header_timeout: seconds a connection has to send a whole request head (request line and headers), from
+            its opening or from the previous answer; then it is answered 408 and closed.
+        body_timeout: seconds a request body may pause between two reads; then the connection is closed.
     """
 
     model: str = "efficientnet_lite0"
+    models: tuple[str, ...] = ()
     pretrained: bool = True
     seed: int = 0
     device: str = "cpu"
@@ -74,11 +132,16 @@ class AppConfig:
     workers: int = 2
     queue: int = 8
     cache_models: int = 3
+    cache_bytes: int = 2_000_000_000
     max_side: int = 1024
     input_size: int | None = None
+    batch_size: int | None = None
+    allowed_hosts: tuple[str, ...] = ()
+    header_timeout: float = 10.0
+    body_timeout: float = 30.0
 
     def __post_init__(self) -> None:
-        for name in ("max_bytes", "max_pixels", "workers", "cache_models", "max_side"):
+        for name in ("max_bytes", "max_pixels", "workers", "cache_models", "cache_bytes", "max_side"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"AppConfig.{name} must be a positive int, got {value!r}")
@@ -86,8 +149,36 @@ class AppConfig:
             isinstance(self.input_size, bool) or not isinstance(self.input_size, int) or self.input_size < 16
         ):
             raise ValueError(f"AppConfig.input_size must be None or an int >= 16, got {self.input_size!r}")
+        if self.batch_size is not None and (
+            isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1
+        ):
+            raise ValueError(f"AppConfig.batch_size must be None or a positive int, got {self.batch_size!r}")
         if isinstance(self.queue, bool) or not isinstance(self.queue, int) or self.queue < 0:
             raise ValueError(f"AppConfig.queue must be an int >= 0, got {self.queue!r}")
+        for name in ("header_timeout", "body_timeout"):
+            if not _positive_number(getattr(self, name)):
+                raise ValueError(
+                    f"AppConfig.{name} must be a positive number of seconds, got {getattr(self, name)!r}"
+                )
+        for name in ("models", "allowed_hosts"):
+            value = getattr(self, name)
+            if isinstance(value, str) or not all(isinstance(v, str) and v.strip() for v in value):
+                raise ValueError(f"AppConfig.{name} must be a tuple of non-empty names, got {value!r}")
+            object.__setattr__(self, name, tuple(v.strip() for v in value))
+        if not isinstance(self.model, str) or not self.model.strip():
+            raise ValueError(f"AppConfig.model must be a model name, got {self.model!r}")
+        if self.models and self.model.strip() not in self.models:
+            raise ValueError(
+                f"the model shown first ({self.model!r}) must be one of the models served ({', '.join(self.models)})"
+            )
+
+    @property
+    def served_models(self) -> tuple[str, ...]:
+        """The model names served, in order (:attr:`models`, or :attr:`model` and the offline default)."""
+        from camkit.io.models import DEFAULT_MODEL
+
+        names = self.models or (self.model.strip(), DEFAULT_MODEL)
+        return tuple(dict.fromkeys(names))
 
 
 class Limiter:
@@ -117,15 +208,93 @@ class Limiter:
             self._busy = max(0, self._busy - 1)
 
 
+@dataclass
+class Activity:
+    """What the app did, counted since it started (``app.state.activity``; read by the tests and for monitoring).
+
+    Attributes:
+        started: admitted requests whose work began on a worker thread.
+        finished: requests whose work ran to the end.
+        dropped: requests whose client disconnected while they waited for a thread: their work never ran.
+        stopped: requests whose client disconnected while their work ran: it stopped at the next check (between
+            two batches of forward passes of a perturbation method, or between the steps of any method).
+        forwards: forward passes of the perturbation methods run so far (all requests together).
+        last_stop: ``(done, total)`` forward passes of the last stopped perturbation run (None: none yet).
+        refused_host: requests refused for their ``Host`` header.
+        refused_origin: requests refused as cross-site.
+        refused_size: requests refused for a body over the limit.
+    """
+
+    started: int = 0
+    finished: int = 0
+    dropped: int = 0
+    stopped: int = 0
+    forwards: int = 0
+    last_stop: tuple[int, int] | None = None
+    refused_host: int = 0
+    refused_origin: int = 0
+    refused_size: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, name: str, n: int = 1) -> None:
+        """Add ``n`` to the counter ``name`` (thread-safe)."""
+        with self._lock:
+            setattr(self, name, getattr(self, name) + n)
+
+
+class Cancelled(Exception):
+    """Raised inside a request's work when its client disconnected."""
+
+
+def model_bytes(model: Any) -> int:
+    """Bytes of a model's parameters and buffers (what the cache budget counts)."""
+    total = 0
+    for tensor in [*model.parameters(), *model.buffers()]:
+        total += tensor.numel() * tensor.element_size()
+    return int(total)
+
+
 class ModelCache:
-    """Models by name, each loaded once (concurrent first requests for one name wait for the same load)."""
+    """The served models by name, each loaded once (concurrent first requests for one name wait for the same load)
+    and kept within :attr:`AppConfig.cache_models` and :attr:`AppConfig.cache_bytes` (least recently used dropped
+    first)."""
 
     def __init__(self, config: AppConfig) -> None:
         self.config = config
+        self.allowed: tuple[str, ...] = config.served_models
         self._models: OrderedDict[str, LoadedModel] = OrderedDict()
+        self._sizes: dict[str, int] = {}
         self._layers: dict[str, tuple[list[dict[str, Any]], str]] = {}
         self._lock = threading.Lock()
         self._loading: dict[str, threading.Lock] = {}
+
+    @property
+    def names(self) -> list[str]:
+        """The names of the models in memory, least recently used first."""
+        with self._lock:
+            return list(self._models)
+
+    @property
+    def bytes(self) -> int:
+        """Bytes of parameters and buffers of the models in memory."""
+        with self._lock:
+            return sum(self._sizes.values())
+
+    def check(self, name: str) -> str:
+        """The served name ``name`` stands for (stripped).
+
+        Raises:
+            ValueError: the name is empty or not served, saying which names are.
+        """
+        key = name.strip() if isinstance(name, str) else ""
+        if not key:
+            raise ValueError(f"no model name given; choose one of {', '.join(self.allowed)}")
+        if key not in self.allowed:
+            raise ValueError(
+                f"model {key!r} is not served here; choose one of {', '.join(self.allowed)} "
+                "(the operator chooses them with camkit serve --models)"
+            )
+        return key
 
     def cached(self, name: str) -> LoadedModel | None:
         """The model if it is loaded, else None (never loads)."""
@@ -133,18 +302,17 @@ class ModelCache:
             return self._models.get(name.strip())
 
     def get(self, name: str) -> LoadedModel:
-        """The model called ``name``, loaded on first use.
+        """The served model called ``name``, loaded on first use.
 
         Raises:
-            ValueError: the name is empty or the model cannot be built (unknown name, weights not available).
+            ValueError: the name is not served, the model cannot be built (weights not available), or it is larger
+                than the cache budget alone.
         """
         import torch
 
         import camkit
 
-        key = name.strip()
-        if not key:
-            raise ValueError("no model name given")
+        key = self.check(name)
         with self._lock:
             if key in self._models:
                 self._models.move_to_end(key)
@@ -153,6 +321,7 @@ class ModelCache:
         with gate:
             with self._lock:
                 if key in self._models:
+                    self._models.move_to_end(key)
                     return self._models[key]
             try:
                 if not self.config.pretrained:
@@ -161,12 +330,24 @@ class ModelCache:
                 size = self.config.input_size
                 if size is not None and loaded.task == "classification":
                     loaded.preprocess = replace(loaded.preprocess, size=(size, size))
-            except Exception as err:  # any failure to build is the user's choice of name: a 422 with why
+            except Exception as err:  # any failure to build is reported to the user: a 422 with why
                 raise ValueError(f"cannot load model {key!r}: {err}") from err
+            nbytes = model_bytes(loaded.model)
+            if nbytes > self.config.cache_bytes:
+                del loaded
+                raise ValueError(
+                    f"model {key!r} holds {nbytes / 1e6:.1f} MB of parameters, more than the model cache's budget "
+                    f"of {self.config.cache_bytes / 1e6:.1f} MB; start camkit serve with a larger --cache-mb"
+                )
             with self._lock:
                 self._models[key] = loaded
-                while len(self._models) > self.config.cache_models:
+                self._sizes[key] = nbytes
+                while len(self._models) > 1 and (
+                    len(self._models) > self.config.cache_models
+                    or sum(self._sizes.values()) > self.config.cache_bytes
+                ):
                     dropped, _ = self._models.popitem(last=False)
+                    self._sizes.pop(dropped, None)
                     self._layers.pop(dropped, None)
                 self._loading.pop(key, None)
             return loaded
@@ -192,12 +373,189 @@ class ModelCache:
         ]
         auto = pick_auto(infos) or (str(rows[-1]["name"]) if rows else "")
         with self._lock:
-            self._layers[key] = (rows, auto)
+            if key in self._models:
+                self._layers[key] = (rows, auto)
         return rows, auto
 
 
 def _page() -> str:
     return resources.files("camkit.app").joinpath("static").joinpath("index.html").read_text(encoding="utf-8")
+
+
+def _hashes(page: str, tag: str) -> list[str]:
+    """CSP source expressions (``'sha256-...'``) of the page's inline ``<script>`` or ``<style>`` blocks."""
+    blocks = re.findall(rf"<{tag}>(.*?)</{tag}>", page, flags=re.S)
+    return [
+        "'sha256-" + base64.b64encode(hashlib.sha256(b.encode("utf-8")).digest()).decode("ascii") + "'"
+        for b in blocks
+    ]
+
+
+def content_security_policy(page: str) -> str:
+    """The Content-Security-Policy of every answer: nothing but the page's own script and style (by hash), images
+    from the app or ``data:`` URIs, requests to the app only; no frames, forms, plugins or ``<base>``."""
+    return (
+        f"default-src 'none'; script-src {' '.join(_hashes(page, 'script'))}; "
+        f"style-src {' '.join(_hashes(page, 'style'))}; img-src 'self' data: blob:; connect-src 'self'; "
+        "form-action 'none'; base-uri 'none'; frame-ancestors 'none'"
+    )
+
+
+def _split_host(value: str) -> tuple[str, str]:
+    """``(host, port)`` of a Host header or an origin's authority (host lowercased, brackets removed)."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        host, _, rest = value[1:].partition("]")
+        return host, rest.removeprefix(":")
+    if value.count(":") == 1:
+        host, _, port = value.partition(":")
+        return host, port
+    return value, ""
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", []):
+        if key == name:
+            return bytes(value).decode("latin-1")
+    return None
+
+
+class _Refuse(Exception):
+    """A request refused by :class:`_Guard` before it reaches the app."""
+
+    def __init__(self, status: int, message: str, counter: str) -> None:
+        super().__init__(message)
+        self.status, self.message, self.counter = status, message, counter
+
+
+class _Guard:
+    """ASGI middleware in front of the app: the Host and cross-site checks, the security headers, and the body
+    limit counted while the body arrives (with or without a Content-Length), before any form parsing."""
+
+    SAFE = ("GET", "HEAD", "OPTIONS")
+
+    def __init__(
+        self, app: ASGIApp, config: AppConfig, hosts: set[str], activity: Activity, csp: str
+    ) -> None:
+        self.app = app
+        self.config = config
+        self.hosts = hosts
+        self.activity = activity
+        self.limit = config.max_bytes + FORM_OVERHEAD
+        self.headers = [
+            (b"content-security-policy", csp.encode("ascii")),
+            (b"x-frame-options", b"DENY"),
+            (b"x-content-type-options", b"nosniff"),
+            (b"referrer-policy", b"no-referrer"),
+            (b"cross-origin-opener-policy", b"same-origin"),
+            (b"cross-origin-resource-policy", b"same-origin"),
+        ]
+
+    def _check(self, scope: Scope) -> None:
+        host_header = _header(scope, b"host")
+        if host_header is None:
+            raise _Refuse(
+                400,
+                "the request has no Host header; camkit serve answers only requests naming it",
+                "refused_host",
+            )
+        host, _ = _split_host(host_header)
+        if host not in self.hosts:
+            raise _Refuse(
+                400,
+                f"host {host!r} is not served here: open the app at 127.0.0.1 or localhost, or start camkit serve "
+                f"with --allowed-hosts {host} if that name is meant to reach it",
+                "refused_host",
+            )
+        method = scope.get("method", "GET")
+        site = (_header(scope, b"sec-fetch-site") or "").strip().lower()
+        origin = _header(scope, b"origin")
+        cross = site not in ("", "same-origin", "none")
+        if method not in self.SAFE:
+            if origin is not None:
+                scheme, sep, authority = origin.strip().lower().partition("://")
+                if not sep or scheme not in ("http", "https") or authority != host_header.strip().lower():
+                    cross = True
+            if cross:
+                raise _Refuse(
+                    403,
+                    f"cross-site request refused (Origin {origin!r}, Sec-Fetch-Site {site or 'absent'!r}): only the "
+                    "app's own page may send it",
+                    "refused_origin",
+                )
+        elif cross and scope.get("path", "/") != "/":
+            raise _Refuse(
+                403,
+                f"cross-site request refused (Sec-Fetch-Site {site!r}): only the app's own page may send it",
+                "refused_origin",
+            )
+        length = _header(scope, b"content-length")
+        if length is not None and length.strip().isdigit() and int(length) > self.limit:
+            raise _Refuse(413, self._too_large(), "refused_size")
+
+    def _too_large(self) -> str:
+        return (
+            f"the upload is larger than the limit of {self.config.max_bytes} bytes; shrink it first (or start "
+            "camkit serve with a larger --max-upload-mb)"
+        )
+
+    async def _answer(self, send: Send, status: int, message: str, close: bool = False) -> None:
+        import json
+
+        body = json.dumps({"detail": message}).encode("utf-8")
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode("ascii")),
+        ]
+        if close:
+            headers.append((b"connection", b"close"))
+        await send({"type": "http.response.start", "status": status, "headers": headers + self.headers})
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        try:
+            self._check(scope)
+        except _Refuse as refused:
+            self.activity.add(refused.counter)
+            await self._answer(send, refused.status, refused.message, close=refused.status == 413)
+            return
+        received = 0
+        over = False
+        started = False
+
+        async def counted() -> Message:
+            nonlocal received, over
+            if over:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    over = True
+                    self.activity.add("refused_size")
+                    if not started:
+                        await self._answer(send, 413, self._too_large(), close=True)
+                    raise _Refuse(413, self._too_large(), "refused_size")
+            return message
+
+        async def with_headers(message: Message) -> None:
+            nonlocal started
+            if over:
+                return  # the 413 is the answer
+            if message["type"] == "http.response.start":
+                started = True
+                message = dict(message)
+                message["headers"] = [*message.get("headers", []), *self.headers]
+            await send(message)
+
+        try:
+            await self.app(scope, counted, with_headers)
+        except Exception:
+            if not over:
+                raise
 
 
 def _open_upload(data: bytes, config: AppConfig) -> Image.Image:
@@ -251,30 +609,51 @@ def _png_uri(picture: Image.Image) -> str:
 
 def _explain(
     cache: ModelCache,
-    picture: Image.Image,
+    picture: Callable[[], Image.Image],
     model: str,
     method: str,
     layer: str,
     target: str,
     alpha: float,
     config: AppConfig,
+    cancel: threading.Event,
+    activity: Activity,
 ) -> dict[str, Any]:
-    """One explanation, as the page reads it (run in a worker thread)."""
+    """One explanation, as the page reads it (run in a worker thread). ``cancel`` is checked between the steps and
+    after each batch of forward passes of a perturbation method: once it is set, :class:`Cancelled` is raised."""
     import numpy as np
     import torch
 
     from camkit.localize import localize
+    from camkit.methods.engine import PerturbationOptions
     from camkit.outputs import logits_of
     from camkit.pipeline import explain
     from camkit.report import top_predictions
     from camkit.targets import TopK, parse_target
 
+    def check() -> None:
+        if cancel.is_set():
+            raise Cancelled("the client disconnected")
+
+    counted = [0]
+
+    def progress(done: int, total: int) -> None:
+        activity.add("forwards", done - counted[0])
+        counted[0] = done
+        if cancel.is_set():
+            with activity._lock:
+                activity.last_stop = (done, total)
+            raise Cancelled("the client disconnected")
+
     start = time.perf_counter()
+    image = picture()
+    check()
     loaded = cache.get(model)
+    check()
     spec = parse_target(target.strip() or None)
     if isinstance(spec, TopK):
         raise ValueError("the app explains one class: give a class index or name, not topK")
-    x = loaded.preprocess([picture]).to(config.device)
+    x = loaded.preprocess([image]).to(config.device)
     with torch.no_grad():
         out = loaded.model(x)
     try:
@@ -282,12 +661,15 @@ def _explain(
         top5 = top_predictions(logits[0], loaded.labels) if logits.dim() == 2 else []
     except (TypeError, ValueError):
         top5 = []
+    check()
     expl = explain(
-        loaded.model, [picture], method=method, layers=layer.strip() or "auto", targets=spec,
+        loaded.model, [image], method=method, layers=layer.strip() or "auto", targets=spec,
         preprocess=loaded.preprocess, labels=loaded.labels,
+        perturbation=PerturbationOptions(batch_size=config.batch_size, progress=progress),
     )  # fmt: skip
+    check()
     m = expl.maps[0].detach().float().cpu()
-    boxes = localize(m[None], image_sizes=[picture.size])[0]
+    boxes = localize(m[None], image_sizes=[image.size])[0]
     label = expl.labels[0] if expl.labels else None
     arr = np.ascontiguousarray(m.numpy(), dtype="<f4")
     return {
@@ -299,18 +681,37 @@ def _explain(
         "prob": float(expl.probs[0]) if expl.probs is not None else None,
         "score": float(expl.scores[0]),
         "top5": [{"class": p.cls, "label": p.label, "prob": p.prob} for p in top5],
-        "size": list(picture.size),
+        "size": list(image.size),
         "boxes": [{"box": b.xyxy, "score": b.score} for b in boxes],
+        "alpha": alpha,
         "overlay": _png_uri(expl.overlay(0, alpha=alpha, max_side=config.max_side)),
+        "photo": _png_uri(expl.overlay(0, alpha=0.0, max_side=config.max_side)),
+        "heatmap": _png_uri(expl.overlay(0, alpha=1.0, max_side=config.max_side)),
         "map": base64.b64encode(arr.tobytes()).decode("ascii"),
         "map_shape": list(arr.shape),
         "seconds": time.perf_counter() - start,
     }
 
 
+async def _disconnected(request: Request) -> None:
+    """Returns when the client of ``request`` (whose body was read) closes its connection."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def allow_host(app: FastAPI, host: str) -> None:
+    """Accept ``host`` (e.g. the address the server is bound to) in the ``Host`` header of ``app``'s requests."""
+    hosts: set[str] = app.state.hosts
+    name = host.strip().lower()
+    hosts.add(name[1:].partition("]")[0] if name.startswith("[") else name)
+
+
 def create_app(config: AppConfig | None = None) -> FastAPI:
     """The FastAPI application of ``camkit serve`` (``app.state.models``: the :class:`ModelCache`;
-    ``app.state.limiter``: the :class:`Limiter`)."""
+    ``app.state.limiter``: the :class:`Limiter`; ``app.state.activity``: the :class:`Activity`;
+    ``app.state.hosts``: the host names served, see :func:`allow_host`)."""
     from camkit.io import sample_image
     from camkit.io.images import SAMPLES
     from camkit.methods import get_method, method_names
@@ -318,8 +719,10 @@ def create_app(config: AppConfig | None = None) -> FastAPI:
     config = config or AppConfig()
     cache = ModelCache(config)
     limiter = Limiter(config.workers + config.queue)
+    activity = Activity()
     pools: list[ThreadPoolExecutor] = []  # the running server's worker threads (a new pool after a restart)
     pools_lock = threading.Lock()
+    page = _page()
 
     def pool() -> ThreadPoolExecutor:
         with pools_lock:
@@ -338,6 +741,13 @@ def create_app(config: AppConfig | None = None) -> FastAPI:
     app.state.config = config
     app.state.models = cache
     app.state.limiter = limiter
+    app.state.activity = activity
+    app.state.hosts = {h.lower() for h in LOCAL_HOSTS}
+    for host in config.allowed_hosts:
+        allow_host(app, host)
+    app.add_middleware(
+        _Guard, config=config, hosts=app.state.hosts, activity=activity, csp=content_security_policy(page)
+    )
     samples: dict[str, Image.Image] = {}
     samples_lock = threading.Lock()
 
@@ -349,26 +759,73 @@ def create_app(config: AppConfig | None = None) -> FastAPI:
                 samples[name] = sample_image(name)
             return samples[name]
 
-    async def admitted(fn: Callable[[], T]) -> T:
-        """Run ``fn`` on the worker pool if there is room (else 503); user errors (as the command line counts
-        them: ValueError, KeyError, TypeError, RuntimeError) become 422 with their message."""
+    def served(model: str) -> str:
+        try:
+            return cache.check(model)
+        except ValueError as err:
+            raise HTTPException(422, str(err)) from err
+
+    async def admitted(request: Request, fn: Callable[[threading.Event], T]) -> T:
+        """Run ``fn(cancel)`` on the worker pool if there is room (else 503); user errors (as the command line
+        counts them: ValueError, KeyError, TypeError, RuntimeError) become 422 with their message.
+
+        If the client disconnects first, ``cancel`` is set: work still waiting for a thread never runs, running
+        work stops at its next check; the place is given back when the work has stopped.
+        """
         if not limiter.try_acquire():
             raise HTTPException(
                 503,
                 f"the server is busy ({limiter.capacity} requests running or waiting); try again in a moment",
                 headers={"Retry-After": "1"},
             )
+        cancel = threading.Event()
+
+        def job() -> T:
+            if cancel.is_set():
+                activity.add("dropped")
+                raise Cancelled("the client disconnected before the work began")
+            activity.add("started")
+            try:
+                result = fn(cancel)
+            except Cancelled:
+                activity.add("stopped")
+                raise
+            activity.add("finished")
+            return result
+
         try:
-            return await asyncio.get_running_loop().run_in_executor(pool(), fn)
+            future: Future[T] = pool().submit(job)
+        except BaseException:
+            limiter.release()
+            raise
+        future.add_done_callback(lambda _: limiter.release())
+        work = asyncio.wrap_future(future)
+        work.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved also when no one waits
+        gone = asyncio.ensure_future(_disconnected(request))
+        try:
+            waited: set[asyncio.Future[Any]] = {work, gone}
+            await asyncio.wait(waited, return_when=asyncio.FIRST_COMPLETED)
+            if not work.done():
+                cancel.set()
+                if future.cancel():  # still queued: it never runs
+                    activity.add("dropped")
+                raise HTTPException(499, "the client closed the connection; its work was dropped")
+            return work.result()
+        except Cancelled as err:  # the client went away just as its work began or ended
+            raise HTTPException(499, "the client closed the connection; its work was dropped") from err
         except (ValueError, KeyError, TypeError, RuntimeError) as err:  # the CLI's user errors (exit 2)
             message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
             raise HTTPException(422, str(message)) from err
+        except asyncio.CancelledError:
+            cancel.set()
+            future.cancel()
+            raise
         finally:
-            limiter.release()
+            gone.cancel()
 
     @app.get("/", response_class=HTMLResponse)
     def index() -> HTMLResponse:
-        return HTMLResponse(_page(), headers={"Cache-Control": "no-store"})
+        return HTMLResponse(page, headers={"Cache-Control": "no-store"})
 
     @app.get("/api/config")
     def api_config() -> dict[str, Any]:
@@ -377,7 +834,8 @@ def create_app(config: AppConfig | None = None) -> FastAPI:
             kind = type(get_method(name)).__name__
             methods.append({"name": name, "kind": kind})
         return {
-            "model": config.model,
+            "model": config.model.strip(),
+            "models": list(cache.allowed),
             "pretrained": config.pretrained,
             "samples": list(SAMPLES),
             "methods": methods,
@@ -387,12 +845,14 @@ def create_app(config: AppConfig | None = None) -> FastAPI:
         }
 
     @app.get("/api/layers")
-    async def api_layers(model: str = Query(...)) -> dict[str, Any]:
-        rows, auto = await admitted(lambda: cache.layers(model))
-        return {"model": model.strip(), "layers": rows, "auto": auto}
+    async def api_layers(request: Request, model: str = Query(...)) -> dict[str, Any]:
+        name = served(model)
+        rows, auto = await admitted(request, lambda _cancel: cache.layers(name))
+        return {"model": name, "layers": rows, "auto": auto}
 
     @app.post("/api/explain")
     async def api_explain(
+        request: Request,
         file: UploadFile | None = File(None),
         sample_name: str = Form("", alias="sample"),
         model: str = Form(""),
@@ -407,6 +867,7 @@ def create_app(config: AppConfig | None = None) -> FastAPI:
             get_method(method)
         except (ValueError, KeyError) as err:
             raise HTTPException(422, str(err)) from err
+        name = served(model.strip() or config.model)
         if file is not None and file.filename:
             data = await file.read(config.max_bytes + 1)
             if len(data) > config.max_bytes:
@@ -428,24 +889,12 @@ def create_app(config: AppConfig | None = None) -> FastAPI:
 
         else:
             raise HTTPException(422, "no image: upload a file or pick a sample")
-        name = model.strip() or config.model
         result = await admitted(
-            lambda: _explain(cache, picture(), name, method, layer, target, alpha, config)
+            request,
+            lambda cancel: _explain(
+                cache, picture, name, method, layer, target, alpha, config, cancel, activity
+            ),
         )
         return JSONResponse(result)
-
-    @app.middleware("http")
-    async def _limit_body(request: Request, call_next: Callable[[Request], Any]) -> Any:
-        """Refuse a body announced larger than the upload limit (plus room for the form) before reading it."""
-        length = request.headers.get("content-length")
-        if request.method == "POST" and length is not None and length.isdigit():
-            if int(length) > config.max_bytes + 64_000:
-                return JSONResponse(
-                    {
-                        "detail": f"the upload is larger than the limit of {config.max_bytes} bytes; shrink it first"
-                    },
-                    status_code=413,
-                )
-        return await call_next(request)
 
     return app
