@@ -218,7 +218,9 @@ def test_store_rows_errors_and_reader(tmp_path: Path) -> None:
     bad_row = next(i for i, r in enumerate(t) if r["status"] == "error")
     assert np.isnan(maps[bad_row]).all() and np.isfinite(maps[0]).all()
     assert float(np.nanmax(maps[:])) <= 1.0 and float(np.nanmin(maps[:])) >= 0.0
-    assert store.config["options"]["methods"] == ["gradcam"] and store.config["map_shape"] == [2, 2]
+    assert store.config["options"]["methods"] == ["gradcam"] and store.config["map_shapes"] == {
+        "gradcam": [2, 2]
+    }
     assert store.summary()["errors"] == 1 and res.summary["ok"] == 9
     with pytest.raises(ValueError, match="no maps of 'layercam'"):
         store.maps("layercam")
