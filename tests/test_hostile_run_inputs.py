@@ -5,6 +5,7 @@ box rules, and DataLoader workers whose parent is killed."""
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import os
 import signal
@@ -15,7 +16,9 @@ import tarfile
 import time
 import tracemalloc
 import zlib
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import psutil
@@ -33,6 +36,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 MODEL = ModelSpec("resnet18", pretrained=False, seed=3, threads=1)
 MODEL_ARGS = ["--model", "resnet18", "--no-pretrained", "--seed", "3", "--threads", "1", "--image-size", "64"]
 runner = CliRunner()
+T = TypeVar("T")
 
 
 def images(root: Path, n: int, prefix: str = "im") -> list[Path]:
@@ -257,10 +261,11 @@ def test_box_metrics_on_some_images_without_boxes_say_so(tmp_path: Path) -> None
 # ------------------------------------------------------------------------------------- tar shards, bounded
 
 
-def _peak(fn: object) -> tuple[object, int]:
+def _peak(fn: Callable[[], T]) -> tuple[T, int]:
+    """``fn()`` and the peak of Python's allocations while it ran (bytes objects read from a file count)."""
     tracemalloc.start()
     try:
-        value = fn()  # type: ignore[operator]
+        value = fn()
         return value, tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -273,9 +278,9 @@ def test_tar_label_member_over_the_limit_is_an_error_row_unread(tmp_path: Path) 
         shard = sparse_tar(
             tmp_path / "s.tar", [("a.png", png_bytes()), (label, size), ("b.png", png_bytes())]
         )
-        items, peak = _peak(lambda shard=shard: collect_items([shard]))
+        items, peak = _peak(functools.partial(collect_items, [shard]))
         assert peak < 5_000_000, (label, peak)
-        ds = ImageDataset(items, Preprocess(size=(16, 16)))  # type: ignore[arg-type]
+        ds = ImageDataset(items, Preprocess(size=(16, 16)))
         assert ds[0].x is None and label in str(ds[0].error) and "not read" in str(ds[0].error)
         assert str(MAX_LABEL_MEMBER_BYTES) in str(ds[0].error)
         assert ds[1].x is not None and ds[1].error is None  # the next image of the shard is read
@@ -286,10 +291,10 @@ def test_tar_image_member_over_the_byte_limit_is_an_error_row_unread(tmp_path: P
     shard = sparse_tar(tmp_path / "s.tar", [("big.png", big), ("ok.png", png_bytes())], tail=png_bytes())
     items, peak = _peak(lambda: collect_items([shard]))
     assert peak < 5_000_000, peak
-    ds = ImageDataset(items, Preprocess(size=(16, 16)))  # type: ignore[arg-type]
+    ds = ImageDataset(items, Preprocess(size=(16, 16)))
     sample, peak = _peak(lambda: ds[0])
     assert peak < 5_000_000, peak
-    assert sample.x is None and f"is {big} bytes, more than the limit" in str(sample.error)  # type: ignore[attr-defined]
+    assert sample.x is None and f"is {big} bytes, more than the limit" in str(sample.error)
     assert ds[1].x is not None
     # the limit is a parameter: lowered, a 20 MB member is refused too
     shard2 = sparse_tar(tmp_path / "s2.tar", [("mid.png", 20_000_000)], tail=png_bytes())
@@ -304,7 +309,7 @@ def test_tar_image_member_is_decoded_as_a_stream_not_read_whole(tmp_path: Path) 
     shard = sparse_tar(tmp_path / "s.tar", [("pad.png", 200_000_000)], tail=png_bytes(24, 20))
     (item,) = collect_items([shard])
     im, peak = _peak(lambda: read_item(item))
-    assert im.size == (24, 20) and peak < 20_000_000, peak  # type: ignore[attr-defined]
+    assert im.size == (24, 20) and peak < 20_000_000, peak
 
 
 def test_tar_pixel_bomb_is_refused_from_its_header(tmp_path: Path) -> None:
@@ -316,7 +321,7 @@ def test_tar_pixel_bomb_is_refused_from_its_header(tmp_path: Path) -> None:
     shard = sparse_tar(tmp_path / "s.tar", [("bomb.png", bytes(data))])
     (item,) = collect_items([shard])
     sample, peak = _peak(lambda: ImageDataset([item], Preprocess(size=(16, 16)))[0])
-    assert sample.x is None and "60000x60000" in str(sample.error) and peak < 5_000_000  # type: ignore[attr-defined]
+    assert sample.x is None and "60000x60000" in str(sample.error) and peak < 5_000_000
 
 
 # ---------------------------------------------------------------------------------- one box reader, one rule
@@ -390,7 +395,7 @@ def test_dataloader_workers_exit_when_the_run_is_killed(tmp_path: Path) -> None:
             if len(workers) >= 2:
                 break
             time.sleep(0.1)
-        assert len(workers) >= 2, (proc.poll(), proc.stderr.read() if proc.poll() is not None else b"")  # type: ignore[union-attr]
+        assert len(workers) >= 2, (proc.poll(), proc.communicate()[1] if proc.poll() is not None else b"")
         time.sleep(1.0)  # the workers are decoding
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)

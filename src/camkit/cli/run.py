@@ -39,7 +39,8 @@ def run(
     data: Annotated[
         list[Path],
         typer.Argument(
-            help="Image folders (recursive), an ImageFolder tree, a .csv/.jsonl manifest or .tar shards."
+            help="Image folders (recursive), an ImageFolder tree, a .csv/.jsonl manifest (paths relative to its "
+            "folder) or .tar shards; annotation files go with --annotations."
         ),
     ],
     out: Annotated[Path, out_option("The store folder (created, or resumed when it exists).")] = Path(

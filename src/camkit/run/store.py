@@ -364,7 +364,9 @@ def summarize(table: pa.Table, methods: Sequence[str], config: dict[str, Any]) -
         "methods": list(methods),
         "metrics": means,
     }
-    box_metrics = [m for m in config.get("options", {}).get("metrics", ()) if METRICS[m].needs_boxes]
+    box_metrics = [
+        m for m in config.get("options", {}).get("metrics", ()) if m in METRICS and METRICS[m].needs_boxes
+    ]
     if box_metrics and n:  # images the box metrics leave out: ok rows without ground-truth boxes
         boxes = table.column("gt_boxes").to_pylist()
         out["without_boxes"] = sum(1 for s, b in zip(status, boxes, strict=True) if s == "ok" and not b)
