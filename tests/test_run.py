@@ -169,13 +169,14 @@ def test_tar_manifest_true_class_and_metrics(tmp_path: Path) -> None:
     # manifest with boxes: pointing and box metrics, NaN without boxes
     lines = [{"path": str(files[0]), "boxes": [[0, 0, 20, 20]], "class": "tench"}, {"path": str(files[1])}]
     (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
-    res = run(
-        [tmp_path / "m.jsonl"],
-        tmp_path / "st2",
-        model=MODEL,
-        options=RunOptions(image_size=64, metrics=("pointing", "box"), resolution="input", batch_size=2),
-        workers=0,
-    )
+    with pytest.warns(UserWarning, match="1 without ground-truth boxes are left out"):
+        res = run(
+            [tmp_path / "m.jsonl"],
+            tmp_path / "st2",
+            model=MODEL,
+            options=RunOptions(image_size=64, metrics=("pointing", "box"), resolution="input", batch_size=2),
+            workers=0,
+        )
     rows = res.store.table().to_pylist()
     assert rows[0]["gradcam.pointing"] in (0.0, 1.0) and np.isnan(rows[1]["gradcam.pointing"])
     assert rows[0]["gt_boxes"] == [[0.0, 0.0, 20.0, 20.0]] and rows[0]["true_class"] == "tench"
@@ -218,7 +219,9 @@ def test_store_rows_errors_and_reader(tmp_path: Path) -> None:
     bad_row = next(i for i, r in enumerate(t) if r["status"] == "error")
     assert np.isnan(maps[bad_row]).all() and np.isfinite(maps[0]).all()
     assert float(np.nanmax(maps[:])) <= 1.0 and float(np.nanmin(maps[:])) >= 0.0
-    assert store.config["options"]["methods"] == ["gradcam"] and store.config["map_shape"] == [2, 2]
+    assert store.config["options"]["methods"] == ["gradcam"] and store.config["map_shapes"] == {
+        "gradcam": [2, 2]
+    }
     assert store.summary()["errors"] == 1 and res.summary["ok"] == 9
     with pytest.raises(ValueError, match="no maps of 'layercam'"):
         store.maps("layercam")

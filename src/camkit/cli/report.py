@@ -96,8 +96,8 @@ def report(
     image_root: Annotated[
         Path | None,
         typer.Option(
-            help="A store: the folder its relative image paths are read from (default: the current folder; "
-            "for a manifest run, the manifest's folder)."
+            help="A store: the folder its relative image paths are read from (default: the folder the run "
+            "recorded: a manifest's folder for its rows, else where camkit run was started)."
         ),
     ] = None,
     image_format: Annotated[str, typer.Option("--format", help="Picture format: webp or jpeg.")] = "webp",
@@ -262,6 +262,6 @@ def _report_store(
     if result.missing_photos:
         err_console.print(
             f"{result.missing_photos} photo(s) could not be read now (see their cards); relative paths are read "
-            "from --image-root (default: the current folder)",
+            "from --image-root (default: the folder the run recorded)",
             highlight=False,
         )

@@ -39,7 +39,8 @@ def run(
     data: Annotated[
         list[Path],
         typer.Argument(
-            help="Image folders (recursive), an ImageFolder tree, a .csv/.jsonl manifest or .tar shards."
+            help="Image folders (recursive), an ImageFolder tree, a .csv/.jsonl manifest (paths relative to its "
+            "folder) or .tar shards; annotation files go with --annotations."
         ),
     ],
     out: Annotated[Path, out_option("The store folder (created, or resumed when it exists).")] = Path(
@@ -52,6 +53,15 @@ def run(
     layout: Annotated[
         str, typer.Option(help="auto, folder, imagefolder (class = first folder), manifest or tar.")
     ] = "auto",
+    annotations: Annotated[
+        Path | None,
+        typer.Option(
+            "--annotations",
+            "-a",
+            help="camkit JSON, COCO JSON, Pascal VOC XML file or folder: class and boxes of the images it "
+            "names (by file name), as camkit evaluate reads them.",
+        ),
+    ] = None,
     target: Annotated[
         str, typer.Option(help="top1 (the prediction) or true (the class of the manifest / ImageFolder).")
     ] = "top1",
@@ -136,18 +146,25 @@ def run(
                 model=spec,
                 options=options,
                 layout=layout,
+                annotations=annotations,
                 overwrite=overwrite,
                 workers=workers,
                 engine=engine,
                 ray_workers=ray_workers,
                 num_gpus=num_gpus,
                 progress=bar,
+                note=_note if rank == 0 else None,
             )
     if rank != 0:
         return
     print_summary(result.summary, str(out))
     if result.summary.get("errors"):
         raise typer.Exit(code=1)
+
+
+def _note(message: str) -> None:
+    """A remark on stderr before the work (``note: ...``), printed as plain text."""
+    err_console.print(f"note: {message}", highlight=False, markup=False, soft_wrap=True)
 
 
 @contextmanager
@@ -207,6 +224,12 @@ def print_summary(summary: dict[str, Any], where: str) -> None:
         if this.get("images_per_s"):
             line += f" ({this['images_per_s']} images/s, {this.get('processes', 1)} process(es), {this.get('engine')})"
     console.print(line, highlight=False, soft_wrap=True)
+    if summary.get("without_boxes"):
+        console.print(
+            f"box metrics: {summary['without_boxes']} image(s) without ground-truth boxes left out (NaN)",
+            highlight=False,
+            soft_wrap=True,
+        )
     metrics = summary.get("metrics", {})
     cols = sorted({c for v in metrics.values() for c in v})
     if cols:

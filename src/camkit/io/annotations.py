@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 from xml.parsers import expat
 
-__all__ = ["Annotation", "fit_boxes", "read_annotations"]
+__all__ = ["Annotation", "check_box", "fit_boxes", "read_annotations", "read_boxes"]
 
 
 @dataclass
@@ -84,14 +84,18 @@ def read_annotations(path: str | Path) -> dict[str, Annotation]:
     return _camkit(data, p)
 
 
-def _check_box(raw: object, where: str) -> list[float]:
-    """``raw`` as a valid ``[x0, y0, x1, y1]`` (see the box rules), else a ValueError naming ``where``."""
+def check_box(raw: object, where: str) -> list[float]:
+    """``raw`` as a valid ``[x0, y0, x1, y1]`` (see the box rules), else a ValueError naming ``where``.
+
+    The one box check of camkit: annotation files (``camkit evaluate``) and ``camkit run``'s manifests and tar
+    shards use it. A coordinate is a number (an int or a float; a boolean, a string or null is refused), finite,
+    with ``x1 > x0``, ``y1 > y0`` and ``x0, y0 >= 0``.
+    """
     if not isinstance(raw, (list, tuple)) or len(raw) != 4:
         raise ValueError(f"{where}: box {raw!r} must be [x0, y0, x1, y1] (four numbers)")
-    try:
-        box = [float(v) for v in raw]
-    except (TypeError, ValueError):
-        raise ValueError(f"{where}: box {raw!r} must be [x0, y0, x1, y1] (four numbers)") from None
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in raw):
+        raise ValueError(f"{where}: box {raw!r} must be [x0, y0, x1, y1] (four numbers)")
+    box = [float(v) for v in raw]
     if not all(math.isfinite(v) for v in box):
         raise ValueError(f"{where}: box {raw!r} has a missing or non-finite coordinate")
     x0, y0, x1, y1 = box
@@ -102,6 +106,26 @@ def _check_box(raw: object, where: str) -> list[float]:
     if x0 < 0 or y0 < 0:
         raise ValueError(f"{where}: box {raw!r} starts outside the image (x0 and y0 must be >= 0)")
     return box
+
+
+def read_boxes(raw: object, where: str) -> list[list[float]]:
+    """A list of boxes (``[[x0, y0, x1, y1], ...]``, or JSON text of one), each checked by :func:`check_box`;
+    ``None`` or ``""`` is no box. JSON's ``NaN``/``Infinity`` are refused as non-finite coordinates.
+
+    Raises:
+        ValueError: not a list, invalid JSON text, or a box that breaks the box rules; the message names
+            ``where`` and the box.
+    """
+    if raw is None or raw == "":
+        return []
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except json.JSONDecodeError:
+            raise ValueError(f"{where}: boxes must be a JSON list of [x0, y0, x1, y1], got {raw!r}") from None
+    if not isinstance(raw, list):
+        raise ValueError(f"{where}: boxes must be a list of [x0, y0, x1, y1], got {raw!r}")
+    return [check_box(b, f"{where}: box {i + 1}") for i, b in enumerate(raw)]
 
 
 def fit_boxes(ann: Annotation, size: tuple[int, int], image: str) -> Annotation:
@@ -160,7 +184,7 @@ def _voc(path: Path) -> tuple[str, Annotation]:
                 raise ValueError(f"{where}: <bndbox> has no <{k}>")
             coords.append(text.strip())
         xmin, ymin, xmax, ymax = _voc_numbers(coords, where)
-        ann.boxes.append(_check_box([xmin - 1, ymin - 1, xmax, ymax], where))
+        ann.boxes.append(check_box([xmin - 1, ymin - 1, xmax, ymax], where))
         if ann.cls is None:
             ann.cls = obj.findtext("name")
     return name, ann
@@ -210,12 +234,11 @@ def _coco(data: dict[str, Any], p: Path) -> dict[str, Annotation]:
         bbox = a["bbox"]
         if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
             raise ValueError(f"{where}: bbox {bbox!r} must be [x, y, width, height]")
-        try:
-            x, y, w, h = (float(v) for v in bbox)
-        except (TypeError, ValueError):
-            raise ValueError(f"{where}: bbox {bbox!r} must be [x, y, width, height] (four numbers)") from None
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox):
+            raise ValueError(f"{where}: bbox {bbox!r} must be [x, y, width, height] (four numbers)")
+        x, y, w, h = (float(v) for v in bbox)
         ann = out[by_id[image_id]]
-        ann.boxes.append(_check_box([x, y, x + w, y + h], f"{where} (bbox {bbox}) of {by_id[image_id]!r}"))
+        ann.boxes.append(check_box([x, y, x + w, y + h], f"{where} (bbox {bbox}) of {by_id[image_id]!r}"))
         if ann.cls is None:
             ann.cls = cats.get(a.get("category_id"))
     return out
@@ -231,6 +254,6 @@ def _camkit(data: dict[str, Any], p: Path) -> dict[str, Annotation]:
         raw = entry.get("boxes", [])
         if not isinstance(raw, list):
             raise ValueError(f"{src}: 'boxes' of {name!r} must be a list of [x0, y0, x1, y1]")
-        boxes = [_check_box(b, f"{src}: box {i + 1} of {name!r}") for i, b in enumerate(raw)]
+        boxes = [check_box(b, f"{src}: box {i + 1} of {name!r}") for i, b in enumerate(raw)]
         out[Path(name).name] = Annotation(cls=entry.get("class"), boxes=boxes, source=src)
     return out

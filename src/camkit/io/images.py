@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -50,8 +51,9 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def _open(p: Path) -> Image.Image:
-    """``Image.open`` without PIL's own bomb check (camkit checks ``max_pixels`` itself, any limit allowed)."""
+def _open(p: Path | IO[bytes]) -> Image.Image:
+    """``Image.open`` (lazy: the header only) without PIL's own bomb check (camkit checks ``max_pixels``
+    itself, any limit allowed). ``p``: a file, or a readable binary stream (a tar member)."""
     with _PIL_LIMIT_LOCK:
         saved = Image.MAX_IMAGE_PIXELS
         Image.MAX_IMAGE_PIXELS = None

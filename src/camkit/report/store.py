@@ -137,7 +137,10 @@ def _read_photo(
     where = _locate(path, root)
     if where is None:
         hint = (
-            "" if Path(path).is_absolute() else " (relative paths are read from --image-root, default: here)"
+            ""
+            if Path(path).is_absolute()
+            else f" (relative paths are read from {str(root) if root is not None else 'the current folder'}; "
+            "--image-root to read them from elsewhere)"
         )
         return None, f"photo not found at {path!r}{hint}"
     file, member = where
@@ -193,14 +196,19 @@ def _scalar(value: Any) -> float | None:
     return None
 
 
-def _layer_label(store: Store) -> str:
+def _layer_label(store: Store, method: str | None = None) -> str:
+    """The layers and the map grid of one method, or of all (``gradcam 7×7, polycam 28×28`` when they differ)."""
     opts = store.config.get("options", {})
     layers = str(opts.get("layers", "auto"))
-    h, w = store.config.get("map_shape", ["?", "?"])
+    methods = [method] if method is not None else store.methods
+    shapes = {m: "{}×{}".format(*store.map_shape(m)) for m in methods}
+    grid = (
+        next(iter(shapes.values()))
+        if len(set(shapes.values())) == 1
+        else ", ".join(f"{m} {s}" for m, s in shapes.items())
+    )
     return (
-        f"{layers} ({h}×{w})"
-        if opts.get("resolution", "feature") == "feature"
-        else f"{layers} (input {h}×{w})"
+        f"{layers} ({grid})" if opts.get("resolution", "feature") == "feature" else f"{layers} (input {grid})"
     )
 
 
@@ -218,8 +226,9 @@ def store_records(
         store: the store's folder, or an opened :class:`camkit.run.Store`.
         methods: the methods to show (default: all of the store's).
         limit: at most this many rows, the first ones (None: all).
-        image_root: the folder relative stored paths are read from (default: the current folder, where
-            ``camkit run`` was started; for a manifest, the manifest's folder).
+        image_root: the folder relative stored paths are read from (default: the folder the run recorded for
+            each row, :meth:`camkit.run.Store.path_root`: the manifest's folder for a manifest's rows, else the
+            folder ``camkit run`` was started in).
         photo_side: photos are decoded at no less than this longer side when their format allows it (the
             report's largest picture); the records hold the original size, so boxes stay in original pixels.
         counts: if given, filled with ``errors`` and ``missing_photos`` as the records are made.
@@ -246,7 +255,7 @@ def store_records(
         table = table.slice(0, limit)
     rows = table.to_pylist()
     names = _names([str(r["path"]) for r in rows])
-    layer = _layer_label(st)
+    layer = {m: _layer_label(st, m) for m in chosen}
     arrays = {m: st.maps(m) for m in chosen}
     tally = counts if counts is not None else {}
     tally.setdefault("errors", 0)
@@ -265,7 +274,7 @@ def store_records(
                 error = str(row.get("error") or "the run could not read this image")
                 yield ImageRecord(name, _placeholder(size, photo_side), error=error, source=path, size=size)
                 continue
-            pic, why = _read_photo(path, root, photo_side, tars)
+            pic, why = _read_photo(path, root if root is not None else st.path_root(index), photo_side, tars)
             if pic is None:
                 tally["missing_photos"] += 1
                 notes.append(str(why))
@@ -282,7 +291,7 @@ def store_records(
                     continue
                 box = row.get(f"{m}.box")
                 boxes = [Box(*(int(v) for v in box))] if box else []
-                entries.append(MapEntry(m, layer, stored, boxes))
+                entries.append(MapEntry(m, layer[m], stored, boxes))
                 values: dict[str, float] = {}
                 for col in row:
                     if col.startswith(f"{m}.") and col != f"{m}.box":
@@ -351,7 +360,7 @@ def report_store(
             no larger view (``full_side=0``), which keeps a report of thousands of images small.
         methods: the methods to show (default: all of the store's).
         limit: the first ``limit`` images only.
-        image_root: the folder relative stored paths are read from (default: the current folder).
+        image_root: the folder relative stored paths are read from (default: where the run recorded them).
 
     Raises:
         ValueError: not a store, an unknown method, a bad ``limit``, no done shard yet, ``out`` is a folder.

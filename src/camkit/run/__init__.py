@@ -3,7 +3,7 @@
     from camkit.run import run, open_store, ModelSpec, RunOptions
     run(["photos/"], "store/", model=ModelSpec("resnet50"), options=RunOptions(methods=("gradcam", "layercam")))
     store = open_store("store/")
-    store.config            # run.json: options, n, shard_size, map_shape, methods
+    store.config            # run.json: options, n, shard_size, map_shapes, methods, path_roots
     store.table()           # pyarrow.Table, one row per image (path, size, top-k, class, box, status, metrics)
     store.maps("gradcam")   # zarr.Array float16 [N, H, W] in [0, 1]; store.maps("gradcam")[i] -> numpy
     store.summary()         # counts and metric means per method (summary.json)

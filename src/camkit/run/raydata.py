@@ -52,7 +52,7 @@ class ShardActor:
         loaded = spec.load()
         self.store = open_store(store)
         self.explainer = Explainer(loaded.model, loaded.preprocess, loaded.labels, options, items)
-        self.explainer.map_shape()
+        self.explainer.map_shapes()
         self.workers = workers
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -17,9 +17,12 @@ identical bit for bit on the same machine.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import os
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,7 +37,7 @@ from camkit.evaluate import METRICS, MetricScorer
 from camkit.io.files import save_image, write_json
 from camkit.io.images import DEFAULT_MAX_PIXELS
 from camkit.io.preprocess import Preprocess
-from camkit.run.sources import ImageDataset, Item, Sample, collate, collect_items
+from camkit.run.sources import ImageDataset, Item, Sample, collate, collect_items, die_with_parent
 from camkit.run.store import Store, create_store, open_store, summarize
 
 __all__ = [
@@ -227,11 +230,13 @@ class Explainer:
         self.device = next((p.device for p in model.parameters()), torch.device("cpu"))
         self._classes: list[int] | None = None
         self._scorer: MetricScorer | None = None
-        self._shape: tuple[int, int] | None = None
+        self._shapes: dict[str, tuple[int, int]] | None = None
 
-    def map_shape(self) -> tuple[int, int]:
-        """(H, W) of the stored maps, from one explained blank image (checks the layers and methods too)."""
-        if self._shape is None:
+    def map_shapes(self) -> dict[str, tuple[int, int]]:
+        """(H, W) of each method's stored maps, from one explained blank image (checks the layers and methods
+        too). At ``resolution="feature"`` each method keeps its own grid (Poly-CAM's is its shallowest layer's,
+        FullGrad's the input's); at ``"input"`` all are the model's input size."""
+        if self._shapes is None:
             from camkit.pipeline import compare
 
             x = torch.zeros(1, 3, *self.preprocess.size, device=self.device)
@@ -242,21 +247,25 @@ class Explainer:
                     "camkit run explains classifiers (a model whose output is Tensor[B, classes]); explain "
                     "segmentation and detection models with `camkit explain` or camkit.explain"
                 )
-            if self.options.resolution == "input":
-                self._shape = (int(first.maps.shape[-2]), int(first.maps.shape[-1]))
-            else:
-                if len(first.raw) != 1:
+            shapes: dict[str, tuple[int, int]] = {}
+            for m in self.methods:
+                e = expl[m]
+                if self.options.resolution == "input":
+                    shapes[m] = (int(e.maps.shape[-2]), int(e.maps.shape[-1]))
+                    continue
+                if len(e.raw) != 1:
                     raise ValueError(
-                        f"--resolution feature keeps one layer's map, but {len(first.raw)} layers are asked for "
-                        f"({', '.join(first.raw)}); use --resolution input for a fused map"
+                        f"--resolution feature keeps one layer's map, but {m} has {len(e.raw)} layers "
+                        f"({', '.join(e.raw)}); use --resolution input for a fused map"
                     )
-                raw = next(iter(first.raw.values()))
-                self._shape = (int(raw.shape[-2]), int(raw.shape[-1]))
+                raw = next(iter(e.raw.values()))
+                shapes[m] = (int(raw.shape[-2]), int(raw.shape[-1]))
             out = first.output
             n_classes = int(out.shape[1]) if out is not None and out.dim() == 2 else 0
             if self.options.target == "true":
                 self._classes = [_resolve_true_class(it, self.labels, n_classes) for it in self.items]
-        return self._shape
+            self._shapes = shapes
+        return self._shapes
 
     def scorer(self) -> MetricScorer:
         """The per-image metrics of the run (the same computation as :func:`camkit.evaluate.evaluate`)."""
@@ -279,9 +288,9 @@ class Explainer:
         from camkit.postprocess import normalize
 
         opts = self.options
-        h, w = self.map_shape()
+        shapes = self.map_shapes()
         b = len(samples)
-        maps = {m: np.full((b, h, w), np.nan, dtype=np.float16) for m in self.methods}
+        maps = {m: np.full((b, *shapes[m]), np.nan, dtype=np.float16) for m in self.methods}
         rows = [self._base_row(s) for s in samples]
         thumbs: list[Any] = []
         ok = [k for k, s in enumerate(samples) if s.x is not None]
@@ -420,6 +429,7 @@ def process_shards(
         num_workers=workers,
         collate_fn=collate,
         prefetch_factor=4 if workers > 0 else None,
+        worker_init_fn=functools.partial(die_with_parent, os.getpid()) if workers > 0 else None,
     )
     pending: dict[int, tuple[list[dict[str, Any]], list[dict[str, np.ndarray]]]] = {}
     done = 0
@@ -469,7 +479,44 @@ def run_config(
         "n": len(items),
         "shard_size": options.shard_size,
         "inputs_digest": inputs_digest(items),
+        "path_roots": path_roots(items),
     }
+
+
+def path_roots(items: Sequence[Item]) -> list[list[Any]]:
+    """Where the items' relative paths resolve: ``[[first index, absolute folder], ...]``, one entry where the
+    folder changes (a manifest's rows: its folder; other inputs: the current folder). Kept in ``run.json`` and
+    read back by :meth:`camkit.run.Store.path_root`."""
+    out: list[list[Any]] = []
+    for i, it in enumerate(items):
+        if not out or out[-1][1] != it.root:
+            out.append([i, it.root])
+    return out
+
+
+#: The metrics that compare a map with ground-truth boxes.
+BOX_METRICS = tuple(name for name, metric in METRICS.items() if metric.needs_boxes)
+
+
+def check_boxes(items: Sequence[Item], metrics: Sequence[str]) -> str | None:
+    """Box metrics asked for on images without boxes: a ValueError when none has a box (before any work), else
+    a note saying how many images the box metrics leave out (None when all have boxes or none is asked for)."""
+    asked = [m for m in metrics if m in BOX_METRICS]
+    if not asked:
+        return None
+    without = sum(1 for it in items if not it.boxes)
+    if without == len(items):
+        raise ValueError(
+            f"--metrics {','.join(asked)} needs ground-truth boxes, and none of the {len(items)} image(s) has one: "
+            "give boxes (a manifest's 'boxes' column, a tar shard's .json member, or --annotations FILE), or "
+            "leave the box metrics out"
+        )
+    if without:
+        return (
+            f"box metrics ({', '.join(asked)}) over {len(items) - without} image(s): {without} without "
+            "ground-truth boxes are left out (NaN)"
+        )
+    return None
 
 
 def run(
@@ -479,12 +526,14 @@ def run(
     model: ModelSpec | None = None,
     options: RunOptions | None = None,
     layout: str = "auto",
+    annotations: str | Path | None = None,
     overwrite: bool = False,
     workers: int = 2,
     engine: str = "local",
     ray_workers: int = 2,
     num_gpus: float = 0.0,
     progress: Callable[[int, int], Callable[[int], None]] | None = None,
+    note: Callable[[str], None] | None = None,
 ) -> RunResult:
     """Explain every image of ``inputs`` into the store ``out`` (created, or resumed where it stopped).
 
@@ -494,6 +543,8 @@ def run(
         model: how to build the model (default: the offline pretrained EfficientNet-Lite0).
         options: what to compute (:class:`RunOptions`).
         layout: how to read ``inputs`` (``auto``, ``folder``, ``imagefolder``, ``manifest``, ``tar``).
+        annotations: an annotation file (camkit JSON, COCO JSON, Pascal VOC XML, as ``camkit evaluate
+            --annotations``): class and boxes of the images it names (by file name) whose input gives none.
         overwrite: delete a store made with other options instead of refusing.
         workers: DataLoader worker processes per process (0: decode in the main process).
         engine: ``"local"`` (one process, or one per rank under torchrun: see :mod:`camkit.run.distributed`) or
@@ -501,9 +552,12 @@ def run(
         ray_workers: Ray actors. num_gpus: GPUs per Ray actor.
         progress: ``progress(to_do, total) -> advance(n)``: called once with the images this process will
             compute and the total; ``advance`` after each batch.
+        note: called with a remark before any work (box metrics that leave out images without boxes); default:
+            a Python warning.
 
     Raises:
-        ValueError: bad options or inputs, or a store made with other settings (and not ``overwrite``).
+        ValueError: bad options or inputs, box metrics asked for on images none of which has boxes, or a store
+            made with other settings (and not ``overwrite``).
     """
     from camkit.run import distributed
 
@@ -514,7 +568,13 @@ def run(
         raise ValueError(f"unknown engine {engine!r}: 'local' (also under torchrun) or 'ray'")
     if workers < 0:
         raise ValueError(f"--workers must be 0 or more, got {workers}")
-    items = collect_items(inputs, layout)
+    items = collect_items(inputs, layout, annotations)
+    box_note = check_boxes(items, opts.metrics)
+    if box_note is not None:
+        if note is not None:
+            note(box_note)
+        else:
+            warnings.warn(box_note, stacklevel=2)
     t0 = time.perf_counter()
     with distributed.session(spec.device) as dist:
         if dist.world > 1 and engine == "ray":
@@ -523,14 +583,14 @@ def run(
         spec = ModelSpec(spec.name, spec.weights, spec.pretrained, spec.seed, device, spec.threads)
         loaded = spec.load()
         explainer = Explainer(loaded.model, loaded.preprocess, loaded.labels, opts, items)
-        shape = explainer.map_shape()
+        shapes = explainer.map_shapes()
         config = run_config(spec, opts, items, explainer.methods)
         if dist.rank == 0:
-            store = create_store(out, config, items, shape, overwrite=overwrite)
+            store = create_store(out, config, items, shapes, overwrite=overwrite)
         dist.barrier()
         store = open_store(out)
         if dist.rank != 0:
-            create_store(out, config, items, shape)  # the same check: a store of other settings is refused
+            create_store(out, config, items, shapes)  # the same check: a store of other settings is refused
         pending = dist.broadcast(sorted(set(range(store.n_shards)) - store.done_shards()))
         mine = pending[dist.rank :: dist.world]
         to_do = sum(len(store.shard_range(s)) for s in mine)

@@ -2,9 +2,10 @@
 
 Layout of ``STORE/``::
 
-    run.json                 the run's settings (what decides the results), the map shape, the shard size
+    run.json                 the run's settings (what decides the results), each method's map shape, the shard size
     items.parquet            the inputs: index, path, class, boxes (fixed when the store is created)
-    maps.zarr/<method>       float16 [N, H, W] per method, one chunk per shard, NaN for an unreadable image
+    maps.zarr/<method>       float16 [N, H, W] per method (H, W: that method's grid, ``map_shapes``), one chunk per
+                             shard, NaN for an unreadable image
     shards/<s>.parquet       the rows of shard s (images s*shard_size ... ), written atomically
     shards/<s>.done          written last, atomically: shard s is complete
     thumbs/<method>/<index>.jpg   overlays, when asked for
@@ -22,7 +23,7 @@ import json
 import math
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,8 +58,9 @@ class Store:
     Attributes:
         path: the store folder.
         config: the settings of the run (``run.json``): ``options`` (what decides the results: model, weights,
-            methods, layers, target, resolution, metrics, ...), ``n`` (images), ``shard_size``, ``map_shape``
-            (H, W), ``methods``, ``columns``.
+            methods, layers, target, resolution, metrics, ...), ``n`` (images), ``shard_size``, ``map_shapes``
+            (method -> [H, W]: at ``--resolution feature`` each method's maps are at its own grid, e.g. Poly-CAM's
+            at its shallowest layer), ``methods``, ``path_roots``.
     """
 
     def __init__(self, path: str | Path) -> None:
@@ -130,9 +132,18 @@ class Store:
             return pa.table({"index": pa.array([], pa.int64()), "status": pa.array([], pa.string())})
         return pa.concat_tables(parts)
 
+    def map_shape(self, method: str) -> tuple[int, int]:
+        """(H, W) of a method's stored maps (each method has its own: see ``map_shapes`` in ``run.json``)."""
+        if method not in self.methods:
+            raise ValueError(f"the store holds no maps of {method!r}; it has {', '.join(self.methods)}")
+        shapes = self.config.get("map_shapes")
+        h, w = shapes[method] if isinstance(shapes, dict) else self.config["map_shape"]  # older stores: one
+        return int(h), int(w)
+
     def maps(self, method: str) -> Any:
-        """The ``zarr.Array`` of a method's maps, float16 ``[N, H, W]`` in [0, 1] (NaN rows: images not
-        explained: unreadable, or not done yet). ``store.maps("gradcam")[i]`` is image i's map as numpy."""
+        """The ``zarr.Array`` of a method's maps, float16 ``[N, H, W]`` in [0, 1] with that method's
+        :meth:`map_shape` (NaN rows: images not explained: unreadable, or not done yet).
+        ``store.maps("gradcam")[i]`` is image i's map as numpy."""
         if method not in self.methods:
             raise ValueError(f"the store holds no maps of {method!r}; it has {', '.join(self.methods)}")
         import zarr
@@ -140,6 +151,20 @@ class Store:
         if self._reader is None:  # read-only: a store on a read-only file system or shared with readers
             self._reader = zarr.open_group(str(self.path / "maps.zarr"), mode="r")
         return self._reader[method]
+
+    def path_root(self, index: int) -> Path | None:
+        """The folder image ``index``'s relative ``path`` resolves from, as recorded when the run was made (a
+        manifest's folder for its rows, else the folder ``camkit run`` was started in); None for a store that
+        recorded none (made by an older camkit: the current folder)."""
+        roots = self.config.get("path_roots")
+        if not isinstance(roots, list):
+            return None
+        found: str | None = None
+        for start, root in roots:
+            if int(start) > index:
+                break
+            found = str(root)
+        return Path(found) if found else None
 
     def thumbnail(self, method: str, index: int) -> Path | None:
         """The overlay JPEG of an image for a method, when the run wrote thumbnails."""
@@ -207,10 +232,12 @@ def create_store(
     path: str | Path,
     config: dict[str, Any],
     items: Sequence[Item],
-    map_shape: tuple[int, int],
+    map_shapes: Mapping[str, tuple[int, int]],
     overwrite: bool = False,
 ) -> Store:
     """Create a store, or open an existing one made with the same ``config["options"]`` and inputs.
+
+    ``map_shapes``: (H, W) of each method's maps (one zarr array per method, each with its own shape).
 
     Raises:
         ValueError: the folder holds a store made with other options or inputs (unless ``overwrite``: then it is
@@ -253,8 +280,9 @@ def create_store(
     with atomic_write(p / "items.parquet") as f:
         pq.write_table(table, f)
     group = zarr.open_group(str(p / "maps.zarr"), mode="w", zarr_format=3)
-    n, (h, w) = len(items), map_shape
+    n = len(items)
     for method in config["methods"]:
+        h, w = map_shapes[method]
         group.create_array(
             method,
             shape=(n, h, w),
@@ -262,7 +290,8 @@ def create_store(
             dtype="float16",
             fill_value=np.float16("nan"),
         )
-    write_json(p / CONFIG_FILE, {**config, "map_shape": list(map_shape), "version": STORE_VERSION})
+    shapes = {m: [int(v) for v in map_shapes[m]] for m in config["methods"]}
+    write_json(p / CONFIG_FILE, {**config, "map_shapes": shapes, "version": STORE_VERSION})
     return Store(p)
 
 
@@ -304,7 +333,7 @@ def summarize(table: pa.Table, methods: Sequence[str], config: dict[str, Any]) -
     as :func:`camkit.evaluate.evaluate` does), and ``maxboxacc``: MaxBoxAccV2 over the IoU curves of the images
     with ground-truth boxes (None when none has boxes); with curves, a ``maxboxacc`` key like evaluate's too
     (method -> ``value`` and the accuracy at each IoU threshold, ``iou_0.3``, ``iou_0.5``, ``iou_0.7``)."""
-    from camkit.evaluate import IOU_THRESHOLDS
+    from camkit.evaluate import IOU_THRESHOLDS, METRICS
     from camkit.metrics import max_box_acc_v2
 
     n = table.num_rows
@@ -335,6 +364,12 @@ def summarize(table: pa.Table, methods: Sequence[str], config: dict[str, Any]) -
         "methods": list(methods),
         "metrics": means,
     }
+    box_metrics = [
+        m for m in config.get("options", {}).get("metrics", ()) if m in METRICS and METRICS[m].needs_boxes
+    ]
+    if box_metrics and n:  # images the box metrics leave out: ok rows without ground-truth boxes
+        boxes = table.column("gt_boxes").to_pylist()
+        out["without_boxes"] = sum(1 for s, b in zip(status, boxes, strict=True) if s == "ok" and not b)
     if mba:
         out["maxboxacc"] = mba
     return out
