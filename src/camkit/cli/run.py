@@ -1,7 +1,8 @@
 """``camkit run``: explain a whole dataset into a resumable store (maps in zarr, one Parquet row per image).
 
-A killed run restarted with the same command continues where it stopped; other options against an existing
-store are refused unless ``--overwrite``. ``torchrun --nproc-per-node N -m camkit run ...`` splits the work over N
+A killed run restarted with the same command continues where it stopped (done shards are verified first); a
+finished store with the same options is left as it is; other options against an existing store are refused
+unless ``--overwrite``; a folder that is not a camkit store is never written into unless it is empty. ``torchrun --nproc-per-node N -m camkit run ...`` splits the work over N
 processes; ``--engine ray`` over Ray Data actors. See :mod:`camkit.run`.
 """
 
@@ -42,9 +43,12 @@ def run(
             help="Image folders (recursive), an ImageFolder tree, a .csv/.jsonl manifest or .tar shards."
         ),
     ],
-    out: Annotated[Path, out_option("The store folder (created, or resumed when it exists).")] = Path(
-        "store"
-    ),
+    out: Annotated[
+        Path,
+        out_option(
+            "The store folder: a new or empty folder, or a camkit store to resume (created when missing)."
+        ),
+    ] = Path("store"),
     methods: Annotated[
         str, typer.Option("--methods", "--method", "-m", help="CAM methods, comma-separated.")
     ] = "gradcam",
@@ -82,7 +86,11 @@ def run(
     ray_workers: Annotated[int, typer.Option(help="Ray actors (--engine ray).")] = 2,
     num_gpus: Annotated[float, typer.Option(help="GPUs per Ray actor (--engine ray).")] = 0.0,
     overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="Delete a store made with other options and start again.")
+        bool,
+        typer.Option(
+            "--overwrite",
+            help="Start a camkit store again: its own files are deleted (refused when it holds other files).",
+        ),
     ] = False,
     model: ModelOption = "efficientnet_lite0",
     weights: WeightsOption = None,
@@ -142,12 +150,18 @@ def run(
                 ray_workers=ray_workers,
                 num_gpus=num_gpus,
                 progress=bar,
+                warn=_warning,
             )
     if rank != 0:
         return
     print_summary(result.summary, str(out))
     if result.summary.get("errors"):
         raise typer.Exit(code=1)
+
+
+def _warning(message: str) -> None:
+    """A ``warning:`` line on stderr (a done shard that does not verify and is computed again)."""
+    err_console.print(f"warning: {message}", markup=False, highlight=False, soft_wrap=True)
 
 
 @contextmanager
