@@ -234,22 +234,51 @@ def test_half_created_store_is_started_again_only_by_the_lock_holder(
 # ------------------------------------------------------------------------------- 3: two runs at once
 
 
+#: ``python -c`` program: import camkit (the slow part), say so (``argv[1].<pid>``), wait for the file
+#: ``argv[1]``, then ``camkit ARGV[2:]``: processes started apart reach the store within milliseconds. Creating
+#: the maps' zarr group takes 0.5 s longer, so that two creations overlap.
+_STARTER = """
+import os, sys, time
+import zarr
+import camkit.run.runner
+from camkit.cli import main
+_open = zarr.open_group
+def slow_open(*args, **kwargs):
+    group = _open(*args, **kwargs)
+    if kwargs.get("mode") == "w":
+        time.sleep(0.5)
+    return group
+zarr.open_group = slow_open
+open(f"{sys.argv[1]}.{os.getpid()}", "w").close()
+while not os.path.exists(sys.argv[1]):
+    time.sleep(0.002)
+sys.argv = ["camkit", *sys.argv[2:]]
+main()
+"""
+
+
 def test_two_processes_creating_the_same_store(tmp_path: Path, photos: Path, reference: Path) -> None:
-    """Two ``camkit run`` processes on one new store, started together, several times: each exits 0 (it made
-    the store, or found it finished) or 2 with one ``error:`` line (in use); the store is whole and equal to an
-    uninterrupted run's; nothing temporary is left."""
+    """Two ``camkit run`` processes on one new store, released together, several times: each exits as a run
+    does (1: one photo is unreadable: it made the store or found it finished) or 2 with one ``error:`` line
+    (in use); the store is whole and equal to an uninterrupted run's; nothing temporary is left."""
     outcomes = []
     for trial in range(4):
-        out = tmp_path / f"st{trial}"
-        cmd = [sys.executable, "-m", "camkit", *cli_args(photos, out, "--workers", "0")]
+        out, go = tmp_path / f"st{trial}", tmp_path / f"go{trial}"
+        cmd = [sys.executable, "-c", _STARTER, str(go), *cli_args(photos, out, "--workers", "0")]
         procs = [
             subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             for _ in range(2)
         ]
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not all(
+            Path(f"{go}.{proc.pid}").exists() or proc.poll() is not None for proc in procs
+        ):
+            time.sleep(0.02)
+        go.touch()
         for proc in procs:
             stdout, stderr = proc.communicate(timeout=600)
             lines = [ln for ln in stderr.splitlines() if ln.strip()]
-            assert proc.returncode in (1, 2), (proc.returncode, stderr)  # 1: one photo is unreadable
+            assert proc.returncode in (1, 2), (proc.returncode, stderr)
             if proc.returncode == 2:
                 assert len(lines) == 1 and "is in use by another camkit process" in lines[0], stderr
                 assert lines[0].startswith("error: ")
