@@ -59,6 +59,7 @@ __all__ = [
     "create_store",
     "inspect_out",
     "open_store",
+    "read_marker",
     "settings_differences",
     "store_lock",
     "survey",
