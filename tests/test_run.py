@@ -262,9 +262,11 @@ def test_store_rows_errors_and_reader(tmp_path: Path) -> None:
         workers=0,
     )
     assert again.computed == 0 and again.store.table().num_rows == 4
-    # a creation killed before run.json: started again, not refused
+    # a creation killed half-way (its run.json marker still says "creating"): started again, not refused
     half = tmp_path / "half"
     half.mkdir()
+    marker = {"format": "camkit-run-store", "version": 2, "state": "creating", "methods": ["gradcam"]}
+    (half / "run.json").write_text(json.dumps(marker))
     (half / "items.parquet").write_bytes(b"partial")
     assert run([data / "c0"], half, model=MODEL, options=RunOptions(image_size=64), workers=0).store.complete
     (tmp_path / "other").mkdir()

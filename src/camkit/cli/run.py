@@ -1,7 +1,8 @@
 """``camkit run``: explain a whole dataset into a resumable store (maps in zarr, one Parquet row per image).
 
-A killed run restarted with the same command continues where it stopped; other options against an existing
-store are refused unless ``--overwrite``. ``torchrun --nproc-per-node N -m camkit run ...`` splits the work over N
+A killed run restarted with the same command continues where it stopped (done shards are verified first); a
+finished store with the same options is left as it is; other options against an existing store are refused
+unless ``--overwrite``; a folder that is not a camkit store is never written into unless it is empty. ``torchrun --nproc-per-node N -m camkit run ...`` splits the work over N
 processes; ``--engine ray`` over Ray Data actors. See :mod:`camkit.run`.
 """
 
@@ -43,9 +44,12 @@ def run(
             "folder) or .tar shards; annotation files go with --annotations."
         ),
     ],
-    out: Annotated[Path, out_option("The store folder (created, or resumed when it exists).")] = Path(
-        "store"
-    ),
+    out: Annotated[
+        Path,
+        out_option(
+            "The store folder: a new or empty folder, or a camkit store to resume (created when missing)."
+        ),
+    ] = Path("store"),
     methods: Annotated[
         str, typer.Option("--methods", "--method", "-m", help="CAM methods, comma-separated.")
     ] = "gradcam",
@@ -92,7 +96,11 @@ def run(
     ray_workers: Annotated[int, typer.Option(help="Ray actors (--engine ray).")] = 2,
     num_gpus: Annotated[float, typer.Option(help="GPUs per Ray actor (--engine ray).")] = 0.0,
     overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="Delete a store made with other options and start again.")
+        bool,
+        typer.Option(
+            "--overwrite",
+            help="Start a camkit store again: its own files are deleted (refused when it holds other files).",
+        ),
     ] = False,
     model: ModelOption = "efficientnet_lite0",
     weights: WeightsOption = None,
@@ -154,6 +162,7 @@ def run(
                 num_gpus=num_gpus,
                 progress=bar,
                 note=_note if rank == 0 else None,
+                warn=_warning,
             )
     if rank != 0:
         return
@@ -165,6 +174,11 @@ def run(
 def _note(message: str) -> None:
     """A remark on stderr before the work (``note: ...``), printed as plain text."""
     err_console.print(f"note: {message}", highlight=False, markup=False, soft_wrap=True)
+
+
+def _warning(message: str) -> None:
+    """A ``warning:`` line on stderr (a done shard that does not verify and is computed again)."""
+    err_console.print(f"warning: {message}", markup=False, highlight=False, soft_wrap=True)
 
 
 @contextmanager

@@ -7,7 +7,8 @@
   :func:`camkit.compare` (one forward, and one backward shared by every gradient method).
 * :func:`process_shards`: a DataLoader (with worker processes) over the batches of some shards; each finished
   shard is written atomically with its done-marker.
-* :func:`run`: the whole run: store created or resumed, shards split over torchrun ranks or Ray actors (see
+* :func:`run`: the whole run: the store looked at first (a finished one with the same settings: nothing is
+  loaded or written), created or resumed under its lock, shards split over torchrun ranks or Ray actors (see
   :mod:`camkit.run.distributed`, :mod:`camkit.run.raydata`), the table merged and the summary written.
 
 Batches never straddle shards (each shard is cut into batches of ``batch_size`` the same way every time), so a
@@ -24,7 +25,8 @@ import os
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +36,19 @@ import torch
 from torch import Tensor, nn
 
 from camkit.evaluate import METRICS, MetricScorer
-from camkit.io.files import save_image, write_json
+from camkit.io.files import save_image
 from camkit.io.images import DEFAULT_MAX_PIXELS
 from camkit.io.preprocess import Preprocess
 from camkit.run.sources import ImageDataset, Item, Sample, collate, collect_items, die_with_parent
-from camkit.run.store import Store, create_store, open_store, summarize
+from camkit.run.store import (
+    Store,
+    create_store,
+    open_store,
+    settings_differences,
+    store_lock,
+    summarize,
+    survey,
+)
 
 __all__ = [
     "METRIC_COLUMNS",
@@ -92,8 +102,31 @@ class ModelSpec:
         )
 
     def identity(self) -> dict[str, Any]:
-        """What decides the weights (device and threads do not)."""
-        return {"model": self.name, "weights": self.weights, "pretrained": self.pretrained, "seed": self.seed}
+        """What decides the weights (device and threads do not): a weights file by its content
+        (``"sha256:<hex>"``), so that other weights under the same path are another setting."""
+        return {
+            "model": self.name,
+            "weights": self.weights_digest(),
+            "pretrained": self.pretrained,
+            "seed": self.seed,
+        }
+
+    def weights_digest(self) -> str | None:
+        """``"sha256:<hex digest>"`` of the weights file, or None without one.
+
+        Raises:
+            ValueError: the file cannot be read.
+        """
+        if self.weights is None:
+            return None
+        h = hashlib.sha256()
+        try:
+            with open(self.weights, "rb") as f:
+                while block := f.read(1 << 20):
+                    h.update(block)
+        except OSError as err:
+            raise ValueError(f"cannot read the weights file {self.weights!r}: {err.strerror or err}") from err
+        return f"sha256:{h.hexdigest()}"
 
 
 @dataclass(frozen=True)
@@ -231,6 +264,12 @@ class Explainer:
         self._classes: list[int] | None = None
         self._scorer: MetricScorer | None = None
         self._shapes: dict[str, tuple[int, int]] | None = None
+        self._layers: list[str] = []
+
+    def layer_names(self) -> list[str]:
+        """The target layers ``options.layers`` resolved to on this model (``auto`` -> the name it chose)."""
+        self.map_shapes()
+        return list(self._layers)
 
     def map_shapes(self) -> dict[str, tuple[int, int]]:
         """(H, W) of each method's stored maps, from one explained blank image (checks the layers and methods
@@ -247,6 +286,7 @@ class Explainer:
                     "camkit run explains classifiers (a model whose output is Tensor[B, classes]); explain "
                     "segmentation and detection models with `camkit explain` or camkit.explain"
                 )
+            self._layers = list(first.raw)
             shapes: dict[str, tuple[int, int]] = {}
             for m in self.methods:
                 e = expl[m]
@@ -467,7 +507,8 @@ def inputs_digest(items: Sequence[Item]) -> str:
 def run_config(
     spec: ModelSpec, options: RunOptions, items: Sequence[Item], methods: Sequence[str]
 ) -> dict[str, Any]:
-    """The store's ``run.json`` (without the map shape)."""
+    """The store's ``run.json`` settings, known before the model is loaded (the resolved ``layers`` and the map
+    shape are added once it is)."""
     return {
         "options": {
             **spec.identity(),
@@ -475,6 +516,7 @@ def run_config(
             "methods": list(methods),
             "metrics": list(options.metrics),
         },
+        "weights_path": spec.weights,
         "methods": list(methods),
         "n": len(items),
         "shard_size": options.shard_size,
@@ -519,6 +561,42 @@ def check_boxes(items: Sequence[Item], metrics: Sequence[str]) -> str | None:
     return None
 
 
+def _agreed(dist: Any, work: Callable[[], Any] | None) -> Any:
+    """Rank 0 does ``work``; every rank gets its value, or raises the ValueError it raised (so that no rank
+    waits for one that gave up)."""
+    if dist.world == 1:
+        return work() if work is not None else None
+    outcome: tuple[str, Any] = ("ok", None)
+    error: Exception | None = None
+    if dist.rank == 0 and work is not None:
+        try:
+            outcome = ("ok", work())
+        except (ValueError, FileNotFoundError, RuntimeError) as err:
+            error = err
+            outcome = ("error", str(err))
+    outcome = dist.broadcast(outcome)
+    if error is not None:
+        raise error
+    if outcome[0] == "error":
+        raise ValueError(outcome[1])
+    return outcome[1]
+
+
+def _nothing_to_do(out: str | Path, t0: float, engine: str, world: int) -> RunResult:
+    """The result of a run on a finished store: its summary, this run's counts (nothing written)."""
+    store = open_store(out)
+    seconds = time.perf_counter() - t0
+    summary = {k: v for k, v in store.summary().items() if k != "table"}
+    summary["this_run"] = {
+        "computed": 0,
+        "seconds": round(seconds, 3),
+        "images_per_s": None,
+        "processes": world,
+        "engine": engine,
+    }
+    return RunResult(store=store, computed=0, seconds=seconds, summary=summary)
+
+
 def run(
     inputs: Sequence[str | Path],
     out: str | Path,
@@ -534,8 +612,15 @@ def run(
     num_gpus: float = 0.0,
     progress: Callable[[int, int], Callable[[int], None]] | None = None,
     note: Callable[[str], None] | None = None,
+    warn: Callable[[str], None] | None = None,
 ) -> RunResult:
     """Explain every image of ``inputs`` into the store ``out`` (created, or resumed where it stopped).
+
+    The store is looked at before anything is loaded: a folder that is neither new, empty nor a camkit store is
+    refused, as is a store made with other settings; a finished store with the same settings is left as it is
+    (no model is loaded, nothing is written, so it may be on a read-only file system). A run that creates,
+    resumes or overwrites a store holds the store's lock until it is done (another run on it is refused at
+    once); a resume verifies every done shard and computes again those that do not verify.
 
     Args:
         inputs: folders, files, a manifest or tar shards (:func:`camkit.run.sources.collect_items`).
@@ -545,7 +630,8 @@ def run(
         layout: how to read ``inputs`` (``auto``, ``folder``, ``imagefolder``, ``manifest``, ``tar``).
         annotations: an annotation file (camkit JSON, COCO JSON, Pascal VOC XML, as ``camkit evaluate
             --annotations``): class and boxes of the images it names (by file name) whose input gives none.
-        overwrite: delete a store made with other options instead of refusing.
+        overwrite: start the store again, deleting camkit's own files of it (a folder that holds other files is
+            refused), instead of refusing other settings.
         workers: DataLoader worker processes per process (0: decode in the main process).
         engine: ``"local"`` (one process, or one per rank under torchrun: see :mod:`camkit.run.distributed`) or
             ``"ray"`` (Ray Data actors, :mod:`camkit.run.raydata`).
@@ -554,11 +640,14 @@ def run(
             compute and the total; ``advance`` after each batch.
         note: called with a remark before any work (box metrics that leave out images without boxes); default:
             a Python warning.
+        warn: called with a line for each done shard that does not verify (default: :func:`warnings.warn`).
 
     Raises:
-        ValueError: bad options or inputs, box metrics asked for on images none of which has boxes, or a store
-            made with other settings (and not ``overwrite``).
+        ValueError: bad options or inputs, box metrics asked for on images none of which has boxes, an ``out``
+            that cannot hold the store, a store made with other settings (and not ``overwrite``), or one in use
+            by another run.
     """
+    from camkit.methods import get_method
     from camkit.run import distributed
 
     spec = model or ModelSpec()
@@ -575,47 +664,68 @@ def run(
             note(box_note)
         else:
             warnings.warn(box_note, stacklevel=2)
+    config = run_config(spec, opts, items, [get_method(m).name for m in opts.methods])
     t0 = time.perf_counter()
     with distributed.session(spec.device) as dist:
         if dist.world > 1 and engine == "ray":
             raise ValueError("--engine ray is not run under torchrun: start it as one process")
-        device = dist.device
-        spec = ModelSpec(spec.name, spec.weights, spec.pretrained, spec.seed, device, spec.threads)
+        # the store first: refused, or finished with these settings (nothing loaded, nothing written)
+        if _agreed(dist, lambda: survey(out, config, overwrite)):
+            return _nothing_to_do(out, t0, engine, dist.world)
+        spec = replace(spec, device=dist.device)
         loaded = spec.load()
         explainer = Explainer(loaded.model, loaded.preprocess, loaded.labels, opts, items)
         shapes = explainer.map_shapes()
-        config = run_config(spec, opts, items, explainer.methods)
-        if dist.rank == 0:
-            store = create_store(out, config, items, shapes, overwrite=overwrite)
-        dist.barrier()
-        store = open_store(out)
-        if dist.rank != 0:
-            create_store(out, config, items, shapes)  # the same check: a store of other settings is refused
-        pending = dist.broadcast(sorted(set(range(store.n_shards)) - store.done_shards()))
-        mine = pending[dist.rank :: dist.world]
-        to_do = sum(len(store.shard_range(s)) for s in mine)
-        advance = progress(to_do, store.n) if progress is not None else None
-        if engine == "ray":
-            from camkit.run import raydata
+        config = {**config, "layers": explainer.layer_names()}
+        if _agreed(dist, lambda: survey(out, config, overwrite)):  # --layers given another way, same layers
+            return _nothing_to_do(out, t0, engine, dist.world)
+        with ExitStack() as held:
 
-            computed = raydata.process_shards(
-                store, spec, opts, items, mine, ray_workers=ray_workers, num_gpus=num_gpus, progress=advance
-            )
-        else:
-            computed = process_shards(store, explainer, mine, workers=workers, progress=advance)
-        computed = dist.total(computed)
-        seconds = time.perf_counter() - t0
-        summary: dict[str, Any] = {}
-        if dist.rank == 0:
-            table = store.merge()
-            summary = summarize(table, store.methods, store.config)
-            summary["this_run"] = {
-                "computed": computed,
-                "seconds": round(seconds, 3),
-                "images_per_s": round(computed / seconds, 2) if seconds > 0 else None,
-                "processes": dist.world,
-                "engine": engine,
-            }
-            write_json(store.path / "summary.json", summary)
-        dist.barrier()
+            def prepare() -> list[int]:
+                held.enter_context(store_lock(out))  # held until the table is merged
+                made = create_store(out, config, items, shapes, overwrite=overwrite, warn=warn)
+                return sorted(set(range(made.n_shards)) - made.done_shards())
+
+            pending: list[int] = _agreed(dist, prepare if dist.rank == 0 else None)
+            store = open_store(out)
+            diff = settings_differences(store.config, config)
+            if dist.total(1 if diff else 0):  # every rank must run with rank 0's settings (weights, inputs)
+                raise ValueError(
+                    f"the processes of this run have other settings than its first one ({'; '.join(diff)})"
+                    if diff
+                    else "another process of this run has other settings (model weights or inputs)"
+                )
+            mine = pending[dist.rank :: dist.world]
+            to_do = sum(len(store.shard_range(s)) for s in mine)
+            advance = progress(to_do, store.n) if progress is not None else None
+            if engine == "ray":
+                from camkit.run import raydata
+
+                computed = raydata.process_shards(
+                    store,
+                    spec,
+                    opts,
+                    items,
+                    mine,
+                    ray_workers=ray_workers,
+                    num_gpus=num_gpus,
+                    progress=advance,
+                )
+            else:
+                computed = process_shards(store, explainer, mine, workers=workers, progress=advance)
+            computed = dist.total(computed)
+            seconds = time.perf_counter() - t0
+            summary: dict[str, Any] = {}
+            if dist.rank == 0:
+                table = store.merge()
+                summary = summarize(table, store.methods, store.config)
+                summary["this_run"] = {
+                    "computed": computed,
+                    "seconds": round(seconds, 3),
+                    "images_per_s": round(computed / seconds, 2) if seconds > 0 else None,
+                    "processes": dist.world,
+                    "engine": engine,
+                }
+                store.write_summary(summary)
+            dist.barrier()
     return RunResult(store=store, computed=computed, seconds=seconds, summary=summary)

@@ -2,28 +2,44 @@
 
 Layout of ``STORE/``::
 
-    run.json                 the run's settings (what decides the results), each method's map shape, the shard size
+    run.json                 camkit's marker and the run's settings: ``format`` ("camkit-run-store"), ``version``,
+                             ``state`` ("creating", then "ready"), the options that decide the results, the
+                             resolved target layers, each method's map shape, the shard size, where relative
+                             paths resolve
+    lock                     the store's lock file (an OS lock, ``flock``), held by the run that writes the store
     items.parquet            the inputs: index, path, class, boxes (fixed when the store is created)
     maps.zarr/<method>       float16 [N, H, W] per method (H, W: that method's grid, ``map_shapes``), one chunk per
                              shard, NaN for an unreadable image
     shards/<s>.parquet       the rows of shard s (images s*shard_size ... ), written atomically
-    shards/<s>.done          written last, atomically: shard s is complete
+    shards/<s>.done          written last, atomically: shard s is complete; it records the size and SHA-256 of
+                             every file the shard wrote (its Parquet file and its zarr chunks)
     thumbs/<method>/<index>.jpg   overlays, when asked for
-    table.parquet            all rows, in index order: written once every shard is done
-    summary.json             counts, means per method, timing
+    table.parquet            all rows, in index order: written once every shard is done and verified
+    summary.json             counts, means per method, timing, and the size and SHA-256 of table.parquet
 
-A shard is complete only when its ``.done`` marker exists; everything of a shard without one is rewritten
-whole on resume (zarr writes each chunk file atomically, and a shard is exactly one chunk per method), so a
-killed run resumed with the same command ends bit for bit as an uninterrupted one.
+A folder is a camkit store only when its ``run.json`` says so (the ``format`` name and a ``version`` camkit
+knows); camkit never judges a folder by the names in it. It writes a new store only into a new or empty folder,
+and it deletes only its own files of a store it has recognised (``--overwrite``, or a store whose creation was
+killed: ``state`` still ``"creating"``), refusing when the store holds anything else.
+
+A shard is complete only when its ``.done`` marker exists and what it records still matches the files; a
+resume checks every done shard (sizes and digests) and computes again a shard that does not verify. Everything
+of a shard without a marker is rewritten whole on resume (zarr writes each chunk file atomically, and a shard is
+exactly one chunk per method), so a killed run resumed with the same command ends bit for bit as an
+uninterrupted one.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import math
 import os
-import shutil
-from collections.abc import Mapping, Sequence
+import re
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -32,13 +48,54 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from camkit.io.files import atomic_write, write_json
+from camkit.io.files import atomic_write, file_lock, write_json
 from camkit.run.sources import Item
 
-__all__ = ["CONFIG_FILE", "Store", "create_store", "open_store"]
+__all__ = [
+    "CONFIG_FILE",
+    "FORMAT",
+    "LOCK_FILE",
+    "OWN_ENTRIES",
+    "STORE_VERSION",
+    "Store",
+    "create_store",
+    "inspect_out",
+    "open_store",
+    "read_marker",
+    "settings_differences",
+    "store_lock",
+    "survey",
+]
 
 CONFIG_FILE = "run.json"
-STORE_VERSION = 1
+LOCK_FILE = "lock"
+#: The ``format`` name in ``run.json`` that makes a folder a camkit run store.
+FORMAT = "camkit-run-store"
+#: The store layout this camkit writes and reads (1: the stores of earlier camkit versions, without ``format``).
+STORE_VERSION = 2
+#: The entries of a store's folder that camkit writes (and, for ``--overwrite``, deletes: all but ``lock``).
+OWN_ENTRIES = (
+    CONFIG_FILE,
+    "items.parquet",
+    "maps.zarr",
+    "shards",
+    "thumbs",
+    "table.parquet",
+    "summary.json",
+    LOCK_FILE,
+)
+_OWN_FILES = (CONFIG_FILE, "items.parquet", "table.parquet", "summary.json")
+#: :func:`camkit.io.files.atomic_write`'s temporary file beside NAME: ``.NAME.<8 letters>.part``.
+_PART = r"\.[a-z0-9_]{8}\.part"
+#: zarr's temporary file beside a chunk or metadata file: ``<stem>.<32 hex digits>.partial``.
+_PARTIAL = r"\.[0-9a-f]{32}\.partial"
+_SHARD_FILE = r"\d{6,}\.(?:parquet|done)"
+_THUMB_FILE = r"\d{8,}\.jpg"
+
+
+def _temporary_of(name: str, pattern: str) -> bool:
+    """``name`` is atomic_write's temporary file of a file whose name matches ``pattern``."""
+    return re.fullmatch(r"\." + pattern + _PART, name) is not None
 
 
 def _schema_items() -> pa.Schema:
@@ -52,25 +109,82 @@ def _schema_items() -> pa.Schema:
     )
 
 
+def _digest(path: Path) -> dict[str, Any]:
+    """``{"bytes": size, "sha256": hex digest}`` of a file."""
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+            size += len(block)
+    return {"bytes": size, "sha256": h.hexdigest()}
+
+
+def read_marker(path: str | Path) -> dict[str, Any] | None:
+    """The ``run.json`` of the camkit store in the folder ``path``; None when the folder holds no ``run.json``.
+
+    Raises:
+        ValueError: a ``run.json`` that camkit did not write (no ``format`` marker, or not JSON), one of a store
+            made by an older camkit (its layout has no marker and no verifiable done-markers), or one of a newer
+            camkit.
+    """
+    p = Path(path)
+    cfg = p / CONFIG_FILE
+    if not cfg.exists() and not cfg.is_symlink():
+        return None
+    data: Any = None
+    if cfg.is_file() and not cfg.is_symlink():
+        try:
+            data = json.loads(cfg.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            data = None
+    if isinstance(data, dict) and data.get("format") == FORMAT:
+        version = data.get("version")
+        if not isinstance(version, int) or version > STORE_VERSION:
+            raise ValueError(
+                f"{str(p)!r} is a camkit run store of format version {version!r}, newer than this camkit reads "
+                f"({STORE_VERSION}); upgrade camkit (pip install -U camkit)"
+            )
+        if version < STORE_VERSION:  # pragma: no cover - version 1 stores have no format marker
+            raise ValueError(f"{str(p)!r} is a camkit run store of the old format version {version}")
+        return data
+    if isinstance(data, dict) and "format" not in data and {"options", "map_shape", "n"} <= set(data):
+        raise ValueError(
+            f"{str(p)!r} is a store made by an older camkit (its run.json has no format marker, its shards no "
+            "verifiable done-markers): this camkit neither reads nor resumes it; run `camkit run` again with a "
+            "new --out (and delete the old folder yourself once you no longer need it)"
+        )
+    raise ValueError(
+        f"{str(p)!r} holds a {CONFIG_FILE} that camkit did not write, so it is not a camkit run store; give "
+        "`camkit run` a new or empty folder as --out"
+    )
+
+
 class Store:
     """A ``camkit run`` store opened for reading (and, by the runner, for writing shards).
 
     Attributes:
         path: the store folder.
-        config: the settings of the run (``run.json``): ``options`` (what decides the results: model, weights,
-            methods, layers, target, resolution, metrics, ...), ``n`` (images), ``shard_size``, ``map_shapes``
+        config: the settings of the run (``run.json``): ``format``, ``version``, ``state``, ``options`` (what
+            decides the results: model, weights digest, methods, layers as given, target, resolution, metrics,
+            ...), ``layers`` (the target layers they resolved to), ``n`` (images), ``shard_size``, ``map_shapes``
             (method -> [H, W]: at ``--resolution feature`` each method's maps are at its own grid, e.g. Poly-CAM's
-            at its shallowest layer), ``methods``, ``path_roots``.
+            at its shallowest layer), ``methods``, ``inputs_digest``, ``path_roots``.
     """
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        cfg = self.path / CONFIG_FILE
-        if not cfg.is_file():
+        config = read_marker(self.path)
+        if config is None:
             raise ValueError(
                 f"{str(self.path)!r} is not a camkit run store (no {CONFIG_FILE}); run `camkit run` first"
             )
-        self.config: dict[str, Any] = json.loads(cfg.read_text(encoding="utf-8"))
+        if config.get("state") != "ready":
+            raise ValueError(
+                f"the camkit run store {str(self.path)!r} is being created, or its creation was interrupted; "
+                "wait for the run that creates it, or run the same `camkit run` command again"
+            )
+        self.config: dict[str, Any] = config
         self._group: Any = None
         self._reader: Any = None
 
@@ -179,6 +293,94 @@ class Store:
             return data
         return summarize(self.table(), self.methods, self.config)
 
+    # -------------------------------------------------------------------------------------- verification
+
+    def _marker_file(self, shard: int) -> Path:
+        return self.path / "shards" / f"{shard:06d}.done"
+
+    def _chunk_path(self, method: str) -> Callable[[int], str]:
+        """shard -> the path (relative to the store) of its zarr chunk of ``method``'s maps."""
+        array = self._zarr_group()[method] if self._reader is None else self._reader[method]
+        meta, ndim = array.metadata, array.ndim
+        return lambda s: f"maps.zarr/{method}/{meta.encode_chunk_key((s,) + (0,) * (ndim - 1))}"
+
+    def verify_shard(self, shard: int, digests: bool = True) -> str | None:
+        """None when the shard's done-marker matches its files, else why not.
+
+        The marker records every file the shard wrote (its Parquet file and its zarr chunk per method, or that
+        a chunk was left absent: all its maps were NaN) with its size and SHA-256; ``digests=False`` checks the
+        sizes only (a quick look that catches deleted and truncated files, not rewritten bytes).
+        """
+        try:
+            marker = json.loads(self._marker_file(shard).read_text(encoding="utf-8"))
+            files = marker["files"]
+            rows = int(marker["rows"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return "its done-marker is unreadable"
+        if rows != len(self.shard_range(shard)) or not isinstance(files, dict):
+            return "its done-marker does not match the store"
+        expected = {f"shards/{shard:06d}.parquet"}
+        expected |= {f"maps.zarr/{m}/" for m in self.methods}
+        for name, record in files.items():
+            if not isinstance(name, str) or ".." in Path(name).parts or Path(name).is_absolute():
+                return "its done-marker names a file outside the store"
+            if record is not None and not isinstance(record, dict):
+                return "its done-marker is unreadable"
+            target = self.path / name
+            if record is None:
+                if target.exists():
+                    return f"{name} exists where the shard left no chunk"
+                continue
+            try:
+                size = target.stat().st_size
+            except OSError:
+                return f"{name} is missing"
+            if size != record.get("bytes"):
+                return f"{name} has {size} bytes, {record.get('bytes')} were written"
+            if digests and _digest(target)["sha256"] != record.get("sha256"):
+                return f"{name} changed since it was written (SHA-256)"
+        named = {n if not n.startswith("maps.zarr/") else "maps.zarr/" + n.split("/")[1] + "/" for n in files}
+        if not expected <= named:
+            return "its done-marker lacks some of the shard's files"
+        return None
+
+    def check_done(self, warn: Callable[[str], None] | None = None) -> list[int]:
+        """Verify every done shard (sizes and SHA-256); drop the marker of each that does not verify, so that
+        the run computes it again, saying so through ``warn``. Returns the shards dropped. Call it holding the
+        store's lock (:func:`store_lock`)."""
+        say = warn or _warn
+        bad = []
+        for s in sorted(self.done_shards()):
+            if s >= self.n_shards:
+                why: str | None = "the store has no such shard"
+            else:
+                why = self.verify_shard(s)
+            if why is not None:
+                bad.append((s, why))
+        if bad:
+            for stale in ("summary.json", "table.parquet"):  # merged from shards that no longer verify
+                (self.path / stale).unlink(missing_ok=True)
+        for s, why in bad:
+            r = self.shard_range(s)
+            say(
+                f"shard {s} of the store {str(self.path)!r} (images {r.start}-{r.stop - 1}) does not verify "
+                f"({why}): computing it again"
+            )
+            self._marker_file(s).unlink(missing_ok=True)
+        return [s for s, _ in bad]
+
+    def is_finished(self) -> bool:
+        """Every shard done and its files present with the sizes its marker records, the table merged and the
+        summary written (checked without writing anything)."""
+        if not self.complete or any(self.verify_shard(s, digests=False) for s in range(self.n_shards)):
+            return False
+        try:
+            summary = json.loads((self.path / "summary.json").read_text(encoding="utf-8"))
+            size = (self.path / "table.parquet").stat().st_size
+        except (OSError, ValueError):
+            return False
+        return isinstance(summary, dict) and summary.get("table", {}).get("bytes") == size
+
     # -------------------------------------------------------------------------------------------- writing
 
     def _zarr_group(self) -> Any:
@@ -192,31 +394,63 @@ class Store:
         return self.path / "shards" / f"{shard:06d}.parquet"
 
     def write_shard(self, shard: int, rows: pa.Table, maps: dict[str, np.ndarray]) -> None:
-        """Write a whole shard: its maps (one zarr chunk per method), its rows, then its done-marker."""
+        """Write a whole shard: its maps (one zarr chunk per method), its rows, then its done-marker (which
+        records the size and SHA-256 of each file written)."""
         rng = self.shard_range(shard)
         group = self._zarr_group()
+        files: dict[str, dict[str, Any] | None] = {}
         for method, arr in maps.items():
             if arr.shape[0] != len(rng):
                 raise ValueError(f"shard {shard} holds {len(rng)} images, got {arr.shape[0]} maps")
             group[method][rng.start : rng.stop] = arr.astype(np.float16)
+            chunk = self._chunk_path(method)(shard)
+            # zarr writes no chunk (and removes an old one) when every value is the fill value, NaN
+            files[chunk] = _digest(self.path / chunk) if (self.path / chunk).is_file() else None
         (self.path / "shards").mkdir(exist_ok=True)
+        buf = io.BytesIO()
+        pq.write_table(rows, buf)
+        data = buf.getvalue()
         with atomic_write(self._shard_file(shard)) as f:
-            pq.write_table(rows, f)
-        with atomic_write(self.path / "shards" / f"{shard:06d}.done", "w") as f:
-            f.write(json.dumps({"rows": rows.num_rows}) + "\n")
+            f.write(data)
+        files[f"shards/{shard:06d}.parquet"] = {
+            "bytes": len(data),
+            "sha256": hashlib.sha256(data).hexdigest(),
+        }
+        with atomic_write(self._marker_file(shard), "w") as f:
+            f.write(json.dumps({"rows": rows.num_rows, "files": files}) + "\n")
 
     def merge(self) -> pa.Table:
-        """Concatenate the shards into ``table.parquet`` (checked: every index exactly once, in order)."""
+        """Concatenate the shards into ``table.parquet`` (checked: each shard's Parquet file as its marker
+        recorded it, every index exactly once, in order)."""
         missing = sorted(set(range(self.n_shards)) - self.done_shards())
         if missing:
             raise ValueError(f"cannot merge: {len(missing)} shard(s) not done (first: {missing[0]})")
-        table = pa.concat_tables([pq.read_table(self._shard_file(s)) for s in range(self.n_shards)])
+        parts = []
+        for s in range(self.n_shards):
+            why = self.verify_shard(s, digests=False)
+            data = self._shard_file(s).read_bytes() if why is None else b""
+            marker = json.loads(self._marker_file(s).read_text(encoding="utf-8")) if why is None else {}
+            record = marker.get("files", {}).get(f"shards/{s:06d}.parquet") or {}
+            if why is None and hashlib.sha256(data).hexdigest() != record.get("sha256"):
+                why = "its Parquet file changed since it was written (SHA-256)"
+            if why is not None:
+                self._marker_file(s).unlink(missing_ok=True)
+                raise RuntimeError(
+                    f"shard {s} of the store {str(self.path)!r} changed while the run ran ({why}); run the same "
+                    "command again to compute it again"
+                )
+            parts.append(pq.read_table(pa.BufferReader(data)))
+        table = pa.concat_tables(parts)
         idx = table.column("index").to_numpy()
         if len(idx) != self.n or not np.array_equal(idx, np.arange(self.n)):
             raise RuntimeError(f"the shards hold {len(idx)} rows for {self.n} images, or out of order")
         with atomic_write(self.path / "table.parquet") as f:
             pq.write_table(table, f)
         return table
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        """Write ``summary.json`` (last: the store is finished), with the size and SHA-256 of the table."""
+        write_json(self.path / "summary.json", {**summary, "table": _digest(self.path / "table.parquet")})
 
     def store_bytes(self) -> int:
         """Bytes of the maps, table and thumbnails on disk (the shards' copies of the rows not counted)."""
@@ -228,46 +462,268 @@ class Store:
         return total
 
 
+def _warn(message: str) -> None:
+    warnings.warn(message, stacklevel=3)
+
+
+# ------------------------------------------------------------------------------------------------ the folder
+
+
+def _own_tree(p: Path, methods: Sequence[str]) -> tuple[list[Path], list[Path], list[str]]:
+    """What the folder of a store holds: (camkit's files, camkit's folders, anything else).
+
+    camkit's own are the entries of :data:`OWN_ENTRIES` (files as files, folders as folders, never a symbolic
+    link) with, inside its folders, the names camkit and zarr write there (shard files, thumbnails of the
+    store's methods, zarr metadata and chunk files of its methods) and the temporary files of its atomic
+    writes. Anything else, at any depth, is the user's.
+    """
+    files: list[Path] = []
+    dirs: list[Path] = []
+    foreign: list[str] = []
+
+    def walk(folder: Path, accept: Callable[[os.DirEntry[str], Path], bool]) -> None:
+        dirs.append(folder)
+        for e in sorted(os.scandir(folder), key=lambda e: e.name):
+            path = Path(e.path)
+            if e.is_symlink() or not accept(e, path):
+                foreign.append(str(path.relative_to(p)))
+
+    def shard_entry(e: os.DirEntry[str], path: Path) -> bool:
+        ok = e.is_file() and (
+            re.fullmatch(_SHARD_FILE, e.name) is not None or _temporary_of(e.name, _SHARD_FILE)
+        )
+        if ok:
+            files.append(path)
+        return ok
+
+    def thumb_entry(e: os.DirEntry[str], path: Path) -> bool:
+        ok = e.is_file() and (
+            re.fullmatch(_THUMB_FILE, e.name) is not None or _temporary_of(e.name, _THUMB_FILE)
+        )
+        if ok:
+            files.append(path)
+        return ok
+
+    def thumbs_entry(e: os.DirEntry[str], path: Path) -> bool:
+        if e.name in methods and e.is_dir():
+            walk(path, thumb_entry)
+            return True
+        return False
+
+    def meta_file(e: os.DirEntry[str], path: Path) -> bool:
+        ok = e.is_file() and re.fullmatch(r"zarr\.json|zarr" + _PARTIAL, e.name) is not None
+        if ok:
+            files.append(path)
+        return ok
+
+    def chunk_entry(e: os.DirEntry[str], path: Path) -> bool:
+        if e.is_dir() and e.name.isdigit():
+            walk(path, chunk_entry)
+            return True
+        ok = e.is_file() and re.fullmatch(r"\d+(?:" + _PARTIAL + ")?", e.name) is not None
+        if ok:
+            files.append(path)
+        return ok
+
+    def array_entry(e: os.DirEntry[str], path: Path) -> bool:
+        if e.name == "c" and e.is_dir():
+            walk(path, chunk_entry)
+            return True
+        return meta_file(e, path)
+
+    def zarr_entry(e: os.DirEntry[str], path: Path) -> bool:
+        if e.name in methods and e.is_dir():
+            walk(path, array_entry)
+            return True
+        return meta_file(e, path)
+
+    folders = {"shards": shard_entry, "thumbs": thumbs_entry, "maps.zarr": zarr_entry}
+
+    def top(e: os.DirEntry[str], path: Path) -> bool:
+        if e.name in (*_OWN_FILES, LOCK_FILE) and e.is_file():
+            files.append(path)
+            return True
+        if e.is_file() and any(_temporary_of(e.name, re.escape(n)) for n in _OWN_FILES):
+            files.append(path)
+            return True
+        if e.name in folders and e.is_dir():
+            walk(path, folders[e.name])
+            return True
+        return False
+
+    walk(p, top)
+    dirs.remove(p)
+    return files, dirs, foreign
+
+
+def _listing(names: Sequence[str], most: int = 5) -> str:
+    shown = ", ".join(repr(n) for n in names[:most])
+    return shown + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+def inspect_out(path: str | Path) -> dict[str, Any] | None:
+    """Look at ``--out`` before any work, writing nothing: the ``run.json`` of the camkit store there, or None
+    for a folder that does not exist yet or is empty (an empty ``lock`` file and camkit's temporary files of
+    ``run.json`` count as empty: what a creation killed at its first step leaves).
+
+    Raises:
+        ValueError: ``path`` is a file, a folder that holds anything else (hidden entries such as ``.git``
+            included), a folder that cannot be created, or holds a ``run.json`` camkit did not write.
+    """
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise ValueError(f"--out {str(p)!r} is a file; give a folder for the store")
+    if not p.exists():
+        if p.is_symlink():
+            raise ValueError(f"--out {str(p)!r} is a symbolic link to nothing; give a folder for the store")
+        parent = next(q for q in p.absolute().parents if q.exists())
+        if not parent.is_dir():
+            raise ValueError(f"--out {str(p)!r} has a file on its path ({str(parent)!r}); choose a folder")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise ValueError(
+                f"cannot create the store {str(p)!r}: the folder {str(parent)!r} is not writable"
+            )
+        return None
+    config = read_marker(p)
+    if config is not None:
+        return config
+    others = []
+    for e in sorted(os.scandir(p), key=lambda e: e.name):
+        idle = e.is_file() and not e.is_symlink()
+        idle = idle and (
+            (e.name == LOCK_FILE and e.stat().st_size == 0) or _temporary_of(e.name, re.escape(CONFIG_FILE))
+        )
+        if not idle:
+            others.append(e.name)
+    if others:
+        raise ValueError(
+            f"--out {str(p)!r} is a folder that holds other files ({_listing(others)}), not a camkit run store; "
+            "camkit writes a new store only into a new or empty folder: choose one"
+        )
+    return None
+
+
+def survey(path: str | Path, config: dict[str, Any], overwrite: bool = False) -> bool:
+    """Decide, before any model work and writing nothing, what a run with ``config`` will do with ``path``:
+    True when the store there is finished with the same settings (nothing to do), False when a store is to be
+    created, resumed or (``overwrite``) started again.
+
+    ``config`` may lack ``layers`` (the resolved target layers, known once the model is loaded): the layers are
+    then the same when given as the store's (``--layers`` as given then, or the names it resolved to);
+    otherwise the question waits for the model (False).
+
+    Raises:
+        ValueError: ``path`` cannot hold the store (see :func:`inspect_out`), the store was made with other
+            settings (and not ``overwrite``), ``overwrite`` or a half-created store with files camkit did not
+            write in it, or an unfinished store in a folder that cannot be written.
+    """
+    p = Path(path)
+    found = inspect_out(p)
+    if found is None:
+        return False
+    if overwrite or found.get("state") != "ready":
+        foreign = _own_tree(p, list(found.get("methods") or []))[2]
+        if foreign:
+            raise ValueError(_foreign_message(p, foreign, overwrite))
+        return False
+    diff = settings_differences(found, config)
+    if diff:
+        raise ValueError(_differ_message(p, diff))
+    if "layers" in config or _same_layers(found, config):
+        if Store(p).is_finished():
+            return True
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise ValueError(
+            f"the store {str(p)!r} is unfinished and its folder is not writable; make it writable to resume it"
+        )
+    return False
+
+
+def _foreign_message(p: Path, foreign: Sequence[str], overwrite: bool) -> str:
+    what = "--overwrite deletes only camkit's own files, but" if overwrite else "the half-created"
+    return (
+        f"{what} store {str(p)!r} holds files camkit did not write ({_listing(foreign)}); move them out of "
+        "the store folder, then run again"
+    )
+
+
+def _differ_message(p: Path, diff: Sequence[str]) -> str:
+    return (
+        f"the store {str(p)!r} was made with other settings ({'; '.join(diff)}); run the same command to "
+        "resume it, or pass --overwrite to start it again (its results are deleted)"
+    )
+
+
+@contextmanager
+def store_lock(path: str | Path) -> Iterator[None]:
+    """Create the store's folder if needed and hold its lock (``STORE/lock``) inside the block: the run that
+    creates, resumes, computes and merges a store holds it throughout; another one is refused at once.
+
+    Raises:
+        ValueError: the store is in use by another camkit process, or the folder cannot be created or locked
+            (a read-only file system).
+    """
+    p = Path(path)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"cannot create the store folder {str(p)!r}: {err.strerror or err}") from err
+    lock = p / LOCK_FILE
+    if lock.is_symlink() or (lock.exists() and (not lock.is_file() or lock.stat().st_size > 0)):
+        raise ValueError(f"{str(lock)!r} is not camkit's lock file (camkit's is an empty file); move it away")
+    with ExitStack() as stack:
+        try:
+            stack.enter_context(file_lock(lock, timeout=0, what=f"the store {p}"))
+        except OSError as err:
+            raise ValueError(
+                f"cannot lock the store {str(p)!r} ({err.strerror or err}); a store that is created or resumed "
+                "must be on a writable file system"
+            ) from err
+        yield
+
+
 def create_store(
     path: str | Path,
     config: dict[str, Any],
     items: Sequence[Item],
     map_shapes: Mapping[str, tuple[int, int]],
     overwrite: bool = False,
+    warn: Callable[[str], None] | None = None,
 ) -> Store:
-    """Create a store, or open an existing one made with the same ``config["options"]`` and inputs.
+    """Create a store, or open an existing one made with the same settings and inputs (and verify its done
+    shards, dropping the markers of those that do not verify). Call it holding :func:`store_lock`.
+
+    A half-created store (``state`` still ``"creating"``: its creator was killed, since the lock is free) and,
+    with ``overwrite``, a finished one are started again: camkit deletes its own files of the store (never
+    ``lock``), and refuses when the folder holds anything else.
 
     ``map_shapes``: (H, W) of each method's maps (one zarr array per method, each with its own shape).
 
     Raises:
-        ValueError: the folder holds a store made with other options or inputs (unless ``overwrite``: then it is
-            deleted first), or holds other files.
+        ValueError: the folder is not a camkit store and not empty, holds a store made with other settings or
+            inputs (unless ``overwrite``), or files camkit did not write where it would delete its own.
     """
     import zarr
 
     p = Path(path)
-    if p.exists() and not p.is_dir():
-        raise ValueError(f"--out {str(p)!r} is a file; give a folder for the store")
-    if p.is_dir() and not (p / CONFIG_FILE).is_file() and _half_created(p):
-        shutil.rmtree(p)  # a creation killed before run.json was written: nothing was computed yet
-    if p.is_dir() and any(p.iterdir()):
-        if not (p / CONFIG_FILE).is_file():
-            raise ValueError(
-                f"--out {str(p)!r} is a folder that holds other files, not a camkit run store; choose a new or "
-                "empty folder"
-            )
-        if overwrite:
-            shutil.rmtree(p)
-        else:
-            old = Store(p)
-            diff = _differences(old.config, config)
-            if diff:
-                raise ValueError(
-                    f"the store {str(p)!r} was made with other settings ({'; '.join(diff)}); run the same "
-                    "command to resume it, or pass --overwrite to start it again (its results are deleted)"
-                )
-            return old
-    p.mkdir(parents=True, exist_ok=True)
+    found = inspect_out(p)
+    if found is not None and found.get("state") == "ready" and not overwrite:
+        diff = settings_differences(found, config)
+        if diff:
+            raise ValueError(_differ_message(p, diff))
+        store = Store(p)
+        store.check_done(warn)
+        return store
+    files, dirs, foreign = _own_tree(p, list(found.get("methods") or []) if found else [])
+    if foreign:
+        raise ValueError(_foreign_message(p, foreign, overwrite and found is not None))
+    base = {"format": FORMAT, "version": STORE_VERSION}
+    write_json(p / CONFIG_FILE, {**base, "state": "creating", **config})  # first: the folder is camkit's
+    for own in files:
+        if own.parent != p or own.name not in (CONFIG_FILE, LOCK_FILE):
+            own.unlink()
+    for d in sorted(dirs, key=lambda d: len(d.parts), reverse=True):
+        d.rmdir()
     table = pa.table(
         {
             "index": pa.array(range(len(items)), pa.int64()),
@@ -291,31 +747,42 @@ def create_store(
             fill_value=np.float16("nan"),
         )
     shapes = {m: [int(v) for v in map_shapes[m]] for m in config["methods"]}
-    write_json(p / CONFIG_FILE, {**config, "map_shapes": shapes, "version": STORE_VERSION})
+    write_json(p / CONFIG_FILE, {**base, "state": "ready", **config, "map_shapes": shapes})
     return Store(p)
 
 
-def _half_created(p: Path) -> bool:
-    """The folder holds only what :func:`create_store` writes before ``run.json`` (and temporary files)."""
-    names = [c.name for c in p.iterdir()]
-    return bool(names) and all(n in ("items.parquet", "maps.zarr") or n.startswith(".") for n in names)
+def _same_layers(old: dict[str, Any], new: dict[str, Any]) -> bool:
+    """The ``--layers`` of ``new`` (as given) are those of the store without resolving them: the same text, or
+    the names the store's resolved to."""
+    given = str(new.get("options", {}).get("layers"))
+    if given == old.get("options", {}).get("layers"):
+        return True
+    return [s.strip() for s in given.split(",") if s.strip()] == old.get("layers")
 
 
-def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+def settings_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """What differs between a store's settings and a run's, one phrase each ("methods: [...] then, [...] now").
+
+    Target layers are compared as resolved (``layers``: ``--layers auto`` and the name it chose are the same
+    setting), when ``new`` has them; the map shape follows from the rest and is not compared.
+    """
     out = []
-    for key in ("options", "n", "inputs_digest", "shard_size"):
-        a, b = old.get(key), new.get(key)
-        if key == "options" and isinstance(a, dict) and isinstance(b, dict):
-            out += [
-                f"{k}: {a.get(k)!r} then, {b.get(k)!r} now"
-                for k in sorted(set(a) | set(b))
-                if a.get(k) != b.get(k)
-            ]
-        elif a != b:
-            what = {"n": "images", "inputs_digest": "inputs", "shard_size": "shard size"}[key]
-            out.append(
-                f"{what}: {a!r} then, {b!r} now" if key != "inputs_digest" else "the list of inputs changed"
-            )
+    a, b = old.get("options"), new.get("options")
+    if isinstance(a, dict) and isinstance(b, dict):
+        out += [
+            f"{k}: {a.get(k)!r} then, {b.get(k)!r} now"
+            for k in sorted(set(a) | set(b))
+            if k != "layers" and a.get(k) != b.get(k)
+        ]
+    elif a != b:
+        out.append("the options")
+    if "layers" in new and old.get("layers") != new["layers"]:
+        out.append(f"target layers: {old.get('layers')!r} then, {new['layers']!r} now")
+    for key, what in (("n", "images"), ("shard_size", "shard size")):
+        if old.get(key) != new.get(key):
+            out.append(f"{what}: {old.get(key)!r} then, {new.get(key)!r} now")
+    if old.get("inputs_digest") != new.get("inputs_digest"):
+        out.append("the list of inputs changed")
     return out
 
 
@@ -323,7 +790,8 @@ def open_store(path: str | Path) -> Store:
     """Open a ``camkit run`` store for reading: ``.config``, ``.table()``, ``.maps(method)``, ``.summary()``.
 
     Raises:
-        ValueError: the folder is not a store.
+        ValueError: the folder is not a store (no ``run.json`` with camkit's format marker), a store made by an
+            older camkit, or one whose creation did not finish.
     """
     return Store(path)
 
