@@ -508,7 +508,7 @@ def test_cli_report_store(
     out = tmp_path / "r.html"
     ok(invoke("report", store, "-o", out, "--image-root", store.parent))
     data = report_data(out.read_text(encoding="utf-8"))
-    assert sorted(im["name"] for im in data["images"]) == sorted(Path(n).stem for n in BOXES)
+    assert sorted(im["name"] for im in data["images"]) == sorted(BOXES)
     for im in data["images"]:
         assert {m["method"] for m in im["maps"]} == set(row.methods), im["name"]
         for method in row.methods:
@@ -586,7 +586,10 @@ def client() -> Iterator[Any]:
 
     from camkit.app import AppConfig, create_app
 
-    with TestClient(create_app(AppConfig(model="tinycnn", pretrained=False, workers=1, queue=4))) as c:
+    app = create_app(
+        AppConfig(model="tinycnn", models=("tinycnn", "tinyvit"), pretrained=False, workers=1, queue=4)
+    )
+    with TestClient(app, base_url="http://127.0.0.1") as c:
         yield c
 
 

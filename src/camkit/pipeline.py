@@ -546,7 +546,10 @@ def _augmented(
     first = next(iter(base.values()))
     assert first.classes is not None
     classes = [int(c) for c in first.classes]
-    names = list(first.layers)
+    # the augmented passes use the layers the first pass resolved, read from a method that explains the asked
+    # layers (an own-pass method's maps are named after the method and it picks its own layers)
+    at_layers = [m.name for m in methods if not isinstance(m, PassMethod)]
+    names: LayerSpec = list(base[at_layers[0]].layers) if at_layers else layers
     fused: dict[str, list[Tensor]] = {m: [] for m in base}
     per_layer: dict[str, dict[str, list[Tensor]]] = {m: {n: [] for n in base[m].layer_maps} for m in base}
     for aug in augs:

@@ -176,6 +176,13 @@ def _print_store(path: Path, fmt: Format) -> None:
     if fmt is Format.json:
         emit("", [], [], fmt, data={"store": str(path), **summary})
         return
+    if fmt is Format.tsv:  # stdout holds only the data: the means per method, as for images
+        means = summary.get("metrics", {})
+        cols = sorted({c for v in means.values() for c, x in v.items() if isinstance(x, (int, float))})
+        nan = float("nan")
+        rows = [(m, *(nan if v.get(c) is None else v[c] for c in cols)) for m, v in means.items()]
+        emit("", ["method", *cols], rows, fmt)
+        return
     if not store.complete:
         note(
             f"the run in {str(path)!r} is not finished: {len(store.done_shards())} of {store.n_shards} shards",
