@@ -7,6 +7,9 @@
   sorted, hidden files skipped), read one at a time under ``--max-pixels``.
 * Progress (:class:`RunProgress`): one bar on stderr per command, over images and, for perturbation methods, over
   forward passes; off when stderr is not a terminal unless ``--progress`` forces it.
+* Text: :data:`console` and :data:`err_console` never read Rich markup or emoji codes, and progress columns show
+  their descriptions as plain text: a file name, label or message holding ``[bold]``, ``[/x]`` or ``:smile:`` is
+  printed exactly as it is. Styles are applied with :class:`rich.text.Text`, never with markup in a string.
 
 Heavy imports (torch, the library) stay inside the functions so that ``camkit --help`` stays fast.
 """
@@ -17,11 +20,12 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -50,6 +54,7 @@ __all__ = [
     "collect_inputs",
     "console",
     "err_console",
+    "error_line",
     "evaluation_progress",
     "fail",
     "forwards_progress",
@@ -71,8 +76,10 @@ __all__ = [
     "warn",
 ]
 
-console = Console()
-err_console = Console(stderr=True)
+#: stdout and stderr of the commands. Strings are printed as they are: no markup, no emoji codes (user text, file
+#: names and labels may hold ``[...]`` or ``:name:``).
+console = Console(markup=False, emoji=False)
+err_console = Console(stderr=True, markup=False, emoji=False)
 
 #: Exceptions that mean "the user asked for something wrong": one ``error:`` line, exit status 2.
 USER_ERRORS = (ValueError, FileNotFoundError, RuntimeError, TypeError, KeyError)
@@ -166,15 +173,21 @@ def out_option(help: str) -> Any:
     return typer.Option("--out", "-o", help=help)
 
 
-def fail(err: BaseException | str) -> None:
+def error_line(message: object, label: str = "error:", style: str = "bold red") -> Text:
+    """``<label> <message>`` as one line of plain text (only ``label`` styled): the message is never read as
+    markup (a file name may hold ``[/x]``), and line breaks inside it become spaces."""
+    return Text.assemble((label, style), " ", " ".join(str(message).splitlines()))
+
+
+def fail(err: BaseException | str) -> NoReturn:
     """Print ``error: <message>`` on stderr and exit with status 2."""
-    err_console.print(f"[bold red]error:[/] {err}", highlight=False, markup=True, soft_wrap=True)
+    err_console.print(error_line(err), highlight=False, soft_wrap=True)
     raise typer.Exit(code=2)
 
 
 def warn(message: str) -> None:
     """Print ``error: <message>`` on stderr and go on (an input that is skipped)."""
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, markup=True, soft_wrap=True)
+    err_console.print(error_line(message), highlight=False, soft_wrap=True)
 
 
 @contextmanager
@@ -192,8 +205,9 @@ def split(text: str) -> list[str]:
 
 
 def new_table(title: str, columns: Sequence[str]) -> Table:
-    """A rich table with these plain columns."""
-    table = Table(title=title)
+    """A rich table with these plain columns (cells given as strings are printed as they are: the consoles read
+    no markup)."""
+    table = Table(title=Text(title))
     for col in columns:
         table.add_column(col, overflow="fold")  # names are never cut (a narrow or piped output folds them)
     return table
@@ -455,10 +469,10 @@ def run_progress(
     )
 
     with Progress(
-        TextColumn("{task.description}"),
+        TextColumn("{task.description}", markup=False),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("{task.fields[forwards]}"),
+        TextColumn("{task.fields[forwards]}", markup=False),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         console=err_console,
@@ -476,7 +490,7 @@ def forwards_progress(description: str, enabled: bool) -> Iterator[Callable[[int
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     with Progress(
-        TextColumn("{task.description}"),
+        TextColumn("{task.description}", markup=False),
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn("forwards"),
@@ -498,7 +512,7 @@ def evaluation_progress(total: int) -> Iterator[Callable[[int, str], None]]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     with Progress(
-        TextColumn("[progress.description]{task.description}"),
+        TextColumn("{task.description}", style="progress.description", markup=False),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
