@@ -16,6 +16,8 @@ Heavy imports (torch, the library) stay inside the functions so that ``camkit --
 
 from __future__ import annotations
 
+import errno
+import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -64,6 +66,7 @@ __all__ = [
     "merge_entries",
     "model_option",
     "new_table",
+    "os_error_message",
     "out_option",
     "previous_entries",
     "read_input",
@@ -188,6 +191,39 @@ def fail(err: BaseException | str) -> NoReturn:
 def warn(message: str) -> None:
     """Print ``error: <message>`` on stderr and go on (an input that is skipped)."""
     err_console.print(error_line(message), highlight=False, soft_wrap=True)
+
+
+_AGAIN = ", then run the same command again"
+_OS_ADVICE = {
+    errno.ENOSPC: ("free some space or choose another --out" + _AGAIN, "free some space" + _AGAIN),
+    errno.EDQUOT: ("your disk quota is used up: free some space or choose another --out" + _AGAIN,
+                   "your disk quota is used up: free some space" + _AGAIN),
+    errno.EROFS: ("choose a writable folder with --out", "write it to a writable file system"),
+    errno.EACCES: ("check its permissions, or choose a folder you can write to with --out", "check its permissions"),
+    errno.EPERM: ("check its permissions, or choose a folder you can write to with --out", "check its permissions"),
+}  # fmt: skip
+"""What to do after an operating-system error: (advice when the command has an ``--out``, advice without)."""
+
+
+def os_error_message(err: OSError, out: Path | None = None) -> str:
+    """One line for an operating-system error: what happened (``strerror`` and the errno name), where (the
+    error's file; the folder of a temporary ``.part``/``.partial`` file; else ``out``) and what to do (``out``:
+    the command's ``--out``, named in the advice when given)."""
+    code = errno.errorcode.get(err.errno or 0, "")
+    reason = err.strerror or str(err) or type(err).__name__
+    line = f"{reason} ({code})" if code else reason
+    where: Path | None = None
+    if err.filename is not None:
+        where = Path(os.fsdecode(err.filename))
+        if where.name.startswith(".") and where.suffix in (".part", ".partial"):
+            where = where.parent  # a temporary file of an atomic write: its folder says more
+    elif out is not None:
+        where = out
+    if where is not None:
+        line += f": {str(where)!r}"
+    if err.errno in _OS_ADVICE:
+        line += "; " + _OS_ADVICE[err.errno][0 if out is not None else 1]
+    return line
 
 
 @contextmanager
