@@ -74,26 +74,30 @@ def _after_sigint(_signum: int, _frame: FrameType | None) -> None:
     _exit_now()
 
 
-def _take_over_sigint() -> None:
+def _take_over_sigint() -> bool:
+    """Install :func:`_on_sigint` where Python's own handler is; whether it was installed."""
     try:
         if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
             signal.signal(signal.SIGINT, _on_sigint)
+            return True
     except ValueError:  # not the main thread of the main interpreter: leave Python's handling alone
         pass
+    return False
 
 
-def _finishing() -> None:
-    """The command is over: a Ctrl-C now (interpreter shutdown, atexit handlers) ends the process at once."""
+def _finishing(interrupted: bool) -> None:
+    """The command is over. Interrupted: a second Ctrl-C (while the interpreter shuts down) ends the process at
+    once. Otherwise Python's own handler is back (``main`` may have been called inside a longer-lived process)."""
     try:
-        if signal.getsignal(signal.SIGINT) in (_on_sigint, signal.default_int_handler):
-            signal.signal(signal.SIGINT, _after_sigint)
+        if signal.getsignal(signal.SIGINT) is _on_sigint:
+            signal.signal(signal.SIGINT, _after_sigint if interrupted else signal.default_int_handler)
     except ValueError:
         pass
 
 
 def main() -> None:
-    """Run the ``camkit`` command: exit status 0, 1 (some inputs skipped), 2 (an error, one ``error:`` line) or
-    130 (Ctrl-C, one ``interrupted`` line)."""
+    """Run the ``camkit`` command (``sys.argv``): returns on success, else exits with status 1 (some inputs
+    skipped), 2 (an error, one ``error:`` line) or 130 (Ctrl-C, one ``interrupted`` line)."""
     _take_over_sigint()
     atexit.register(_last_at_exit)
     code: str | int | None = 0
@@ -109,5 +113,6 @@ def main() -> None:
         if code == 130:
             announce_interrupt()
     finally:
-        _finishing()
-    sys.exit(code)
+        _finishing(_state["interrupted"])
+    if code:
+        sys.exit(code)
