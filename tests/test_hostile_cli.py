@@ -126,6 +126,12 @@ def test_unreadable_bracketed_file_is_named_in_its_skip_line(tmp_path: Path) -> 
     assert f"error: skipped {str(bad)!r}" in res.stderr
 
 
+def test_option_parser_messages_show_the_value_whole() -> None:
+    res = invoke("methods", "--format", "[red]x[/x] :smile:")
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert "[red]x[/x] :smile:" in res.output
+
+
 def test_layers_table_marks_auto(tmp_path: Path) -> None:
     res = invoke("layers", "squeezenet1_0", "--no-pretrained")
     assert res.exit_code == 0, res.output
@@ -247,8 +253,8 @@ def test_closed_stdout_pipe_is_not_reported_as_a_disk_error(
 def test_interrupt_inside_a_command_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from camkit import _entry
 
-    monkeypatch.setitem(_entry._state, "announced", False)
-    monkeypatch.setitem(_entry._state, "interrupted", False)
+    monkeypatch.setattr(_entry._state, "announced", False)
+    monkeypatch.setattr(_entry._state, "interrupted", False)
     src = photo(tmp_path / "cat.png")
 
     def interrupted(*args: object, **kwargs: object) -> None:

@@ -13,6 +13,7 @@ up) ends the process with exit status 130 and one line on stderr, ``interrupted`
   make Python end itself with SIGINT at exit).
 
 A process that was started with SIGINT ignored (a background job of a non-interactive shell) keeps ignoring it.
+Processes forked from the command (DataLoader workers) get Python's usual ``KeyboardInterrupt`` and print nothing.
 """
 
 from __future__ import annotations
@@ -31,15 +32,23 @@ __all__ = ["INTERRUPTED", "announce_interrupt", "main"]
 INTERRUPTED = "interrupted"
 """The line printed on stderr when Ctrl-C ends the command (exit status 130)."""
 
-_state = {"announced": False, "raised": False, "interrupted": False}
+
+class _State:
+    announced = False  # the line is printed
+    raised = False  # a KeyboardInterrupt was raised by the first Ctrl-C
+    interrupted = False  # the command ends because of Ctrl-C (status 130)
+    pid = -1  # the command's own process (not a forked worker)
+
+
+_state = _State()
 
 
 def announce_interrupt() -> None:
     """Print the ``interrupted`` line on stderr, once per process (which then ends with status 130)."""
-    _state["interrupted"] = True
-    if _state["announced"]:
+    _state.interrupted = True
+    if _state.announced:
         return
-    _state["announced"] = True
+    _state.announced = True
     try:
         sys.stderr.write(INTERRUPTED + "\n")
         sys.stderr.flush()
@@ -59,18 +68,22 @@ def _exit_now() -> None:
 
 def _last_at_exit() -> None:
     """Registered before anything else, so it runs after every other ``atexit`` handler."""
-    if _state["interrupted"]:
+    if _state.interrupted:
         _exit_now()
 
 
 def _on_sigint(_signum: int, _frame: FrameType | None) -> None:
-    if _state["raised"]:
+    if os.getpid() != _state.pid:  # a forked worker (DataLoader): Python's own behaviour, never a line
+        raise KeyboardInterrupt
+    if _state.raised:
         _exit_now()
-    _state["raised"] = True
+    _state.raised = True
     raise KeyboardInterrupt
 
 
 def _after_sigint(_signum: int, _frame: FrameType | None) -> None:
+    if os.getpid() != _state.pid:
+        raise KeyboardInterrupt
     _exit_now()
 
 
@@ -98,6 +111,7 @@ def _finishing(interrupted: bool) -> None:
 def main() -> None:
     """Run the ``camkit`` command (``sys.argv``): returns on success, else exits with status 1 (some inputs
     skipped), 2 (an error, one ``error:`` line) or 130 (Ctrl-C, one ``interrupted`` line)."""
+    _state.pid = os.getpid()
     _take_over_sigint()
     atexit.register(_last_at_exit)
     code: str | int | None = 0
@@ -113,6 +127,6 @@ def main() -> None:
         if code == 130:
             announce_interrupt()
     finally:
-        _finishing(_state["interrupted"])
+        _finishing(_state.interrupted)
     if code:
         sys.exit(code)

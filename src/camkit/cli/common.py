@@ -207,7 +207,8 @@ _OS_ADVICE = {
 
 def os_error_message(err: OSError, out: Path | None = None) -> str:
     """One line for an operating-system error: what happened (``strerror`` and the errno name), where (the
-    error's file; the folder of a temporary ``.part``/``.partial`` file; else ``out``) and what to do (``out``:
+    error's file; the folder of a temporary file, camkit's ``.<name>.<random>.part`` or zarr's ``.partial``; else
+    ``out``) and what to do (``out``:
     the command's ``--out``, named in the advice when given)."""
     code = errno.errorcode.get(err.errno or 0, "")
     reason = err.strerror or str(err) or type(err).__name__
@@ -215,7 +216,7 @@ def os_error_message(err: OSError, out: Path | None = None) -> str:
     where: Path | None = None
     if err.filename is not None:
         where = Path(os.fsdecode(err.filename))
-        if where.name.startswith(".") and where.suffix in (".part", ".partial"):
+        if (where.name.startswith(".") and where.suffix == ".part") or where.suffix == ".partial":
             where = where.parent  # a temporary file of an atomic write: its folder says more
     elif out is not None:
         where = out
