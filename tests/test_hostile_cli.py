@@ -181,6 +181,17 @@ def test_explain_on_a_failing_disk_is_one_error_line(
     assert _leftovers(out) == [] and sorted(p.name for p in out.iterdir()) == []  # nothing half-written
 
 
+def test_every_command_has_the_same_error_handling() -> None:
+    import typer.main
+
+    from camkit.cli import CamkitCommand
+
+    group = typer.main.get_command(app)
+    commands = group.commands  # type: ignore[attr-defined]
+    assert set(commands) >= {"explain", "layers", "methods", "evaluate", "localize", "run", "report", "serve"}
+    assert all(isinstance(c, CamkitCommand) for c in commands.values()), commands
+
+
 def test_read_only_temporary_file_names_its_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import tempfile
 
