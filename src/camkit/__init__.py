@@ -5,27 +5,38 @@
 >>> expl = camkit.explain(loaded.model, camkit.sample_image(), preprocess=loaded.preprocess)
 >>> expl.labels, expl.maps.shape                        # (['Egyptian cat'], torch.Size([1, 224, 224]))
 >>> expl.overlay(0).save("cat.png")
+
+The names below are imported on first use (``import camkit`` itself loads neither torch nor the library), so that
+the ``camkit`` command can take over Ctrl-C before its heavy imports start.
 """
 
-from camkit.augment import Augment
-from camkit.explanation import Explanation
-from camkit.io import LoadedModel, Preprocess, load_image, load_model, sample_image
-from camkit.layers import auto_layer, describe_layers
-from camkit.methods import method_names
-from camkit.methods.engine import PerturbationOptions
-from camkit.methods.projection import Factorization, factorize
-from camkit.pipeline import compare, explain
-from camkit.runtime import tune_allocator
-from camkit.targets import (
-    DetectionTarget,
-    EachTarget,
-    MultiLabelTarget,
-    RegressionTarget,
-    SegmentationTarget,
-    SimilarityTarget,
-    TopK,
+from __future__ import annotations
+
+import importlib
+
+TYPE_CHECKING = (
+    False  # not typing's: importing typing would cost tens of milliseconds of the command's start-up
 )
-from camkit.viz import colorize, grid, overlay
+if TYPE_CHECKING:
+    from camkit.augment import Augment
+    from camkit.explanation import Explanation
+    from camkit.io import LoadedModel, Preprocess, load_image, load_model, sample_image
+    from camkit.layers import auto_layer, describe_layers
+    from camkit.methods import method_names
+    from camkit.methods.engine import PerturbationOptions
+    from camkit.methods.projection import Factorization, factorize
+    from camkit.pipeline import compare, explain
+    from camkit.runtime import tune_allocator
+    from camkit.targets import (
+        DetectionTarget,
+        EachTarget,
+        MultiLabelTarget,
+        RegressionTarget,
+        SegmentationTarget,
+        SimilarityTarget,
+        TopK,
+    )
+    from camkit.viz import colorize, grid, overlay
 
 __version__ = "0.1.0"
 
@@ -58,3 +69,54 @@ __all__ = [
     "sample_image",
     "tune_allocator",
 ]
+
+_EXPORTS = {
+    "Augment": "camkit.augment",
+    "DetectionTarget": "camkit.targets",
+    "EachTarget": "camkit.targets",
+    "Explanation": "camkit.explanation",
+    "Factorization": "camkit.methods.projection",
+    "LoadedModel": "camkit.io",
+    "MultiLabelTarget": "camkit.targets",
+    "PerturbationOptions": "camkit.methods.engine",
+    "Preprocess": "camkit.io",
+    "RegressionTarget": "camkit.targets",
+    "SegmentationTarget": "camkit.targets",
+    "SimilarityTarget": "camkit.targets",
+    "TopK": "camkit.targets",
+    "auto_layer": "camkit.layers",
+    "colorize": "camkit.viz",
+    "compare": "camkit.pipeline",
+    "describe_layers": "camkit.layers",
+    "explain": "camkit.pipeline",
+    "factorize": "camkit.methods.projection",
+    "grid": "camkit.viz",
+    "load_image": "camkit.io",
+    "load_model": "camkit.io",
+    "method_names": "camkit.methods",
+    "overlay": "camkit.viz",
+    "sample_image": "camkit.io",
+    "tune_allocator": "camkit.runtime",
+}
+"""Where each public name lives: imported from there on first use."""
+
+
+if not TYPE_CHECKING:  # type checkers see the imports above; at run time the names come on first use
+
+    def __getattr__(name: str) -> object:
+        """A public name (imported now, then kept), or a submodule (``camkit.metrics``) imported on first use."""
+        module = _EXPORTS.get(name)
+        if module is not None:
+            value = getattr(importlib.import_module(module), name)
+            globals()[name] = value
+            return value
+        if not name.startswith("__"):
+            try:
+                return importlib.import_module(f"{__name__}.{name}")
+            except ModuleNotFoundError as err:
+                if err.name != f"{__name__}.{name}":
+                    raise
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+    def __dir__() -> list[str]:
+        return sorted({*globals(), *_EXPORTS})

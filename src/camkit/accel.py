@@ -32,10 +32,14 @@ Every batch of perturbed inputs (Score-CAM's masked images, deletion/insertion s
   (it must return what the model returns). It is used as given: no copy, no check.
 
 Prepared copies and compiled models are cached per model (a weak reference: a model that is deleted frees its
-copies). A cache entry is used only while the model is unchanged: the same modules, training flags and hooks,
-and each parameter and buffer the same tensor object, storage and version counter (``Tensor._version``, which
-every in-place change bumps, ``load_state_dict`` and optimiser steps included). Writes through ``.data`` do not
-bump the version: after such writes call :func:`clear_cache`.
+copies). A cache entry is used only while the model is unchanged: the same modules, training flags and hooks;
+each module's class, its class's ``forward`` and every plain attribute of the module (``eps``, ``momentum``,
+``padding``, a ``forward`` set on the instance: numbers, strings and tuples by value, other objects by
+identity); and each parameter and buffer the same tensor object, storage and version counter
+(``Tensor._version``, which every in-place change bumps, ``load_state_dict`` and optimiser steps included). Not
+covered, so call :func:`clear_cache` after them: writes through ``.data`` (they do not bump the version), changes
+inside an object a module holds (a list, dict or config object changed in place), global hooks
+(``register_module_forward_hook``) and patched functions the model calls (``torch.nn.functional``...).
 
 Threads: the cache is lock-protected (one thread prepares and checks a path, the others then use it), the hooks a
 concurrent camkit call has on the model (per-thread, :func:`camkit.capture.hook_forward`) do not count as a
@@ -132,23 +136,72 @@ def _version(t: Tensor) -> int:
     return int(t._version)
 
 
+_MODULE_STATE = frozenset(nn.Module().__dict__)
+"""The attributes every module has (parameters, buffers, submodules, hook dictionaries): the signature reads them
+through the module's own accessors, not as plain attributes."""
+
+
+_PLAIN = frozenset({type(None), bool, int, str, bytes})
+
+
+def _value(value: object) -> object:
+    """A plain attribute as the signature holds it: numbers, strings and None by value (floats by their exact
+    hex form, so that NaN equals itself), tuples item by item, tensors by identity, storage and version, other
+    objects (a ``forward`` set on the instance, a callable, a list or dict the model keeps) by identity: a weak
+    reference to them, or their type and id when they take none (never a strong reference: the cache must not keep
+    the model alive). A mutable container is not read: a model that appends to a list in its ``forward`` keeps its
+    prepared copy."""
+    kind = type(value)
+    if kind in _PLAIN:
+        return value
+    if isinstance(value, tuple):
+        if all(type(v) in _PLAIN for v in value):
+            return value  # kernel_size, padding, ...: immutable, compared by value
+        return kind, tuple(_value(v) for v in value)
+    if isinstance(value, float):
+        return value.hex()
+    if isinstance(value, Tensor):
+        return _tensor(value)
+    try:
+        return weakref.ref(value)  # equal while the same object is alive; a dead one equals nothing new
+    except TypeError:
+        return kind, id(value)
+
+
+def _tensor(t: Tensor) -> tuple[object, ...]:
+    return id(t), t.data_ptr(), _version(t), t.dtype, t.device, tuple(t.shape)
+
+
 def _signature(model: nn.Module) -> tuple[object, ...]:
-    """What must not change for a prepared copy to stay valid (cheap: no pass over the weights' values)."""
-    modules = tuple(
-        (
-            id(m),
-            m.training,
-            # another thread's camkit call may have its (per-thread) hooks on the model just now: not a change
-            tuple(k for k, fn in list(m._forward_hooks.items()) if not is_thread_hook(fn)),
-            tuple(k for k, fn in list(m._forward_pre_hooks.items()) if not is_thread_hook(fn)),
+    """What must not change for a prepared copy to stay valid (cheap: no pass over the weights' values).
+
+    Per module: its identity, class and the class's ``forward``, training flag, hooks (not the per-thread hooks of
+    a concurrent camkit call) and every plain attribute (``eps``, ``momentum``, ``padding``, a ``forward`` set on
+    the instance...: :func:`_value`); per parameter and buffer (each once): identity, storage, version, dtype,
+    device, shape.
+    """
+    modules = []
+    tensors = []
+    seen: set[int] = set()
+    for m in model.modules():
+        state = m.__dict__
+        modules.append(
+            (
+                id(m),
+                type(m),
+                getattr(type(m), "forward", None),
+                m.training,
+                # another thread's camkit call may have its (per-thread) hooks on the model just now: not a change
+                tuple(k for k, fn in list(m._forward_hooks.items()) if not is_thread_hook(fn)),
+                tuple(k for k, fn in list(m._forward_pre_hooks.items()) if not is_thread_hook(fn)),
+                tuple((k, _value(v)) for k, v in list(state.items()) if k not in _MODULE_STATE),
+            )
         )
-        for m in model.modules()
-    )
-    tensors = tuple(
-        (id(t), t.data_ptr(), _version(t), t.dtype, t.device, tuple(t.shape))
-        for t in itertools.chain(model.parameters(), model.buffers())
-    )
-    return modules, tensors
+        for t in itertools.chain(m._parameters.values(), m._buffers.values()):
+            if t is not None and id(t) not in seen:  # a shared parameter counts once, as in parameters()
+                seen.add(id(t))
+                tensors.append(_tensor(t))
+    return tuple(modules), tuple(tensors)
 
 
 def _entry(model: nn.Module) -> _Entry:

@@ -17,20 +17,53 @@ mistake (unknown layer, class, method, missing file...) prints one ``error:`` li
 commands that load a model share the model options (``--model``, ``--weights``, ``--no-pretrained``, ``--seed``,
 ``--threads``, ``--device``: :class:`camkit.cli.common.ModelOptions`). ``explain`` and ``localize`` skip inputs that
 cannot be read (an ``error:`` line each) and exit with status 1 when they did.
+
+Every command runs inside the same error handling (:class:`CamkitCommand`): an operating-system error that reaches
+it (a full disk, a read-only or forbidden ``--out``...) prints one ``error:`` line naming the file or folder and
+what to do, exit status 2; Ctrl-C prints ``interrupted``, exit status 130 (from the first instant of start-up when
+started as ``camkit`` or ``python -m camkit``: :mod:`camkit._entry`).
 """
 
 from __future__ import annotations
 
-import sys
+import errno
+from pathlib import Path
+from typing import Any
 
 import typer
+from typer.core import TyperCommand
 
+from camkit._entry import announce_interrupt
 from camkit.cli import evaluate, explain, layers, localize, methods, run
 from camkit.cli import report as report_cli
 from camkit.cli import serve as serve_cli
-from camkit.cli.common import err_console
+from camkit.cli.common import fail, os_error_message
 
-__all__ = ["app", "main"]
+__all__ = ["CamkitCommand", "app", "main", "run_app"]
+
+
+class CamkitCommand(TyperCommand):
+    """A ``camkit`` command: what escapes its body ends in one line, never a traceback.
+
+    * :class:`OSError` (ENOSPC, EDQUOT, EROFS, EACCES, ...; not a closed stdout pipe): one ``error:`` line naming
+      the file (or the folder of a temporary file, or ``--out``) and what to do, exit status 2. Files are written
+      atomically (a temporary name, renamed when complete), so what the command wrote before is whole, and the
+      temporary file of the write that failed is removed.
+    * :class:`KeyboardInterrupt` (Ctrl-C): ``interrupted``, exit status 130.
+    """
+
+    def invoke(self, ctx: Any) -> Any:  # typer's own click Context
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            announce_interrupt()
+            raise typer.Exit(code=130) from None
+        except OSError as err:
+            if isinstance(err, BrokenPipeError) or err.errno == errno.EPIPE:
+                raise  # stdout closed (`camkit methods | head`): typer exits quietly
+            out = ctx.params.get("out")
+            fail(os_error_message(err, Path(out) if isinstance(out, str | Path) else None))
+
 
 app = typer.Typer(
     add_completion=False,
@@ -38,23 +71,29 @@ app = typer.Typer(
     help="Class Activation Maps for PyTorch vision models: why did the model decide what it decided?",
     pretty_exceptions_enable=False,
 )
-app.command()(explain.explain)
-app.command()(layers.layers)
-app.command()(methods.methods)
-app.command()(evaluate.evaluate)
-app.command()(localize.localize)
-app.command()(run.run)
-app.command()(report_cli.report)
-app.command()(serve_cli.serve)
+for _command in (
+    explain.explain,
+    layers.layers,
+    methods.methods,
+    evaluate.evaluate,
+    localize.localize,
+    run.run,
+    report_cli.report,
+    serve_cli.serve,
+):
+    app.command(cls=CamkitCommand)(_command)
 
 
-def main() -> None:
-    """Entry point of the ``camkit`` console script."""
+def run_app() -> None:
+    """Run the command line (``sys.argv``) in this process: :data:`app` with the allocator tuned."""
     from camkit.runtime import tune_allocator
 
     tune_allocator()  # this process is ours: keep freed memory for reuse (CPU forwards 1.1-2.4x faster)
-    try:
-        app()
-    except KeyboardInterrupt:
-        err_console.print("interrupted")
-        sys.exit(130)
+    app()
+
+
+def main() -> None:
+    """Entry point of the ``camkit`` command (:func:`camkit._entry.main`: Ctrl-C handled from the start)."""
+    from camkit._entry import main as entry
+
+    entry()

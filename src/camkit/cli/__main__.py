@@ -1,6 +1,6 @@
 """``python -m camkit.cli``: the ``camkit`` command."""
 
-from camkit.cli import main
+from camkit._entry import main
 
 if __name__ == "__main__":
     main()

@@ -7,21 +7,27 @@
   sorted, hidden files skipped), read one at a time under ``--max-pixels``.
 * Progress (:class:`RunProgress`): one bar on stderr per command, over images and, for perturbation methods, over
   forward passes; off when stderr is not a terminal unless ``--progress`` forces it.
+* Text: :data:`console` and :data:`err_console` never read Rich markup or emoji codes, and progress columns show
+  their descriptions as plain text: a file name, label or message holding ``[bold]``, ``[/x]`` or ``:smile:`` is
+  printed exactly as it is. Styles are applied with :class:`rich.text.Text`, never with markup in a string.
 
 Heavy imports (torch, the library) stay inside the functions so that ``camkit --help`` stays fast.
 """
 
 from __future__ import annotations
 
+import errno
+import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -50,6 +56,7 @@ __all__ = [
     "collect_inputs",
     "console",
     "err_console",
+    "error_line",
     "evaluation_progress",
     "fail",
     "forwards_progress",
@@ -59,6 +66,7 @@ __all__ = [
     "merge_entries",
     "model_option",
     "new_table",
+    "os_error_message",
     "out_option",
     "previous_entries",
     "read_input",
@@ -72,8 +80,10 @@ __all__ = [
     "warn",
 ]
 
-console = Console()
-err_console = Console(stderr=True)
+#: stdout and stderr of the commands. Strings are printed as they are: no markup, no emoji codes (user text, file
+#: names and labels may hold ``[...]`` or ``:name:``).
+console = Console(markup=False, emoji=False)
+err_console = Console(stderr=True, markup=False, emoji=False)
 
 #: Exceptions that mean "the user asked for something wrong": one ``error:`` line, exit status 2.
 USER_ERRORS = (ValueError, FileNotFoundError, RuntimeError, TypeError, KeyError)
@@ -167,15 +177,55 @@ def out_option(help: str) -> Any:
     return typer.Option("--out", "-o", help=help)
 
 
-def fail(err: BaseException | str) -> None:
+def error_line(message: object, label: str = "error:", style: str = "bold red") -> Text:
+    """``<label> <message>`` as one line of plain text (only ``label`` styled): the message is never read as
+    markup (a file name may hold ``[/x]``), and line breaks inside it become spaces."""
+    return Text.assemble((label, style), " ", " ".join(str(message).splitlines()))
+
+
+def fail(err: BaseException | str) -> NoReturn:
     """Print ``error: <message>`` on stderr and exit with status 2."""
-    err_console.print(f"[bold red]error:[/] {err}", highlight=False, markup=True, soft_wrap=True)
+    err_console.print(error_line(err), highlight=False, soft_wrap=True)
     raise typer.Exit(code=2)
 
 
 def warn(message: str) -> None:
     """Print ``error: <message>`` on stderr and go on (an input that is skipped)."""
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, markup=True, soft_wrap=True)
+    err_console.print(error_line(message), highlight=False, soft_wrap=True)
+
+
+_AGAIN = ", then run the same command again"
+_OS_ADVICE = {
+    errno.ENOSPC: ("free some space or choose another --out" + _AGAIN, "free some space" + _AGAIN),
+    errno.EDQUOT: ("your disk quota is used up: free some space or choose another --out" + _AGAIN,
+                   "your disk quota is used up: free some space" + _AGAIN),
+    errno.EROFS: ("choose a writable folder with --out", "write it to a writable file system"),
+    errno.EACCES: ("check its permissions, or choose a folder you can write to with --out", "check its permissions"),
+    errno.EPERM: ("check its permissions, or choose a folder you can write to with --out", "check its permissions"),
+}  # fmt: skip
+"""What to do after an operating-system error: (advice when the command has an ``--out``, advice without)."""
+
+
+def os_error_message(err: OSError, out: Path | None = None) -> str:
+    """One line for an operating-system error: what happened (``strerror`` and the errno name), where (the
+    error's file; the folder of a temporary file, camkit's ``.<name>.<random>.part`` or zarr's ``.partial``; else
+    ``out``) and what to do (``out``:
+    the command's ``--out``, named in the advice when given)."""
+    code = errno.errorcode.get(err.errno or 0, "")
+    reason = err.strerror or str(err) or type(err).__name__
+    line = f"{reason} ({code})" if code else reason
+    where: Path | None = None
+    if err.filename is not None:
+        where = Path(os.fsdecode(err.filename))
+        if (where.name.startswith(".") and where.suffix == ".part") or where.suffix == ".partial":
+            where = where.parent  # a temporary file of an atomic write: its folder says more
+    elif out is not None:
+        where = out
+    if where is not None:
+        line += f": {str(where)!r}"
+    if err.errno in _OS_ADVICE:
+        line += "; " + _OS_ADVICE[err.errno][0 if out is not None else 1]
+    return line
 
 
 @contextmanager
@@ -193,8 +243,9 @@ def split(text: str) -> list[str]:
 
 
 def new_table(title: str, columns: Sequence[str]) -> Table:
-    """A rich table with these plain columns."""
-    table = Table(title=title)
+    """A rich table with these plain columns (cells given as strings are printed as they are: the consoles read
+    no markup)."""
+    table = Table(title=Text(title))
     for col in columns:
         table.add_column(col, overflow="fold")  # names are never cut (a narrow or piped output folds them)
     return table
@@ -456,10 +507,10 @@ def run_progress(
     )
 
     with Progress(
-        TextColumn("{task.description}"),
+        TextColumn("{task.description}", markup=False),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("{task.fields[forwards]}"),
+        TextColumn("{task.fields[forwards]}", markup=False),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         console=err_console,
@@ -477,7 +528,7 @@ def forwards_progress(description: str, enabled: bool) -> Iterator[Callable[[int
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     with Progress(
-        TextColumn("{task.description}"),
+        TextColumn("{task.description}", markup=False),
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn("forwards"),
@@ -499,7 +550,7 @@ def evaluation_progress(total: int) -> Iterator[Callable[[int, str], None]]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     with Progress(
-        TextColumn("[progress.description]{task.description}"),
+        TextColumn("{task.description}", style="progress.description", markup=False),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),

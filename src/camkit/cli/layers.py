@@ -130,7 +130,11 @@ def _print(title: str, infos: list[LayerInfo], auto: str | None, all_layers: boo
         table.add_column(col, overflow="fold")
     for name, type_, shape, calls, is_auto in rows:
         table.add_row(
-            Text(name), Text(type_), Text(shape), str(calls), "[bold green]<- auto[/]" if is_auto else ""
+            Text(name),
+            Text(type_),
+            Text(shape),
+            str(calls),
+            Text("<- auto", style="bold green") if is_auto else "",
         )
     emit(title, columns, rows, fmt, table=table)
     note(f"auto: {auto}{extra}", fmt)

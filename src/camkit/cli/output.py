@@ -44,11 +44,12 @@ FormatOption = Annotated[
 
 
 def stdout_console() -> Console:
-    """A console on the current stdout; as wide as the content needs when stdout is not a terminal."""
-    probe = Console()
+    """A console on the current stdout; as wide as the content needs when stdout is not a terminal. It reads no
+    markup and no emoji codes: strings (names, labels) are printed as they are."""
+    probe = Console(markup=False, emoji=False)
     if probe.is_terminal:
         return probe
-    return Console(width=100_000, soft_wrap=False)
+    return Console(width=100_000, soft_wrap=False, markup=False, emoji=False)
 
 
 def note(text: str, fmt: Format) -> None:
@@ -56,9 +57,9 @@ def note(text: str, fmt: Format) -> None:
     if fmt is Format.table:
         stdout_console().print(text, highlight=False, markup=False)
     else:
-        Console(stderr=True, width=100_000 if not sys.stderr.isatty() else None).print(
-            text, highlight=False, markup=False
-        )
+        Console(
+            stderr=True, width=100_000 if not sys.stderr.isatty() else None, markup=False, emoji=False
+        ).print(text, highlight=False, markup=False)
 
 
 def _cell(value: Any) -> str:
@@ -93,7 +94,7 @@ def emit(
         sys.stdout.write("\n".join(lines) + "\n")
         return
     if table is None:
-        table = Table(title=title)
+        table = Table(title=Text(title))
         for col in columns:
             table.add_column(col, overflow="fold")
         for r in rows:

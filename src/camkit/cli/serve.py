@@ -13,6 +13,7 @@ from camkit.cli.common import (
     SeedOption,
     ThreadsOption,
     err_console,
+    error_line,
     fail,
     user_errors,
 )
@@ -123,10 +124,15 @@ def serve(
         )
         if not is_loopback(host):
             err_console.print(
-                f"[bold yellow]warning:[/] --host {host} makes the app reachable from other machines; it has no "
-                "authentication and runs models on their uploads. Use it only on a network you trust; requests must "
-                "name this address or one of --allowed-hosts in their Host header.",
+                error_line(
+                    f"--host {host} makes the app reachable from other machines; it has no authentication and "
+                    "runs models on their uploads. Use it only on a network you trust; requests must name this "
+                    "address or one of --allowed-hosts in their Host header.",
+                    label="warning:",
+                    style="bold yellow",
+                ),
                 highlight=False,
+                soft_wrap=True,
             )
     try:
         with user_errors():
