@@ -20,7 +20,6 @@ TYPE_CHECKING = (
 if TYPE_CHECKING:
     from camkit.adapters import LoadedModel, Preprocess, load_model
     from camkit.core.augment import Augment
-    from camkit.errors import CamkitError
     from camkit.core.explanation import Explanation
     from camkit.core.layers import auto_layer, describe_layers
     from camkit.core.pipeline import compare, explain
@@ -34,6 +33,7 @@ if TYPE_CHECKING:
         SimilarityTarget,
         TopK,
     )
+    from camkit.errors import CamkitError
     from camkit.io import load_image, sample_image
     from camkit.methods import method_names
     from camkit.methods.engine import PerturbationOptions

@@ -55,8 +55,7 @@ from PIL import Image
 from camkit.adapters.preprocess import Preprocess
 from camkit.errors import CamkitError
 from camkit.io.annotations import Annotation, read_annotations, read_boxes
-from camkit.io.images import DEFAULT_MAX_PIXELS, load_image, to_rgb
-from camkit.io.images import open_image
+from camkit.io.images import DEFAULT_MAX_PIXELS, load_image, open_image, to_rgb
 
 __all__ = [
     "IMAGE_SUFFIXES",
