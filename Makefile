@@ -7,7 +7,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.camkit-installed
 
-.PHONY: demo test test-fast lint bench compat docs methods-table clean
+.PHONY: demo test test-fast lint bench compat docs methods-table clean screenshots
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -44,3 +44,5 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) out build site *.egg-info src/*.egg-info .pytest_cache
+screenshots: $(STAMP)   # rewrite docs/screenshots/ from the browser tests (tests never write into the repository otherwise)
+	CAMKIT_UPDATE_SCREENSHOTS=1 $(BIN)/python -m pytest -q tests/report/test_report_screenshots.py tests/app/test_app.py

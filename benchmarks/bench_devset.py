@@ -170,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
     if args.cmd == "run":
-        from camkit.devset import fetch
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+        from devset import fetch
 
         photos = args.images or args.out / "photos"
         if args.images is None:

@@ -71,7 +71,7 @@ import torchvision
 from torch import Tensor, nn
 
 import camkit
-from camkit.postprocess import normalize
+from camkit.core.postprocess import normalize
 
 SIZE = 224
 SEED = 0

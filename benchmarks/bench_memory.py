@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 import camkit
-from camkit.postprocess import upsample
+from camkit.core.postprocess import upsample
 
 SIZES = [(640, 480), (4000, 3000), (12000, 9000)]
 OLD_BYTES_PER_PIXEL = 100  # a generous estimate, to skip cases that would not fit

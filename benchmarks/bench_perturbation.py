@@ -132,7 +132,7 @@ def main() -> None:
     import torch.nn.functional as F
 
     import camkit
-    from camkit import accel
+    from camkit.core import accel
 
     torch.set_num_threads(args.threads)
     prepare_s: dict[str, float] = {}  # measured directly: the jit backend's trace + freeze + optimisation

@@ -15,7 +15,7 @@ What runs, in one process:
     - ``k=1``: ``targets=None`` (the top-1 class, Tensor[B] scores: one backward);
     - ``k=5``: ``targets=TopK(5)``: the five gradients from one batched backward (``is_grads_batched``);
     - ``k=5 loop``: the same call with the former per-target loop (five backwards with ``retain_graph``),
-      selected by replacing :func:`camkit.capture.target_gradients` with its ``batched=False`` form.
+      selected by replacing :func:`camkit.core.capture.target_gradients` with its ``batched=False`` form.
 
 Methodology: ``torch.set_num_threads(1)``; the contenders of one (model, layer) are interleaved round-robin, the
 start rotating every repetition; one untimed warm-up repetition; ``gc.collect()`` before each timed call; the table
@@ -39,16 +39,16 @@ import torchvision
 from torch import Tensor, nn
 
 import camkit
-import camkit.capture
+import camkit.core.capture
 
 
 def _loop_gradients() -> Callable[[], None]:
     """Switch camkit to one backward per target; returns the function that switches back."""
-    original = camkit.capture.target_gradients
-    camkit.capture.target_gradients = functools.partial(original, batched=False)  # type: ignore[assignment]
+    original = camkit.core.capture.target_gradients
+    camkit.core.capture.target_gradients = functools.partial(original, batched=False)  # type: ignore[assignment]
 
     def restore() -> None:
-        camkit.capture.target_gradients = original
+        camkit.core.capture.target_gradients = original
 
     return restore
 

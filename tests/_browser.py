@@ -92,20 +92,18 @@ def pixel_std(png: bytes) -> float:
     return float(np.asarray(Image.open(io.BytesIO(png)).convert("L"), dtype=np.float64).std())
 
 
-def save_screenshot(png: bytes, name: str) -> Path:
-    """Keep a screenshot under docs/screenshots/ (a palette PNG, to stay small) and return its path.
+def save_screenshot(png: bytes, name: str, out: Path) -> Path:
+    """Save a screenshot as a palette PNG (small) under ``out``, and return its path.
 
-    A file already there that differs in under 1% of its pixels (a timing in the page, a date) is left as it is,
-    so that running the tests does not rewrite the pictures in the repository each time.
+    The pictures of the docs (docs/screenshots/) are rewritten only by ``make screenshots``
+    (``CAMKIT_UPDATE_SCREENSHOTS=1``): a test never writes into the repository.
     """
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    path = SCREENSHOTS / name
     new = Image.open(io.BytesIO(png)).convert("RGB").quantize(colors=256, dither=Image.Dither.NONE)
-    if path.exists():
-        old = Image.open(path).convert("RGB")
-        if old.size == new.size:
-            changed = np.any(np.asarray(old) != np.asarray(new.convert("RGB")), axis=-1).mean()
-            if changed < 0.01:
-                return path
+    path = out / name
+    new.save(path, optimize=True)
+    if os.environ.get("CAMKIT_UPDATE_SCREENSHOTS") == "1":
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        new.save(SCREENSHOTS / name, optimize=True)
+    return path
     new.save(path, optimize=True)
     return path

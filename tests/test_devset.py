@@ -10,9 +10,16 @@ from pathlib import Path
 
 import pytest
 
-from camkit.devset import DEFAULT_MANIFEST, annotation_json, load_manifest
+from camkit.adapters.preprocess import imagenet_labels
 from camkit.io.annotations import read_annotations
-from camkit.io.preprocess import imagenet_labels
+from testbed import load_tool
+
+devset = load_tool("devset")
+DEFAULT_MANIFEST, annotation_json, load_manifest = (
+    devset.DEFAULT_MANIFEST,
+    devset.annotation_json,
+    devset.load_manifest,
+)
 
 HERE = Path(__file__).parent / "data" / "devset"
 
@@ -70,7 +77,7 @@ def test_manifest_errors_name_the_entry(tmp_path: Path) -> None:
 def test_fetch_takes_installed_files_and_checks_their_hash(tmp_path: Path) -> None:
     """The scikit-image photos of the set come from the installed distribution (no download); a wrong sha256 is
     refused with a message that says which file and what to do."""
-    from camkit.devset import Manifest, fetch
+    Manifest, fetch = devset.Manifest, devset.fetch
 
     m = load_manifest()
     skimage = [i for i in m.images if i.source == "scikit-image"][:2]

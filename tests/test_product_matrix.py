@@ -32,8 +32,8 @@ from torch import nn
 from typer.testing import CliRunner, Result
 
 import camkit
+from camkit.adapters import LoadedModel, Preprocess
 from camkit.cli import app as cli
-from camkit.io import LoadedModel, Preprocess
 from camkit.methods import METHODS
 from camkit.methods.registry import AttentionMethod, LayerMethod, PassMethod, PerturbationMethod
 

@@ -88,7 +88,7 @@ def test_no_module_imports_another_modules_private_names() -> None:
 
 def test_the_private_import_scan_sees_names_not_private_modules() -> None:
     source = (
-        "from camkit.targets import _names, class_index\n"
+        "from camkit.core.targets import _names, class_index\n"
         "from camkit.metrics import _common\n"
         "def f():\n    from .outputs import _tensor\n"
     )

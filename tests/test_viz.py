@@ -14,8 +14,8 @@ from PIL import Image
 
 import camkit
 from camkit import viz
-from camkit.explanation import Explanation
-from camkit.postprocess import upsample
+from camkit.core.explanation import Explanation
+from camkit.core.postprocess import upsample
 
 
 def _solid(size: tuple[int, int], color: tuple[int, int, int]) -> Image.Image:

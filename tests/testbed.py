@@ -14,6 +14,7 @@ import hashlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -173,3 +174,19 @@ if __name__ == "__main__":
     with torch.no_grad():
         acc = (m(normalize(b.images)).argmax(1) == b.labels).float().mean()
     print(f"trained in {t1 - t0:.1f} s, test accuracy {float(acc):.3f}")
+
+
+def load_tool(name: str) -> Any:
+    """A script of the repository's ``tools/`` folder, imported as a module (registered in ``sys.modules``)."""
+    import importlib.util
+    import sys
+
+    if name in sys.modules:
+        return sys.modules[name]
+    path = Path(__file__).resolve().parents[1] / "tools" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module

@@ -93,10 +93,10 @@ def main() -> int:
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     import camkit
-    from camkit.capture import capture
-    from camkit.io import Preprocess
-    from camkit.postprocess import normalize, upsample
-    from camkit.tokens import to_spatial
+    from camkit.adapters import Preprocess
+    from camkit.core.capture import capture
+    from camkit.core.postprocess import normalize, upsample
+    from camkit.core.tokens import to_spatial
 
     torch.set_num_threads(1)
     photos = [camkit.sample_image(n) for n in ("chelsea", "coffee", "astronaut")]

@@ -18,16 +18,13 @@ TYPE_CHECKING = (
     False  # not typing's: importing typing would cost tens of milliseconds of the command's start-up
 )
 if TYPE_CHECKING:
-    from camkit.augment import Augment
-    from camkit.explanation import Explanation
-    from camkit.io import LoadedModel, Preprocess, load_image, load_model, sample_image
-    from camkit.layers import auto_layer, describe_layers
-    from camkit.methods import method_names
-    from camkit.methods.engine import PerturbationOptions
-    from camkit.methods.projection import Factorization, factorize
-    from camkit.pipeline import compare, explain
-    from camkit.runtime import tune_allocator
-    from camkit.targets import (
+    from camkit.adapters import LoadedModel, Preprocess, load_model
+    from camkit.core.augment import Augment
+    from camkit.core.explanation import Explanation
+    from camkit.core.layers import auto_layer, describe_layers
+    from camkit.core.pipeline import compare, explain
+    from camkit.core.runtime import tune_allocator
+    from camkit.core.targets import (
         DetectionTarget,
         EachTarget,
         MultiLabelTarget,
@@ -36,12 +33,18 @@ if TYPE_CHECKING:
         SimilarityTarget,
         TopK,
     )
+    from camkit.errors import CamkitError
+    from camkit.io import load_image, sample_image
+    from camkit.methods import method_names
+    from camkit.methods.engine import PerturbationOptions
+    from camkit.methods.projection import Factorization, factorize
     from camkit.viz import colorize, grid, overlay
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Augment",
+    "CamkitError",
     "DetectionTarget",
     "EachTarget",
     "Explanation",
@@ -71,32 +74,33 @@ __all__ = [
 ]
 
 _EXPORTS = {
-    "Augment": "camkit.augment",
-    "DetectionTarget": "camkit.targets",
-    "EachTarget": "camkit.targets",
-    "Explanation": "camkit.explanation",
+    "Augment": "camkit.core.augment",
+    "CamkitError": "camkit.errors",
+    "DetectionTarget": "camkit.core.targets",
+    "EachTarget": "camkit.core.targets",
+    "Explanation": "camkit.core.explanation",
     "Factorization": "camkit.methods.projection",
-    "LoadedModel": "camkit.io",
-    "MultiLabelTarget": "camkit.targets",
+    "LoadedModel": "camkit.adapters",
+    "MultiLabelTarget": "camkit.core.targets",
     "PerturbationOptions": "camkit.methods.engine",
-    "Preprocess": "camkit.io",
-    "RegressionTarget": "camkit.targets",
-    "SegmentationTarget": "camkit.targets",
-    "SimilarityTarget": "camkit.targets",
-    "TopK": "camkit.targets",
-    "auto_layer": "camkit.layers",
+    "Preprocess": "camkit.adapters",
+    "RegressionTarget": "camkit.core.targets",
+    "SegmentationTarget": "camkit.core.targets",
+    "SimilarityTarget": "camkit.core.targets",
+    "TopK": "camkit.core.targets",
+    "auto_layer": "camkit.core.layers",
     "colorize": "camkit.viz",
-    "compare": "camkit.pipeline",
-    "describe_layers": "camkit.layers",
-    "explain": "camkit.pipeline",
+    "compare": "camkit.core.pipeline",
+    "describe_layers": "camkit.core.layers",
+    "explain": "camkit.core.pipeline",
     "factorize": "camkit.methods.projection",
     "grid": "camkit.viz",
     "load_image": "camkit.io",
-    "load_model": "camkit.io",
+    "load_model": "camkit.adapters",
     "method_names": "camkit.methods",
     "overlay": "camkit.viz",
     "sample_image": "camkit.io",
-    "tune_allocator": "camkit.runtime",
+    "tune_allocator": "camkit.core.runtime",
 }
 """Where each public name lives: imported from there on first use."""
 

@@ -29,8 +29,10 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from camkit.capture import check_eval
-from camkit.io import Preprocess, load_image
+from camkit.adapters import Preprocess
+from camkit.core.capture import check_eval
+from camkit.errors import CamkitError
+from camkit.io import load_image
 from camkit.io.annotations import Annotation, fit_boxes, read_annotations
 from camkit.io.files import atomic_write, write_json
 from camkit.io.images import DEFAULT_MAX_PIXELS
@@ -128,7 +130,7 @@ def collect_images(paths: Sequence[str | Path]) -> list[Path]:
                     if not n.startswith(".") and Path(n).suffix.lower() in IMAGE_EXTENSIONS
                 )
             if not found:
-                raise ValueError(f"no image file in folder {str(p)!r} (nor in its subfolders)")
+                raise CamkitError(f"no image file in folder {str(p)!r} (nor in its subfolders)")
             files.extend(found)
         elif p.exists():
             files.append(p)
@@ -201,7 +203,7 @@ def baseline_map(name: str, n: int, size: tuple[int, int], seed: int = 0) -> Ten
         return torch.nn.functional.interpolate(grid, size=(h, w), mode="bilinear", align_corners=False)[:, 0]
     if name == "noise":
         return torch.rand(n, h, w, generator=torch.Generator().manual_seed(seed))
-    raise ValueError(f"unknown baseline map {name!r}: {', '.join(BASELINES)}")
+    raise CamkitError(f"unknown baseline map {name!r}: {', '.join(BASELINES)}")
 
 
 @dataclass
@@ -317,9 +319,9 @@ def _resolve_metrics(metrics: Sequence[str] | None, have_boxes: bool) -> list[st
             out.extend(k for k in METRICS if have_boxes or not METRICS[k].needs_boxes)
             continue
         if key not in METRICS:
-            raise ValueError(f"unknown metric {m!r}; choose from {', '.join(METRICS)} (or all)")
+            raise CamkitError(f"unknown metric {m!r}; choose from {', '.join(METRICS)} (or all)")
         if METRICS[key].needs_boxes and not have_boxes:
-            raise ValueError(f"metric {m!r} needs ground-truth boxes: pass an annotation file with boxes")
+            raise CamkitError(f"metric {m!r} needs ground-truth boxes: pass an annotation file with boxes")
         out.append(key)
     return list(dict.fromkeys(out))
 
@@ -327,7 +329,7 @@ def _resolve_metrics(metrics: Sequence[str] | None, have_boxes: bool) -> list[st
 def _class_indices(fwd_logits: Tensor, anns: list[Annotation | None], labels: Sequence[str] | None) -> Tensor:
     """The top-1 of each image, or its annotated class (a class the model does not know: an error when
     the annotation is strict, else a warning and the top-1)."""
-    from camkit.targets import resolve_classes
+    from camkit.core.targets import resolve_classes
 
     classes = fwd_logits.argmax(dim=1).cpu()
     for i, a in enumerate(anns):
@@ -478,10 +480,10 @@ def evaluate(
         max_pixels: image files with more pixels are skipped (decompression bombs); None: no limit.
     """
     from camkit import metrics as M
+    from camkit.core.pipeline import compare
     from camkit.methods import get_method
     from camkit.methods.engine import PerturbationOptions
     from camkit.metrics._common import Forward, model_device
-    from camkit.pipeline import compare
 
     t_start = time.perf_counter()
     anns = read_annotations(annotations) if isinstance(annotations, (str, Path)) else (annotations or {})
@@ -489,10 +491,10 @@ def evaluate(
         (it[0], it[1]) if isinstance(it, tuple) else (Path(it).name, Path(it)) for it in images
     ]
     if not given:
-        raise ValueError("no images given")
+        raise CamkitError("no images given")
     method_list = [m.strip() for m in methods if m.strip()]
     if not method_list:
-        raise ValueError("no method given")
+        raise CamkitError("no method given")
     cam_methods = [get_method(m).name for m in method_list if m not in BASELINES]
     order = list(dict.fromkeys(m if m in BASELINES else get_method(m).name for m in method_list))
     check_eval(model, stacklevel=3)
@@ -515,7 +517,7 @@ def evaluate(
     for entry in unreadable:
         skip(entry)
     if not items:
-        raise ValueError(
+        raise CamkitError(
             f"none of the {len(given)} image(s) could be read; first: {skipped[0].file} ({skipped[0].reason})"
         )
     if progress is not None:
@@ -551,7 +553,7 @@ def evaluate(
         logits = fwd(x)
         lab = labels
         if lab is None and logits.shape[1] == 1000:
-            from camkit.io import imagenet_labels
+            from camkit.adapters import imagenet_labels
 
             lab = imagenet_labels()
         classes = _class_indices(logits, batch_anns, lab).to(device)
@@ -621,7 +623,7 @@ def evaluate(
             if progress is not None:
                 progress(done, total, f"{method} on {batch[-1][0]}")
     if not evaluated:
-        raise ValueError(
+        raise CamkitError(
             f"none of the {len(given)} image(s) could be read; first: {skipped[0].file} ({skipped[0].reason})"
         )
     summary = _means(rows, order, columns)

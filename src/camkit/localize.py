@@ -23,8 +23,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from camkit.errors import CamkitError
+
 if TYPE_CHECKING:
-    from camkit.explanation import Explanation
+    from camkit.core.explanation import Explanation
 
 __all__ = [
     "Box",
@@ -101,11 +103,11 @@ def binarize(m: Tensor, threshold: Threshold = 0.2) -> Tensor:
             return m >= float(value)
         if kind == "frac":
             return m >= float(value) * float(m.max())
-        raise ValueError(f"unknown threshold kind {kind!r}: 'frac' or 'value'")
+        raise CamkitError(f"unknown threshold kind {kind!r}: 'frac' or 'value'")
     if isinstance(threshold, str):
         if threshold.strip().lower() == "otsu":
             return m > otsu_threshold(m)
-        raise ValueError(
+        raise CamkitError(
             f"unknown threshold {threshold!r}: a fraction of the max (0.2), ('value', t) or 'otsu'"
         )
     return m >= float(threshold) * float(m.max())
@@ -182,7 +184,7 @@ def _boxes_of_map(
     elif mode == "all":
         keep = [i for i in np.argsort(-counts, kind="stable") if counts[i] >= min_area * h * w]
     else:
-        raise ValueError(f"unknown mode {mode!r}: 'largest' or 'all'")
+        raise CamkitError(f"unknown mode {mode!r}: 'largest' or 'all'")
     out = []
     for i in keep:
         x0, y0, x1, y1 = map_to_image(boxes[i].tolist(), (h, w), image_size)
@@ -225,13 +227,13 @@ def localize(
         if image_sizes is None and source.images is not None:
             image_sizes = [im.size for im in source.images]
     if maps.dim() == 4:
-        raise ValueError("maps of shape [B, k, H, W]: pass maps[:, t] or an Explanation with target=t")
+        raise CamkitError("maps of shape [B, k, H, W]: pass maps[:, t] or an Explanation with target=t")
     if maps.dim() != 3:
-        raise ValueError(f"maps must be Tensor[B, H, W] or [H, W], got shape {tuple(maps.shape)}")
+        raise CamkitError(f"maps must be Tensor[B, H, W] or [H, W], got shape {tuple(maps.shape)}")
     if image_sizes is not None and len(image_sizes) != maps.shape[0]:
-        raise ValueError(f"{len(image_sizes)} image sizes for {maps.shape[0]} maps")
+        raise CamkitError(f"{len(image_sizes)} image sizes for {maps.shape[0]} maps")
     if not 0.0 <= min_area <= 1.0:
-        raise ValueError(f"min_area is a fraction of the map's area, in [0, 1]; got {min_area}")
+        raise CamkitError(f"min_area is a fraction of the map's area, in [0, 1]; got {min_area}")
     return [
         _boxes_of_map(maps[i], threshold, mode, min_area, image_size(image_sizes, i))
         for i in range(maps.shape[0])
@@ -259,6 +261,6 @@ def parse_threshold(text: str | float) -> Threshold:
     try:
         return float(t)
     except ValueError:
-        raise ValueError(
+        raise CamkitError(
             f"unknown threshold {text!r}: a fraction of the max (0.2), value:0.5 for a fixed value, or otsu"
         ) from None

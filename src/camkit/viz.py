@@ -21,6 +21,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
+from camkit.errors import CamkitError
 from camkit.localize import Box
 
 __all__ = [
@@ -52,16 +53,16 @@ def _as_map(heatmap: Tensor | np.ndarray) -> np.ndarray:
     else:
         arr = np.asarray(heatmap)
     if arr.dtype.kind not in "biuf":
-        raise ValueError(f"a heatmap must hold numbers, got dtype {arr.dtype}")
+        raise CamkitError(f"a heatmap must hold numbers, got dtype {arr.dtype}")
     m = arr.astype(np.float32, copy=False)
     while m.ndim > 2 and m.shape[0] == 1:
         m = m[0]
     if m.ndim != 2:
-        raise ValueError(f"a heatmap must be 2-D [H, W], got shape {tuple(m.shape)}")
+        raise CamkitError(f"a heatmap must be 2-D [H, W], got shape {tuple(m.shape)}")
     if m.size == 0:
-        raise ValueError(f"a heatmap must not be empty, got shape {tuple(m.shape)}")
+        raise CamkitError(f"a heatmap must not be empty, got shape {tuple(m.shape)}")
     if not np.isfinite(m).all():
-        raise ValueError("the heatmap contains NaN or infinite values")
+        raise CamkitError("the heatmap contains NaN or infinite values")
     return m
 
 
@@ -91,21 +92,21 @@ def _as_image(image: ImageLike) -> Image.Image:
         if first and (channels_first or not last):
             arr = np.moveaxis(arr, 0, -1)
         elif not last:
-            raise ValueError(f"an image array needs 1, 3 or 4 channels, got shape {tuple(image.shape)}")
+            raise CamkitError(f"an image array needs 1, 3 or 4 channels, got shape {tuple(image.shape)}")
         if arr.shape[-1] == 1:
             arr = arr[..., 0]
     elif arr.ndim != 2:
-        raise ValueError(f"an image array must be [H, W] or have channels, got shape {tuple(image.shape)}")
+        raise CamkitError(f"an image array must be [H, W] or have channels, got shape {tuple(image.shape)}")
     if arr.shape[0] == 0 or arr.shape[1] == 0:
-        raise ValueError(f"an image must not be empty, got shape {tuple(image.shape)}")
+        raise CamkitError(f"an image must not be empty, got shape {tuple(image.shape)}")
     if arr.dtype == np.bool_:
         arr = arr.astype(np.uint8) * 255
     elif arr.dtype.kind == "f":
         if not np.isfinite(arr).all():
-            raise ValueError("the image contains NaN or infinite values")
+            raise CamkitError("the image contains NaN or infinite values")
         lo, hi = float(arr.min()), float(arr.max())
         if lo < 0.0 or hi > 1.0:
-            raise ValueError(
+            raise CamkitError(
                 f"a floating-point image must lie in [0, 1], got values in [{lo:.3g}, {hi:.3g}] "
                 "(scale 0..255 pixels to an integer type, undo a normalisation first)"
             )
@@ -114,10 +115,10 @@ def _as_image(image: ImageLike) -> Image.Image:
         if arr.dtype != np.uint8:
             lo, hi = int(arr.min()), int(arr.max())
             if lo < 0 or hi > 255:
-                raise ValueError(f"an integer image must lie in [0, 255], got values in [{lo}, {hi}]")
+                raise CamkitError(f"an integer image must lie in [0, 255], got values in [{lo}, {hi}]")
             arr = arr.astype(np.uint8)
     else:
-        raise ValueError(f"cannot read an image of dtype {arr.dtype}")
+        raise CamkitError(f"cannot read an image of dtype {arr.dtype}")
     return Image.fromarray(np.ascontiguousarray(arr))
 
 
@@ -133,7 +134,7 @@ def colormap_table(cmap: str = "jet") -> np.ndarray:
     try:
         colormap = matplotlib.colormaps[cmap]
     except KeyError as err:
-        raise ValueError(f"unknown colormap {cmap!r}; try jet, turbo, viridis, inferno, magma") from err
+        raise CamkitError(f"unknown colormap {cmap!r}; try jet, turbo, viridis, inferno, magma") from err
     rgba = colormap((np.arange(256) + 0.5) / 256)
     table: np.ndarray = (np.asarray(rgba)[:, :3] * 255).round().astype(np.uint8)
     table.setflags(write=False)
@@ -145,7 +146,7 @@ def _capped(size: tuple[int, int], max_side: int | None) -> tuple[int, int]:
     if max_side is None:
         return size
     if isinstance(max_side, bool) or not isinstance(max_side, int | np.integer) or max_side < 1:
-        raise ValueError(f"max_side must be a positive integer or None, got {max_side!r}")
+        raise CamkitError(f"max_side must be a positive integer or None, got {max_side!r}")
     w, h = size
     if max(w, h) <= max_side:
         return size
@@ -156,7 +157,7 @@ def _capped(size: tuple[int, int], max_side: int | None) -> tuple[int, int]:
 def _map_band(src: Image.Image, size: tuple[int, int], y0: int, y1: int) -> np.ndarray:
     """Rows ``y0:y1`` of the 'F' image ``src`` resized bilinearly to ``size`` (width, height), float32[y1 - y0, W].
 
-    Enlarging, this is :func:`camkit.postprocess.upsample` (``align_corners=False``) up to float rounding;
+    Enlarging, this is :func:`camkit.core.postprocess.upsample` (``align_corners=False``) up to float rounding;
     shrinking, PIL widens the filter (antialiasing) where ``upsample`` samples two pixels.
     """
     width, height = size
@@ -244,7 +245,7 @@ def overlay(
         An RGB picture at the image's size (or shrunk to ``max_side``).
     """
     if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha is the heatmap's weight and must lie in [0, 1], got {alpha}")
+        raise CamkitError(f"alpha is the heatmap's weight and must lie in [0, 1], got {alpha}")
     table = colormap_table(cmap)
     m = _as_map(heatmap)
     base = _as_image(image)
@@ -297,7 +298,7 @@ def grid(
         title: a line above the grid.
     """
     if cell < 1:
-        raise ValueError(f"cell must be a positive number of pixels, got {cell}")
+        raise CamkitError(f"cell must be a positive number of pixels, got {cell}")
     rows = list(cells)
     cols: list[str] = []
     for r in rows:

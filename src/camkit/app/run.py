@@ -15,6 +15,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from camkit.app.server import AppConfig, allow_host, create_app
+from camkit.errors import CamkitError
 
 __all__ = ["BackgroundServer", "is_loopback", "serve", "server_config"]
 
@@ -125,7 +126,7 @@ def _bind(host: str, port: int) -> socket.socket:
         sock.bind((host.strip("[]"), port))
     except OSError as err:
         sock.close()
-        raise ValueError(f"cannot listen on {host}:{port} ({err}); choose another --port") from err
+        raise CamkitError(f"cannot listen on {host}:{port} ({err}); choose another --port") from err
     sock.listen(128)
     return sock
 

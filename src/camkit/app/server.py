@@ -52,7 +52,8 @@ from fastapi import FastAPI, File, Form, HTTPException, Query, Request, UploadFi
 from fastapi.responses import HTMLResponse, JSONResponse
 from PIL import Image, UnidentifiedImageError
 
-from camkit.io import LoadedModel
+from camkit.adapters import LoadedModel
+from camkit.errors import CamkitError
 
 __all__ = [
     "ACCEPTED_FORMATS",
@@ -144,38 +145,38 @@ class AppConfig:
         for name in ("max_bytes", "max_pixels", "workers", "cache_models", "cache_bytes", "max_side"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"AppConfig.{name} must be a positive int, got {value!r}")
+                raise CamkitError(f"AppConfig.{name} must be a positive int, got {value!r}")
         if self.input_size is not None and (
             isinstance(self.input_size, bool) or not isinstance(self.input_size, int) or self.input_size < 16
         ):
-            raise ValueError(f"AppConfig.input_size must be None or an int >= 16, got {self.input_size!r}")
+            raise CamkitError(f"AppConfig.input_size must be None or an int >= 16, got {self.input_size!r}")
         if self.batch_size is not None and (
             isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1
         ):
-            raise ValueError(f"AppConfig.batch_size must be None or a positive int, got {self.batch_size!r}")
+            raise CamkitError(f"AppConfig.batch_size must be None or a positive int, got {self.batch_size!r}")
         if isinstance(self.queue, bool) or not isinstance(self.queue, int) or self.queue < 0:
-            raise ValueError(f"AppConfig.queue must be an int >= 0, got {self.queue!r}")
+            raise CamkitError(f"AppConfig.queue must be an int >= 0, got {self.queue!r}")
         for name in ("header_timeout", "body_timeout"):
             if not _positive_number(getattr(self, name)):
-                raise ValueError(
+                raise CamkitError(
                     f"AppConfig.{name} must be a positive number of seconds, got {getattr(self, name)!r}"
                 )
         for name in ("models", "allowed_hosts"):
             value = getattr(self, name)
             if isinstance(value, str) or not all(isinstance(v, str) and v.strip() for v in value):
-                raise ValueError(f"AppConfig.{name} must be a tuple of non-empty names, got {value!r}")
+                raise CamkitError(f"AppConfig.{name} must be a tuple of non-empty names, got {value!r}")
             object.__setattr__(self, name, tuple(v.strip() for v in value))
         if not isinstance(self.model, str) or not self.model.strip():
-            raise ValueError(f"AppConfig.model must be a model name, got {self.model!r}")
+            raise CamkitError(f"AppConfig.model must be a model name, got {self.model!r}")
         if self.models and self.model.strip() not in self.models:
-            raise ValueError(
+            raise CamkitError(
                 f"the model shown first ({self.model!r}) must be one of the models served ({', '.join(self.models)})"
             )
 
     @property
     def served_models(self) -> tuple[str, ...]:
         """The model names served, in order (:attr:`models`, or :attr:`model` and the offline default)."""
-        from camkit.io.models import DEFAULT_MODEL
+        from camkit.adapters.zoo import DEFAULT_MODEL
 
         names = self.models or (self.model.strip(), DEFAULT_MODEL)
         return tuple(dict.fromkeys(names))
@@ -288,9 +289,9 @@ class ModelCache:
         """
         key = name.strip() if isinstance(name, str) else ""
         if not key:
-            raise ValueError(f"no model name given; choose one of {', '.join(self.allowed)}")
+            raise CamkitError(f"no model name given; choose one of {', '.join(self.allowed)}")
         if key not in self.allowed:
-            raise ValueError(
+            raise CamkitError(
                 f"model {key!r} is not served here; choose one of {', '.join(self.allowed)} "
                 "(the operator chooses them with camkit serve --models)"
             )
@@ -331,11 +332,11 @@ class ModelCache:
                 if size is not None and loaded.task == "classification":
                     loaded.preprocess = replace(loaded.preprocess, size=(size, size))
             except Exception as err:  # any failure to build is reported to the user: a 422 with why
-                raise ValueError(f"cannot load model {key!r}: {err}") from err
+                raise CamkitError(f"cannot load model {key!r}: {err}") from err
             nbytes = model_bytes(loaded.model)
             if nbytes > self.config.cache_bytes:
                 del loaded
-                raise ValueError(
+                raise CamkitError(
                     f"model {key!r} holds {nbytes / 1e6:.1f} MB of parameters, more than the model cache's budget "
                     f"of {self.config.cache_bytes / 1e6:.1f} MB; start camkit serve with a larger --cache-mb"
                 )
@@ -356,7 +357,7 @@ class ModelCache:
         """The hookable layers of a model (name, type, feature-map shape) and the automatic choice."""
         import torch
 
-        from camkit.layers import describe_layers, pick_auto
+        from camkit.core.layers import describe_layers, pick_auto
 
         loaded = self.get(name)
         key = name.strip()
@@ -624,12 +625,12 @@ def _explain(
     import numpy as np
     import torch
 
+    from camkit.core.outputs import logits_of
+    from camkit.core.pipeline import explain
+    from camkit.core.targets import TopK, parse_target
     from camkit.localize import localize
     from camkit.methods.engine import PerturbationOptions
-    from camkit.outputs import logits_of
-    from camkit.pipeline import explain
     from camkit.report import top_predictions
-    from camkit.targets import TopK, parse_target
 
     def check() -> None:
         if cancel.is_set():
@@ -652,7 +653,7 @@ def _explain(
     check()
     spec = parse_target(target.strip() or None)
     if isinstance(spec, TopK):
-        raise ValueError("the app explains one class: give a class index or name, not topK")
+        raise CamkitError("the app explains one class: give a class index or name, not topK")
     x = loaded.preprocess([image]).to(config.device)
     with torch.no_grad():
         out = loaded.model(x)

@@ -29,10 +29,12 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from camkit.errors import CamkitError
+
 if TYPE_CHECKING:
     from PIL import Image
 
-    from camkit.io import LoadedModel
+    from camkit.adapters import LoadedModel
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -303,7 +305,7 @@ def load_model(options: ModelOptions, input_size: int | None = None) -> LoadedMo
 
     if options.threads is not None:
         if options.threads < 1:
-            raise ValueError(f"--threads must be at least 1, got {options.threads}")
+            raise CamkitError(f"--threads must be at least 1, got {options.threads}")
         torch.set_num_threads(options.threads)
     torch.manual_seed(options.seed)
     return camkit.load_model(
@@ -336,7 +338,7 @@ def versions() -> dict[str, str]:
 def max_pixels_limit(max_pixels: int) -> int | None:
     """``--max-pixels``: 0 means no limit (None for :func:`camkit.io.load_image`)."""
     if max_pixels < 0:
-        raise ValueError(f"--max-pixels is a number of pixels (0: no limit), got {max_pixels}")
+        raise CamkitError(f"--max-pixels is a number of pixels (0: no limit), got {max_pixels}")
     return None if max_pixels == 0 else max_pixels
 
 
@@ -365,7 +367,7 @@ def collect_inputs(paths: Sequence[Path]) -> list[Path]:
             if f.suffix.lower() in IMAGE_SUFFIXES and not _hidden(f, p) and f.is_file()
         )
         if not files:
-            raise ValueError(
+            raise CamkitError(
                 f"the folder {str(p)!r} holds no image file ({', '.join(sorted(IMAGE_SUFFIXES))})"
             )
         found += files
@@ -408,7 +410,7 @@ def resolve_inputs(images: list[Path] | None, sample: str, tag: str) -> list[Inp
 
     if not images:
         if sample not in SAMPLE_NAMES:
-            raise ValueError(f"unknown sample {sample!r}; choose one of {', '.join(SAMPLE_NAMES)}")
+            raise CamkitError(f"unknown sample {sample!r}; choose one of {', '.join(SAMPLE_NAMES)}")
         return [Input(None, sample, f"{sample}{tag}", f"sample:{sample}")]
     files = collect_inputs(images)
     stems = output_stems(files, suffix_room=40 + len(tag.encode("utf-8")))
@@ -426,7 +428,7 @@ def read_or_skip(item: Input, max_pixels: int | None, alone: bool) -> Image.Imag
         return read_input(item.path, max_pixels)
     except (ValueError, OSError) as err:
         if alone:
-            raise ValueError(str(err)) from err
+            raise CamkitError(str(err)) from err
         warn(f"skipped {str(item.path)!r}: {err}")
         return None
 
@@ -581,11 +583,11 @@ def previous_entries(path: Path) -> list[dict[str, Any]]:
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(
+        raise CamkitError(
             f"{str(path)!r} exists and is not a camkit summary ({err}); move it away or choose another --out"
         ) from err
     if not isinstance(value, list) or not all(isinstance(e, dict) for e in value):
-        raise ValueError(
+        raise CamkitError(
             f"{str(path)!r} exists and is not a camkit summary (a JSON list of objects); move it away or choose "
             "another --out"
         )

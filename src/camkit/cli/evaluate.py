@@ -43,6 +43,7 @@ from camkit.cli.common import (
     warn,
 )
 from camkit.cli.output import Format, FormatOption, emit, note
+from camkit.errors import CamkitError
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -117,12 +118,12 @@ def evaluate(
     with user_errors():
         method_list = split(methods)
         if not method_list:
-            raise ValueError("--methods is empty; give at least one method (see `camkit methods`)")
+            raise CamkitError("--methods is empty; give at least one method (see `camkit methods`)")
         for m in method_list:
             if m not in ("center", "random", "noise"):
                 get_method(m)
         if steps < 1:
-            raise ValueError(f"--steps must be at least 1, got {steps}")
+            raise CamkitError(f"--steps must be at least 1, got {steps}")
         anns = read_annotations(annotations) if annotations is not None else {}
         items: list[tuple[str, Path | Image.Image]] = (
             list(_samples()) if not images else _named(collect_images(images), anns)
@@ -206,7 +207,7 @@ def _named(paths: list[Path], anns: Mapping[str, object]) -> list[tuple[str, Pat
             continue
         if p.name in anns:
             listed = ", ".join(str(q) for q in same[:3])
-            raise ValueError(
+            raise CamkitError(
                 f"{len(same)} images are named {p.name!r} ({listed}) and the annotations match images by file "
                 "name: rename the files or evaluate the folders one at a time"
             )

@@ -40,16 +40,17 @@ from camkit.cli.common import (
     user_errors,
     versions,
 )
+from camkit.errors import CamkitError
 
 if TYPE_CHECKING:
     from PIL import Image
     from torch import Tensor
 
-    from camkit.explanation import Explanation
-    from camkit.io import LoadedModel
+    from camkit.adapters import LoadedModel
+    from camkit.core.explanation import Explanation
+    from camkit.core.targets import TargetSpec
+    from camkit.core.tasks import ChosenTarget
     from camkit.methods.engine import PerturbationOptions
-    from camkit.targets import TargetSpec
-    from camkit.tasks import ChosenTarget
 
 __all__ = ["SummaryRow", "TaskInfo", "explain"]
 
@@ -62,7 +63,7 @@ class TaskInfo:
 
     Attributes:
         task: ``"segmentation"`` or ``"detection"``.
-        region: ``"mask"``, ``"image"`` or ``"box"`` (:class:`camkit.tasks.ChosenTarget`).
+        region: ``"mask"``, ``"image"`` or ``"box"`` (:class:`camkit.core.tasks.ChosenTarget`).
         box: detection: the explained box in pixels of the original image.
         coverage: segmentation: fraction of the image predicted as the class.
     """
@@ -271,9 +272,9 @@ def explain(
     with user_errors():
         # everything that can be checked without the model first: options, output folder, input files
         if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"--alpha is the heatmap's weight and must lie in [0, 1], got {alpha}")
+            raise CamkitError(f"--alpha is the heatmap's weight and must lie in [0, 1], got {alpha}")
         if max_side is not None and max_side < 16:
-            raise ValueError(f"--max-side must be at least 16 pixels, got {max_side}")
+            raise CamkitError(f"--max-side must be at least 16 pixels, got {max_side}")
         method_list, slow = _methods(methods)
         _check_smoothing(method_list, eigen_smooth, augment)
         perturbation = camkit.PerturbationOptions(  # checks its values
@@ -368,7 +369,7 @@ def explain(
                     entries.append({**entry, "source": item.source, **run_info})
                 bar.image_done(item.name)
         if failed == len(inputs):
-            raise ValueError(f"none of the {len(inputs)} images could be read (see above)")
+            raise CamkitError(f"none of the {len(inputs)} images could be read (see above)")
         update_entries(out / "summary.json", entries)
         console.print(table)
         console.print(f"written to {out}/")
@@ -381,7 +382,7 @@ def explain(
 
 def _clip_run(images: list[Path] | None, model: str) -> bool:
     """Whether this run explains clips: a video model (``r3d_18``...) or a video file among the inputs."""
-    from camkit.video import VIDEO_SUFFIXES
+    from camkit.adapters.video import VIDEO_SUFFIXES
 
     videos = [p for p in images or [] if p.suffix.lower() in VIDEO_SUFFIXES - {".gif"}]
     if videos:
@@ -402,11 +403,11 @@ def _methods(text: str) -> tuple[list[str], list[str]]:
 
 def _target_spec(loaded: LoadedModel, target: str | None) -> TargetSpec:
     """``--target`` parsed; segmentation / detection models take one class, not topK."""
-    from camkit.targets import TopK, parse_target
+    from camkit.core.targets import TopK, parse_target
 
     spec = parse_target(target)
     if loaded.task != "classification" and isinstance(spec, TopK):
-        raise ValueError(
+        raise CamkitError(
             f"{loaded.name} is a {loaded.task} model: --target takes one class (index or name), not topK"
         )
     return spec
@@ -416,10 +417,10 @@ def _set_det_threshold(loaded: LoadedModel, threshold: float | None) -> None:
     """``--det-threshold``: the detection model's score threshold (refused for other models)."""
     if threshold is None:
         return
-    from camkit.tasks import set_score_threshold
+    from camkit.core.tasks import set_score_threshold
 
     if loaded.task != "detection":
-        raise ValueError(f"--det-threshold is for detection models; {loaded.name} is a {loaded.task} model")
+        raise CamkitError(f"--det-threshold is for detection models; {loaded.name} is a {loaded.task} model")
     set_score_threshold(loaded.model, threshold)
 
 
@@ -463,7 +464,7 @@ def _explain_picture(job: _Job, item: Input, pil: Image.Image, table: Table) -> 
 
 def _run_methods(job: _Job, pic: _Picture) -> dict[str, Explanation]:
     """All methods on one image (:func:`camkit.compare`), the perturbation methods' forwards reported."""
-    from camkit.pipeline import compare
+    from camkit.core.pipeline import compare
 
     return compare(
         job.loaded.model,
@@ -482,15 +483,15 @@ def _run_methods(job: _Job, pic: _Picture) -> dict[str, Explanation]:
 
 def _check_smoothing(methods: list[str], eigen_smooth: bool, augment: str | None) -> None:
     """``--eigen-smooth`` and ``--augment``, checked before the model is loaded."""
-    from camkit.augment import resolve_augment
+    from camkit.core.augment import resolve_augment
     from camkit.methods import AttentionMethod, get_method
 
     if augment is not None and augment.strip().lower() not in ("gradcam", "flip", "none"):
-        raise ValueError(f"--augment must be 'gradcam', 'flip' or 'none', got {augment!r}")
+        raise CamkitError(f"--augment must be 'gradcam', 'flip' or 'none', got {augment!r}")
     resolve_augment(augment)
     attention = [m for m in methods if isinstance(get_method(m), AttentionMethod)]
     if attention and (eigen_smooth or (augment is not None and augment.strip().lower() != "none")):
-        raise ValueError(
+        raise CamkitError(
             f"--eigen-smooth and --augment apply to layer and perturbation methods, not to {', '.join(attention)}"
         )
 
@@ -499,8 +500,8 @@ def _write_target(
     job: _Job, pic: _Picture, results: dict[str, Explanation], t: int
 ) -> tuple[list[SummaryRow], Path | None]:
     """The overlays of target ``t`` (``_topK`` in the names for topK) and, when comparing, their grid."""
+    from camkit.core.targets import TopK
     from camkit.io.files import save_image
-    from camkit.targets import TopK
     from camkit.viz import annotate, caption_text, grid
 
     suffix = f"_top{t + 1}" if isinstance(job.spec, TopK) else ""
@@ -567,11 +568,11 @@ def _of_target(values: Tensor | None, t: int) -> Tensor | None:
 
 
 def _task_target(job: _Job, pil: Image.Image) -> ChosenTarget:
-    """What to explain in a segmentation / detection model's output (:func:`camkit.tasks.default_target`)."""
+    """What to explain in a segmentation / detection model's output (:func:`camkit.core.tasks.default_target`)."""
     import torch
 
-    from camkit.targets import TopK
-    from camkit.tasks import default_target, score_threshold
+    from camkit.core.targets import TopK
+    from camkit.core.tasks import default_target, score_threshold
 
     spec, loaded = job.spec, job.loaded
     assert not isinstance(spec, TopK) and (spec is None or isinstance(spec, (int, str)))

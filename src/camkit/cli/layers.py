@@ -18,9 +18,10 @@ from camkit.cli.common import (
     user_errors,
 )
 from camkit.cli.output import Format, FormatOption, emit, note
+from camkit.errors import CamkitError
 
 if TYPE_CHECKING:
-    from camkit.layers import LayerInfo
+    from camkit.core.layers import LayerInfo
 
 __all__ = ["layers"]
 
@@ -62,11 +63,11 @@ def layers(
     import torch
 
     import camkit
-    from camkit.layers import pick_auto
+    from camkit.core.layers import pick_auto
 
     with user_errors():
         if model_name is not None and model is not None and model_name != model:
-            raise ValueError(f"two models given: {model_name!r} and --model {model!r}; give one")
+            raise CamkitError(f"two models given: {model_name!r} and --model {model!r}; give one")
         name = model_name or model or "efficientnet_lite0"
         loaded = load_model(ModelOptions(name, weights, pretrained, seed, threads, device))
         h, w = loaded.preprocess.size

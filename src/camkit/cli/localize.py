@@ -40,13 +40,14 @@ from camkit.cli.common import (
     user_errors,
     versions,
 )
+from camkit.errors import CamkitError
 
 if TYPE_CHECKING:
     from PIL import Image
 
-    from camkit.io import LoadedModel
+    from camkit.adapters import LoadedModel
+    from camkit.core.targets import TargetSpec
     from camkit.localize import Box, Threshold
-    from camkit.targets import TargetSpec
 
 __all__ = ["BoxRecord", "localize"]
 
@@ -107,10 +108,10 @@ class _Localizer:
     ) -> BoxRecord:
         """Explain one image, find its boxes, write ``<stem>_boxes.png`` (``progress``: forward passes of a
         perturbation method)."""
+        from camkit.core.pipeline import explain
         from camkit.io.files import save_image
         from camkit.localize import localize as find_boxes
         from camkit.methods.engine import PerturbationOptions
-        from camkit.pipeline import explain
         from camkit.viz import draw_boxes
 
         expl = explain(
@@ -170,19 +171,19 @@ def localize(
     Exit status: 0 when every image was boxed, 1 when some inputs could not be read (each named on stderr, the
     others boxed), 2 on a usage error or when no image could be read.
     """
+    from camkit.core.targets import TopK, parse_target
     from camkit.io.files import prepare_out_dir
     from camkit.localize import parse_threshold
     from camkit.methods import PerturbationMethod, get_method
-    from camkit.targets import TopK, parse_target
 
     opts = ModelOptions(model, weights, pretrained, seed, threads, device)
     with user_errors():
         parsed = parse_threshold(threshold)
         spec = parse_target(target)
         if isinstance(spec, TopK):
-            raise ValueError("localize explains one class per image: give an index or a name, not topK")
+            raise CamkitError("localize explains one class per image: give an index or a name, not topK")
         if mode not in ("largest", "all"):
-            raise ValueError(f"--mode is 'largest' or 'all', got {mode!r}")
+            raise CamkitError(f"--mode is 'largest' or 'all', got {mode!r}")
         slow = isinstance(get_method(method), PerturbationMethod)  # an unknown name raises here
         tag = opts.file_tag() + ("" if method == "gradcam" else f"_{method}")
         limit = max_pixels_limit(max_pixels)
@@ -222,7 +223,7 @@ def localize(
                     failed += 1
                 bar.image_done(item.name)
         if failed == len(inputs):
-            raise ValueError(f"none of the {len(inputs)} images could be read (see above)")
+            raise CamkitError(f"none of the {len(inputs)} images could be read (see above)")
         update_entries(out / "boxes.json", entries)
         console.print(table)
         console.print(f"written to {out}/ (boxes.json: x1, y1 exclusive, original-image pixels)")

@@ -36,6 +36,7 @@ from camkit.cli.common import (
     split,
     user_errors,
 )
+from camkit.errors import CamkitError
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -118,11 +119,11 @@ def report(
     Exit status: 0 when every image is in the report, 1 when some inputs could not be read (each named on stderr,
     the others reported), 2 on a usage error or when no image could be read.
     """
+    from camkit.core.targets import parse_target
     from camkit.localize import parse_threshold
     from camkit.methods import get_method
     from camkit.report import ReportOptions, build_records, write_report
     from camkit.report.store import is_store
-    from camkit.targets import parse_target
     from camkit.viz import colormap_table
 
     if images and len(images) == 1 and is_store(images[0]):
@@ -150,7 +151,7 @@ def report(
     with user_errors():
         method_list = split(methods)
         if not method_list:
-            raise ValueError("--methods is empty: give at least one method (see `camkit methods`)")
+            raise CamkitError("--methods is empty: give at least one method (see `camkit methods`)")
         for m in method_list:
             get_method(m)
         metric_list = split(metrics)
@@ -168,11 +169,11 @@ def report(
             alpha=alpha,
         )
         if out.is_dir():
-            raise ValueError(
+            raise CamkitError(
                 f"--out {str(out)!r} is a folder; give the report's file name, e.g. {str(out / 'report.html')!r}"
             )
         if not out.parent.exists():
-            raise ValueError(f"the folder of --out {str(out)!r} does not exist")
+            raise CamkitError(f"the folder of --out {str(out)!r} does not exist")
         limit = max_pixels_limit(max_pixels)
         inputs = resolve_inputs(images, sample, "")
         loaded = load_model(opts)
@@ -228,18 +229,18 @@ def _report_store(
     ignored = sorted(n for n in given if n in _MODEL_WORK)
     if ignored:
         flags = ", ".join("--" + n.replace("_", "-") for n in ignored)
-        raise ValueError(
+        raise CamkitError(
             f"{flags}: a store is reported as the run computed it, nothing is recomputed; drop these options "
             "(or run `camkit run` again with them into a new store)"
         )
     if limit is not None and limit < 1:
-        raise ValueError(f"--limit must be at least 1, got {limit}")
+        raise CamkitError(f"--limit must be at least 1, got {limit}")
     if out.is_dir():
-        raise ValueError(
+        raise CamkitError(
             f"--out {str(out)!r} is a folder; give the report's file name, e.g. {str(out / 'report.html')!r}"
         )
     if not out.parent.exists():
-        raise ValueError(f"the folder of --out {str(out)!r} does not exist")
+        raise CamkitError(f"the folder of --out {str(out)!r} does not exist")
     store = open_store(path)
     if not store.complete:
         done = len(store.done_shards())

@@ -17,6 +17,7 @@ from camkit.cli.common import (
     fail,
     user_errors,
 )
+from camkit.errors import CamkitError
 
 __all__ = ["serve"]
 
@@ -88,22 +89,22 @@ def serve(
         return
     with user_errors():
         if not 0 <= port <= 65535:
-            raise ValueError(f"--port must be within 0..65535, got {port}")
+            raise CamkitError(f"--port must be within 0..65535, got {port}")
         if max_upload_mb <= 0:
-            raise ValueError(f"--max-upload-mb must be positive, got {max_upload_mb}")
+            raise CamkitError(f"--max-upload-mb must be positive, got {max_upload_mb}")
         if cache_mb <= 0:
-            raise ValueError(f"--cache-mb must be positive, got {cache_mb}")
+            raise CamkitError(f"--cache-mb must be positive, got {cache_mb}")
         if header_timeout <= 0:
-            raise ValueError(f"--header-timeout must be a positive number of seconds, got {header_timeout}")
+            raise CamkitError(f"--header-timeout must be a positive number of seconds, got {header_timeout}")
         served = tuple(n.strip() for n in models.split(",") if n.strip()) if models is not None else ()
         if models is not None and not served:
-            raise ValueError("--models needs at least one model name (names separated by commas)")
+            raise CamkitError("--models needs at least one model name (names separated by commas)")
         if served and model.strip() not in served and model == "efficientnet_lite0":
             model = served[0]  # the default --model gives way to the first model served
         hosts = tuple(h.strip() for h in allowed_hosts.split(",") if h.strip()) if allowed_hosts else ()
         if threads is not None:
             if threads < 1:
-                raise ValueError(f"--threads must be at least 1, got {threads}")
+                raise CamkitError(f"--threads must be at least 1, got {threads}")
             import torch
 
             torch.set_num_threads(threads)

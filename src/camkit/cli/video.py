@@ -19,6 +19,7 @@ from camkit.cli.common import (
     update_entries,
     versions,
 )
+from camkit.errors import CamkitError
 
 __all__ = ["ClipJob", "explain_clips"]
 
@@ -46,30 +47,36 @@ def explain_clips(paths: list[Path], job: ClipJob) -> None:
     ``summary.json``. Raises ValueError (printed as ``error:``, exit 2) for a usage error."""
     from dataclasses import replace
 
+    from camkit.adapters.video import (
+        VIDEO_SUFFIXES,
+        ClipPreprocess,
+        load_clip,
+        overlay_frames,
+        save_animation,
+    )
+    from camkit.core.pipeline import compare
+    from camkit.core.targets import TopK, parse_target
     from camkit.io.files import output_stems, prepare_out_dir, save_image
-    from camkit.pipeline import compare
-    from camkit.targets import TopK, parse_target
-    from camkit.video import VIDEO_SUFFIXES, ClipPreprocess, load_clip, overlay_frames, save_animation
     from camkit.viz import hstack
 
     if job.animation not in ("gif", "mp4"):
-        raise ValueError(f"--animation must be gif or mp4, got {job.animation!r}")
+        raise CamkitError(f"--animation must be gif or mp4, got {job.animation!r}")
     if job.frames < 0:
-        raise ValueError(f"--frames must be 0 (all) or more, got {job.frames}")
+        raise CamkitError(f"--frames must be 0 (all) or more, got {job.frames}")
     if not paths:
-        raise ValueError("a video model needs clip files: camkit explain clip.mp4 --model r3d_18")
+        raise CamkitError("a video model needs clip files: camkit explain clip.mp4 --model r3d_18")
     for p in paths:
         if not p.is_file():
-            raise ValueError(f"clip not found: {str(p)!r} (folders of clips are not read; name the files)")
+            raise CamkitError(f"clip not found: {str(p)!r} (folders of clips are not read; name the files)")
         if p.suffix.lower() not in VIDEO_SUFFIXES:
-            raise ValueError(
+            raise CamkitError(
                 f"{str(p)!r} is not a clip ({', '.join(sorted(VIDEO_SUFFIXES))}); a video model explains clips"
             )
     prepare_out_dir(job.out)
     previous_entries(job.out / "summary.json")  # refuse a foreign summary.json before any model work
     loaded = load_model(job.opts, input_size=job.input_size)
     if loaded.task != "video" or not isinstance(loaded.preprocess, ClipPreprocess):
-        raise ValueError(
+        raise CamkitError(
             f"{loaded.name} is not a video model; clips need one of torchvision's video classifiers "
             "(--model r3d_18, mc3_18 or r2plus1d_18)"
         )

@@ -31,6 +31,8 @@ from pathlib import Path
 from typing import Any
 from xml.parsers import expat
 
+from camkit.errors import CamkitError
+
 __all__ = ["Annotation", "check_box", "fit_boxes", "read_annotations", "read_boxes"]
 
 
@@ -69,18 +71,18 @@ def read_annotations(path: str | Path) -> dict[str, Annotation]:
     if p.is_dir():
         xmls = sorted(x for x in p.glob("*.xml") if x.is_file())
         if not xmls:
-            raise ValueError(f"no .xml annotation in folder {str(p)!r}")
+            raise CamkitError(f"no .xml annotation in folder {str(p)!r}")
         return dict(_voc(x) for x in xmls)
     if p.suffix.lower() == ".xml":
         return dict([_voc(p)])
     try:
         data = json.loads(p.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"annotation file {str(p)!r} is not valid JSON ({err})") from err
+        raise CamkitError(f"annotation file {str(p)!r} is not valid JSON ({err})") from err
     if isinstance(data, dict) and "images" in data and "annotations" in data:
         return _coco(data, p)
     if not isinstance(data, dict):
-        raise ValueError(f"{str(p)!r}: expected an object {{file name: {{class, boxes}}}} or a COCO file")
+        raise CamkitError(f"{str(p)!r}: expected an object {{file name: {{class, boxes}}}} or a COCO file")
     return _camkit(data, p)
 
 
@@ -92,19 +94,19 @@ def check_box(raw: object, where: str) -> list[float]:
     with ``x1 > x0``, ``y1 > y0`` and ``x0, y0 >= 0``.
     """
     if not isinstance(raw, (list, tuple)) or len(raw) != 4:
-        raise ValueError(f"{where}: box {raw!r} must be [x0, y0, x1, y1] (four numbers)")
+        raise CamkitError(f"{where}: box {raw!r} must be [x0, y0, x1, y1] (four numbers)")
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in raw):
-        raise ValueError(f"{where}: box {raw!r} must be [x0, y0, x1, y1] (four numbers)")
+        raise CamkitError(f"{where}: box {raw!r} must be [x0, y0, x1, y1] (four numbers)")
     box = [float(v) for v in raw]
     if not all(math.isfinite(v) for v in box):
-        raise ValueError(f"{where}: box {raw!r} has a missing or non-finite coordinate")
+        raise CamkitError(f"{where}: box {raw!r} has a missing or non-finite coordinate")
     x0, y0, x1, y1 = box
     if x1 <= x0 or y1 <= y0:
-        raise ValueError(
+        raise CamkitError(
             f"{where}: box {raw!r} is empty or inverted: [x0, y0, x1, y1] needs x1 > x0 and y1 > y0"
         )
     if x0 < 0 or y0 < 0:
-        raise ValueError(f"{where}: box {raw!r} starts outside the image (x0 and y0 must be >= 0)")
+        raise CamkitError(f"{where}: box {raw!r} starts outside the image (x0 and y0 must be >= 0)")
     return box
 
 
@@ -122,9 +124,11 @@ def read_boxes(raw: object, where: str) -> list[list[float]]:
         try:
             raw = json.loads(raw)
         except json.JSONDecodeError:
-            raise ValueError(f"{where}: boxes must be a JSON list of [x0, y0, x1, y1], got {raw!r}") from None
+            raise CamkitError(
+                f"{where}: boxes must be a JSON list of [x0, y0, x1, y1], got {raw!r}"
+            ) from None
     if not isinstance(raw, list):
-        raise ValueError(f"{where}: boxes must be a list of [x0, y0, x1, y1], got {raw!r}")
+        raise CamkitError(f"{where}: boxes must be a list of [x0, y0, x1, y1], got {raw!r}")
     return [check_box(b, f"{where}: box {i + 1}") for i, b in enumerate(raw)]
 
 
@@ -137,7 +141,7 @@ def fit_boxes(ann: Annotation, size: tuple[int, int], image: str) -> Annotation:
     for b in ann.boxes:
         x0, y0, x1, y1 = b
         if x0 >= w or y0 >= h:
-            raise ValueError(
+            raise CamkitError(
                 f"{ann.source or 'annotations'}: box {b} lies outside image {image!r} of {w}x{h} pixels; "
                 "fix the box or the file name it is matched to"
             )
@@ -164,9 +168,9 @@ def _voc(path: Path) -> tuple[str, Annotation]:
         check.Parse(data, True)
         root = ET.fromstring(data)
     except (expat.ExpatError, ET.ParseError) as err:
-        raise ValueError(f"annotation file {str(path)!r} is not valid XML ({err})") from None
+        raise CamkitError(f"annotation file {str(path)!r} is not valid XML ({err})") from None
     except _EntityDeclared:
-        raise ValueError(
+        raise CamkitError(
             f"annotation file {str(path)!r} declares XML entities (<!ENTITY>), which camkit refuses; "
             "remove the DTD"
         ) from None
@@ -181,7 +185,7 @@ def _voc(path: Path) -> tuple[str, Annotation]:
         for k in ("xmin", "ymin", "xmax", "ymax"):
             text = box.findtext(k)
             if text is None or not text.strip():
-                raise ValueError(f"{where}: <bndbox> has no <{k}>")
+                raise CamkitError(f"{where}: <bndbox> has no <{k}>")
             coords.append(text.strip())
         xmin, ymin, xmax, ymax = _voc_numbers(coords, where)
         ann.boxes.append(check_box([xmin - 1, ymin - 1, xmax, ymax], where))
@@ -194,15 +198,15 @@ def _voc_numbers(coords: list[object], where: str) -> list[float]:
     try:
         values = [float(str(c)) for c in coords]
     except ValueError:
-        raise ValueError(f"{where}: <bndbox> {coords} must hold numbers") from None
+        raise CamkitError(f"{where}: <bndbox> {coords} must hold numbers") from None
     if not all(math.isfinite(v) for v in values):
-        raise ValueError(f"{where}: <bndbox> {coords} has a non-finite coordinate")
+        raise CamkitError(f"{where}: <bndbox> {coords} has a non-finite coordinate")
     return values
 
 
 def _key(entry: object, key: str, where: str) -> Any:
     if not isinstance(entry, dict) or key not in entry:
-        raise ValueError(f"{where} has no {key!r} key")
+        raise CamkitError(f"{where} has no {key!r} key")
     return entry[key]
 
 
@@ -211,31 +215,31 @@ def _coco(data: dict[str, Any], p: Path) -> dict[str, Annotation]:
     src = f"{str(p)!r}"
     for part in ("images", "annotations"):
         if not isinstance(data[part], list):
-            raise ValueError(f"{src}: COCO {part!r} must be a list")
+            raise CamkitError(f"{src}: COCO {part!r} must be a list")
     cats_raw = data.get("categories", [])
     if not isinstance(cats_raw, list):
-        raise ValueError(f"{src}: COCO 'categories' must be a list")
+        raise CamkitError(f"{src}: COCO 'categories' must be a list")
     cats = {_key(c, "id", f"{src}: categories[{i}]"): c.get("name") for i, c in enumerate(cats_raw)}
     by_id: dict[Any, str] = {}
     for i, im in enumerate(data["images"]):
         where = f"{src}: images[{i}]"
         file_name = _key(im, "file_name", where)
         if not isinstance(file_name, str) or not file_name:
-            raise ValueError(f"{where}: 'file_name' must be a non-empty string")
+            raise CamkitError(f"{where}: 'file_name' must be a non-empty string")
         by_id[_key(im, "id", where)] = Path(file_name).name
     out = {name: Annotation(strict_class=False, source=src) for name in by_id.values()}
     for i, a in enumerate(data["annotations"]):
         where = f"{src}: annotations[{i}]"
         image_id = _key(a, "image_id", where)
         if image_id not in by_id:
-            raise ValueError(f"{where}: image_id {image_id!r} is not in 'images'")
+            raise CamkitError(f"{where}: image_id {image_id!r} is not in 'images'")
         if "bbox" not in a:
             continue  # a segmentation-only annotation
         bbox = a["bbox"]
         if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
-            raise ValueError(f"{where}: bbox {bbox!r} must be [x, y, width, height]")
+            raise CamkitError(f"{where}: bbox {bbox!r} must be [x, y, width, height]")
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox):
-            raise ValueError(f"{where}: bbox {bbox!r} must be [x, y, width, height] (four numbers)")
+            raise CamkitError(f"{where}: bbox {bbox!r} must be [x, y, width, height] (four numbers)")
         x, y, w, h = (float(v) for v in bbox)
         ann = out[by_id[image_id]]
         ann.boxes.append(check_box([x, y, x + w, y + h], f"{where} (bbox {bbox}) of {by_id[image_id]!r}"))
@@ -250,10 +254,10 @@ def _camkit(data: dict[str, Any], p: Path) -> dict[str, Annotation]:
     src = f"{str(p)!r}"
     for name, entry in data.items():
         if not isinstance(entry, dict):
-            raise ValueError(f"{src}: the entry of {name!r} must be an object with 'class' and/or 'boxes'")
+            raise CamkitError(f"{src}: the entry of {name!r} must be an object with 'class' and/or 'boxes'")
         raw = entry.get("boxes", [])
         if not isinstance(raw, list):
-            raise ValueError(f"{src}: 'boxes' of {name!r} must be a list of [x0, y0, x1, y1]")
+            raise CamkitError(f"{src}: 'boxes' of {name!r} must be a list of [x0, y0, x1, y1]")
         boxes = [check_box(b, f"{src}: box {i + 1} of {name!r}") for i, b in enumerate(raw)]
         out[Path(name).name] = Annotation(cls=entry.get("class"), boxes=boxes, source=src)
     return out

@@ -30,6 +30,8 @@ from typing import IO, Any
 from filelock import FileLock, Timeout
 from PIL import Image
 
+from camkit.errors import CamkitError
+
 __all__ = [
     "atomic_write",
     "file_lock",
@@ -91,7 +93,7 @@ def file_lock(path: str | Path, timeout: float = -1, what: str = "") -> Iterator
     try:
         lock.acquire()
     except Timeout as err:
-        raise ValueError(
+        raise CamkitError(
             f"{what or str(path)!r} is in use by another camkit process (lock {str(path)!r}); "
             "wait for it to finish and try again"
         ) from err
@@ -106,7 +108,7 @@ def save_image(image: Image.Image, path: str | Path, format: str | None = None, 
     target = Path(path)
     fmt = format or Image.registered_extensions().get(target.suffix.lower())
     if fmt is None:
-        raise ValueError(f"cannot tell the image format of {str(target)!r}; use a .png, .jpg or .webp name")
+        raise CamkitError(f"cannot tell the image format of {str(target)!r}; use a .png, .jpg or .webp name")
     with atomic_write(target) as f:
         image.save(f, format=fmt, **options)
 
@@ -135,13 +137,13 @@ def prepare_out_dir(out: str | Path) -> Path:
     for parent in [p, *p.parents]:
         if parent.exists() and not parent.is_dir():
             what = "is a file" if parent == p else f"has a file on its path ({str(parent)!r})"
-            raise ValueError(f"--out {str(p)!r} {what}, not a folder; choose a folder")
+            raise CamkitError(f"--out {str(p)!r} {what}, not a folder; choose a folder")
     try:
         p.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise ValueError(f"cannot create the output folder {str(p)!r}: {err.strerror or err}") from err
+        raise CamkitError(f"cannot create the output folder {str(p)!r}: {err.strerror or err}") from err
     if not os.access(p, os.W_OK | os.X_OK):
-        raise ValueError(f"the output folder {str(p)!r} is not writable")
+        raise CamkitError(f"the output folder {str(p)!r} is not writable")
     return p
 
 

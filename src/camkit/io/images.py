@@ -11,7 +11,9 @@ from typing import IO
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-__all__ = ["DEFAULT_MAX_PIXELS", "SAMPLES", "load_image", "sample_image", "to_rgb"]
+from camkit.errors import CamkitError
+
+__all__ = ["DEFAULT_MAX_PIXELS", "SAMPLES", "load_image", "open_image", "sample_image", "to_rgb"]
 
 DEFAULT_MAX_PIXELS = 89_478_485
 """PIL's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS`` as PIL ships it): the default of
@@ -35,7 +37,7 @@ def to_rgb(im: Image.Image) -> Image.Image:
         arr = np.asarray(im, dtype=np.float64)
         bad = int(np.count_nonzero(~np.isfinite(arr)))
         if bad:
-            raise ValueError(
+            raise CamkitError(
                 f"the image holds {bad} NaN or infinite pixel value(s) (mode {im.mode}); camkit cannot tell "
                 "what they should look like: replace them (e.g. numpy.nan_to_num) and save the image again"
             )
@@ -51,7 +53,7 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def _open(p: Path | IO[bytes]) -> Image.Image:
+def open_image(p: Path | IO[bytes]) -> Image.Image:
     """``Image.open`` (lazy: the header only) without PIL's own bomb check (camkit checks ``max_pixels``
     itself, any limit allowed). ``p``: a file, or a readable binary stream (a tar member)."""
     with _PIL_LIMIT_LOCK:
@@ -80,19 +82,19 @@ def load_image(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) ->
     if not p.exists():
         raise FileNotFoundError(f"image file not found: {str(p)!r}")
     if p.is_dir():
-        raise ValueError(f"{str(p)!r} is a folder, not an image file")
+        raise CamkitError(f"{str(p)!r} is a folder, not an image file")
     if max_pixels is not None and max_pixels < 1:
-        raise ValueError(f"max_pixels must be a positive number of pixels or None, got {max_pixels}")
+        raise CamkitError(f"max_pixels must be a positive number of pixels or None, got {max_pixels}")
     try:
-        im = _open(p)
+        im = open_image(p)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise ValueError(
+        raise CamkitError(
             f"cannot read {str(p)!r} as an image ({err}); is the file complete and an image?"
         ) from err
     with im:
         w, h = im.size
         if max_pixels is not None and w * h > max_pixels:
-            raise ValueError(
+            raise CamkitError(
                 f"{str(p)!r} is {w}x{h} = {w * h} pixels, more than the limit of {max_pixels} (a guard against "
                 "decompression bombs); if you trust the file, raise the limit: --max-pixels N on the command "
                 "line (0: no limit), load_image(..., max_pixels=N or None) in Python"
@@ -100,13 +102,13 @@ def load_image(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) ->
         try:
             im.load()
         except (OSError, SyntaxError, ValueError) as err:
-            raise ValueError(
+            raise CamkitError(
                 f"cannot read {str(p)!r} as an image ({err}); is the file complete and an image?"
             ) from err
         try:
             return to_rgb(im)
         except ValueError as err:
-            raise ValueError(f"{str(p)!r}: {err}") from err
+            raise CamkitError(f"{str(p)!r}: {err}") from err
 
 
 SAMPLES = ("chelsea", "coffee", "astronaut")
@@ -115,7 +117,7 @@ SAMPLES = ("chelsea", "coffee", "astronaut")
 def sample_image(name: str = "chelsea") -> Image.Image:
     """A sample photo shipped inside scikit-image (no download): ``chelsea`` (a cat), ``coffee``, ``astronaut``."""
     if name not in SAMPLES:
-        raise ValueError(f"unknown sample {name!r}; choose one of {', '.join(SAMPLES)}")
+        raise CamkitError(f"unknown sample {name!r}; choose one of {', '.join(SAMPLES)}")
     from skimage import data
 
     return Image.fromarray(getattr(data, name)()).convert("RGB")

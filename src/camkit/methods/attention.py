@@ -30,7 +30,7 @@ How the attention probabilities are obtained (they are not a module output in ei
   and returns that, so the probabilities it reads are the ones the rest of the network uses. Self-attention with
   ``batch_first=True`` and no mask only.
 
-With :mod:`camkit.capture`'s window, the forward runs with grad mode off; the first attention's probabilities become a leaf
+With :mod:`camkit.core.capture`'s window, the forward runs with grad mode off; the first attention's probabilities become a leaf
 that requires grad, so the backward stops there and no parameter gradient is computed. Windowed attention (Swin)
 does not attend over all tokens: these methods refuse it with a clear error.
 """
@@ -46,10 +46,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from camkit.capture import Window, target_gradients
+from camkit.core.capture import Window, target_gradients
+from camkit.core.targets import score_fn
+from camkit.core.tokens import infer_layout, prefix_tokens
+from camkit.errors import CamkitError
 from camkit.methods.registry import AttentionInput, AttentionMethod, register
-from camkit.targets import score_fn
-from camkit.tokens import infer_layout, prefix_tokens
 
 __all__ = ["attention_probabilities", "grad_rollout", "legrad", "rollout"]
 
@@ -106,7 +107,7 @@ class _ExplicitAttention(TorchFunctionMode):
         enable_gqa: bool = False,
     ) -> Tensor:
         if dropout_p or is_causal or enable_gqa or q.shape[-3] != k.shape[-3]:
-            raise ValueError(
+            raise CamkitError(
                 "attention methods read timm attention only without dropout, causal masking or grouped queries"
             )
         # the very operations of timm's explicit path (q * scale, then q k^T), so the result is the same bit for bit
@@ -151,7 +152,7 @@ class _AttentionWindow(Window):
             or not m._qkv_same_embed_dim
             or masked
         ):
-            raise ValueError(
+            raise CamkitError(
                 "attention methods read nn.MultiheadAttention only as unmasked self-attention with batch_first=True"
             )
         b, n, e = q_in.shape
@@ -205,12 +206,12 @@ def attention_probabilities(
             {type(m).__name__ for m in model.modules() if "WindowAttention" in type(m).__name__}
         )
         if windowed:
-            raise ValueError(
+            raise CamkitError(
                 "attention rollout needs global self-attention over all tokens (ViT, DeiT); this model's windowed "
                 f"attention ({windowed[0]}, Swin) is not supported: use a CAM method"
             )
         if not window.hooked:
-            raise ValueError(
+            raise CamkitError(
                 f"{type(model).__name__} has no self-attention camkit can read (timm Attention with qkv/attn_drop, "
                 "or torch.nn.MultiheadAttention): attention rollout is for ViT-style transformers; use a CAM method"
             )
@@ -221,7 +222,7 @@ def attention_probabilities(
         shapes = {tuple(p.shape) for p in probs}
         n = probs[0].shape[-1]
         if len(shapes) != 1 or probs[0].shape[0] != x.shape[0] or probs[0].shape[-2] != n:
-            raise ValueError(
+            raise CamkitError(
                 "attention rollout needs global self-attention over the same tokens in every block "
                 f"(ViT, DeiT); this model's attention maps have shapes {sorted(shapes)[:3]} for a batch of "
                 f"{x.shape[0]} (windowed attention such as Swin's is not supported): use a CAM method"
@@ -237,7 +238,7 @@ def _patch_map(model: nn.Module, r: Tensor, size: tuple[int, int]) -> Tensor:
     b, n, _ = r.shape
     layout = infer_layout((b, n, 1), size, prefix=prefix_tokens(model))
     if layout is None:
-        raise ValueError(f"cannot read {n} tokens as prefix + a grid for an input of {size[0]}x{size[1]}")
+        raise CamkitError(f"cannot read {n} tokens as prefix + a grid for an input of {size[0]}x{size[1]}")
     p = layout.prefix
     rows = r[:, :p, p:].mean(dim=1) if p > 0 else r[:, :, :].mean(dim=1)
     return rows.reshape(b, *layout.grid)
@@ -311,7 +312,7 @@ def _blocks_and_projection(model: nn.Module) -> tuple[list[nn.Module], Callable[
                 ),
             )
         return list(blocks.children()), lambda z: timm_head(post(timm_norm(z.mean(dim=1))))
-    raise ValueError(
+    raise CamkitError(
         f"LeGrad needs a ViT whose blocks and classifier camkit can find: timm (blocks, norm, head) or torchvision "
         f"(encoder.layers, encoder.ln, heads); {type(model).__name__} is neither: use gradrollout or a CAM method"
     )
@@ -322,12 +323,12 @@ def legrad(inp: AttentionInput) -> Tensor:
     model = inp.model
     blocks, project = _blocks_and_projection(model)
     if inp.classes is None:
-        raise ValueError("LeGrad explains a class through each block's own class score: give class targets")
+        raise CamkitError("LeGrad explains a class through each block's own class score: give class targets")
     size = (inp.x.shape[-2], inp.x.shape[-1])
     with _AttentionWindow(need_grad=True) as window:
         window.install(model)
         if any("WindowAttention" in type(m).__name__ for m in model.modules()):
-            raise ValueError(
+            raise CamkitError(
                 "LeGrad needs global self-attention (ViT, DeiT); Swin's windowed attention is not"
             )
         outputs: list[Tensor] = []
@@ -336,7 +337,7 @@ def legrad(inp: AttentionInput) -> Tensor:
         inp.output_fn(model(inp.x))
         probs = window.probs
         if len(probs) != len(blocks) or len(outputs) != len(blocks):
-            raise ValueError(
+            raise CamkitError(
                 f"LeGrad found {len(probs)} attention maps and {len(outputs)} block outputs for {len(blocks)} "
                 "blocks: a ViT with one self-attention per block is needed"
             )
@@ -346,7 +347,7 @@ def legrad(inp: AttentionInput) -> Tensor:
             relevance = []
             for z, a in zip(outputs, probs, strict=True):
                 if not a.requires_grad:
-                    raise ValueError("LeGrad: an attention map is not connected to the class score")
+                    raise CamkitError("LeGrad: an attention map is not connected to the class score")
                 score = project(z).gather(1, classes[:, t : t + 1].to(z.device))[:, 0]
                 (grad,) = torch.autograd.grad(score.sum(), a, retain_graph=True)
                 relevance.append(torch.relu(grad.double()).mean(dim=(1, 2)))  # [B, N keys]
@@ -360,7 +361,7 @@ def _patch_row(model: nn.Module, row: Tensor, size: tuple[int, int]) -> Tensor:
     b, n = row.shape
     layout = infer_layout((b, n, 1), size, prefix=prefix_tokens(model))
     if layout is None:
-        raise ValueError(f"cannot read {n} tokens as prefix + a grid for an input of {size[0]}x{size[1]}")
+        raise CamkitError(f"cannot read {n} tokens as prefix + a grid for an input of {size[0]}x{size[1]}")
     return row[:, layout.prefix :].reshape(b, *layout.grid)
 
 

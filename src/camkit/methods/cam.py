@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from camkit.errors import CamkitError
 from camkit.methods.registry import LayerMethod, MethodInput, register
 
 __all__ = ["cam", "classifier_weights"]
@@ -68,7 +69,7 @@ def classifier_weights(model: nn.Module, activation: Tensor, output: Tensor, lay
             "non-linearity such as a ReLU between that convolution and the pooling, as in torchvision's "
             "SqueezeNet, makes the map non-linear)"
         )
-    raise ValueError(
+    raise CamkitError(
         f"CAM needs the target layer {layer!r} to be followed by global average pooling and a single Linear "
         f"layer, or by a 1x1 convolution and global average pooling{why}. Target the layer that global pooling "
         "(or the 1x1 classifier convolution) reads (layers='auto'), or use 'gradcam', which equals CAM / (h*w) "

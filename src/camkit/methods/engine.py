@@ -5,7 +5,7 @@ and progress reports.
 The weight formulas themselves, with their papers, are in :mod:`camkit.methods.perturbation`; they call
 :func:`masked_scores` (scores of the input times perturbed channel masks) or :func:`ablated_scores` (scores with one
 channel of the target layer replaced), then :func:`channel_weights` to lay the scores out as Tensor[B, T, K].
-The batches of masked inputs go through :class:`camkit.accel.BatchForward` (BatchNorm-folded, channels-last copy;
+The batches of masked inputs go through :class:`camkit.core.accel.BatchForward` (BatchNorm-folded, channels-last copy;
 optionally compiled; or the user's ``forward``).
 """
 
@@ -20,9 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from camkit.accel import BatchForward, Compile, check_compile
-from camkit.capture import hook_forward
-from camkit.tokens import Layout
+from camkit.core.accel import BatchForward, Compile, check_compile
+from camkit.core.capture import hook_forward
+from camkit.core.tokens import Layout
+from camkit.errors import CamkitError
 
 __all__ = [
     "ChannelScores",
@@ -60,11 +61,11 @@ class PerturbationOptions:
         replay: Ablation-CAM re-runs only the layers after the target (default); False runs whole forwards.
         channels_last: Score-CAM family: the masked inputs go to a copy of the model whose BatchNorms are
             folded into the convolutions before them, in channels-last memory format (same outputs up to float
-            rounding, checked once on the first batch, see :mod:`camkit.accel`). None (default): channels-last
+            rounding, checked once on the first batch, see :mod:`camkit.core.accel`). None (default): channels-last
             on CPU; True: on any device; False: neither (the model as given, NCHW).
         compile: Score-CAM family: run the masked inputs through a prepared copy of the model, prepared once per
             model and batch shape and reused by later calls in the process (invalidated when the weights
-            change), checked once against the model (see :mod:`camkit.accel`). ``"jit"``: ``torch.jit.trace`` of
+            change), checked once against the model (see :mod:`camkit.core.accel`). ``"jit"``: ``torch.jit.trace`` of
             the BatchNorm-folded copy, ``torch.jit.freeze`` and ``torch.jit.optimize_for_inference`` (seconds to
             prepare; a model whose trace warns, e.g. data-dependent control flow, falls back to the default path
             with one ``AccelWarning``); ``"inductor"``: ``torch.compile`` with freezing (tens of seconds to
@@ -99,18 +100,18 @@ class PerturbationOptions:
 
     def __post_init__(self) -> None:
         if self.batch_size is not None and self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+            raise CamkitError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.weighting not in ("prob", "channel-softmax"):
-            raise ValueError(f"weighting must be 'prob' or 'channel-softmax', got {self.weighting!r}")
+            raise CamkitError(f"weighting must be 'prob' or 'channel-softmax', got {self.weighting!r}")
         if self.ablation not in ("zero", "gradcam-min"):
-            raise ValueError(f"ablation must be 'zero' or 'gradcam-min', got {self.ablation!r}")
+            raise CamkitError(f"ablation must be 'zero' or 'gradcam-min', got {self.ablation!r}")
         if self.top_channels is not None and self.top_channels < 1:
-            raise ValueError(f"top_channels must be >= 1, got {self.top_channels}")
+            raise CamkitError(f"top_channels must be >= 1, got {self.top_channels}")
         if self.channels_last not in (None, True, False):
-            raise ValueError(f"channels_last must be None, True or False, got {self.channels_last!r}")
+            raise CamkitError(f"channels_last must be None, True or False, got {self.channels_last!r}")
         check_compile(self.compile)
         if self.samples is not None and self.samples < 1:
-            raise ValueError(f"samples must be >= 1, got {self.samples}")
+            raise CamkitError(f"samples must be >= 1, got {self.samples}")
         if self.forward is not None and not callable(self.forward):
             raise TypeError(
                 f"forward must be a callable Tensor[N, C, H, W] -> model output, got {self.forward!r}"
@@ -133,7 +134,7 @@ class PerturbationContext:
     output_fn: Callable[[object], Tensor]
     options: PerturbationOptions = field(default_factory=PerturbationOptions)
     progress: Progress | None = None
-    batched: BatchForward | None = None  # made on first use (see :mod:`camkit.accel`)
+    batched: BatchForward | None = None  # made on first use (see :mod:`camkit.core.accel`)
     layout: Layout | None = (
         None  # how the layer's own output maps to ``activations`` (None: as is, or unknown)
     )
@@ -168,7 +169,7 @@ def _scores(ctx: PerturbationContext, out: Tensor, image: Tensor, prob: bool) ->
         score_rows = getattr(ctx.target_fn, "score_rows", None)  # one target per image (PerImageTargets)
         s = score_rows(out, image) if score_rows is not None else ctx.target_fn(out)
         if s.shape != (out.shape[0],):
-            raise ValueError(
+            raise CamkitError(
                 f"the target function must return one score per image, Tensor[{out.shape[0]}], got shape "
                 f"{tuple(s.shape)}"
             )
@@ -194,14 +195,14 @@ def _check_finite(scores: Tensor, image: Tensor, what: str) -> None:
         shown = ", ".join(map(str, images[:10])) + (
             f" and {len(images) - 10} more" if len(images) > 10 else ""
         )
-        raise ValueError(
+        raise CamkitError(
             f"the model's score of {what} is not finite (NaN or Inf) for image(s) {shown} (indices in the "
             "batch): nothing can be weighted there; check the model's weights and that it accepts perturbed inputs"
         )
 
 
 def _forward(ctx: PerturbationContext, inputs: Tensor, rows: int | None = None, fast: bool = False) -> Tensor:
-    """The model's output for a batch; ``fast``: through :class:`camkit.accel.BatchForward` (not for hooked
+    """The model's output for a batch; ``fast``: through :class:`camkit.core.accel.BatchForward` (not for hooked
     replays, which need the real model)."""
     if fast:
         if ctx.batched is None:
@@ -436,7 +437,7 @@ def masked_scores(
             b, k = rb[start : start + per_batch], rk[start : start + per_batch]
             masks = perturb(_masks(ctx, b, k), b, k)  # [n, R, H, W]
             if masks.shape[:2] != (len(b), repeats):
-                raise ValueError(
+                raise CamkitError(
                     f"perturb must return Tensor[{len(b)}, {repeats}, H, W], got {tuple(masks.shape)}"
                 )
             images = b.repeat_interleave(repeats)
@@ -553,7 +554,7 @@ def _run_replaced(ctx: PerturbationContext, inputs: Tensor, acts: Tensor) -> Ten
         out = _forward(ctx, inputs, rows=acts.shape[0])
     except _LayoutMismatch as err:
         shape = "a non-tensor" if err.shape is None else f"[B, {', '.join(map(str, err.shape))}]"
-        raise ValueError(
+        raise CamkitError(
             f"Ablation-CAM cannot feed the ablated feature maps [B, {', '.join(map(str, acts.shape[1:]))}] back "
             f"into {ctx.layer_name!r}, which outputs {shape}: a layout camkit could not read back (with a custom "
             "reshape=, the inverse is unknown); use Score-CAM or a gradient method there, or leave reshape= "
@@ -562,7 +563,7 @@ def _run_replaced(ctx: PerturbationContext, inputs: Tensor, acts: Tensor) -> Ten
     finally:
         handle.remove()
     if hook.seen < ctx.calls:
-        raise ValueError(
+        raise CamkitError(
             f"Ablation-CAM: the target layer {ctx.layer_name!r} did not run in the replayed forward"
         )
     return out

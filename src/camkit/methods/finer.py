@@ -21,6 +21,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from camkit.errors import CamkitError
 from camkit.methods.passes import layer_features, per_target, stack_targets, target_count
 from camkit.methods.registry import LayerMethod, MethodInput, PassInput, PassMethod, get_method, register
 
@@ -55,10 +56,10 @@ def finercam(alpha: float = 1.0, n_similar: int = 3, base: str = "gradcam") -> P
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
         raise TypeError(f"alpha must be a number, got {type(alpha).__name__}")
     if isinstance(n_similar, bool) or not isinstance(n_similar, int) or n_similar < 1:
-        raise ValueError(f"n_similar must be an integer >= 1, got {n_similar!r}")
+        raise CamkitError(f"n_similar must be an integer >= 1, got {n_similar!r}")
     formula = get_method(base)
     if not isinstance(formula, LayerMethod) or not formula.needs_grad or formula.needs_classifier:
-        raise ValueError(f"base must be a gradient layer method (gradcam, gradcam++, ...), got {base!r}")
+        raise CamkitError(f"base must be a gradient layer method (gradcam, gradcam++, ...), got {base!r}")
     fn = formula.fn
 
     def run(inp: PassInput) -> dict[str, Tensor]:
@@ -79,7 +80,7 @@ def _run(
     inp: PassInput, alpha: float, n_similar: int, fn: Callable[[MethodInput], Tensor]
 ) -> dict[str, Tensor]:
     if inp.classes is None:
-        raise ValueError(
+        raise CamkitError(
             "Finer-CAM contrasts a class with its look-alikes: give class targets, not a function"
         )
     n = target_count(inp)
@@ -87,7 +88,7 @@ def _run(
 
     def score(output: Tensor) -> Tensor:
         if output.dim() != 2 or output.shape[1] < 2:
-            raise ValueError(
+            raise CamkitError(
                 f"Finer-CAM needs class scores [B, C] with C >= 2 to compare classes, got {tuple(output.shape)}"
             )
         k = min(n_similar, output.shape[1] - 1)

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from camkit.errors import CamkitError
 from camkit.methods.passes import Hooks, score_rows, stack_targets
 from camkit.methods.registry import PassInput, PassMethod, register
 
@@ -52,7 +53,7 @@ def bias_of(module: nn.Module) -> Tensor | None:
     """
     if isinstance(module, _BN):
         if module.running_mean is None or module.running_var is None:
-            raise ValueError(
+            raise CamkitError(
                 f"{type(module).__name__} without running statistics (track_running_stats=False) has no fixed "
                 "bias: FullGrad needs batch norms with running statistics, in eval mode"
             )
@@ -185,7 +186,7 @@ def fullgrad_map(fg: FullGradient) -> Tensor:
 
 def _run(inp: PassInput) -> dict[str, Tensor]:
     if inp.x.dim() != 4:
-        raise ValueError(f"FullGrad needs image input [B, C, H, W], got shape {tuple(inp.x.shape)}")
+        raise CamkitError(f"FullGrad needs image input [B, C, H, W], got shape {tuple(inp.x.shape)}")
     return {"fullgrad": stack_targets(inp, [fullgrad_map(fg) for fg in full_gradients(inp)])}
 
 

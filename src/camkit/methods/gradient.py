@@ -7,7 +7,7 @@
 * HiResCAM (Draelos & Carin 2020): map = sum_k g_k * A_k, element-wise.
 * Grad-CAM element-wise (pytorch-grad-cam's GradCAMElementWise): map = sum_k ReLU(g_k * A_k).
 * LayerCAM (Jiang et al. 2021): map = sum_k ReLU(g_k) * A_k.
-All maps then get a ReLU (camkit.postprocess).
+All maps then get a ReLU (camkit.core.postprocess).
 """
 
 from __future__ import annotations

@@ -30,9 +30,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
+from camkit.core.postprocess import fuse, normalize, upsample
+from camkit.errors import CamkitError
 from camkit.methods.passes import Hooks, per_target, score_rows, stack_targets, target_count
 from camkit.methods.registry import PassInput, PassMethod, register
-from camkit.postprocess import fuse, normalize, upsample
 
 __all__ = ["GuidedReLU", "guided_gradcam", "guided_gradients"]
 
@@ -117,7 +118,7 @@ def guided_gradients(inp: PassInput) -> list[Tensor]:
 def _cams(inp: PassInput) -> list[Tensor]:
     """Per target, the min-maxed Grad-CAM of the shared capture at input size, layers fused by max: [B, H, W]."""
     if not inp.gradients:
-        raise ValueError("Guided Grad-CAM needs the shared capture's gradients (needs_grad=True)")
+        raise CamkitError("Guided Grad-CAM needs the shared capture's gradients (needs_grad=True)")
     size = (inp.x.shape[-2], inp.x.shape[-1])
     n = target_count(inp)
     out = []

@@ -1,6 +1,6 @@
 """Helpers shared by the methods that run their own passes (:class:`camkit.methods.registry.PassMethod`).
 
-Every pass here leaves the user's model exactly as it was: hooks go through :func:`camkit.capture.hook_forward`
+Every pass here leaves the user's model exactly as it was: hooks go through :func:`camkit.core.capture.hook_forward`
 (acting in the calling thread only) and are removed in ``finally``; no module is replaced, no ``requires_grad``
 flag and no ``.grad`` is touched (gradients come from :func:`torch.autograd.grad`, never ``backward``), the
 model's mode is never switched, and grad mode is restored on exit.
@@ -14,10 +14,10 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from camkit.capture import capture, hook_forward
+from camkit.core.capture import capture, hook_forward
+from camkit.core.targets import score_fn
+from camkit.core.tokens import FeatureMaps, to_spatial
 from camkit.methods.registry import PassInput
-from camkit.targets import score_fn
-from camkit.tokens import FeatureMaps, to_spatial
 
 __all__ = ["Hooks", "layer_features", "multi", "per_target", "score_rows", "stack_targets", "target_count"]
 
@@ -73,7 +73,7 @@ def stack_targets(inp: PassInput, per_target: Sequence[Tensor]) -> Tensor:
 
 
 def layer_features(inp: PassInput, x: Tensor, score: Callable[[Tensor], Tensor] | None = None) -> FeatureMaps:
-    """One capture pass of ``x`` through the target layers (:func:`camkit.capture.capture`) read as feature maps
+    """One capture pass of ``x`` through the target layers (:func:`camkit.core.capture.capture`) read as feature maps
     [B, K, h, w]; ``score`` (default: the call's targets) gives the gradients."""
     fn = score if score is not None else score_fn(inp.classes, inp.target_fn)
     cap = capture(inp.model, x, inp.layers, fn, inp.output_fn)

@@ -2,7 +2,7 @@
 
 A_k: channel k of the target layer (Tensor[B, K, h, w]); H_k = minmax(upsample(A_k)) its mask at input size;
 p_c(X) the softmax probability of the explained class c; y_c(X) its logit. Every map is ``sum_k w_k A_k``, then
-ReLU, upsampling and min-max as for every method (:mod:`camkit.postprocess`).
+ReLU, upsampling and min-max as for every method (:mod:`camkit.core.postprocess`).
 
 * **Score-CAM** (Wang et al., CVPRW 2020), as in the authors' code: w_k = p_c(X * H_k).
   A channel that is constant over the map has no mask; the authors skip it (w_k = 0) and so do we, without a
@@ -28,7 +28,7 @@ ReLU, upsampling and min-max as for every method (:mod:`camkit.postprocess`).
 For a callable target the score is its value (no softmax): w_k = f(X * H_k).
 
 The shared machinery (batching under ``torch.inference_mode()``, channel selection and skipping, equal-mask
-dedupe, seeded noise, Ablation-CAM's replay, progress, and the accelerated forward of :mod:`camkit.accel`) is in
+dedupe, seeded noise, Ablation-CAM's replay, progress, and the accelerated forward of :mod:`camkit.core.accel`) is in
 :mod:`camkit.methods.engine`; each method below is only its weight formula on top of it.
 """
 

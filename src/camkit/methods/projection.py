@@ -27,14 +27,15 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from torch import Tensor, nn
 
+from camkit.errors import CamkitError
 from camkit.methods.registry import LayerMethod, MethodInput, register
 
 if TYPE_CHECKING:
-    from camkit.io import Preprocess
-    from camkit.layers import LayerSpec
-    from camkit.outputs import OutputSpec
-    from camkit.pipeline import ImageInput
-    from camkit.tokens import Reshape
+    from camkit.adapters import Preprocess
+    from camkit.core.layers import LayerSpec
+    from camkit.core.outputs import OutputSpec
+    from camkit.core.pipeline import ImageInput
+    from camkit.core.tokens import Reshape
 
 __all__ = ["Factorization", "factorize", "first_component", "kpca_projection", "nmf", "smooth_projection"]
 
@@ -72,11 +73,11 @@ def kpca_projection(
     component is fixed so that its entry of largest magnitude is positive.
     """
     if kernel not in ("sigmoid", "rbf", "linear", "poly", "cosine"):
-        raise ValueError(f"kernel must be 'sigmoid', 'rbf', 'linear', 'poly' or 'cosine', got {kernel!r}")
+        raise CamkitError(f"kernel must be 'sigmoid', 'rbf', 'linear', 'poly' or 'cosine', got {kernel!r}")
     b, k, h, w = x.shape
     n = h * w
     if n > _KPCA_MAX_POSITIONS:
-        raise ValueError(
+        raise CamkitError(
             f"KPCA-CAM forms an [h*w, h*w] kernel matrix per image; this layer's {h}x{w} grid ({n} positions) would "
             f"need {n * n * 8 >> 20} MiB per image: choose a deeper layer (at most {_KPCA_MAX_POSITIONS} positions)"
         )
@@ -198,9 +199,9 @@ def nmf(
         (W Tensor[m, n], H Tensor[n, p]), both >= 0, float64.
     """
     if v.dim() != 2:
-        raise ValueError(f"nmf factorises a matrix, got shape {tuple(v.shape)}")
+        raise CamkitError(f"nmf factorises a matrix, got shape {tuple(v.shape)}")
     if bool((v < 0).any()):
-        raise ValueError("nmf needs a non-negative matrix")
+        raise CamkitError("nmf needs a non-negative matrix")
     m, p = v.shape
     gen = torch.Generator().manual_seed(int(seed))
     vd = v.detach().double().cpu()
@@ -244,7 +245,7 @@ class Factorization:
     def top_classes(self, k: int = 1) -> Tensor:
         """LongTensor[n, k]: the k classes each concept scores highest (needs ``scores``)."""
         if self.scores is None:
-            raise ValueError(
+            raise CamkitError(
                 "no class scores: pass classifier=... to factorize (the layer's head was not found)"
             )
         return self.scores.topk(k, dim=1).indices
@@ -313,14 +314,14 @@ def factorize(
     Returns:
         a :class:`Factorization`: the maps, the raw heatmaps, the concept vectors and their class scores.
     """
-    from camkit.capture import capture
-    from camkit.outputs import output_fn
-    from camkit.pipeline import prepare
-    from camkit.postprocess import normalize, upsample
-    from camkit.tokens import to_spatial, unwrap
+    from camkit.core.capture import capture
+    from camkit.core.outputs import output_fn
+    from camkit.core.pipeline import prepare
+    from camkit.core.postprocess import normalize, upsample
+    from camkit.core.tokens import to_spatial, unwrap
 
     if isinstance(n_concepts, bool) or not isinstance(n_concepts, int) or n_concepts < 1:
-        raise ValueError(f"n_concepts must be an int >= 1, got {n_concepts!r}")
+        raise CamkitError(f"n_concepts must be an int >= 1, got {n_concepts!r}")
     if classifier is not None and not callable(classifier):
         raise TypeError(
             f"classifier must be a module Tensor[n, K] -> logits, got {type(classifier).__name__}"
@@ -328,7 +329,7 @@ def factorize(
     model = unwrap(model)
     inputs, modules = prepare(model, images, layer, preprocess)
     if len(modules) != 1:
-        raise ValueError(f"factorize takes one target layer, got {list(modules)}")
+        raise CamkitError(f"factorize takes one target layer, got {list(modules)}")
     name = next(iter(modules))
     cap = capture(model, inputs.x, modules, None, output_fn(output))
     size = (inputs.x.shape[-2], inputs.x.shape[-1])

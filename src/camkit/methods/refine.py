@@ -20,9 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from camkit.core.postprocess import normalize, upsample
+from camkit.errors import CamkitError
 from camkit.methods.passes import layer_features, per_target, stack_targets, target_count
 from camkit.methods.registry import LayerMethod, MethodInput, PassInput, PassMethod, get_method, register
-from camkit.postprocess import normalize, upsample
 
 __all__ = ["refinecam"]
 
@@ -36,10 +37,10 @@ def refinecam(scales: Sequence[float] = (1.0, 1.5, 2.0), base: str = "gradcam") 
     """
     factors = [float(s) for s in scales] if not isinstance(scales, (str, bytes)) else []
     if not factors or any(not s > 0 for s in factors):
-        raise ValueError(f"scales must be a non-empty sequence of factors > 0, got {scales!r}")
+        raise CamkitError(f"scales must be a non-empty sequence of factors > 0, got {scales!r}")
     formula = get_method(base)
     if not isinstance(formula, LayerMethod) or not formula.needs_grad or formula.needs_classifier:
-        raise ValueError(f"base must be a gradient layer method (gradcam, gradcam++, ...), got {base!r}")
+        raise CamkitError(f"base must be a gradient layer method (gradcam, gradcam++, ...), got {base!r}")
     fn = formula.fn
 
     def run(inp: PassInput) -> dict[str, Tensor]:
@@ -72,7 +73,7 @@ def _run(inp: PassInput, scales: list[float], fn: Callable[[MethodInput], Tensor
         except (RuntimeError, AssertionError, ValueError) as err:
             if (h, w) == size:
                 raise
-            raise ValueError(
+            raise CamkitError(
                 f"refinecam resizes the input by {s:g} to {h}x{w}, and this model does not take that size "
                 f"({type(err).__name__}: {err}); use scales=(1.0,) or a model that accepts any input size"
             ) from err

@@ -10,7 +10,7 @@
   backprop, ShapleyCAM's double backward, FinerCAM's contrast target, noise or multi-scale averaging) and returns
   named signed maps, at a layer's or the input's resolution.
 
-ReLU, upsampling and normalisation happen in one place for all kinds (:mod:`camkit.postprocess`).
+ReLU, upsampling and normalisation happen in one place for all kinds (:mod:`camkit.core.postprocess`).
 To add a method: write its formula in the module of its kind and call :func:`register` with keywords. Importing
 :mod:`camkit.methods` (which any import of a submodule does first) registers every method.
 """
@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import Tensor, nn
+
+from camkit.errors import CamkitError
 
 if TYPE_CHECKING:
     from camkit.methods.engine import PerturbationContext
@@ -147,7 +149,7 @@ class PassInput:
 
     Attributes:
         model: the network, in eval mode (the method must leave it exactly as it was: hooks only through
-            :func:`camkit.capture.hook_forward`, removed on exit, and no module swapped).
+            :func:`camkit.core.capture.hook_forward`, removed on exit, and no module swapped).
         x: its input, Tensor[B, C, H, W].
         layers: the resolved target layers, ``{dotted name: module}``, shallow to deep as given.
         output_fn: raw model output -> the explained Tensor.
@@ -219,7 +221,7 @@ def get_method(name: Any) -> Method:
         return METHODS[_ALIASES[key]]
     close = difflib.get_close_matches(name.lower(), list(METHODS), n=3, cutoff=0.4)
     hint = f" Did you mean {', '.join(close)}?" if close else ""
-    raise ValueError(f"unknown method {name!r}.{hint} Available: {', '.join(METHODS)}")
+    raise CamkitError(f"unknown method {name!r}.{hint} Available: {', '.join(METHODS)}")
 
 
 def method_names() -> list[str]:

@@ -9,7 +9,7 @@ Hessian-vector product ``H A = d(g . A)/dA`` (a double backward),
 cross-entropy ``y_c + log softmax(y)_c``; camkit explains whatever target the call gives (a logit by default;
 ``targets=rest_target(classes)`` for ReST).
 
-How: one capture forward (:class:`camkit.capture.LayerCapture`: the target layers' outputs become leaves, so
+How: one capture forward (:class:`camkit.core.capture.LayerCapture`: the target layers' outputs become leaves, so
 nothing before them is recorded), ``torch.autograd.grad(..., create_graph=True)`` for g, then a second
 ``torch.autograd.grad(g, A, grad_outputs=A)`` for H A. The first backward keeps its graph for the second: the
 memory cost is that graph on top of Grad-CAM's (README: "Methods from the peers (1)" has the measurement).
@@ -29,10 +29,11 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-from camkit.capture import LayerCapture
+from camkit.core.capture import LayerCapture
+from camkit.core.tokens import to_spatial
+from camkit.errors import CamkitError
 from camkit.methods.passes import score_rows, stack_targets
 from camkit.methods.registry import PassInput, PassMethod, register
-from camkit.tokens import to_spatial
 
 __all__ = ["rest_target", "shapley_gradients"]
 
@@ -82,7 +83,7 @@ def _attention(
     enable_gqa: bool = False,
 ) -> Tensor:
     if dropout_p:
-        raise ValueError("ShapleyCAM needs attention without dropout: call model.eval() first")
+        raise CamkitError("ShapleyCAM needs attention without dropout: call model.eval() first")
     if enable_gqa and k.shape[-3] != q.shape[-3]:
         k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
         v = v.repeat_interleave(q.shape[-3] // v.shape[-3], dim=-3)

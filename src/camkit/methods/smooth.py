@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from camkit.errors import CamkitError
 from camkit.methods.passes import layer_features, per_target, stack_targets, target_count
 from camkit.methods.registry import PassInput, PassMethod, register
 
@@ -39,13 +40,13 @@ def smoothgradcampp(n: int = 4, sigma: float = 0.3, seed: int = 0, variant: str 
         variant: ``"paper"`` (the formulas above) or ``"torchcam"`` (torchcam's SmoothGradCAMpp).
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n (noisy copies) must be an integer >= 1, got {n!r}")
+        raise CamkitError(f"n (noisy copies) must be an integer >= 1, got {n!r}")
     if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not sigma >= 0:
-        raise ValueError(f"sigma must be a number >= 0, got {sigma!r}")
+        raise CamkitError(f"sigma must be a number >= 0, got {sigma!r}")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int, got {type(seed).__name__}")
     if variant not in ("paper", "torchcam"):
-        raise ValueError(f"variant must be 'paper' or 'torchcam', got {variant!r}")
+        raise CamkitError(f"variant must be 'paper' or 'torchcam', got {variant!r}")
 
     def run(inp: PassInput) -> dict[str, Tensor]:
         return _run(inp, n, float(sigma), seed, variant)

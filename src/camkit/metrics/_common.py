@@ -7,9 +7,10 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import Tensor, nn
 
-from camkit.accel import BatchForward, Compile
-from camkit.capture import check_eval
-from camkit.outputs import logits_of, model_device
+from camkit.core.accel import BatchForward, Compile
+from camkit.core.capture import check_eval
+from camkit.core.outputs import logits_of, model_device
+from camkit.errors import CamkitError
 
 ScoreKind = str  # "prob" (softmax probability) or "logit"
 
@@ -20,11 +21,11 @@ def class_scores(out: Tensor, classes: Tensor, kind: ScoreKind) -> Tensor:
     n = out.shape[1]
     if classes.numel() and (int(classes.min()) < 0 or int(classes.max()) >= n):
         bad = sorted({int(c) for c in classes.flatten() if not 0 <= int(c) < n})
-        raise ValueError(f"class indices must be in [0, {n - 1}] for a model with {n} outputs, got {bad}")
+        raise CamkitError(f"class indices must be in [0, {n - 1}] for a model with {n} outputs, got {bad}")
     if kind == "prob":
         out = torch.softmax(out, dim=1)
     elif kind != "logit":
-        raise ValueError(f"unknown score {kind!r}: 'prob' (softmax) or 'logit'")
+        raise CamkitError(f"unknown score {kind!r}: 'prob' (softmax) or 'logit'")
     return out.gather(1, classes[:, None].to(out.device))[:, 0]
 
 
@@ -37,11 +38,11 @@ def default_batch_size(model: nn.Module) -> int:
 class Forward:
     """Calls ``model`` under ``torch.inference_mode()`` in chunks of ``batch_size`` and keeps count.
 
-    The chunks go through :class:`camkit.accel.BatchForward`: by default a BatchNorm-folded copy of the model with
+    The chunks go through :class:`camkit.core.accel.BatchForward`: by default a BatchNorm-folded copy of the model with
     channels-last inputs on CPU, checked once against the model on the first chunk (``channels_last=False``: the
     model as given); ``compile``: a traced and frozen copy (``"jit"``) or a ``torch.compile``'d one
     (``"inductor"``; True: ``"jit"`` on CPU, ``"inductor"`` elsewhere), prepared once per model and chunk shape and
-    reused by every later ``Forward`` of the same model in the process (see :mod:`camkit.accel`).
+    reused by every later ``Forward`` of the same model in the process (see :mod:`camkit.core.accel`).
 
     Attributes:
         calls: number of model calls; images: number of images sent; seconds: wall time inside the model
@@ -58,7 +59,7 @@ class Forward:
         if batch_size is None:
             batch_size = default_batch_size(model)
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise CamkitError(f"batch_size must be >= 1, got {batch_size}")
         self.model = model
         self.dtype = _param_dtype(model)
         self.fast = BatchForward(
@@ -105,18 +106,18 @@ def check_inputs(model: nn.Module, inputs: Tensor, maps: Tensor) -> tuple[Tensor
     """Move inputs and maps to the model's device; check shapes: inputs [B, C, H, W], maps [B, H, W]."""
     check_eval(model, stacklevel=3)
     if inputs.dim() != 4:
-        raise ValueError(f"inputs must be a normalised Tensor[B, C, H, W], got shape {tuple(inputs.shape)}")
+        raise CamkitError(f"inputs must be a normalised Tensor[B, C, H, W], got shape {tuple(inputs.shape)}")
     if maps.dim() == 2:
         maps = maps[None]
     if maps.dim() != 3 or maps.shape[0] != inputs.shape[0] or maps.shape[-2:] != inputs.shape[-2:]:
-        raise ValueError(
+        raise CamkitError(
             f"maps must be Tensor[B, H, W] matching the inputs {tuple(inputs.shape)}, got {tuple(maps.shape)}; "
             "use Explanation.maps (at the model's input size)"
         )
     bad = (~torch.isfinite(maps.detach().float())).flatten(1).any(dim=1)
     if bool(bad.any()):
         images = bad.nonzero()[:, 0].tolist()
-        raise ValueError(
+        raise CamkitError(
             f"maps of images {images} contain NaN or Inf: a metric of such a map would be meaningless"
         )
     device = model_device(model)
@@ -136,7 +137,7 @@ def resolve_targets(fwd: Forward, inputs: Tensor, classes: Tensor | int | None) 
         return torch.full((b,), classes, dtype=torch.long, device=inputs.device)
     classes = torch.as_tensor(classes, dtype=torch.long, device=inputs.device).flatten()
     if classes.shape[0] != b:
-        raise ValueError(f"{classes.shape[0]} classes for {b} images")
+        raise CamkitError(f"{classes.shape[0]} classes for {b} images")
     return classes
 
 
@@ -193,7 +194,9 @@ def make_baseline(inputs: Tensor, baseline: Baseline, default: str) -> Tensor:
             return gaussian_blur(inputs)
         if b == "mean":
             return inputs.mean(dim=(2, 3), keepdim=True).expand_as(inputs).clone()
-        raise ValueError(f"unknown baseline {b!r}: 'zeros', 'blur', 'mean', a number, a tensor or a function")
+        raise CamkitError(
+            f"unknown baseline {b!r}: 'zeros', 'blur', 'mean', a number, a tensor or a function"
+        )
     if isinstance(b, (int, float)):
         return torch.full_like(inputs, float(b))
     if isinstance(b, Tensor):
@@ -213,7 +216,7 @@ def _fit_baseline(b: Tensor, inputs: Tensor, what: str) -> Tensor:
     try:
         return b.to(inputs.device, inputs.dtype).expand_as(inputs).contiguous()
     except RuntimeError:
-        raise ValueError(
+        raise CamkitError(
             f"{what} has shape {tuple(b.shape)}: it must be shaped like (or broadcast to) the inputs "
             f"{tuple(inputs.shape)}"
         ) from None

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from camkit.errors import CamkitError
 from camkit.metrics._common import (
     Baseline,
     Forward,
@@ -76,7 +77,7 @@ def _step_counts(n_pixels: int, steps: int) -> Tensor:
     except TypeError:
         raise TypeError(f"steps must be an int >= 1, got {steps!r}") from None
     if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+        raise CamkitError(f"steps must be >= 1, got {steps}")
     steps = min(steps, n_pixels)
     return torch.round(torch.arange(steps + 1, dtype=torch.float64) * n_pixels / steps).long()
 
@@ -400,14 +401,14 @@ def road(
     (accuracy per image), at ``percentages`` (default 10%..90%, as in the paper's plots); the noise is seeded.
     """
     if order not in ("morf", "lerf"):
-        raise ValueError(f"unknown order {order!r}: 'morf' (most relevant first) or 'lerf'")
+        raise CamkitError(f"unknown order {order!r}: 'morf' (most relevant first) or 'lerf'")
     x, m = check_inputs(model, inputs, maps)
     fwd = forward or Forward(model, batch_size)
     cls = resolve_targets(fwd, x, classes)
     b, _, h, w = x.shape
     pct = torch.tensor([float(p) for p in percentages], dtype=torch.float64)
     if ((pct < 0) | (pct > 1)).any():
-        raise ValueError(f"percentages are fractions in [0, 1], got {list(percentages)}")
+        raise CamkitError(f"percentages are fractions in [0, 1], got {list(percentages)}")
     counts = torch.round(pct * h * w).long().to(x.device)
     ranks = pixel_ranks(m, descending=(order == "morf")).view(b, h, w)
     gen = torch.Generator(device="cpu").manual_seed(seed)

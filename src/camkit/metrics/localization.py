@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from camkit.errors import CamkitError
 from camkit.localize import Box, binarize, component_boxes, image_size, localize, map_to_image
 
 __all__ = [
@@ -44,11 +45,11 @@ def _as_boxes(boxes: BoxesLike | Box) -> Tensor:
     if t.dim() == 1:
         t = t[None]
     if t.dim() != 2 or t.shape[1] != 4:
-        raise ValueError(f"boxes must be [N, 4] (x0, y0, x1, y1), got shape {tuple(t.shape)}")
+        raise CamkitError(f"boxes must be [N, 4] (x0, y0, x1, y1), got shape {tuple(t.shape)}")
     if not torch.isfinite(t).all():
-        raise ValueError("boxes must have finite coordinates (a NaN or infinite coordinate was given)")
+        raise CamkitError("boxes must have finite coordinates (a NaN or infinite coordinate was given)")
     if ((t[:, 2] < t[:, 0]) | (t[:, 3] < t[:, 1])).any():
-        raise ValueError("boxes must have x1 >= x0 and y1 >= y0 (x0, y0, x1, y1 order)")
+        raise CamkitError("boxes must have x1 >= x0 and y1 >= y0 (x0, y0, x1, y1 order)")
     return t
 
 
@@ -68,15 +69,15 @@ def _maps3(maps: Tensor) -> Tensor:
     if maps.dim() == 2:
         maps = maps[None]
     if maps.dim() != 3:
-        raise ValueError(f"maps must be Tensor[B, H, W], got shape {tuple(maps.shape)}")
+        raise CamkitError(f"maps must be Tensor[B, H, W], got shape {tuple(maps.shape)}")
     return maps.detach().float().cpu()
 
 
 def _check_lengths(maps: Tensor, gt_boxes: Sequence[BoxesLike], image_sizes: Sequence | None) -> None:
     if len(gt_boxes) != maps.shape[0]:
-        raise ValueError(f"{len(gt_boxes)} ground-truth box lists for {maps.shape[0]} maps (one per image)")
+        raise CamkitError(f"{len(gt_boxes)} ground-truth box lists for {maps.shape[0]} maps (one per image)")
     if image_sizes is not None and len(image_sizes) != maps.shape[0]:
-        raise ValueError(f"{len(image_sizes)} image sizes for {maps.shape[0]} maps")
+        raise CamkitError(f"{len(image_sizes)} image sizes for {maps.shape[0]} maps")
 
 
 def pointing_game(
@@ -243,9 +244,9 @@ def max_box_acc_v2(
     thr = torch.arange(0, 1, 0.01) if thresholds is None else torch.as_tensor(thresholds, dtype=torch.float32)
     c = curves[~torch.isnan(curves).any(dim=1)]
     if c.shape[0] == 0:
-        raise ValueError("no image with ground-truth boxes")
+        raise CamkitError("no image with ground-truth boxes")
     if c.shape[1] != thr.numel():
-        raise ValueError(f"curves have {c.shape[1]} thresholds, {thr.numel()} given")
+        raise CamkitError(f"curves have {c.shape[1]} thresholds, {thr.numel()} given")
     per, best = {}, {}
     for delta in iou_thresholds:
         acc = (c >= delta).float().mean(dim=0)

@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from camkit.errors import CamkitError
+
 __all__ = ["SanityResult", "cascading_randomization", "randomizable_modules", "spearman"]
 
 
@@ -134,18 +136,18 @@ def cascading_randomization(
         )
     base = camkit.explain(model, images, method=method, layers=layers, targets=targets, **explain_kwargs)
     if base.maps.dim() != 3:
-        raise ValueError("the sanity check explains one target per image; TopK targets are not supported")
+        raise CamkitError("the sanity check explains one target per image; TopK targets are not supported")
     classes = base.classes
     fixed_targets = targets if classes is None else [int(c) for c in classes]
     steps = list(modules) if modules is not None else randomizable_modules(model)
     if not steps:
-        raise ValueError("the model has no parameters to randomise")
+        raise CamkitError("the model has no parameters to randomise")
     work = copy.deepcopy(model)
     names = dict(work.named_modules())
     for step in steps:
         for name in [step] if isinstance(step, str) else step:
             if name not in names:
-                raise ValueError(f"no module named {name!r} in the model")
+                raise CamkitError(f"no module named {name!r} in the model")
     maps = [base.maps]
     corr = [torch.ones(base.maps.shape[0])]
     device = next(iter(work.parameters())).device

@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from camkit.errors import CamkitError
 from camkit.report.records import ImageRecord, MapEntry, Prediction
 
 __all__ = ["ReportOptions", "ReportStats", "check_record", "record_json", "render", "write_report"]
@@ -83,19 +84,19 @@ class ReportOptions:
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"ReportOptions.{name} must be an int, got {value!r}")
         if self.per_page < 1:
-            raise ValueError(f"per_page must be at least 1, got {self.per_page}")
+            raise CamkitError(f"per_page must be at least 1, got {self.per_page}")
         if self.thumb_side < 16:
-            raise ValueError(f"thumb_side must be at least 16 pixels, got {self.thumb_side}")
+            raise CamkitError(f"thumb_side must be at least 16 pixels, got {self.thumb_side}")
         if self.full_side < 0:
-            raise ValueError(
+            raise CamkitError(
                 f"full_side must be 0 (no full-size view) or a number of pixels, got {self.full_side}"
             )
         if not 1 <= self.quality <= 100:
-            raise ValueError(f"quality must be within 1..100, got {self.quality}")
+            raise CamkitError(f"quality must be within 1..100, got {self.quality}")
         if self.format not in _FORMATS:
-            raise ValueError(f"format must be one of {', '.join(_FORMATS)}, got {self.format!r}")
+            raise CamkitError(f"format must be one of {', '.join(_FORMATS)}, got {self.format!r}")
         if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"alpha is the heatmap's weight, within [0, 1]; got {self.alpha}")
+            raise CamkitError(f"alpha is the heatmap's weight, within [0, 1]; got {self.alpha}")
 
 
 @dataclass(frozen=True)
@@ -263,7 +264,7 @@ def check_record(record: Any, index: int = 0) -> None:
         if not (isinstance(size, (tuple, list)) and len(size) == 2 and all(_int(v) for v in size)):
             raise TypeError(f"{where}: size must be None or (width, height) ints, got {_got(size)}")
         if min(size) < 1:
-            raise ValueError(f"{where}: size must be (width, height) of at least 1 pixel, got {size!r}")
+            raise CamkitError(f"{where}: size must be (width, height) of at least 1 pixel, got {size!r}")
     if not isinstance(record.top5, (list, tuple)):
         raise TypeError(f"{where}: top5 must be a list of Prediction, got {_got(record.top5)}")
     for j, pred in enumerate(record.top5):
@@ -379,7 +380,7 @@ def write_report(
 
     out = Path(path)
     if out.is_dir():
-        raise ValueError(
+        raise CamkitError(
             f"{str(out)!r} is a folder; give the report's file name, e.g. {str(out / 'report.html')!r}"
         )
     options = options or ReportOptions()
@@ -394,5 +395,5 @@ def write_report(
         for piece in _chunks(counting(), options):
             f.write(piece)
         if not counted:
-            raise ValueError("no image to report: give at least one image record")
+            raise CamkitError("no image to report: give at least one image record")
     return ReportStats(out, out.stat().st_size, len(counted))

@@ -19,12 +19,13 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from camkit.errors import CamkitError
 from camkit.localize import Box
 
 if TYPE_CHECKING:
-    from camkit.io import LoadedModel
+    from camkit.adapters import LoadedModel
+    from camkit.core.targets import TargetSpec
     from camkit.localize import Threshold
-    from camkit.targets import TargetSpec
 
 __all__ = ["FUSED", "METRICS", "ImageRecord", "MapEntry", "Prediction", "build_records", "top_predictions"]
 
@@ -165,13 +166,13 @@ def build_records(
     Raises:
         ValueError: an unknown metric or method, a ``TopK`` target, ``steps`` below 1.
     """
-    from camkit.capture import check_eval
-    from camkit.io import LoadedModel
+    from camkit.adapters import LoadedModel
+    from camkit.core.capture import check_eval
+    from camkit.core.outputs import logits_of
+    from camkit.core.pipeline import compare
+    from camkit.core.targets import TopK
     from camkit.localize import localize
     from camkit.methods import get_method
-    from camkit.outputs import logits_of
-    from camkit.pipeline import compare
-    from camkit.targets import TopK
 
     if not isinstance(loaded, LoadedModel):
         raise TypeError(
@@ -183,17 +184,17 @@ def build_records(
     )  # before the top-5 forward below, which would update BatchNorm stats
     unknown = [n for n in metrics if n not in METRICS]
     if unknown:
-        raise ValueError(
+        raise CamkitError(
             f"unknown metric(s) {', '.join(map(repr, unknown))}; choose among {', '.join(METRICS)}"
         )
     if isinstance(target, TopK):
-        raise ValueError("a report explains one class per image: give a class index or name, not topK")
+        raise CamkitError("a report explains one class per image: give a class index or name, not topK")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+        raise CamkitError(f"steps must be an int >= 1, got {steps!r}")
     if isinstance(methods, str):
         methods = [s.strip() for s in methods.split(",") if s.strip()]
     if not methods:
-        raise ValueError("no method given: pass at least one method name (see `camkit methods`)")
+        raise CamkitError("no method given: pass at least one method name (see `camkit methods`)")
     for name in methods:
         get_method(name)  # an unknown name raises here, before any image is read
     layer_spec: str | list[str] = layers if isinstance(layers, str) else list(layers)

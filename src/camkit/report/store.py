@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from camkit.errors import CamkitError
 from camkit.localize import Box
 from camkit.report.html import ReportOptions, ReportStats, write_report
 from camkit.report.records import ImageRecord, MapEntry, Prediction
@@ -80,7 +81,7 @@ def _as_store(store: Store | str | Path) -> Store:
     if not isinstance(store, (str, Path)):
         raise TypeError(f"store must be a path or a camkit.run.Store, got {type(store).__name__}")
     if not Path(store).is_dir():
-        raise ValueError(f"{str(store)!r} is not a folder; give the folder of a `camkit run` store")
+        raise CamkitError(f"{str(store)!r} is not a folder; give the folder of a `camkit run` store")
     return open_store(store)
 
 
@@ -90,10 +91,10 @@ def _choose_methods(store: Store, methods: Sequence[str] | str | None) -> list[s
     if isinstance(methods, str):
         methods = [m.strip() for m in methods.split(",") if m.strip()]
     if not methods:
-        raise ValueError("no method given: pass some of the store's methods, or None for all of them")
+        raise CamkitError("no method given: pass some of the store's methods, or None for all of them")
     unknown = [m for m in methods if m not in store.methods]
     if unknown:
-        raise ValueError(
+        raise CamkitError(
             f"the store holds no maps of {', '.join(map(repr, unknown))}; it has {', '.join(store.methods)}"
         )
     return list(methods)
@@ -239,15 +240,15 @@ def store_records(
     st = _as_store(store)
     chosen = _choose_methods(st, methods)
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise ValueError(f"limit must be a number of images >= 1 (or None: all), got {limit!r}")
+        raise CamkitError(f"limit must be a number of images >= 1 (or None: all), got {limit!r}")
     if isinstance(photo_side, bool) or not isinstance(photo_side, int) or photo_side < 1:
-        raise ValueError(f"photo_side must be a number of pixels >= 1, got {photo_side!r}")
+        raise CamkitError(f"photo_side must be a number of pixels >= 1, got {photo_side!r}")
     root = Path(image_root) if image_root is not None else None
     if root is not None and not root.is_dir():
-        raise ValueError(f"image_root {str(root)!r} is not a folder")
+        raise CamkitError(f"image_root {str(root)!r} is not a folder")
     table = st.table()
     if table.num_rows == 0:
-        raise ValueError(
+        raise CamkitError(
             f"the store {str(st.path)!r} holds no finished image yet (0 of {st.n_shards} shards done); "
             "wait for the run's first shard, or run the same `camkit run` command to resume it"
         )

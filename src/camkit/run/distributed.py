@@ -27,6 +27,8 @@ from typing import Any
 import torch
 import torch.distributed as tdist
 
+from camkit.errors import CamkitError
+
 __all__ = ["Session", "env_rank", "session"]
 
 
@@ -82,7 +84,7 @@ def session(device: str = "cpu") -> Iterator[Session]:
         device = f"cuda:{local}"
         torch.cuda.set_device(local)
     if "MASTER_ADDR" not in os.environ:
-        raise ValueError(
+        raise CamkitError(
             f"{world} processes but no MASTER_ADDR: under Slurm set MASTER_ADDR and MASTER_PORT (the first node "
             "of the job and a free port), or start the run with torchrun"
         )

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from camkit.errors import CamkitError
 from camkit.run.runner import Explainer, ModelSpec, RunOptions
 from camkit.run.runner import process_shards as process_local
 from camkit.run.sources import Item
@@ -98,7 +99,7 @@ def process_shards(
     if not shards:
         return 0
     if ray_workers < 1:
-        raise ValueError(f"--ray-workers must be at least 1, got {ray_workers}")
+        raise CamkitError(f"--ray-workers must be at least 1, got {ray_workers}")
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False)
     actor = actor or ShardActor

@@ -35,10 +35,11 @@ import pyarrow as pa
 import torch
 from torch import Tensor, nn
 
+from camkit.adapters.preprocess import Preprocess
+from camkit.errors import CamkitError
 from camkit.evaluate import METRICS, MetricScorer
 from camkit.io.files import save_image
 from camkit.io.images import DEFAULT_MAX_PIXELS
-from camkit.io.preprocess import Preprocess
 from camkit.run.sources import ImageDataset, Item, Sample, collate, collect_items, die_with_parent
 from camkit.run.store import (
     Store,
@@ -125,7 +126,9 @@ class ModelSpec:
                 while block := f.read(1 << 20):
                     h.update(block)
         except OSError as err:
-            raise ValueError(f"cannot read the weights file {self.weights!r}: {err.strerror or err}") from err
+            raise CamkitError(
+                f"cannot read the weights file {self.weights!r}: {err.strerror or err}"
+            ) from err
         return f"sha256:{h.hexdigest()}"
 
 
@@ -171,13 +174,15 @@ class RunOptions:
         from camkit.methods import get_method
 
         if not self.methods:
-            raise ValueError("--methods is empty; give at least one method (see `camkit methods`)")
+            raise CamkitError("--methods is empty; give at least one method (see `camkit methods`)")
         for m in self.methods:
             get_method(m)
         if self.target not in TARGETS:
-            raise ValueError(f"--target must be one of {', '.join(TARGETS)}, got {self.target!r}")
+            raise CamkitError(f"--target must be one of {', '.join(TARGETS)}, got {self.target!r}")
         if self.resolution not in RESOLUTIONS:
-            raise ValueError(f"--resolution must be one of {', '.join(RESOLUTIONS)}, got {self.resolution!r}")
+            raise CamkitError(
+                f"--resolution must be one of {', '.join(RESOLUTIONS)}, got {self.resolution!r}"
+            )
         for name, value, low in (
             ("--topk", self.topk, 1),
             ("--steps", self.steps, 1),
@@ -186,14 +191,14 @@ class RunOptions:
             ("--thumbnails", self.thumbnails, 0),
         ):
             if value < low:
-                raise ValueError(f"{name} must be at least {low}, got {value}")
+                raise CamkitError(f"{name} must be at least {low}, got {value}")
         if not 0.0 < self.threshold < 1.0:
-            raise ValueError(f"--threshold is a fraction of the map's max, in (0, 1); got {self.threshold}")
+            raise CamkitError(f"--threshold is a fraction of the map's max, in (0, 1); got {self.threshold}")
         for m in self.metrics:
             if m not in METRIC_COLUMNS:
-                raise ValueError(f"unknown metric {m!r}; choose from {', '.join(METRIC_COLUMNS)}")
+                raise CamkitError(f"unknown metric {m!r}; choose from {', '.join(METRIC_COLUMNS)}")
         if self.image_size is not None and self.image_size < 16:
-            raise ValueError(f"--image-size must be at least 16 pixels, got {self.image_size}")
+            raise CamkitError(f"--image-size must be at least 16 pixels, got {self.image_size}")
 
 
 @dataclass
@@ -209,7 +214,7 @@ class RunResult:
 def _resolve_true_class(item: Item, labels: Sequence[str] | None, n_classes: int) -> int:
     cls = item.cls
     if cls is None:
-        raise ValueError(
+        raise CamkitError(
             f"--target true: {item.path!r} has no class (give a class column, or use --target top1)"
         )
     if cls.lstrip("-").isdigit():
@@ -217,11 +222,11 @@ def _resolve_true_class(item: Item, labels: Sequence[str] | None, n_classes: int
     elif labels is not None and cls in labels:
         c = list(labels).index(cls)
     else:
-        raise ValueError(
+        raise CamkitError(
             f"--target true: the class {cls!r} of {item.path!r} is neither an index nor a class name of the model"
         )
     if not 0 <= c < n_classes:
-        raise ValueError(f"--target true: class {c} of {item.path!r} is not in [0, {n_classes - 1}]")
+        raise CamkitError(f"--target true: class {c} of {item.path!r} is not in [0, {n_classes - 1}]")
     return c
 
 
@@ -276,13 +281,13 @@ class Explainer:
         too). At ``resolution="feature"`` each method keeps its own grid (Poly-CAM's is its shallowest layer's,
         FullGrad's the input's); at ``"input"`` all are the model's input size."""
         if self._shapes is None:
-            from camkit.pipeline import compare
+            from camkit.core.pipeline import compare
 
             x = torch.zeros(1, 3, *self.preprocess.size, device=self.device)
             expl = compare(self.model, x, self.methods, self.options.layers, labels=self.labels)
             first = expl[self.methods[0]]
             if first.classes is None or first.output is None or first.output.dim() != 2:
-                raise ValueError(
+                raise CamkitError(
                     "camkit run explains classifiers (a model whose output is Tensor[B, classes]); explain "
                     "segmentation and detection models with `camkit explain` or camkit.explain"
                 )
@@ -294,7 +299,7 @@ class Explainer:
                     shapes[m] = (int(e.maps.shape[-2]), int(e.maps.shape[-1]))
                     continue
                 if len(e.raw) != 1:
-                    raise ValueError(
+                    raise CamkitError(
                         f"--resolution feature keeps one layer's map, but {m} has {len(e.raw)} layers "
                         f"({', '.join(e.raw)}); use --resolution input for a fused map"
                     )
@@ -323,9 +328,9 @@ class Explainer:
     ) -> tuple[list[dict[str, Any]], dict[str, np.ndarray], list[Any]]:
         """Rows (one per sample, in order), maps per method float16 [B, H, W] (NaN for unreadable images) and
         the thumbnails to write: (method, index, PIL image)."""
+        from camkit.core.pipeline import compare
+        from camkit.core.postprocess import normalize
         from camkit.localize import localize
-        from camkit.pipeline import compare
-        from camkit.postprocess import normalize
 
         opts = self.options
         shapes = self.map_shapes()
@@ -548,7 +553,7 @@ def check_boxes(items: Sequence[Item], metrics: Sequence[str]) -> str | None:
         return None
     without = sum(1 for it in items if not it.boxes)
     if without == len(items):
-        raise ValueError(
+        raise CamkitError(
             f"--metrics {','.join(asked)} needs ground-truth boxes, and none of the {len(items)} image(s) has one: "
             "give boxes (a manifest's 'boxes' column, a tar shard's .json member, or --annotations FILE), or "
             "leave the box metrics out"
@@ -578,7 +583,7 @@ def _agreed(dist: Any, work: Callable[[], Any] | None) -> Any:
     if error is not None:
         raise error
     if outcome[0] == "error":
-        raise ValueError(outcome[1])
+        raise CamkitError(outcome[1])
     return outcome[1]
 
 
@@ -654,9 +659,9 @@ def run(
     opts = options or RunOptions()
     opts.check()
     if engine not in ("local", "ray"):
-        raise ValueError(f"unknown engine {engine!r}: 'local' (also under torchrun) or 'ray'")
+        raise CamkitError(f"unknown engine {engine!r}: 'local' (also under torchrun) or 'ray'")
     if workers < 0:
-        raise ValueError(f"--workers must be 0 or more, got {workers}")
+        raise CamkitError(f"--workers must be 0 or more, got {workers}")
     items = collect_items(inputs, layout, annotations)
     box_note = check_boxes(items, opts.metrics)
     if box_note is not None:
@@ -668,7 +673,7 @@ def run(
     t0 = time.perf_counter()
     with distributed.session(spec.device) as dist:
         if dist.world > 1 and engine == "ray":
-            raise ValueError("--engine ray is not run under torchrun: start it as one process")
+            raise CamkitError("--engine ray is not run under torchrun: start it as one process")
         # the store first: refused, or finished with these settings (nothing loaded, nothing written)
         if _agreed(dist, lambda: survey(out, config, overwrite)):
             return _nothing_to_do(out, t0, engine, dist.world)
@@ -690,7 +695,7 @@ def run(
             store = open_store(out)
             diff = settings_differences(store.config, config)
             if dist.total(1 if diff else 0):  # every rank must run with rank 0's settings (weights, inputs)
-                raise ValueError(
+                raise CamkitError(
                     f"the processes of this run have other settings than its first one ({'; '.join(diff)})"
                     if diff
                     else "another process of this run has other settings (model weights or inputs)"

@@ -52,10 +52,10 @@ from typing import Any
 import torch
 from PIL import Image
 
+from camkit.adapters.preprocess import Preprocess
+from camkit.errors import CamkitError
 from camkit.io.annotations import Annotation, read_annotations, read_boxes
-from camkit.io.images import DEFAULT_MAX_PIXELS, load_image, to_rgb
-from camkit.io.images import _open as open_image
-from camkit.io.preprocess import Preprocess
+from camkit.io.images import DEFAULT_MAX_PIXELS, load_image, open_image, to_rgb
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -121,7 +121,7 @@ def _folder(root: Path) -> list[Path]:
         if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file() and not _hidden(f, root)
     )
     if not files:
-        raise ValueError(
+        raise CamkitError(
             f"the folder {str(root)!r} holds no image file ({', '.join(sorted(IMAGE_SUFFIXES))})"
         )
     return files
@@ -140,7 +140,7 @@ def _manifest(path: Path) -> list[Item]:
     if path.suffix.lower() == ".csv":
         reader = csv.DictReader(io.StringIO(text))
         if reader.fieldnames is None or "path" not in reader.fieldnames:
-            raise ValueError(f"manifest {str(path)!r} needs a 'path' column (and optional 'class', 'boxes')")
+            raise CamkitError(f"manifest {str(path)!r} needs a 'path' column (and optional 'class', 'boxes')")
         rows = list(reader)
     else:
         for n, line in enumerate(text.splitlines(), 1):
@@ -149,20 +149,20 @@ def _manifest(path: Path) -> list[Item]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
-                raise ValueError(f"manifest {str(path)!r} line {n} is not JSON: {err}") from err
+                raise CamkitError(f"manifest {str(path)!r} line {n} is not JSON: {err}") from err
             if not isinstance(row, dict) or "path" not in row:
-                raise ValueError(
+                raise CamkitError(
                     f"manifest {str(path)!r} line {n}: an object with 'path' is needed, got {line!r}"
                 )
             rows.append(row)
     if not rows:
-        raise ValueError(f"manifest {str(path)!r} lists no image")
+        raise CamkitError(f"manifest {str(path)!r} lists no image")
     items = []
     for n, row in enumerate(rows, 1):
         where = f"manifest {str(path)!r} row {n}"
         rel = str(row["path"] or "").strip()
         if not rel:
-            raise ValueError(f"{where}: empty path")
+            raise CamkitError(f"{where}: empty path")
         file = Path(rel) if Path(rel).is_absolute() else base / rel
         cls = row.get("class")
         cls = None if cls is None or str(cls).strip() == "" else str(cls).strip()
@@ -181,7 +181,7 @@ def _label(tf: tarfile.TarFile, info: tarfile.TarInfo, where: str) -> str | None
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError:
-        raise ValueError(f"{where} is not UTF-8 text") from None
+        raise CamkitError(f"{where} is not UTF-8 text") from None
 
 
 def _tar(path: Path, max_member_bytes: int | None) -> list[Item]:
@@ -241,16 +241,16 @@ def _tar(path: Path, max_member_bytes: int | None) -> list[Item]:
                     try:
                         meta = json.loads(text)
                     except json.JSONDecodeError as err:
-                        raise ValueError(f"{where} is not valid JSON ({err})") from None
+                        raise CamkitError(f"{where} is not valid JSON ({err})") from None
                     if isinstance(meta, dict):
                         boxes = _boxes(meta.get("boxes"), where)
                         if cls is None and meta.get("class") is not None:
                             cls = str(meta["class"])
                 items.append(replace(item, cls=cls, boxes=boxes))
     except tarfile.TarError as err:
-        raise ValueError(f"cannot read the tar shard {str(path)!r}: {err}") from err
+        raise CamkitError(f"cannot read the tar shard {str(path)!r}: {err}") from err
     if not items:
-        raise ValueError(f"the tar shard {str(path)!r} holds no image member")
+        raise CamkitError(f"the tar shard {str(path)!r} holds no image member")
     return items
 
 
@@ -259,7 +259,7 @@ def _single_file(p: Path) -> Item:
     manifest of another suffix, any file whose header no image format knows)."""
     suffix = p.suffix.lower()
     if suffix in ANNOTATION_SUFFIXES:
-        raise ValueError(
+        raise CamkitError(
             f"{str(p)!r} is not an image: an annotation file (camkit JSON, COCO JSON, Pascal VOC XML) goes with "
             f"--annotations next to the images (camkit run IMAGES --annotations {str(p)!r}); {_MANIFEST_HELP}"
         )
@@ -268,7 +268,7 @@ def _single_file(p: Path) -> Item:
             with open_image(p):
                 pass
         except (OSError, SyntaxError, ValueError) as err:
-            raise ValueError(
+            raise CamkitError(
                 f"{str(p)!r} is neither an image, a folder, a .tar shard nor a manifest ({err}); {_MANIFEST_HELP}"
             ) from None
     return Item(path=str(p), file=str(p), root=os.path.abspath(os.curdir))
@@ -289,7 +289,7 @@ def _annotate(items: list[Item], anns: Mapping[str, Annotation], source: str) ->
             out.append(it)
             continue
         if counts[name] > 1:
-            raise ValueError(
+            raise CamkitError(
                 f"{counts[name]} images are named {name!r} and the annotations {source} match images by file "
                 "name: rename the files or run the folders one at a time"
             )
@@ -298,7 +298,7 @@ def _annotate(items: list[Item], anns: Mapping[str, Annotation], source: str) ->
         boxes = it.boxes or tuple((b[0], b[1], b[2], b[3]) for b in ann.boxes)
         out.append(replace(it, cls=cls, boxes=boxes))
     if not matched:
-        raise ValueError(
+        raise CamkitError(
             f"none of the {len(items)} image(s) is named in the annotations {source} (they are matched by file "
             "name, without folders)"
         )
@@ -330,9 +330,11 @@ def collect_items(
             file that is no image, annotations that name none of the images.
     """
     if layout not in LAYOUTS:
-        raise ValueError(f"unknown layout {layout!r}; choose from {', '.join(LAYOUTS)}")
+        raise CamkitError(f"unknown layout {layout!r}; choose from {', '.join(LAYOUTS)}")
     if not inputs:
-        raise ValueError("no input given: pass image folders, files, a manifest (.csv/.jsonl) or .tar shards")
+        raise CamkitError(
+            "no input given: pass image folders, files, a manifest (.csv/.jsonl) or .tar shards"
+        )
     anns: Mapping[str, Annotation] | None = None
     source = ""
     if annotations is not None:
@@ -359,26 +361,26 @@ def collect_items(
                 kind = "file"
         if kind in ("folder", "imagefolder"):
             if not p.is_dir():
-                raise ValueError(f"--layout {kind} needs a folder, got the file {str(p)!r}")
+                raise CamkitError(f"--layout {kind} needs a folder, got the file {str(p)!r}")
             for f in _folder(p):
                 cls = f.relative_to(p).parts[0] if kind == "imagefolder" else None
                 if kind == "imagefolder" and len(f.relative_to(p).parts) < 2:
-                    raise ValueError(
+                    raise CamkitError(
                         f"{str(f)!r} lies directly in the ImageFolder root {str(p)!r}; an ImageFolder tree is "
                         "ROOT/<class>/<image> (use --layout folder for a plain folder)"
                     )
                 items.append(Item(path=str(f), cls=cls, file=str(f), root=cwd))
         elif kind == "manifest":
             if p.is_dir():
-                raise ValueError(f"--layout manifest needs a manifest file, got the folder {str(p)!r}")
+                raise CamkitError(f"--layout manifest needs a manifest file, got the folder {str(p)!r}")
             items.extend(_manifest(p))
         elif kind == "tar":
             if p.is_dir():
-                raise ValueError(f"--layout tar needs .tar files, got the folder {str(p)!r}")
+                raise CamkitError(f"--layout tar needs .tar files, got the folder {str(p)!r}")
             items.extend(_tar(p, max_member_bytes))
         else:
             if p.is_dir():
-                raise ValueError(f"--layout {layout} needs files, got the folder {str(p)!r}")
+                raise CamkitError(f"--layout {layout} needs files, got the folder {str(p)!r}")
             items.append(_single_file(p))
     if anns is not None:
         items = _annotate(items, anns, source or "given")
@@ -405,7 +407,7 @@ def read_item(
         FileNotFoundError: its file is gone.
     """
     if item.error is not None:
-        raise ValueError(item.error)
+        raise CamkitError(item.error)
     if item.member is None:
         return load_image(item.file, max_pixels=max_pixels)
     tf = _TARS.get(item.file)
@@ -414,23 +416,23 @@ def read_item(
     try:
         info = tf.getmember(item.member)
         if not info.isfile():
-            raise ValueError("not a file member")
+            raise CamkitError("not a file member")
         if max_member_bytes is not None and info.size > max_member_bytes:
-            raise ValueError(
+            raise CamkitError(
                 f"the tar member {item.member!r} is {info.size} bytes, more than the limit of {max_member_bytes} "
                 "bytes for an image member; it was not read"
             )
         f = tf.extractfile(info)
         if f is None:
-            raise ValueError("not a file member")
+            raise CamkitError("not a file member")
         with open_image(f) as im:
             w, h = im.size
             if max_pixels is not None and w * h > max_pixels:
-                raise ValueError(f"{w}x{h} pixels is more than the limit of {max_pixels} (--max-pixels)")
+                raise CamkitError(f"{w}x{h} pixels is more than the limit of {max_pixels} (--max-pixels)")
             im.load()
             return to_rgb(im)
     except (OSError, SyntaxError, KeyError, tarfile.TarError, Image.DecompressionBombError) as err:
-        raise ValueError(f"cannot read {item.path!r} as an image ({err})") from err
+        raise CamkitError(f"cannot read {item.path!r} as an image ({err})") from err
 
 
 @dataclass

@@ -48,6 +48,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from camkit.errors import CamkitError
 from camkit.io.files import atomic_write, file_lock, write_json
 from camkit.run.sources import Item
 
@@ -141,20 +142,20 @@ def read_marker(path: str | Path) -> dict[str, Any] | None:
     if isinstance(data, dict) and data.get("format") == FORMAT:
         version = data.get("version")
         if not isinstance(version, int) or version > STORE_VERSION:
-            raise ValueError(
+            raise CamkitError(
                 f"{str(p)!r} is a camkit run store of format version {version!r}, newer than this camkit reads "
                 f"({STORE_VERSION}); upgrade camkit (pip install -U camkit)"
             )
         if version < STORE_VERSION:  # pragma: no cover - version 1 stores have no format marker
-            raise ValueError(f"{str(p)!r} is a camkit run store of the old format version {version}")
+            raise CamkitError(f"{str(p)!r} is a camkit run store of the old format version {version}")
         return data
     if isinstance(data, dict) and "format" not in data and {"options", "map_shape", "n"} <= set(data):
-        raise ValueError(
+        raise CamkitError(
             f"{str(p)!r} is a store made by an older camkit (its run.json has no format marker, its shards no "
             "verifiable done-markers): this camkit neither reads nor resumes it; run `camkit run` again with a "
             "new --out (and delete the old folder yourself once you no longer need it)"
         )
-    raise ValueError(
+    raise CamkitError(
         f"{str(p)!r} holds a {CONFIG_FILE} that camkit did not write, so it is not a camkit run store; give "
         "`camkit run` a new or empty folder as --out"
     )
@@ -176,11 +177,11 @@ class Store:
         self.path = Path(path)
         config = read_marker(self.path)
         if config is None:
-            raise ValueError(
+            raise CamkitError(
                 f"{str(self.path)!r} is not a camkit run store (no {CONFIG_FILE}); run `camkit run` first"
             )
         if config.get("state") != "ready":
-            raise ValueError(
+            raise CamkitError(
                 f"the camkit run store {str(self.path)!r} is being created, or its creation was interrupted; "
                 "wait for the run that creates it, or run the same `camkit run` command again"
             )
@@ -249,7 +250,7 @@ class Store:
     def map_shape(self, method: str) -> tuple[int, int]:
         """(H, W) of a method's stored maps (each method has its own: see ``map_shapes`` in ``run.json``)."""
         if method not in self.methods:
-            raise ValueError(f"the store holds no maps of {method!r}; it has {', '.join(self.methods)}")
+            raise CamkitError(f"the store holds no maps of {method!r}; it has {', '.join(self.methods)}")
         shapes = self.config.get("map_shapes")
         h, w = shapes[method] if isinstance(shapes, dict) else self.config["map_shape"]  # older stores: one
         return int(h), int(w)
@@ -259,7 +260,7 @@ class Store:
         :meth:`map_shape` (NaN rows: images not explained: unreadable, or not done yet).
         ``store.maps("gradcam")[i]`` is image i's map as numpy."""
         if method not in self.methods:
-            raise ValueError(f"the store holds no maps of {method!r}; it has {', '.join(self.methods)}")
+            raise CamkitError(f"the store holds no maps of {method!r}; it has {', '.join(self.methods)}")
         import zarr
 
         if self._reader is None:  # read-only: a store on a read-only file system or shared with readers
@@ -401,7 +402,7 @@ class Store:
         files: dict[str, dict[str, Any] | None] = {}
         for method, arr in maps.items():
             if arr.shape[0] != len(rng):
-                raise ValueError(f"shard {shard} holds {len(rng)} images, got {arr.shape[0]} maps")
+                raise CamkitError(f"shard {shard} holds {len(rng)} images, got {arr.shape[0]} maps")
             group[method][rng.start : rng.stop] = arr.astype(np.float16)
             chunk = self._chunk_path(method)(shard)
             # zarr writes no chunk (and removes an old one) when every value is the fill value, NaN
@@ -424,7 +425,7 @@ class Store:
         recorded it, every index exactly once, in order)."""
         missing = sorted(set(range(self.n_shards)) - self.done_shards())
         if missing:
-            raise ValueError(f"cannot merge: {len(missing)} shard(s) not done (first: {missing[0]})")
+            raise CamkitError(f"cannot merge: {len(missing)} shard(s) not done (first: {missing[0]})")
         parts = []
         for s in range(self.n_shards):
             why = self.verify_shard(s, digests=False)
@@ -572,15 +573,15 @@ def inspect_out(path: str | Path) -> dict[str, Any] | None:
     """
     p = Path(path)
     if p.exists() and not p.is_dir():
-        raise ValueError(f"--out {str(p)!r} is a file; give a folder for the store")
+        raise CamkitError(f"--out {str(p)!r} is a file; give a folder for the store")
     if not p.exists():
         if p.is_symlink():
-            raise ValueError(f"--out {str(p)!r} is a symbolic link to nothing; give a folder for the store")
+            raise CamkitError(f"--out {str(p)!r} is a symbolic link to nothing; give a folder for the store")
         parent = next(q for q in p.absolute().parents if q.exists())
         if not parent.is_dir():
-            raise ValueError(f"--out {str(p)!r} has a file on its path ({str(parent)!r}); choose a folder")
+            raise CamkitError(f"--out {str(p)!r} has a file on its path ({str(parent)!r}); choose a folder")
         if not os.access(parent, os.W_OK | os.X_OK):
-            raise ValueError(
+            raise CamkitError(
                 f"cannot create the store {str(p)!r}: the folder {str(parent)!r} is not writable"
             )
         return None
@@ -596,7 +597,7 @@ def inspect_out(path: str | Path) -> dict[str, Any] | None:
         if not idle:
             others.append(e.name)
     if others:
-        raise ValueError(
+        raise CamkitError(
             f"--out {str(p)!r} is a folder that holds other files ({_listing(others)}), not a camkit run store; "
             "camkit writes a new store only into a new or empty folder: choose one"
         )
@@ -624,16 +625,16 @@ def survey(path: str | Path, config: dict[str, Any], overwrite: bool = False) ->
     if overwrite or found.get("state") != "ready":
         foreign = _own_tree(p, list(found.get("methods") or []))[2]
         if foreign:
-            raise ValueError(_foreign_message(p, foreign, overwrite))
+            raise CamkitError(_foreign_message(p, foreign, overwrite))
         return False
     diff = settings_differences(found, config)
     if diff:
-        raise ValueError(_differ_message(p, diff))
+        raise CamkitError(_differ_message(p, diff))
     if "layers" in config or _same_layers(found, config):
         if Store(p).is_finished():
             return True
     if not os.access(p, os.W_OK | os.X_OK):
-        raise ValueError(
+        raise CamkitError(
             f"the store {str(p)!r} is unfinished and its folder is not writable; make it writable to resume it"
         )
     return False
@@ -667,15 +668,17 @@ def store_lock(path: str | Path) -> Iterator[None]:
     try:
         p.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise ValueError(f"cannot create the store folder {str(p)!r}: {err.strerror or err}") from err
+        raise CamkitError(f"cannot create the store folder {str(p)!r}: {err.strerror or err}") from err
     lock = p / LOCK_FILE
     if lock.is_symlink() or (lock.exists() and (not lock.is_file() or lock.stat().st_size > 0)):
-        raise ValueError(f"{str(lock)!r} is not camkit's lock file (camkit's is an empty file); move it away")
+        raise CamkitError(
+            f"{str(lock)!r} is not camkit's lock file (camkit's is an empty file); move it away"
+        )
     with ExitStack() as stack:
         try:
             stack.enter_context(file_lock(lock, timeout=0, what=f"the store {p}"))
         except OSError as err:
-            raise ValueError(
+            raise CamkitError(
                 f"cannot lock the store {str(p)!r} ({err.strerror or err}); a store that is created or resumed "
                 "must be on a writable file system"
             ) from err
@@ -710,13 +713,13 @@ def create_store(
     if found is not None and found.get("state") == "ready" and not overwrite:
         diff = settings_differences(found, config)
         if diff:
-            raise ValueError(_differ_message(p, diff))
+            raise CamkitError(_differ_message(p, diff))
         store = Store(p)
         store.check_done(warn)
         return store
     files, dirs, foreign = _own_tree(p, list(found.get("methods") or []) if found else [])
     if foreign:
-        raise ValueError(_foreign_message(p, foreign, overwrite and found is not None))
+        raise CamkitError(_foreign_message(p, foreign, overwrite and found is not None))
     base = {"format": FORMAT, "version": STORE_VERSION}
     write_json(p / CONFIG_FILE, {**base, "state": "creating", **config})  # first: the folder is camkit's
     for own in files:

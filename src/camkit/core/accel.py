@@ -1,0 +1,565 @@
+"""Batched inference forwards of the perturbation methods and the metrics: the one place where they are made faster.
+
+Every batch of perturbed inputs (Score-CAM's masked images, deletion/insertion steps, ...) goes through a
+:class:`BatchForward`. It runs one of three paths, all on public PyTorch only:
+
+* **default** (deterministic): on a copy of the model (never yours), every ``nn.BatchNorm2d`` that reads an
+  ``nn.Conv2d``'s output is folded into that convolution with :func:`torch.nn.utils.fusion.fuse_conv_bn_eval`
+  (one pass over each feature map less), and on CPU the inputs are sent channels-last (oneDNN's convolutions are
+  faster on NHWC tensors and keep their input's layout, so the whole network runs NHWC). The first batch is checked
+  ONCE against the model as given (its first :data:`CHECK_ROWS` rows, ``rtol=1e-3`` and ``atol=1e-4`` of the
+  output's scale). Nothing is chosen by timing, so two identical calls give bitwise-identical outputs. A model
+  whose code breaks under the fold or the layout (``.view`` on a feature map, a convolution output also used
+  outside its BatchNorm) falls back to the next path: folded + channels-last, then channels-last alone, then the
+  model as given. Each fallback emits one :class:`AccelWarning` naming the reason.
+* **compiled** (``compile=...``, opt-in), one of two backends on a copy of the model:
+
+  - ``"jit"``: the BatchNorm-folded copy in eval mode is traced with ``torch.jit.trace`` on an example batch, then
+    ``torch.jit.freeze`` (weights become constants) and ``torch.jit.optimize_for_inference`` (conv/BatchNorm
+    folding, oneDNN weight layouts on CPU). Preparing takes seconds. ``torch.jit``'s deprecation FutureWarnings
+    are silenced inside this call (the user opted in). A trace that warns (``torch.jit.TracerWarning``:
+    data-dependent control flow or values baked in as constants) counts as a failure.
+  - ``"inductor"``: ``torch.compile`` with inductor's ``freezing`` (weights become constants: BatchNorm folding,
+    weight pre-packing and layout choice happen at compile time). Compiling costs tens of seconds once.
+
+  ``compile=True`` means ``"jit"`` on CPU (per batch as fast as inductor there, for a fraction of the preparation
+  time, see ``benchmarks/README.md``) and ``"inductor"`` on other devices. Either is prepared once per model,
+  dtype, device, memory format and batch size, and kept for the process; a smaller last batch is padded to the
+  prepared batch size, so no second preparation happens. The first batch is checked against the model like the
+  default path; a failure to prepare (a tracer warning, a compiler error, no ``torch.jit.freeze`` in this torch)
+  or a disagreement warns once and falls back to the default path. Worth it for many images of one model.
+* **your callable** (``forward=f``): ``f(inputs)`` instead of the model, e.g. an ONNX Runtime session you wrapped
+  (it must return what the model returns). It is used as given: no copy, no check.
+
+Prepared copies and compiled models are cached per model (a weak reference: a model that is deleted frees its
+copies). A cache entry is used only while the model is unchanged: the same modules, training flags and hooks;
+each module's class, its class's ``forward`` and every plain attribute of the module (``eps``, ``momentum``,
+``padding``, a ``forward`` set on the instance: numbers, strings and tuples by value, other objects by
+identity); and each parameter and buffer the same tensor object, storage and version counter
+(``Tensor._version``, which every in-place change bumps, ``load_state_dict`` and optimiser steps included). Not
+covered, so call :func:`clear_cache` after them: writes through ``.data`` (they do not bump the version), changes
+inside an object a module holds (a list, dict or config object changed in place), global hooks
+(``register_module_forward_hook``) and patched functions the model calls (``torch.nn.functional``...).
+
+Threads: the cache is lock-protected (one thread prepares and checks a path, the others then use it), the hooks a
+concurrent camkit call has on the model (per-thread, :func:`camkit.core.capture.hook_forward`) do not count as a
+change, and a copy never carries them. Prepared copies have no hooks and are run by several threads at once.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import threading
+import warnings
+import weakref
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+from camkit.core.capture import HOOK_LOCK, drop_thread_hooks, is_thread_hook
+from camkit.errors import CamkitError
+
+__all__ = [
+    "CHECK_ROWS",
+    "COMPILE_CHOICES",
+    "AccelWarning",
+    "BatchForward",
+    "Compile",
+    "check_compile",
+    "clear_cache",
+    "fold_batchnorm",
+]
+
+CHECK_ROWS = 2
+"""Rows of the first batch that also run through the model as given, to check the faster path once."""
+
+ModelForward = Callable[[Tensor], object]
+
+Compile = bool | Literal["jit", "inductor"]
+"""The ``compile`` setting: False (default path), True (the device's default backend), ``"jit"`` or ``"inductor"``."""
+
+COMPILE_CHOICES: tuple[Compile, ...] = (False, True, "jit", "inductor")
+
+
+def check_compile(value: object) -> None:
+    """Raise ValueError unless ``value`` is one of :data:`COMPILE_CHOICES`."""
+    if not (isinstance(value, bool) or (isinstance(value, str) and value in ("jit", "inductor"))):
+        raise CamkitError(f"compile must be False, True, 'jit' or 'inductor', got {value!r}")
+
+
+class AccelWarning(UserWarning):
+    """A faster forward path could not be used for a model; camkit runs a slower, equivalent one."""
+
+
+# ------------------------------------------------------------------------------------------------- the cache
+
+
+@dataclass
+class _Path:
+    """One prepared way to run the model: what to call, in which layout, and whether it was checked."""
+
+    name: str
+    run: (
+        ModelForward | None
+    )  # None: the user's model itself (not held here: the cache must not keep it alive)
+    channels_last: bool
+    pad_to: int | None = None  # compiled: the batch size it was compiled for
+    checked: bool = False
+
+
+@dataclass
+class _Entry:
+    signature: tuple[object, ...]
+    paths: dict[Hashable, _Path] = field(default_factory=dict)
+    warned: set[str] = field(default_factory=set)
+
+
+_CACHE: weakref.WeakKeyDictionary[nn.Module, _Entry] = weakref.WeakKeyDictionary()
+_LOCK = threading.RLock()
+"""Guards :data:`_CACHE` and every entry in it: one thread prepares (copies, folds, checks) a path, the others wait
+and use it. Not held while a checked path runs."""
+
+
+def clear_cache() -> None:
+    """Forget every prepared copy and compiled model (they are rebuilt on next use)."""
+    with _LOCK:
+        _CACHE.clear()
+
+
+def _version(t: Tensor) -> int:
+    if t.is_inference():  # inference tensors have no version counter
+        return -1
+    return int(t._version)
+
+
+_MODULE_STATE = frozenset(nn.Module().__dict__)
+"""The attributes every module has (parameters, buffers, submodules, hook dictionaries): the signature reads them
+through the module's own accessors, not as plain attributes."""
+
+
+_PLAIN = frozenset({type(None), bool, int, str, bytes})
+
+
+def _value(value: object) -> object:
+    """A plain attribute as the signature holds it: numbers, strings and None by value (floats by their exact
+    hex form, so that NaN equals itself), tuples item by item, tensors by identity, storage and version, other
+    objects (a ``forward`` set on the instance, a callable, a list or dict the model keeps) by identity: a weak
+    reference to them, or their type and id when they take none (never a strong reference: the cache must not keep
+    the model alive). A mutable container is not read: a model that appends to a list in its ``forward`` keeps its
+    prepared copy."""
+    kind = type(value)
+    if kind in _PLAIN:
+        return value
+    if isinstance(value, tuple):
+        if all(type(v) in _PLAIN for v in value):
+            return value  # kernel_size, padding, ...: immutable, compared by value
+        return kind, tuple(_value(v) for v in value)
+    if isinstance(value, float):
+        return value.hex()
+    if isinstance(value, Tensor):
+        return _tensor(value)
+    try:
+        return weakref.ref(value)  # equal while the same object is alive; a dead one equals nothing new
+    except TypeError:
+        return kind, id(value)
+
+
+def _tensor(t: Tensor) -> tuple[object, ...]:
+    return id(t), t.data_ptr(), _version(t), t.dtype, t.device, tuple(t.shape)
+
+
+def _signature(model: nn.Module) -> tuple[object, ...]:
+    """What must not change for a prepared copy to stay valid (cheap: no pass over the weights' values).
+
+    Per module: its identity, class and the class's ``forward``, training flag, hooks (not the per-thread hooks of
+    a concurrent camkit call) and every plain attribute (``eps``, ``momentum``, ``padding``, a ``forward`` set on
+    the instance...: :func:`_value`); per parameter and buffer (each once): identity, storage, version, dtype,
+    device, shape.
+    """
+    modules = []
+    tensors = []
+    seen: set[int] = set()
+    for m in model.modules():
+        state = m.__dict__
+        modules.append(
+            (
+                id(m),
+                type(m),
+                getattr(type(m), "forward", None),
+                m.training,
+                # another thread's camkit call may have its (per-thread) hooks on the model just now: not a change
+                tuple(k for k, fn in list(m._forward_hooks.items()) if not is_thread_hook(fn)),
+                tuple(k for k, fn in list(m._forward_pre_hooks.items()) if not is_thread_hook(fn)),
+                tuple((k, _value(v)) for k, v in list(state.items()) if k not in _MODULE_STATE),
+            )
+        )
+        for t in itertools.chain(m._parameters.values(), m._buffers.values()):
+            if t is not None and id(t) not in seen:  # a shared parameter counts once, as in parameters()
+                seen.add(id(t))
+                tensors.append(_tensor(t))
+    return tuple(modules), tuple(tensors)
+
+
+def _entry(model: nn.Module) -> _Entry:
+    sig = _signature(model)
+    with _LOCK:
+        entry = _CACHE.get(model)
+        if entry is None or entry.signature != sig:
+            entry = _Entry(sig)
+            _CACHE[model] = entry
+        return entry
+
+
+def _warn_once(entry: _Entry, reason: str) -> None:
+    with _LOCK:
+        first = reason not in entry.warned
+        entry.warned.add(reason)
+    if first:
+        warnings.warn(reason, AccelWarning, stacklevel=4)
+
+
+# ------------------------------------------------------------------------------------------------- folding
+
+
+def _copy(model: nn.Module) -> nn.Module:
+    """A deep copy for inference, without gradients."""
+    with HOOK_LOCK:  # no other thread adds or removes a hook while the copy walks the hook dictionaries
+        twin = copy.deepcopy(model)
+    drop_thread_hooks(twin)  # another thread's call may have had its hooks on the model: not on the copy
+    for p in twin.parameters():
+        p.requires_grad_(False)
+    return twin
+
+
+def fold_batchnorm(model: nn.Module, example: Tensor) -> tuple[nn.Module, int]:
+    """A copy of ``model`` in which each ``nn.BatchNorm2d`` (exactly that class, with running statistics, called
+    once per forward) that receives an ``nn.Conv2d``'s output (that conv called once) is folded into the conv with
+    :func:`torch.nn.utils.fusion.fuse_conv_bn_eval` and replaced by ``nn.Identity``, and the number of folds.
+
+    One forward of ``example`` (one image) on the copy finds the pairs. The caller must check the copy's outputs:
+    a conv output that is also used elsewhere (a skip connection before the BatchNorm) makes it differ.
+
+    Raises:
+        TypeError, RuntimeError, copy.Error: the model cannot be deep-copied or run on ``example``.
+    """
+    twin = _copy(model)
+    convs = {m for m in twin.modules() if type(m) is nn.Conv2d}
+    norms = {
+        m
+        for m in twin.modules()
+        if type(m) is nn.BatchNorm2d and m.running_mean is not None and m.running_var is not None
+    }
+    if not convs or not norms:
+        return twin, 0
+    produced: dict[int, nn.Conv2d] = {}
+    calls: dict[nn.Module, int] = {}
+    pairs: list[tuple[nn.Conv2d, nn.BatchNorm2d]] = []
+
+    def after_conv(m: nn.Module, _i: object, out: object) -> None:
+        calls[m] = calls.get(m, 0) + 1
+        if isinstance(out, Tensor) and isinstance(m, nn.Conv2d):
+            produced[id(out)] = m
+
+    def before_norm(m: nn.Module, inputs: tuple[object, ...]) -> None:
+        calls[m] = calls.get(m, 0) + 1
+        conv = produced.get(id(inputs[0])) if inputs else None
+        if conv is not None and isinstance(m, nn.BatchNorm2d):
+            pairs.append((conv, m))
+
+    keep: list[object] = []  # the conv outputs stay alive during the forward, so their ids are unique
+
+    def keep_alive(_m: nn.Module, _i: object, out: object) -> None:
+        keep.append(out)
+
+    # hooks on the private copy (no other thread sees it yet), not on the user's model
+    handles = [m.register_forward_hook(after_conv) for m in convs]
+    handles += [m.register_forward_hook(keep_alive) for m in convs]
+    handles += [m.register_forward_pre_hook(before_norm) for m in norms]
+    try:
+        with torch.inference_mode():
+            twin(example)
+    finally:
+        for h in handles:
+            h.remove()
+        keep.clear()
+    # training-mode BatchNorms normalise with batch statistics: not foldable
+    pairs = [(c, n) for c, n in pairs if calls.get(c) == 1 and calls.get(n) == 1 and not n.training]
+    names = {id(m): name for name, m in twin.named_modules()}
+    for conv, norm in pairs:
+        fused = fuse_conv_bn_eval(conv.eval(), norm)
+        for p in fused.parameters():
+            p.requires_grad_(False)
+        for module, replacement in ((conv, fused), (norm, nn.Identity())):
+            parent, _, child = names[id(module)].rpartition(".")
+            setattr(twin.get_submodule(parent), child, replacement)
+    return twin, len(pairs)
+
+
+def _agree(ref: Tensor, out: Tensor) -> bool:
+    if out.shape != ref.shape or out.dtype != ref.dtype:
+        return False
+    a, b = ref.float(), out.float()
+    finite = torch.isfinite(a)
+    if not torch.equal(finite, torch.isfinite(b)):
+        return False
+    if not bool(finite.all()):
+        a, b = a[finite], b[finite]
+    scale = float(a.abs().max()) if a.numel() else 0.0
+    return bool(torch.allclose(a, b, rtol=1e-3, atol=1e-4 * max(scale, 1e-6)))
+
+
+# ------------------------------------------------------------------------------------------------- compiling
+
+
+def _compile_model(module: nn.Module) -> ModelForward:
+    """``torch.compile`` with inductor's freezing (weights as constants: BatchNorms folded, weights packed)."""
+    return torch.compile(module, dynamic=False, options={"freezing": True})
+
+
+class _NotPrepared(Exception):
+    """A compiled path could not be prepared (the message says why)."""
+
+
+def _trace_model(module: nn.Module, example: Tensor) -> ModelForward:
+    """``torch.jit.trace`` of ``module`` (a folded copy in eval mode) on ``example``, frozen and optimised for
+    inference. ``torch.jit``'s deprecation FutureWarnings are silenced; a ``TracerWarning`` raises _NotPrepared,
+    other warnings pass through.
+
+    Raises:
+        _NotPrepared: no ``torch.jit.freeze``/``optimize_for_inference`` in this torch, or the trace warned.
+        RuntimeError, TypeError: tracing or freezing failed.
+    """
+    jit = getattr(torch, "jit", None)
+    trace = getattr(jit, "trace", None)
+    freeze = getattr(jit, "freeze", None)
+    optimize = getattr(jit, "optimize_for_inference", None)
+    if trace is None or freeze is None or optimize is None:
+        raise _NotPrepared("this torch has no torch.jit.trace/freeze/optimize_for_inference")
+    tracer_warning = getattr(jit, "TracerWarning", None)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")
+        traced = trace(module.eval(), example, check_trace=False)
+        prepared: ModelForward = optimize(freeze(traced))
+    bad = [w for w in seen if tracer_warning is not None and issubclass(w.category, tracer_warning)]
+    for w in seen:
+        if w not in bad:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
+    if bad:
+        raise _NotPrepared(f"tracing it warned ({bad[0].message})")
+    return prepared
+
+
+# ------------------------------------------------------------------------------------------------- the forward
+
+
+class BatchForward:
+    """``output_fn(model(inputs))`` for batches of perturbed inputs, through the fastest path allowed.
+
+    Args:
+        model: the model, in eval mode; never modified (faster paths run on copies).
+        output_fn: turns the model's output into the Tensor that is scored.
+        channels_last: None (default): channels-last inputs on CPU; True: on any device; False: never (and no
+            BatchNorm folding either: the model as given).
+        compile: False (default): the default path; ``"jit"``: a traced, frozen copy; ``"inductor"``: a
+            ``torch.compile``'d copy; True: ``"jit"`` on CPU, ``"inductor"`` elsewhere. Prepared once per model
+            and batch shape, then reused in the process.
+        forward: a callable used instead of the model (no copy, no check); its output goes through ``output_fn``.
+        batch: the usual number of rows per call, for ``compile``: the copy is prepared for that batch size and
+            smaller batches are padded to it (default: the first batch's size).
+
+    Attributes:
+        path: the path that ran the last batch: ``"jit"``, ``"inductor"``, ``"folded+channels-last"``,
+            ``"folded"``, ``"channels-last"``, ``"plain"`` or ``"forward"``.
+
+    Example:
+        >>> fwd = BatchForward(model, lambda out: out)  # doctest: +SKIP
+        >>> with torch.inference_mode():  # doctest: +SKIP
+        ...     logits = fwd(batch)
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        output_fn: Callable[[object], Tensor],
+        *,
+        channels_last: bool | None = None,
+        compile: Compile = False,
+        forward: ModelForward | None = None,
+        batch: int | None = None,
+    ) -> None:
+        if channels_last not in (None, True, False):
+            raise CamkitError(f"channels_last must be None, True or False, got {channels_last!r}")
+        check_compile(compile)
+        if forward is not None and not callable(forward):
+            raise TypeError(f"forward must be a callable Tensor[N, C, H, W] -> model output, got {forward!r}")
+        self.model = model
+        self.output_fn = output_fn
+        self.channels_last = channels_last
+        self.compile = compile
+        self.forward = forward
+        self.batch = batch
+        self.path: str | None = None
+
+    def __call__(self, inputs: Tensor) -> Tensor:
+        if self.forward is not None:
+            self.path = "forward"
+            return self.output_fn(self.forward(inputs))
+        if inputs.dim() != 4 or (self.channels_last is False and not self.compile):
+            self.path = "plain"
+            return self.output_fn(self.model(inputs))
+        entry = _entry(self.model)
+        if self.compile:
+            out = self._compiled(entry, inputs)
+            if out is not None:
+                return out
+        return self._default(entry, inputs)
+
+    # -- default path
+
+    def _layout(self, inputs: Tensor) -> bool:
+        return self.channels_last is True or (self.channels_last is None and inputs.device.type == "cpu")
+
+    def _default(self, entry: _Entry, inputs: Tensor) -> Tensor:
+        nhwc = self._layout(inputs) and self.channels_last is not False
+        key = ("default", inputs.device, inputs.dtype, nhwc)
+        with _LOCK:  # one thread prepares the path, the others use it
+            path = entry.paths.get(key)
+            if path is None:
+                path = self._prepare_default(entry, inputs, nhwc)
+                entry.paths[key] = path
+        self.path = path.name
+        return self._run_checked(entry, path, inputs, key)
+
+    def _prepare_default(self, entry: _Entry, inputs: Tensor, nhwc: bool) -> _Path:
+        if self.channels_last is False:
+            return _Path("plain", None, False, checked=True)
+        try:
+            folded, n = fold_batchnorm(self.model, inputs[:1])
+        except (TypeError, RuntimeError, copy.Error) as err:
+            _warn_once(
+                entry,
+                f"camkit.core.accel: BatchNorm folding skipped, the model could not be copied/run ({err})",
+            )
+            folded, n = None, 0
+        if folded is not None and n:
+            return _Path("folded+channels-last" if nhwc else "folded", folded, nhwc)
+        if nhwc:
+            return _Path("channels-last", None, True)
+        return _Path("plain", None, False, checked=True)
+
+    def _fallback(self, path: _Path) -> _Path | None:
+        if path.name == "folded+channels-last":
+            return _Path("channels-last", None, True)
+        if path.name in ("folded", "channels-last"):
+            return _Path("plain", None, False, checked=True)
+        return None  # jit/inductor: the caller falls back to the default path
+
+    def _run_checked(self, entry: _Entry, path: _Path, inputs: Tensor, key: Hashable) -> Tensor:
+        if path.checked:
+            return self._run(path, inputs)
+        with _LOCK:  # the first batch is checked (and a failed path replaced) by one thread at a time
+            path = entry.paths.get(key, path)
+            self.path = path.name
+            return self._check_first(entry, path, inputs, key)
+
+    def _check_first(self, entry: _Entry, path: _Path, inputs: Tensor, key: Hashable) -> Tensor:
+        while True:
+            if path.checked:
+                return self._run(path, inputs)
+            try:
+                out = self._run(path, inputs)
+            except RuntimeError as err:  # e.g. ``.view`` on a channels-last feature map
+                reason = f"it raised {type(err).__name__}: {err}"
+            else:
+                rows = min(CHECK_ROWS, inputs.shape[0])
+                ref = self.output_fn(self.model(inputs[:rows]))
+                if out.dim() and _agree(ref, out[:rows]):
+                    path.checked = True
+                    return out
+                reason = "its outputs differ from the model's (layout- or BatchNorm-dependent code?)"
+            nxt = self._fallback(path)
+            _warn_once(
+                entry,
+                f"camkit.core.accel: the {path.name} forward of {type(self.model).__name__} is not used, {reason}; "
+                f"running it {'as ' + nxt.name if nxt else 'on the default (uncompiled) path'} instead",
+            )
+            if nxt is None:
+                raise _Fallback
+            path = nxt
+            entry.paths[key] = path
+            self.path = path.name
+
+    def _run(self, path: _Path, inputs: Tensor) -> Tensor:
+        x = inputs.contiguous(memory_format=torch.channels_last) if path.channels_last else inputs
+        n = x.shape[0]
+        run = self.model if path.run is None else path.run
+        if path.pad_to is not None and n < path.pad_to:
+            fmt = torch.channels_last if path.channels_last else torch.contiguous_format
+            x = torch.cat([x, x.new_zeros(path.pad_to - n, *x.shape[1:])]).contiguous(memory_format=fmt)
+            return self.output_fn(run(x))[:n]
+        return self.output_fn(run(x))
+
+    # -- compiled path
+
+    def _backend(self, inputs: Tensor) -> str:
+        if self.compile is True:
+            return "jit" if inputs.device.type == "cpu" else "inductor"
+        return str(self.compile)
+
+    def _compiled(self, entry: _Entry, inputs: Tensor) -> Tensor | None:
+        backend = self._backend(inputs)
+        nhwc = self._layout(inputs) and backend == "inductor"  # jit: optimize_for_inference picks the layout
+        if self.batch is None:
+            self.batch = inputs.shape[0]
+        key = (backend, inputs.device, inputs.dtype, nhwc, self.batch)
+        with _LOCK:
+            path = entry.paths.get(key)
+            if path is None:
+                path = self._prepare_compiled(entry, backend, inputs, nhwc)
+                entry.paths[key] = path
+        if path.name != backend:
+            return None  # an earlier failure: the default path
+        if path.pad_to is not None and inputs.shape[0] > path.pad_to:
+            return torch.cat([self._one_compiled(entry, part) for part in inputs.split(path.pad_to)])
+        self.path = backend
+        try:
+            return self._run_checked(entry, path, inputs, key)
+        except _Fallback:
+            with _LOCK:
+                entry.paths[key] = _Path("failed", None, False)
+            return None
+
+    def _prepare_compiled(self, entry: _Entry, backend: str, inputs: Tensor, nhwc: bool) -> _Path:
+        assert self.batch is not None
+        try:
+            if backend == "inductor":
+                return _Path(backend, _compile_model(_copy(self.model)), nhwc, pad_to=self.batch)
+            folded, _ = fold_batchnorm(self.model, inputs[:1])
+            example = inputs[: self.batch]
+            if example.shape[0] < self.batch:
+                example = torch.cat(
+                    [example, example.new_zeros(self.batch - example.shape[0], *example.shape[1:])]
+                )
+            return _Path(backend, _trace_model(folded, example.contiguous()), False, pad_to=self.batch)
+        except Exception as err:  # any model the tracer or compiler cannot take: the default path
+            why = str(err) if isinstance(err, _NotPrepared) else f"{type(err).__name__}: {err}"
+            _warn_once(
+                entry,
+                f"camkit.core.accel: the {backend} forward of {type(self.model).__name__} is not used, it could not be "
+                f"prepared: {why}; running it on the default (uncompiled) path instead",
+            )
+            return _Path("failed", None, False)
+
+    def _one_compiled(self, entry: _Entry, inputs: Tensor) -> Tensor:
+        out = self._compiled(entry, inputs)
+        return self._default(entry, inputs) if out is None else out
+
+
+class _Fallback(Exception):
+    """The compiled path failed its check: use the default path."""

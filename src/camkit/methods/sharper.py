@@ -1,0 +1,374 @@
+"""Methods that aim at sharper, better-localised maps than Grad-CAM: Recipro-CAM, CAMERAS, Poly-CAM, Opti-CAM.
+
+A: the activation of a target layer (Tensor[B, K, h, w]); G = dS/dA, the gradient of the explained score S (the
+class logit, or a callable target's value); p_c the softmax probability of class c; up(.) bilinear resizing;
+n(.) min-max normalisation to [0, 1].
+
+* **Recipro-CAM** (Byun & Lee 2022, "Recipro-CAM: Fast gradient-free visual explanations for convolutional
+  neural networks"): for every cell (i, j) of the last layer's h x w grid, the activation is kept at that cell
+  only (A * M_ij, M_ij one-hot) and the layers *after* the target run on it; the map is
+  S(i, j) = p_c(tail(A * M_ij)). Gradient-free: 1 forward, then h*w replays of the layers after the target, in
+  one batch per image (the prefix is not run again). A callable target's value replaces p_c.
+* **CAMERAS** (Jalwana, Akhtar, Bennamoun & Mian, CVPR 2021): activations and gradients are accumulated over
+  up-scaled copies of the input, A_bar = mean_r up(A_r), G_bar = mean_r up(G_r), and the map is
+  ReLU(sum_k A_bar_k * G_bar_k). The paper runs 10 resolutions from 224 px in steps of 100 px; camkit's
+  ``cameras`` uses the input size x (1, 1.5, 2) (:data:`CAMERAS_SCALES`) and resizes every scale's A and G to
+  the feature grid of the largest, to stay within a few forwards' cost.
+* **Poly-CAM** (Englebert, Cornu & De Vleeschouwer, ICPR 2022, "Poly-CAM: high resolution class activation map
+  for convolutional neural networks"): a backward recursion from the deepest layer to shallower ones,
+  S_L = M_L, S_l = up(S_{l+1}) * M_l / up(avgpool(M_l)), where the average pool goes down to the coarser layer's
+  grid: the shallow map only redistributes the coarse map's mass inside each coarse cell, which gives the map
+  the resolution of the shallowest layer. The paper's PCAM+/- variants weight each layer's channels with
+  Score-CAM-like masked forwards (K forwards per layer); camkit's ``polycam`` uses LayerCAM's layer maps
+  M_l = ReLU(sum_k ReLU(G_k) A_k) from the one shared backward. With one target layer (``layers="auto"``) it
+  takes the last layer of each of the three deepest resolutions.
+* **Opti-CAM** (Zhang, Rebuffi, Avrithis et al. 2023, "Opti-CAM: optimizing saliency maps for
+  interpretability"): channel weights w = softmax(u) optimised so that the input masked by its own map scores
+  highest: u* = argmax_u y_c(X * n(up(sum_k softmax(u)_k A_k))), Adam (learning rate 0.1) from u = 0,
+  ``PerturbationOptions(samples=N)`` iterations (default 100, the paper's). Each iteration is one forward and
+  one backward through the whole model.
+
+Recipro-CAM, CAMERAS and Poly-CAM compute their maps in their own passes (:class:`PassMethod`); Opti-CAM is a
+:class:`~camkit.methods.registry.PerturbationMethod` (channel weights). All need a CNN layout (a target layer
+whose output reads as Tensor[B, K, h, w]) and one target per image. The model is left exactly as it was: every
+hook is removed, grad mode restored, parameters' ``requires_grad`` and ``.grad`` untouched.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from camkit.core.capture import capture, hook_forward
+from camkit.core.postprocess import normalize, upsample
+from camkit.core.targets import score_fn
+from camkit.errors import CamkitError
+from camkit.methods.engine import PerturbationContext
+from camkit.methods.registry import PassInput, PassMethod, PerturbationMethod, register
+
+__all__ = [
+    "CAMERAS_SCALES",
+    "cameras",
+    "opticam",
+    "polycam",
+    "polycam_recursion",
+    "reciprocam",
+    "stage_layers",
+]
+
+CAMERAS_SCALES: tuple[float, ...] = (1.0, 1.5, 2.0)
+"""Input scale factors accumulated by ``cameras`` (the paper: 224 to 1124 px in 10 steps)."""
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+
+def _one_target(inp: PassInput, name: str) -> Callable[[Tensor], Tensor]:
+    if inp.classes is not None and inp.classes.dim() != 1:
+        raise CamkitError(
+            f"{name} explains one target per image; got {inp.classes.shape[1]} per image (TopK): explain each "
+            "class in its own call"
+        )
+    return score_fn(inp.classes, inp.target_fn)
+
+
+def _spatial(a: Tensor, layer: str, name: str) -> Tensor:
+    if a.dim() != 4:
+        raise CamkitError(
+            f"{name} needs a target layer whose output is a feature map Tensor[B, K, h, w]; {layer!r} outputs "
+            f"shape {tuple(a.shape)} (pick a convolutional layer, see `camkit layers MODEL`)"
+        )
+    return a
+
+
+def _deepest(inp: PassInput, name: str) -> tuple[str, nn.Module]:
+    if not inp.layers:
+        raise CamkitError(f"{name} needs a target layer (layers='auto' or a name from `camkit layers MODEL`)")
+    if len(inp.layers) == 1:
+        return next(iter(inp.layers.items()))
+    cap = capture(inp.model, inp.x[:1], inp.layers, None, inp.output_fn)
+    last = cap.order[-1]
+    return last, inp.layers[last]
+
+
+def _probabilities(inp: PassInput, out: Tensor, image: int) -> Tensor:
+    """Scores of one image's target for each row of ``out``: p_c, or the callable target's value."""
+    if inp.classes is None:
+        assert inp.target_fn is not None
+        return inp.target_fn(out).float()
+    return torch.softmax(out.float(), dim=1)[:, int(inp.classes[image])]
+
+
+class _Replace:
+    """Forward hook that hands the layers after the target a given activation on the layer's last call."""
+
+    def __init__(self, calls: int, value: Tensor) -> None:
+        self.calls, self.seen, self.value = calls, 0, value
+
+    def __call__(self, _m: nn.Module, _i: object, out: object) -> Tensor | None:
+        self.seen += 1
+        if self.seen != self.calls:
+            return None
+        if not isinstance(out, Tensor) or tuple(out.shape[1:]) != tuple(self.value.shape[1:]):
+            raise CamkitError("the layer's output is not the feature map it was captured as")
+        return self.value
+
+
+# ----------------------------------------------------------------------------------------------- Recipro-CAM
+
+
+def reciprocam(inp: PassInput, batch_size: int = 64) -> Tensor:
+    """Recipro-CAM (Byun & Lee 2022): S(i, j) = p_c(tail(A * M_ij)) with M_ij one-hot at cell (i, j).
+
+    Args:
+        inp: the model, input, targets and layers (the deepest layer is used).
+        batch_size: masked feature maps per replay of the layers after the target.
+
+    Returns:
+        Tensor[B, h, w], the map on the layer's grid.
+    """
+    _one_target(inp, "reciprocam")
+    name, layer = _deepest(inp, "reciprocam")
+    cap = capture(inp.model, inp.x, {name: layer}, None, inp.output_fn)
+    a = _spatial(cap.activations[name], name, "reciprocam")
+    calls = cap.calls.get(name, 1)
+    bsz, _, h, w = a.shape
+    eye = torch.eye(h * w, device=a.device, dtype=a.dtype).view(h * w, 1, h, w)
+    out_maps = torch.zeros(bsz, h * w, device=a.device)
+    with torch.inference_mode():
+        for b in range(bsz):
+            for start in range(0, h * w, batch_size):
+                masks = eye[start : start + batch_size]
+                feats = a[b : b + 1] * masks  # [n, K, h, w]
+                hook = _Replace(calls, feats)
+                handle = hook_forward(layer, hook)
+                try:
+                    out = inp.output_fn(inp.model(inp.x[b : b + 1]))
+                finally:
+                    handle.remove()
+                out_maps[b, start : start + masks.shape[0]] = _probabilities(inp, out, b)
+    return out_maps.view(bsz, h, w)
+
+
+# ----------------------------------------------------------------------------------------------- CAMERAS
+
+
+def cameras(inp: PassInput, scales: tuple[float, ...] = CAMERAS_SCALES) -> Tensor:
+    """CAMERAS (Jalwana et al., CVPR 2021): ReLU(sum_k mean_r up(A_r)_k * mean_r up(G_r)_k).
+
+    Args:
+        inp: the model, input, targets and layers (the deepest layer is used).
+        scales: input scale factors; every scale's A and G are resized to the largest scale's feature grid.
+
+    Returns:
+        Tensor[B, h', w'] on the largest scale's grid (the signed sum; the ReLU is applied by post-processing).
+    """
+    if not scales or any(s <= 0 for s in scales):
+        raise CamkitError(f"scales must be positive factors, got {scales!r}")
+    score = _one_target(inp, "cameras")
+    name, layer = _deepest(inp, "cameras")
+    height, width = inp.x.shape[-2:]
+    pairs = []
+    for s in sorted(scales):
+        size = (max(1, round(height * s)), max(1, round(width * s)))
+        xs = inp.x if size == (height, width) else F.interpolate(inp.x, size=size, mode="bilinear")
+        cap = capture(inp.model, xs, {name: layer}, score, inp.output_fn)
+        g = cap.gradients[name]
+        assert isinstance(g, Tensor)
+        pairs.append((_spatial(cap.activations[name], name, "cameras").float(), g.float()))
+    grid = pairs[-1][0].shape[-2:]
+    a_bar = torch.stack([upsample(a, grid) for a, _ in pairs]).mean(dim=0)
+    g_bar = torch.stack([upsample(g, grid) for _, g in pairs]).mean(dim=0)
+    return (a_bar * g_bar).sum(dim=1)
+
+
+# ----------------------------------------------------------------------------------------------- Poly-CAM
+
+
+def polycam_recursion(maps: list[Tensor], eps: float = 1e-8) -> Tensor:
+    """Poly-CAM's backward recursion over layer maps, shallow to deep, each Tensor[B, h_l, w_l], non-negative.
+
+    S_L = M_L; S_l = up(S_{l+1}) * M_l / up(avgpool(M_l)) with the pool down to layer l+1's grid (adaptive
+    average pooling), so that within each coarse cell the shallow map only redistributes the coarse map's mass.
+
+    Returns:
+        Tensor[B, h_1, w_1], the map at the shallowest layer's resolution.
+    """
+    if not maps:
+        raise CamkitError("polycam_recursion needs at least one layer map")
+    s = maps[-1]
+    for m in reversed(maps[:-1]):
+        coarse = (int(s.shape[-2]), int(s.shape[-1]))
+        local = F.adaptive_avg_pool2d(m[:, None], coarse)[:, 0]
+        s = upsample(s, m.shape[-2:]) * m / (upsample(local, m.shape[-2:]) + eps)
+    return s
+
+
+_STAGES: weakref.WeakKeyDictionary[nn.Module, dict[tuple[object, ...], list[str]]] = (
+    weakref.WeakKeyDictionary()
+)
+_STAGES_LOCK = threading.Lock()
+
+
+def stage_layers(model: nn.Module, example: Tensor, stages: int = 3) -> dict[str, nn.Module]:
+    """The last layer of each of the ``stages`` deepest resolutions (CNN layouts), shallow to deep.
+
+    Cached per model and input shape, like the automatic layer (one traced batch-1 forward the first time)."""
+    from camkit.core.layers import resolve_layers
+
+    key = (tuple(example.shape[1:]), example.dtype, str(example.device), stages)
+    with _STAGES_LOCK:
+        names = _STAGES.get(model, {}).get(key)
+    if names is None:
+        names = _stage_names(model, example, stages)
+        with _STAGES_LOCK:
+            _STAGES.setdefault(model, {})[key] = names
+    return resolve_layers(model, ",".join(names), example)
+
+
+def _stage_names(model: nn.Module, example: Tensor, stages: int) -> list[str]:
+    from camkit.core.layers import describe_layers, pick_auto
+
+    infos = [
+        i
+        for i in describe_layers(model, example[:1])
+        if not i.passthrough
+        and i.layout is not None
+        and i.calls == 1
+        and i.layout.grid[0] * i.layout.grid[1] > 1
+    ]
+    auto = pick_auto(infos)
+    last_of: dict[tuple[int, int], tuple[int, str]] = {}
+    for i in infos:
+        assert i.layout is not None
+        grid = (int(i.layout.grid[0]), int(i.layout.grid[1]))
+        if grid not in last_of or i.order > last_of[grid][0]:
+            last_of[grid] = (i.order, i.name)
+    chosen = sorted(last_of.values())[-stages:]
+    names = [n for _, n in chosen]
+    if auto is not None and auto not in names:
+        names = [*names[1:], auto]
+    return names
+
+
+def polycam(inp: PassInput) -> Tensor:
+    """Poly-CAM's recursion (Englebert et al., ICPR 2022) over LayerCAM layer maps ReLU(sum_k ReLU(G_k) A_k).
+
+    With one target layer, the last layers of the three deepest resolutions are used instead.
+
+    Returns:
+        Tensor[B, h, w] at the shallowest layer's resolution.
+    """
+    score = _one_target(inp, "polycam")
+    layers = inp.layers if len(inp.layers) > 1 else stage_layers(inp.model, inp.x)
+    cap = capture(inp.model, inp.x, layers, score, inp.output_fn)
+    maps = []
+    for name in cap.order:
+        a = _spatial(cap.activations[name], name, "polycam").float()
+        g = cap.gradients[name]
+        assert isinstance(g, Tensor)
+        maps.append(torch.relu((torch.relu(g.float()) * a).sum(dim=1)))
+    return polycam_recursion(maps)
+
+
+# ----------------------------------------------------------------------------------------------- Opti-CAM
+
+
+def opticam(ctx: PerturbationContext) -> Tensor:
+    """Opti-CAM (Zhang et al. 2023): w = softmax(u*), u* maximising y_c(X * n(up(sum_k softmax(u)_k A_k))).
+
+    Adam, learning rate 0.1, from u = 0 (uniform weights), ``samples`` iterations (default 100).
+
+    Returns:
+        Tensor[B, T, K], T = 1.
+    """
+    if ctx.classes is not None and ctx.classes.dim() != 1:
+        raise CamkitError(
+            "opticam explains one target per image; explain each class of a TopK in its own call"
+        )
+    a = _spatial(ctx.activations, ctx.layer_name, "opticam").detach().float()
+    steps = ctx.options.samples or 100
+    x = ctx.x.detach()
+    score = score_fn(ctx.classes, ctx.target_fn)
+    u = torch.zeros(a.shape[:2], device=a.device, requires_grad=True)
+    opt = torch.optim.Adam([u], lr=0.1)
+    size = x.shape[-2:]
+    with torch.enable_grad():
+        for _ in range(steps):
+            w = torch.softmax(u, dim=1)
+            sal = normalize(upsample(torch.einsum("bk,bkhw->bhw", w, a), size))
+            out = ctx.output_fn(ctx.model(x * sal[:, None].to(x.dtype)))
+            loss = -score(out).float().sum()
+            (grad,) = torch.autograd.grad(loss, [u])
+            u.grad = grad
+            opt.step()
+            if ctx.progress is not None:
+                ctx.progress.add(1)
+    return torch.softmax(u.detach(), dim=1)[:, None, :]
+
+
+# ----------------------------------------------------------------------------------------------- registry
+
+
+def _named(name: str, fn: Callable[[PassInput], Tensor]) -> Callable[[PassInput], dict[str, Tensor]]:
+    """A pass method's ``run``: its one signed map, filed under the method's name."""
+
+    def run(inp: PassInput) -> dict[str, Tensor]:
+        return {name: fn(inp)}
+
+    return run
+
+
+register(
+    PassMethod(
+        name="reciprocam",
+        needs_grad=False,
+        cost="1 forward + h*w replays of the layers after the target (batched), no backward",
+        paper="Byun & Lee 2022 (Recipro-CAM)",
+        summary="S(i,j) = p_c(tail(A * onehot_ij)): the class probability with only cell (i,j) of A kept",
+        aliases=("recipro-cam",),
+        run=_named("reciprocam", reciprocam),
+        prefer="gradient-free and about one forward when the target is the last layer (the tail is the head)",
+    )
+)
+register(
+    PassMethod(
+        name="cameras",
+        needs_grad=False,
+        cost="forward + backward at 3 input scales (x1, x1.5, x2): about 7.5 forwards + backwards",
+        paper="Jalwana et al., CVPR 2021 (CAMERAS)",
+        summary="map = ReLU(sum_k mean_r up(A_r) * mean_r up(G_r)) over up-scaled inputs",
+        aliases=("cameras-cam",),
+        run=_named("cameras", cameras),
+        prefer="higher-resolution maps from the same layer: the input is up-scaled, the grid grows with it",
+    )
+)
+register(
+    PassMethod(
+        name="polycam",
+        needs_grad=False,
+        cost="1 forward + 1 backward to the shallowest of its layers",
+        paper="Englebert, Cornu & De Vleeschouwer, ICPR 2022 (Poly-CAM)",
+        summary="S_l = up(S_{l+1}) * M_l / up(avgpool(M_l)), deep to shallow, M_l LayerCAM maps",
+        aliases=("poly-cam",),
+        run=_named("polycam", polycam),
+        prefer="maps at a shallow layer's resolution that keep the deep layer's class focus",
+    )
+)
+register(
+    PerturbationMethod(
+        name="opticam",
+        needs_grad=False,
+        cost="1 forward + samples (100) forward + backward passes through the whole model",
+        paper="Zhang, Rebuffi, Avrithis et al. 2023 (Opti-CAM)",
+        summary="w = softmax(u*), u* = argmax_u y_c(X * n(up(sum_k softmax(u)_k A_k))) by Adam",
+        aliases=("opti-cam",),
+        weights=opticam,
+        prefer="the map that, used as a mask, keeps the class score highest (faithfulness), at 100x the cost",
+    )
+)

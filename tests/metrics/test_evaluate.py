@@ -1,0 +1,171 @@
+"""`camkit evaluate` / `camkit localize`: annotation formats, the evaluation loop, files written, CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from camkit.adapters import Preprocess
+from camkit.cli import app
+from camkit.evaluate import baseline_map, collect_images, evaluate
+from camkit.io import Annotation, read_annotations
+
+runner = CliRunner()
+
+
+def test_read_camkit_json(tmp_path) -> None:
+    p = tmp_path / "ann.json"
+    p.write_text(
+        json.dumps({"sub/a.jpg": {"class": 3, "boxes": [[1, 2, 10, 20]]}, "b.png": {"class": "tabby"}})
+    )
+    ann = read_annotations(p)
+    assert ann["a.jpg"] == Annotation(cls=3, boxes=[[1.0, 2.0, 10.0, 20.0]])
+    assert ann["b.png"].cls == "tabby" and ann["b.png"].boxes == []
+    p.write_text(json.dumps({"a.jpg": {"boxes": [[10, 0, 5, 5]]}}))
+    with pytest.raises(ValueError, match="inverted"):
+        read_annotations(p)
+
+
+def test_read_coco_json(tmp_path) -> None:
+    coco = {
+        "images": [{"id": 7, "file_name": "x/cat.jpg", "width": 100, "height": 80}],
+        "annotations": [
+            {"image_id": 7, "bbox": [10, 20, 30, 40], "category_id": 2},
+            {"image_id": 7, "bbox": [0, 0, 5, 5], "category_id": 1},
+        ],
+        "categories": [{"id": 1, "name": "dog"}, {"id": 2, "name": "cat"}],
+    }
+    p = tmp_path / "coco.json"
+    p.write_text(json.dumps(coco))
+    ann = read_annotations(p)["cat.jpg"]
+    assert ann.boxes == [[10, 20, 40, 60], [0, 0, 5, 5]] and ann.cls == "cat" and not ann.strict_class
+
+
+def test_read_voc_xml(tmp_path) -> None:
+    xml = """<annotation><filename>dog.jpg</filename>
+      <object><name>dog</name><bndbox><xmin>1</xmin><ymin>11</ymin><xmax>50</xmax><ymax>60</ymax></bndbox></object>
+      <object><name>cat</name><bndbox><xmin>5</xmin><ymin>5</ymin><xmax>6</xmax><ymax>6</ymax></bndbox></object>
+    </annotation>"""
+    (tmp_path / "dog.xml").write_text(xml)
+    for source in (tmp_path / "dog.xml", tmp_path):
+        ann = read_annotations(source)["dog.jpg"]
+        assert (
+            ann.boxes == [[0, 10, 50, 60], [4, 4, 6, 6]] and ann.cls == "dog"
+        )  # 1-based inclusive -> half-open
+
+
+def test_collect_images(tmp_path) -> None:
+    for name in ("b.png", "a.jpg", "notes.txt"):
+        (tmp_path / name).write_bytes(b"")
+    assert [p.name for p in collect_images([tmp_path])] == ["a.jpg", "b.png"]
+    with pytest.raises(FileNotFoundError):
+        collect_images([tmp_path / "missing.jpg"])
+
+
+def test_baseline_maps() -> None:
+    c = baseline_map("center", 2, (8, 8))
+    assert c.shape == (2, 8, 8) and c[0, 3:5, 3:5].min() == c.max() and c[0, 0, 0] < 0.2
+    assert torch.equal(baseline_map("random", 1, (4, 4), seed=1), baseline_map("random", 1, (4, 4), seed=1))
+
+
+def test_evaluate_loop_rows_summary_and_files(tiny, tmp_path) -> None:
+    g = torch.Generator().manual_seed(0)
+    imgs = [
+        (f"im{i}.png", Image.fromarray((torch.rand(40, 60, 3, generator=g) * 255).byte().numpy()))
+        for i in range(3)
+    ]
+    anns = {
+        "im0.png": Annotation(cls=2, boxes=[[10, 10, 30, 30]]),
+        "im1.png": Annotation(boxes=[[0, 0, 60, 40]]),
+    }
+    res = evaluate(
+        tiny,
+        imgs,
+        methods=["gradcam", "layercam", "center", "random"],
+        metrics=["deletion", "insertion", "avg_drop", "pointing", "box", "maxboxacc"],
+        annotations=anns,
+        preprocess=Preprocess(size=(32, 32)),
+        layers="features.2",
+        steps=4,
+        images_per_batch=2,
+    )
+    assert len(res.rows) == 3 * 4
+    assert res.columns == ["deletion", "insertion", "avg_drop", "pointing", "box_iou", "box_acc"]
+    row0 = next(r for r in res.rows if r["image"] == "im0.png" and r["method"] == "gradcam")
+    assert row0["class"] == 2  # the annotated class is explained, not the top-1
+    # whole-image ground truth: every box of a non-empty map overlaps it; no boxes for im2 -> NaN
+    row2 = next(r for r in res.rows if r["image"] == "im2.png" and r["method"] == "gradcam")
+    assert math.isnan(row2["pointing"]) and not math.isnan(row2["deletion"])
+    assert set(res.maxboxacc) == {"gradcam", "layercam", "center", "random"}
+    for method, vals in res.summary.items():
+        rows = [r for r in res.rows if r["method"] == method]
+        assert vals["deletion"] == pytest.approx(sum(r["deletion"] for r in rows) / 3)
+        assert vals["pointing"] == pytest.approx(sum(r["pointing"] for r in rows[:2]) / 2)
+    res.to_csv(tmp_path / "e.csv")
+    res.to_json(tmp_path / "e.json")
+    with open(tmp_path / "e.csv") as f:
+        assert len(list(csv.DictReader(f))) == 12
+    data = json.loads((tmp_path / "e.json").read_text())
+    assert data["rows"][0]["method"] == "gradcam" and data["summary"]["center"]["deletion"] is not None
+    assert res.timing["metric_images"] > 0
+
+
+def test_evaluate_refuses_box_metrics_without_boxes(tiny) -> None:
+    with pytest.raises(ValueError, match="needs ground-truth boxes"):
+        evaluate(tiny, [("a", Image.new("RGB", (8, 8)))], metrics=["pointing"], layers="features.2")
+    with pytest.raises(ValueError, match="unknown metric"):
+        evaluate(tiny, [("a", Image.new("RGB", (8, 8)))], metrics=["nope"], layers="features.2")
+
+
+def test_cli_errors_exit_2(tmp_path) -> None:
+    result = runner.invoke(app, ["evaluate", str(tmp_path / "nothing.jpg")])
+    assert result.exit_code == 2 and "error:" in result.output
+
+
+@pytest.mark.slow
+def test_cli_evaluate_and_localize_on_photos(tmp_path) -> None:
+    from camkit.io import sample_image
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    sample_image("chelsea").save(folder / "cat.jpg")
+    sample_image("coffee").save(folder / "coffee.png")
+    (tmp_path / "ann.json").write_text(
+        json.dumps({"cat.jpg": {"class": "Egyptian cat", "boxes": [[40, 0, 420, 300]]}})
+    )
+    out = tmp_path / "out"
+    result = runner.invoke(
+        app,
+        [
+            "evaluate",
+            str(folder),
+            "--methods",
+            "gradcam,random",
+            "--metrics",
+            "deletion,pointing,box",
+            "--annotations",
+            str(tmp_path / "ann.json"),
+            "--steps",
+            "4",
+            "--out",
+            str(out),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "deletion" in result.output and "gradcam" in result.output
+    data = json.loads((out / "evaluate.json").read_text())
+    cat = next(r for r in data["rows"] if r["image"] == "cat.jpg" and r["method"] == "gradcam")
+    assert cat["class"] == 285 and cat["pointing"] == 1.0 and cat["box_iou"] > 0.5
+    result = runner.invoke(app, ["localize", str(folder / "cat.jpg"), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    boxes = json.loads((out / "boxes.json").read_text())[0]
+    assert boxes["size"] == [451, 300] and len(boxes["boxes"]) == 1
+    b = boxes["boxes"][0]
+    assert 0 <= b["x0"] < b["x1"] <= 451 and 0 <= b["y0"] < b["y1"] <= 300
+    assert (out / "cat_boxes.png").exists()
