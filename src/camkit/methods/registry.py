@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import difflib
 import enum
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -52,6 +52,7 @@ __all__ = [
     "PassInput",
     "PassMethod",
     "PerturbationMethod",
+    "configured_name",
     "get_method",
     "method_names",
     "register",
@@ -322,6 +323,13 @@ def get_method(name: Any) -> Method:
     close = difflib.get_close_matches(name.lower(), list(METHODS), n=3, cutoff=0.4)
     hint = f" Did you mean {', '.join(close)}?" if close else ""
     raise CamkitError(f"unknown method {name!r}.{hint} Available: {', '.join(METHODS)}")
+
+
+def configured_name(name: str, settings: Mapping[str, object], defaults: Mapping[str, object]) -> str:
+    """The name of a configured instance: ``name`` for the default settings, else ``name(key=value, ...)`` with the
+    settings that differ, so that two configurations of one method in one :func:`camkit.compare` keep apart."""
+    changed = [f"{k}={settings[k]!r}" for k in settings if settings[k] != defaults.get(k)]
+    return f"{name}({', '.join(changed)})" if changed else name
 
 
 def method_names() -> list[str]:
