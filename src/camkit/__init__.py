@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from camkit.adapters import LoadedModel, Preprocess, load_model
     from camkit.core.augment import Augment
     from camkit.core.explanation import Explanation
+    from camkit.core.factorize import factorize
     from camkit.core.layers import auto_layer, describe_layers
     from camkit.core.pipeline import compare, explain
     from camkit.core.runtime import tune_allocator
@@ -37,7 +38,7 @@ if TYPE_CHECKING:
     from camkit.io import load_image, sample_image
     from camkit.methods import method_names
     from camkit.methods.engine import PerturbationOptions
-    from camkit.methods.projection import Factorization, factorize
+    from camkit.methods.projection import Factorization
     from camkit.viz import colorize, grid, overlay
 
 __version__ = "0.1.0"
@@ -93,7 +94,7 @@ _EXPORTS = {
     "compare": "camkit.core.pipeline",
     "describe_layers": "camkit.core.layers",
     "explain": "camkit.core.pipeline",
-    "factorize": "camkit.methods.projection",
+    "factorize": "camkit.core.factorize",
     "grid": "camkit.viz",
     "load_image": "camkit.io",
     "load_model": "camkit.adapters",

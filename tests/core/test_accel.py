@@ -10,7 +10,8 @@ import torch
 from torch import Tensor, nn
 
 import camkit
-from camkit import PerturbationOptions, accel
+from camkit import PerturbationOptions
+from camkit.core import accel
 from camkit.core.accel import CHECK_ROWS, AccelWarning, BatchForward, fold_batchnorm
 from camkit.metrics._common import Forward
 from conftest import assert_unchanged, snapshot

@@ -181,3 +181,41 @@ def test_layer_that_does_not_run(tiny, x_small):
     tiny.unused = nn.Conv2d(3, 3, 1)
     with pytest.raises(RuntimeError, match="did not run"):
         camkit.explain(tiny, x_small, layers="unused")
+
+
+def _batched_grad_raising(monkeypatch: pytest.MonkeyPatch, error: RuntimeError) -> list[bool]:
+    """torch.autograd.grad raising ``error`` for the batched backward only; returns the calls' is_grads_batched."""
+    real = torch.autograd.grad
+    calls: list[bool] = []
+
+    def grad(*args: object, **kwargs: object) -> object:
+        calls.append(bool(kwargs.get("is_grads_batched", False)))
+        if kwargs.get("is_grads_batched", False):
+            raise error
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(torch.autograd, "grad", grad)
+    return calls
+
+
+def test_target_gradients_falls_back_only_when_vmap_refuses_an_op(monkeypatch: pytest.MonkeyPatch):
+    """The batched backward falls back to one backward per target when vmap cannot run an op (the documented
+    case); any other RuntimeError (out of memory, a bug in a backward) propagates instead of being retried."""
+    from camkit.core.capture import target_gradients
+
+    leaf = torch.randn(3, 4, requires_grad=True)
+    scores = torch.stack([(leaf * 2).sum(dim=1), (leaf**2).sum(dim=1)])  # [T=2, B=3]
+    calls = _batched_grad_raising(
+        monkeypatch,
+        RuntimeError("Batching rule not implemented for aten::foo. We could not generate a fallback."),
+    )
+    grads = target_gradients(scores, [leaf])
+    assert calls == [True, False, False]
+    torch.testing.assert_close(grads[0][0], torch.full_like(leaf, 2.0))
+    torch.testing.assert_close(grads[1][0], 2 * leaf.detach())
+    monkeypatch.undo()
+    scores = torch.stack([(leaf * 2).sum(dim=1), (leaf**2).sum(dim=1)])
+    calls = _batched_grad_raising(monkeypatch, RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    with pytest.raises(RuntimeError, match="out of memory"):
+        target_gradients(scores, [leaf])
+    assert calls == [True]

@@ -13,7 +13,8 @@ import torch
 from torch import Tensor, nn
 
 import camkit
-from camkit import PerturbationOptions, accel
+from camkit import PerturbationOptions
+from camkit.core import accel
 
 
 @pytest.fixture(autouse=True)

@@ -9,6 +9,7 @@ from torch import nn
 import camkit
 from camkit.core.capture import capture
 from camkit.methods import METHODS, method_names
+from camkit.methods.engine import PerturbationOptions
 
 GRADIENT_METHODS = ["gradcam", "gradcam++", "xgradcam", "hirescam", "gradcam-elementwise", "layercam"]
 
@@ -202,3 +203,37 @@ def test_every_method_says_when_to_prefer_it():
 def test_unknown_method_suggests():
     with pytest.raises(ValueError, match="gradcam"):
         camkit.methods.get_method("gradcm")
+
+
+def test_two_configurations_of_one_method_in_one_compare_stay_apart(tiny):
+    """A configured instance is named after the settings that differ from the defaults, so two configurations
+    in one compare give two results; two different methods under one name are refused, by name."""
+    from dataclasses import replace
+
+    from camkit.methods.smooth import smoothgradcampp
+
+    x = torch.randn(1, 3, 32, 32)
+    assert smoothgradcampp().name == "smoothgradcam++"
+    two = camkit.compare(tiny, x, [smoothgradcampp(n=2), smoothgradcampp(n=3)], targets=0)  # type: ignore[list-item]
+    assert list(two) == ["smoothgradcam++(n=2)", "smoothgradcam++(n=3)"]
+    assert two["smoothgradcam++(n=2)"].method == "smoothgradcam++(n=2)"
+    alone = camkit.explain(tiny, x, smoothgradcampp(n=3, variant="torchcam"), targets=0)  # type: ignore[arg-type]
+    assert alone.method == "smoothgradcam++(n=3, variant='torchcam')"
+    same = camkit.compare(tiny, x, ["gradcam", "grad-cam", "gradcam"], targets=0)
+    assert list(same) == ["gradcam"]
+    other = replace(camkit.methods.get_method("gradcam++"), name="gradcam")
+    with pytest.raises(ValueError, match="two different methods are named 'gradcam'"):
+        camkit.compare(tiny, x, ["gradcam", other], targets=0)  # type: ignore[list-item]
+
+
+def test_per_method_counts_of_perturbation_options():
+    """SS-CAM, IS-CAM and Opti-CAM each have their own count; ``samples`` stays the shared default."""
+    o = PerturbationOptions(samples=7, integration_steps=3)
+    assert (o.count("noise_draws", 35), o.count("integration_steps", 10), o.count("iterations", 100)) == (
+        7,
+        3,
+        7,
+    )
+    assert PerturbationOptions().count("iterations", 100) == 100
+    with pytest.raises(ValueError, match="noise_draws must be >= 1"):
+        PerturbationOptions(noise_draws=0)

@@ -179,3 +179,49 @@ def test_candidates_need_a_feature_map_layer() -> None:
     model = _gap_net(3)
     with pytest.raises(ValueError, match=r"Tensor\[B, K, h, w\]"):
         camkit.explain(model, torch.randn(1, 3, 8, 8), method="reciprocam", layers="flat", targets=0)
+
+
+class _ChannelsLast(nn.Module):
+    """conv 3->6 (NCHW, 'conv') -> permute to [B, h, w, C] -> LayerNorm ('norm', channels-last) -> mean over h, w ->
+    Linear 6->3: the target layer 'norm' outputs channels-last maps whose last axis (6) differs from h = w = 8."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.conv = nn.Conv2d(3, 6, 3, stride=2, padding=1)
+        self.norm = nn.LayerNorm(6)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.norm(self.conv(x).permute(0, 2, 3, 1))
+        return self.fc(y.mean(dim=(1, 2)))
+
+
+def test_reciprocam_on_a_channels_last_layer_maps_the_grid_not_width_by_channels():
+    """Recipro-CAM reads a channels-last layer through the layout reader: its map is over h x w (it was over
+    w x C), and each cell is p_c of the head applied to that cell's activation alone (the mean over h*w of a
+    one-hot masked map is A[i, j] / (h*w))."""
+    model = _ChannelsLast().eval()
+    x = torch.randn(2, 3, 16, 16)
+    e = camkit.explain(model, x, "reciprocam", layers="norm", targets=[0, 2], relu=False)
+    raw = e.raw["reciprocam"]
+    assert raw.shape == (2, 8, 8)
+    with torch.no_grad():
+        a = model.norm(model.conv(x).permute(0, 2, 3, 1))  # [B, h, w, C]
+        p = torch.softmax(model.fc(a / 64), dim=-1)  # [B, h, w, classes]
+    expected = torch.stack([p[0, :, :, 0], p[1, :, :, 2]])
+    torch.testing.assert_close(raw, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_cameras_and_polycam_on_a_channels_last_layer_read_the_grid():
+    """CAMERAS and Poly-CAM read activations and gradients through the same layout reader: Poly-CAM over the
+    channels-last layer equals its recursion over LayerCAM's maps of that layer, and CAMERAS's grid is the
+    largest scale's h x w (16 x 16 for x2), not w x C."""
+    model = _ChannelsLast().eval()
+    x = torch.randn(2, 3, 16, 16)
+    poly = camkit.explain(model, x, "polycam", layers="conv,norm", targets=[1, 0], relu=False)
+    layer = camkit.explain(model, x, "layercam", layers="conv,norm", targets=[1, 0], relu=False)
+    expected = polycam_recursion([torch.relu(layer.raw["conv"]), torch.relu(layer.raw["norm"])])
+    torch.testing.assert_close(poly.raw["polycam"], expected, rtol=1e-4, atol=1e-6)
+    cams = camkit.explain(model, x, "cameras", layers="norm", targets=[1, 0], relu=False)
+    assert cams.raw["cameras"].shape == (2, 16, 16)

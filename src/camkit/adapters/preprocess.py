@@ -3,7 +3,6 @@ map covers all the user sees) and normalises with the model's mean/std; the Imag
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -13,6 +12,8 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
+from camkit.core.targets import imagenet_labels
+from camkit.core.tasks import model_task
 from camkit.io.images import to_rgb
 
 if TYPE_CHECKING:
@@ -56,8 +57,6 @@ class Preprocess:
         square size their transform keeps as is (``fixed_size``, else ``min(min_size, max_size)``).
         torchvision segmentation models: ImageNet mean/std at 520x520.
         """
-        from camkit.core.tasks import model_task
-
         task = model_task(model)
         if task == "detection":
             t = detection_transform(model)
@@ -96,11 +95,3 @@ def detection_transform(model: nn.Module) -> GeneralizedRCNNTransform:
             f"{type(model).__name__} is not a torchvision detection model (no GeneralizedRCNNTransform)"
         )
     return t
-
-
-@functools.cache
-def imagenet_labels() -> list[str]:
-    """The 1000 ImageNet class names, as shipped with torchvision (no download)."""
-    from torchvision.models import ResNet50_Weights
-
-    return list(ResNet50_Weights.IMAGENET1K_V2.meta["categories"])

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from camkit.core.postprocess import normalize
 from camkit.errors import CamkitError
 
 __all__ = ["Augment", "AugmentSpec", "resolve_augment"]
@@ -104,6 +105,4 @@ def resolve_augment(spec: AugmentSpec) -> list[Augment]:
 
 def average(maps: list[Tensor]) -> Tensor:
     """The mean of maps already warped back, min-max normalised again (constant maps -> zeros)."""
-    from camkit.core.postprocess import normalize
-
     return normalize(torch.stack(maps).mean(dim=0))

@@ -235,6 +235,19 @@ class Window:
         return leaf, (leaf.clone() if self.copy else leaf)
 
 
+_VMAP_REFUSALS = ("vmap", "batching rule", "batched gradient", "is_grads_batched")
+"""Words of PyTorch's messages when the batched backward (``is_grads_batched=True``, run under vmap) cannot run
+an op; any other error (out of memory, a bug in a backward) propagates."""
+
+
+def _vmap_refused(err: RuntimeError) -> bool:
+    """Whether ``err`` is vmap refusing an op of the batched backward (the documented case for the fallback)."""
+    if isinstance(err, torch.cuda.OutOfMemoryError):
+        return False
+    message = str(err).lower()
+    return any(word in message for word in _VMAP_REFUSALS)
+
+
 def target_gradients(
     scores: Tensor, leaves: Sequence[Tensor], batched: bool | None = None
 ) -> list[list[Tensor]]:
@@ -273,8 +286,10 @@ def target_gradients(
                     allow_unused=True,
                     is_grads_batched=True,
                 )
-        except RuntimeError:
-            pass  # an op vmap cannot batch: one backward per target below (the graph was retained)
+        except RuntimeError as err:
+            if not _vmap_refused(err):
+                raise
+            # an op vmap cannot run: one backward per target below (the graph was retained)
         else:
             return [
                 [torch.zeros_like(a) if g is None else g[t] for g, a in zip(grads, leaves, strict=True)]

@@ -29,10 +29,12 @@ from PIL import Image
 from torch import Tensor, nn
 
 from camkit.adapters import Preprocess, imagenet_labels
-from camkit.core.augment import Augment, AugmentSpec, average, resolve_augment
+from camkit.adapters.video import postprocess_clip
+from camkit.core.augment import Augment, AugmentSpec, average
 from camkit.core.capture import Captured, LayerCapture, check_eval
 from camkit.core.explanation import Explanation
 from camkit.core.layers import LayerSpec, resolve_layers
+from camkit.core.options import ExplainOptions
 from camkit.core.outputs import OutputSpec, model_device, output_fn
 from camkit.core.postprocess import fuse, normalize, upsample
 from camkit.core.targets import TargetSpec, TopK, resolve_classes, score_fn
@@ -40,22 +42,11 @@ from camkit.core.tasks import ChosenTarget, default_targets, model_task, score_t
 from camkit.core.tokens import FeatureMaps, Reshape, to_spatial, unwrap
 from camkit.errors import CamkitError
 from camkit.io import load_image, to_rgb
-from camkit.methods import (
-    AttentionInput,
-    AttentionMethod,
-    LayerMethod,
-    Method,
-    MethodInput,
-    PassInput,
-    PassMethod,
-    PerturbationMethod,
-    get_method,
-)
-from camkit.methods.cam import classifier_weights
+from camkit.methods import Method, MethodInput, MethodKind, PassInput, get_method
 from camkit.methods.engine import PerturbationContext, PerturbationOptions, Progress
 from camkit.methods.projection import smooth_projection
 
-__all__ = ["ImageInput", "OutputSpec", "TargetPlan", "Targets", "compare", "explain"]
+__all__ = ["ExplainOptions", "ImageInput", "OutputSpec", "TargetPlan", "Targets", "compare", "explain"]
 
 ImageInput = Tensor | Image.Image | str | Path | Sequence[Image.Image | str | Path]
 
@@ -123,9 +114,8 @@ class Shared:
     features: FeatureMaps
     targets: Targets
     output_fn: Callable[[object], Tensor]
-    perturbation: PerturbationOptions
+    options: ExplainOptions
     progress: Progress
-    reshape: Reshape | None = None
 
     @property
     def n_targets(self) -> int:
@@ -152,10 +142,7 @@ class Maps:
 
 
 def _inputs(model: nn.Module, images: ImageInput, preprocess: Preprocess | None) -> Inputs:
-    """1. Check the model is in eval mode; images / paths / a tensor -> the batch on the model's device."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module (in eval mode), got {type(model).__name__}")
-    check_eval(model, stacklevel=6)
+    """1. Images / paths / a tensor -> the batch on the model's device (the model is checked by :func:`enter_model`)."""
     if isinstance(images, Tensor):
         x, pils = _check_tensor(model, images), None
     else:
@@ -168,6 +155,21 @@ def _inputs(model: nn.Module, images: ImageInput, preprocess: Preprocess | None)
     return Inputs(x if x.device == device else x.to(device), pils)
 
 
+def enter_model(model: nn.Module, stacklevel: int) -> nn.Module:
+    """The model as every stage uses it, normalised once on entry: the module that really runs (inside
+    ``DataParallel`` / ``torch.compile``, a Keras model's torch view, :func:`camkit.core.tokens.unwrap`), checked
+    to be in eval mode (``stacklevel``: of the warning for a model in training mode, from the caller)."""
+    if not isinstance(model, nn.Module) and not _is_keras(model):
+        raise TypeError(f"model must be a torch.nn.Module (in eval mode), got {type(model).__name__}")
+    module = unwrap(model)
+    check_eval(module, stacklevel=stacklevel + 1)
+    return module
+
+
+def _is_keras(model: object) -> bool:
+    return any(cls.__module__.split(".")[0] == "keras" for cls in type(model).__mro__)
+
+
 def _layers(model: nn.Module, spec: LayerSpec, x: Tensor) -> dict[str, nn.Module]:
     """2. The layer spec -> ``{dotted name: module}``; a feature-pyramid backbone becomes its levels."""
     return _fpn_levels(resolve_layers(model, spec, x))
@@ -177,7 +179,8 @@ def prepare(
     model: nn.Module, images: ImageInput, layers: LayerSpec, preprocess: Preprocess | None = None
 ) -> tuple[Inputs, dict[str, nn.Module]]:
     """Stages 1 and 2 for other entry points (:func:`camkit.factorize`): the checked batch on the model's device
-    (and the RGB images it came from) and the target layers ``{name: module}``."""
+    (and the RGB images it came from) and the target layers ``{name: module}``; ``model`` as normalised by
+    :func:`enter_model`."""
     inputs = _inputs(model, images, preprocess)
     return inputs, _layers(model, layers, inputs.x)
 
@@ -209,7 +212,7 @@ def _targets(
     model: nn.Module, spec: TargetSpec, labels: Sequence[str] | None, methods: Sequence[Method]
 ) -> TargetPlan:
     """3. What to explain. torchvision segmentation / detection models with no target or a class get one per image."""
-    if callable(spec) and any(isinstance(m, LayerMethod) and m.needs_classifier for m in methods):
+    if callable(spec) and any(m.needs_classifier for m in methods):
         raise CamkitError(
             "CAM explains a class (it reads the classifier's weights): give class targets, not a function"
         )
@@ -248,109 +251,89 @@ def _token_layout(
 
 
 def _method_weights(method: Method, shared: Shared) -> dict[str, list[Tensor]]:
-    """6. Per layer, channel weights Tensor[B, K] per target, by the method's kind: CAM's classifier rows, a
-    perturbation method's weights; none for formulas that read A and dS/dA themselves, nor for attention."""
-    if isinstance(method, PerturbationMethod) or (
-        isinstance(method, LayerMethod) and method.needs_classifier
-    ):
-        return {layer: _layer_weights(method, shared, layer) for layer in shared.captured.order}
-    return {}
-
-
-def _layer_weights(method: Method, shared: Shared, layer: str) -> list[Tensor]:
-    a = shared.features.activations[layer]
-    classes = shared.targets.classes
-    if isinstance(method, LayerMethod) and method.needs_classifier:
-        if classes is None:
-            raise CamkitError(
-                f"{method.name} explains a class: give class targets (an index, a name or TopK)"
-            )
-        w = classifier_weights(shared.model, a, shared.captured.output, layer)
-        return [w[classes if classes.dim() == 1 else classes[:, t]] for t in range(shared.n_targets)]
-    if isinstance(method, PerturbationMethod):
-        if classes is None and shared.multi:
-            raise CamkitError(
-                f"{method.name} explains one callable target per image; for a target returning Tensor[B, T] "
-                "use a gradient method, or explain each target in its own call"
-            )
-        ctx = PerturbationContext(
-            model=shared.model,
-            x=shared.x,
-            layer=shared.layers[layer],
-            layer_name=layer,
-            calls=shared.captured.calls.get(layer, 1),
-            activations=a,
-            output=shared.captured.output,
-            classes=classes,
-            target_fn=shared.targets.fn if classes is None else None,
-            output_fn=shared.output_fn,
-            options=shared.perturbation,
-            progress=shared.progress,
-            layout=shared.features.layouts.get(layer),
+    """6. Per layer, channel weights Tensor[B, K] per target for a method of kind ``CHANNEL_WEIGHTS`` (CAM's
+    classifier rows, a perturbation method's weights: :meth:`Method.channel_weights`); none for the other kinds."""
+    if method.kind is not MethodKind.CHANNEL_WEIGHTS:
+        return {}
+    if shared.targets.classes is None and shared.multi:
+        raise CamkitError(
+            f"{method.name} explains one callable target per image; for a target returning Tensor[B, T] "
+            "use a gradient method, or explain each target in its own call"
         )
-        w = method.weights(ctx)  # [B, T, K]
-        return [w[:, t] for t in range(shared.n_targets)]
-    raise TypeError(f"{method.name} ({method.family}) has no channel weights")
+    out = {}
+    for layer in shared.captured.order:
+        w = method.channel_weights(_weights_context(shared, layer))  # [B, T, K]
+        out[layer] = [w[:, t] for t in range(shared.n_targets)]
+    return out
 
 
-def _maps(
-    method: Method, shared: Shared, weights: dict[str, list[Tensor]], eigen_smooth: bool = False
-) -> dict[str, Tensor]:
-    """7. The signed map of each layer, shallow to deep (Tensor[B, h, w], [B, k, h, w] for k targets per image);
-    an attention method: its own map from its own pass. ``eigen_smooth``: the first principal component of the
-    map's per-channel terms instead of their sum (:func:`_eigen_smoothed`)."""
-    if isinstance(method, AttentionMethod):
-        tg = shared.targets
-        return {
-            method.name: method.run(
-                AttentionInput(shared.model, shared.x, shared.output_fn, tg.classes, tg.fn)
-            )
-        }
-    if isinstance(method, PassMethod):
-        return _pass_maps(method, shared)
+def _weights_context(shared: Shared, layer: str) -> PerturbationContext:
+    """What :meth:`Method.channel_weights` reads of one layer."""
+    classes = shared.targets.classes
+    return PerturbationContext(
+        model=shared.model,
+        x=shared.x,
+        layer=shared.layers[layer],
+        layer_name=layer,
+        calls=shared.captured.calls.get(layer, 1),
+        activations=shared.features.activations[layer],
+        output=shared.captured.output,
+        classes=classes,
+        target_fn=shared.targets.fn if classes is None else None,
+        output_fn=shared.output_fn,
+        options=shared.options.perturbation,
+        progress=shared.progress,
+        layout=shared.features.layouts.get(layer),
+    )
+
+
+def _maps(method: Method, shared: Shared, weights: dict[str, list[Tensor]]) -> dict[str, Tensor]:
+    """7. The signed maps by the method's kind: per layer, shallow to deep, from the shared capture (Tensor[B, h, w],
+    [B, k, h, w] for k targets per image), or the method's own passes' maps (:meth:`Method.own_maps`)."""
+    if not method.kind.shared_capture:
+        return method.own_maps(_pass_input(shared))
     raw = {}
     for layer in shared.captured.order:
-        a = shared.features.activations[layer].float()
         w = weights.get(layer)
-        per_target = []
-        for t in range(shared.n_targets):
-            if isinstance(method, PerturbationMethod):
-                assert w is not None
-                if eigen_smooth:
-                    per_target.append(smooth_projection(w[t].float()[:, :, None, None] * a))
-                else:
-                    per_target.append(torch.einsum("bk,bkhw->bhw", w[t].float(), a))
-                continue
-            assert isinstance(method, LayerMethod)
-            g = _gradient(shared.features, layer, t) if method.needs_grad else None
-            inp = MethodInput(a, g, None if w is None else w[t])
-            per_target.append(_eigen_smoothed(method, inp, layer) if eigen_smooth else method.fn(inp))
+        per_target = [
+            _layer_map(method, shared, layer, None if w is None else w[t], t) for t in range(shared.n_targets)
+        ]
         raw[layer] = _unfold(
             shared.features, layer, torch.stack(per_target, dim=1) if shared.multi else per_target[0]
         )
     return raw
 
 
-def _pass_maps(method: PassMethod, shared: Shared) -> dict[str, Tensor]:
-    """7, for a :class:`PassMethod`: its own passes' maps, given the shared capture in case it combines both."""
+def _layer_map(method: Method, shared: Shared, layer: str, w: Tensor | None, t: int) -> Tensor:
+    """One layer's signed map for target ``t``: sum_k w_k A_k for channel weights ``w`` Tensor[B, K], else the
+    method's formula of A and dS/dA; eigen-smoothed when the call asks."""
+    a = shared.features.activations[layer].float()
+    smooth = shared.options.eigen_smooth
+    if w is not None:
+        wt = w.float()
+        return smooth_projection(wt[:, :, None, None] * a) if smooth else torch.einsum("bk,bkhw->bhw", wt, a)
+    g = _gradient(shared.features, layer, t) if method.needs_grad else None
+    inp = MethodInput(a, g)
+    return _eigen_smoothed(method, inp, layer) if smooth else method.formula(inp)
+
+
+def _pass_input(shared: Shared) -> PassInput:
+    """What a method's own passes receive, with the shared capture in case it combines both."""
     tg = shared.targets
-    features = shared.features
-    return method.run(
-        PassInput(
-            shared.model,
-            shared.x,
-            shared.layers,
-            shared.output_fn,
-            tg.classes,
-            tg.fn,
-            activations=dict(features.activations),
-            gradients=dict(features.gradients),
-            reshape=shared.reshape,
-        )
+    return PassInput(
+        shared.model,
+        shared.x,
+        shared.layers,
+        shared.output_fn,
+        tg.classes,
+        tg.fn,
+        activations=dict(shared.features.activations),
+        gradients=dict(shared.features.gradients),
+        reshape=shared.options.reshape,
     )
 
 
-def _eigen_smoothed(method: LayerMethod, inp: MethodInput, layer: str) -> Tensor:
+def _eigen_smoothed(method: Method, inp: MethodInput, layer: str) -> Tensor:
     """Eigen-smoothing of a layer method whose map is a sum over channels of terms that each read only their own
     channel (Grad-CAM: w_k A_k; HiResCAM: g_k A_k; LayerCAM: ReLU(g_k) A_k; CAM: W_ck A_k; ...): the terms are
     the method's formula applied to each channel alone (channels folded into the batch), checked to sum to the
@@ -363,8 +346,10 @@ def _eigen_smoothed(method: LayerMethod, inp: MethodInput, layer: str) -> Tensor
             None if t is None else t.reshape(b * k, 1, *t.shape[2:]) if t.dim() == 4 else t.reshape(b * k, 1)
         )
 
-    terms = method.fn(MethodInput(a.reshape(b * k, 1, h, w), fold(inp.gradients), fold(inp.class_weights)))
-    plain = method.fn(inp)
+    terms = method.formula(
+        MethodInput(a.reshape(b * k, 1, h, w), fold(inp.gradients), fold(inp.class_weights))
+    )
+    plain = method.formula(inp)
     terms = terms.reshape(b, k, h, w)
     scale = float(plain.abs().max().clamp_min(1e-30))
     if not torch.allclose(terms.sum(dim=1), plain, rtol=1e-4, atol=1e-5 * scale):
@@ -380,10 +365,8 @@ def _postprocess(
 ) -> Maps:
     """8. ReLU, upsampling to the input size and min-max per layer, then the fusion of the layers (a clip:
     ``size`` is (T, H, W), see :func:`camkit.adapters.video.postprocess_clip`)."""
-    shallow_tanh = 2.0 if (method.name == "layercam" and fusion is None) else None  # LayerCAM's paper
+    shallow_tanh = method.fusion_tanh if fusion is None else None
     if len(size) == 3:
-        from camkit.adapters.video import postprocess_clip
-
         return Maps(*postprocess_clip(raw, (size[0], size[1], size[2]), relu, fusion, shallow_tanh))
     layer_maps = {name: normalize(upsample(torch.relu(r) if relu else r, size)) for name, r in raw.items()}
     return Maps(layer_maps, fuse(list(layer_maps.values()), mode=fusion or "max", shallow_tanh=shallow_tanh))
@@ -422,99 +405,71 @@ def _explanation(
     )
 
 
-def _compute(
-    model: nn.Module,
-    images: ImageInput,
-    methods: Sequence[Method],
-    layers: LayerSpec,
-    targets: TargetSpec,
-    preprocess: Preprocess | None,
-    labels: Sequence[str] | None,
-    fusion: str | None,
-    relu: bool,
-    output: OutputSpec,
-    reshape: Reshape | None = None,
-    perturbation: PerturbationOptions | None = None,
-    eigen_smooth: bool = False,
-    augment: AugmentSpec = None,
-) -> dict[str, Explanation]:
-    if not isinstance(eigen_smooth, bool):
-        raise TypeError(f"eigen_smooth must be True or False, got {eigen_smooth!r}")
-    if eigen_smooth and any(isinstance(m, (AttentionMethod, PassMethod)) for m in methods):
-        raise CamkitError(
-            "eigen_smooth applies to layer and perturbation methods, not to attention methods or methods with "
-            "passes of their own (FullGrad, guided backprop, ...)"
-        )
-    augs = resolve_augment(augment)
-    if augs and isinstance(images, Tensor) and images.dim() == 5:
-        raise CamkitError("augment= works on images, not on clips Tensor[B, C, T, H, W]: use augment=None")
-    if augs:
-        return _augmented(
-            augs,
-            model,
-            images,
-            methods,
-            layers,
-            targets,
-            preprocess,
-            labels,
-            fusion,
-            relu,
-            output,
-            reshape,
-            perturbation,
-            eigen_smooth,
-        )
-    model = unwrap(model)  # DataParallel / torch.compile: hooks go on the eager module that holds the weights
-    read = output_fn(output)
-    inputs = _inputs(model, images, preprocess)
+@dataclass(frozen=True)
+class Computed:
+    """One pass of stages 2-9: the explanations by method name and the target layers it resolved."""
+
+    results: dict[str, Explanation]
+    layers: dict[str, nn.Module]
+
+
+def _compute(model: nn.Module, inputs: Inputs, methods: Sequence[Method], opts: ExplainOptions) -> Computed:
+    """Stages 2-9 on a batch: one shared capture, then each method's weights, maps and post-processing."""
+    read = output_fn(opts.output)
     _check_clip_methods(inputs.x, methods)
-    modules = _layers(model, layers, inputs.x)
-    plan = _targets(model, targets, labels, methods)
+    modules = _layers(model, opts.layers, inputs.x)
+    plan = _targets(model, opts.targets, opts.labels, methods)
     need_grad = any(m.needs_grad for m in methods)
     cap, resolved = _capture(model, inputs.x, modules, plan, need_grad, read)
-    features = _token_layout(model, modules, cap, inputs.x, reshape)
-    options = perturbation or PerturbationOptions()
-    shared = Shared(
-        model, inputs.x, modules, cap, features, resolved, read, options, Progress(options.progress), reshape
-    )
+    features = _token_layout(model, modules, cap, inputs.x, opts.reshape)
+    progress = Progress(opts.perturbation.progress)
+    shared = Shared(model, inputs.x, modules, cap, features, resolved, read, opts, progress)
     size = tuple(int(n) for n in inputs.x.shape[2:])  # (H, W); (T, H, W) for a clip
     results = {}
     for method in methods:
-        weights = _method_weights(method, shared)
-        raw = _maps(method, shared, weights, eigen_smooth)
+        raw = _maps(method, shared, _method_weights(method, shared))
         for layer, r in raw.items():
             _check_finite(
                 r, r.shape[0], f"the {method.name} map of {layer!r}", "its gradients or weights overflowed"
             )
-        maps = _postprocess(method, raw, size, relu, fusion)
+        maps = _postprocess(method, raw, size, opts.relu, opts.fusion)
         for layer, m in {**maps.layer_maps, "(fused)": maps.fused}.items():
             _check_finite(m, m.shape[0], f"the post-processed {method.name} map of {layer!r}", "")
         results[method.name] = _explanation(method, raw, maps, cap, resolved, inputs)
-    return results
+    return Computed(results, modules)
 
 
-def _augmented(
-    augs: list[Augment],
-    model: nn.Module,
-    images: ImageInput,
-    methods: Sequence[Method],
-    layers: LayerSpec,
-    targets: TargetSpec,
-    preprocess: Preprocess | None,
-    labels: Sequence[str] | None,
-    fusion: str | None,
-    relu: bool,
-    output: OutputSpec,
-    reshape: Reshape | None,
-    perturbation: PerturbationOptions | None,
-    eigen_smooth: bool,
+def _explain_all(
+    model: nn.Module, images: ImageInput, methods: Sequence[Method], opts: ExplainOptions
 ) -> dict[str, Explanation]:
-    """Test-time augmentation (:mod:`camkit.core.augment`): one call per augmentation, the maps warped back onto the
-    original input and averaged. The first pass (the input as given) fixes the classes, the layers, the scores
-    and the raw maps; the other passes explain the same classes."""
-    model = unwrap(model)
-    if isinstance(targets, TopK) or callable(targets):
+    """What :func:`explain` and :func:`compare` run once their arguments are records: the model normalised once
+    (:func:`enter_model`), the combinations a method's kind does not support refused by name, then one pass, or one
+    per augmentation (:func:`_augmented`)."""
+    model = enter_model(model, stacklevel=3)
+    _check_kinds(methods, opts)
+    if opts.augment:
+        if isinstance(images, Tensor) and images.dim() == 5:
+            raise CamkitError(
+                "augment= works on images, not on clips Tensor[B, C, T, H, W]: use augment=None"
+            )
+        _check_augment(model, methods, opts)
+        return _augmented(model, _inputs(model, images, opts.preprocess), methods, opts)
+    return _compute(model, _inputs(model, images, opts.preprocess), methods, opts).results
+
+
+def _check_kinds(methods: Sequence[Method], opts: ExplainOptions) -> None:
+    """eigen_smooth needs maps that are sums over channels (kinds reading the shared capture)."""
+    own = [m.name for m in methods if not m.kind.shared_capture]
+    if opts.eigen_smooth and own:
+        raise CamkitError(
+            f"eigen_smooth applies to layer and perturbation methods, not to attention methods or methods with "
+            f"passes of their own (FullGrad, guided backprop, ...): {', '.join(own)}"
+        )
+
+
+def _check_augment(model: nn.Module, methods: Sequence[Method], opts: ExplainOptions) -> None:
+    """Test-time augmentation explains one class per image of a classifier, with methods whose maps it can warp."""
+    if isinstance(opts.targets, TopK) or callable(opts.targets):
         raise CamkitError(
             "augment explains one class per image: give None, a class index or name, or a list; TopK and "
             "callable targets (a mask or a box does not follow a flip) are not supported with augment"
@@ -523,54 +478,50 @@ def _augmented(
         raise CamkitError(
             "augment is for classifiers: a segmentation mask or a detection box does not follow a flip"
         )
-    if any(isinstance(m, AttentionMethod) for m in methods):
-        raise CamkitError("augment applies to layer and perturbation methods, not to attention methods")
-    inputs = _inputs(model, images, preprocess)
+    refused = [m.name for m in methods if not m.augmentable]
+    if refused:
+        raise CamkitError(
+            f"augment applies to layer, perturbation and own-pass methods, not to attention methods "
+            f"({', '.join(refused)}): use augment=None for them"
+        )
+
+
+def _augmented(
+    model: nn.Module, inputs: Inputs, methods: Sequence[Method], opts: ExplainOptions
+) -> dict[str, Explanation]:
+    """Test-time augmentation (:mod:`camkit.core.augment`): one pass per augmentation, the maps warped back onto the
+    original input and averaged. The first pass (the input as given) fixes the classes, the layers, the scores
+    and the raw maps; the other passes explain the same classes at the layers the first pass resolved."""
     x = inputs.x
     size = (x.shape[-2], x.shape[-1])
-
-    def once(xa: Tensor, layer_spec: LayerSpec, target: TargetSpec) -> dict[str, Explanation]:
-        return _compute(
-            model,
-            xa,
-            methods,
-            layer_spec,
-            target,
-            None,
-            labels,
-            fusion,
-            relu,
-            output,
-            reshape,
-            perturbation,
-            eigen_smooth,
-        )
-
-    base = once(x, layers, targets)
-    first = next(iter(base.values()))
+    base = _compute(model, inputs, methods, opts)
+    first = next(iter(base.results.values()))
     assert first.classes is not None
-    classes = [int(c) for c in first.classes]
-    # the augmented passes use the layers the first pass resolved, read from a method that explains the asked
-    # layers (an own-pass method's maps are named after the method and it picks its own layers)
-    at_layers = [m.name for m in methods if not isinstance(m, PassMethod)]
-    names: LayerSpec = list(base[at_layers[0]].layers) if at_layers else layers
-    fused: dict[str, list[Tensor]] = {m: [] for m in base}
-    per_layer: dict[str, dict[str, list[Tensor]]] = {m: {n: [] for n in base[m].layer_maps} for m in base}
-    for aug in augs:
-        res = base if aug.identity else once(aug.apply(x), names, classes)
-        for m, e in res.items():
-            fused[m].append(aug.invert(e.maps, size))
-            for n, lm in e.layer_maps.items():
-                per_layer[m][n].append(aug.invert(lm, size))
+    fixed = replace(opts, layers=list(base.layers), targets=[int(c) for c in first.classes])
+    passes = [
+        base.results if aug.identity else _compute(model, Inputs(aug.apply(x), None), methods, fixed).results
+        for aug in opts.augment
+    ]
     return {
-        m: replace(
-            e,
-            maps=average(fused[m]),
-            layer_maps={n: average(v) for n, v in per_layer[m].items()},
-            images=inputs.images,
-        )
-        for m, e in base.items()
+        name: _averaged(e, [p[name] for p in passes], opts.augment, size, inputs.images)
+        for name, e in base.results.items()
     }
+
+
+def _averaged(
+    base: Explanation,
+    passes: Sequence[Explanation],
+    augs: Sequence[Augment],
+    size: tuple[int, int],
+    images: list[Image.Image] | None,
+) -> Explanation:
+    """The first pass's explanation with its maps replaced by the mean of every pass's maps, warped back."""
+    fused = [aug.invert(e.maps, size) for aug, e in zip(augs, passes, strict=True)]
+    per_layer = {
+        n: average([aug.invert(e.layer_maps[n], size) for aug, e in zip(augs, passes, strict=True)])
+        for n in base.layer_maps
+    }
+    return replace(base, maps=average(fused), layer_maps=per_layer, images=images)
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -610,7 +561,7 @@ def _check_clip_methods(x: Tensor, methods: Sequence[Method]) -> None:
     """Clips Tensor[B, C, T, H, W] are explained by the layer methods only."""
     if x.dim() != 5:
         return
-    other = [m.name for m in methods if not isinstance(m, LayerMethod)]
+    other = [m.name for m in methods if not m.clips]
     if other:
         raise CamkitError(
             f"{', '.join(other)} cannot explain a clip Tensor[B, C, T, H, W] (perturbation, attention and "
@@ -732,22 +683,20 @@ def explain(
             original input's). One class per image (not ``TopK`` nor a callable target); classifiers only.
     """
     chosen = get_method(method)
-    return _compute(
-        model,
-        images,
-        [chosen],
+    opts = ExplainOptions.build(
         layers,
         targets,
-        preprocess,
-        labels,
-        fusion,
-        relu,
-        output,
-        reshape,
-        perturbation,
-        eigen_smooth,
-        augment,
-    )[chosen.name]
+        preprocess=preprocess,
+        labels=labels,
+        fusion=fusion,
+        relu=relu,
+        output=output,
+        reshape=reshape,
+        perturbation=perturbation,
+        eigen_smooth=eigen_smooth,
+        augment=augment,
+    )
+    return _explain_all(model, images, [chosen], opts)[chosen.name]
 
 
 def compare(
@@ -774,22 +723,37 @@ def compare(
     """
     if isinstance(methods, str):
         methods = [m.strip() for m in methods.split(",") if m.strip()]
-    resolved = list({get_method(m).name: get_method(m) for m in methods}.values())
+    resolved = _distinct(methods)
     if not resolved:
         raise CamkitError("no method given")
-    return _compute(
-        model,
-        images,
-        resolved,
+    opts = ExplainOptions.build(
         layers,
         targets,
-        preprocess,
-        labels,
-        fusion,
-        relu,
-        output,
-        reshape,
-        perturbation,
-        eigen_smooth,
-        augment,
+        preprocess=preprocess,
+        labels=labels,
+        fusion=fusion,
+        relu=relu,
+        output=output,
+        reshape=reshape,
+        perturbation=perturbation,
+        eigen_smooth=eigen_smooth,
+        augment=augment,
     )
+    return _explain_all(model, images, resolved, opts)
+
+
+def _distinct(methods: Sequence[str | Method]) -> list[Method]:
+    """The methods of a :func:`compare`, in order; a name given twice (or by an alias) counts once, two different
+    methods (e.g. two configurations) under one name are refused, since the results are keyed by name."""
+    out: dict[str, Method] = {}
+    for given in methods:
+        m = get_method(given)
+        seen = out.get(m.name)
+        if seen is not None and seen is not m and seen != m:
+            raise CamkitError(
+                f"two different methods are named {m.name!r}: results are keyed by method name; give each "
+                "configuration its own name (e.g. dataclasses.replace(method, name=...)), or compare them in "
+                "separate calls"
+            )
+        out.setdefault(m.name, m)
+    return list(out.values())

@@ -42,7 +42,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from camkit.adapters import imagenet_labels
 from camkit.errors import CamkitError
 
 __all__ = [
@@ -55,6 +54,7 @@ __all__ = [
     "TargetSpec",
     "TopK",
     "class_index",
+    "imagenet_labels",
     "parse_target",
     "resolve_classes",
     "score_fn",
@@ -121,6 +121,14 @@ def class_index(item: int | str, num_classes: int, labels: Sequence[str] | None)
         hint = f" Closest: {', '.join(f'{c!r} ({pool[c]})' for c in close)}." if close else ""
         raise CamkitError(f"unknown class name {item!r}.{hint}")
     raise TypeError(f"a class target must be an int or a class name, got {type(item).__name__}")
+
+
+@functools.cache
+def imagenet_labels() -> list[str]:
+    """The 1000 ImageNet class names, as shipped with torchvision (no download)."""
+    from torchvision.models import ResNet50_Weights
+
+    return list(ResNet50_Weights.IMAGENET1K_V2.meta["categories"])
 
 
 @functools.cache

@@ -74,6 +74,26 @@ class Layout:
         spatial = t[:, self.prefix :, :]
         return spatial.reshape(t.shape[0], h, w, t.shape[2]).permute(0, 3, 1, 2)
 
+    def write(self, acts: Tensor, live: Tensor) -> Tensor:
+        """The inverse of reading: feature maps Tensor[n, K, h, w] back in this layout, for a replay of the layers
+        after the target: as is (``"nchw"``), channels-last [n, h, w, K], or tokens [n, p + h*w, K] whose p prefix
+        tokens (class, distillation, ...) are taken from the live output ``live`` of the same forward ([1 or n, N,
+        K]; sequence-first [N, 1 or n, K])."""
+        n = acts.shape[0]
+        if self.kind == "nchw":
+            return acts
+        if self.kind == "nhwc":
+            return acts.permute(0, 2, 3, 1).contiguous()
+        if self.kind == "ncthw":
+            h, w = self.grid
+            return acts.reshape(n, acts.shape[1], self.frames, h, w)
+        tokens = acts.flatten(2).transpose(1, 2)  # [n, h*w, K]
+        seq_first = self.kind == "tokens-seq-first"
+        base = live.transpose(0, 1) if seq_first else live
+        out = base.expand(n, *base.shape[1:]).clone() if base.shape[0] != n else base.clone()
+        out[:, self.prefix :, :] = tokens.to(out.dtype)
+        return out.transpose(0, 1).contiguous() if seq_first else out
+
     def unfold(self, m: Tensor) -> Tensor:
         """A map computed on the stacked layout, Tensor[..., t*h, w] -> Tensor[..., t, h, w] (``"ncthw"``); any
         other layout: ``m`` as is."""

@@ -55,7 +55,11 @@ class PerturbationOptions:
             activation's minimum is not 0).
         top_channels: only the k channels of highest mean activation per image get a forward pass (others:
             weight 0). Faster, approximate; None (default) is exact.
-        samples: noise draws (SS-CAM, default 35) or integration steps (IS-CAM, default 10).
+        samples: the default of ``noise_draws``, ``integration_steps`` and ``iterations`` when those are None (one
+            setting for the three methods, kept for existing callers).
+        noise_draws: SS-CAM's noise draws per channel (default 35).
+        integration_steps: IS-CAM's integration steps (default 10).
+        iterations: Opti-CAM's optimisation steps (default 100).
         noise_std: standard deviation of SS-CAM's mask noise.
         seed: seed of SS-CAM's noise.
         replay: Ablation-CAM re-runs only the layers after the target (default); False runs whole forwards.
@@ -89,6 +93,9 @@ class PerturbationOptions:
     ablation: Literal["zero", "gradcam-min"] = "zero"
     top_channels: int | None = None
     samples: int | None = None
+    noise_draws: int | None = None
+    integration_steps: int | None = None
+    iterations: int | None = None
     noise_std: float = 2.0
     seed: int = 0
     replay: bool = True
@@ -110,12 +117,20 @@ class PerturbationOptions:
         if self.channels_last not in (None, True, False):
             raise CamkitError(f"channels_last must be None, True or False, got {self.channels_last!r}")
         check_compile(self.compile)
-        if self.samples is not None and self.samples < 1:
-            raise CamkitError(f"samples must be >= 1, got {self.samples}")
+        for name in ("samples", "noise_draws", "integration_steps", "iterations"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise CamkitError(f"{name} must be >= 1, got {value}")
         if self.forward is not None and not callable(self.forward):
             raise TypeError(
                 f"forward must be a callable Tensor[N, C, H, W] -> model output, got {self.forward!r}"
             )
+
+    def count(self, name: str, default: int) -> int:
+        """A method's own count (``noise_draws``, ``integration_steps``, ``iterations``), else ``samples``, else
+        the method's default."""
+        value = getattr(self, name)
+        return int(value if value is not None else self.samples if self.samples is not None else default)
 
 
 @dataclass
@@ -482,26 +497,11 @@ def channel_weights(ctx: PerturbationContext, scores: ChannelScores, per_channel
 # ----------------------------------------------------------------------------------------------- Ablation-CAM
 
 
-def _to_layout(layout: Layout, acts: Tensor, live: Tensor) -> Tensor:
-    """Feature maps Tensor[n, K, h, w] back in the layer's own layout, for a replay: channels-last [n, h, w, K],
-    or tokens [n, p + h*w, K] whose p prefix tokens (class, distillation, ...) are taken from the live output
-    ``live`` of the same forward ([1 or n, N, K]; sequence-first [N, 1 or n, K])."""
-    n = acts.shape[0]
-    if layout.kind == "nhwc":
-        return acts.permute(0, 2, 3, 1).contiguous()
-    tokens = acts.flatten(2).transpose(1, 2)  # [n, h*w, K]
-    seq_first = layout.kind == "tokens-seq-first"
-    base = live.transpose(0, 1) if seq_first else live
-    out = base.expand(n, *base.shape[1:]).clone() if base.shape[0] != n else base.clone()
-    out[:, layout.prefix :, :] = tokens.to(out.dtype)
-    return out.transpose(0, 1).contiguous() if seq_first else out
-
-
 class _Replace:
     """Forward hook that swaps the layer's output on its explained (last) call for a given tensor.
 
     The tensor is a batch of feature maps [n, K, h, w]; for a token or channels-last ``layout`` it is put back
-    into that layout first (:func:`_to_layout`), so the layers after the target read what they always read."""
+    into that layout first (:meth:`camkit.core.tokens.Layout.write`), so the layers after the target read what they always read."""
 
     def __init__(self, calls: int, layout: Layout | None = None) -> None:
         self.calls = calls
@@ -537,7 +537,7 @@ class _Replace:
             raise _LayoutMismatch(self.shape)
         if self.layout is None:
             return self.value
-        return _to_layout(self.layout, self.value, out)
+        return self.layout.write(self.value, out)
 
 
 class _LayoutMismatch(Exception):
@@ -578,71 +578,87 @@ def ablated_scores(ctx: PerturbationContext, value: Tensor) -> tuple[Tensor, Ten
     else whole forwards). A token or channels-last layer (``ctx.layout``) gets the ablated maps back in its own
     layout: channel k of the patch tokens is ablated, prefix tokens (class, distillation) are kept. Channels already equal to ``value[b]`` everywhere, and channels outside
     ``top_channels``, get no forward: y_c^k = y_c."""
-    opts = ctx.options
     a = ctx.activations
     bsz, kch = a.shape[:2]
-    t = _n_targets(ctx)
-    device = a.device
     base = _scores(ctx, ctx.output, torch.arange(bsz), prob=False)  # [B, T]
-    value = value.to(device=device, dtype=a.dtype)
-    flat = a.flatten(2)
+    value = value.to(device=a.device, dtype=a.dtype)
     # Channels already equal to the ablation value everywhere: ablating them changes nothing (w_k = 0).
-    noop = (flat == value[:, None, None]).all(dim=2)
+    noop = (a.flatten(2) == value[:, None, None]).all(dim=2)
     sel = _selected(ctx, include_constant=True) & ~noop
-    batch = batch_size_for(ctx)
-    replay = opts.replay
-    if replay and opts.batch_size is None:
-        # A replayed batch holds only the tail's activations: batch many more ablations per prefix run.
-        per_row = 4 * a[0].numel() * a.element_size()
-        budget = _budget(device)
-        batch = max(batch, min(1024, kch, budget // max(per_row, 1)))
     if ctx.progress is not None:
         ctx.progress.total += int(sel.sum())
-    new = base[:, None, :].expand(bsz, kch, t).clone()  # y_c^k; no-op and skipped channels keep y_c
-    checked = False
+    new = base[:, None, :].expand(bsz, kch, _n_targets(ctx)).clone()  # y_c^k; no-op and skipped keep y_c
+    run = _AblationRun(ctx, replay=ctx.options.replay)
+    batch = _ablation_batch(ctx)
     with torch.inference_mode():
         for b in range(bsz):
             ks = sel[b].nonzero()[:, 0]
             for start in range(0, len(ks), batch):
                 k = ks[start : start + batch]
-                n = len(k)
-                acts = a[b : b + 1].expand(n + (0 if checked else 1), *a.shape[1:]).clone()
-                rows = torch.arange(n) + (0 if checked else 1)
-                acts[rows, k] = value[b].to(acts.dtype)
-                images = torch.full((acts.shape[0],), b, dtype=torch.long)
-                out = None
-                if replay:
-                    why = "its output differs from the model's"
-                    try:
-                        out = _run_replaced(ctx, ctx.x[b : b + 1], acts)
-                    except (RuntimeError, IndexError) as err:  # e.g. a concatenation with an earlier tensor
-                        out, why = None, f"{type(err).__name__}: {err}"
-                    if out is not None and not checked and not _same(out[:1], ctx.output[b : b + 1]):
-                        out = None
-                    if out is None:
-                        replay = False
-                        warnings.warn(
-                            f"Ablation-CAM: replaying the layers after {ctx.layer_name!r} does not work for this "
-                            f"model ({why}); running whole forwards instead (slower, same weights)",
-                            RuntimeWarning,
-                            stacklevel=2,
-                        )
-                if out is None:
-                    out = _run_replaced(ctx, ctx.x[b : b + 1].expand(acts.shape[0], *ctx.x.shape[1:]), acts)
-                    if not checked and not _same(out[:1], ctx.output[b : b + 1]):
-                        raise RuntimeError(
-                            "the model does not give the same output when its target-layer activation is fed "
-                            "back unchanged; is it deterministic and in eval mode?"
-                        )
-                s = _scores(ctx, out, images, prob=False)
-                _check_finite(s, images, "an ablated activation")
-                if not checked:
-                    s = s[1:]
-                    checked = True
-                new[b, k] = s
+                new[b, k] = run.scores(b, k, value[b])
                 if ctx.progress is not None:
-                    ctx.progress.add(n)
+                    ctx.progress.add(len(k))
     return base, new
+
+
+def _ablation_batch(ctx: PerturbationContext) -> int:
+    """Ablations per forward: a replayed batch holds only the tail's activations, so many more fit."""
+    batch = batch_size_for(ctx)
+    if ctx.options.replay and ctx.options.batch_size is None:
+        a = ctx.activations
+        per_row = 4 * a[0].numel() * a.element_size()
+        batch = max(batch, min(1024, a.shape[1], _budget(a.device) // max(per_row, 1)))
+    return batch
+
+
+class _AblationRun:
+    """The forwards of one :func:`ablated_scores` call: replays of the layers after the target while they give the
+    model's output (checked on the first batch, which carries one unablated row), else whole forwards."""
+
+    def __init__(self, ctx: PerturbationContext, replay: bool) -> None:
+        self.ctx, self.replay, self.checked = ctx, replay, False
+
+    def scores(self, b: int, k: Tensor, value: Tensor) -> Tensor:
+        """y_c^k of image ``b`` for the channels ``k``, Tensor[n, T]."""
+        ctx, a = self.ctx, self.ctx.activations
+        extra = 0 if self.checked else 1
+        acts = a[b : b + 1].expand(len(k) + extra, *a.shape[1:]).clone()
+        acts[torch.arange(len(k)) + extra, k] = value.to(acts.dtype)
+        images = torch.full((acts.shape[0],), b, dtype=torch.long)
+        out = self._replayed(b, acts) if self.replay else None
+        if out is None:
+            out = _run_replaced(ctx, ctx.x[b : b + 1].expand(acts.shape[0], *ctx.x.shape[1:]), acts)
+            if not self.checked and not _same(out[:1], ctx.output[b : b + 1]):
+                raise RuntimeError(
+                    "the model does not give the same output when its target-layer activation is fed "
+                    "back unchanged; is it deterministic and in eval mode?"
+                )
+        s = _scores(ctx, out, images, prob=False)
+        _check_finite(s, images, "an ablated activation")
+        if not self.checked:
+            self.checked = True
+            return s[1:]
+        return s
+
+    def _replayed(self, b: int, acts: Tensor) -> Tensor | None:
+        """The replay's output, or None (and whole forwards from now on, with a warning) when it does not work."""
+        ctx = self.ctx
+        why = "its output differs from the model's"
+        try:
+            out: Tensor | None = _run_replaced(ctx, ctx.x[b : b + 1], acts)
+        except (RuntimeError, IndexError) as err:  # e.g. a concatenation with an earlier tensor
+            out, why = None, f"{type(err).__name__}: {err}"
+        if out is not None and not self.checked and not _same(out[:1], ctx.output[b : b + 1]):
+            out = None
+        if out is None:
+            self.replay = False
+            warnings.warn(
+                f"Ablation-CAM: replaying the layers after {ctx.layer_name!r} does not work for this "
+                f"model ({why}); running whole forwards instead (slower, same weights)",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        return out
 
 
 def _same(a: Tensor, b: Tensor) -> bool:

@@ -23,7 +23,15 @@ from torch import Tensor
 
 from camkit.errors import CamkitError
 from camkit.methods.passes import layer_features, per_target, stack_targets, target_count
-from camkit.methods.registry import LayerMethod, MethodInput, PassInput, PassMethod, get_method, register
+from camkit.methods.registry import (
+    LayerMethod,
+    MethodInput,
+    PassInput,
+    PassMethod,
+    configured_name,
+    get_method,
+    register,
+)
 
 __all__ = ["finer_score", "finercam", "similar_classes"]
 
@@ -46,7 +54,8 @@ def finer_score(output: Tensor, classes: Tensor, similar: Tensor, alpha: float) 
 
 
 def finercam(alpha: float = 1.0, n_similar: int = 3, base: str = "gradcam") -> PassMethod:
-    """A Finer-CAM method with these settings (``explain(..., method=finercam(alpha=0.5))``).
+    """A Finer-CAM method with these settings (``explain(..., method=finercam(alpha=0.5))``), named ``finercam``
+    with the default settings, else after the settings that differ (``finercam(alpha=0.5)``).
 
     Args:
         alpha: how much of the similar classes' logits is subtracted (0: the base method).
@@ -65,8 +74,9 @@ def finercam(alpha: float = 1.0, n_similar: int = 3, base: str = "gradcam") -> P
     def run(inp: PassInput) -> dict[str, Tensor]:
         return _run(inp, float(alpha), n_similar, fn)
 
+    settings = {"alpha": alpha, "n_similar": n_similar, "base": base}
     return PassMethod(
-        name="finercam",
+        name=configured_name("finercam", settings, {"alpha": 1.0, "n_similar": 3, "base": "gradcam"}),
         run=run,
         cost="1 forward + 1 backward to the layer (its own pass: a different score)",
         paper="Zhang et al., CVPR 2025",

@@ -134,5 +134,6 @@ register(
         summary="map = sum_k ReLU(g_k) * A_k; several layers fused (tanh-scaled shallow maps, element-wise max)",
         prefer="fine detail from shallow layers, or fusing several layers (layers='layer2,layer3,layer4')",
         aliases=("layer-cam",),
+        fusion_tanh=2.0,
     )
 )

@@ -12,11 +12,11 @@ ReLU, upsampling and min-max as for every method (:mod:`camkit.core.postprocess`
   of the unmasked score is a constant under the softmax); with ``align_corners=True`` (the masks'
   upsampling) it is pytorch-grad-cam's ScoreCAM too (both measured: Pearson 1.0 on ResNet-18).
 * **SS-CAM** (Naidu, Wang et al. 2020, "smoothed Score-CAM"): the mask is perturbed with Gaussian noise,
-  w_k = mean_i p_c(X * (H_k + n_i)), n_i ~ N(0, noise_std^2), ``samples`` draws (default 35, noise_std 2.0 as
+  w_k = mean_i p_c(X * (H_k + n_i)), n_i ~ N(0, noise_std^2), ``noise_draws`` draws (default 35, noise_std 2.0 as
   torchcam). The noise of channel (b, k) comes from its own seeded generator, so results do not depend on the
   batch size. torchcam's variant (softmax over channels of mean logits) is ``weighting="channel-softmax"``.
 * **IS-CAM** (Naidu et al. 2020, "integrated Score-CAM"): the score is integrated along the straight path from
-  the zero mask to the full mask, w_k = (1/N) sum_{i=1..N} p_c(X * (i/N) H_k) (``samples`` = N, default 10).
+  the zero mask to the full mask, w_k = (1/N) sum_{i=1..N} p_c(X * (i/N) H_k) (``integration_steps`` = N, default 10).
   torchcam multiplies the mask by a *cumulative* coefficient sum_{j<=i} j/N (up to (N+1)/2) instead of i/N.
 * **Ablation-CAM** (Desai & Ramaswamy, WACV 2020): w_k = (y_c - y_c^k) / y_c with y_c^k the score when channel k
   of the target layer is set to zero. Only the layers *after* the target run again: the cached activation is
@@ -69,10 +69,10 @@ def scorecam(ctx: PerturbationContext) -> Tensor:
 def sscam(ctx: PerturbationContext) -> Tensor:
     """SS-CAM (Naidu, Wang et al. 2020): w_k = (1/N) sum_i p_c(X * (H_k + n_i)), n_i ~ N(0, noise_std^2).
 
-    N = ``samples`` (default 35). ``weighting="channel-softmax"`` (torchcam): softmax over the channels of the
+    N = ``noise_draws`` (default 35). ``weighting="channel-softmax"`` (torchcam): softmax over the channels of the
     mean logits, constant channels included (their noisy masks are not zero)."""
     o, softmax = ctx.options, _softmax_variant(ctx)
-    n = o.samples or 35
+    n = o.count("noise_draws", 35)
     s = masked_scores(
         ctx,
         lambda h, b, k: h[:, None] + noise(ctx, b, k, n, o.noise_std),
@@ -85,9 +85,9 @@ def sscam(ctx: PerturbationContext) -> Tensor:
 
 
 def iscam(ctx: PerturbationContext) -> Tensor:
-    """IS-CAM (Naidu et al. 2020): w_k = (1/N) sum_{i=1..N} p_c(X * (i/N) H_k), N = ``samples`` (default 10)."""
+    """IS-CAM (Naidu et al. 2020): w_k = (1/N) sum_{i=1..N} p_c(X * (i/N) H_k), N = ``integration_steps`` (default 10)."""
     softmax = _softmax_variant(ctx)
-    n = ctx.options.samples or 10
+    n = ctx.options.count("integration_steps", 10)
     steps = torch.arange(1, n + 1, device=ctx.x.device, dtype=torch.float32)[None, :, None, None] / n
     s = masked_scores(ctx, lambda h, b, k: h[:, None] * steps, repeats=n, prob=not softmax, baseline=softmax)
     return channel_weights(ctx, s, s.values.mean(dim=1))

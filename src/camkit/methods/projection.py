@@ -12,7 +12,9 @@
   component sums to 0 (centring), so its sign is fixed by making its entry of largest magnitude positive
   (scikit-learn's rule). torch only (``torch.linalg.eigh``), no
   scikit-learn.
-* Deep Feature Factorization (Collins, Achanta & Süsstrunk, ECCV 2018): :func:`factorize`. Non-negative matrix
+* Deep Feature Factorization (Collins, Achanta & Süsstrunk, ECCV 2018): :func:`camkit.factorize`
+  (:mod:`camkit.core.factorize`, an entry point like :func:`camkit.explain`; :func:`nmf` and the
+  :class:`Factorization` record are here). Non-negative matrix
   factorisation of the activations of a batch, A^T = [K, B*h*w] ~ W H (W: n concept vectors over the channels, H: n
   heatmaps), by Lee & Seung's multiplicative updates from a seeded random start, in torch; each concept vector
   passed through the model's classifier gives the concept's class scores.
@@ -22,22 +24,15 @@ Eigen-CAM and KPCA-CAM are class-agnostic: the target changes nothing, and they 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from camkit.errors import CamkitError
 from camkit.methods.registry import LayerMethod, MethodInput, register
 
-if TYPE_CHECKING:
-    from camkit.adapters import Preprocess
-    from camkit.core.layers import LayerSpec
-    from camkit.core.outputs import OutputSpec
-    from camkit.core.pipeline import ImageInput
-    from camkit.core.tokens import Reshape
-
-__all__ = ["Factorization", "factorize", "first_component", "kpca_projection", "nmf", "smooth_projection"]
+__all__ = ["Factorization", "first_component", "kpca_projection", "nmf", "smooth_projection"]
 
 Kernel = Literal["sigmoid", "rbf", "linear", "poly", "cosine"]
 
@@ -223,7 +218,7 @@ def nmf(
 
 @dataclass(frozen=True)
 class Factorization:
-    """The result of :func:`factorize` (Deep Feature Factorization).
+    """The result of :func:`camkit.factorize` (Deep Feature Factorization).
 
     Attributes:
         maps: Tensor[B, n, H, W], each concept's heatmap in [0, 1] at the input size (min-max per image and concept,
@@ -249,108 +244,3 @@ class Factorization:
                 "no class scores: pass classifier=... to factorize (the layer's head was not found)"
             )
         return self.scores.topk(k, dim=1).indices
-
-
-def _head_scores(model: nn.Module, concepts: Tensor, a: Tensor, output: Tensor) -> Tensor | None:
-    """The classifier (GAP + Linear, or 1x1 conv + GAP) applied to concept vectors Tensor[n, K], or None."""
-    from camkit.methods.cam import classifier_weights
-
-    try:
-        w = classifier_weights(model, a, output, "")
-    except ValueError:
-        return None
-    k = a.shape[1]
-    head = [
-        m
-        for m in model.modules()
-        if (isinstance(m, nn.Linear) and m.in_features == k)
-        or (isinstance(m, nn.Conv2d) and m.in_channels == k)
-    ]
-    bias = next(
-        (
-            m.bias
-            for m in reversed(head)
-            if m.weight.flatten(1).shape == w.flatten(1).shape and m.bias is not None
-        ),
-        None,
-    )
-    scores = concepts.double() @ w.flatten(1).double().T
-    return scores + bias.detach().double() if bias is not None else scores
-
-
-def factorize(
-    model: nn.Module,
-    images: ImageInput,
-    layer: LayerSpec = "auto",
-    n_concepts: int = 5,
-    *,
-    preprocess: Preprocess | None = None,
-    classifier: nn.Module | None = None,
-    seed: int = 0,
-    iterations: int = 500,
-    output: OutputSpec = None,
-    reshape: Reshape | None = None,
-) -> Factorization:
-    """Deep Feature Factorization (Collins et al., ECCV 2018): ``n_concepts`` concepts shared by the images.
-
-    The layer's activations of the whole batch, A^T = [K, B*h*w], shifted per channel to be non-negative (its
-    minimum subtracted, as pytorch-grad-cam does), are factorised by NMF (:func:`nmf`, torch, seeded) into concept
-    vectors W [K, n] and heatmaps H [n, B*h*w]. One forward, no backward; the model is not modified.
-
-    Args:
-        model: a model in eval mode.
-        images: as for :func:`camkit.explain` (a normalised tensor, PIL images or paths).
-        layer: one target layer (``"auto"``, a name or a module); token and channels-last layouts are read as by
-            :func:`camkit.explain`.
-        n_concepts: the number of concepts n (>= 1).
-        preprocess: how PIL images become the model input.
-        classifier: a module mapping concept vectors Tensor[n, K] to class logits (default: the layer's own
-            GAP + Linear / 1x1-conv head, found and checked as for CAM; None when there is none).
-        seed: seed of the NMF's random start (same seed, same concepts).
-        iterations: at most this many NMF updates.
-        output: which part of a non-tensor model output holds the scores (as for :func:`camkit.explain`).
-        reshape: ``f(Tensor) -> Tensor[B, K, h, w]`` instead of camkit's layout inference.
-
-    Returns:
-        a :class:`Factorization`: the maps, the raw heatmaps, the concept vectors and their class scores.
-    """
-    from camkit.core.capture import capture
-    from camkit.core.outputs import output_fn
-    from camkit.core.pipeline import prepare
-    from camkit.core.postprocess import normalize, upsample
-    from camkit.core.tokens import to_spatial, unwrap
-
-    if isinstance(n_concepts, bool) or not isinstance(n_concepts, int) or n_concepts < 1:
-        raise CamkitError(f"n_concepts must be an int >= 1, got {n_concepts!r}")
-    if classifier is not None and not callable(classifier):
-        raise TypeError(
-            f"classifier must be a module Tensor[n, K] -> logits, got {type(classifier).__name__}"
-        )
-    model = unwrap(model)
-    inputs, modules = prepare(model, images, layer, preprocess)
-    if len(modules) != 1:
-        raise CamkitError(f"factorize takes one target layer, got {list(modules)}")
-    name = next(iter(modules))
-    cap = capture(model, inputs.x, modules, None, output_fn(output))
-    size = (inputs.x.shape[-2], inputs.x.shape[-1])
-    a = to_spatial(cap.activations, {}, model, modules, size, reshape).activations[name].detach()
-    b, k, h, w = a.shape
-    flat = torch.nan_to_num(a.double()).transpose(0, 1).reshape(k, b * h * w)
-    offset = flat.amin(dim=1, keepdim=True)
-    wm, hm = nmf(flat - offset, n_concepts, seed=seed, iterations=iterations)
-    concepts = (wm + offset).T.contiguous()  # [n, K]
-    raw = hm.reshape(n_concepts, b, h, w).transpose(0, 1).float()
-    if classifier is not None:
-        with torch.no_grad():
-            scores: Tensor | None = classifier(concepts.to(a.dtype)).double()
-    else:
-        scores = _head_scores(model, concepts, a.float(), cap.output.float())
-    up = upsample(raw.reshape(b * n_concepts, h, w), size)
-    maps = normalize(up).reshape(b, n_concepts, *size)
-    return Factorization(
-        maps=maps,
-        raw=raw,
-        concepts=concepts.float(),
-        scores=None if scores is None else scores.float(),
-        layer=name,
-    )

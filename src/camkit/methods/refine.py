@@ -23,13 +23,22 @@ from torch import Tensor
 from camkit.core.postprocess import normalize, upsample
 from camkit.errors import CamkitError
 from camkit.methods.passes import layer_features, per_target, stack_targets, target_count
-from camkit.methods.registry import LayerMethod, MethodInput, PassInput, PassMethod, get_method, register
+from camkit.methods.registry import (
+    LayerMethod,
+    MethodInput,
+    PassInput,
+    PassMethod,
+    configured_name,
+    get_method,
+    register,
+)
 
 __all__ = ["refinecam"]
 
 
 def refinecam(scales: Sequence[float] = (1.0, 1.5, 2.0), base: str = "gradcam") -> PassMethod:
-    """A multi-scale refinement method with these settings (``explain(..., method=refinecam((1, 2)))``).
+    """A multi-scale refinement method with these settings (``explain(..., method=refinecam((1, 2)))``), named
+    ``refinecam`` with the default settings, else after the settings that differ (``refinecam(scales=(1.0, 2.0))``).
 
     Args:
         scales: resize factors of the input (each > 0); every scale costs one capture pass.
@@ -46,8 +55,9 @@ def refinecam(scales: Sequence[float] = (1.0, 1.5, 2.0), base: str = "gradcam") 
     def run(inp: PassInput) -> dict[str, Tensor]:
         return _run(inp, factors, fn)
 
+    settings = {"scales": tuple(factors), "base": base}
     return PassMethod(
-        name="refinecam",
+        name=configured_name("refinecam", settings, {"scales": (1.0, 1.5, 2.0), "base": "gradcam"}),
         run=run,
         cost=f"1 forward + 1 backward per scale ({len(factors)}), its own passes",
         paper="SESS-style (Tyagi et al., ECCV 2022) without sliding windows",

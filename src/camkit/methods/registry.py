@@ -1,4 +1,13 @@
-"""Registry of CAM methods, in three explicit kinds.
+"""Registry of CAM methods. Each method class has a :class:`MethodKind` that says how its map is made, and the
+pipeline dispatches on that kind (:mod:`camkit.core.pipeline`):
+
+* ``FORMULA``: a :class:`LayerMethod` whose map is a function of the shared capture's A and dS/dA;
+* ``CHANNEL_WEIGHTS``: map = sum_k w_k A_k with w from the classifier (CAM, a :class:`LayerMethod` with
+  ``needs_classifier``) or from extra forward passes (a :class:`PerturbationMethod`): :meth:`Method.channel_weights`;
+* ``OWN_PASSES``: a :class:`PassMethod` running its own passes: :meth:`Method.own_maps`;
+* ``ATTENTION``: an :class:`AttentionMethod`, its own pass over a transformer's attention: :meth:`Method.own_maps`.
+
+The classes:
 
 * :class:`LayerMethod`: a pure function of what one capture forward gives: the target layer's activation ``A``
   (Tensor[B, K, h, w]), the gradient ``G = dS/dA`` of the explained score, and for CAM the classifier's weights.
@@ -18,13 +27,16 @@ To add a method: write its formula in the module of its kind and call :func:`reg
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable
+import enum
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import torch
 from torch import Tensor, nn
 
 from camkit.errors import CamkitError
+from camkit.methods.head import classifier_weights
 
 if TYPE_CHECKING:
     from camkit.methods.engine import PerturbationContext
@@ -36,9 +48,11 @@ __all__ = [
     "LayerMethod",
     "Method",
     "MethodInput",
+    "MethodKind",
     "PassInput",
     "PassMethod",
     "PerturbationMethod",
+    "configured_name",
     "get_method",
     "method_names",
     "register",
@@ -60,6 +74,24 @@ class MethodInput:
     class_weights: Tensor | None = None
 
 
+class MethodKind(enum.Enum):
+    """How a method makes its map; the pipeline's stages 6 and 7 dispatch on it."""
+
+    FORMULA = "formula"
+    """A function of the target layer's A and dS/dA from the shared capture (Grad-CAM, ...)."""
+    CHANNEL_WEIGHTS = "channel-weights"
+    """sum_k w_k A_k with channel weights from the classifier (CAM) or from extra forward passes (Score-CAM, ...)."""
+    OWN_PASSES = "own-passes"
+    """Maps from the method's own forward / backward passes (FullGrad, Recipro-CAM, ...)."""
+    ATTENTION = "attention"
+    """A map from a transformer's attention probabilities, in the method's own pass (rollout, ...)."""
+
+    @property
+    def shared_capture(self) -> bool:
+        """Whether the map is read from the shared capture's A (a sum over channels: eigen-smoothing applies)."""
+        return self in (MethodKind.FORMULA, MethodKind.CHANNEL_WEIGHTS)
+
+
 @dataclass(frozen=True, kw_only=True)
 class Method:
     """What every method declares.
@@ -72,10 +104,17 @@ class Method:
         aliases: other accepted names.
         prefer: one line: when to prefer it over the others.
         needs_grad: whether the method needs dS/dA from the shared capture pass.
-        family: the kind, for listings (``"layer"``, ``"perturbation"``, ``"attention"``).
+        needs_classifier: reads the weights of a GAP + Linear head (CAM): it explains classes, not a callable.
+        fusion_tanh: when the call gives no ``fusion``, the layers but the deepest are rescaled as tanh(gamma * M)
+            before their element-wise maximum with this gamma (LayerCAM's paper: 2); None: plain maximum.
+        family: the class, for listings (``"layer"``, ``"perturbation"``, ``"attention"``, ``"own-pass"``).
+        clips: whether the method explains clips Tensor[B, C, T, H, W] (:mod:`camkit.adapters.video`).
+        augmentable: whether test-time augmentation (``augment=``) applies to the method's maps.
     """
 
     family: ClassVar[str] = "method"
+    clips: ClassVar[bool] = False
+    augmentable: ClassVar[bool] = True
     name: str
     cost: str
     paper: str
@@ -83,6 +122,25 @@ class Method:
     aliases: tuple[str, ...] = ()
     prefer: str = ""
     needs_grad: bool = False
+    needs_classifier: bool = False
+    fusion_tanh: float | None = None
+
+    @property
+    def kind(self) -> MethodKind:
+        """How the map is made (see :class:`MethodKind`)."""
+        raise NotImplementedError(f"{type(self).__name__} declares no kind")
+
+    def formula(self, inp: MethodInput) -> Tensor:
+        """The signed map Tensor[B, h, w] of one layer and target from the shared capture (kind ``FORMULA``)."""
+        raise CamkitError(f"{self.name} ({self.kind.value}) has no formula of A and dS/dA")
+
+    def channel_weights(self, ctx: PerturbationContext) -> Tensor:
+        """Channel weights Tensor[B, T, K] of one layer (kind ``CHANNEL_WEIGHTS``)."""
+        raise CamkitError(f"{self.name} ({self.kind.value}) has no channel weights")
+
+    def own_maps(self, inp: PassInput) -> dict[str, Tensor]:
+        """The signed maps of the method's own passes (kinds ``OWN_PASSES`` and ``ATTENTION``)."""
+        raise CamkitError(f"{self.name} ({self.kind.value}) runs no passes of its own")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -90,13 +148,31 @@ class LayerMethod(Method):
     """A map that is a pure function of one layer's activation and gradient.
 
     Attributes:
-        fn: ``MethodInput -> Tensor[B, h, w]``, the signed map before ReLU.
-        needs_classifier: reads the weights of a GAP + Linear head (CAM): ``class_weights`` is filled.
+        fn: ``MethodInput -> Tensor[B, h, w]``, the signed map before ReLU (``class_weights`` is filled for a
+            method with ``needs_classifier``).
     """
 
     family: ClassVar[str] = "layer"
+    clips: ClassVar[bool] = True
     fn: Callable[[MethodInput], Tensor]
-    needs_classifier: bool = False
+
+    @property
+    def kind(self) -> MethodKind:
+        return MethodKind.CHANNEL_WEIGHTS if self.needs_classifier else MethodKind.FORMULA
+
+    def formula(self, inp: MethodInput) -> Tensor:
+        return self.fn(inp)
+
+    def channel_weights(self, ctx: PerturbationContext) -> Tensor:
+        """CAM: the classifier's rows of the explained classes, Tensor[B, T, K]."""
+        if not self.needs_classifier:
+            return super().channel_weights(ctx)
+        classes = ctx.classes
+        if classes is None:
+            raise CamkitError(f"{self.name} explains a class: give class targets (an index, a name or TopK)")
+        w = classifier_weights(ctx.model, ctx.activations, ctx.output, ctx.layer_name)
+        rows = classes[:, None] if classes.dim() == 1 else classes
+        return torch.stack([w[rows[:, t]] for t in range(rows.shape[1])], dim=1)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -109,6 +185,13 @@ class PerturbationMethod(Method):
 
     family: ClassVar[str] = "perturbation"
     weights: Callable[[PerturbationContext], Tensor]
+
+    @property
+    def kind(self) -> MethodKind:
+        return MethodKind.CHANNEL_WEIGHTS
+
+    def channel_weights(self, ctx: PerturbationContext) -> Tensor:
+        return self.weights(ctx)
 
 
 @dataclass(frozen=True)
@@ -140,7 +223,18 @@ class AttentionMethod(Method):
     """
 
     family: ClassVar[str] = "attention"
+    augmentable: ClassVar[bool] = False
     run: Callable[[AttentionInput], Tensor]
+
+    @property
+    def kind(self) -> MethodKind:
+        return MethodKind.ATTENTION
+
+    def own_maps(self, inp: PassInput) -> dict[str, Tensor]:
+        """Its one map, filed under the method's name."""
+        return {
+            self.name: self.run(AttentionInput(inp.model, inp.x, inp.output_fn, inp.classes, inp.target_fn))
+        }
 
 
 @dataclass(frozen=True)
@@ -186,6 +280,13 @@ class PassMethod(Method):
     family: ClassVar[str] = "own-pass"
     run: Callable[[PassInput], dict[str, Tensor]]
 
+    @property
+    def kind(self) -> MethodKind:
+        return MethodKind.OWN_PASSES
+
+    def own_maps(self, inp: PassInput) -> dict[str, Tensor]:
+        return self.run(inp)
+
 
 METHODS: dict[str, Method] = {}
 _ALIASES: dict[str, str] = {}
@@ -222,6 +323,13 @@ def get_method(name: Any) -> Method:
     close = difflib.get_close_matches(name.lower(), list(METHODS), n=3, cutoff=0.4)
     hint = f" Did you mean {', '.join(close)}?" if close else ""
     raise CamkitError(f"unknown method {name!r}.{hint} Available: {', '.join(METHODS)}")
+
+
+def configured_name(name: str, settings: Mapping[str, object], defaults: Mapping[str, object]) -> str:
+    """The name of a configured instance: ``name`` for the default settings, else ``name(key=value, ...)`` with the
+    settings that differ, so that two configurations of one method in one :func:`camkit.compare` keep apart."""
+    changed = [f"{k}={settings[k]!r}" for k in settings if settings[k] != defaults.get(k)]
+    return f"{name}({', '.join(changed)})" if changed else name
 
 
 def method_names() -> list[str]:

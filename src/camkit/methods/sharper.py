@@ -25,12 +25,14 @@ n(.) min-max normalisation to [0, 1].
 * **Opti-CAM** (Zhang, Rebuffi, Avrithis et al. 2023, "Opti-CAM: optimizing saliency maps for
   interpretability"): channel weights w = softmax(u) optimised so that the input masked by its own map scores
   highest: u* = argmax_u y_c(X * n(up(sum_k softmax(u)_k A_k))), Adam (learning rate 0.1) from u = 0,
-  ``PerturbationOptions(samples=N)`` iterations (default 100, the paper's). Each iteration is one forward and
+  ``PerturbationOptions(iterations=N)`` iterations (default 100, the paper's). Each iteration is one forward and
   one backward through the whole model.
 
 Recipro-CAM, CAMERAS and Poly-CAM compute their maps in their own passes (:class:`PassMethod`); Opti-CAM is a
-:class:`~camkit.methods.registry.PerturbationMethod` (channel weights). All need a CNN layout (a target layer
-whose output reads as Tensor[B, K, h, w]) and one target per image. The model is left exactly as it was: every
+:class:`~camkit.methods.registry.PerturbationMethod` (channel weights). They read the target layers through the
+one layout reader (:func:`camkit.core.tokens.to_spatial`), so token and channels-last layers are read as for
+every method (Recipro-CAM writes its masked maps back in the layer's own layout); they explain one target per
+image. The model is left exactly as it was: every
 hook is removed, grad mode restored, parameters' ``requires_grad`` and ``.grad`` untouched.
 """
 
@@ -44,9 +46,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from camkit.core.capture import capture, hook_forward
+from camkit.core.capture import Captured, capture, hook_forward
+from camkit.core.layers import describe_layers, pick_auto, resolve_layers
 from camkit.core.postprocess import normalize, upsample
 from camkit.core.targets import score_fn
+from camkit.core.tokens import FeatureMaps, Layout, to_spatial
 from camkit.errors import CamkitError
 from camkit.methods.engine import PerturbationContext
 from camkit.methods.registry import PassInput, PassMethod, PerturbationMethod, register
@@ -86,6 +90,13 @@ def _spatial(a: Tensor, layer: str, name: str) -> Tensor:
     return a
 
 
+def _features(inp: PassInput, cap: Captured, layers: dict[str, nn.Module], x: Tensor) -> FeatureMaps:
+    """A pass's capture read through the one layout reader (:func:`camkit.core.tokens.to_spatial`): token and
+    channels-last layers become Tensor[B, K, h, w] as for every method; an unreadable layout is refused there."""
+    size = (int(x.shape[-2]), int(x.shape[-1]))
+    return to_spatial(cap.activations, cap.gradients, inp.model, layers, size, inp.reshape)
+
+
 def _deepest(inp: PassInput, name: str) -> tuple[str, nn.Module]:
     if not inp.layers:
         raise CamkitError(f"{name} needs a target layer (layers='auto' or a name from `camkit layers MODEL`)")
@@ -105,18 +116,22 @@ def _probabilities(inp: PassInput, out: Tensor, image: int) -> Tensor:
 
 
 class _Replace:
-    """Forward hook that hands the layers after the target a given activation on the layer's last call."""
+    """Forward hook that hands the layers after the target given feature maps Tensor[n, K, h, w] on the layer's
+    last call, put back into the layer's own layout (:meth:`camkit.core.tokens.Layout.write`)."""
 
-    def __init__(self, calls: int, value: Tensor) -> None:
-        self.calls, self.seen, self.value = calls, 0, value
+    def __init__(self, calls: int, value: Tensor, layout: Layout | None) -> None:
+        self.calls, self.seen, self.value, self.layout = calls, 0, value, layout
 
     def __call__(self, _m: nn.Module, _i: object, out: object) -> Tensor | None:
         self.seen += 1
         if self.seen != self.calls:
             return None
-        if not isinstance(out, Tensor) or tuple(out.shape[1:]) != tuple(self.value.shape[1:]):
+        if not isinstance(out, Tensor):
             raise CamkitError("the layer's output is not the feature map it was captured as")
-        return self.value
+        value = self.value if self.layout is None else self.layout.write(self.value, out)
+        if tuple(out.shape[1:]) != tuple(value.shape[1:]):
+            raise CamkitError("the layer's output is not the feature map it was captured as")
+        return value
 
 
 # ----------------------------------------------------------------------------------------------- Recipro-CAM
@@ -135,7 +150,13 @@ def reciprocam(inp: PassInput, batch_size: int = 64) -> Tensor:
     _one_target(inp, "reciprocam")
     name, layer = _deepest(inp, "reciprocam")
     cap = capture(inp.model, inp.x, {name: layer}, None, inp.output_fn)
-    a = _spatial(cap.activations[name], name, "reciprocam")
+    features = _features(inp, cap, {name: layer}, inp.x)
+    a, layout = features.activations[name], features.layouts.get(name)
+    if layout is None and tuple(a.shape) != tuple(cap.activations[name].shape):
+        raise CamkitError(
+            f"reciprocam feeds masked feature maps back into {name!r}, and the inverse of a custom reshape= is "
+            "unknown: leave reshape= to camkit, or use a gradient method"
+        )
     calls = cap.calls.get(name, 1)
     bsz, _, h, w = a.shape
     eye = torch.eye(h * w, device=a.device, dtype=a.dtype).view(h * w, 1, h, w)
@@ -145,7 +166,7 @@ def reciprocam(inp: PassInput, batch_size: int = 64) -> Tensor:
             for start in range(0, h * w, batch_size):
                 masks = eye[start : start + batch_size]
                 feats = a[b : b + 1] * masks  # [n, K, h, w]
-                hook = _Replace(calls, feats)
+                hook = _Replace(calls, feats, layout)
                 handle = hook_forward(layer, hook)
                 try:
                     out = inp.output_fn(inp.model(inp.x[b : b + 1]))
@@ -178,9 +199,10 @@ def cameras(inp: PassInput, scales: tuple[float, ...] = CAMERAS_SCALES) -> Tenso
         size = (max(1, round(height * s)), max(1, round(width * s)))
         xs = inp.x if size == (height, width) else F.interpolate(inp.x, size=size, mode="bilinear")
         cap = capture(inp.model, xs, {name: layer}, score, inp.output_fn)
-        g = cap.gradients[name]
+        features = _features(inp, cap, {name: layer}, xs)
+        g = features.gradients[name]
         assert isinstance(g, Tensor)
-        pairs.append((_spatial(cap.activations[name], name, "cameras").float(), g.float()))
+        pairs.append((features.activations[name].float(), g.float()))
     grid = pairs[-1][0].shape[-2:]
     a_bar = torch.stack([upsample(a, grid) for a, _ in pairs]).mean(dim=0)
     g_bar = torch.stack([upsample(g, grid) for _, g in pairs]).mean(dim=0)
@@ -219,8 +241,6 @@ def stage_layers(model: nn.Module, example: Tensor, stages: int = 3) -> dict[str
     """The last layer of each of the ``stages`` deepest resolutions (CNN layouts), shallow to deep.
 
     Cached per model and input shape, like the automatic layer (one traced batch-1 forward the first time)."""
-    from camkit.core.layers import resolve_layers
-
     key = (tuple(example.shape[1:]), example.dtype, str(example.device), stages)
     with _STAGES_LOCK:
         names = _STAGES.get(model, {}).get(key)
@@ -232,8 +252,6 @@ def stage_layers(model: nn.Module, example: Tensor, stages: int = 3) -> dict[str
 
 
 def _stage_names(model: nn.Module, example: Tensor, stages: int) -> list[str]:
-    from camkit.core.layers import describe_layers, pick_auto
-
     infos = [
         i
         for i in describe_layers(model, example[:1])
@@ -267,10 +285,11 @@ def polycam(inp: PassInput) -> Tensor:
     score = _one_target(inp, "polycam")
     layers = inp.layers if len(inp.layers) > 1 else stage_layers(inp.model, inp.x)
     cap = capture(inp.model, inp.x, layers, score, inp.output_fn)
+    features = _features(inp, cap, layers, inp.x)
     maps = []
     for name in cap.order:
-        a = _spatial(cap.activations[name], name, "polycam").float()
-        g = cap.gradients[name]
+        a = features.activations[name].float()
+        g = features.gradients[name]
         assert isinstance(g, Tensor)
         maps.append(torch.relu((torch.relu(g.float()) * a).sum(dim=1)))
     return polycam_recursion(maps)
@@ -282,7 +301,7 @@ def polycam(inp: PassInput) -> Tensor:
 def opticam(ctx: PerturbationContext) -> Tensor:
     """Opti-CAM (Zhang et al. 2023): w = softmax(u*), u* maximising y_c(X * n(up(sum_k softmax(u)_k A_k))).
 
-    Adam, learning rate 0.1, from u = 0 (uniform weights), ``samples`` iterations (default 100).
+    Adam, learning rate 0.1, from u = 0 (uniform weights), ``iterations`` steps (default 100; ``samples`` when unset).
 
     Returns:
         Tensor[B, T, K], T = 1.
@@ -292,7 +311,7 @@ def opticam(ctx: PerturbationContext) -> Tensor:
             "opticam explains one target per image; explain each class of a TopK in its own call"
         )
     a = _spatial(ctx.activations, ctx.layer_name, "opticam").detach().float()
-    steps = ctx.options.samples or 100
+    steps = ctx.options.count("iterations", 100)
     x = ctx.x.detach()
     score = score_fn(ctx.classes, ctx.target_fn)
     u = torch.zeros(a.shape[:2], device=a.device, requires_grad=True)

@@ -25,13 +25,14 @@ from torch import Tensor
 
 from camkit.errors import CamkitError
 from camkit.methods.passes import layer_features, per_target, stack_targets, target_count
-from camkit.methods.registry import PassInput, PassMethod, register
+from camkit.methods.registry import PassInput, PassMethod, configured_name, register
 
 __all__ = ["smoothgradcampp"]
 
 
 def smoothgradcampp(n: int = 4, sigma: float = 0.3, seed: int = 0, variant: str = "paper") -> PassMethod:
-    """A SmoothGrad-CAM++ method with these settings (``explain(..., method=smoothgradcampp(n=16))``).
+    """A SmoothGrad-CAM++ method with these settings (``explain(..., method=smoothgradcampp(n=16))``), named
+    ``smoothgradcam++`` with the default settings, else after the settings that differ (``smoothgradcam++(n=16)``).
 
     Args:
         n: noisy copies (each costs 1 forward + 1 backward to the layer).
@@ -51,8 +52,10 @@ def smoothgradcampp(n: int = 4, sigma: float = 0.3, seed: int = 0, variant: str 
     def run(inp: PassInput) -> dict[str, Tensor]:
         return _run(inp, n, float(sigma), seed, variant)
 
+    settings = {"n": n, "sigma": sigma, "seed": seed, "variant": variant}
+    defaults = {"n": 4, "sigma": 0.3, "seed": 0, "variant": "paper"}
     return PassMethod(
-        name="smoothgradcam++",
+        name=configured_name("smoothgradcam++", settings, defaults),
         run=run,
         cost=f"n noisy forwards + backwards to the layer (n = {n}), its own passes",
         paper="Omeiza et al., 2019",
