@@ -190,3 +190,19 @@ def load_tool(name: str) -> Any:
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+class GapHead(nn.Module):
+    """The input *is* the activation A: feat (identity) -> GAP -> Linear. dS/dA = W[c] / (h*w) exactly."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.feat = nn.Identity()
+        self.fc = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+        with torch.no_grad():
+            self.fc.weight.copy_(weight)
+            if bias is not None:
+                self.fc.bias.copy_(bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.feat(x).mean(dim=(2, 3)))

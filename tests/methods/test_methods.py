@@ -4,30 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 import camkit
 from camkit.core.capture import capture
 from camkit.methods import METHODS, method_names
 from camkit.methods.engine import PerturbationOptions
+from testbed import GapHead
 
 GRADIENT_METHODS = ["gradcam", "gradcam++", "xgradcam", "hirescam", "gradcam-elementwise", "layercam"]
-
-
-class GapHead(nn.Module):
-    """The input *is* the activation A: feat (identity) -> GAP -> Linear. dS/dA = W[c] / (h*w) exactly."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
-        super().__init__()
-        self.feat = nn.Identity()
-        self.fc = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
-        with torch.no_grad():
-            self.fc.weight.copy_(weight)
-            if bias is not None:
-                self.fc.bias.copy_(bias)
-
-    def forward(self, x):
-        return self.fc(self.feat(x).mean(dim=(2, 3)))
 
 
 def _run(model, x, method, layer, **kw):

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
-from test_methods import GapHead
 
 import camkit
 from camkit.methods.projection import first_component
+from testbed import GapHead
 
 
 def test_rank_one_activations_give_the_spatial_factor():

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_methods import GapHead
 
 import camkit
 from camkit.methods.projection import Factorization, kpca_projection, nmf
+from testbed import GapHead
 
 
 def _pearson(a: torch.Tensor, b: torch.Tensor) -> float:
