@@ -1,8 +1,32 @@
-"""Models in: the model zoo (timm, torchvision, a local file, the offline pretrained default), their
-preprocessing and labels, and the adapters for models that are not plain 2-D PyTorch classifiers (Keras 3 models,
-3-D video models). A new kind of model (a model hub, a detector family) gets its adapter module here."""
+"""Models in: every model enters camkit through this package.
+
+An adapter turns a model (by name, from a file, or another framework's object) into what the core runs: a
+``torch.nn.Module`` in eval mode that takes a normalised batch ``Tensor[B, 3, H, W]`` (``[B, 3, T, H, W]`` for
+video) and returns something :mod:`camkit.core.outputs` reads (logits, a dict, ``.logits``, torchvision
+detections), together with its :class:`Preprocess` and class names, as a :class:`LoadedModel`.
+
+The modules:
+
+* :mod:`camkit.adapters.zoo`: :func:`load_model`, the entry by name: the offline pretrained default, torchvision and
+  timm models (classifiers, segmentation, detection, video), a local weights file, ``keras:NAME``.
+* :mod:`camkit.adapters.preprocess`: :class:`Preprocess` (whole-image resize, mean/std) and the ImageNet labels.
+* :mod:`camkit.adapters.task`: what a model does (:func:`model_task`: classification, segmentation, detection).
+* :mod:`camkit.adapters.keras`: Keras 3 models on the torch backend, seen as a module with NCHW input and the Keras
+  layers by name (keras itself is imported only when a Keras model is loaded).
+* :mod:`camkit.adapters.video`: 3-D video models: clips in, per-frame maps and animations out.
+
+The next adapters go here, one module each, with the same shape as :mod:`camkit.adapters.keras`: a module
+``camkit/adapters/<source>.py`` (``huggingface.py`` for Hugging Face ``transformers`` vision models, ``yolo.py``
+for Ultralytics YOLO detectors, ``clip.py`` for CLIP image-text similarity) that imports its library only inside
+its ``load`` function, returns the model's module view and its :class:`Preprocess`, and is reached from
+:func:`load_model` by a name prefix (``hf:``, ``yolo:``, ``clip:``, as ``keras:`` is); an output the core cannot
+read yet gets its reader in :mod:`camkit.core.outputs`, and a task-specific target in :mod:`camkit.core.targets`.
+Adapters depend on the core's leaf modules only (:mod:`camkit.core.capture`, :mod:`camkit.core.postprocess`),
+never on the pipeline: ``tests/test_structure.py`` fails on any import cycle.
+"""
 
 from camkit.adapters.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess, imagenet_labels
+from camkit.adapters.task import model_task
 from camkit.adapters.zoo import DEFAULT_MODEL, LoadedModel, load_model
 
 __all__ = [
@@ -13,4 +37,5 @@ __all__ = [
     "Preprocess",
     "imagenet_labels",
     "load_model",
+    "model_task",
 ]

@@ -6,17 +6,14 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor, nn
 
+from camkit.adapters.task import detection_transform, model_task
 from camkit.io.images import to_rgb
-
-if TYPE_CHECKING:
-    from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "SEGMENTATION_SIZE", "Preprocess", "imagenet_labels"]
 
@@ -56,8 +53,6 @@ class Preprocess:
         square size their transform keeps as is (``fixed_size``, else ``min(min_size, max_size)``).
         torchvision segmentation models: ImageNet mean/std at 520x520.
         """
-        from camkit.core.tasks import model_task
-
         task = model_task(model)
         if task == "detection":
             t = detection_transform(model)
@@ -84,18 +79,6 @@ def _rgb(values: Sequence[float]) -> tuple[float, float, float]:
     """Three per-channel values (a timm ``pretrained_cfg`` mean or std)."""
     r, g, b = values
     return float(r), float(g), float(b)
-
-
-def detection_transform(model: nn.Module) -> GeneralizedRCNNTransform:
-    """The resizing and normalising transform a torchvision detection model runs inside (``model.transform``)."""
-    from torchvision.models.detection.transform import GeneralizedRCNNTransform
-
-    t = getattr(model, "transform", None)
-    if not isinstance(t, GeneralizedRCNNTransform):
-        raise TypeError(
-            f"{type(model).__name__} is not a torchvision detection model (no GeneralizedRCNNTransform)"
-        )
-    return t
 
 
 @functools.cache
