@@ -307,3 +307,36 @@ def test_the_length_check_counts_the_body_without_the_docstring() -> None:
     )
     assert _long_functions(short) == []
     assert _long_functions(nested) == [(1, "g", MAX_BODY_LINES + 2)]
+
+
+# --- the public API and the version --------------------------------------------------------------------------------
+
+
+def test_tune_allocator_is_not_public_but_stays_in_the_runtime() -> None:
+    """It changes the whole process (malloc's thresholds): the ``camkit`` command calls it, the library does not
+    export it."""
+    from camkit.core import runtime
+
+    assert "tune_allocator" not in camkit.__all__ and "tune_allocator" not in dir(camkit)
+    assert not hasattr(camkit, "tune_allocator")
+    assert callable(runtime.tune_allocator)
+
+
+def test_the_version_is_written_in_one_place() -> None:
+    """``camkit.__version__`` is the version; ``pyproject.toml`` has none of its own and reads that one."""
+    import tomllib
+
+    pyproject = tomllib.loads((ROOT.parent / "pyproject.toml").read_text(encoding="utf-8"))
+    assert "version" not in pyproject["project"] and "version" in pyproject["project"]["dynamic"]
+    assert pyproject["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "camkit.__version__"}
+    assert isinstance(camkit.__version__, str) and camkit.__version__.count(".") >= 2
+    # setuptools reads the attribute without importing camkit: it must stay a literal string assignment
+    tree = ast.parse((SRC / "__init__.py").read_text(encoding="utf-8"))
+    literal = [
+        node.value.value
+        for node in tree.body
+        if isinstance(node, ast.Assign)
+        and [getattr(t, "id", None) for t in node.targets] == ["__version__"]
+        and isinstance(node.value, ast.Constant)
+    ]
+    assert literal == [camkit.__version__]
