@@ -132,9 +132,13 @@ def _runtime_imports(tree: ast.AST) -> list[ast.Import | ast.ImportFrom]:
     return found
 
 
-def _imported_modules(source: str, module: str, is_package: bool) -> set[str]:
+def _imported_modules(
+    source: str, module: str, is_package: bool, lazy: dict[str, dict[str, str]] | None = None
+) -> set[str]:
     """The camkit modules that ``module`` imports: ``import camkit.x``, ``from camkit.x import y`` (``camkit.x.y``
-    when ``y`` is a submodule, else ``camkit.x``), relative imports resolved against the package."""
+    when ``y`` is a submodule, else ``camkit.x``, and the module ``y`` comes from when the package ``camkit.x``
+    imports it on first use: ``lazy``), relative imports resolved against the package."""
+    lazy = lazy or {}
     package = module if is_package else module.rpartition(".")[0]
     edges: set[str] = set()
     for node in _runtime_imports(ast.parse(source)):
@@ -148,6 +152,8 @@ def _imported_modules(source: str, module: str, is_package: bool) -> set[str]:
             base = node.module or ""
         for alias in node.names:
             edges.add(f"{base}.{alias.name}" if _exists(f"{base}.{alias.name}") else base)
+            if alias.name in lazy.get(base, {}):
+                edges.add(lazy[base][alias.name])
     own = _ancestors(module) | {module}
     edges = {name for name in edges if name == "camkit" or name.startswith("camkit.")}
     # importing camkit.a.b runs camkit/a/__init__.py first, unless the importer is inside camkit.a already
@@ -160,12 +166,23 @@ def _ancestors(module: str) -> set[str]:
     return {".".join(parts[:i]) for i in range(1, len(parts))}
 
 
+def _lazy_exports(source: str) -> dict[str, str]:
+    """A package's ``_EXPORTS`` (name -> the module its ``__getattr__`` imports it from on first use), or {}."""
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == ["_EXPORTS"]:
+            value = ast.literal_eval(node.value)
+            assert isinstance(value, dict)
+            return value
+    return {}
+
+
 def _import_graph() -> dict[str, set[str]]:
-    graph = {}
-    for path in sorted(SRC.rglob("*.py")):
-        module = _module_name(path)
-        graph[module] = _imported_modules(path.read_text(), module, path.name == "__init__.py")
-    return graph
+    paths = sorted(SRC.rglob("*.py"))
+    lazy = {_module_name(p): _lazy_exports(p.read_text()) for p in paths if p.name == "__init__.py"}
+    return {
+        _module_name(p): _imported_modules(p.read_text(), _module_name(p), p.name == "__init__.py", lazy)
+        for p in paths
+    }
 
 
 def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -244,6 +261,14 @@ def test_the_import_scan_sees_function_imports_submodules_relative_imports_and_p
         "camkit.adapters.keras",
         "camkit.io",
         "camkit.io.files",
+    }
+    # a name a package imports on first use (its _EXPORTS) is an edge to the module it comes from
+    lazy = {"camkit.adapters": _lazy_exports('_EXPORTS = {"load_model": "camkit.adapters.zoo"}\n')}
+    assert _imported_modules(
+        "from camkit.adapters import load_model\n", "camkit.run.runner", False, lazy
+    ) == {
+        "camkit.adapters",
+        "camkit.adapters.zoo",
     }
     # importing camkit.adapters.task from elsewhere runs camkit/adapters/__init__.py first
     assert _imported_modules("from camkit.adapters.task import model_task\n", "camkit.core.tasks", False) == {

@@ -23,11 +23,19 @@ its ``load`` function, returns the model's module view and its :class:`Preproces
 read yet gets its reader in :mod:`camkit.core.outputs`, and a task-specific target in :mod:`camkit.core.targets`.
 Adapters depend on the core's leaf modules only (:mod:`camkit.core.capture`, :mod:`camkit.core.postprocess`),
 never on the pipeline: ``tests/test_structure.py`` fails on any import cycle.
+
+The names below are imported on first use (``import camkit.adapters`` loads no model library).
 """
 
-from camkit.adapters.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess, imagenet_labels
-from camkit.adapters.task import model_task
-from camkit.adapters.zoo import DEFAULT_MODEL, LoadedModel, load_model
+from __future__ import annotations
+
+import importlib
+
+TYPE_CHECKING = False  # not typing's: importing typing costs start-up time of the command
+if TYPE_CHECKING:
+    from camkit.adapters.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess, imagenet_labels
+    from camkit.adapters.task import model_task
+    from camkit.adapters.zoo import DEFAULT_MODEL, LoadedModel, load_model
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -39,3 +47,37 @@ __all__ = [
     "load_model",
     "model_task",
 ]
+
+_EXPORTS = {
+    "DEFAULT_MODEL": "camkit.adapters.zoo",
+    "IMAGENET_MEAN": "camkit.adapters.preprocess",
+    "IMAGENET_STD": "camkit.adapters.preprocess",
+    "LoadedModel": "camkit.adapters.zoo",
+    "Preprocess": "camkit.adapters.preprocess",
+    "imagenet_labels": "camkit.adapters.preprocess",
+    "load_model": "camkit.adapters.zoo",
+    "model_task": "camkit.adapters.task",
+}
+"""Where each public name lives: imported from there on first use."""
+
+
+if not TYPE_CHECKING:
+
+    def __getattr__(name: str) -> object:
+        """A public name (imported now, then kept), or a submodule (``camkit.adapters.zoo``) imported on first
+        use."""
+        module = _EXPORTS.get(name)
+        if module is not None:
+            value = getattr(importlib.import_module(module), name)
+            globals()[name] = value
+            return value
+        if not name.startswith("__"):
+            try:
+                return importlib.import_module(f"{__name__}.{name}")
+            except ModuleNotFoundError as err:
+                if err.name != f"{__name__}.{name}":
+                    raise
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+    def __dir__() -> list[str]:
+        return sorted({*globals(), *_EXPORTS})
