@@ -1,6 +1,7 @@
 # `make demo`, `make test` (the whole suite), `make test-fast` (the suite without the tests marked slow),
 # `make lint` (ruff, ruff format, mypy), `make docs` (the mkdocs site, --strict, into site/), `make methods-table`
-# and `make compat` (regenerate docs/methods.md and docs/compatibility.md) and `make bench`.
+# and `make compat` (regenerate docs/methods.md and docs/compatibility.md), `make screenshots` (rewrite
+# docs/screenshots/ from the browser tests) and `make bench`.
 # Each builds .venv from nothing when it is missing.
 PYTHON ?= python3
 VENV   := .venv
@@ -23,7 +24,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 test-fast: $(STAMP)   # without the tests marked slow and without the model-family matrix (make test runs both)
-	$(BIN)/python -m pytest -q -m "not slow" --ignore=tests/test_families.py
+	$(BIN)/python -m pytest -q -m "not slow" --ignore=tests/adapters/test_families.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks tools
@@ -44,5 +45,6 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) out build site *.egg-info src/*.egg-info .pytest_cache
+
 screenshots: $(STAMP)   # rewrite docs/screenshots/ from the browser tests (tests never write into the repository otherwise)
 	CAMKIT_UPDATE_SCREENSHOTS=1 $(BIN)/python -m pytest -q tests/report/test_report_screenshots.py tests/app/test_app.py

@@ -3,9 +3,9 @@
     .venv/bin/python benchmarks/bench_evaluate.py quality   # table: deletion/insertion/avg drop/increase
     .venv/bin/python benchmarks/bench_evaluate.py timing    # 5 methods x deletion+insertion, 50 steps, 32 images
     .venv/bin/python benchmarks/bench_evaluate.py timing 4  # the same on 4 images
-    .venv/bin/python benchmarks/bench_evaluate.py timing --no-tune  # without camkit.tune_allocator()
+    .venv/bin/python benchmarks/bench_evaluate.py timing --no-tune  # without camkit.core.runtime.tune_allocator()
 
-The process calls ``camkit.tune_allocator()`` first, as the ``camkit`` command does (``--no-tune``: not).
+The process calls ``camkit.core.runtime.tune_allocator()`` first, as the ``camkit`` command does (``--no-tune``: not).
 
 Photos found offline: scikit-image's astronaut, chelsea, coffee, rocket, motorcycle (left view), matplotlib's
 grace_hopper.jpg, and scikit-learn's china.jpg / flower.jpg when scikit-learn is installed. The 32 timing images
@@ -22,6 +22,7 @@ import torch
 from PIL import Image, ImageOps
 
 import camkit
+from camkit.core.runtime import tune_allocator
 from camkit.evaluate import evaluate
 
 METHODS = ["gradcam", "gradcam++", "xgradcam", "hirescam", "layercam"]
@@ -130,7 +131,7 @@ TUNED = False
 if __name__ == "__main__":
     torch.set_num_threads(2)
     if "--no-tune" not in sys.argv:
-        TUNED = camkit.tune_allocator()
+        TUNED = tune_allocator()
     what = [a for a in sys.argv[1:] if not a.isdigit() and a != "--no-tune"] or ["quality", "timing"]
     count = next((int(a) for a in sys.argv[1:] if a.isdigit()), 32)  # e.g. `timing 8` for a shorter run
     for w in what:

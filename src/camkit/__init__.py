@@ -24,7 +24,6 @@ if TYPE_CHECKING:
     from camkit.core.factorize import factorize
     from camkit.core.layers import auto_layer, describe_layers
     from camkit.core.pipeline import compare, explain
-    from camkit.core.runtime import tune_allocator
     from camkit.core.targets import (
         DetectionTarget,
         EachTarget,
@@ -42,6 +41,7 @@ if TYPE_CHECKING:
     from camkit.viz import colorize, grid, overlay
 
 __version__ = "0.1.0"
+"""The version of camkit: the one place it is written (``pyproject.toml`` reads it from here)."""
 
 __all__ = [
     "Augment",
@@ -71,7 +71,6 @@ __all__ = [
     "method_names",
     "overlay",
     "sample_image",
-    "tune_allocator",
 ]
 
 _EXPORTS = {
@@ -101,7 +100,6 @@ _EXPORTS = {
     "method_names": "camkit.methods",
     "overlay": "camkit.viz",
     "sample_image": "camkit.io",
-    "tune_allocator": "camkit.core.runtime",
 }
 """Where each public name lives: imported from there on first use."""
 

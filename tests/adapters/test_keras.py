@@ -115,7 +115,7 @@ def test_keras_applications(keras: Any, build: str, size: int, module: str, laye
     assert _state(model) == before
     # camkit's preprocessing is the family's preprocess_input (mobilenet: [-1, 1]; resnet: BGR, caffe means)
     view = as_torch(model)
-    x = camkit.io.Preprocess.for_model(view)(photo)
+    x = camkit.adapters.Preprocess.for_model(view)(photo)
     nhwc = (x.flip(1) if view.bgr else x).permute(0, 2, 3, 1).numpy()
     want = getattr(keras.applications, module).preprocess_input(_array(photo, size))
     np.testing.assert_allclose(nhwc, want, rtol=1e-4, atol=1e-3)

@@ -134,7 +134,7 @@ def test_tune_allocator_in_a_child_process() -> None:
     import subprocess
     import sys
 
-    code = "import camkit; print(camkit.tune_allocator())"
+    code = "from camkit.core.runtime import tune_allocator; print(tune_allocator())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
     assert out.strip() == ("True" if glibc else "False")

@@ -17,7 +17,7 @@ of it: :func:`camkit.explain` given a Keras model explains it through :class:`Ke
 * declares the preprocessing of the Keras Applications family it recognises by the model's name
   (``preprocess_input``'s "caffe" mode for VGG and ResNet: BGR, ImageNet means subtracted on the 0..255 scale;
   "tf" mode for MobileNet, Inception, Xception, NASNet, ResNetV2: [-1, 1]; "torch" mode for DenseNet; raw 0..255
-  pixels for EfficientNet and ConvNeXt, which rescale inside), as :class:`camkit.io.Preprocess` reads it. Another
+  pixels for EfficientNet and ConvNeXt, which rescale inside), as :class:`camkit.adapters.Preprocess` reads it. Another
   Keras model gets raw 0..255 pixels (what ``keras.utils.img_to_array`` gives) at its input size.
 
 Nothing of the Keras model is changed: no attribute is set on it or on its layers, no layer is replaced, the
@@ -127,7 +127,7 @@ def _input_channels(keras_model: Any) -> int | None:
 
 
 def preprocess_for(keras_model: Any, size: tuple[int, int] | None = None) -> Preprocess:
-    """The :class:`~camkit.io.Preprocess` of a Keras model: its Keras Applications family's ``preprocess_input``
+    """The :class:`~camkit.adapters.Preprocess` of a Keras model: its Keras Applications family's ``preprocess_input``
     (BGR models: :class:`KerasModel` flips the channels) at its input size, or raw 0..255 pixels."""
     mean, std, _ = _MODES[_mode(keras_model)]
     return Preprocess(size=size or _input_size(keras_model), mean=mean, std=std)
@@ -161,7 +161,7 @@ class KerasModel(nn.Module):
         keras_model: the Keras model.
         bgr: whether the channels are flipped to BGR before the Keras model (caffe-mode models).
         logits: whether the output is the logits read before a final softmax ``Dense``.
-        pretrained_cfg: the input size, mean and std camkit's :class:`~camkit.io.Preprocess` reads.
+        pretrained_cfg: the input size, mean and std camkit's :class:`~camkit.adapters.Preprocess` reads.
     """
 
     channels_last = True

@@ -5,19 +5,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor, nn
 
+from camkit.adapters.task import detection_transform, model_task
 from camkit.core.targets import imagenet_labels
-from camkit.core.tasks import model_task
 from camkit.io.images import to_rgb
-
-if TYPE_CHECKING:
-    from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "SEGMENTATION_SIZE", "Preprocess", "imagenet_labels"]
 
@@ -85,13 +81,3 @@ def _rgb(values: Sequence[float]) -> tuple[float, float, float]:
     return float(r), float(g), float(b)
 
 
-def detection_transform(model: nn.Module) -> GeneralizedRCNNTransform:
-    """The resizing and normalising transform a torchvision detection model runs inside (``model.transform``)."""
-    from torchvision.models.detection.transform import GeneralizedRCNNTransform
-
-    t = getattr(model, "transform", None)
-    if not isinstance(t, GeneralizedRCNNTransform):
-        raise TypeError(
-            f"{type(model).__name__} is not a torchvision detection model (no GeneralizedRCNNTransform)"
-        )
-    return t

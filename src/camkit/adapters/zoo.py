@@ -18,7 +18,11 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from camkit.adapters.preprocess import SEGMENTATION_SIZE, Preprocess, detection_transform, imagenet_labels
+from camkit.adapters.keras import as_torch, preprocess_for
+from camkit.adapters.keras import load as load_keras
+from camkit.adapters.preprocess import SEGMENTATION_SIZE, Preprocess, imagenet_labels
+from camkit.adapters.task import detection_transform
+from camkit.adapters.video import ClipPreprocess
 from camkit.errors import CamkitError
 
 __all__ = ["DEFAULT_MODEL", "LoadedModel", "load_model"]
@@ -47,7 +51,7 @@ class LoadedModel:
         labels: class names (ImageNet's for ImageNet classifiers, VOC's for torchvision segmentation models,
             COCO's for detection models), or None.
         name: the name it was loaded by.
-        task: ``"classification"``, ``"segmentation"`` or ``"detection"`` (see :func:`camkit.core.tasks.model_task`),
+        task: ``"classification"``, ``"segmentation"`` or ``"detection"`` (see :func:`camkit.adapters.task.model_task`),
             or ``"video"`` for torchvision's video classifiers (their input is a clip, see :mod:`camkit.adapters.video`).
     """
 
@@ -249,15 +253,13 @@ def _load_keras(
 ) -> LoadedModel:
     """``keras:NAME``: a Keras Applications model on the torch backend (:func:`camkit.adapters.keras.load`), as its
     :class:`camkit.adapters.keras.KerasModel` view, with its ``preprocess_input`` as a Preprocess and ImageNet's labels."""
-    from camkit.adapters.keras import as_torch, load, preprocess_for
-
     if input_size is not None and input_size < 32:
         raise CamkitError(f"input_size must be at least 32 pixels, got {input_size}")
     if str(device) != "cpu":
         raise CamkitError(
             f"{key}: camkit runs Keras models on the CPU here (Keras picks its own device); use --device cpu"
         )
-    keras_model = load(
+    keras_model = load_keras(
         key.split(":", 1)[1], pretrained, input_size, None if weights is None else str(weights)
     )
     view = as_torch(keras_model)
@@ -285,8 +287,6 @@ def _load_video_model(
     downloaded by torchvision: offline, pass ``weights=`` (``--weights``) or ``pretrained=False``
     (``--no-pretrained``) for random weights."""
     import torchvision
-
-    from camkit.adapters.video import ClipPreprocess
 
     def build(download: bool, num_classes: int | None = None) -> nn.Module:
         extra = {} if num_classes is None else {"num_classes": num_classes}

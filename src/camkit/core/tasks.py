@@ -25,6 +25,7 @@ from typing import Protocol, cast
 import torch
 from torch import Tensor
 
+from camkit.adapters.task import model_task
 from camkit.core.outputs import is_detection_output, logits_of, pack_detections
 from camkit.core.targets import (
     DetectionTarget,
@@ -55,22 +56,6 @@ __all__ = [
 
 
 # ------------------------------------------------------------------------------------ what to explain by default
-
-
-def model_task(model: object) -> str:
-    """``"detection"`` (torchvision detection models: they resize and normalise inside), ``"segmentation"``
-    (torchvision FCN / DeepLabV3 / LRASPP), else ``"classification"``."""
-    try:
-        from torchvision.models.detection.transform import GeneralizedRCNNTransform
-        from torchvision.models.segmentation import LRASPP
-        from torchvision.models.segmentation._utils import _SimpleSegmentationModel
-    except ImportError:  # pragma: no cover - torchvision without these modules
-        return "classification"
-    if isinstance(getattr(model, "transform", None), GeneralizedRCNNTransform):
-        return "detection"
-    if isinstance(model, (_SimpleSegmentationModel, LRASPP)):
-        return "segmentation"
-    return "classification"
 
 
 class _Thresholded(Protocol):
