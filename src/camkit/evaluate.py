@@ -2,9 +2,14 @@
 
 Images are processed in batches: one preprocessing, one shared forward + backward for all gradient methods
 (:func:`camkit.compare`), then each metric sends the perturbed images of all steps and images of the batch to the
-model in chunks (:mod:`camkit.metrics`). The per-image metrics of a batch are computed by :class:`MetricScorer`,
-which ``camkit run`` (:class:`camkit.run.Explainer`) calls too: a run's store and :func:`evaluate` give the same
-numbers for the same images and options. Two reference maps can be evaluated like methods: ``center`` (a centred
+model in chunks (:mod:`camkit.metrics`). The per-image metrics of a batch are computed by :class:`MetricScorer`
+(the dispatcher of the metric registry, :mod:`camkit.metrics.registry`), which ``camkit run``
+(:class:`camkit.run.Explainer`) and ``camkit report`` call too: a run's store and :func:`evaluate` give the same
+numbers for the same images and options.
+
+:func:`evaluate` is :func:`plan_evaluation` (arguments checked, annotations read, image sizes probed, before any
+model work), :func:`iter_evaluate` (one :class:`BatchResult` per batch of images, as they are done) and
+:func:`summarize` (the means over the rows, MaxBoxAccV2 over the data set, the timing). Two reference maps can be evaluated like methods: ``center`` (a centred
 Gaussian blob, sigma = 1/4 of the side), ``random`` (seeded uniform noise on a grid of 1/32 of the side, upsampled:
 as smooth as a CAM of a stride-32 network) and ``noise`` (seeded uniform noise per pixel).
 
@@ -17,35 +22,51 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from camkit.adapters import Preprocess
+from camkit.adapters import Preprocess, imagenet_labels
 from camkit.core.capture import check_eval
+from camkit.core.explanation import Explanation
+from camkit.core.outputs import model_device
+from camkit.core.pipeline import compare
+from camkit.core.targets import resolve_classes
 from camkit.errors import CamkitError
 from camkit.io import load_image
 from camkit.io.annotations import Annotation, fit_boxes, read_annotations
 from camkit.io.files import atomic_write, write_json
 from camkit.io.images import DEFAULT_MAX_PIXELS
-
-if TYPE_CHECKING:
-    from camkit.metrics._common import Forward
+from camkit.io.inputs import discover_images
+from camkit.methods import get_method
+from camkit.methods.engine import PerturbationOptions
+from camkit.metrics import Forward, max_box_acc_v2
+from camkit.metrics.registry import (
+    DEFAULT_METRICS,
+    IOU_THRESHOLDS,
+    METRICS,
+    Metric,
+    MetricScorer,
+    resolve_metrics,
+)
 
 __all__ = [
     "BASELINES",
+    "DEFAULT_METRICS",
     "IOU_THRESHOLDS",
     "METRICS",
     "Annotation",
+    "BatchResult",
     "EvaluationConfig",
+    "EvaluationPlan",
     "EvaluationResult",
     "EvaluationRow",
     "Metric",
@@ -53,25 +74,19 @@ __all__ = [
     "Skipped",
     "collect_images",
     "evaluate",
+    "iter_evaluate",
+    "plan_evaluation",
     "probe_images",
     "read_annotations",
+    "summarize",
 ]
 
-IMAGE_EXTENSIONS = {
-    ".jpg",
-    ".jpeg",
-    ".png",
-    ".bmp",
-    ".gif",
-    ".tif",
-    ".tiff",
-    ".webp",
-    ".ppm",
-    ".pgm",
-    ".pbm",
-    ".pnm",
-}
 BASELINES = ("center", "random", "noise")
+#: The metrics that compare maps with ground-truth boxes.
+BOX_METRICS = tuple(name for name, metric in METRICS.items() if metric.needs_boxes)
+
+#: The image files of paths and folders, in the one order of every command (:func:`camkit.io.inputs.discover_images`).
+collect_images = discover_images
 
 
 class Skipped(NamedTuple):
@@ -79,64 +94,6 @@ class Skipped(NamedTuple):
 
     file: str
     reason: str
-
-
-class Metric(NamedTuple):
-    """What a metric of :func:`evaluate` produces.
-
-    Attributes:
-        columns: its per-image column(s) in :attr:`EvaluationResult.rows` (none for ``maxboxacc``, a value
-            over all images).
-        needs_boxes: it compares the maps with ground-truth boxes.
-        lower_is_better: a lower value means a better map.
-    """
-
-    columns: tuple[str, ...]
-    needs_boxes: bool
-    lower_is_better: bool
-
-
-METRICS: dict[str, Metric] = {
-    "deletion": Metric(("deletion",), False, True),
-    "insertion": Metric(("insertion",), False, False),
-    "avg_drop": Metric(("avg_drop",), False, True),
-    "increase": Metric(("increase",), False, False),
-    "road": Metric(("road_morf", "road_lerf"), False, True),
-    "pointing": Metric(("pointing",), True, False),
-    "pointing_strict": Metric(("pointing_strict",), True, False),
-    "box": Metric(("box_iou", "box_acc"), True, False),
-    "maxboxacc": Metric((), True, False),
-}
-DEFAULT_METRICS = ("deletion", "insertion", "avg_drop", "increase")
-#: The map thresholds of the MaxBoxAccV2 IoU curves (wsolevaluation's 0, 0.01, ..., 0.99).
-IOU_THRESHOLDS: Tensor = torch.arange(0, 1, 0.01)
-BOX_METRICS = ("pointing", "pointing_strict", "box", "maxboxacc")
-
-
-def collect_images(paths: Sequence[str | Path]) -> list[Path]:
-    """Image files from files and folders: a folder contributes the image files (by extension) of its whole
-    tree, subfolders included, sorted by path; hidden files and folders (``.name``) are skipped and symbolic
-    links to folders are not followed."""
-    files: list[Path] = []
-    for item in paths:
-        p = Path(item)
-        if p.is_dir():
-            found: list[Path] = []
-            for root, dirs, names in os.walk(p):
-                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-                found.extend(
-                    Path(root) / n
-                    for n in sorted(names)
-                    if not n.startswith(".") and Path(n).suffix.lower() in IMAGE_EXTENSIONS
-                )
-            if not found:
-                raise CamkitError(f"no image file in folder {str(p)!r} (nor in its subfolders)")
-            files.extend(found)
-        elif p.exists():
-            files.append(p)
-        else:
-            raise FileNotFoundError(f"image file not found: {str(p)!r}")
-    return files
 
 
 def probe_images(
@@ -309,121 +266,6 @@ class EvaluationResult:
         write_json(path, self.to_dict())
 
 
-def _resolve_metrics(metrics: Sequence[str] | None, have_boxes: bool) -> list[str]:
-    if metrics is None:
-        return list(DEFAULT_METRICS) + (list(BOX_METRICS) if have_boxes else [])
-    out: list[str] = []
-    for m in metrics:
-        key = m.strip().lower().replace("-", "_")
-        if key == "all":
-            out.extend(k for k in METRICS if have_boxes or not METRICS[k].needs_boxes)
-            continue
-        if key not in METRICS:
-            raise CamkitError(f"unknown metric {m!r}; choose from {', '.join(METRICS)} (or all)")
-        if METRICS[key].needs_boxes and not have_boxes:
-            raise CamkitError(f"metric {m!r} needs ground-truth boxes: pass an annotation file with boxes")
-        out.append(key)
-    return list(dict.fromkeys(out))
-
-
-def _class_indices(fwd_logits: Tensor, anns: list[Annotation | None], labels: Sequence[str] | None) -> Tensor:
-    """The top-1 of each image, or its annotated class (a class the model does not know: an error when
-    the annotation is strict, else a warning and the top-1)."""
-    from camkit.core.targets import resolve_classes
-
-    classes = fwd_logits.argmax(dim=1).cpu()
-    for i, a in enumerate(anns):
-        if a is None or a.cls is None:
-            continue
-        try:
-            resolved = resolve_classes(a.cls, fwd_logits[i : i + 1].cpu(), labels)
-        except (ValueError, TypeError):
-            if a.strict_class:
-                raise
-            warnings.warn(f"class {a.cls!r} is not a class of the model: explaining the top-1", stacklevel=3)
-            continue
-        assert resolved is not None  # a class index or name, never a callable
-        classes[i] = resolved[0]
-    return classes
-
-
-@dataclass
-class MetricScorer:
-    """The per-image metrics of one batch of maps: the one computation behind both :func:`evaluate` and
-    ``camkit run`` (:class:`camkit.run.Explainer`), so their numbers cannot drift apart.
-
-    Attributes:
-        model: the classifier (in eval mode).
-        forward: how the perturbed images reach the model (:class:`camkit.metrics._common.Forward`, in chunks).
-        chosen: metric names of :data:`METRICS` (``increase`` comes with ``avg_drop`` in one pass).
-        steps: deletion/insertion steps.
-        box_threshold: map threshold (fraction of the max) of ``box``.
-        thresholds: the map thresholds of the ``maxboxacc`` IoU curves (:data:`IOU_THRESHOLDS`).
-    """
-
-    model: nn.Module
-    forward: Forward
-    chosen: list[str]
-    steps: int
-    box_threshold: float
-    thresholds: Tensor = field(default_factory=lambda: IOU_THRESHOLDS.clone())
-
-    def __call__(
-        self,
-        x: Tensor,
-        maps: Tensor,
-        classes: Tensor,
-        gt: Sequence[Sequence[Sequence[float]]],
-        sizes: list[tuple[int, int]],
-        tick: Callable[[float, str], None] | None = None,
-    ) -> tuple[dict[str, Tensor], Tensor | None]:
-        """Metric column -> Tensor[B] of values, and the IoU curves of ``maxboxacc`` (None when not chosen);
-        ``tick(fraction done, metric)`` after each metric."""
-        from camkit import metrics as M
-
-        model, fwd, chosen = self.model, self.forward, self.chosen
-        values: dict[str, Tensor] = {}
-        # confidence_change gives avg_drop and increase at once
-        parts = [m for m in chosen if m != "increase" or "avg_drop" not in chosen]
-        finished = 0
-
-        def step(what: str) -> None:
-            nonlocal finished
-            finished += 1
-            if tick is not None:
-                tick(finished / len(parts), what)
-
-        if "deletion" in chosen:
-            values["deletion"] = M.deletion(model, x, maps, classes, steps=self.steps, forward=fwd).auc
-            step("deletion")
-        if "insertion" in chosen:
-            values["insertion"] = M.insertion(model, x, maps, classes, steps=self.steps, forward=fwd).auc
-            step("insertion")
-        if "avg_drop" in chosen or "increase" in chosen:
-            cc = M.confidence_change(model, x, maps, classes, forward=fwd)
-            values["avg_drop"], values["increase"] = cc.drop, cc.increase
-            step("avg_drop")
-        if "road" in chosen:
-            values["road_morf"] = M.road(model, x, maps, classes, forward=fwd).mean_score
-            values["road_lerf"] = M.road(model, x, maps, classes, order="lerf", forward=fwd).mean_score
-            step("road")
-        if "pointing" in chosen:
-            values["pointing"] = M.pointing_game(maps, gt, image_sizes=sizes)
-            step("pointing")
-        if "pointing_strict" in chosen:
-            values["pointing_strict"] = M.pointing_game(maps, gt, tolerance=0, image_sizes=sizes)
-            step("pointing_strict")
-        if "box" in chosen:
-            acc = M.box_accuracy(maps, gt, threshold=self.box_threshold, image_sizes=sizes)
-            values["box_iou"], values["box_acc"] = acc.iou, acc.correct
-            step("box")
-        curves = None
-        if "maxboxacc" in chosen:
-            curves = M.iou_curves(maps, gt, self.thresholds, image_sizes=sizes)
-            step("maxboxacc")
-        return values, curves
-
-
 def _means(rows: list[EvaluationRow], order: list[str], columns: list[str]) -> dict[str, dict[str, float]]:
     """method -> column -> mean over the rows of that method (NaN values left out; NaN when all are)."""
     summary: dict[str, dict[str, float]] = {}
@@ -433,6 +275,406 @@ def _means(rows: list[EvaluationRow], order: list[str], columns: list[str]) -> d
             vals = [r.values[col] for r in rows if r.method == method and not math.isnan(r.values[col])]
             summary[method][col] = sum(vals) / len(vals) if vals else float("nan")
     return summary
+
+
+def _class_indices(fwd_logits: Tensor, anns: list[Annotation | None], labels: Sequence[str] | None) -> Tensor:
+    """The top-1 of each image, or its annotated class (a class the model does not know: an error when
+    the annotation is strict, else a warning and the top-1)."""
+    classes = fwd_logits.argmax(dim=1).cpu()
+    for i, a in enumerate(anns):
+        if a is None or a.cls is None:
+            continue
+        try:
+            resolved = resolve_classes(a.cls, fwd_logits[i : i + 1].cpu(), labels)
+        except (ValueError, TypeError):
+            if a.strict_class:
+                raise
+            warnings.warn(f"class {a.cls!r} is not a class of the model: explaining the top-1", stacklevel=6)
+            continue
+        assert resolved is not None  # a class index or name, never a callable
+        classes[i] = resolved[0]
+    return classes
+
+
+@dataclass(frozen=True)
+class EvaluationPlan:
+    """What :func:`plan_evaluation` resolved before any model work; :func:`iter_evaluate` and :func:`summarize`
+    read it.
+
+    Attributes:
+        model: the classifier (in eval mode).
+        items: the readable (name, path or image) pairs, in order.
+        annotations: file name -> :class:`Annotation`, boxes fitted to their image.
+        unreadable: the inputs whose header could not be read (or over the pixel limit).
+        given: the number of inputs given (readable or not).
+        order: the methods and reference maps evaluated, canonical names, in order.
+        cam_methods: the CAM methods among them (explained in one :func:`camkit.compare` per batch).
+        chosen: the metric names (:data:`METRICS`).
+        columns: their per-image columns, in order.
+        preprocess: the model input preprocessing.
+        labels: class names (None: ImageNet's for a 1000-class model, else none).
+        layers: target layer(s).
+        steps: deletion/insertion steps.
+        box_threshold: map threshold (fraction of the max) of the box metrics.
+        images_per_batch: images explained together.
+        max_pixels: image files with more pixels are skipped; None: no limit.
+        forward: the counted, chunked model calls of the metrics.
+        scorer: the metrics of one batch of maps.
+        started: :func:`time.perf_counter` when the plan was made (the start of ``timing["total"]``).
+    """
+
+    model: nn.Module
+    items: list[tuple[str, Path | Image.Image]]
+    annotations: dict[str, Annotation]
+    unreadable: list[Skipped]
+    given: int
+    order: list[str]
+    cam_methods: list[str]
+    chosen: list[str]
+    columns: list[str]
+    preprocess: Preprocess
+    labels: Sequence[str] | None
+    layers: str
+    steps: int
+    box_threshold: float
+    images_per_batch: int
+    max_pixels: int | None
+    forward: Forward
+    scorer: MetricScorer
+    started: float
+
+    @property
+    def total(self) -> int:
+        """The work counted by ``progress``: (image, method) pairs, unreadable images included."""
+        return self.given * len(self.order)
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    """What :func:`iter_evaluate` measured on one batch of images.
+
+    Attributes:
+        rows: one :class:`EvaluationRow` per (image, method), image by image within each method.
+        curves: method -> the IoU curves of the batch's images, Tensor[B, T] (``maxboxacc`` only; else empty).
+        images: the names of the batch's images that were evaluated.
+        skipped: the batch's images that could not be decoded.
+        explain_seconds: the time of the batch's shared CAM passes.
+    """
+
+    rows: list[EvaluationRow]
+    curves: dict[str, Tensor]
+    images: list[str]
+    skipped: list[Skipped]
+    explain_seconds: float
+
+
+def _given(
+    images: Sequence[str | Path | tuple[str, Path | Image.Image]],
+) -> list[tuple[str, Path | Image.Image]]:
+    given: list[tuple[str, Path | Image.Image]] = [
+        (it[0], it[1]) if isinstance(it, tuple) else (Path(it).name, Path(it)) for it in images
+    ]
+    if not given:
+        raise CamkitError("no images given")
+    return given
+
+
+def _method_order(methods: Sequence[str]) -> tuple[list[str], list[str]]:
+    """The methods and reference maps in order (canonical names, no repeats), and the CAM methods among them."""
+    method_list = [m.strip() for m in methods if m.strip()]
+    if not method_list:
+        raise CamkitError("no method given")
+    cam_methods = [get_method(m).name for m in method_list if m not in BASELINES]
+    order = list(dict.fromkeys(m if m in BASELINES else get_method(m).name for m in method_list))
+    return order, cam_methods
+
+
+def plan_evaluation(
+    model: nn.Module,
+    images: Sequence[str | Path | tuple[str, Path | Image.Image]],
+    methods: Sequence[str] = ("gradcam", "gradcam++", "xgradcam", "hirescam", "layercam"),
+    metrics: Sequence[str] | None = None,
+    annotations: dict[str, Annotation] | str | Path | None = None,
+    *,
+    preprocess: Preprocess | None = None,
+    labels: Sequence[str] | None = None,
+    layers: str = "auto",
+    steps: int = 50,
+    batch_size: int | None = None,
+    images_per_batch: int = 8,
+    box_threshold: float = 0.2,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+) -> EvaluationPlan:
+    """Check the arguments, read the annotations and probe every image's size (:func:`probe_images`) before any
+    model work. The arguments are those of :func:`evaluate`.
+
+    Raises:
+        CamkitError: no image, no method, an unknown method or metric, a box metric without boxes, a box outside
+            its image.
+    """
+    started = time.perf_counter()
+    anns = read_annotations(annotations) if isinstance(annotations, (str, Path)) else (annotations or {})
+    given = _given(images)
+    order, cam_methods = _method_order(methods)
+    check_eval(model, stacklevel=4)
+    items, anns, unreadable = probe_images(given, anns, max_pixels)
+    have_boxes = any(anns.get(n) is not None and anns[n].boxes for n, _ in given)
+    chosen = resolve_metrics(metrics, have_boxes)
+    fwd = Forward(model, batch_size)
+    return EvaluationPlan(
+        model=model,
+        items=items,
+        annotations=anns,
+        unreadable=unreadable,
+        given=len(given),
+        order=order,
+        cam_methods=cam_methods,
+        chosen=chosen,
+        columns=[c for m in chosen for c in METRICS[m].columns],
+        preprocess=preprocess or Preprocess.for_model(model),
+        labels=labels,
+        layers=layers,
+        steps=steps,
+        box_threshold=box_threshold,
+        images_per_batch=images_per_batch,
+        max_pixels=max_pixels,
+        forward=fwd,
+        scorer=MetricScorer(model, fwd, chosen, steps, box_threshold, IOU_THRESHOLDS.clone()),
+        started=started,
+    )
+
+
+@dataclass
+class _Progress:
+    """The ``progress`` callback of :func:`evaluate` and the work done so far, in (image, method) pairs."""
+
+    callback: Callable[[float, int, str], None] | None
+    total: int
+    done: float = 0.0
+
+    def report(self, done: float, description: str) -> None:
+        self.done = done
+        if self.callback is not None:
+            self.callback(done, self.total, description)
+
+    def tick(self, start: float, method: str, n: int, last: str, fraction: float, what: str) -> None:
+        """After each metric of one method on a batch of ``n`` images (``done`` moves at the method's end)."""
+        if self.callback is not None:
+            self.callback(start + fraction * n, self.total, f"{method}: {what} on {last}")
+
+    def forwards(self, at: float, last: str, done: int, total: int) -> None:
+        """The forwards of the perturbation methods, in the description; the count stays in (image, method)
+        pairs, so the total never changes."""
+        if self.callback is not None:
+            self.callback(at, self.total, f"explaining up to {last}: {done}/{total} forwards")
+
+
+def _skip(
+    entry: Skipped, per_image: int, track: _Progress, on_skip: Callable[[Skipped], None] | None
+) -> None:
+    if on_skip is not None:
+        on_skip(entry)
+    track.report(track.done + per_image, f"skipped {Path(entry.file).name}")
+
+
+def _none_read(given: int, skipped: Sequence[Skipped]) -> CamkitError:
+    first = skipped[0]
+    return CamkitError(f"none of the {given} image(s) could be read; first: {first.file} ({first.reason})")
+
+
+def _read_batch(
+    plan: EvaluationPlan,
+    chunk: Sequence[tuple[str, Path | Image.Image]],
+    track: _Progress,
+    on_skip: Callable[[Skipped], None] | None,
+) -> tuple[list[tuple[str, Image.Image]], list[Skipped]]:
+    """The batch's images decoded (name, RGB image), and those that could not be."""
+    pictures: list[tuple[str, Image.Image]] = []
+    skipped: list[Skipped] = []
+    for name, im in chunk:
+        if isinstance(im, Image.Image):
+            pictures.append((name, im))
+            continue
+        try:
+            pictures.append((name, load_image(im, max_pixels=plan.max_pixels)))
+        except (ValueError, OSError, Image.DecompressionBombError) as err:
+            skipped.append(Skipped(str(im), str(err)))
+            _skip(skipped[-1], len(plan.order), track, on_skip)
+    return pictures, skipped
+
+
+def _explain(
+    plan: EvaluationPlan,
+    x: Tensor,
+    classes: Tensor,
+    labels: Sequence[str] | None,
+    track: _Progress,
+    last: str,
+) -> dict[str, Explanation]:
+    """The batch's CAM methods, in one :func:`camkit.compare`."""
+    if not plan.cam_methods:
+        return {}
+    options = None
+    if track.callback is not None and any(get_method(m).family == "perturbation" for m in plan.cam_methods):
+        options = PerturbationOptions(progress=partial(track.forwards, track.done, last))
+    return compare(
+        plan.model,
+        x,
+        methods=plan.cam_methods,
+        layers=plan.layers,
+        targets=classes.tolist(),
+        labels=labels,
+        perturbation=options,
+    )
+
+
+def _rows(
+    names: Sequence[str],
+    method: str,
+    classes: Tensor,
+    probs: Tensor,
+    labels: Sequence[str] | None,
+    values: dict[str, Tensor],
+    columns: Sequence[str],
+) -> list[EvaluationRow]:
+    rows = []
+    for i, name in enumerate(names):
+        c = int(classes[i])
+        rows.append(
+            EvaluationRow(
+                image=name,
+                method=method,
+                cls=c,
+                label=labels[c] if labels is not None else None,
+                prob=round(float(probs[i]), 6),
+                values={col: float(values[col][i]) if col in values else float("nan") for col in columns},
+            )
+        )
+    return rows
+
+
+def _evaluate_batch(
+    plan: EvaluationPlan, start: int, track: _Progress, on_skip: Callable[[Skipped], None] | None
+) -> BatchResult:
+    """Explain and score the batch of images that starts at item ``start``."""
+    pictures, skipped = _read_batch(plan, plan.items[start : start + plan.images_per_batch], track, on_skip)
+    if not pictures:
+        return BatchResult([], {}, [], skipped, 0.0)
+    names = [n for n, _ in pictures]
+    batch_anns = [plan.annotations.get(n) for n in names]
+    device = model_device(plan.model)
+    x = plan.preprocess([im for _, im in pictures]).to(device)
+    logits = plan.forward(x)
+    labels = plan.labels
+    if labels is None and logits.shape[1] == 1000:
+        labels = imagenet_labels()
+    classes = _class_indices(logits, batch_anns, labels).to(device)
+    probs = torch.softmax(logits, dim=1).gather(1, classes[:, None])[:, 0]
+    t0 = time.perf_counter()
+    expl = _explain(plan, x, classes, labels, track, names[-1])
+    seconds = time.perf_counter() - t0
+    gt = [a.boxes if a is not None else [] for a in batch_anns]
+    sizes = [im.size for _, im in pictures]
+    rows: list[EvaluationRow] = []
+    curves: dict[str, Tensor] = {}
+    for method in plan.order:
+        if method in BASELINES:
+            maps = baseline_map(method, len(names), (x.shape[-2], x.shape[-1]), seed=start).to(device)
+        else:
+            maps = expl[method].maps
+        at = track.done
+        tick = partial(track.tick, at, method, len(names), names[-1])
+        values, iou = plan.scorer(x, maps, classes, gt, sizes, tick)
+        if iou is not None:
+            curves[method] = iou
+        rows.extend(_rows(names, method, classes, probs, labels, values, plan.columns))
+        track.report(at + len(names), f"{method} on {names[-1]}")
+    return BatchResult(rows, curves, names, skipped, seconds)
+
+
+def iter_evaluate(
+    plan: EvaluationPlan,
+    progress: Callable[[float, int, str], None] | None = None,
+    on_skip: Callable[[Skipped], None] | None = None,
+) -> Iterator[BatchResult]:
+    """Evaluate the plan's images batch by batch: one :class:`BatchResult` per batch of images, as it is done.
+
+    Args:
+        plan: from :func:`plan_evaluation`.
+        progress: called as ``progress(done, total, description)`` (see :func:`evaluate`).
+        on_skip: called with each :class:`Skipped` input as it is found (the unreadable ones of the plan first).
+
+    Raises:
+        CamkitError: none of the images could be read by :func:`probe_images`.
+    """
+    track = _Progress(progress, plan.total)
+    for entry in plan.unreadable:
+        _skip(entry, len(plan.order), track, on_skip)
+    if not plan.items:
+        raise _none_read(plan.given, plan.unreadable)
+    track.report(track.done, "starting")
+    for start in range(0, len(plan.items), plan.images_per_batch):
+        yield _evaluate_batch(plan, start, track, on_skip)
+
+
+def _maxboxacc(curves: dict[str, list[Tensor]]) -> dict[str, dict[str, float]]:
+    """method -> {"value", "iou_0.3", "iou_0.5", "iou_0.7"}: MaxBoxAccV2 of the IoU curves of all images."""
+    out: dict[str, dict[str, float]] = {}
+    for method, parts in curves.items():
+        res = max_box_acc_v2(torch.cat(parts), IOU_THRESHOLDS)
+        out[method] = {"value": res.value} | {f"iou_{k}": v for k, v in res.per_iou.items()}
+    return out
+
+
+def summarize(plan: EvaluationPlan, batches: Iterable[BatchResult]) -> EvaluationResult:
+    """The :class:`EvaluationResult` of a plan's batches (from :func:`iter_evaluate`), consumed here.
+
+    Raises:
+        CamkitError: no image could be read.
+    """
+    rows: list[EvaluationRow] = []
+    evaluated: list[str] = []
+    skipped = list(plan.unreadable)
+    curves: dict[str, list[Tensor]] = {m: [] for m in plan.order}
+    t_explain = 0.0
+    for batch in batches:
+        rows += batch.rows
+        evaluated += batch.images
+        skipped += batch.skipped
+        t_explain += batch.explain_seconds
+        for method, iou in batch.curves.items():
+            curves[method].append(iou)
+    if not evaluated:
+        raise _none_read(plan.given, skipped)
+    summary = _means(rows, plan.order, plan.columns)
+    mba = _maxboxacc(curves) if "maxboxacc" in plan.chosen else {}
+    for method, values in mba.items():
+        summary[method]["maxboxacc"] = values["value"]
+    boxed = any(METRICS[m].needs_boxes for m in plan.chosen)
+    anns = plan.annotations
+    timing = {
+        "total": time.perf_counter() - plan.started,
+        "explain": t_explain,
+        "metric_forwards": plan.forward.seconds,
+        "metric_images": float(plan.forward.images),
+    }
+    return EvaluationResult(
+        rows=rows,
+        summary=summary,
+        maxboxacc=mba,
+        columns=list(plan.columns),
+        timing=timing,
+        config=EvaluationConfig(
+            methods=plan.order,
+            metrics=plan.chosen,
+            layers=plan.layers,
+            steps=plan.steps,
+            box_threshold=plan.box_threshold,
+            images=len(evaluated),
+        ),
+        excluded=[n for n in evaluated if anns.get(n) is None or not anns[n].boxes] if boxed else [],
+        skipped=skipped,
+    )
 
 
 def evaluate(
@@ -453,7 +695,8 @@ def evaluate(
     on_skip: Callable[[Skipped], None] | None = None,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> EvaluationResult:
-    """Evaluate methods (and the ``center``/``random`` reference maps) on images with the chosen metrics.
+    """Evaluate methods (and the ``center``/``random`` reference maps) on images with the chosen metrics:
+    :func:`summarize` of :func:`iter_evaluate` of :func:`plan_evaluation`.
 
     Before the model runs, the annotations are read and checked, every image's size is read and the boxes are
     fitted to it (:func:`probe_images`). An image file that cannot be read (there, or when it is decoded) is
@@ -479,186 +722,19 @@ def evaluate(
         on_skip: called with each :class:`Skipped` input as it is found.
         max_pixels: image files with more pixels are skipped (decompression bombs); None: no limit.
     """
-    from camkit import metrics as M
-    from camkit.core.pipeline import compare
-    from camkit.methods import get_method
-    from camkit.methods.engine import PerturbationOptions
-    from camkit.metrics._common import Forward, model_device
-
-    t_start = time.perf_counter()
-    anns = read_annotations(annotations) if isinstance(annotations, (str, Path)) else (annotations or {})
-    given: list[tuple[str, Path | Image.Image]] = [
-        (it[0], it[1]) if isinstance(it, tuple) else (Path(it).name, Path(it)) for it in images
-    ]
-    if not given:
-        raise CamkitError("no images given")
-    method_list = [m.strip() for m in methods if m.strip()]
-    if not method_list:
-        raise CamkitError("no method given")
-    cam_methods = [get_method(m).name for m in method_list if m not in BASELINES]
-    order = list(dict.fromkeys(m if m in BASELINES else get_method(m).name for m in method_list))
-    check_eval(model, stacklevel=3)
-    items, anns, skipped = probe_images(given, anns, max_pixels)
-    have_boxes = any(anns.get(n) is not None and anns[n].boxes for n, _ in given)
-    chosen = _resolve_metrics(metrics, have_boxes)
-    total = len(given) * len(order)
-    done = 0.0
-
-    def skip(entry: Skipped) -> None:
-        nonlocal done
-        skipped.append(entry)
-        if on_skip is not None:
-            on_skip(entry)
-        done += len(order)
-        if progress is not None:
-            progress(done, total, f"skipped {Path(entry.file).name}")
-
-    unreadable, skipped = skipped, []
-    for entry in unreadable:
-        skip(entry)
-    if not items:
-        raise CamkitError(
-            f"none of the {len(given)} image(s) could be read; first: {skipped[0].file} ({skipped[0].reason})"
-        )
-    if progress is not None:
-        progress(done, total, "starting")
-    pre = preprocess or Preprocess.for_model(model)
-    device = model_device(model)
-    fwd = Forward(model, batch_size)
-    thresholds = IOU_THRESHOLDS.clone()
-    score = MetricScorer(model, fwd, chosen, steps, box_threshold, thresholds)
-    columns = [c for m in chosen for c in METRICS[m].columns]
-    rows: list[EvaluationRow] = []
-    curves: dict[str, list[Tensor]] = {m: [] for m in order}
-    t_explain = 0.0
-    evaluated: list[str] = []
-    for start in range(0, len(items), images_per_batch):
-        batch, pils = [], []
-        for name, im in items[start : start + images_per_batch]:
-            if isinstance(im, Image.Image):
-                pils.append(im)
-            else:
-                try:
-                    pils.append(load_image(im, max_pixels=max_pixels))
-                except (ValueError, OSError, Image.DecompressionBombError) as err:
-                    skip(Skipped(str(im), str(err)))
-                    continue
-            batch.append((name, im))
-        if not batch:
-            continue
-        evaluated.extend(n for n, _ in batch)
-        sizes = [im.size for im in pils]
-        batch_anns = [anns.get(n) for n, _ in batch]
-        x = pre(pils).to(device)
-        logits = fwd(x)
-        lab = labels
-        if lab is None and logits.shape[1] == 1000:
-            from camkit.adapters import imagenet_labels
-
-            lab = imagenet_labels()
-        classes = _class_indices(logits, batch_anns, lab).to(device)
-        probs = torch.softmax(logits, dim=1).gather(1, classes[:, None])[:, 0]
-        t0 = time.perf_counter()
-        options = None
-        if progress is not None and any(get_method(m).family == "perturbation" for m in cam_methods):
-            # the forwards of the perturbation methods show in the description; the count stays in
-            # (image, method) pairs, so the total never changes
-            def forwards(d: int, t: int, at: float = done, last: str = batch[-1][0]) -> None:
-                assert progress is not None
-                progress(at, total, f"explaining up to {last}: {d}/{t} forwards")
-
-            options = PerturbationOptions(progress=forwards)
-        expl = (
-            compare(
-                model,
-                x,
-                methods=cam_methods,
-                layers=layers,
-                targets=classes.tolist(),
-                labels=lab,
-                perturbation=options,
-            )
-            if cam_methods
-            else {}
-        )
-        t_explain += time.perf_counter() - t0
-        gt = [a.boxes if a is not None else [] for a in batch_anns]
-        for method in order:
-            if method in BASELINES:
-                size = (x.shape[-2], x.shape[-1])
-                maps = baseline_map(method, len(batch), size, seed=start).to(device)
-            else:
-                maps = expl[method].maps
-            step_start = done
-
-            def tick(
-                fraction: float,
-                what: str,
-                method: str = method,
-                step_start: float = step_start,
-                n: int = len(batch),
-                last: str = batch[-1][0],
-            ) -> None:
-                if progress is not None:
-                    progress(step_start + fraction * n, total, f"{method}: {what} on {last}")
-
-            values, iou = score(x, maps, classes, gt, sizes, tick)
-            if iou is not None:
-                curves[method].append(iou)
-            for i, (name, _) in enumerate(batch):
-                c = int(classes[i])
-                rows.append(
-                    EvaluationRow(
-                        image=name,
-                        method=method,
-                        cls=c,
-                        label=lab[c] if lab is not None else None,
-                        prob=round(float(probs[i]), 6),
-                        values={
-                            col: float(values[col][i]) if col in values else float("nan") for col in columns
-                        },
-                    )
-                )
-            done = step_start + len(batch)
-            if progress is not None:
-                progress(done, total, f"{method} on {batch[-1][0]}")
-    if not evaluated:
-        raise CamkitError(
-            f"none of the {len(given)} image(s) could be read; first: {skipped[0].file} ({skipped[0].reason})"
-        )
-    summary = _means(rows, order, columns)
-    mba: dict[str, dict[str, float]] = {}
-    if "maxboxacc" in chosen:
-        for method in order:
-            res = M.max_box_acc_v2(torch.cat(curves[method]), thresholds)
-            mba[method] = {"value": res.value} | {f"iou_{k}": v for k, v in res.per_iou.items()}
-            summary[method]["maxboxacc"] = res.value
-    excluded = (
-        [n for n in evaluated if anns.get(n) is None or not anns[n].boxes]
-        if any(METRICS[m].needs_boxes for m in chosen)
-        else []
-    )
-    timing = {
-        "total": time.perf_counter() - t_start,
-        "explain": t_explain,
-        "metric_forwards": fwd.seconds,
-        "metric_images": float(fwd.images),
-    }
-    config = EvaluationConfig(
-        methods=order,
-        metrics=chosen,
+    plan = plan_evaluation(
+        model,
+        images,
+        methods,
+        metrics,
+        annotations,
+        preprocess=preprocess,
+        labels=labels,
         layers=layers,
         steps=steps,
+        batch_size=batch_size,
+        images_per_batch=images_per_batch,
         box_threshold=box_threshold,
-        images=len(evaluated),
+        max_pixels=max_pixels,
     )
-    return EvaluationResult(
-        rows=rows,
-        summary=summary,
-        maxboxacc=mba,
-        columns=columns,
-        timing=timing,
-        config=config,
-        excluded=excluded,
-        skipped=skipped,
-    )
+    return summarize(plan, iter_evaluate(plan, progress, on_skip))

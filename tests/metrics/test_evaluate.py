@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -169,3 +170,69 @@ def test_cli_evaluate_and_localize_on_photos(tmp_path) -> None:
     b = boxes["boxes"][0]
     assert 0 <= b["x0"] < b["x1"] <= 451 and 0 <= b["y0"] < b["y1"] <= 300
     assert (out / "cat_boxes.png").exists()
+
+
+def test_iter_evaluate_batches_summarise_to_evaluates_result(tiny) -> None:
+    """evaluate() is plan_evaluation + iter_evaluate + summarize: the batches, summarised, give its result."""
+    from camkit.evaluate import BatchResult, iter_evaluate, plan_evaluation, summarize
+
+    g = torch.Generator().manual_seed(1)
+    imgs = [
+        (f"im{i}.png", Image.fromarray((torch.rand(40, 60, 3, generator=g) * 255).byte().numpy()))
+        for i in range(5)
+    ]
+    anns = {"im0.png": Annotation(boxes=[[10, 10, 30, 30]]), "im3.png": Annotation(boxes=[[0, 0, 20, 40]])}
+    kwargs = dict(
+        methods=["gradcam", "center"],
+        metrics=["deletion", "avg_drop", "increase", "pointing", "maxboxacc"],
+        annotations=anns,
+        preprocess=Preprocess(size=(32, 32)),
+        layers="features.2",
+        steps=3,
+        images_per_batch=2,
+    )
+    whole = evaluate(tiny, imgs, **kwargs)  # type: ignore[arg-type]
+    plan = plan_evaluation(tiny, imgs, **kwargs)  # type: ignore[arg-type]
+    batches = list(iter_evaluate(plan))
+    assert all(isinstance(b, BatchResult) for b in batches)
+    assert [b.images for b in batches] == [["im0.png", "im1.png"], ["im2.png", "im3.png"], ["im4.png"]]
+    assert [len(b.rows) for b in batches] == [4, 4, 2]  # (image, method) rows of each batch
+    assert all(set(b.curves) == {"gradcam", "center"} for b in batches)
+    parts = summarize(plan, batches)
+    assert [(r.image, r.method, r.cls, r.prob) for r in parts.rows] == [
+        (r.image, r.method, r.cls, r.prob) for r in whole.rows
+    ]
+    assert all(_same_values(a.values, b.values) for a, b in zip(parts.rows, whole.rows, strict=True))
+    assert parts.columns == whole.columns and parts.excluded == whole.excluded == [
+        "im1.png",
+        "im2.png",
+        "im4.png",
+    ]
+    assert parts.maxboxacc == whole.maxboxacc
+    for method, values in whole.summary.items():
+        assert _same_values(parts.summary[method], values)
+    assert parts.config == whole.config and parts.timing["metric_images"] == whole.timing["metric_images"]
+
+
+def _same_values(a: dict[str, float], b: dict[str, float]) -> bool:
+    return a.keys() == b.keys() and all(
+        (math.isnan(v) and math.isnan(b[k])) or v == b[k] for k, v in a.items()
+    )
+
+
+def test_collect_images_walks_nested_folders_in_the_order_of_run(tmp_path) -> None:
+    """evaluate's folder walk is the one input discovery of every command: sorted by path, so a subfolder's
+    files come where their path sorts (a/x.png before b.png), as in ``camkit run``'s store."""
+    from camkit.io.inputs import discover_images
+    from camkit.run.sources import collect_items
+
+    for rel in ("b.png", "a/x.png", "a/c/y.jpg", "c.png", ".hid/z.png"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (4, 4)).save(tmp_path / rel)
+    found = [p.relative_to(tmp_path).as_posix() for p in collect_images([tmp_path])]
+    assert found == ["a/c/y.jpg", "a/x.png", "b.png", "c.png"]
+    assert collect_images([tmp_path]) == discover_images([tmp_path])
+    run_order = [
+        Path(it.path).resolve().relative_to(tmp_path.resolve()).as_posix() for it in collect_items([tmp_path])
+    ]
+    assert run_order == found

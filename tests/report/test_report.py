@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -342,3 +343,69 @@ def test_build_records_refuses_a_training_model_before_any_forward(small_model: 
         next(iter(build_records(loaded.model, [("cat", photo())])))  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="pairs"):
         next(iter(build_records(small_model, [photo()])))  # type: ignore[list-item]
+
+
+def _count_forwards(model: torch.nn.Module) -> tuple[list[int], torch.utils.hooks.RemovableHandle]:
+    calls = [0]
+
+    def hook(*_: object) -> None:
+        calls[0] += 1
+
+    return calls, model.register_forward_hook(hook)
+
+
+def test_build_records_runs_only_the_forwards_the_explanations_need(small_model: camkit.LoadedModel) -> None:
+    """The top-5 and the explained class come from the explanations' own forward: no second model call."""
+    pics = [("a", photo(96, 64, 0)), ("b", photo(80, 80, 1))]
+    # once before counting: a model's first explanation may run a one-time check
+    camkit.compare(
+        small_model.model, [pics[0][1]], ["gradcam", "fullgrad"], preprocess=small_model.preprocess
+    )
+    calls, handle = _count_forwards(small_model.model)
+    try:
+        for _, pic in pics:
+            camkit.compare(
+                small_model.model, [pic], ["gradcam", "fullgrad"], preprocess=small_model.preprocess
+            )
+        needed = calls[0]
+        calls[0] = 0
+        records = list(build_records(small_model, pics, ["gradcam", "fullgrad"]))
+        made = calls[0]
+    finally:
+        handle.remove()
+    assert needed >= len(pics) and made == needed
+    for r, (_, pic) in zip(records, pics, strict=True):
+        logits = small_model.model(small_model.preprocess([pic]))[0]
+        expected = camkit.report.top_predictions(logits, small_model.labels)
+        assert [p.cls for p in r.top5] == [p.cls for p in expected]
+        assert [p.prob for p in r.top5] == pytest.approx([p.prob for p in expected], abs=1e-5)
+        assert r.target is not None and r.target.cls == r.top5[0].cls
+
+
+def test_report_grid_puts_own_pass_methods_in_one_column(small_model: camkit.LoadedModel) -> None:
+    """A method that makes its map in its own passes names the map after itself, not after a layer: all such
+    maps share the one OWN_MAP column (no diagonal grid of empty cells), as in ``camkit explain``'s grid."""
+    from camkit.report import OWN_MAP
+
+    records = list(build_records(small_model, [("a", photo())], ["gradcam", "fullgrad", "polycam"], "layer4"))
+    cells = [(e.method, e.layer) for e in records[0].maps]
+    assert cells == [("gradcam", "layer4"), ("fullgrad", OWN_MAP), ("polycam", OWN_MAP)]
+    assert len({layer for _, layer in cells}) == 2  # two columns for three methods
+
+
+def test_build_records_metrics_come_from_the_metric_registry(small_model: camkit.LoadedModel) -> None:
+    """The report's metrics are the registry's (camkit.metrics.METRICS) without boxes, computed by the one
+    dispatcher: the same numbers as the metric functions called directly."""
+    from camkit import metrics as M
+    from camkit.report import METRICS
+
+    assert set(METRICS) == {k for k, m in M.METRICS.items() if not m.needs_boxes}
+    pic = photo()
+    (record,) = build_records(small_model, [("a", pic)], ["gradcam"], metrics=["deletion", "road"], steps=3)
+    expl = camkit.explain(small_model.model, [pic], "gradcam", preprocess=small_model.preprocess)
+    x = small_model.preprocess([pic])
+    assert set(record.metrics["gradcam"]) == {"deletion", "road_morf", "road_lerf"}
+    direct = M.deletion(small_model.model, x, expl.maps, expl.classes, steps=3).auc[0]
+    assert record.metrics["gradcam"]["deletion"] == pytest.approx(float(direct), abs=1e-6)
+    morf = M.road(small_model.model, x, expl.maps, expl.classes).mean_score[0]
+    assert record.metrics["gradcam"]["road_morf"] == pytest.approx(float(morf), abs=1e-6)

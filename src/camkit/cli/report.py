@@ -71,7 +71,7 @@ def report(
     metrics: Annotated[
         str,
         typer.Option(
-            help="Metrics per image and method, comma-separated: deletion, insertion, avg_drop, increase."
+            help="Metrics per image and method, comma-separated: deletion, insertion, avg_drop, increase, road."
         ),
     ] = "",
     steps: Annotated[int, typer.Option(help="Steps of the deletion / insertion curves.")] = 20,

@@ -4,6 +4,9 @@
 >>> curve = metrics.deletion(model, x, expl.maps)          # RISE deletion, .auc per image (lower is better)
 >>> metrics.pointing_game(expl.maps, gt_boxes, image_sizes=[im.size for im in expl.images])
 >>> metrics.cascading_randomization(model, images, method="gradcam").correlation
+
+:data:`METRICS` (:mod:`camkit.metrics.registry`) names the metrics that ``camkit evaluate``, ``camkit run`` and
+``camkit report`` compute per batch of maps, and :class:`MetricScorer` computes them: a new metric is added there.
 """
 
 from camkit.metrics._common import Forward
@@ -28,14 +31,29 @@ from camkit.metrics.localization import (
     max_box_acc_v2,
     pointing_game,
 )
+from camkit.metrics.registry import (
+    DEFAULT_METRICS,
+    IOU_THRESHOLDS,
+    METRICS,
+    Metric,
+    MetricBatch,
+    MetricScorer,
+    resolve_metrics,
+)
 from camkit.metrics.sanity import SanityResult, cascading_randomization, randomizable_modules, spearman
 
 __all__ = [
+    "DEFAULT_METRICS",
+    "IOU_THRESHOLDS",
+    "METRICS",
     "BoxAccuracy",
     "ConfidenceChange",
     "Curve",
     "Forward",
     "MaxBoxAcc",
+    "Metric",
+    "MetricBatch",
+    "MetricScorer",
     "RoadResult",
     "SanityResult",
     "average_drop",
@@ -51,6 +69,7 @@ __all__ = [
     "noisy_linear_impute",
     "pointing_game",
     "randomizable_modules",
+    "resolve_metrics",
     "road",
     "spearman",
 ]

@@ -14,6 +14,7 @@ from camkit.report.html import ReportOptions, ReportStats, check_record, record_
 from camkit.report.records import (
     FUSED,
     METRICS,
+    OWN_MAP,
     ImageRecord,
     MapEntry,
     Prediction,
@@ -24,6 +25,7 @@ from camkit.report.records import (
 __all__ = [
     "FUSED",
     "METRICS",
+    "OWN_MAP",
     "ImageRecord",
     "MapEntry",
     "Prediction",

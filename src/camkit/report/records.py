@@ -19,21 +19,43 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from camkit.adapters import LoadedModel
+from camkit.core.capture import check_eval
+from camkit.core.explanation import Explanation
+from camkit.core.pipeline import compare
+from camkit.core.targets import TopK
 from camkit.errors import CamkitError
-from camkit.localize import Box
+from camkit.localize import Box, localize
+from camkit.methods import get_method
+from camkit.metrics import Forward, MetricScorer, registry
 
 if TYPE_CHECKING:
-    from camkit.adapters import LoadedModel
     from camkit.core.targets import TargetSpec
     from camkit.localize import Threshold
 
-__all__ = ["FUSED", "METRICS", "ImageRecord", "MapEntry", "Prediction", "build_records", "top_predictions"]
+__all__ = [
+    "FUSED",
+    "METRICS",
+    "OWN_MAP",
+    "ImageRecord",
+    "MapEntry",
+    "Prediction",
+    "build_records",
+    "top_predictions",
+]
 
-#: The metrics a report can compute per image and method (lower is better for ``deletion`` and ``avg_drop``).
-METRICS = ("deletion", "insertion", "avg_drop", "increase")
+#: The metrics a report can compute per image and method: those of the metric registry
+#: (:data:`camkit.metrics.METRICS`) that need no ground-truth boxes.
+METRICS = tuple(
+    name for name, metric in registry.METRICS.items() if not metric.needs_boxes and metric.columns
+)
 
 #: The layer name of the map fused over several layers.
 FUSED = "fused"
+
+#: The layer name of a map a method makes in its own passes (``fullgrad``, ``polycam``, ...): one column shared
+#: by all such methods in the report's methods x layers grid.
+OWN_MAP = "own map"
 
 
 @dataclass(frozen=True)
@@ -118,70 +140,35 @@ def top_predictions(logits: Tensor, labels: Sequence[str] | None, k: int = 5) ->
     ]
 
 
-def _metric_values(
-    loaded: LoadedModel, x: Tensor, maps: Tensor, cls: Tensor | None, names: Sequence[str], steps: int
-) -> dict[str, float]:
-    from camkit import metrics as m
+@dataclass(frozen=True)
+class _Job:
+    """The checked arguments of :func:`build_records`."""
 
-    out: dict[str, float] = {}
-    if "deletion" in names:
-        out["deletion"] = float(m.deletion(loaded.model, x, maps, classes=cls, steps=steps).auc[0])
-    if "insertion" in names:
-        out["insertion"] = float(m.insertion(loaded.model, x, maps, classes=cls, steps=steps).auc[0])
-    if "avg_drop" in names or "increase" in names:
-        change = m.confidence_change(loaded.model, x, maps, classes=cls)
-        if "avg_drop" in names:
-            out["avg_drop"] = float(change.drop[0])
-        if "increase" in names:
-            out["increase"] = float(change.increase[0])
-    return out
+    loaded: LoadedModel
+    methods: list[str]
+    layers: str | list[str]
+    target: TargetSpec
+    metrics: list[str]
+    steps: int
+    threshold: Threshold
 
 
-def build_records(
+def _check(
     loaded: LoadedModel,
-    images: Iterable[tuple[str, Image.Image | Path]],
-    methods: Sequence[str] = ("gradcam",),
-    layers: str | Sequence[str] = "auto",
-    target: TargetSpec = None,
-    metrics: Sequence[str] = (),
-    steps: int = 20,
-    threshold: Threshold = 0.2,
-) -> Iterator[ImageRecord]:
-    """Explain each image with every method (one :func:`camkit.compare` per image) and make its record.
-
-    Images are read and explained one at a time, as the records are consumed (a generator), so a long list
-    costs the memory of one image at a time when passed straight to :func:`camkit.report.write_report`.
-
-    Args:
-        loaded: a model from :func:`camkit.load_model`.
-        images: (name, PIL image or file path) pairs.
-        methods: method names (``camkit methods``).
-        layers: ``"auto"``, or layer names (a comma-separated string or a list): with several, each layer's map
-            and the fused one are shown.
-        target: the class to explain (None: the top-1 of each image); a ``TopK`` is refused.
-        metrics: names among :data:`METRICS`, computed per image and method on the fused map.
-        steps: steps of the deletion and insertion curves.
-        threshold: the localisation threshold (:func:`camkit.localize.localize`).
-
-    Raises:
-        ValueError: an unknown metric or method, a ``TopK`` target, ``steps`` below 1.
-    """
-    from camkit.adapters import LoadedModel
-    from camkit.core.capture import check_eval
-    from camkit.core.outputs import logits_of
-    from camkit.core.pipeline import compare
-    from camkit.core.targets import TopK
-    from camkit.localize import localize
-    from camkit.methods import get_method
-
+    methods: Sequence[str],
+    layers: str | Sequence[str],
+    target: TargetSpec,
+    metrics: Sequence[str],
+    steps: int,
+    threshold: Threshold,
+) -> _Job:
+    """Refuse bad arguments before any image is read or the model runs."""
     if not isinstance(loaded, LoadedModel):
         raise TypeError(
             f"loaded must be a camkit.LoadedModel (from camkit.load_model), got {type(loaded).__name__}; for "
             "your own network: LoadedModel(model=..., preprocess=camkit.Preprocess(...), labels=...)"
         )
-    check_eval(
-        loaded.model, stacklevel=3
-    )  # before the top-5 forward below, which would update BatchNorm stats
+    check_eval(loaded.model, stacklevel=4)  # before any forward, which would update BatchNorm stats
     unknown = [n for n in metrics if n not in METRICS]
     if unknown:
         raise CamkitError(
@@ -198,50 +185,116 @@ def build_records(
     for name in methods:
         get_method(name)  # an unknown name raises here, before any image is read
     layer_spec: str | list[str] = layers if isinstance(layers, str) else list(layers)
+    return _Job(loaded, list(methods), layer_spec, target, list(metrics), steps, threshold)
 
+
+def _entries(method: str, expl: Explanation, size: tuple[int, int], threshold: Threshold) -> list[MapEntry]:
+    """The method's maps: each layer's and the fused one (with its boxes), or its one map.
+
+    A map of the method's own passes is named after the method, not after a layer: it goes in the one
+    :data:`OWN_MAP` column that all such methods share (as in ``camkit explain``'s grid).
+    """
+    fused = expl.maps[0].detach().float().cpu()
+    boxes = localize(fused[None], threshold=threshold, image_sizes=[size])[0]
+    if len(expl.layers) > 1:
+        entries = [
+            MapEntry(method, layer, expl.layer_maps[layer][0].float().cpu().numpy()) for layer in expl.layers
+        ]
+        return [*entries, MapEntry(method, FUSED, fused.numpy(), boxes)]
+    layer = expl.layers[0]
+    return [MapEntry(method, OWN_MAP if layer in (method, expl.method) else layer, fused.numpy(), boxes)]
+
+
+def _explained(
+    result: dict[str, Explanation], labels: Sequence[str] | None
+) -> tuple[list[Prediction], Prediction | None]:
+    """The top-5 and the explained class, read from the explanations (no second forward): the top-5 from the
+    model output of the explained forward, when it holds class scores."""
+    top5: list[Prediction] = []
+    chosen: Prediction | None = None
+    for expl in result.values():
+        if not top5 and expl.output is not None and expl.output.dim() == 2:
+            top5 = top_predictions(expl.output[0], labels)
+        if chosen is None and expl.classes is not None:
+            label = expl.labels[0] if expl.labels else None
+            prob = float(expl.probs[0]) if expl.probs is not None else math.nan
+            chosen = Prediction(int(expl.classes[0]), label if isinstance(label, str) else None, prob)
+    return top5, chosen
+
+
+def _metric_values(
+    scorer: MetricScorer, x: Tensor, expl: Explanation, size: tuple[int, int], names: Sequence[str]
+) -> dict[str, float]:
+    """The metrics of the fused map, metric column -> value, from the one metric dispatcher."""
+    values, _ = scorer(x, expl.maps[:1].float(), expl.classes, [[]], [size])
+    return {col: float(values[col][0]) for name in names for col in registry.METRICS[name].columns}
+
+
+def _record(job: _Job, name: str, image: Image.Image | Path, scorer: MetricScorer | None) -> ImageRecord:
+    """Explain one image with every method (one :func:`camkit.compare`) and make its record."""
+    pil = _read(image)
+    loaded = job.loaded
+    result = compare(
+        loaded.model,
+        [pil],
+        job.methods,
+        job.layers,
+        job.target,
+        preprocess=loaded.preprocess,
+        labels=loaded.labels,
+    )
+    top5, chosen = _explained(result, loaded.labels)
+    entries = [e for method, expl in result.items() for e in _entries(method, expl, pil.size, job.threshold)]
+    values: dict[str, dict[str, float]] = {}
+    if scorer is not None:
+        x = loaded.preprocess([pil])
+        values = {m: _metric_values(scorer, x, expl, pil.size, job.metrics) for m, expl in result.items()}
+    source = str(image) if isinstance(image, Path) else name
+    return ImageRecord(name, image, top5, chosen, entries, values, source)
+
+
+def build_records(
+    loaded: LoadedModel,
+    images: Iterable[tuple[str, Image.Image | Path]],
+    methods: Sequence[str] = ("gradcam",),
+    layers: str | Sequence[str] = "auto",
+    target: TargetSpec = None,
+    metrics: Sequence[str] = (),
+    steps: int = 20,
+    threshold: Threshold = 0.2,
+) -> Iterator[ImageRecord]:
+    """Explain each image with every method (one :func:`camkit.compare` per image) and make its record.
+
+    Images are read and explained one at a time, as the records are consumed (a generator), so a long list
+    costs the memory of one image at a time when passed straight to :func:`camkit.report.write_report`. The
+    model runs only as the explanations need: the top-5 and the explained class are read from them.
+
+    Args:
+        loaded: a model from :func:`camkit.load_model`.
+        images: (name, PIL image or file path) pairs.
+        methods: method names (``camkit methods``).
+        layers: ``"auto"``, or layer names (a comma-separated string or a list): with several, each layer's map
+            and the fused one are shown; a method that makes its map in its own passes shows it in the
+            :data:`OWN_MAP` column.
+        target: the class to explain (None: the top-1 of each image); a ``TopK`` is refused.
+        metrics: names among :data:`METRICS`, computed per image and method on the fused map (their columns:
+            ``road`` gives ``road_morf`` and ``road_lerf``).
+        steps: steps of the deletion and insertion curves.
+        threshold: the localisation threshold (:func:`camkit.localize.localize`).
+
+    Raises:
+        ValueError: an unknown metric or method, a ``TopK`` target, ``steps`` below 1.
+    """
+    job = _check(loaded, methods, layers, target, metrics, steps, threshold)
+    scorer = (
+        MetricScorer(loaded.model, Forward(loaded.model), job.metrics, job.steps, box_threshold=0.2)
+        if job.metrics
+        else None
+    )
     for item in images:
         if not (isinstance(item, tuple) and len(item) == 2):
             raise TypeError(f"images must be (name, PIL image or path) pairs, got {item!r:.80}")
-        name, image = item
-        pil = _read(image)
-        x = loaded.preprocess([pil])
-        with torch.no_grad():
-            out = loaded.model(x)
-        try:
-            logits = logits_of(out)
-        except (TypeError, ValueError):
-            logits = None
-        top5 = top_predictions(logits[0], loaded.labels) if logits is not None and logits.dim() == 2 else []
-        result = compare(
-            loaded.model,
-            [pil],
-            list(methods),
-            layer_spec,
-            target,
-            preprocess=loaded.preprocess,
-            labels=loaded.labels,
-        )
-        entries: list[MapEntry] = []
-        values: dict[str, dict[str, float]] = {}
-        chosen: Prediction | None = None
-        for method, expl in result.items():
-            fused = expl.maps[0].detach().float().cpu()
-            boxes = localize(fused[None], threshold=threshold, image_sizes=[pil.size])[0]
-            if len(expl.layers) > 1:
-                for layer in expl.layers:
-                    entries.append(MapEntry(method, layer, expl.layer_maps[layer][0].float().cpu().numpy()))
-                entries.append(MapEntry(method, FUSED, fused.numpy(), boxes))
-            else:
-                entries.append(MapEntry(method, expl.layers[0], fused.numpy(), boxes))
-            cls = expl.classes
-            if chosen is None and cls is not None:
-                label = expl.labels[0] if expl.labels else None
-                prob = float(expl.probs[0]) if expl.probs is not None else math.nan
-                chosen = Prediction(int(cls[0]), label if isinstance(label, str) else None, prob)
-            if metrics:
-                values[method] = _metric_values(loaded, x, expl.maps[:1].float(), cls, metrics, steps)
-        source = str(image) if isinstance(image, Path) else name
-        yield ImageRecord(name, image, top5, chosen, entries, values, source)
+        yield _record(job, item[0], item[1], scorer)
 
 
 def _read(image: Image.Image | Path) -> Image.Image:

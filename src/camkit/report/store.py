@@ -213,6 +213,139 @@ def _layer_label(store: Store, method: str | None = None) -> str:
     )
 
 
+class _Shards:
+    """The stored maps of the chosen methods, read one shard (one zarr chunk) at a time, whole, once."""
+
+    def __init__(self, store: Store, methods: Sequence[str]) -> None:
+        self.store = store
+        self.arrays = {m: store.maps(m) for m in methods}
+        self.block: dict[str, np.ndarray] = {}
+        self.range = range(0)
+
+    def map(self, method: str, index: int) -> np.ndarray:
+        """The stored map of row ``index`` as float32."""
+        if index not in self.range:
+            self.range = self.store.shard_range(index // self.store.shard_size)
+            start, stop = self.range.start, self.range.stop
+            self.block = {m: np.asarray(a[start:stop]) for m, a in self.arrays.items()}
+        stored: np.ndarray = self.block[method][index - self.range.start].astype(np.float32)
+        return stored
+
+
+def _method_metrics(row: dict[str, Any], method: str) -> dict[str, float]:
+    """The stored ``<method>.<metric>`` cells of one row that are one number each, metric -> value."""
+    values: dict[str, float] = {}
+    for col in row:
+        if col.startswith(f"{method}.") and col != f"{method}.box":
+            value = _scalar(row[col])
+            if value is not None:
+                values[col.split(".", 1)[1]] = value
+    return values
+
+
+def _row_maps(
+    row: dict[str, Any], methods: Sequence[str], layer: dict[str, str], shards: _Shards, notes: list[str]
+) -> tuple[list[MapEntry], dict[str, dict[str, float]]]:
+    """One ok row's map entries (with the stored box) and metrics per method; a map that is not finite is left
+    out with a note."""
+    entries: list[MapEntry] = []
+    metrics: dict[str, dict[str, float]] = {}
+    for m in methods:
+        stored = shards.map(m, int(row["index"]))
+        if not np.isfinite(stored).all():
+            notes.append(f"{m}: the stored map is not finite (NaN): no overlay")
+            continue
+        box = row.get(f"{m}.box")
+        entries.append(MapEntry(m, layer[m], stored, [Box(*(int(v) for v in box))] if box else []))
+        values = _method_metrics(row, m)
+        if values:
+            metrics[m] = values
+    return entries, metrics
+
+
+def _predictions(row: dict[str, Any]) -> tuple[list[Prediction], Prediction | None]:
+    """The stored top-k and the explained class of one row."""
+    classes = row.get("topk_classes") or []
+    probs = row.get("topk_probs") or []
+    labels = row.get("topk_labels") or [None] * len(classes)
+    top = [Prediction(int(c), lb, float(p)) for c, p, lb in zip(classes, probs, labels, strict=True)]
+    if row.get("class") is None:
+        return top, None
+    return top, Prediction(int(row["class"]), row.get("label"), _float(row.get("prob")))
+
+
+@dataclass(frozen=True)
+class _Source:
+    """What every record of one :func:`store_records` call reads from."""
+
+    store: Store
+    methods: list[str]
+    root: Path | None
+    photo_side: int
+    layer: dict[str, str]
+
+
+def _record(
+    src: _Source,
+    row: dict[str, Any],
+    name: str,
+    shards: _Shards,
+    tars: dict[Path, tarfile.TarFile],
+    tally: dict[str, int],
+) -> ImageRecord:
+    """The record of one stored row: an error row, or the photo, maps, metrics and predictions."""
+    index, path = int(row["index"]), str(row["path"])
+    size = (int(row["width"]), int(row["height"])) if row.get("width") and row.get("height") else None
+    if row.get("status") != "ok":
+        tally["errors"] += 1
+        error = str(row.get("error") or "the run could not read this image")
+        return ImageRecord(name, _placeholder(size, src.photo_side), error=error, source=path, size=size)
+    notes: list[str] = []
+    root = src.root if src.root is not None else src.store.path_root(index)
+    pic, why = _read_photo(path, root, src.photo_side, tars)
+    if pic is None:
+        tally["missing_photos"] += 1
+        notes.append(str(why))
+        pic = _placeholder(size, src.photo_side)
+    entries, metrics = _row_maps(row, src.methods, src.layer, shards, notes)
+    top, target = _predictions(row)
+    return ImageRecord(name, pic, top, target, entries, metrics, source=path, notes=notes, size=size)
+
+
+def _rows(st: Store, limit: int | None) -> list[dict[str, Any]]:
+    """The store's done rows, the first ``limit`` ones."""
+    table = st.table()
+    if table.num_rows == 0:
+        raise CamkitError(
+            f"the store {str(st.path)!r} holds no finished image yet (0 of {st.n_shards} shards done); "
+            "wait for the run's first shard, or run the same `camkit run` command to resume it"
+        )
+    if limit is not None:
+        table = table.slice(0, limit)
+    rows: list[dict[str, Any]] = table.to_pylist()
+    return rows
+
+
+def _source(
+    store: Store | str | Path,
+    methods: Sequence[str] | str | None,
+    limit: int | None,
+    image_root: str | Path | None,
+    photo_side: int,
+) -> _Source:
+    """Check the arguments of :func:`store_records`."""
+    st = _as_store(store)
+    chosen = _choose_methods(st, methods)
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise CamkitError(f"limit must be a number of images >= 1 (or None: all), got {limit!r}")
+    if isinstance(photo_side, bool) or not isinstance(photo_side, int) or photo_side < 1:
+        raise CamkitError(f"photo_side must be a number of pixels >= 1, got {photo_side!r}")
+    root = Path(image_root) if image_root is not None else None
+    if root is not None and not root.is_dir():
+        raise CamkitError(f"image_root {str(root)!r} is not a folder")
+    return _Source(st, chosen, root, photo_side, {m: _layer_label(st, m) for m in chosen})
+
+
 def store_records(
     store: Store | str | Path,
     methods: Sequence[str] | str | None = None,
@@ -237,80 +370,17 @@ def store_records(
     Raises:
         ValueError: not a store, an unknown method, ``limit`` below 1, or no done shard yet.
     """
-    st = _as_store(store)
-    chosen = _choose_methods(st, methods)
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise CamkitError(f"limit must be a number of images >= 1 (or None: all), got {limit!r}")
-    if isinstance(photo_side, bool) or not isinstance(photo_side, int) or photo_side < 1:
-        raise CamkitError(f"photo_side must be a number of pixels >= 1, got {photo_side!r}")
-    root = Path(image_root) if image_root is not None else None
-    if root is not None and not root.is_dir():
-        raise CamkitError(f"image_root {str(root)!r} is not a folder")
-    table = st.table()
-    if table.num_rows == 0:
-        raise CamkitError(
-            f"the store {str(st.path)!r} holds no finished image yet (0 of {st.n_shards} shards done); "
-            "wait for the run's first shard, or run the same `camkit run` command to resume it"
-        )
-    if limit is not None:
-        table = table.slice(0, limit)
-    rows = table.to_pylist()
+    src = _source(store, methods, limit, image_root, photo_side)
+    rows = _rows(src.store, limit)
     names = _names([str(r["path"]) for r in rows])
-    layer = {m: _layer_label(st, m) for m in chosen}
-    arrays = {m: st.maps(m) for m in chosen}
+    shards = _Shards(src.store, src.methods)
     tally = counts if counts is not None else {}
     tally.setdefault("errors", 0)
     tally.setdefault("missing_photos", 0)
     tars: dict[Path, tarfile.TarFile] = {}
-    block: dict[str, np.ndarray] = {}
-    block_range = range(0)
     try:
         for row, name in zip(rows, names, strict=True):
-            index = int(row["index"])
-            path = str(row["path"])
-            size = (int(row["width"]), int(row["height"])) if row.get("width") and row.get("height") else None
-            notes: list[str] = []
-            if row.get("status") != "ok":
-                tally["errors"] += 1
-                error = str(row.get("error") or "the run could not read this image")
-                yield ImageRecord(name, _placeholder(size, photo_side), error=error, source=path, size=size)
-                continue
-            pic, why = _read_photo(path, root if root is not None else st.path_root(index), photo_side, tars)
-            if pic is None:
-                tally["missing_photos"] += 1
-                notes.append(str(why))
-                pic = _placeholder(size, photo_side)
-            if index not in block_range:  # one shard = one zarr chunk: read it whole, once
-                block_range = st.shard_range(index // st.shard_size)
-                block = {m: np.asarray(a[block_range.start : block_range.stop]) for m, a in arrays.items()}
-            entries: list[MapEntry] = []
-            metrics: dict[str, dict[str, float]] = {}
-            for m in chosen:
-                stored = block[m][index - block_range.start].astype(np.float32)
-                if not np.isfinite(stored).all():
-                    notes.append(f"{m}: the stored map is not finite (NaN): no overlay")
-                    continue
-                box = row.get(f"{m}.box")
-                boxes = [Box(*(int(v) for v in box))] if box else []
-                entries.append(MapEntry(m, layer[m], stored, boxes))
-                values: dict[str, float] = {}
-                for col in row:
-                    if col.startswith(f"{m}.") and col != f"{m}.box":
-                        value = _scalar(row[col])
-                        if value is not None:
-                            values[col.split(".", 1)[1]] = value
-                if values:
-                    metrics[m] = values
-            classes = row.get("topk_classes") or []
-            probs = row.get("topk_probs") or []
-            labels = row.get("topk_labels") or [None] * len(classes)
-            top = [Prediction(int(c), lb, float(p)) for c, p, lb in zip(classes, probs, labels, strict=True)]
-            target = (
-                Prediction(int(row["class"]), row.get("label"), _float(row.get("prob")))
-                if row.get("class") is not None
-                else None
-            )
-            yield ImageRecord(name, pic, top, target, entries, metrics, source=path, notes=notes, size=size)
+            yield _record(src, row, name, shards, tars, tally)
     finally:
         for tf in tars.values():
             tf.close()

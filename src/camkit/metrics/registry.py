@@ -1,0 +1,236 @@
+"""The metric registry: every metric that ``camkit evaluate``, ``camkit run`` and ``camkit report`` compute per
+batch of maps, by name, with its columns and how it is computed. A new metric is one :class:`Metric` entry in
+:data:`METRICS`; :class:`MetricScorer` is the one dispatcher the three commands share, so their numbers cannot
+drift apart.
+
+>>> from camkit.metrics.registry import METRICS, MetricBatch, MetricScorer
+>>> METRICS["road"].columns
+('road_morf', 'road_lerf')
+>>> values, curves = MetricScorer(model, Forward(model), ["deletion", "box"], steps=50, box_threshold=0.2)(
+...     x, maps, classes, gt_boxes, image_sizes)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from camkit.errors import CamkitError
+from camkit.metrics._common import Forward
+from camkit.metrics.faithfulness import confidence_change, deletion, insertion, road
+from camkit.metrics.localization import box_accuracy, iou_curves, pointing_game
+
+__all__ = [
+    "CURVE",
+    "DEFAULT_METRICS",
+    "IOU_THRESHOLDS",
+    "METRICS",
+    "Metric",
+    "MetricBatch",
+    "MetricScorer",
+    "resolve_metrics",
+]
+
+#: The map thresholds of the MaxBoxAccV2 IoU curves (wsolevaluation's 0, 0.01, ..., 0.99).
+IOU_THRESHOLDS: Tensor = torch.arange(0, 1, 0.01)
+
+#: The value key of the per-image IoU curves (``maxboxacc``: a value over the whole data set, made from them).
+CURVE = "iou_curve"
+
+
+@dataclass(frozen=True)
+class MetricBatch:
+    """One batch of maps to score and what the metrics need with it.
+
+    Attributes:
+        model: the classifier (in eval mode).
+        forward: how perturbed images reach the model (in chunks, counted).
+        x: the model inputs, Tensor[B, C, H, W].
+        maps: the maps, Tensor[B, H, W] at the input size.
+        classes: the explained classes, LongTensor[B] (None: each image's top-1).
+        boxes: per image, its ground-truth boxes (x0, y0, x1, y1) in original-image pixels (may be empty).
+        sizes: per image, its original (width, height).
+        steps: deletion/insertion steps.
+        box_threshold: map threshold (fraction of the max) of ``box``.
+        thresholds: the map thresholds of the ``maxboxacc`` IoU curves.
+    """
+
+    model: nn.Module
+    forward: Forward
+    x: Tensor
+    maps: Tensor
+    classes: Tensor | None
+    boxes: Sequence[Sequence[Sequence[float]]]
+    sizes: Sequence[tuple[int, int]]
+    steps: int = 50
+    box_threshold: float = 0.2
+    thresholds: Tensor = field(default_factory=lambda: IOU_THRESHOLDS.clone())
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One metric of the registry.
+
+    Attributes:
+        columns: its per-image column(s) in a table of results (none for ``maxboxacc``, a value over all images).
+        needs_boxes: it compares the maps with ground-truth boxes.
+        lower_is_better: a lower value means a better map.
+        compute: the values of one batch, column -> Tensor[B] (``maxboxacc``: :data:`CURVE` -> Tensor[B, T]);
+            it may give more columns than its own (``avg_drop`` and ``increase`` come from one pass).
+    """
+
+    columns: tuple[str, ...]
+    needs_boxes: bool
+    lower_is_better: bool
+    compute: Callable[[MetricBatch], dict[str, Tensor]] = field(repr=False, compare=False)
+
+
+def _deletion(b: MetricBatch) -> dict[str, Tensor]:
+    return {"deletion": deletion(b.model, b.x, b.maps, b.classes, steps=b.steps, forward=b.forward).auc}
+
+
+def _insertion(b: MetricBatch) -> dict[str, Tensor]:
+    return {"insertion": insertion(b.model, b.x, b.maps, b.classes, steps=b.steps, forward=b.forward).auc}
+
+
+def _confidence(b: MetricBatch) -> dict[str, Tensor]:
+    cc = confidence_change(b.model, b.x, b.maps, b.classes, forward=b.forward)
+    return {"avg_drop": cc.drop, "increase": cc.increase}
+
+
+def _road(b: MetricBatch) -> dict[str, Tensor]:
+    return {
+        "road_morf": road(b.model, b.x, b.maps, b.classes, forward=b.forward).mean_score,
+        "road_lerf": road(b.model, b.x, b.maps, b.classes, order="lerf", forward=b.forward).mean_score,
+    }
+
+
+def _pointing(b: MetricBatch) -> dict[str, Tensor]:
+    return {"pointing": pointing_game(b.maps, b.boxes, image_sizes=b.sizes)}
+
+
+def _pointing_strict(b: MetricBatch) -> dict[str, Tensor]:
+    return {"pointing_strict": pointing_game(b.maps, b.boxes, tolerance=0, image_sizes=b.sizes)}
+
+
+def _box(b: MetricBatch) -> dict[str, Tensor]:
+    acc = box_accuracy(b.maps, b.boxes, threshold=b.box_threshold, image_sizes=b.sizes)
+    return {"box_iou": acc.iou, "box_acc": acc.correct}
+
+
+def _maxboxacc(b: MetricBatch) -> dict[str, Tensor]:
+    return {CURVE: iou_curves(b.maps, b.boxes, b.thresholds, image_sizes=b.sizes)}
+
+
+#: name -> :class:`Metric`, in the order they are computed.
+METRICS: dict[str, Metric] = {
+    "deletion": Metric(("deletion",), False, True, _deletion),
+    "insertion": Metric(("insertion",), False, False, _insertion),
+    "avg_drop": Metric(("avg_drop",), False, True, _confidence),
+    "increase": Metric(("increase",), False, False, _confidence),
+    "road": Metric(("road_morf", "road_lerf"), False, True, _road),
+    "pointing": Metric(("pointing",), True, False, _pointing),
+    "pointing_strict": Metric(("pointing_strict",), True, False, _pointing_strict),
+    "box": Metric(("box_iou", "box_acc"), True, False, _box),
+    "maxboxacc": Metric((), True, False, _maxboxacc),
+}
+
+#: The metrics chosen when none are named (the box metrics join them when there are boxes).
+DEFAULT_METRICS = ("deletion", "insertion", "avg_drop", "increase")
+
+
+def resolve_metrics(names: Sequence[str] | None, have_boxes: bool) -> list[str]:
+    """The metric names to compute, in the order given, without repeats.
+
+    Args:
+        names: names of :data:`METRICS` (case and ``-``/``_`` free) or ``all`` (every metric, the box ones when
+            there are boxes); None: :data:`DEFAULT_METRICS`, and the box metrics when there are boxes.
+        have_boxes: ground-truth boxes are known.
+
+    Raises:
+        CamkitError: an unknown name, or a box metric without boxes.
+    """
+    box_metrics = [k for k, m in METRICS.items() if m.needs_boxes]
+    if names is None:
+        return list(DEFAULT_METRICS) + (box_metrics if have_boxes else [])
+    out: list[str] = []
+    for m in names:
+        key = m.strip().lower().replace("-", "_")
+        if key == "all":
+            out.extend(k for k in METRICS if have_boxes or not METRICS[k].needs_boxes)
+            continue
+        if key not in METRICS:
+            raise CamkitError(f"unknown metric {m!r}; choose from {', '.join(METRICS)} (or all)")
+        if METRICS[key].needs_boxes and not have_boxes:
+            raise CamkitError(f"metric {m!r} needs ground-truth boxes: pass an annotation file with boxes")
+        out.append(key)
+    return list(dict.fromkeys(out))
+
+
+def _passes(chosen: Sequence[str]) -> list[str]:
+    """The chosen metrics to compute, in registry order, leaving out those whose columns an earlier one gives
+    (``increase`` after ``avg_drop``: one pass)."""
+    out: list[str] = []
+    for name, metric in METRICS.items():
+        if name not in chosen:
+            continue
+        if any(metric.compute is METRICS[done].compute for done in out):
+            continue
+        out.append(name)
+    return out
+
+
+@dataclass
+class MetricScorer:
+    """The per-image metrics of one batch of maps: the one dispatcher behind ``camkit evaluate``
+    (:func:`camkit.evaluate.evaluate`), ``camkit run`` (:class:`camkit.run.Explainer`) and ``camkit report``.
+
+    Attributes:
+        model: the classifier (in eval mode).
+        forward: how the perturbed images reach the model (:class:`camkit.metrics.Forward`, in chunks).
+        chosen: metric names of :data:`METRICS`.
+        steps: deletion/insertion steps.
+        box_threshold: map threshold (fraction of the max) of ``box``.
+        thresholds: the map thresholds of the ``maxboxacc`` IoU curves (:data:`IOU_THRESHOLDS`).
+    """
+
+    model: nn.Module
+    forward: Forward
+    chosen: list[str]
+    steps: int
+    box_threshold: float
+    thresholds: Tensor = field(default_factory=lambda: IOU_THRESHOLDS.clone())
+
+    def __call__(
+        self,
+        x: Tensor,
+        maps: Tensor,
+        classes: Tensor | None,
+        gt: Sequence[Sequence[Sequence[float]]],
+        sizes: Sequence[tuple[int, int]],
+        tick: Callable[[float, str], None] | None = None,
+    ) -> tuple[dict[str, Tensor], Tensor | None]:
+        """Metric column -> Tensor[B] of values, and the IoU curves of ``maxboxacc`` (None when not chosen);
+        ``tick(fraction done, metric)`` after each metric."""
+        batch = MetricBatch(
+            self.model,
+            self.forward,
+            x,
+            maps,
+            classes,
+            gt,
+            sizes,
+            self.steps,
+            self.box_threshold,
+            self.thresholds,
+        )
+        passes = _passes(self.chosen)
+        values: dict[str, Tensor] = {}
+        for i, name in enumerate(passes, 1):
+            values.update(METRICS[name].compute(batch))
+            if tick is not None:
+                tick(i / len(passes), name)
+        return values, values.pop(CURVE, None)
