@@ -17,7 +17,6 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -36,6 +35,7 @@ from camkit.io import load_image
 from camkit.io.annotations import Annotation, fit_boxes, read_annotations
 from camkit.io.files import atomic_write, write_json
 from camkit.io.images import DEFAULT_MAX_PIXELS
+from camkit.io.inputs import IMAGE_SUFFIXES, discover_images
 
 if TYPE_CHECKING:
     from camkit.metrics._common import Forward
@@ -57,20 +57,8 @@ __all__ = [
     "read_annotations",
 ]
 
-IMAGE_EXTENSIONS = {
-    ".jpg",
-    ".jpeg",
-    ".png",
-    ".bmp",
-    ".gif",
-    ".tif",
-    ".tiff",
-    ".webp",
-    ".ppm",
-    ".pgm",
-    ".pbm",
-    ".pnm",
-}
+#: The image suffixes a folder is searched for (:data:`camkit.io.inputs.IMAGE_SUFFIXES`).
+IMAGE_EXTENSIONS = IMAGE_SUFFIXES
 BASELINES = ("center", "random", "noise")
 
 
@@ -114,29 +102,9 @@ BOX_METRICS = ("pointing", "pointing_strict", "box", "maxboxacc")
 
 
 def collect_images(paths: Sequence[str | Path]) -> list[Path]:
-    """Image files from files and folders: a folder contributes the image files (by extension) of its whole
-    tree, subfolders included, sorted by path; hidden files and folders (``.name``) are skipped and symbolic
-    links to folders are not followed."""
-    files: list[Path] = []
-    for item in paths:
-        p = Path(item)
-        if p.is_dir():
-            found: list[Path] = []
-            for root, dirs, names in os.walk(p):
-                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-                found.extend(
-                    Path(root) / n
-                    for n in sorted(names)
-                    if not n.startswith(".") and Path(n).suffix.lower() in IMAGE_EXTENSIONS
-                )
-            if not found:
-                raise CamkitError(f"no image file in folder {str(p)!r} (nor in its subfolders)")
-            files.extend(found)
-        elif p.exists():
-            files.append(p)
-        else:
-            raise FileNotFoundError(f"image file not found: {str(p)!r}")
-    return files
+    """Image files from files and folders: :func:`camkit.io.inputs.discover_images` (a folder's whole tree, in
+    the one order every command uses, so an evaluation lists a folder's images as ``camkit run`` stores them)."""
+    return discover_images(paths)
 
 
 def probe_images(

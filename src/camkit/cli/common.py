@@ -38,7 +38,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
-    "IMAGE_SUFFIXES",
     "SAMPLE_NAMES",
     "USER_ERRORS",
     "DeviceOption",
@@ -92,11 +91,6 @@ USER_ERRORS = (ValueError, FileNotFoundError, RuntimeError, TypeError, KeyError)
 
 #: PIL's own decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``), the default of ``--max-pixels``.
 DEFAULT_MAX_PIXELS = 89_478_485
-
-#: File name suffixes read as images when a folder is given (case-insensitive).
-IMAGE_SUFFIXES = frozenset(
-    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".pnm"}
-)
 
 #: The sample photos (:data:`camkit.io.SAMPLES`; a copy so that ``--help`` imports no torch, checked by a test).
 SAMPLE_NAMES = ("chelsea", "coffee", "astronaut")
@@ -342,36 +336,17 @@ def max_pixels_limit(max_pixels: int) -> int | None:
     return None if max_pixels == 0 else max_pixels
 
 
-def _hidden(path: Path, root: Path) -> bool:
-    return any(part.startswith(".") for part in path.relative_to(root).parts)
-
-
 def collect_inputs(paths: Sequence[Path]) -> list[Path]:
-    """The image files named or found in folders (recursively; image suffixes only, hidden files and folders
-    skipped, sorted per folder), in the order given.
+    """The image files named or found in folders, in the order given (:func:`camkit.io.inputs.discover_images`:
+    recursively, image suffixes only, hidden files and folders skipped, one order for every command).
 
     Raises:
         FileNotFoundError: a path does not exist.
         ValueError: a folder holds no image file.
     """
-    found: list[Path] = []
-    for p in paths:
-        if not p.exists():
-            raise FileNotFoundError(f"image file not found: {str(p)!r}")
-        if not p.is_dir():
-            found.append(p)
-            continue
-        files = sorted(
-            f
-            for f in p.rglob("*")
-            if f.suffix.lower() in IMAGE_SUFFIXES and not _hidden(f, p) and f.is_file()
-        )
-        if not files:
-            raise CamkitError(
-                f"the folder {str(p)!r} holds no image file ({', '.join(sorted(IMAGE_SUFFIXES))})"
-            )
-        found += files
-    return found
+    from camkit.io.inputs import discover_images
+
+    return discover_images(paths)
 
 
 def read_input(path: Path, max_pixels: int | None) -> Image.Image:

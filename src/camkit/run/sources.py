@@ -2,8 +2,8 @@
 
 Layouts (``layout=``, ``--layout``):
 
-* ``folder`` (the default for a folder): every image file of the tree, recursively, sorted by path; hidden
-  files and folders skipped (as ``camkit explain``). No class.
+* ``folder`` (the default for a folder): every image file of the tree, recursively, hidden files and folders
+  skipped, in the one order of every command (:mod:`camkit.io.inputs`). No class.
 * ``imagefolder``: torchvision's ImageFolder tree, ``ROOT/<class>/.../<image>``: the class is the name of the
   first folder below the root.
 * ``manifest`` (the default for a ``.csv``, ``.jsonl`` or ``.ndjson`` file): one row per image with ``path``
@@ -56,6 +56,7 @@ from camkit.adapters.preprocess import Preprocess
 from camkit.errors import CamkitError
 from camkit.io.annotations import Annotation, read_annotations, read_boxes
 from camkit.io.images import DEFAULT_MAX_PIXELS, load_image, open_image, to_rgb
+from camkit.io.inputs import IMAGE_SUFFIXES, folder_images
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -69,9 +70,6 @@ __all__ = [
     "read_item",
 ]
 
-IMAGE_SUFFIXES = frozenset(
-    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".pnm"}
-)
 LAYOUTS = ("auto", "folder", "imagefolder", "manifest", "tar")
 MANIFEST_SUFFIXES = (".csv", ".jsonl", ".ndjson")
 ANNOTATION_SUFFIXES = (".json", ".xml")
@@ -108,23 +106,6 @@ class Item:
     member: str | None = None
     root: str = ""
     error: str | None = None
-
-
-def _hidden(path: Path, root: Path) -> bool:
-    return any(part.startswith(".") for part in path.relative_to(root).parts)
-
-
-def _folder(root: Path) -> list[Path]:
-    files = sorted(
-        f
-        for f in root.rglob("*")
-        if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file() and not _hidden(f, root)
-    )
-    if not files:
-        raise CamkitError(
-            f"the folder {str(root)!r} holds no image file ({', '.join(sorted(IMAGE_SUFFIXES))})"
-        )
-    return files
 
 
 def _boxes(raw: object, where: str) -> tuple[tuple[float, float, float, float], ...]:
@@ -362,7 +343,7 @@ def collect_items(
         if kind in ("folder", "imagefolder"):
             if not p.is_dir():
                 raise CamkitError(f"--layout {kind} needs a folder, got the file {str(p)!r}")
-            for f in _folder(p):
+            for f in folder_images(p):
                 cls = f.relative_to(p).parts[0] if kind == "imagefolder" else None
                 if kind == "imagefolder" and len(f.relative_to(p).parts) < 2:
                     raise CamkitError(
