@@ -6,6 +6,8 @@
   ``weights_only=True``: a checkpoint is untrusted input).
 * the model's preprocessing (:class:`camkit.adapters.preprocess.Preprocess`) and class names come with it, as a
   :class:`LoadedModel`.
+* :class:`camkit.adapters.spec.ModelSpec` says how to build a model (name, weights, seed...) and builds it with
+  :func:`load_model`.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from camkit.adapters.preprocess import SEGMENTATION_SIZE, Preprocess, detection_transform, imagenet_labels
+from camkit.adapters.spec import DEFAULT_MODEL
 from camkit.errors import CamkitError
 
 __all__ = ["DEFAULT_MODEL", "LoadedModel", "load_model"]
@@ -33,7 +36,6 @@ _LITE = {
     )
     for i in (0, 1, 2)
 }
-DEFAULT_MODEL = "efficientnet_lite0"
 DETECTION_SIZE = 640  # cap on the min_size of detection models (800 for most): CPU-friendly
 
 

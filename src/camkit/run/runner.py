@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from camkit.adapters.preprocess import Preprocess
+from camkit.adapters.spec import ModelSpec
 from camkit.errors import CamkitError
 from camkit.evaluate import METRICS, MetricScorer
 from camkit.io.files import save_image
@@ -71,65 +72,6 @@ METRIC_COLUMNS: dict[str, tuple[str, ...]] = {
 }
 TARGETS = ("top1", "true")
 RESOLUTIONS = ("feature", "input")
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """How to build the model, the same in every process (``camkit run``'s model options).
-
-    Attributes:
-        name: :func:`camkit.load_model`'s name. weights: a local state_dict file. pretrained: the library's
-        weights (False: random ones drawn from ``seed``). seed: ``torch.manual_seed`` before building.
-        device: where it runs (``cuda`` under torchrun means ``cuda:<LOCAL_RANK>``). threads: torch's CPU threads
-        (None: torch's choice).
-    """
-
-    name: str = "efficientnet_lite0"
-    weights: str | None = None
-    pretrained: bool = True
-    seed: int = 0
-    device: str = "cpu"
-    threads: int | None = None
-
-    def load(self) -> Any:
-        """The :class:`camkit.LoadedModel`."""
-        import camkit
-
-        if self.threads is not None:
-            torch.set_num_threads(self.threads)
-        torch.manual_seed(self.seed)
-        return camkit.load_model(
-            self.name, weights=self.weights, pretrained=self.pretrained, device=self.device
-        )
-
-    def identity(self) -> dict[str, Any]:
-        """What decides the weights (device and threads do not): a weights file by its content
-        (``"sha256:<hex>"``), so that other weights under the same path are another setting."""
-        return {
-            "model": self.name,
-            "weights": self.weights_digest(),
-            "pretrained": self.pretrained,
-            "seed": self.seed,
-        }
-
-    def weights_digest(self) -> str | None:
-        """``"sha256:<hex digest>"`` of the weights file, or None without one.
-
-        Raises:
-            ValueError: the file cannot be read.
-        """
-        if self.weights is None:
-            return None
-        h = hashlib.sha256()
-        try:
-            with open(self.weights, "rb") as f:
-                while block := f.read(1 << 20):
-                    h.update(block)
-        except OSError as err:
-            raise CamkitError(
-                f"cannot read the weights file {self.weights!r}: {err.strerror or err}"
-            ) from err
-        return f"sha256:{h.hexdigest()}"
 
 
 @dataclass(frozen=True)
