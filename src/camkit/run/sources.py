@@ -165,68 +165,78 @@ def _label(tf: tarfile.TarFile, info: tarfile.TarInfo, where: str) -> str | None
         raise CamkitError(f"{where} is not UTF-8 text") from None
 
 
-def _tar(path: Path, max_member_bytes: int | None) -> list[Item]:
+def _tar_groups(tf: tarfile.TarFile) -> dict[str, dict[str, tarfile.TarInfo]]:
+    """The shard's file members grouped by key (the member path up to the first dot of its file name), each
+    group by suffix (``.jpg``, ``.cls``, ``.json``...); hidden members and members without a suffix skipped."""
     groups: dict[str, dict[str, tarfile.TarInfo]] = {}
+    for info in tf:
+        if not info.isfile():
+            continue
+        parent, _, base = info.name.rpartition("/")
+        key, dot, ext = base.partition(".")
+        if base.startswith(".") or not dot:
+            continue
+        groups.setdefault(f"{parent}/{key}" if parent else key, {})["." + ext.lower()] = info
+    return groups
+
+
+def _oversized(
+    image: tarfile.TarInfo, members: Mapping[str, tarfile.TarInfo], max_member_bytes: int | None
+) -> str | None:
+    """Why a group is an error row without being read (an image member or a label member over its limit)."""
+    if max_member_bytes is not None and image.size > max_member_bytes:
+        return (
+            f"the tar member {image.name!r} is {image.size} bytes, more than the limit of {max_member_bytes} "
+            "bytes for an image member; it was not read"
+        )
+    for ext, m in members.items():
+        if ext in (".cls", ".json") and m.size > MAX_LABEL_MEMBER_BYTES:
+            return (
+                f"the tar member {m.name!r} is {m.size} bytes, more than the limit of {MAX_LABEL_MEMBER_BYTES} "
+                "bytes for a .cls or .json label; it was not read"
+            )
+    return None
+
+
+def _tar_labels(
+    tf: tarfile.TarFile, path: Path, members: Mapping[str, tarfile.TarInfo]
+) -> tuple[str | None, tuple[tuple[float, float, float, float], ...]]:
+    """The class (a ``.cls`` member's text, else the ``"class"`` of the ``.json`` member) and the boxes (the
+    ``.json`` member's ``"boxes"``) of a group."""
+    cls = None
+    if ".cls" in members:
+        text = _label(tf, members[".cls"], f"{path}:{members['.cls'].name}")
+        cls = text.strip() if text is not None and text.strip() else None
+    boxes: tuple[tuple[float, float, float, float], ...] = ()
+    if ".json" in members:
+        where = f"{path}:{members['.json'].name}"
+        text = _label(tf, members[".json"], where) or "{}"
+        try:
+            meta = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise CamkitError(f"{where} is not valid JSON ({err})") from None
+        if isinstance(meta, dict):
+            boxes = _boxes(meta.get("boxes"), where)
+            if cls is None and meta.get("class") is not None:
+                cls = str(meta["class"])
+    return cls, boxes
+
+
+def _tar(path: Path, max_member_bytes: int | None) -> list[Item]:
     root = os.path.abspath(os.curdir)
+    items = []
     try:
         with tarfile.open(path) as tf:
-            for info in tf:
-                if not info.isfile():
-                    continue
-                name = info.name
-                parent, _, base = name.rpartition("/")
-                if base.startswith("."):
-                    continue
-                key, dot, ext = base.partition(".")
-                if not dot:
-                    continue
-                groups.setdefault(f"{parent}/{key}" if parent else key, {})["." + ext.lower()] = info
-            items = []
-            for members in groups.values():
+            for members in _tar_groups(tf).values():
                 image = next((m for ext, m in members.items() if ext in IMAGE_SUFFIXES), None)
                 if image is None:
                     continue
                 item = Item(path=f"{path}/{image.name}", file=str(path), member=image.name, root=root)
-                too_big = [
-                    m
-                    for ext, m in members.items()
-                    if ext in (".cls", ".json") and m.size > MAX_LABEL_MEMBER_BYTES
-                ]
-                if max_member_bytes is not None and image.size > max_member_bytes:
-                    items.append(
-                        replace(
-                            item,
-                            error=f"the tar member {image.name!r} is {image.size} bytes, more than the limit of "
-                            f"{max_member_bytes} bytes for an image member; it was not read",
-                        )
-                    )
+                error = _oversized(image, members, max_member_bytes)
+                if error is not None:
+                    items.append(replace(item, error=error))
                     continue
-                if too_big:
-                    m = too_big[0]
-                    items.append(
-                        replace(
-                            item,
-                            error=f"the tar member {m.name!r} is {m.size} bytes, more than the limit of "
-                            f"{MAX_LABEL_MEMBER_BYTES} bytes for a .cls or .json label; it was not read",
-                        )
-                    )
-                    continue
-                cls = None
-                if ".cls" in members:
-                    text = _label(tf, members[".cls"], f"{path}:{members['.cls'].name}")
-                    cls = text.strip() if text is not None and text.strip() else None
-                boxes: tuple[tuple[float, float, float, float], ...] = ()
-                if ".json" in members:
-                    where = f"{path}:{members['.json'].name}"
-                    text = _label(tf, members[".json"], where) or "{}"
-                    try:
-                        meta = json.loads(text)
-                    except json.JSONDecodeError as err:
-                        raise CamkitError(f"{where} is not valid JSON ({err})") from None
-                    if isinstance(meta, dict):
-                        boxes = _boxes(meta.get("boxes"), where)
-                        if cls is None and meta.get("class") is not None:
-                            cls = str(meta["class"])
+                cls, boxes = _tar_labels(tf, path, members)
                 items.append(replace(item, cls=cls, boxes=boxes))
     except tarfile.TarError as err:
         raise CamkitError(f"cannot read the tar shard {str(path)!r}: {err}") from err
