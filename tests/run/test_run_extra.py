@@ -96,3 +96,11 @@ main()
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
     assert res.returncode == 2, res.stderr
     assert lines == [f"error: camkit run needs zarr and pyarrow, which are not installed: {HINT}"], res.stderr
+
+
+def test_import_camkit_loads_neither_the_extra_nor_torch() -> None:
+    code = "import sys, camkit; print(sorted(m for m in ('torch', 'zarr', 'pyarrow', 'numpy') if m in sys.modules))"
+    res = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert res.stdout.strip() == "[]"

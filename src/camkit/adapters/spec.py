@@ -40,7 +40,8 @@ class ModelSpec:
         threads: ``torch.set_num_threads`` before building (None: torch's choice).
         device: where the model runs (``cuda`` under torchrun: ``cuda:<LOCAL_RANK>``, see
             :mod:`camkit.run.distributed`).
-        input_size: :func:`camkit.load_model`'s ``input_size`` (segmentation, detection, video and Keras models), or None.
+        input_size: :func:`camkit.load_model`'s ``input_size`` (segmentation, detection, video and Keras models),
+            or None.
     """
 
     name: str = DEFAULT_MODEL

@@ -33,8 +33,9 @@ image at the default pixel limit fits) and a ``.cls``/``.json`` label member ove
 (64 KiB) make their image an error row without being read; an image member is then decoded from the shard as a
 stream (never copied whole into memory), its pixel count checked from its header before decoding, as for files.
 
-The order of the items is the order of the inputs, then sorted paths within each folder (tar members in archive
-order): it defines each image's row ``index`` in the store, so the same inputs always give the same index.
+The order of the items is the order of the inputs, then within each folder the one order of every command
+(:func:`camkit.io.inputs.folder_images`; tar members in archive order): it defines each image's row ``index`` in
+the store, so the same inputs always give the same index.
 """
 
 from __future__ import annotations
