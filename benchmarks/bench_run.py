@@ -31,7 +31,8 @@ import torch
 from PIL import Image
 
 from camkit.run import ModelSpec, RunOptions, collect_items, run
-from camkit.run.runner import Explainer, process_shards, run_config, shard_batches
+from camkit.run.driver import run_config
+from camkit.run.runner import Explainer, process_shards, shard_batches
 from camkit.run.sources import ImageDataset, collate
 from camkit.run.store import create_store
 

@@ -45,7 +45,7 @@ from camkit.io import load_image
 from camkit.io.annotations import Annotation, fit_boxes, read_annotations
 from camkit.io.files import atomic_write, write_json
 from camkit.io.images import DEFAULT_MAX_PIXELS
-from camkit.io.inputs import discover_images
+from camkit.io.inputs import IMAGE_SUFFIXES, discover_images
 from camkit.methods import get_method
 from camkit.methods.engine import PerturbationOptions
 from camkit.metrics import Forward, max_box_acc_v2
@@ -81,6 +81,8 @@ __all__ = [
     "summarize",
 ]
 
+#: The image suffixes a folder is searched for (:data:`camkit.io.inputs.IMAGE_SUFFIXES`).
+IMAGE_EXTENSIONS = IMAGE_SUFFIXES
 BASELINES = ("center", "random", "noise")
 #: The metrics that compare maps with ground-truth boxes.
 BOX_METRICS = tuple(name for name, metric in METRICS.items() if metric.needs_boxes)

@@ -441,7 +441,7 @@ def _overlay_name(model: str) -> str:
     """``cat_<model>_gradcam.png``: the command names its files after the model unless it is the default."""
     from camkit.cli.common import ModelOptions
 
-    return f"cat{ModelOptions(model=model).file_tag()}_gradcam.png"
+    return f"cat{ModelOptions(name=model).file_tag()}_gradcam.png"
 
 
 def _photo(tmp_path: Path) -> Path:

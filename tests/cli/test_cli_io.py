@@ -167,8 +167,8 @@ def test_inputs_with_the_same_name_get_distinct_outputs(tmp_path):
 
 def test_the_model_name_is_in_the_file_name_unless_default():
     assert common.ModelOptions().file_tag() == ""
-    assert common.ModelOptions(model="resnet50").file_tag() == "_resnet50"
-    assert common.ModelOptions(model="timm/convnext_tiny").file_tag() == "_timm-convnext_tiny"
+    assert common.ModelOptions(name="resnet50").file_tag() == "_resnet50"
+    assert common.ModelOptions(name="timm/convnext_tiny").file_tag() == "_timm-convnext_tiny"
 
 
 def test_a_second_model_does_not_overwrite_the_first(tmp_path):

@@ -32,7 +32,7 @@ class DyingOnce(ShardActor):
 @pytest.fixture(scope="module")
 def local_ray() -> Iterator[None]:
     src = str(Path(__file__).resolve().parents[2] / "src")
-    tests = str(Path(__file__).resolve().parents[1])
+    tests = str(Path(__file__).resolve().parent)  # this module and test_run, for the actors
     ray.init(
         num_cpus=2,
         include_dashboard=False,

@@ -9,6 +9,8 @@ The modules:
 
 * :mod:`camkit.adapters.zoo`: :func:`load_model`, the entry by name: the offline pretrained default, torchvision and
   timm models (classifiers, segmentation, detection, video), a local weights file, ``keras:NAME``.
+* :mod:`camkit.adapters.spec`: :class:`ModelSpec`, how to build a model (name, weights, seed, device, ...), the
+  one record every command and the app load models from (it can be named without importing torch).
 * :mod:`camkit.adapters.preprocess`: :class:`Preprocess` (whole-image resize, mean/std) and the ImageNet labels.
 * :mod:`camkit.adapters.task`: what a model does (:func:`model_task`: classification, segmentation, detection).
 * :mod:`camkit.adapters.keras`: Keras 3 models on the torch backend, seen as a module with NCHW input and the Keras
@@ -34,14 +36,16 @@ import importlib
 TYPE_CHECKING = False  # not typing's: importing typing costs start-up time of the command
 if TYPE_CHECKING:
     from camkit.adapters.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess, imagenet_labels
+    from camkit.adapters.spec import DEFAULT_MODEL, ModelSpec
     from camkit.adapters.task import model_task
-    from camkit.adapters.zoo import DEFAULT_MODEL, LoadedModel, load_model
+    from camkit.adapters.zoo import LoadedModel, load_model
 
 __all__ = [
     "DEFAULT_MODEL",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "LoadedModel",
+    "ModelSpec",
     "Preprocess",
     "imagenet_labels",
     "load_model",
@@ -49,10 +53,11 @@ __all__ = [
 ]
 
 _EXPORTS = {
-    "DEFAULT_MODEL": "camkit.adapters.zoo",
+    "DEFAULT_MODEL": "camkit.adapters.spec",
     "IMAGENET_MEAN": "camkit.adapters.preprocess",
     "IMAGENET_STD": "camkit.adapters.preprocess",
     "LoadedModel": "camkit.adapters.zoo",
+    "ModelSpec": "camkit.adapters.spec",
     "Preprocess": "camkit.adapters.preprocess",
     "imagenet_labels": "camkit.adapters.preprocess",
     "load_model": "camkit.adapters.zoo",

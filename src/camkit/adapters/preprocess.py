@@ -79,5 +79,3 @@ def _rgb(values: Sequence[float]) -> tuple[float, float, float]:
     """Three per-channel values (a timm ``pretrained_cfg`` mean or std)."""
     r, g, b = values
     return float(r), float(g), float(b)
-
-

@@ -6,6 +6,8 @@
   ``weights_only=True``: a checkpoint is untrusted input).
 * the model's preprocessing (:class:`camkit.adapters.preprocess.Preprocess`) and class names come with it, as a
   :class:`LoadedModel`.
+* :class:`camkit.adapters.spec.ModelSpec` says how to build a model (name, weights, seed...) and builds it with
+  :func:`load_model`.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from torch import Tensor, nn
 from camkit.adapters.keras import as_torch, preprocess_for
 from camkit.adapters.keras import load as load_keras
 from camkit.adapters.preprocess import SEGMENTATION_SIZE, Preprocess, imagenet_labels
+from camkit.adapters.spec import DEFAULT_MODEL
 from camkit.adapters.task import detection_transform
 from camkit.adapters.video import ClipPreprocess
 from camkit.errors import CamkitError
@@ -37,7 +40,6 @@ _LITE = {
     )
     for i in (0, 1, 2)
 }
-DEFAULT_MODEL = "efficientnet_lite0"
 DETECTION_SIZE = 640  # cap on the min_size of detection models (800 for most): CPU-friendly
 
 

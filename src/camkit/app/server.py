@@ -52,7 +52,7 @@ from fastapi import FastAPI, File, Form, HTTPException, Query, Request, UploadFi
 from fastapi.responses import HTMLResponse, JSONResponse
 from PIL import Image, UnidentifiedImageError
 
-from camkit.adapters import LoadedModel
+from camkit.adapters import LoadedModel, ModelSpec
 from camkit.errors import CamkitError
 
 __all__ = [
@@ -172,6 +172,13 @@ class AppConfig:
             raise CamkitError(
                 f"the model shown first ({self.model!r}) must be one of the models served ({', '.join(self.models)})"
             )
+
+    def spec(self, name: str) -> ModelSpec:
+        """How the app builds the served model ``name`` (:class:`camkit.adapters.ModelSpec`): torch's seed set
+        only for random weights."""
+        return ModelSpec(
+            name, pretrained=self.pretrained, seed=None if self.pretrained else self.seed, device=self.device
+        )
 
     @property
     def served_models(self) -> tuple[str, ...]:
@@ -309,10 +316,6 @@ class ModelCache:
             ValueError: the name is not served, the model cannot be built (weights not available), or it is larger
                 than the cache budget alone.
         """
-        import torch
-
-        import camkit
-
         key = self.check(name)
         with self._lock:
             if key in self._models:
@@ -325,9 +328,7 @@ class ModelCache:
                     self._models.move_to_end(key)
                     return self._models[key]
             try:
-                if not self.config.pretrained:
-                    torch.manual_seed(self.config.seed)
-                loaded = camkit.load_model(key, pretrained=self.config.pretrained, device=self.config.device)
+                loaded = self.config.spec(key).load()
                 size = self.config.input_size
                 if size is not None and loaded.task == "classification":
                     loaded.preprocess = replace(loaded.preprocess, size=(size, size))

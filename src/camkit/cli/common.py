@@ -1,6 +1,7 @@
 """What the ``camkit`` commands share: consoles, options, the ``error:`` exit, progress bars, inputs, models.
 
-* Model options (:class:`ModelOptions`, the ``*Option`` aliases, :func:`load_model`): every command that loads a
+* Model options (:class:`ModelOptions`, that is :class:`camkit.adapters.ModelSpec`, the ``*Option`` aliases,
+  :func:`load_model`): every command that loads a
   model takes ``--model``, ``--weights``, ``--pretrained/--no-pretrained``, ``--seed``, ``--threads`` and
   ``--device`` with the same meaning.
 * Inputs (:func:`collect_inputs`, :func:`read_input`): files and folders (searched recursively for image files,
@@ -20,7 +21,7 @@ import errno
 import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
@@ -29,6 +30,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from camkit.adapters.spec import ModelSpec
 from camkit.errors import CamkitError
 
 if TYPE_CHECKING:
@@ -38,7 +40,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
-    "IMAGE_SUFFIXES",
     "SAMPLE_NAMES",
     "USER_ERRORS",
     "DeviceOption",
@@ -92,11 +93,6 @@ USER_ERRORS = (ValueError, FileNotFoundError, RuntimeError, TypeError, KeyError)
 
 #: PIL's own decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``), the default of ``--max-pixels``.
 DEFAULT_MAX_PIXELS = 89_478_485
-
-#: File name suffixes read as images when a folder is given (case-insensitive).
-IMAGE_SUFFIXES = frozenset(
-    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".pnm"}
-)
 
 #: The sample photos (:data:`camkit.io.SAMPLES`; a copy so that ``--help`` imports no torch, checked by a test).
 SAMPLE_NAMES = ("chelsea", "coffee", "astronaut")
@@ -256,65 +252,15 @@ def new_table(title: str, columns: Sequence[str]) -> Table:
 # ------------------------------------------------------------------------------------------------ models
 
 
-@dataclass(frozen=True)
-class ModelOptions:
-    """The model options every command that loads a model takes (``--model`` ... ``--device``).
-
-    Attributes:
-        model: the model name (:func:`camkit.load_model`).
-        weights: a local state_dict file, or None.
-        pretrained: the library's pretrained weights when no file is given; False: random weights.
-        seed: seeds torch's random numbers before the model is built, so that random weights are the same run
-            after run.
-        threads: ``torch.set_num_threads`` (None: torch's default).
-        device: where the model runs.
-    """
-
-    model: str = "efficientnet_lite0"
-    weights: Path | None = None
-    pretrained: bool = True
-    seed: int = 0
-    threads: int | None = None
-    device: str = "cpu"
-
-    def to_dict(self) -> dict[str, object]:
-        """The summary.json fields (``weights`` as given, or None)."""
-        return {
-            "model": self.model,
-            "weights": str(self.weights) if self.weights is not None else None,
-            "pretrained": self.pretrained if self.weights is None else False,
-            "seed": self.seed,
-            "threads": self.threads,
-            "device": self.device,
-        }
-
-    def file_tag(self, default: str = "efficientnet_lite0") -> str:
-        """``""`` for the default model, else ``_<model>`` (safe in a file name) to put in output names."""
-        name = self.model.strip()
-        if name == default:
-            return ""
-        safe = "".join(c if c.isalnum() or c in "-._" else "-" for c in name).strip("-.")
-        return f"_{safe[:40]}" if safe else ""
+#: The model options of every command: :class:`camkit.adapters.ModelSpec` (``model`` is its ``name``), under the
+#: name the commands know.
+ModelOptions = ModelSpec
 
 
-def load_model(options: ModelOptions, input_size: int | None = None) -> LoadedModel:
-    """Apply ``--threads`` and ``--seed``, then :func:`camkit.load_model` with the options."""
-    import torch
-
-    import camkit
-
-    if options.threads is not None:
-        if options.threads < 1:
-            raise CamkitError(f"--threads must be at least 1, got {options.threads}")
-        torch.set_num_threads(options.threads)
-    torch.manual_seed(options.seed)
-    return camkit.load_model(
-        options.model,
-        weights=options.weights,
-        pretrained=options.pretrained,
-        device=options.device,
-        input_size=input_size,
-    )
+def load_model(options: ModelSpec, input_size: int | None = None) -> LoadedModel:
+    """The model of ``options`` (:meth:`camkit.adapters.ModelSpec.load`: ``--threads`` and ``--seed`` applied),
+    at ``input_size`` when given."""
+    return (options if input_size is None else replace(options, input_size=input_size)).load()
 
 
 def versions() -> dict[str, str]:
@@ -342,36 +288,17 @@ def max_pixels_limit(max_pixels: int) -> int | None:
     return None if max_pixels == 0 else max_pixels
 
 
-def _hidden(path: Path, root: Path) -> bool:
-    return any(part.startswith(".") for part in path.relative_to(root).parts)
-
-
 def collect_inputs(paths: Sequence[Path]) -> list[Path]:
-    """The image files named or found in folders (recursively; image suffixes only, hidden files and folders
-    skipped, sorted per folder), in the order given.
+    """The image files named or found in folders, in the order given (:func:`camkit.io.inputs.discover_images`:
+    recursively, image suffixes only, hidden files and folders skipped, one order for every command).
 
     Raises:
         FileNotFoundError: a path does not exist.
         ValueError: a folder holds no image file.
     """
-    found: list[Path] = []
-    for p in paths:
-        if not p.exists():
-            raise FileNotFoundError(f"image file not found: {str(p)!r}")
-        if not p.is_dir():
-            found.append(p)
-            continue
-        files = sorted(
-            f
-            for f in p.rglob("*")
-            if f.suffix.lower() in IMAGE_SUFFIXES and not _hidden(f, p) and f.is_file()
-        )
-        if not files:
-            raise CamkitError(
-                f"the folder {str(p)!r} holds no image file ({', '.join(sorted(IMAGE_SUFFIXES))})"
-            )
-        found += files
-    return found
+    from camkit.io.inputs import discover_images
+
+    return discover_images(paths)
 
 
 def read_input(path: Path, max_pixels: int | None) -> Image.Image:

@@ -134,7 +134,7 @@ def evaluate(
         )  # boxes against image sizes: an error here, before the model is loaded
         prepare_out_dir(out)
         options = ModelOptions(
-            model=model, weights=weights, pretrained=pretrained, seed=seed, threads=threads, device=device
+            name=model, weights=weights, pretrained=pretrained, seed=seed, threads=threads, device=device
         )
         loaded = load_model(options)
         show = err_console.is_terminal if progress is None else progress

@@ -11,11 +11,15 @@
 
 Reader API for other tools: :func:`open_store` and :class:`Store` (``config``, ``table()``, ``maps(method)``,
 ``summary()``, ``thumbnail()``, ``complete``); the folder layout is in :mod:`camkit.run.store`. Inputs:
-:mod:`camkit.run.sources`; the runner: :mod:`camkit.run.runner`; several processes: :mod:`camkit.run.distributed`
-(torchrun / srun); Ray Data: :mod:`camkit.run.raydata`.
+:mod:`camkit.run.sources`; the whole run: :mod:`camkit.run.driver`; a batch and a shard: :mod:`camkit.run.runner`;
+several processes: :mod:`camkit.run.distributed` (torchrun / srun); Ray Data: :mod:`camkit.run.raydata`. The store
+needs zarr and pyarrow, the ``camkit[run]`` extra (:mod:`camkit.run.extra`); the model is a
+:class:`camkit.adapters.ModelSpec`.
 """
 
-from camkit.run.runner import Explainer, ModelSpec, RunOptions, RunResult, run
+from camkit.adapters.spec import ModelSpec
+from camkit.run.driver import RunResult, run
+from camkit.run.runner import Explainer, RunOptions
 from camkit.run.sources import Item, collect_items
 from camkit.run.store import Store, open_store
 

@@ -3,7 +3,7 @@
     ray.data.from_items([{"shard": s} for s in pending])
        .map_batches(ShardActor, batch_size=1, concurrency=N, num_gpus=G)   # one model per actor, loaded once
 
-Each actor builds the model once (:class:`camkit.run.ModelSpec`), then computes whole shards with the same code
+Each actor builds the model once (:class:`camkit.adapters.ModelSpec`), then computes whole shards with the same code
 as a local run (:func:`camkit.run.runner.process_shards`) and writes them into the store with their
 done-markers; the driver waits for every shard and merges the table. The unit of work is a shard, so a batch
 never straddles shards and the results equal a local run's. An actor that dies (a killed worker, a lost node) is
@@ -23,8 +23,9 @@ from typing import Any
 
 import numpy as np
 
+from camkit.adapters.spec import ModelSpec
 from camkit.errors import CamkitError
-from camkit.run.runner import Explainer, ModelSpec, RunOptions
+from camkit.run.runner import Explainer, RunOptions
 from camkit.run.runner import process_shards as process_local
 from camkit.run.sources import Item
 from camkit.run.store import open_store

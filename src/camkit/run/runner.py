@@ -1,15 +1,15 @@
-"""The runner of ``camkit run``: inputs -> DataLoader -> :func:`camkit.compare` per batch -> shards of the store.
+"""The per-batch work of ``camkit run``: a batch of decoded images -> rows and maps, and shards written.
 
-* :class:`ModelSpec`: how to build the model (every process or Ray actor builds its own, once).
 * :class:`RunOptions`: what decides the results (methods, layers, target, resolution, metrics, batch and shard
   sizes...). They are recorded in the store; a later run with other options is refused (or ``overwrite``).
 * :class:`Explainer`: one batch of decoded images -> table rows and maps, through the library's own
-  :func:`camkit.compare` (one forward, and one backward shared by every gradient method).
+  :func:`camkit.compare` (one forward, and one backward shared by every gradient method; the rows' predictions
+  come from that forward's output).
 * :func:`process_shards`: a DataLoader (with worker processes) over the batches of some shards; each finished
   shard is written atomically with its done-marker.
-* :func:`run`: the whole run: the store looked at first (a finished one with the same settings: nothing is
-  loaded or written), created or resumed under its lock, shards split over torchrun ranks or Ray actors (see
-  :mod:`camkit.run.distributed`, :mod:`camkit.run.raydata`), the table merged and the summary written.
+
+The model is built from a :class:`camkit.adapters.ModelSpec` (every process or Ray actor builds its own, once);
+the whole run (the store, processes, engines) is :func:`camkit.run.driver.run`.
 
 Batches never straddle shards (each shard is cut into batches of ``batch_size`` the same way every time), so a
 resumed, distributed or Ray run computes every image in the same batch as an uninterrupted one: the results are
@@ -19,46 +19,42 @@ identical bit for bit on the same machine.
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 import os
-import time
-import warnings
 from collections.abc import Callable, Sequence
-from contextlib import ExitStack
-from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import torch
 from torch import Tensor, nn
 
 from camkit.adapters.preprocess import Preprocess
+from camkit.adapters.spec import ModelSpec
+from camkit.core.explanation import Explanation
+from camkit.core.pipeline import compare
+from camkit.core.postprocess import normalize
 from camkit.errors import CamkitError
 from camkit.evaluate import METRICS, MetricScorer
 from camkit.io.files import save_image
 from camkit.io.images import DEFAULT_MAX_PIXELS
-from camkit.run.sources import ImageDataset, Item, Sample, collate, collect_items, die_with_parent
-from camkit.run.store import (
-    Store,
-    create_store,
-    open_store,
-    settings_differences,
-    store_lock,
-    summarize,
-    survey,
-)
+from camkit.localize import localize
+from camkit.methods import get_method
+from camkit.metrics._common import Forward
+from camkit.run.sources import ImageDataset, Item, Sample, collate, die_with_parent
+from camkit.run.store import Store
+from camkit.viz import overlay
+
+try:  # the camkit[run] extra: camkit.run.run checks it (camkit.run.extra) before any work
+    import pyarrow as pa
+except ImportError:
+    pass
 
 __all__ = [
     "METRIC_COLUMNS",
     "Explainer",
     "ModelSpec",
     "RunOptions",
-    "RunResult",
     "process_shards",
-    "run",
     "shard_batches",
 ]
 
@@ -71,65 +67,6 @@ METRIC_COLUMNS: dict[str, tuple[str, ...]] = {
 }
 TARGETS = ("top1", "true")
 RESOLUTIONS = ("feature", "input")
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """How to build the model, the same in every process (``camkit run``'s model options).
-
-    Attributes:
-        name: :func:`camkit.load_model`'s name. weights: a local state_dict file. pretrained: the library's
-        weights (False: random ones drawn from ``seed``). seed: ``torch.manual_seed`` before building.
-        device: where it runs (``cuda`` under torchrun means ``cuda:<LOCAL_RANK>``). threads: torch's CPU threads
-        (None: torch's choice).
-    """
-
-    name: str = "efficientnet_lite0"
-    weights: str | None = None
-    pretrained: bool = True
-    seed: int = 0
-    device: str = "cpu"
-    threads: int | None = None
-
-    def load(self) -> Any:
-        """The :class:`camkit.LoadedModel`."""
-        import camkit
-
-        if self.threads is not None:
-            torch.set_num_threads(self.threads)
-        torch.manual_seed(self.seed)
-        return camkit.load_model(
-            self.name, weights=self.weights, pretrained=self.pretrained, device=self.device
-        )
-
-    def identity(self) -> dict[str, Any]:
-        """What decides the weights (device and threads do not): a weights file by its content
-        (``"sha256:<hex>"``), so that other weights under the same path are another setting."""
-        return {
-            "model": self.name,
-            "weights": self.weights_digest(),
-            "pretrained": self.pretrained,
-            "seed": self.seed,
-        }
-
-    def weights_digest(self) -> str | None:
-        """``"sha256:<hex digest>"`` of the weights file, or None without one.
-
-        Raises:
-            ValueError: the file cannot be read.
-        """
-        if self.weights is None:
-            return None
-        h = hashlib.sha256()
-        try:
-            with open(self.weights, "rb") as f:
-                while block := f.read(1 << 20):
-                    h.update(block)
-        except OSError as err:
-            raise CamkitError(
-                f"cannot read the weights file {self.weights!r}: {err.strerror or err}"
-            ) from err
-        return f"sha256:{h.hexdigest()}"
 
 
 @dataclass(frozen=True)
@@ -171,8 +108,6 @@ class RunOptions:
 
     def check(self) -> None:
         """Raise ValueError for an option out of range (before any model work)."""
-        from camkit.methods import get_method
-
         if not self.methods:
             raise CamkitError("--methods is empty; give at least one method (see `camkit methods`)")
         for m in self.methods:
@@ -199,16 +134,6 @@ class RunOptions:
                 raise CamkitError(f"unknown metric {m!r}; choose from {', '.join(METRIC_COLUMNS)}")
         if self.image_size is not None and self.image_size < 16:
             raise CamkitError(f"--image-size must be at least 16 pixels, got {self.image_size}")
-
-
-@dataclass
-class RunResult:
-    """What :func:`run` did: the store, how many images this call computed, its seconds, the summary."""
-
-    store: Store
-    computed: int
-    seconds: float
-    summary: dict[str, Any] = field(default_factory=dict)
 
 
 def _resolve_true_class(item: Item, labels: Sequence[str] | None, n_classes: int) -> int:
@@ -253,8 +178,6 @@ class Explainer:
         options: RunOptions,
         items: Sequence[Item],
     ) -> None:
-        from camkit.methods import get_method
-
         self.model = model
         self.labels = list(labels) if labels is not None else None
         self.options = options
@@ -281,8 +204,6 @@ class Explainer:
         too). At ``resolution="feature"`` each method keeps its own grid (Poly-CAM's is its shallowest layer's,
         FullGrad's the input's); at ``"input"`` all are the model's input size."""
         if self._shapes is None:
-            from camkit.core.pipeline import compare
-
             x = torch.zeros(1, 3, *self.preprocess.size, device=self.device)
             expl = compare(self.model, x, self.methods, self.options.layers, labels=self.labels)
             first = expl[self.methods[0]]
@@ -315,8 +236,6 @@ class Explainer:
     def scorer(self) -> MetricScorer:
         """The per-image metrics of the run (the same computation as :func:`camkit.evaluate.evaluate`)."""
         if self._scorer is None:
-            from camkit.metrics._common import Forward
-
             o = self.options
             self._scorer = MetricScorer(
                 self.model, Forward(self.model), list(o.metrics), o.steps, o.threshold
@@ -327,68 +246,87 @@ class Explainer:
         self, samples: Sequence[Sample]
     ) -> tuple[list[dict[str, Any]], dict[str, np.ndarray], list[Any]]:
         """Rows (one per sample, in order), maps per method float16 [B, H, W] (NaN for unreadable images) and
-        the thumbnails to write: (method, index, PIL image)."""
-        from camkit.core.pipeline import compare
-        from camkit.core.postprocess import normalize
-        from camkit.localize import localize
+        the thumbnails to write: (method, index, PIL image).
 
-        opts = self.options
+        One call of :func:`camkit.compare` per batch: its forward gives the maps of every method and the
+        predictions (top-k, class, probability) of the rows; only the metrics run the model again."""
         shapes = self.map_shapes()
-        b = len(samples)
-        maps = {m: np.full((b, *shapes[m]), np.nan, dtype=np.float16) for m in self.methods}
+        maps = {m: np.full((len(samples), *shapes[m]), np.nan, dtype=np.float16) for m in self.methods}
         rows = [self._base_row(s) for s in samples]
-        thumbs: list[Any] = []
         ok = [k for k, s in enumerate(samples) if s.x is not None]
         if not ok:
-            return rows, maps, thumbs
+            return rows, maps, []
+        read = [samples[k] for k in ok]
         # channels-last, the layout of a batch made by Preprocess (as camkit.evaluate makes it): the same kernels
         # run, so a store's metrics equal evaluate's bit for bit on the same batches
-        x = torch.stack([samples[k].x for k in ok]).to(self.device)  # type: ignore[misc]
+        x = torch.stack([s.x for s in read if s.x is not None]).to(self.device)
         x = x.contiguous(memory_format=torch.channels_last)
-        targets = [self._classes[samples[k].index] for k in ok] if self._classes is not None else None
-        expl = compare(self.model, x, self.methods, opts.layers, targets, labels=self.labels)
+        targets = [self._classes[s.index] for s in read] if self._classes is not None else None
+        expl = compare(self.model, x, self.methods, self.options.layers, targets, labels=self.labels)
         first = expl[self.methods[0]]
-        assert first.output is not None and first.classes is not None and first.probs is not None
-        probs_all = torch.softmax(first.output.float(), dim=1)
-        top = probs_all.topk(min(opts.topk, probs_all.shape[1]), dim=1)
-        classes = first.classes
-        sizes = [samples[k].size for k in ok]
-        gt = [_clipped(self.items[samples[k].index].boxes, samples[k].size) for k in ok]
-        for j, k in enumerate(ok):
-            row = rows[k]
-            row["topk_classes"] = [int(c) for c in top.indices[j]]
-            row["topk_probs"] = [float(p) for p in top.values[j]]
-            row["topk_labels"] = [self.labels[int(c)] for c in top.indices[j]] if self.labels else None
-            row["class"] = int(classes[j])
-            row["label"] = self.labels[int(classes[j])] if self.labels else None
-            row["prob"] = float(first.probs[j])
+        for k, cells in zip(ok, self._prediction_cells(first), strict=True):
+            rows[k].update(cells)
+        thumbs: list[Any] = []
         for m in self.methods:
-            e = expl[m]
-            full = e.maps.float()
-            if opts.resolution == "input":
-                stored = full
-            else:
-                stored = normalize(torch.relu(next(iter(e.raw.values())).float()))
-            maps[m][ok] = stored.detach().cpu().numpy().astype(np.float16)
-            boxes = localize(full, threshold=opts.threshold, image_sizes=sizes)
-            values: dict[str, Tensor] = {}
-            curves: Tensor | None = None
-            if opts.metrics:
-                values, curves = self.scorer()(x, full, classes, gt, sizes)
-            for j, k in enumerate(ok):
-                rows[k][f"{m}.box"] = boxes[j][0].xyxy if boxes[j] else None
-                for col, v in values.items():
-                    rows[k][f"{m}.{col}"] = float(v[j])
-                if curves is not None:
-                    rows[k][f"{m}.iou_curve"] = None if bool(curves[j].isnan().any()) else curves[j].tolist()
-            if opts.thumbnails:
-                from camkit.viz import overlay
-
-                for j, k in enumerate(ok):
-                    pic = samples[k].thumb
-                    if pic is not None:
-                        thumbs.append((m, samples[k].index, overlay(pic, full[j].cpu())))
+            stored, cells_of, pics = self._method_cells(m, expl[m], x, first.classes, read)
+            maps[m][ok] = stored
+            for k, cells in zip(ok, cells_of, strict=True):
+                rows[k].update(cells)
+            thumbs += pics
         return rows, maps, thumbs
+
+    def _prediction_cells(self, first: Explanation) -> list[dict[str, Any]]:
+        """Each image's top-k classes and probabilities, explained class, label and probability, read from the
+        explained forward's output (:attr:`camkit.Explanation.output`)."""
+        assert first.output is not None and first.classes is not None and first.probs is not None
+        probs = torch.softmax(first.output.float(), dim=1)
+        top = probs.topk(min(self.options.topk, probs.shape[1]), dim=1)
+        labels = self.labels
+        out = []
+        for j, c in enumerate(int(c) for c in first.classes):
+            indices = [int(i) for i in top.indices[j]]
+            out.append(
+                {
+                    "topk_classes": indices,
+                    "topk_probs": [float(p) for p in top.values[j]],
+                    "topk_labels": [labels[i] for i in indices] if labels else None,
+                    "class": c,
+                    "label": labels[c] if labels else None,
+                    "prob": float(first.probs[j]),
+                }
+            )
+        return out
+
+    def _method_cells(
+        self, method: str, e: Explanation, x: Tensor, classes: Tensor | None, read: Sequence[Sample]
+    ) -> tuple[np.ndarray, list[dict[str, Any]], list[Any]]:
+        """One method's maps as stored (float16), its cells of each row (box, metrics) and its thumbnails."""
+        opts = self.options
+        full = e.maps.float()
+        stored = (
+            full if opts.resolution == "input" else normalize(torch.relu(next(iter(e.raw.values())).float()))
+        )
+        sizes = [s.size for s in read]
+        boxes = localize(full, threshold=opts.threshold, image_sizes=sizes)
+        values: dict[str, Tensor] = {}
+        curves: Tensor | None = None
+        if opts.metrics:
+            assert classes is not None
+            gt = [_clipped(self.items[s.index].boxes, s.size) for s in read]
+            values, curves = self.scorer()(x, full, classes, gt, sizes)
+        cells = []
+        for j in range(len(read)):
+            cell: dict[str, Any] = {f"{method}.box": boxes[j][0].xyxy if boxes[j] else None}
+            cell.update({f"{method}.{col}": float(v[j]) for col, v in values.items()})
+            if curves is not None:
+                cell[f"{method}.iou_curve"] = None if bool(curves[j].isnan().any()) else curves[j].tolist()
+            cells.append(cell)
+        thumbs = [
+            (method, s.index, overlay(s.thumb, full[j].cpu()))
+            for j, s in enumerate(read)
+            if opts.thumbnails and s.thumb is not None
+        ]
+        return stored.detach().cpu().numpy().astype(np.float16), cells, thumbs
 
     def _base_row(self, s: Sample) -> dict[str, Any]:
         item = self.items[s.index]
@@ -499,238 +437,3 @@ def process_shards(
         if progress is not None:
             progress(len(samples))
     return done
-
-
-def inputs_digest(items: Sequence[Item]) -> str:
-    """A digest of the inputs (paths, classes, boxes, in order)."""
-    h = hashlib.sha256()
-    for it in items:
-        h.update(json.dumps([it.path, it.cls, it.boxes]).encode("utf-8"))
-    return h.hexdigest()[:16]
-
-
-def run_config(
-    spec: ModelSpec, options: RunOptions, items: Sequence[Item], methods: Sequence[str]
-) -> dict[str, Any]:
-    """The store's ``run.json`` settings, known before the model is loaded (the resolved ``layers`` and the map
-    shape are added once it is)."""
-    return {
-        "options": {
-            **spec.identity(),
-            **asdict(options),
-            "methods": list(methods),
-            "metrics": list(options.metrics),
-        },
-        "weights_path": spec.weights,
-        "methods": list(methods),
-        "n": len(items),
-        "shard_size": options.shard_size,
-        "inputs_digest": inputs_digest(items),
-        "path_roots": path_roots(items),
-    }
-
-
-def path_roots(items: Sequence[Item]) -> list[list[Any]]:
-    """Where the items' relative paths resolve: ``[[first index, absolute folder], ...]``, one entry where the
-    folder changes (a manifest's rows: its folder; other inputs: the current folder). Kept in ``run.json`` and
-    read back by :meth:`camkit.run.Store.path_root`."""
-    out: list[list[Any]] = []
-    for i, it in enumerate(items):
-        if not out or out[-1][1] != it.root:
-            out.append([i, it.root])
-    return out
-
-
-#: The metrics that compare a map with ground-truth boxes.
-BOX_METRICS = tuple(name for name, metric in METRICS.items() if metric.needs_boxes)
-
-
-def check_boxes(items: Sequence[Item], metrics: Sequence[str]) -> str | None:
-    """Box metrics asked for on images without boxes: a ValueError when none has a box (before any work), else
-    a note saying how many images the box metrics leave out (None when all have boxes or none is asked for)."""
-    asked = [m for m in metrics if m in BOX_METRICS]
-    if not asked:
-        return None
-    without = sum(1 for it in items if not it.boxes)
-    if without == len(items):
-        raise CamkitError(
-            f"--metrics {','.join(asked)} needs ground-truth boxes, and none of the {len(items)} image(s) has one: "
-            "give boxes (a manifest's 'boxes' column, a tar shard's .json member, or --annotations FILE), or "
-            "leave the box metrics out"
-        )
-    if without:
-        return (
-            f"box metrics ({', '.join(asked)}) over {len(items) - without} image(s): {without} without "
-            "ground-truth boxes are left out (NaN)"
-        )
-    return None
-
-
-def _agreed(dist: Any, work: Callable[[], Any] | None) -> Any:
-    """Rank 0 does ``work``; every rank gets its value, or raises the ValueError it raised (so that no rank
-    waits for one that gave up)."""
-    if dist.world == 1:
-        return work() if work is not None else None
-    outcome: tuple[str, Any] = ("ok", None)
-    error: Exception | None = None
-    if dist.rank == 0 and work is not None:
-        try:
-            outcome = ("ok", work())
-        except (ValueError, FileNotFoundError, RuntimeError) as err:
-            error = err
-            outcome = ("error", str(err))
-    outcome = dist.broadcast(outcome)
-    if error is not None:
-        raise error
-    if outcome[0] == "error":
-        raise CamkitError(outcome[1])
-    return outcome[1]
-
-
-def _nothing_to_do(out: str | Path, t0: float, engine: str, world: int) -> RunResult:
-    """The result of a run on a finished store: its summary, this run's counts (nothing written)."""
-    store = open_store(out)
-    seconds = time.perf_counter() - t0
-    summary = {k: v for k, v in store.summary().items() if k != "table"}
-    summary["this_run"] = {
-        "computed": 0,
-        "seconds": round(seconds, 3),
-        "images_per_s": None,
-        "processes": world,
-        "engine": engine,
-    }
-    return RunResult(store=store, computed=0, seconds=seconds, summary=summary)
-
-
-def run(
-    inputs: Sequence[str | Path],
-    out: str | Path,
-    *,
-    model: ModelSpec | None = None,
-    options: RunOptions | None = None,
-    layout: str = "auto",
-    annotations: str | Path | None = None,
-    overwrite: bool = False,
-    workers: int = 2,
-    engine: str = "local",
-    ray_workers: int = 2,
-    num_gpus: float = 0.0,
-    progress: Callable[[int, int], Callable[[int], None]] | None = None,
-    note: Callable[[str], None] | None = None,
-    warn: Callable[[str], None] | None = None,
-) -> RunResult:
-    """Explain every image of ``inputs`` into the store ``out`` (created, or resumed where it stopped).
-
-    The store is looked at before anything is loaded: a folder that is neither new, empty nor a camkit store is
-    refused, as is a store made with other settings; a finished store with the same settings is left as it is
-    (no model is loaded, nothing is written, so it may be on a read-only file system). A run that creates,
-    resumes or overwrites a store holds the store's lock until it is done (another run on it is refused at
-    once); a resume verifies every done shard and computes again those that do not verify.
-
-    Args:
-        inputs: folders, files, a manifest or tar shards (:func:`camkit.run.sources.collect_items`).
-        out: the store folder.
-        model: how to build the model (default: the offline pretrained EfficientNet-Lite0).
-        options: what to compute (:class:`RunOptions`).
-        layout: how to read ``inputs`` (``auto``, ``folder``, ``imagefolder``, ``manifest``, ``tar``).
-        annotations: an annotation file (camkit JSON, COCO JSON, Pascal VOC XML, as ``camkit evaluate
-            --annotations``): class and boxes of the images it names (by file name) whose input gives none.
-        overwrite: start the store again, deleting camkit's own files of it (a folder that holds other files is
-            refused), instead of refusing other settings.
-        workers: DataLoader worker processes per process (0: decode in the main process).
-        engine: ``"local"`` (one process, or one per rank under torchrun: see :mod:`camkit.run.distributed`) or
-            ``"ray"`` (Ray Data actors, :mod:`camkit.run.raydata`).
-        ray_workers: Ray actors. num_gpus: GPUs per Ray actor.
-        progress: ``progress(to_do, total) -> advance(n)``: called once with the images this process will
-            compute and the total; ``advance`` after each batch.
-        note: called with a remark before any work (box metrics that leave out images without boxes); default:
-            a Python warning.
-        warn: called with a line for each done shard that does not verify (default: :func:`warnings.warn`).
-
-    Raises:
-        ValueError: bad options or inputs, box metrics asked for on images none of which has boxes, an ``out``
-            that cannot hold the store, a store made with other settings (and not ``overwrite``), or one in use
-            by another run.
-    """
-    from camkit.methods import get_method
-    from camkit.run import distributed
-
-    spec = model or ModelSpec()
-    opts = options or RunOptions()
-    opts.check()
-    if engine not in ("local", "ray"):
-        raise CamkitError(f"unknown engine {engine!r}: 'local' (also under torchrun) or 'ray'")
-    if workers < 0:
-        raise CamkitError(f"--workers must be 0 or more, got {workers}")
-    items = collect_items(inputs, layout, annotations)
-    box_note = check_boxes(items, opts.metrics)
-    if box_note is not None:
-        if note is not None:
-            note(box_note)
-        else:
-            warnings.warn(box_note, stacklevel=2)
-    config = run_config(spec, opts, items, [get_method(m).name for m in opts.methods])
-    t0 = time.perf_counter()
-    with distributed.session(spec.device) as dist:
-        if dist.world > 1 and engine == "ray":
-            raise CamkitError("--engine ray is not run under torchrun: start it as one process")
-        # the store first: refused, or finished with these settings (nothing loaded, nothing written)
-        if _agreed(dist, lambda: survey(out, config, overwrite)):
-            return _nothing_to_do(out, t0, engine, dist.world)
-        spec = replace(spec, device=dist.device)
-        loaded = spec.load()
-        explainer = Explainer(loaded.model, loaded.preprocess, loaded.labels, opts, items)
-        shapes = explainer.map_shapes()
-        config = {**config, "layers": explainer.layer_names()}
-        if _agreed(dist, lambda: survey(out, config, overwrite)):  # --layers given another way, same layers
-            return _nothing_to_do(out, t0, engine, dist.world)
-        with ExitStack() as held:
-
-            def prepare() -> list[int]:
-                held.enter_context(store_lock(out))  # held until the table is merged
-                made = create_store(out, config, items, shapes, overwrite=overwrite, warn=warn)
-                return sorted(set(range(made.n_shards)) - made.done_shards())
-
-            pending: list[int] = _agreed(dist, prepare if dist.rank == 0 else None)
-            store = open_store(out)
-            diff = settings_differences(store.config, config)
-            if dist.total(1 if diff else 0):  # every rank must run with rank 0's settings (weights, inputs)
-                raise CamkitError(
-                    f"the processes of this run have other settings than its first one ({'; '.join(diff)})"
-                    if diff
-                    else "another process of this run has other settings (model weights or inputs)"
-                )
-            mine = pending[dist.rank :: dist.world]
-            to_do = sum(len(store.shard_range(s)) for s in mine)
-            advance = progress(to_do, store.n) if progress is not None else None
-            if engine == "ray":
-                from camkit.run import raydata
-
-                computed = raydata.process_shards(
-                    store,
-                    spec,
-                    opts,
-                    items,
-                    mine,
-                    ray_workers=ray_workers,
-                    num_gpus=num_gpus,
-                    progress=advance,
-                )
-            else:
-                computed = process_shards(store, explainer, mine, workers=workers, progress=advance)
-            computed = dist.total(computed)
-            seconds = time.perf_counter() - t0
-            summary: dict[str, Any] = {}
-            if dist.rank == 0:
-                table = store.merge()
-                summary = summarize(table, store.methods, store.config)
-                summary["this_run"] = {
-                    "computed": computed,
-                    "seconds": round(seconds, 3),
-                    "images_per_s": round(computed / seconds, 2) if seconds > 0 else None,
-                    "processes": dist.world,
-                    "engine": engine,
-                }
-                store.write_summary(summary)
-            dist.barrier()
-    return RunResult(store=store, computed=computed, seconds=seconds, summary=summary)

@@ -2,8 +2,8 @@
 
 Layouts (``layout=``, ``--layout``):
 
-* ``folder`` (the default for a folder): every image file of the tree, recursively, sorted by path; hidden
-  files and folders skipped (as ``camkit explain``). No class.
+* ``folder`` (the default for a folder): every image file of the tree, recursively, hidden files and folders
+  skipped, in the one order of every command (:mod:`camkit.io.inputs`). No class.
 * ``imagefolder``: torchvision's ImageFolder tree, ``ROOT/<class>/.../<image>``: the class is the name of the
   first folder below the root.
 * ``manifest`` (the default for a ``.csv``, ``.jsonl`` or ``.ndjson`` file): one row per image with ``path``
@@ -33,8 +33,9 @@ image at the default pixel limit fits) and a ``.cls``/``.json`` label member ove
 (64 KiB) make their image an error row without being read; an image member is then decoded from the shard as a
 stream (never copied whole into memory), its pixel count checked from its header before decoding, as for files.
 
-The order of the items is the order of the inputs, then sorted paths within each folder (tar members in archive
-order): it defines each image's row ``index`` in the store, so the same inputs always give the same index.
+The order of the items is the order of the inputs, then within each folder the one order of every command
+(:func:`camkit.io.inputs.folder_images`; tar members in archive order): it defines each image's row ``index`` in
+the store, so the same inputs always give the same index.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ from camkit.adapters.preprocess import Preprocess
 from camkit.errors import CamkitError
 from camkit.io.annotations import Annotation, read_annotations, read_boxes
 from camkit.io.images import DEFAULT_MAX_PIXELS, load_image, open_image, to_rgb
+from camkit.io.inputs import IMAGE_SUFFIXES, folder_images
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -69,9 +71,6 @@ __all__ = [
     "read_item",
 ]
 
-IMAGE_SUFFIXES = frozenset(
-    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".pnm"}
-)
 LAYOUTS = ("auto", "folder", "imagefolder", "manifest", "tar")
 MANIFEST_SUFFIXES = (".csv", ".jsonl", ".ndjson")
 ANNOTATION_SUFFIXES = (".json", ".xml")
@@ -108,23 +107,6 @@ class Item:
     member: str | None = None
     root: str = ""
     error: str | None = None
-
-
-def _hidden(path: Path, root: Path) -> bool:
-    return any(part.startswith(".") for part in path.relative_to(root).parts)
-
-
-def _folder(root: Path) -> list[Path]:
-    files = sorted(
-        f
-        for f in root.rglob("*")
-        if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file() and not _hidden(f, root)
-    )
-    if not files:
-        raise CamkitError(
-            f"the folder {str(root)!r} holds no image file ({', '.join(sorted(IMAGE_SUFFIXES))})"
-        )
-    return files
 
 
 def _boxes(raw: object, where: str) -> tuple[tuple[float, float, float, float], ...]:
@@ -184,68 +166,78 @@ def _label(tf: tarfile.TarFile, info: tarfile.TarInfo, where: str) -> str | None
         raise CamkitError(f"{where} is not UTF-8 text") from None
 
 
-def _tar(path: Path, max_member_bytes: int | None) -> list[Item]:
+def _tar_groups(tf: tarfile.TarFile) -> dict[str, dict[str, tarfile.TarInfo]]:
+    """The shard's file members grouped by key (the member path up to the first dot of its file name), each
+    group by suffix (``.jpg``, ``.cls``, ``.json``...); hidden members and members without a suffix skipped."""
     groups: dict[str, dict[str, tarfile.TarInfo]] = {}
+    for info in tf:
+        if not info.isfile():
+            continue
+        parent, _, base = info.name.rpartition("/")
+        key, dot, ext = base.partition(".")
+        if base.startswith(".") or not dot:
+            continue
+        groups.setdefault(f"{parent}/{key}" if parent else key, {})["." + ext.lower()] = info
+    return groups
+
+
+def _oversized(
+    image: tarfile.TarInfo, members: Mapping[str, tarfile.TarInfo], max_member_bytes: int | None
+) -> str | None:
+    """Why a group is an error row without being read (an image member or a label member over its limit)."""
+    if max_member_bytes is not None and image.size > max_member_bytes:
+        return (
+            f"the tar member {image.name!r} is {image.size} bytes, more than the limit of {max_member_bytes} "
+            "bytes for an image member; it was not read"
+        )
+    for ext, m in members.items():
+        if ext in (".cls", ".json") and m.size > MAX_LABEL_MEMBER_BYTES:
+            return (
+                f"the tar member {m.name!r} is {m.size} bytes, more than the limit of {MAX_LABEL_MEMBER_BYTES} "
+                "bytes for a .cls or .json label; it was not read"
+            )
+    return None
+
+
+def _tar_labels(
+    tf: tarfile.TarFile, path: Path, members: Mapping[str, tarfile.TarInfo]
+) -> tuple[str | None, tuple[tuple[float, float, float, float], ...]]:
+    """The class (a ``.cls`` member's text, else the ``"class"`` of the ``.json`` member) and the boxes (the
+    ``.json`` member's ``"boxes"``) of a group."""
+    cls = None
+    if ".cls" in members:
+        text = _label(tf, members[".cls"], f"{path}:{members['.cls'].name}")
+        cls = text.strip() if text is not None and text.strip() else None
+    boxes: tuple[tuple[float, float, float, float], ...] = ()
+    if ".json" in members:
+        where = f"{path}:{members['.json'].name}"
+        text = _label(tf, members[".json"], where) or "{}"
+        try:
+            meta = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise CamkitError(f"{where} is not valid JSON ({err})") from None
+        if isinstance(meta, dict):
+            boxes = _boxes(meta.get("boxes"), where)
+            if cls is None and meta.get("class") is not None:
+                cls = str(meta["class"])
+    return cls, boxes
+
+
+def _tar(path: Path, max_member_bytes: int | None) -> list[Item]:
     root = os.path.abspath(os.curdir)
+    items = []
     try:
         with tarfile.open(path) as tf:
-            for info in tf:
-                if not info.isfile():
-                    continue
-                name = info.name
-                parent, _, base = name.rpartition("/")
-                if base.startswith("."):
-                    continue
-                key, dot, ext = base.partition(".")
-                if not dot:
-                    continue
-                groups.setdefault(f"{parent}/{key}" if parent else key, {})["." + ext.lower()] = info
-            items = []
-            for members in groups.values():
+            for members in _tar_groups(tf).values():
                 image = next((m for ext, m in members.items() if ext in IMAGE_SUFFIXES), None)
                 if image is None:
                     continue
                 item = Item(path=f"{path}/{image.name}", file=str(path), member=image.name, root=root)
-                too_big = [
-                    m
-                    for ext, m in members.items()
-                    if ext in (".cls", ".json") and m.size > MAX_LABEL_MEMBER_BYTES
-                ]
-                if max_member_bytes is not None and image.size > max_member_bytes:
-                    items.append(
-                        replace(
-                            item,
-                            error=f"the tar member {image.name!r} is {image.size} bytes, more than the limit of "
-                            f"{max_member_bytes} bytes for an image member; it was not read",
-                        )
-                    )
+                error = _oversized(image, members, max_member_bytes)
+                if error is not None:
+                    items.append(replace(item, error=error))
                     continue
-                if too_big:
-                    m = too_big[0]
-                    items.append(
-                        replace(
-                            item,
-                            error=f"the tar member {m.name!r} is {m.size} bytes, more than the limit of "
-                            f"{MAX_LABEL_MEMBER_BYTES} bytes for a .cls or .json label; it was not read",
-                        )
-                    )
-                    continue
-                cls = None
-                if ".cls" in members:
-                    text = _label(tf, members[".cls"], f"{path}:{members['.cls'].name}")
-                    cls = text.strip() if text is not None and text.strip() else None
-                boxes: tuple[tuple[float, float, float, float], ...] = ()
-                if ".json" in members:
-                    where = f"{path}:{members['.json'].name}"
-                    text = _label(tf, members[".json"], where) or "{}"
-                    try:
-                        meta = json.loads(text)
-                    except json.JSONDecodeError as err:
-                        raise CamkitError(f"{where} is not valid JSON ({err})") from None
-                    if isinstance(meta, dict):
-                        boxes = _boxes(meta.get("boxes"), where)
-                        if cls is None and meta.get("class") is not None:
-                            cls = str(meta["class"])
+                cls, boxes = _tar_labels(tf, path, members)
                 items.append(replace(item, cls=cls, boxes=boxes))
     except tarfile.TarError as err:
         raise CamkitError(f"cannot read the tar shard {str(path)!r}: {err}") from err
@@ -362,7 +354,7 @@ def collect_items(
         if kind in ("folder", "imagefolder"):
             if not p.is_dir():
                 raise CamkitError(f"--layout {kind} needs a folder, got the file {str(p)!r}")
-            for f in _folder(p):
+            for f in folder_images(p):
                 cls = f.relative_to(p).parts[0] if kind == "imagefolder" else None
                 if kind == "imagefolder" and len(f.relative_to(p).parts) < 2:
                     raise CamkitError(

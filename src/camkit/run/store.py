@@ -41,16 +41,21 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
 from camkit.errors import CamkitError
 from camkit.io.files import atomic_write, file_lock, write_json
+from camkit.run.extra import require_run_extra
 from camkit.run.sources import Item
+
+try:  # the camkit[run] extra: a Store (open_store, camkit report STORE) and camkit.run.run check it first
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+except ImportError:
+    pass
 
 __all__ = [
     "CONFIG_FILE",
@@ -174,6 +179,7 @@ class Store:
     """
 
     def __init__(self, path: str | Path) -> None:
+        require_run_extra("a camkit run store")
         self.path = Path(path)
         config = read_marker(self.path)
         if config is None:
@@ -470,90 +476,75 @@ def _warn(message: str) -> None:
 # ------------------------------------------------------------------------------------------------ the folder
 
 
-def _own_tree(p: Path, methods: Sequence[str]) -> tuple[list[Path], list[Path], list[str]]:
+class _Rule(NamedTuple):
+    """What camkit writes in one kind of folder of a store: file names (a regular expression), folders by name
+    (-> their rule), and the rule of a folder named after one of the store's methods or after a number."""
+
+    files: str
+    folders: dict[str, str]
+    method: str | None = None
+    number: str | None = None
+
+
+_META = r"zarr\.json|zarr" + _PARTIAL
+_TOP_FILES = [re.escape(n) for n in (*_OWN_FILES, LOCK_FILE)] + [
+    r"\." + re.escape(n) + _PART for n in _OWN_FILES
+]
+#: camkit's folders of a store by rule: the store's own folder (``top``), then shards, thumbnails, zarr arrays.
+_RULES: dict[str, _Rule] = {
+    "top": _Rule("|".join(_TOP_FILES), {"shards": "shards", "thumbs": "thumbs", "maps.zarr": "zarr"}),
+    "shards": _Rule(_SHARD_FILE + r"|\." + _SHARD_FILE + _PART, {}),
+    "thumbs": _Rule("(?!)", {}, method="thumb"),
+    "thumb": _Rule(_THUMB_FILE + r"|\." + _THUMB_FILE + _PART, {}),
+    "zarr": _Rule(_META, {}, method="array"),
+    "array": _Rule(_META, {"c": "chunks"}),
+    "chunks": _Rule(r"\d+(?:" + _PARTIAL + ")?", {}, number="chunks"),
+}
+
+
+def _own_entry(rule: _Rule, e: os.DirEntry[str], methods: Sequence[str]) -> str | None:
+    """What the entry ``e`` of a folder under ``rule`` is to camkit: ``"file"`` (its own file), the rule of its
+    own folder, or None (the user's: a symbolic link, or a name camkit does not write there)."""
+    if e.is_symlink():
+        return None
+    if e.is_file():
+        return "file" if re.fullmatch(rule.files, e.name) is not None else None
+    if not e.is_dir():
+        return None
+    if e.name in rule.folders:
+        return rule.folders[e.name]
+    if rule.method is not None and e.name in methods:
+        return rule.method
+    if rule.number is not None and e.name.isdigit():
+        return rule.number
+    return None
+
+
+def _own_tree(
+    p: Path, methods: Sequence[str], folder: Path | None = None, rule: str = "top"
+) -> tuple[list[Path], list[Path], list[str]]:
     """What the folder of a store holds: (camkit's files, camkit's folders, anything else).
 
     camkit's own are the entries of :data:`OWN_ENTRIES` (files as files, folders as folders, never a symbolic
     link) with, inside its folders, the names camkit and zarr write there (shard files, thumbnails of the
     store's methods, zarr metadata and chunk files of its methods) and the temporary files of its atomic
-    writes. Anything else, at any depth, is the user's.
+    writes (``_RULES``). Anything else, at any depth, is the user's. ``folder`` and ``rule``: where the walk
+    is (the store's folder itself: not among camkit's folders).
     """
     files: list[Path] = []
-    dirs: list[Path] = []
+    dirs: list[Path] = [] if folder is None else [folder]
     foreign: list[str] = []
-
-    def walk(folder: Path, accept: Callable[[os.DirEntry[str], Path], bool]) -> None:
-        dirs.append(folder)
-        for e in sorted(os.scandir(folder), key=lambda e: e.name):
-            path = Path(e.path)
-            if e.is_symlink() or not accept(e, path):
-                foreign.append(str(path.relative_to(p)))
-
-    def shard_entry(e: os.DirEntry[str], path: Path) -> bool:
-        ok = e.is_file() and (
-            re.fullmatch(_SHARD_FILE, e.name) is not None or _temporary_of(e.name, _SHARD_FILE)
-        )
-        if ok:
-            files.append(path)
-        return ok
-
-    def thumb_entry(e: os.DirEntry[str], path: Path) -> bool:
-        ok = e.is_file() and (
-            re.fullmatch(_THUMB_FILE, e.name) is not None or _temporary_of(e.name, _THUMB_FILE)
-        )
-        if ok:
-            files.append(path)
-        return ok
-
-    def thumbs_entry(e: os.DirEntry[str], path: Path) -> bool:
-        if e.name in methods and e.is_dir():
-            walk(path, thumb_entry)
-            return True
-        return False
-
-    def meta_file(e: os.DirEntry[str], path: Path) -> bool:
-        ok = e.is_file() and re.fullmatch(r"zarr\.json|zarr" + _PARTIAL, e.name) is not None
-        if ok:
-            files.append(path)
-        return ok
-
-    def chunk_entry(e: os.DirEntry[str], path: Path) -> bool:
-        if e.is_dir() and e.name.isdigit():
-            walk(path, chunk_entry)
-            return True
-        ok = e.is_file() and re.fullmatch(r"\d+(?:" + _PARTIAL + ")?", e.name) is not None
-        if ok:
-            files.append(path)
-        return ok
-
-    def array_entry(e: os.DirEntry[str], path: Path) -> bool:
-        if e.name == "c" and e.is_dir():
-            walk(path, chunk_entry)
-            return True
-        return meta_file(e, path)
-
-    def zarr_entry(e: os.DirEntry[str], path: Path) -> bool:
-        if e.name in methods and e.is_dir():
-            walk(path, array_entry)
-            return True
-        return meta_file(e, path)
-
-    folders = {"shards": shard_entry, "thumbs": thumbs_entry, "maps.zarr": zarr_entry}
-
-    def top(e: os.DirEntry[str], path: Path) -> bool:
-        if e.name in (*_OWN_FILES, LOCK_FILE) and e.is_file():
-            files.append(path)
-            return True
-        if e.is_file() and any(_temporary_of(e.name, re.escape(n)) for n in _OWN_FILES):
-            files.append(path)
-            return True
-        if e.name in folders and e.is_dir():
-            walk(path, folders[e.name])
-            return True
-        return False
-
-    walk(p, top)
-    dirs.remove(p)
+    for e in sorted(os.scandir(folder or p), key=lambda e: e.name):
+        kind = _own_entry(_RULES[rule], e, methods)
+        if kind is None:
+            foreign.append(str(Path(e.path).relative_to(p)))
+        elif kind == "file":
+            files.append(Path(e.path))
+        else:
+            sub = _own_tree(p, methods, Path(e.path), kind)
+            files += sub[0]
+            dirs += sub[1]
+            foreign += sub[2]
     return files, dirs, foreign
 
 
@@ -793,8 +784,9 @@ def open_store(path: str | Path) -> Store:
     """Open a ``camkit run`` store for reading: ``.config``, ``.table()``, ``.maps(method)``, ``.summary()``.
 
     Raises:
-        ValueError: the folder is not a store (no ``run.json`` with camkit's format marker), a store made by an
-            older camkit, or one whose creation did not finish.
+        ValueError: zarr or pyarrow is not installed (``pip install "camkit[run]"``), the folder is not a store
+            (no ``run.json`` with camkit's format marker), a store made by an older camkit, or one whose creation
+            did not finish.
     """
     return Store(path)
 
