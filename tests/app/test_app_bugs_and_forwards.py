@@ -69,7 +69,10 @@ def explain(client: TestClient, **form: str):
 
 @pytest.mark.parametrize("error", [RuntimeError, TypeError, KeyError, ValueError])
 def test_an_exception_from_the_models_forward_is_a_500(
-    client: TestClient, tiny: tuple[TinyCnn, list[int]], error: type[Exception], caplog: pytest.LogCaptureFixture
+    client: TestClient,
+    tiny: tuple[TinyCnn, list[int]],
+    error: type[Exception],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     tiny[0].fail = error
     with caplog.at_level(logging.ERROR, logger="camkit.app"):
@@ -97,6 +100,8 @@ def test_explain_runs_one_forward_and_reads_the_top5_from_it(
     assert len(calls) == 1
     answer = res.json()
     top5 = answer["top5"]
-    assert len(top5) == 5 and top5[0]["class"] == answer["class"] and top5[0]["label"] == LABELS[answer["class"]]
+    assert (
+        len(top5) == 5 and top5[0]["class"] == answer["class"] and top5[0]["label"] == LABELS[answer["class"]]
+    )
     assert top5[0]["prob"] == pytest.approx(answer["prob"], abs=1e-6)
     assert [p["prob"] for p in top5] == sorted((p["prob"] for p in top5), reverse=True)

@@ -124,13 +124,17 @@ def test_a_camkit_error_is_one_line(tmp_path: Path, forwards: Callable[..., list
     assert len(lines) == 1 and lines[0].startswith("error: ") and "no_such_layer" in lines[0]
 
 
-def test_a_camkit_error_raised_by_the_model_is_one_line(tmp_path: Path, forwards: Callable[..., list[int]]) -> None:
+def test_a_camkit_error_raised_by_the_model_is_one_line(
+    tmp_path: Path, forwards: Callable[..., list[int]]
+) -> None:
     forwards(lambda: TinyCnn(fail=CamkitError))
     res = explain(tmp_path)
     assert res.exit_code == 2 and res.stderr.strip() == "error: boom inside the model's forward", res.output
 
 
-def test_explain_runs_one_forward_per_image_for_gradcam(tmp_path: Path, forwards: Callable[..., list[int]]) -> None:
+def test_explain_runs_one_forward_per_image_for_gradcam(
+    tmp_path: Path, forwards: Callable[..., list[int]]
+) -> None:
     calls = forwards(TinyCnn)
     res = explain(tmp_path, "--methods", "gradcam", "--layers", "stage", images=2)
     assert res.exit_code == 0, res.output
