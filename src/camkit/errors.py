@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["CamkitError"]
+__all__ = ["CamkitError", "CamkitRuntimeError"]
 
 
 class CamkitError(ValueError):
@@ -13,3 +13,9 @@ class CamkitError(ValueError):
     ``ValueError`` keeps working. The command line prints it as one ``error:`` line and the app answers it with a
     4xx status; any other exception is a bug in camkit (or in the model) and keeps its traceback.
     """
+
+
+class CamkitRuntimeError(CamkitError, RuntimeError):
+    """A :class:`CamkitError` that is also a :class:`RuntimeError`: what camkit reported as a ``RuntimeError``
+    before it had its own exception (pretrained weights that cannot be had, a target layer that did not run or
+    that the explained score does not depend on). Code catching either keeps working."""

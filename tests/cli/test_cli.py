@@ -38,7 +38,8 @@ def test_each_command_lives_in_its_module():
 
 
 def test_the_command_tunes_the_allocator(monkeypatch) -> None:
-    from camkit import cli, runtime
+    from camkit import cli
+    from camkit.core import runtime
 
     calls: list[str] = []
     monkeypatch.setattr(runtime, "tune_allocator", lambda: calls.append("tune") or True)

@@ -18,6 +18,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from camkit.cli import app, common
+from camkit.errors import CamkitError
 
 runner = CliRunner()
 FAST = ["--model", "squeezenet1_0", "--no-pretrained"]
@@ -425,7 +426,7 @@ def test_compile_reaches_the_perturbation_options(tmp_path, monkeypatch):
 
     def fake_compare(*args, perturbation, **kwargs):
         seen.append(perturbation.compile)
-        raise ValueError("stop here")
+        raise CamkitError("stop here")  # a refusal by camkit's own checks: one error line
 
     monkeypatch.setattr("camkit.core.pipeline.compare", fake_compare)
     src = photo(tmp_path / "p.png")

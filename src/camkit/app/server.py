@@ -37,6 +37,7 @@ import asyncio
 import base64
 import hashlib
 import io
+import logging
 import re
 import threading
 import time
@@ -46,7 +47,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from importlib import resources
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from fastapi import FastAPI, File, Form, HTTPException, Query, Request, UploadFile
 from fastapi.responses import HTMLResponse, JSONResponse
@@ -55,13 +56,19 @@ from PIL import Image, UnidentifiedImageError
 from camkit.adapters import LoadedModel, ModelSpec
 from camkit.errors import CamkitError
 
+if TYPE_CHECKING:
+    from camkit.core.explanation import Explanation
+
 __all__ = [
     "ACCEPTED_FORMATS",
+    "BUG_DETAIL",
     "FORM_OVERHEAD",
     "LOCAL_HOSTS",
     "Activity",
     "AppConfig",
+    "AppState",
     "Cancelled",
+    "ExplainRequest",
     "Limiter",
     "ModelCache",
     "allow_host",
@@ -609,89 +616,123 @@ def _png_uri(picture: Image.Image) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+@dataclass(frozen=True)
+class ExplainRequest:
+    """What ``POST /api/explain`` asks for (the form's fields, the image aside).
+
+    Attributes:
+        model: a served model name.
+        method: a method name.
+        layer: a layer name or ``"auto"`` (empty: auto).
+        target: a class index or name (empty: top-1).
+        alpha: weight of the heatmap in the overlay.
+    """
+
+    model: str
+    method: str = "gradcam"
+    layer: str = "auto"
+    target: str = ""
+    alpha: float = 0.5
+
+
+class _Watch:
+    """A request's cancellation as its work sees it: :meth:`check` between steps, :meth:`progress` after each batch
+    of forward passes of a perturbation method (the forwards are counted in :class:`Activity`)."""
+
+    def __init__(self, cancel: threading.Event, activity: Activity) -> None:
+        self.cancel = cancel
+        self.activity = activity
+        self.counted = 0
+
+    def check(self) -> None:
+        """Raise :class:`Cancelled` once the client has disconnected."""
+        if self.cancel.is_set():
+            raise Cancelled("the client disconnected")
+
+    def progress(self, done: int, total: int) -> None:
+        """The perturbation engine's ``f(done, total)``: count the forwards, stop when cancelled."""
+        self.activity.add("forwards", done - self.counted)
+        self.counted = done
+        if self.cancel.is_set():
+            with self.activity._lock:
+                self.activity.last_stop = (done, total)
+            raise Cancelled("the client disconnected")
+
+
 def _explain(
     cache: ModelCache,
     picture: Callable[[], Image.Image],
-    model: str,
-    method: str,
-    layer: str,
-    target: str,
-    alpha: float,
+    ask: ExplainRequest,
     config: AppConfig,
-    cancel: threading.Event,
-    activity: Activity,
+    watch: _Watch,
 ) -> dict[str, Any]:
-    """One explanation, as the page reads it (run in a worker thread). ``cancel`` is checked between the steps and
-    after each batch of forward passes of a perturbation method: once it is set, :class:`Cancelled` is raised."""
-    import numpy as np
-    import torch
-
-    from camkit.core.outputs import logits_of
+    """One explanation, as the page reads it (run in a worker thread). ``watch`` is checked between the steps and
+    after each batch of forward passes of a perturbation method. The model runs only the forwards the method needs:
+    the top-5 are read from the explained forward's output (``Explanation.output``)."""
     from camkit.core.pipeline import explain
     from camkit.core.targets import TopK, parse_target
-    from camkit.localize import localize
     from camkit.methods.engine import PerturbationOptions
-    from camkit.report import top_predictions
-
-    def check() -> None:
-        if cancel.is_set():
-            raise Cancelled("the client disconnected")
-
-    counted = [0]
-
-    def progress(done: int, total: int) -> None:
-        activity.add("forwards", done - counted[0])
-        counted[0] = done
-        if cancel.is_set():
-            with activity._lock:
-                activity.last_stop = (done, total)
-            raise Cancelled("the client disconnected")
 
     start = time.perf_counter()
     image = picture()
-    check()
-    loaded = cache.get(model)
-    check()
-    spec = parse_target(target.strip() or None)
+    watch.check()
+    loaded = cache.get(ask.model)
+    watch.check()
+    spec = parse_target(ask.target.strip() or None)
     if isinstance(spec, TopK):
         raise CamkitError("the app explains one class: give a class index or name, not topK")
-    x = loaded.preprocess([image]).to(config.device)
-    with torch.no_grad():
-        out = loaded.model(x)
-    try:
-        logits = logits_of(out)
-        top5 = top_predictions(logits[0], loaded.labels) if logits.dim() == 2 else []
-    except (TypeError, ValueError):
-        top5 = []
-    check()
     expl = explain(
-        loaded.model, [image], method=method, layers=layer.strip() or "auto", targets=spec,
+        loaded.model, [image], method=ask.method, layers=ask.layer.strip() or "auto", targets=spec,
         preprocess=loaded.preprocess, labels=loaded.labels,
-        perturbation=PerturbationOptions(batch_size=config.batch_size, progress=progress),
+        perturbation=PerturbationOptions(batch_size=config.batch_size, progress=watch.progress),
     )  # fmt: skip
-    check()
+    watch.check()
+    return {
+        "model": loaded.name,
+        **_answer(expl, image, loaded, ask.alpha, config.max_side),
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def _top5(expl: Explanation, labels: list[str] | None) -> list[dict[str, Any]]:
+    """The five most probable classes of the explained forward's output (none for an output that is not
+    Tensor[B, classes])."""
+    from camkit.report import top_predictions
+
+    out = expl.output
+    if out is None or out.dim() != 2:
+        return []
+    return [{"class": p.cls, "label": p.label, "prob": p.prob} for p in top_predictions(out[0], labels)]
+
+
+def _answer(
+    expl: Explanation, image: Image.Image, loaded: LoadedModel, alpha: float, max_side: int
+) -> dict[str, Any]:
+    """The JSON fields of an explanation: what was explained, the top-5, the boxes, the pictures and the map."""
+    import numpy as np
+
+    from camkit.localize import localize
+
     m = expl.maps[0].detach().float().cpu()
     boxes = localize(m[None], image_sizes=[image.size])[0]
     label = expl.labels[0] if expl.labels else None
     arr = np.ascontiguousarray(m.numpy(), dtype="<f4")
     return {
-        "model": loaded.name,
         "method": expl.method,
         "layers": expl.layers,
         "class": int(expl.classes[0]) if expl.classes is not None else None,
         "label": label if isinstance(label, str) else None,
         "prob": float(expl.probs[0]) if expl.probs is not None else None,
         "score": float(expl.scores[0]),
-        "top5": [{"class": p.cls, "label": p.label, "prob": p.prob} for p in top5],
+        "top5": _top5(expl, loaded.labels),
         "size": list(image.size),
         "boxes": [{"box": b.xyxy, "score": b.score} for b in boxes],
         "alpha": alpha,
-        "overlay": _png_uri(expl.overlay(0, alpha=alpha, max_side=config.max_side)),
-        "photo": _png_uri(expl.overlay(0, alpha=0.0, max_side=config.max_side)),
-        "heatmap": _png_uri(expl.overlay(0, alpha=1.0, max_side=config.max_side)),
+        "overlay": _png_uri(expl.overlay(0, alpha=alpha, max_side=max_side)),
+        "photo": _png_uri(expl.overlay(0, alpha=0.0, max_side=max_side)),
+        "heatmap": _png_uri(expl.overlay(0, alpha=1.0, max_side=max_side)),
         "map": base64.b64encode(arr.tobytes()).decode("ascii"),
         "map_shape": list(arr.shape),
-        "seconds": time.perf_counter() - start,
     }
 
 
@@ -710,97 +751,105 @@ def allow_host(app: FastAPI, host: str) -> None:
     hosts.add(name[1:].partition("]")[0] if name.startswith("[") else name)
 
 
-def create_app(config: AppConfig | None = None) -> FastAPI:
-    """The FastAPI application of ``camkit serve`` (``app.state.models``: the :class:`ModelCache`;
-    ``app.state.limiter``: the :class:`Limiter`; ``app.state.activity``: the :class:`Activity`;
-    ``app.state.hosts``: the host names served, see :func:`allow_host`)."""
-    from camkit.io import sample_image
-    from camkit.io.images import SAMPLES
-    from camkit.methods import get_method, method_names
+#: The ``detail`` of a 500: an exception that is neither camkit's own refusal nor one of the app's checks.
+BUG_DETAIL = (
+    "internal error ({kind}): this is a bug in camkit or in the model it ran, not a mistake in the request; the "
+    "server's log holds its traceback: please report it"
+)
 
-    config = config or AppConfig()
-    cache = ModelCache(config)
-    limiter = Limiter(config.workers + config.queue)
-    activity = Activity()
-    pools: list[ThreadPoolExecutor] = []  # the running server's worker threads (a new pool after a restart)
-    pools_lock = threading.Lock()
-    page = _page()
+_log = logging.getLogger("camkit.app")
 
-    def pool() -> ThreadPoolExecutor:
-        with pools_lock:
-            if not pools:
-                pools.append(ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="camkit-app"))
-            return pools[0]
 
-    @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        yield
-        with pools_lock:
-            while pools:
-                pools.pop().shutdown(wait=False, cancel_futures=True)
+class AppState:
+    """What the app's routes share (``app.state.camkit``): the settings, the model cache, the limiter, the
+    activity counters, the worker pool and the sample photos."""
 
-    app = FastAPI(title="camkit", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
-    app.state.config = config
-    app.state.models = cache
-    app.state.limiter = limiter
-    app.state.activity = activity
-    app.state.hosts = {h.lower() for h in LOCAL_HOSTS}
-    for host in config.allowed_hosts:
-        allow_host(app, host)
-    app.add_middleware(
-        _Guard, config=config, hosts=app.state.hosts, activity=activity, csp=content_security_policy(page)
-    )
-    samples: dict[str, Image.Image] = {}
-    samples_lock = threading.Lock()
+    def __init__(self, config: AppConfig, page: str) -> None:
+        self.config = config
+        self.page = page
+        self.cache = ModelCache(config)
+        self.limiter = Limiter(config.workers + config.queue)
+        self.activity = Activity()
+        self._pools: list[
+            ThreadPoolExecutor
+        ] = []  # the running server's worker threads (new after a restart)
+        self._lock = threading.Lock()
+        self._samples: dict[str, Image.Image] = {}
 
-    def sample(name: str) -> Image.Image:
+    def pool(self) -> ThreadPoolExecutor:
+        """The worker threads (started on first use)."""
+        with self._lock:
+            if not self._pools:
+                pool = ThreadPoolExecutor(max_workers=self.config.workers, thread_name_prefix="camkit-app")
+                self._pools.append(pool)
+            return self._pools[0]
+
+    def shutdown(self) -> None:
+        """Stop the worker threads: work still waiting never runs (the server is stopping)."""
+        with self._lock:
+            while self._pools:
+                self._pools.pop().shutdown(wait=False, cancel_futures=True)
+
+    def sample(self, name: str) -> Image.Image:
+        """A sample photo by name, read once (422 for another name)."""
+        from camkit.io import sample_image
+        from camkit.io.images import SAMPLES
+
         if name not in SAMPLES:
             raise HTTPException(422, f"unknown sample {name!r}; choose one of {', '.join(SAMPLES)}")
-        with samples_lock:
-            if name not in samples:
-                samples[name] = sample_image(name)
-            return samples[name]
+        with self._lock:
+            if name not in self._samples:
+                self._samples[name] = sample_image(name)
+            return self._samples[name]
 
-    def served(model: str) -> str:
+    def served(self, model: str) -> str:
+        """The served model name ``model`` stands for (422 when it is not served)."""
         try:
-            return cache.check(model)
-        except ValueError as err:
+            return self.cache.check(model)
+        except CamkitError as err:
             raise HTTPException(422, str(err)) from err
 
-    async def admitted(request: Request, fn: Callable[[threading.Event], T]) -> T:
-        """Run ``fn(cancel)`` on the worker pool if there is room (else 503); user errors (as the command line
-        counts them: ValueError, KeyError, TypeError, RuntimeError) become 422 with their message.
+    def submit(self, fn: Callable[[threading.Event], T], cancel: threading.Event) -> Future[T]:
+        """``fn(cancel)`` on the worker pool, counted in :attr:`activity`; the limiter's place (taken by the
+        caller) is given back when it ends."""
+
+        def job() -> T:
+            if cancel.is_set():
+                self.activity.add("dropped")
+                raise Cancelled("the client disconnected before the work began")
+            self.activity.add("started")
+            try:
+                result = fn(cancel)
+            except Cancelled:
+                self.activity.add("stopped")
+                raise
+            self.activity.add("finished")
+            return result
+
+        try:
+            future: Future[T] = self.pool().submit(job)
+        except BaseException:
+            self.limiter.release()
+            raise
+        future.add_done_callback(lambda _: self.limiter.release())
+        return future
+
+    async def admitted(self, request: Request, fn: Callable[[threading.Event], T]) -> T:
+        """Run ``fn(cancel)`` on the worker pool if there is room (else 503). A :class:`CamkitError` (camkit's own
+        refusal of what was asked) becomes a 422 with its message; any other exception is a bug: a 500 saying so,
+        its traceback in the server's log.
 
         If the client disconnects first, ``cancel`` is set: work still waiting for a thread never runs, running
         work stops at its next check; the place is given back when the work has stopped.
         """
-        if not limiter.try_acquire():
+        if not self.limiter.try_acquire():
             raise HTTPException(
                 503,
-                f"the server is busy ({limiter.capacity} requests running or waiting); try again in a moment",
+                f"the server is busy ({self.limiter.capacity} requests running or waiting); try again in a moment",
                 headers={"Retry-After": "1"},
             )
         cancel = threading.Event()
-
-        def job() -> T:
-            if cancel.is_set():
-                activity.add("dropped")
-                raise Cancelled("the client disconnected before the work began")
-            activity.add("started")
-            try:
-                result = fn(cancel)
-            except Cancelled:
-                activity.add("stopped")
-                raise
-            activity.add("finished")
-            return result
-
-        try:
-            future: Future[T] = pool().submit(job)
-        except BaseException:
-            limiter.release()
-            raise
-        future.add_done_callback(lambda _: limiter.release())
+        future = self.submit(fn, cancel)
         work = asyncio.wrap_future(future)
         work.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved also when no one waits
         gone = asyncio.ensure_future(_disconnected(request))
@@ -810,93 +859,146 @@ def create_app(config: AppConfig | None = None) -> FastAPI:
             if not work.done():
                 cancel.set()
                 if future.cancel():  # still queued: it never runs
-                    activity.add("dropped")
+                    self.activity.add("dropped")
                 raise HTTPException(499, "the client closed the connection; its work was dropped")
             return work.result()
-        except Cancelled as err:  # the client went away just as its work began or ended
-            raise HTTPException(499, "the client closed the connection; its work was dropped") from err
-        except (ValueError, KeyError, TypeError, RuntimeError) as err:  # the CLI's user errors (exit 2)
-            message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
-            raise HTTPException(422, str(message)) from err
         except asyncio.CancelledError:
             cancel.set()
             future.cancel()
             raise
+        except Exception as err:
+            answer = _http_error(err)
+            if answer is err:
+                raise
+            raise answer from err
         finally:
             gone.cancel()
 
-    @app.get("/", response_class=HTMLResponse)
-    def index() -> HTMLResponse:
-        return HTMLResponse(page, headers={"Cache-Control": "no-store"})
 
-    @app.get("/api/config")
-    def api_config() -> dict[str, Any]:
-        methods = []
-        for name in method_names():
-            kind = type(get_method(name)).__name__
-            methods.append({"name": name, "kind": kind})
-        return {
-            "model": config.model.strip(),
-            "models": list(cache.allowed),
-            "pretrained": config.pretrained,
-            "samples": list(SAMPLES),
-            "methods": methods,
-            "max_bytes": config.max_bytes,
-            "max_pixels": config.max_pixels,
-            "formats": list(ACCEPTED_FORMATS),
-        }
+def _http_error(err: Exception) -> HTTPException:
+    """The answer to an exception raised by a request's work: as it is (an HTTPException), 499 (the client went
+    away as its work began or ended), 422 (a :class:`CamkitError`), else 500 (a bug; its traceback logged)."""
+    if isinstance(err, HTTPException):
+        return err
+    if isinstance(err, Cancelled):
+        return HTTPException(499, "the client closed the connection; its work was dropped")
+    if isinstance(err, CamkitError):
+        return HTTPException(422, str(err))
+    _log.error("a request failed with a bug", exc_info=err)
+    return HTTPException(500, BUG_DETAIL.format(kind=type(err).__name__))
 
-    @app.get("/api/layers")
-    async def api_layers(request: Request, model: str = Query(...)) -> dict[str, Any]:
-        name = served(model)
-        rows, auto = await admitted(request, lambda _cancel: cache.layers(name))
-        return {"model": name, "layers": rows, "auto": auto}
 
-    @app.post("/api/explain")
-    async def api_explain(
-        request: Request,
-        file: UploadFile | None = File(None),
-        sample_name: str = Form("", alias="sample"),
-        model: str = Form(""),
-        method: str = Form("gradcam"),
-        layer: str = Form("auto"),
-        target: str = Form(""),
-        alpha: float = Form(0.5),
-    ) -> JSONResponse:
-        if not 0.0 <= alpha <= 1.0:
-            raise HTTPException(422, f"alpha is the heatmap's weight, within [0, 1]; got {alpha}")
-        try:
-            get_method(method)
-        except (ValueError, KeyError) as err:
-            raise HTTPException(422, str(err)) from err
-        name = served(model.strip() or config.model)
-        if file is not None and file.filename:
-            data = await file.read(config.max_bytes + 1)
-            if len(data) > config.max_bytes:
-                raise HTTPException(
-                    413,
-                    f"the file is larger than the limit of {config.max_bytes} bytes; shrink it first (or start "
-                    "camkit serve with a larger --max-upload-mb)",
-                )
-            opened = _open_upload(data, config)  # header only: type and pixel limits before any decoding
+def _state(request: Request) -> AppState:
+    state: AppState = request.app.state.camkit
+    return state
 
-            def picture() -> Image.Image:
-                return _decode(opened)
 
-        elif sample_name:
-            chosen = sample(sample_name)
+def index(request: Request) -> HTMLResponse:
+    """``GET /``: the page."""
+    return HTMLResponse(_state(request).page, headers={"Cache-Control": "no-store"})
 
-            def picture() -> Image.Image:
-                return chosen
 
-        else:
-            raise HTTPException(422, "no image: upload a file or pick a sample")
-        result = await admitted(
-            request,
-            lambda cancel: _explain(
-                cache, picture, name, method, layer, target, alpha, config, cancel, activity
-            ),
-        )
-        return JSONResponse(result)
+def api_config(request: Request) -> dict[str, Any]:
+    """``GET /api/config``: the defaults, the models served, the samples, the methods and the upload limits."""
+    from camkit.io.images import SAMPLES
+    from camkit.methods import get_method, method_names
 
+    config = _state(request).config
+    return {
+        "model": config.model.strip(),
+        "models": list(_state(request).cache.allowed),
+        "pretrained": config.pretrained,
+        "samples": list(SAMPLES),
+        "methods": [{"name": n, "kind": type(get_method(n)).__name__} for n in method_names()],
+        "max_bytes": config.max_bytes,
+        "max_pixels": config.max_pixels,
+        "formats": list(ACCEPTED_FORMATS),
+    }
+
+
+async def api_layers(request: Request, model: str = Query(...)) -> dict[str, Any]:
+    """``GET /api/layers?model=NAME``: the model's hookable layers and its automatic choice."""
+    state = _state(request)
+    name = state.served(model)
+    rows, auto = await state.admitted(request, lambda _cancel: state.cache.layers(name))
+    return {"model": name, "layers": rows, "auto": auto}
+
+
+async def _picture(state: AppState, file: UploadFile | None, sample: str) -> Callable[[], Image.Image]:
+    """How the worker gets the request's image: the upload, checked here (bytes, type and pixels, from its header)
+    and decoded there; or a sample photo."""
+    config = state.config
+    if file is not None and file.filename:
+        data = await file.read(config.max_bytes + 1)
+        if len(data) > config.max_bytes:
+            raise HTTPException(
+                413,
+                f"the file is larger than the limit of {config.max_bytes} bytes; shrink it first (or start "
+                "camkit serve with a larger --max-upload-mb)",
+            )
+        opened = _open_upload(data, config)  # header only: type and pixel limits before any decoding
+        return lambda: _decode(opened)
+    if sample:
+        chosen = state.sample(sample)
+        return lambda: chosen
+    raise HTTPException(422, "no image: upload a file or pick a sample")
+
+
+async def api_explain(
+    request: Request,
+    file: UploadFile | None = File(None),
+    sample_name: str = Form("", alias="sample"),
+    model: str = Form(""),
+    method: str = Form("gradcam"),
+    layer: str = Form("auto"),
+    target: str = Form(""),
+    alpha: float = Form(0.5),
+) -> JSONResponse:
+    """``POST /api/explain``: one explanation (:func:`_explain`)."""
+    from camkit.methods import get_method
+
+    state = _state(request)
+    if not 0.0 <= alpha <= 1.0:
+        raise HTTPException(422, f"alpha is the heatmap's weight, within [0, 1]; got {alpha}")
+    try:
+        get_method(method)
+    except CamkitError as err:
+        raise HTTPException(422, str(err)) from err
+    ask = ExplainRequest(state.served(model.strip() or state.config.model), method, layer, target, alpha)
+    picture = await _picture(state, file, sample_name)
+    result = await state.admitted(
+        request,
+        lambda cancel: _explain(state.cache, picture, ask, state.config, _Watch(cancel, state.activity)),
+    )
+    return JSONResponse(result)
+
+
+def create_app(config: AppConfig | None = None) -> FastAPI:
+    """The FastAPI application of ``camkit serve`` (``app.state.camkit``: the :class:`AppState` its routes share;
+    ``app.state.models``: the :class:`ModelCache`; ``app.state.limiter``: the :class:`Limiter`;
+    ``app.state.activity``: the :class:`Activity`; ``app.state.hosts``: the host names served, see
+    :func:`allow_host`)."""
+    config = config or AppConfig()
+    state = AppState(config, _page())
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        state.shutdown()
+
+    app = FastAPI(title="camkit", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app.state.camkit = state
+    app.state.config = config
+    app.state.models = state.cache
+    app.state.limiter = state.limiter
+    app.state.activity = state.activity
+    app.state.hosts = {h.lower() for h in LOCAL_HOSTS}
+    for host in config.allowed_hosts:
+        allow_host(app, host)
+    csp = content_security_policy(state.page)
+    app.add_middleware(_Guard, config=config, hosts=app.state.hosts, activity=state.activity, csp=csp)
+    app.add_api_route("/", index, methods=["GET"], response_class=HTMLResponse)
+    app.add_api_route("/api/config", api_config, methods=["GET"])
+    app.add_api_route("/api/layers", api_layers, methods=["GET"])
+    app.add_api_route("/api/explain", api_explain, methods=["POST"])
     return app

@@ -21,12 +21,15 @@ cannot be read (an ``error:`` line each) and exit with status 1 when they did.
 Every command runs inside the same error handling (:class:`CamkitCommand`): an operating-system error that reaches
 it (a full disk, a read-only or forbidden ``--out``...) prints one ``error:`` line naming the file or folder and
 what to do, exit status 2; Ctrl-C prints ``interrupted``, exit status 130 (from the first instant of start-up when
-started as ``camkit`` or ``python -m camkit``: :mod:`camkit._entry`).
+started as ``camkit`` or ``python -m camkit``: :mod:`camkit._entry`). Any other exception is a bug (in camkit or in
+the model it ran): its traceback is printed, then one line asking to report it, exit status
+:data:`EXIT_BUG` (3); docs/cli-errors.md.
 """
 
 from __future__ import annotations
 
 import errno
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -37,9 +40,24 @@ from camkit._entry import announce_interrupt
 from camkit.cli import evaluate, explain, layers, localize, methods, run
 from camkit.cli import report as report_cli
 from camkit.cli import serve as serve_cli
-from camkit.cli.common import fail, os_error_message
+from camkit.cli.common import err_console, error_line, fail, os_error_message
 
-__all__ = ["CamkitCommand", "app", "main", "run_app"]
+__all__ = ["BUG_LINE", "EXIT_BUG", "CamkitCommand", "app", "main", "report_bug", "run_app"]
+
+#: Exit status of a command stopped by a bug (an exception that is neither a user error nor an OS error).
+EXIT_BUG = 3
+
+#: The line printed under the traceback of a bug.
+BUG_LINE = (
+    "this is a bug in camkit or in the model it ran, not a mistake of yours: please report it with the traceback "
+    "above and the command you ran"
+)
+
+
+def report_bug(err: BaseException) -> None:
+    """Print the traceback of ``err`` and the :data:`BUG_LINE` on stderr."""
+    traceback.print_exception(type(err), err, err.__traceback__)
+    err_console.print(error_line(BUG_LINE), highlight=False, soft_wrap=True)
 
 
 class CamkitCommand(TyperCommand):
@@ -50,6 +68,8 @@ class CamkitCommand(TyperCommand):
       atomically (a temporary name, renamed when complete), so what the command wrote before is whole, and the
       temporary file of the write that failed is removed.
     * :class:`KeyboardInterrupt` (Ctrl-C): ``interrupted``, exit status 130.
+    * any other exception (not typer's own exits and usage errors): a bug; its traceback, then
+      :data:`BUG_LINE`, exit status :data:`EXIT_BUG`.
     """
 
     def invoke(self, ctx: Any) -> Any:  # typer's own click Context
@@ -63,6 +83,17 @@ class CamkitCommand(TyperCommand):
                 raise  # stdout closed (`camkit methods | head`): typer exits quietly
             out = ctx.params.get("out")
             fail(os_error_message(err, Path(out) if isinstance(out, str | Path) else None))
+        except Exception as err:
+            if _command_flow(err):
+                raise
+            report_bug(err)
+            raise typer.Exit(code=EXIT_BUG) from None
+
+
+def _command_flow(err: Exception) -> bool:
+    """Whether ``err`` is typer's (or click's) own way to end a command: an exit with a status, an abort, a usage
+    error the parser reports itself."""
+    return type(err).__module__.split(".")[0] in ("typer", "click")
 
 
 app = typer.Typer(

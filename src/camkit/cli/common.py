@@ -6,11 +6,13 @@
   ``--device`` with the same meaning.
 * Inputs (:func:`collect_inputs`, :func:`read_input`): files and folders (searched recursively for image files,
   sorted, hidden files skipped), read one at a time under ``--max-pixels``.
-* Progress (:class:`RunProgress`): one bar on stderr per command, over images and, for perturbation methods, over
-  forward passes; off when stderr is not a terminal unless ``--progress`` forces it.
-* Text: :data:`console` and :data:`err_console` never read Rich markup or emoji codes, and progress columns show
-  their descriptions as plain text: a file name, label or message holding ``[bold]``, ``[/x]`` or ``:smile:`` is
-  printed exactly as it is. Styles are applied with :class:`rich.text.Text`, never with markup in a string.
+* Progress (:class:`RunProgress`, from :mod:`camkit.cli.progress`, the one progress helper): one bar on stderr
+  per command, over images and, for perturbation methods, over forward passes; off when stderr is not a terminal
+  unless ``--progress`` forces it.
+* Text (:mod:`camkit.cli.console`): :data:`console` and :data:`err_console` never read Rich markup or emoji codes,
+  and progress columns show their descriptions as plain text: a file name, label or message holding ``[bold]``,
+  ``[/x]`` or ``:smile:`` is printed exactly as it is. Styles are applied with :class:`rich.text.Text`, never with
+  markup in a string.
 
 Heavy imports (torch, the library) stay inside the functions so that ``camkit --help`` stays fast.
 """
@@ -19,18 +21,19 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
-from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
 from camkit.adapters.spec import ModelSpec
+from camkit.cli.console import console, err_console
+from camkit.cli.progress import RunProgress, run_progress
 from camkit.errors import CamkitError
 
 if TYPE_CHECKING:
@@ -60,9 +63,7 @@ __all__ = [
     "console",
     "err_console",
     "error_line",
-    "evaluation_progress",
     "fail",
-    "forwards_progress",
     "load_model",
     "load_pictures",
     "max_pixels_limit",
@@ -83,13 +84,12 @@ __all__ = [
     "warn",
 ]
 
-#: stdout and stderr of the commands. Strings are printed as they are: no markup, no emoji codes (user text, file
-#: names and labels may hold ``[...]`` or ``:name:``).
-console = Console(markup=False, emoji=False)
-err_console = Console(stderr=True, markup=False, emoji=False)
-
-#: Exceptions that mean "the user asked for something wrong": one ``error:`` line, exit status 2.
-USER_ERRORS = (ValueError, FileNotFoundError, RuntimeError, TypeError, KeyError)
+#: Exceptions that mean "the user asked for something wrong": one ``error:`` line, exit status 2. Only camkit's
+#: own checks (:class:`camkit.errors.CamkitError`) and an input path that does not exist (FileNotFoundError);
+#: other operating-system errors are :class:`camkit.cli.CamkitCommand`'s, and what
+#: the libraries under camkit raise for a bad input is turned into a CamkitError where it is read (an image PIL
+#: cannot decode: :func:`read_or_skip`). Anything else is a bug: its traceback is printed (docs/cli-errors.md).
+USER_ERRORS: tuple[type[Exception], ...] = (CamkitError, FileNotFoundError)
 
 #: PIL's own decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``), the default of ``--max-pixels``.
 DEFAULT_MAX_PIXELS = 89_478_485
@@ -358,140 +358,6 @@ def read_or_skip(item: Input, max_pixels: int | None, alone: bool) -> Image.Imag
             raise CamkitError(str(err)) from err
         warn(f"skipped {str(item.path)!r}: {err}")
         return None
-
-
-# ---------------------------------------------------------------------------------------------- progress
-
-
-class RunProgress:
-    """One progress bar for a whole command, with one fixed total: the number of images.
-
-    Within an image the bar advances with the perturbation methods' forward passes: the engine reports
-    ``(done, total)`` where ``total`` grows as each (method, layer) starts; each of the ``steps`` expected per
-    image gets an equal share of the image, so the bar moves smoothly, never goes back and never restarts. The
-    forward passes done so far in the whole command are counted beside it.
-    """
-
-    def __init__(self, bar: Any, n_images: int, steps: int = 0) -> None:
-        self._bar = bar
-        self._steps = steps  # forward-counting steps per image (perturbation methods x layers); 0: none
-        self._task = bar.add_task("images", total=n_images, forwards="") if bar is not None else None
-        self._images = 0
-        self._fraction = 0.0  # of the current image
-        self._forwards = 0  # forward passes of the images already done
-        self._step = self._start = self._end = self._done = 0  # the current image's engine counts
-
-    @property
-    def completed(self) -> float:
-        """Images done, with the current image's fraction."""
-        return self._images + self._fraction
-
-    def image_done(self, name: str) -> None:
-        """One more image finished (``name`` shown beside the bar)."""
-        self._images += 1
-        self._fraction = 0.0
-        self._forwards += self._done
-        self._step = self._start = self._end = self._done = 0
-        if self._bar is not None:
-            self._bar.update(self._task, completed=self._images, description=f"images ({name})")
-
-    def forwards(self) -> Callable[[int, int], None] | None:
-        """The ``f(done, total)`` callback of the current image's perturbation methods (None when not shown)."""
-        if self._bar is None or self._steps == 0:
-            return None
-        return self._report
-
-    def _report(self, done: int, total: int) -> None:
-        if total > self._end:  # a new (method, layer) step starts where the last one ended
-            self._step += 1
-            self._start, self._end = self._end, total
-        span = max(self._end - self._start, 1)
-        share = (self._step - 1 + min(max(done - self._start, 0) / span, 1.0)) / self._steps
-        self._fraction = max(self._fraction, min(share, 0.999))  # never back; 1 only when the image is done
-        self._done = done
-        if self._bar is not None:
-            self._bar.update(
-                self._task, completed=self.completed, forwards=f"{self._forwards + done} forwards"
-            )
-
-
-@contextmanager
-def run_progress(
-    n_images: int, steps: int = 0, enabled: bool | None = None, forwards: bool = False
-) -> Iterator[RunProgress]:
-    """A :class:`RunProgress` on stderr (``steps``: perturbation methods x layers per image, 0 when none;
-    ``forwards=True`` is ``steps=1``, as in the first version); ``enabled`` None: only when stderr is a terminal."""
-    steps = steps or int(forwards)
-    show = err_console.is_terminal if enabled is None else enabled
-    if not show:
-        yield RunProgress(None, n_images, steps)
-        return
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    with Progress(
-        TextColumn("{task.description}", markup=False),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[forwards]}", markup=False),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=err_console,
-        transient=True,
-    ) as bar:
-        yield RunProgress(bar, n_images, steps)
-
-
-@contextmanager
-def forwards_progress(description: str, enabled: bool) -> Iterator[Callable[[int, int], None] | None]:
-    """A progress bar of forward passes on stderr fed by ``f(done, total)``; ``None`` when disabled."""
-    if not enabled:
-        yield None
-        return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    with Progress(
-        TextColumn("{task.description}", markup=False),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("forwards"),
-        TimeRemainingColumn(),
-        console=err_console,
-        transient=True,
-    ) as bar:
-        task = bar.add_task(description, total=None)
-
-        def report(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total)
-
-        yield report
-
-
-@contextmanager
-def evaluation_progress(total: int) -> Iterator[Callable[[int, str], None]]:
-    """A progress bar on stderr of ``total`` steps fed by ``f(done, description)``."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    with Progress(
-        TextColumn("{task.description}", style="progress.description", markup=False),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=err_console,
-        transient=True,
-    ) as bar:
-        task = bar.add_task("evaluating", total=total)
-
-        def report(done: int, description: str) -> None:
-            bar.update(task, completed=done, description=description)
-
-        yield report
 
 
 # ------------------------------------------------------------------------------------------------ summaries

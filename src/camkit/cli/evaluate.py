@@ -12,8 +12,7 @@ the same :class:`camkit.evaluate.MetricScorer`, so both forms give the same mean
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -43,6 +42,7 @@ from camkit.cli.common import (
     warn,
 )
 from camkit.cli.output import Format, FormatOption, emit, note
+from camkit.cli.progress import step_progress
 from camkit.errors import CamkitError
 
 if TYPE_CHECKING:
@@ -137,8 +137,7 @@ def evaluate(
             name=model, weights=weights, pretrained=pretrained, seed=seed, threads=threads, device=device
         )
         loaded = load_model(options)
-        show = err_console.is_terminal if progress is None else progress
-        with _progress(show) as report:
+        with step_progress(progress) as report:
             result = run_evaluation(
                 loaded.model,
                 items,
@@ -218,29 +217,6 @@ def _named(paths: list[Path], anns: Mapping[str, object]) -> list[tuple[str, Pat
 
 def _report_skip(entry: Skipped) -> None:
     warn(f"skipped {entry.file!r}: {entry.reason}")
-
-
-@contextmanager
-def _progress(enabled: bool) -> Iterator[Callable[[float, int, str], None]]:
-    """One bar on stderr over (image, method) pairs: its total is set once, it moves after every metric."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    with Progress(
-        TextColumn("{task.description}", style="progress.description", markup=False),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("image x method"),
-        TimeElapsedColumn(),
-        console=err_console,
-        transient=True,
-        disable=not enabled,
-    ) as bar:
-        task = bar.add_task("evaluating", total=None)
-
-        def report(done: float, total: int, description: str) -> None:
-            bar.update(task, completed=done, total=total, description=description)
-
-        yield report
 
 
 def _samples() -> list[tuple[str, Image.Image]]:

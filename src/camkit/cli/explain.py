@@ -47,12 +47,13 @@ if TYPE_CHECKING:
     from torch import Tensor
 
     from camkit.adapters import LoadedModel
+    from camkit.cli.video import ClipJob
     from camkit.core.explanation import Explanation
     from camkit.core.targets import TargetSpec
     from camkit.core.tasks import ChosenTarget
     from camkit.methods.engine import PerturbationOptions
 
-__all__ = ["SummaryRow", "TaskInfo", "explain"]
+__all__ = ["ExplainArgs", "SummaryRow", "TaskInfo", "explain", "run_explain"]
 
 _COLUMNS = ("image", "class", "prob", "method", "layers", "file")
 
@@ -265,119 +266,159 @@ def explain(
     Exit status: 0 when every image was explained, 1 when some inputs could not be read (each named on
     stderr, the others explained), 2 on a usage error or when no image could be read.
     """
-    import camkit
+    args = ExplainArgs(
+        images=tuple(images or ()),
+        model=ModelOptions(model, weights, pretrained, seed, threads, device),
+        methods=methods,
+        layers=layers,
+        target=target,
+        out=out,
+        cmap=cmap,
+        alpha=alpha,
+        fusion=fusion,
+        max_side=max_side,
+        caption=caption,
+        sample=sample,
+        max_pixels=max_pixels,
+        progress=progress,
+        batch_size=batch_size,
+        top_channels=top_channels,
+        samples=samples,
+        weighting=weighting,
+        ablation=ablation,
+        compile=compile,
+        input_size=input_size,
+        det_threshold=det_threshold,
+        eigen_smooth=eigen_smooth,
+        augment=augment,
+        frames=frames,
+        animation=animation,
+    )
+    with user_errors():
+        failed, total = run_explain(args)
+    if failed:
+        err_console.print(f"{failed} of {total} inputs could not be read and were skipped", highlight=False)
+        raise typer.Exit(code=1)
+
+
+@dataclass(frozen=True)
+class ExplainArgs:
+    """The options of one ``camkit explain`` run, as given on the command line (see :func:`explain`)."""
+
+    images: tuple[Path, ...]
+    model: ModelOptions
+    methods: str = "gradcam"
+    layers: str = "auto"
+    target: str | None = None
+    out: Path = Path("out")
+    cmap: str = "jet"
+    alpha: float = 0.5
+    fusion: str | None = None
+    max_side: int | None = None
+    caption: bool = False
+    sample: str = "chelsea"
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    progress: bool | None = None
+    batch_size: int | None = None
+    top_channels: int | None = None
+    samples: int | None = None
+    weighting: str = "prob"
+    ablation: str = "zero"
+    compile: bool = False
+    input_size: int | None = None
+    det_threshold: float | None = None
+    eigen_smooth: bool = False
+    augment: str | None = None
+    frames: int = 16
+    animation: str = "gif"
+
+    def summary_options(self, methods: list[str]) -> dict[str, object]:
+        """The ``options`` object of each summary.json entry of an image run."""
+        names = ("layers", "target", "fusion", "cmap", "alpha", "max_side", "caption", "batch_size", "top_channels",
+                 "samples", "weighting", "ablation", "eigen_smooth", "augment", "compile", "input_size",
+                 "det_threshold", "max_pixels")  # fmt: skip
+        return {"methods": methods, **{n: getattr(self, n) for n in names}}
+
+    def clip_job(self, methods: list[str]) -> ClipJob:
+        """The options of a clip run (:mod:`camkit.cli.video`)."""
+        from camkit.cli.video import ClipJob
+
+        return ClipJob(self.model, methods, self.layers, self.target, self.out, self.cmap, self.alpha,
+                       self.fusion, self.max_side, self.input_size, self.frames, self.animation)  # fmt: skip
+
+
+def run_explain(args: ExplainArgs) -> tuple[int, int]:
+    """Everything that can be checked without the model first (options, output folder, input files), then the
+    model, then every input; ``(inputs that could not be read, inputs)``."""
     from camkit.io.files import prepare_out_dir
 
-    opts = ModelOptions(model, weights, pretrained, seed, threads, device)
-    with user_errors():
-        # everything that can be checked without the model first: options, output folder, input files
-        if not 0.0 <= alpha <= 1.0:
-            raise CamkitError(f"--alpha is the heatmap's weight and must lie in [0, 1], got {alpha}")
-        if max_side is not None and max_side < 16:
-            raise CamkitError(f"--max-side must be at least 16 pixels, got {max_side}")
-        method_list, slow = _methods(methods)
-        _check_smoothing(method_list, eigen_smooth, augment)
-        perturbation = camkit.PerturbationOptions(  # checks its values
-            batch_size=batch_size,
-            top_channels=top_channels,
-            samples=samples,
-            weighting=weighting,  # type: ignore[arg-type]
-            ablation=ablation,  # type: ignore[arg-type]
-            compile=compile,
-        )
-        limit = max_pixels_limit(max_pixels)
-        if _clip_run(images, model):
-            from camkit.cli.video import ClipJob, explain_clips
+    methods, slow, perturbation = _checked(args)
+    if _clip_run(list(args.images), args.model.name):
+        from camkit.cli.video import explain_clips
 
-            clip_job = ClipJob(
-                opts,
-                method_list,
-                layers,
-                target,
-                out,
-                cmap,
-                alpha,
-                fusion,
-                max_side,
-                input_size,
-                frames,
-                animation,
-            )
-            explain_clips(images or [], clip_job)
-            return
-        inputs = resolve_inputs(images, sample, opts.file_tag())
-        prepare_out_dir(out)
-        previous_entries(out / "summary.json")  # refuse a foreign summary.json before any model work
-        loaded = load_model(opts, input_size=input_size)
-        spec = _target_spec(loaded, target)
-        _set_det_threshold(loaded, det_threshold)
-        job = _Job(
-            loaded=loaded,
-            methods=method_list,
-            slow=slow,
-            layers=layers,
-            spec=spec,
-            fusion=fusion,
-            perturbation=perturbation,
-            device=device,
-            out=out,
-            cmap=cmap,
-            alpha=alpha,
-            max_side=max_side,
-            caption=caption,
-            eigen_smooth=eigen_smooth,
-            augment=augment,
-        )
-        run_info = {
-            **opts.to_dict(),
-            **versions(),
-            "options": {
-                "methods": method_list,
-                "layers": layers,
-                "target": target,
-                "fusion": fusion,
-                "cmap": cmap,
-                "alpha": alpha,
-                "max_side": max_side,
-                "caption": caption,
-                "batch_size": batch_size,
-                "top_channels": top_channels,
-                "samples": samples,
-                "weighting": weighting,
-                "ablation": ablation,
-                "eigen_smooth": eigen_smooth,
-                "augment": augment,
-                "compile": compile,
-                "input_size": input_size,
-                "det_threshold": det_threshold,
-                "max_pixels": max_pixels,
-            },
-        }
-        table = new_table(f"camkit explain · {loaded.name}", _COLUMNS)
-        entries: list[dict[str, object]] = []
-        failed = 0
-        n_layers = 1 if layers.strip() == "auto" else max(len(split(layers)), 1)
-        with run_progress(len(inputs), steps=len(slow) * n_layers, enabled=progress) as bar:
-            for item in inputs:
-                pil = read_or_skip(item, limit, alone=len(inputs) == 1)
-                if pil is None:
-                    failed += 1
-                    bar.image_done(item.name)
-                    continue
+        explain_clips(list(args.images), args.clip_job(methods))
+        return 0, 0
+    inputs = resolve_inputs(list(args.images), args.sample, args.model.file_tag())
+    prepare_out_dir(args.out)
+    previous_entries(args.out / "summary.json")  # refuse a foreign summary.json before any model work
+    loaded = load_model(args.model, input_size=args.input_size)
+    spec = _target_spec(loaded, args.target)
+    _set_det_threshold(loaded, args.det_threshold)
+    job = _Job(loaded=loaded, methods=methods, slow=slow, layers=args.layers, spec=spec, fusion=args.fusion,
+               perturbation=perturbation, device=args.model.device, out=args.out, cmap=args.cmap, alpha=args.alpha,
+               max_side=args.max_side, caption=args.caption, eigen_smooth=args.eigen_smooth,
+               augment=args.augment)  # fmt: skip
+    run_info = {**args.model.to_dict(), **versions(), "options": args.summary_options(methods)}
+    return _explain_inputs(job, inputs, args, run_info), len(inputs)
+
+
+def _checked(args: ExplainArgs) -> tuple[list[str], list[str], PerturbationOptions]:
+    """The options checked before anything is read: the methods (and the perturbation ones among them), the
+    perturbation settings."""
+    import camkit
+
+    if not 0.0 <= args.alpha <= 1.0:
+        raise CamkitError(f"--alpha is the heatmap's weight and must lie in [0, 1], got {args.alpha}")
+    if args.max_side is not None and args.max_side < 16:
+        raise CamkitError(f"--max-side must be at least 16 pixels, got {args.max_side}")
+    methods, slow = _methods(args.methods)
+    _check_smoothing(methods, args.eigen_smooth, args.augment)
+    perturbation = camkit.PerturbationOptions(  # checks its values
+        batch_size=args.batch_size,
+        top_channels=args.top_channels,
+        samples=args.samples,
+        weighting=args.weighting,  # type: ignore[arg-type]
+        ablation=args.ablation,  # type: ignore[arg-type]
+        compile=args.compile,
+    )
+    max_pixels_limit(args.max_pixels)
+    return methods, slow, perturbation
+
+
+def _explain_inputs(job: _Job, inputs: list[Input], args: ExplainArgs, run_info: dict[str, object]) -> int:
+    """Explain every input (one progress bar), write summary.json, print the table; the number of inputs that
+    could not be read."""
+    limit = max_pixels_limit(args.max_pixels)
+    table = new_table(f"camkit explain · {job.loaded.name}", _COLUMNS)
+    entries: list[dict[str, object]] = []
+    failed = 0
+    n_layers = 1 if job.layers.strip() == "auto" else max(len(split(job.layers)), 1)
+    with run_progress(len(inputs), steps=len(job.slow) * n_layers, enabled=args.progress) as bar:
+        for item in inputs:
+            pil = read_or_skip(item, limit, alone=len(inputs) == 1)
+            if pil is None:
+                failed += 1
+            else:
                 job_item = replace(job, progress=bar.forwards())
                 for entry in _explain_picture(job_item, item, pil, table):
                     entries.append({**entry, "source": item.source, **run_info})
-                bar.image_done(item.name)
-        if failed == len(inputs):
-            raise CamkitError(f"none of the {len(inputs)} images could be read (see above)")
-        update_entries(out / "summary.json", entries)
-        console.print(table)
-        console.print(f"written to {out}/")
-    if failed:  # outside user_errors: typer.Exit is a RuntimeError
-        err_console.print(
-            f"{failed} of {len(inputs)} inputs could not be read and were skipped", highlight=False
-        )
-        raise typer.Exit(code=1)
+            bar.image_done(item.name)
+    if failed == len(inputs):
+        raise CamkitError(f"none of the {len(inputs)} images could be read (see above)")
+    update_entries(job.out / "summary.json", entries)
+    console.print(table)
+    console.print(f"written to {job.out}/")
+    return failed
 
 
 def _clip_run(images: list[Path] | None, model: str) -> bool:
@@ -426,8 +467,11 @@ def _set_det_threshold(loaded: LoadedModel, threshold: float | None) -> None:
 
 def _explain_picture(job: _Job, item: Input, pil: Image.Image, table: Table) -> list[dict[str, object]]:
     """Explain one image with every method, write its overlays (and grids), add them to the table; the
-    summary.json entries of the files written."""
-    chosen = _task_target(job, pil) if job.loaded.task != "classification" else None
+    summary.json entries of the files written. A segmentation / detection model's target is chosen by the
+    explaining forward itself (``Explanation.chosen``): no other forward is run."""
+    results = _run_methods(job, pil)
+    first = next(iter(results.values()))
+    chosen = first.chosen[0] if first.chosen else None
     pic = _Picture(item.name, item.stem, pil, chosen)
     if chosen is not None:
         console.print(
@@ -436,8 +480,6 @@ def _explain_picture(job: _Job, item: Input, pil: Image.Image, table: Table) -> 
             markup=False,
             soft_wrap=True,
         )
-    results = _run_methods(job, pic)
-    first = next(iter(results.values()))
     n_targets = first.maps.shape[1] if first.maps.dim() == 4 else 1
     entries: list[dict[str, object]] = []
     for t in range(n_targets):
@@ -447,31 +489,36 @@ def _explain_picture(job: _Job, item: Input, pil: Image.Image, table: Table) -> 
         entries += [row.to_dict() for row in written]
         if grid is not None:
             table.add_row(pic.name, "", "", "grid", "", grid.name)
-            entries.append(
-                {
-                    "image": pic.name,
-                    "class": written[-1].cls,
-                    "label": written[-1].label,
-                    "prob": None,
-                    "method": "grid",
-                    "methods": list(results),
-                    "layers": sorted({layer for row in written for layer in row.layers}),
-                    "file": str(grid),
-                }
-            )
+            entries.append(_grid_entry(pic, results, written, grid))
     return entries
 
 
-def _run_methods(job: _Job, pic: _Picture) -> dict[str, Explanation]:
-    """All methods on one image (:func:`camkit.compare`), the perturbation methods' forwards reported."""
-    from camkit.core.pipeline import compare
+def _grid_entry(
+    pic: _Picture, results: dict[str, Explanation], written: list[SummaryRow], grid: Path
+) -> dict[str, object]:
+    """The summary.json entry of a grid."""
+    return {
+        "image": pic.name,
+        "class": written[-1].cls,
+        "label": written[-1].label,
+        "prob": None,
+        "method": "grid",
+        "methods": list(results),
+        "layers": sorted({layer for row in written for layer in row.layers}),
+        "file": str(grid),
+    }
 
-    return compare(
+
+def _run_methods(job: _Job, image: Image.Image) -> dict[str, Explanation]:
+    """All methods on one image (:func:`camkit.compare`), the perturbation methods' forwards reported."""
+    from camkit.core import pipeline
+
+    return pipeline.compare(
         job.loaded.model,
-        pic.image,
+        image,
         methods=job.methods,
         layers=job.layers,
-        targets=job.spec if pic.chosen is None else pic.chosen.target,
+        targets=job.spec,
         preprocess=job.loaded.preprocess,
         labels=job.loaded.labels,
         fusion=job.fusion,
@@ -565,27 +612,6 @@ def _of_target(values: Tensor | None, t: int) -> Tensor | None:
         return None
     first = values[0]
     return first[t] if first.dim() == 1 else first
-
-
-def _task_target(job: _Job, pil: Image.Image) -> ChosenTarget:
-    """What to explain in a segmentation / detection model's output (:func:`camkit.core.tasks.default_target`)."""
-    import torch
-
-    from camkit.core.targets import TopK
-    from camkit.core.tasks import default_target, score_threshold
-
-    spec, loaded = job.spec, job.loaded
-    assert not isinstance(spec, TopK) and (spec is None or isinstance(spec, (int, str)))
-    x = loaded.preprocess(pil).to(job.device)
-    with torch.no_grad():
-        out = loaded.model(x)
-    return default_target(
-        out,
-        loaded.task,
-        category=spec,
-        labels=loaded.labels,
-        threshold=score_threshold(loaded.model) if loaded.task == "detection" else None,
-    )
 
 
 def _image_box(loaded: LoadedModel, pil: Image.Image, box: list[float]) -> list[float]:

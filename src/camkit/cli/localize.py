@@ -49,7 +49,7 @@ if TYPE_CHECKING:
     from camkit.core.targets import TargetSpec
     from camkit.localize import Box, Threshold
 
-__all__ = ["BoxRecord", "localize"]
+__all__ = ["BoxRecord", "LocalizeArgs", "localize", "run_localize"]
 
 
 @dataclass(frozen=True)
@@ -171,64 +171,103 @@ def localize(
     Exit status: 0 when every image was boxed, 1 when some inputs could not be read (each named on stderr, the
     others boxed), 2 on a usage error or when no image could be read.
     """
+    args = LocalizeArgs(
+        images=tuple(images or ()),
+        model=ModelOptions(model, weights, pretrained, seed, threads, device),
+        method=method,
+        layers=layers,
+        target=target,
+        threshold=threshold,
+        mode=mode,
+        min_area=min_area,
+        out=out,
+        sample=sample,
+        max_pixels=max_pixels,
+        progress=progress,
+    )
+    with user_errors():
+        failed, total = run_localize(args)
+    if failed:
+        err_console.print(f"{failed} of {total} inputs could not be read and were skipped", highlight=False)
+        raise typer.Exit(code=1)
+
+
+@dataclass(frozen=True)
+class LocalizeArgs:
+    """The options of one ``camkit localize`` run, as given on the command line (see :func:`localize`)."""
+
+    images: tuple[Path, ...]
+    model: ModelOptions
+    method: str = "gradcam"
+    layers: str = "auto"
+    target: str | None = None
+    threshold: str = "0.2"
+    mode: str = "largest"
+    min_area: float = 0.01
+    out: Path = Path("out")
+    sample: str = "chelsea"
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    progress: bool | None = None
+
+    def summary_options(self) -> dict[str, object]:
+        """The ``options`` object of each boxes.json entry."""
+        names = ("method", "layers", "target", "threshold", "mode", "min_area", "max_pixels")
+        return {n: getattr(self, n) for n in names}
+
+
+def run_localize(args: LocalizeArgs) -> tuple[int, int]:
+    """Check the options and inputs, load the model, box every input; ``(inputs not read, inputs)``."""
     from camkit.core.targets import TopK, parse_target
     from camkit.io.files import prepare_out_dir
     from camkit.localize import parse_threshold
+    from camkit.methods import get_method
+
+    parsed = parse_threshold(args.threshold)
+    spec = parse_target(args.target)
+    if isinstance(spec, TopK):
+        raise CamkitError("localize explains one class per image: give an index or a name, not topK")
+    if args.mode not in ("largest", "all"):
+        raise CamkitError(f"--mode is 'largest' or 'all', got {args.mode!r}")
+    get_method(args.method)  # an unknown name raises here
+    tag = args.model.file_tag() + ("" if args.method == "gradcam" else f"_{args.method}")
+    max_pixels_limit(args.max_pixels)
+    inputs = resolve_inputs(list(args.images), args.sample, tag)
+    prepare_out_dir(args.out)
+    previous_entries(args.out / "boxes.json")  # refuse a foreign boxes.json before any model work
+    loaded = load_model(args.model)
+    run = _Localizer(
+        loaded, args.method, args.layers, spec, args.threshold, parsed, args.mode, args.min_area, args.out
+    )
+    return _localize_inputs(run, inputs, args), len(inputs)
+
+
+def _localize_inputs(run: _Localizer, inputs: list[Input], args: LocalizeArgs) -> int:
+    """Box every input (one progress bar), write boxes.json, print the table; the inputs not read."""
     from camkit.methods import PerturbationMethod, get_method
 
-    opts = ModelOptions(model, weights, pretrained, seed, threads, device)
-    with user_errors():
-        parsed = parse_threshold(threshold)
-        spec = parse_target(target)
-        if isinstance(spec, TopK):
-            raise CamkitError("localize explains one class per image: give an index or a name, not topK")
-        if mode not in ("largest", "all"):
-            raise CamkitError(f"--mode is 'largest' or 'all', got {mode!r}")
-        slow = isinstance(get_method(method), PerturbationMethod)  # an unknown name raises here
-        tag = opts.file_tag() + ("" if method == "gradcam" else f"_{method}")
-        limit = max_pixels_limit(max_pixels)
-        inputs = resolve_inputs(images, sample, tag)
-        prepare_out_dir(out)
-        previous_entries(out / "boxes.json")  # refuse a foreign boxes.json before any model work
-        loaded = load_model(opts)
-        run = _Localizer(loaded, method, layers, spec, threshold, parsed, mode, min_area, out)
-        table = new_table(
-            f"camkit localize · {loaded.name} · {method}",
-            ("image", "class", "box (x0, y0, x1, y1)", "score", "file"),
-        )
-        run_info = {
-            **opts.to_dict(),
-            **versions(),
-            "options": {
-                "method": method,
-                "layers": layers,
-                "target": target,
-                "threshold": threshold,
-                "mode": mode,
-                "min_area": min_area,
-                "max_pixels": max_pixels,
-            },
-        }
-        entries: list[dict[str, object]] = []
-        failed = 0
-        n_layers = 1 if layers.strip() == "auto" else max(len(split(layers)), 1)
-        with run_progress(len(inputs), steps=n_layers if slow else 0, enabled=progress) as bar:
-            for item in inputs:
-                pil = read_or_skip(item, limit, alone=len(inputs) == 1)
-                if pil is not None:
-                    record = run(item, pil, bar.forwards())
-                    record.add_rows(table)
-                    entries.append({**record.to_dict(), "source": item.source, **run_info})
-                else:
-                    failed += 1
-                bar.image_done(item.name)
-        if failed == len(inputs):
-            raise CamkitError(f"none of the {len(inputs)} images could be read (see above)")
-        update_entries(out / "boxes.json", entries)
-        console.print(table)
-        console.print(f"written to {out}/ (boxes.json: x1, y1 exclusive, original-image pixels)")
-    if failed:  # outside user_errors: typer.Exit is a RuntimeError
-        err_console.print(
-            f"{failed} of {len(inputs)} inputs could not be read and were skipped", highlight=False
-        )
-        raise typer.Exit(code=1)
+    slow = isinstance(get_method(args.method), PerturbationMethod)
+    limit = max_pixels_limit(args.max_pixels)
+    table = new_table(
+        f"camkit localize · {run.loaded.name} · {args.method}",
+        ("image", "class", "box (x0, y0, x1, y1)", "score", "file"),
+    )
+    run_info = {**args.model.to_dict(), **versions(), "options": args.summary_options()}
+    entries: list[dict[str, object]] = []
+    failed = 0
+    n_layers = 1 if args.layers.strip() == "auto" else max(len(split(args.layers)), 1)
+    with run_progress(len(inputs), steps=n_layers if slow else 0, enabled=args.progress) as bar:
+        for item in inputs:
+            pil = read_or_skip(item, limit, alone=len(inputs) == 1)
+            if pil is not None:
+                record = run(item, pil, bar.forwards())
+                record.add_rows(table)
+                entries.append({**record.to_dict(), "source": item.source, **run_info})
+            else:
+                failed += 1
+            bar.image_done(item.name)
+    if failed == len(inputs):
+        raise CamkitError(f"none of the {len(inputs)} images could be read (see above)")
+    update_entries(args.out / "boxes.json", entries)
+    console.print(table)
+    console.print(f"written to {args.out}/ (boxes.json: x1, y1 exclusive, original-image pixels)")
+    return failed

@@ -7,7 +7,7 @@ model: :func:`camkit.report.store.report_store`.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -28,7 +28,6 @@ from camkit.cli.common import (
     WeightsOption,
     console,
     err_console,
-    fail,
     load_model,
     max_pixels_limit,
     read_or_skip,
@@ -43,7 +42,7 @@ if TYPE_CHECKING:
 
     from camkit.report import ReportOptions
 
-__all__ = ["report"]
+__all__ = ["ReportArgs", "report"]
 
 
 #: Options that decide what a model computes: meaningless for a store, whose results are read as stored.
@@ -119,88 +118,145 @@ def report(
     Exit status: 0 when every image is in the report, 1 when some inputs could not be read (each named on stderr,
     the others reported), 2 on a usage error or when no image could be read.
     """
+    from camkit.report.store import is_store
+
+    args = ReportArgs(
+        images=tuple(images or ()),
+        model=ModelOptions(model, weights, pretrained, seed, threads, device),
+        methods=methods,
+        layers=layers,
+        target=target,
+        metrics=metrics,
+        steps=steps,
+        threshold=threshold,
+        out=out,
+        title=title,
+        per_page=per_page,
+        thumb_side=thumb_side,
+        full_side=full_side,
+        image_format=image_format,
+        quality=quality,
+        alpha=alpha,
+        cmap=cmap,
+        limit=limit,
+        image_root=image_root,
+        sample=sample,
+        max_pixels=max_pixels,
+        given=frozenset(_given(ctx)),
+    )
+    with user_errors():
+        if len(args.images) == 1 and is_store(args.images[0]):
+            _report_store(args)
+            return
+        failed, total = _report_images(args)
+    if failed:
+        err_console.print(f"{failed} of {total} inputs could not be read and were skipped", highlight=False)
+        raise typer.Exit(code=1)
+
+
+@dataclass(frozen=True)
+class ReportArgs:
+    """The options of one ``camkit report`` run, as given on the command line (see :func:`report`).
+
+    Attributes:
+        given: the parameters set on the command line (not left at their defaults): a store's report has its
+            own defaults for the thumbnail and full sides (:meth:`page`).
+    """
+
+    images: tuple[Path, ...]
+    model: ModelOptions
+    methods: str
+    layers: str
+    target: str | None
+    metrics: str
+    steps: int
+    threshold: str
+    out: Path
+    title: str
+    per_page: int
+    thumb_side: int
+    full_side: int
+    image_format: str
+    quality: int
+    alpha: float
+    cmap: str
+    limit: int | None
+    image_root: Path | None
+    sample: str
+    max_pixels: int
+    given: frozenset[str]
+
+    def page(self, store: bool, meta: str | None = None) -> ReportOptions:
+        """The report's page options (checked); a store's: thumbnails of 128 pixels and no full view unless
+        given."""
+        from camkit.report import ReportOptions
+
+        return ReportOptions(
+            title=self.title,
+            per_page=self.per_page,
+            thumb_side=128 if store and "thumb_side" not in self.given else self.thumb_side,
+            full_side=0 if store and "full_side" not in self.given else self.full_side,
+            format=self.image_format,
+            quality=self.quality,
+            cmap=self.cmap,
+            alpha=self.alpha,
+            meta=meta,
+        )
+
+
+def _check_out(out: Path) -> None:
+    """``--out`` names a file in an existing folder."""
+    if out.is_dir():
+        raise CamkitError(
+            f"--out {str(out)!r} is a folder; give the report's file name, e.g. {str(out / 'report.html')!r}"
+        )
+    if not out.parent.exists():
+        raise CamkitError(f"the folder of --out {str(out)!r} does not exist")
+
+
+def _report_images(args: ReportArgs) -> tuple[int, int]:
+    """``camkit report IMAGES``: the model run on the images; ``(inputs not read, inputs)``."""
     from camkit.core.targets import parse_target
     from camkit.localize import parse_threshold
     from camkit.methods import get_method
-    from camkit.report import ReportOptions, build_records, write_report
-    from camkit.report.store import is_store
+    from camkit.report import build_records, write_report
     from camkit.viz import colormap_table
 
-    if images and len(images) == 1 and is_store(images[0]):
-        given = _given(ctx)
-        with user_errors():
-            options = ReportOptions(
-                title=title,
-                per_page=per_page,
-                thumb_side=thumb_side if "thumb_side" in given else 128,
-                full_side=full_side if "full_side" in given else 0,
-                format=image_format,
-                quality=quality,
-                cmap=cmap,
-                alpha=alpha,
-            )
-            colormap_table(cmap)
-            _report_store(
-                images[0], out, options, methods if "methods" in given else None, limit, image_root, given
-            )
-        return
-    if limit is not None or image_root is not None:
-        fail(ValueError("--limit and --image-root are for a `camkit run` store (a folder holding run.json)"))
-    opts = ModelOptions(model, weights, pretrained, seed, threads, device)
+    if args.limit is not None or args.image_root is not None:
+        raise CamkitError("--limit and --image-root are for a `camkit run` store (a folder holding run.json)")
+    method_list = split(args.methods)
+    if not method_list:
+        raise CamkitError("--methods is empty: give at least one method (see `camkit methods`)")
+    for m in method_list:
+        get_method(m)
+    parsed = parse_threshold(args.threshold)
+    spec = parse_target(args.target)
+    colormap_table(args.cmap)
+    page = args.page(store=False)
+    _check_out(args.out)
+    limit = max_pixels_limit(args.max_pixels)
+    inputs = resolve_inputs(list(args.images), args.sample, "")
+    loaded = load_model(args.model)
+    meta = f"{len(inputs)} images · model {loaded.name} · {', '.join(method_list)} · layers {args.layers}"
     failed: list[str] = []
-    with user_errors():
-        method_list = split(methods)
-        if not method_list:
-            raise CamkitError("--methods is empty: give at least one method (see `camkit methods`)")
-        for m in method_list:
-            get_method(m)
-        metric_list = split(metrics)
-        parsed = parse_threshold(threshold)
-        spec = parse_target(target)
-        colormap_table(cmap)
-        options = ReportOptions(
-            title=title,
-            per_page=per_page,
-            thumb_side=thumb_side,
-            full_side=full_side,
-            format=image_format,
-            quality=quality,
-            cmap=cmap,
-            alpha=alpha,
-        )
-        if out.is_dir():
-            raise CamkitError(
-                f"--out {str(out)!r} is a folder; give the report's file name, e.g. {str(out / 'report.html')!r}"
-            )
-        if not out.parent.exists():
-            raise CamkitError(f"the folder of --out {str(out)!r} does not exist")
-        limit = max_pixels_limit(max_pixels)
-        inputs = resolve_inputs(images, sample, "")
-        loaded = load_model(opts)
-        options = replace(
-            options,
-            meta=f"{len(inputs)} images · model {loaded.name} · {', '.join(method_list)} · layers {layers}",
-        )
 
-        def pictures() -> Iterator[tuple[str, Image.Image | Path]]:
-            for item in inputs:
-                pil = read_or_skip(item, limit, alone=len(inputs) == 1)
-                if pil is None:
-                    failed.append(item.name)
-                    continue
-                yield item.name, pil
+    def pictures() -> Iterator[tuple[str, Image.Image | Path]]:
+        for item in inputs:
+            pil = read_or_skip(item, limit, alone=len(inputs) == 1)
+            if pil is None:
+                failed.append(item.name)
+                continue
+            yield item.name, pil
 
-        records = build_records(loaded, pictures(), method_list, layers, spec, metric_list, steps, parsed)
-        stats = write_report(records, out, options)
-        console.print(
-            f"written {out} ({stats.bytes / 1e6:.2f} MB, {stats.images} images, "
-            f"{stats.bytes_per_image / 1e3:.0f} kB per image)"
-        )
-    if failed:
-        err_console.print(
-            f"{len(failed)} of {len(inputs)} inputs could not be read and were skipped", highlight=False
-        )
-        raise typer.Exit(code=1)
+    records = build_records(
+        loaded, pictures(), method_list, args.layers, spec, split(args.metrics), args.steps, parsed
+    )
+    stats = write_report(records, args.out, replace(page, meta=meta))
+    console.print(
+        f"written {args.out} ({stats.bytes / 1e6:.2f} MB, {stats.images} images, "
+        f"{stats.bytes_per_image / 1e3:.0f} kB per image)"
+    )
+    return len(failed), len(inputs)
 
 
 def _given(ctx: typer.Context) -> set[str]:
@@ -213,20 +269,16 @@ def _given(ctx: typer.Context) -> set[str]:
     return given
 
 
-def _report_store(
-    path: Path,
-    out: Path,
-    options: ReportOptions,
-    methods: str | None,
-    limit: int | None,
-    image_root: Path | None,
-    given: set[str],
-) -> None:
+def _report_store(args: ReportArgs) -> None:
     """``camkit report STORE``: the stored results as a report, no model loaded."""
     from camkit.report.store import report_store
     from camkit.run import open_store
+    from camkit.viz import colormap_table
 
-    ignored = sorted(n for n in given if n in _MODEL_WORK)
+    path, out, limit = args.images[0], args.out, args.limit
+    options = args.page(store=True)
+    colormap_table(options.cmap)
+    ignored = sorted(n for n in args.given if n in _MODEL_WORK)
     if ignored:
         flags = ", ".join("--" + n.replace("_", "-") for n in ignored)
         raise CamkitError(
@@ -235,12 +287,7 @@ def _report_store(
         )
     if limit is not None and limit < 1:
         raise CamkitError(f"--limit must be at least 1, got {limit}")
-    if out.is_dir():
-        raise CamkitError(
-            f"--out {str(out)!r} is a folder; give the report's file name, e.g. {str(out / 'report.html')!r}"
-        )
-    if not out.parent.exists():
-        raise CamkitError(f"the folder of --out {str(out)!r} does not exist")
+    _check_out(out)
     store = open_store(path)
     if not store.complete:
         done = len(store.done_shards())
@@ -249,10 +296,8 @@ def _report_store(
             "report holds the images done so far; run the same `camkit run` command to finish it",
             highlight=False,
         )
-    result = report_store(
-        store, out, options, methods=split(methods) if methods is not None else None, limit=limit,
-        image_root=image_root,
-    )  # fmt: skip
+    methods = split(args.methods) if "methods" in args.given else None
+    result = report_store(store, out, options, methods=methods, limit=limit, image_root=args.image_root)
     stats = result.stats
     console.print(
         f"written {out} ({stats.bytes / 1e6:.2f} MB, {stats.images} images, "

@@ -8,8 +8,6 @@ processes; ``--engine ray`` over Ray Data actors. See :mod:`camkit.run`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -32,6 +30,7 @@ from camkit.cli.common import (
     split,
     user_errors,
 )
+from camkit.cli.progress import images_progress, shown
 
 __all__ = ["print_summary", "run"]
 
@@ -146,8 +145,7 @@ def run(
             threads=threads,
         )
         rank = env_rank()[0]
-        show = (err_console.is_terminal if progress is None else progress) and rank == 0
-        with _bar(show) as bar:
+        with images_progress(shown(progress) and rank == 0) as bar:
             result = run_dataset(
                 [str(d) for d in data],
                 out,
@@ -179,50 +177,6 @@ def _note(message: str) -> None:
 def _warning(message: str) -> None:
     """A ``warning:`` line on stderr (a done shard that does not verify and is computed again)."""
     err_console.print(f"warning: {message}", markup=False, highlight=False, soft_wrap=True)
-
-
-@contextmanager
-def _bar(enabled: bool) -> Iterator[Callable[[int, int], Callable[[int], None]]]:
-    """One bar on stderr: images of this process, images/s and the time left."""
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TaskProgressColumn,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    with Progress(
-        TextColumn("explaining"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TaskProgressColumn(),
-        TextColumn("{task.fields[rate]}"),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-        console=err_console,
-        transient=True,
-        disable=not enabled,
-    ) as bar:
-
-        def start(to_do: int, total: int) -> Callable[[int], None]:
-            task = bar.add_task("images", total=to_do, rate="")
-            if to_do < total:
-                err_console.print(
-                    f"resuming: {total - to_do} of {total} images already in the store", highlight=False
-                )
-
-            def advance(n: int) -> None:
-                bar.advance(task, n)
-                speed = bar.tasks[task].speed
-                bar.update(task, rate=f"{speed:.1f} images/s" if speed else "")
-
-            return advance
-
-        yield start
 
 
 def print_summary(summary: dict[str, Any], where: str) -> None:

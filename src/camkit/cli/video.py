@@ -7,8 +7,9 @@ suffix for ``--target topK``. ``summary.json`` gets one entry per file, as for i
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from camkit.cli.common import (
     ModelOptions,
@@ -20,6 +21,11 @@ from camkit.cli.common import (
     versions,
 )
 from camkit.errors import CamkitError
+
+if TYPE_CHECKING:
+    from camkit.adapters import LoadedModel
+    from camkit.adapters.video import Clip, ClipPreprocess
+    from camkit.core.explanation import Explanation
 
 __all__ = ["ClipJob", "explain_clips"]
 
@@ -41,23 +47,49 @@ class ClipJob:
     frames: int
     animation: str
 
+    def summary_options(self) -> dict[str, object]:
+        """The ``options`` object of each summary.json entry."""
+        names = (
+            "layers",
+            "target",
+            "fusion",
+            "cmap",
+            "alpha",
+            "max_side",
+            "frames",
+            "animation",
+            "input_size",
+        )
+        return {"methods": self.methods, **{n: getattr(self, n) for n in names}}
+
 
 def explain_clips(paths: list[Path], job: ClipJob) -> None:
     """Explain every clip of ``paths`` with every method of ``job``; write the animations, frame strips and
-    ``summary.json``. Raises ValueError (printed as ``error:``, exit 2) for a usage error."""
-    from dataclasses import replace
+    ``summary.json``. Raises :class:`~camkit.errors.CamkitError` (printed as ``error:``, exit 2) for a usage
+    error."""
+    from camkit.io.files import output_stems, prepare_out_dir
 
-    from camkit.adapters.video import (
-        VIDEO_SUFFIXES,
-        ClipPreprocess,
-        load_clip,
-        overlay_frames,
-        save_animation,
+    _check_clips(paths, job)
+    prepare_out_dir(job.out)
+    previous_entries(job.out / "summary.json")  # refuse a foreign summary.json before any model work
+    loaded, preprocess = _video_model(job)
+    run_info = {**job.opts.to_dict(), **versions(), "options": job.summary_options()}
+    table = new_table(
+        f"camkit explain · {loaded.name}", ("clip", "class", "prob", "method", "layers", "file")
     )
-    from camkit.core.pipeline import compare
-    from camkit.core.targets import TopK, parse_target
-    from camkit.io.files import output_stems, prepare_out_dir, save_image
-    from camkit.viz import hstack
+    entries: list[dict[str, object]] = []
+    for path, stem in zip(paths, output_stems(paths, suffix_room=50), strict=True):
+        for row in _explain_clip(job, loaded, preprocess, path, f"{stem}{job.opts.file_tag()}"):
+            entries.append({**row.to_dict(), "source": str(path), **run_info})
+            table.add_row(*row.cells())
+    update_entries(job.out / "summary.json", entries)
+    console.print(table)
+    console.print(f"written to {job.out}/")
+
+
+def _check_clips(paths: list[Path], job: ClipJob) -> None:
+    """The clip options and files, checked before the model is loaded."""
+    from camkit.adapters.video import VIDEO_SUFFIXES
 
     if job.animation not in ("gif", "mp4"):
         raise CamkitError(f"--animation must be gif or mp4, got {job.animation!r}")
@@ -72,92 +104,97 @@ def explain_clips(paths: list[Path], job: ClipJob) -> None:
             raise CamkitError(
                 f"{str(p)!r} is not a clip ({', '.join(sorted(VIDEO_SUFFIXES))}); a video model explains clips"
             )
-    prepare_out_dir(job.out)
-    previous_entries(job.out / "summary.json")  # refuse a foreign summary.json before any model work
+
+
+def _video_model(job: ClipJob) -> tuple[LoadedModel, ClipPreprocess]:
+    """The video model of ``job`` and its clip preprocessing with ``--frames``."""
+    from camkit.adapters.video import ClipPreprocess
+
     loaded = load_model(job.opts, input_size=job.input_size)
     if loaded.task != "video" or not isinstance(loaded.preprocess, ClipPreprocess):
         raise CamkitError(
             f"{loaded.name} is not a video model; clips need one of torchvision's video classifiers "
             "(--model r3d_18, mc3_18 or r2plus1d_18)"
         )
-    preprocess = replace(loaded.preprocess, frames=job.frames)
+    return loaded, replace(loaded.preprocess, frames=job.frames)
+
+
+@dataclass(frozen=True)
+class ClipRow:
+    """One file written for a clip: a row of the table and an entry of summary.json."""
+
+    clip: str
+    cls: int | None
+    label: str | None
+    prob: float | None
+    method: str
+    layers: list[str]
+    frames: int
+    file: Path
+
+    def to_dict(self) -> dict[str, object]:
+        """The summary.json fields (key ``image`` for the clip's name, ``class`` for :attr:`cls`)."""
+        return {"image": self.clip, "class": self.cls, "label": self.label, "prob": self.prob,
+                "method": self.method, "layers": self.layers, "frames": self.frames, "file": str(self.file)}  # fmt: skip
+
+    def cells(self) -> tuple[str, ...]:
+        """The table row."""
+        what = "" if self.cls is None else f"{self.cls} {self.label or ''}".strip()
+        prob = "" if self.prob is None else f"{self.prob:.3f}"
+        return (self.clip, what, prob, self.method, ",".join(self.layers), self.file.name)
+
+
+def _explain_clip(
+    job: ClipJob, loaded: LoadedModel, preprocess: ClipPreprocess, path: Path, stem: str
+) -> list[ClipRow]:
+    """Every method on one clip: its animations and frame strips written, one row per file."""
+    from camkit.adapters.video import load_clip
+    from camkit.core.pipeline import compare
+    from camkit.core.targets import TopK, parse_target
+
+    clip = load_clip(path, preprocess)
     spec = parse_target(job.target)
-    run_info = {
-        **job.opts.to_dict(),
-        **versions(),
-        "options": {
-            "methods": job.methods,
-            "layers": job.layers,
-            "target": job.target,
-            "fusion": job.fusion,
-            "cmap": job.cmap,
-            "alpha": job.alpha,
-            "max_side": job.max_side,
-            "frames": job.frames,
-            "animation": job.animation,
-            "input_size": job.input_size,
-        },
-    }
-    table = new_table(
-        f"camkit explain · {loaded.name}", ("clip", "class", "prob", "method", "layers", "file")
-    )
-    tag = job.opts.file_tag()
-    entries: list[dict[str, object]] = []
-    for path, stem in zip(paths, output_stems(paths, suffix_room=50), strict=True):
-        clip = load_clip(path, preprocess)
-        results = compare(
-            loaded.model,
-            clip.x,
-            methods=job.methods,
-            layers=job.layers,
-            targets=spec,
-            labels=loaded.labels,
-            fusion=job.fusion,
-        )
-        fps = clip.fps or 8.0
-        for name, expl in results.items():
-            n_targets = expl.maps.shape[1] if expl.maps.dim() == 5 else 1
-            for t in range(n_targets):
-                maps = expl.maps[0, t] if expl.maps.dim() == 5 else expl.maps[0]
-                pictures = overlay_frames(
-                    clip.frames, maps, cmap=job.cmap, alpha=job.alpha, max_side=job.max_side
-                )
-                suffix = f"_top{t + 1}" if isinstance(spec, TopK) else ""
-                anim = save_animation(pictures, job.out / f"{stem}{tag}_{name}{suffix}.{job.animation}", fps)
-                strip = job.out / f"{stem}{tag}_{name}{suffix}_frames.png"
-                save_image(hstack(pictures, height=min(pictures[0].height, 224)), strip)
-                cls = expl.classes[0, t] if expl.classes is not None and expl.classes.dim() == 2 else None
-                if expl.classes is not None and expl.classes.dim() == 1:
-                    cls = expl.classes[0]
-                prob = None
-                if expl.probs is not None:
-                    prob = float(expl.probs[0, t] if expl.probs.dim() == 2 else expl.probs[0])
-                label = None
-                if expl.labels:
-                    first = expl.labels[0]
-                    label = first[t] if isinstance(first, list) else first
-                for file in (anim, strip):
-                    entry = {
-                        "image": path.name,
-                        "class": None if cls is None else int(cls),
-                        "label": label,
-                        "prob": prob,
-                        "method": name,
-                        "layers": expl.layers,
-                        "frames": len(clip.frames),
-                        "file": str(file),
-                        "source": str(path),
-                        **run_info,
-                    }
-                    entries.append(entry)
-                    table.add_row(
-                        path.name,
-                        "" if cls is None else f"{int(cls)} {label or ''}".strip(),
-                        "" if prob is None else f"{prob:.3f}",
-                        name,
-                        ",".join(expl.layers),
-                        file.name,
-                    )
-    update_entries(job.out / "summary.json", entries)
-    console.print(table)
-    console.print(f"written to {job.out}/")
+    results = compare(
+        loaded.model, clip.x, methods=job.methods, layers=job.layers, targets=spec, labels=loaded.labels,
+        fusion=job.fusion,
+    )  # fmt: skip
+    rows: list[ClipRow] = []
+    for name, expl in results.items():
+        n_targets = expl.maps.shape[1] if expl.maps.dim() == 5 else 1
+        for t in range(n_targets):
+            suffix = f"_top{t + 1}" if isinstance(spec, TopK) else ""
+            files = _write_clip_target(job, clip, expl, t, f"{stem}_{name}{suffix}")
+            cls, label, prob = _of_target(expl, t)
+            rows += [
+                ClipRow(path.name, cls, label, prob, name, expl.layers, len(clip.frames), f) for f in files
+            ]
+    return rows
+
+
+def _write_clip_target(job: ClipJob, clip: Clip, expl: Explanation, t: int, name: str) -> tuple[Path, Path]:
+    """The animation and the frame strip of target ``t``: ``<name>.<gif|mp4>`` and ``<name>_frames.png``."""
+    from camkit.adapters.video import overlay_frames, save_animation
+    from camkit.io.files import save_image
+    from camkit.viz import hstack
+
+    maps = expl.maps[0, t] if expl.maps.dim() == 5 else expl.maps[0]
+    pictures = overlay_frames(clip.frames, maps, cmap=job.cmap, alpha=job.alpha, max_side=job.max_side)
+    anim = save_animation(pictures, job.out / f"{name}.{job.animation}", clip.fps or 8.0)
+    strip = job.out / f"{name}_frames.png"
+    save_image(hstack(pictures, height=min(pictures[0].height, 224)), strip)
+    return anim, strip
+
+
+def _of_target(expl: Explanation, t: int) -> tuple[int | None, str | None, float | None]:
+    """The class, label and probability of target ``t`` of the first clip."""
+    cls = None
+    if expl.classes is not None:
+        cls = int(expl.classes[0, t] if expl.classes.dim() == 2 else expl.classes[0])
+    prob = None
+    if expl.probs is not None:
+        prob = float(expl.probs[0, t] if expl.probs.dim() == 2 else expl.probs[0])
+    label = None
+    if expl.labels:
+        first = expl.labels[0]
+        label = first[t] if isinstance(first, list) else first
+    return cls, label, prob

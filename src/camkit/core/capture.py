@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from camkit.errors import CamkitError
+from camkit.errors import CamkitError, CamkitRuntimeError
 
 __all__ = [
     "HOOK_LOCK",
@@ -353,7 +353,7 @@ class LayerCapture(Window):
             )
         missing = [n for n, kept in self.leaves.items() if not kept]
         if missing:
-            raise RuntimeError(
+            raise CamkitRuntimeError(
                 f"target layer(s) {missing} did not run during the forward pass; "
                 "choose layers the model actually calls (see `camkit layers MODEL`)"
             )
@@ -380,7 +380,7 @@ class LayerCapture(Window):
         if scores.dim() not in (1, 2):
             raise CamkitError(f"scores must be Tensor[B] or Tensor[T, B], got shape {tuple(scores.shape)}")
         if not scores.requires_grad:
-            raise RuntimeError(
+            raise CamkitRuntimeError(
                 f"the explained score does not depend on the target layer(s) {list(leaves)}: pick a layer on the "
                 "path to the output"
             )

@@ -31,7 +31,7 @@ from torch.overrides import TorchFunctionMode
 
 from camkit.core.capture import LayerCapture
 from camkit.core.tokens import to_spatial
-from camkit.errors import CamkitError
+from camkit.errors import CamkitError, CamkitRuntimeError
 from camkit.methods.passes import score_rows, stack_targets
 from camkit.methods.registry import PassInput, PassMethod, register
 
@@ -111,7 +111,7 @@ def shapley_gradients(inp: PassInput) -> tuple[dict[str, Tensor], dict[str, list
             out = window.forward(inp.model, inp.x, inp.output_fn)
         rows = score_rows(inp, out)
         if not rows.requires_grad:
-            raise RuntimeError(
+            raise CamkitRuntimeError(
                 f"the explained score does not depend on the target layer(s) {list(inp.layers)}: pick a layer "
                 "on the path to the output"
             )
