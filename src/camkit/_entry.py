@@ -23,37 +23,13 @@ import atexit
 import os
 import sys
 
+from camkit._interrupt import INTERRUPTED, announce_interrupt, state
+
 TYPE_CHECKING = False  # not typing's (tens of milliseconds of start-up)
 if TYPE_CHECKING:
     from types import FrameType
 
 __all__ = ["INTERRUPTED", "announce_interrupt", "main"]
-
-INTERRUPTED = "interrupted"
-"""The line printed on stderr when Ctrl-C ends the command (exit status 130)."""
-
-
-class _State:
-    announced = False  # the line is printed
-    raised = False  # a KeyboardInterrupt was raised by the first Ctrl-C
-    interrupted = False  # the command ends because of Ctrl-C (status 130)
-    pid = -1  # the command's own process (not a forked worker)
-
-
-_state = _State()
-
-
-def announce_interrupt() -> None:
-    """Print the ``interrupted`` line on stderr, once per process (which then ends with status 130)."""
-    _state.interrupted = True
-    if _state.announced:
-        return
-    _state.announced = True
-    try:
-        sys.stderr.write(INTERRUPTED + "\n")
-        sys.stderr.flush()
-    except (OSError, ValueError):  # stderr closed or gone: the exit status still says it
-        pass
 
 
 def _exit_now() -> None:
@@ -68,21 +44,21 @@ def _exit_now() -> None:
 
 def _last_at_exit() -> None:
     """Registered before anything else, so it runs after every other ``atexit`` handler."""
-    if _state.interrupted:
+    if state.interrupted:
         _exit_now()
 
 
 def _on_sigint(_signum: int, _frame: FrameType | None) -> None:
-    if os.getpid() != _state.pid:  # a forked worker (DataLoader): Python's own behaviour, never a line
+    if os.getpid() != state.pid:  # a forked worker (DataLoader): Python's own behaviour, never a line
         raise KeyboardInterrupt
-    if _state.raised:
+    if state.raised:
         _exit_now()
-    _state.raised = True
+    state.raised = True
     raise KeyboardInterrupt
 
 
 def _after_sigint(_signum: int, _frame: FrameType | None) -> None:
-    if os.getpid() != _state.pid:
+    if os.getpid() != state.pid:
         raise KeyboardInterrupt
     _exit_now()
 
@@ -111,7 +87,7 @@ def _finishing(interrupted: bool) -> None:
 def main() -> None:
     """Run the ``camkit`` command (``sys.argv``): returns on success, else exits with status 1 (some inputs
     skipped), 2 (an error, one ``error:`` line) or 130 (Ctrl-C, one ``interrupted`` line)."""
-    _state.pid = os.getpid()
+    state.pid = os.getpid()
     _take_over_sigint()
     atexit.register(_last_at_exit)
     code: str | int | None = 0
@@ -127,6 +103,6 @@ def main() -> None:
         if code == 130:
             announce_interrupt()
     finally:
-        _finishing(_state.interrupted)
+        _finishing(state.interrupted)
     if code:
         sys.exit(code)

@@ -44,7 +44,7 @@ def test_the_command_tunes_the_allocator(monkeypatch) -> None:
     calls: list[str] = []
     monkeypatch.setattr(runtime, "tune_allocator", lambda: calls.append("tune") or True)
     monkeypatch.setattr(cli, "app", lambda: calls.append("app"))
-    cli.main()
+    cli.run_app()
     assert calls == ["tune", "app"]
 
 

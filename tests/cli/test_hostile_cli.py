@@ -262,10 +262,10 @@ def test_closed_stdout_pipe_is_not_reported_as_a_disk_error(
 
 
 def test_interrupt_inside_a_command_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from camkit import _entry
+    from camkit import _interrupt
 
-    monkeypatch.setattr(_entry._state, "announced", False)
-    monkeypatch.setattr(_entry._state, "interrupted", False)
+    monkeypatch.setattr(_interrupt.state, "announced", False)
+    monkeypatch.setattr(_interrupt.state, "interrupted", False)
     src = photo(tmp_path / "cat.png")
 
     def interrupted(*args: object, **kwargs: object) -> None:

@@ -241,7 +241,7 @@ _STARTER = """
 import os, sys, time
 import zarr
 import camkit.run.runner
-from camkit.cli import main
+from camkit._entry import main
 _open = zarr.open_group
 def slow_open(*args, **kwargs):
     group = _open(*args, **kwargs)

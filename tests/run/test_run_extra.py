@@ -88,7 +88,7 @@ import sys
 sys.modules["zarr"] = None
 sys.modules["pyarrow"] = None
 import camkit, camkit.run, camkit.report, camkit.evaluate
-from camkit.cli import main
+from camkit._entry import main
 sys.argv = ["camkit", "run", {str(photos)!r}, "--out", {str(tmp_path / "st")!r}, "--workers", "0"]
 main()
 """

@@ -36,13 +36,13 @@ from typing import Any
 import typer
 from typer.core import TyperCommand
 
-from camkit._entry import announce_interrupt
+from camkit._interrupt import announce_interrupt
 from camkit.cli import evaluate, explain, layers, localize, methods, run
 from camkit.cli import report as report_cli
 from camkit.cli import serve as serve_cli
 from camkit.cli.common import err_console, error_line, fail, os_error_message
 
-__all__ = ["BUG_LINE", "EXIT_BUG", "CamkitCommand", "app", "main", "report_bug", "run_app"]
+__all__ = ["BUG_LINE", "EXIT_BUG", "CamkitCommand", "app", "report_bug", "run_app"]
 
 #: Exit status of a command stopped by a bug (an exception that is neither a user error nor an OS error).
 EXIT_BUG = 3
@@ -121,10 +121,3 @@ def run_app() -> None:
 
     tune_allocator()  # this process is ours: keep freed memory for reuse (CPU forwards 1.1-2.4x faster)
     app()
-
-
-def main() -> None:
-    """Entry point of the ``camkit`` command (:func:`camkit._entry.main`: Ctrl-C handled from the start)."""
-    from camkit._entry import main as entry
-
-    entry()
