@@ -185,7 +185,10 @@ def load_model(
             ``retinanet_resnet50_fpn``...; video ``r3d_18``, ``mc3_18``, ``r2plus1d_18``), a timm name
             (``convnext_tiny``; prefix ``timm/`` to force timm), or a Keras Applications model on the torch
             backend, ``keras:vgg16``, ``keras:resnet50``, ``keras:mobilenetv2``... (:mod:`camkit.adapters.keras`; the model
-            is its :class:`camkit.adapters.keras.KerasModel` view).
+            is its :class:`camkit.adapters.keras.KerasModel` view), or a Hugging Face transformers image
+            classifier, ``hf:PATH`` (a ``save_pretrained`` folder, read offline) or ``hf:ORG/NAME`` (a hub id:
+            needs a network) (:mod:`camkit.adapters.huggingface`; the model is its
+            :class:`camkit.adapters.huggingface.HFClassifier` view, logits out).
         weights: a local state_dict file to load instead of pretrained weights (``weights_only=True``).
         pretrained: download the library's pretrained weights when no file is given (needs a network, except for
             the EfficientNet-Lite default). ``False``: random weights.
@@ -201,6 +204,8 @@ def load_model(
     key = name.strip()
     if key.lower().startswith("keras:"):
         return _load_keras(key, weights, pretrained, device, input_size)
+    if key.lower().startswith("hf:"):
+        return _load_hf(key, weights, pretrained, device, input_size)
     labels: list[str] | None = None
     task = _torchvision_task(key)
     if input_size is not None and task is None and not _is_video(key):
@@ -267,6 +272,26 @@ def _load_keras(
     view = as_torch(keras_model)
     labels = imagenet_labels() if _num_keras_outputs(keras_model) == 1000 else None
     return LoadedModel(view, preprocess_for(keras_model), labels, key)
+
+
+def _load_hf(
+    key: str, weights: str | Path | None, pretrained: bool, device: str | torch.device, input_size: int | None
+) -> LoadedModel:
+    """``hf:PATH_OR_ID``: a transformers image classifier (:func:`camkit.adapters.huggingface.load`) as its
+    :class:`camkit.adapters.huggingface.HFClassifier` view, with its image processor's Preprocess and
+    ``config.id2label``."""
+    from camkit.adapters.huggingface import load as load_hf
+
+    if weights is not None or input_size is not None:
+        raise CamkitError(
+            f"{key}: a transformers model takes its weights and input size from its folder; drop --weights and "
+            "--input-size"
+        )
+    source = key.split(":", 1)[1].strip()
+    if not source:
+        raise CamkitError("hf: needs a folder or a hub id: hf:PATH_OR_ID")
+    view, preprocess, labels = load_hf(source, pretrained, device)
+    return LoadedModel(view, preprocess, labels, key)
 
 
 def _num_keras_outputs(keras_model: object) -> int | None:
