@@ -68,9 +68,10 @@ class _ExplicitAttention(TorchFunctionMode):
     modes are per-thread), ``F.scaled_dot_product_attention`` is computed as timm's explicit path does, and its
     probabilities are recorded; every other function runs as is."""
 
-    def __init__(self, keep: Callable[[Tensor], Tensor]) -> None:
+    def __init__(self, keep: Callable[[Tensor], Tensor], softmax: bool = False) -> None:
         super().__init__()
         self.keep = keep
+        self.softmax = softmax  # transformers' eager path: the probabilities are the block's one softmax
         self.pushed = False
 
     def enter_block(self, *_: object) -> None:
@@ -93,6 +94,8 @@ class _ExplicitAttention(TorchFunctionMode):
         kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention:
             return self._explicit(*args, **kwargs)
+        if self.softmax and func in (F.softmax, torch.softmax, Tensor.softmax):
+            return self.keep(func(*args, **kwargs))
         return func(*args, **kwargs)
 
     def _explicit(
@@ -108,7 +111,8 @@ class _ExplicitAttention(TorchFunctionMode):
     ) -> Tensor:
         if dropout_p or is_causal or enable_gqa or q.shape[-3] != k.shape[-3]:
             raise CamkitError(
-                "attention methods read timm attention only without dropout, causal masking or grouped queries"
+                "attention methods read timm and transformers attention only without dropout, causal masking or "
+                "grouped queries"
             )
         # the very operations of timm's explicit path (q * scale, then q k^T), so the result is the same bit for bit
         q = q * (q.shape[-1] ** -0.5 if scale is None else scale)
@@ -120,6 +124,30 @@ class _ExplicitAttention(TorchFunctionMode):
                 attn = attn + attn_mask
         attn = self.keep(attn.softmax(dim=-1))
         return attn @ v
+
+
+def _hf_attention_classes(model: nn.Module) -> tuple[type[nn.Module], ...]:
+    """The attention module classes that transformers models inside ``model`` declare (``_can_record_outputs``'s
+    ``"attentions"`` when it names a module class: ViT, DeiT, DINOv2, BEiT...)."""
+    found: list[type[nn.Module]] = []
+    for m in model.modules():
+        recorded = getattr(type(m), "_can_record_outputs", None)
+        cls = recorded.get("attentions") if isinstance(recorded, dict) else None
+        if isinstance(cls, type) and issubclass(cls, nn.Module) and cls not in found:
+            found.append(cls)
+    return tuple(found)
+
+
+def _windowed(model: nn.Module) -> str | None:
+    """The name of a windowed attention in ``model`` (timm Swin's WindowAttention, a transformers model whose
+    config has a ``window_size``: Swin, Swinv2), or None."""
+    for m in model.modules():
+        if "WindowAttention" in type(m).__name__:
+            return type(m).__name__
+        config = getattr(m, "config", None)
+        if getattr(type(m), "_can_record_outputs", None) is not None and hasattr(config, "window_size"):
+            return type(m).__name__
+    return None
 
 
 class _AttentionWindow(Window):
@@ -164,19 +192,25 @@ class _AttentionWindow(Window):
         out = (probs @ v).transpose(1, 2).reshape(b, n, e)
         return m.out_proj(out), None
 
+    def _push_around(self, m: nn.Module, mode: _ExplicitAttention) -> None:
+        """The mode pushed for the duration of ``m``'s forward, in this thread only."""
+        self.hook(m, mode.enter_block, pre=True)
+        self.hook(m, mode.leave_block, always_call=True)
+        self.on_exit(mode.leave_block)  # a forward that raised before the block's hooks ran to the end
+
     def install(self, model: nn.Module) -> None:
+        hf_attention = _hf_attention_classes(model)
         for m in model.modules():
             if isinstance(m, nn.MultiheadAttention):
                 self.hook(m, self.mha_hook, with_kwargs=True)
+            elif hf_attention and isinstance(m, hf_attention):
+                # transformers: sdpa is computed explicitly by the mode, eager's softmax is read by it; the
+                # model's attn_implementation is not touched.
+                self._push_around(m, _ExplicitAttention(self.keep, softmax=True))
             elif _timm_style(m):
                 # Fused blocks: the mode computes the probabilities; unfused ones pass them through attn_drop.
                 # Neither touches the module's attributes, and both hooks act in this thread only.
-                mode = _ExplicitAttention(self.keep)
-                self.hook(m, mode.enter_block, pre=True)
-                self.hook(m, mode.leave_block, always_call=True)
-                self.on_exit(
-                    mode.leave_block
-                )  # a forward that raised before the block's hooks ran to the end
+                self._push_around(m, _ExplicitAttention(self.keep))
                 drop = m.attn_drop
                 assert isinstance(drop, nn.Module)
                 self.hook(drop, self.drop_hook)
@@ -202,18 +236,17 @@ def attention_probabilities(
     """
     with _AttentionWindow(need_grad=score_fn is not None) as window:
         window.install(model)
-        windowed = sorted(
-            {type(m).__name__ for m in model.modules() if "WindowAttention" in type(m).__name__}
-        )
+        windowed = _windowed(model)
         if windowed:
             raise CamkitError(
                 "attention rollout needs global self-attention over all tokens (ViT, DeiT); this model's windowed "
-                f"attention ({windowed[0]}, Swin) is not supported: use a CAM method"
+                f"attention ({windowed}, Swin) is not supported: use a CAM method"
             )
         if not window.hooked:
             raise CamkitError(
                 f"{type(model).__name__} has no self-attention camkit can read (timm Attention with qkv/attn_drop, "
-                "or torch.nn.MultiheadAttention): attention rollout is for ViT-style transformers; use a CAM method"
+                "torch.nn.MultiheadAttention, or a transformers ViT-family attention): attention rollout is for "
+                "ViT-style transformers; use a CAM method"
             )
         out = output_fn(model(x))
         probs = window.probs
@@ -283,8 +316,35 @@ def _run_grad_rollout(inp: AttentionInput) -> Tensor:
     return torch.stack(maps, dim=1) if inp.classes is not None and inp.classes.dim() == 2 else maps[0]
 
 
+def _hf_blocks_and_projection(
+    model: nn.Module,
+) -> tuple[list[nn.Module], Callable[[Tensor], Tensor]] | None:
+    """A transformers ViT / DeiT / DINOv2-style classifier (also inside camkit's ``HFClassifier`` view, as
+    ``model``): its blocks (``layers`` or ``encoder.layer``) and ``classifier(layernorm(.))`` (DeiT with teacher: the
+    mean of ``cls_classifier`` and ``distillation_classifier``, its eval-mode output). None for anything else."""
+    inner = getattr(model, "model", None)
+    hf = inner if isinstance(inner, nn.Module) and hasattr(inner, "base_model") else model
+    base = getattr(hf, "base_model", None)
+    if not isinstance(base, nn.Module) or base is hf:
+        return None
+    blocks = getattr(base, "layers", None) or getattr(getattr(base, "encoder", None), "layer", None)
+    norm = getattr(base, "layernorm", None)
+    heads = [getattr(hf, n, None) for n in ("classifier", "cls_classifier", "distillation_classifier")]
+    linear = [h for h in heads if isinstance(h, nn.Linear)]
+    width = getattr(getattr(hf, "config", None), "hidden_size", None)
+    if not isinstance(blocks, nn.ModuleList) or not isinstance(norm, nn.Module) or not linear:
+        return None
+    if any(h.in_features != width for h in linear):
+        return None  # DINOv2's head reads [class token, mean of patches]: not a projection of one token
+    hf_norm = norm
+    return list(blocks), lambda z: torch.stack([h(hf_norm(z.mean(dim=1))) for h in linear]).mean(dim=0)
+
+
 def _blocks_and_projection(model: nn.Module) -> tuple[list[nn.Module], Callable[[Tensor], Tensor]]:
     """The transformer blocks (shallow to deep) and LeGrad's score projection z [B, N, D] -> logits [B, C]."""
+    hf = _hf_blocks_and_projection(model)
+    if hf is not None:
+        return hf
     encoder = getattr(model, "encoder", None)
     layers = getattr(encoder, "layers", None)
     ln = getattr(encoder, "ln", None)
@@ -313,8 +373,9 @@ def _blocks_and_projection(model: nn.Module) -> tuple[list[nn.Module], Callable[
             )
         return list(blocks.children()), lambda z: timm_head(post(timm_norm(z.mean(dim=1))))
     raise CamkitError(
-        f"LeGrad needs a ViT whose blocks and classifier camkit can find: timm (blocks, norm, head) or torchvision "
-        f"(encoder.layers, encoder.ln, heads); {type(model).__name__} is neither: use gradrollout or a CAM method"
+        f"LeGrad needs a ViT whose blocks and classifier camkit can find: timm (blocks, norm, head), torchvision "
+        "(encoder.layers, encoder.ln, heads) or a transformers ViT/DeiT (layers, layernorm, classifier); "
+        f"{type(model).__name__} is none of them: use gradrollout or a CAM method"
     )
 
 
@@ -327,7 +388,7 @@ def legrad(inp: AttentionInput) -> Tensor:
     size = (inp.x.shape[-2], inp.x.shape[-1])
     with _AttentionWindow(need_grad=True) as window:
         window.install(model)
-        if any("WindowAttention" in type(m).__name__ for m in model.modules()):
+        if _windowed(model):
             raise CamkitError(
                 "LeGrad needs global self-attention (ViT, DeiT); Swin's windowed attention is not"
             )
