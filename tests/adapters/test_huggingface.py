@@ -16,7 +16,7 @@ import camkit
 from camkit.adapters import load_model
 from camkit.errors import CamkitError
 from camkit.methods.attention import attention_probabilities
-from tests.conftest import assert_unchanged, snapshot
+from conftest import assert_unchanged, snapshot
 
 transformers = pytest.importorskip("transformers")
 
@@ -28,7 +28,12 @@ FAMILIES = ("vit", "deit", "swin", "convnext", "resnet", "dinov2")
 def _config(name: str) -> Any:
     t = transformers
     vit = dict(
-        image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
+        image_size=32,
+        patch_size=8,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
     )
     return {
         "vit": lambda: t.ViTConfig(**vit),
@@ -38,7 +43,9 @@ def _config(name: str) -> Any:
             image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[1, 2], window_size=4
         ),
         "convnext": lambda: t.ConvNextConfig(hidden_sizes=[8, 16], depths=[1, 1], num_stages=2),
-        "resnet": lambda: t.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic"),
+        "resnet": lambda: t.ResNetConfig(
+            embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic"
+        ),
     }[name]()
 
 
@@ -129,7 +136,7 @@ def test_attention_probabilities_are_the_models_own(folders: dict[str, Path], im
     with torch.no_grad():
         expected = eager(pixel_values=x, output_attentions=True).attentions
     before = snapshot(model)
-    out, probs, _ = attention_probabilities(model, x, lambda o: o.logits)
+    _, probs, _ = attention_probabilities(model, x, lambda o: o.logits)
     assert len(probs) == 2
     for p, q in zip(probs, expected, strict=True):
         torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-5)

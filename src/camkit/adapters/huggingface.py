@@ -82,7 +82,7 @@ def _pair(value: object) -> tuple[int, int] | None:
         if "shortest_edge" in value:
             return (int(value["shortest_edge"]), int(value["shortest_edge"]))
     if value is not None and hasattr(value, "height") and hasattr(value, "width"):  # transformers SizeDict
-        h, w = getattr(value, "height"), getattr(value, "width")
+        h, w = getattr(value, "height", None), getattr(value, "width", None)
         if isinstance(h, int) and isinstance(w, int):
             return (h, w)
         edge = getattr(value, "shortest_edge", None)
@@ -105,7 +105,9 @@ def preprocess_of(processor: Any, config: Any) -> Preprocess:
     size = _pair(getattr(config, "image_size", None)) or (224, 224)
     if processor is None:
         return Preprocess(size=size, mean=IMAGENET_MEAN, std=IMAGENET_STD)
-    crop = _pair(getattr(processor, "crop_size", None)) if getattr(processor, "do_center_crop", False) else None
+    crop = (
+        _pair(getattr(processor, "crop_size", None)) if getattr(processor, "do_center_crop", False) else None
+    )
     size = crop or _pair(getattr(processor, "size", None)) or size
     if not getattr(processor, "do_normalize", True):
         return Preprocess(size=size, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
@@ -133,7 +135,9 @@ def _read(source: str, local: bool, pretrained: bool) -> tuple[nn.Module, Any]:
     try:
         config = transformers.AutoConfig.from_pretrained(source, local_files_only=local)
         if pretrained:
-            model = transformers.AutoModelForImageClassification.from_pretrained(source, local_files_only=local)
+            model = transformers.AutoModelForImageClassification.from_pretrained(
+                source, local_files_only=local
+            )
         else:
             model = transformers.AutoModelForImageClassification.from_config(config)
     except ValueError as err:
@@ -143,7 +147,9 @@ def _read(source: str, local: bool, pretrained: bool) -> tuple[nn.Module, Any]:
         ) from err
     except OSError as err:
         if local:
-            raise CamkitError(f"hf:{source}: not a save_pretrained folder of a transformers model ({err})") from err
+            raise CamkitError(
+                f"hf:{source}: not a save_pretrained folder of a transformers model ({err})"
+            ) from err
         raise CamkitError(
             f"hf:{source}: could not get this hub model ({type(err).__name__}); a network is needed to download "
             "it: without one, pass a local folder written by save_pretrained (hf:PATH)"
@@ -172,9 +178,7 @@ def load(
     try:
         import transformers  # noqa: F401
     except ImportError as err:
-        raise CamkitError(
-            "hf: models need the transformers library: pip install 'camkit[hf]'"
-        ) from err
+        raise CamkitError("hf: models need the transformers library: pip install 'camkit[hf]'") from err
     path = Path(source).expanduser()
     local = path.is_dir()
     if not local and (source.startswith((".", "/", "~")) or path.exists()):
