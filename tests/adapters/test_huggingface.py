@@ -188,3 +188,21 @@ def test_gradcam_agrees_with_the_pytorch_grad_cam_vit_recipe(folders: dict[str, 
     a, b = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
     r = (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))
     assert (r >= 0.999).all(), r
+
+
+def test_attention_is_read_thread_safely(folders: dict[str, Path]) -> None:
+    # One model shared by threads: each thread's maps equal the maps computed alone (the mode is per-thread).
+    from concurrent.futures import ThreadPoolExecutor
+
+    lm = load_model(f"hf:{folders['vit']}")
+    images = [_image(), _image().rotate(90, expand=True), _image().transpose(Image.Transpose.FLIP_TOP_BOTTOM)]
+
+    def run(i: int) -> torch.Tensor:
+        method = ("gradrollout", "rollout", "legrad")[i % 3]
+        return camkit.explain(lm.model, images[i % 3], method, preprocess=lm.preprocess, targets=0).maps
+
+    alone = [run(i) for i in range(6)]
+    with ThreadPoolExecutor(3) as pool:
+        together = list(pool.map(run, range(6)))
+    for a, b in zip(alone, together, strict=True):
+        torch.testing.assert_close(a, b)
