@@ -78,6 +78,7 @@ __all__ = [
     "resolve_inputs",
     "run_progress",
     "split",
+    "split_methods",
     "update_entries",
     "user_errors",
     "versions",
@@ -238,6 +239,14 @@ def user_errors() -> Iterator[None]:
 def split(text: str) -> list[str]:
     """``"a, b,,c"`` -> ``["a", "b", "c"]``."""
     return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def split_methods(text: str) -> list[str]:
+    """``--methods``: ``"finercam(alpha=0.5, n_similar=2),gradcam"`` -> ``["finercam(alpha=0.5, n_similar=2)",
+    "gradcam"]`` (commas inside parentheses and quotes kept; :func:`camkit.methods.registry.split_specs`)."""
+    from camkit.methods.spec import split_specs
+
+    return split_specs(text)
 
 
 def new_table(title: str, columns: Sequence[str]) -> Table:

@@ -36,6 +36,7 @@ from camkit.cli.common import (
     resolve_inputs,
     run_progress,
     split,
+    split_methods,
     update_entries,
     user_errors,
     versions,
@@ -437,7 +438,7 @@ def _methods(text: str) -> tuple[list[str], list[str]]:
     """The ``--methods`` names (each checked) and the slow ones among them (perturbation methods)."""
     from camkit.methods import PerturbationMethod, get_method
 
-    names = split(text)
+    names = split_methods(text)
     kinds = [(name, get_method(name)) for name in names]  # an unknown name raises here
     return names, [name for name, method in kinds if isinstance(method, PerturbationMethod)]
 

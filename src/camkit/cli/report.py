@@ -33,6 +33,7 @@ from camkit.cli.common import (
     read_or_skip,
     resolve_inputs,
     split,
+    split_methods,
     user_errors,
 )
 from camkit.errors import CamkitError
@@ -224,7 +225,7 @@ def _report_images(args: ReportArgs) -> tuple[int, int]:
 
     if args.limit is not None or args.image_root is not None:
         raise CamkitError("--limit and --image-root are for a `camkit run` store (a folder holding run.json)")
-    method_list = split(args.methods)
+    method_list = split_methods(args.methods)
     if not method_list:
         raise CamkitError("--methods is empty: give at least one method (see `camkit methods`)")
     for m in method_list:
@@ -296,7 +297,7 @@ def _report_store(args: ReportArgs) -> None:
             "report holds the images done so far; run the same `camkit run` command to finish it",
             highlight=False,
         )
-    methods = split(args.methods) if "methods" in args.given else None
+    methods = split_methods(args.methods) if "methods" in args.given else None
     result = report_store(store, out, options, methods=methods, limit=limit, image_root=args.image_root)
     stats = result.stats
     console.print(

@@ -28,6 +28,7 @@ from camkit.cli.common import (
     max_pixels_limit,
     out_option,
     split,
+    split_methods,
     user_errors,
 )
 from camkit.cli.progress import images_progress, shown
@@ -121,7 +122,7 @@ def run(
 
     with user_errors():
         options = RunOptions(
-            methods=tuple(split(methods)),
+            methods=tuple(split_methods(methods)),
             layers=layers,
             target=target,
             resolution=resolution,

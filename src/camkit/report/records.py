@@ -27,6 +27,7 @@ from camkit.core.targets import TopK
 from camkit.errors import CamkitError
 from camkit.localize import Box, localize
 from camkit.methods import get_method
+from camkit.methods.spec import split_specs
 from camkit.metrics import Forward, MetricScorer, registry
 
 if TYPE_CHECKING:
@@ -179,7 +180,7 @@ def _check(
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise CamkitError(f"steps must be an int >= 1, got {steps!r}")
     if isinstance(methods, str):
-        methods = [s.strip() for s in methods.split(",") if s.strip()]
+        methods = split_specs(methods)
     if not methods:
         raise CamkitError("no method given: pass at least one method name (see `camkit methods`)")
     for name in methods:
