@@ -51,7 +51,13 @@ def run(
         ),
     ] = Path("store"),
     methods: Annotated[
-        str, typer.Option("--methods", "--method", "-m", help="CAM methods, comma-separated.")
+        str,
+        typer.Option(
+            "--methods",
+            "--method",
+            "-m",
+            help="CAM methods, comma-separated; parameters in parentheses: 'finercam(alpha=0.5)'.",
+        ),
     ] = "gradcam",
     layers: LayersOption = "auto",
     layout: Annotated[
