@@ -2,7 +2,7 @@
 
 Rows (:data:`ROWS`) are the method kinds of :mod:`camkit.methods.registry`, one or a few cheap representatives
 each (LayerMethod, PerturbationMethod, PassMethod on a tiny CNN; AttentionMethod on a tiny timm ViT), plus two
-rows that mix kinds in one call. Columns are the entry points that take methods: the library's ``explain``,
+rows that mix kinds in one call and one of configured methods (``finercam(alpha=0.5)``, ``sscam(samples=2)``). Columns are the entry points that take methods: the library's ``explain``,
 ``compare`` (and TopK) and ``augment=``; the ``explain`` command (several methods and layers, ``--target top2``,
 ``--augment``); ``localize``; ``run`` at both resolutions with every metric (a manifest with boxes); ``report``
 from images and from those stores; ``evaluate`` on images and on the stores; and the web app's API.
@@ -34,7 +34,7 @@ from typer.testing import CliRunner, Result
 import camkit
 from camkit.adapters import LoadedModel, Preprocess
 from camkit.cli import app as cli
-from camkit.methods import METHODS
+from camkit.methods import METHODS, get_method
 from camkit.methods.registry import AttentionMethod, LayerMethod, PassMethod, PerturbationMethod
 
 SIDE = 32  # the models' input size
@@ -140,6 +140,7 @@ ROWS: dict[str, Row] = {
     "attention": Row("tinyvit", ("rollout", "legrad")),
     "mixed": Row("tinycnn", ("gradcam", "scorecam", "polycam")),
     "mixed-vit": Row("tinyvit", ("gradcam", "rollout")),
+    "configured": Row("tinycnn", ("finercam(alpha=0.5)", "sscam(samples=2)")),  # methods with parameters
 }
 KIND_OF = {"layer": "LayerMethod", "perturbation": "PerturbationMethod", "pass": "PassMethod",
            "attention": "AttentionMethod"}  # fmt: skip
@@ -152,7 +153,7 @@ def test_the_rows_cover_every_method_kind() -> None:
     kinds = {type(m).__name__ for m in METHODS.values()}
     assert kinds == set(KIND_OF.values()), "a new method kind: add a row for it"
     for row_id, kind in KIND_OF.items():
-        assert {type(METHODS[m]).__name__ for m in ROWS[row_id].methods} == {kind}, row_id
+        assert {type(get_method(m)).__name__ for m in ROWS[row_id].methods} == {kind}, row_id
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -294,13 +295,13 @@ def test_lib_augment(row_id: str, images: Path) -> None:
         try:
             e = camkit.explain(loaded.model, pics, method, preprocess=loaded.preprocess, augment="flip")
         except ValueError as err:
-            if isinstance(METHODS[method], AttentionMethod) and re.search("augment.*attention", str(err)):
+            if isinstance(get_method(method), AttentionMethod) and re.search("augment.*attention", str(err)):
                 continue  # refused, and says why
-            if isinstance(METHODS[method], PassMethod) and "augment" in str(err) and method in str(err):
+            if isinstance(get_method(method), PassMethod) and "augment" in str(err) and method in str(err):
                 continue  # an own-pass method may be refused too, by name
             failures.append(f"{method}: {type(err).__name__}: {err}")
             continue
-        assert not isinstance(METHODS[method], AttentionMethod), f"{method}: augment was not refused"
+        assert not isinstance(get_method(method), AttentionMethod), f"{method}: augment was not refused"
         assert_map(e.maps, (N_IMAGES, SIDE, SIDE), f"{method} augment=flip")
     assert not failures, "\n".join(failures)
 
@@ -326,7 +327,7 @@ def test_cli_explain_methods_and_layers(row_id: str, images: Path, tmp_path: Pat
             assert im.size == (48, 40), (entry, im.size)
         assert entry["label"] in LABELS and 0.0 <= entry["prob"] <= 1.0
         assert row.model in Path(entry["file"]).name and entry["method"] in Path(entry["file"]).name
-        if isinstance(METHODS[entry["method"]], LayerMethod | PerturbationMethod):
+        if isinstance(get_method(entry["method"]), LayerMethod | PerturbationMethod):
             assert entry["layers"] == LAYERS[row.model].split(","), entry  # both layers explained
     # several methods or layers: one grid per image (methods x layers), wider than one overlay
     assert sorted(e["image"] for e in grids) == sorted(Path(n).stem for n in BOXES)
@@ -367,8 +368,8 @@ def test_cli_explain_augment(row_id: str, images: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     res = invoke("explain", images / "a.png", images / "b.png", "--model", row.model, "--methods", row.arg,
                  "--augment", "flip", "--out", out, "--no-progress")  # fmt: skip
-    attention = [m for m in row.methods if isinstance(METHODS[m], AttentionMethod)]
-    own_pass = [m for m in row.methods if isinstance(METHODS[m], PassMethod)]
+    attention = [m for m in row.methods if isinstance(get_method(m), AttentionMethod)]
+    own_pass = [m for m in row.methods if isinstance(get_method(m), PassMethod)]
     if attention or (own_pass and res.exit_code == 2 and "--augment" in res.output):
         line = refused(res, "--augment")
         assert any(m in line for m in attention + own_pass), line
@@ -603,7 +604,7 @@ def test_app_api(row_id: str, images: Path, client: Any) -> None:
     assert layers.json()["auto"], layers.json()
     png = (images / "a.png").read_bytes()
     for method in row.methods:
-        assert kinds[method] == type(METHODS[method]).__name__
+        assert kinds[method.split("(")[0]] == type(get_method(method)).__name__  # a configured one: its base
         res = client.post("/api/explain", data={"model": row.model, "method": method, "alpha": "0.4"},
                           files={"file": ("a.png", png, "image/png")})  # fmt: skip
         assert res.status_code == 200, (method, res.status_code, res.text)

@@ -379,7 +379,15 @@ def test_methods_lists_family_cost_paper_prefer_in_every_format() -> None:
         assert d["family"] and d["cost"] and d["paper"] and d["prefer"], d
     res = runner.invoke(app, ["methods", "--format", "tsv"])
     lines = res.stdout.splitlines()
-    assert lines[0].split("\t") == ["name", "family", "what", "cost per image", "prefer it when", "paper"]
+    assert lines[0].split("\t") == [
+        "name",
+        "family",
+        "parameters",
+        "what",
+        "cost per image",
+        "prefer it when",
+        "paper",
+    ]
     assert [ln.split("\t")[0] for ln in lines[1:]] == names
     # piped table: nothing cut (old: 'gradcam…' at 80 columns)
     res = runner.invoke(app, ["methods"])

@@ -40,11 +40,13 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from camkit.adapters import LoadedModel
+    from camkit.io.annotations import Annotation
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
     "SAMPLE_NAMES",
     "USER_ERRORS",
+    "AnnotationsOption",
     "DeviceOption",
     "ImagesArgument",
     "Input",
@@ -59,25 +61,30 @@ __all__ = [
     "SeedOption",
     "ThreadsOption",
     "WeightsOption",
+    "annotated_targets",
     "collect_inputs",
     "console",
     "err_console",
     "error_line",
     "fail",
+    "file_part",
     "load_model",
     "load_pictures",
     "max_pixels_limit",
     "merge_entries",
     "model_option",
     "new_table",
+    "note_line",
     "os_error_message",
     "out_option",
     "previous_entries",
+    "read_annotated",
     "read_input",
     "read_or_skip",
     "resolve_inputs",
     "run_progress",
     "split",
+    "split_methods",
     "update_entries",
     "user_errors",
     "versions",
@@ -155,6 +162,15 @@ SampleOption = Annotated[
     str,
     typer.Option("--sample", help=f"Sample photo used when no image is given: {', '.join(SAMPLE_NAMES)}."),
 ]
+AnnotationsOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--annotations",
+        "-a",
+        help="camkit JSON, COCO JSON, Pascal VOC XML file or folder: each image (matched by file name) is "
+        "explained for its annotated class; images without one get --target (default: their top-1), with a note.",
+    ),
+]
 ProgressOption = Annotated[
     bool | None,
     typer.Option(
@@ -190,6 +206,11 @@ def fail(err: BaseException | str) -> NoReturn:
 def warn(message: str) -> None:
     """Print ``error: <message>`` on stderr and go on (an input that is skipped)."""
     err_console.print(error_line(message), highlight=False, soft_wrap=True)
+
+
+def note_line(message: str) -> None:
+    """Print ``note: <message>`` on stderr (a remark, the command goes on)."""
+    err_console.print(error_line(message, "note:", "yellow"), highlight=False, soft_wrap=True)
 
 
 _AGAIN = ", then run the same command again"
@@ -238,6 +259,22 @@ def user_errors() -> Iterator[None]:
 def split(text: str) -> list[str]:
     """``"a, b,,c"`` -> ``["a", "b", "c"]``."""
     return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def split_methods(text: str) -> list[str]:
+    """``--methods``: ``"finercam(alpha=0.5, n_similar=2),gradcam"`` -> ``["finercam(alpha=0.5, n_similar=2)",
+    "gradcam"]`` (commas inside parentheses and quotes kept; :func:`camkit.methods.registry.split_specs`)."""
+    from camkit.methods.spec import split_specs
+
+    return split_specs(text)
+
+
+def file_part(name: str) -> str:
+    """A method name as part of a file name: a configured name keeps letters, digits and ``._+-=,()``
+    (``finercam(base='layercam')`` -> ``finercam(base=layercam)``)."""
+    import re
+
+    return re.sub(r"[^\w.+=,()-]", "", name)
 
 
 def new_table(title: str, columns: Sequence[str]) -> Table:
@@ -414,3 +451,56 @@ def update_entries(path: Path, new: list[dict[str, Any]]) -> None:
     out = path.parent
     with file_lock(out / f".camkit-{path.stem}.lock", what=str(path)):
         write_json(path, merge_entries(previous_entries(path), new, out))
+
+
+# ------------------------------------------------------------------------------------------------ annotations
+
+
+def read_annotated(path: Path | None, inputs: Sequence[Input]) -> dict[str, Annotation]:
+    """``--annotations`` read before any model work (:func:`camkit.io.annotations.read_annotations`) and matched
+    to the inputs by file name, as ``camkit evaluate`` does: input name -> its annotation. Two inputs sharing a
+    file name that has an annotation are ambiguous: refused."""
+    if path is None:
+        return {}
+    from camkit.io.annotations import read_annotations
+
+    anns = read_annotations(path)
+    seen: dict[str, Path] = {}
+    out: dict[str, Annotation] = {}
+    for item in inputs:
+        if item.path is None or item.path.name not in anns:
+            continue
+        if item.path.name in seen:
+            raise CamkitError(
+                f"two images are named {item.path.name!r} ({str(seen[item.path.name])!r}, {str(item.path)!r}) and "
+                "the annotations match images by file name: rename the files or explain the folders one at a time"
+            )
+        seen[item.path.name] = item.path
+        out[item.name] = anns[item.path.name]
+    return out
+
+
+def annotated_targets(anns: dict[str, Annotation], loaded: LoadedModel) -> dict[str, int | str]:
+    """Input name -> the class to explain, from its annotation: an index as it is, a name checked against the
+    model's labels (an unknown name: an error for camkit JSON; for COCO / VOC, whose vocabularies differ from the
+    model's, a note on stderr and the image is left to --target). Inputs without a class are left out."""
+    from camkit.core.targets import class_index
+
+    out: dict[str, int | str] = {}
+    labels = loaded.labels
+    for name, ann in anns.items():
+        cls = ann.cls
+        if cls is None:
+            continue
+        if isinstance(cls, str) and not ann.strict_class:
+            try:
+                class_index(cls, len(labels) if labels else 0, labels)
+            except (ValueError, TypeError):
+                note_line(
+                    f"{name}: annotated class {cls!r} is not a class of {loaded.name}: explaining --target"
+                )
+                continue
+        if isinstance(cls, bool) or not isinstance(cls, (int, str)):
+            raise CamkitError(f"{ann.source}: the class of {name!r} must be an index or a name, got {cls!r}")
+        out[name] = cls
+    return out

@@ -37,6 +37,7 @@ from camkit.cli.common import (
     max_pixels_limit,
     out_option,
     split,
+    split_methods,
     user_errors,
     versions,
     warn,
@@ -116,7 +117,7 @@ def evaluate(
         _print_store(images[0], fmt)  # a `camkit run` store: its summary, nothing recomputed
         return
     with user_errors():
-        method_list = split(methods)
+        method_list = split_methods(methods)
         if not method_list:
             raise CamkitError("--methods is empty; give at least one method (see `camkit methods`)")
         for m in method_list:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -12,6 +12,7 @@ from rich.table import Table
 
 from camkit.cli.common import (
     DEFAULT_MAX_PIXELS,
+    AnnotationsOption,
     DeviceOption,
     ImagesArgument,
     Input,
@@ -25,17 +26,22 @@ from camkit.cli.common import (
     SeedOption,
     ThreadsOption,
     WeightsOption,
+    annotated_targets,
     console,
     err_console,
+    file_part,
     load_model,
     max_pixels_limit,
     new_table,
+    note_line,
     out_option,
     previous_entries,
+    read_annotated,
     read_or_skip,
     resolve_inputs,
     run_progress,
     split,
+    split_methods,
     update_entries,
     user_errors,
     versions,
@@ -51,6 +57,7 @@ if TYPE_CHECKING:
     from camkit.core.explanation import Explanation
     from camkit.core.targets import TargetSpec
     from camkit.core.tasks import ChosenTarget
+    from camkit.io.annotations import Annotation
     from camkit.methods.engine import PerturbationOptions
 
 __all__ = ["ExplainArgs", "SummaryRow", "TaskInfo", "explain", "run_explain"]
@@ -143,6 +150,8 @@ class _Job:
     progress: Callable[[int, int], None] | None = None  # forward passes of this image's perturbation methods
     eigen_smooth: bool = False  # first principal component of each map's per-channel terms
     augment: str | None = None  # test-time augmentation: 'gradcam' or 'flip'
+    annotations: dict[str, Annotation] = field(default_factory=dict)  # input name -> its annotation
+    targets: dict[str, int | str] | None = None  # input name -> its annotated class (None: no --annotations)
 
 
 @dataclass(frozen=True)
@@ -165,7 +174,11 @@ def explain(
     methods: Annotated[
         str,
         typer.Option(
-            "--method", "--methods", "-m", help="Method name(s), comma-separated; see `camkit methods`."
+            "--method",
+            "--methods",
+            "-m",
+            help="Method name(s), comma-separated; a method's parameters in parentheses: "
+            "'finercam(alpha=0.5),gradcam'; see `camkit methods`.",
         ),
     ] = "gradcam",
     layers: LayersOption = "auto",
@@ -178,6 +191,7 @@ def explain(
             "models: the class covering most of the predicted mask; detection models: the best detection.",
         ),
     ] = None,
+    annotations: AnnotationsOption = None,
     out: Annotated[Path, out_option("Output folder for the PNG files and summary.json.")] = Path("out"),
     cmap: Annotated[str, typer.Option(help="Matplotlib colormap.")] = "jet",
     alpha: Annotated[float, typer.Option(help="Weight of the heatmap in the overlay (0..1).")] = 0.5,
@@ -272,6 +286,7 @@ def explain(
         methods=methods,
         layers=layers,
         target=target,
+        annotations=annotations,
         out=out,
         cmap=cmap,
         alpha=alpha,
@@ -310,6 +325,7 @@ class ExplainArgs:
     methods: str = "gradcam"
     layers: str = "auto"
     target: str | None = None
+    annotations: Path | None = None
     out: Path = Path("out")
     cmap: str = "jet"
     alpha: float = 0.5
@@ -337,7 +353,8 @@ class ExplainArgs:
         names = ("layers", "target", "fusion", "cmap", "alpha", "max_side", "caption", "batch_size", "top_channels",
                  "samples", "weighting", "ablation", "eigen_smooth", "augment", "compile", "input_size",
                  "det_threshold", "max_pixels")  # fmt: skip
-        return {"methods": methods, **{n: getattr(self, n) for n in names}}
+        given = {"annotations": str(self.annotations)} if self.annotations is not None else {}
+        return {"methods": methods, **{n: getattr(self, n) for n in names}, **given}
 
     def clip_job(self, methods: list[str]) -> ClipJob:
         """The options of a clip run (:mod:`camkit.cli.video`)."""
@@ -356,9 +373,12 @@ def run_explain(args: ExplainArgs) -> tuple[int, int]:
     if _clip_run(list(args.images), args.model.name):
         from camkit.cli.video import explain_clips
 
+        if args.annotations is not None:
+            raise CamkitError("--annotations is for images; a clip is explained for --target")
         explain_clips(list(args.images), args.clip_job(methods))
         return 0, 0
     inputs = resolve_inputs(list(args.images), args.sample, args.model.file_tag())
+    anns = read_annotated(args.annotations, inputs)  # before any model work
     prepare_out_dir(args.out)
     previous_entries(args.out / "summary.json")  # refuse a foreign summary.json before any model work
     loaded = load_model(args.model, input_size=args.input_size)
@@ -367,7 +387,8 @@ def run_explain(args: ExplainArgs) -> tuple[int, int]:
     job = _Job(loaded=loaded, methods=methods, slow=slow, layers=args.layers, spec=spec, fusion=args.fusion,
                perturbation=perturbation, device=args.model.device, out=args.out, cmap=args.cmap, alpha=args.alpha,
                max_side=args.max_side, caption=args.caption, eigen_smooth=args.eigen_smooth,
-               augment=args.augment)  # fmt: skip
+               augment=args.augment, annotations=anns,
+               targets=annotated_targets(anns, loaded) if args.annotations is not None else None)  # fmt: skip
     run_info = {**args.model.to_dict(), **versions(), "options": args.summary_options(methods)}
     return _explain_inputs(job, inputs, args, run_info), len(inputs)
 
@@ -409,9 +430,10 @@ def _explain_inputs(job: _Job, inputs: list[Input], args: ExplainArgs, run_info:
             if pil is None:
                 failed += 1
             else:
-                job_item = replace(job, progress=bar.forwards())
+                job_item = replace(job, progress=bar.forwards(), spec=_image_target(job, item.name))
+                extra = _annotation_field(job, item.name)
                 for entry in _explain_picture(job_item, item, pil, table):
-                    entries.append({**entry, "source": item.source, **run_info})
+                    entries.append({**entry, **extra, "source": item.source, **run_info})
             bar.image_done(item.name)
     if failed == len(inputs):
         raise CamkitError(f"none of the {len(inputs)} images could be read (see above)")
@@ -419,6 +441,27 @@ def _explain_inputs(job: _Job, inputs: list[Input], args: ExplainArgs, run_info:
     console.print(table)
     console.print(f"written to {job.out}/")
     return failed
+
+
+def _image_target(job: _Job, name: str) -> TargetSpec:
+    """The class an image is explained for: its annotated class with ``--annotations``, else ``--target`` (a
+    note on stderr when ``--annotations`` gave it none)."""
+    if job.targets is None:
+        return job.spec
+    if name in job.targets:
+        return job.targets[name]
+    what = "--target" if job.spec is not None else "its top-1"
+    note_line(f"{name} has no annotated class: explaining {what}")
+    return job.spec
+
+
+def _annotation_field(job: _Job, name: str) -> dict[str, object]:
+    """The ``annotation`` field of a summary.json entry with ``--annotations``: the class the file gives the
+    image (an index or a name), or None."""
+    if job.targets is None:
+        return {}
+    ann = job.annotations.get(name)
+    return {"annotation": ann.cls if ann is not None else None}
 
 
 def _clip_run(images: list[Path] | None, model: str) -> bool:
@@ -437,7 +480,7 @@ def _methods(text: str) -> tuple[list[str], list[str]]:
     """The ``--methods`` names (each checked) and the slow ones among them (perturbation methods)."""
     from camkit.methods import PerturbationMethod, get_method
 
-    names = split(text)
+    names = split_methods(text)
     kinds = [(name, get_method(name)) for name in names]  # an unknown name raises here
     return names, [name for name, method in kinds if isinstance(method, PerturbationMethod)]
 
@@ -556,7 +599,7 @@ def _write_target(
     rows: list[SummaryRow] = []
     cells: dict[str, dict[str, Image.Image]] = {}
     for name, expl in results.items():
-        file = job.out / f"{pic.stem}_{name}{suffix}.png"
+        file = job.out / f"{pic.stem}_{file_part(name)}{suffix}.png"
         fused = decorate(expl.overlay(0, target=t, cmap=job.cmap, alpha=job.alpha, max_side=job.max_side))
         row = _summary_row(job, pic, name, expl, t, file)
         if job.caption:

@@ -27,6 +27,7 @@ from camkit.cli.common import (
     WeightsOption,
     console,
     err_console,
+    file_part,
     load_model,
     max_pixels_limit,
     new_table,
@@ -148,7 +149,10 @@ def localize(
     pretrained: PretrainedOption = True,
     seed: SeedOption = 0,
     threads: ThreadsOption = None,
-    method: Annotated[str, typer.Option("--method", "-m", help="CAM method.")] = "gradcam",
+    method: Annotated[
+        str,
+        typer.Option("--method", "-m", help="CAM method; parameters in parentheses: 'finercam(alpha=0.5)'."),
+    ] = "gradcam",
     layers: LayersOption = "auto",
     target: Annotated[
         str | None, typer.Option("--target", "-t", help="Class index or name (default top-1).")
@@ -229,7 +233,7 @@ def run_localize(args: LocalizeArgs) -> tuple[int, int]:
     if args.mode not in ("largest", "all"):
         raise CamkitError(f"--mode is 'largest' or 'all', got {args.mode!r}")
     get_method(args.method)  # an unknown name raises here
-    tag = args.model.file_tag() + ("" if args.method == "gradcam" else f"_{args.method}")
+    tag = args.model.file_tag() + ("" if args.method == "gradcam" else f"_{file_part(args.method)}")
     max_pixels_limit(args.max_pixels)
     inputs = resolve_inputs(list(args.images), args.sample, tag)
     prepare_out_dir(args.out)

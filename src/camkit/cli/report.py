@@ -15,6 +15,7 @@ import typer
 
 from camkit.cli.common import (
     DEFAULT_MAX_PIXELS,
+    AnnotationsOption,
     DeviceOption,
     ImagesArgument,
     LayersOption,
@@ -26,13 +27,16 @@ from camkit.cli.common import (
     SeedOption,
     ThreadsOption,
     WeightsOption,
+    annotated_targets,
     console,
     err_console,
     load_model,
     max_pixels_limit,
+    read_annotated,
     read_or_skip,
     resolve_inputs,
     split,
+    split_methods,
     user_errors,
 )
 from camkit.errors import CamkitError
@@ -47,7 +51,7 @@ __all__ = ["ReportArgs", "report"]
 
 #: Options that decide what a model computes: meaningless for a store, whose results are read as stored.
 _MODEL_WORK = (
-    "model", "weights", "pretrained", "seed", "threads", "layers", "target", "metrics", "steps", "threshold",
+    "model", "weights", "pretrained", "seed", "threads", "layers", "target", "annotations", "metrics", "steps", "threshold",
     "sample", "device", "max_pixels",
 )  # fmt: skip
 
@@ -61,12 +65,19 @@ def report(
     seed: SeedOption = 0,
     threads: ThreadsOption = None,
     methods: Annotated[
-        str, typer.Option("--methods", "--method", "-m", help="CAM methods, comma-separated.")
+        str,
+        typer.Option(
+            "--methods",
+            "--method",
+            "-m",
+            help="CAM methods, comma-separated; parameters in parentheses: 'finercam(alpha=0.5),gradcam'.",
+        ),
     ] = "gradcam",
     layers: LayersOption = "auto",
     target: Annotated[
         str | None, typer.Option("--target", "-t", help="Class index or name (default: each image's top-1).")
     ] = None,
+    annotations: AnnotationsOption = None,
     metrics: Annotated[
         str,
         typer.Option(
@@ -126,6 +137,7 @@ def report(
         methods=methods,
         layers=layers,
         target=target,
+        annotations=annotations,
         metrics=metrics,
         steps=steps,
         threshold=threshold,
@@ -185,6 +197,7 @@ class ReportArgs:
     sample: str
     max_pixels: int
     given: frozenset[str]
+    annotations: Path | None = None
 
     def page(self, store: bool, meta: str | None = None) -> ReportOptions:
         """The report's page options (checked); a store's: thumbnails of 128 pixels and no full view unless
@@ -224,7 +237,7 @@ def _report_images(args: ReportArgs) -> tuple[int, int]:
 
     if args.limit is not None or args.image_root is not None:
         raise CamkitError("--limit and --image-root are for a `camkit run` store (a folder holding run.json)")
-    method_list = split(args.methods)
+    method_list = split_methods(args.methods)
     if not method_list:
         raise CamkitError("--methods is empty: give at least one method (see `camkit methods`)")
     for m in method_list:
@@ -236,7 +249,9 @@ def _report_images(args: ReportArgs) -> tuple[int, int]:
     _check_out(args.out)
     limit = max_pixels_limit(args.max_pixels)
     inputs = resolve_inputs(list(args.images), args.sample, "")
+    anns = read_annotated(args.annotations, inputs)  # before any model work
     loaded = load_model(args.model)
+    targets = annotated_targets(anns, loaded) if args.annotations is not None else None
     meta = f"{len(inputs)} images · model {loaded.name} · {', '.join(method_list)} · layers {args.layers}"
     failed: list[str] = []
 
@@ -249,7 +264,7 @@ def _report_images(args: ReportArgs) -> tuple[int, int]:
             yield item.name, pil
 
     records = build_records(
-        loaded, pictures(), method_list, args.layers, spec, split(args.metrics), args.steps, parsed
+        loaded, pictures(), method_list, args.layers, spec, split(args.metrics), args.steps, parsed, targets
     )
     stats = write_report(records, args.out, replace(page, meta=meta))
     console.print(
@@ -296,7 +311,7 @@ def _report_store(args: ReportArgs) -> None:
             "report holds the images done so far; run the same `camkit run` command to finish it",
             highlight=False,
         )
-    methods = split(args.methods) if "methods" in args.given else None
+    methods = split_methods(args.methods) if "methods" in args.given else None
     result = report_store(store, out, options, methods=methods, limit=limit, image_root=args.image_root)
     stats = result.stats
     console.print(

@@ -28,6 +28,7 @@ from camkit.cli.common import (
     max_pixels_limit,
     out_option,
     split,
+    split_methods,
     user_errors,
 )
 from camkit.cli.progress import images_progress, shown
@@ -50,7 +51,13 @@ def run(
         ),
     ] = Path("store"),
     methods: Annotated[
-        str, typer.Option("--methods", "--method", "-m", help="CAM methods, comma-separated.")
+        str,
+        typer.Option(
+            "--methods",
+            "--method",
+            "-m",
+            help="CAM methods, comma-separated; parameters in parentheses: 'finercam(alpha=0.5)'.",
+        ),
     ] = "gradcam",
     layers: LayersOption = "auto",
     layout: Annotated[
@@ -121,7 +128,7 @@ def run(
 
     with user_errors():
         options = RunOptions(
-            methods=tuple(split(methods)),
+            methods=tuple(split_methods(methods)),
             layers=layers,
             target=target,
             resolution=resolution,

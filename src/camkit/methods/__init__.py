@@ -11,8 +11,10 @@ from camkit.methods.registry import (
     PassInput,
     PassMethod,
     PerturbationMethod,
+    configure_method,
     get_method,
     method_names,
+    method_parameters,
     register,
 )
 
@@ -32,7 +34,9 @@ __all__ = [
     "PassInput",
     "PassMethod",
     "PerturbationMethod",
+    "configure_method",
     "get_method",
     "method_names",
+    "method_parameters",
     "register",
 ]

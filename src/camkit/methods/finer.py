@@ -115,4 +115,4 @@ def _run(
     return out
 
 
-register(finercam())
+register(finercam(), finercam)

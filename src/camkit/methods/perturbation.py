@@ -34,9 +34,13 @@ dedupe, seeded noise, Ablation-CAM's replay, progress, and the accelerated forwa
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable, Mapping
+
 import torch
 from torch import Tensor
 
+from camkit.errors import CamkitError
 from camkit.methods.engine import (
     PerturbationContext,
     PerturbationOptions,
@@ -45,9 +49,18 @@ from camkit.methods.engine import (
     masked_scores,
     noise,
 )
-from camkit.methods.registry import PerturbationMethod, register
+from camkit.methods.registry import PerturbationMethod, configured_name, register
 
-__all__ = ["PerturbationContext", "PerturbationOptions", "ablationcam", "iscam", "scorecam", "sscam"]
+__all__ = [
+    "PerturbationContext",
+    "PerturbationOptions",
+    "ablationcam",
+    "iscam",
+    "register_tunable",
+    "scorecam",
+    "sscam",
+    "tunable",
+]
 
 
 # ----------------------------------------------------------------------------------------------- formulas
@@ -108,9 +121,69 @@ def ablationcam(ctx: PerturbationContext) -> Tensor:
     return torch.where(torch.isfinite(w), w, torch.zeros_like(w)).transpose(1, 2)
 
 
+# ----------------------------------------------------------------------------------------------- settings
+
+#: The :class:`PerturbationOptions` field that a method's ``samples`` parameter sets (its own count).
+_COUNTS = {"sscam": "noise_draws", "iscam": "integration_steps", "opticam": "iterations"}
+
+
+def _check_type(method: str, key: str, value: object, default: object) -> None:
+    """A setting of the default's type (an int for a float, an int for a None default), else a CamkitError."""
+    if isinstance(default, bool) or isinstance(value, bool):
+        ok = isinstance(value, bool) and isinstance(default, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float))
+    elif default is None:
+        ok = value is None or isinstance(value, int)
+    else:
+        ok = isinstance(value, type(default))
+    if not ok:
+        want = "an int or None" if default is None else f"of type {type(default).__name__} (like {default!r})"
+        raise CamkitError(f"{method}: {key} must be {want}, got {value!r}")
+    if key == "samples" and value < 1:  # type: ignore[operator]  # an int here
+        raise CamkitError(f"{method}: samples must be >= 1, got {value}")
+
+
+def tunable(
+    method: PerturbationMethod, parameters: Mapping[str, object]
+) -> Callable[..., PerturbationMethod]:
+    """A factory of configured copies of a perturbation method: ``factory(samples=10)`` is the method with these
+    :class:`PerturbationOptions` fields set for it alone, over the call's (``samples`` sets the method's own
+    count: SS-CAM's ``noise_draws``, IS-CAM's ``integration_steps``, Opti-CAM's ``iterations``), named
+    ``sscam(samples=10)``. Types are checked against ``parameters`` (the defaults), values by
+    :class:`PerturbationOptions`, with its messages."""
+
+    def factory(**settings: object) -> PerturbationMethod:
+        for key, value in settings.items():
+            if key not in parameters:
+                raise CamkitError(f"{method.name} has no parameter {key!r}")
+            _check_type(method.name, key, value, parameters[key])
+        fields = {_COUNTS.get(method.name, k) if k == "samples" else k: v for k, v in settings.items()}
+        PerturbationOptions(**fields)  # type: ignore[arg-type]  # checks the values, with the API's messages
+        if not fields:
+            return method
+        base = method.weights
+
+        def weights(ctx: PerturbationContext) -> Tensor:
+            options = dataclasses.replace(ctx.options, **fields)  # type: ignore[arg-type]
+            return base(dataclasses.replace(ctx, options=options))
+
+        name = configured_name(method.name, settings, parameters)
+        return dataclasses.replace(method, name=name, weights=weights)
+
+    return factory
+
+
+def register_tunable(method: PerturbationMethod, parameters: Mapping[str, object]) -> None:
+    """Register a perturbation method with its settings (:func:`tunable`)."""
+    register(method, tunable(method, parameters), parameters)
+
+
+_SCORE = {"weighting": "prob", "top_channels": None}
+
 # ----------------------------------------------------------------------------------------------- registry
 
-register(
+register_tunable(
     PerturbationMethod(
         name="scorecam",
         needs_grad=False,
@@ -120,9 +193,10 @@ register(
         aliases=("score-cam",),
         weights=scorecam,
         prefer="no gradients needed, or gradients that saturate: weights from the class score itself; K forwards",
-    )
+    ),
+    {**_SCORE, "align_corners": False},
 )
-register(
+register_tunable(
     PerturbationMethod(
         name="sscam",
         needs_grad=False,
@@ -132,9 +206,10 @@ register(
         aliases=("ss-cam", "smoothscorecam"),
         weights=sscam,
         prefer="Score-CAM with less noise in the weights, when its maps look speckled; K x samples forwards",
-    )
+    ),
+    {"samples": 35, "noise_std": 2.0, "seed": 0, **_SCORE},
 )
-register(
+register_tunable(
     PerturbationMethod(
         name="iscam",
         needs_grad=False,
@@ -144,9 +219,10 @@ register(
         aliases=("is-cam", "integratedscorecam"),
         weights=iscam,
         prefer="Score-CAM that integrates the mask from 0 to 1, smoother weights for low-confidence classes",
-    )
+    ),
+    {"samples": 10, **_SCORE},
 )
-register(
+register_tunable(
     PerturbationMethod(
         name="ablationcam",
         needs_grad=False,
@@ -156,5 +232,6 @@ register(
         aliases=("ablation-cam", "ablation"),
         weights=ablationcam,
         prefer="gradient-free and cheap with the replay (only the layers after the target rerun); CNN layers",
-    )
+    ),
+    {"ablation": "zero", "replay": True},
 )

@@ -44,7 +44,8 @@ def refinecam(scales: Sequence[float] = (1.0, 1.5, 2.0), base: str = "gradcam") 
         scales: resize factors of the input (each > 0); every scale costs one capture pass.
         base: a gradient layer method (``gradcam``, ``gradcam++``, ``layercam``, ...) computed at each scale.
     """
-    factors = [float(s) for s in scales] if not isinstance(scales, (str, bytes)) else []
+    sequence = isinstance(scales, Sequence) and not isinstance(scales, (str, bytes))
+    factors = [float(s) for s in scales] if sequence else []
     if not factors or any(not s > 0 for s in factors):
         raise CamkitError(f"scales must be a non-empty sequence of factors > 0, got {scales!r}")
     formula = get_method(base)
@@ -99,4 +100,4 @@ def _run(inp: PassInput, scales: list[float], fn: Callable[[MethodInput], Tensor
     return {name: stack_targets(inp, [m / len(scales) for m in per]) for name, per in sums.items()}
 
 
-register(refinecam())
+register(refinecam(), refinecam)

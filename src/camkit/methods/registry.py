@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import difflib
 import enum
+import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -37,6 +38,7 @@ from torch import Tensor, nn
 
 from camkit.errors import CamkitError
 from camkit.methods.head import classifier_weights
+from camkit.methods.spec import parse_spec, split_specs
 
 if TYPE_CHECKING:
     from camkit.methods.engine import PerturbationContext
@@ -52,10 +54,13 @@ __all__ = [
     "PassInput",
     "PassMethod",
     "PerturbationMethod",
+    "configure_method",
     "configured_name",
     "get_method",
     "method_names",
+    "method_parameters",
     "register",
+    "split_specs",
 ]
 
 
@@ -290,10 +295,22 @@ class PassMethod(Method):
 
 METHODS: dict[str, Method] = {}
 _ALIASES: dict[str, str] = {}
+_FACTORIES: dict[str, tuple[Callable[..., Method], dict[str, object]]] = {}
 
 
-def register(method: Method) -> Method:
-    """Add a method to the registry (its name and aliases, case-insensitive)."""
+def register(
+    method: Method,
+    factory: Callable[..., Method] | None = None,
+    parameters: Mapping[str, object] | None = None,
+) -> Method:
+    """Add a method to the registry (its name and aliases, case-insensitive).
+
+    Args:
+        method: the method with its default settings.
+        factory: makes a configured instance from keyword settings (``finercam(alpha=0.5)``), so that
+            ``get_method("finercam(alpha=0.5)")`` and ``--methods "finercam(alpha=0.5)"`` work.
+        parameters: the factory's parameters and their defaults (default: read from its signature).
+    """
     if not isinstance(method, (LayerMethod, PerturbationMethod, AttentionMethod, PassMethod)):
         raise TypeError(
             "register a LayerMethod, PerturbationMethod, AttentionMethod or PassMethod, not "
@@ -302,6 +319,14 @@ def register(method: Method) -> Method:
     METHODS[method.name] = method
     for key in (method.name, *method.aliases):
         _ALIASES[_norm(key)] = method.name
+    if factory is not None:
+        if parameters is None:
+            parameters = {
+                p.name: p.default
+                for p in inspect.signature(factory).parameters.values()
+                if p.default is not inspect.Parameter.empty
+            }
+        _FACTORIES[method.name] = (factory, dict(parameters))
     return method
 
 
@@ -310,19 +335,62 @@ def _norm(name: str) -> str:
 
 
 def get_method(name: Any) -> Method:
-    """Look a method up by name or alias; unknown names raise ``ValueError`` with the closest matches."""
+    """Look a method up by name or alias, or make a configured one from a spec ``name(key=value, ...)``
+    (``"finercam(alpha=0.5)"``, :func:`configure_method`); unknown names raise a CamkitError with the closest
+    matches."""
     if isinstance(name, Method):
         return name
     if not isinstance(name, str):
         raise TypeError(
             f"a method is given by its name (a str, see `camkit methods`), not {type(name).__name__}"
         )
+    base, settings = parse_spec(name)
+    if settings is not None:
+        return configure_method(base, settings)
+    return METHODS[_canonical(name)]
+
+
+def _canonical(name: str) -> str:
     key = _norm(name)
     if key in _ALIASES:
-        return METHODS[_ALIASES[key]]
+        return _ALIASES[key]
     close = difflib.get_close_matches(name.lower(), list(METHODS), n=3, cutoff=0.4)
     hint = f" Did you mean {', '.join(close)}?" if close else ""
     raise CamkitError(f"unknown method {name!r}.{hint} Available: {', '.join(METHODS)}")
+
+
+def method_parameters(name: str) -> dict[str, object]:
+    """The parameters of a method and their defaults (``{}`` for a method without any), by name or alias."""
+    entry = _FACTORIES.get(_canonical(name))
+    return dict(entry[1]) if entry else {}
+
+
+def configure_method(name: str, settings: Mapping[str, object]) -> Method:
+    """The method ``name`` with these settings (the spec ``name(key=value, ...)``), checked as the Python API
+    checks them.
+
+    Raises:
+        CamkitError: an unknown method, a parameter the method does not have (with its parameters and the
+            closest match), or a value the method refuses (its own message).
+    """
+    canonical = _canonical(name)
+    if canonical not in _FACTORIES:
+        if not settings:
+            return METHODS[canonical]
+        raise CamkitError(f"{canonical} takes no parameters; write {canonical} (see `camkit methods`)")
+    factory, params = _FACTORIES[canonical]
+    for key in settings:
+        if key not in params:
+            close = difflib.get_close_matches(key, list(params), n=1, cutoff=0.5)
+            hint = f" Did you mean {close[0]}?" if close else ""
+            listed = ", ".join(f"{k}={v!r}" for k, v in params.items())
+            raise CamkitError(f"{canonical} has no parameter {key!r}.{hint} Its parameters: {listed}")
+    try:
+        return factory(**settings)
+    except (TypeError, ValueError) as err:
+        if isinstance(err, CamkitError):
+            raise
+        raise CamkitError(f"{canonical}: {err}") from err
 
 
 def configured_name(name: str, settings: Mapping[str, object], defaults: Mapping[str, object]) -> str:

@@ -53,6 +53,7 @@ from camkit.core.targets import score_fn
 from camkit.core.tokens import FeatureMaps, Layout, to_spatial
 from camkit.errors import CamkitError
 from camkit.methods.engine import PerturbationContext
+from camkit.methods.perturbation import register_tunable
 from camkit.methods.registry import PassInput, PassMethod, PerturbationMethod, register
 
 __all__ = [
@@ -379,7 +380,7 @@ register(
         prefer="maps at a shallow layer's resolution that keep the deep layer's class focus",
     )
 )
-register(
+register_tunable(
     PerturbationMethod(
         name="opticam",
         needs_grad=False,
@@ -389,5 +390,6 @@ register(
         aliases=("opti-cam",),
         weights=opticam,
         prefer="the map that, used as a mask, keeps the class score highest (faithfulness), at 100x the cost",
-    )
+    ),
+    {"samples": 100},
 )

@@ -106,4 +106,4 @@ def _run(inp: PassInput, n: int, sigma: float, seed: int, variant: str) -> dict[
     return out
 
 
-register(smoothgradcampp())
+register(smoothgradcampp(), smoothgradcampp)

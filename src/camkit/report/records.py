@@ -9,8 +9,8 @@ only reads records, so any source of maps (a live model here, a stored run later
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -27,6 +27,7 @@ from camkit.core.targets import TopK
 from camkit.errors import CamkitError
 from camkit.localize import Box, localize
 from camkit.methods import get_method
+from camkit.methods.spec import split_specs
 from camkit.metrics import Forward, MetricScorer, registry
 
 if TYPE_CHECKING:
@@ -151,6 +152,7 @@ class _Job:
     metrics: list[str]
     steps: int
     threshold: Threshold
+    targets: Mapping[str, TargetSpec] | None = None
 
 
 def _check(
@@ -179,7 +181,7 @@ def _check(
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise CamkitError(f"steps must be an int >= 1, got {steps!r}")
     if isinstance(methods, str):
-        methods = [s.strip() for s in methods.split(",") if s.strip()]
+        methods = split_specs(methods)
     if not methods:
         raise CamkitError("no method given: pass at least one method name (see `camkit methods`)")
     for name in methods:
@@ -234,12 +236,23 @@ def _record(job: _Job, name: str, image: Image.Image | Path, scorer: MetricScore
     """Explain one image with every method (one :func:`camkit.compare`) and make its record."""
     pil = _read(image)
     loaded = job.loaded
+    notes: list[str] = []
+    target = job.target
+    if job.targets is not None:
+        if name in job.targets:
+            target = job.targets[name]
+        else:
+            notes.append(
+                "no class given for this image: "
+                + ("its top-1" if target is None else "the default target")
+                + " is explained"
+            )
     result = compare(
         loaded.model,
         [pil],
         job.methods,
         job.layers,
-        job.target,
+        target,
         preprocess=loaded.preprocess,
         labels=loaded.labels,
     )
@@ -250,7 +263,7 @@ def _record(job: _Job, name: str, image: Image.Image | Path, scorer: MetricScore
         x = loaded.preprocess([pil])
         values = {m: _metric_values(scorer, x, expl, pil.size, job.metrics) for m, expl in result.items()}
     source = str(image) if isinstance(image, Path) else name
-    return ImageRecord(name, image, top5, chosen, entries, values, source)
+    return ImageRecord(name, image, top5, chosen, entries, values, source, notes=notes)
 
 
 def build_records(
@@ -262,6 +275,7 @@ def build_records(
     metrics: Sequence[str] = (),
     steps: int = 20,
     threshold: Threshold = 0.2,
+    targets: Mapping[str, TargetSpec] | None = None,
 ) -> Iterator[ImageRecord]:
     """Explain each image with every method (one :func:`camkit.compare` per image) and make its record.
 
@@ -281,11 +295,15 @@ def build_records(
             ``road`` gives ``road_morf`` and ``road_lerf``).
         steps: steps of the deletion and insertion curves.
         threshold: the localisation threshold (:func:`camkit.localize.localize`).
+        targets: image name -> the class to explain for that image (its annotated class), instead of
+            ``target``; an image not in it gets ``target`` and a note in its card saying so.
 
     Raises:
         ValueError: an unknown metric or method, a ``TopK`` target, ``steps`` below 1.
     """
-    job = _check(loaded, methods, layers, target, metrics, steps, threshold)
+    job = replace(_check(loaded, methods, layers, target, metrics, steps, threshold), targets=targets)
+    if targets is not None and any(isinstance(t, TopK) for t in targets.values()):
+        raise CamkitError("a report explains one class per image: give a class index or name, not topK")
     scorer = (
         MetricScorer(loaded.model, Forward(loaded.model), job.metrics, job.steps, box_threshold=0.2)
         if job.metrics

@@ -239,7 +239,7 @@ def _method_metrics(row: dict[str, Any], method: str) -> dict[str, float]:
         if col.startswith(f"{method}.") and col != f"{method}.box":
             value = _scalar(row[col])
             if value is not None:
-                values[col.split(".", 1)[1]] = value
+                values[col[len(method) + 1 :]] = value  # a configured name may hold dots
     return values
 
 

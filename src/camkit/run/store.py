@@ -818,7 +818,7 @@ def summarize(table: pa.Table, methods: Sequence[str], config: dict[str, Any]) -
                 continue
             vals = np.asarray(table.column(col).to_numpy(zero_copy_only=False), dtype=np.float64)
             vals = vals[~np.isnan(vals)]
-            means[m][col.split(".", 1)[1]] = float(vals.mean()) if len(vals) else None
+            means[m][col[len(m) + 1 :]] = float(vals.mean()) if len(vals) else None  # the name may hold dots
     out: dict[str, Any] = {
         "images": int(config.get("n", n)),
         "rows": n,
