@@ -104,7 +104,7 @@ def test_refinecam_is_the_peers_method_and_the_multiscale_one_is_multiscalecam()
     assert multiscalecam().name == "multiscalecam"
     with pytest.raises(CamkitError, match="multiscalecam"):
         refinecam((1.0, 2.0))  # type: ignore[arg-type]
-    with pytest.raises(TypeError):
-        refinecam(scales=(1.0, 2.0))  # type: ignore[call-arg]
+    with pytest.raises(CamkitError, match=r"scales belonged to the multi-scale method.*multiscalecam"):
+        refinecam(scales=(1.0, 2.0))
     with pytest.raises(CamkitError, match="layer method"):
         refinecam("cam")

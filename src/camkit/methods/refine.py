@@ -35,14 +35,21 @@ from camkit.methods.registry import (
 __all__ = ["refinecam"]
 
 
-def refinecam(base: str = "gradcam++") -> PassMethod:
+def refinecam(base: str = "gradcam++", **removed: object) -> PassMethod:
     """The multi-layer product with this base method (``explain(..., method=refinecam("layercam"), layers=...)``),
     named ``refinecam`` with the default base, else ``refinecam(base='layercam')``.
 
     Args:
         base: a layer method of the shared capture (``gradcam++``, ``gradcam``, ``layercam``, ``eigencam``, ...;
             not ``cam``, which reads the classifier).
+        removed: none; the settings of the multi-scale method camkit called ``refinecam`` before (``scales``) are
+            refused with a pointer to :func:`camkit.methods.multiscale.multiscalecam`.
     """
+    if removed:
+        raise CamkitError(
+            f"refinecam takes base= only; {', '.join(removed)} belonged to the multi-scale method that camkit called "
+            "refinecam before: use multiscalecam(scales=...) (camkit.methods.multiscale)"
+        )
     if not isinstance(base, str):
         raise CamkitError(
             f"refinecam takes base= (a layer method's name), got {base!r}; the multi-scale method that camkit "
