@@ -530,6 +530,17 @@ def _explain(
     )
 
 
+def _remap(plan: EvaluationPlan, method: str, classes: Tensor, maps: Tensor) -> Callable[[Tensor], Tensor]:
+    """The method's maps of other inputs for the same classes (the ``arcc`` metric's coherency); a baseline map
+    does not depend on the input, so it is its own."""
+    if method in BASELINES:
+        return lambda _x: maps
+    targets = classes.tolist()
+    return lambda x: (
+        compare(plan.model, x, methods=[method], layers=plan.layers, targets=targets)[method].maps
+    )
+
+
 def _rows(
     names: Sequence[str],
     method: str,
@@ -586,7 +597,7 @@ def _evaluate_batch(
             maps = expl[method].maps
         at = track.done
         tick = partial(track.tick, at, method, len(names), names[-1])
-        values, iou = plan.scorer(x, maps, classes, gt, sizes, tick)
+        values, iou = plan.scorer(x, maps, classes, gt, sizes, tick, _remap(plan, method, classes, maps))
         if iou is not None:
             curves[method] = iou
         rows.extend(_rows(names, method, classes, probs, labels, values, plan.columns))

@@ -281,7 +281,7 @@ def test_cli_offline_pretrained_video_model_says_so(tmp_path: Path, monkeypatch:
     )
 
 
-@pytest.mark.parametrize("method", ["gradcam", "gradcam++", "xgradcam", "layercam"])
+@pytest.mark.parametrize("method", ["gradcam", "gradcam++", "xgradcam", "layercam", "fem", "segeigencam"])
 def test_agrees_with_pytorch_grad_cam_on_clips(
     trained: nn.Module, method: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -305,6 +305,8 @@ def test_agrees_with_pytorch_grad_cam_on_clips(
         "gradcam++": pytorch_grad_cam.GradCAMPlusPlus,
         "xgradcam": pytorch_grad_cam.XGradCAM,
         "layercam": pytorch_grad_cam.LayerCAM,
+        "fem": pytorch_grad_cam.FEM,  # its k-sigma statistics over (t, h, w): camkit's over the stacked frames
+        "segeigencam": pytorch_grad_cam.SegEigenCAM,
     }[method]
     x, _, _ = _blob_clips(2, torch.Generator().manual_seed(9))
     with cls(model=trained, target_layers=[trained.features[3]]) as cam:

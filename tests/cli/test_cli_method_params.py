@@ -149,7 +149,7 @@ def test_unknown_parameter_lists_the_parameters_with_the_closest() -> None:
         ("sscam(samples=0)", "samples must be >= 1"),
         ("sscam(noise_std=True)", "noise_std must be of type float"),
         ("scorecam(weighting=soft)", "weighting must be 'prob' or 'channel-softmax'"),
-        ("refinecam(scales=2.0)", "scales must be a non-empty sequence"),
+        ("multiscalecam(scales=2.0)", "scales must be a non-empty sequence"),
     ],
 )
 def test_bad_values_raise_the_api_messages(spec: str, needle: str) -> None:
@@ -198,7 +198,7 @@ def test_methods_lists_parameters_in_every_format() -> None:
     assert res.exit_code == 0, res.output
     rows = {r["name"]: r for r in json.loads(res.output)}
     assert rows["finercam"]["parameters"] == {"alpha": 1.0, "n_similar": 3, "base": "gradcam"}
-    assert rows["refinecam"]["parameters"]["scales"] == [1.0, 1.5, 2.0]
+    assert rows["multiscalecam"]["parameters"]["scales"] == [1.0, 1.5, 2.0]
     assert rows["gradcam"]["parameters"] == {}
     res = runner.invoke(app, ["methods", "--format", "tsv"])
     header, *lines = res.output.splitlines()

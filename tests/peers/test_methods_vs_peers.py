@@ -1,5 +1,5 @@
 """Methods from the peers (1): FullGrad, guided backprop, Guided Grad-CAM, ShapleyCAM, Finer-CAM, SmoothGrad-CAM++
-and the multi-scale refinement.
+and the multi-scale method (``multiscalecam``; RefineCAM, the multi-layer product: test_fem_segeigen_refine_vs_peers.py).
 
 Each has a known-answer test on a tiny model whose answer is computed by hand here, an agreement test with the
 peer library (pytorch-grad-cam 1.5.7, torchcam 0.5.0) where the definitions coincide (Pearson >= 0.999 on the
@@ -22,7 +22,7 @@ from camkit.methods import PassInput, get_method
 from camkit.methods.finer import finercam, similar_classes
 from camkit.methods.fullgrad import bias_of, full_gradients
 from camkit.methods.guided import guided_gradcam, guided_gradients
-from camkit.methods.refine import refinecam
+from camkit.methods.multiscale import multiscalecam
 from camkit.methods.shapley import rest_target, shapley_gradients
 from camkit.methods.smooth import smoothgradcampp
 
@@ -33,7 +33,7 @@ NEW = (
     "shapleycam",
     "finercam",
     "smoothgradcam++",
-    "refinecam",
+    "multiscalecam",
 )
 MIN_PEARSON = 0.999
 
@@ -548,12 +548,12 @@ def test_smoothgradcampp_settings_are_checked() -> None:
 # ------------------------------------------------------------------------------------------------- refinement
 
 
-def test_refinecam_is_the_mean_of_the_base_maps_over_scales_and_fuses_layers(
+def test_multiscalecam_is_the_mean_of_the_base_maps_over_scales_and_fuses_layers(
     peer: tuple[nn.Module, Tensor, Tensor],
 ) -> None:
     model, x, classes = peer
     t = classes.tolist()
-    one = camkit.explain(model, x, refinecam(scales=(1.0,)), layers="features", targets=t)
+    one = camkit.explain(model, x, multiscalecam(scales=(1.0,)), layers="features", targets=t)
     grad = camkit.explain(model, x, "gradcam", layers="features", targets=t)
     assert torch.allclose(one.maps, grad.maps, atol=1e-6)
     # two scales by hand: Grad-CAM of the resized input, resized back, min-maxed, averaged, min-maxed
@@ -561,16 +561,18 @@ def test_refinecam_is_the_mean_of_the_base_maps_over_scales_and_fuses_layers(
     at_big = torch.relu(camkit.explain(model, big, "gradcam", layers="features", targets=t).raw["features"])
     back = minmax(F.interpolate(at_big[:, None], size=(32, 32), mode="bilinear", align_corners=False)[:, 0])
     expected = minmax((grad.maps.double() + back) / 2)
-    two = camkit.explain(model, x, refinecam(scales=(1.0, 1.5)), layers="features", targets=t)
+    two = camkit.explain(model, x, multiscalecam(scales=(1.0, 1.5)), layers="features", targets=t)
     assert torch.allclose(two.maps.double(), expected, atol=1e-5)
     # several layers: one averaged map per layer, fused by the pipeline (max by default, min-maxed again)
-    multi = camkit.explain(model, x, refinecam(scales=(1.0, 1.5)), layers="features.2,features", targets=t)
+    multi = camkit.explain(
+        model, x, multiscalecam(scales=(1.0, 1.5)), layers="features.2,features", targets=t
+    )
     assert multi.layers == ["features.2", "features"]
     fused = minmax(torch.maximum(*multi.layer_maps.values()))
     assert torch.allclose(multi.maps.double(), fused, atol=1e-6)
 
 
-def test_refinecam_on_a_fixed_size_model_says_what_to_do() -> None:
+def test_multiscalecam_on_a_fixed_size_model_says_what_to_do() -> None:
     import timm
 
     vit = timm.create_model(
@@ -578,17 +580,17 @@ def test_refinecam_on_a_fixed_size_model_says_what_to_do() -> None:
     ).eval()
     x = torch.randn(1, 3, 32, 32)
     with pytest.raises(ValueError, match=r"resizes the input by 1.5 to 48x48.*scales=\(1.0,\)"):
-        camkit.explain(vit, x, "refinecam", targets=0)
-    assert camkit.explain(vit, x, refinecam(scales=(1.0,)), targets=0).maps.shape == (1, 32, 32)
+        camkit.explain(vit, x, "multiscalecam", targets=0)
+    assert camkit.explain(vit, x, multiscalecam(scales=(1.0,)), targets=0).maps.shape == (1, 32, 32)
 
 
-def test_refinecam_settings_are_checked() -> None:
+def test_multiscalecam_settings_are_checked() -> None:
     with pytest.raises(ValueError, match="scales"):
-        refinecam(scales=())
+        multiscalecam(scales=())
     with pytest.raises(ValueError, match="scales"):
-        refinecam(scales=(1.0, -2.0))
+        multiscalecam(scales=(1.0, -2.0))
     with pytest.raises(ValueError, match="gradient layer method"):
-        refinecam(base="cam")
+        multiscalecam(base="cam")
 
 
 # --------------------------------------------------------------------------- the model comes back as it was

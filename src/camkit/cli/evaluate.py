@@ -77,7 +77,7 @@ def evaluate(
         str | None,
         typer.Option(
             "--metrics",
-            help="deletion,insertion,avg_drop,increase,road,pointing,pointing_strict,box,maxboxacc or all "
+            help="deletion,insertion,avg_drop,increase,road,arcc,pointing,pointing_strict,box,maxboxacc or all "
             "(default: the first four, plus the box metrics with --annotations).",
         ),
     ] = None,

@@ -81,7 +81,7 @@ def report(
     metrics: Annotated[
         str,
         typer.Option(
-            help="Metrics per image and method, comma-separated: deletion, insertion, avg_drop, increase, road."
+            help="Metrics per image and method, comma-separated: deletion, insertion, avg_drop, increase, road, arcc."
         ),
     ] = "",
     steps: Annotated[int, typer.Option(help="Steps of the deletion / insertion curves.")] = 20,

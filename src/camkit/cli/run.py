@@ -81,7 +81,7 @@ def run(
     metrics: Annotated[
         str,
         typer.Option(
-            help="Per-image metrics, comma-separated: deletion,insertion,avg_drop,increase,road,pointing,pointing_strict,box,maxboxacc (those of camkit evaluate)."
+            help="Per-image metrics, comma-separated: deletion,insertion,avg_drop,increase,road,arcc,pointing,pointing_strict,box,maxboxacc (those of camkit evaluate)."
         ),
     ] = "",
     steps: Annotated[int, typer.Option(help="Deletion/insertion steps.")] = 20,

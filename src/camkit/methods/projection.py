@@ -4,6 +4,10 @@
   X v1 on the first right singular vector of X. As in the paper X is not mean-centred (pytorch-grad-cam centres it).
   The SVD's sign is arbitrary: it is fixed so that the map sums to a non-negative value.
 * EigenGrad-CAM (pytorch-grad-cam's EigenGradCAM): the same projection applied to g * A.
+* Seg-Eigen-CAM (Chung & Ying, Applied Sciences 15(13) 7562, 2025; pytorch-grad-cam's SegEigenCAM): the
+  projection of |g| * A (eq. 10: the absolute gradient weights each activation, pixel-wise) on its first principal
+  component, with the positions centred as pytorch-grad-cam does; the SVD's arbitrary sign is fixed by the paper's
+  eq. 13: the map is flipped when |min| > |max|, so its largest magnitude is positive.
 * KPCA-CAM (Karmani, Hamdi & Ben Amar, 2024): the positions' activation vectors (rows of X = [h*w, K], centred
   over the positions as pytorch-grad-cam does) are projected on the first principal component of a kernel PCA:
   with the kernel matrix G_ij = k(x_i, x_j) doubly centred (G~ = G - 1G - G1 + 1G1, 1 = the matrix of 1/n), the map
@@ -32,7 +36,14 @@ from torch import Tensor
 from camkit.errors import CamkitError
 from camkit.methods.registry import LayerMethod, MethodInput, register
 
-__all__ = ["Factorization", "first_component", "kpca_projection", "nmf", "smooth_projection"]
+__all__ = [
+    "Factorization",
+    "first_component",
+    "kpca_projection",
+    "nmf",
+    "signed_component",
+    "smooth_projection",
+]
 
 Kernel = Literal["sigmoid", "rbf", "linear", "poly", "cosine"]
 
@@ -45,6 +56,19 @@ def first_component(x: Tensor) -> Tensor:
     proj: Tensor = mat @ vh[:, 0, :, None]  # [B, h*w, 1]
     sign = torch.where(proj.sum(dim=(1, 2), keepdim=True) < 0, -1.0, 1.0).to(proj.dtype)
     return (proj * sign).reshape(b, h, w).to(x.dtype)
+
+
+def signed_component(x: Tensor) -> Tensor:
+    """Seg-Eigen-CAM's projection: Tensor[B, K, h, w] with its positions centred, projected on the first right
+    singular vector, flipped where |min| > |max| (eq. 13) -> Tensor[B, h, w]."""
+    b, k, h, w = x.shape
+    mat = torch.nan_to_num(x.double()).reshape(b, k, h * w).transpose(1, 2)  # [B, h*w, K]
+    mat = mat - mat.mean(dim=1, keepdim=True)
+    _, _, vh = torch.linalg.svd(mat, full_matrices=False)
+    proj = (mat @ vh[:, 0, :, None])[:, :, 0]  # [B, h*w]
+    flip = proj.amin(dim=1, keepdim=True).abs() > proj.amax(dim=1, keepdim=True).abs()
+    signed: Tensor = torch.where(flip, -proj, proj)
+    return signed.reshape(b, h, w).to(x.dtype)
 
 
 _KPCA_MAX_POSITIONS = 8192
@@ -162,6 +186,25 @@ register(
         paper="pytorch-grad-cam's EigenGradCAM",
         summary="map = first principal component of g * A",
         prefer="an Eigen-CAM that follows the explained class, denoised by the projection",
+    )
+)
+
+
+def segeigencam(x: MethodInput) -> Tensor:
+    assert x.gradients is not None
+    return signed_component(x.gradients.abs() * x.activations)
+
+
+register(
+    LayerMethod(
+        name="segeigencam",
+        fn=segeigencam,
+        needs_grad=True,
+        cost="1 forward + 1 backward to the layer (shared)",
+        paper="Chung & Ying, Seg-Eigen-CAM, Applied Sciences 2025",
+        summary="map = first principal component of |g| * A (centred), sign: largest magnitude positive",
+        prefer="segmentation models: pixel-wise gradient weighting instead of a global average; any head",
+        aliases=("seg-eigen-cam", "segeigen"),
     )
 )
 register(

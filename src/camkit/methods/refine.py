@@ -1,28 +1,27 @@
-"""A multi-scale, multi-layer refinement in the spirit of SESS (Tyagi et al., ECCV 2022, "SESS: Saliency
-Enhancing with Scaling and Sliding") and of multi-layer fusion (LayerCAM's, Jiang et al. 2021).
+"""RefineCAM: the multi-layer product of pytorch-grad-cam 1.5.7's ``RefineCAM`` and torchcam 0.5.0's ``RefineCAM``
+("How to Evaluate and Refine your CAM", arXiv 2605.14641).
 
-What camkit computes (``refinecam``): the input is resized by each factor in ``scales`` (bilinear); a base layer
-method (Grad-CAM by default) runs on each resized input for every target layer; each map gets the ReLU, is
-resized back to the input size and min-maxed; the maps of one layer are averaged over the scales. The layers'
-averaged maps are then fused by the pipeline (``fusion="max"`` by default, ``"mean"`` as an option), so
-``layers="layer2,layer3,layer4"`` gives the multi-layer part. The class explained is the original input's.
+What camkit computes (``refinecam``): for each target layer, a base layer method's map (Grad-CAM++ by default, as
+both peers) from the shared capture; each gets the ReLU, is upsampled (bilinear) to the input size and min-maxed to
+[0, 1]; the layers' maps are multiplied element-wise, and the product is min-maxed. A region survives only where
+every layer sees it, so the fine detail of shallow layers is kept where the deep layers agree (the shallow layers'
+noise is cut).
 
-What it does not do (honestly, compared with SESS): no sliding windows over the enlarged input, no pre-filtering
-of windows by confidence and no calibration of their fusion. It fits CNNs that accept any input size;
-transformers with a fixed token grid fail at other scales (use ``scales=(1.0,)`` there, which is the base method).
+This is pytorch-grad-cam's order (each layer's map is brought to the input size, then multiplied). torchcam
+multiplies at the largest layer's resolution and leaves the upsampling to the caller; the two differ only by where
+the bilinear resize happens (measured in ``tests/peers/test_fem_segeigen_refine_vs_peers.py``). With one target
+layer the product is the base method's map. camkit's multi-scale method (called ``refinecam`` before) is
+``multiscalecam`` (:mod:`camkit.methods.multiscale`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from camkit.core.postprocess import normalize, upsample
 from camkit.errors import CamkitError
-from camkit.methods.passes import layer_features, per_target, stack_targets, target_count
+from camkit.methods.passes import per_target, stack_targets, target_count
 from camkit.methods.registry import (
     LayerMethod,
     MethodInput,
@@ -36,68 +35,60 @@ from camkit.methods.registry import (
 __all__ = ["refinecam"]
 
 
-def refinecam(scales: Sequence[float] = (1.0, 1.5, 2.0), base: str = "gradcam") -> PassMethod:
-    """A multi-scale refinement method with these settings (``explain(..., method=refinecam((1, 2)))``), named
-    ``refinecam`` with the default settings, else after the settings that differ (``refinecam(scales=(1.0, 2.0))``).
+def refinecam(base: str = "gradcam++", **removed: object) -> PassMethod:
+    """The multi-layer product with this base method (``explain(..., method=refinecam("layercam"), layers=...)``),
+    named ``refinecam`` with the default base, else ``refinecam(base='layercam')``.
 
     Args:
-        scales: resize factors of the input (each > 0); every scale costs one capture pass.
-        base: a gradient layer method (``gradcam``, ``gradcam++``, ``layercam``, ...) computed at each scale.
+        base: a layer method of the shared capture (``gradcam++``, ``gradcam``, ``layercam``, ``eigencam``, ...;
+            not ``cam``, which reads the classifier).
+        removed: none; the settings of the multi-scale method camkit called ``refinecam`` before (``scales``) are
+            refused with a pointer to :func:`camkit.methods.multiscale.multiscalecam`.
     """
-    sequence = isinstance(scales, Sequence) and not isinstance(scales, (str, bytes))
-    factors = [float(s) for s in scales] if sequence else []
-    if not factors or any(not s > 0 for s in factors):
-        raise CamkitError(f"scales must be a non-empty sequence of factors > 0, got {scales!r}")
+    if removed:
+        raise CamkitError(
+            f"refinecam takes base= only; {', '.join(removed)} belonged to the multi-scale method that camkit called "
+            "refinecam before: use multiscalecam(scales=...) (camkit.methods.multiscale)"
+        )
+    if not isinstance(base, str):
+        raise CamkitError(
+            f"refinecam takes base= (a layer method's name), got {base!r}; the multi-scale method that camkit "
+            "called refinecam before is multiscalecam(scales=...)"
+        )
     formula = get_method(base)
-    if not isinstance(formula, LayerMethod) or not formula.needs_grad or formula.needs_classifier:
-        raise CamkitError(f"base must be a gradient layer method (gradcam, gradcam++, ...), got {base!r}")
-    fn = formula.fn
+    if not isinstance(formula, LayerMethod) or formula.needs_classifier:
+        raise CamkitError(
+            f"base must be a layer method of A and dS/dA (gradcam++, gradcam, ...), got {base!r}"
+        )
 
     def run(inp: PassInput) -> dict[str, Tensor]:
-        return _run(inp, factors, fn)
+        return _run(inp, formula)
 
-    settings = {"scales": tuple(factors), "base": base}
     return PassMethod(
-        name=configured_name("refinecam", settings, {"scales": (1.0, 1.5, 2.0), "base": "gradcam"}),
+        name=configured_name("refinecam", {"base": base}, {"base": "gradcam++"}),
         run=run,
-        cost=f"1 forward + 1 backward per scale ({len(factors)}), its own passes",
-        paper="SESS-style (Tyagi et al., ECCV 2022) without sliding windows",
-        summary="base CAM at several input scales, resized back, min-maxed and averaged; layers fused",
-        prefer="small or several objects: enlarged inputs give finer maps; fuse layers for detail",
-        aliases=("sess", "multiscale", "multi-scale", "refine-cam"),
+        needs_grad=formula.needs_grad,
+        cost="1 forward + 1 backward (shared); the base map of every target layer",
+        paper="How to Evaluate and Refine your CAM, arXiv 2605.14641 (pytorch-grad-cam / torchcam RefineCAM)",
+        summary="product of the min-maxed base maps (Grad-CAM++) of the target layers, at input size",
+        prefer="several layers (e.g. layer2,layer3,layer4): shallow detail kept only where deep layers agree",
+        aliases=("refine-cam",),
     )
 
 
-def _run(inp: PassInput, scales: list[float], fn: Callable[[MethodInput], Tensor]) -> dict[str, Tensor]:
+def _run(inp: PassInput, formula: LayerMethod) -> dict[str, Tensor]:
+    """The product over the target layers of each layer's normalised base map, one per target."""
     size = (inp.x.shape[-2], inp.x.shape[-1])
     k = target_count(inp)
-    sums: dict[str, list[Tensor]] = {}
-    for s in scales:
-        h, w = max(1, round(size[0] * s)), max(1, round(size[1] * s))
-        x = (
-            inp.x
-            if (h, w) == size
-            else F.interpolate(inp.x, size=(h, w), mode="bilinear", align_corners=False)
-        )
-        try:
-            feats = layer_features(inp, x)
-        except (RuntimeError, AssertionError, ValueError) as err:
-            if (h, w) == size:
-                raise
-            raise CamkitError(
-                f"refinecam resizes the input by {s:g} to {h}x{w}, and this model does not take that size "
-                f"({type(err).__name__}: {err}); use scales=(1.0,) or a model that accepts any input size"
-            ) from err
-        for name, a in feats.activations.items():
-            maps = [
-                normalize(upsample(torch.relu(fn(MethodInput(a.float(), g))), size))
-                for g in per_target(feats.gradients[name], k)
-            ]
-            if name not in sums:
-                sums[name] = maps
-            else:
-                sums[name] = [acc + m for acc, m in zip(sums[name], maps, strict=True)]
-    return {name: stack_targets(inp, [m / len(scales) for m in per]) for name, per in sums.items()}
+    product: list[Tensor] | None = None
+    for name, a in inp.activations.items():
+        grads = inp.gradients.get(name)
+        per: list[Tensor | None] = list(per_target(grads, k)) if grads is not None else [None] * k
+        maps = [normalize(upsample(torch.relu(formula.fn(MethodInput(a.float(), g))), size)) for g in per]
+        product = maps if product is None else [p * m for p, m in zip(product, maps, strict=True)]
+    if product is None:
+        raise CamkitError("refinecam needs at least one target layer")
+    return {"refinecam": stack_targets(inp, product)}
 
 
 register(refinecam(), refinecam)

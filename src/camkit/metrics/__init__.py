@@ -10,6 +10,7 @@
 """
 
 from camkit.metrics._common import Forward
+from camkit.metrics.arcc import ArccResult, arcc, coherency, complexity
 from camkit.metrics.faithfulness import (
     ConfidenceChange,
     Curve,
@@ -46,6 +47,7 @@ __all__ = [
     "DEFAULT_METRICS",
     "IOU_THRESHOLDS",
     "METRICS",
+    "ArccResult",
     "BoxAccuracy",
     "ConfidenceChange",
     "Curve",
@@ -56,10 +58,13 @@ __all__ = [
     "MetricScorer",
     "RoadResult",
     "SanityResult",
+    "arcc",
     "average_drop",
     "box_accuracy",
     "box_iou",
     "cascading_randomization",
+    "coherency",
+    "complexity",
     "confidence_change",
     "deletion",
     "increase_in_confidence",

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from camkit.errors import CamkitError
 from camkit.metrics._common import Forward
+from camkit.metrics.arcc import arcc
 from camkit.metrics.faithfulness import confidence_change, deletion, insertion, road
 from camkit.metrics.localization import box_accuracy, iou_curves, pointing_game
 
@@ -56,6 +57,8 @@ class MetricBatch:
         steps: deletion/insertion steps.
         box_threshold: map threshold (fraction of the max) of ``box``.
         thresholds: the map thresholds of the ``maxboxacc`` IoU curves.
+        remap: the method's maps of other inputs for the same classes (``arcc``'s coherency explains the inputs
+            masked by the maps with it); None where the caller has no method to run.
     """
 
     model: nn.Module
@@ -68,6 +71,7 @@ class MetricBatch:
     steps: int = 50
     box_threshold: float = 0.2
     thresholds: Tensor = field(default_factory=lambda: IOU_THRESHOLDS.clone())
+    remap: Callable[[Tensor], Tensor] | None = None
 
 
 @dataclass(frozen=True)
@@ -108,6 +112,15 @@ def _road(b: MetricBatch) -> dict[str, Tensor]:
     }
 
 
+def _arcc(b: MetricBatch) -> dict[str, Tensor]:
+    if b.remap is None:
+        raise CamkitError(
+            "arcc re-explains the inputs masked by the maps with their method: compute it from evaluate, run or "
+            "report (or camkit.metrics.arcc with remap=...), not on maps without a method"
+        )
+    return {"arcc": arcc(b.model, b.x, b.maps, b.remap, b.classes, forward=b.forward).arcc}
+
+
 def _pointing(b: MetricBatch) -> dict[str, Tensor]:
     return {"pointing": pointing_game(b.maps, b.boxes, image_sizes=b.sizes)}
 
@@ -132,6 +145,7 @@ METRICS: dict[str, Metric] = {
     "avg_drop": Metric(("avg_drop",), False, True, _confidence),
     "increase": Metric(("increase",), False, False, _confidence),
     "road": Metric(("road_morf", "road_lerf"), False, True, _road),
+    "arcc": Metric(("arcc",), False, False, _arcc),
     "pointing": Metric(("pointing",), True, False, _pointing),
     "pointing_strict": Metric(("pointing_strict",), True, False, _pointing_strict),
     "box": Metric(("box_iou", "box_acc"), True, False, _box),
@@ -212,9 +226,11 @@ class MetricScorer:
         gt: Sequence[Sequence[Sequence[float]]],
         sizes: Sequence[tuple[int, int]],
         tick: Callable[[float, str], None] | None = None,
+        remap: Callable[[Tensor], Tensor] | None = None,
     ) -> tuple[dict[str, Tensor], Tensor | None]:
         """Metric column -> Tensor[B] of values, and the IoU curves of ``maxboxacc`` (None when not chosen);
-        ``tick(fraction done, metric)`` after each metric."""
+        ``tick(fraction done, metric)`` after each metric; ``remap``: the maps' method on other inputs, for the
+        same classes (``arcc``)."""
         batch = MetricBatch(
             self.model,
             self.forward,
@@ -226,6 +242,7 @@ class MetricScorer:
             self.steps,
             self.box_threshold,
             self.thresholds,
+            remap,
         )
         passes = _passes(self.chosen)
         values: dict[str, Tensor] = {}

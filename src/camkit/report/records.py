@@ -225,10 +225,17 @@ def _explained(
 
 
 def _metric_values(
-    scorer: MetricScorer, x: Tensor, expl: Explanation, size: tuple[int, int], names: Sequence[str]
+    scorer: MetricScorer, x: Tensor, expl: Explanation, size: tuple[int, int], job: _Job
 ) -> dict[str, float]:
     """The metrics of the fused map, metric column -> value, from the one metric dispatcher."""
-    values, _ = scorer(x, expl.maps[:1].float(), expl.classes, [[]], [size])
+    method = expl.method
+    targets = expl.classes.tolist() if expl.classes is not None else None
+
+    def remap(xm: Tensor) -> Tensor:
+        return compare(job.loaded.model, xm, [method], job.layers, targets)[method].maps
+
+    values, _ = scorer(x, expl.maps[:1].float(), expl.classes, [[]], [size], remap=remap)
+    names = job.metrics
     return {col: float(values[col][0]) for name in names for col in registry.METRICS[name].columns}
 
 
@@ -261,7 +268,7 @@ def _record(job: _Job, name: str, image: Image.Image | Path, scorer: MetricScore
     values: dict[str, dict[str, float]] = {}
     if scorer is not None:
         x = loaded.preprocess([pil])
-        values = {m: _metric_values(scorer, x, expl, pil.size, job.metrics) for m, expl in result.items()}
+        values = {m: _metric_values(scorer, x, expl, pil.size, job) for m, expl in result.items()}
     source = str(image) if isinstance(image, Path) else name
     return ImageRecord(name, image, top5, chosen, entries, values, source, notes=notes)
 

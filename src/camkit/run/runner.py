@@ -313,7 +313,14 @@ class Explainer:
         if opts.metrics:
             assert classes is not None
             gt = [_clipped(self.items[s.index].boxes, s.size) for s in read]
-            values, curves = self.scorer()(x, full, classes, gt, sizes)
+            targets = classes.tolist()
+
+            def remap(xm: Tensor) -> Tensor:
+                return compare(self.model, xm, [method], opts.layers, targets, labels=self.labels)[
+                    method
+                ].maps
+
+            values, curves = self.scorer()(x, full, classes, gt, sizes, remap=remap)
         cells = []
         for j in range(len(read)):
             cell: dict[str, Any] = {f"{method}.box": boxes[j][0].xyxy if boxes[j] else None}
