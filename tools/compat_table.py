@@ -1,4 +1,4 @@
-"""Regenerate docs/compatibility.md from the model-family test matrix (tests/test_families.py).
+"""Regenerate docs/compatibility.md from the model-family test matrix (tests/adapters/test_families.py).
 
     .venv/bin/python tools/compat_table.py      # or: make compat
 
@@ -26,7 +26,7 @@ def main() -> int:
         "-q",
         "-p",
         "no:cacheprovider",
-        str(ROOT / "tests" / "test_families.py"),
+        str(ROOT / "tests" / "adapters" / "test_families.py"),
         "-k",
         "test_family or compatibility",
     ]
