@@ -4,15 +4,13 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
+import pytorch_grad_cam as pgc
 import torch
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
 import camkit
 from testbed import GapHead
-
-pgc = pytest.importorskip("pytorch_grad_cam")
-from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget  # noqa: E402
 
 
 def _pearson(a, b) -> float:

@@ -15,6 +15,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import pytorch_grad_cam as pgc
+import pytorch_grad_cam.metrics.arcc as pgc_arcc
+import pytorch_grad_cam.metrics.road as pgc_road
+import pytorch_grad_cam.utils.model_targets as pgc_targets
 import torch
 from torch import Tensor, nn
 
@@ -23,10 +27,6 @@ from camkit.metrics import arcc, coherency, complexity
 
 pytestmark = [pytest.mark.slow, pytest.mark.reference]
 
-pgc = pytest.importorskip("pytorch_grad_cam")
-pgc_targets = pytest.importorskip("pytorch_grad_cam.utils.model_targets")
-pgc_arcc = pytest.importorskip("pytorch_grad_cam.metrics.arcc")
-pgc_road = pytest.importorskip("pytorch_grad_cam.metrics.road")
 
 ATOL = 2e-4
 

@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import pytorch_grad_cam as pgc
+import pytorch_grad_cam.utils.model_targets as pgc_targets
 import torch
 import torch.nn.functional as F
+import torchcam.methods as tcm
 from torch import Tensor, nn
 
 import camkit
@@ -23,9 +26,6 @@ from camkit.methods.refine import refinecam
 
 pytestmark = [pytest.mark.slow, pytest.mark.reference]
 
-pgc = pytest.importorskip("pytorch_grad_cam")
-pgc_targets = pytest.importorskip("pytorch_grad_cam.utils.model_targets")
-tcm = pytest.importorskip("torchcam.methods")
 
 MIN_PEARSON = 0.999
 TORCHCAM_REFINE_MIN = 0.96

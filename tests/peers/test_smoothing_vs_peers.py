@@ -5,17 +5,16 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import pytorch_grad_cam as pgc
 import torch
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+from pytorch_grad_cam.utils.svd_on_activations import get_2d_projection
 from torch import nn
 
 import camkit
 from camkit import Augment
 from camkit.core.capture import capture
 from camkit.methods.projection import smooth_projection
-
-pgc = pytest.importorskip("pytorch_grad_cam")
-from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget  # noqa: E402
-from pytorch_grad_cam.utils.svd_on_activations import get_2d_projection  # noqa: E402
 
 
 def _pearson(a, b) -> float:
