@@ -206,3 +206,82 @@ class GapHead(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc(self.feat(x).mean(dim=(2, 3)))
+
+
+class TinyGapNet(nn.Module):
+    """conv -> ReLU(inplace) -> conv -> ReLU(inplace) -> GAP -> Linear: a CAM-compatible head."""
+
+    def __init__(self, k: int = 6, classes: int = 5) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(8, k, 3, padding=1, stride=2),
+            nn.ReLU(inplace=True),
+        )
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(k, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.pool(self.features(x)).flatten(1))
+
+
+class TinyNonlinearHead(nn.Module):
+    """Features followed by a non-linear head, so dS/dA varies over space (distinguishes the methods)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(inplace=True))
+        self.head = nn.Sequential(nn.Conv2d(6, 4, 1), nn.Tanh(), nn.Conv2d(4, 4, 3, padding=1))
+        self.fc = nn.Linear(4 * 4 * 4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.head(self.features(x))
+        h = nn.functional.adaptive_avg_pool2d(h, 4) ** 2
+        return self.fc(h.flatten(1))
+
+
+@dataclass
+class Snapshot:
+    """Everything about a model that camkit must leave as it found it."""
+
+    state: dict[str, torch.Tensor]
+    hooks: dict[str, tuple[int, ...]]  # module name -> number of hooks of each kind
+    requires_grad: dict[str, bool]
+    grad: dict[str, torch.Tensor | None]
+    training: dict[str, bool]
+    grad_mode: bool
+
+
+_HOOK_DICTS = (
+    "_forward_hooks",
+    "_forward_pre_hooks",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+    "_forward_hooks_with_kwargs",
+    "_state_dict_hooks",
+)
+
+
+def snapshot(model: nn.Module) -> Snapshot:
+    return Snapshot(
+        state={k: v.clone() for k, v in model.state_dict().items()},
+        hooks={n: tuple(len(getattr(m, attr)) for attr in _HOOK_DICTS) for n, m in model.named_modules()},
+        requires_grad={n: p.requires_grad for n, p in model.named_parameters()},
+        grad={n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()},
+        training={n: m.training for n, m in model.named_modules()},
+        grad_mode=torch.is_grad_enabled(),
+    )
+
+
+def assert_unchanged(before: Snapshot, model: nn.Module) -> None:
+    after = snapshot(model)
+    assert after.hooks == before.hooks, "hooks left on the model"
+    assert after.requires_grad == before.requires_grad
+    assert after.training == before.training
+    assert after.grad_mode == before.grad_mode
+    for k, v in before.state.items():
+        assert torch.equal(after.state[k], v), f"state {k} changed"
+    for k, g in before.grad.items():
+        g2 = after.grad[k]
+        assert (g is None and g2 is None) or (g is not None and g2 is not None and torch.equal(g, g2)), k

@@ -28,7 +28,7 @@ from camkit.core.layers import auto_layer
 from camkit.core.outputs import output_fn
 from camkit.methods import METHODS, AttentionMethod, LayerMethod, method_names
 from camkit.methods.attention import attention_probabilities
-from conftest import assert_unchanged, snapshot
+from testbed import assert_unchanged, snapshot
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "compatibility.md"
 RESULTS: dict[str, dict[str, object]] = {}

@@ -16,7 +16,7 @@ import camkit
 from camkit.adapters import load_model
 from camkit.errors import CamkitError
 from camkit.methods.attention import attention_probabilities
-from conftest import assert_unchanged, snapshot
+from testbed import assert_unchanged, snapshot
 
 transformers = pytest.importorskip("transformers")
 

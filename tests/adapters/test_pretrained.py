@@ -49,7 +49,7 @@ def test_class_choice_moves_the_map(pretrained):
 
 
 def test_model_unchanged_pretrained(pretrained):
-    from conftest import assert_unchanged, snapshot
+    from testbed import assert_unchanged, snapshot
 
     before = snapshot(pretrained.model)
     camkit.compare(

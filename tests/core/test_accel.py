@@ -14,7 +14,7 @@ from camkit import PerturbationOptions
 from camkit.core import accel
 from camkit.core.accel import CHECK_ROWS, AccelWarning, BatchForward, fold_batchnorm
 from camkit.metrics._common import Forward
-from conftest import assert_unchanged, snapshot
+from testbed import assert_unchanged, snapshot
 
 
 @pytest.fixture(autouse=True)

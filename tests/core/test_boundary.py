@@ -9,7 +9,7 @@ from torch import nn
 
 import camkit
 from camkit import metrics
-from conftest import TinyGapNet
+from testbed import TinyGapNet
 
 
 def _net(classes: int = 5) -> nn.Module:

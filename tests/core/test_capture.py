@@ -8,7 +8,7 @@ from torch import nn
 
 import camkit
 from camkit.core.capture import capture
-from conftest import assert_unchanged, snapshot
+from testbed import assert_unchanged, snapshot
 
 
 def reference_grad(model, x, cls, split_at: int):

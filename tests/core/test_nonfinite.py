@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import camkit
-from conftest import TinyGapNet, assert_unchanged, snapshot
+from testbed import TinyGapNet, assert_unchanged, snapshot
 
 
 class Poison(nn.Module):

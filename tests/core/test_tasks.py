@@ -9,7 +9,7 @@ from torchvision.ops import box_iou
 
 import camkit
 from camkit.core import tasks
-from conftest import assert_unchanged, snapshot
+from testbed import assert_unchanged, snapshot
 
 
 class PointwiseSeg(nn.Module):

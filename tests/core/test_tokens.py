@@ -11,7 +11,7 @@ import camkit
 from camkit.core.outputs import output_fn
 from camkit.core.tokens import Layout, infer_layout, prefix_tokens
 from camkit.methods.attention import attention_probabilities, grad_rollout, rollout
-from conftest import assert_unchanged, snapshot
+from testbed import assert_unchanged, snapshot
 
 
 def _tiny_vit(**kw):  # type: ignore[no-untyped-def]

@@ -16,7 +16,7 @@ import camkit
 from camkit.core.accel import CHECK_ROWS
 from camkit.methods import engine as pm
 from camkit.methods.perturbation import PerturbationOptions
-from conftest import TinyGapNet, assert_unchanged, snapshot
+from testbed import TinyGapNet, assert_unchanged, snapshot
 
 
 class ConvFeatures(nn.Module):

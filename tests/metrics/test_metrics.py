@@ -13,8 +13,7 @@ from torch import nn
 import camkit
 from camkit import metrics
 from camkit.metrics._common import Forward, pixel_ranks
-from conftest import assert_unchanged, snapshot
-from testbed import normalize
+from testbed import assert_unchanged, normalize, snapshot
 
 # ---------------------------------------------------------------- a toy model with a known answer
 
