@@ -32,7 +32,9 @@ ATOL = 1e-5
 class Net(nn.Module):
     def __init__(self, channels: int) -> None:
         super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(channels, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(4))
+        self.features = nn.Sequential(
+            nn.Conv2d(channels, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(4)
+        )
         self.fc = nn.Linear(128, 4)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -127,10 +129,17 @@ def test_monotonicity_nguyen(gray) -> None:
         return out
 
     metric = quantus.MonotonicityCorrelation(
-        nr_samples=samples, features_in_step=16, normalise=False, abs=False, perturb_func=fill, disable_warnings=True
+        nr_samples=samples,
+        features_in_step=16,
+        normalise=False,
+        abs=False,
+        perturb_func=fill,
+        disable_warnings=True,
     )
     ref = np.asarray(_quantus(metric, model, x, maps, classes, softmax=True))
-    ours = correlation.monotonicity_nguyen(model, x, maps, classes, samples=samples, features_in_step=16, seed=5)
+    ours = correlation.monotonicity_nguyen(
+        model, x, maps, classes, samples=samples, features_in_step=16, seed=5
+    )
     np.testing.assert_allclose(ours.numpy(), ref, atol=ATOL)
 
 
@@ -169,7 +178,11 @@ def test_sensitivity_n_quantus_quantity_from_the_deletion_curve() -> None:
     (camkit's :func:`sensitivity_n` is Ancona et al.'s per-image definition, tested in tests/metrics.)"""
     model, x, maps, classes = _setup(1, b=5)
     metric = quantus.SensitivityN(
-        features_in_step=16, n_max_percentage=0.8, normalise=False, return_aggregate=False, disable_warnings=True
+        features_in_step=16,
+        n_max_percentage=0.8,
+        normalise=False,
+        return_aggregate=False,
+        disable_warnings=True,
     )
     ref = np.asarray(_quantus(metric, model, x, maps, classes, softmax=True))
     curve = regions.pixel_flipping(model, x, maps, classes, features_in_step=16)
@@ -193,7 +206,9 @@ def test_irof(monkeypatch) -> None:
     # Quantus 0.6.0 integrates with np.trapz, which numpy 2 removed (np.trapezoid is the same rule)
     monkeypatch.setattr(np, "trapz", np.trapezoid, raising=False)
     model, x, maps, classes = _setup(1, size=24)  # Quantus 0.6.0's IROF masks one channel only
-    metric = quantus.IROF(perturb_baseline=0.0, normalise=False, disable_warnings=True, return_aggregate=False)
+    metric = quantus.IROF(
+        perturb_baseline=0.0, normalise=False, disable_warnings=True, return_aggregate=False
+    )
     ref = np.asarray(_quantus(metric, model, x, maps, classes, softmax=True, batch_size=1))
     ours = regions.irof(model, x, maps, classes, baseline=0.0)
     n = ours.segments
@@ -201,5 +216,7 @@ def test_irof(monkeypatch) -> None:
     theirs = [float(n[i]) - float(torch.trapezoid(ours.curve[i, 1 : int(n[i]) + 1])) for i in range(3)]
     np.testing.assert_allclose(theirs, ref, atol=1e-4)
     # camkit's IROF is the same curve over the fraction of segments, the unperturbed point included
-    expected = [1 - float(torch.trapezoid(ours.curve[i, : int(n[i]) + 1], dx=1 / int(n[i]))) for i in range(3)]
+    expected = [
+        1 - float(torch.trapezoid(ours.curve[i, : int(n[i]) + 1], dx=1 / int(n[i]))) for i in range(3)
+    ]
     np.testing.assert_allclose(ours.aoc.numpy(), expected, atol=1e-6)

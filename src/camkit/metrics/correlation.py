@@ -166,7 +166,9 @@ def _group_steps(maps: Tensor, features_in_step: int, descending: bool) -> tuple
 def _step_sums(maps: Tensor, key: Tensor, steps: int) -> Tensor:
     """Tensor[B, steps]: the map's sum over the pixels of each step."""
     flat = maps.flatten(1).double()
-    return torch.zeros(flat.shape[0], steps, dtype=torch.float64, device=flat.device).scatter_add_(1, key, flat)
+    return torch.zeros(flat.shape[0], steps, dtype=torch.float64, device=flat.device).scatter_add_(
+        1, key, flat
+    )
 
 
 def faithfulness_correlation(
@@ -380,6 +382,8 @@ def infidelity(
         steps = math.ceil(h / p) * cols
         drops = s.y[:, None] - _step_scores(s, s.x, base, block, steps, cumulative=True)
         diff = ((s.x - base) * s.maps[:, None]).sum(dim=1).flatten(1).double()  # I^T g of each pixel
-        pixel_sums = torch.zeros(b, steps, dtype=torch.float64, device=s.x.device).scatter_add_(1, block, diff)
+        pixel_sums = torch.zeros(b, steps, dtype=torch.float64, device=s.x.device).scatter_add_(
+            1, block, diff
+        )
         losses.append((pixel_sums.cumsum(dim=1) - drops.double()).pow(2).mean(dim=1))
     return torch.stack(losses, dim=1).mean(dim=1).float()

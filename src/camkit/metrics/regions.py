@@ -108,7 +108,9 @@ def _patch_curve(
     sums = torch.zeros(b, n_patches, dtype=torch.float64, device=s.x.device)
     sums.scatter_add_(1, patch, s.maps.flatten(1).double())
     ranked = torch.argsort(sums, dim=1, descending=(order == "morf"), stable=True)
-    rank = torch.empty_like(ranked).scatter_(1, ranked, torch.arange(n_patches, device=s.x.device).expand(b, -1))
+    rank = torch.empty_like(ranked).scatter_(
+        1, ranked, torch.arange(n_patches, device=s.x.device).expand(b, -1)
+    )
     steps = n_patches if regions is None else max(1, min(regions, n_patches))
     curve = _step_scores(s, s.x, fill_baseline(s.x, baseline), rank.gather(1, patch), steps, cumulative=True)
     scores = torch.cat([s.y[:, None], curve], dim=1)

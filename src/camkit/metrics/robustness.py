@@ -95,7 +95,9 @@ def sensitivity(
         mp = remap(xp)
         if not isinstance(mp, Tensor) or tuple(mp.shape) != tuple(m.shape):
             got = tuple(mp.shape) if isinstance(mp, Tensor) else type(mp).__name__
-            raise CamkitError(f"remap must give maps of shape {tuple(m.shape)} for the perturbed inputs, got {got}")
+            raise CamkitError(
+                f"remap must give maps of shape {tuple(m.shape)} for the perturbed inputs, got {got}"
+            )
         out[:, i] = (mp.to(m.device).double() - m.double()).flatten(1).norm(dim=1) / norm
         if top1 is not None:
             changed = fwd(xp).argmax(dim=1) != top1
