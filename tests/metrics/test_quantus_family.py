@@ -30,7 +30,7 @@ from camkit.metrics import (
     sensitivity,
     sensitivity_n,
 )
-from camkit.metrics.correlation import fill_baseline, random_subsets
+from camkit.metrics.perturbed import fill_baseline, random_subsets
 from testbed import assert_unchanged, snapshot
 
 QUANTUS_FAMILY = (

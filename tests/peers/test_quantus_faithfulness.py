@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from camkit.metrics import correlation, regions
-from camkit.metrics.correlation import _step_sums, pearson, random_subsets
+from camkit.metrics.perturbed import pearson, random_subsets, step_sums
 
 pytestmark = [pytest.mark.reference]
 
@@ -188,7 +188,7 @@ def test_sensitivity_n_quantus_quantity_from_the_deletion_curve() -> None:
     curve = regions.pixel_flipping(model, x, maps, classes, features_in_step=16)
     drops = curve.scores[:, :1] - curve.scores[:, 1:]
     key = torch.argsort(torch.argsort(maps.flatten(1), dim=1, descending=True), dim=1) // 16
-    sums = _step_sums(maps, key, 16)
+    sums = step_sums(maps, key, 16)
     steps = int(0.8 * 256 // 16)
     ours = pearson(drops[:, :steps].T, sums[:, :steps].T)
     np.testing.assert_allclose(ours.numpy(), ref, atol=ATOL)

@@ -26,21 +26,25 @@ the model in chunks (:class:`camkit.metrics.Forward`), on the model's device.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from camkit.errors import CamkitError
-from camkit.metrics._common import (
-    Baseline,
-    Forward,
-    check_inputs,
-    chunks,
-    make_baseline,
-    pixel_ranks,
-    resolve_targets,
+from camkit.metrics._common import Baseline, Forward
+from camkit.metrics.perturbed import (
+    PerturbSetup,
+    fill_baseline,
+    group_steps,
+    pearson,
+    perturbed_scores,
+    prepare,
+    random_subsets,
+    step_scores,
+    step_sums,
+    subset_scores,
 )
 from camkit.metrics.sanity import spearman
 
@@ -56,119 +60,6 @@ __all__ = [
     "random_subsets",
     "sensitivity_n",
 ]
-
-
-def pearson(a: Tensor, b: Tensor) -> Tensor:
-    """Pearson correlation of each row pair of Tensor[B, N], Tensor[B] (0 where a row is constant)."""
-    a = a.double().flatten(1)
-    b = b.double().flatten(1)
-    a = a - a.mean(dim=1, keepdim=True)
-    b = b - b.mean(dim=1, keepdim=True)
-    den = a.norm(dim=1) * b.norm(dim=1)
-    num = (a * b).sum(dim=1)
-    return torch.where(den > 0, num / den.clamp_min(1e-300), torch.zeros_like(num)).float()
-
-
-def fill_baseline(x: Tensor, baseline: Baseline) -> Tensor:
-    """The values replaced pixels take, Tensor like ``x``: ``"black"`` / ``"white"`` = each image's minimum /
-    maximum over all its values (Quantus' baselines), else :func:`camkit.metrics._common.make_baseline`."""
-    if baseline == "black":
-        return x.amin(dim=(1, 2, 3), keepdim=True).expand_as(x).contiguous()
-    if baseline == "white":
-        return x.amax(dim=(1, 2, 3), keepdim=True).expand_as(x).contiguous()
-    return make_baseline(x, baseline, "zeros")
-
-
-def random_subsets(b: int, runs: int, n: int, k: int, seed: int = 0) -> Tensor:
-    """LongTensor[b, runs, k]: for each image and run, k distinct pixel indices of n, uniformly drawn (a random
-    permutation's first k, from a CPU generator seeded with ``seed``)."""
-    if not 1 <= k <= n:
-        raise CamkitError(f"a subset must have between 1 and {n} pixels (the image's), got {k}")
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    return torch.rand(b, runs, n, generator=gen).argsort(dim=2)[..., :k]
-
-
-@dataclass(frozen=True)
-class _Setup:
-    fwd: Forward
-    x: Tensor
-    maps: Tensor
-    classes: Tensor
-    y: Tensor
-    score: str
-
-
-def _setup(
-    model: nn.Module,
-    inputs: Tensor,
-    maps: Tensor,
-    classes: Tensor | int | None,
-    score: str,
-    batch_size: int | None,
-    forward: Forward | None,
-) -> _Setup:
-    x, m = check_inputs(model, inputs, maps)
-    fwd = forward or Forward(model, batch_size)
-    cls = resolve_targets(fwd, x, classes)
-    return _Setup(fwd, x, m, cls, fwd.scores(x, cls, score), score)
-
-
-def _scores(
-    s: _Setup, n: int, make: Callable[[Tensor], tuple[Tensor, Tensor]], shape: tuple[int, ...]
-) -> Tensor:
-    """Scores of ``n`` perturbed images, Tensor[shape]: ``make(indices)`` -> (images, their image indices),
-    built and sent to the model a chunk at a time."""
-    out = torch.empty(n, device=s.x.device)
-    for lo, hi in chunks(n, s.fwd.batch_size):
-        images, img = make(torch.arange(lo, hi, device=s.x.device))
-        out[lo:hi] = s.fwd.scores(images, s.classes[img], s.score)
-    return out.view(shape)
-
-
-def _step_scores(s: _Setup, start: Tensor, fill: Tensor, key: Tensor, steps: int, cumulative: bool) -> Tensor:
-    """Tensor[B, steps]: the score after step t, where the pixels whose ``key`` (LongTensor[B, H*W]) is t (or at
-    most t when ``cumulative``) take ``fill``'s values and the others ``start``'s."""
-    b, _, h, w = s.x.shape
-
-    def make(idx: Tensor) -> tuple[Tensor, Tensor]:
-        img, t = idx // steps, idx % steps
-        k = key[img]
-        mask = (k <= t[:, None]) if cumulative else (k == t[:, None])
-        return torch.where(mask.view(-1, 1, h, w), fill[img], start[img]), img
-
-    return _scores(s, b * steps, make, (b, steps))
-
-
-def _subset_scores(s: _Setup, base: Tensor, idx: Tensor) -> Tensor:
-    """Tensor[B, R]: the score with the pixels ``idx`` (LongTensor[B, R, k]) replaced by ``base``."""
-    b, runs, _ = idx.shape
-    _, _, h, w = s.x.shape
-    idx = idx.to(s.x.device)
-
-    def make(i: Tensor) -> tuple[Tensor, Tensor]:
-        img, r = i // runs, i % runs
-        mask = torch.zeros(i.shape[0], h * w, dtype=torch.bool, device=s.x.device)
-        mask.scatter_(1, idx[img, r], True)
-        return torch.where(mask.view(-1, 1, h, w), base[img], s.x[img]), img
-
-    return _scores(s, b * runs, make, (b, runs))
-
-
-def _group_steps(maps: Tensor, features_in_step: int, descending: bool) -> tuple[Tensor, int]:
-    """The step of each pixel, LongTensor[B, H*W] (``features_in_step`` pixels a step in map order), and the number
-    of steps."""
-    if isinstance(features_in_step, bool) or not isinstance(features_in_step, int) or features_in_step < 1:
-        raise CamkitError(f"features_in_step must be an int >= 1, got {features_in_step!r}")
-    n = maps[0].numel()
-    return pixel_ranks(maps, descending=descending) // features_in_step, math.ceil(n / features_in_step)
-
-
-def _step_sums(maps: Tensor, key: Tensor, steps: int) -> Tensor:
-    """Tensor[B, steps]: the map's sum over the pixels of each step."""
-    flat = maps.flatten(1).double()
-    return torch.zeros(flat.shape[0], steps, dtype=torch.float64, device=flat.device).scatter_add_(
-        1, key, flat
-    )
 
 
 def faithfulness_correlation(
@@ -190,10 +81,10 @@ def faithfulness_correlation(
     Choices: Quantus 0.6.0's defaults (100 runs, subsets of 224 pixels, the ``"black"`` baseline, the logit),
     the subsets from :func:`random_subsets` with ``seed`` (at most the image's pixels).
     """
-    s = _setup(model, inputs, maps, classes, score, batch_size, forward)
+    s = prepare(model, inputs, maps, classes, score, batch_size, forward)
     b, _, h, w = s.x.shape
     idx = random_subsets(b, runs, h * w, min(subset_size, h * w), seed).to(s.x.device)
-    drops = s.y[:, None] - _subset_scores(s, fill_baseline(s.x, baseline), idx)
+    drops = s.y[:, None] - subset_scores(s, fill_baseline(s.x, baseline), idx)
     sums = s.maps.flatten(1)[torch.arange(b, device=s.x.device)[:, None, None], idx].double().sum(dim=2)
     return pearson(sums, drops)
 
@@ -215,10 +106,10 @@ def faithfulness_estimate(
     removed. Choices: groups of ``features_in_step`` pixels in decreasing map order (one model call per group and
     image), each replaced alone by ``baseline`` (Quantus' ``"black"``); Pearson correlation; the logit.
     """
-    s = _setup(model, inputs, maps, classes, score, batch_size, forward)
-    key, steps = _group_steps(s.maps, features_in_step, descending=True)
-    drops = s.y[:, None] - _step_scores(s, s.x, fill_baseline(s.x, baseline), key, steps, cumulative=False)
-    return pearson(_step_sums(s.maps, key, steps), drops)
+    s = prepare(model, inputs, maps, classes, score, batch_size, forward)
+    key, steps = group_steps(s.maps, features_in_step, descending=True)
+    drops = s.y[:, None] - step_scores(s, s.x, fill_baseline(s.x, baseline), key, steps, cumulative=False)
+    return pearson(step_sums(s.maps, key, steps), drops)
 
 
 def monotonicity_arya(
@@ -240,9 +131,9 @@ def monotonicity_arya(
     Quantus 0.6.0's default perturbation writes the baseline's own value back instead of the image's, so its
     images never change and every map gets True; camkit puts the image's pixels back.
     """
-    s = _setup(model, inputs, maps, classes, score, batch_size, forward)
-    key, steps = _group_steps(s.maps, features_in_step, descending=False)
-    scores = _step_scores(s, fill_baseline(s.x, baseline), s.x, key, steps, cumulative=True)
+    s = prepare(model, inputs, maps, classes, score, batch_size, forward)
+    key, steps = group_steps(s.maps, features_in_step, descending=False)
+    scores = step_scores(s, fill_baseline(s.x, baseline), s.x, key, steps, cumulative=True)
     return (scores.diff(dim=1) >= 0).all(dim=1).float()
 
 
@@ -269,20 +160,20 @@ def monotonicity_nguyen(
     ``seed``); another baseline fills it with its values (one draw suffices); the squared change is divided by
     ``f(x)^2`` where ``|f(x)| >= eps``; the softmax probability.
     """
-    s = _setup(model, inputs, maps, classes, score, batch_size, forward)
-    key, steps = _group_steps(s.maps, features_in_step, descending=False)
+    s = prepare(model, inputs, maps, classes, score, batch_size, forward)
+    key, steps = group_steps(s.maps, features_in_step, descending=False)
     if baseline == "uniform":
         gen = torch.Generator(device="cpu").manual_seed(seed)
         draws = torch.rand(s.x.shape[0], steps, samples, generator=gen).to(s.x.device)
         scores = _uniform_scores(s, key, draws)
     else:
-        scores = _step_scores(s, s.x, fill_baseline(s.x, baseline), key, steps, cumulative=False)[..., None]
+        scores = step_scores(s, s.x, fill_baseline(s.x, baseline), key, steps, cumulative=False)[..., None]
     inv = torch.where(s.y.abs() >= eps, 1 / s.y.abs().clamp_min(1e-30), torch.ones_like(s.y)) ** 2
     variance = (scores - s.y[:, None, None]).double().pow(2).mean(dim=2) * inv[:, None].double()
-    return spearman(_step_sums(s.maps, key, steps), variance)
+    return spearman(step_sums(s.maps, key, steps), variance)
 
 
-def _uniform_scores(s: _Setup, key: Tensor, draws: Tensor) -> Tensor:
+def _uniform_scores(s: PerturbSetup, key: Tensor, draws: Tensor) -> Tensor:
     """Tensor[B, steps, samples]: the score with the pixels of each step filled with that draw's value."""
     b, steps, samples = draws.shape
     _, _, h, w = s.x.shape
@@ -292,7 +183,7 @@ def _uniform_scores(s: _Setup, key: Tensor, draws: Tensor) -> Tensor:
         mask = (key[img] == t[:, None]).view(-1, 1, h, w)
         return torch.where(mask, draws[img, t, j].view(-1, 1, 1, 1), s.x[img]), img
 
-    return _scores(s, b * steps * samples, make, (b, steps, samples))
+    return perturbed_scores(s, b * steps * samples, make, (b, steps, samples))
 
 
 @dataclass(frozen=True)
@@ -335,7 +226,7 @@ def sensitivity_n(
     Quantus 0.6.0's ``SensitivityN`` computes another quantity: it removes pixels cumulatively in decreasing map
     order and correlates, at each step, over the *images* of the batch (see the documentation).
     """
-    s = _setup(model, inputs, maps, classes, score, batch_size, forward)
+    s = prepare(model, inputs, maps, classes, score, batch_size, forward)
     b, _, h, w = s.x.shape
     ns = [max(1, min(h * w, round(float(f) * h * w))) for f in fractions]
     base = fill_baseline(s.x, baseline)
@@ -344,7 +235,7 @@ def sensitivity_n(
     out = []
     for i, n in enumerate(ns):
         idx = random_subsets(b, runs, h * w, n, seed + i).to(s.x.device)
-        drops = s.y[:, None] - _subset_scores(s, base, idx)
+        drops = s.y[:, None] - subset_scores(s, base, idx)
         out.append(pearson(flat[rows, idx].double().sum(dim=2), drops))
     return SensitivityN(ns=torch.tensor(ns), correlation=torch.stack(out, dim=1))
 
@@ -369,7 +260,7 @@ def infidelity(
     the patch sizes; the logit. Squares at the right and bottom edges are cut to the image (Quantus pads; both
     agree where p divides the height and width). The map's scale matters (no optimal rescaling).
     """
-    s = _setup(model, inputs, maps, classes, score, batch_size, forward)
+    s = prepare(model, inputs, maps, classes, score, batch_size, forward)
     b, _, h, w = s.x.shape
     base = fill_baseline(s.x, baseline)
     losses = []
@@ -380,7 +271,7 @@ def infidelity(
         rows = torch.arange(h, device=s.x.device)[:, None] // p
         block = (rows * cols + torch.arange(w, device=s.x.device)[None] // p).flatten().expand(b, -1)
         steps = math.ceil(h / p) * cols
-        drops = s.y[:, None] - _step_scores(s, s.x, base, block, steps, cumulative=True)
+        drops = s.y[:, None] - step_scores(s, s.x, base, block, steps, cumulative=True)
         diff = ((s.x - base) * s.maps[:, None]).sum(dim=1).flatten(1).double()  # I^T g of each pixel
         pixel_sums = torch.zeros(b, steps, dtype=torch.float64, device=s.x.device).scatter_add_(
             1, block, diff

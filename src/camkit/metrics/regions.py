@@ -25,8 +25,8 @@ from torch import Tensor, nn
 
 from camkit.errors import CamkitError
 from camkit.metrics._common import Baseline, Forward
-from camkit.metrics.correlation import _setup, _step_scores, fill_baseline
 from camkit.metrics.faithfulness import Curve, deletion
+from camkit.metrics.perturbed import fill_baseline, prepare, step_scores
 
 __all__ = [
     "IrofResult",
@@ -99,7 +99,7 @@ def _patch_curve(
         raise CamkitError(f"patch_size must be an int >= 1, got {patch_size!r}")
     if order not in ("morf", "lerf"):
         raise CamkitError(f"unknown order {order!r}: 'morf' (most relevant first) or 'lerf'")
-    s = _setup(model, inputs, maps, classes, score, None, forward)
+    s = prepare(model, inputs, maps, classes, score, None, forward)
     b, _, h, w = s.x.shape
     cols = math.ceil(w / patch_size)
     n_patches = math.ceil(h / patch_size) * cols
@@ -112,7 +112,7 @@ def _patch_curve(
         1, ranked, torch.arange(n_patches, device=s.x.device).expand(b, -1)
     )
     steps = n_patches if regions is None else max(1, min(regions, n_patches))
-    curve = _step_scores(s, s.x, fill_baseline(s.x, baseline), rank.gather(1, patch), steps, cumulative=True)
+    curve = step_scores(s, s.x, fill_baseline(s.x, baseline), rank.gather(1, patch), steps, cumulative=True)
     scores = torch.cat([s.y[:, None], curve], dim=1)
     auc = torch.trapezoid(scores, dx=1 / steps, dim=1)
     return RegionCurve(scores=scores, aopc=(s.y[:, None] - scores).mean(dim=1), auc=auc)
@@ -208,7 +208,7 @@ def irof(
     the fraction of segments removed, so IROF lies in [0, 1] when the score only falls. Quantus' value is
     ``n - torch.trapezoid(curve[b, 1 : n + 1])`` (unit spacing, no unperturbed point).
     """
-    s = _setup(model, inputs, maps, classes, score, None, forward)
+    s = prepare(model, inputs, maps, classes, score, None, forward)
     b = s.x.shape[0]
     seg = slic_segments(s.x) if segments is None else segments.to(s.x.device).long()
     if tuple(seg.shape) != tuple(s.maps.shape) or (seg.numel() and int(seg.min()) < 0):
@@ -223,7 +223,7 @@ def irof(
     mean = torch.where(count > 0, mean, torch.full_like(mean, -math.inf))
     ranked = torch.argsort(mean, dim=1, descending=True, stable=True)
     rank = torch.empty_like(ranked).scatter_(1, ranked, torch.arange(n_seg, device=s.x.device).expand(b, -1))
-    scores = _step_scores(s, s.x, fill_baseline(s.x, baseline), rank.gather(1, seg), n_seg, cumulative=True)
+    scores = step_scores(s, s.x, fill_baseline(s.x, baseline), rank.gather(1, seg), n_seg, cumulative=True)
     ratio = torch.cat([torch.ones(b, 1, device=s.x.device), scores / s.y[:, None]], dim=1)
     n = (count > 0).sum(dim=1)
     steps = torch.arange(n_seg + 1, device=s.x.device)[None]
