@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from camkit.adapters import Preprocess
+from camkit.adapters import LoadedModel, Preprocess
 from camkit.errors import CamkitError
 from camkit.evaluate import evaluate
 from camkit.metrics import (
@@ -31,6 +31,7 @@ from camkit.metrics import (
     sensitivity_n,
 )
 from camkit.metrics.perturbed import fill_baseline, random_subsets
+from camkit.report.records import build_records
 from testbed import assert_unchanged, snapshot
 
 QUANTUS_FAMILY = (
@@ -237,3 +238,6 @@ def test_evaluate_computes_the_quantus_family() -> None:
     for method in ("gradcam", "center"):
         assert all(math.isfinite(result.summary[method][m]) for m in metrics), result.summary[method]
     assert result.summary["center"]["max_sensitivity"] == 0  # a reference map does not depend on the input
+    loaded = LoadedModel(model, Preprocess(size=(16, 16)), None, "tiny")
+    records = list(build_records(loaded, pics[:1], ["gradcam"], metrics=["avg_sensitivity", "irof"], steps=3))
+    assert all(math.isfinite(records[0].metrics["gradcam"][m]) for m in ("avg_sensitivity", "irof"))

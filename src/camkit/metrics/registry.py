@@ -164,7 +164,7 @@ def _square(b: MetricBatch) -> int:
 
 
 def _faith_corr(b: MetricBatch) -> dict[str, Tensor]:
-    runs, size = max(3, b.steps), min(224, b.maps[0].numel())
+    runs, size = max(3, b.steps), min(224, max(1, b.maps[0].numel() // 4))
     value = faithfulness_correlation(b.model, b.x, b.maps, b.classes, runs, size, forward=b.forward)
     return {"faithfulness_correlation": value}
 
