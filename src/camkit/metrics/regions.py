@@ -61,7 +61,7 @@ def pixel_flipping(
     if isinstance(features_in_step, bool) or not isinstance(features_in_step, int) or features_in_step < 1:
         raise CamkitError(f"features_in_step must be an int >= 1, got {features_in_step!r}")
     h, w = inputs.shape[-2:]
-    base = fill_baseline(inputs.float(), baseline)
+    base = fill_baseline(inputs.float(), baseline) if inputs.dim() == 4 else baseline  # else deletion refuses
     steps = math.ceil(h * w / features_in_step)
     return deletion(model, inputs, maps, classes, steps, base, score, batch_size, forward)
 

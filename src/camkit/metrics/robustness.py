@@ -36,7 +36,8 @@ class SensitivityResult:
 
     Attributes:
         values: Tensor[B, S], ``||M' - M||_F / ||M||_F`` of each image and draw (NaN for a draw that changed the
-            model's top-1 when ``nan_when_prediction_changes``).
+            model's top-1 when ``nan_when_prediction_changes``; an all-zero map M has no relative change: NaN when
+            M' is zero too, inf otherwise, as Quantus).
     """
 
     values: Tensor
@@ -98,7 +99,7 @@ def sensitivity(
             raise CamkitError(
                 f"remap must give maps of shape {tuple(m.shape)} for the perturbed inputs, got {got}"
             )
-        out[:, i] = (mp.to(m.device).double() - m.double()).flatten(1).norm(dim=1) / norm
+        out[:, i] = (mp.to(m.device).double() - m.double()).flatten(1).norm(dim=1) / norm  # 0 / 0: NaN
         if top1 is not None:
             changed = fwd(xp).argmax(dim=1) != top1
             out[changed, i] = torch.nan
