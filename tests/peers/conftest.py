@@ -14,7 +14,11 @@ import os
 
 import pytest
 
-REFERENCES = {"pytorch_grad_cam": "grad-cam==1.5.7", "torchcam": "torchcam==0.5.0", "quantus": "quantus==0.6.0"}
+REFERENCES = {
+    "pytorch_grad_cam": "grad-cam==1.5.7",
+    "torchcam": "torchcam==0.5.0",
+    "quantus": "quantus==0.6.0",
+}
 MISSING = [pip for module, pip in REFERENCES.items() if importlib.util.find_spec(module) is None]
 
 if MISSING and os.environ.get("CI") == "true":
