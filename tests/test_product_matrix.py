@@ -36,6 +36,7 @@ from camkit.adapters import LoadedModel, Preprocess
 from camkit.cli import app as cli
 from camkit.methods import METHODS, get_method
 from camkit.methods.registry import AttentionMethod, LayerMethod, PassMethod, PerturbationMethod
+from camkit.metrics.registry import METRICS
 
 SIDE = 32  # the models' input size
 LABELS = ["ant", "bee", "cat", "dog", "eel"]
@@ -47,6 +48,8 @@ ALL_METRICS = "deletion,insertion,avg_drop,increase,road,arcc,pointing,pointing_
 STORE_COLUMNS = ("deletion", "insertion", "avg_drop", "increase", "road_morf", "road_lerf", "arcc", "pointing",
                  "pointing_strict", "box_iou", "box_acc", "iou_curve")  # fmt: skip
 SUMMARY_COLUMNS = (*(c for c in STORE_COLUMNS if c != "iou_curve"), "maxboxacc")
+#: the summary columns of ``evaluate --metrics all``: every column of the metric registry
+ALL_COLUMNS = (*(c for m in METRICS.values() for c in m.columns), "maxboxacc")
 STEPS = "3"
 runner = CliRunner()
 
@@ -529,7 +532,7 @@ def test_cli_evaluate_images(row_id: str, images: Path, tmp_path: Path) -> None:
     data = strict_json(res.stdout)
     assert set(data["summary"]) == set(row.methods)
     for method in row.methods:
-        assert set(data["summary"][method]) == set(SUMMARY_COLUMNS), data["summary"][method]
+        assert set(data["summary"][method]) == set(ALL_COLUMNS), data["summary"][method]
         for col, v in data["summary"][method].items():
             number(v, f"{method} {col}")
     table = invoke("evaluate", *(images / n for n in BOXES), "--model", row.model, "-m", row.arg, "--metrics",

@@ -4,6 +4,7 @@
 >>> curve = metrics.deletion(model, x, expl.maps)          # RISE deletion, .auc per image (lower is better)
 >>> metrics.pointing_game(expl.maps, gt_boxes, image_sizes=[im.size for im in expl.images])
 >>> metrics.cascading_randomization(model, images, method="gradcam").correlation
+>>> metrics.faithfulness_correlation(model, x, expl.maps)   # the Quantus family: correlation, regions, robustness
 
 :data:`METRICS` (:mod:`camkit.metrics.registry`) names the metrics that ``camkit evaluate``, ``camkit run`` and
 ``camkit report`` compute per batch of maps, and :class:`MetricScorer` computes them: a new metric is added there.
@@ -11,6 +12,15 @@
 
 from camkit.metrics._common import Forward
 from camkit.metrics.arcc import ArccResult, arcc, coherency, complexity
+from camkit.metrics.correlation import (
+    SensitivityN,
+    faithfulness_correlation,
+    faithfulness_estimate,
+    infidelity,
+    monotonicity_arya,
+    monotonicity_nguyen,
+    sensitivity_n,
+)
 from camkit.metrics.faithfulness import (
     ConfidenceChange,
     Curve,
@@ -32,6 +42,14 @@ from camkit.metrics.localization import (
     max_box_acc_v2,
     pointing_game,
 )
+from camkit.metrics.regions import (
+    IrofResult,
+    RegionCurve,
+    irof,
+    pixel_flipping,
+    region_perturbation,
+    selectivity,
+)
 from camkit.metrics.registry import (
     DEFAULT_METRICS,
     IOU_THRESHOLDS,
@@ -41,6 +59,7 @@ from camkit.metrics.registry import (
     MetricScorer,
     resolve_metrics,
 )
+from camkit.metrics.robustness import SensitivityResult, avg_sensitivity, max_sensitivity, sensitivity
 from camkit.metrics.sanity import SanityResult, cascading_randomization, randomizable_modules, spearman
 
 __all__ = [
@@ -52,14 +71,19 @@ __all__ = [
     "ConfidenceChange",
     "Curve",
     "Forward",
+    "IrofResult",
     "MaxBoxAcc",
     "Metric",
     "MetricBatch",
     "MetricScorer",
+    "RegionCurve",
     "RoadResult",
     "SanityResult",
+    "SensitivityN",
+    "SensitivityResult",
     "arcc",
     "average_drop",
+    "avg_sensitivity",
     "box_accuracy",
     "box_iou",
     "cascading_randomization",
@@ -67,14 +91,26 @@ __all__ = [
     "complexity",
     "confidence_change",
     "deletion",
+    "faithfulness_correlation",
+    "faithfulness_estimate",
     "increase_in_confidence",
+    "infidelity",
     "insertion",
     "iou_curves",
+    "irof",
     "max_box_acc_v2",
+    "max_sensitivity",
+    "monotonicity_arya",
+    "monotonicity_nguyen",
     "noisy_linear_impute",
+    "pixel_flipping",
     "pointing_game",
     "randomizable_modules",
+    "region_perturbation",
     "resolve_metrics",
     "road",
+    "selectivity",
+    "sensitivity",
+    "sensitivity_n",
     "spearman",
 ]

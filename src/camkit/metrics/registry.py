@@ -12,6 +12,7 @@ drift apart.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -21,8 +22,18 @@ from torch import Tensor, nn
 from camkit.errors import CamkitError
 from camkit.metrics._common import Forward
 from camkit.metrics.arcc import arcc
+from camkit.metrics.correlation import (
+    faithfulness_correlation,
+    faithfulness_estimate,
+    infidelity,
+    monotonicity_arya,
+    monotonicity_nguyen,
+    sensitivity_n,
+)
 from camkit.metrics.faithfulness import confidence_change, deletion, insertion, road
 from camkit.metrics.localization import box_accuracy, iou_curves, pointing_game
+from camkit.metrics.regions import irof, pixel_flipping, region_perturbation, selectivity
+from camkit.metrics.robustness import sensitivity
 
 __all__ = [
     "CURVE",
@@ -138,6 +149,79 @@ def _maxboxacc(b: MetricBatch) -> dict[str, Tensor]:
     return {CURVE: iou_curves(b.maps, b.boxes, b.thresholds, image_sizes=b.sizes)}
 
 
+# The Quantus family (camkit/metrics/correlation.py, regions.py, robustness.py), sized by ``steps``: about
+# ``steps`` groups of pixels, squares, runs or samples per image (see docs/evaluation.md), seed 0.
+
+
+def _group(b: MetricBatch) -> int:
+    """Pixels per step so that an image takes about ``steps`` steps."""
+    return max(1, math.ceil(b.maps[0].numel() / b.steps))
+
+
+def _square(b: MetricBatch) -> int:
+    """The side of the squares so that an image has about ``steps`` of them."""
+    return max(1, math.ceil(math.sqrt(b.maps[0].numel() / b.steps)))
+
+
+def _faith_corr(b: MetricBatch) -> dict[str, Tensor]:
+    runs, size = max(3, b.steps), min(224, max(1, b.maps[0].numel() // 4))
+    value = faithfulness_correlation(b.model, b.x, b.maps, b.classes, runs, size, forward=b.forward)
+    return {"faithfulness_correlation": value}
+
+
+def _faith_est(b: MetricBatch) -> dict[str, Tensor]:
+    value = faithfulness_estimate(b.model, b.x, b.maps, b.classes, _group(b), forward=b.forward)
+    return {"faithfulness_estimate": value}
+
+
+def _mono_arya(b: MetricBatch) -> dict[str, Tensor]:
+    return {
+        "monotonicity_arya": monotonicity_arya(b.model, b.x, b.maps, b.classes, _group(b), forward=b.forward)
+    }
+
+
+def _mono_nguyen(b: MetricBatch) -> dict[str, Tensor]:
+    value = monotonicity_nguyen(b.model, b.x, b.maps, b.classes, 5, _group(b), forward=b.forward)
+    return {"monotonicity_nguyen": value}
+
+
+def _sens_n(b: MetricBatch) -> dict[str, Tensor]:
+    value = sensitivity_n(b.model, b.x, b.maps, b.classes, runs=max(3, b.steps), forward=b.forward).mean
+    return {"sensitivity_n": value}
+
+
+def _infidelity(b: MetricBatch) -> dict[str, Tensor]:
+    return {"infidelity": infidelity(b.model, b.x, b.maps, b.classes, (_square(b),), forward=b.forward)}
+
+
+def _pixel_flipping(b: MetricBatch) -> dict[str, Tensor]:
+    curve = pixel_flipping(b.model, b.x, b.maps, b.classes, _group(b), forward=b.forward)
+    return {"pixel_flipping": curve.auc}
+
+
+def _region(b: MetricBatch) -> dict[str, Tensor]:
+    curve = region_perturbation(b.model, b.x, b.maps, b.classes, _square(b), forward=b.forward)
+    return {"region_perturbation": curve.aopc}
+
+
+def _selectivity(b: MetricBatch) -> dict[str, Tensor]:
+    return {"selectivity": selectivity(b.model, b.x, b.maps, b.classes, _square(b), forward=b.forward).auc}
+
+
+def _irof(b: MetricBatch) -> dict[str, Tensor]:
+    return {"irof": irof(b.model, b.x, b.maps, b.classes, forward=b.forward).aoc}
+
+
+def _sensitivity(b: MetricBatch) -> dict[str, Tensor]:
+    if b.remap is None:
+        raise CamkitError(
+            "max_sensitivity and avg_sensitivity re-explain perturbed inputs with the maps' method: compute them "
+            "from evaluate, run or report (or camkit.metrics.sensitivity with remap=...), not on maps alone"
+        )
+    result = sensitivity(b.model, b.x, b.maps, b.remap, samples=max(2, min(10, b.steps)), forward=b.forward)
+    return {"max_sensitivity": result.max, "avg_sensitivity": result.mean}
+
+
 #: name -> :class:`Metric`, in the order they are computed.
 METRICS: dict[str, Metric] = {
     "deletion": Metric(("deletion",), False, True, _deletion),
@@ -150,6 +234,19 @@ METRICS: dict[str, Metric] = {
     "pointing_strict": Metric(("pointing_strict",), True, False, _pointing_strict),
     "box": Metric(("box_iou", "box_acc"), True, False, _box),
     "maxboxacc": Metric((), True, False, _maxboxacc),
+    # the Quantus family
+    "faithfulness_correlation": Metric(("faithfulness_correlation",), False, False, _faith_corr),
+    "faithfulness_estimate": Metric(("faithfulness_estimate",), False, False, _faith_est),
+    "monotonicity_arya": Metric(("monotonicity_arya",), False, False, _mono_arya),
+    "monotonicity_nguyen": Metric(("monotonicity_nguyen",), False, False, _mono_nguyen),
+    "sensitivity_n": Metric(("sensitivity_n",), False, False, _sens_n),
+    "infidelity": Metric(("infidelity",), False, True, _infidelity),
+    "pixel_flipping": Metric(("pixel_flipping",), False, True, _pixel_flipping),
+    "region_perturbation": Metric(("region_perturbation",), False, False, _region),
+    "selectivity": Metric(("selectivity",), False, True, _selectivity),
+    "irof": Metric(("irof",), False, False, _irof),
+    "max_sensitivity": Metric(("max_sensitivity",), False, True, _sensitivity),
+    "avg_sensitivity": Metric(("avg_sensitivity",), False, True, _sensitivity),
 }
 
 #: The metrics chosen when none are named (the box metrics join them when there are boxes).
