@@ -320,7 +320,12 @@ class Explainer:
                     method
                 ].maps
 
-            values, curves = self.scorer()(x, full, classes, gt, sizes, remap=remap)
+            def again(model: nn.Module, xm: Tensor, cls: Tensor) -> Tensor:
+                return compare(model, xm, [method], opts.layers, cls.tolist(), labels=self.labels)[
+                    method
+                ].maps
+
+            values, curves = self.scorer()(x, full, classes, gt, sizes, remap=remap, explain=again)
         cells = []
         for j in range(len(read)):
             cell: dict[str, Any] = {f"{method}.box": boxes[j][0].xyxy if boxes[j] else None}
