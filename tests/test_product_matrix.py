@@ -42,10 +42,16 @@ LABELS = ["ant", "bee", "cat", "dog", "eel"]
 N_IMAGES = 3
 #: file -> its ground-truth box (original pixels); images are 48 x 40 noise with a bright square there
 BOXES = {"a.png": [4, 4, 24, 20], "b.png": [20, 10, 44, 36], "c.png": [0, 16, 30, 40]}
-ALL_METRICS = "deletion,insertion,avg_drop,increase,road,arcc,pointing,pointing_strict,box,maxboxacc"
+ALL_METRICS = (
+    "deletion,insertion,avg_drop,increase,road,arcc,pointing,pointing_strict,box,maxboxacc,"
+    "energy_pointing,relevance_mass,relevance_rank,mask_auc,top_k,sparseness,entropy,effective_complexity,"
+    "random_logit,mprt"
+)
 #: the ``run`` / ``evaluate`` columns of each metric (maxboxacc: a per-image IoU curve in the store)
 STORE_COLUMNS = ("deletion", "insertion", "avg_drop", "increase", "road_morf", "road_lerf", "arcc", "pointing",
-                 "pointing_strict", "box_iou", "box_acc", "iou_curve")  # fmt: skip
+                 "pointing_strict", "box_iou", "box_acc", "iou_curve", "energy_pointing", "relevance_mass",
+                 "relevance_rank", "mask_auc", "top_k", "sparseness", "entropy", "effective_complexity",
+                 "random_logit", "mprt", "mprt_last")  # fmt: skip
 SUMMARY_COLUMNS = (*(c for c in STORE_COLUMNS if c != "iou_curve"), "maxboxacc")
 STEPS = "3"
 runner = CliRunner()

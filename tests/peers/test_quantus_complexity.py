@@ -5,8 +5,8 @@ signed maps (Quantus's default ``abs=True``, camkit's |M|).
 Quantus is called without its max-normalisation (``normalise=False``; it divides the whole batch by its largest
 value, camkit each map by its own: the same for Grad-CAM maps, whose maximum is 1). Differences: Quantus adds 1e-7
 to every value before the Gini index and 1e-12 inside the entropy's logarithm; effective complexity is Quantus's
-count over the pixel count. Measured on 32 x 32 maps: max |difference| 2e-7 (sparseness), below 1e-8 (entropy),
-0 (effective complexity).
+count over the pixel count. Measured on 32 x 32 maps: max |difference| 2.8e-6 (sparseness of the Grad-CAM maps,
+whose zeros make the 1e-7 count), 3e-7 (signed maps), 5e-7 (entropy, float32 results), 0 (effective complexity).
 """
 
 from __future__ import annotations

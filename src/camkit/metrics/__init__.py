@@ -4,6 +4,8 @@
 >>> curve = metrics.deletion(model, x, expl.maps)          # RISE deletion, .auc per image (lower is better)
 >>> metrics.pointing_game(expl.maps, gt_boxes, image_sizes=[im.size for im in expl.images])
 >>> metrics.cascading_randomization(model, images, method="gradcam").correlation
+>>> metrics.mask_auc(expl.maps, metrics.box_mask(gt_boxes, expl.maps.shape[-2:], image_sizes=sizes))
+>>> metrics.sparseness(expl.maps)                           # Gini index; entropy_complexity, effective_complexity
 
 :data:`METRICS` (:mod:`camkit.metrics.registry`) names the metrics that ``camkit evaluate``, ``camkit run`` and
 ``camkit report`` compute per batch of maps, and :class:`MetricScorer` computes them: a new metric is added there.
@@ -11,6 +13,7 @@
 
 from camkit.metrics._common import Forward
 from camkit.metrics.arcc import ArccResult, arcc, coherency, complexity
+from camkit.metrics.complexity import effective_complexity, entropy_complexity, sparseness
 from camkit.metrics.faithfulness import (
     ConfidenceChange,
     Curve,
@@ -32,6 +35,15 @@ from camkit.metrics.localization import (
     max_box_acc_v2,
     pointing_game,
 )
+from camkit.metrics.mask import (
+    box_mask,
+    energy_pointing_game,
+    mask_auc,
+    relevance_mass_accuracy,
+    relevance_rank_accuracy,
+    top_k_intersection,
+)
+from camkit.metrics.randomisation import MprtResult, mprt, random_logit
 from camkit.metrics.registry import (
     DEFAULT_METRICS,
     IOU_THRESHOLDS,
@@ -56,25 +68,37 @@ __all__ = [
     "Metric",
     "MetricBatch",
     "MetricScorer",
+    "MprtResult",
     "RoadResult",
     "SanityResult",
     "arcc",
     "average_drop",
     "box_accuracy",
     "box_iou",
+    "box_mask",
     "cascading_randomization",
     "coherency",
     "complexity",
     "confidence_change",
     "deletion",
+    "effective_complexity",
+    "energy_pointing_game",
+    "entropy_complexity",
     "increase_in_confidence",
     "insertion",
     "iou_curves",
+    "mask_auc",
     "max_box_acc_v2",
+    "mprt",
     "noisy_linear_impute",
     "pointing_game",
+    "random_logit",
     "randomizable_modules",
+    "relevance_mass_accuracy",
+    "relevance_rank_accuracy",
     "resolve_metrics",
     "road",
+    "sparseness",
     "spearman",
+    "top_k_intersection",
 ]

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from camkit.errors import CamkitError
-from camkit.metrics.localization import BoxesLike, _as_boxes
+from camkit.metrics.localization import BoxesLike, as_boxes
 
 __all__ = [
     "box_mask",
@@ -49,7 +49,7 @@ def box_mask(
         raise CamkitError(f"{len(image_sizes)} image sizes for {len(gt_boxes)} box lists (one per image)")
     out = torch.zeros(len(gt_boxes), h, w, dtype=torch.bool, device=device)
     for i, boxes in enumerate(gt_boxes):
-        gt = _as_boxes(boxes)
+        gt = as_boxes(boxes)
         if gt.shape[0] == 0:
             continue
         sx = image_sizes[i][0] / w if image_sizes is not None else 1.0

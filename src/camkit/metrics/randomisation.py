@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from camkit.errors import CamkitError
 from camkit.metrics._common import Forward, check_inputs, resolve_targets
-from camkit.metrics.sanity import _reinit, randomizable_modules, spearman
+from camkit.metrics.sanity import randomizable_modules, reinitialize, spearman
 
 __all__ = ["Explainer", "MprtResult", "mprt", "off_classes", "random_logit", "ssim"]
 
@@ -177,7 +177,7 @@ def mprt(
         for group in groups:
             torch.manual_seed(seed)
             for name in group:
-                _reinit(names[name])
+                reinitialize(names[name])
             other = _check_maps(explain(work, x, cls), m, "MPRT's explain")
             corr.append(spearman(m, other).to(m.device))
     c = torch.stack(corr)
