@@ -564,7 +564,7 @@ def test_cli_evaluate_store(
         for col in ("deletion", "insertion", "road_morf", "pointing", "box_iou", "maxboxacc"):
             number(data["metrics"][method][col], f"{method} {col}")
     # the table for people (on a terminal wide enough for every column): a column per metric, a row per method
-    text = ok(runner.invoke(cli, ["evaluate", str(store)], env={"COLUMNS": "250"})).stdout
+    text = ok(runner.invoke(cli, ["evaluate", str(store)], env={"COLUMNS": "1000"})).stdout
     for col in SUMMARY_COLUMNS:
         assert re.search(rf"\W{col}\W", text), (col, text)
     for method in row.methods:
