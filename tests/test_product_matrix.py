@@ -43,10 +43,16 @@ LABELS = ["ant", "bee", "cat", "dog", "eel"]
 N_IMAGES = 3
 #: file -> its ground-truth box (original pixels); images are 48 x 40 noise with a bright square there
 BOXES = {"a.png": [4, 4, 24, 20], "b.png": [20, 10, 44, 36], "c.png": [0, 16, 30, 40]}
-ALL_METRICS = "deletion,insertion,avg_drop,increase,road,arcc,pointing,pointing_strict,box,maxboxacc"
+ALL_METRICS = (
+    "deletion,insertion,avg_drop,increase,road,arcc,pointing,pointing_strict,box,maxboxacc,"
+    "energy_pointing,relevance_mass,relevance_rank,mask_auc,top_k,sparseness,entropy,effective_complexity,"
+    "random_logit,mprt"
+)
 #: the ``run`` / ``evaluate`` columns of each metric (maxboxacc: a per-image IoU curve in the store)
 STORE_COLUMNS = ("deletion", "insertion", "avg_drop", "increase", "road_morf", "road_lerf", "arcc", "pointing",
-                 "pointing_strict", "box_iou", "box_acc", "iou_curve")  # fmt: skip
+                 "pointing_strict", "box_iou", "box_acc", "iou_curve", "energy_pointing", "relevance_mass",
+                 "relevance_rank", "mask_auc", "top_k", "sparseness", "entropy", "effective_complexity",
+                 "random_logit", "mprt", "mprt_last")  # fmt: skip
 SUMMARY_COLUMNS = (*(c for c in STORE_COLUMNS if c != "iou_curve"), "maxboxacc")
 #: the summary columns of ``evaluate --metrics all``: every column of the metric registry
 ALL_COLUMNS = (*(c for m in METRICS.values() for c in m.columns), "maxboxacc")
@@ -561,7 +567,7 @@ def test_cli_evaluate_store(
         for col in ("deletion", "insertion", "road_morf", "pointing", "box_iou", "maxboxacc"):
             number(data["metrics"][method][col], f"{method} {col}")
     # the table for people (on a terminal wide enough for every column): a column per metric, a row per method
-    text = ok(runner.invoke(cli, ["evaluate", str(store)], env={"COLUMNS": "250"})).stdout
+    text = ok(runner.invoke(cli, ["evaluate", str(store)], env={"COLUMNS": "1000"})).stdout
     for col in SUMMARY_COLUMNS:
         assert re.search(rf"\W{col}\W", text), (col, text)
     for method in row.methods:

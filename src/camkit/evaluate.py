@@ -49,6 +49,7 @@ from camkit.io.inputs import IMAGE_SUFFIXES, discover_images
 from camkit.methods import get_method
 from camkit.methods.engine import PerturbationOptions
 from camkit.metrics import Forward, max_box_acc_v2
+from camkit.metrics.randomisation import Explainer
 from camkit.metrics.registry import (
     DEFAULT_METRICS,
     IOU_THRESHOLDS,
@@ -541,6 +542,16 @@ def _remap(plan: EvaluationPlan, method: str, classes: Tensor, maps: Tensor) -> 
     )
 
 
+def _explainer(plan: EvaluationPlan, method: str, maps: Tensor) -> Explainer:
+    """The method's maps for any model, inputs and classes (``random_logit``, ``mprt``); a baseline map depends
+    on neither, so it is its own."""
+    if method in BASELINES:
+        return lambda _model, _x, _classes: maps
+    return lambda model, x, classes: (
+        compare(model, x, methods=[method], layers=plan.layers, targets=classes.tolist())[method].maps
+    )
+
+
 def _rows(
     names: Sequence[str],
     method: str,
@@ -597,7 +608,8 @@ def _evaluate_batch(
             maps = expl[method].maps
         at = track.done
         tick = partial(track.tick, at, method, len(names), names[-1])
-        values, iou = plan.scorer(x, maps, classes, gt, sizes, tick, _remap(plan, method, classes, maps))
+        remap, again = _remap(plan, method, classes, maps), _explainer(plan, method, maps)
+        values, iou = plan.scorer(x, maps, classes, gt, sizes, tick, remap, again)
         if iou is not None:
             curves[method] = iou
         rows.extend(_rows(names, method, classes, probs, labels, values, plan.columns))

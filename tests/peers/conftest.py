@@ -1,5 +1,5 @@
-"""The reference libraries of the agreement tests in this folder: pytorch-grad-cam 1.5.7, torchcam 0.5.0 and Quantus
-0.6.0 (the ``reference`` extra, which ``make test`` installs), checked in this one place.
+"""The reference libraries of the agreement tests in this folder: pytorch-grad-cam 1.5.7, torchcam 0.5.0 and
+Quantus 0.6.0 (the ``reference`` extra, which ``make test`` installs), checked in this one place.
 
 Every test of this folder is marked ``reference``. Where a reference library is missing (a user who installed
 camkit without the extra), this folder is left out of the run and the report's header says why; under

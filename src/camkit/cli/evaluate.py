@@ -77,7 +77,8 @@ def evaluate(
         str | None,
         typer.Option(
             "--metrics",
-            help="deletion,insertion,avg_drop,increase,road,arcc,pointing,pointing_strict,box,maxboxacc or all "
+            help="deletion,insertion,avg_drop,increase,road,arcc,pointing,pointing_strict,box,maxboxacc,"
+            "energy_pointing,relevance_mass,relevance_rank,mask_auc,top_k,sparseness,entropy,effective_complexity,random_logit,mprt or all (docs/metrics.md) "
             "(default: the first four, plus the box metrics with --annotations).",
         ),
     ] = None,

@@ -81,7 +81,8 @@ def report(
     metrics: Annotated[
         str,
         typer.Option(
-            help="Metrics per image and method, comma-separated: deletion, insertion, avg_drop, increase, road, arcc."
+            help="Metrics per image and method, comma-separated: deletion, insertion, avg_drop, increase, road, arcc, "
+            "sparseness, entropy, effective_complexity, random_logit, mprt."
         ),
     ] = "",
     steps: Annotated[int, typer.Option(help="Steps of the deletion / insertion curves.")] = 20,

@@ -81,7 +81,8 @@ def run(
     metrics: Annotated[
         str,
         typer.Option(
-            help="Per-image metrics, comma-separated: deletion,insertion,avg_drop,increase,road,arcc,pointing,pointing_strict,box,maxboxacc (those of camkit evaluate)."
+            help="Per-image metrics, comma-separated: deletion,insertion,avg_drop,increase,road,arcc,pointing,pointing_strict,box,maxboxacc,"
+            "energy_pointing,relevance_mass,relevance_rank,mask_auc,top_k,sparseness,entropy,effective_complexity,random_logit,mprt (those of camkit evaluate)."
         ),
     ] = "",
     steps: Annotated[int, typer.Option(help="Deletion/insertion steps.")] = 20,

@@ -5,6 +5,8 @@
 >>> metrics.pointing_game(expl.maps, gt_boxes, image_sizes=[im.size for im in expl.images])
 >>> metrics.cascading_randomization(model, images, method="gradcam").correlation
 >>> metrics.faithfulness_correlation(model, x, expl.maps)   # the Quantus family: correlation, regions, robustness
+>>> metrics.mask_auc(expl.maps, metrics.box_mask(gt_boxes, expl.maps.shape[-2:], image_sizes=sizes))
+>>> metrics.sparseness(expl.maps)                           # Gini index; entropy_complexity, effective_complexity
 
 :data:`METRICS` (:mod:`camkit.metrics.registry`) names the metrics that ``camkit evaluate``, ``camkit run`` and
 ``camkit report`` compute per batch of maps, and :class:`MetricScorer` computes them: a new metric is added there.
@@ -12,6 +14,7 @@
 
 from camkit.metrics._common import Forward
 from camkit.metrics.arcc import ArccResult, arcc, coherency, complexity
+from camkit.metrics.complexity import effective_complexity, entropy_complexity, sparseness
 from camkit.metrics.correlation import (
     SensitivityN,
     faithfulness_correlation,
@@ -42,6 +45,15 @@ from camkit.metrics.localization import (
     max_box_acc_v2,
     pointing_game,
 )
+from camkit.metrics.mask import (
+    box_mask,
+    energy_pointing_game,
+    mask_auc,
+    relevance_mass_accuracy,
+    relevance_rank_accuracy,
+    top_k_intersection,
+)
+from camkit.metrics.randomisation import MprtResult, mprt, random_logit
 from camkit.metrics.regions import (
     IrofResult,
     RegionCurve,
@@ -76,6 +88,7 @@ __all__ = [
     "Metric",
     "MetricBatch",
     "MetricScorer",
+    "MprtResult",
     "RegionCurve",
     "RoadResult",
     "SanityResult",
@@ -86,11 +99,15 @@ __all__ = [
     "avg_sensitivity",
     "box_accuracy",
     "box_iou",
+    "box_mask",
     "cascading_randomization",
     "coherency",
     "complexity",
     "confidence_change",
     "deletion",
+    "effective_complexity",
+    "energy_pointing_game",
+    "entropy_complexity",
     "faithfulness_correlation",
     "faithfulness_estimate",
     "increase_in_confidence",
@@ -98,19 +115,26 @@ __all__ = [
     "insertion",
     "iou_curves",
     "irof",
+    "mask_auc",
     "max_box_acc_v2",
     "max_sensitivity",
     "monotonicity_arya",
     "monotonicity_nguyen",
+    "mprt",
     "noisy_linear_impute",
     "pixel_flipping",
     "pointing_game",
+    "random_logit",
     "randomizable_modules",
     "region_perturbation",
+    "relevance_mass_accuracy",
+    "relevance_rank_accuracy",
     "resolve_metrics",
     "road",
     "selectivity",
     "sensitivity",
     "sensitivity_n",
+    "sparseness",
     "spearman",
+    "top_k_intersection",
 ]

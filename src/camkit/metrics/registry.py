@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from camkit.errors import CamkitError
 from camkit.metrics._common import Forward
 from camkit.metrics.arcc import arcc
+from camkit.metrics.complexity import effective_complexity, entropy_complexity, sparseness
 from camkit.metrics.correlation import (
     faithfulness_correlation,
     faithfulness_estimate,
@@ -32,6 +33,15 @@ from camkit.metrics.correlation import (
 )
 from camkit.metrics.faithfulness import confidence_change, deletion, insertion, road
 from camkit.metrics.localization import box_accuracy, iou_curves, pointing_game
+from camkit.metrics.mask import (
+    box_mask,
+    energy_pointing_game,
+    mask_auc,
+    relevance_mass_accuracy,
+    relevance_rank_accuracy,
+    top_k_intersection,
+)
+from camkit.metrics.randomisation import Explainer, mprt, random_logit
 from camkit.metrics.regions import irof, pixel_flipping, region_perturbation, selectivity
 from camkit.metrics.robustness import sensitivity
 
@@ -70,6 +80,9 @@ class MetricBatch:
         thresholds: the map thresholds of the ``maxboxacc`` IoU curves.
         remap: the method's maps of other inputs for the same classes (``arcc``'s coherency explains the inputs
             masked by the maps with it); None where the caller has no method to run.
+        explain: the method's maps for any model, inputs and classes, ``explain(model, x, classes)``
+            (``random_logit`` explains other classes, ``mprt`` re-initialised copies of the model); None where the
+            caller has no method to run.
     """
 
     model: nn.Module
@@ -83,6 +96,7 @@ class MetricBatch:
     box_threshold: float = 0.2
     thresholds: Tensor = field(default_factory=lambda: IOU_THRESHOLDS.clone())
     remap: Callable[[Tensor], Tensor] | None = None
+    explain: Explainer | None = None
 
 
 @dataclass(frozen=True)
@@ -222,6 +236,63 @@ def _sensitivity(b: MetricBatch) -> dict[str, Tensor]:
     return {"max_sensitivity": result.max, "avg_sensitivity": result.mean}
 
 
+def _mask(b: MetricBatch) -> Tensor:
+    """The union of each image's boxes at the maps' size (:func:`camkit.metrics.mask.box_mask`)."""
+    h, w = b.maps.shape[-2:]
+    return box_mask(b.boxes, (h, w), image_sizes=b.sizes, device=b.maps.device)
+
+
+def _energy_pointing(b: MetricBatch) -> dict[str, Tensor]:
+    return {"energy_pointing": energy_pointing_game(b.maps, _mask(b))}
+
+
+def _relevance_mass(b: MetricBatch) -> dict[str, Tensor]:
+    return {"relevance_mass": relevance_mass_accuracy(b.maps, _mask(b))}
+
+
+def _relevance_rank(b: MetricBatch) -> dict[str, Tensor]:
+    return {"relevance_rank": relevance_rank_accuracy(b.maps, _mask(b))}
+
+
+def _mask_auc(b: MetricBatch) -> dict[str, Tensor]:
+    return {"mask_auc": mask_auc(b.maps, _mask(b))}
+
+
+def _top_k(b: MetricBatch) -> dict[str, Tensor]:
+    return {"top_k": top_k_intersection(b.maps, _mask(b))}
+
+
+def _sparseness(b: MetricBatch) -> dict[str, Tensor]:
+    return {"sparseness": sparseness(b.maps)}
+
+
+def _entropy(b: MetricBatch) -> dict[str, Tensor]:
+    return {"entropy": entropy_complexity(b.maps)}
+
+
+def _effective_complexity(b: MetricBatch) -> dict[str, Tensor]:
+    return {"effective_complexity": effective_complexity(b.maps)}
+
+
+def _need_explain(b: MetricBatch, name: str) -> Explainer:
+    if b.explain is None:
+        raise CamkitError(
+            f"{name} explains again with the maps' method: compute it from evaluate, run or report (or "
+            f"camkit.metrics.{name} with explain=...), not on maps without a method"
+        )
+    return b.explain
+
+
+def _random_logit(b: MetricBatch) -> dict[str, Tensor]:
+    explain = _need_explain(b, "random_logit")
+    return {"random_logit": random_logit(b.model, b.x, b.maps, explain, b.classes, forward=b.forward)}
+
+
+def _mprt(b: MetricBatch) -> dict[str, Tensor]:
+    result = mprt(b.model, b.x, b.maps, _need_explain(b, "mprt"), b.classes, forward=b.forward)
+    return {"mprt": result.mean, "mprt_last": result.last}
+
+
 #: name -> :class:`Metric`, in the order they are computed.
 METRICS: dict[str, Metric] = {
     "deletion": Metric(("deletion",), False, True, _deletion),
@@ -247,6 +318,19 @@ METRICS: dict[str, Metric] = {
     "irof": Metric(("irof",), False, False, _irof),
     "max_sensitivity": Metric(("max_sensitivity",), False, True, _sensitivity),
     "avg_sensitivity": Metric(("avg_sensitivity",), False, True, _sensitivity),
+    # against the mask of the boxes (metrics/mask.py)
+    "energy_pointing": Metric(("energy_pointing",), True, False, _energy_pointing),
+    "relevance_mass": Metric(("relevance_mass",), True, False, _relevance_mass),
+    "relevance_rank": Metric(("relevance_rank",), True, False, _relevance_rank),
+    "mask_auc": Metric(("mask_auc",), True, False, _mask_auc),
+    "top_k": Metric(("top_k",), True, False, _top_k),
+    # complexity of the map alone (metrics/complexity.py)
+    "sparseness": Metric(("sparseness",), False, False, _sparseness),
+    "entropy": Metric(("entropy",), False, True, _entropy),
+    "effective_complexity": Metric(("effective_complexity",), False, True, _effective_complexity),
+    # explaining again: other classes, re-initialised models (metrics/randomisation.py)
+    "random_logit": Metric(("random_logit",), False, True, _random_logit),
+    "mprt": Metric(("mprt", "mprt_last"), False, True, _mprt),
 }
 
 #: The metrics chosen when none are named (the box metrics join them when there are boxes).
@@ -324,10 +408,12 @@ class MetricScorer:
         sizes: Sequence[tuple[int, int]],
         tick: Callable[[float, str], None] | None = None,
         remap: Callable[[Tensor], Tensor] | None = None,
+        explain: Explainer | None = None,
     ) -> tuple[dict[str, Tensor], Tensor | None]:
         """Metric column -> Tensor[B] of values, and the IoU curves of ``maxboxacc`` (None when not chosen);
         ``tick(fraction done, metric)`` after each metric; ``remap``: the maps' method on other inputs, for the
-        same classes (``arcc``)."""
+        same classes (``arcc``); ``explain``: the maps' method for any model, inputs and classes
+        (``random_logit``, ``mprt``)."""
         batch = MetricBatch(
             self.model,
             self.forward,
@@ -340,6 +426,7 @@ class MetricScorer:
             self.box_threshold,
             self.thresholds,
             remap,
+            explain,
         )
         passes = _passes(self.chosen)
         values: dict[str, Tensor] = {}
