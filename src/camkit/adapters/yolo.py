@@ -99,11 +99,12 @@ class YOLODetector(nn.Module):
         if bool(getattr(head, "end2end", False)):
             rows = [self._end2end(p) for p in pred]
         else:
-            rows = [self._select(p, nc) for p in pred]
+            rows = [self._select(p, nc, x.shape[-1], x.shape[-2]) for p in pred]
         return _pad(rows)
 
-    def _select(self, pred: Tensor, nc: int) -> Tensor:
-        """One image's ``[4 + nc (+ extra), N]`` predictions (centre x, y, width, height, class scores) -> kept rows."""
+    def _select(self, pred: Tensor, nc: int, width: int, height: int) -> Tensor:
+        """One image's ``[4 + nc (+ extra), N]`` predictions (centre x, y, width, height, class scores) -> kept rows,
+        the boxes clipped to the image after the suppression (as ultralytics' predictor does)."""
         from torchvision.ops import batched_nms
 
         xywh, cls = pred[:4].T, pred[4 : 4 + nc].T
@@ -113,7 +114,12 @@ class YOLODetector(nn.Module):
         boxes = torch.cat([xywh[:, :2] - half, xywh[:, :2] + half], dim=1)
         order = batched_nms(boxes[keep].detach().float(), score[keep].detach().float(), label[keep], self.iou_thresh)
         keep = keep[order[: self.max_det]]
-        return torch.cat([boxes[keep], score[keep, None], label[keep, None].to(boxes.dtype)], dim=1)
+        kept = torch.stack(
+            [boxes[keep, 0].clamp(0, width), boxes[keep, 1].clamp(0, height), boxes[keep, 2].clamp(0, width),
+             boxes[keep, 3].clamp(0, height)],
+            dim=1,
+        )
+        return torch.cat([kept, score[keep, None], label[keep, None].to(boxes.dtype)], dim=1)
 
     def _end2end(self, pred: Tensor) -> Tensor:
         """One image's end-to-end rows ``[K, 6 (+ extra)]`` (x1, y1, x2, y2, score, class): those above the threshold."""

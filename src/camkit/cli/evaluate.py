@@ -30,6 +30,7 @@ from camkit.cli.common import (
     PretrainedOption,
     ProgressOption,
     SeedOption,
+    PromptOption,
     ThreadsOption,
     WeightsOption,
     err_console,
@@ -90,6 +91,7 @@ def evaluate(
     pretrained: PretrainedOption = True,
     seed: SeedOption = 0,
     threads: ThreadsOption = None,
+    prompt: PromptOption = None,
     max_pixels: MaxPixelsOption = DEFAULT_MAX_PIXELS,
     layers: LayersOption = "auto",
     steps: Annotated[int, typer.Option(help="Deletion/insertion steps.")] = 50,
@@ -135,7 +137,13 @@ def evaluate(
         )  # boxes against image sizes: an error here, before the model is loaded
         prepare_out_dir(out)
         options = ModelOptions(
-            name=model, weights=weights, pretrained=pretrained, seed=seed, threads=threads, device=device
+            name=model,
+            weights=weights,
+            pretrained=pretrained,
+            seed=seed,
+            threads=threads,
+            device=device,
+            prompts=tuple(prompt or ()),
         )
         loaded = load_model(options)
         with step_progress(progress) as report:

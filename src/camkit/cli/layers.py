@@ -12,6 +12,7 @@ from camkit.cli.common import (
     DeviceOption,
     ModelOptions,
     SeedOption,
+    PromptOption,
     ThreadsOption,
     WeightsOption,
     load_model,
@@ -48,6 +49,7 @@ def layers(
     ] = False,
     seed: SeedOption = 0,
     threads: ThreadsOption = None,
+    prompt: PromptOption = None,
     device: DeviceOption = "cpu",
     all_layers: Annotated[
         bool,
@@ -69,7 +71,7 @@ def layers(
         if model_name is not None and model is not None and model_name != model:
             raise CamkitError(f"two models given: {model_name!r} and --model {model!r}; give one")
         name = model_name or model or "efficientnet_lite0"
-        loaded = load_model(ModelOptions(name, weights, pretrained, seed, threads, device))
+        loaded = load_model(ModelOptions(name, weights, pretrained, seed, threads, device, prompts=tuple(prompt or ())))
         h, w = loaded.preprocess.size
         frames = (
             getattr(loaded.preprocess, "frames", 0) if loaded.task == "video" else 0

@@ -25,6 +25,7 @@ from camkit.cli.common import (
     PretrainedOption,
     SampleOption,
     SeedOption,
+    PromptOption,
     ThreadsOption,
     WeightsOption,
     annotated_targets,
@@ -64,6 +65,7 @@ def report(
     pretrained: PretrainedOption = True,
     seed: SeedOption = 0,
     threads: ThreadsOption = None,
+    prompt: PromptOption = None,
     methods: Annotated[
         str,
         typer.Option(
@@ -133,7 +135,7 @@ def report(
 
     args = ReportArgs(
         images=tuple(images or ()),
-        model=ModelOptions(model, weights, pretrained, seed, threads, device),
+        model=ModelOptions(model, weights, pretrained, seed, threads, device, prompts=tuple(prompt or ())),
         methods=methods,
         layers=layers,
         target=target,

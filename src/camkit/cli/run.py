@@ -22,6 +22,7 @@ from camkit.cli.common import (
     PretrainedOption,
     ProgressOption,
     SeedOption,
+    PromptOption,
     ThreadsOption,
     WeightsOption,
     err_console,
@@ -113,6 +114,7 @@ def run(
     pretrained: PretrainedOption = True,
     seed: SeedOption = 0,
     threads: ThreadsOption = None,
+    prompt: PromptOption = None,
     device: DeviceOption = "cpu",
     max_pixels: MaxPixelsOption = DEFAULT_MAX_PIXELS,
     progress: ProgressOption = None,
@@ -150,6 +152,7 @@ def run(
             seed=seed,
             device=device,
             threads=threads,
+            prompts=tuple(prompt or ()),
         )
         rank = env_rank()[0]
         with images_progress(shown(progress) and rank == 0) as bar:
