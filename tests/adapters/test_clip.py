@@ -67,7 +67,9 @@ def hf_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         torch.manual_seed(0)
         model_cls(cfg_cls(text_config=text, vision_config=vision)).save_pretrained(folder)
         tok.save_pretrained(folder)
-        transformers.CLIPImageProcessor(size={"height": 64, "width": 64}, do_center_crop=False).save_pretrained(folder)
+        transformers.CLIPImageProcessor(
+            size={"height": 64, "width": 64}, do_center_crop=False
+        ).save_pretrained(folder)
         out[name] = folder
     return out
 
@@ -84,7 +86,9 @@ def test_open_clip_logits_are_the_models_own(oc_dir: Path) -> None:
         assert torch.allclose(lm.model(x), scale * image @ text.T, atol=1e-4)
 
 
-def _gradcam_by_hand(view: ZeroShotCLIP, layer: torch.nn.Module, x: torch.Tensor, prompt: int) -> torch.Tensor:
+def _gradcam_by_hand(
+    view: ZeroShotCLIP, layer: torch.nn.Module, x: torch.Tensor, prompt: int
+) -> torch.Tensor:
     """Grad-CAM at a ViT block's output: drop the class token, weights = mean gradient per channel, ReLU."""
     store: dict[str, torch.Tensor] = {}
     handle = layer.register_forward_hook(lambda _m, _i, o: store.__setitem__("a", o))
@@ -174,15 +178,29 @@ def test_prompts_are_required_and_checked(oc_dir: Path) -> None:
     with pytest.raises(CamkitError, match="not a CLIP model"):
         load_model("resnet18", pretrained=False, prompts=["a cat"])
     with pytest.raises(CamkitError, match="one row per prompt"):
-        from_open_clip(open_clip.create_model(f"local-dir:{oc_dir}"), lambda t: torch.zeros(1, 16, dtype=torch.long), ["a", "b"])
+        from_open_clip(
+            open_clip.create_model(f"local-dir:{oc_dir}"),
+            lambda t: torch.zeros(1, 16, dtype=torch.long),
+            ["a", "b"],
+        )
 
 
 def test_cli_explain_with_prompts(oc_dir: Path, tmp_path: Path) -> None:
     from camkit.cli import app
 
     out = tmp_path / "out"
-    args = ["explain", "--model", f"clip:{oc_dir}", "--prompt", "a photo of a cat", "--prompt", "a photo of a dog"]
-    res = CliRunner().invoke(app, args + ["--target", "a photo of a dog", "--methods", "gradcam", "--out", str(out)])
+    args = [
+        "explain",
+        "--model",
+        f"clip:{oc_dir}",
+        "--prompt",
+        "a photo of a cat",
+        "--prompt",
+        "a photo of a dog",
+    ]
+    res = CliRunner().invoke(
+        app, [*args, "--target", "a photo of a dog", "--methods", "gradcam", "--out", str(out)]
+    )
     assert res.exit_code == 0, res.output
     entries = json.loads((out / "summary.json").read_text())
     assert [e["label"] for e in entries] == ["a photo of a dog"] and entries[0]["class"] == 1

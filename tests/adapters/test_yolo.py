@@ -56,8 +56,13 @@ def test_loads_a_config_offline_with_coco_names_and_yolo_preprocessing(yolo: Any
     assert yolo.labels[:3] == ["person", "bicycle", "car"] and len(yolo.labels) == 80
     assert yolo.preprocess.size == (64, 64) and yolo.preprocess.mean == (0.0, 0.0, 0.0)
     assert yolo.preprocess.std == (1.0, 1.0, 1.0)
-    assert yolo.model.camkit_auto_layer == "model.model.15"  # the first input of Detect: the stride-8 neck map
-    assert load_model("yolo:yolov8n.yaml", input_size=70).preprocess.size == (96, 96)  # a multiple of the stride
+    assert (
+        yolo.model.camkit_auto_layer == "model.model.15"
+    )  # the first input of Detect: the stride-8 neck map
+    assert load_model("yolo:yolov8n.yaml", input_size=70).preprocess.size == (
+        96,
+        96,
+    )  # a multiple of the stride
 
 
 def test_detections_equal_ultralytics_suppression(yolo: Any) -> None:
@@ -141,9 +146,11 @@ def test_checkpoint_roundtrip_and_refusals(tmp_path: Path, yolo: Any) -> None:
     pt = tmp_path / "tiny.pt"
     torch.save({"model": yolo.model.model}, pt)
     back = load_model(f"yolo:{pt}", input_size=64)
-    for a, b in zip(back.model.model.state_dict().values(), yolo.model.model.state_dict().values(), strict=True):
+    for a, b in zip(
+        back.model.model.state_dict().values(), yolo.model.model.state_dict().values(), strict=True
+    ):
         assert torch.equal(a, b)
-    with pytest.raises(CamkitError, match="not a local file.*needs a network"):
+    with pytest.raises(CamkitError, match=r"not a local file.*needs a network"):
         load_model("yolo:yolov8n.pt")
     with pytest.raises(CamkitError, match="no such model config"):
         load_model("yolo:nothing-here.yaml")
@@ -157,8 +164,19 @@ def test_cli_explain_yolo_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "out"
     res = CliRunner().invoke(
         app,
-        ["explain", "--model", "yolo:yolov8n.yaml", "--input-size", "64", "--det-threshold", "0"]
-        + ["--methods", "gradcam,eigencam", "--out", str(out)],
+        [
+            "explain",
+            "--model",
+            "yolo:yolov8n.yaml",
+            "--input-size",
+            "64",
+            "--det-threshold",
+            "0",
+            "--methods",
+            "gradcam,eigencam",
+            "--out",
+            str(out),
+        ],
     )
     assert res.exit_code == 0, res.output
     entries = json.loads((out / "summary.json").read_text())

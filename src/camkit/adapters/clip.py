@@ -88,16 +88,22 @@ class ZeroShotCLIP(nn.Module):
             raise CamkitError(
                 f"text_features must be Tensor[{len(prompts)}, E] (one row per prompt), got {tuple(text_features.shape)}"
             )
+        self.training = bool(
+            model.training
+        )  # the view's own flag follows the model; the model is not touched
         self.model = model
         self.encode_image = encode_image
         self.prompts = list(prompts)
         self.logit_scale = float(logit_scale)
         self.logit_bias = float(logit_bias)
-        self.register_buffer("text_features", F.normalize(text_features.detach().float(), dim=-1), persistent=False)
+        self.register_buffer(
+            "text_features", F.normalize(text_features.detach().float(), dim=-1), persistent=False
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         image = F.normalize(self.encode_image(x).float(), dim=-1)
-        text: Tensor = self.text_features
+        text = self.text_features
+        assert isinstance(text, Tensor)
         return self.logit_scale * image @ text.T + self.logit_bias
 
 
@@ -114,7 +120,9 @@ def _scalar(value: object, exp: bool) -> float:
 # ------------------------------------------------------------------------------------------------ open_clip
 
 
-def from_open_clip(model: nn.Module, tokenizer: Callable[[list[str]], Tensor], prompts: Sequence[str] | str) -> ZeroShotCLIP:
+def from_open_clip(
+    model: nn.Module, tokenizer: Callable[[list[str]], Tensor], prompts: Sequence[str] | str
+) -> ZeroShotCLIP:
     """An open_clip model (``CLIP``, ``CustomTextCLIP``) and its tokenizer (``open_clip.get_tokenizer(name)``) with
     ``prompts`` as a zero-shot classifier."""
     items = _prompts(prompts)
@@ -129,7 +137,7 @@ def from_open_clip(model: nn.Module, tokenizer: Callable[[list[str]], Tensor], p
         _scalar(getattr(model, "logit_scale", None), exp=True),
         _scalar(getattr(model, "logit_bias", None), exp=False),
     )
-    return view.eval()
+    return view
 
 
 def _open_clip_name(source: str) -> tuple[str, str | None]:
@@ -179,7 +187,9 @@ def load_open_clip(
     try:
         model = open_clip.create_model(name, pretrained=checkpoint, device=device)
     except (RuntimeError, ValueError, OSError, KeyError) as err:
-        raise CamkitError(f"clip:{source}: open_clip could not build it ({type(err).__name__}: {err})") from err
+        raise CamkitError(
+            f"clip:{source}: open_clip could not build it ({type(err).__name__}: {err})"
+        ) from err
     model = model.eval()
     tokenizer = open_clip.get_tokenizer(name)
     cfg = open_clip.get_model_preprocess_cfg(model)
@@ -205,10 +215,13 @@ def _hf_image_features(model: nn.Module) -> Callable[[Tensor], Tensor]:
 
 def _hf_text(model: nn.Module, tokenizer: Any, prompts: list[str]) -> Tensor:
     """The prompts' text embeddings; SigLIP's are padded to the longest position, as it was trained."""
-    siglip = "siglip" in str(getattr(model.config, "model_type", ""))
+    config: Any = model.config
+    siglip = "siglip" in str(getattr(config, "model_type", ""))
     if siglip:
-        length = int(model.config.text_config.max_position_embeddings)
-        tokens = tokenizer(prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
+        length = int(config.text_config.max_position_embeddings)
+        tokens = tokenizer(
+            prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt"
+        )
     else:
         tokens = tokenizer(prompts, padding=True, truncation=True, return_tensors="pt")
     device = next(model.parameters()).device
@@ -235,7 +248,7 @@ def from_transformers(model: nn.Module, tokenizer: Any, prompts: Sequence[str] |
         _scalar(getattr(model, "logit_scale", None), exp=True),
         _scalar(getattr(model, "logit_bias", None), exp=False),
     )
-    return view.eval()
+    return view
 
 
 def is_transformers_zero_shot(source: str) -> bool:
@@ -249,7 +262,10 @@ def is_transformers_zero_shot(source: str) -> bool:
 
 
 def load_transformers(
-    source: str, prompts: Sequence[str] | str | None, pretrained: bool = True, device: str | torch.device = "cpu"
+    source: str,
+    prompts: Sequence[str] | str | None,
+    pretrained: bool = True,
+    device: str | torch.device = "cpu",
 ) -> tuple[ZeroShotCLIP, Preprocess]:
     """A ``save_pretrained`` folder of a CLIP / SigLIP model, with its tokenizer and image processor (read offline)."""
     from camkit.adapters.huggingface import preprocess_of

@@ -81,6 +81,9 @@ class YOLODetector(nn.Module):
         self, model: nn.Module, score_thresh: float = 0.25, iou_thresh: float = 0.7, max_det: int = 300
     ) -> None:
         super().__init__()
+        self.training = bool(
+            model.training
+        )  # the view's own flag follows the model; the model is not touched
         self.model = model
         self.score_thresh = score_thresh
         self.iou_thresh = iou_thresh
@@ -95,7 +98,9 @@ class YOLODetector(nn.Module):
         head = yolo_head(self.model)
         nc = int(getattr(head, "nc", 0))
         if not isinstance(pred, Tensor) or pred.dim() != 3:
-            raise CamkitError(f"unexpected YOLO output {type(pred).__name__}: expected Tensor[B, 4 + classes, N]")
+            raise CamkitError(
+                f"unexpected YOLO output {type(pred).__name__}: expected Tensor[B, 4 + classes, N]"
+            )
         if bool(getattr(head, "end2end", False)):
             rows = [self._end2end(p) for p in pred]
         else:
@@ -112,11 +117,17 @@ class YOLODetector(nn.Module):
         keep = (score.detach() > self.score_thresh).nonzero()[:, 0]
         half = xywh[:, 2:] / 2
         boxes = torch.cat([xywh[:, :2] - half, xywh[:, :2] + half], dim=1)
-        order = batched_nms(boxes[keep].detach().float(), score[keep].detach().float(), label[keep], self.iou_thresh)
+        order = batched_nms(
+            boxes[keep].detach().float(), score[keep].detach().float(), label[keep], self.iou_thresh
+        )
         keep = keep[order[: self.max_det]]
         kept = torch.stack(
-            [boxes[keep, 0].clamp(0, width), boxes[keep, 1].clamp(0, height), boxes[keep, 2].clamp(0, width),
-             boxes[keep, 3].clamp(0, height)],
+            [
+                boxes[keep, 0].clamp(0, width),
+                boxes[keep, 1].clamp(0, height),
+                boxes[keep, 2].clamp(0, width),
+                boxes[keep, 3].clamp(0, height),
+            ],
             dim=1,
         )
         return torch.cat([kept, score[keep, None], label[keep, None].to(boxes.dtype)], dim=1)
@@ -143,6 +154,7 @@ class YOLOClassifier(nn.Module):
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
+        self.training = bool(model.training)
         self.model = model
         self.camkit_auto_layer = _head_input(model)
 
@@ -177,7 +189,9 @@ def _from_yaml(tasks: Any, source: str) -> nn.Module:
     if task == "classify":
         return tasks.ClassificationModel(cfg, verbose=False)  # type: ignore[no-any-return]
     if task not in classes:
-        raise CamkitError(f"yolo:{source} is a {task} model; camkit explains YOLO detect, segment and classify models")
+        raise CamkitError(
+            f"yolo:{source} is a {task} model; camkit explains YOLO detect, segment and classify models"
+        )
     return classes[task](cfg, verbose=False)  # type: ignore[no-any-return]
 
 
@@ -197,7 +211,9 @@ def _from_checkpoint(tasks: Any, source: str) -> nn.Module:
         ) from err
     model = ckpt.get("ema") or ckpt.get("model")
     if not isinstance(model, nn.Module):
-        raise CamkitError(f"yolo:{source} holds no model (a checkpoint saved by ultralytics has one under 'model')")
+        raise CamkitError(
+            f"yolo:{source} holds no model (a checkpoint saved by ultralytics has one under 'model')"
+        )
     return model.float()
 
 

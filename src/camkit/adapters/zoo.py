@@ -333,8 +333,12 @@ def _load_clip(
     if not source:
         raise CamkitError("clip: needs an open_clip config name or a folder: clip:ViT-B-32, clip:DIR")
     if input_size is not None:
-        raise CamkitError(f"{key}: an open_clip model takes its input size from its config; drop --input-size")
-    view, preprocess = load_open_clip(source, prompts, pretrained, None if weights is None else str(weights), device)
+        raise CamkitError(
+            f"{key}: an open_clip model takes its input size from its config; drop --input-size"
+        )
+    view, preprocess = load_open_clip(
+        source, prompts, pretrained, None if weights is None else str(weights), device
+    )
     return LoadedModel(view, preprocess, view.prompts, key)
 
 

@@ -11,8 +11,8 @@ from rich.text import Text
 from camkit.cli.common import (
     DeviceOption,
     ModelOptions,
-    SeedOption,
     PromptOption,
+    SeedOption,
     ThreadsOption,
     WeightsOption,
     load_model,
@@ -71,7 +71,9 @@ def layers(
         if model_name is not None and model is not None and model_name != model:
             raise CamkitError(f"two models given: {model_name!r} and --model {model!r}; give one")
         name = model_name or model or "efficientnet_lite0"
-        loaded = load_model(ModelOptions(name, weights, pretrained, seed, threads, device, prompts=tuple(prompt or ())))
+        loaded = load_model(
+            ModelOptions(name, weights, pretrained, seed, threads, device, prompts=tuple(prompt or ()))
+        )
         h, w = loaded.preprocess.size
         frames = (
             getattr(loaded.preprocess, "frames", 0) if loaded.task == "video" else 0
