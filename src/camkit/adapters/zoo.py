@@ -210,16 +210,9 @@ def load_model(
     import torchvision
 
     key = name.strip()
-    if key.lower().startswith("keras:"):
-        return _load_keras(key, weights, pretrained, device, input_size)
-    if prompts is not None and not key.lower().startswith(("hf:", "clip:")):
-        raise CamkitError(f"{key} is not a CLIP model: prompts are for clip: and hf: CLIP / SigLIP models")
-    if key.lower().startswith("hf:"):
-        return _load_hf(key, weights, pretrained, device, input_size, prompts)
-    if key.lower().startswith("clip:"):
-        return _load_clip(key, weights, pretrained, device, input_size, prompts)
-    if key.lower().startswith("yolo:"):
-        return _load_yolo(key, weights, pretrained, device, input_size)
+    prefixed = _load_prefixed(key, weights, pretrained, device, input_size, prompts)
+    if prefixed is not None:
+        return prefixed
     labels: list[str] | None = None
     task = _torchvision_task(key)
     if input_size is not None and task is None and not _is_video(key):
@@ -267,6 +260,29 @@ def load_model(
         labels = imagenet_labels() if _num_outputs(model) == 1000 else None
     model = model.eval().to(device)
     return LoadedModel(model=model, preprocess=Preprocess.for_model(model), labels=labels, name=key)
+
+
+def _load_prefixed(
+    key: str,
+    weights: str | Path | None,
+    pretrained: bool,
+    device: str | torch.device,
+    input_size: int | None,
+    prompts: Sequence[str] | None,
+) -> LoadedModel | None:
+    """The models named with a prefix (``keras:``, ``hf:``, ``clip:``, ``yolo:``); None for other names."""
+    low = key.lower()
+    if prompts is not None and not low.startswith(("hf:", "clip:")):
+        raise CamkitError(f"{key} is not a CLIP model: prompts are for clip: and hf: CLIP / SigLIP models")
+    if low.startswith("keras:"):
+        return _load_keras(key, weights, pretrained, device, input_size)
+    if low.startswith("hf:"):
+        return _load_hf(key, weights, pretrained, device, input_size, prompts)
+    if low.startswith("clip:"):
+        return _load_clip(key, weights, pretrained, device, input_size, prompts)
+    if low.startswith("yolo:"):
+        return _load_yolo(key, weights, pretrained, device, input_size)
+    return None
 
 
 def _load_keras(

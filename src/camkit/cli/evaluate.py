@@ -136,15 +136,8 @@ def evaluate(
             items, anns, limit
         )  # boxes against image sizes: an error here, before the model is loaded
         prepare_out_dir(out)
-        options = ModelOptions(
-            name=model,
-            weights=weights,
-            pretrained=pretrained,
-            seed=seed,
-            threads=threads,
-            device=device,
-            prompts=tuple(prompt or ()),
-        )
+        prompts = tuple(prompt or ())
+        options = ModelOptions(model, weights, pretrained, seed, threads, device, prompts=prompts)
         loaded = load_model(options)
         with step_progress(progress) as report:
             result = run_evaluation(
