@@ -206,3 +206,11 @@ def test_cli_explain_with_prompts(oc_dir: Path, tmp_path: Path) -> None:
     assert [e["label"] for e in entries] == ["a photo of a dog"] and entries[0]["class"] == 1
     res = CliRunner().invoke(app, ["explain", "--model", f"clip:{oc_dir}", "--out", str(out)])
     assert res.exit_code == 2 and "--prompt" in res.output
+
+
+def test_served_clip_model_gets_the_prompts(oc_dir: Path) -> None:
+    from camkit.app.server import AppConfig
+
+    config = AppConfig(model=f"clip:{oc_dir}", prompts=("a cat", "a dog"), pretrained=False)
+    assert config.spec(f"clip:{oc_dir}").load().labels == ["a cat", "a dog"]
+    assert config.spec("resnet18").prompts == ()

@@ -96,7 +96,9 @@ def _seg(name: str) -> Callable[[], nn.Module]:
 def _yolo(config: str) -> Callable[[], nn.Module]:
     def build() -> nn.Module:
         pytest.importorskip("ultralytics")
-        os.environ.setdefault("YOLO_CONFIG_DIR", tempfile.mkdtemp(prefix="yolo-settings-"))  # written on import
+        os.environ.setdefault(
+            "YOLO_CONFIG_DIR", tempfile.mkdtemp(prefix="yolo-settings-")
+        )  # written on import
         from camkit.adapters import load_model
 
         loaded = load_model(f"yolo:{config}", input_size=64)
