@@ -214,3 +214,15 @@ def test_served_clip_model_gets_the_prompts(oc_dir: Path) -> None:
     config = AppConfig(model=f"clip:{oc_dir}", prompts=("a cat", "a dog"), pretrained=False)
     assert config.spec(f"clip:{oc_dir}").load().labels == ["a cat", "a dog"]
     assert config.spec("resnet18").prompts == ()
+
+
+def test_cli_evaluate_with_prompts(oc_dir: Path, tmp_path: Path) -> None:
+    from camkit.cli import app
+
+    photo = tmp_path / "cat.png"
+    camkit.sample_image("chelsea").resize((64, 64)).save(photo)
+    out = tmp_path / "eval"
+    args = ["evaluate", str(photo), "--model", f"clip:{oc_dir}", "--prompt", "a cat", "--prompt", "a dog"]
+    res = CliRunner().invoke(app, [*args, "--methods", "gradcam", "--steps", "3", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert (out / "evaluate.json").is_file()
