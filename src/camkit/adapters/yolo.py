@@ -209,7 +209,7 @@ def _from_checkpoint(tasks: Any, source: str) -> nn.Module:
             f"yolo:{source}: ultralytics could not read this checkpoint with weights_only=True "
             f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
         ) from err
-    model = ckpt.get("ema") or ckpt.get("model")
+    model = ckpt.get("ema") if ckpt.get("ema") is not None else ckpt.get("model")
     if not isinstance(model, nn.Module):
         raise CamkitError(
             f"yolo:{source} holds no model (a checkpoint saved by ultralytics has one under 'model')"
