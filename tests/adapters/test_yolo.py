@@ -183,3 +183,11 @@ def test_cli_explain_yolo_end_to_end(tmp_path: Path) -> None:
     rows = [e for e in entries if e.get("method") in ("gradcam", "eigencam")]
     assert len(rows) == 2 and all(e["task"] == "detection" and len(e["box"]) == 4 for e in rows)
     assert os.path.isfile(rows[0]["file"])
+
+
+def test_cli_layers_names_the_yolo_auto_layer() -> None:
+    from camkit.cli import app
+
+    res = CliRunner().invoke(app, ["layers", "yolo:yolov8n-cls.yaml"])
+    assert res.exit_code == 0, res.output
+    assert "auto: model.model.8" in res.output  # the input of the Classify head

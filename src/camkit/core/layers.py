@@ -194,8 +194,12 @@ def _is_attention(info: LayerInfo) -> bool:
     return "Attention" in info.type
 
 
-def pick_auto(infos: list[LayerInfo]) -> str | None:
-    """The automatic choice among traced layers (see the module docstring), or None."""
+def pick_auto(infos: list[LayerInfo], model: nn.Module | None = None) -> str | None:
+    """The automatic choice among traced layers (see the module docstring), or None; the layer ``model`` names
+    in its ``camkit_auto_layer`` attribute when it names one."""
+    declared = None if model is None else getattr(unwrap(model), "camkit_auto_layer", None)
+    if isinstance(declared, str):
+        return declared
     candidates = [
         i
         for i in infos
