@@ -29,6 +29,7 @@ from camkit.cli.common import (
     ModelOptions,
     PretrainedOption,
     ProgressOption,
+    PromptOption,
     SeedOption,
     ThreadsOption,
     WeightsOption,
@@ -91,6 +92,7 @@ def evaluate(
     pretrained: PretrainedOption = True,
     seed: SeedOption = 0,
     threads: ThreadsOption = None,
+    prompt: PromptOption = None,
     max_pixels: MaxPixelsOption = DEFAULT_MAX_PIXELS,
     layers: LayersOption = "auto",
     steps: Annotated[int, typer.Option(help="Deletion/insertion steps.")] = 50,
@@ -135,9 +137,8 @@ def evaluate(
             items, anns, limit
         )  # boxes against image sizes: an error here, before the model is loaded
         prepare_out_dir(out)
-        options = ModelOptions(
-            name=model, weights=weights, pretrained=pretrained, seed=seed, threads=threads, device=device
-        )
+        prompts = tuple(prompt or ())
+        options = ModelOptions(model, weights, pretrained, seed, threads, device, prompts=prompts)
         loaded = load_model(options)
         with step_progress(progress) as report:
             result = run_evaluation(

@@ -23,6 +23,7 @@ from camkit.cli.common import (
     ModelOption,
     ModelOptions,
     PretrainedOption,
+    PromptOption,
     SampleOption,
     SeedOption,
     ThreadsOption,
@@ -64,6 +65,7 @@ def report(
     pretrained: PretrainedOption = True,
     seed: SeedOption = 0,
     threads: ThreadsOption = None,
+    prompt: PromptOption = None,
     methods: Annotated[
         str,
         typer.Option(
@@ -134,7 +136,7 @@ def report(
 
     args = ReportArgs(
         images=tuple(images or ()),
-        model=ModelOptions(model, weights, pretrained, seed, threads, device),
+        model=ModelOptions(model, weights, pretrained, seed, threads, device, prompts=tuple(prompt or ())),
         methods=methods,
         layers=layers,
         target=target,

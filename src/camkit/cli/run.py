@@ -21,6 +21,7 @@ from camkit.cli.common import (
     ModelOption,
     PretrainedOption,
     ProgressOption,
+    PromptOption,
     SeedOption,
     ThreadsOption,
     WeightsOption,
@@ -114,6 +115,7 @@ def run(
     pretrained: PretrainedOption = True,
     seed: SeedOption = 0,
     threads: ThreadsOption = None,
+    prompt: PromptOption = None,
     device: DeviceOption = "cpu",
     max_pixels: MaxPixelsOption = DEFAULT_MAX_PIXELS,
     progress: ProgressOption = None,
@@ -151,6 +153,7 @@ def run(
             seed=seed,
             device=device,
             threads=threads,
+            prompts=tuple(prompt or ()),
         )
         rank = env_rank()[0]
         with images_progress(shown(progress) and rank == 0) as bar:
