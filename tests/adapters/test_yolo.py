@@ -191,3 +191,20 @@ def test_cli_layers_names_the_yolo_auto_layer() -> None:
     res = CliRunner().invoke(app, ["layers", "yolo:yolov8n-cls.yaml"])
     assert res.exit_code == 0, res.output
     assert "auto: model.model.8" in res.output  # the input of the Classify head
+
+
+def test_pil_open_is_left_as_it_was(yolo: Any, tmp_path: Path) -> None:
+    """ultralytics' import swaps PIL.Image.open for a wrapper that pip-installs pi-heif when a file is not an
+    image; camkit puts the original back, so a bad file stays a plain UnidentifiedImageError, never an install."""
+    from PIL import Image, UnidentifiedImageError
+
+    from camkit.io.images import open_image
+
+    assert Image.open.__module__ == "PIL.Image"
+    assert os.environ.get("YOLO_AUTOINSTALL") == "false"
+    bad = tmp_path / "not-a-photo.jpg"
+    bad.write_bytes(b"plain text, not an image")
+    with pytest.raises(UnidentifiedImageError):
+        Image.open(bad)
+    with pytest.raises(UnidentifiedImageError):
+        open_image(bad)

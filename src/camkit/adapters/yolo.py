@@ -28,16 +28,20 @@ Both views keep the ultralytics model as the submodule ``model`` (the very objec
 which every detection's score reaches through the neck) and the input of a classification head.
 
 Importing this module imports neither torch's extras nor ultralytics; :func:`load` imports ultralytics, with
-``YOLO_OFFLINE=1`` set when unset so that it does not probe the network.
+``YOLO_OFFLINE=1`` and ``YOLO_AUTOINSTALL=false`` set when unset so that it neither probes the network nor
+installs packages, and puts back ``PIL.Image.open``, which ultralytics' import replaces process-wide with a wrapper
+that installs ``pi-heif`` when a file is not an image (HEIF photos are then not read through ultralytics' plugin).
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 from torch import Tensor, nn
 
 from camkit.adapters.preprocess import Preprocess
@@ -168,11 +172,23 @@ class YOLOClassifier(nn.Module):
 
 def _import_ultralytics() -> Any:
     os.environ.setdefault("YOLO_OFFLINE", "1")  # ultralytics probes the network on import otherwise
+    os.environ.setdefault("YOLO_AUTOINSTALL", "false")  # and pip-installs missing packages when it wants them
     try:
         import ultralytics.nn.tasks as tasks
     except ImportError as err:
         raise CamkitError("yolo: models need the ultralytics package: pip install 'camkit[yolo]'") from err
+    _restore_pil_open()
     return tasks
+
+
+def _restore_pil_open() -> None:
+    """Put back ``PIL.Image.open``: ultralytics' import replaces it, process-wide, with a wrapper that installs
+    pi-heif when a file is not an image, so every image opened afterwards (by camkit or the caller) would go
+    through it. The wrapper keeps the original as ``_image_open``; anything else is left alone."""
+    patches = sys.modules.get("ultralytics.utils.patches")
+    original = getattr(patches, "_image_open", None)
+    if callable(original) and Image.open is getattr(patches, "image_open", None):
+        Image.open = original
 
 
 def _from_yaml(tasks: Any, source: str) -> nn.Module:
