@@ -186,9 +186,10 @@ def load_model(
             (``convnext_tiny``; prefix ``timm/`` to force timm), or a Keras Applications model on the torch
             backend, ``keras:vgg16``, ``keras:resnet50``, ``keras:mobilenetv2``... (:mod:`camkit.adapters.keras`; the model
             is its :class:`camkit.adapters.keras.KerasModel` view), or a Hugging Face transformers image
-            classifier, ``hf:PATH`` (a ``save_pretrained`` folder, read offline) or ``hf:ORG/NAME`` (a hub id:
-            needs a network) (:mod:`camkit.adapters.huggingface`; the model is its
-            :class:`camkit.adapters.huggingface.HFClassifier` view, logits out).
+            classifier, semantic segmentation or object detection model, ``hf:PATH`` (a ``save_pretrained``
+            folder, read offline) or ``hf:ORG/NAME`` (a hub id: needs a network) (:mod:`camkit.adapters.huggingface`;
+            the model is its :class:`camkit.adapters.huggingface.HFClassifier`, ``HFSegmenter`` or ``HFDetector``
+            view).
         weights: a local state_dict file to load instead of pretrained weights (``weights_only=True``).
         pretrained: download the library's pretrained weights when no file is given (needs a network, except for
             the EfficientNet-Lite default). ``False``: random weights.
@@ -291,7 +292,7 @@ def _load_hf(
     if not source:
         raise CamkitError("hf: needs a folder or a hub id: hf:PATH_OR_ID")
     view, preprocess, labels = load_hf(source, pretrained, device)
-    return LoadedModel(view, preprocess, labels, key)
+    return LoadedModel(view, preprocess, labels, key, task=view.camkit_task)
 
 
 def _num_keras_outputs(keras_model: object) -> int | None:

@@ -12,8 +12,10 @@ layer; here VGG16 gets ``features.29``, ResNet ``layer4``, timm EfficientNet ``b
   torchvision ViT ``encoder.layers.encoder_layer_11.ln_1``, Swin ``...blocks[-1].norm1``). With class-token
   pooling the patch tokens after the last attention no longer reach the output: their gradient is exactly 0
   (pytorch-grad-cam's docs recommend ``blocks[-1].norm1`` for the same reason).
-* models with a ``backbone`` (torchvision detection and segmentation): the backbone's last map (``backbone.body``
-  for feature-pyramid backbones), which every box / pixel depends on, not a head's class-score map.
+* models with a ``backbone`` (torchvision detection and segmentation; transformers DETR and UperNet, whose
+  backbone is ``model.model.backbone`` / ``model.backbone`` in camkit's view): the backbone's last map
+  (``backbone.body`` for feature-pyramid backbones), which every box / pixel depends on, not a head's class-score
+  map.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from camkit.core.capture import hook_forward
-from camkit.core.tokens import Layout, infer_layout, prefix_tokens, unwrap
+from camkit.core.tokens import Layout, infer_layout, prefix_tokens, suffix_tokens, unwrap
 from camkit.errors import CamkitError
 
 __all__ = ["LayerInfo", "LayerSpec", "auto_layer", "describe_layers", "resolve_layers"]
@@ -154,7 +156,7 @@ def describe_layers(model: nn.Module, example: Tensor) -> list[LayerInfo]:
         else:
             passthrough[name] = False
     size = (int(example.shape[-2]), int(example.shape[-1]))
-    tokens = prefix_tokens(model)
+    tokens, suffix = prefix_tokens(model), suffix_tokens(model)
     channels_last = bool(
         getattr(model, "channels_last", False)
     )  # Keras models (camkit.adapters.keras.KerasModel)
@@ -163,7 +165,13 @@ def describe_layers(model: nn.Module, example: Tensor) -> list[LayerInfo]:
         if rec.full_shape is None:
             return None
         return infer_layout(
-            rec.full_shape, size, batch=1, prefix=tokens, module=rec.module, channels_last=channels_last
+            rec.full_shape,
+            size,
+            batch=1,
+            prefix=tokens,
+            module=rec.module,
+            channels_last=channels_last,
+            suffix=suffix,
         )
 
     infos = [
@@ -191,6 +199,16 @@ def _is_attention(info: LayerInfo) -> bool:
     return "Attention" in info.type
 
 
+def _backbone_scopes(names: set[str]) -> tuple[str, ...]:
+    """Where the backbone's maps live: ``backbone.body.``, ``backbone.``, or the same under the shallowest module
+    named ``backbone`` (transformers detection and segmentation models: ``model.model.backbone.``)."""
+    nested = [n for n in names if n == "backbone" or n.endswith(".backbone")]
+    if not nested:
+        return ()
+    top = min(nested, key=lambda n: (n.count("."), n))
+    return (f"{top}.body.", f"{top}.")
+
+
 def pick_auto(infos: list[LayerInfo]) -> str | None:
     """The automatic choice among traced layers (see the module docstring), or None."""
     candidates = [
@@ -202,7 +220,7 @@ def pick_auto(infos: list[LayerInfo]) -> str | None:
         and i.layout.grid[0] * i.layout.grid[1] > 1
     ]
     names = {i.name for i in infos}
-    for scope in ("backbone.body.", "backbone."):
+    for scope in _backbone_scopes(names):
         if any(n.startswith(scope) for n in names):
             inside = [i for i in candidates if i.name.startswith(scope)]
             if inside:
