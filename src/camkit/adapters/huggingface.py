@@ -82,6 +82,11 @@ def hf_prefix_tokens(model: nn.Module) -> int | None:
     return count if found else None
 
 
+_AUTO_LAYERS = {"MobileViTForImageClassification": "model.mobilevit.conv_1x1_exp"}
+"""Automatic layers named in advance (:func:`camkit.core.layers.auto_layer`): MobileViT's transformer blocks run on
+unfolded patches, so its last feature map before pooling is named here."""
+
+
 def _detection_tokens(model: nn.Module) -> int:
     """YOLOS's detection tokens (appended after the patch tokens), 0 for other models."""
     base = getattr(model, "base_model", None)
@@ -108,6 +113,7 @@ class HFClassifier(nn.Module):
         self.model = model
         self.num_prefix_tokens = hf_prefix_tokens(model)
         self.num_suffix_tokens = _detection_tokens(model)
+        self.camkit_auto_layer = _AUTO_LAYERS.get(type(model).__name__)
         self.camkit_preprocess: Preprocess | None = None
 
     def forward(self, x: Tensor) -> Tensor:

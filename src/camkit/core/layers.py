@@ -240,9 +240,14 @@ def auto_layer(model: nn.Module, example: Tensor) -> str:
     """Name of the automatic target layer for ``model`` on inputs shaped like ``example``.
 
     Cached per model and input shape (one extra batch-1 forward the first time; two threads asking at once may
-    both trace, and get the same name).
+    both trace, and get the same name). A model that names its layer in a ``camkit_auto_layer`` attribute gets
+    that one, untraced (the transformers MobileViT view: its transformer blocks run on unfolded patches, whose
+    tokens a trace cannot tell from a feature map).
     """
     model = unwrap(model)
+    declared = getattr(model, "camkit_auto_layer", None)
+    if isinstance(declared, str) and declared:
+        return _canonical(model, declared)
     key = (tuple(example.shape[1:]), example.dtype, str(example.device))
     with _AUTO_LOCK:
         cached = _AUTO_CACHE.get(model, {}).get(key)

@@ -145,7 +145,7 @@ def _windowed(model: nn.Module) -> str | None:
         if "WindowAttention" in type(m).__name__:
             return type(m).__name__
         config = getattr(m, "config", None)
-        if getattr(type(m), "_can_record_outputs", None) is not None and hasattr(config, "window_size"):
+        if hasattr(m, "base_model") and isinstance(getattr(config, "window_size", None), (int, list, tuple)):
             return type(m).__name__
     return None
 
