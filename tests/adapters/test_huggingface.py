@@ -100,7 +100,10 @@ def test_gradcam_auto_layer_on_each_family(folders: dict[str, Path], family: str
 
 
 def test_hub_id_without_network_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read when it was imported
     with pytest.raises(CamkitError, match="network"):
         load_model("hf:camkit-test/no-such-model")
     with pytest.raises(CamkitError, match="no such folder"):
