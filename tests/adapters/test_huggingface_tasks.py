@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 import camkit
-from camkit.adapters import load_model
+from camkit.adapters import Preprocess, load_model
 from camkit.core.tasks import (
     DetectionTarget,
     SegmentationTarget,
@@ -52,6 +52,7 @@ def test_task_view_and_auto_layer_from_the_architecture(
     lm = load_model(f"hf:{folders[family]}")
     assert (lm.task, type(lm.model).__name__, lm.labels) == (task, view, ["cat", "dog", "bird"])
     assert model_task(lm.model) == task and lm.preprocess.size == (32, 32)
+    assert Preprocess.for_model(lm.model) is lm.preprocess  # the folder's, also when none is passed
     x = lm.preprocess(_images())
     assert camkit.auto_layer(lm.model, x) == auto
 
