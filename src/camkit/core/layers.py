@@ -118,6 +118,22 @@ class _Tracer:
         return hook
 
 
+def _layout_of(model: nn.Module, rec: _Trace, size: tuple[int, int]) -> Layout | None:
+    """How one traced output (batch 1) reads as a feature map: the model's prefix and suffix tokens, and its
+    channels-last flag (Keras models, :class:`camkit.adapters.keras.KerasModel`)."""
+    assert rec.full_shape is not None
+    channels_last = bool(getattr(model, "channels_last", False))
+    return infer_layout(
+        rec.full_shape,
+        size,
+        batch=1,
+        prefix=prefix_tokens(model),
+        module=rec.module,
+        channels_last=channels_last,
+        suffix=suffix_tokens(model),
+    )
+
+
 def describe_layers(model: nn.Module, example: Tensor) -> list[LayerInfo]:
     """Trace one forward (no grad) and describe every submodule that ran, in finish order.
 
@@ -156,23 +172,9 @@ def describe_layers(model: nn.Module, example: Tensor) -> list[LayerInfo]:
         else:
             passthrough[name] = False
     size = (int(example.shape[-2]), int(example.shape[-1]))
-    tokens, suffix = prefix_tokens(model), suffix_tokens(model)
-    channels_last = bool(
-        getattr(model, "channels_last", False)
-    )  # Keras models (camkit.adapters.keras.KerasModel)
 
     def layout(rec: _Trace) -> Layout | None:
-        if rec.full_shape is None:
-            return None
-        return infer_layout(
-            rec.full_shape,
-            size,
-            batch=1,
-            prefix=tokens,
-            module=rec.module,
-            channels_last=channels_last,
-            suffix=suffix,
-        )
+        return None if rec.full_shape is None else _layout_of(model, rec, size)
 
     infos = [
         LayerInfo(
