@@ -133,3 +133,10 @@ def test_the_app_explains_a_folder_model(root: Path, client: Any) -> None:
         expl = camkit.explain(lm.model, [Image.open(root / "images" / "im0.png").convert("RGB")], method,
                               preprocess=lm.preprocess)  # fmt: skip
         np.testing.assert_allclose(arr, expl.maps[0].numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_layers_shows_the_views_own_auto_layer(tmp_path: Path) -> None:
+    # MobileViT's view names its automatic layer: `camkit layers` (and the app) show that one
+    save_hf("mobilevit", tmp_path / "mobilevit", size=64)
+    res = ok(invoke("layers", f"hf:{tmp_path / 'mobilevit'}"))
+    assert "auto: model.mobilevit.conv_1x1_exp" in res.output

@@ -380,7 +380,7 @@ class ModelCache:
             for i in infos
             if not i.passthrough and i.spatial is not None
         ]
-        auto = pick_auto(infos) or (str(rows[-1]["name"]) if rows else "")
+        auto = pick_auto(infos, loaded.model) or (str(rows[-1]["name"]) if rows else "")
         with self._lock:
             if key in self._models:
                 self._layers[key] = (rows, auto)

@@ -76,7 +76,7 @@ def layers(
         )  # a clip [1, 3, T, H, W]
         shape = (1, 3, frames, h, w) if frames else (1, 3, h, w)
         infos = camkit.describe_layers(loaded.model, torch.zeros(*shape, device=device))
-        auto = pick_auto(infos)
+        auto = pick_auto(infos, loaded.model)
         _print(f"{loaded.name}: layers at input 3x{h}x{w} (forward order)", infos, auto, all_layers, fmt)
 
 

@@ -211,8 +211,12 @@ def _backbone_scopes(names: set[str]) -> tuple[str, ...]:
     return (f"{top}.body.", f"{top}.")
 
 
-def pick_auto(infos: list[LayerInfo]) -> str | None:
-    """The automatic choice among traced layers (see the module docstring), or None."""
+def pick_auto(infos: list[LayerInfo], model: nn.Module | None = None) -> str | None:
+    """The automatic choice among traced layers (see the module docstring), or None; the layer ``model`` names in
+    ``camkit_auto_layer`` when it names one (see :func:`auto_layer`)."""
+    declared = getattr(unwrap(model), "camkit_auto_layer", None) if model is not None else None
+    if isinstance(declared, str) and declared:
+        return _canonical(unwrap(model), declared)  # type: ignore[arg-type]
     candidates = [
         i
         for i in infos
