@@ -285,3 +285,182 @@ def assert_unchanged(before: Snapshot, model: nn.Module) -> None:
     for k, g in before.grad.items():
         g2 = after.grad[k]
         assert (g is None and g2 is None) or (g is not None and g2 is not None and torch.equal(g, g2)), k
+
+
+# ---------------------------------------------------------------------- tiny transformers models (random weights)
+
+HF_LABELS = {0: "cat", 1: "dog", 2: "bird"}
+HF_MEAN, HF_STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+
+
+def _hf_vit(size: int) -> dict[str, Any]:
+    return dict(
+        image_size=size,
+        patch_size=8,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+    )
+
+
+def _hf_classifier_configs(t: Any, size: int) -> dict[str, Any]:
+    vit = _hf_vit(size)
+    swin = dict(image_size=size, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[1, 2], window_size=4)
+    return {
+        "vit": lambda: t.ViTConfig(**vit),
+        "deit": lambda: t.DeiTConfig(**vit),
+        "deit-distilled": lambda: t.DeiTConfig(**vit),
+        "beit": lambda: t.BeitConfig(**vit),
+        "dinov2": lambda: t.Dinov2Config(**vit),
+        "dinov2-registers": lambda: t.Dinov2WithRegistersConfig(**vit, num_register_tokens=2),
+        "swin": lambda: t.SwinConfig(**swin),
+        "swinv2": lambda: t.Swinv2Config(**swin),
+        "convnext": lambda: t.ConvNextConfig(hidden_sizes=[8, 16], depths=[1, 1], num_stages=2),
+        "convnextv2": lambda: t.ConvNextV2Config(hidden_sizes=[8, 16], depths=[1, 1], num_stages=2),
+        "resnet": lambda: t.ResNetConfig(
+            embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic"
+        ),
+        "regnet": lambda: t.RegNetConfig(
+            embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], groups_width=8
+        ),
+        "efficientnet": lambda: t.EfficientNetConfig(
+            image_size=size, width_coefficient=0.25, depth_coefficient=0.25, hidden_dim=320
+        ),
+        "mobilevit": lambda: t.MobileViTConfig(
+            image_size=size, hidden_sizes=[16, 16, 16], neck_hidden_sizes=[8, 8, 8, 16, 16, 24, 32]
+        ),
+        "levit": lambda: t.LevitConfig(
+            image_size=size,
+            hidden_sizes=[16, 32, 48],
+            num_attention_heads=[1, 2, 3],
+            depths=[1, 1, 1],
+            key_dim=[8, 8, 8],
+        ),
+        "pvt": lambda: t.PvtConfig(
+            image_size=size,
+            hidden_sizes=[8, 16],
+            num_encoder_blocks=2,
+            depths=[1, 1],
+            sequence_reduction_ratios=[2, 1],
+            num_attention_heads=[1, 2],
+            patch_sizes=[4, 2],
+            strides=[4, 2],
+            mlp_ratios=[2, 2],
+        ),
+    }
+
+
+def _hf_task_configs(t: Any, size: int) -> dict[str, Any]:
+    return {
+        "segformer": lambda: t.SegformerConfig(
+            num_encoder_blocks=2,
+            depths=[1, 1],
+            sr_ratios=[2, 1],
+            hidden_sizes=[16, 32],
+            patch_sizes=[7, 3],
+            strides=[4, 2],
+            num_attention_heads=[1, 2],
+            mlp_ratios=[2, 2],
+            decoder_hidden_size=32,
+        ),
+        "upernet": lambda: t.UperNetConfig(
+            backbone_config=t.ConvNextConfig(
+                hidden_sizes=[8, 16, 32, 64],
+                depths=[1, 1, 1, 1],
+                out_features=["stage1", "stage2", "stage3", "stage4"],
+            ),
+            hidden_size=16,
+            use_auxiliary_head=False,
+        ),
+        "detr": lambda: t.DetrConfig(
+            use_timm_backbone=False,
+            use_pretrained_backbone=False,
+            backbone_config=t.ResNetConfig(
+                embedding_size=8,
+                hidden_sizes=[8, 16, 16, 32],
+                depths=[1, 1, 1, 1],
+                layer_type="basic",
+                out_features=["stage4"],
+            ),
+            d_model=32,
+            encoder_layers=1,
+            decoder_layers=1,
+            encoder_attention_heads=2,
+            decoder_attention_heads=2,
+            encoder_ffn_dim=32,
+            decoder_ffn_dim=32,
+            num_queries=10,
+        ),
+        "yolos": lambda: t.YolosConfig(
+            **{**_hf_vit(size), "image_size": [size, size]}, num_detection_tokens=5
+        ),
+    }
+
+
+HF_CLASSIFIERS = (
+    "vit",
+    "deit",
+    "deit-distilled",
+    "beit",
+    "dinov2",
+    "dinov2-registers",
+    "swin",
+    "swinv2",
+    "convnext",
+    "convnextv2",
+    "resnet",
+    "regnet",
+    "efficientnet",
+    "mobilevit",
+    "levit",
+    "pvt",
+)
+HF_SEGMENTERS = ("segformer", "upernet")
+HF_DETECTORS = ("detr", "yolos")
+
+
+def hf_model(family: str, size: int = 32, seed: int = 0) -> nn.Module:
+    """A tiny transformers model with random weights (hidden size 32 or less, 1-2 blocks per stage) and three
+    classes (:data:`HF_LABELS`): a classifier of :data:`HF_CLASSIFIERS`, a semantic segmentation model of
+    :data:`HF_SEGMENTERS` or a detector of :data:`HF_DETECTORS`, for ``size`` x ``size`` images."""
+    import transformers as t
+
+    config = {**_hf_classifier_configs(t, size), **_hf_task_configs(t, size)}[family]()
+    config.id2label = dict(HF_LABELS)
+    config.label2id = {v: k for k, v in HF_LABELS.items()}
+    torch.manual_seed(seed)
+    if family in HF_SEGMENTERS:
+        return _unit_norms(t.AutoModelForSemanticSegmentation.from_config(config)).eval()
+    if family in HF_DETECTORS:
+        return t.AutoModelForObjectDetection.from_config(config).eval()
+    special = {
+        "deit": t.DeiTForImageClassification,
+        "deit-distilled": t.DeiTForImageClassificationWithTeacher,
+        "levit": t.LevitForImageClassification,
+    }
+    model = (special[family] if family in special else t.AutoModelForImageClassification.from_config)(config)
+    return _unit_norms(model).eval()
+
+
+def _unit_norms(model: nn.Module) -> nn.Module:
+    """Convolutions, linear layers and batch norms initialised as PyTorch does: transformers initialises them with
+    std 0.02 (batch norm scales too), and through EfficientNet's or MobileViT's dozens of layers the features of a
+    random model shrink to nearly 0."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm)):
+                m.reset_parameters()
+    return model
+
+
+def save_hf(family: str, folder: Path, size: int = 32) -> Path:
+    """:func:`hf_model` saved with ``save_pretrained`` into ``folder``, with an image processor of that size and
+    the mean and std :data:`HF_MEAN`, :data:`HF_STD`; returns ``folder``."""
+    import transformers
+
+    hf_model(family, size).save_pretrained(folder)
+    transformers.ViTImageProcessor(
+        size={"height": size, "width": size}, image_mean=list(HF_MEAN), image_std=list(HF_STD)
+    ).save_pretrained(folder)
+    return folder

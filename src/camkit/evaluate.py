@@ -40,6 +40,7 @@ from camkit.core.explanation import Explanation
 from camkit.core.outputs import model_device
 from camkit.core.pipeline import compare
 from camkit.core.targets import resolve_classes
+from camkit.core.tasks import model_task
 from camkit.errors import CamkitError
 from camkit.io import load_image
 from camkit.io.annotations import Annotation, fit_boxes, read_annotations
@@ -412,10 +413,16 @@ def plan_evaluation(
     model work. The arguments are those of :func:`evaluate`.
 
     Raises:
-        CamkitError: no image, no method, an unknown method or metric, a box metric without boxes, a box outside
-            its image.
+        CamkitError: a segmentation or detection model, no image, no method, an unknown method or metric, a box
+            metric without boxes, a box outside its image.
     """
     started = time.perf_counter()
+    task = model_task(model)
+    if task != "classification":
+        raise CamkitError(
+            f"camkit evaluate scores the maps of classifiers (its metrics follow one class's score); this is a "
+            f"{task} model: explain it with `camkit explain` or camkit.explain"
+        )
     anns = read_annotations(annotations) if isinstance(annotations, (str, Path)) else (annotations or {})
     given = _given(images)
     order, cam_methods = _method_order(methods)

@@ -46,6 +46,9 @@ class Family:
     batch: int = 2
     kind: str = "cnn"  # cnn | vit | swin | seg | det
     extra: dict[str, object] = field(default_factory=dict)
+    perturb: bool = False  # run PERTURBATION_METHODS too (the transformers rows)
+    refused: dict[str, tuple[str, str]] = field(default_factory=dict)  # method -> (message part, row text)
+    no_attention: str = "no (no self-attention)"  # the row text of a refused attention method
 
 
 def _tv(name: str, **kw: object) -> Callable[[], nn.Module]:
@@ -108,6 +111,16 @@ def _yolo(config: str) -> Callable[[], nn.Module]:
     return build
 
 
+def _hf(family: str, size: int = 32) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        from camkit.adapters.huggingface import HFClassifier
+        from testbed import hf_model
+
+        return HFClassifier(hf_model(family, size))
+
+    return build
+
+
 def _open_clip_tiny() -> nn.Module:
     open_clip = pytest.importorskip("open_clip")
     from camkit.adapters.clip import from_open_clip
@@ -121,6 +134,88 @@ def _open_clip_tiny() -> nn.Module:
     tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=16)
     return from_open_clip(model, tokenizer, ["a photo of a cat", "a photo of a dog"])
 
+
+_LEGRAD_DINO = {"legrad": ("LeGrad needs", "no (head reads class token + mean of patches)")}
+_OTHER_ATTENTION = "no (attention over reduced or unfolded tokens)"
+
+
+def _hf_family(family: str, cls: str, auto: str, size: int = 32, kind: str = "cnn", **kw: object) -> Family:
+    return Family(
+        f"hf {family}",
+        _hf(family, size),
+        f"transformers {cls} (tiny config, {size}px)",
+        auto,
+        size=size,
+        kind=kind,
+        perturb=True,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+HF_FAMILIES = [
+    _hf_family("vit", "ViTForImageClassification", "model.vit.layers.1.layernorm_before", kind="vit"),
+    _hf_family("deit", "DeiTForImageClassification", "model.deit.layers.1.layernorm_before", kind="vit"),
+    _hf_family(
+        "deit-distilled",
+        "DeiTForImageClassificationWithTeacher",
+        "model.deit.layers.1.layernorm_before",
+        kind="vit",
+    ),
+    _hf_family("beit", "BeitForImageClassification", "model.beit.layers.1.layernorm_before", kind="vit"),
+    _hf_family(
+        "dinov2",
+        "Dinov2ForImageClassification",
+        "model.dinov2.encoder.layer.1.norm1",
+        kind="vit",
+        refused=_LEGRAD_DINO,
+    ),
+    _hf_family(
+        "dinov2-registers",
+        "Dinov2WithRegistersForImageClassification",
+        "model.dinov2_with_registers.encoder.layer.1.norm1",
+        kind="vit",
+        refused=_LEGRAD_DINO,
+    ),
+    _hf_family(
+        "swin",
+        "SwinForImageClassification",
+        "model.swin.encoder.layers.1.blocks.0.layernorm_before",
+        kind="swin",
+    ),
+    _hf_family(
+        "swinv2", "Swinv2ForImageClassification", "model.swinv2.encoder.layers.0.downsample", kind="swin"
+    ),
+    _hf_family("convnext", "ConvNextForImageClassification", "model.convnext.encoder.stages.1"),
+    _hf_family("convnextv2", "ConvNextV2ForImageClassification", "model.convnextv2.encoder.stages.1"),
+    _hf_family("resnet", "ResNetForImageClassification", "model.resnet.encoder.stages.1"),
+    _hf_family("regnet", "RegNetForImageClassification", "model.regnet.encoder.stages.1"),
+    _hf_family(
+        "efficientnet",
+        "EfficientNetForImageClassification",
+        "model.efficientnet.encoder.top_activation",
+        size=64,
+    ),
+    _hf_family(
+        "mobilevit",
+        "MobileViTForImageClassification",
+        "model.mobilevit.conv_1x1_exp",
+        size=64,
+        no_attention=_OTHER_ATTENTION,
+    ),
+    _hf_family(
+        "levit",
+        "LevitForImageClassification",
+        "model.levit.encoder.stages.1.layers.2.keys_values",
+        size=64,
+        no_attention=_OTHER_ATTENTION,
+    ),
+    _hf_family(
+        "pvt",
+        "PvtForImageClassification",
+        "model.pvt.encoder.block.1.0.layer_norm_1",
+        no_attention=_OTHER_ATTENTION,
+    ),
+]
 
 FAMILIES = [
     Family("resnet18", _tv("resnet18"), "torchvision resnet18", "layer4"),
@@ -234,7 +329,9 @@ FAMILIES = [
         task="zero-shot",
         kind="clip",
     ),
+    *HF_FAMILIES,
 ]
+PERTURBATION_METHODS = ("scorecam", "ablationcam")
 
 
 def shared_pass_methods() -> list[str]:
@@ -307,27 +404,40 @@ def test_family(fam: Family) -> None:
             assert "CAM needs" in str(err)
             row["cam"] = "no (head is not GAP + Linear)"
     for name in attention_methods():
-        if fam.kind == "clip" and name == "legrad":  # LeGrad projects tokens through a classifier head
-            with pytest.raises(ValueError, match="LeGrad needs a ViT"):
-                camkit.explain(model, x, method=name, targets=target)
-            row[name] = "no (no classifier head)"
-        elif fam.kind in ("vit", "clip"):
-            _check(camkit.explain(model, x, method=name, targets=target), fam, name)
-            row[name] = "yes"
-        else:
-            # The refusal explain() would raise after its shared pass, without that pass (CNNs: no forward).
-            with pytest.raises(ValueError, match="self-attention"):
-                attention_probabilities(model, x, output_fn(None))
-            row[name] = "no (windowed attention)" if fam.kind == "swin" else "no (no self-attention)"
+        row[name] = _attention_cell(fam, model, x, target, name)
+    for name in PERTURBATION_METHODS if fam.perturb else ():
+        opts = camkit.PerturbationOptions(top_channels=4)
+        _check(camkit.explain(model, x, name, targets=target, perturbation=opts), fam, name)
+        row[name] = "yes"
     assert_unchanged(before, model)
     row["seconds"] = round(time.perf_counter() - t0, 1)
     row["cpu"] = round(time.process_time() - c0, 1)
     RESULTS[fam.name] = row
 
 
+def _attention_cell(fam: Family, model: nn.Module, x: torch.Tensor, target: object, name: str) -> str:
+    """Run attention method ``name`` where the family has global self-attention, else check its refusal."""
+    if name in fam.refused:
+        message, cell = fam.refused[name]
+        with pytest.raises(ValueError, match=message):
+            camkit.explain(model, x, method=name, targets=target)
+        return cell
+    if fam.kind == "clip" and name == "legrad":  # LeGrad projects tokens through a classifier head
+        with pytest.raises(ValueError, match="LeGrad needs a ViT"):
+            camkit.explain(model, x, method=name, targets=target)
+        return "no (no classifier head)"
+    if fam.kind in ("vit", "clip"):
+        _check(camkit.explain(model, x, method=name, targets=target), fam, name)
+        return "yes"
+    # The refusal explain() would raise after its shared pass, without that pass (CNNs: no forward).
+    with pytest.raises(ValueError, match="self-attention"):
+        attention_probabilities(model, x, output_fn(None))
+    return "no (windowed attention)" if fam.kind == "swin" else fam.no_attention
+
+
 def render(results: dict[str, dict[str, object]]) -> str:
     """The compatibility table (markdown) from the matrix results."""
-    methods = [*shared_pass_methods(), "cam", *attention_methods()]
+    methods = [*shared_pass_methods(), "cam", *attention_methods(), *PERTURBATION_METHODS]
     lines = [
         "# Compatibility",
         "",
@@ -335,11 +445,13 @@ def render(results: dict[str, dict[str, object]]) -> str:
         'the test suite fails when it no longer matches what the matrix produces). "yes": the method ran and gave',
         "finite maps of the input's size in [0, 1], Grad-CAM's map at the automatic layer is not zero, and the",
         "model came back unchanged (weights, hooks, grad mode, requires_grad, train/eval). Perturbation methods",
-        "(many forwards) are tested in their own files. Classification inputs are 64x64 (transformers built with",
-        "`image_size=64` / `img_size=64`), segmentation 64x64, detection 128x128 with `min_size=max_size=128`,",
-        "Ultralytics YOLO 64x64 (random weights from the package's configs, every detection kept). Targets: top-1",
-        "class (zero-shot CLIP: the prompt of highest similarity); segmentation `SegmentationTarget(1)`;",
-        "detection `DetectionTarget(first box)`.",
+        "(many forwards) are tested in their own files; the rows of Hugging Face transformers models (`hf ...`, the",
+        "model seen through `hf:DIR`'s view, its layers under `model.`) also run Score-CAM and Ablation-CAM (top 4",
+        'channels); "-": not run in this matrix. Classification inputs are 64x64 (timm and torchvision transformers',
+        "built with `image_size=64` / `img_size=64`; transformers models at the size given), segmentation 64x64,",
+        "detection 128x128 with `min_size=max_size=128`, Ultralytics YOLO 64x64 (random weights from the package's",
+        "configs, every detection kept). Targets: top-1 class (zero-shot CLIP: the prompt of highest similarity);",
+        "segmentation `SegmentationTarget(1)`; detection `DetectionTarget(first box)`.",
         "",
         "| family | built as | task | auto layer | " + " | ".join(methods) + " |",
         "| --- | --- | --- | --- | " + " | ".join("---" for _ in methods) + " |",
@@ -347,7 +459,7 @@ def render(results: dict[str, dict[str, object]]) -> str:
     for fam in FAMILIES:
         r = results[fam.name]
         cells = [fam.name, f"`{r['constructor']}`", str(r["task"]), f"`{r['auto']}`"]
-        cells += [str(r.get(m, "?")) for m in methods]
+        cells += [str(r.get(m, "-" if m in PERTURBATION_METHODS else "?")) for m in methods]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     return "\n".join(lines)

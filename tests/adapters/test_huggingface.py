@@ -100,7 +100,10 @@ def test_gradcam_auto_layer_on_each_family(folders: dict[str, Path], family: str
 
 
 def test_hub_id_without_network_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read when it was imported
     with pytest.raises(CamkitError, match="network"):
         load_model("hf:camkit-test/no-such-model")
     with pytest.raises(CamkitError, match="no such folder"):
@@ -206,3 +209,26 @@ def test_attention_is_read_thread_safely(folders: dict[str, Path]) -> None:
         together = list(pool.map(run, range(6)))
     for a, b in zip(alone, together, strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_gradcam_agrees_with_the_pytorch_grad_cam_swin_recipe(folders: dict[str, Path]) -> None:
+    # The pytorch-grad-cam Hugging Face tutorial's Swin recipe: a wrapper returning .logits, the final layer norm
+    # model.swin.layernorm as the layer, and a reshape of its tokens [B, h*w, C] (no class token) to [B, C, h, w].
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    lm = load_model(f"hf:{folders['swin']}")
+    x = lm.preprocess([_image(), _image().transpose(Image.Transpose.FLIP_LEFT_RIGHT)])
+
+    def reshape(t: torch.Tensor) -> torch.Tensor:
+        a = t.reshape(t.shape[0], 4, 4, t.shape[2])  # 32 px at the last stage's stride 8
+        return a.transpose(2, 3).transpose(1, 2)
+
+    with GradCAM(lm.model, [lm.model.model.swin.layernorm], reshape_transform=reshape) as cam:
+        ref = cam(input_tensor=x, targets=[ClassifierOutputTarget(1), ClassifierOutputTarget(2)])
+    ours = camkit.explain(lm.model, x, "gradcam", layers="model.swin.layernorm", targets=[1, 2])
+    a = ours.maps.double().flatten(1)
+    b = torch.as_tensor(ref).double().flatten(1)
+    a, b = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
+    r = (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))
+    assert (r >= 0.999).all(), r

@@ -1,12 +1,23 @@
-"""Hugging Face ``transformers`` image classifiers: ``hf:PATH_OR_ID``.
+"""Hugging Face ``transformers`` vision models: ``hf:PATH_OR_ID``.
 
-:func:`load` reads an ``AutoModelForImageClassification`` from a ``save_pretrained`` folder (offline: nothing is
-downloaded) or from a hub id (which needs a network, or the model already in the local Hugging Face cache), and
-returns
+:func:`load` reads a model from a ``save_pretrained`` folder (offline: nothing is downloaded) or from a hub id
+(which needs a network, or the model already in the local Hugging Face cache). The task comes from the config's
+architecture (:func:`task_of`): ``...ForImageClassification`` (and DeiT / LeViT ``...WithTeacher``),
+``...ForSemanticSegmentation`` or ``...ForObjectDetection``. It returns
 
-* :class:`HFClassifier`: the model in eval mode under the name ``model`` (its layers are named as in the
-  transformers code: ``model.vit.layers.10.layernorm_before``), whose forward takes camkit's normalised batch
-  ``Tensor[B, 3, H, W]`` as ``pixel_values`` and returns the **logits** ``Tensor[B, classes]``;
+* the model's camkit view, in eval mode, the transformers model under the name ``model`` (its layers are named as in
+  the transformers code: ``model.vit.layers.10.layernorm_before``), whose forward takes camkit's normalised batch
+  ``Tensor[B, 3, H, W]`` as ``pixel_values``:
+
+  - :class:`HFClassifier`: the **logits** ``Tensor[B, classes]``;
+  - :class:`HFSegmenter`: the logits upsampled (bilinear) to the input's size, ``Tensor[B, classes, H, W]``, as
+    transformers' ``post_process_semantic_segmentation`` does, so :class:`~camkit.core.tasks.SegmentationTarget` and
+    the default target read them as they read torchvision's segmentation models;
+  - :class:`HFDetector`: torchvision's detection output, one dict per image with ``boxes`` (x1, y1, x2, y2 in input
+    pixels, from ``pred_boxes``), ``scores`` and ``labels`` (the best class of the softmax of ``logits`` without
+    the last, "no object", class), for the queries scoring above ``score_thresh`` (0.5, as
+    ``post_process_object_detection``), so :class:`~camkit.core.tasks.DetectionTarget` scores a query's
+    probability and box, with gradients through both;
 * the :class:`~camkit.adapters.Preprocess` of the model's own image processor (``AutoImageProcessor`` saved in the
   same folder): the crop size when it crops (camkit resizes the whole image to that size, so the map covers all the
   image), else its ``size``; its ``image_mean`` / ``image_std`` (0 and 1 when it does not normalise). A folder
@@ -22,14 +33,33 @@ Importing this module does not import transformers; :func:`load` does.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
+import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from camkit.adapters.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 from camkit.errors import CamkitError
 
-__all__ = ["HFClassifier", "hf_prefix_tokens", "labels_of", "load", "preprocess_of"]
+__all__ = [
+    "HFClassifier",
+    "HFDetector",
+    "HFModel",
+    "HFSegmenter",
+    "hf_prefix_tokens",
+    "labels_of",
+    "load",
+    "preprocess_of",
+    "task_of",
+]
+
+_SUFFIXES = (
+    ("ForImageClassification", "classification"),
+    ("ForImageClassificationWithTeacher", "classification"),
+    ("ForSemanticSegmentation", "segmentation"),
+    ("ForObjectDetection", "detection"),
+)
 
 
 def hf_prefix_tokens(model: nn.Module) -> int | None:
@@ -52,23 +82,98 @@ def hf_prefix_tokens(model: nn.Module) -> int | None:
     return count if found else None
 
 
+_AUTO_LAYERS = {"MobileViTForImageClassification": "model.mobilevit.conv_1x1_exp"}
+"""Automatic layers named in advance (:func:`camkit.core.layers.auto_layer`): MobileViT's transformer blocks run on
+unfolded patches, so its last feature map before pooling is named here."""
+
+
+def _detection_tokens(model: nn.Module) -> int:
+    """YOLOS's detection tokens (appended after the patch tokens), 0 for other models."""
+    base = getattr(model, "base_model", None)
+    embeddings = getattr(base, "embeddings", None)
+    tokens = getattr(embeddings, "detection_tokens", None)
+    return int(tokens.shape[-2]) if isinstance(tokens, Tensor) and tokens.dim() >= 2 else 0
+
+
 class HFClassifier(nn.Module):
     """A transformers image classifier seen as ``pixel_values -> logits``.
+
+    ``camkit_task`` tells :func:`camkit.adapters.task.model_task` the model's task; ``camkit_preprocess`` (set by
+    :func:`load`) is the preprocessing :meth:`camkit.adapters.Preprocess.for_model` returns for it.
 
     The transformers model is the submodule ``model`` (the very object: nothing of it is copied or changed), so
     the layer names are the transformers ones under ``model.`` (the hand-written recipe's
     ``model.vit.encoder.layer[-2].output`` of older transformers is ``model.vit.layers.10`` in transformers 5).
     """
 
+    camkit_task: ClassVar[str] = "classification"
+
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
         self.num_prefix_tokens = hf_prefix_tokens(model)
+        self.num_suffix_tokens = _detection_tokens(model)
+        self.camkit_auto_layer = _AUTO_LAYERS.get(type(model).__name__)
+        self.camkit_preprocess: Preprocess | None = None
 
     def forward(self, x: Tensor) -> Tensor:
         logits = self.model(pixel_values=x).logits
         assert isinstance(logits, Tensor)
         return logits
+
+
+class HFSegmenter(HFClassifier):
+    """A transformers semantic segmentation model seen as ``pixel_values -> logits Tensor[B, C, H, W]`` at the
+    input's size (bilinear upsampling of the model's logits, ``align_corners=False``)."""
+
+    camkit_task: ClassVar[str] = "segmentation"
+
+    def forward(self, x: Tensor) -> Tensor:
+        logits = self.model(pixel_values=x).logits
+        assert isinstance(logits, Tensor)
+        if tuple(logits.shape[-2:]) != tuple(x.shape[-2:]):
+            logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return logits
+
+
+class HFDetector(HFClassifier):
+    """A transformers DETR-style detector (DETR, Conditional / Deformable DETR, YOLOS...) seen as torchvision's
+    detection output: per image ``{"boxes", "scores", "labels"}`` for the queries scoring above ``score_thresh``.
+
+    A query's score is its highest class probability (softmax over ``logits`` without the last, "no object",
+    class); its box is ``pred_boxes`` (centre, size in [0, 1]) in input pixels.
+    """
+
+    camkit_task: ClassVar[str] = "detection"
+
+    def __init__(self, model: nn.Module, score_thresh: float = 0.5) -> None:
+        super().__init__(model)
+        self.score_thresh = score_thresh
+
+    def forward(self, x: Tensor) -> list[dict[str, Tensor]]:  # type: ignore[override]
+        out = self.model(pixel_values=x)
+        probs = out.logits.softmax(-1)[..., :-1]
+        scores, labels = probs.max(-1)
+        cx, cy, w, h = out.pred_boxes.unbind(-1)
+        height, width = x.shape[-2:]
+        boxes = torch.stack(
+            [(cx - w / 2) * width, (cy - h / 2) * height, (cx + w / 2) * width, (cy + h / 2) * height], dim=-1
+        )
+        keep = scores > self.score_thresh
+        return [
+            {"boxes": boxes[i][keep[i]], "scores": scores[i][keep[i]], "labels": labels[i][keep[i]]}
+            for i in range(x.shape[0])
+        ]
+
+
+HFModel = HFClassifier | HFSegmenter | HFDetector
+"""The camkit views of transformers models (:class:`HFSegmenter` and :class:`HFDetector` subclass
+:class:`HFClassifier`)."""
+_VIEWS: dict[str, type[HFClassifier]] = {
+    "classification": HFClassifier,
+    "segmentation": HFSegmenter,
+    "detection": HFDetector,
+}
 
 
 def _pair(value: object) -> tuple[int, int] | None:
@@ -127,44 +232,85 @@ def labels_of(config: Any) -> list[str] | None:
     return [table[i] for i in range(len(table))]
 
 
-def _read(source: str, local: bool, pretrained: bool) -> tuple[nn.Module, Any]:
-    """The transformers model (random weights from its config when not ``pretrained``) and its image processor
-    (None when there is none)."""
+def task_of(config: Any) -> tuple[str, str | None]:
+    """The task of a transformers model from its config's first architecture, and that architecture.
+
+    ``...ForImageClassification`` (or ``...WithTeacher``): classification; ``...ForSemanticSegmentation``:
+    segmentation; ``...ForObjectDetection``: detection; a config naming no architecture: classification (None).
+
+    Raises:
+        CamkitError: the architecture is of none of these tasks.
+    """
+    archs = getattr(config, "architectures", None) or []
+    if not archs:
+        return "classification", None
+    arch = str(archs[0])
+    for suffix, task in _SUFFIXES:
+        if arch.endswith(suffix):
+            return task, arch
+    raise CamkitError(
+        f"{arch} is not a model camkit reads: it reads transformers image classifiers "
+        "(...ForImageClassification), semantic segmentation (...ForSemanticSegmentation) and object detection "
+        "(...ForObjectDetection) models; save one of those with save_pretrained"
+    )
+
+
+def _model_class(transformers: Any, task: str, arch: str | None) -> Any:
+    """The transformers class that builds ``arch`` (the task's Auto class when none is named)."""
+    named = getattr(transformers, arch, None) if arch else None
+    if named is not None:
+        return named
+    return {
+        "classification": transformers.AutoModelForImageClassification,
+        "segmentation": transformers.AutoModelForSemanticSegmentation,
+        "detection": transformers.AutoModelForObjectDetection,
+    }[task]
+
+
+def _hub_error(source: str, local: bool, err: OSError) -> CamkitError:
+    if local:
+        return CamkitError(f"hf:{source}: not a save_pretrained folder of a transformers model ({err})")
+    return CamkitError(
+        f"hf:{source}: could not get this hub model ({type(err).__name__}); a network is needed to download it: "
+        "without one, pass a local folder written by save_pretrained (hf:PATH)"
+    )
+
+
+def _read(source: str, local: bool, pretrained: bool) -> tuple[nn.Module, Any, str]:
+    """The transformers model (random weights from its config when not ``pretrained``), its image processor (None
+    when there is none) and its task."""
     import transformers
 
     try:
         config = transformers.AutoConfig.from_pretrained(source, local_files_only=local)
+        task, arch = task_of(config)
+        cls = _model_class(transformers, task, arch)
         if pretrained:
-            model = transformers.AutoModelForImageClassification.from_pretrained(
-                source, local_files_only=local
-            )
+            model = cls.from_pretrained(source, local_files_only=local)
+        elif hasattr(cls, "from_config"):  # an Auto class
+            model = cls.from_config(config)
         else:
-            model = transformers.AutoModelForImageClassification.from_config(config)
+            model = cls._from_config(config)
+    except CamkitError:
+        raise
     except ValueError as err:
         raise CamkitError(
-            f"hf:{source} is not an image classifier transformers can load with "
-            f"AutoModelForImageClassification ({err}); camkit reads transformers image classifiers only"
+            f"hf:{source} is not a model transformers can load as an image classifier, a semantic segmentation "
+            f"or an object detection model ({err})"
         ) from err
     except OSError as err:
-        if local:
-            raise CamkitError(
-                f"hf:{source}: not a save_pretrained folder of a transformers model ({err})"
-            ) from err
-        raise CamkitError(
-            f"hf:{source}: could not get this hub model ({type(err).__name__}); a network is needed to download "
-            "it: without one, pass a local folder written by save_pretrained (hf:PATH)"
-        ) from err
+        raise _hub_error(source, local, err) from err
     try:
         processor = transformers.AutoImageProcessor.from_pretrained(source, local_files_only=local)
     except (OSError, ValueError, KeyError):
         processor = None
-    return model, processor
+    return model, processor, task
 
 
 def load(
     source: str, pretrained: bool = True, device: str | Any = "cpu"
 ) -> tuple[HFClassifier, Preprocess, list[str] | None]:
-    """A transformers image classifier from a ``save_pretrained`` folder or a hub id.
+    """A transformers vision model from a ``save_pretrained`` folder or a hub id.
 
     Args:
         source: a local folder (read offline) or a hub id such as ``google/vit-base-patch16-224`` (needs a network
@@ -173,7 +319,8 @@ def load(
         device: where to put the model.
 
     Returns:
-        (the model's :class:`HFClassifier` view in eval mode, its Preprocess, its class names or None).
+        (the model's view in eval mode: :class:`HFClassifier`, :class:`HFSegmenter` or :class:`HFDetector`, whose
+        ``camkit_task`` is its task; its Preprocess; its class names or None).
     """
     try:
         import transformers  # noqa: F401
@@ -183,6 +330,8 @@ def load(
     local = path.is_dir()
     if not local and (source.startswith((".", "/", "~")) or path.exists()):
         raise CamkitError(f"hf:{source}: no such folder; give a save_pretrained folder or a hub id")
-    model, processor = _read(str(path) if local else source, local, pretrained)
+    model, processor, task = _read(str(path) if local else source, local, pretrained)
     model = model.eval().to(device)
-    return HFClassifier(model).eval(), preprocess_of(processor, model.config), labels_of(model.config)
+    view = _VIEWS[task](model).eval()
+    view.camkit_preprocess = preprocess_of(processor, model.config)
+    return view, view.camkit_preprocess, labels_of(model.config)

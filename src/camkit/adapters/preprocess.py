@@ -51,8 +51,12 @@ class Preprocess:
 
         torchvision detection models normalise and resize inside: images in [0, 1] (no normalisation) at the
         square size their transform keeps as is (``fixed_size``, else ``min(min_size, max_size)``).
-        torchvision segmentation models: ImageNet mean/std at 520x520.
+        torchvision segmentation models: ImageNet mean/std at 520x520. A model that carries its own
+        ``camkit_preprocess`` (the transformers views of :mod:`camkit.adapters.huggingface`): that one.
         """
+        own = getattr(model, "camkit_preprocess", None)
+        if isinstance(own, Preprocess):
+            return own
         task = model_task(model)
         if task == "detection":
             t = detection_transform(model)

@@ -189,13 +189,14 @@ def load_model(
             (``convnext_tiny``; prefix ``timm/`` to force timm), or a Keras Applications model on the torch
             backend, ``keras:vgg16``, ``keras:resnet50``, ``keras:mobilenetv2``... (:mod:`camkit.adapters.keras`; the model
             is its :class:`camkit.adapters.keras.KerasModel` view), or a Hugging Face transformers image
-            classifier, ``hf:PATH`` (a ``save_pretrained`` folder, read offline) or ``hf:ORG/NAME`` (a hub id:
-            needs a network) (:mod:`camkit.adapters.huggingface`; the model is its
-            :class:`camkit.adapters.huggingface.HFClassifier` view, logits out; a folder of a ``CLIPModel`` or
-            ``SiglipModel`` is a zero-shot classifier over ``prompts``, :mod:`camkit.adapters.clip`), or an
-            Ultralytics YOLO model, ``yolo:yolov8n.yaml`` (random weights) or ``yolo:PATH.pt``
-            (:mod:`camkit.adapters.yolo`), or an open_clip model as a zero-shot classifier over ``prompts``,
-            ``clip:ARCH`` (random weights: ``pretrained=False``), ``clip:ARCH:CHECKPOINT`` or ``clip:DIR``.
+            classifier, semantic segmentation or object detection model, ``hf:PATH`` (a ``save_pretrained``
+            folder, read offline) or ``hf:ORG/NAME`` (a hub id: needs a network) (:mod:`camkit.adapters.huggingface`;
+            the model is its :class:`camkit.adapters.huggingface.HFClassifier`, ``HFSegmenter`` or ``HFDetector``
+            view; a folder of a ``CLIPModel`` or ``SiglipModel`` is a zero-shot classifier over ``prompts``,
+            :mod:`camkit.adapters.clip`), or an Ultralytics YOLO model, ``yolo:yolov8n.yaml`` (random weights) or
+            ``yolo:PATH.pt`` (:mod:`camkit.adapters.yolo`), or an open_clip model as a zero-shot classifier over
+            ``prompts``, ``clip:ARCH`` (random weights: ``pretrained=False``), ``clip:ARCH:CHECKPOINT`` or
+            ``clip:DIR``.
         weights: a local state_dict file to load instead of pretrained weights (``weights_only=True``).
         pretrained: download the library's pretrained weights when no file is given (needs a network, except for
             the EfficientNet-Lite default). ``False``: random weights.
@@ -331,7 +332,7 @@ def _load_hf(
     if prompts is not None:
         raise CamkitError(f"{key} is not a CLIP / SigLIP folder: prompts are for zero-shot image-text models")
     view, preprocess, labels = load_hf(source, pretrained, device)
-    return LoadedModel(view, preprocess, labels, key)
+    return LoadedModel(view, preprocess, labels, key, task=view.camkit_task)
 
 
 def _load_clip(

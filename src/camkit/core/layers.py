@@ -12,11 +12,10 @@ layer; here VGG16 gets ``features.29``, ResNet ``layer4``, timm EfficientNet ``b
   torchvision ViT ``encoder.layers.encoder_layer_11.ln_1``, Swin ``...blocks[-1].norm1``). With class-token
   pooling the patch tokens after the last attention no longer reach the output: their gradient is exactly 0
   (pytorch-grad-cam's docs recommend ``blocks[-1].norm1`` for the same reason).
-* models with a ``backbone`` (torchvision detection and segmentation): the backbone's last map (``backbone.body``
-  for feature-pyramid backbones), which every box / pixel depends on, not a head's class-score map.
-
-A model view that names its layer in a ``camkit_auto_layer`` attribute (YOLO, CLIP: :mod:`camkit.adapters.yolo`,
-:mod:`camkit.adapters.clip`) gets that layer.
+* models with a ``backbone`` (torchvision detection and segmentation; transformers DETR and UperNet, whose
+  backbone is ``model.model.backbone`` / ``model.backbone`` in camkit's view): the backbone's last map
+  (``backbone.body`` for feature-pyramid backbones), which every box / pixel depends on, not a head's class-score
+  map.
 """
 
 from __future__ import annotations
@@ -31,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from camkit.core.capture import hook_forward
-from camkit.core.tokens import Layout, infer_layout, prefix_tokens, unwrap
+from camkit.core.tokens import Layout, infer_layout, prefix_tokens, suffix_tokens, unwrap
 from camkit.errors import CamkitError
 
 __all__ = ["LayerInfo", "LayerSpec", "auto_layer", "describe_layers", "resolve_layers"]
@@ -119,6 +118,22 @@ class _Tracer:
         return hook
 
 
+def _layout_of(model: nn.Module, rec: _Trace, size: tuple[int, int]) -> Layout | None:
+    """How one traced output (batch 1) reads as a feature map: the model's prefix and suffix tokens, and its
+    channels-last flag (Keras models, :class:`camkit.adapters.keras.KerasModel`)."""
+    assert rec.full_shape is not None
+    channels_last = bool(getattr(model, "channels_last", False))
+    return infer_layout(
+        rec.full_shape,
+        size,
+        batch=1,
+        prefix=prefix_tokens(model),
+        module=rec.module,
+        channels_last=channels_last,
+        suffix=suffix_tokens(model),
+    )
+
+
 def describe_layers(model: nn.Module, example: Tensor) -> list[LayerInfo]:
     """Trace one forward (no grad) and describe every submodule that ran, in finish order.
 
@@ -157,17 +172,9 @@ def describe_layers(model: nn.Module, example: Tensor) -> list[LayerInfo]:
         else:
             passthrough[name] = False
     size = (int(example.shape[-2]), int(example.shape[-1]))
-    tokens = prefix_tokens(model)
-    channels_last = bool(
-        getattr(model, "channels_last", False)
-    )  # Keras models (camkit.adapters.keras.KerasModel)
 
     def layout(rec: _Trace) -> Layout | None:
-        if rec.full_shape is None:
-            return None
-        return infer_layout(
-            rec.full_shape, size, batch=1, prefix=tokens, module=rec.module, channels_last=channels_last
-        )
+        return None if rec.full_shape is None else _layout_of(model, rec, size)
 
     infos = [
         LayerInfo(
@@ -194,12 +201,22 @@ def _is_attention(info: LayerInfo) -> bool:
     return "Attention" in info.type
 
 
+def _backbone_scopes(names: set[str]) -> tuple[str, ...]:
+    """Where the backbone's maps live: ``backbone.body.``, ``backbone.``, or the same under the shallowest module
+    named ``backbone`` (transformers detection and segmentation models: ``model.model.backbone.``)."""
+    nested = [n for n in names if n == "backbone" or n.endswith(".backbone")]
+    if not nested:
+        return ()
+    top = min(nested, key=lambda n: (n.count("."), n))
+    return (f"{top}.body.", f"{top}.")
+
+
 def pick_auto(infos: list[LayerInfo], model: nn.Module | None = None) -> str | None:
-    """The automatic choice among traced layers (see the module docstring), or None; the layer ``model`` names
-    in its ``camkit_auto_layer`` attribute when it names one."""
-    declared = None if model is None else getattr(unwrap(model), "camkit_auto_layer", None)
-    if isinstance(declared, str):
-        return declared
+    """The automatic choice among traced layers (see the module docstring), or None; the layer ``model`` names in
+    ``camkit_auto_layer`` when it names one (see :func:`auto_layer`)."""
+    declared = getattr(unwrap(model), "camkit_auto_layer", None) if model is not None else None
+    if isinstance(declared, str) and declared:
+        return _canonical(unwrap(model), declared)  # type: ignore[arg-type]
     candidates = [
         i
         for i in infos
@@ -209,7 +226,7 @@ def pick_auto(infos: list[LayerInfo], model: nn.Module | None = None) -> str | N
         and i.layout.grid[0] * i.layout.grid[1] > 1
     ]
     names = {i.name for i in infos}
-    for scope in ("backbone.body.", "backbone."):
+    for scope in _backbone_scopes(names):
         if any(n.startswith(scope) for n in names):
             inside = [i for i in candidates if i.name.startswith(scope)]
             if inside:
@@ -229,12 +246,14 @@ def auto_layer(model: nn.Module, example: Tensor) -> str:
     """Name of the automatic target layer for ``model`` on inputs shaped like ``example``.
 
     Cached per model and input shape (one extra batch-1 forward the first time; two threads asking at once may
-    both trace, and get the same name).
+    both trace, and get the same name). A model that names its layer in a ``camkit_auto_layer`` attribute gets
+    that one, untraced (the transformers MobileViT view: its transformer blocks run on unfolded patches, whose
+    tokens a trace cannot tell from a feature map).
     """
     model = unwrap(model)
-    declared = getattr(model, "camkit_auto_layer", None)  # a model view that names its layer (YOLO, CLIP)
-    if isinstance(declared, str):
-        return declared
+    declared = getattr(model, "camkit_auto_layer", None)
+    if isinstance(declared, str) and declared:
+        return _canonical(model, declared)
     key = (tuple(example.shape[1:]), example.dtype, str(example.device))
     with _AUTO_LOCK:
         cached = _AUTO_CACHE.get(model, {}).get(key)

@@ -27,13 +27,22 @@ linear index maps, so the gradient of the reshaped activation is the reshaped gr
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from torch import Tensor, nn
 
 from camkit.errors import CamkitError
 
-__all__ = ["FeatureMaps", "Layout", "Reshape", "infer_layout", "prefix_tokens", "to_spatial", "unwrap"]
+__all__ = [
+    "FeatureMaps",
+    "Layout",
+    "Reshape",
+    "infer_layout",
+    "prefix_tokens",
+    "suffix_tokens",
+    "to_spatial",
+    "unwrap",
+]
 
 Reshape = Callable[[Tensor], Tensor]
 
@@ -51,6 +60,7 @@ class Layout:
         grid: (h, w) of the spatial grid (of one frame for ``"ncthw"``).
         channels: K.
         prefix: number of leading non-spatial tokens dropped (tokens only).
+        suffix: number of trailing non-spatial tokens dropped (tokens only: YOLOS's detection tokens).
         frames: t, the number of time steps (``"ncthw"`` only; 1 otherwise).
     """
 
@@ -59,6 +69,7 @@ class Layout:
     channels: int
     prefix: int = 0
     frames: int = 1
+    suffix: int = 0
 
     def __call__(self, t: Tensor) -> Tensor:
         """Tensor in this layout -> Tensor[B, K, h, w] (a view or a permuted copy; values unchanged)."""
@@ -71,13 +82,13 @@ class Layout:
             return t.reshape(t.shape[0], t.shape[1], self.frames * h, w)
         if self.kind == "tokens-seq-first":
             t = t.transpose(0, 1)
-        spatial = t[:, self.prefix :, :]
+        spatial = t[:, self.prefix : t.shape[1] - self.suffix, :]
         return spatial.reshape(t.shape[0], h, w, t.shape[2]).permute(0, 3, 1, 2)
 
     def write(self, acts: Tensor, live: Tensor) -> Tensor:
         """The inverse of reading: feature maps Tensor[n, K, h, w] back in this layout, for a replay of the layers
         after the target: as is (``"nchw"``), channels-last [n, h, w, K], or tokens [n, p + h*w, K] whose p prefix
-        tokens (class, distillation, ...) are taken from the live output ``live`` of the same forward ([1 or n, N,
+        tokens (class, distillation, ...) and suffix tokens are taken from the live output ``live`` of the same forward ([1 or n, N,
         K]; sequence-first [N, 1 or n, K])."""
         n = acts.shape[0]
         if self.kind == "nchw":
@@ -91,7 +102,7 @@ class Layout:
         seq_first = self.kind == "tokens-seq-first"
         base = live.transpose(0, 1) if seq_first else live
         out = base.expand(n, *base.shape[1:]).clone() if base.shape[0] != n else base.clone()
-        out[:, self.prefix :, :] = tokens.to(out.dtype)
+        out[:, self.prefix : self.prefix + tokens.shape[1], :] = tokens.to(out.dtype)
         return out.transpose(0, 1).contiguous() if seq_first else out
 
     def unfold(self, m: Tensor) -> Tensor:
@@ -160,6 +171,13 @@ def prefix_tokens(model: nn.Module) -> int | None:
     return count if found else None
 
 
+def suffix_tokens(model: nn.Module) -> int:
+    """Number of trailing non-patch tokens the model declares in ``num_suffix_tokens`` (YOLOS's detection tokens
+    in :class:`camkit.adapters.huggingface.HFDetector`), else 0."""
+    n = getattr(unwrap(model), "num_suffix_tokens", 0)
+    return n if isinstance(n, int) and n > 0 else 0
+
+
 def _stride_ratio(h: int, w: int, size: tuple[int, int]) -> float | None:
     """How far apart the strides H/h and W/w are (1.0 = equal), or None when (h, w) cannot be a grid."""
     big_h, big_w = size
@@ -189,8 +207,14 @@ def _factor_grid(n: int, size: tuple[int, int]) -> tuple[float, tuple[int, int]]
     return best
 
 
-def _token_layout(n: int, c: int, size: tuple[int, int], prefix: int | None, kind: str) -> Layout | None:
-    """The declared prefix if it leaves a grid; otherwise the prefix (0..8) whose grid fits the input best."""
+def _token_layout(
+    n: int, c: int, size: tuple[int, int], prefix: int | None, kind: str, suffix: int = 0
+) -> Layout | None:
+    """The declared prefix if it leaves a grid; otherwise the prefix (0..8) whose grid fits the input best. The
+    declared suffix tokens are dropped first."""
+    if suffix:
+        inner = _token_layout(n - suffix, c, size, prefix, kind)
+        return None if inner is None else replace(inner, suffix=suffix)
     if prefix is not None and n - prefix >= 1:
         fit = _factor_grid(n - prefix, size)
         if fit is not None:
@@ -203,6 +227,10 @@ def _token_layout(n: int, c: int, size: tuple[int, int], prefix: int | None, kin
         if fit is not None and (best is None or fit[0] < best[0] - 1e-9):
             best = (fit[0], p, fit[1])
     return Layout(kind, best[2], c, best[1]) if best else None
+
+
+def _fits(suffix: int, n: int) -> int:
+    return suffix if 0 < suffix < n - 1 else 0
 
 
 def _is_channels_last_norm(module: nn.Module | None, last: int) -> bool:
@@ -218,6 +246,7 @@ def infer_layout(
     prefix: int | None = None,
     module: nn.Module | None = None,
     channels_last: bool = False,
+    suffix: int = 0,
 ) -> Layout | None:
     """Infer how an output of ``shape`` (batch included) maps to [B, K, h, w].
 
@@ -228,6 +257,8 @@ def infer_layout(
         prefix: number of prefix tokens the model declares (see :func:`prefix_tokens`); tried first.
         module: the layer itself (a LayerNorm over the last dimension of a 4-D output means channels-last).
         channels_last: the model's 4-D outputs are NHWC (Keras models), whatever the shape.
+        suffix: number of trailing tokens the model declares (see :func:`suffix_tokens`), dropped from token
+            outputs whose count exceeds it.
 
     Returns:
         a :class:`Layout`, or None when the output cannot be read as a spatial map.
@@ -252,9 +283,11 @@ def infer_layout(
         return Layout("nchw", (d2, d3), d1)
     if len(shape) == 3:
         if shape[0] == b:
-            return _token_layout(shape[1], shape[2], input_size, prefix, "tokens")
+            return _token_layout(shape[1], shape[2], input_size, prefix, "tokens", _fits(suffix, shape[1]))
         if shape[1] == b:
-            return _token_layout(shape[0], shape[2], input_size, prefix, "tokens-seq-first")
+            return _token_layout(
+                shape[0], shape[2], input_size, prefix, "tokens-seq-first", _fits(suffix, shape[0])
+            )
     return None
 
 
@@ -297,7 +330,7 @@ def to_spatial(
     Raises:
         ValueError: an output that cannot be read as a feature map, with the shape and what to do.
     """
-    prefix = prefix_tokens(model)
+    prefix, suffix = prefix_tokens(model), suffix_tokens(model)
     layouts: dict[str, Layout | None] = {}
     spatial: dict[str, Tensor] = {}
     spatial_grads: dict[str, Tensor | list[Tensor]] = {}
@@ -312,6 +345,7 @@ def to_spatial(
                 prefix=prefix,
                 module=modules.get(name),
                 channels_last=bool(getattr(model, "channels_last", False)),
+                suffix=suffix,
             )
             if layout is None:
                 raise CamkitError(

@@ -48,7 +48,7 @@ from torch.overrides import TorchFunctionMode
 
 from camkit.core.capture import Window, target_gradients
 from camkit.core.targets import score_fn
-from camkit.core.tokens import infer_layout, prefix_tokens
+from camkit.core.tokens import infer_layout, prefix_tokens, suffix_tokens
 from camkit.errors import CamkitError
 from camkit.methods.registry import AttentionInput, AttentionMethod, register
 
@@ -145,7 +145,7 @@ def _windowed(model: nn.Module) -> str | None:
         if "WindowAttention" in type(m).__name__:
             return type(m).__name__
         config = getattr(m, "config", None)
-        if getattr(type(m), "_can_record_outputs", None) is not None and hasattr(config, "window_size"):
+        if hasattr(m, "base_model") and isinstance(getattr(config, "window_size", None), (int, list, tuple)):
             return type(m).__name__
     return None
 
@@ -269,11 +269,11 @@ def attention_probabilities(
 def _patch_map(model: nn.Module, r: Tensor, size: tuple[int, int]) -> Tensor:
     """Rows of the prefix tokens of R [B, N, N] over the patch tokens -> Tensor[B, h, w]."""
     b, n, _ = r.shape
-    layout = infer_layout((b, n, 1), size, prefix=prefix_tokens(model))
+    layout = infer_layout((b, n, 1), size, prefix=prefix_tokens(model), suffix=suffix_tokens(model))
     if layout is None:
         raise CamkitError(f"cannot read {n} tokens as prefix + a grid for an input of {size[0]}x{size[1]}")
-    p = layout.prefix
-    rows = r[:, :p, p:].mean(dim=1) if p > 0 else r[:, :, :].mean(dim=1)
+    p, end = layout.prefix, n - layout.suffix
+    rows = r[:, :p, p:end].mean(dim=1) if p > 0 else r[:, :, :end].mean(dim=1)
     return rows.reshape(b, *layout.grid)
 
 
@@ -420,10 +420,10 @@ def legrad(inp: AttentionInput) -> Tensor:
 def _patch_row(model: nn.Module, row: Tensor, size: tuple[int, int]) -> Tensor:
     """A per-key relevance Tensor[B, N] without its prefix keys, as Tensor[B, h, w]."""
     b, n = row.shape
-    layout = infer_layout((b, n, 1), size, prefix=prefix_tokens(model))
+    layout = infer_layout((b, n, 1), size, prefix=prefix_tokens(model), suffix=suffix_tokens(model))
     if layout is None:
         raise CamkitError(f"cannot read {n} tokens as prefix + a grid for an input of {size[0]}x{size[1]}")
-    return row[:, layout.prefix :].reshape(b, *layout.grid)
+    return row[:, layout.prefix : n - layout.suffix].reshape(b, *layout.grid)
 
 
 register(

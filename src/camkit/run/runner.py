@@ -33,6 +33,7 @@ from camkit.adapters.spec import ModelSpec
 from camkit.core.explanation import Explanation
 from camkit.core.pipeline import compare
 from camkit.core.postprocess import normalize
+from camkit.core.tasks import model_task
 from camkit.errors import CamkitError
 from camkit.evaluate import METRICS, MetricScorer
 from camkit.io.files import save_image
@@ -205,14 +206,17 @@ class Explainer:
         too). At ``resolution="feature"`` each method keeps its own grid (Poly-CAM's is its shallowest layer's,
         FullGrad's the input's); at ``"input"`` all are the model's input size."""
         if self._shapes is None:
+            refusal = CamkitError(
+                "camkit run explains classifiers (a model whose output is Tensor[B, classes]); explain "
+                "segmentation and detection models with `camkit explain` or camkit.explain"
+            )
+            if model_task(self.model) != "classification":  # before a forward that would choose a target
+                raise refusal
             x = torch.zeros(1, 3, *self.preprocess.size, device=self.device)
             expl = compare(self.model, x, self.methods, self.options.layers, labels=self.labels)
             first = expl[self.methods[0]]
             if first.classes is None or first.output is None or first.output.dim() != 2:
-                raise CamkitError(
-                    "camkit run explains classifiers (a model whose output is Tensor[B, classes]); explain "
-                    "segmentation and detection models with `camkit explain` or camkit.explain"
-                )
+                raise refusal
             self._layers = list(first.raw)
             shapes: dict[str, tuple[int, int]] = {}
             for m in self.methods:
