@@ -64,6 +64,7 @@ __all__ = [
     "BASELINES",
     "DEFAULT_METRICS",
     "IOU_THRESHOLDS",
+    "JOINT",
     "METRICS",
     "Annotation",
     "BatchResult",
@@ -77,6 +78,7 @@ __all__ = [
     "collect_images",
     "evaluate",
     "iter_evaluate",
+    "joint_scores",
     "plan_evaluation",
     "probe_images",
     "read_annotations",
@@ -575,17 +577,26 @@ def _rows(
 JOINT = ("deletion", "insertion")
 
 
-def _joint_curves(
-    plan: EvaluationPlan, x: Tensor, maps: dict[str, Tensor], classes: Tensor, logits: Tensor
+def joint_scores(
+    model: nn.Module,
+    forward: Forward,
+    x: Tensor,
+    maps: dict[str, Tensor],
+    classes: Tensor,
+    chosen: Sequence[str],
+    steps: int,
+    clean: Tensor | None = None,
 ) -> dict[str, dict[str, Tensor]]:
-    """method -> the values of the chosen :data:`JOINT` metrics, every map of the batch in one stream of model
-    calls that reuses the batch's clean forward (``logits``)."""
-    chosen = [m for m in JOINT if m in plan.chosen]
-    if not chosen:
+    """method -> column -> Tensor[B] of the chosen :data:`JOINT` metrics (deletion, insertion): every map of the
+    batch in one stream of model calls (:func:`camkit.metrics.faithfulness.deletion_insertion`), reusing the
+    batch's clean forward ``clean`` when given (the logits of ``forward`` on ``x``). ``camkit evaluate`` and
+    ``camkit run`` both score so: the same numbers for the same batches."""
+    wanted = [m for m in JOINT if m in chosen]
+    if not wanted:
         return {}
-    curves = deletion_insertion(plan.model, x, maps, classes, plan.steps, forward=plan.forward, clean=logits)
+    curves = deletion_insertion(model, x, maps, classes, steps, forward=forward, clean=clean)
     return {
-        method: {name: curve.auc for name, curve in zip(JOINT, pair, strict=True) if name in chosen}
+        method: {name: curve.auc for name, curve in zip(JOINT, pair, strict=True) if name in wanted}
         for method, pair in curves.items()
     }
 
@@ -618,7 +629,7 @@ def _score_methods(
 ) -> tuple[dict[str, dict[str, Tensor]], dict[str, Tensor]]:
     """method -> metric column -> Tensor[B], and the IoU curves of ``maxboxacc``: deletion and insertion of all
     methods together (:func:`_joint_curves`), the other metrics method by method (:class:`MetricScorer`)."""
-    joint = _joint_curves(plan, x, maps, classes, logits)
+    joint = joint_scores(plan.model, plan.forward, x, maps, classes, plan.chosen, plan.steps, logits)
     rest = [m for m in plan.chosen if m not in JOINT]
     scorer = MetricScorer(
         plan.model, plan.forward, rest, plan.steps, plan.box_threshold, plan.scorer.thresholds

@@ -36,7 +36,7 @@ from camkit.core.explanation import Explanation
 from camkit.core.pipeline import compare
 from camkit.core.postprocess import normalize
 from camkit.errors import CamkitError
-from camkit.evaluate import METRICS, MetricScorer
+from camkit.evaluate import JOINT, METRICS, MetricScorer, joint_scores
 from camkit.io.files import save_image
 from camkit.io.images import DEFAULT_MAX_PIXELS
 from camkit.localize import localize
@@ -237,12 +237,13 @@ class Explainer:
         return self._shapes
 
     def scorer(self) -> MetricScorer:
-        """The per-image metrics of the run (the same computation as :func:`camkit.evaluate.evaluate`)."""
+        """The per-image metrics of the run scored method by method: all but deletion and insertion, which
+        :meth:`__call__` scores for every method together (:func:`camkit.evaluate.joint_scores`); the same
+        computation as :func:`camkit.evaluate.evaluate`."""
         if self._scorer is None:
             o = self.options
-            self._scorer = MetricScorer(
-                self.model, Forward(self.model), list(o.metrics), o.steps, o.threshold
-            )
+            rest = [m for m in o.metrics if m not in JOINT]
+            self._scorer = MetricScorer(self.model, Forward(self.model), rest, o.steps, o.threshold)
         return self._scorer
 
     def __call__(
@@ -269,9 +270,15 @@ class Explainer:
         first = expl[self.methods[0]]
         for k, cells in zip(ok, self._prediction_cells(first), strict=True):
             rows[k].update(cells)
+        joint: dict[str, dict[str, Tensor]] = {}
+        if any(m in JOINT for m in self.options.metrics):
+            assert first.classes is not None
+            fwd, full = self.scorer().forward, {m: expl[m].maps.float() for m in self.methods}
+            steps = self.options.steps
+            joint = joint_scores(self.model, fwd, x, full, first.classes, self.options.metrics, steps)
         thumbs: list[Any] = []
         for m in self.methods:
-            stored, cells_of, pics = self._method_cells(m, expl[m], x, first.classes, read)
+            stored, cells_of, pics = self._method_cells(m, expl[m], x, first.classes, read, joint.get(m, {}))
             maps[m][ok] = stored
             for k, cells in zip(ok, cells_of, strict=True):
                 rows[k].update(cells)
@@ -301,9 +308,16 @@ class Explainer:
         return out
 
     def _method_cells(
-        self, method: str, e: Explanation, x: Tensor, classes: Tensor | None, read: Sequence[Sample]
+        self,
+        method: str,
+        e: Explanation,
+        x: Tensor,
+        classes: Tensor | None,
+        read: Sequence[Sample],
+        joint: dict[str, Tensor],
     ) -> tuple[np.ndarray, list[dict[str, Any]], list[Any]]:
-        """One method's maps as stored (float16), its cells of each row (box, metrics) and its thumbnails."""
+        """One method's maps as stored (float16), its cells of each row (box, metrics; ``joint``: its deletion
+        and insertion, scored with the other methods') and its thumbnails."""
         opts = self.options
         full = e.maps.float()
         stored = (
@@ -311,9 +325,9 @@ class Explainer:
         )
         sizes = [s.size for s in read]
         boxes = localize(full, threshold=opts.threshold, image_sizes=sizes)
-        values: dict[str, Tensor] = {}
+        values: dict[str, Tensor] = dict(joint)
         curves: Tensor | None = None
-        if opts.metrics:
+        if self.scorer().chosen:
             assert classes is not None
             gt = [_clipped(self.items[s.index].boxes, s.size) for s in read]
             targets = classes.tolist()
@@ -323,7 +337,8 @@ class Explainer:
                     method
                 ].maps
 
-            values, curves = self.scorer()(x, full, classes, gt, sizes, remap=remap)
+            more, curves = self.scorer()(x, full, classes, gt, sizes, remap=remap)
+            values.update(more)
         cells = []
         for j in range(len(read)):
             cell: dict[str, Any] = {f"{method}.box": boxes[j][0].xyxy if boxes[j] else None}
