@@ -161,7 +161,7 @@ def _one(
         metrics=["deletion", "insertion"],
         preprocess=loaded.preprocess,
         labels=loaded.labels,
-        steps=50,
+        steps=steps,
         compile=compile,
     )
     if device == "cuda":
@@ -179,8 +179,8 @@ def compare_paths(n_images: int, repeats: int) -> None:
     times: dict[str, list[float]] = {k: [] for k in names}
     values: dict[str, dict[tuple[str, str], dict[str, float]]] = {}
     load0 = os.getloadavg()
-    _one(loaded, pics[:1], device)  # warm-up: the prepared copies of the model, first calls
-    _one(loaded, pics[:1], device, compile=True)
+    _one(loaded, pics[:1], device, steps=1)  # warm-up: the prepared copies of the model, first calls
+    _one(loaded, pics[:1], device, compile=True, steps=1)
     for r in range(repeats):
         order = names[r % 3 :] + names[: r % 3]  # each contender first in turn
         for name in order:

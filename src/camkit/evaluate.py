@@ -1,8 +1,9 @@
 """Judge several methods on a set of images: the logic behind ``camkit evaluate``.
 
-Images are processed in batches: one preprocessing, one shared forward + backward for all gradient methods
-(:func:`camkit.compare`), then each metric sends the perturbed images of all steps and images of the batch to the
-model in chunks (:mod:`camkit.metrics`). The per-image metrics of a batch are computed by :class:`MetricScorer`
+Images are processed in batches: one preprocessing and one clean forward, one shared forward + backward for all
+gradient methods (:func:`camkit.compare`), then deletion and insertion of every method's maps together
+(:func:`joint_scores`: one stream of chunks of perturbed images, the curves' ends scored once per image, the clean
+forward reused), and each other metric method by method (:mod:`camkit.metrics`). The per-image metrics of a batch are computed by :class:`MetricScorer`
 (the dispatcher of the metric registry, :mod:`camkit.metrics.registry`), which ``camkit run``
 (:class:`camkit.run.Explainer`) and ``camkit report`` call too: a run's store and :func:`evaluate` give the same
 numbers for the same images and options.
