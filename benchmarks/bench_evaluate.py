@@ -151,7 +151,7 @@ def _old_score_methods(plan, x, maps, classes, logits, names, batch_anns, sizes,
 
 
 def _one(
-    loaded, pics, device: str, compile: bool = False
+    loaded, pics, device: str, compile: bool = False, steps: int = 50
 ) -> tuple[float, dict[tuple[str, str], dict[str, float]]]:  # type: ignore[no-untyped-def]
     t0 = time.perf_counter()
     res = evaluate(

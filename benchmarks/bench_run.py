@@ -89,6 +89,7 @@ def camkit_pass(
     if out.exists():
         shutil.rmtree(out)
     ex = Explainer(loaded.model, loaded.preprocess, loaded.labels, opts, items)  # type: ignore[attr-defined]
+    out.mkdir(parents=True)
     store = create_store(out, run_config(spec, opts, items, ex.methods), items, ex.map_shapes())
     t0 = time.perf_counter()
     process_shards(store, ex, range(store.n_shards), workers=workers)
