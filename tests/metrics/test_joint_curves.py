@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from PIL import Image
 
@@ -81,3 +82,20 @@ def test_evaluate_equals_the_metrics_method_by_method() -> None:
             for j, (name, _) in enumerate(part):
                 for col, v in want.items():
                     assert abs(got[(name, method)][col] - float(v[j])) <= 1e-5, (name, method, col)
+
+
+def test_evaluate_compile_gives_the_same_numbers_and_refuses_unknown_backends() -> None:
+    model = _model()
+    g = torch.Generator().manual_seed(3)
+    pics = [
+        (f"im{i}.png", Image.fromarray((torch.rand(20, 20, 3, generator=g) * 255).byte().numpy()))
+        for i in range(2)
+    ]
+    kw = {"preprocess": Preprocess(size=(16, 16)), "steps": 5}
+    plain = evaluate(model, pics, ["gradcam"], ["deletion", "insertion"], **kw)
+    jit = evaluate(model, pics, ["gradcam"], ["deletion", "insertion"], compile="jit", **kw)
+    for a, b in zip(plain.rows, jit.rows, strict=True):
+        for col in ("deletion", "insertion"):
+            assert abs(a.values[col] - b.values[col]) <= 1e-5
+    with pytest.raises(ValueError, match="compile must be"):
+        evaluate(model, pics, ["gradcam"], ["deletion"], compile="tvm", **kw)  # type: ignore[arg-type]
