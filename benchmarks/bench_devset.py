@@ -1,4 +1,4 @@
-"""The development set's comparison (issue 18): every method on the 40 photos, three EfficientNet-Lite models.
+"""The development set's comparison (issue 18): every method on the set's photos, three EfficientNet-Lite models.
 
 Subcommands::
 

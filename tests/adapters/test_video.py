@@ -24,6 +24,7 @@ from camkit.adapters.video import (
     save_animation,
 )
 from camkit.cli import app
+from testbed import assert_unchanged, snapshot
 
 LAYER_METHODS = (
     "gradcam",
@@ -148,6 +149,71 @@ def test_trained_model_looks_at_the_right_frames(trained: nn.Module) -> None:
         assert float(inside.mean()) > 2 * float(e.maps.mean()), method
 
 
+def _score_weights(model: nn.Module, x: Tensor, acts: Tensor, classes: Tensor) -> Tensor:
+    """Score-CAM's w_k = p_c(X * minmax(up(A_k))) by hand, one masked clip per forward (constant channels: 0)."""
+    w = torch.zeros(acts.shape[:2])
+    with torch.no_grad():
+        for b in range(acts.shape[0]):
+            for k in range(acts.shape[1]):
+                a = acts[b, k]
+                if bool(a.max() == a.min()):
+                    continue
+                up = nn.functional.interpolate(a[None, None], size=x.shape[2:], mode="trilinear")[0, 0]
+                h = (up - up.min()) / (up.max() - up.min())
+                w[b, k] = torch.softmax(model(x[b : b + 1] * h), dim=1)[0, classes[b]]
+    return w
+
+
+def _features(model: nn.Module, x: Tensor, upto: int) -> Tensor:
+    with torch.no_grad():
+        return model.features[:upto](x)
+
+
+def test_scorecam_and_ablationcam_on_a_clip_are_the_3d_formulas(trained: nn.Module) -> None:
+    """Score-CAM's masks are the 3-D channels upsampled trilinearly to [T, H, W]; Ablation-CAM zeroes a whole
+    space-time channel: both computed here by hand, one forward per channel."""
+    torch.manual_seed(4)
+    x, classes = torch.randn(2, 3, T, SIDE, SIDE), torch.tensor([1, 0])
+    acts = _features(trained, x, 3)  # features.2's output (the in-place ReLU after it is not applied)
+    before = snapshot(trained)
+    score = camkit.explain(trained, x, method="scorecam", layers="features.2", targets=classes.tolist())
+    want = torch.einsum("bk,bkthw->bthw", _score_weights(trained, x, acts, classes), acts)
+    torch.testing.assert_close(score.raw["features.2"], want, rtol=1e-5, atol=1e-6)
+    ablation = camkit.explain(trained, x, method="ablationcam", layers="features.2", targets=classes.tolist())
+    with torch.no_grad():
+        y = trained(x)[torch.arange(2), classes]
+        w = torch.zeros(2, acts.shape[1])
+        for k in range(acts.shape[1]):
+            cut = acts.clone()
+            cut[:, k] = 0
+            head = trained.fc(trained.pool(torch.relu(cut)).flatten(1))
+            w[:, k] = (y - head[torch.arange(2), classes]) / y
+    torch.testing.assert_close(
+        ablation.raw["features.2"], torch.einsum("bk,bkthw->bthw", w, acts), rtol=1e-4, atol=1e-5
+    )
+    assert_unchanged(before, trained)
+
+
+def test_score_cam_family_finds_the_frames_of_a_clip(trained: nn.Module) -> None:
+    gen = torch.Generator().manual_seed(7)
+    x, y, _ = _blob_clips(8, gen)
+    pos = y == 1
+    options = camkit.PerturbationOptions(noise_draws=4, integration_steps=4)
+    maps = {}
+    for method in ("scorecam", "sscam", "iscam", "ablationcam"):
+        e = camkit.explain(
+            trained, x[pos], method=method, layers="features.0", targets=1, perturbation=options
+        )
+        assert e.maps.shape == (int(pos.sum()), T, SIDE, SIDE), method
+        per_frame = e.maps.sum(dim=(2, 3))
+        assert bool((per_frame[:, 5:7].mean(1) > 5 * per_frame[:, :4].mean(1)).all()), method
+        maps[method] = e.maps
+    again = camkit.explain(
+        trained, x[pos], method="sscam", layers="features.0", targets=1, perturbation=options
+    )
+    torch.testing.assert_close(again.maps, maps["sscam"])  # seeded noise: the same clip gives the same map
+
+
 @pytest.mark.parametrize("name", ["r3d_18", "mc3_18", "r2plus1d_18"])
 def test_torchvision_video_models(name: str, r3d: nn.Module) -> None:
     torch.manual_seed(0)
@@ -171,8 +237,8 @@ def test_torchvision_video_models(name: str, r3d: nn.Module) -> None:
 
 def test_clip_errors(trained: nn.Module) -> None:
     x = torch.randn(1, 3, T, SIDE, SIDE)
-    with pytest.raises(ValueError, match="cannot explain a clip"):
-        camkit.explain(trained, x, method="scorecam", layers="features.2")
+    with pytest.raises(ValueError, match=r"cannot explain a clip.*scorecam"):
+        camkit.explain(trained, x, method="polycam", layers="features.0,features.2")
     with pytest.raises(ValueError, match="channels before"):
         camkit.explain(trained, torch.randn(1, T, 3, SIDE, SIDE))
     flat = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)).eval()

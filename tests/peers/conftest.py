@@ -1,5 +1,5 @@
-"""The reference libraries of the agreement tests in this folder: pytorch-grad-cam 1.5.7 and torchcam 0.5.0
-(the ``reference`` extra, which ``make test`` installs), checked in this one place.
+"""The reference libraries of the agreement tests in this folder: pytorch-grad-cam 1.5.7, torchcam 0.5.0 and
+Quantus 0.6.0 (the ``reference`` extra, which ``make test`` installs), checked in this one place.
 
 Every test of this folder is marked ``reference``. Where a reference library is missing (a user who installed
 camkit without the extra), this folder is left out of the run and the report's header says why; under
@@ -14,7 +14,11 @@ import os
 
 import pytest
 
-REFERENCES = {"pytorch_grad_cam": "grad-cam==1.5.7", "torchcam": "torchcam==0.5.0"}
+REFERENCES = {
+    "pytorch_grad_cam": "grad-cam==1.5.7",
+    "torchcam": "torchcam==0.5.0",
+    "quantus": "quantus==0.6.0",
+}
 MISSING = [pip for module, pip in REFERENCES.items() if importlib.util.find_spec(module) is None]
 
 if MISSING and os.environ.get("CI") == "true":

@@ -108,3 +108,32 @@ def test_ablation_variants(setup: tuple[nn.Module, Tensor, list[int]]) -> None:
     out = ablation(None)
     written = [float(out[0, 0, 0, 0]), float(out[1, 1, 0, 0]), float(out[2, 0, 0, 0])]
     assert written == pytest.approx([-1 - 1e7, -1 - 2e7, -1 - 3e7])
+
+
+@pytest.mark.parametrize(("ours", "theirs"), [("scorecam", "ScoreCAM"), ("iscam", "ISCAM")])
+def test_score_cam_family_on_clips_vs_torchcam(ours: str, theirs: str) -> None:
+    """torchcam 0.5.0 explains Conv3d models with its Score-CAM family; camkit's clip masks (trilinear, min-max
+    over the whole volume) give the same maps with its variant (softmax over channels of the masked logits)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv3d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv3d(8, 8, 3, padding=1, stride=(1, 2, 2)),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool3d(1),
+        nn.Flatten(),
+        nn.Linear(8, 5),
+    ).eval()
+    x = torch.randn(2, 3, 4, 16, 16)
+    extractor = getattr(tcm, theirs)(model, target_layer=model[2], input_shape=tuple(x.shape[1:]))
+    try:
+        with torch.no_grad():
+            out = model(x)  # with torchcam's hooks on
+        classes = out.argmax(dim=1).tolist()
+        theirs_maps = extractor(classes, out)[0]  # [B, t, h, w] at the layer's grid
+    finally:
+        extractor.remove_hooks()
+    options = PerturbationOptions(weighting="channel-softmax", integration_steps=10)
+    mine = camkit.explain(model, x, ours, "2", classes, perturbation=options)
+    for i in range(2):
+        assert _pearson(mine.raw["2"][i].clamp(min=0), theirs_maps[i]) >= 0.9999, (ours, i)

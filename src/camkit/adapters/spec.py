@@ -40,8 +40,10 @@ class ModelSpec:
         threads: ``torch.set_num_threads`` before building (None: torch's choice).
         device: where the model runs (``cuda`` under torchrun: ``cuda:<LOCAL_RANK>``, see
             :mod:`camkit.run.distributed`).
-        input_size: :func:`camkit.load_model`'s ``input_size`` (segmentation, detection, video and Keras models),
-            or None.
+        input_size: :func:`camkit.load_model`'s ``input_size`` (segmentation, detection, video, Keras and YOLO
+            models), or None.
+        prompts: the text prompts of a CLIP model (``clip:``, or ``hf:`` on a CLIP / SigLIP folder), one per
+            zero-shot class; empty for other models.
     """
 
     name: str = DEFAULT_MODEL
@@ -51,10 +53,12 @@ class ModelSpec:
     threads: int | None = None
     device: str = "cpu"
     input_size: int | None = None
+    prompts: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if isinstance(self.weights, Path):
             object.__setattr__(self, "weights", str(self.weights))
+        object.__setattr__(self, "prompts", tuple(self.prompts))
 
     def load(self) -> LoadedModel:
         """Apply ``threads`` and ``seed``, then build the model with :func:`camkit.load_model` (looked up when
@@ -73,12 +77,14 @@ class ModelSpec:
             torch.set_num_threads(self.threads)
         if self.seed is not None:
             torch.manual_seed(self.seed)
+        extra = {"prompts": list(self.prompts)} if self.prompts else {}
         loaded: LoadedModel = camkit.load_model(
             self.name,
             weights=self.weights,
             pretrained=self.pretrained,
             device=self.device,
             input_size=self.input_size,
+            **extra,
         )
         return loaded
 
@@ -94,6 +100,8 @@ class ModelSpec:
         }
         if self.input_size is not None:
             out["input_size"] = self.input_size
+        if self.prompts:
+            out["prompts"] = list(self.prompts)
         return out
 
     def weights_digest(self) -> str | None:
@@ -125,6 +133,7 @@ class ModelSpec:
             "seed": self.seed,
             "threads": self.threads,
             "device": self.device,
+            **({"prompts": list(self.prompts)} if self.prompts else {}),
         }
 
     def file_tag(self, default: str = DEFAULT_MODEL) -> str:

@@ -17,7 +17,11 @@ __all__ = ["detection_transform", "model_task"]
 
 def model_task(model: object) -> str:
     """``"detection"`` (torchvision detection models: they resize and normalise inside), ``"segmentation"``
-    (torchvision FCN / DeepLabV3 / LRASPP), else ``"classification"``."""
+    (torchvision FCN / DeepLabV3 / LRASPP), else ``"classification"``. A model view that declares its task in a
+    ``camkit_task`` attribute (:class:`camkit.adapters.yolo.YOLODetector`) has that task."""
+    declared = getattr(model, "camkit_task", None)
+    if isinstance(declared, str):
+        return declared
     try:
         from torchvision.models.detection.transform import GeneralizedRCNNTransform
         from torchvision.models.segmentation import LRASPP

@@ -13,13 +13,15 @@
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from camkit.adapters.clip import is_transformers_zero_shot
+from camkit.adapters.clip import load_transformers as load_clip_hf
 from camkit.adapters.keras import as_torch, preprocess_for
 from camkit.adapters.keras import load as load_keras
 from camkit.adapters.preprocess import SEGMENTATION_SIZE, Preprocess, imagenet_labels
@@ -175,6 +177,7 @@ def load_model(
     pretrained: bool = True,
     device: str | torch.device = "cpu",
     input_size: int | None = None,
+    prompts: Sequence[str] | None = None,
 ) -> LoadedModel:
     """Build a model by name, in eval mode, with its preprocessing and labels.
 
@@ -188,7 +191,11 @@ def load_model(
             is its :class:`camkit.adapters.keras.KerasModel` view), or a Hugging Face transformers image
             classifier, ``hf:PATH`` (a ``save_pretrained`` folder, read offline) or ``hf:ORG/NAME`` (a hub id:
             needs a network) (:mod:`camkit.adapters.huggingface`; the model is its
-            :class:`camkit.adapters.huggingface.HFClassifier` view, logits out).
+            :class:`camkit.adapters.huggingface.HFClassifier` view, logits out; a folder of a ``CLIPModel`` or
+            ``SiglipModel`` is a zero-shot classifier over ``prompts``, :mod:`camkit.adapters.clip`), or an
+            Ultralytics YOLO model, ``yolo:yolov8n.yaml`` (random weights) or ``yolo:PATH.pt``
+            (:mod:`camkit.adapters.yolo`), or an open_clip model as a zero-shot classifier over ``prompts``,
+            ``clip:ARCH`` (random weights: ``pretrained=False``), ``clip:ARCH:CHECKPOINT`` or ``clip:DIR``.
         weights: a local state_dict file to load instead of pretrained weights (``weights_only=True``).
         pretrained: download the library's pretrained weights when no file is given (needs a network, except for
             the EfficientNet-Lite default). ``False``: random weights.
@@ -196,16 +203,16 @@ def load_model(
         input_size: segmentation, detection, video and Keras models only: the square size images are resized
             to (default 520 for segmentation; detection: the model's own ``min_size`` capped at 640, and the model
             is set to keep that size as is; video 112; Keras 224, the model built for that size). Other
-            classifiers use the size they declare.
+            classifiers use the size they declare. YOLO: the square side (default the checkpoint's, else 640).
+        prompts: CLIP models only: the text prompts, one per zero-shot class (the labels).
     """
     import timm
     import torchvision
 
     key = name.strip()
-    if key.lower().startswith("keras:"):
-        return _load_keras(key, weights, pretrained, device, input_size)
-    if key.lower().startswith("hf:"):
-        return _load_hf(key, weights, pretrained, device, input_size)
+    prefixed = _load_prefixed(key, weights, pretrained, device, input_size, prompts)
+    if prefixed is not None:
+        return prefixed
     labels: list[str] | None = None
     task = _torchvision_task(key)
     if input_size is not None and task is None and not _is_video(key):
@@ -255,6 +262,29 @@ def load_model(
     return LoadedModel(model=model, preprocess=Preprocess.for_model(model), labels=labels, name=key)
 
 
+def _load_prefixed(
+    key: str,
+    weights: str | Path | None,
+    pretrained: bool,
+    device: str | torch.device,
+    input_size: int | None,
+    prompts: Sequence[str] | None,
+) -> LoadedModel | None:
+    """The models named with a prefix (``keras:``, ``hf:``, ``clip:``, ``yolo:``); None for other names."""
+    low = key.lower()
+    if prompts is not None and not low.startswith(("hf:", "clip:")):
+        raise CamkitError(f"{key} is not a CLIP model: prompts are for clip: and hf: CLIP / SigLIP models")
+    if low.startswith("keras:"):
+        return _load_keras(key, weights, pretrained, device, input_size)
+    if low.startswith("hf:"):
+        return _load_hf(key, weights, pretrained, device, input_size, prompts)
+    if low.startswith("clip:"):
+        return _load_clip(key, weights, pretrained, device, input_size, prompts)
+    if low.startswith("yolo:"):
+        return _load_yolo(key, weights, pretrained, device, input_size)
+    return None
+
+
 def _load_keras(
     key: str, weights: str | Path | None, pretrained: bool, device: str | torch.device, input_size: int | None
 ) -> LoadedModel:
@@ -275,7 +305,12 @@ def _load_keras(
 
 
 def _load_hf(
-    key: str, weights: str | Path | None, pretrained: bool, device: str | torch.device, input_size: int | None
+    key: str,
+    weights: str | Path | None,
+    pretrained: bool,
+    device: str | torch.device,
+    input_size: int | None,
+    prompts: Sequence[str] | None = None,
 ) -> LoadedModel:
     """``hf:PATH_OR_ID``: a transformers image classifier (:func:`camkit.adapters.huggingface.load`) as its
     :class:`camkit.adapters.huggingface.HFClassifier` view, with its image processor's Preprocess and
@@ -290,8 +325,57 @@ def _load_hf(
     source = key.split(":", 1)[1].strip()
     if not source:
         raise CamkitError("hf: needs a folder or a hub id: hf:PATH_OR_ID")
+    if is_transformers_zero_shot(source):  # CLIP / SigLIP: a zero-shot classifier over the prompts
+        clip_view, clip_pre = load_clip_hf(source, prompts, pretrained, device)
+        return LoadedModel(clip_view, clip_pre, clip_view.prompts, key)
+    if prompts is not None:
+        raise CamkitError(f"{key} is not a CLIP / SigLIP folder: prompts are for zero-shot image-text models")
     view, preprocess, labels = load_hf(source, pretrained, device)
     return LoadedModel(view, preprocess, labels, key)
+
+
+def _load_clip(
+    key: str,
+    weights: str | Path | None,
+    pretrained: bool,
+    device: str | torch.device,
+    input_size: int | None,
+    prompts: Sequence[str] | None,
+) -> LoadedModel:
+    """``clip:ARCH[:CHECKPOINT]`` or ``clip:DIR``: an open_clip model as a zero-shot classifier over ``prompts``."""
+    from camkit.adapters.clip import load_open_clip
+
+    source = key.split(":", 1)[1].strip()
+    if not source:
+        raise CamkitError("clip: needs an open_clip config name or a folder: clip:ViT-B-32, clip:DIR")
+    if input_size is not None:
+        raise CamkitError(
+            f"{key}: an open_clip model takes its input size from its config; drop --input-size"
+        )
+    view, preprocess = load_open_clip(
+        source, prompts, pretrained, None if weights is None else str(weights), device
+    )
+    return LoadedModel(view, preprocess, view.prompts, key)
+
+
+def _load_yolo(
+    key: str, weights: str | Path | None, pretrained: bool, device: str | torch.device, input_size: int | None
+) -> LoadedModel:
+    """``yolo:PATH``: an Ultralytics YOLO model (:func:`camkit.adapters.yolo.load`) from a model .yaml (random
+    weights, or a state_dict file as ``weights``) or a local .pt checkpoint."""
+    from camkit.adapters.yolo import load as load_yolo
+
+    source = key.split(":", 1)[1].strip()
+    if not source:
+        raise CamkitError("yolo: needs a model .yaml or a .pt file: yolo:yolov8n.yaml, yolo:best.pt")
+    if input_size is not None and input_size < 32:
+        raise CamkitError(f"input_size must be at least 32 pixels, got {input_size}")
+    if weights is not None and not source.lower().endswith((".yaml", ".yml")):
+        raise CamkitError(f"{key}: a .pt checkpoint holds its weights; drop --weights")
+    view, preprocess, labels, task = load_yolo(source, device, input_size)
+    if weights is not None:
+        _load_weights_file(view.model, weights)
+    return LoadedModel(view, preprocess, labels, key, task=task)
 
 
 def _num_keras_outputs(keras_model: object) -> int | None:

@@ -128,6 +128,8 @@ class AppConfig:
         header_timeout: seconds a connection has to send a whole request head (request line and headers), from
             its opening or from the previous answer; then it is answered 408 and closed.
         body_timeout: seconds a request body may pause between two reads; then the connection is closed.
+        prompts: the text prompts of the CLIP models served (``clip:``, ``hf:`` CLIP / SigLIP folders), one per
+            zero-shot class; empty for other models.
     """
 
     model: str = "efficientnet_lite0"
@@ -147,6 +149,7 @@ class AppConfig:
     allowed_hosts: tuple[str, ...] = ()
     header_timeout: float = 10.0
     body_timeout: float = 30.0
+    prompts: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("max_bytes", "max_pixels", "workers", "cache_models", "cache_bytes", "max_side"):
@@ -184,7 +187,11 @@ class AppConfig:
         """How the app builds the served model ``name`` (:class:`camkit.adapters.ModelSpec`): torch's seed set
         only for random weights."""
         return ModelSpec(
-            name, pretrained=self.pretrained, seed=None if self.pretrained else self.seed, device=self.device
+            name,
+            pretrained=self.pretrained,
+            seed=None if self.pretrained else self.seed,
+            device=self.device,
+            prompts=self.prompts if name.lower().startswith(("clip:", "hf:")) else (),
         )
 
     @property
@@ -380,7 +387,7 @@ class ModelCache:
             for i in infos
             if not i.passthrough and i.spatial is not None
         ]
-        auto = pick_auto(infos) or (str(rows[-1]["name"]) if rows else "")
+        auto = pick_auto(infos, loaded.model) or (str(rows[-1]["name"]) if rows else "")
         with self._lock:
             if key in self._models:
                 self._layers[key] = (rows, auto)

@@ -56,6 +56,7 @@ __all__ = [
     "ModelOptions",
     "PretrainedOption",
     "ProgressOption",
+    "PromptOption",
     "RunProgress",
     "SampleOption",
     "SeedOption",
@@ -115,7 +116,9 @@ ImagesArgument = Annotated[
 ModelOption = Annotated[
     str,
     typer.Option(
-        "--model", help="efficientnet_lite0 (default, offline pretrained), a torchvision or timm name."
+        "--model",
+        help="efficientnet_lite0 (default, offline pretrained), a torchvision or timm name, keras:NAME, "
+        "hf:DIR, yolo:CONFIG.yaml or yolo:FILE.pt, clip:ARCH or clip:DIR (with --prompt).",
     ),
 ]
 WeightsOption = Annotated[
@@ -135,6 +138,14 @@ PretrainedOption = Annotated[
 SeedOption = Annotated[
     int,
     typer.Option("--seed", help="Seed of torch's random numbers: random weights (--no-pretrained), noise."),
+]
+PromptOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--prompt",
+        help="CLIP models (clip:..., hf: CLIP / SigLIP folders): a text prompt, one per zero-shot class "
+        "(repeat --prompt for several); the maps explain the image's similarity to one of them.",
+    ),
 ]
 ThreadsOption = Annotated[
     int | None,

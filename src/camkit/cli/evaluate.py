@@ -29,6 +29,7 @@ from camkit.cli.common import (
     ModelOptions,
     PretrainedOption,
     ProgressOption,
+    PromptOption,
     SeedOption,
     ThreadsOption,
     WeightsOption,
@@ -77,7 +78,8 @@ def evaluate(
         str | None,
         typer.Option(
             "--metrics",
-            help="deletion,insertion,avg_drop,increase,road,arcc,pointing,pointing_strict,box,maxboxacc or all "
+            help="deletion,insertion,avg_drop,increase,road,arcc,pointing,pointing_strict,box,maxboxacc,"
+            "energy_pointing,relevance_mass,relevance_rank,mask_auc,top_k,sparseness,entropy,effective_complexity,random_logit,mprt or all (docs/metrics.md) "
             "(default: the first four, plus the box metrics with --annotations).",
         ),
     ] = None,
@@ -90,6 +92,7 @@ def evaluate(
     pretrained: PretrainedOption = True,
     seed: SeedOption = 0,
     threads: ThreadsOption = None,
+    prompt: PromptOption = None,
     max_pixels: MaxPixelsOption = DEFAULT_MAX_PIXELS,
     layers: LayersOption = "auto",
     steps: Annotated[int, typer.Option(help="Deletion/insertion steps.")] = 50,
@@ -134,9 +137,8 @@ def evaluate(
             items, anns, limit
         )  # boxes against image sizes: an error here, before the model is loaded
         prepare_out_dir(out)
-        options = ModelOptions(
-            name=model, weights=weights, pretrained=pretrained, seed=seed, threads=threads, device=device
-        )
+        prompts = tuple(prompt or ())
+        options = ModelOptions(model, weights, pretrained, seed, threads, device, prompts=prompts)
         loaded = load_model(options)
         with step_progress(progress) as report:
             result = run_evaluation(

@@ -22,6 +22,7 @@ from camkit.cli.common import (
     ModelOptions,
     PretrainedOption,
     ProgressOption,
+    PromptOption,
     SampleOption,
     SeedOption,
     ThreadsOption,
@@ -171,6 +172,7 @@ def explain(
     pretrained: PretrainedOption = True,
     seed: SeedOption = 0,
     threads: ThreadsOption = None,
+    prompt: PromptOption = None,
     methods: Annotated[
         str,
         typer.Option(
@@ -282,7 +284,7 @@ def explain(
     """
     args = ExplainArgs(
         images=tuple(images or ()),
-        model=ModelOptions(model, weights, pretrained, seed, threads, device),
+        model=ModelOptions(model, weights, pretrained, seed, threads, device, prompts=tuple(prompt or ())),
         methods=methods,
         layers=layers,
         target=target,

@@ -11,6 +11,7 @@ from rich.text import Text
 from camkit.cli.common import (
     DeviceOption,
     ModelOptions,
+    PromptOption,
     SeedOption,
     ThreadsOption,
     WeightsOption,
@@ -48,6 +49,7 @@ def layers(
     ] = False,
     seed: SeedOption = 0,
     threads: ThreadsOption = None,
+    prompt: PromptOption = None,
     device: DeviceOption = "cpu",
     all_layers: Annotated[
         bool,
@@ -69,14 +71,16 @@ def layers(
         if model_name is not None and model is not None and model_name != model:
             raise CamkitError(f"two models given: {model_name!r} and --model {model!r}; give one")
         name = model_name or model or "efficientnet_lite0"
-        loaded = load_model(ModelOptions(name, weights, pretrained, seed, threads, device))
+        loaded = load_model(
+            ModelOptions(name, weights, pretrained, seed, threads, device, prompts=tuple(prompt or ()))
+        )
         h, w = loaded.preprocess.size
         frames = (
             getattr(loaded.preprocess, "frames", 0) if loaded.task == "video" else 0
         )  # a clip [1, 3, T, H, W]
         shape = (1, 3, frames, h, w) if frames else (1, 3, h, w)
         infos = camkit.describe_layers(loaded.model, torch.zeros(*shape, device=device))
-        auto = pick_auto(infos)
+        auto = pick_auto(infos, loaded.model)
         _print(f"{loaded.name}: layers at input 3x{h}x{w} (forward order)", infos, auto, all_layers, fmt)
 
 

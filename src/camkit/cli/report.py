@@ -23,6 +23,7 @@ from camkit.cli.common import (
     ModelOption,
     ModelOptions,
     PretrainedOption,
+    PromptOption,
     SampleOption,
     SeedOption,
     ThreadsOption,
@@ -64,6 +65,7 @@ def report(
     pretrained: PretrainedOption = True,
     seed: SeedOption = 0,
     threads: ThreadsOption = None,
+    prompt: PromptOption = None,
     methods: Annotated[
         str,
         typer.Option(
@@ -81,7 +83,8 @@ def report(
     metrics: Annotated[
         str,
         typer.Option(
-            help="Metrics per image and method, comma-separated: deletion, insertion, avg_drop, increase, road, arcc."
+            help="Metrics per image and method, comma-separated: deletion, insertion, avg_drop, increase, road, arcc, "
+            "sparseness, entropy, effective_complexity, random_logit, mprt."
         ),
     ] = "",
     steps: Annotated[int, typer.Option(help="Steps of the deletion / insertion curves.")] = 20,
@@ -133,7 +136,7 @@ def report(
 
     args = ReportArgs(
         images=tuple(images or ()),
-        model=ModelOptions(model, weights, pretrained, seed, threads, device),
+        model=ModelOptions(model, weights, pretrained, seed, threads, device, prompts=tuple(prompt or ())),
         methods=methods,
         layers=layers,
         target=target,

@@ -21,6 +21,7 @@ from camkit.cli.common import (
     ModelOption,
     PretrainedOption,
     ProgressOption,
+    PromptOption,
     SeedOption,
     ThreadsOption,
     WeightsOption,
@@ -81,7 +82,8 @@ def run(
     metrics: Annotated[
         str,
         typer.Option(
-            help="Per-image metrics, comma-separated: deletion,insertion,avg_drop,increase,road,arcc,pointing,pointing_strict,box,maxboxacc (those of camkit evaluate)."
+            help="Per-image metrics, comma-separated: deletion,insertion,avg_drop,increase,road,arcc,pointing,pointing_strict,box,maxboxacc,"
+            "energy_pointing,relevance_mass,relevance_rank,mask_auc,top_k,sparseness,entropy,effective_complexity,random_logit,mprt (those of camkit evaluate)."
         ),
     ] = "",
     steps: Annotated[int, typer.Option(help="Deletion/insertion steps.")] = 20,
@@ -113,6 +115,7 @@ def run(
     pretrained: PretrainedOption = True,
     seed: SeedOption = 0,
     threads: ThreadsOption = None,
+    prompt: PromptOption = None,
     device: DeviceOption = "cpu",
     max_pixels: MaxPixelsOption = DEFAULT_MAX_PIXELS,
     progress: ProgressOption = None,
@@ -150,6 +153,7 @@ def run(
             seed=seed,
             device=device,
             threads=threads,
+            prompts=tuple(prompt or ()),
         )
         rank = env_rank()[0]
         with images_progress(shown(progress) and rank == 0) as bar:

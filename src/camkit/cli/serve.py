@@ -10,6 +10,7 @@ from camkit.cli.common import (
     DeviceOption,
     ModelOption,
     PretrainedOption,
+    PromptOption,
     SeedOption,
     ThreadsOption,
     err_console,
@@ -35,6 +36,7 @@ def serve(
     pretrained: PretrainedOption = True,
     seed: SeedOption = 0,
     threads: ThreadsOption = None,
+    prompt: PromptOption = None,
     device: DeviceOption = "cpu",
     workers: Annotated[
         int, typer.Option(help="Explanations computed at once (threads sharing the models).")
@@ -122,6 +124,7 @@ def serve(
             cache_bytes=max(1, int(cache_mb * 1_000_000)),
             allowed_hosts=hosts,
             header_timeout=header_timeout,
+            prompts=tuple(prompt or ()),
         )
         if not is_loopback(host):
             err_console.print(

@@ -14,6 +14,9 @@ layer; here VGG16 gets ``features.29``, ResNet ``layer4``, timm EfficientNet ``b
   (pytorch-grad-cam's docs recommend ``blocks[-1].norm1`` for the same reason).
 * models with a ``backbone`` (torchvision detection and segmentation): the backbone's last map (``backbone.body``
   for feature-pyramid backbones), which every box / pixel depends on, not a head's class-score map.
+
+A model view that names its layer in a ``camkit_auto_layer`` attribute (YOLO, CLIP: :mod:`camkit.adapters.yolo`,
+:mod:`camkit.adapters.clip`) gets that layer.
 """
 
 from __future__ import annotations
@@ -191,8 +194,12 @@ def _is_attention(info: LayerInfo) -> bool:
     return "Attention" in info.type
 
 
-def pick_auto(infos: list[LayerInfo]) -> str | None:
-    """The automatic choice among traced layers (see the module docstring), or None."""
+def pick_auto(infos: list[LayerInfo], model: nn.Module | None = None) -> str | None:
+    """The automatic choice among traced layers (see the module docstring), or None; the layer ``model`` names
+    in its ``camkit_auto_layer`` attribute when it names one."""
+    declared = None if model is None else getattr(unwrap(model), "camkit_auto_layer", None)
+    if isinstance(declared, str):
+        return declared
     candidates = [
         i
         for i in infos
@@ -225,6 +232,9 @@ def auto_layer(model: nn.Module, example: Tensor) -> str:
     both trace, and get the same name).
     """
     model = unwrap(model)
+    declared = getattr(model, "camkit_auto_layer", None)  # a model view that names its layer (YOLO, CLIP)
+    if isinstance(declared, str):
+        return declared
     key = (tuple(example.shape[1:]), example.dtype, str(example.device))
     with _AUTO_LOCK:
         cached = _AUTO_CACHE.get(model, {}).get(key)

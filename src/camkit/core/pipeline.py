@@ -564,8 +564,9 @@ def _check_clip_methods(x: Tensor, methods: Sequence[Method]) -> None:
     other = [m.name for m in methods if not m.clips]
     if other:
         raise CamkitError(
-            f"{', '.join(other)} cannot explain a clip Tensor[B, C, T, H, W] (perturbation, attention and "
-            "own-pass methods work on images); use a layer method: gradcam, gradcam++, xgradcam, hirescam, layercam, eigencam, cam"
+            f"{', '.join(other)} cannot explain a clip Tensor[B, C, T, H, W] (attention, own-pass and the "
+            "sharper perturbation methods work on images); use a layer method (gradcam, gradcam++, xgradcam, "
+            "hirescam, layercam, eigencam, cam) or scorecam, sscam, iscam, ablationcam"
         )
 
 

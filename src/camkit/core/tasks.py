@@ -280,8 +280,8 @@ def _detection_default(
         )
         raise CamkitError(
             f"{what} above the model's score threshold{thr}{among}. Nothing to explain: with random weights "
-            "scores stay low, so use pretrained weights, or lower the threshold (--det-threshold 0 on the "
-            "command line, camkit.core.tasks.set_score_threshold(model, 0.0) in Python)"
+            "scores stay low, so use pretrained weights, or lower the threshold (--det-threshold 0 with camkit "
+            "explain, camkit.core.tasks.set_score_threshold(model, 0.0) in Python)"
             + ("" if cat is None else ", or pick another class with --target")
         )
     j = int(torch.where(valid, det[:, 4], torch.full_like(det[:, 4], -1.0)).argmax())

@@ -37,7 +37,8 @@ __all__ = [
 ]
 
 Perturb = Callable[[Tensor, Tensor, Tensor], Tensor]
-"""``perturb(masks[n, H, W], image[n], channel[n]) -> Tensor[n, R, H, W]``: the R masks to score per channel."""
+"""``perturb(masks[n, H, W], image[n], channel[n]) -> Tensor[n, R, H, W]``: the R masks to score per channel
+(for a clip: masks[n, T, H, W] -> Tensor[n, R, T, H, W])."""
 
 
 @dataclass(frozen=True)
@@ -316,13 +317,22 @@ def _selected(ctx: PerturbationContext, include_constant: bool) -> Tensor:
 
 
 def _masks(ctx: PerturbationContext, b: Tensor, k: Tensor) -> Tensor:
-    """H_k = minmax(upsample(A_k)) for the (image, channel) pairs -> Tensor[n, H, W]; constant maps -> zeros."""
-    a = ctx.activations[b, k].float()[:, None]  # [n, 1, h, w]
-    up = F.interpolate(a, size=ctx.x.shape[-2:], mode="bilinear", align_corners=ctx.options.align_corners)[
+    """H_k = minmax(upsample(A_k)) for the (image, channel) pairs -> Tensor[n, H, W] (a clip: Tensor[n, T, H, W],
+    the stacked 3-D activation unfolded and upsampled trilinearly); constant maps -> zeros."""
+    a = ctx.activations[b, k].float()
+    if ctx.x.dim() == 5:
+        a = ctx.layout.unfold(a) if ctx.layout is not None else a
+        if a.dim() != 4:
+            raise CamkitError(
+                f"{ctx.layer_name} gives no [T, h, w] volume for a clip: pick a 3-D convolution layer for a clip"
+            )
+    mode = "trilinear" if a.dim() == 4 else "bilinear"
+    up = F.interpolate(a[:, None], size=ctx.x.shape[2:], mode=mode, align_corners=ctx.options.align_corners)[
         :, 0
     ]
-    lo = up.amin(dim=(1, 2), keepdim=True)
-    span = up.amax(dim=(1, 2), keepdim=True) - lo
+    dims = tuple(range(1, up.dim()))
+    lo = up.amin(dim=dims, keepdim=True)
+    span = up.amax(dim=dims, keepdim=True) - lo
     ok = span > 0
     return torch.where(ok, (up - lo) / torch.where(ok, span, torch.ones_like(span)), torch.zeros_like(up))
 
@@ -356,15 +366,16 @@ def _distinct(ctx: PerturbationContext, bidx: Tensor, kidx: Tensor) -> tuple[Ten
 
 
 def noise(ctx: PerturbationContext, image: Tensor, channel: Tensor, n: int, std: float) -> Tensor:
-    """n Gaussian noise maps N(0, std^2) per (image, channel) pair, Tensor[len(image), n, H, W].
+    """n Gaussian noise maps N(0, std^2) per (image, channel) pair, Tensor[len(image), n, H, W] (a clip:
+    Tensor[len(image), n, T, H, W]).
 
     Each pair draws from its own generator seeded from ``options.seed``, the image and the channel, so the noise
     (and the result) does not depend on the batch size or on which other channels are computed."""
-    h, w = ctx.x.shape[-2:]
+    space = ctx.x.shape[2:]
     kch = ctx.activations.shape[1]
     maps = [
         torch.randn(
-            n, h, w, generator=torch.Generator().manual_seed(ctx.options.seed * 1_000_003 + b * kch + k)
+            n, *space, generator=torch.Generator().manual_seed(ctx.options.seed * 1_000_003 + b * kch + k)
         )
         for b, k in zip(image.tolist(), channel.tolist(), strict=True)
     ]
@@ -500,7 +511,7 @@ def channel_weights(ctx: PerturbationContext, scores: ChannelScores, per_channel
 class _Replace:
     """Forward hook that swaps the layer's output on its explained (last) call for a given tensor.
 
-    The tensor is a batch of feature maps [n, K, h, w]; for a token or channels-last ``layout`` it is put back
+    The tensor is a batch of feature maps [n, K, h, w]; for a token, channels-last or 3-D ``layout`` it is put back
     into that layout first (:meth:`camkit.core.tokens.Layout.write`), so the layers after the target read what they always read."""
 
     def __init__(self, calls: int, layout: Layout | None = None) -> None:
@@ -518,6 +529,10 @@ class _Replace:
         k, h, w = self.value.shape[1:]
         if self.layout.kind == "nhwc":
             return out.dim() == 4 and tuple(out.shape[1:]) == (h, w, k)
+        if (
+            self.layout.kind == "ncthw"
+        ):  # frames stacked along the height: [K, t*h', w] read from [K, t, h', w]
+            return out.dim() == 5 and tuple(out.shape[1:]) == (k, self.layout.frames, *self.layout.grid)
         n_tok = self.layout.prefix + h * w
         dims = (
             (out.shape[0], out.shape[2]) if self.layout.kind == "tokens-seq-first" else tuple(out.shape[1:])

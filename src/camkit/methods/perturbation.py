@@ -49,7 +49,7 @@ from camkit.methods.engine import (
     masked_scores,
     noise,
 )
-from camkit.methods.registry import PerturbationMethod, configured_name, register
+from camkit.methods.registry import ClipPerturbationMethod, PerturbationMethod, configured_name, register
 
 __all__ = [
     "PerturbationContext",
@@ -101,8 +101,11 @@ def iscam(ctx: PerturbationContext) -> Tensor:
     """IS-CAM (Naidu et al. 2020): w_k = (1/N) sum_{i=1..N} p_c(X * (i/N) H_k), N = ``integration_steps`` (default 10)."""
     softmax = _softmax_variant(ctx)
     n = ctx.options.count("integration_steps", 10)
-    steps = torch.arange(1, n + 1, device=ctx.x.device, dtype=torch.float32)[None, :, None, None] / n
-    s = masked_scores(ctx, lambda h, b, k: h[:, None] * steps, repeats=n, prob=not softmax, baseline=softmax)
+    steps = torch.arange(1, n + 1, device=ctx.x.device, dtype=torch.float32) / n
+    shape = (1, n) + (1,) * (ctx.x.dim() - 2)  # one step per mask, over the H, W (or T, H, W) of each
+    s = masked_scores(
+        ctx, lambda h, b, k: h[:, None] * steps.view(shape), repeats=n, prob=not softmax, baseline=softmax
+    )
     return channel_weights(ctx, s, s.values.mean(dim=1))
 
 
@@ -184,7 +187,7 @@ _SCORE = {"weighting": "prob", "top_channels": None}
 # ----------------------------------------------------------------------------------------------- registry
 
 register_tunable(
-    PerturbationMethod(
+    ClipPerturbationMethod(
         name="scorecam",
         needs_grad=False,
         cost="1 forward + K masked forwards (K channels), batched",
@@ -197,7 +200,7 @@ register_tunable(
     {**_SCORE, "align_corners": False},
 )
 register_tunable(
-    PerturbationMethod(
+    ClipPerturbationMethod(
         name="sscam",
         needs_grad=False,
         cost="1 forward + K x samples noisy masked forwards, batched",
@@ -210,7 +213,7 @@ register_tunable(
     {"samples": 35, "noise_std": 2.0, "seed": 0, **_SCORE},
 )
 register_tunable(
-    PerturbationMethod(
+    ClipPerturbationMethod(
         name="iscam",
         needs_grad=False,
         cost="1 forward + K x samples scaled masked forwards, batched",
@@ -223,7 +226,7 @@ register_tunable(
     {"samples": 10, **_SCORE},
 )
 register_tunable(
-    PerturbationMethod(
+    ClipPerturbationMethod(
         name="ablationcam",
         needs_grad=False,
         cost="1 forward + K replays of the layers after the target, batched",

@@ -47,6 +47,7 @@ __all__ = [
     "METHODS",
     "AttentionInput",
     "AttentionMethod",
+    "ClipPerturbationMethod",
     "LayerMethod",
     "Method",
     "MethodInput",
@@ -197,6 +198,15 @@ class PerturbationMethod(Method):
 
     def channel_weights(self, ctx: PerturbationContext) -> Tensor:
         return self.weights(ctx)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClipPerturbationMethod(PerturbationMethod):
+    """A perturbation method whose masks are defined for clips too (Score-CAM, SS-CAM, IS-CAM, Ablation-CAM): on
+    a clip Tensor[B, C, T, H, W] each channel of a 3-D layer is upsampled trilinearly to a [T, H, W] mask, or its
+    replay ablates the whole space-time channel."""
+
+    clips: ClassVar[bool] = True
 
 
 @dataclass(frozen=True)

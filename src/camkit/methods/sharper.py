@@ -261,7 +261,7 @@ def _stage_names(model: nn.Module, example: Tensor, stages: int) -> list[str]:
         and i.calls == 1
         and i.layout.grid[0] * i.layout.grid[1] > 1
     ]
-    auto = pick_auto(infos)
+    auto = pick_auto(infos, model)
     last_of: dict[tuple[int, int], tuple[int, str]] = {}
     for i in infos:
         assert i.layout is not None

@@ -31,7 +31,8 @@ __all__ = [
 BoxesLike = Tensor | np.ndarray | Sequence[Sequence[float]] | Sequence[Box]
 
 
-def _as_boxes(boxes: BoxesLike | Box) -> Tensor:
+def as_boxes(boxes: BoxesLike | Box) -> Tensor:
+    """Boxes as a float64 Tensor[N, 4] (x0, y0, x1, y1), checked: finite, x1 >= x0, y1 >= y0."""
     if isinstance(boxes, Box):
         return torch.tensor([boxes.xyxy], dtype=torch.float64)
     if isinstance(boxes, Tensor):
@@ -62,7 +63,7 @@ def box_iou(a: BoxesLike | Box, b: BoxesLike | Box) -> Tensor:
     # imported here: torchvision takes seconds to import and only box comparisons need it
     from torchvision.ops import box_iou as iou
 
-    return torch.nan_to_num(iou(_as_boxes(a), _as_boxes(b)), nan=0.0)  # two empty boxes: 0 / 0 -> 0
+    return torch.nan_to_num(iou(as_boxes(a), as_boxes(b)), nan=0.0)  # two empty boxes: 0 / 0 -> 0
 
 
 def _maps3(maps: Tensor) -> Tensor:
@@ -111,7 +112,7 @@ def pointing_game(
     idx = m.flatten(1).argmax(dim=1)
     out = torch.empty(b, dtype=torch.float32)
     for i in range(b):
-        gt = _as_boxes(gt_boxes[i])
+        gt = as_boxes(gt_boxes[i])
         if gt.shape[0] == 0:
             out[i] = float("nan")
             continue
@@ -161,7 +162,7 @@ def box_accuracy(
     pred = localize(m, threshold=threshold, mode="largest", image_sizes=image_sizes)
     ious = torch.zeros(m.shape[0])
     for i, boxes in enumerate(pred):
-        gt = _as_boxes(gt_boxes[i])
+        gt = as_boxes(gt_boxes[i])
         if gt.shape[0] == 0:
             ious[i] = float("nan")
         elif boxes:
@@ -190,7 +191,7 @@ def iou_curves(
     b, h, w = m.shape
     out = torch.zeros(b, thr.numel())
     for i in range(b):
-        gt = _as_boxes(gt_boxes[i])
+        gt = as_boxes(gt_boxes[i])
         if gt.shape[0] == 0:
             out[i] = float("nan")
             continue

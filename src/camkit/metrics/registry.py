@@ -12,6 +12,7 @@ drift apart.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -21,8 +22,28 @@ from torch import Tensor, nn
 from camkit.errors import CamkitError
 from camkit.metrics._common import Forward
 from camkit.metrics.arcc import arcc
+from camkit.metrics.complexity import effective_complexity, entropy_complexity, sparseness
+from camkit.metrics.correlation import (
+    faithfulness_correlation,
+    faithfulness_estimate,
+    infidelity,
+    monotonicity_arya,
+    monotonicity_nguyen,
+    sensitivity_n,
+)
 from camkit.metrics.faithfulness import confidence_change, deletion, insertion, road
 from camkit.metrics.localization import box_accuracy, iou_curves, pointing_game
+from camkit.metrics.mask import (
+    box_mask,
+    energy_pointing_game,
+    mask_auc,
+    relevance_mass_accuracy,
+    relevance_rank_accuracy,
+    top_k_intersection,
+)
+from camkit.metrics.randomisation import Explainer, mprt, random_logit
+from camkit.metrics.regions import irof, pixel_flipping, region_perturbation, selectivity
+from camkit.metrics.robustness import sensitivity
 
 __all__ = [
     "CURVE",
@@ -59,6 +80,9 @@ class MetricBatch:
         thresholds: the map thresholds of the ``maxboxacc`` IoU curves.
         remap: the method's maps of other inputs for the same classes (``arcc``'s coherency explains the inputs
             masked by the maps with it); None where the caller has no method to run.
+        explain: the method's maps for any model, inputs and classes, ``explain(model, x, classes)``
+            (``random_logit`` explains other classes, ``mprt`` re-initialised copies of the model); None where the
+            caller has no method to run.
     """
 
     model: nn.Module
@@ -72,6 +96,7 @@ class MetricBatch:
     box_threshold: float = 0.2
     thresholds: Tensor = field(default_factory=lambda: IOU_THRESHOLDS.clone())
     remap: Callable[[Tensor], Tensor] | None = None
+    explain: Explainer | None = None
 
 
 @dataclass(frozen=True)
@@ -138,6 +163,136 @@ def _maxboxacc(b: MetricBatch) -> dict[str, Tensor]:
     return {CURVE: iou_curves(b.maps, b.boxes, b.thresholds, image_sizes=b.sizes)}
 
 
+# The Quantus family (camkit/metrics/correlation.py, regions.py, robustness.py), sized by ``steps``: about
+# ``steps`` groups of pixels, squares, runs or samples per image (see docs/evaluation.md), seed 0.
+
+
+def _group(b: MetricBatch) -> int:
+    """Pixels per step so that an image takes about ``steps`` steps."""
+    return max(1, math.ceil(b.maps[0].numel() / b.steps))
+
+
+def _square(b: MetricBatch) -> int:
+    """The side of the squares so that an image has about ``steps`` of them."""
+    return max(1, math.ceil(math.sqrt(b.maps[0].numel() / b.steps)))
+
+
+def _faith_corr(b: MetricBatch) -> dict[str, Tensor]:
+    runs, size = max(3, b.steps), min(224, max(1, b.maps[0].numel() // 4))
+    value = faithfulness_correlation(b.model, b.x, b.maps, b.classes, runs, size, forward=b.forward)
+    return {"faithfulness_correlation": value}
+
+
+def _faith_est(b: MetricBatch) -> dict[str, Tensor]:
+    value = faithfulness_estimate(b.model, b.x, b.maps, b.classes, _group(b), forward=b.forward)
+    return {"faithfulness_estimate": value}
+
+
+def _mono_arya(b: MetricBatch) -> dict[str, Tensor]:
+    return {
+        "monotonicity_arya": monotonicity_arya(b.model, b.x, b.maps, b.classes, _group(b), forward=b.forward)
+    }
+
+
+def _mono_nguyen(b: MetricBatch) -> dict[str, Tensor]:
+    value = monotonicity_nguyen(b.model, b.x, b.maps, b.classes, 5, _group(b), forward=b.forward)
+    return {"monotonicity_nguyen": value}
+
+
+def _sens_n(b: MetricBatch) -> dict[str, Tensor]:
+    value = sensitivity_n(b.model, b.x, b.maps, b.classes, runs=max(3, b.steps), forward=b.forward).mean
+    return {"sensitivity_n": value}
+
+
+def _infidelity(b: MetricBatch) -> dict[str, Tensor]:
+    return {"infidelity": infidelity(b.model, b.x, b.maps, b.classes, (_square(b),), forward=b.forward)}
+
+
+def _pixel_flipping(b: MetricBatch) -> dict[str, Tensor]:
+    curve = pixel_flipping(b.model, b.x, b.maps, b.classes, _group(b), forward=b.forward)
+    return {"pixel_flipping": curve.auc}
+
+
+def _region(b: MetricBatch) -> dict[str, Tensor]:
+    curve = region_perturbation(b.model, b.x, b.maps, b.classes, _square(b), forward=b.forward)
+    return {"region_perturbation": curve.aopc}
+
+
+def _selectivity(b: MetricBatch) -> dict[str, Tensor]:
+    return {"selectivity": selectivity(b.model, b.x, b.maps, b.classes, _square(b), forward=b.forward).auc}
+
+
+def _irof(b: MetricBatch) -> dict[str, Tensor]:
+    return {"irof": irof(b.model, b.x, b.maps, b.classes, forward=b.forward).aoc}
+
+
+def _sensitivity(b: MetricBatch) -> dict[str, Tensor]:
+    if b.remap is None:
+        raise CamkitError(
+            "max_sensitivity and avg_sensitivity re-explain perturbed inputs with the maps' method: compute them "
+            "from evaluate, run or report (or camkit.metrics.sensitivity with remap=...), not on maps alone"
+        )
+    result = sensitivity(b.model, b.x, b.maps, b.remap, samples=max(2, min(10, b.steps)), forward=b.forward)
+    return {"max_sensitivity": result.max, "avg_sensitivity": result.mean}
+
+
+def _mask(b: MetricBatch) -> Tensor:
+    """The union of each image's boxes at the maps' size (:func:`camkit.metrics.mask.box_mask`)."""
+    h, w = b.maps.shape[-2:]
+    return box_mask(b.boxes, (h, w), image_sizes=b.sizes, device=b.maps.device)
+
+
+def _energy_pointing(b: MetricBatch) -> dict[str, Tensor]:
+    return {"energy_pointing": energy_pointing_game(b.maps, _mask(b))}
+
+
+def _relevance_mass(b: MetricBatch) -> dict[str, Tensor]:
+    return {"relevance_mass": relevance_mass_accuracy(b.maps, _mask(b))}
+
+
+def _relevance_rank(b: MetricBatch) -> dict[str, Tensor]:
+    return {"relevance_rank": relevance_rank_accuracy(b.maps, _mask(b))}
+
+
+def _mask_auc(b: MetricBatch) -> dict[str, Tensor]:
+    return {"mask_auc": mask_auc(b.maps, _mask(b))}
+
+
+def _top_k(b: MetricBatch) -> dict[str, Tensor]:
+    return {"top_k": top_k_intersection(b.maps, _mask(b))}
+
+
+def _sparseness(b: MetricBatch) -> dict[str, Tensor]:
+    return {"sparseness": sparseness(b.maps)}
+
+
+def _entropy(b: MetricBatch) -> dict[str, Tensor]:
+    return {"entropy": entropy_complexity(b.maps)}
+
+
+def _effective_complexity(b: MetricBatch) -> dict[str, Tensor]:
+    return {"effective_complexity": effective_complexity(b.maps)}
+
+
+def _need_explain(b: MetricBatch, name: str) -> Explainer:
+    if b.explain is None:
+        raise CamkitError(
+            f"{name} explains again with the maps' method: compute it from evaluate, run or report (or "
+            f"camkit.metrics.{name} with explain=...), not on maps without a method"
+        )
+    return b.explain
+
+
+def _random_logit(b: MetricBatch) -> dict[str, Tensor]:
+    explain = _need_explain(b, "random_logit")
+    return {"random_logit": random_logit(b.model, b.x, b.maps, explain, b.classes, forward=b.forward)}
+
+
+def _mprt(b: MetricBatch) -> dict[str, Tensor]:
+    result = mprt(b.model, b.x, b.maps, _need_explain(b, "mprt"), b.classes, forward=b.forward)
+    return {"mprt": result.mean, "mprt_last": result.last}
+
+
 #: name -> :class:`Metric`, in the order they are computed.
 METRICS: dict[str, Metric] = {
     "deletion": Metric(("deletion",), False, True, _deletion),
@@ -150,6 +305,32 @@ METRICS: dict[str, Metric] = {
     "pointing_strict": Metric(("pointing_strict",), True, False, _pointing_strict),
     "box": Metric(("box_iou", "box_acc"), True, False, _box),
     "maxboxacc": Metric((), True, False, _maxboxacc),
+    # the Quantus family
+    "faithfulness_correlation": Metric(("faithfulness_correlation",), False, False, _faith_corr),
+    "faithfulness_estimate": Metric(("faithfulness_estimate",), False, False, _faith_est),
+    "monotonicity_arya": Metric(("monotonicity_arya",), False, False, _mono_arya),
+    "monotonicity_nguyen": Metric(("monotonicity_nguyen",), False, False, _mono_nguyen),
+    "sensitivity_n": Metric(("sensitivity_n",), False, False, _sens_n),
+    "infidelity": Metric(("infidelity",), False, True, _infidelity),
+    "pixel_flipping": Metric(("pixel_flipping",), False, True, _pixel_flipping),
+    "region_perturbation": Metric(("region_perturbation",), False, False, _region),
+    "selectivity": Metric(("selectivity",), False, True, _selectivity),
+    "irof": Metric(("irof",), False, False, _irof),
+    "max_sensitivity": Metric(("max_sensitivity",), False, True, _sensitivity),
+    "avg_sensitivity": Metric(("avg_sensitivity",), False, True, _sensitivity),
+    # against the mask of the boxes (metrics/mask.py)
+    "energy_pointing": Metric(("energy_pointing",), True, False, _energy_pointing),
+    "relevance_mass": Metric(("relevance_mass",), True, False, _relevance_mass),
+    "relevance_rank": Metric(("relevance_rank",), True, False, _relevance_rank),
+    "mask_auc": Metric(("mask_auc",), True, False, _mask_auc),
+    "top_k": Metric(("top_k",), True, False, _top_k),
+    # complexity of the map alone (metrics/complexity.py)
+    "sparseness": Metric(("sparseness",), False, False, _sparseness),
+    "entropy": Metric(("entropy",), False, True, _entropy),
+    "effective_complexity": Metric(("effective_complexity",), False, True, _effective_complexity),
+    # explaining again: other classes, re-initialised models (metrics/randomisation.py)
+    "random_logit": Metric(("random_logit",), False, True, _random_logit),
+    "mprt": Metric(("mprt", "mprt_last"), False, True, _mprt),
 }
 
 #: The metrics chosen when none are named (the box metrics join them when there are boxes).
@@ -227,10 +408,12 @@ class MetricScorer:
         sizes: Sequence[tuple[int, int]],
         tick: Callable[[float, str], None] | None = None,
         remap: Callable[[Tensor], Tensor] | None = None,
+        explain: Explainer | None = None,
     ) -> tuple[dict[str, Tensor], Tensor | None]:
         """Metric column -> Tensor[B] of values, and the IoU curves of ``maxboxacc`` (None when not chosen);
         ``tick(fraction done, metric)`` after each metric; ``remap``: the maps' method on other inputs, for the
-        same classes (``arcc``)."""
+        same classes (``arcc``); ``explain``: the maps' method for any model, inputs and classes
+        (``random_logit``, ``mprt``)."""
         batch = MetricBatch(
             self.model,
             self.forward,
@@ -243,6 +426,7 @@ class MetricScorer:
             self.box_threshold,
             self.thresholds,
             remap,
+            explain,
         )
         passes = _passes(self.chosen)
         values: dict[str, Tensor] = {}

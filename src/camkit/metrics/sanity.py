@@ -56,7 +56,7 @@ def randomizable_modules(model: nn.Module) -> list[str]:
     return names[::-1]
 
 
-def _reinit(module: nn.Module) -> None:
+def reinitialize(module: nn.Module) -> None:
     """Re-initialise every submodule that owns parameters with its own ``reset_parameters`` (PyTorch's default
     initialisation; BatchNorm also resets its running statistics), else N(0, 0.02) weights and zero biases."""
     for m in module.modules():
@@ -156,7 +156,7 @@ def cascading_randomization(
         torch.manual_seed(seed)
         for step in steps:
             for name in [step] if isinstance(step, str) else step:
-                _reinit(names[name])
+                reinitialize(names[name])
             e = camkit.explain(
                 work, images, method=method, layers=layers, targets=fixed_targets, **explain_kwargs
             )

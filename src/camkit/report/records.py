@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 from PIL import Image
-from torch import Tensor
+from torch import Tensor, nn
 
 from camkit.adapters import LoadedModel
 from camkit.core.capture import check_eval
@@ -234,7 +234,10 @@ def _metric_values(
     def remap(xm: Tensor) -> Tensor:
         return compare(job.loaded.model, xm, [method], job.layers, targets)[method].maps
 
-    values, _ = scorer(x, expl.maps[:1].float(), expl.classes, [[]], [size], remap=remap)
+    def again(model: nn.Module, xm: Tensor, classes: Tensor) -> Tensor:
+        return compare(model, xm, [method], job.layers, classes.tolist())[method].maps
+
+    values, _ = scorer(x, expl.maps[:1].float(), expl.classes, [[]], [size], remap=remap, explain=again)
     names = job.metrics
     return {col: float(values[col][0]) for name in names for col in registry.METRICS[name].columns}
 

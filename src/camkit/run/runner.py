@@ -86,8 +86,9 @@ class RunOptions:
         topk: predicted classes (with probabilities) kept per image.
         threshold: map threshold (fraction of its max) of the box per image (and of the ``box`` metric).
         metrics: per-image metrics, those of ``camkit evaluate`` (:data:`camkit.evaluate.METRICS`): ``deletion``,
-            ``insertion`` (``steps`` steps), ``avg_drop``, ``increase``, ``road``, and with ground-truth boxes
-            ``pointing``, ``pointing_strict``, ``box`` (at ``threshold``) and ``maxboxacc`` (NaN without boxes).
+            ``insertion`` (``steps`` steps), ``avg_drop``, ``increase``, ``road``, ``arcc``, the complexity and
+            randomisation metrics, and with ground-truth boxes ``pointing``, ``pointing_strict``, ``box`` (at
+            ``threshold``), ``maxboxacc`` and the mask metrics (NaN without boxes); see ``docs/metrics.md``.
         steps: deletion/insertion steps.
         thumbnails: longer side of the JPEG overlays written per image and method (0: none).
         image_size: resize images to this square size instead of the model's own input size (None: the model's).
@@ -337,7 +338,12 @@ class Explainer:
                     method
                 ].maps
 
-            more, curves = self.scorer()(x, full, classes, gt, sizes, remap=remap)
+            def again(model: nn.Module, xm: Tensor, cls: Tensor) -> Tensor:
+                return compare(model, xm, [method], opts.layers, cls.tolist(), labels=self.labels)[
+                    method
+                ].maps
+
+            more, curves = self.scorer()(x, full, classes, gt, sizes, remap=remap, explain=again)
             values.update(more)
         cells = []
         for j in range(len(read)):

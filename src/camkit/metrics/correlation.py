@@ -1,0 +1,280 @@
+"""Faithfulness by correlation and monotonicity (the Quantus family): does the model's score change with what the
+map puts on the pixels a perturbation touches?
+
+* Faithfulness Correlation (Bhatt et al., IJCAI 2020): Pearson correlation, over random pixel subsets, between the
+  sum of the map on the subset and the score drop when the subset is replaced by a baseline.
+* Faithfulness Estimate (Alvarez-Melis & Jaakkola, NeurIPS 2018): Pearson correlation, over groups of pixels taken
+  in decreasing map order, between the map's sum on the group and the score drop when only that group is replaced.
+* Monotonicity (Arya et al., AIX360, 2019): start from the baseline, put the pixels of the image back in
+  increasing map order; 1 where the score never decreases.
+* Monotonicity Correlation (Nguyen & Martinez, 2020): Spearman correlation between the map's sum on each group of
+  pixels and the expected squared change of the score when that group is filled with random values.
+* Sensitivity-n (Ancona et al., ICLR 2018): for subsets of n pixels, the Pearson correlation between the map's sum
+  on the subset and the score drop when the subset is replaced; one value per n.
+* Infidelity (Yeh et al., NeurIPS 2019): mean of (sum (x - x') * map - (f(x) - f(x')))^2 over perturbations x'.
+
+Shared choices. A *feature* is a pixel: all its channels are replaced together and the map (Tensor[B, H, W]) has one
+value per pixel. Quantus 0.6.0 works on the elements of the input: a map broadcast to C channels makes C features
+of a pixel, replaced one at a time; on one-channel inputs both are the same. ``baseline="black"`` is the image's
+minimum over all channels and pixels (Quantus' ``"black"``); the other baselines are camkit's
+(:func:`camkit.metrics._common.make_baseline`). The maps are used as given (camkit's maps are already ReLU'd and
+min-maxed; Quantus' ``normalise``/``abs`` steps are not applied). Ties in the map are ordered in raster order. A
+correlation of a constant vector is undefined and reported as 0. Perturbed images of all steps and images go to
+the model in chunks (:class:`camkit.metrics.Forward`), on the model's device.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from camkit.errors import CamkitError
+from camkit.metrics._common import Baseline, Forward
+from camkit.metrics.perturbed import (
+    PerturbSetup,
+    fill_baseline,
+    group_steps,
+    pearson,
+    perturbed_scores,
+    prepare,
+    random_subsets,
+    step_scores,
+    step_sums,
+    subset_scores,
+)
+from camkit.metrics.sanity import spearman
+
+__all__ = [
+    "SensitivityN",
+    "faithfulness_correlation",
+    "faithfulness_estimate",
+    "fill_baseline",
+    "infidelity",
+    "monotonicity_arya",
+    "monotonicity_nguyen",
+    "pearson",
+    "random_subsets",
+    "sensitivity_n",
+]
+
+
+def faithfulness_correlation(
+    model: nn.Module,
+    inputs: Tensor,
+    maps: Tensor,
+    classes: Tensor | int | None = None,
+    runs: int = 100,
+    subset_size: int = 224,
+    baseline: Baseline = "black",
+    score: str = "logit",
+    seed: int = 0,
+    batch_size: int | None = None,
+    forward: Forward | None = None,
+) -> Tensor:
+    """Faithfulness Correlation (Bhatt et al. 2020; higher is better), Tensor[B] in [-1, 1].
+
+    Paper: ``corr_{S in random subsets of size |S|}(sum_{i in S} g(f, x)_i, f(x) - f(x_{x_S = baseline}))``.
+    Choices: Quantus 0.6.0's defaults (100 runs, subsets of 224 pixels, the ``"black"`` baseline, the logit),
+    the subsets from :func:`random_subsets` with ``seed`` (at most the image's pixels).
+    """
+    s = prepare(model, inputs, maps, classes, score, batch_size, forward)
+    b, _, h, w = s.x.shape
+    idx = random_subsets(b, runs, h * w, min(subset_size, h * w), seed).to(s.x.device)
+    drops = s.y[:, None] - subset_scores(s, fill_baseline(s.x, baseline), idx)
+    sums = s.maps.flatten(1)[torch.arange(b, device=s.x.device)[:, None, None], idx].double().sum(dim=2)
+    return pearson(sums, drops)
+
+
+def faithfulness_estimate(
+    model: nn.Module,
+    inputs: Tensor,
+    maps: Tensor,
+    classes: Tensor | int | None = None,
+    features_in_step: int = 1,
+    baseline: Baseline = "black",
+    score: str = "logit",
+    batch_size: int | None = None,
+    forward: Forward | None = None,
+) -> Tensor:
+    """Faithfulness Estimate (Alvarez-Melis & Jaakkola 2018; higher is better), Tensor[B] in [-1, 1].
+
+    Paper: the correlation between each feature's relevance and the drop of the score when that feature alone is
+    removed. Choices: groups of ``features_in_step`` pixels in decreasing map order (one model call per group and
+    image), each replaced alone by ``baseline`` (Quantus' ``"black"``); Pearson correlation; the logit.
+    """
+    s = prepare(model, inputs, maps, classes, score, batch_size, forward)
+    key, steps = group_steps(s.maps, features_in_step, descending=True)
+    drops = s.y[:, None] - step_scores(s, s.x, fill_baseline(s.x, baseline), key, steps, cumulative=False)
+    return pearson(step_sums(s.maps, key, steps), drops)
+
+
+def monotonicity_arya(
+    model: nn.Module,
+    inputs: Tensor,
+    maps: Tensor,
+    classes: Tensor | int | None = None,
+    features_in_step: int = 1,
+    baseline: Baseline = "black",
+    score: str = "prob",
+    batch_size: int | None = None,
+    forward: Forward | None = None,
+) -> Tensor:
+    """Monotonicity (Arya et al. 2019; higher is better), Tensor[B] of 1.0 (monotonic) or 0.0.
+
+    Paper (AIX360's ``monotonicity``): from the baseline, put the image's features back in increasing order of
+    relevance; the score must never decrease. Choices: groups of ``features_in_step`` pixels; the first point is
+    after the first group (the baseline alone is not compared, as AIX360 and Quantus); the softmax probability.
+    Quantus 0.6.0's default perturbation writes the baseline's own value back instead of the image's, so its
+    images never change and every map gets True; camkit puts the image's pixels back.
+    """
+    s = prepare(model, inputs, maps, classes, score, batch_size, forward)
+    key, steps = group_steps(s.maps, features_in_step, descending=False)
+    scores = step_scores(s, fill_baseline(s.x, baseline), s.x, key, steps, cumulative=True)
+    return (scores.diff(dim=1) >= 0).all(dim=1).float()
+
+
+def monotonicity_nguyen(
+    model: nn.Module,
+    inputs: Tensor,
+    maps: Tensor,
+    classes: Tensor | int | None = None,
+    samples: int = 100,
+    features_in_step: int = 1,
+    baseline: Baseline = "uniform",
+    eps: float = 1e-5,
+    score: str = "prob",
+    seed: int = 0,
+    batch_size: int | None = None,
+    forward: Forward | None = None,
+) -> Tensor:
+    """Monotonicity Correlation (Nguyen & Martinez 2020; higher is better), Tensor[B] in [-1, 1].
+
+    Paper: the Spearman correlation between each feature's relevance and the variance of the score when that
+    feature is replaced by random values, ``E[(f(x) - f(x'))^2]``. Choices (Quantus 0.6.0's): groups of
+    ``features_in_step`` pixels in increasing map order; ``"uniform"``: each of ``samples`` draws fills the group
+    with one value from U(0, 1) per image (``torch.rand(B, steps, samples)`` from a CPU generator seeded with
+    ``seed``); another baseline fills it with its values (one draw suffices); the squared change is divided by
+    ``f(x)^2`` where ``|f(x)| >= eps``; the softmax probability.
+    """
+    s = prepare(model, inputs, maps, classes, score, batch_size, forward)
+    key, steps = group_steps(s.maps, features_in_step, descending=False)
+    if baseline == "uniform":
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        draws = torch.rand(s.x.shape[0], steps, samples, generator=gen).to(s.x.device)
+        scores = _uniform_scores(s, key, draws)
+    else:
+        scores = step_scores(s, s.x, fill_baseline(s.x, baseline), key, steps, cumulative=False)[..., None]
+    inv = torch.where(s.y.abs() >= eps, 1 / s.y.abs().clamp_min(1e-30), torch.ones_like(s.y)) ** 2
+    variance = (scores - s.y[:, None, None]).double().pow(2).mean(dim=2) * inv[:, None].double()
+    return spearman(step_sums(s.maps, key, steps), variance)
+
+
+def _uniform_scores(s: PerturbSetup, key: Tensor, draws: Tensor) -> Tensor:
+    """Tensor[B, steps, samples]: the score with the pixels of each step filled with that draw's value."""
+    b, steps, samples = draws.shape
+    _, _, h, w = s.x.shape
+
+    def make(idx: Tensor) -> tuple[Tensor, Tensor]:
+        img, t, j = idx // (steps * samples), (idx // samples) % steps, idx % samples
+        mask = (key[img] == t[:, None]).view(-1, 1, h, w)
+        return torch.where(mask, draws[img, t, j].view(-1, 1, 1, 1), s.x[img]), img
+
+    return perturbed_scores(s, b * steps * samples, make, (b, steps, samples))
+
+
+@dataclass(frozen=True)
+class SensitivityN:
+    """Sensitivity-n of each image.
+
+    Attributes:
+        ns: LongTensor[K], the subset sizes (pixels).
+        correlation: Tensor[B, K], the Pearson correlation at each n over the random subsets.
+    """
+
+    ns: Tensor
+    correlation: Tensor
+
+    @property
+    def mean(self) -> Tensor:
+        """Tensor[B], the mean correlation over the subset sizes."""
+        return self.correlation.mean(dim=1)
+
+
+def sensitivity_n(
+    model: nn.Module,
+    inputs: Tensor,
+    maps: Tensor,
+    classes: Tensor | int | None = None,
+    fractions: Sequence[float] = (0.01, 0.02, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8),
+    runs: int = 100,
+    baseline: Baseline = "black",
+    score: str = "prob",
+    seed: int = 0,
+    batch_size: int | None = None,
+    forward: Forward | None = None,
+) -> SensitivityN:
+    """Sensitivity-n (Ancona et al. 2018; higher is better).
+
+    Paper: a map satisfies sensitivity-n when, for every subset S of n features, ``sum_{i in S} R_i`` equals the
+    drop of the output when S is removed; measured by their Pearson correlation over random subsets of size n.
+    Choices: n = round(fraction x pixels) for each of ``fractions`` (at least 1), ``runs`` subsets per n (from
+    :func:`random_subsets`, seed ``seed + position of n``), removed to ``baseline``; the softmax probability.
+    Quantus 0.6.0's ``SensitivityN`` computes another quantity: it removes pixels cumulatively in decreasing map
+    order and correlates, at each step, over the *images* of the batch (see the documentation).
+    """
+    s = prepare(model, inputs, maps, classes, score, batch_size, forward)
+    b, _, h, w = s.x.shape
+    ns = [max(1, min(h * w, round(float(f) * h * w))) for f in fractions]
+    base = fill_baseline(s.x, baseline)
+    flat = s.maps.flatten(1)
+    rows = torch.arange(b, device=s.x.device)[:, None, None]
+    out = []
+    for i, n in enumerate(ns):
+        idx = random_subsets(b, runs, h * w, n, seed + i).to(s.x.device)
+        drops = s.y[:, None] - subset_scores(s, base, idx)
+        out.append(pearson(flat[rows, idx].double().sum(dim=2), drops))
+    return SensitivityN(ns=torch.tensor(ns), correlation=torch.stack(out, dim=1))
+
+
+def infidelity(
+    model: nn.Module,
+    inputs: Tensor,
+    maps: Tensor,
+    classes: Tensor | int | None = None,
+    patch_sizes: Sequence[int] = (4,),
+    baseline: Baseline = "black",
+    score: str = "logit",
+    batch_size: int | None = None,
+    forward: Forward | None = None,
+) -> Tensor:
+    """Infidelity (Yeh et al. 2019; lower is better), Tensor[B].
+
+    Paper: ``E_I[(I^T g(f, x) - (f(x) - f(x - I)))^2]`` over perturbations I. Choices (Quantus 0.6.0's square
+    removal): for each patch size p, the p x p squares of the image in raster order are replaced by ``baseline``
+    one after the other, cumulatively; perturbation t is ``I = x - x_t`` (the first t + 1 squares replaced),
+    ``I^T g = sum over channels and pixels of I * map``; the squared errors are averaged over the steps, then over
+    the patch sizes; the logit. Squares at the right and bottom edges are cut to the image (Quantus pads; both
+    agree where p divides the height and width). The map's scale matters (no optimal rescaling).
+    """
+    s = prepare(model, inputs, maps, classes, score, batch_size, forward)
+    b, _, h, w = s.x.shape
+    base = fill_baseline(s.x, baseline)
+    losses = []
+    for p in patch_sizes:
+        if isinstance(p, bool) or not isinstance(p, int) or p < 1:
+            raise CamkitError(f"patch sizes must be ints >= 1, got {p!r}")
+        cols = math.ceil(w / p)
+        rows = torch.arange(h, device=s.x.device)[:, None] // p
+        block = (rows * cols + torch.arange(w, device=s.x.device)[None] // p).flatten().expand(b, -1)
+        steps = math.ceil(h / p) * cols
+        drops = s.y[:, None] - step_scores(s, s.x, base, block, steps, cumulative=True)
+        diff = ((s.x - base) * s.maps[:, None]).sum(dim=1).flatten(1).double()  # I^T g of each pixel
+        pixel_sums = torch.zeros(b, steps, dtype=torch.float64, device=s.x.device).scatter_add_(
+            1, block, diff
+        )
+        losses.append((pixel_sums.cumsum(dim=1) - drops.double()).pow(2).mean(dim=1))
+    return torch.stack(losses, dim=1).mean(dim=1).float()
