@@ -1,8 +1,9 @@
 """Judge several methods on a set of images: the logic behind ``camkit evaluate``.
 
-Images are processed in batches: one preprocessing, one shared forward + backward for all gradient methods
-(:func:`camkit.compare`), then each metric sends the perturbed images of all steps and images of the batch to the
-model in chunks (:mod:`camkit.metrics`). The per-image metrics of a batch are computed by :class:`MetricScorer`
+Images are processed in batches: one preprocessing and one clean forward, one shared forward + backward for all
+gradient methods (:func:`camkit.compare`), then deletion and insertion of every method's maps together
+(:func:`joint_scores`: one stream of chunks of perturbed images, the curves' ends scored once per image, the clean
+forward reused), and each other metric method by method (:mod:`camkit.metrics`). The per-image metrics of a batch are computed by :class:`MetricScorer`
 (the dispatcher of the metric registry, :mod:`camkit.metrics.registry`), which ``camkit run``
 (:class:`camkit.run.Explainer`) and ``camkit report`` call too: a run's store and :func:`evaluate` give the same
 numbers for the same images and options.
@@ -35,6 +36,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from camkit.adapters import Preprocess, imagenet_labels
+from camkit.core.accel import Compile, check_compile
 from camkit.core.capture import check_eval
 from camkit.core.explanation import Explanation
 from camkit.core.outputs import model_device
@@ -50,6 +52,7 @@ from camkit.io.inputs import IMAGE_SUFFIXES, discover_images
 from camkit.methods import get_method
 from camkit.methods.engine import PerturbationOptions
 from camkit.metrics import Forward, max_box_acc_v2
+from camkit.metrics.faithfulness import deletion_insertion
 from camkit.metrics.randomisation import Explainer
 from camkit.metrics.registry import (
     DEFAULT_METRICS,
@@ -64,6 +67,7 @@ __all__ = [
     "BASELINES",
     "DEFAULT_METRICS",
     "IOU_THRESHOLDS",
+    "JOINT",
     "METRICS",
     "Annotation",
     "BatchResult",
@@ -77,6 +81,7 @@ __all__ = [
     "collect_images",
     "evaluate",
     "iter_evaluate",
+    "joint_scores",
     "plan_evaluation",
     "probe_images",
     "read_annotations",
@@ -408,6 +413,7 @@ def plan_evaluation(
     images_per_batch: int = 8,
     box_threshold: float = 0.2,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    compile: Compile = False,
 ) -> EvaluationPlan:
     """Check the arguments, read the annotations and probe every image's size (:func:`probe_images`) before any
     model work. The arguments are those of :func:`evaluate`.
@@ -430,7 +436,8 @@ def plan_evaluation(
     items, anns, unreadable = probe_images(given, anns, max_pixels)
     have_boxes = any(anns.get(n) is not None and anns[n].boxes for n, _ in given)
     chosen = resolve_metrics(metrics, have_boxes)
-    fwd = Forward(model, batch_size)
+    check_compile(compile)
+    fwd = Forward(model, batch_size, compile=compile)
     return EvaluationPlan(
         model=model,
         items=items,
@@ -584,6 +591,97 @@ def _rows(
     return rows
 
 
+#: The metrics :func:`_evaluate_batch` computes for every map of a batch together
+#: (:func:`camkit.metrics.faithfulness.deletion_insertion`).
+JOINT = ("deletion", "insertion")
+
+
+def joint_scores(
+    model: nn.Module,
+    forward: Forward,
+    x: Tensor,
+    maps: dict[str, Tensor],
+    classes: Tensor,
+    chosen: Sequence[str],
+    steps: int,
+    clean: Tensor | None = None,
+) -> dict[str, dict[str, Tensor]]:
+    """method -> column -> Tensor[B] of the chosen :data:`JOINT` metrics (deletion, insertion): every map of the
+    batch in one stream of model calls (:func:`camkit.metrics.faithfulness.deletion_insertion`), reusing the
+    batch's clean forward ``clean`` when given (the logits of ``forward`` on ``x``). ``camkit evaluate`` and
+    ``camkit run`` both score so: the same numbers for the same batches."""
+    wanted = [m for m in JOINT if m in chosen]
+    if not wanted:
+        return {}
+    curves = deletion_insertion(model, x, maps, classes, steps, forward=forward, clean=clean)
+    return {
+        method: {name: curve.auc for name, curve in zip(JOINT, pair, strict=True) if name in wanted}
+        for method, pair in curves.items()
+    }
+
+
+def _batch_maps(
+    plan: EvaluationPlan, x: Tensor, expl: dict[str, Explanation], start: int
+) -> dict[str, Tensor]:
+    """method -> the batch's maps: the CAM methods' and the reference maps (seeded by the batch's start)."""
+    n, device = x.shape[0], x.device
+    return {
+        method: (
+            baseline_map(method, n, (x.shape[-2], x.shape[-1]), seed=start).to(device)
+            if method in BASELINES
+            else expl[method].maps
+        )
+        for method in plan.order
+    }
+
+
+def _score_methods(
+    plan: EvaluationPlan,
+    x: Tensor,
+    maps: dict[str, Tensor],
+    classes: Tensor,
+    logits: Tensor,
+    names: Sequence[str],
+    batch_anns: Sequence[Annotation | None],
+    sizes: Sequence[tuple[int, int]],
+    track: _Progress,
+) -> tuple[dict[str, dict[str, Tensor]], dict[str, Tensor]]:
+    """method -> metric column -> Tensor[B], and the IoU curves of ``maxboxacc``: deletion and insertion of all
+    methods together (:func:`_joint_curves`), the other metrics method by method (:class:`MetricScorer`)."""
+    joint = joint_scores(plan.model, plan.forward, x, maps, classes, plan.chosen, plan.steps, logits)
+    rest = [m for m in plan.chosen if m not in JOINT]
+    scorer = MetricScorer(
+        plan.model, plan.forward, rest, plan.steps, plan.box_threshold, plan.scorer.thresholds
+    )
+    gt = [a.boxes if a is not None else [] for a in batch_anns]
+    shared = len(plan.chosen) - len(rest)
+    out: dict[str, dict[str, Tensor]] = {}
+    curves: dict[str, Tensor] = {}
+    for method in plan.order:
+        at = track.done
+        tick = partial(track.tick, at, method, len(names), names[-1])
+        values = dict(joint.get(method, {}))
+        for k, name in enumerate(values, 1):
+            tick(k / len(plan.chosen), name)
+        if rest:
+            part = partial(_part_tick, tick, shared, len(plan.chosen))
+            remap, again = _remap(plan, method, classes, maps[method]), _explainer(plan, method, maps[method])
+            more, iou = scorer(x, maps[method], classes, gt, sizes, part, remap, again)
+            values.update(more)
+            if iou is not None:
+                curves[method] = iou
+        out[method] = values
+        track.report(at + len(names), f"{method} on {names[-1]}")
+    return out, curves
+
+
+def _part_tick(
+    tick: Callable[[float, str], None], shared: int, total: int, fraction: float, what: str
+) -> None:
+    """The scorer's ``tick`` of the metrics after the shared ones, as a fraction of all the chosen metrics."""
+    tick((shared + fraction * (total - shared)) / total, what)
+
+
 def _evaluate_batch(
     plan: EvaluationPlan, start: int, track: _Progress, on_skip: Callable[[Skipped], None] | None
 ) -> BatchResult:
@@ -604,23 +702,12 @@ def _evaluate_batch(
     t0 = time.perf_counter()
     expl = _explain(plan, x, classes, labels, track, names[-1])
     seconds = time.perf_counter() - t0
-    gt = [a.boxes if a is not None else [] for a in batch_anns]
+    maps = _batch_maps(plan, x, expl, start)
     sizes = [im.size for _, im in pictures]
+    values, curves = _score_methods(plan, x, maps, classes, logits, names, batch_anns, sizes, track)
     rows: list[EvaluationRow] = []
-    curves: dict[str, Tensor] = {}
     for method in plan.order:
-        if method in BASELINES:
-            maps = baseline_map(method, len(names), (x.shape[-2], x.shape[-1]), seed=start).to(device)
-        else:
-            maps = expl[method].maps
-        at = track.done
-        tick = partial(track.tick, at, method, len(names), names[-1])
-        remap, again = _remap(plan, method, classes, maps), _explainer(plan, method, maps)
-        values, iou = plan.scorer(x, maps, classes, gt, sizes, tick, remap, again)
-        if iou is not None:
-            curves[method] = iou
-        rows.extend(_rows(names, method, classes, probs, labels, values, plan.columns))
-        track.report(at + len(names), f"{method} on {names[-1]}")
+        rows.extend(_rows(names, method, classes, probs, labels, values[method], plan.columns))
     return BatchResult(rows, curves, names, skipped, seconds)
 
 
@@ -726,6 +813,7 @@ def evaluate(
     progress: Callable[[float, int, str], None] | None = None,
     on_skip: Callable[[Skipped], None] | None = None,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    compile: Compile = False,
 ) -> EvaluationResult:
     """Evaluate methods (and the ``center``/``random`` reference maps) on images with the chosen metrics:
     :func:`summarize` of :func:`iter_evaluate` of :func:`plan_evaluation`.
@@ -753,6 +841,10 @@ def evaluate(
             (fractions of a batch) up to ``total``, skipped images included.
         on_skip: called with each :class:`Skipped` input as it is found.
         max_pixels: image files with more pixels are skipped (decompression bombs); None: no limit.
+        compile: how the metrics' perturbed images run (:class:`camkit.metrics.Forward`): False (default) the
+            BatchNorm-folded, channels-last copy of the model; ``"jit"`` a traced and frozen copy, prepared once
+            (seconds); True ``"jit"`` on CPU and ``"inductor"`` elsewhere. A model that cannot be prepared so
+            falls back to the default with a warning (:mod:`camkit.core.accel`).
     """
     plan = plan_evaluation(
         model,
@@ -768,5 +860,6 @@ def evaluate(
         images_per_batch=images_per_batch,
         box_threshold=box_threshold,
         max_pixels=max_pixels,
+        compile=compile,
     )
     return summarize(plan, iter_evaluate(plan, progress, on_skip))

@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Callable, Sequence
+import queue
+import threading
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,7 +37,7 @@ from camkit.core.pipeline import compare
 from camkit.core.postprocess import normalize
 from camkit.core.tasks import model_task
 from camkit.errors import CamkitError
-from camkit.evaluate import METRICS, MetricScorer
+from camkit.evaluate import JOINT, METRICS, MetricScorer, joint_scores
 from camkit.io.files import save_image
 from camkit.io.images import DEFAULT_MAX_PIXELS
 from camkit.localize import localize
@@ -55,6 +57,7 @@ __all__ = [
     "Explainer",
     "ModelSpec",
     "RunOptions",
+    "ShardWriter",
     "process_shards",
     "shard_batches",
 ]
@@ -239,12 +242,13 @@ class Explainer:
         return self._shapes
 
     def scorer(self) -> MetricScorer:
-        """The per-image metrics of the run (the same computation as :func:`camkit.evaluate.evaluate`)."""
+        """The per-image metrics of the run scored method by method: all but deletion and insertion, which
+        :meth:`__call__` scores for every method together (:func:`camkit.evaluate.joint_scores`); the same
+        computation as :func:`camkit.evaluate.evaluate`."""
         if self._scorer is None:
             o = self.options
-            self._scorer = MetricScorer(
-                self.model, Forward(self.model), list(o.metrics), o.steps, o.threshold
-            )
+            rest = [m for m in o.metrics if m not in JOINT]
+            self._scorer = MetricScorer(self.model, Forward(self.model), rest, o.steps, o.threshold)
         return self._scorer
 
     def __call__(
@@ -271,9 +275,15 @@ class Explainer:
         first = expl[self.methods[0]]
         for k, cells in zip(ok, self._prediction_cells(first), strict=True):
             rows[k].update(cells)
+        joint: dict[str, dict[str, Tensor]] = {}
+        if any(m in JOINT for m in self.options.metrics):
+            assert first.classes is not None
+            fwd, full = self.scorer().forward, {m: expl[m].maps.float() for m in self.methods}
+            steps = self.options.steps
+            joint = joint_scores(self.model, fwd, x, full, first.classes, self.options.metrics, steps)
         thumbs: list[Any] = []
         for m in self.methods:
-            stored, cells_of, pics = self._method_cells(m, expl[m], x, first.classes, read)
+            stored, cells_of, pics = self._method_cells(m, expl[m], x, first.classes, read, joint.get(m, {}))
             maps[m][ok] = stored
             for k, cells in zip(ok, cells_of, strict=True):
                 rows[k].update(cells)
@@ -303,9 +313,16 @@ class Explainer:
         return out
 
     def _method_cells(
-        self, method: str, e: Explanation, x: Tensor, classes: Tensor | None, read: Sequence[Sample]
+        self,
+        method: str,
+        e: Explanation,
+        x: Tensor,
+        classes: Tensor | None,
+        read: Sequence[Sample],
+        joint: dict[str, Tensor],
     ) -> tuple[np.ndarray, list[dict[str, Any]], list[Any]]:
-        """One method's maps as stored (float16), its cells of each row (box, metrics) and its thumbnails."""
+        """One method's maps as stored (float16), its cells of each row (box, metrics; ``joint``: its deletion
+        and insertion, scored with the other methods') and its thumbnails."""
         opts = self.options
         full = e.maps.float()
         stored = (
@@ -313,9 +330,9 @@ class Explainer:
         )
         sizes = [s.size for s in read]
         boxes = localize(full, threshold=opts.threshold, image_sizes=sizes)
-        values: dict[str, Tensor] = {}
+        values: dict[str, Tensor] = dict(joint)
         curves: Tensor | None = None
-        if opts.metrics:
+        if self.scorer().chosen:
             assert classes is not None
             gt = [_clipped(self.items[s.index].boxes, s.size) for s in read]
             targets = classes.tolist()
@@ -330,7 +347,8 @@ class Explainer:
                     method
                 ].maps
 
-            values, curves = self.scorer()(x, full, classes, gt, sizes, remap=remap, explain=again)
+            more, curves = self.scorer()(x, full, classes, gt, sizes, remap=remap, explain=again)
+            values.update(more)
         cells = []
         for j in range(len(read)):
             cell: dict[str, Any] = {f"{method}.box": boxes[j][0].xyxy if boxes[j] else None}
@@ -405,6 +423,83 @@ def shard_batches(store: Store, shards: Sequence[int], batch_size: int) -> list[
     return out
 
 
+class ShardWriter:
+    """Writes thumbnails and finished shards on one background thread, off the critical path of the model.
+
+    The queue is bounded (``depth`` jobs: a producer faster than the disk waits instead of holding every shard in
+    memory). Jobs run in the order given, so a shard's thumbnails are on disk before its done-marker. The first
+    error of a job is raised in the caller at its next :meth:`put` or at :meth:`close`; later jobs are dropped
+    (their shards have no marker, so a resume computes them again). A SIGKILL loses the queued jobs the same way:
+    a shard is complete only once its marker is written, last, by :meth:`camkit.run.Store.write_shard`.
+    """
+
+    def __init__(self, depth: int = 4) -> None:
+        self._jobs: queue.Queue[Callable[[], None] | None] = queue.Queue(maxsize=max(1, depth))
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._work, name="camkit-run-writer", daemon=True)
+        self._thread.start()
+
+    def _work(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            if self._error is None:
+                try:
+                    job()
+                except BaseException as err:  # raised again in the caller's thread
+                    self._error = err
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def put(self, job: Callable[[], None]) -> None:
+        """Queue ``job`` (waits while the queue is full); raises the error of an earlier job."""
+        self._raise()
+        self._jobs.put(job)
+
+    def close(self) -> None:
+        """Wait for the queued jobs to finish; raises the first error of any."""
+        self._jobs.put(None)
+        self._thread.join()
+        self._raise()
+
+
+def _save_thumbs(store: Store, thumbs: Sequence[Any]) -> None:
+    for method, index, pic in thumbs:
+        folder = store.path / "thumbs" / method
+        folder.mkdir(parents=True, exist_ok=True)
+        save_image(pic, folder / f"{index:08d}.jpg", quality=85)
+
+
+def _write_shard(
+    store: Store,
+    explainer: Explainer,
+    shard: int,
+    rows: list[dict[str, Any]],
+    parts: list[dict[str, np.ndarray]],
+) -> None:
+    maps = {m: np.concatenate([part[m] for part in parts]) for m in explainer.methods}
+    store.write_shard(shard, explainer.table(rows), maps)
+
+
+def _loader(explainer: Explainer, batches: list[list[int]], workers: int) -> Iterable[list[Sample]]:
+    """The DataLoader of these batches: ``workers`` processes decode the next batches (``prefetch_factor`` 4
+    each) while the model computes the current one (0: in this process, in turn)."""
+    opts = explainer.options
+    dataset = ImageDataset(explainer.items, explainer.preprocess, opts.max_pixels, opts.thumbnails)
+    loader: Iterable[list[Sample]] = torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=batches,
+        num_workers=workers,
+        collate_fn=collate,
+        prefetch_factor=4 if workers > 0 else None,
+        worker_init_fn=functools.partial(die_with_parent, os.getpid()) if workers > 0 else None,
+    )
+    return loader
+
+
 def process_shards(
     store: Store,
     explainer: Explainer,
@@ -414,43 +509,32 @@ def process_shards(
 ) -> int:
     """Compute and write these shards; returns the number of images computed.
 
-    A DataLoader with ``workers`` processes decodes and preprocesses the images (0: in this process); each batch
-    goes through ``explainer``; a shard is written (maps, rows, thumbnails, then its done-marker) as soon as its
-    last batch is done. ``progress(n)`` after each batch of n images.
+    A DataLoader with ``workers`` processes decodes and preprocesses the next images while the model runs
+    (0: in this process); each batch goes through ``explainer``; a :class:`ShardWriter` thread writes the
+    thumbnails and, as soon as its last batch is done, the shard (maps, rows, then its done-marker), while the
+    model goes on with the next batch. ``progress(n)`` after each batch of n images. Returns once every write is
+    done; an error of a write is raised here.
     """
-    opts = explainer.options
-    batches = shard_batches(store, shards, opts.batch_size)
+    batches = shard_batches(store, shards, explainer.options.batch_size)
     if not batches:
         return 0
-    dataset = ImageDataset(explainer.items, explainer.preprocess, opts.max_pixels, opts.thumbnails)
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_sampler=batches,
-        num_workers=workers,
-        collate_fn=collate,
-        prefetch_factor=4 if workers > 0 else None,
-        worker_init_fn=functools.partial(die_with_parent, os.getpid()) if workers > 0 else None,
-    )
     pending: dict[int, tuple[list[dict[str, Any]], list[dict[str, np.ndarray]]]] = {}
     done = 0
-    for samples in loader:
-        rows, maps, thumbs = explainer(samples)
-        for method, index, pic in thumbs:
-            folder = store.path / "thumbs" / method
-            folder.mkdir(parents=True, exist_ok=True)
-            save_image(pic, folder / f"{index:08d}.jpg", quality=85)
-        shard = samples[0].index // store.shard_size
-        acc = pending.setdefault(shard, ([], []))
-        acc[0].extend(rows)
-        acc[1].append(maps)
-        if len(acc[0]) == len(store.shard_range(shard)):
-            store.write_shard(
-                shard,
-                explainer.table(acc[0]),
-                {m: np.concatenate([part[m] for part in acc[1]]) for m in explainer.methods},
-            )
-            del pending[shard]
-        done += len(samples)
-        if progress is not None:
-            progress(len(samples))
+    writer = ShardWriter()
+    try:
+        for samples in _loader(explainer, batches, workers):
+            rows, maps, thumbs = explainer(samples)
+            if thumbs:
+                writer.put(functools.partial(_save_thumbs, store, thumbs))
+            shard = samples[0].index // store.shard_size
+            acc = pending.setdefault(shard, ([], []))
+            acc[0].extend(rows)
+            acc[1].append(maps)
+            if len(acc[0]) == len(store.shard_range(shard)):
+                writer.put(functools.partial(_write_shard, store, explainer, shard, *pending.pop(shard)))
+            done += len(samples)
+            if progress is not None:
+                progress(len(samples))
+    finally:
+        writer.close()  # the shards finished so far are written (and their errors raised) even on an error
     return done
