@@ -102,16 +102,30 @@ def _param_dtype(model: nn.Module) -> torch.dtype:
     return torch.float32
 
 
-def check_inputs(model: nn.Module, inputs: Tensor, maps: Tensor) -> tuple[Tensor, Tensor]:
-    """Move inputs and maps to the model's device; check shapes: inputs [B, C, H, W], maps [B, H, W]."""
+def check_inputs(
+    model: nn.Module, inputs: Tensor, maps: Tensor, clips: bool = False
+) -> tuple[Tensor, Tensor]:
+    """Move inputs and maps to the model's device; check shapes: inputs [B, C, H, W], maps [B, H, W] (with
+    ``clips``, also clips [B, C, T, H, W] with maps [B, T, H, W])."""
     check_eval(model, stacklevel=3)
-    if inputs.dim() != 4:
-        raise CamkitError(f"inputs must be a normalised Tensor[B, C, H, W], got shape {tuple(inputs.shape)}")
-    if maps.dim() == 2:
-        maps = maps[None]
-    if maps.dim() != 3 or maps.shape[0] != inputs.shape[0] or maps.shape[-2:] != inputs.shape[-2:]:
+    if inputs.dim() == 5 and not clips:
         raise CamkitError(
-            f"maps must be Tensor[B, H, W] matching the inputs {tuple(inputs.shape)}, got {tuple(maps.shape)}; "
+            f"this metric takes images Tensor[B, C, H, W], got a clip {tuple(inputs.shape)}; on clips camkit "
+            "computes deletion, insertion, average drop and increase in confidence"
+        )
+    if inputs.dim() not in (4, 5):
+        what = "Tensor[B, C, H, W] (or a clip Tensor[B, C, T, H, W])" if clips else "Tensor[B, C, H, W]"
+        raise CamkitError(f"inputs must be a normalised {what}, got shape {tuple(inputs.shape)}")
+    if maps.dim() == inputs.dim() - 2:
+        maps = maps[None]
+    if (
+        maps.dim() != inputs.dim() - 1
+        or maps.shape[0] != inputs.shape[0]
+        or maps.shape[1:] != inputs.shape[2:]
+    ):
+        want = "Tensor[B, T, H, W]" if inputs.dim() == 5 else "Tensor[B, H, W]"
+        raise CamkitError(
+            f"maps must be {want} matching the inputs {tuple(inputs.shape)}, got {tuple(maps.shape)}; "
             "use Explanation.maps (at the model's input size)"
         )
     bad = (~torch.isfinite(maps.detach().float())).flatten(1).any(dim=1)
@@ -190,10 +204,15 @@ def make_baseline(inputs: Tensor, baseline: Baseline, default: str) -> Tensor:
     if isinstance(b, str):
         if b == "zeros":
             return torch.zeros_like(inputs)
-        if b == "blur":
+        if b == "blur":  # a clip: each frame blurred in space
+            if inputs.dim() == 5:
+                n, c, t, h, w = inputs.shape
+                frames = inputs.transpose(1, 2).reshape(n * t, c, h, w)
+                return gaussian_blur(frames).view(n, t, c, h, w).transpose(1, 2).contiguous()
             return gaussian_blur(inputs)
         if b == "mean":
-            return inputs.mean(dim=(2, 3), keepdim=True).expand_as(inputs).clone()
+            space = tuple(range(2, inputs.dim()))
+            return inputs.mean(dim=space, keepdim=True).expand_as(inputs).clone()
         raise CamkitError(
             f"unknown baseline {b!r}: 'zeros', 'blur', 'mean', a number, a tensor or a function"
         )

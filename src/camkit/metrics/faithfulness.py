@@ -96,16 +96,16 @@ def _causal_curve(
     batch_size: int | None,
     forward: Forward | None,
 ) -> Curve:
-    x, m = check_inputs(model, inputs, maps)
+    x, m = check_inputs(model, inputs, maps, clips=True)
     fwd = forward or Forward(model, batch_size)
     cls = resolve_targets(fwd, x, classes)
     base = make_baseline(x, baseline, default_baseline)
     # deletion: x -> baseline; insertion: baseline -> x; pixels switch in the order of the map (most salient first)
     start, finish = (x, base) if start_of == "image" else (base, x)
-    b, _, h, w = x.shape
-    counts = _step_counts(h * w, steps)
+    b, space = x.shape[0], x.shape[2:]  # (H, W), or (T, H, W) for a clip
+    counts = _step_counts(space.numel(), steps)
     n_steps = counts.shape[0] - 1
-    ranks = pixel_ranks(m).view(b, 1, h, w)
+    ranks = pixel_ranks(m).view(b, 1, *space)
     scores = torch.empty(b, n_steps + 1, device=x.device)
     # the two ends do not depend on the map: one call for all images
     ends = fwd.scores(torch.cat([start, finish]), torch.cat([cls, cls]), score)
@@ -115,10 +115,10 @@ def _causal_curve(
         pairs = torch.cartesian_prod(torch.arange(b), torch.arange(1, n_steps)).to(x.device)  # (image, step)
         for lo, hi in chunks(pairs.shape[0], fwd.batch_size):
             img, step = pairs[lo:hi, 0], pairs[lo:hi, 1]
-            switched = ranks[img] < counts_dev[step].view(-1, 1, 1, 1)
+            switched = ranks[img] < counts_dev[step].view(-1, *(1,) * (x.dim() - 1))
             batch = torch.where(switched, finish[img], start[img])
             scores[img, step] = fwd.scores(batch, cls[img], score)
-    fractions = counts.to(x.device, torch.float32) / (h * w)
+    fractions = counts.to(x.device, torch.float32) / space.numel()
     auc = torch.trapezoid(scores, fractions, dim=1)
     return Curve(auc=auc, fractions=fractions, scores=scores, classes=cls)
 
@@ -208,7 +208,7 @@ def _step_scores(
     for lo, hi in chunks(tasks.shape[0], fwd.batch_size):
         job, img, step = tasks[lo:hi].unbind(1)
         kind = job % 2
-        switched = ranks[job // 2, img] < counts_dev[step].view(-1, 1, 1, 1)
+        switched = ranks[job // 2, img] < counts_dev[step].view(-1, *(1,) * (ranks.dim() - 2))
         batch = torch.where(switched, finish[kind, img], start[kind, img])
         scores[job, img, step] = fwd.scores(batch, cls[img], score)
 
@@ -238,7 +238,7 @@ def deletion_insertion(
         clean: the model's output (logits Tensor[B, classes]) on ``inputs`` when already known: not computed
             again.
     """
-    checked = {name: check_inputs(model, inputs, m) for name, m in maps.items()}
+    checked = {name: check_inputs(model, inputs, m, clips=True) for name, m in maps.items()}
     if not checked:
         return {}
     x = next(iter(checked.values()))[0]
@@ -247,8 +247,8 @@ def deletion_insertion(
         cls = clean.argmax(dim=1).to(x.device)
     else:
         cls = resolve_targets(fwd, x, classes)
-    b, _, h, w = x.shape
-    counts = _step_counts(h * w, steps)
+    b, space = x.shape[0], x.shape[2:]  # (H, W), or (T, H, W) for a clip
+    counts = _step_counts(space.numel(), steps)
     n_steps = counts.shape[0] - 1
     zeros, blur = make_baseline(x, None, "zeros"), make_baseline(x, None, "blur")
     ends = fwd.scores(torch.cat([zeros, blur]), torch.cat([cls, cls]), score)
@@ -256,9 +256,9 @@ def deletion_insertion(
     scores = torch.empty(2 * len(checked), b, n_steps + 1, device=x.device)
     scores[0::2, :, 0], scores[0::2, :, n_steps] = image, ends[:b]  # deletion: image -> zeros
     scores[1::2, :, 0], scores[1::2, :, n_steps] = ends[b:], image  # insertion: blur -> image
-    ranks = torch.stack([pixel_ranks(m) for _, m in checked.values()]).view(len(checked), b, 1, h, w)
+    ranks = torch.stack([pixel_ranks(m) for _, m in checked.values()]).view(len(checked), b, 1, *space)
     _step_scores(fwd, (torch.stack([x, blur]), torch.stack([zeros, x])), ranks, counts, cls, score, scores)
-    fractions = counts.to(x.device, torch.float32) / (h * w)
+    fractions = counts.to(x.device, torch.float32) / space.numel()
     auc = torch.trapezoid(scores, fractions, dim=2)
     return {
         name: (
@@ -309,7 +309,7 @@ def confidence_change(
     confidence is the softmax probability (``score="logit"`` for logits; then ``Y`` may be negative and the
     drop is not meaningful). Values are per image, as fractions (the paper's numbers are their mean x 100).
     """
-    x, m = check_inputs(model, inputs, maps)
+    x, m = check_inputs(model, inputs, maps, clips=True)
     fwd = forward or Forward(model, batch_size)
     out = fwd(x)
     cls = resolve_targets(fwd, x, classes) if classes is not None else out.argmax(dim=1)
