@@ -159,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     r.add_argument("--models", default=",".join(MODELS))
     r.add_argument("--methods", default=",".join(REFERENCES + CANDIDATES))
+    r.add_argument("--metrics", default=METRICS, help="camkit evaluate's --metrics (ROAD is the slow one)")
     r.add_argument("--steps", type=int, default=10, help="deletion/insertion steps (10: the README table)")
     t = sub.add_parser("table", help="tables and the verdict from evaluate.json files")
     t.add_argument("files", type=Path, nargs="+")
@@ -181,7 +182,16 @@ def main(argv: list[str] | None = None) -> int:
             out = args.out / model
             cmd = [sys.executable, "-m", "camkit.cli", "evaluate", str(photos), "--annotations"]
             cmd += [str(photos / "annotations.json"), "--model", model, "--methods", args.methods]
-            cmd += ["--metrics", METRICS, "--steps", str(args.steps), "--threads", "1", "--out", str(out)]
+            cmd += [
+                "--metrics",
+                args.metrics,
+                "--steps",
+                str(args.steps),
+                "--threads",
+                "1",
+                "--out",
+                str(out),
+            ]
             subprocess.run([*cmd, "--format", "tsv"], check=True, stdout=subprocess.DEVNULL)
             files.append(out / "evaluate.json")
         args = parser.parse_args(["table", *map(str, files)])

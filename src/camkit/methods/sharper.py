@@ -22,6 +22,14 @@ n(.) min-max normalisation to [0, 1].
   Score-CAM-like masked forwards (K forwards per layer); camkit's ``polycam`` uses LayerCAM's layer maps
   M_l = ReLU(sum_k ReLU(G_k) A_k) from the one shared backward. With one target layer (``layers="auto"``) it
   takes the last layer of each of the three deepest resolutions.
+* **Poly-CAM, matched** (``polycam-matched``, camkit's own combination): Poly-CAM's map ranks the pixels, Grad-CAM
+  gives the values. Poly-CAM's maps are peaky (a few high cells), so a map threshold cuts a smaller region than
+  Grad-CAM's at the same threshold; per image, the value of rank r of Poly-CAM's map is replaced by the value of
+  rank r of Grad-CAM's map ReLU(sum_k mean_ij(G_k) A_k) at the deepest layer, bilinearly resized to Poly-CAM's
+  grid (:func:`match_values`, a monotone transform: the order of Poly-CAM's values is kept, ties in their order
+  of appearance). Thresholds then cut regions of the size Grad-CAM's would. Both maps come from the same forward
+  and backward, so it costs what ``polycam`` costs. Fixed before any measurement: the deepest of Poly-CAM's
+  layers for Grad-CAM, bilinear resizing, exact rank matching.
 * **Opti-CAM** (Zhang, Rebuffi, Avrithis et al. 2023, "Opti-CAM: optimizing saliency maps for
   interpretability"): channel weights w = softmax(u) optimised so that the input masked by its own map scores
   highest: u* = argmax_u y_c(X * n(up(sum_k softmax(u)_k A_k))), Adam (learning rate 0.1) from u = 0,
@@ -59,8 +67,10 @@ from camkit.methods.registry import PassInput, PassMethod, PerturbationMethod, r
 __all__ = [
     "CAMERAS_SCALES",
     "cameras",
+    "match_values",
     "opticam",
     "polycam",
+    "polycam_matched",
     "polycam_recursion",
     "reciprocam",
     "stage_layers",
@@ -296,6 +306,50 @@ def polycam(inp: PassInput) -> Tensor:
     return polycam_recursion(maps)
 
 
+def match_values(source: Tensor, reference: Tensor) -> Tensor:
+    """Per image, each value of ``source`` replaced by the value of the same rank in ``reference``.
+
+    Args:
+        source: Tensor[B, h, w], the map whose order is kept.
+        reference: Tensor[B, h, w], the map whose values are used (same shape).
+
+    Returns:
+        Tensor[B, h, w]: sorted, its values are ``reference``'s sorted values; its order is ``source``'s (ties
+        in order of appearance).
+    """
+    if source.shape != reference.shape:
+        raise CamkitError(
+            f"match_values needs maps of one shape, got {tuple(source.shape)} and {tuple(reference.shape)}"
+        )
+    b = source.shape[0]
+    order = source.reshape(b, -1).argsort(dim=1, stable=True)
+    out = torch.empty_like(reference.reshape(b, -1))
+    out.scatter_(1, order, reference.reshape(b, -1).sort(dim=1, stable=True).values)
+    return out.view_as(source)
+
+
+def polycam_matched(inp: PassInput) -> Tensor:
+    """Poly-CAM's map with Grad-CAM's values per image (:func:`match_values`); one forward and one backward.
+
+    Returns:
+        Tensor[B, h, w] at the shallowest layer's resolution.
+    """
+    score = _one_target(inp, "polycam-matched")
+    layers = inp.layers if len(inp.layers) > 1 else stage_layers(inp.model, inp.x)
+    cap = capture(inp.model, inp.x, layers, score, inp.output_fn)
+    features = _features(inp, cap, layers, inp.x)
+    maps, grad_cam = [], None
+    for name in cap.order:
+        a = features.activations[name].float()
+        g = features.gradients[name]
+        assert isinstance(g, Tensor)
+        maps.append(torch.relu((torch.relu(g.float()) * a).sum(dim=1)))
+        grad_cam = torch.relu((g.float().mean(dim=(2, 3), keepdim=True) * a).sum(dim=1))
+    assert grad_cam is not None
+    poly = polycam_recursion(maps)
+    return match_values(poly, upsample(grad_cam, poly.shape[-2:]))
+
+
 # ----------------------------------------------------------------------------------------------- Opti-CAM
 
 
@@ -378,6 +432,18 @@ register(
         aliases=("poly-cam",),
         run=_named("polycam", polycam),
         prefer="maps at a shallow layer's resolution that keep the deep layer's class focus",
+    )
+)
+register(
+    PassMethod(
+        name="polycam-matched",
+        needs_grad=False,
+        cost="1 forward + 1 backward to the shallowest of its layers (as polycam)",
+        paper="camkit's combination of Poly-CAM (Englebert et al., ICPR 2022) and Grad-CAM",
+        summary="Poly-CAM's order of the pixels with Grad-CAM's values (per-image rank matching)",
+        aliases=("polycam-gc",),
+        run=_named("polycam-matched", polycam_matched),
+        prefer="Poly-CAM's sharper order with thresholds that cut Grad-CAM-sized regions (boxes from maps)",
     )
 )
 register_tunable(

@@ -11,6 +11,7 @@
 
 from camkit.metrics._common import Forward
 from camkit.metrics.arcc import ArccResult, arcc, coherency, complexity
+from camkit.metrics.bootstrap import PairedBootstrap, max_box_acc_value, paired_bootstrap
 from camkit.metrics.faithfulness import (
     ConfidenceChange,
     Curve,
@@ -56,6 +57,7 @@ __all__ = [
     "Metric",
     "MetricBatch",
     "MetricScorer",
+    "PairedBootstrap",
     "RoadResult",
     "SanityResult",
     "arcc",
@@ -71,7 +73,9 @@ __all__ = [
     "insertion",
     "iou_curves",
     "max_box_acc_v2",
+    "max_box_acc_value",
     "noisy_linear_impute",
+    "paired_bootstrap",
     "pointing_game",
     "randomizable_modules",
     "resolve_metrics",
