@@ -15,7 +15,7 @@ import camkit
 from camkit.core.targets import TopK
 from camkit.errors import CamkitError
 from camkit.methods.groupcam import blur, group_maps
-from camkit.methods.sharper import match_values
+from camkit.methods.sharper import match_values, polycam_recursion
 
 
 def _net(channels: int = 4, seed: int = 0) -> nn.Sequential:
@@ -150,10 +150,48 @@ def test_polycam_matched_is_polycam_order_with_gradcam_values() -> None:
     assert n_match == n_poly
 
 
-@pytest.mark.parametrize("name", ["groupcam", "polycam-matched"])
+@pytest.mark.parametrize("name", ["groupcam", "polycam-matched", "pcamp", "pcampm"])
 def test_candidates_refuse_several_targets(name: str) -> None:
     model = _net()
     before = _state(model)
     with pytest.raises(ValueError, match="one target per image"):
         camkit.explain(model, torch.randn(1, 3, 16, 16), method=name, targets=TopK(2))
     assert _state(model) == before
+
+
+def _pcam_by_hand(model: nn.Sequential, x: torch.Tensor, cls: int, signed: bool) -> torch.Tensor:
+    """PCAM+ / PCAM+/- written out from the authors' definitions, layers r1 (16x16) and r2 (8x8)."""
+    with torch.no_grad():
+        prob = lambda inp: torch.softmax(model(inp), dim=1)[:, cls]  # noqa: E731
+        base = prob(x)[0]
+        maps = []
+        for depth in (2, 4):  # outputs of r1 and r2
+            a = model[:depth](x)[0]
+            masks = []
+            for k in range(a.shape[0]):
+                lo, hi = torch.quantile(a[k].flatten(), 0.001), torch.quantile(a[k].flatten(), 0.999)
+                m = ((a[k] - lo) / hi).clamp(0, 1)
+                masks.append(F.interpolate(m[None, None], size=x.shape[-2:], mode="bilinear")[0])
+            h = torch.stack(masks)  # [K, 1, H, W]
+            w = prob(x * h)
+            if signed:
+                w = torch.relu(w + base - prob(x * (1 - h)))
+            maps.append(torch.relu((w[:, None, None] * a).sum(dim=0))[None])
+    return polycam_recursion(maps)
+
+
+@pytest.mark.parametrize(("name", "signed"), [("pcam+", False), ("pcam±", True)])
+def test_pcam_variants_follow_the_authors_weights_and_cost(name: str, signed: bool) -> None:
+    model = _net(channels=5, seed=2)
+    x = torch.randn(1, 3, 16, 16)
+    before = _state(model)
+    kw: dict[str, object] = {"layers": "r1,r2", "targets": 2, "relu": False}
+    expl = camkit.explain(model, x, method=name, **kw)  # type: ignore[arg-type]
+    torch.testing.assert_close(
+        next(iter(expl.raw.values())), _pcam_by_hand(model, x, 2, signed), rtol=1e-4, atol=1e-7
+    )
+    assert _state(model) == before
+    # cost: Poly-CAM's passes, then one masked input per channel of each layer (4 + 5), two each for PCAM+/-
+    n_poly = _images_through(model, lambda: camkit.explain(model, x, method="polycam", **kw))  # type: ignore[arg-type]
+    n = _images_through(model, lambda: camkit.explain(model, x, method=name, **kw))  # type: ignore[arg-type]
+    assert n == n_poly + (2 if signed else 1) * (4 + 5)
