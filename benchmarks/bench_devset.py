@@ -232,6 +232,19 @@ def stats_verdict(signs: dict[str, dict[str, list[int]]], n_models: int) -> list
     return lines
 
 
+START, END = "<!-- bench_devset.py stats: start -->", "<!-- bench_devset.py stats: end -->"
+
+
+def write_block(path: Path, block: str) -> None:
+    """Replace the text between the START and END markers of ``path`` with ``block``."""
+    text = path.read_text(encoding="utf-8")
+    if START not in text or END not in text:
+        raise SystemExit(f"{path} has no {START} ... {END} markers")
+    head, rest = text.split(START, 1)
+    tail = rest.split(END, 1)[1]
+    path.write_text(f"{head}{START}\n\n{block}\n\n{END}{tail}", encoding="utf-8")
+
+
 def measure_cost(model_name: str, methods: list[str], images: int, repeats: int) -> dict[str, float]:
     """Seconds per image of each method's ``explain`` over seconds of one plain forward, batch 1, 1 thread."""
     import torch
