@@ -14,8 +14,7 @@ from torchvision.transforms.v2.functional import gaussian_blur as tv_blur
 import camkit
 from camkit.core.targets import TopK
 from camkit.errors import CamkitError
-from camkit.methods.groupcam import blur, group_maps
-from camkit.methods.sharper import match_values, polycam_recursion
+from camkit.methods.sharper import blur, group_maps, match_values, polycam_recursion
 
 
 def _net(channels: int = 4, seed: int = 0) -> nn.Sequential:
