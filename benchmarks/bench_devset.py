@@ -51,6 +51,9 @@ FORWARDS = {  # passes per image, for the tables (measured times: `cost`)
     "reciprocam": "1 fwd + h*w head replays",
     "cameras": "3 fwd + 3 bwd at x1, x1.5, x2",
     "groupcam": "1 fwd + 1 bwd + 33 fwd",
+    "pcamp": "1 + sum_l K_l fwd",
+    "pcampm": "1 + 2 sum_l K_l fwd",
+    "center": "none: a reference map",
 }
 METRICS = "deletion,insertion,road,pointing,box,maxboxacc"
 COLUMNS = (
@@ -226,8 +229,8 @@ def stats_verdict(signs: dict[str, dict[str, list[int]]], n_models: int) -> list
         worse = [c for c, s in cols.items() if any(v < 0 for v in s)]
         cost = FORWARDS.get(method, "?")
         lines.append(
-            f"- `{method}` ({cost}): better than Grad-CAM on all {n_models} models in "
-            f"{', '.join(better) or 'no metric'}; worse on at least one model in {', '.join(worse) or 'no metric'}"
+            f"- `{method}` ({cost}): better than Grad-CAM on every model ({n_models}) in: "
+            f"{', '.join(better) or 'no metric'}; worse on some model in: {', '.join(worse) or 'no metric'}"
         )
     return lines
 
