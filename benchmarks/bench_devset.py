@@ -311,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     st.add_argument(
         "--markdown", action="store_true", help="only the markdown tables and verdict (for the docs)"
     )
+    st.add_argument("--docs", type=Path, default=None, help="write them between the markers of this file")
     c = sub.add_parser("cost", help="each method's time per image over one forward's (1 thread)")
     c.add_argument("--model", default="efficientnet_lite0")
     c.add_argument("--methods", default=",".join(REFERENCES + CANDIDATES))
@@ -352,12 +353,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "stats":
         photos = load_photos(args.files)
         text, signs = stats_tables(photos)
+        block = text + "\n\n" + "\n".join(stats_verdict(signs, len(photos)))
+        if args.docs is not None:
+            write_block(args.docs, block)
         if not args.markdown:
             print(
                 f"paired bootstrap: {RESAMPLES} resamples, seed {SEED}, {CONFIDENCE:.0%} percentile intervals"
             )
-        print(text + "\n")
-        print("\n".join(stats_verdict(signs, len(photos))))
+        print(block)
         return 0
     cost = measure_cost(args.model, args.methods.split(","), args.images, args.repeats)
     print(json.dumps(cost, indent=1))
