@@ -228,8 +228,10 @@ def stats_verdict(signs: dict[str, dict[str, list[int]]], n_models: int) -> list
         better = [c for c, s in cols.items() if len(s) == n_models and all(v > 0 for v in s)]
         worse = [c for c, s in cols.items() if any(v < 0 for v in s)]
         cost = FORWARDS.get(method, "?")
+        measured = max(len(s) for s in cols.values())
         lines.append(
-            f"- `{method}` ({cost}): better than Grad-CAM on every model ({n_models}) in: "
+            f"- `{method}` ({cost}; measured on {measured} of {n_models} models): better than Grad-CAM on every "
+            f"model in: "
             f"{', '.join(better) or 'no metric'}; worse on some model in: {', '.join(worse) or 'no metric'}"
         )
     return lines

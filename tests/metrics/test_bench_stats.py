@@ -53,7 +53,11 @@ def test_stats_tables_verdicts_and_docs_block(tmp_path: Path) -> None:
     assert signs["good"]["insertion"] == [1, 1] and signs["bad"]["insertion"] == [-1, -1]
     assert signs["good"]["maxboxacc"] == [1, 1]
     verdict = bench.stats_verdict(signs, 2)
-    assert any(v.startswith("- `good`") and "every model (2) in: maxboxacc, insertion;" in v for v in verdict)
+    assert any(
+        v.startswith("- `good`")
+        and "2 of 2 models): better than Grad-CAM on every model in: maxboxacc, insertion;" in v
+        for v in verdict
+    )
     doc = tmp_path / "doc.md"
     doc.write_text(f"before\n{bench.START}\nold\n{bench.END}\nafter\n")
     bench.write_block(doc, "NEW")
