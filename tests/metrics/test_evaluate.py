@@ -16,6 +16,7 @@ from camkit.adapters import Preprocess
 from camkit.cli import app
 from camkit.evaluate import baseline_map, collect_images, evaluate
 from camkit.io import Annotation, read_annotations
+from camkit.metrics import max_box_acc_value
 
 runner = CliRunner()
 
@@ -115,6 +116,11 @@ def test_evaluate_loop_rows_summary_and_files(tiny, tmp_path) -> None:
     data = json.loads((tmp_path / "e.json").read_text())
     assert data["rows"][0]["method"] == "gradcam" and data["summary"]["center"]["deletion"] is not None
     assert res.timing["metric_images"] > 0
+    # the per-image IoU curves of the images with boxes give MaxBoxAccV2 back (to 4 decimals), in JSON too
+    assert set(res.iou_curves["gradcam"]) == {"im0.png", "im1.png"}
+    for method, curves in data["iou_curves"].items():
+        again = max_box_acc_value([curves[n] for n in ("im0.png", "im1.png")])
+        assert again == pytest.approx(res.maxboxacc[method]["value"], abs=1e-3)
 
 
 def test_evaluate_refuses_box_metrics_without_boxes(tiny) -> None:

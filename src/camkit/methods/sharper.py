@@ -1,4 +1,5 @@
-"""Methods that aim at sharper, better-localised maps than Grad-CAM: Recipro-CAM, CAMERAS, Poly-CAM, Opti-CAM.
+"""Methods that aim at sharper, better-localised or more faithful maps than Grad-CAM: Recipro-CAM, CAMERAS, Poly-CAM
+(and its PCAM+ and PCAM+/- variants, and Poly-CAM matched), Group-CAM, Opti-CAM.
 
 A: the activation of a target layer (Tensor[B, K, h, w]); G = dS/dA, the gradient of the explained score S (the
 class logit, or a callable target's value); p_c the softmax probability of class c; up(.) bilinear resizing;
@@ -22,13 +23,37 @@ n(.) min-max normalisation to [0, 1].
   Score-CAM-like masked forwards (K forwards per layer); camkit's ``polycam`` uses LayerCAM's layer maps
   M_l = ReLU(sum_k ReLU(G_k) A_k) from the one shared backward. With one target layer (``layers="auto"``) it
   takes the last layer of each of the three deepest resolutions.
+* **PCAM+ and PCAM+/-** (the paper's variants; ``pcamp`` (alias ``pcam+``) and ``pcampm`` (alias
+  ``pcam±``)): the same recursion over layer maps
+  M_l = ReLU(sum_k w_k A_k) whose channel weights come from masked forwards, as in the authors' code:
+  H_k = up(clip((A_k - q_0.001(A_k)) / q_0.999(A_k), 0, 1)) (their normalisation: percentiles 0.1% and 99.9% over
+  the grid, divided by the upper one, then bilinear to the input size); PCAM+: w_k = p_c(X * H_k); PCAM+/-:
+  w_k = ReLU(p_c(X * H_k) + p_c(X) - p_c(X * (1 - H_k))). One forward per channel and layer (two for PCAM+/-):
+  sum_l K_l forwards, about 2,200 on EfficientNet-Lite0's three layers (1280 + 672 + 240 channels). camkit's
+  recursion divides by the average pool (``polycam_recursion``), the authors' code by a bilinear down- and
+  up-sampling; the masked forwards run in batches of 64 under ``torch.inference_mode()``.
+* **Group-CAM** (Zhang, Rao & Yang 2021, "Group-CAM: Group score-weighted visual explanations for deep
+  convolutional networks", arXiv 2103.13859): alpha_k = mean_ij G_k (Grad-CAM's weights); the K channels are split
+  into ``groups`` consecutive groups (32, the paper's), M_g = ReLU(sum_{k in g} alpha_k A_k); the values of M_g at
+  or below its 70th percentile are set to 0 (denoising); M'_g = n(up(M_g)) at the input size (a constant M_g is
+  skipped); s_g = p_c(X * M'_g + X~ * (1 - M'_g)) - p_c(X~), X~ = blur(X) a Gaussian blur (kernel 51, sigma 50, the
+  paper's); map = ReLU(sum_g s_g M'_g) at the input's resolution. Cost per image: 1 forward + 1 backward, then the
+  blurred input and one forward per group in one batch (about 35 forwards).
+* **Poly-CAM, matched** (``polycam-matched``, camkit's own combination): Poly-CAM's map ranks the pixels, Grad-CAM
+  gives the values. Poly-CAM's maps are peaky (a few high cells), so a map threshold cuts a smaller region than
+  Grad-CAM's at the same threshold; per image, the value of rank r of Poly-CAM's map is replaced by the value of
+  rank r of Grad-CAM's map ReLU(sum_k mean_ij(G_k) A_k) at the deepest layer, bilinearly resized to Poly-CAM's
+  grid (:func:`match_values`, a monotone transform: the order of Poly-CAM's values is kept, ties in their order
+  of appearance). Thresholds then cut regions of the size Grad-CAM's would. Both maps come from the same forward
+  and backward, so it costs what ``polycam`` costs. Fixed before any measurement: the deepest of Poly-CAM's
+  layers for Grad-CAM, bilinear resizing, exact rank matching.
 * **Opti-CAM** (Zhang, Rebuffi, Avrithis et al. 2023, "Opti-CAM: optimizing saliency maps for
   interpretability"): channel weights w = softmax(u) optimised so that the input masked by its own map scores
   highest: u* = argmax_u y_c(X * n(up(sum_k softmax(u)_k A_k))), Adam (learning rate 0.1) from u = 0,
   ``PerturbationOptions(iterations=N)`` iterations (default 100, the paper's). Each iteration is one forward and
   one backward through the whole model.
 
-Recipro-CAM, CAMERAS and Poly-CAM compute their maps in their own passes (:class:`PassMethod`); Opti-CAM is a
+Recipro-CAM, CAMERAS, the Poly-CAMs and Group-CAM compute their maps in their own passes (:class:`PassMethod`); Opti-CAM is a
 :class:`~camkit.methods.registry.PerturbationMethod` (channel weights). They read the target layers through the
 one layout reader (:func:`camkit.core.tokens.to_spatial`), so token and channels-last layers are read as for
 every method (Recipro-CAM writes its masked maps back in the layer's own layout); they explain one target per
@@ -58,9 +83,18 @@ from camkit.methods.registry import PassInput, PassMethod, PerturbationMethod, r
 
 __all__ = [
     "CAMERAS_SCALES",
+    "DENOISE_PERCENTILE",
+    "GROUPCAM_GROUPS",
+    "blur",
     "cameras",
+    "group_maps",
+    "groupcam",
+    "match_values",
     "opticam",
+    "pcam_masks",
+    "pcam_plus",
     "polycam",
+    "polycam_matched",
     "polycam_recursion",
     "reciprocam",
     "stage_layers",
@@ -296,6 +330,171 @@ def polycam(inp: PassInput) -> Tensor:
     return polycam_recursion(maps)
 
 
+PCAM_BATCH = 64
+"""Masked inputs per forward of ``pcamp`` and ``pcampm``."""
+
+
+def pcam_masks(a: Tensor, size: tuple[int, int]) -> Tensor:
+    """The masks of PCAM+/-: per channel of Tensor[K, h, w], (A - q_0.001) / q_0.999 clipped to [0, 1] (the
+    authors' normalisation), then bilinear to ``size``: Tensor[K, H, W]."""
+    flat = a.flatten(1).float()
+    lo = torch.quantile(flat, 0.001, dim=1, keepdim=True)
+    hi = torch.quantile(flat, 0.999, dim=1, keepdim=True)
+    norm = ((flat - lo) / torch.clamp(hi, min=1e-12)).clamp(0, 1)
+    return upsample(norm.view_as(a), size)
+
+
+def _channel_weights(inp: PassInput, a: Tensor, b: int, base: Tensor, signed: bool) -> Tensor:
+    """w_k of one image: p_c(X * H_k), or ReLU(p_c(X * H_k) + p_c(X) - p_c(X * (1 - H_k))) when ``signed``."""
+    x = inp.x[b : b + 1]
+    masks = pcam_masks(a[b], (int(x.shape[-2]), int(x.shape[-1])))[:, None].to(x.dtype)
+    out = []
+    for start in range(0, masks.shape[0], PCAM_BATCH):
+        m = masks[start : start + PCAM_BATCH]
+        w = _probabilities(inp, inp.output_fn(inp.model(x * m)), b)
+        if signed:
+            w = torch.relu(w + base[b] - _probabilities(inp, inp.output_fn(inp.model(x * (1 - m))), b))
+        out.append(w)
+    return torch.cat(out)
+
+
+def pcam_plus(inp: PassInput, signed: bool = False) -> Tensor:
+    """PCAM+ (``signed=False``) or PCAM+/- (``signed=True``): Poly-CAM's recursion over layer maps
+    ReLU(sum_k w_k A_k) with masked-forward channel weights (see the module's notes).
+
+    Returns:
+        Tensor[B, h, w] at the shallowest layer's resolution.
+    """
+    name = "pcampm" if signed else "pcamp"
+    _one_target(inp, name)
+    layers = inp.layers if len(inp.layers) > 1 else stage_layers(inp.model, inp.x)
+    cap = capture(inp.model, inp.x, layers, None, inp.output_fn)
+    features = _features(inp, cap, layers, inp.x)
+    maps = []
+    with torch.inference_mode():
+        base = torch.stack([_probabilities(inp, cap.output[b : b + 1], b)[0] for b in range(inp.x.shape[0])])
+        for layer in cap.order:
+            a = _spatial(features.activations[layer], layer, name).float()
+            w = torch.stack([_channel_weights(inp, a, b, base, signed) for b in range(a.shape[0])])
+            maps.append(torch.relu((w[:, :, None, None] * a).sum(dim=1)))
+    return polycam_recursion(maps)
+
+
+def match_values(source: Tensor, reference: Tensor) -> Tensor:
+    """Per image, each value of ``source`` replaced by the value of the same rank in ``reference``.
+
+    Args:
+        source: Tensor[B, h, w], the map whose order is kept.
+        reference: Tensor[B, h, w], the map whose values are used (same shape).
+
+    Returns:
+        Tensor[B, h, w]: sorted, its values are ``reference``'s sorted values; its order is ``source``'s (ties
+        in order of appearance).
+    """
+    if source.shape != reference.shape:
+        raise CamkitError(
+            f"match_values needs maps of one shape, got {tuple(source.shape)} and {tuple(reference.shape)}"
+        )
+    b = source.shape[0]
+    order = source.reshape(b, -1).argsort(dim=1, stable=True)
+    out = torch.empty_like(reference.reshape(b, -1))
+    out.scatter_(1, order, reference.reshape(b, -1).sort(dim=1, stable=True).values)
+    return out.view_as(source)
+
+
+def polycam_matched(inp: PassInput) -> Tensor:
+    """Poly-CAM's map with Grad-CAM's values per image (:func:`match_values`); one forward and one backward.
+
+    Returns:
+        Tensor[B, h, w] at the shallowest layer's resolution.
+    """
+    score = _one_target(inp, "polycam-matched")
+    layers = inp.layers if len(inp.layers) > 1 else stage_layers(inp.model, inp.x)
+    cap = capture(inp.model, inp.x, layers, score, inp.output_fn)
+    features = _features(inp, cap, layers, inp.x)
+    maps, grad_cam = [], None
+    for name in cap.order:
+        a = features.activations[name].float()
+        g = features.gradients[name]
+        assert isinstance(g, Tensor)
+        maps.append(torch.relu((torch.relu(g.float()) * a).sum(dim=1)))
+        grad_cam = torch.relu((g.float().mean(dim=(2, 3), keepdim=True) * a).sum(dim=1))
+    assert grad_cam is not None
+    poly = polycam_recursion(maps)
+    return match_values(poly, upsample(grad_cam, poly.shape[-2:]))
+
+
+# ----------------------------------------------------------------------------------------------- Group-CAM
+
+
+GROUPCAM_GROUPS = 32
+"""Channel groups of ``groupcam`` (the paper's default)."""
+
+DENOISE_PERCENTILE = 0.7
+"""Values of a group map at or below this quantile of the map are set to 0 (the paper's 70th percentile)."""
+
+
+def blur(x: Tensor, kernel_size: int = 51, sigma: float = 50.0) -> Tensor:
+    """Group-CAM's baseline: a separable, depthwise Gaussian blur of Tensor[B, C, H, W] (kernel 51, sigma 50),
+    reflect padding (edge padding when a side is too short to reflect), as torchvision's ``gaussian_blur``."""
+    r = kernel_size // 2
+    t = torch.linspace(-r, r, kernel_size, device=x.device)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    k = k / k.sum()
+    c = x.shape[1]
+    mode = "reflect" if min(x.shape[-2:]) > r else "replicate"
+    y = torch.nn.functional.pad(x.float(), (r, r, r, r), mode=mode)
+    y = torch.nn.functional.conv2d(y, k.view(1, 1, 1, -1).repeat(c, 1, 1, 1), groups=c)
+    y = torch.nn.functional.conv2d(y, k.view(1, 1, -1, 1).repeat(c, 1, 1, 1), groups=c)
+    return y.to(x.dtype)
+
+
+def group_maps(a: Tensor, alpha: Tensor, groups: int = GROUPCAM_GROUPS) -> Tensor:
+    """Steps 1-2: Tensor[B, G, h, w], ReLU(sum_{k in g} alpha_k A_k) with the values at or below the group map's
+    70th percentile set to 0. ``torch.chunk`` splits the channels (K not divisible by G: fewer, larger groups,
+    as in the authors' code)."""
+    if groups < 1:
+        raise CamkitError(f"groupcam needs at least 1 channel group, got {groups}")
+    weighted = a * alpha[:, :, None, None]
+    maps = torch.stack([torch.relu(part.sum(dim=1)) for part in weighted.chunk(groups, dim=1)], dim=1)
+    flat = maps.flatten(2)
+    cut = torch.quantile(flat, DENOISE_PERCENTILE, dim=2, keepdim=True)
+    return torch.where(flat > cut, flat, torch.zeros_like(flat)).view_as(maps)
+
+
+def groupcam(inp: PassInput, groups: int = GROUPCAM_GROUPS) -> Tensor:
+    """Group-CAM: ReLU(sum_g s_g M'_g), s_g = p_c(X * M'_g + blur(X) * (1 - M'_g)) - p_c(blur(X)).
+
+    Returns:
+        Tensor[B, H, W] at the input's resolution.
+    """
+    score = _one_target(inp, "groupcam")
+    name, layer = _deepest(inp, "groupcam")
+    cap = capture(inp.model, inp.x, {name: layer}, score, inp.output_fn)
+    features = _features(inp, cap, {name: layer}, inp.x)
+    a = _spatial(features.activations[name], name, "groupcam").float()
+    g = features.gradients[name]
+    assert isinstance(g, Tensor)
+    alpha = g.float().mean(dim=(2, 3))
+    size = (int(inp.x.shape[-2]), int(inp.x.shape[-1]))
+    masks = group_maps(a, alpha, groups)
+    out = torch.zeros(a.shape[0], *size, device=a.device)
+    with torch.inference_mode():
+        blurred = blur(inp.x)
+        for b in range(a.shape[0]):
+            m = masks[b]
+            keep = m.flatten(1).amax(dim=1) > m.flatten(1).amin(dim=1)
+            if not bool(keep.any()):
+                continue
+            up = normalize(upsample(m[keep][None], size)[0])[:, None]  # [G', 1, H, W]
+            xb, bb = inp.x[b : b + 1], blurred[b : b + 1]
+            mixed = xb * up.to(xb.dtype) + bb * (1 - up.to(xb.dtype))
+            scores = _probabilities(inp, inp.output_fn(inp.model(torch.cat([bb, mixed]))), b)
+            s = scores[1:] - scores[0]
+            out[b] = torch.relu((s[:, None, None] * up[:, 0]).sum(dim=0))
+    return out
+
+
 # ----------------------------------------------------------------------------------------------- Opti-CAM
 
 
@@ -380,6 +579,42 @@ register(
         prefer="maps at a shallow layer's resolution that keep the deep layer's class focus",
     )
 )
+register(
+    PassMethod(
+        name="pcamp",
+        needs_grad=False,
+        cost="1 forward + one forward per channel of each layer (about 2,200 on EfficientNet-Lite0), no backward",
+        paper="Englebert, Cornu & De Vleeschouwer, ICPR 2022 (Poly-CAM, PCAM+)",
+        summary="Poly-CAM's recursion over ReLU(sum_k w_k A_k), w_k = p_c(X * H_k) per layer",
+        aliases=("pcam+", "polycam+"),
+        run=_named("pcamp", pcam_plus),
+        prefer="the paper's gradient-free Poly-CAM, when thousands of forwards per image are affordable",
+    )
+)
+register(
+    PassMethod(
+        name="pcampm",
+        needs_grad=False,
+        cost="1 forward + two forwards per channel of each layer (about 4,400 on EfficientNet-Lite0), no backward",
+        paper="Englebert, Cornu & De Vleeschouwer, ICPR 2022 (Poly-CAM, PCAM+/-)",
+        summary="Poly-CAM's recursion, w_k = ReLU(p_c(X * H_k) + p_c(X) - p_c(X * (1 - H_k))) per layer",
+        aliases=("pcam±", "polycam±"),
+        run=_named("pcampm", lambda inp: pcam_plus(inp, signed=True)),
+        prefer="PCAM+ that also counts what removing a channel's region costs, at twice PCAM+'s forwards",
+    )
+)
+register(
+    PassMethod(
+        name="polycam-matched",
+        needs_grad=False,
+        cost="1 forward + 1 backward to the shallowest of its layers (as polycam)",
+        paper="camkit's combination of Poly-CAM (Englebert et al., ICPR 2022) and Grad-CAM",
+        summary="Poly-CAM's order of the pixels with Grad-CAM's values (per-image rank matching)",
+        aliases=("polycam-gc",),
+        run=_named("polycam-matched", polycam_matched),
+        prefer="Poly-CAM's sharper order with thresholds that cut Grad-CAM-sized regions (boxes from maps)",
+    )
+)
 register_tunable(
     PerturbationMethod(
         name="opticam",
@@ -392,4 +627,16 @@ register_tunable(
         prefer="the map that, used as a mask, keeps the class score highest (faithfulness), at 100x the cost",
     ),
     {"samples": 100},
+)
+register(
+    PassMethod(
+        name="groupcam",
+        needs_grad=False,
+        cost="1 forward + 1 backward, then 1 + 32 forwards (the blurred input and one per channel group)",
+        paper="Zhang, Rao & Yang 2021 (Group-CAM, arXiv 2103.13859)",
+        summary="sum_g [p_c(X*M_g + blur(X)*(1-M_g)) - p_c(blur(X))] M_g over 32 denoised Grad-CAM group maps",
+        aliases=("group-cam",),
+        run=_named("groupcam", groupcam),
+        prefer="a score-weighted map (faithfulness) at about 35 forwards instead of Score-CAM's one per channel",
+    )
 )

@@ -14,6 +14,7 @@
 
 from camkit.metrics._common import Forward
 from camkit.metrics.arcc import ArccResult, arcc, coherency, complexity
+from camkit.metrics.bootstrap import PairedBootstrap, max_box_acc_value, paired_bootstrap
 from camkit.metrics.complexity import effective_complexity, entropy_complexity, sparseness
 from camkit.metrics.correlation import (
     SensitivityN,
@@ -90,6 +91,7 @@ __all__ = [
     "MetricBatch",
     "MetricScorer",
     "MprtResult",
+    "PairedBootstrap",
     "RegionCurve",
     "RoadResult",
     "SanityResult",
@@ -119,11 +121,13 @@ __all__ = [
     "irof",
     "mask_auc",
     "max_box_acc_v2",
+    "max_box_acc_value",
     "max_sensitivity",
     "monotonicity_arya",
     "monotonicity_nguyen",
     "mprt",
     "noisy_linear_impute",
+    "paired_bootstrap",
     "pixel_flipping",
     "pointing_game",
     "random_logit",
