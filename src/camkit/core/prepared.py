@@ -16,8 +16,8 @@ contiguous (NCHW) tensors, as from the model.
 The copy is made once per model, device, dtype and set of target layers, and kept while the model is unchanged
 (the cache of :mod:`camkit.core.accel`, same invalidation; :func:`camkit.core.accel.clear_cache` forgets it). The
 first capture of each input shape also runs on the model as given and is compared with the copy's: the same
-explained classes, each target layer's map (Grad-CAM's, or the channel mean without gradients, in [0, 1]) within
-:data:`RTOL`, and the output, every activation and every gradient within :data:`TENSOR_RTOL` of the largest value
+explained classes, each target layer's map (Grad-CAM's, or the channel sum without gradients) within :data:`RTOL`
+of its scale, and the output, every activation and every gradient within :data:`TENSOR_RTOL` of the largest value
 of the model's. A copy that cannot be made or run, or that disagrees, is dropped for that model with one
 :class:`camkit.core.accel.AccelWarning` naming the reason, and the model as given runs the capture, as before.
 Nothing is chosen by timing: two identical calls give identical maps.
@@ -48,7 +48,8 @@ from camkit.core.capture import Captured, Gradients, is_thread_hook
 __all__ = ["RTOL", "TENSOR_RTOL", "PreparedCopy", "check_map", "contiguous", "disagreement", "prepared_copy"]
 
 RTOL = 1e-5
-"""How far the copy's maps (in [0, 1], :func:`check_map`) may be from the model's at the check."""
+"""How far the copy's map of each target layer (:func:`check_map`) may be from the model's at the check, relative
+to the map's scale."""
 
 TENSOR_RTOL = 1e-4
 """How far the copy's output, activations and gradients may be from the model's at the check, relative to the
@@ -188,7 +189,7 @@ def disagreement(
     ref: Captured, got: Captured, ref_classes: Tensor | None, got_classes: Tensor | None
 ) -> str | None:
     """Why the copy's capture ``got`` is not the model's ``ref`` (None: they agree): other classes, other layers,
-    a map further than :data:`RTOL` from the model's (maps in [0, 1], see :func:`check_map`), or an output,
+    a map further than :data:`RTOL` (relative, see :func:`check_map`) from the model's, or an output,
     activation or gradient further than :data:`TENSOR_RTOL` of its largest value from the model's."""
     if (ref_classes is None) != (got_classes is None) or (
         ref_classes is not None and got_classes is not None and not torch.equal(ref_classes, got_classes)
@@ -218,27 +219,25 @@ def _first(g: Gradients | None) -> Tensor | None:
     return g[0] if isinstance(g, list) else g
 
 
-def check_map(a: Tensor, g: Tensor | None) -> Tensor:
-    """The map the check compares, in [0, 1] per image: Grad-CAM's (ReLU of sum_k mean(dS/dA_k) A_k) with a
-    gradient, else the channel mean of ``A``; min-max normalised over each image's feature map. Token layouts
-    (not Tensor[B, K, h, w]) compare ``A`` (and the gradient) alone."""
+def check_map(a: Tensor, g: Tensor | None) -> tuple[Tensor, Tensor]:
+    """The map the check compares and its scale per image: Grad-CAM's sum_k mean(dS/dA_k) A_k with a gradient,
+    else the channel sum of ``A``; the scale is the same sum of absolute values (the size of the terms that float
+    rounding acts on). Token layouts (not Tensor[B, K, h, w]) compare ``A`` and the gradient alone."""
     if a.dim() != 4:
-        return torch.zeros(1)
+        return torch.zeros(1), torch.ones(1)
     a64 = a.detach().double()
-    if g is None:
-        m = a64.mean(dim=1)
-    else:
-        w = g.detach().double().mean(dim=(2, 3), keepdim=True)
-        m = torch.relu((w * a64).sum(dim=1))
-    flat = m.flatten(1)
-    low, high = flat.min(dim=1, keepdim=True).values, flat.max(dim=1, keepdim=True).values
-    return ((flat - low) / (high - low).clamp_min(1e-30)).reshape(m.shape)
+    w = torch.ones_like(a64[:, :, :1, :1]) if g is None else g.detach().double().mean(dim=(2, 3), keepdim=True)
+    terms = w * a64
+    scale = terms.abs().sum(dim=1).flatten(1).amax(dim=1).clamp_min(1e-30)
+    return terms.sum(dim=1), scale[:, None, None]
 
 
 def _map_error(a: Tensor, b: Tensor, ga: Tensor | None, gb: Tensor | None) -> float:
+    """max |map_b - map_a| relative to the scale of ``a``'s map, per image (inf for other shapes or non-finite)."""
     if a.shape != b.shape:
         return float("inf")
-    diff = (check_map(a, ga) - check_map(b, gb)).abs()
+    (ref, scale), (got, _) = check_map(a, ga), check_map(b, gb)
+    diff = (got - ref).abs() / scale
     return float(diff.max()) if bool(torch.isfinite(diff).all()) else float("inf")
 
 
