@@ -22,8 +22,8 @@ of the model's. A copy that cannot be made or run, or that disagrees, is dropped
 :class:`camkit.core.accel.AccelWarning` naming the reason, and the model as given runs the capture, as before.
 Nothing is chosen by timing: two identical calls give identical maps.
 
-Not used (the model as given runs the capture): ``explain(..., accelerate=False)``, input that is not an image
-batch Tensor[B, C, H, W] (clips), torchvision segmentation and detection models, Keras models, a model carrying
+Not used (the model as given runs the capture): ``explain(..., accelerate=False)``, input that is not a float32
+image batch Tensor[B, C, H, W] (clips, half precision), torchvision segmentation and detection models, Keras models, a model carrying
 hooks of its own (they must see their model run), and layers given as modules that are not submodules of the
 model under their names. The methods with passes of their own (guided backprop, FullGrad, SmoothGrad, ...) and
 the perturbation methods' extra forwards run on the model as given, as before: only the shared capture moves.
@@ -124,7 +124,7 @@ def prepared_copy(model: nn.Module, x: Tensor, layers: dict[str, nn.Module]) -> 
     """The prepared copy for capturing ``layers`` of ``model`` on inputs like ``x``, or None where the model as
     given runs the capture (see the module's notes: not an image batch, Keras, hooks of the user's, layers that are
     not submodules under their names, nothing to gain, or a copy that failed)."""
-    if x.dim() != 4 or not layers or _keras(model) or _user_hooks(model):
+    if x.dim() != 4 or x.dtype != torch.float32 or not layers or _keras(model) or _user_hooks(model):
         return None
     for name, module in layers.items():
         try:
