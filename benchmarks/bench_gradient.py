@@ -2,17 +2,20 @@
 
 Run from the repository root:
 
-    .venv/bin/python benchmarks/bench_gradient.py                  # full run: 2 threads, 7 repeats
-    .venv/bin/python benchmarks/bench_gradient.py --threads 1      # less noise on a small shared machine
-    .venv/bin/python benchmarks/bench_gradient.py --quick --models lite0 --batches 1   # smoke run
+    .venv/bin/python benchmarks/bench_gradient.py                  # full run: 1 thread, batch 8, 7 repeats
+    .venv/bin/python benchmarks/bench_gradient.py --methods gradcam --repeats 9   # the goals only
+    .venv/bin/python benchmarks/bench_gradient.py --quick --models lite0 --no-memory   # smoke run
 
 What runs:
 
-* models: torchvision ResNet-50 with random weights (``weights=None``, eval) explained at ``layer4``, and the
-  pretrained EfficientNet-Lite0 of ``camkit.load_model()`` explained at ``bn2``;
-* inputs: random normal Tensor[B, 3, 224, 224] (fixed seed), B in {1, 8}; the target is each image's top-1 class;
-* contenders, for Grad-CAM, Grad-CAM++ and LayerCAM:
-    - ``camkit``: ``camkit.explain(model, x, method=..., layers=...)`` (maps upsampled to 224x224, in [0, 1]);
+* models: the pretrained EfficientNet-Lite0 of ``camkit.load_model()`` explained at ``bn2`` (camkit's default
+  layer) and torchvision ResNet-50 with random weights (``weights=None``, eval) explained at ``layer4``;
+* inputs: random normal Tensor[B, 3, 224, 224] (fixed seed), B = 8 (``--batches``); the target is each image's
+  top-1 class;
+* contenders, for Grad-CAM, Grad-CAM++ and LayerCAM (``--methods``):
+    - ``camkit``: ``camkit.explain(model, x, method=..., layers=...)`` (maps upsampled to 224x224, in [0, 1]); its
+      capture runs on the prepared copy (BatchNorm folded, channels-last on CPU, ``camkit/core/prepared.py``),
+      made and checked in the warm-up round;
     - ``grad-cam``: pytorch-grad-cam 1.5.7 (``GradCAM`` / ``GradCAMPlusPlus`` / ``LayerCAM``), built per call in a
       ``with`` block with ``target_layers=[module]`` and called with ``targets=None``; its normal cost includes
       the full backward (parameter gradients too) and numpy maps at 224x224;
@@ -20,13 +23,17 @@ What runs:
       ``scores = model(x)`` with grad mode on, then ``extractor(class_idx=top1, scores=scores)``; the input does
       not need ``requires_grad`` (the parameters do). torchcam stops at normalised maps at feature resolution
       (7x7), it does not upsample;
-  plus ``forward``: ``with torch.inference_mode(): model(x)``, the reference, and ``compare5``:
-  ``camkit.compare`` of five gradient methods (gradcam, gradcam++, xgradcam, hirescam, layercam) in one pass.
+  plus ``forward``: ``with torch.inference_mode(): model(x)`` on the model as given (eager, NCHW), the reference,
+  and ``camkit Grad-CAM accelerate=False`` (the capture on the model as given). With CUDA, every table is also
+  made on the GPU, with two more forwards to compare with: ``forward channels-last`` (a channels-last copy of the
+  model, channels-last input) and ``forward inductor`` (``torch.compile`` of a copy, compiled before timing);
+  each timed call ends with ``torch.cuda.synchronize()``.
+* peak memory (CPU, Linux; ``--no-memory`` skips it): in a freshly forked child per cell, ``/proc/self/clear_refs``
+  then one call, ``VmHWM`` minus the resident size before it: the forward (after one untimed forward), camkit's
+  first call (the copy made and checked), a later camkit call, and camkit with ``accelerate=False``.
 
-Methodology: ``torch.set_num_threads(--threads)`` (default 2; OpenCV, used by pytorch-grad-cam to resize, gets the
-same count). On a small machine shared with other work, 2 threads on 2 cores make every timing suffer whenever
-another process takes a core, so medians get noisy; ``--threads 1`` is steadier there (the load average is printed
-at the start and the end). For each (model, batch) all contenders are interleaved round-robin: every repetition runs each
+Methodology: ``torch.set_num_threads(--threads)`` (default 1; OpenCV, used by pytorch-grad-cam to resize, gets the
+same count); the load average (``os.getloadavg()``) is printed at the start and the end. For each (model, batch) all contenders are interleaved round-robin: every repetition runs each
 contender once, in turn, starting one contender later than the previous repetition so that no contender always
 follows the same one. One warm-up repetition is not timed, then ``--repeats`` are. ``gc.collect()`` runs before
 each timed call. After each call, outside the timing: the output is checked (shape, finite values), the model
@@ -38,12 +45,12 @@ contender must leave ``param.grad`` None. In the warm-up round the maps of the t
 
 Columns:
 
-* ``forward``, ``camkit``, ``grad-cam``, ``torchcam``, ``gradcam``, ``compare5``: milliseconds per image
-  (time of one call / batch size), as ``median / best`` over the repeats;
+* ``forward``, ``camkit``, ``grad-cam``, ``torchcam``: milliseconds per image (time of one call / batch size), as
+  ``median / best (+spread)`` over the repeats, spread = (worst - best) / best;
 * ``camkit/forward``: camkit's time over the plain forward's (1.00 = free explanation);
-* ``grad-cam/camkit``, ``torchcam/camkit``: how many times faster camkit is than that library;
-* ``compare5/gradcam``: five methods via ``camkit.compare`` over one ``camkit.explain`` Grad-CAM;
-* ratios are given as ``ratio of medians / ratio of bests``.
+* ``torchcam/camkit``, ``grad-cam/camkit``: how many times faster camkit is than that library;
+* ratios are given as ``ratio of medians / ratio of bests``; the goals table uses the ratios of bests
+  (Lite0: camkit/forward <= 0.75, torchcam/camkit >= 2; ResNet-50: <= 0.9 and >= 1.4; batch 8, CPU).
 * agreement: max |difference| between camkit's map and the library's map, both min-max normalised (grad-cam at
   224x224; torchcam at feature resolution against camkit's ReLU'd raw map normalised there).
 """
@@ -76,7 +83,6 @@ from camkit.core.postprocess import normalize
 
 SIZE = 224
 SEED = 0
-COMPARE_METHODS = ("gradcam", "gradcam++", "xgradcam", "hirescam", "layercam")
 
 
 @dataclass(frozen=True)
@@ -129,10 +135,6 @@ def run_camkit(
     return camkit.explain(model, x, method=method, layers=layer, accelerate=accelerate)
 
 
-def run_camkit_compare(model: nn.Module, x: Tensor, layer: str) -> dict[str, camkit.Explanation]:
-    return camkit.compare(model, x, methods=COMPARE_METHODS, layers=layer)
-
-
 def run_gradcam_lib(model: nn.Module, x: Tensor, cls: Callable[..., Any], layer: str) -> np.ndarray:
     with cls(model=model, target_layers=[model.get_submodule(layer)]) as cam:
         return cam(input_tensor=x, targets=None)  # type: ignore[no-any-return]
@@ -167,18 +169,6 @@ def check_explanation(batch: int) -> Callable[[object], None]:
         assert isinstance(out, camkit.Explanation)
         _expect(tuple(out.maps.shape) == (batch, SIZE, SIZE), f"camkit maps {tuple(out.maps.shape)}")
         _expect(bool(torch.isfinite(out.maps).all()), "camkit maps are not finite")
-
-    return check
-
-
-def check_compare(batch: int) -> Callable[[object], None]:
-    one = check_explanation(batch)
-
-    def check(out: object) -> None:
-        _expect(isinstance(out, dict) and list(out) == list(COMPARE_METHODS), f"compare returned {out!r:.80}")
-        assert isinstance(out, dict)
-        for expl in out.values():
-            one(expl)
 
     return check
 
@@ -313,7 +303,6 @@ def build_contenders(case: ModelCase, x: Tensor, methods: Sequence[MethodSpec]) 
                 check_torchcam(b),
             )
         )
-    out.append(Contender("compare5", partial(run_camkit_compare, m, x, layer), check_compare(b)))
     return out
 
 
