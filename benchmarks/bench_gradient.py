@@ -29,8 +29,9 @@ What runs:
   model, channels-last input) and ``forward inductor`` (``torch.compile`` of a copy, compiled before timing);
   each timed call ends with ``torch.cuda.synchronize()``.
 * peak memory (CPU, Linux; ``--no-memory`` skips it): in a freshly forked child per cell, ``/proc/self/clear_refs``
-  then one call, ``VmHWM`` minus the resident size before it: the forward (after one untimed forward), camkit's
-  first call (the copy made and checked), a later camkit call, and camkit with ``accelerate=False``.
+  then one call, ``VmHWM`` minus the resident size before it; the children are forked before the parent runs
+  anything on the model: the forward, camkit's Grad-CAM (its first call makes and checks the copy) and camkit with
+  ``accelerate=False``, each as a first call and as a second call (after one untimed call).
 
 Methodology: ``torch.set_num_threads(--threads)`` (default 1; OpenCV, used by pytorch-grad-cam to resize, gets the
 same count); the load average (``os.getloadavg()``) is printed at the start and the end. For each (model, batch) all contenders are interleaved round-robin: every repetition runs each
@@ -507,14 +508,15 @@ def _status(key: str) -> int:
 
 
 def _memory_child(case: ModelCase, x: Tensor, which: str, queue: Any) -> None:
-    """In a forked child: the peak resident memory of one call beyond what was resident before it."""
+    """In a forked child: the peak resident memory of one call beyond what was resident before it (``later``: a
+    second call, after one untimed call)."""
     run: Callable[[], object]
-    if which == "forward":
+    if which.startswith("forward"):
         run = partial(run_forward, case.model, x)
     else:
-        run = partial(run_camkit, case.model, x, "gradcam", case.layer, which != "camkit plain")
-    if which in ("camkit later call", "forward"):
-        run()  # the copy (or the forward's buffers) made before the measured call
+        run = partial(run_camkit, case.model, x, "gradcam", case.layer, "plain" not in which)
+    if "later" in which:
+        run()
     gc.collect()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
@@ -523,13 +525,17 @@ def _memory_child(case: ModelCase, x: Tensor, which: str, queue: Any) -> None:
     queue.put(_status("VmHWM") - before)
 
 
+MEMORY_CELLS = ("forward", "forward later", "camkit", "camkit later", "camkit plain", "camkit plain later")
+
+
 def memory_rows(case: ModelCase, x: Tensor) -> list[list[str]]:
-    """Peak memory beyond the resident set, each in a freshly forked child (Linux only)."""
+    """Peak memory beyond the resident set, each in a freshly forked child (Linux only), forked before the parent
+    ran anything on the model (no prepared copy, no warm allocator)."""
     import multiprocessing as mp
 
     ctx = mp.get_context("fork")
     cells = []
-    for which in ("forward", "camkit first call", "camkit later call", "camkit plain"):
+    for which in MEMORY_CELLS:
         queue = ctx.Queue()
         proc = ctx.Process(target=_memory_child, args=(case, x, which, queue))
         proc.start()
@@ -555,6 +561,8 @@ def run_device(args: argparse.Namespace, device: torch.device) -> None:
     for case in cases:
         for batch in batches:
             x = torch.randn(batch, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(SEED)).to(device)
+            if device.type == "cpu" and not args.no_memory and sys.platform.startswith("linux"):
+                mem_rows += memory_rows(case, x)
             contenders, first = measure(case, x, args.repeats, methods)
             stats = {c.name: Stat.of(c.seconds, batch) for c in contenders}
             fwd = stats["forward"]
@@ -575,8 +583,6 @@ def run_device(args: argparse.Namespace, device: torch.device) -> None:
                     [case.key, str(batch), title, fmt_diff(d_gc), fmt_diff(d_tc), "yes" if zero else "no"]
                 )
             goals += goal_rows(case.key, batch, stats, device.type)
-            if device.type == "cpu" and not args.no_memory and sys.platform.startswith("linux"):
-                mem_rows += memory_rows(case, x)
     print_tables(device, main_rows, fwd_rows, agree_rows, mem_rows, goals)
 
 
