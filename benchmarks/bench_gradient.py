@@ -608,14 +608,8 @@ def print_tables(
     print(markdown(["model", "batch", "method", "grad-cam", "torchcam", "camkit maps all zero"], agree_rows))
     if mem_rows:
         print("\n## CPU: peak memory beyond the resident set, MiB (fresh forked child each, VmHWM)\n")
-        header = [
-            "model",
-            "batch",
-            "forward",
-            "camkit first call",
-            "camkit later call",
-            "camkit accelerate=False",
-        ]
+        header = ["model", "batch", "forward", "forward, 2nd call", "camkit Grad-CAM", "camkit, 2nd call"]
+        header += ["camkit accelerate=False", "accelerate=False, 2nd call"]
         print(markdown(header, mem_rows))
     if goals:
         print("\n## Goals (ratios of bests)\n")
