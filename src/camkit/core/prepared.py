@@ -226,7 +226,11 @@ def check_map(a: Tensor, g: Tensor | None) -> tuple[Tensor, Tensor]:
     if a.dim() != 4:
         return torch.zeros(1), torch.ones(1)
     a64 = a.detach().double()
-    w = torch.ones_like(a64[:, :, :1, :1]) if g is None else g.detach().double().mean(dim=(2, 3), keepdim=True)
+    w = (
+        torch.ones_like(a64[:, :, :1, :1])
+        if g is None
+        else g.detach().double().mean(dim=(2, 3), keepdim=True)
+    )
     terms = w * a64
     scale = terms.abs().sum(dim=1).flatten(1).amax(dim=1).clamp_min(1e-30)
     return terms.sum(dim=1), scale[:, None, None]
