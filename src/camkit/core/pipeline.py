@@ -235,9 +235,10 @@ def _capture(
     accelerate: bool = True,
 ) -> tuple[Captured, Targets]:
     """4. One forward (and one backward for ``need_grad``); the plan is resolved on the output in between. With
-    ``accelerate`` (classifiers), on the prepared copy of the model (:mod:`camkit.core.prepared`), checked against
+    ``accelerate`` (classifiers: not torchvision detection or segmentation models, whatever the target), on the prepared copy of the model (:mod:`camkit.core.prepared`), checked against
     the model on the first batch of each shape."""
-    prep = prepared_copy(model, x, layers) if accelerate and plan.task == "classification" else None
+    classifier = plan.task == "classification" and model_task(model) == "classification"
+    prep = prepared_copy(model, x, layers) if accelerate and classifier else None
     if prep is None:
         return _capture_on(model, x, layers, plan, need_grad, read)
     if prep.checked(x):
