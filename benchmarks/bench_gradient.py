@@ -2,17 +2,20 @@
 
 Run from the repository root:
 
-    .venv/bin/python benchmarks/bench_gradient.py                  # full run: 2 threads, 7 repeats
-    .venv/bin/python benchmarks/bench_gradient.py --threads 1      # less noise on a small shared machine
-    .venv/bin/python benchmarks/bench_gradient.py --quick --models lite0 --batches 1   # smoke run
+    .venv/bin/python benchmarks/bench_gradient.py                  # full run: 1 thread, batch 8, 7 repeats
+    .venv/bin/python benchmarks/bench_gradient.py --methods gradcam --repeats 9   # the goals only
+    .venv/bin/python benchmarks/bench_gradient.py --quick --models lite0 --no-memory   # smoke run
 
 What runs:
 
-* models: torchvision ResNet-50 with random weights (``weights=None``, eval) explained at ``layer4``, and the
-  pretrained EfficientNet-Lite0 of ``camkit.load_model()`` explained at ``bn2``;
-* inputs: random normal Tensor[B, 3, 224, 224] (fixed seed), B in {1, 8}; the target is each image's top-1 class;
-* contenders, for Grad-CAM, Grad-CAM++ and LayerCAM:
-    - ``camkit``: ``camkit.explain(model, x, method=..., layers=...)`` (maps upsampled to 224x224, in [0, 1]);
+* models: the pretrained EfficientNet-Lite0 of ``camkit.load_model()`` explained at ``bn2`` (camkit's default
+  layer) and torchvision ResNet-50 with random weights (``weights=None``, eval) explained at ``layer4``;
+* inputs: random normal Tensor[B, 3, 224, 224] (fixed seed), B = 8 (``--batches``); the target is each image's
+  top-1 class;
+* contenders, for Grad-CAM, Grad-CAM++ and LayerCAM (``--methods``):
+    - ``camkit``: ``camkit.explain(model, x, method=..., layers=...)`` (maps upsampled to 224x224, in [0, 1]); its
+      capture runs on the prepared copy (BatchNorm folded, channels-last on CPU, ``camkit/core/prepared.py``),
+      made and checked in the warm-up round;
     - ``grad-cam``: pytorch-grad-cam 1.5.7 (``GradCAM`` / ``GradCAMPlusPlus`` / ``LayerCAM``), built per call in a
       ``with`` block with ``target_layers=[module]`` and called with ``targets=None``; its normal cost includes
       the full backward (parameter gradients too) and numpy maps at 224x224;
@@ -20,13 +23,18 @@ What runs:
       ``scores = model(x)`` with grad mode on, then ``extractor(class_idx=top1, scores=scores)``; the input does
       not need ``requires_grad`` (the parameters do). torchcam stops at normalised maps at feature resolution
       (7x7), it does not upsample;
-  plus ``forward``: ``with torch.inference_mode(): model(x)``, the reference, and ``compare5``:
-  ``camkit.compare`` of five gradient methods (gradcam, gradcam++, xgradcam, hirescam, layercam) in one pass.
+  plus ``forward``: ``with torch.inference_mode(): model(x)`` on the model as given (eager, NCHW), the reference,
+  and ``camkit Grad-CAM accelerate=False`` (the capture on the model as given). With CUDA, every table is also
+  made on the GPU, with two more forwards to compare with: ``forward channels-last`` (a channels-last copy of the
+  model, channels-last input) and ``forward inductor`` (``torch.compile`` of a copy, compiled before timing);
+  each timed call ends with ``torch.cuda.synchronize()``.
+* peak memory (CPU, Linux; ``--no-memory`` skips it): in a freshly forked child per cell, ``/proc/self/clear_refs``
+  then one call, ``VmHWM`` minus the resident size before it; the children are forked before the parent runs
+  anything on the model: the forward, camkit's Grad-CAM (its first call makes and checks the copy) and camkit with
+  ``accelerate=False``, each as a first call and as a second call (after one untimed call).
 
-Methodology: ``torch.set_num_threads(--threads)`` (default 2; OpenCV, used by pytorch-grad-cam to resize, gets the
-same count). On a small machine shared with other work, 2 threads on 2 cores make every timing suffer whenever
-another process takes a core, so medians get noisy; ``--threads 1`` is steadier there (the load average is printed
-at the start and the end). For each (model, batch) all contenders are interleaved round-robin: every repetition runs each
+Methodology: ``torch.set_num_threads(--threads)`` (default 1; OpenCV, used by pytorch-grad-cam to resize, gets the
+same count); the load average (``os.getloadavg()``) is printed at the start and the end. For each (model, batch) all contenders are interleaved round-robin: every repetition runs each
 contender once, in turn, starting one contender later than the previous repetition so that no contender always
 follows the same one. One warm-up repetition is not timed, then ``--repeats`` are. ``gc.collect()`` runs before
 each timed call. After each call, outside the timing: the output is checked (shape, finite values), the model
@@ -38,12 +46,12 @@ contender must leave ``param.grad`` None. In the warm-up round the maps of the t
 
 Columns:
 
-* ``forward``, ``camkit``, ``grad-cam``, ``torchcam``, ``gradcam``, ``compare5``: milliseconds per image
-  (time of one call / batch size), as ``median / best`` over the repeats;
+* ``forward``, ``camkit``, ``grad-cam``, ``torchcam``: milliseconds per image (time of one call / batch size), as
+  ``median / best (+spread)`` over the repeats, spread = (worst - best) / best;
 * ``camkit/forward``: camkit's time over the plain forward's (1.00 = free explanation);
-* ``grad-cam/camkit``, ``torchcam/camkit``: how many times faster camkit is than that library;
-* ``compare5/gradcam``: five methods via ``camkit.compare`` over one ``camkit.explain`` Grad-CAM;
-* ratios are given as ``ratio of medians / ratio of bests``.
+* ``torchcam/camkit``, ``grad-cam/camkit``: how many times faster camkit is than that library;
+* ratios are given as ``ratio of medians / ratio of bests``; the goals table uses the ratios of bests
+  (Lite0: camkit/forward <= 0.75, torchcam/camkit >= 2; ResNet-50: <= 0.9 and >= 1.4; batch 8, CPU).
 * agreement: max |difference| between camkit's map and the library's map, both min-max normalised (grad-cam at
   224x224; torchcam at feature resolution against camkit's ReLU'd raw map normalised there).
 """
@@ -51,6 +59,7 @@ Columns:
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import os
 import platform
@@ -75,7 +84,6 @@ from camkit.core.postprocess import normalize
 
 SIZE = 224
 SEED = 0
-COMPARE_METHODS = ("gradcam", "gradcam++", "xgradcam", "hirescam", "layercam")
 
 
 @dataclass(frozen=True)
@@ -122,12 +130,10 @@ def run_forward(model: nn.Module, x: Tensor) -> Tensor:
         return model(x)  # type: ignore[no-any-return]
 
 
-def run_camkit(model: nn.Module, x: Tensor, method: str, layer: str) -> camkit.Explanation:
-    return camkit.explain(model, x, method=method, layers=layer)
-
-
-def run_camkit_compare(model: nn.Module, x: Tensor, layer: str) -> dict[str, camkit.Explanation]:
-    return camkit.compare(model, x, methods=COMPARE_METHODS, layers=layer)
+def run_camkit(
+    model: nn.Module, x: Tensor, method: str, layer: str, accelerate: bool = True
+) -> camkit.Explanation:
+    return camkit.explain(model, x, method=method, layers=layer, accelerate=accelerate)
 
 
 def run_gradcam_lib(model: nn.Module, x: Tensor, cls: Callable[..., Any], layer: str) -> np.ndarray:
@@ -164,18 +170,6 @@ def check_explanation(batch: int) -> Callable[[object], None]:
         assert isinstance(out, camkit.Explanation)
         _expect(tuple(out.maps.shape) == (batch, SIZE, SIZE), f"camkit maps {tuple(out.maps.shape)}")
         _expect(bool(torch.isfinite(out.maps).all()), "camkit maps are not finite")
-
-    return check
-
-
-def check_compare(batch: int) -> Callable[[object], None]:
-    one = check_explanation(batch)
-
-    def check(out: object) -> None:
-        _expect(isinstance(out, dict) and list(out) == list(COMPARE_METHODS), f"compare returned {out!r:.80}")
-        assert isinstance(out, dict)
-        for expl in out.values():
-            one(expl)
 
     return check
 
@@ -254,21 +248,21 @@ def check_model_clean(model: nn.Module, state: ModelState, contender: Contender)
 
 
 def agreement(
-    outputs: dict[str, object], case: ModelCase
+    outputs: dict[str, object], case: ModelCase, methods: Sequence[MethodSpec]
 ) -> list[tuple[str, float | None, float | None, bool]]:
     """Per method: max |camkit - grad-cam|, max |camkit - torchcam|, whether camkit's maps are all zero."""
     rows = []
-    for spec in METHODS:
+    for spec in methods:
         expl = outputs[f"camkit {spec.title}"]
         assert isinstance(expl, camkit.Explanation)
         gc_maps = outputs[f"grad-cam {spec.title}"]
         tc_maps = outputs[f"torchcam {spec.title}"]
         d_gc = d_tc = None
         if isinstance(gc_maps, np.ndarray):
-            d_gc = float((expl.maps - torch.from_numpy(gc_maps)).abs().max())
+            d_gc = float((expl.maps.cpu() - torch.from_numpy(gc_maps)).abs().max())
         if isinstance(tc_maps, list):
             mine = normalize(torch.relu(expl.raw[case.layer]))
-            d_tc = float((mine - tc_maps[0].float()).abs().max())
+            d_tc = float((mine - tc_maps[0].float()).abs().max().cpu())
         rows.append((spec.title, d_gc, d_tc, bool((expl.maps == 0).all())))
     return rows
 
@@ -276,10 +270,18 @@ def agreement(
 # --- timing --------------------------------------------------------------------------------------------------
 
 
-def build_contenders(case: ModelCase, x: Tensor) -> list[Contender]:
+def build_contenders(case: ModelCase, x: Tensor, methods: Sequence[MethodSpec]) -> list[Contender]:
     m, layer, b = case.model, case.layer, x.shape[0]
     out = [Contender("forward", partial(run_forward, m, x), check_logits(b))]
-    for spec in METHODS:
+    out.append(
+        Contender(
+            "camkit Grad-CAM accelerate=False",
+            partial(run_camkit, m, x, "gradcam", layer, False),
+            check_explanation(b),
+        )
+    )
+    out += gpu_forwards(m, x)
+    for spec in methods:
         out.append(
             Contender(
                 f"camkit {spec.title}",
@@ -302,14 +304,13 @@ def build_contenders(case: ModelCase, x: Tensor) -> list[Contender]:
                 check_torchcam(b),
             )
         )
-    out.append(Contender("compare5", partial(run_camkit_compare, m, x, layer), check_compare(b)))
     return out
 
 
 def measure(
-    case: ModelCase, x: Tensor, repeats: int, warmup: int = 1
+    case: ModelCase, x: Tensor, repeats: int, methods: Sequence[MethodSpec], warmup: int = 1
 ) -> tuple[list[Contender], dict[str, object]]:
-    contenders = build_contenders(case, x)
+    contenders = build_contenders(case, x, methods)
     state = ModelState.of(case.model)
     assert hook_count(case.model) == 0, "the model carries hooks before the benchmark"
     first: dict[str, object] = {}
@@ -318,8 +319,10 @@ def measure(
         for j in range(n):
             c = contenders[(rep + j) % n]
             gc.collect()
+            sync(x)
             t0 = time.perf_counter()
             result = c.run()
+            sync(x)
             dt = time.perf_counter() - t0
             c.check(result)
             check_model_clean(case.model, state, c)
@@ -336,6 +339,35 @@ def measure(
     return contenders, first
 
 
+# --- GPU forwards ---------------------------------------------------------------------------------------------
+
+
+def sync(x: Tensor) -> None:
+    """Wait for the device's queued work (CUDA), so that a timing covers it."""
+    if x.device.type == "cuda":
+        torch.cuda.synchronize(x.device)
+
+
+def gpu_forwards(model: nn.Module, x: Tensor) -> list[Contender]:
+    """On CUDA, two more inference forwards of the model to compare with: channels-last (a copy of the model in
+    channels-last memory format, channels-last input) and inductor (``torch.compile`` of a copy); none on CPU.
+    A forward that cannot be prepared is left out with a note."""
+    if x.device.type != "cuda":
+        return []
+    b = x.shape[0]
+    out = []
+    nhwc = copy.deepcopy(model).to(memory_format=torch.channels_last).eval()
+    xc = x.contiguous(memory_format=torch.channels_last)
+    out.append(Contender("forward channels-last", partial(run_forward, nhwc, xc), check_logits(b)))
+    try:
+        compiled = torch.compile(copy.deepcopy(model).eval())
+        run_forward(compiled, x)  # compiles now, not in a timed call
+        out.append(Contender("forward inductor", partial(run_forward, compiled, x), check_logits(b)))
+    except Exception as err:  # any compiler failure: the row says so
+        print(f"  inductor forward left out: {type(err).__name__}: {err}", file=sys.stderr)
+    return out
+
+
 # --- report --------------------------------------------------------------------------------------------------
 
 
@@ -343,13 +375,21 @@ def measure(
 class Stat:
     median_ms: float
     best_ms: float
+    worst_ms: float
 
     @classmethod
     def of(cls, seconds: Sequence[float], batch: int) -> Stat:
-        return cls(statistics.median(seconds) * 1e3 / batch, min(seconds) * 1e3 / batch)
+        return cls(
+            statistics.median(seconds) * 1e3 / batch, min(seconds) * 1e3 / batch, max(seconds) * 1e3 / batch
+        )
+
+    @property
+    def spread(self) -> float:
+        """(worst - best) / best over the repeats."""
+        return (self.worst_ms - self.best_ms) / self.best_ms
 
     def __str__(self) -> str:
-        return f"{self.median_ms:.1f} / {self.best_ms:.1f}"
+        return f"{self.median_ms:.1f} / {self.best_ms:.1f} (+{self.spread:.0%})"
 
     def ratio(self, other: Stat) -> tuple[float, float]:
         return self.median_ms / other.median_ms, self.best_ms / other.best_ms
@@ -369,18 +409,17 @@ def fmt_diff(d: float | None) -> str:
     return "n/a" if d is None else f"{d:.2g}"
 
 
-def load_cases(keys: Sequence[str]) -> list[ModelCase]:
+def load_cases(keys: Sequence[str], device: torch.device) -> list[ModelCase]:
     cases = []
     for key in keys:
         if key == "resnet50":
             torch.manual_seed(SEED)
             model = torchvision.models.resnet50(weights=None).eval()
-            cases.append(ModelCase(key, "ResNet-50 (random weights)", model, "layer4"))
+            cases.append(ModelCase(key, "ResNet-50 (random weights)", model.to(device), "layer4"))
         elif key == "lite0":
             loaded = camkit.load_model()
-            cases.append(
-                ModelCase(key, f"EfficientNet-Lite0 ({loaded.name}, pretrained)", loaded.model.eval(), "bn2")
-            )
+            title = f"EfficientNet-Lite0 ({loaded.name}, pretrained)"
+            cases.append(ModelCase(key, title, loaded.model.eval().to(device), "bn2"))
         else:
             raise SystemExit(f"unknown model {key!r}: use resnet50 and/or lite0")
     return cases
@@ -398,15 +437,21 @@ def set_threads(n: int) -> None:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0] if __doc__ else None)
-    p.add_argument("--threads", type=int, default=2, help="torch (and OpenCV) threads (default 2)")
+    p.add_argument("--threads", type=int, default=1, help="torch (and OpenCV) threads (default 1)")
     p.add_argument(
         "--repeats",
         type=int,
         default=None,
         help="timed repetitions per contender (default 7, 2 with --quick)",
     )
-    p.add_argument("--models", default="resnet50,lite0", help="comma-separated: resnet50, lite0")
-    p.add_argument("--batches", default="1,8", help="comma-separated batch sizes (default 1,8)")
+    p.add_argument("--models", default="lite0,resnet50", help="comma-separated: resnet50, lite0")
+    p.add_argument("--batches", default="8", help="comma-separated batch sizes (default 8)")
+    p.add_argument(
+        "--methods",
+        default="gradcam,gradcam++,layercam",
+        help="comma-separated: gradcam, gradcam++, layercam",
+    )
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory table (CPU)")
     p.add_argument("--quick", action="store_true", help="smoke run: 2 repeats unless --repeats is given")
     args = p.parse_args(argv)
     if args.repeats is None:
@@ -416,13 +461,165 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+def chosen_methods(spec: str) -> list[MethodSpec]:
+    by_name = {m.camkit_name: m for m in METHODS}
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    unknown = [n for n in names if n not in by_name]
+    if unknown or not names:
+        raise SystemExit(f"unknown method(s) {unknown}: use {', '.join(by_name)}")
+    if "gradcam" not in names:
+        names.insert(0, "gradcam")  # the goals are Grad-CAM's
+    return [by_name[n] for n in names]
+
+
+# --- goals ---------------------------------------------------------------------------------------------------
+
+#: per model: camkit Grad-CAM / forward at most, torchcam / camkit at least (CPU, batch 8, ratios of bests)
+GOALS = {"lite0": (0.75, 2.0), "resnet50": (0.9, 1.4)}
+
+
+def goal_rows(
+    key: str, batch: int, stats: dict[str, Stat], device: str
+) -> list[tuple[str, float, str, bool]]:
+    """The goals of one (model, batch) as (what, measured, goal, met), ratios of bests."""
+    if device != "cpu" or key not in GOALS or batch != 8:
+        return []
+    top_fwd, low_tc = GOALS[key]
+    ck, fwd = stats["camkit Grad-CAM"], stats["forward"]
+    r_fwd = ck.ratio(fwd)[1]
+    r_tc = stats["torchcam Grad-CAM"].ratio(ck)[1]
+    r_gl = stats["grad-cam Grad-CAM"].ratio(ck)[1]
+    return [
+        (f"Grad-CAM camkit/forward, {key} batch {batch}", r_fwd, f"<= {top_fwd}", r_fwd <= top_fwd),
+        (f"Grad-CAM torchcam/camkit, {key} batch {batch}", r_tc, f">= {low_tc}", r_tc >= low_tc),
+        (f"Grad-CAM grad-cam/camkit, {key} batch {batch}", r_gl, "(shown)", True),
+    ]
+
+
+# --- peak memory (CPU) ---------------------------------------------------------------------------------------
+
+
+def _status(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+def _memory_child(case: ModelCase, x: Tensor, which: str, queue: Any) -> None:
+    """In a forked child: the peak resident memory of one call beyond what was resident before it (``later``: a
+    second call, after one untimed call)."""
+    run: Callable[[], object]
+    if which.startswith("forward"):
+        run = partial(run_forward, case.model, x)
+    else:
+        run = partial(run_camkit, case.model, x, "gradcam", case.layer, "plain" not in which)
+    if "later" in which:
+        run()
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = _status("VmRSS")
+    run()
+    queue.put(_status("VmHWM") - before)
+
+
+MEMORY_CELLS = ("forward", "forward later", "camkit", "camkit later", "camkit plain", "camkit plain later")
+
+
+def memory_rows(case: ModelCase, x: Tensor) -> list[list[str]]:
+    """Peak memory beyond the resident set, each in a freshly forked child (Linux only), forked before the parent
+    ran anything on the model (no prepared copy, no warm allocator)."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    cells = []
+    for which in MEMORY_CELLS:
+        queue = ctx.Queue()
+        proc = ctx.Process(target=_memory_child, args=(case, x, which, queue))
+        proc.start()
+        extra = queue.get()
+        proc.join()
+        cells.append(f"{extra / 2**20:.0f}")
+    return [[case.key, str(x.shape[0]), *cells]]
+
+
+# --- main ----------------------------------------------------------------------------------------------------
+
+
+def run_device(args: argparse.Namespace, device: torch.device) -> None:
+    """Every table of one device."""
+    methods = chosen_methods(args.methods)
+    batches = [int(b) for b in args.batches.split(",") if b.strip()]
+    cases = load_cases([k.strip() for k in args.models.split(",") if k.strip()], device)
+    main_rows: list[list[str]] = []
+    fwd_rows: list[list[str]] = []
+    agree_rows: list[list[str]] = []
+    mem_rows: list[list[str]] = []
+    goals: list[tuple[str, float, str, bool]] = []
+    for case in cases:
+        for batch in batches:
+            x = torch.randn(batch, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(SEED)).to(device)
+            if device.type == "cpu" and not args.no_memory and sys.platform.startswith("linux"):
+                mem_rows += memory_rows(case, x)
+            contenders, first = measure(case, x, args.repeats, methods)
+            stats = {c.name: Stat.of(c.seconds, batch) for c in contenders}
+            fwd = stats["forward"]
+            for spec in methods:
+                ck = stats[f"camkit {spec.title}"]
+                gl, tc = stats[f"grad-cam {spec.title}"], stats[f"torchcam {spec.title}"]
+                ratios = [fmt_ratio(ck.ratio(fwd)), fmt_ratio(tc.ratio(ck)), fmt_ratio(gl.ratio(ck))]
+                main_rows.append(
+                    [case.key, str(batch), spec.title, str(fwd), str(ck), str(gl), str(tc), *ratios]
+                )
+            ck = stats["camkit Grad-CAM"]
+            others = [n for n in stats if n.startswith("forward ") or n.endswith("accelerate=False")]
+            fwd_rows += [
+                [case.key, str(batch), n, str(stats[n]), fmt_ratio(ck.ratio(stats[n]))] for n in others
+            ]
+            for title, d_gc, d_tc, zero in agreement(first, case, methods):
+                agree_rows.append(
+                    [case.key, str(batch), title, fmt_diff(d_gc), fmt_diff(d_tc), "yes" if zero else "no"]
+                )
+            goals += goal_rows(case.key, batch, stats, device.type)
+    print_tables(device, main_rows, fwd_rows, agree_rows, mem_rows, goals)
+
+
+def print_tables(
+    device: torch.device,
+    main_rows: list[list[str]],
+    fwd_rows: list[list[str]],
+    agree_rows: list[list[str]],
+    mem_rows: list[list[str]],
+    goals: list[tuple[str, float, str, bool]],
+) -> None:
+    print(f"## {device.type.upper()}: Grad-CAM family, ms/image and ratios\n")
+    header = ["model", "batch", "method", "forward", "camkit", "grad-cam", "torchcam"]
+    header += ["camkit/forward", "torchcam/camkit", "grad-cam/camkit"]
+    print(markdown(header, main_rows))
+    print(
+        f"\n## {device.type.upper()}: camkit Grad-CAM against other forwards and against itself without the copy\n"
+    )
+    print(markdown(["model", "batch", "contender", "ms/image", "camkit Grad-CAM / contender"], fwd_rows))
+    print(
+        f"\n## {device.type.upper()}: agreement in the warm-up round (max |camkit - library|, maps in [0, 1])\n"
+    )
+    print(markdown(["model", "batch", "method", "grad-cam", "torchcam", "camkit maps all zero"], agree_rows))
+    if mem_rows:
+        print("\n## CPU: peak memory beyond the resident set, MiB (fresh forked child each, VmHWM)\n")
+        header = ["model", "batch", "forward", "forward, 2nd call", "camkit Grad-CAM", "camkit, 2nd call"]
+        header += ["camkit accelerate=False", "accelerate=False, 2nd call"]
+        print(markdown(header, mem_rows))
+    if goals:
+        print("\n## Goals (ratios of bests)\n")
+        rows = [[name, f"{value:.2f}", goal, "yes" if ok else "NO"] for name, value, goal, ok in goals]
+        print(markdown(["goal", "measured", "goal", "met"], rows))
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     set_threads(args.threads)
-    models = [k.strip() for k in args.models.split(",") if k.strip()]
-    batches = [int(b) for b in args.batches.split(",") if b.strip()]
-    cases = load_cases(models)
-
     print("# camkit gradient CAM benchmark\n")
     print(
         f"torch {torch.__version__}, torchvision {torchvision.__version__}, camkit {camkit.__version__}, "
@@ -431,84 +628,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"{args.repeats} timed repetitions after 1 warm-up, round-robin; input {SIZE}x{SIZE}, seed {SEED}; "
         f"load average at start {_load()}.\n"
     )
-    print("Cells: ms/image as `median / best`; ratios as `ratio of medians / ratio of bests`.\n")
-
-    main_rows: list[list[str]] = []
-    compare_rows: list[list[str]] = []
-    agree_rows: list[list[str]] = []
-    targets: list[tuple[str, float, str, bool]] = []
-    for case in cases:
-        for batch in batches:
-            x = torch.randn(batch, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(SEED))
-            contenders, first = measure(case, x, args.repeats)
-            stats = {c.name: Stat.of(c.seconds, batch) for c in contenders}
-            fwd = stats["forward"]
-            for spec in METHODS:
-                ck = stats[f"camkit {spec.title}"]
-                gl = stats[f"grad-cam {spec.title}"]
-                tc = stats[f"torchcam {spec.title}"]
-                main_rows.append(
-                    [
-                        case.key,
-                        str(batch),
-                        spec.title,
-                        str(fwd),
-                        str(ck),
-                        str(gl),
-                        str(tc),
-                        fmt_ratio(ck.ratio(fwd)),
-                        fmt_ratio(gl.ratio(ck)),
-                        fmt_ratio(tc.ratio(ck)),
-                    ]
-                )
-            one, five = stats["camkit Grad-CAM"], stats["compare5"]
-            compare_rows.append([case.key, str(batch), str(one), str(five), fmt_ratio(five.ratio(one))])
-            for title, d_gc, d_tc, zero in agreement(first, case):
-                agree_rows.append(
-                    [case.key, str(batch), title, fmt_diff(d_gc), fmt_diff(d_tc), "yes" if zero else "no"]
-                )
-            if case.key == "resnet50" and batch == 8:
-                gcam = stats["camkit Grad-CAM"]
-                r_fwd = gcam.ratio(fwd)[0]
-                r_lib = stats["grad-cam Grad-CAM"].ratio(gcam)[0]
-                targets.append(("Grad-CAM camkit/forward, resnet50 batch 8", r_fwd, "<= 1.15", r_fwd <= 1.15))
-                targets.append(("Grad-CAM grad-cam/camkit, resnet50 batch 8", r_lib, ">= 2.5", r_lib >= 2.5))
-            r5 = five.ratio(one)[0]
-            targets.append((f"compare5/gradcam, {case.key} batch {batch}", r5, "<= 1.3", r5 <= 1.3))
-
-    print("## Grad-CAM family: ms/image and ratios\n")
+    print("Cells: ms/image as `median / best (+spread)`, spread = (worst - best) / best; ratios as")
+    print("`ratio of medians / ratio of bests`.\n")
+    devices = [torch.device("cpu")]
+    if torch.cuda.is_available():
+        devices.append(torch.device("cuda"))
+        print(f"CUDA: {torch.cuda.get_device_name(0)}.\n")
+    for device in devices:
+        run_device(args, device)
+        print()
     print(
-        markdown(
-            [
-                "model",
-                "batch",
-                "method",
-                "forward",
-                "camkit",
-                "grad-cam",
-                "torchcam",
-                "camkit/forward",
-                "grad-cam/camkit",
-                "torchcam/camkit",
-            ],
-            main_rows,
-        )
-    )
-    print("\n## Five methods in one camkit.compare vs one camkit Grad-CAM\n")
-    print(markdown(["model", "batch", "gradcam", "compare5", "compare5/gradcam"], compare_rows))
-    print("\n## Agreement in the warm-up round (max |camkit - library|, maps in [0, 1])\n")
-    print(markdown(["model", "batch", "method", "grad-cam", "torchcam", "camkit maps all zero"], agree_rows))
-    print("\n## Targets (ratios of medians)\n")
-    print(
-        markdown(
-            ["target", "measured", "goal", "met"],
-            [[name, f"{value:.2f}", goal, "yes" if ok else "NO"] for name, value, goal, ok in targets],
-        )
-    )
-    print(
-        "\nEvery contender left the model without hooks, parameter gradients or mode changes (asserted after each call). "
+        "Every contender left the model without hooks, parameter gradients or mode changes (asserted after each call). "
         f"Load average at the end: {_load()} (a load above the thread count means other processes shared the CPU: "
-        "trust `best` over `median`, or rerun with --threads 1)."
+        "trust `best` over `median`)."
     )
 
 

@@ -302,34 +302,41 @@ def test_constant_channels_cost_nothing(xs: Tensor) -> None:
     constant = int((flat.amax(2) == flat.amin(2)).sum())
     counter = CountCalls(net.stem)
     net.stem = counter
+    # accelerate=False: the shared capture runs on the model itself (its first forward, skipped below by [1:])
     exact = PerturbationOptions(
         batch_size=64, channels_last=False
     )  # no first-batch layout check: exact counts
-    e = camkit.explain(net, xs, "scorecam", "act", perturbation=exact)
+    e = camkit.explain(net, xs, "scorecam", "act", perturbation=exact, accelerate=False)
     _close(e.raw["act"], refs[0])
     assert sum(bs for _, bs in counter.seen[1:]) == 3 * 6 - constant  # no forward for a constant channel
     # By default on CPU the whole batch runs the faster way (here: channels-last inputs to the model itself, which
     # has no BatchNorm to fold), and once per model its first CHECK_ROWS rows run on the model as given too, to
     # check they agree; a second call reuses the checked path and gives the same map, bit for bit.
     counter.seen.clear()
-    e = camkit.explain(net, xs, "scorecam", "act", perturbation=PerturbationOptions(batch_size=64))
+    e = camkit.explain(
+        net, xs, "scorecam", "act", perturbation=PerturbationOptions(batch_size=64), accelerate=False
+    )
     _close(e.raw["act"], refs[0])
     n, k = 3 * 6 - constant, CHECK_ROWS
     assert [bs for _, bs in counter.seen[1:]] == [n, k]
     counter.seen.clear()
-    again = camkit.explain(net, xs, "scorecam", "act", perturbation=PerturbationOptions(batch_size=64))
+    again = camkit.explain(
+        net, xs, "scorecam", "act", perturbation=PerturbationOptions(batch_size=64), accelerate=False
+    )
     assert torch.equal(again.raw["act"], e.raw["act"])
     assert [bs for _, bs in counter.seen[1:]] == [n]
     # channel-softmax: constant channels score as the zero image, computed once per image (one batch of 3)
     counter.seen.clear()
     opts = PerturbationOptions(weighting="channel-softmax", batch_size=64, channels_last=False)
-    e = camkit.explain(net, xs, "scorecam", "act", perturbation=opts)
+    e = camkit.explain(net, xs, "scorecam", "act", perturbation=opts, accelerate=False)
     _close(e.raw["act"], refs[1])
     assert sum(bs for _, bs in counter.seen[1:]) == 3 * 6 - constant + 3
     # Ablation: zeroing an all-zero channel changes nothing -> no forward for it; replay runs the prefix on one
     # image per batch, so the stem sees 3 single-image calls for 3 images
     counter.seen.clear()
-    e = camkit.explain(net, xs, "ablationcam", "act", perturbation=PerturbationOptions(batch_size=64))
+    e = camkit.explain(
+        net, xs, "ablationcam", "act", perturbation=PerturbationOptions(batch_size=64), accelerate=False
+    )
     _close(e.raw["act"], refs[2])
     assert [bs for _, bs in counter.seen[1:]] == [1, 1, 1]
 
@@ -532,7 +539,8 @@ def test_equal_masks_share_one_forward(xs: Tensor, method: str) -> None:
     counter = CountCalls(net.stem)
     net.stem = counter
     opts = PerturbationOptions(batch_size=64, channels_last=False, samples=4)
-    e = camkit.explain(net, xs, method, "act", perturbation=opts)
+    # accelerate=False: the shared capture runs on the model itself (its first forward, skipped below by [1:])
+    e = camkit.explain(net, xs, method, "act", perturbation=opts, accelerate=False)
     _close(e.raw["act"], ref)  # channel 3 gets channel 2's score
     flat = a.flatten(2)
     live = int((flat.amax(2) != flat.amin(2)).sum())
@@ -546,5 +554,6 @@ def test_equal_masks_share_one_forward(xs: Tensor, method: str) -> None:
         "sscam",
         "act",
         perturbation=PerturbationOptions(batch_size=64, channels_last=False, samples=2),
+        accelerate=False,
     )
     assert sum(bs for _, bs in counter.seen[1:]) == live * 2

@@ -53,9 +53,9 @@ import itertools
 import threading
 import warnings
 import weakref
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Collection, Hashable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, TypeVar, cast
 
 import torch
 from torch import Tensor, nn
@@ -70,15 +70,19 @@ __all__ = [
     "AccelWarning",
     "BatchForward",
     "Compile",
+    "FoldedNormAct",
+    "cached",
     "check_compile",
     "clear_cache",
     "fold_batchnorm",
+    "warn_once",
 ]
 
 CHECK_ROWS = 2
 """Rows of the first batch that also run through the model as given, to check the faster path once."""
 
 ModelForward = Callable[[Tensor], object]
+T = TypeVar("T")
 
 Compile = bool | Literal["jit", "inductor"]
 """The ``compile`` setting: False (default path), True (the device's default backend), ``"jit"`` or ``"inductor"``."""
@@ -117,6 +121,7 @@ class _Entry:
     signature: tuple[object, ...]
     paths: dict[Hashable, _Path] = field(default_factory=dict)
     warned: set[str] = field(default_factory=set)
+    kept: dict[Hashable, object] = field(default_factory=dict)  # what :func:`cached` built
 
 
 _CACHE: weakref.WeakKeyDictionary[nn.Module, _Entry] = weakref.WeakKeyDictionary()
@@ -223,6 +228,22 @@ def _warn_once(entry: _Entry, reason: str) -> None:
         warnings.warn(reason, AccelWarning, stacklevel=4)
 
 
+def cached(model: nn.Module, key: Hashable, build: Callable[[], T]) -> T:
+    """What ``build()`` returns, built once per model and ``key`` (by one thread; the others wait for it) and kept
+    while the model is unchanged, like the prepared copies (a changed model gets a fresh build). ``build``'s
+    result must not hold a strong reference to ``model`` (the cache would keep it alive)."""
+    entry = _entry(model)
+    with _LOCK:
+        if key not in entry.kept:
+            entry.kept[key] = build()
+        return cast(T, entry.kept[key])
+
+
+def warn_once(model: nn.Module, reason: str) -> None:
+    """Emit ``reason`` as an :class:`AccelWarning` the first time it is given for ``model`` (while it is unchanged)."""
+    _warn_once(_entry(model), reason)
+
+
 # ------------------------------------------------------------------------------------------------- folding
 
 
@@ -236,26 +257,95 @@ def _copy(model: nn.Module) -> nn.Module:
     return twin
 
 
-def fold_batchnorm(model: nn.Module, example: Tensor) -> tuple[nn.Module, int]:
-    """A copy of ``model`` in which each ``nn.BatchNorm2d`` (exactly that class, with running statistics, called
-    once per forward) that receives an ``nn.Conv2d``'s output (that conv called once) is folded into the conv with
-    :func:`torch.nn.utils.fusion.fuse_conv_bn_eval` and replaced by ``nn.Identity``, and the number of folds.
+class FoldedNormAct(nn.Module):
+    """What is left of a timm ``BatchNormAct2d`` once its BatchNorm is folded into the convolution before it: its
+    dropout and activation, under the same names (``drop``, ``act``), so that a layer name such as ``bn2.act``
+    still names the same module in the copy."""
+
+    def __init__(self, drop: nn.Module, act: nn.Module) -> None:
+        super().__init__()
+        self.drop = drop
+        self.act = act
+
+    def forward(self, x: Tensor) -> Tensor:
+        out: Tensor = self.act(self.drop(x))
+        return out
+
+
+def _foldable_norm(m: nn.Module) -> bool:
+    """An eval-able BatchNorm with running statistics: exactly ``nn.BatchNorm2d``, or timm's ``BatchNormAct2d``
+    (BatchNorm, then its ``drop`` and ``act`` modules)."""
+    if not isinstance(m, nn.BatchNorm2d) or m.running_mean is None or m.running_var is None:
+        return False
+    kind = type(m)
+    if kind is nn.BatchNorm2d:
+        return True
+    return (
+        kind.__name__ == "BatchNormAct2d"
+        and kind.__module__.split(".")[0] == "timm"
+        and isinstance(getattr(m, "drop", None), nn.Module)
+        and isinstance(getattr(m, "act", None), nn.Module)
+    )
+
+
+def _after_fold(norm: nn.BatchNorm2d) -> nn.Module:
+    """The module that takes a folded BatchNorm's place: nothing, or a ``BatchNormAct2d``'s dropout and activation."""
+    if type(norm) is nn.BatchNorm2d:
+        return nn.Identity()
+    drop, act = getattr(norm, "drop"), getattr(norm, "act")  # noqa: B009 - checked by _foldable_norm
+    return FoldedNormAct(drop, act)
+
+
+def fold_batchnorm(model: nn.Module, example: Tensor, keep: Collection[str] = ()) -> tuple[nn.Module, int]:
+    """A copy of ``model`` in which each ``nn.BatchNorm2d`` or timm ``BatchNormAct2d`` (with running statistics,
+    called once per forward) that receives an ``nn.Conv2d``'s output (that conv called once) is folded into the
+    conv with :func:`torch.nn.utils.fusion.fuse_conv_bn_eval`, and the number of folds. The BatchNorm is replaced by
+    ``nn.Identity`` (a ``BatchNormAct2d`` by :class:`FoldedNormAct`, its dropout and activation); module names
+    stay valid in the copy.
 
     One forward of ``example`` (one image) on the copy finds the pairs. The caller must check the copy's outputs:
     a conv output that is also used elsewhere (a skip connection before the BatchNorm) makes it differ.
+
+    Args:
+        model: the model (not modified).
+        example: an input of one image.
+        keep: names of modules whose output must stay what the model computes (target layers): a convolution named
+            here is not folded (a BatchNorm named here may be: the module in its place returns its output).
 
     Raises:
         TypeError, RuntimeError, copy.Error: the model cannot be deep-copied or run on ``example``.
     """
     twin = _copy(model)
-    convs = {m for m in twin.modules() if type(m) is nn.Conv2d}
-    norms = {
-        m
-        for m in twin.modules()
-        if type(m) is nn.BatchNorm2d and m.running_mean is not None and m.running_var is not None
-    }
+    kept = {id(twin.get_submodule(name)) for name in keep if _has(twin, name)}
+    convs: set[nn.Module] = {m for m in twin.modules() if type(m) is nn.Conv2d and id(m) not in kept}
+    norms = {m for m in twin.modules() if _foldable_norm(m)}
     if not convs or not norms:
         return twin, 0
+    pairs = _conv_norm_pairs(twin, convs, norms, example)
+    names = {id(m): name for name, m in twin.named_modules()}
+    for conv, norm in pairs:
+        fused = fuse_conv_bn_eval(conv.eval(), norm)
+        for p in fused.parameters():
+            p.requires_grad_(False)
+        for module, replacement in ((conv, fused), (norm, _after_fold(norm))):
+            parent, _, child = names[id(module)].rpartition(".")
+            setattr(twin.get_submodule(parent), child, replacement)
+    return twin, len(pairs)
+
+
+def _has(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
+
+
+def _conv_norm_pairs(
+    twin: nn.Module, convs: set[nn.Module], norms: set[nn.Module], example: Tensor
+) -> list[tuple[nn.Conv2d, nn.BatchNorm2d]]:
+    """The (conv, BatchNorm) pairs of ``twin`` where the BatchNorm reads the conv's output, each called once, the
+    BatchNorm in eval mode: one forward of ``example`` with hooks on the private copy."""
     produced: dict[int, nn.Conv2d] = {}
     calls: dict[nn.Module, int] = {}
     pairs: list[tuple[nn.Conv2d, nn.BatchNorm2d]] = []
@@ -288,16 +378,7 @@ def fold_batchnorm(model: nn.Module, example: Tensor) -> tuple[nn.Module, int]:
             h.remove()
         keep.clear()
     # training-mode BatchNorms normalise with batch statistics: not foldable
-    pairs = [(c, n) for c, n in pairs if calls.get(c) == 1 and calls.get(n) == 1 and not n.training]
-    names = {id(m): name for name, m in twin.named_modules()}
-    for conv, norm in pairs:
-        fused = fuse_conv_bn_eval(conv.eval(), norm)
-        for p in fused.parameters():
-            p.requires_grad_(False)
-        for module, replacement in ((conv, fused), (norm, nn.Identity())):
-            parent, _, child = names[id(module)].rpartition(".")
-            setattr(twin.get_submodule(parent), child, replacement)
-    return twin, len(pairs)
+    return [(c, n) for c, n in pairs if calls.get(c) == 1 and calls.get(n) == 1 and not n.training]
 
 
 def _agree(ref: Tensor, out: Tensor) -> bool:

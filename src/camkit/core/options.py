@@ -35,6 +35,9 @@ class ExplainOptions:
         perturbation: the perturbation methods' settings.
         eigen_smooth: eigen-smoothing of each layer's map.
         augment: the test-time augmentations (empty: none).
+        accelerate: run the capture forward and backward on a prepared copy of the model (BatchNorm folded,
+            channels-last on CPU, checked once against the model: :mod:`camkit.core.prepared`); False: on the
+            model as given.
     """
 
     layers: LayerSpec = "auto"
@@ -48,6 +51,7 @@ class ExplainOptions:
     perturbation: PerturbationOptions = field(default_factory=PerturbationOptions)
     eigen_smooth: bool = False
     augment: tuple[Augment, ...] = ()
+    accelerate: bool = True
 
     @classmethod
     def build(
@@ -64,10 +68,13 @@ class ExplainOptions:
         perturbation: PerturbationOptions | None = None,
         eigen_smooth: bool = False,
         augment: AugmentSpec = None,
+        accelerate: bool = True,
     ) -> ExplainOptions:
         """The record of a call's keyword arguments, checked (``augment`` resolved to its list)."""
         if not isinstance(eigen_smooth, bool):
             raise TypeError(f"eigen_smooth must be True or False, got {eigen_smooth!r}")
+        if not isinstance(accelerate, bool):
+            raise TypeError(f"accelerate must be True or False, got {accelerate!r}")
         if perturbation is not None and not isinstance(perturbation, PerturbationOptions):
             raise CamkitError(
                 f"perturbation must be a camkit.PerturbationOptions, got {type(perturbation).__name__}"
@@ -84,4 +91,5 @@ class ExplainOptions:
             perturbation=perturbation or PerturbationOptions(),
             eigen_smooth=eigen_smooth,
             augment=tuple(resolve_augment(augment)),
+            accelerate=accelerate,
         )

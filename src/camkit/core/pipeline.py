@@ -37,6 +37,7 @@ from camkit.core.layers import LayerSpec, resolve_layers
 from camkit.core.options import ExplainOptions
 from camkit.core.outputs import OutputSpec, model_device, output_fn
 from camkit.core.postprocess import fuse, normalize, upsample
+from camkit.core.prepared import PreparedCopy, contiguous, disagreement, prepared_copy
 from camkit.core.targets import TargetSpec, TopK, resolve_classes, score_fn
 from camkit.core.tasks import ChosenTarget, default_targets, model_task, score_threshold
 from camkit.core.tokens import FeatureMaps, Reshape, to_spatial, unwrap
@@ -231,8 +232,47 @@ def _capture(
     plan: TargetPlan,
     need_grad: bool,
     read: Callable[[object], Tensor],
+    accelerate: bool = True,
 ) -> tuple[Captured, Targets]:
-    """4. One forward (and one backward for ``need_grad``); the plan is resolved on the output in between."""
+    """4. One forward (and one backward for ``need_grad``); the plan is resolved on the output in between. With
+    ``accelerate`` (classifiers: not torchvision detection or segmentation models, whatever the target), on the prepared copy of the model (:mod:`camkit.core.prepared`), checked against
+    the model on the first batch of each shape."""
+    classifier = plan.task == "classification" and model_task(model) == "classification"
+    prep = prepared_copy(model, x, layers) if accelerate and classifier else None
+    if prep is None:
+        return _capture_on(model, x, layers, plan, need_grad, read)
+    if prep.checked(x):
+        return _capture_prepared(prep, x, plan, need_grad, read)
+    ref = _capture_on(model, x, layers, plan, need_grad, read)
+    try:
+        got = _capture_prepared(prep, x, plan, need_grad, read)
+    except (RuntimeError, TypeError) as err:  # e.g. ``.view`` of a channels-last feature map
+        prep.settle(model, x, f"it raised {type(err).__name__}: {err}")
+        return ref
+    reason = disagreement(ref[0], got[0], ref[1].classes, got[1].classes)
+    prep.settle(model, x, reason)
+    return ref if reason else got
+
+
+def _capture_prepared(
+    prep: PreparedCopy, x: Tensor, plan: TargetPlan, need_grad: bool, read: Callable[[object], Tensor]
+) -> tuple[Captured, Targets]:
+    """Stage 4 on the prepared copy; its tensors handed on in the model's memory format."""
+    module, layers = prep.module, prep.layers
+    assert module is not None
+    cap, targets = _capture_on(module, prep.input(x), layers, plan, need_grad, read)
+    return contiguous(cap), targets
+
+
+def _capture_on(
+    model: nn.Module,
+    x: Tensor,
+    layers: dict[str, nn.Module],
+    plan: TargetPlan,
+    need_grad: bool,
+    read: Callable[[object], Tensor],
+) -> tuple[Captured, Targets]:
+    """One forward of ``model`` (the model or its prepared copy) with the capture's hooks on ``layers``."""
     with LayerCapture(layers, need_grad) as window:
         out = window.forward(model, x, read)
         batch = x.shape[0]
@@ -420,7 +460,7 @@ def _compute(model: nn.Module, inputs: Inputs, methods: Sequence[Method], opts: 
     modules = _layers(model, opts.layers, inputs.x)
     plan = _targets(model, opts.targets, opts.labels, methods)
     need_grad = any(m.needs_grad for m in methods)
-    cap, resolved = _capture(model, inputs.x, modules, plan, need_grad, read)
+    cap, resolved = _capture(model, inputs.x, modules, plan, need_grad, read, opts.accelerate)
     features = _token_layout(model, modules, cap, inputs.x, opts.reshape)
     progress = Progress(opts.perturbation.progress)
     shared = Shared(model, inputs.x, modules, cap, features, resolved, read, opts, progress)
@@ -645,6 +685,7 @@ def explain(
     perturbation: PerturbationOptions | None = None,
     eigen_smooth: bool = False,
     augment: AugmentSpec = None,
+    accelerate: bool = True,
 ) -> Explanation:
     """Explain a model's decision on a batch of images with one CAM method.
 
@@ -682,6 +723,10 @@ def explain(
             ``aug_smooth``: flip x multiply by 0.9, 1, 1.1), ``"flip"``, or a list of :class:`camkit.Augment`;
             the maps of the augmented inputs are warped back and averaged (``raw``, scores and classes are the
             original input's). One class per image (not ``TopK`` nor a callable target); classifiers only.
+        accelerate: run the shared capture (the forward, and the backward to the target layers) on a prepared
+            copy of the model: BatchNorms folded into their convolutions, channels-last on CPU; checked once per
+            model and input shape against the model as given, which runs it instead (with one ``AccelWarning``)
+            where they differ (:mod:`camkit.core.prepared`). False: the model as given runs it.
     """
     chosen = get_method(method)
     opts = ExplainOptions.build(
@@ -696,6 +741,7 @@ def explain(
         perturbation=perturbation,
         eigen_smooth=eigen_smooth,
         augment=augment,
+        accelerate=accelerate,
     )
     return _explain_all(model, images, [chosen], opts)[chosen.name]
 
@@ -716,6 +762,7 @@ def compare(
     perturbation: PerturbationOptions | None = None,
     eigen_smooth: bool = False,
     augment: AugmentSpec = None,
+    accelerate: bool = True,
 ) -> dict[str, Explanation]:
     """Several methods at once: one forward and one backward shared by all (same arguments as :func:`explain`).
 
@@ -739,6 +786,7 @@ def compare(
         perturbation=perturbation,
         eigen_smooth=eigen_smooth,
         augment=augment,
+        accelerate=accelerate,
     )
     return _explain_all(model, images, resolved, opts)
 
