@@ -1,4 +1,4 @@
-"""Sparseness, entropy and effective complexity (camkit.metrics.complexity): known answers."""
+"""Sparseness, entropy and effective complexity (camkit.metrics.map_complexity): known answers."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from camkit.errors import CamkitError
-from camkit.metrics.complexity import effective_complexity, entropy_complexity, sparseness
+from camkit.metrics.map_complexity import effective_complexity, entropy_complexity, sparseness
 
 
 def test_sparseness_is_the_gini_index() -> None:

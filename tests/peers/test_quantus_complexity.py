@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 import camkit
-from camkit.metrics.complexity import effective_complexity, entropy_complexity, sparseness
+from camkit.metrics.map_complexity import effective_complexity, entropy_complexity, sparseness
 
 pytestmark = [pytest.mark.slow, pytest.mark.reference]
 

@@ -56,6 +56,10 @@ def test_one_forward_per_batch(tmp_path: Path, target: str, resolution: str) -> 
     explainer = Explainer(model, Preprocess(size=(32, 32)), labels, options, items)
     explainer.map_shapes()  # once per process, on a blank image
     samples = [ImageDataset(items, explainer.preprocess)[i] for i in range(4)]
+    # the first batch of a shape also checks the prepared copy against the model as given (one more forward)
+    before = Counted.calls
+    explainer(samples)
+    assert Counted.calls - before == 2
     before = Counted.calls
     rows, maps, _ = explainer(samples)
     assert Counted.calls - before == 1  # the three methods, the top-k and the target: one forward

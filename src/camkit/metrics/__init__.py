@@ -15,7 +15,6 @@
 from camkit.metrics._common import Forward
 from camkit.metrics.arcc import ArccResult, arcc, coherency, complexity
 from camkit.metrics.bootstrap import PairedBootstrap, max_box_acc_value, paired_bootstrap
-from camkit.metrics.complexity import effective_complexity, entropy_complexity, sparseness
 from camkit.metrics.correlation import (
     SensitivityN,
     faithfulness_correlation,
@@ -47,6 +46,7 @@ from camkit.metrics.localization import (
     max_box_acc_v2,
     pointing_game,
 )
+from camkit.metrics.map_complexity import effective_complexity, entropy_complexity, sparseness
 from camkit.metrics.mask import (
     box_mask,
     energy_pointing_game,

@@ -22,7 +22,6 @@ from torch import Tensor, nn
 from camkit.errors import CamkitError
 from camkit.metrics._common import Forward
 from camkit.metrics.arcc import arcc
-from camkit.metrics.complexity import effective_complexity, entropy_complexity, sparseness
 from camkit.metrics.correlation import (
     faithfulness_correlation,
     faithfulness_estimate,
@@ -33,6 +32,7 @@ from camkit.metrics.correlation import (
 )
 from camkit.metrics.faithfulness import confidence_change, deletion, insertion, road
 from camkit.metrics.localization import box_accuracy, iou_curves, pointing_game
+from camkit.metrics.map_complexity import effective_complexity, entropy_complexity, sparseness
 from camkit.metrics.mask import (
     box_mask,
     energy_pointing_game,
@@ -324,7 +324,7 @@ METRICS: dict[str, Metric] = {
     "relevance_rank": Metric(("relevance_rank",), True, False, _relevance_rank),
     "mask_auc": Metric(("mask_auc",), True, False, _mask_auc),
     "top_k": Metric(("top_k",), True, False, _top_k),
-    # complexity of the map alone (metrics/complexity.py)
+    # complexity of the map alone (metrics/map_complexity.py)
     "sparseness": Metric(("sparseness",), False, False, _sparseness),
     "entropy": Metric(("entropy",), False, True, _entropy),
     "effective_complexity": Metric(("effective_complexity",), False, True, _effective_complexity),

@@ -4,7 +4,7 @@ used, as the papers and Quantus's defaults do) and gives Tensor[B], computed bat
 
 These are not :func:`camkit.metrics.complexity`, ARCC's mean |M| (Nguyen & Martinez's L1 complexity).
 
->>> from camkit.metrics.complexity import sparseness, entropy_complexity, effective_complexity
+>>> from camkit.metrics.map_complexity import sparseness, entropy_complexity, effective_complexity
 >>> sparseness(expl.maps)          # 1: all mass on one pixel, 0: a uniform map (higher is sparser)
 """
 
