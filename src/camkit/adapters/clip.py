@@ -25,6 +25,7 @@ Importing this module imports neither open_clip nor transformers.
 from __future__ import annotations
 
 import difflib
+import functools
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -203,14 +204,17 @@ def load_open_clip(
 # ------------------------------------------------------------------------------------------------ transformers
 
 
-def _hf_image_features(model: nn.Module) -> Callable[[Tensor], Tensor]:
-    def encode(x: Tensor) -> Tensor:
-        out = model.get_image_features(pixel_values=x)  # type: ignore[operator]
-        feats = out if isinstance(out, Tensor) else out.pooler_output
-        assert isinstance(feats, Tensor)
-        return feats
+def _hf_image(model: nn.Module, x: Tensor) -> Tensor:
+    out = model.get_image_features(pixel_values=x)  # type: ignore[operator]
+    feats = out if isinstance(out, Tensor) else out.pooler_output
+    assert isinstance(feats, Tensor)
+    return feats
 
-    return encode
+
+def _hf_image_features(model: nn.Module) -> Callable[[Tensor], Tensor]:
+    """The image embedding of a transformers model: a partial, not a closure, so that a deep copy of the view
+    (camkit's prepared copy) calls its own copy of the model."""
+    return functools.partial(_hf_image, model)
 
 
 def _hf_text(model: nn.Module, tokenizer: Any, prompts: list[str]) -> Tensor:
