@@ -84,12 +84,8 @@ def _finishing(interrupted: bool) -> None:
         pass
 
 
-def main() -> None:
-    """Run the ``camkit`` command (``sys.argv``): returns on success, else exits with status 1 (some inputs
-    skipped), 2 (an error, one ``error:`` line) or 130 (Ctrl-C, one ``interrupted`` line)."""
-    state.pid = os.getpid()
-    _take_over_sigint()
-    atexit.register(_last_at_exit)
+def _run() -> str | int | None:
+    """The command's exit status: its own, or 130 after a Ctrl-C."""
     code: str | int | None = 0
     try:
         from camkit.cli import run_app
@@ -102,6 +98,22 @@ def main() -> None:
         code = exit_.code if isinstance(exit_.code, str | int) or exit_.code is None else 1
         if code == 130:
             announce_interrupt()
+    if state.raised and code != 130:
+        # the KeyboardInterrupt of a Ctrl-C was caught on its way up (by a library, or turned into another error
+        # inside an extension): the command still ends as interrupted
+        announce_interrupt()
+        code = 130
+    return code
+
+
+def main() -> None:
+    """Run the ``camkit`` command (``sys.argv``): returns on success, else exits with status 1 (some inputs
+    skipped), 2 (an error, one ``error:`` line) or 130 (Ctrl-C, one ``interrupted`` line)."""
+    state.pid = os.getpid()
+    _take_over_sigint()
+    atexit.register(_last_at_exit)
+    try:
+        code = _run()
     finally:
         _finishing(state.interrupted)
     if code:

@@ -302,3 +302,27 @@ def test_ctrl_c_at_any_moment_is_one_line_and_130(tmp_path: Path, delay: float) 
         return
     assert proc.returncode == 130, err
     assert err == "interrupted\n"
+
+
+def test_a_ctrl_c_caught_on_its_way_up_still_ends_as_interrupted(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A library (or an extension that turns a Python error into its own) may catch the KeyboardInterrupt of the
+    first Ctrl-C and carry on: the command still ends with the one line and status 130, not 0."""
+    import camkit.cli
+    from camkit import _entry
+    from camkit._interrupt import state
+
+    def swallowed() -> None:
+        state.raised = True  # what the SIGINT handler records before it raises
+        try:
+            raise KeyboardInterrupt
+        except BaseException:  # a library that catches everything
+            pass
+
+    monkeypatch.setattr(camkit.cli, "run_app", swallowed)
+    monkeypatch.setattr(state, "raised", False)
+    monkeypatch.setattr(state, "announced", False)
+    monkeypatch.setattr(state, "interrupted", False)
+    assert _entry._run() == 130
+    assert capsys.readouterr().err == "interrupted\n"
