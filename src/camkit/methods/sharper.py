@@ -576,7 +576,8 @@ register(
         summary="S_l = up(S_{l+1}) * M_l / up(avgpool(M_l)), deep to shallow, M_l LayerCAM maps",
         aliases=("poly-cam",),
         run=_named("polycam", polycam),
-        prefer="maps at a shallow layer's resolution that keep the deep layer's class focus",
+        prefer="sharper maps that keep the deep layer's class focus: better boxes, insertion and deletion than "
+        "Grad-CAM on the development set (docs/evaluation.md), for one backward",
     )
 )
 register(
