@@ -350,7 +350,18 @@ def increase_in_confidence(
 
 
 # ROAD's neighbour weights (its code's imputation): 1/6 for the 4 direct neighbours, 1/12 diagonal.
-_ROAD_KERNEL = torch.tensor([[1 / 12, 1 / 6, 1 / 12], [1 / 6, 0.0, 1 / 6], [1 / 12, 1 / 6, 1 / 12]])
+def _neighbour_sum(v: Tensor) -> Tensor:
+    """ROAD's weighted sum of the 8 in-image neighbours (1/6 direct, 1/12 diagonal), per channel.
+
+    The kernel is ``outer([1, 2, 1], [1, 2, 1]) / 12`` without its centre (4/12), applied as two 3-tap passes on
+    zero-padded slices: on CPU a depthwise 3x3 ``conv2d`` is about ten times slower.
+    """
+    p = F.pad(v, (1, 1, 1, 1))
+    rows = p[..., :, :-2] + p[..., :, 2:]
+    rows = rows + 2 * p[..., :, 1:-1]
+    s = rows[..., :-2, :] + rows[..., 2:, :]
+    s.add_(rows[..., 1:-1, :], alpha=2)
+    return s.mul_(1 / 12).sub_(v, alpha=1 / 3)
 
 
 def noisy_linear_impute(
@@ -368,7 +379,7 @@ def noisy_linear_impute(
     themselves be removed: one sparse linear system per channel whose unknowns are the removed pixels. ROAD's
     code builds it with scipy and calls ``spsolve``; here the system ``L x = b`` (``L = D - W`` restricted to the
     removed pixels, symmetric positive definite as soon as one pixel is kept) is solved batched on the device by
-    Jacobi-preconditioned conjugate gradient, with ``L`` applied as a masked 3x3 convolution, until the residual
+    Jacobi-preconditioned conjugate gradient, with ``L`` applied as a masked 3x3 neighbour sum, until the residual
     is below ``tol`` times the right-hand side (or ``max_iter`` iterations). CG starts from the solution of the
     same problem at half resolution (recursively, down to 16 pixels), upsampled: the solution is smooth, so a
     large hole needs a few dozen iterations instead of hundreds. Then Gaussian noise of standard deviation
@@ -395,11 +406,7 @@ def noisy_linear_impute(
 def _harmonic_fill(x: Tensor, u: Tensor, tol: float, max_iter: int) -> Tensor:
     """Solve ROAD's neighbour-mean system for the pixels where ``u`` is 1 (values elsewhere are kept)."""
     _, c, h, w = x.shape
-    kernel = _ROAD_KERNEL.to(x.device).view(1, 1, 3, 3).expand(c, 1, 3, 3)
-
-    def conv(v: Tensor) -> Tensor:
-        return F.conv2d(v, kernel, padding=1, groups=c)
-
+    conv = _neighbour_sum
     d = conv(torch.ones(1, c, h, w, device=x.device))  # sum of the weights of the in-image neighbours
     known = x * (1 - u)
     rhs = u * conv(known)
