@@ -247,7 +247,7 @@ _KPCA_TEMPLATE = LayerMethod(
 def _kpca_factory(**settings: object) -> LayerMethod:
     """KPCA-CAM with these kernel settings (``kpcacam(kernel=rbf, gamma=0.5)``, :func:`kpca_projection`'s)."""
     values = _check_kernel(**{**_KPCA, **settings})
-    fn = functools.partial(kpcacam, **values)
+    fn = functools.partial(kpcacam, **values)  # type: ignore[arg-type]  # checked values
     return dataclasses.replace(_KPCA_TEMPLATE, name=configured_name("kpcacam", values, _KPCA), fn=fn)
 
 

@@ -9,12 +9,15 @@ n(.) min-max normalisation to [0, 1].
   neural networks"): for every cell (i, j) of the last layer's h x w grid, the activation is kept at that cell
   only (A * M_ij, M_ij one-hot) and the layers *after* the target run on it; the map is
   S(i, j) = p_c(tail(A * M_ij)). Gradient-free: 1 forward, then h*w replays of the layers after the target, in
-  one batch per image (the prefix is not run again). A callable target's value replaces p_c.
+  one batch per image (the prefix is not run again). A callable target's value replaces p_c. ``mask="gaussian"``
+  (the authors' code's other option) keeps the cell's channel values A[:, i, j] spread over its 3x3
+  neighbourhood by the filter [[1, 2, 1], [2, 4, 2], [1, 2, 1]] / 16 (cut at the grid's border) instead of the
+  cell alone.
 * **CAMERAS** (Jalwana, Akhtar, Bennamoun & Mian, CVPR 2021): activations and gradients are accumulated over
   up-scaled copies of the input, A_bar = mean_r up(A_r), G_bar = mean_r up(G_r), and the map is
   ReLU(sum_k A_bar_k * G_bar_k). The paper runs 10 resolutions from 224 px in steps of 100 px; camkit's
   ``cameras`` uses the input size x (1, 1.5, 2) (:data:`CAMERAS_SCALES`) and resizes every scale's A and G to
-  the feature grid of the largest, to stay within a few forwards' cost.
+  the feature grid of the largest, to stay within a few forwards' cost (``cameras(scales=(...))`` sets them).
 * **Poly-CAM** (Englebert, Cornu & De Vleeschouwer, ICPR 2022, "Poly-CAM: high resolution class activation map
   for convolutional neural networks"): a backward recursion from the deepest layer to shallower ones,
   S_L = M_L, S_l = up(S_{l+1}) * M_l / up(avgpool(M_l)), where the average pool goes down to the coarser layer's
@@ -22,7 +25,8 @@ n(.) min-max normalisation to [0, 1].
   the resolution of the shallowest layer. The paper's PCAM+/- variants weight each layer's channels with
   Score-CAM-like masked forwards (K forwards per layer); camkit's ``polycam`` uses LayerCAM's layer maps
   M_l = ReLU(sum_k ReLU(G_k) A_k) from the one shared backward. With one target layer (``layers="auto"``) it
-  takes the last layer of each of the three deepest resolutions.
+  takes the last layer of each of the three deepest resolutions (``stages=3``); ``polycam(layers=(a,b,c))`` names
+  its layers whatever the call's, and so do ``pcamp``, ``pcampm`` and ``polycam-matched``.
 * **PCAM+ and PCAM+/-** (the paper's variants; ``pcamp`` (alias ``pcam+``) and ``pcampm`` (alias
   ``pcam±``)): the same recursion over layer maps
   M_l = ReLU(sum_k w_k A_k) whose channel weights come from masked forwards, as in the authors' code:
@@ -38,7 +42,8 @@ n(.) min-max normalisation to [0, 1].
   or below its 70th percentile are set to 0 (denoising); M'_g = n(up(M_g)) at the input size (a constant M_g is
   skipped); s_g = p_c(X * M'_g + X~ * (1 - M'_g)) - p_c(X~), X~ = blur(X) a Gaussian blur (kernel 51, sigma 50, the
   paper's); map = ReLU(sum_g s_g M'_g) at the input's resolution. Cost per image: 1 forward + 1 backward, then the
-  blurred input and one forward per group in one batch (about 35 forwards).
+  blurred input and one forward per group in one batch (about 35 forwards). ``groupcam(groups=, percentile=,
+  kernel_size=, sigma=)`` sets the four settings (defaults 32, 70, 51, 50).
 * **Poly-CAM, matched** (``polycam-matched``, camkit's own combination): Poly-CAM's map ranks the pixels, Grad-CAM
   gives the values. Poly-CAM's maps are peaky (a few high cells), so a map threshold cuts a smaller region than
   Grad-CAM's at the same threshold; per image, the value of rank r of Poly-CAM's map is replaced by the value of
@@ -258,15 +263,16 @@ def reciprocam(inp: PassInput, batch_size: int = 64, mask: str = "onehot") -> Te
 
 def check_scales(method: str, scales: object) -> tuple[float, ...]:
     """``scales`` as a tuple of floats, or a CamkitError: a non-empty sequence of finite factors > 0."""
-    sequence = isinstance(scales, Sequence) and not isinstance(scales, (str, bytes))
-    factors = tuple(scales) if sequence else ()  # type: ignore[arg-type]  # a sequence here
+    factors: tuple[object, ...] = (
+        tuple(scales) if isinstance(scales, Sequence) and not isinstance(scales, (str, bytes)) else ()
+    )
     if not factors or any(
         isinstance(s, bool) or not isinstance(s, (int, float)) or not 0 < s < float("inf") for s in factors
     ):
         raise CamkitError(
             f"{method}: scales must be a non-empty sequence of factors > 0, got {scales!r}; write scales=(1, 1.5, 2)"
         )
-    return tuple(float(s) for s in factors)
+    return tuple(float(s) for s in factors)  # type: ignore[arg-type]  # numbers here
 
 
 def cameras(inp: PassInput, scales: Sequence[float] = CAMERAS_SCALES) -> Tensor:
@@ -368,9 +374,11 @@ def check_layer_names(method: str, layers: object) -> tuple[str, ...] | None:
     comma-separated str or a non-empty sequence of non-empty names."""
     if layers is None:
         return None
-    names: list[object] = (
-        layers.split(",") if isinstance(layers, str) else list(layers) if isinstance(layers, Sequence) else []
-    )
+    names: list[object] = []
+    if isinstance(layers, str):
+        names.extend(layers.split(","))
+    elif isinstance(layers, Sequence):
+        names.extend(layers)
     cleaned = tuple(n.strip() for n in names if isinstance(n, str) and n.strip())
     if not cleaned or len(cleaned) != len(names):
         raise CamkitError(
@@ -405,9 +413,9 @@ def polycam(inp: PassInput, layers: Sequence[str] | None = None, stages: int = 3
         Tensor[B, h, w] at the shallowest layer's resolution.
     """
     score = _one_target(inp, "polycam")
-    layers = poly_layers(inp, layers, stages)
-    cap = capture(inp.model, inp.x, layers, score, inp.output_fn)
-    features = _features(inp, cap, layers, inp.x)
+    chosen = poly_layers(inp, layers, stages)
+    cap = capture(inp.model, inp.x, chosen, score, inp.output_fn)
+    features = _features(inp, cap, chosen, inp.x)
     maps = []
     for name in cap.order:
         a = features.activations[name].float()
@@ -457,9 +465,9 @@ def pcam_plus(
     """
     name = "pcampm" if signed else "pcamp"
     _one_target(inp, name)
-    layers = poly_layers(inp, layers, stages, name)
-    cap = capture(inp.model, inp.x, layers, None, inp.output_fn)
-    features = _features(inp, cap, layers, inp.x)
+    chosen = poly_layers(inp, layers, stages, name)
+    cap = capture(inp.model, inp.x, chosen, None, inp.output_fn)
+    features = _features(inp, cap, chosen, inp.x)
     maps = []
     with torch.inference_mode():
         base = torch.stack([_probabilities(inp, cap.output[b : b + 1], b)[0] for b in range(inp.x.shape[0])])
@@ -500,9 +508,9 @@ def polycam_matched(inp: PassInput, layers: Sequence[str] | None = None, stages:
         Tensor[B, h, w] at the shallowest layer's resolution.
     """
     score = _one_target(inp, "polycam-matched")
-    layers = poly_layers(inp, layers, stages, "polycam-matched")
-    cap = capture(inp.model, inp.x, layers, score, inp.output_fn)
-    features = _features(inp, cap, layers, inp.x)
+    chosen = poly_layers(inp, layers, stages, "polycam-matched")
+    cap = capture(inp.model, inp.x, chosen, score, inp.output_fn)
+    features = _features(inp, cap, chosen, inp.x)
     maps, grad_cam = [], None
     for name in cap.order:
         a = features.activations[name].float()
