@@ -27,6 +27,8 @@ Eigen-CAM and KPCA-CAM are class-agnostic: the target changes nothing, and they 
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import Literal
 
@@ -34,7 +36,7 @@ import torch
 from torch import Tensor
 
 from camkit.errors import CamkitError
-from camkit.methods.registry import LayerMethod, MethodInput, register
+from camkit.methods.registry import LayerMethod, MethodInput, configured_name, register
 
 __all__ = [
     "Factorization",
@@ -75,6 +77,23 @@ _KPCA_MAX_POSITIONS = 8192
 """Largest h*w KPCA-CAM accepts: its float64 kernel matrix then takes 512 MiB per image."""
 
 
+def _check_kernel(kernel: object, gamma: object, degree: object, coef0: object) -> dict[str, object]:
+    """KPCA-CAM's kernel settings, or a CamkitError that says which one is wrong."""
+
+    def number(v: object) -> bool:
+        return not isinstance(v, bool) and isinstance(v, (int, float)) and abs(v) < float("inf")
+
+    if kernel not in ("sigmoid", "rbf", "linear", "poly", "cosine"):
+        raise CamkitError(f"kernel must be 'sigmoid', 'rbf', 'linear', 'poly' or 'cosine', got {kernel!r}")
+    if gamma is not None and not (number(gamma) and gamma > 0):  # type: ignore[operator]  # a number here
+        raise CamkitError(f"kpcacam: gamma must be a number > 0 or None (1/K), got {gamma!r}")
+    if isinstance(degree, bool) or not isinstance(degree, int) or degree < 1:
+        raise CamkitError(f"kpcacam: degree must be an integer >= 1, got {degree!r}")
+    if not number(coef0):
+        raise CamkitError(f"kpcacam: coef0 must be a finite number, got {coef0!r}")
+    return {"kernel": kernel, "gamma": gamma, "degree": degree, "coef0": coef0}
+
+
 def kpca_projection(
     x: Tensor, kernel: Kernel = "sigmoid", gamma: float | None = None, degree: int = 3, coef0: float = 1.0
 ) -> Tensor:
@@ -91,8 +110,7 @@ def kpca_projection(
     Each image's positions are centred over the positions first (as pytorch-grad-cam does); the sign of the
     component is fixed so that its entry of largest magnitude is positive.
     """
-    if kernel not in ("sigmoid", "rbf", "linear", "poly", "cosine"):
-        raise CamkitError(f"kernel must be 'sigmoid', 'rbf', 'linear', 'poly' or 'cosine', got {kernel!r}")
+    _check_kernel(kernel, gamma, degree, coef0)
     b, k, h, w = x.shape
     n = h * w
     if n > _KPCA_MAX_POSITIONS:
@@ -153,8 +171,14 @@ def smooth_projection(terms: Tensor) -> Tensor:
     return smoothed
 
 
-def kpcacam(x: MethodInput) -> Tensor:
-    return kpca_projection(x.activations)
+def kpcacam(
+    x: MethodInput,
+    kernel: Kernel = "sigmoid",
+    gamma: float | None = None,
+    degree: int = 3,
+    coef0: float = 1.0,
+) -> Tensor:
+    return kpca_projection(x.activations, kernel, gamma, degree, coef0)
 
 
 def eigencam(x: MethodInput) -> Tensor:
@@ -207,18 +231,27 @@ register(
         aliases=("seg-eigen-cam", "segeigen"),
     )
 )
-register(
-    LayerMethod(
-        name="kpcacam",
-        fn=kpcacam,
-        needs_grad=False,
-        cost="1 forward, no backward (class-agnostic); an eigendecomposition of [h*w, h*w] per image",
-        paper="Karmani, Hamdi & Ben Amar, KPCA-CAM, 2024",
-        summary="map = projection of the (centred) positions on the first kernel principal component (sigmoid kernel)",
-        prefer="an Eigen-CAM that captures non-linear structure of the activations; class-agnostic, no backward",
-        aliases=("kpca-cam", "kpca"),
-    )
+_KPCA = {"kernel": "sigmoid", "gamma": None, "degree": 3, "coef0": 1.0}
+_KPCA_TEMPLATE = LayerMethod(
+    name="kpcacam",
+    fn=kpcacam,
+    needs_grad=False,
+    cost="1 forward, no backward (class-agnostic); an eigendecomposition of [h*w, h*w] per image",
+    paper="Karmani, Hamdi & Ben Amar, KPCA-CAM, 2024",
+    summary="map = projection of the (centred) positions on the first kernel principal component (sigmoid kernel)",
+    prefer="an Eigen-CAM that captures non-linear structure of the activations; class-agnostic, no backward",
+    aliases=("kpca-cam", "kpca"),
 )
+
+
+def _kpca_factory(**settings: object) -> LayerMethod:
+    """KPCA-CAM with these kernel settings (``kpcacam(kernel=rbf, gamma=0.5)``, :func:`kpca_projection`'s)."""
+    values = _check_kernel(**{**_KPCA, **settings})
+    fn = functools.partial(kpcacam, **values)  # type: ignore[arg-type]  # checked values
+    return dataclasses.replace(_KPCA_TEMPLATE, name=configured_name("kpcacam", values, _KPCA), fn=fn)
+
+
+register(_kpca_factory(), _kpca_factory, _KPCA)
 
 
 # ------------------------------------------------------------------------------------------ Deep Feature Factorization

@@ -9,12 +9,15 @@ n(.) min-max normalisation to [0, 1].
   neural networks"): for every cell (i, j) of the last layer's h x w grid, the activation is kept at that cell
   only (A * M_ij, M_ij one-hot) and the layers *after* the target run on it; the map is
   S(i, j) = p_c(tail(A * M_ij)). Gradient-free: 1 forward, then h*w replays of the layers after the target, in
-  one batch per image (the prefix is not run again). A callable target's value replaces p_c.
+  one batch per image (the prefix is not run again). A callable target's value replaces p_c. ``mask="gaussian"``
+  (the authors' code's other option) keeps the cell's channel values A[:, i, j] spread over its 3x3
+  neighbourhood by the filter [[1, 2, 1], [2, 4, 2], [1, 2, 1]] / 16 (cut at the grid's border) instead of the
+  cell alone.
 * **CAMERAS** (Jalwana, Akhtar, Bennamoun & Mian, CVPR 2021): activations and gradients are accumulated over
   up-scaled copies of the input, A_bar = mean_r up(A_r), G_bar = mean_r up(G_r), and the map is
   ReLU(sum_k A_bar_k * G_bar_k). The paper runs 10 resolutions from 224 px in steps of 100 px; camkit's
   ``cameras`` uses the input size x (1, 1.5, 2) (:data:`CAMERAS_SCALES`) and resizes every scale's A and G to
-  the feature grid of the largest, to stay within a few forwards' cost.
+  the feature grid of the largest, to stay within a few forwards' cost (``cameras(scales=(...))`` sets them).
 * **Poly-CAM** (Englebert, Cornu & De Vleeschouwer, ICPR 2022, "Poly-CAM: high resolution class activation map
   for convolutional neural networks"): a backward recursion from the deepest layer to shallower ones,
   S_L = M_L, S_l = up(S_{l+1}) * M_l / up(avgpool(M_l)), where the average pool goes down to the coarser layer's
@@ -22,7 +25,8 @@ n(.) min-max normalisation to [0, 1].
   the resolution of the shallowest layer. The paper's PCAM+/- variants weight each layer's channels with
   Score-CAM-like masked forwards (K forwards per layer); camkit's ``polycam`` uses LayerCAM's layer maps
   M_l = ReLU(sum_k ReLU(G_k) A_k) from the one shared backward. With one target layer (``layers="auto"``) it
-  takes the last layer of each of the three deepest resolutions.
+  takes the last layer of each of the three deepest resolutions (``stages=3``); ``polycam(layers=(a,b,c))`` names
+  its layers whatever the call's, and so do ``pcamp``, ``pcampm`` and ``polycam-matched``.
 * **PCAM+ and PCAM+/-** (the paper's variants; ``pcamp`` (alias ``pcam+``) and ``pcampm`` (alias
   ``pcam±``)): the same recursion over layer maps
   M_l = ReLU(sum_k w_k A_k) whose channel weights come from masked forwards, as in the authors' code:
@@ -38,7 +42,8 @@ n(.) min-max normalisation to [0, 1].
   or below its 70th percentile are set to 0 (denoising); M'_g = n(up(M_g)) at the input size (a constant M_g is
   skipped); s_g = p_c(X * M'_g + X~ * (1 - M'_g)) - p_c(X~), X~ = blur(X) a Gaussian blur (kernel 51, sigma 50, the
   paper's); map = ReLU(sum_g s_g M'_g) at the input's resolution. Cost per image: 1 forward + 1 backward, then the
-  blurred input and one forward per group in one batch (about 35 forwards).
+  blurred input and one forward per group in one batch (about 35 forwards). ``groupcam(groups=, percentile=,
+  kernel_size=, sigma=)`` sets the four settings (defaults 32, 70, 51, 50).
 * **Poly-CAM, matched** (``polycam-matched``, camkit's own combination): Poly-CAM's map ranks the pixels, Grad-CAM
   gives the values. Poly-CAM's maps are peaky (a few high cells), so a map threshold cuts a smaller region than
   Grad-CAM's at the same threshold; per image, the value of rank r of Poly-CAM's map is replaced by the value of
@@ -63,9 +68,11 @@ hook is removed, grad mode restored, parameters' ``requires_grad`` and ``.grad``
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -79,12 +86,13 @@ from camkit.core.tokens import FeatureMaps, Layout, to_spatial
 from camkit.errors import CamkitError
 from camkit.methods.engine import PerturbationContext
 from camkit.methods.perturbation import register_tunable
-from camkit.methods.registry import PassInput, PassMethod, PerturbationMethod, register
+from camkit.methods.registry import PassInput, PassMethod, PerturbationMethod, configured_name, register
 
 __all__ = [
     "CAMERAS_SCALES",
     "DENOISE_PERCENTILE",
     "GROUPCAM_GROUPS",
+    "RECIPRO_MASKS",
     "blur",
     "cameras",
     "group_maps",
@@ -172,16 +180,54 @@ class _Replace:
 # ----------------------------------------------------------------------------------------------- Recipro-CAM
 
 
-def reciprocam(inp: PassInput, batch_size: int = 64) -> Tensor:
-    """Recipro-CAM (Byun & Lee 2022): S(i, j) = p_c(tail(A * M_ij)) with M_ij one-hot at cell (i, j).
+RECIPRO_MASKS = ("onehot", "gaussian")
+"""Recipro-CAM's spatial masks: the cell alone (the paper's), or its value spread over the 3x3 neighbourhood by the
+Gaussian filter [[1, 2, 1], [2, 4, 2], [1, 2, 1]] / 16 (the authors' code's ``is_gaussian`` option)."""
+
+
+def _check_count(method: str, key: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise CamkitError(f"{method}: {key} must be an integer >= 1, got {value!r}")
+    return value
+
+
+def _check_positive(method: str, key: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+        raise CamkitError(f"{method}: {key} must be a number > 0, got {value!r}")
+    return float(value)
+
+
+def _check_mask(mask: object) -> str:
+    if mask not in RECIPRO_MASKS:
+        raise CamkitError(f"reciprocam: mask must be 'onehot' or 'gaussian', got {mask!r}")
+    return str(mask)
+
+
+def recipro_masks(h: int, w: int, mask: str = "onehot", device: torch.device | None = None) -> Tensor:
+    """Recipro-CAM's masks Tensor[h*w, 1, h, w]: mask n is the one of cell n (row-major), one-hot or the 3x3
+    Gaussian centred there (cut at the grid's border, as the authors' code)."""
+    _check_mask(mask)
+    eye = torch.eye(h * w, device=device).view(h * w, 1, h, w)
+    if mask == "onehot":
+        return eye
+    g = torch.tensor([[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]], device=device) / 16
+    return F.conv2d(eye, g.view(1, 1, 3, 3), padding=1)
+
+
+def reciprocam(inp: PassInput, batch_size: int = 64, mask: str = "onehot") -> Tensor:
+    """Recipro-CAM (Byun & Lee 2022): S(i, j) = p_c(tail(A_ij M_ij)), A_ij the channels' values at cell (i, j)
+    and M_ij its mask (:func:`recipro_masks`; one-hot: A * M_ij, the paper's).
 
     Args:
         inp: the model, input, targets and layers (the deepest layer is used).
         batch_size: masked feature maps per replay of the layers after the target.
+        mask: ``"onehot"`` (the paper's) or ``"gaussian"`` (the cell's value over its 3x3 neighbourhood).
 
     Returns:
         Tensor[B, h, w], the map on the layer's grid.
     """
+    _check_count("reciprocam", "batch_size", batch_size)
+    _check_mask(mask)
     _one_target(inp, "reciprocam")
     name, layer = _deepest(inp, "reciprocam")
     cap = capture(inp.model, inp.x, {name: layer}, None, inp.output_fn)
@@ -194,13 +240,14 @@ def reciprocam(inp: PassInput, batch_size: int = 64) -> Tensor:
         )
     calls = cap.calls.get(name, 1)
     bsz, _, h, w = a.shape
-    eye = torch.eye(h * w, device=a.device, dtype=a.dtype).view(h * w, 1, h, w)
+    eye = recipro_masks(h, w, mask, a.device).to(a.dtype)
     out_maps = torch.zeros(bsz, h * w, device=a.device)
     with torch.inference_mode():
         for b in range(bsz):
+            cells = a[b].flatten(1).T[:, :, None, None]  # [h*w, K, 1, 1]: the channels at each cell
             for start in range(0, h * w, batch_size):
                 masks = eye[start : start + batch_size]
-                feats = a[b : b + 1] * masks  # [n, K, h, w]
+                feats = cells[start : start + batch_size] * masks  # [n, K, h, w]
                 hook = _Replace(calls, feats, layout)
                 handle = hook_forward(layer, hook)
                 try:
@@ -214,7 +261,21 @@ def reciprocam(inp: PassInput, batch_size: int = 64) -> Tensor:
 # ----------------------------------------------------------------------------------------------- CAMERAS
 
 
-def cameras(inp: PassInput, scales: tuple[float, ...] = CAMERAS_SCALES) -> Tensor:
+def check_scales(method: str, scales: object) -> tuple[float, ...]:
+    """``scales`` as a tuple of floats, or a CamkitError: a non-empty sequence of finite factors > 0."""
+    factors: tuple[object, ...] = (
+        tuple(scales) if isinstance(scales, Sequence) and not isinstance(scales, (str, bytes)) else ()
+    )
+    if not factors or any(
+        isinstance(s, bool) or not isinstance(s, (int, float)) or not 0 < s < float("inf") for s in factors
+    ):
+        raise CamkitError(
+            f"{method}: scales must be a non-empty sequence of factors > 0, got {scales!r}; write scales=(1, 1.5, 2)"
+        )
+    return tuple(float(s) for s in factors)  # type: ignore[arg-type]  # numbers here
+
+
+def cameras(inp: PassInput, scales: Sequence[float] = CAMERAS_SCALES) -> Tensor:
     """CAMERAS (Jalwana et al., CVPR 2021): ReLU(sum_k mean_r up(A_r)_k * mean_r up(G_r)_k).
 
     Args:
@@ -224,8 +285,7 @@ def cameras(inp: PassInput, scales: tuple[float, ...] = CAMERAS_SCALES) -> Tenso
     Returns:
         Tensor[B, h', w'] on the largest scale's grid (the signed sum; the ReLU is applied by post-processing).
     """
-    if not scales or any(s <= 0 for s in scales):
-        raise CamkitError(f"scales must be positive factors, got {scales!r}")
+    scales = check_scales("cameras", scales)
     score = _one_target(inp, "cameras")
     name, layer = _deepest(inp, "cameras")
     height, width = inp.x.shape[-2:]
@@ -309,18 +369,53 @@ def _stage_names(model: nn.Module, example: Tensor, stages: int) -> list[str]:
     return names
 
 
-def polycam(inp: PassInput) -> Tensor:
+def check_layer_names(method: str, layers: object) -> tuple[str, ...] | None:
+    """A method's own ``layers`` setting as a tuple of names (None: the call's), or a CamkitError: a
+    comma-separated str or a non-empty sequence of non-empty names."""
+    if layers is None:
+        return None
+    names: list[object] = []
+    if isinstance(layers, str):
+        names.extend(layers.split(","))
+    elif isinstance(layers, Sequence):
+        names.extend(layers)
+    cleaned = tuple(n.strip() for n in names if isinstance(n, str) and n.strip())
+    if not cleaned or len(cleaned) != len(names):
+        raise CamkitError(
+            f"{method}: layers must be layer names, e.g. layers=(layer3,layer4) (see `camkit layers MODEL`), "
+            f"got {layers!r}"
+        )
+    return cleaned
+
+
+def poly_layers(
+    inp: PassInput, layers: Sequence[str] | None = None, stages: int = 3, method: str = "polycam"
+) -> dict[str, nn.Module]:
+    """The layers of Poly-CAM's recursion: ``layers`` when given (names of the model's layers), else the call's
+    target layers when there are several, else the last layers of the ``stages`` deepest resolutions."""
+    _check_count(method, "stages", stages)
+    names = check_layer_names(method, layers)
+    if names is not None:
+        return resolve_layers(inp.model, list(names), inp.x)
+    return inp.layers if len(inp.layers) > 1 else stage_layers(inp.model, inp.x, stages)
+
+
+def polycam(inp: PassInput, layers: Sequence[str] | None = None, stages: int = 3) -> Tensor:
     """Poly-CAM's recursion (Englebert et al., ICPR 2022) over LayerCAM layer maps ReLU(sum_k ReLU(G_k) A_k).
 
-    With one target layer, the last layers of the three deepest resolutions are used instead.
+    Args:
+        inp: the model, input, targets and the call's layers.
+        layers: the recursion's layers by name (any order: they run shallow to deep as the model computes them);
+            None: the call's layers when there are several, else the automatic choice.
+        stages: the automatic choice: the last layer of each of the ``stages`` deepest resolutions.
 
     Returns:
         Tensor[B, h, w] at the shallowest layer's resolution.
     """
     score = _one_target(inp, "polycam")
-    layers = inp.layers if len(inp.layers) > 1 else stage_layers(inp.model, inp.x)
-    cap = capture(inp.model, inp.x, layers, score, inp.output_fn)
-    features = _features(inp, cap, layers, inp.x)
+    chosen = poly_layers(inp, layers, stages)
+    cap = capture(inp.model, inp.x, chosen, score, inp.output_fn)
+    features = _features(inp, cap, chosen, inp.x)
     maps = []
     for name in cap.order:
         a = features.activations[name].float()
@@ -358,18 +453,21 @@ def _channel_weights(inp: PassInput, a: Tensor, b: int, base: Tensor, signed: bo
     return torch.cat(out)
 
 
-def pcam_plus(inp: PassInput, signed: bool = False) -> Tensor:
+def pcam_plus(
+    inp: PassInput, signed: bool = False, layers: Sequence[str] | None = None, stages: int = 3
+) -> Tensor:
     """PCAM+ (``signed=False``) or PCAM+/- (``signed=True``): Poly-CAM's recursion over layer maps
-    ReLU(sum_k w_k A_k) with masked-forward channel weights (see the module's notes).
+    ReLU(sum_k w_k A_k) with masked-forward channel weights (see the module's notes); ``layers`` and ``stages``
+    as :func:`polycam`'s.
 
     Returns:
         Tensor[B, h, w] at the shallowest layer's resolution.
     """
     name = "pcampm" if signed else "pcamp"
     _one_target(inp, name)
-    layers = inp.layers if len(inp.layers) > 1 else stage_layers(inp.model, inp.x)
-    cap = capture(inp.model, inp.x, layers, None, inp.output_fn)
-    features = _features(inp, cap, layers, inp.x)
+    chosen = poly_layers(inp, layers, stages, name)
+    cap = capture(inp.model, inp.x, chosen, None, inp.output_fn)
+    features = _features(inp, cap, chosen, inp.x)
     maps = []
     with torch.inference_mode():
         base = torch.stack([_probabilities(inp, cap.output[b : b + 1], b)[0] for b in range(inp.x.shape[0])])
@@ -402,16 +500,17 @@ def match_values(source: Tensor, reference: Tensor) -> Tensor:
     return out.view_as(source)
 
 
-def polycam_matched(inp: PassInput) -> Tensor:
-    """Poly-CAM's map with Grad-CAM's values per image (:func:`match_values`); one forward and one backward.
+def polycam_matched(inp: PassInput, layers: Sequence[str] | None = None, stages: int = 3) -> Tensor:
+    """Poly-CAM's map with Grad-CAM's values per image (:func:`match_values`); one forward and one backward;
+    ``layers`` and ``stages`` as :func:`polycam`'s (Grad-CAM's map is the deepest layer's).
 
     Returns:
         Tensor[B, h, w] at the shallowest layer's resolution.
     """
     score = _one_target(inp, "polycam-matched")
-    layers = inp.layers if len(inp.layers) > 1 else stage_layers(inp.model, inp.x)
-    cap = capture(inp.model, inp.x, layers, score, inp.output_fn)
-    features = _features(inp, cap, layers, inp.x)
+    chosen = poly_layers(inp, layers, stages, "polycam-matched")
+    cap = capture(inp.model, inp.x, chosen, score, inp.output_fn)
+    features = _features(inp, cap, chosen, inp.x)
     maps, grad_cam = [], None
     for name in cap.order:
         a = features.activations[name].float()
@@ -430,13 +529,25 @@ def polycam_matched(inp: PassInput) -> Tensor:
 GROUPCAM_GROUPS = 32
 """Channel groups of ``groupcam`` (the paper's default)."""
 
-DENOISE_PERCENTILE = 0.7
-"""Values of a group map at or below this quantile of the map are set to 0 (the paper's 70th percentile)."""
+DENOISE_PERCENTILE = 70.0
+"""Values of a group map at or below this percentile of the map are set to 0 (the paper's 70th)."""
+
+
+def _check_blur(kernel_size: object, sigma: object) -> tuple[int, float]:
+    if (
+        isinstance(kernel_size, bool)
+        or not isinstance(kernel_size, int)
+        or kernel_size < 1
+        or kernel_size % 2 == 0
+    ):
+        raise CamkitError(f"groupcam: kernel_size must be an odd integer >= 1, got {kernel_size!r}")
+    return kernel_size, _check_positive("groupcam", "sigma", sigma)
 
 
 def blur(x: Tensor, kernel_size: int = 51, sigma: float = 50.0) -> Tensor:
     """Group-CAM's baseline: a separable, depthwise Gaussian blur of Tensor[B, C, H, W] (kernel 51, sigma 50),
     reflect padding (edge padding when a side is too short to reflect), as torchvision's ``gaussian_blur``."""
+    _check_blur(kernel_size, sigma)
     r = kernel_size // 2
     t = torch.linspace(-r, r, kernel_size, device=x.device)
     k = torch.exp(-0.5 * (t / sigma) ** 2)
@@ -449,25 +560,50 @@ def blur(x: Tensor, kernel_size: int = 51, sigma: float = 50.0) -> Tensor:
     return y.to(x.dtype)
 
 
-def group_maps(a: Tensor, alpha: Tensor, groups: int = GROUPCAM_GROUPS) -> Tensor:
+def _check_groups(groups: object, percentile: object) -> tuple[int, float]:
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise CamkitError(
+            f"groupcam needs at least 1 channel group: groups must be an integer >= 1, got {groups!r}"
+        )
+    if isinstance(percentile, bool) or not isinstance(percentile, (int, float)) or not 0 <= percentile < 100:
+        raise CamkitError(f"groupcam: percentile must be a number in [0, 100), got {percentile!r}")
+    return groups, float(percentile)
+
+
+def group_maps(
+    a: Tensor, alpha: Tensor, groups: int = GROUPCAM_GROUPS, percentile: float = DENOISE_PERCENTILE
+) -> Tensor:
     """Steps 1-2: Tensor[B, G, h, w], ReLU(sum_{k in g} alpha_k A_k) with the values at or below the group map's
-    70th percentile set to 0. ``torch.chunk`` splits the channels (K not divisible by G: fewer, larger groups,
-    as in the authors' code)."""
-    if groups < 1:
-        raise CamkitError(f"groupcam needs at least 1 channel group, got {groups}")
+    ``percentile`` (70th) set to 0. ``torch.chunk`` splits the channels (K not divisible by G: fewer, larger
+    groups, as in the authors' code)."""
+    _check_groups(groups, percentile)
     weighted = a * alpha[:, :, None, None]
     maps = torch.stack([torch.relu(part.sum(dim=1)) for part in weighted.chunk(groups, dim=1)], dim=1)
     flat = maps.flatten(2)
-    cut = torch.quantile(flat, DENOISE_PERCENTILE, dim=2, keepdim=True)
+    cut = torch.quantile(flat, percentile / 100, dim=2, keepdim=True)
     return torch.where(flat > cut, flat, torch.zeros_like(flat)).view_as(maps)
 
 
-def groupcam(inp: PassInput, groups: int = GROUPCAM_GROUPS) -> Tensor:
+def groupcam(
+    inp: PassInput,
+    groups: int = GROUPCAM_GROUPS,
+    percentile: float = DENOISE_PERCENTILE,
+    kernel_size: int = 51,
+    sigma: float = 50.0,
+) -> Tensor:
     """Group-CAM: ReLU(sum_g s_g M'_g), s_g = p_c(X * M'_g + blur(X) * (1 - M'_g)) - p_c(blur(X)).
+
+    Args:
+        inp: the model, input, targets and layers (the deepest layer is used).
+        groups: channel groups (32, the paper's).
+        percentile: a group map's values at or below this percentile are set to 0 (70, the paper's).
+        kernel_size, sigma: the Gaussian blur of the baseline (51 and 50, the paper's).
 
     Returns:
         Tensor[B, H, W] at the input's resolution.
     """
+    _check_groups(groups, percentile)
+    _check_blur(kernel_size, sigma)
     score = _one_target(inp, "groupcam")
     name, layer = _deepest(inp, "groupcam")
     cap = capture(inp.model, inp.x, {name: layer}, score, inp.output_fn)
@@ -477,10 +613,10 @@ def groupcam(inp: PassInput, groups: int = GROUPCAM_GROUPS) -> Tensor:
     assert isinstance(g, Tensor)
     alpha = g.float().mean(dim=(2, 3))
     size = (int(inp.x.shape[-2]), int(inp.x.shape[-1]))
-    masks = group_maps(a, alpha, groups)
+    masks = group_maps(a, alpha, groups, percentile)
     out = torch.zeros(a.shape[0], *size, device=a.device)
     with torch.inference_mode():
-        blurred = blur(inp.x)
+        blurred = blur(inp.x, kernel_size, sigma)
         for b in range(a.shape[0]):
             m = masks[b]
             keep = m.flatten(1).amax(dim=1) > m.flatten(1).amin(dim=1)
@@ -543,7 +679,53 @@ def _named(name: str, fn: Callable[[PassInput], Tensor]) -> Callable[[PassInput]
     return run
 
 
-register(
+def _register_pass(
+    template: PassMethod,
+    fn: Callable[..., Tensor],
+    defaults: Mapping[str, object],
+    check: Callable[..., dict[str, object]],
+    fixed: Mapping[str, object] | None = None,
+) -> None:
+    """Register a pass method with its settings: ``name(key=value, ...)`` gives a copy whose map is
+    ``fn(inp, **fixed, **settings)``, the settings checked by ``check`` (the messages of the functions), named
+    after the settings that differ from ``defaults`` (:func:`camkit.methods.registry.configured_name`)."""
+
+    def factory(**settings: object) -> PassMethod:
+        values = check(**{**defaults, **settings})
+        run = _named(template.name, functools.partial(fn, **(fixed or {}), **values))
+        return dataclasses.replace(template, name=configured_name(template.name, values, defaults), run=run)
+
+    register(factory(), factory, defaults)
+
+
+def _recipro_settings(batch_size: object, mask: object) -> dict[str, object]:
+    return {"batch_size": _check_count("reciprocam", "batch_size", batch_size), "mask": _check_mask(mask)}
+
+
+def _cameras_settings(scales: object) -> dict[str, object]:
+    return {"scales": check_scales("cameras", scales)}
+
+
+def _poly_settings(method: str) -> Callable[..., dict[str, object]]:
+    def check(layers: object, stages: object) -> dict[str, object]:
+        return {"layers": check_layer_names(method, layers), "stages": _check_count(method, "stages", stages)}
+
+    return check
+
+
+def _groupcam_settings(
+    groups: object, percentile: object, kernel_size: object, sigma: object
+) -> dict[str, object]:
+    g, p = _check_groups(groups, percentile)
+    k, s = _check_blur(kernel_size, sigma)
+    return {"groups": g, "percentile": p, "kernel_size": k, "sigma": s}
+
+
+_POLY = {"layers": None, "stages": 3}
+"""Poly-CAM's settings: its own layers (None: the call's, or the automatic choice) and the automatic choice's
+number of resolutions."""
+
+_register_pass(
     PassMethod(
         name="reciprocam",
         needs_grad=False,
@@ -553,9 +735,12 @@ register(
         aliases=("recipro-cam",),
         run=_named("reciprocam", reciprocam),
         prefer="gradient-free and about one forward when the target is the last layer (the tail is the head)",
-    )
+    ),
+    reciprocam,
+    {"batch_size": 64, "mask": "onehot"},
+    _recipro_settings,
 )
-register(
+_register_pass(
     PassMethod(
         name="cameras",
         needs_grad=False,
@@ -565,9 +750,12 @@ register(
         aliases=("cameras-cam",),
         run=_named("cameras", cameras),
         prefer="higher-resolution maps from the same layer: the input is up-scaled, the grid grows with it",
-    )
+    ),
+    cameras,
+    {"scales": CAMERAS_SCALES},
+    _cameras_settings,
 )
-register(
+_register_pass(
     PassMethod(
         name="polycam",
         needs_grad=False,
@@ -578,9 +766,12 @@ register(
         run=_named("polycam", polycam),
         prefer="sharper maps that keep the deep layer's class focus: better boxes, insertion and deletion than "
         "Grad-CAM on the development set (docs/evaluation.md), for one backward",
-    )
+    ),
+    polycam,
+    _POLY,
+    _poly_settings("polycam"),
 )
-register(
+_register_pass(
     PassMethod(
         name="pcamp",
         needs_grad=False,
@@ -590,9 +781,13 @@ register(
         aliases=("pcam+", "polycam+"),
         run=_named("pcamp", pcam_plus),
         prefer="the paper's gradient-free Poly-CAM, when thousands of forwards per image are affordable",
-    )
+    ),
+    pcam_plus,
+    _POLY,
+    _poly_settings("pcamp"),
+    {"signed": False},
 )
-register(
+_register_pass(
     PassMethod(
         name="pcampm",
         needs_grad=False,
@@ -600,11 +795,15 @@ register(
         paper="Englebert, Cornu & De Vleeschouwer, ICPR 2022 (Poly-CAM, PCAM+/-)",
         summary="Poly-CAM's recursion, w_k = ReLU(p_c(X * H_k) + p_c(X) - p_c(X * (1 - H_k))) per layer",
         aliases=("pcam±", "polycam±"),
-        run=_named("pcampm", lambda inp: pcam_plus(inp, signed=True)),
+        run=_named("pcampm", functools.partial(pcam_plus, signed=True)),
         prefer="PCAM+ that also counts what removing a channel's region costs, at twice PCAM+'s forwards",
-    )
+    ),
+    pcam_plus,
+    _POLY,
+    _poly_settings("pcampm"),
+    {"signed": True},
 )
-register(
+_register_pass(
     PassMethod(
         name="polycam-matched",
         needs_grad=False,
@@ -614,7 +813,10 @@ register(
         aliases=("polycam-gc",),
         run=_named("polycam-matched", polycam_matched),
         prefer="Poly-CAM's sharper order with thresholds that cut Grad-CAM-sized regions (boxes from maps)",
-    )
+    ),
+    polycam_matched,
+    _POLY,
+    _poly_settings("polycam-matched"),
 )
 register_tunable(
     PerturbationMethod(
@@ -629,7 +831,7 @@ register_tunable(
     ),
     {"samples": 100},
 )
-register(
+_register_pass(
     PassMethod(
         name="groupcam",
         needs_grad=False,
@@ -639,5 +841,8 @@ register(
         aliases=("group-cam",),
         run=_named("groupcam", groupcam),
         prefer="a score-weighted map (faithfulness) at about 35 forwards instead of Score-CAM's one per channel",
-    )
+    ),
+    groupcam,
+    {"groups": GROUPCAM_GROUPS, "percentile": DENOISE_PERCENTILE, "kernel_size": 51, "sigma": 50.0},
+    _groupcam_settings,
 )

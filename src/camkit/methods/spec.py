@@ -6,6 +6,10 @@ read as a Python literal (``0.5``, ``16``, ``(1.0, 2.0)``, ``'layercam'``, ``Non
 not a literal is taken as a plain string (``base=layercam``, ``weighting=channel-softmax``). A configured
 method's own name (``smoothgradcam++(n=16)``, :func:`camkit.methods.registry.configured_name`) is a spec that
 gives the same method again.
+
+A bracketed value that is not a literal is read item by item, each item as a value: ``layers=(blocks.3,bn2)`` is
+``("blocks.3", "bn2")``, ``layers=(layer4)`` is ``("layer4",)`` and ``[a, b]`` a list. A parenthesised literal stays
+what Python makes of it: ``scales=(2)`` is the number 2, ``scales=(2,)`` a tuple.
 """
 
 from __future__ import annotations
@@ -81,8 +85,17 @@ def parse_spec(text: str) -> tuple[str, dict[str, object] | None]:
 
 
 def _value(raw: str) -> object:
-    """A Python literal, else the text itself (a bare word such as ``layercam``)."""
+    """A Python literal, else a sequence of values for ``(a, b)`` / ``[a, b]``, else the text itself (a bare word
+    such as ``layercam``)."""
     try:
         return ast.literal_eval(raw)
     except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
-        return raw
+        pass
+    if len(raw) >= 2 and (raw[0], raw[-1]) in (("(", ")"), ("[", "]")):
+        try:
+            parts = split_specs(raw[1:-1])
+        except CamkitError:  # "(a)(b)": not one bracketed sequence
+            return raw
+        items = [_value(item) for item in parts]
+        return tuple(items) if raw[0] == "(" else items
+    return raw
