@@ -18,36 +18,62 @@ gives). Three modules, per image:
 3. **Selection**: the map is L_fus when beta(L_fus) > beta(L_reg), else L_reg.
 
 Cost per image: 1 forward + 1 backward (A and G), Score-CAM's K masked forwards (one per non-constant channel,
-fewer when two channels give the same mask), then 3 forwards (0, X * L_den, X * L_reg, in one batch) and 1 (X * L_fus).
-On EfficientNet-Lite0's ``bn2`` (1280 channels) about 1,285 forwards.
+fewer when two channels give the same mask), then 3 forwards (0, X * L_den, X * L_reg, in one batch) and 1
+(X * L_fus): on EfficientNet-Lite0's ``bn2`` (1280 channels) about 1,285 forwards.
 
-Choices where the published description leaves it open, fixed before any measurement: the denoised gradient map
-is the per-cell, per-channel normalised form above (not a single weight per channel); the ReLU before
-normalising L_den (the sum is >= 0 on a layer after a ReLU, and CAMs drop negative evidence); the zero input as the
-baseline (the same input that a mask of 0 gives, and what Score-CAM's masking uses); the region CAM is Score-CAM
-with camkit's defaults (the authors' probability weights); the deepest target layer when several are given; the
-selection is between L_fus and L_reg, and the selected map is returned without its beta (post-processing min-max
-normalises it anyway). The method explains one target per image and leaves the model as it was.
+camkit's choices, fixed before any measurement: theta = 10; the denoised gradient map is the per-cell, per-channel
+normalised form above (not a single weight per channel); the ReLU before normalising L_den (the sum is >= 0 on a
+layer after a ReLU, and CAMs drop negative evidence); the zero input as the baseline (the input a mask of 0 gives,
+as in Score-CAM's masking); the region CAM is Score-CAM with camkit's defaults (the authors' probability weights);
+the deepest target layer when several are given; the selection is between L_fus and L_reg, and the selected map is
+returned as it is (not multiplied by its beta). The method explains one target per image and leaves the model as
+it was.
 """
 
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from camkit.core.capture import Captured, capture
 from camkit.core.postprocess import normalize, upsample
-from camkit.core.tokens import FeatureMaps
+from camkit.core.targets import score_fn
+from camkit.core.tokens import FeatureMaps, to_spatial
 from camkit.errors import CamkitError
 from camkit.methods.engine import PerturbationContext
 from camkit.methods.perturbation import scorecam
 from camkit.methods.registry import PassInput, PassMethod, configured_name, register
-from camkit.methods.sharper import _deepest, _features, _one_target, _probabilities, _spatial
 
 __all__ = ["UNIONCAM_THETA", "denoised_map", "region_map", "select_map", "union_map", "unioncam"]
 
 UNIONCAM_THETA = 10.0
 """The percentile of each channel's gradient below which Union-CAM's denoising sets it to 0."""
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+
+def _layer(inp: PassInput) -> tuple[str, nn.Module]:
+    """The deepest of the target layers (the last to run in one traced forward when several are given)."""
+    if not inp.layers:
+        raise CamkitError(
+            "unioncam needs a target layer (layers='auto' or a name from `camkit layers MODEL`)"
+        )
+    if len(inp.layers) == 1:
+        return next(iter(inp.layers.items()))
+    last = capture(inp.model, inp.x[:1], inp.layers, None, inp.output_fn).order[-1]
+    return last, inp.layers[last]
+
+
+def _scores(inp: PassInput, out: Tensor, image: int) -> Tensor:
+    """p_c of image ``image``'s class for each row of ``out`` (a callable target: its value)."""
+    if inp.classes is None:
+        assert inp.target_fn is not None
+        return inp.target_fn(out).float()
+    return torch.softmax(out.float(), dim=1)[:, int(inp.classes[image])]
+
+
+# ----------------------------------------------------------------------------------------------- the modules
 
 
 def denoised_map(a: Tensor, g: Tensor, theta: float = UNIONCAM_THETA) -> Tensor:
@@ -99,10 +125,10 @@ def select_map(inp: PassInput, image: int, den: Tensor, reg: Tensor) -> Tensor:
     x = inp.x[image : image + 1]
     with torch.inference_mode():
         batch = torch.cat([torch.zeros_like(x), x * den.to(x.dtype), x * reg.to(x.dtype)])
-        p = _probabilities(inp, inp.output_fn(inp.model(batch)), image)
+        p = _scores(inp, inp.output_fn(inp.model(batch)), image)
         beta_den, beta_reg = p[1] - p[0], p[2] - p[0]
         fused = normalize(beta_den * den + beta_reg * reg)
-        beta_fus = _probabilities(inp, inp.output_fn(inp.model(x * fused.to(x.dtype))), image)[0] - p[0]
+        beta_fus = _scores(inp, inp.output_fn(inp.model(x * fused.to(x.dtype))), image)[0] - p[0]
     return fused if bool(beta_fus > beta_reg) else reg
 
 
@@ -116,14 +142,22 @@ def union_map(inp: PassInput, theta: float = UNIONCAM_THETA) -> Tensor:
     Returns:
         Tensor[B, H, W] at the input's resolution, in [0, 1].
     """
-    score = _one_target(inp, "unioncam")
-    name, layer = _deepest(inp, "unioncam")
-    cap = capture(inp.model, inp.x, {name: layer}, score, inp.output_fn)
-    features = _features(inp, cap, {name: layer}, inp.x)
-    a = _spatial(features.activations[name], name, "unioncam").float()
-    g = features.gradients[name]
-    assert isinstance(g, Tensor)
+    if inp.classes is not None and inp.classes.dim() != 1:
+        raise CamkitError(
+            f"unioncam explains one target per image; got {inp.classes.shape[1]} per image (TopK): explain each "
+            "class in its own call"
+        )
+    name, layer = _layer(inp)
+    cap = capture(inp.model, inp.x, {name: layer}, score_fn(inp.classes, inp.target_fn), inp.output_fn)
     size = (int(inp.x.shape[-2]), int(inp.x.shape[-1]))
+    features = to_spatial(cap.activations, cap.gradients, inp.model, {name: layer}, size, inp.reshape)
+    a, g = features.activations[name].float(), features.gradients[name]
+    if a.dim() != 4:
+        raise CamkitError(
+            f"unioncam needs a target layer whose output is a feature map Tensor[B, K, h, w]; {name!r} outputs "
+            f"shape {tuple(a.shape)} (pick a convolutional layer, see `camkit layers MODEL`)"
+        )
+    assert isinstance(g, Tensor)
     den = normalize(upsample(torch.relu(denoised_map(a, g, theta)), size))
     sub = PassInput(inp.model, inp.x, {name: layer}, inp.output_fn, inp.classes, inp.target_fn)
     reg = normalize(upsample(torch.relu(region_map(sub, cap, features, name)), size))
