@@ -29,10 +29,12 @@ from pathlib import Path
 
 MODELS = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 REFERENCES = ("gradcam", "gradcam++", "xgradcam", "hirescam", "layercam", "center")
-CANDIDATES = ("reciprocam", "cameras", "polycam", "polycam-matched", "groupcam")
+CANDIDATES = ("reciprocam", "cameras", "polycam", "polycam-matched", "groupcam", "unioncam")
 # The settings of the candidates were fixed before any result on the set: CAMERAS' scales x1, x1.5, x2;
 # Poly-CAM's three deepest resolutions; polycam-matched's rank matching to Grad-CAM at the deepest of them;
 # Group-CAM's 32 groups, 70th-percentile denoising and blur (kernel 51, sigma 50), the paper's.
+# Union-CAM's 10th-percentile gradient denoising, Score-CAM (probability weights) as its region CAM at the same
+# layer, the zero input as baseline, the selection between the fused map and Score-CAM's.
 REFERENCE = "gradcam"
 RESAMPLES, SEED, CONFIDENCE = 2000, 0, 0.95
 STAT_METRICS = (  # column, heading, higher is better
@@ -51,6 +53,7 @@ FORWARDS = {  # passes per image, for the tables (measured times: `cost`)
     "reciprocam": "1 fwd + h*w head replays",
     "cameras": "3 fwd + 3 bwd at x1, x1.5, x2",
     "groupcam": "1 fwd + 1 bwd + 33 fwd",
+    "unioncam": "1 fwd + 1 bwd + K + 4 fwd (K = 1280 at bn2)",
     "pcamp": "1 + sum_l K_l fwd",
     "pcampm": "1 + 2 sum_l K_l fwd",
     "center": "none: a reference map",

@@ -145,7 +145,7 @@ class Row:
 ROWS: dict[str, Row] = {
     "layer": Row("tinycnn", ("gradcam", "layercam")),
     "perturbation": Row("tinycnn", ("scorecam",)),
-    "pass": Row("tinycnn", ("fullgrad", "reciprocam", "polycam")),
+    "pass": Row("tinycnn", ("fullgrad", "reciprocam", "polycam", "unioncam")),
     "attention": Row("tinyvit", ("rollout", "legrad")),
     "mixed": Row("tinycnn", ("gradcam", "scorecam", "polycam")),
     "mixed-vit": Row("tinyvit", ("gradcam", "rollout")),
@@ -155,7 +155,7 @@ KIND_OF = {"layer": "LayerMethod", "perturbation": "PerturbationMethod", "pass":
            "attention": "AttentionMethod"}  # fmt: skip
 ROW_IDS = list(ROWS)
 #: methods that explain one class per image and refuse a TopK target (a deliberate refusal naming the method)
-ONE_TARGET = {"reciprocam", "polycam", "cameras", "opticam"}
+ONE_TARGET = {"reciprocam", "polycam", "cameras", "opticam", "unioncam"}
 
 
 def _kind(method: object) -> str:

@@ -21,7 +21,7 @@ from camkit.methods.registry import (
 # Register every family, in the order `camkit methods` lists them.
 from camkit.methods import cam, gradient, fem, projection, perturbation, attention  # noqa: F401  # isort: skip
 from camkit.methods import fullgrad, guided, shapley, finer, smooth, multiscale, refine  # noqa: F401  # isort: skip
-from camkit.methods import sharper  # noqa: F401  # isort: skip
+from camkit.methods import sharper, union  # noqa: F401  # isort: skip
 
 __all__ = [
     "METHODS",
