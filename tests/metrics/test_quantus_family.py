@@ -147,7 +147,7 @@ def test_region_perturbation_and_selectivity_by_hand() -> None:
     sel = selectivity(model, x, maps, classes, patch_size=4, score="logit")
     torch.testing.assert_close(sel.auc, torch.trapezoid(sel.scores, dx=0.25, dim=1))
     with pytest.raises(CamkitError, match="unknown order"):
-        region_perturbation(model, x, maps, classes, order="random")
+        region_perturbation(model, x, maps, classes, order="sideways")
 
 
 def test_irof_removes_segments_by_mean_relevance() -> None:

@@ -30,6 +30,8 @@ __all__ = [
     "perturbed_scores",
     "prepare",
     "random_subsets",
+    "square_fill",
+    "square_grid",
     "step_scores",
     "step_sums",
     "subset_scores",
@@ -152,3 +154,22 @@ def step_sums(maps: Tensor, key: Tensor, steps: int) -> Tensor:
     return torch.zeros(flat.shape[0], steps, dtype=torch.float64, device=flat.device).scatter_add_(
         1, key, flat
     )
+
+
+def square_grid(h: int, w: int, p: int, device: torch.device | str | None = None) -> tuple[Tensor, int]:
+    """The square of each pixel, LongTensor[H*W] (``p`` x ``p`` squares of a grid from the top left, in raster order;
+    those at the right and bottom edges cut to the image), and the number of squares."""
+    if isinstance(p, bool) or not isinstance(p, int) or p < 1:
+        raise CamkitError(f"patch sizes must be ints >= 1, got {p!r}")
+    cols = math.ceil(w / p)
+    rows = torch.arange(h, device=device)[:, None] // p
+    return (rows * cols + torch.arange(w, device=device)[None] // p).flatten(), math.ceil(h / p) * cols
+
+
+def square_fill(x: Tensor, key: Tensor, steps: int, gen: torch.Generator) -> Tensor:
+    """Tensor like ``x`` Tensor[B, C, H, W]: one value from U(0, 1) per image and step, on every channel of the
+    pixels whose ``key`` (LongTensor[B, H*W] or [H*W]) is that step (Quantus 0.6.0's batched ``"uniform"``
+    baseline); the values are ``torch.rand(B, steps, generator=gen)``."""
+    b, c, h, w = x.shape
+    u = torch.rand(b, steps, generator=gen).to(x.device, x.dtype)
+    return u.gather(1, key.expand(b, -1)).view(b, 1, h, w).expand(b, c, h, w).contiguous()

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from camkit.errors import CamkitError
 from camkit.metrics._common import Baseline, Forward
 from camkit.metrics.faithfulness import Curve, deletion
-from camkit.metrics.perturbed import fill_baseline, prepare, step_scores
+from camkit.metrics.perturbed import fill_baseline, prepare, square_fill, square_grid, step_scores
 
 __all__ = [
     "IrofResult",
@@ -94,25 +94,33 @@ def _patch_curve(
     baseline: Baseline,
     score: str,
     forward: Forward | None,
+    seed: int = 0,
 ) -> RegionCurve:
     if isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size < 1:
         raise CamkitError(f"patch_size must be an int >= 1, got {patch_size!r}")
-    if order not in ("morf", "lerf"):
-        raise CamkitError(f"unknown order {order!r}: 'morf' (most relevant first) or 'lerf'")
+    if order not in ("morf", "lerf", "random"):
+        raise CamkitError(f"unknown order {order!r}: 'morf' (most relevant first), 'lerf' or 'random'")
     s = prepare(model, inputs, maps, classes, score, None, forward)
     b, _, h, w = s.x.shape
-    cols = math.ceil(w / patch_size)
-    n_patches = math.ceil(h / patch_size) * cols
-    rows = torch.arange(h, device=s.x.device)[:, None] // patch_size
-    patch = (rows * cols + torch.arange(w, device=s.x.device)[None] // patch_size).flatten().expand(b, -1)
-    sums = torch.zeros(b, n_patches, dtype=torch.float64, device=s.x.device)
-    sums.scatter_add_(1, patch, s.maps.flatten(1).double())
-    ranked = torch.argsort(sums, dim=1, descending=(order == "morf"), stable=True)
+    grid, n_patches = square_grid(h, w, patch_size, s.x.device)
+    patch = grid.expand(b, -1)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    if order == "random":  # a permutation of the squares per image
+        ranked = torch.rand(b, n_patches, generator=gen).argsort(dim=1).to(s.x.device)
+    else:
+        sums = torch.zeros(b, n_patches, dtype=torch.float64, device=s.x.device)
+        sums.scatter_add_(1, patch, s.maps.flatten(1).double())
+        ranked = torch.argsort(sums, dim=1, descending=(order == "morf"), stable=True)
     rank = torch.empty_like(ranked).scatter_(
         1, ranked, torch.arange(n_patches, device=s.x.device).expand(b, -1)
     )
     steps = n_patches if regions is None else max(1, min(regions, n_patches))
-    curve = step_scores(s, s.x, fill_baseline(s.x, baseline), rank.gather(1, patch), steps, cumulative=True)
+    key = rank.gather(1, patch)
+    if isinstance(baseline, str) and baseline == "uniform":  # one value per square, drawn in removal order
+        fill = square_fill(s.x, key, n_patches, gen)
+    else:
+        fill = fill_baseline(s.x, baseline)
+    curve = step_scores(s, s.x, fill, key, steps, cumulative=True)
     scores = torch.cat([s.y[:, None], curve], dim=1)
     auc = torch.trapezoid(scores, dx=1 / steps, dim=1)
     return RegionCurve(scores=scores, aopc=(s.y[:, None] - scores).mean(dim=1), auc=auc)
@@ -129,6 +137,7 @@ def region_perturbation(
     baseline: Baseline = "black",
     score: str = "prob",
     forward: Forward | None = None,
+    seed: int = 0,
 ) -> RegionCurve:
     """Region Perturbation (Samek et al. 2017): the curve and AOPC of removing ``patch_size`` squares.
 
@@ -138,8 +147,16 @@ def region_perturbation(
     by the map's sum on them (ties in raster order), the first ``regions`` (100; None: all) replaced by
     ``baseline`` (Quantus' ``"black"``; the paper draws uniform noise); the softmax probability. Quantus' curve
     is ``scores[:, 0] - scores[:, 1:]`` on one-channel inputs whose sides the squares divide.
+
+    ``order="random"``: the squares in a random order, the map unused (the paper's random baseline curve; a
+    permutation per image, ``torch.rand(B, squares, generator).argsort(dim=1)``, Quantus' ``np.random.permutation``
+    per image). ``baseline="uniform"``: each square takes one value from U(0, 1) per image (Quantus' ``"uniform"``;
+    ``torch.rand(B, squares, generator)``, the value of the square removed at step t in column t). Both draw from
+    one CPU generator seeded with ``seed``, the order first.
     """
-    return _patch_curve(model, inputs, maps, classes, patch_size, order, regions, baseline, score, forward)
+    return _patch_curve(
+        model, inputs, maps, classes, patch_size, order, regions, baseline, score, forward, seed
+    )
 
 
 def selectivity(
@@ -151,12 +168,15 @@ def selectivity(
     baseline: Baseline = "black",
     score: str = "prob",
     forward: Forward | None = None,
+    seed: int = 0,
 ) -> RegionCurve:
     """Selectivity (Montavon et al. 2018; ``auc``, lower is better): every ``patch_size`` square removed, most
-    relevant first, as :func:`region_perturbation`. Quantus 0.6.0's curve is ``scores[:, 1:]`` and its AUC
+    relevant first, as :func:`region_perturbation` (``baseline="uniform"`` and ``seed`` as there). Quantus 0.6.0's curve is ``scores[:, 1:]`` and its AUC
     ``torch.trapezoid(scores[:, 1:], dim=1)`` (unit spacing); camkit's ``auc`` is over the fraction of squares
     removed, the unperturbed point included, in [0, 1] for probabilities."""
-    return _patch_curve(model, inputs, maps, classes, patch_size, "morf", None, baseline, score, forward)
+    return _patch_curve(
+        model, inputs, maps, classes, patch_size, "morf", None, baseline, score, forward, seed
+    )
 
 
 def slic_segments(inputs: Tensor) -> Tensor:
