@@ -323,3 +323,25 @@ def test_region_perturbation_random_order(gray, monkeypatch, baseline) -> None:
     np.testing.assert_allclose((ours.scores[:, :1] - ours.scores[:, 1:]).numpy(), ref, atol=ATOL)
     morf = regions.region_perturbation(model, x, maps, classes, patch_size=4, regions=10, baseline=baseline)
     assert not torch.allclose(ours.scores, morf.scores)
+
+
+def test_irof_felzenszwalb(monkeypatch) -> None:
+    """``segmentation="felzenszwalb"``: the same superpixels as Quantus' ``segmentation_method``, so the same
+    values (Quantus' value from camkit's curve, as in :func:`test_irof`)."""
+    monkeypatch.setattr(np, "trapz", np.trapezoid, raising=False)
+    model, x, maps, classes = _setup(1, size=24)
+    metric = quantus.IROF(
+        segmentation_method="felzenszwalb",
+        perturb_baseline=0.0,
+        normalise=False,
+        disable_warnings=True,
+        return_aggregate=False,
+    )
+    ref = np.asarray(_quantus(metric, model, x, maps, classes, softmax=True, batch_size=1))
+    ours = regions.irof(model, x, maps, classes, baseline=0.0, segmentation="felzenszwalb")
+    n = ours.segments
+    assert int(n.min()) > 3 and not torch.equal(
+        n, regions.irof(model, x, maps, classes, baseline=0.0).segments
+    )
+    theirs = [float(n[i]) - float(torch.trapezoid(ours.curve[i, 1 : int(n[i]) + 1])) for i in range(3)]
+    np.testing.assert_allclose(theirs, ref, rtol=1e-5)

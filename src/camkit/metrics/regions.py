@@ -36,6 +36,7 @@ __all__ = [
     "region_perturbation",
     "selectivity",
     "slic_segments",
+    "superpixels",
 ]
 
 
@@ -182,11 +183,21 @@ def selectivity(
 def slic_segments(inputs: Tensor) -> Tensor:
     """LongTensor[B, H, W]: SLIC superpixels of each image (``skimage.segmentation.slic(image, start_label=0)`` on
     the channels-last input as given, Quantus 0.6.0's ``get_superpixel_segments``), labels 0..n - 1."""
-    from skimage.segmentation import slic
+    return superpixels(inputs, "slic")
 
+
+def superpixels(inputs: Tensor, method: str = "slic") -> Tensor:
+    """LongTensor[B, H, W]: superpixels of each image, labels 0..n - 1, from scikit-image's defaults on the
+    channels-last input as given (Quantus 0.6.0's ``get_superpixel_segments``): ``"slic"``
+    (``slic(image, start_label=0)``) or ``"felzenszwalb"`` (``felzenszwalb(image)``)."""
+    from skimage.segmentation import felzenszwalb, slic
+
+    if method not in ("slic", "felzenszwalb"):
+        raise CamkitError(f"unknown segmentation {method!r}: 'slic' or 'felzenszwalb'")
     out = []
     for img in inputs.detach().cpu().double().numpy():
-        labels = slic(np.moveaxis(img, 0, -1), start_label=0)
+        image = np.moveaxis(img, 0, -1)
+        labels = slic(image, start_label=0) if method == "slic" else felzenszwalb(image)
         out.append(torch.from_numpy(np.unique(labels, return_inverse=True)[1].reshape(labels.shape)))
     return torch.stack(out).long()
 
@@ -217,20 +228,21 @@ def irof(
     baseline: Baseline = "mean",
     score: str = "prob",
     forward: Forward | None = None,
+    segmentation: str = "slic",
 ) -> IrofResult:
     """IROF (Rieger & Hansen 2020; higher is better).
 
     Paper: segment the image into superpixels, remove them in decreasing order of their mean relevance, replacing
     them by the mean value, and report the area over the curve of the class probability relative to the
-    unperturbed one. Choices: ``segments`` LongTensor[B, H, W] of labels 0..n - 1 (None: :func:`slic_segments`,
-    as Quantus); ``baseline`` ``"mean"`` is each image's mean per channel, fixed before the removal (Quantus 0.6.0
+    unperturbed one. Choices: ``segments`` LongTensor[B, H, W] of labels 0..n - 1 (None: :func:`superpixels` of
+    the inputs by ``segmentation``, ``"slic"`` or ``"felzenszwalb"``, as Quantus' ``segmentation_method``); ``baseline`` ``"mean"`` is each image's mean per channel, fixed before the removal (Quantus 0.6.0
     fills with the mean of the whole batch array as perturbed so far); the softmax probability; the area is over
     the fraction of segments removed, so IROF lies in [0, 1] when the score only falls. Quantus' value is
     ``n - torch.trapezoid(curve[b, 1 : n + 1])`` (unit spacing, no unperturbed point).
     """
     s = prepare(model, inputs, maps, classes, score, None, forward)
     b = s.x.shape[0]
-    seg = slic_segments(s.x) if segments is None else segments.to(s.x.device).long()
+    seg = superpixels(s.x, segmentation) if segments is None else segments.to(s.x.device).long()
     if tuple(seg.shape) != tuple(s.maps.shape) or (seg.numel() and int(seg.min()) < 0):
         raise CamkitError(
             f"segments must be labels >= 0 of shape {tuple(s.maps.shape)}, got {tuple(seg.shape)}"
