@@ -345,3 +345,59 @@ def test_irof_felzenszwalb(monkeypatch) -> None:
     )
     theirs = [float(n[i]) - float(torch.trapezoid(ours.curve[i, 1 : int(n[i]) + 1])) for i in range(3)]
     np.testing.assert_allclose(theirs, ref, rtol=1e-5)
+
+
+def test_similarity_functions(gray, monkeypatch) -> None:
+    """``similarity``: Spearman's correlation for Faithfulness Correlation and Estimate, Pearson's for Monotonicity
+    Correlation, as Quantus' ``similarity_func`` (the draws fed as in the tests above)."""
+    model, x, maps, classes = gray
+    spearman, pearson_ = (
+        quantus.similarity_func.correlation_spearman,
+        quantus.similarity_func.correlation_pearson,
+    )
+    metric = quantus.FaithfulnessEstimate(
+        features_in_step=8, similarity_func=spearman, normalise=False, disable_warnings=True
+    )
+    ref = np.asarray(_quantus(metric, model, x, maps, classes, softmax=False))
+    ours = correlation.faithfulness_estimate(model, x, maps, classes, 8, similarity="spearman")
+    np.testing.assert_allclose(ours.numpy(), ref, atol=ATOL)
+    assert not np.allclose(ref, correlation.faithfulness_estimate(model, x, maps, classes, 8).numpy())
+
+    idx = random_subsets(3, 10, 256, 20, seed=3)
+    left = _feed(monkeypatch, "choice", [idx[img, run].numpy() for run in range(10) for img in range(3)])
+    metric = quantus.FaithfulnessCorrelation(
+        nr_runs=10,
+        subset_size=20,
+        similarity_func=spearman,
+        normalise=False,
+        return_aggregate=False,
+        disable_warnings=True,
+    )
+    ref = np.asarray(_quantus(metric, model, x, maps, classes, softmax=False))
+    assert not left
+    ours = correlation.faithfulness_correlation(
+        model, x, maps, classes, 10, 20, seed=3, similarity="spearman"
+    )
+    np.testing.assert_allclose(ours.numpy(), ref, atol=ATOL)
+
+    draws = torch.rand(3, 16, 2, generator=torch.Generator(device="cpu").manual_seed(5))
+    calls = itertools.product(range(16), range(2))
+
+    def fill(arr: np.ndarray, indices: np.ndarray, **kwargs: Any) -> np.ndarray:
+        t, j = next(calls)
+        out = arr.copy()
+        out[np.arange(arr.shape[0])[:, None], indices] = draws[:, t, j].numpy()[:, None]
+        return out
+
+    metric = quantus.MonotonicityCorrelation(
+        nr_samples=2,
+        features_in_step=16,
+        similarity_func=pearson_,
+        normalise=False,
+        abs=False,
+        perturb_func=fill,
+        disable_warnings=True,
+    )
+    ref = np.asarray(_quantus(metric, model, x, maps, classes, softmax=True))
+    ours = correlation.monotonicity_nguyen(model, x, maps, classes, 2, 16, seed=5, similarity="pearson")
+    np.testing.assert_allclose(ours.numpy(), ref, atol=ATOL)

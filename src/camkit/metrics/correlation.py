@@ -64,6 +64,16 @@ __all__ = [
 ]
 
 
+def _check_similarity(kind: str) -> None:
+    if kind not in ("pearson", "spearman"):
+        raise CamkitError(f"unknown similarity {kind!r}: 'pearson' or 'spearman'")
+
+
+def _similarity(a: Tensor, b: Tensor, kind: str) -> Tensor:
+    """The correlation of each row pair of Tensor[B, N]: ``"pearson"`` or ``"spearman"`` (ties averaged)."""
+    return pearson(a, b) if kind == "pearson" else spearman(a, b)
+
+
 def faithfulness_correlation(
     model: nn.Module,
     inputs: Tensor,
@@ -76,19 +86,22 @@ def faithfulness_correlation(
     seed: int = 0,
     batch_size: int | None = None,
     forward: Forward | None = None,
+    similarity: str = "pearson",
 ) -> Tensor:
     """Faithfulness Correlation (Bhatt et al. 2020; higher is better), Tensor[B] in [-1, 1].
 
     Paper: ``corr_{S in random subsets of size |S|}(sum_{i in S} g(f, x)_i, f(x) - f(x_{x_S = baseline}))``.
-    Choices: Quantus 0.6.0's defaults (100 runs, subsets of 224 pixels, the ``"black"`` baseline, the logit),
-    the subsets from :func:`random_subsets` with ``seed`` (at most the image's pixels).
+    Choices: Quantus 0.6.0's defaults (100 runs, subsets of 224 pixels, the ``"black"`` baseline, the logit,
+    the Pearson correlation; ``similarity="spearman"`` for Spearman's, Quantus' ``similarity_func``), the
+    subsets from :func:`random_subsets` with ``seed`` (at most the image's pixels).
     """
+    _check_similarity(similarity)
     s = prepare(model, inputs, maps, classes, score, batch_size, forward)
     b, _, h, w = s.x.shape
     idx = random_subsets(b, runs, h * w, min(subset_size, h * w), seed).to(s.x.device)
     drops = s.y[:, None] - subset_scores(s, fill_baseline(s.x, baseline), idx)
     sums = s.maps.flatten(1)[torch.arange(b, device=s.x.device)[:, None, None], idx].double().sum(dim=2)
-    return pearson(sums, drops)
+    return _similarity(sums, drops, similarity)
 
 
 def faithfulness_estimate(
@@ -101,17 +114,20 @@ def faithfulness_estimate(
     score: str = "logit",
     batch_size: int | None = None,
     forward: Forward | None = None,
+    similarity: str = "pearson",
 ) -> Tensor:
     """Faithfulness Estimate (Alvarez-Melis & Jaakkola 2018; higher is better), Tensor[B] in [-1, 1].
 
     Paper: the correlation between each feature's relevance and the drop of the score when that feature alone is
     removed. Choices: groups of ``features_in_step`` pixels in decreasing map order (one model call per group and
-    image), each replaced alone by ``baseline`` (Quantus' ``"black"``); Pearson correlation; the logit.
+    image), each replaced alone by ``baseline`` (Quantus' ``"black"``); Pearson correlation (``similarity=
+    "spearman"``: Spearman's, Quantus' ``similarity_func``); the logit.
     """
+    _check_similarity(similarity)
     s = prepare(model, inputs, maps, classes, score, batch_size, forward)
     key, steps = group_steps(s.maps, features_in_step, descending=True)
     drops = s.y[:, None] - step_scores(s, s.x, fill_baseline(s.x, baseline), key, steps, cumulative=False)
-    return pearson(step_sums(s.maps, key, steps), drops)
+    return _similarity(step_sums(s.maps, key, steps), drops, similarity)
 
 
 def monotonicity_arya(
@@ -152,6 +168,7 @@ def monotonicity_nguyen(
     seed: int = 0,
     batch_size: int | None = None,
     forward: Forward | None = None,
+    similarity: str = "spearman",
 ) -> Tensor:
     """Monotonicity Correlation (Nguyen & Martinez 2020; higher is better), Tensor[B] in [-1, 1].
 
@@ -160,8 +177,10 @@ def monotonicity_nguyen(
     ``features_in_step`` pixels in increasing map order; ``"uniform"``: each of ``samples`` draws fills the group
     with one value from U(0, 1) per image (``torch.rand(B, steps, samples)`` from a CPU generator seeded with
     ``seed``); another baseline fills it with its values (one draw suffices); the squared change is divided by
-    ``f(x)^2`` where ``|f(x)| >= eps``; the softmax probability.
+    ``f(x)^2`` where ``|f(x)| >= eps``; the softmax probability; ``similarity="pearson"`` for Pearson's
+    correlation (Quantus' ``similarity_func``).
     """
+    _check_similarity(similarity)
     s = prepare(model, inputs, maps, classes, score, batch_size, forward)
     key, steps = group_steps(s.maps, features_in_step, descending=False)
     if baseline == "uniform":
@@ -172,7 +191,7 @@ def monotonicity_nguyen(
         scores = step_scores(s, s.x, fill_baseline(s.x, baseline), key, steps, cumulative=False)[..., None]
     inv = torch.where(s.y.abs() >= eps, 1 / s.y.abs().clamp_min(1e-30), torch.ones_like(s.y)) ** 2
     variance = (scores - s.y[:, None, None]).double().pow(2).mean(dim=2) * inv[:, None].double()
-    return spearman(step_sums(s.maps, key, steps), variance)
+    return _similarity(step_sums(s.maps, key, steps), variance, similarity)
 
 
 def _uniform_scores(s: PerturbSetup, key: Tensor, draws: Tensor) -> Tensor:
