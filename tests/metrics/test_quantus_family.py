@@ -81,6 +81,14 @@ def test_exact_attributions_correlate_perfectly_and_have_no_infidelity() -> None
     shuffled = maps.flatten(1)[:, torch.randperm(64)].view(2, 8, 8)
     assert (faithfulness_estimate(model, x, shuffled, classes, features_in_step=4) < 0.9).all()
     assert (infidelity(model, x, w.flatten(1)[:, torch.randperm(64)].view(2, 8, 8), classes) > 1e-3).all()
+    # whatever the perturbation: Gaussian noise on the squares, uniform values, another loss
+    for kwargs in ({"perturbation": "gaussian", "noise_std": 0.5}, {"baseline": "uniform", "samples": 2}):
+        torch.testing.assert_close(
+            infidelity(model, x, w, classes, **kwargs), torch.zeros(2), atol=1e-8, rtol=0
+        )
+    mae = infidelity(model, x, 2 * w, classes, loss=lambda d, g: (d - g).abs().mean(dim=1))
+    mse = infidelity(model, x, 2 * w, classes)
+    assert (mae > 1e-3).all() and not torch.allclose(mae, mse)
     assert_unchanged(before, model)
 
 
@@ -196,6 +204,20 @@ def test_bad_arguments_are_camkit_errors() -> None:
         faithfulness_estimate(model, x, maps, classes, features_in_step=0)
     with pytest.raises(CamkitError, match="patch sizes"):
         infidelity(model, x, maps, classes, patch_sizes=(0,))
+    with pytest.raises(CamkitError, match="unknown perturbation"):
+        infidelity(model, x, maps, classes, perturbation="blur")
+    with pytest.raises(CamkitError, match="samples must be"):
+        infidelity(model, x, maps, classes, perturbation="gaussian", samples=0)
+    with pytest.raises(CamkitError, match="noise_std"):
+        infidelity(model, x, maps, classes, perturbation="gaussian", noise_std=-1.0)
+    with pytest.raises(CamkitError, match="unknown loss"):
+        infidelity(model, x, maps, classes, loss="mae")
+    with pytest.raises(CamkitError, match=r"loss must give a Tensor of shape \(2,\)"):
+        infidelity(model, x, maps, classes, loss=lambda d, g: d - g)
+    with pytest.raises(CamkitError, match="unknown similarity"):
+        faithfulness_estimate(model, x, maps, classes, similarity="kendall")
+    with pytest.raises(CamkitError, match="unknown segmentation"):
+        irof(model, x, maps, classes, segmentation="quickshift")
     with pytest.raises(CamkitError, match="patch_size"):
         selectivity(model, x, maps, classes, patch_size=0)
     with pytest.raises(CamkitError, match="unknown baseline"):
