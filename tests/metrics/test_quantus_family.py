@@ -196,6 +196,10 @@ def test_sensitivity_known_answers() -> None:
         sensitivity(model, x, maps, lambda z: maps[:1])
     with pytest.raises(CamkitError, match="samples must be"):
         sensitivity(model, x, maps, lambda z: maps, samples=0)
+    with pytest.raises(CamkitError, match="low < high"):
+        sensitivity(model, x, maps, lambda z: maps, radius=(0.3, 0.1))
+    with pytest.raises(CamkitError, match="radius must be"):
+        sensitivity(model, x, maps, lambda z: maps, radius=-0.1)
 
 
 def test_bad_arguments_are_camkit_errors() -> None:
