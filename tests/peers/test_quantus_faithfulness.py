@@ -401,3 +401,47 @@ def test_similarity_functions(gray, monkeypatch) -> None:
     ref = np.asarray(_quantus(metric, model, x, maps, classes, softmax=True))
     ours = correlation.monotonicity_nguyen(model, x, maps, classes, 2, 16, seed=5, similarity="pearson")
     np.testing.assert_allclose(ours.numpy(), ref, atol=ATOL)
+
+
+def test_uniform_baseline_of_the_pixel_order_metrics(gray, monkeypatch) -> None:
+    """``baseline="uniform"``: one U(0, 1) value per image and group (Faithfulness Estimate, Pixel Flipping) or run
+    (Faithfulness Correlation), camkit's values fed to Quantus' ``np.random.uniform`` call by call."""
+    model, x, maps, classes = gray
+    steps = torch.rand(3, 32, generator=torch.Generator(device="cpu").manual_seed(6)).double().numpy().T
+    left = _feed(monkeypatch, "uniform", list(steps))  # per group of 8 pixels, in decreasing map order
+    metric = quantus.FaithfulnessEstimate(
+        features_in_step=8, perturb_baseline="uniform", normalise=False, disable_warnings=True
+    )
+    ref = np.asarray(_quantus(metric, model, x, maps, classes, softmax=False))
+    assert not left
+    ours = correlation.faithfulness_estimate(model, x, maps, classes, 8, "uniform", seed=6)
+    np.testing.assert_allclose(ours.numpy(), ref, atol=ATOL)
+
+    left = _feed(monkeypatch, "uniform", list(steps))
+    metric = quantus.PixelFlipping(
+        features_in_step=8, perturb_baseline="uniform", normalise=False, disable_warnings=True
+    )
+    ref = np.asarray(_quantus(metric, model, x, maps, classes, softmax=True))
+    assert not left
+    curve = regions.pixel_flipping(model, x, maps, classes, 8, "uniform", seed=6)
+    np.testing.assert_allclose(curve.scores[:, 1:].numpy(), ref, atol=ATOL)
+
+    gen = torch.Generator(device="cpu").manual_seed(3)
+    idx = random_subsets(3, 10, 256, 20, gen)  # then the values, from the same generator
+    values = torch.rand(3, 10, generator=gen).double().numpy()
+    left = _feed(monkeypatch, "choice", [idx[img, run].numpy() for run in range(10) for img in range(3)])
+    left_u = _feed(monkeypatch, "uniform", list(values.T))
+    metric = quantus.FaithfulnessCorrelation(
+        nr_runs=10,
+        subset_size=20,
+        perturb_baseline="uniform",
+        normalise=False,
+        return_aggregate=False,
+        disable_warnings=True,
+    )
+    ref = np.asarray(_quantus(metric, model, x, maps, classes, softmax=False))
+    assert not left and not left_u
+    ours = correlation.faithfulness_correlation(model, x, maps, classes, 10, 20, "uniform", seed=3)
+    np.testing.assert_allclose(ours.numpy(), ref, atol=ATOL)
+    black = correlation.faithfulness_correlation(model, x, maps, classes, 10, 20, seed=3)
+    assert not np.allclose(ours.numpy(), black.numpy())

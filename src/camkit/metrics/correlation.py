@@ -37,12 +37,14 @@ from camkit.metrics.perturbed import (
     PerturbSetup,
     fill_baseline,
     group_steps,
+    is_uniform,
     pearson,
     perturbed_scores,
     prepare,
     random_subsets,
     square_fill,
     square_grid,
+    step_fill,
     step_scores,
     step_sums,
     subset_scores,
@@ -93,13 +95,20 @@ def faithfulness_correlation(
     Paper: ``corr_{S in random subsets of size |S|}(sum_{i in S} g(f, x)_i, f(x) - f(x_{x_S = baseline}))``.
     Choices: Quantus 0.6.0's defaults (100 runs, subsets of 224 pixels, the ``"black"`` baseline, the logit,
     the Pearson correlation; ``similarity="spearman"`` for Spearman's, Quantus' ``similarity_func``), the
-    subsets from :func:`random_subsets` with ``seed`` (at most the image's pixels).
+    subsets from :func:`random_subsets` with ``seed`` (at most the image's pixels). ``baseline="uniform"``: each
+    run's subset takes one value from U(0, 1) per image (Quantus' ``"uniform"``), ``torch.rand(B, runs)`` from the
+    subsets' generator after them.
     """
     _check_similarity(similarity)
     s = prepare(model, inputs, maps, classes, score, batch_size, forward)
     b, _, h, w = s.x.shape
-    idx = random_subsets(b, runs, h * w, min(subset_size, h * w), seed).to(s.x.device)
-    drops = s.y[:, None] - subset_scores(s, fill_baseline(s.x, baseline), idx)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    idx = random_subsets(b, runs, h * w, min(subset_size, h * w), gen).to(s.x.device)
+    if is_uniform(baseline):
+        values = torch.rand(b, runs, generator=gen).to(s.x.device)
+        drops = s.y[:, None] - subset_scores(s, s.x, idx, values)
+    else:
+        drops = s.y[:, None] - subset_scores(s, fill_baseline(s.x, baseline), idx)
     sums = s.maps.flatten(1)[torch.arange(b, device=s.x.device)[:, None, None], idx].double().sum(dim=2)
     return _similarity(sums, drops, similarity)
 
@@ -115,18 +124,22 @@ def faithfulness_estimate(
     batch_size: int | None = None,
     forward: Forward | None = None,
     similarity: str = "pearson",
+    seed: int = 0,
 ) -> Tensor:
     """Faithfulness Estimate (Alvarez-Melis & Jaakkola 2018; higher is better), Tensor[B] in [-1, 1].
 
     Paper: the correlation between each feature's relevance and the drop of the score when that feature alone is
     removed. Choices: groups of ``features_in_step`` pixels in decreasing map order (one model call per group and
     image), each replaced alone by ``baseline`` (Quantus' ``"black"``); Pearson correlation (``similarity=
-    "spearman"``: Spearman's, Quantus' ``similarity_func``); the logit.
+    "spearman"``: Spearman's, Quantus' ``similarity_func``); the logit. ``baseline="uniform"``: each group takes
+    one value from U(0, 1) per image (Quantus' ``"uniform"``; ``torch.rand(B, groups)`` from a CPU generator
+    seeded with ``seed``).
     """
     _check_similarity(similarity)
     s = prepare(model, inputs, maps, classes, score, batch_size, forward)
     key, steps = group_steps(s.maps, features_in_step, descending=True)
-    drops = s.y[:, None] - step_scores(s, s.x, fill_baseline(s.x, baseline), key, steps, cumulative=False)
+    fill = step_fill(s.x, baseline, key, steps, seed)
+    drops = s.y[:, None] - step_scores(s, s.x, fill, key, steps, cumulative=False)
     return _similarity(step_sums(s.maps, key, steps), drops, similarity)
 
 
@@ -338,7 +351,7 @@ def _check_infidelity(
         raise CamkitError(f"noise_std must be >= 0, got {noise_std!r}")
     if not (loss == "mse" or (callable(loss) and not isinstance(loss, str))):
         raise CamkitError(f"unknown loss {loss!r}: 'mse' or a function loss(drops, dots) -> Tensor[B]")
-    return perturbation == "gaussian" or (isinstance(baseline, str) and baseline == "uniform")
+    return perturbation == "gaussian" or is_uniform(baseline)
 
 
 def _square_loss(

@@ -24,9 +24,18 @@ import torch
 from torch import Tensor, nn
 
 from camkit.errors import CamkitError
-from camkit.metrics._common import Baseline, Forward
+from camkit.metrics._common import Baseline, Forward, check_inputs
 from camkit.metrics.faithfulness import Curve, deletion
-from camkit.metrics.perturbed import fill_baseline, prepare, square_fill, square_grid, step_scores
+from camkit.metrics.perturbed import (
+    fill_baseline,
+    group_steps,
+    is_uniform,
+    prepare,
+    square_fill,
+    square_grid,
+    step_fill,
+    step_scores,
+)
 
 __all__ = [
     "IrofResult",
@@ -50,6 +59,7 @@ def pixel_flipping(
     score: str = "prob",
     batch_size: int | None = None,
     forward: Forward | None = None,
+    seed: int = 0,
 ) -> Curve:
     """Pixel Flipping (Bach et al. 2015): :func:`camkit.metrics.deletion` with ``ceil(H * W / features_in_step)``
     steps, to ``baseline`` (Quantus' ``"black"`` by default), scored by the softmax probability.
@@ -57,12 +67,20 @@ def pixel_flipping(
     Where ``features_in_step`` divides H * W, step i has removed exactly ``i * features_in_step`` pixels in
     decreasing map order, so ``scores[:, 1:]`` is Quantus 0.6.0's ``PixelFlipping`` curve (one-channel inputs) and
     its AUC is ``torch.trapezoid(scores[:, 1:], dim=1)`` (unit spacing, no unperturbed point); camkit's ``auc`` is
-    over the fraction removed, the unperturbed point included.
+    over the fraction removed, the unperturbed point included. ``baseline="uniform"``: each group of
+    ``features_in_step`` pixels in map order takes one value from U(0, 1) per image (Quantus' ``"uniform"``;
+    ``torch.rand(B, groups)`` from a CPU generator seeded with ``seed``).
     """
     if isinstance(features_in_step, bool) or not isinstance(features_in_step, int) or features_in_step < 1:
         raise CamkitError(f"features_in_step must be an int >= 1, got {features_in_step!r}")
     h, w = inputs.shape[-2:]
-    base = fill_baseline(inputs.float(), baseline) if inputs.dim() == 4 else baseline  # else deletion refuses
+    base: Baseline = baseline
+    if inputs.dim() == 4 and is_uniform(baseline):  # else deletion refuses the inputs
+        x, m = check_inputs(model, inputs, maps)
+        key, groups = group_steps(m, features_in_step, descending=True)
+        base = step_fill(x.float(), baseline, key, groups, seed)
+    elif inputs.dim() == 4:
+        base = fill_baseline(inputs.float(), baseline)
     steps = math.ceil(h * w / features_in_step)
     return deletion(model, inputs, maps, classes, steps, base, score, batch_size, forward)
 
@@ -117,7 +135,7 @@ def _patch_curve(
     )
     steps = n_patches if regions is None else max(1, min(regions, n_patches))
     key = rank.gather(1, patch)
-    if isinstance(baseline, str) and baseline == "uniform":  # one value per square, drawn in removal order
+    if is_uniform(baseline):  # one value per square, drawn in removal order
         fill = square_fill(s.x, key, n_patches, gen)
     else:
         fill = fill_baseline(s.x, baseline)
