@@ -309,7 +309,8 @@ def infidelity(
         perturbation: ``"baseline"``: a square takes ``baseline``'s values (Quantus' default perturbation);
             ``baseline="uniform"`` gives each square one value from U(0, 1) per image (Quantus' ``"uniform"``).
             ``"gaussian"``: a square gets noise N(``noise_mean``, ``noise_std``^2) added to each of its values
-            (Quantus' ``batch_gaussian_noise``, the paper's noisy baseline; ``baseline`` is not used).
+            (Quantus' ``batch_gaussian_noise``; ``baseline`` is not used). With one square covering a square image
+            (``patch_sizes=(H,)``) each draw is the paper's noisy baseline, I = -noise on the whole image.
         samples: draws of a random perturbation (``"gaussian"``, ``"uniform"``), averaged (Quantus'
             ``n_perturb_samples``, 10); a deterministic baseline is computed once (every draw would be the same).
         loss: ``"mse"`` (the mean squared error over the steps, Quantus' default) or a function

@@ -190,9 +190,10 @@ def selectivity(
     seed: int = 0,
 ) -> RegionCurve:
     """Selectivity (Montavon et al. 2018; ``auc``, lower is better): every ``patch_size`` square removed, most
-    relevant first, as :func:`region_perturbation` (``baseline="uniform"`` and ``seed`` as there). Quantus 0.6.0's curve is ``scores[:, 1:]`` and its AUC
-    ``torch.trapezoid(scores[:, 1:], dim=1)`` (unit spacing); camkit's ``auc`` is over the fraction of squares
-    removed, the unperturbed point included, in [0, 1] for probabilities."""
+    relevant first, as :func:`region_perturbation` (``baseline="uniform"`` and ``seed`` as there). Quantus
+    0.6.0's curve is ``scores[:, 1:]`` and its AUC ``torch.trapezoid(scores[:, 1:], dim=1)`` (unit spacing);
+    camkit's ``auc`` is over the fraction of squares removed, the unperturbed point included, in [0, 1] for
+    probabilities."""
     return _patch_curve(
         model, inputs, maps, classes, patch_size, "morf", None, baseline, score, forward, seed
     )
@@ -253,9 +254,10 @@ def irof(
     Paper: segment the image into superpixels, remove them in decreasing order of their mean relevance, replacing
     them by the mean value, and report the area over the curve of the class probability relative to the
     unperturbed one. Choices: ``segments`` LongTensor[B, H, W] of labels 0..n - 1 (None: :func:`superpixels` of
-    the inputs by ``segmentation``, ``"slic"`` or ``"felzenszwalb"``, as Quantus' ``segmentation_method``); ``baseline`` ``"mean"`` is each image's mean per channel, fixed before the removal (Quantus 0.6.0
-    fills with the mean of the whole batch array as perturbed so far); the softmax probability; the area is over
-    the fraction of segments removed, so IROF lies in [0, 1] when the score only falls. Quantus' value is
+    the inputs by ``segmentation``, ``"slic"`` or ``"felzenszwalb"``, as Quantus' ``segmentation_method``);
+    ``baseline`` ``"mean"`` is each image's mean per channel, fixed before the removal (Quantus 0.6.0 fills with
+    the mean of the whole batch array as perturbed so far); the softmax probability; the area is over the
+    fraction of segments removed, so IROF lies in [0, 1] when the score only falls. Quantus' value is
     ``n - torch.trapezoid(curve[b, 1 : n + 1])`` (unit spacing, no unperturbed point).
     """
     s = prepare(model, inputs, maps, classes, score, None, forward)
