@@ -154,6 +154,17 @@ def test_region_perturbation_and_selectivity_by_hand() -> None:
     assert (morf.aopc > lerf.aopc[:, None].expand(2, 1)[:, 0] - 1e-6).all()
     sel = selectivity(model, x, maps, classes, patch_size=4, score="logit")
     torch.testing.assert_close(sel.auc, torch.trapezoid(sel.scores, dx=0.25, dim=1))
+    # random order: the squares in the seeded permutation torch.rand(B, squares).argsort(dim=1)
+    rnd = region_perturbation(
+        model, x, maps, classes, patch_size=4, order="random", regions=None, score="logit"
+    )
+    perm = torch.rand(2, 4, generator=torch.Generator().manual_seed(0)).argsort(dim=1)
+    drops = patches.gather(1, perm).cumsum(dim=1)
+    torch.testing.assert_close(rnd.scores[:, :1] - rnd.scores[:, 1:], drops, atol=1e-4, rtol=1e-4)
+    other = region_perturbation(model, x, maps, classes, patch_size=4, order="random", regions=None, seed=1)
+    assert not torch.equal(
+        other.scores, region_perturbation(model, x, maps, classes, 4, "random", None).scores
+    )
     with pytest.raises(CamkitError, match="unknown order"):
         region_perturbation(model, x, maps, classes, order="sideways")
 
