@@ -81,6 +81,14 @@ def test_exact_attributions_correlate_perfectly_and_have_no_infidelity() -> None
     shuffled = maps.flatten(1)[:, torch.randperm(64)].view(2, 8, 8)
     assert (faithfulness_estimate(model, x, shuffled, classes, features_in_step=4) < 0.9).all()
     assert (infidelity(model, x, w.flatten(1)[:, torch.randperm(64)].view(2, 8, 8), classes) > 1e-3).all()
+    # whatever the perturbation: Gaussian noise on the squares, uniform values, another loss
+    for kwargs in ({"perturbation": "gaussian", "noise_std": 0.5}, {"baseline": "uniform", "samples": 2}):
+        torch.testing.assert_close(
+            infidelity(model, x, w, classes, **kwargs), torch.zeros(2), atol=1e-8, rtol=0
+        )
+    mae = infidelity(model, x, 2 * w, classes, loss=lambda d, g: (d - g).abs().mean(dim=1))
+    mse = infidelity(model, x, 2 * w, classes)
+    assert (mae > 1e-3).all() and not torch.allclose(mae, mse)
     assert_unchanged(before, model)
 
 
@@ -146,8 +154,19 @@ def test_region_perturbation_and_selectivity_by_hand() -> None:
     assert (morf.aopc > lerf.aopc[:, None].expand(2, 1)[:, 0] - 1e-6).all()
     sel = selectivity(model, x, maps, classes, patch_size=4, score="logit")
     torch.testing.assert_close(sel.auc, torch.trapezoid(sel.scores, dx=0.25, dim=1))
+    # random order: the squares in the seeded permutation torch.rand(B, squares).argsort(dim=1)
+    rnd = region_perturbation(
+        model, x, maps, classes, patch_size=4, order="random", regions=None, score="logit"
+    )
+    perm = torch.rand(2, 4, generator=torch.Generator().manual_seed(0)).argsort(dim=1)
+    drops = patches.gather(1, perm).cumsum(dim=1)
+    torch.testing.assert_close(rnd.scores[:, :1] - rnd.scores[:, 1:], drops, atol=1e-4, rtol=1e-4)
+    other = region_perturbation(model, x, maps, classes, patch_size=4, order="random", regions=None, seed=1)
+    assert not torch.equal(
+        other.scores, region_perturbation(model, x, maps, classes, 4, "random", None).scores
+    )
     with pytest.raises(CamkitError, match="unknown order"):
-        region_perturbation(model, x, maps, classes, order="random")
+        region_perturbation(model, x, maps, classes, order="sideways")
 
 
 def test_irof_removes_segments_by_mean_relevance() -> None:
@@ -188,6 +207,10 @@ def test_sensitivity_known_answers() -> None:
         sensitivity(model, x, maps, lambda z: maps[:1])
     with pytest.raises(CamkitError, match="samples must be"):
         sensitivity(model, x, maps, lambda z: maps, samples=0)
+    with pytest.raises(CamkitError, match="low < high"):
+        sensitivity(model, x, maps, lambda z: maps, radius=(0.3, 0.1))
+    with pytest.raises(CamkitError, match="radius must be"):
+        sensitivity(model, x, maps, lambda z: maps, radius=-0.1)
 
 
 def test_bad_arguments_are_camkit_errors() -> None:
@@ -196,6 +219,20 @@ def test_bad_arguments_are_camkit_errors() -> None:
         faithfulness_estimate(model, x, maps, classes, features_in_step=0)
     with pytest.raises(CamkitError, match="patch sizes"):
         infidelity(model, x, maps, classes, patch_sizes=(0,))
+    with pytest.raises(CamkitError, match="unknown perturbation"):
+        infidelity(model, x, maps, classes, perturbation="blur")
+    with pytest.raises(CamkitError, match="samples must be"):
+        infidelity(model, x, maps, classes, perturbation="gaussian", samples=0)
+    with pytest.raises(CamkitError, match="noise_std"):
+        infidelity(model, x, maps, classes, perturbation="gaussian", noise_std=-1.0)
+    with pytest.raises(CamkitError, match="unknown loss"):
+        infidelity(model, x, maps, classes, loss="mae")
+    with pytest.raises(CamkitError, match=r"loss must give a Tensor of shape \(2,\)"):
+        infidelity(model, x, maps, classes, loss=lambda d, g: d - g)
+    with pytest.raises(CamkitError, match="unknown similarity"):
+        faithfulness_estimate(model, x, maps, classes, similarity="kendall")
+    with pytest.raises(CamkitError, match="unknown segmentation"):
+        irof(model, x, maps, classes, segmentation="quickshift")
     with pytest.raises(CamkitError, match="patch_size"):
         selectivity(model, x, maps, classes, patch_size=0)
     with pytest.raises(CamkitError, match="unknown baseline"):

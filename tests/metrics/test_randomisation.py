@@ -107,6 +107,8 @@ def test_mprt_randomises_a_copy_top_down() -> None:
     torch.testing.assert_close(flat.correlation, torch.ones(2, 2))
     with pytest.raises(CamkitError, match="no module named 'head'"):
         mprt(model, x, maps, explain, classes, modules=["head"])
+    with pytest.raises(CamkitError, match="unknown layer_order"):
+        mprt(model, x, maps, explain, classes, layer_order="bottom_up")
 
 
 def test_the_new_metrics_are_registered() -> None:

@@ -220,3 +220,228 @@ def test_irof(monkeypatch) -> None:
         1 - float(torch.trapezoid(ours.curve[i, : int(n[i]) + 1], dx=1 / int(n[i]))) for i in range(3)
     ]
     np.testing.assert_allclose(ours.aoc.numpy(), expected, atol=1e-6)
+
+
+def _feed(monkeypatch: pytest.MonkeyPatch, name: str, values: list[np.ndarray]) -> list[np.ndarray]:
+    """Replace ``numpy.random.<name>`` by one that returns ``values`` in order (camkit's draws); the list of what
+    is left is returned, so that a test can check that Quantus took every value."""
+    left = list(values)
+
+    def draw(*args: Any, **kwargs: Any) -> np.ndarray:
+        return left.pop(0)
+
+    monkeypatch.setattr(np.random, name, draw)
+    return left
+
+
+def test_infidelity_gaussian_noise(monkeypatch) -> None:
+    """The noisy perturbation (Quantus' ``batch_gaussian_noise`` on the squares, 2 draws): camkit's noise given to
+    Quantus step by step, the same values at every step of one draw and patch size (each step keeps its square)."""
+    model, x, maps, classes = _setup(3)
+    gen = torch.Generator(device="cpu").manual_seed(7)
+    values = []
+    for _ in range(2):  # what camkit draws: per sample, per patch size, torch.randn(B, C, H, W)
+        for p in (4, 8):
+            noise = (torch.randn(x.shape, generator=gen) * 0.5 + 0.1).flatten(1).double().numpy()
+            values += [noise] * (16 // p) ** 2
+    left = _feed(monkeypatch, "normal", values)
+    metric = quantus.Infidelity(
+        perturb_patch_sizes=[4, 8],
+        n_perturb_samples=2,
+        perturb_func=quantus.functions.perturb_func.batch_gaussian_noise,
+        perturb_func_kwargs={"perturb_mean": 0.1, "perturb_std": 0.5},
+        disable_warnings=True,
+    )
+    ref = np.asarray(_quantus(metric, model, x, maps, classes, softmax=False))
+    assert not left
+    ours = correlation.infidelity(
+        model,
+        x,
+        maps,
+        classes,
+        (4, 8),
+        perturbation="gaussian",
+        samples=2,
+        noise_mean=0.1,
+        noise_std=0.5,
+        seed=7,
+    )
+    np.testing.assert_allclose(ours.numpy(), ref, rtol=1e-5)
+
+
+def test_infidelity_uniform_baseline_and_a_loss_function(monkeypatch) -> None:
+    """``baseline="uniform"``: one U(0, 1) value per image and square (Quantus' batched ``"uniform"``), 3 draws;
+    and a loss function in place of the mean squared error, called alike on both sides."""
+    model, x, maps, classes = _setup(3)
+    gen = torch.Generator(device="cpu").manual_seed(2)
+    values = []
+    for _ in range(3):  # per sample: torch.rand(B, squares), the value of square t in column t
+        values += list(torch.rand(3, 16, generator=gen).double().numpy().T)
+    left = _feed(monkeypatch, "uniform", values)
+
+    def mae(a: Any, b: Any, **kwargs: Any) -> Any:
+        return (a - b).abs().mean(1) if isinstance(a, Tensor) else np.abs(a - b).mean(axis=1)
+
+    metric = quantus.Infidelity(
+        perturb_patch_sizes=[4],
+        n_perturb_samples=3,
+        perturb_baseline="uniform",
+        loss_func=mae,
+        disable_warnings=True,
+    )
+    ref = np.asarray(_quantus(metric, model, x, maps, classes, softmax=False))
+    assert not left
+    ours = correlation.infidelity(model, x, maps, classes, (4,), "uniform", samples=3, loss=mae, seed=2)
+    np.testing.assert_allclose(ours.numpy(), ref, rtol=1e-5)
+    mse = correlation.infidelity(model, x, maps, classes, (4,), "uniform", samples=3, seed=2)
+    assert not np.allclose(mse.numpy(), ours.numpy())  # the loss is used
+
+
+@pytest.mark.parametrize("baseline", ["black", "uniform"])
+def test_region_perturbation_random_order(gray, monkeypatch, baseline) -> None:
+    """``order="random"``: camkit's permutations of the squares given to Quantus' ``np.random.permutation`` (one
+    per image), and with ``baseline="uniform"`` its values per removed square to ``np.random.uniform``."""
+    model, x, maps, classes = gray
+    gen = torch.Generator(device="cpu").manual_seed(4)
+    perms = torch.rand(3, 16, generator=gen).argsort(dim=1)  # what camkit draws with seed=4, then the values
+    fills = torch.rand(3, 16, generator=gen).double().numpy().T
+    left = _feed(monkeypatch, "permutation", list(perms.numpy()))
+    left_u = _feed(monkeypatch, "uniform", list(fills[:10]))  # Quantus draws them for "black" too, unused
+    metric = quantus.RegionPerturbation(
+        patch_size=4,
+        regions_evaluation=10,
+        order="random",
+        perturb_baseline=baseline,
+        normalise=False,
+        disable_warnings=True,
+    )
+    ref = np.asarray(_quantus(metric, model, x, maps, classes, softmax=True))
+    assert not left and not left_u
+    ours = regions.region_perturbation(
+        model, x, maps, classes, patch_size=4, order="random", regions=10, baseline=baseline, seed=4
+    )
+    np.testing.assert_allclose((ours.scores[:, :1] - ours.scores[:, 1:]).numpy(), ref, atol=ATOL)
+    morf = regions.region_perturbation(model, x, maps, classes, patch_size=4, regions=10, baseline=baseline)
+    assert not torch.allclose(ours.scores, morf.scores)
+
+
+def test_irof_felzenszwalb(monkeypatch) -> None:
+    """``segmentation="felzenszwalb"``: the same superpixels as Quantus' ``segmentation_method``, so the same
+    values (Quantus' value from camkit's curve, as in :func:`test_irof`)."""
+    monkeypatch.setattr(np, "trapz", np.trapezoid, raising=False)
+    model, x, maps, classes = _setup(1, size=24)
+    metric = quantus.IROF(
+        segmentation_method="felzenszwalb",
+        perturb_baseline=0.0,
+        normalise=False,
+        disable_warnings=True,
+        return_aggregate=False,
+    )
+    ref = np.asarray(_quantus(metric, model, x, maps, classes, softmax=True, batch_size=1))
+    ours = regions.irof(model, x, maps, classes, baseline=0.0, segmentation="felzenszwalb")
+    n = ours.segments
+    assert int(n.min()) > 3 and not torch.equal(
+        n, regions.irof(model, x, maps, classes, baseline=0.0).segments
+    )
+    theirs = [float(n[i]) - float(torch.trapezoid(ours.curve[i, 1 : int(n[i]) + 1])) for i in range(3)]
+    np.testing.assert_allclose(theirs, ref, rtol=1e-5)
+
+
+def test_similarity_functions(gray, monkeypatch) -> None:
+    """``similarity``: Spearman's correlation for Faithfulness Correlation and Estimate, Pearson's for Monotonicity
+    Correlation, as Quantus' ``similarity_func`` (the draws fed as in the tests above)."""
+    model, x, maps, classes = gray
+    spearman, pearson_ = (
+        quantus.similarity_func.correlation_spearman,
+        quantus.similarity_func.correlation_pearson,
+    )
+    metric = quantus.FaithfulnessEstimate(
+        features_in_step=8, similarity_func=spearman, normalise=False, disable_warnings=True
+    )
+    ref = np.asarray(_quantus(metric, model, x, maps, classes, softmax=False))
+    ours = correlation.faithfulness_estimate(model, x, maps, classes, 8, similarity="spearman")
+    np.testing.assert_allclose(ours.numpy(), ref, atol=ATOL)
+    assert not np.allclose(ref, correlation.faithfulness_estimate(model, x, maps, classes, 8).numpy())
+
+    idx = random_subsets(3, 10, 256, 20, seed=3)
+    left = _feed(monkeypatch, "choice", [idx[img, run].numpy() for run in range(10) for img in range(3)])
+    metric = quantus.FaithfulnessCorrelation(
+        nr_runs=10,
+        subset_size=20,
+        similarity_func=spearman,
+        normalise=False,
+        return_aggregate=False,
+        disable_warnings=True,
+    )
+    ref = np.asarray(_quantus(metric, model, x, maps, classes, softmax=False))
+    assert not left
+    ours = correlation.faithfulness_correlation(
+        model, x, maps, classes, 10, 20, seed=3, similarity="spearman"
+    )
+    np.testing.assert_allclose(ours.numpy(), ref, atol=ATOL)
+
+    draws = torch.rand(3, 16, 2, generator=torch.Generator(device="cpu").manual_seed(5))
+    calls = itertools.product(range(16), range(2))
+
+    def fill(arr: np.ndarray, indices: np.ndarray, **kwargs: Any) -> np.ndarray:
+        t, j = next(calls)
+        out = arr.copy()
+        out[np.arange(arr.shape[0])[:, None], indices] = draws[:, t, j].numpy()[:, None]
+        return out
+
+    metric = quantus.MonotonicityCorrelation(
+        nr_samples=2,
+        features_in_step=16,
+        similarity_func=pearson_,
+        normalise=False,
+        abs=False,
+        perturb_func=fill,
+        disable_warnings=True,
+    )
+    ref = np.asarray(_quantus(metric, model, x, maps, classes, softmax=True))
+    ours = correlation.monotonicity_nguyen(model, x, maps, classes, 2, 16, seed=5, similarity="pearson")
+    np.testing.assert_allclose(ours.numpy(), ref, atol=ATOL)
+
+
+def test_uniform_baseline_of_the_pixel_order_metrics(gray, monkeypatch) -> None:
+    """``baseline="uniform"``: one U(0, 1) value per image and group (Faithfulness Estimate, Pixel Flipping) or run
+    (Faithfulness Correlation), camkit's values fed to Quantus' ``np.random.uniform`` call by call."""
+    model, x, maps, classes = gray
+    steps = torch.rand(3, 32, generator=torch.Generator(device="cpu").manual_seed(6)).double().numpy().T
+    left = _feed(monkeypatch, "uniform", list(steps))  # per group of 8 pixels, in decreasing map order
+    metric = quantus.FaithfulnessEstimate(
+        features_in_step=8, perturb_baseline="uniform", normalise=False, disable_warnings=True
+    )
+    ref = np.asarray(_quantus(metric, model, x, maps, classes, softmax=False))
+    assert not left
+    ours = correlation.faithfulness_estimate(model, x, maps, classes, 8, "uniform", seed=6)
+    np.testing.assert_allclose(ours.numpy(), ref, atol=ATOL)
+
+    left = _feed(monkeypatch, "uniform", list(steps))
+    metric = quantus.PixelFlipping(
+        features_in_step=8, perturb_baseline="uniform", normalise=False, disable_warnings=True
+    )
+    ref = np.asarray(_quantus(metric, model, x, maps, classes, softmax=True))
+    assert not left
+    curve = regions.pixel_flipping(model, x, maps, classes, 8, "uniform", seed=6)
+    np.testing.assert_allclose(curve.scores[:, 1:].numpy(), ref, atol=ATOL)
+
+    gen = torch.Generator(device="cpu").manual_seed(3)
+    idx = random_subsets(3, 10, 256, 20, gen)  # then the values, from the same generator
+    values = torch.rand(3, 10, generator=gen).double().numpy()
+    left = _feed(monkeypatch, "choice", [idx[img, run].numpy() for run in range(10) for img in range(3)])
+    left_u = _feed(monkeypatch, "uniform", list(values.T))
+    metric = quantus.FaithfulnessCorrelation(
+        nr_runs=10,
+        subset_size=20,
+        perturb_baseline="uniform",
+        normalise=False,
+        return_aggregate=False,
+        disable_warnings=True,
+    )
+    ref = np.asarray(_quantus(metric, model, x, maps, classes, softmax=False))
+    assert not left and not left_u
+    ours = correlation.faithfulness_correlation(model, x, maps, classes, 10, 20, "uniform", seed=3)
+    np.testing.assert_allclose(ours.numpy(), ref, atol=ATOL)
+    black = correlation.faithfulness_correlation(model, x, maps, classes, 10, 20, seed=3)
+    assert not np.allclose(ours.numpy(), black.numpy())

@@ -116,3 +116,12 @@ def test_top_k_intersection_is_quantus(
     count = k if isinstance(k, int) else max(1, round(k * 32 * 32))
     ref = quantus.TopKIntersection(k=count, abs=False, normalise=False, disable_warnings=True)
     _close(top_k_intersection(case[3], case[4], k=k), _quantus(ref, case))
+
+
+def test_top_k_concept_influence_is_quantus(case: tuple[nn.Module, Tensor, Tensor, Tensor, Tensor]) -> None:
+    ref = quantus.TopKIntersection(
+        k=20, concept_influence=True, abs=False, normalise=False, disable_warnings=True
+    )
+    ours = top_k_intersection(case[3], case[4], k=20, concept_influence=True)
+    _close(ours, _quantus(ref, case))
+    assert float(ours.max()) > 1  # scaled by the pixels over the mask's

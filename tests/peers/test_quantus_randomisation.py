@@ -110,3 +110,27 @@ def test_mprt_is_quantus(case: tuple[nn.Module, Tensor, Tensor, Tensor]) -> None
         got.correlation.double().numpy(), np.array([want[k] for k in layers]), atol=ATOL
     )
     assert float(got.last.max()) < 0.9  # the randomised model's maps differ
+
+
+def test_mprt_independent_is_quantus(case: tuple[nn.Module, Tensor, Tensor, Tensor]) -> None:
+    """``layer_order="independent"``: each layer re-initialised alone on the trained weights, as Quantus'."""
+    model, x, classes, maps = case
+    with torch.random.fork_rng():
+        ref = quantus.MPRT(
+            seed=42, layer_order="independent", normalise=False, abs=False, disable_warnings=True
+        )
+        want = ref(
+            model=model,
+            x_batch=x.numpy(),
+            y_batch=classes.numpy(),
+            a_batch=maps[:, None].numpy(),
+            explain_func=QuantusExplain(),
+            device="cpu",
+        )
+    got = mprt(model, x, maps, explain, classes, layer_order="independent")
+    assert sorted(got.steps) == sorted(k for k in want if k != "original")
+    np.testing.assert_allclose(
+        got.correlation.double().numpy(), np.array([want[k] for k in got.steps]), atol=ATOL
+    )
+    cascade = mprt(model, x, maps, explain, classes)
+    assert not torch.allclose(got.correlation[1:], cascade.correlation[1:])  # the earlier steps are undone

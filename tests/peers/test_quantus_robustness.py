@@ -67,3 +67,39 @@ def test_sensitivity_equals_quantus(kind: str) -> None:
     ours = result.max if kind == "max" else result.mean
     assert float(ours.min()) > 0.01  # the maps do move
     np.testing.assert_allclose(ours.numpy(), np.asarray(ref), rtol=1e-5)
+
+
+def test_noise_bounds_are_quantus_upper_bound(monkeypatch) -> None:
+    """``radius=(low, high)``: noise from U(low, high), Quantus' ``lower_bound`` and ``upper_bound`` with its own
+    ``batch_uniform_noise``; camkit's draws are fed to Quantus' ``np.random.uniform``, which must be asked for
+    the same bounds."""
+    torch.manual_seed(0)
+    model = Net().eval()
+    x = torch.randn(2, 3, 16, 16)
+    classes = [1, 3]
+
+    def remap(z: Tensor) -> Tensor:
+        return camkit.explain(model, z, "gradcam", layers="features.2", targets=classes).maps
+
+    maps = remap(x)
+    noise = robustness.uniform_noise(tuple(x.shape), 2, (0.05, 0.3), seed=1)
+    assert float(noise.min()) >= 0.05 and float(noise.max()) < 0.3
+    draw = iter(range(2))
+
+    def uniform(low: float, high: float, size: tuple[int, ...]) -> np.ndarray:
+        assert (low, high) == (0.05, 0.3)
+        return noise[next(draw)].reshape(size).double().numpy()
+
+    monkeypatch.setattr(np.random, "uniform", uniform)
+    metric = quantus.MaxSensitivity(nr_samples=2, lower_bound=0.05, upper_bound=0.3, disable_warnings=True)
+    ref = metric(
+        model=model,
+        x_batch=x.numpy(),
+        y_batch=np.array(classes),
+        a_batch=maps[:, None].numpy(),
+        explain_func=lambda model, inputs, targets, **kw: remap(torch.as_tensor(inputs))[:, None].numpy(),
+        device="cpu",
+        channel_first=True,
+    )
+    ours = robustness.sensitivity(model, x, maps, remap, samples=2, radius=(0.05, 0.3), seed=1).max
+    np.testing.assert_allclose(ours.numpy(), np.asarray(ref), rtol=1e-5)

@@ -25,8 +25,7 @@ the model in chunks (:class:`camkit.metrics.Forward`), on the model's device.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -38,10 +37,14 @@ from camkit.metrics.perturbed import (
     PerturbSetup,
     fill_baseline,
     group_steps,
+    is_uniform,
     pearson,
     perturbed_scores,
     prepare,
     random_subsets,
+    square_fill,
+    square_grid,
+    step_fill,
     step_scores,
     step_sums,
     subset_scores,
@@ -49,6 +52,7 @@ from camkit.metrics.perturbed import (
 from camkit.metrics.sanity import spearman
 
 __all__ = [
+    "InfidelityLoss",
     "SensitivityN",
     "faithfulness_correlation",
     "faithfulness_estimate",
@@ -60,6 +64,16 @@ __all__ = [
     "random_subsets",
     "sensitivity_n",
 ]
+
+
+def _check_similarity(kind: str) -> None:
+    if kind not in ("pearson", "spearman"):
+        raise CamkitError(f"unknown similarity {kind!r}: 'pearson' or 'spearman'")
+
+
+def _similarity(a: Tensor, b: Tensor, kind: str) -> Tensor:
+    """The correlation of each row pair of Tensor[B, N]: ``"pearson"`` or ``"spearman"`` (ties averaged)."""
+    return pearson(a, b) if kind == "pearson" else spearman(a, b)
 
 
 def faithfulness_correlation(
@@ -74,19 +88,29 @@ def faithfulness_correlation(
     seed: int = 0,
     batch_size: int | None = None,
     forward: Forward | None = None,
+    similarity: str = "pearson",
 ) -> Tensor:
     """Faithfulness Correlation (Bhatt et al. 2020; higher is better), Tensor[B] in [-1, 1].
 
     Paper: ``corr_{S in random subsets of size |S|}(sum_{i in S} g(f, x)_i, f(x) - f(x_{x_S = baseline}))``.
-    Choices: Quantus 0.6.0's defaults (100 runs, subsets of 224 pixels, the ``"black"`` baseline, the logit),
-    the subsets from :func:`random_subsets` with ``seed`` (at most the image's pixels).
+    Choices: Quantus 0.6.0's defaults (100 runs, subsets of 224 pixels, the ``"black"`` baseline, the logit,
+    the Pearson correlation; ``similarity="spearman"`` for Spearman's, Quantus' ``similarity_func``), the
+    subsets from :func:`random_subsets` with ``seed`` (at most the image's pixels). ``baseline="uniform"``: each
+    run's subset takes one value from U(0, 1) per image (Quantus' ``"uniform"``), ``torch.rand(B, runs)`` from the
+    subsets' generator after them.
     """
+    _check_similarity(similarity)
     s = prepare(model, inputs, maps, classes, score, batch_size, forward)
     b, _, h, w = s.x.shape
-    idx = random_subsets(b, runs, h * w, min(subset_size, h * w), seed).to(s.x.device)
-    drops = s.y[:, None] - subset_scores(s, fill_baseline(s.x, baseline), idx)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    idx = random_subsets(b, runs, h * w, min(subset_size, h * w), gen).to(s.x.device)
+    if is_uniform(baseline):
+        values = torch.rand(b, runs, generator=gen).to(s.x.device)
+        drops = s.y[:, None] - subset_scores(s, s.x, idx, values)
+    else:
+        drops = s.y[:, None] - subset_scores(s, fill_baseline(s.x, baseline), idx)
     sums = s.maps.flatten(1)[torch.arange(b, device=s.x.device)[:, None, None], idx].double().sum(dim=2)
-    return pearson(sums, drops)
+    return _similarity(sums, drops, similarity)
 
 
 def faithfulness_estimate(
@@ -99,17 +123,24 @@ def faithfulness_estimate(
     score: str = "logit",
     batch_size: int | None = None,
     forward: Forward | None = None,
+    similarity: str = "pearson",
+    seed: int = 0,
 ) -> Tensor:
     """Faithfulness Estimate (Alvarez-Melis & Jaakkola 2018; higher is better), Tensor[B] in [-1, 1].
 
     Paper: the correlation between each feature's relevance and the drop of the score when that feature alone is
     removed. Choices: groups of ``features_in_step`` pixels in decreasing map order (one model call per group and
-    image), each replaced alone by ``baseline`` (Quantus' ``"black"``); Pearson correlation; the logit.
+    image), each replaced alone by ``baseline`` (Quantus' ``"black"``); Pearson correlation (``similarity=
+    "spearman"``: Spearman's, Quantus' ``similarity_func``); the logit. ``baseline="uniform"``: each group takes
+    one value from U(0, 1) per image (Quantus' ``"uniform"``; ``torch.rand(B, groups)`` from a CPU generator
+    seeded with ``seed``).
     """
+    _check_similarity(similarity)
     s = prepare(model, inputs, maps, classes, score, batch_size, forward)
     key, steps = group_steps(s.maps, features_in_step, descending=True)
-    drops = s.y[:, None] - step_scores(s, s.x, fill_baseline(s.x, baseline), key, steps, cumulative=False)
-    return pearson(step_sums(s.maps, key, steps), drops)
+    fill = step_fill(s.x, baseline, key, steps, seed)
+    drops = s.y[:, None] - step_scores(s, s.x, fill, key, steps, cumulative=False)
+    return _similarity(step_sums(s.maps, key, steps), drops, similarity)
 
 
 def monotonicity_arya(
@@ -150,6 +181,7 @@ def monotonicity_nguyen(
     seed: int = 0,
     batch_size: int | None = None,
     forward: Forward | None = None,
+    similarity: str = "spearman",
 ) -> Tensor:
     """Monotonicity Correlation (Nguyen & Martinez 2020; higher is better), Tensor[B] in [-1, 1].
 
@@ -158,8 +190,10 @@ def monotonicity_nguyen(
     ``features_in_step`` pixels in increasing map order; ``"uniform"``: each of ``samples`` draws fills the group
     with one value from U(0, 1) per image (``torch.rand(B, steps, samples)`` from a CPU generator seeded with
     ``seed``); another baseline fills it with its values (one draw suffices); the squared change is divided by
-    ``f(x)^2`` where ``|f(x)| >= eps``; the softmax probability.
+    ``f(x)^2`` where ``|f(x)| >= eps``; the softmax probability; ``similarity="pearson"`` for Pearson's
+    correlation (Quantus' ``similarity_func``).
     """
+    _check_similarity(similarity)
     s = prepare(model, inputs, maps, classes, score, batch_size, forward)
     key, steps = group_steps(s.maps, features_in_step, descending=False)
     if baseline == "uniform":
@@ -170,7 +204,7 @@ def monotonicity_nguyen(
         scores = step_scores(s, s.x, fill_baseline(s.x, baseline), key, steps, cumulative=False)[..., None]
     inv = torch.where(s.y.abs() >= eps, 1 / s.y.abs().clamp_min(1e-30), torch.ones_like(s.y)) ** 2
     variance = (scores - s.y[:, None, None]).double().pow(2).mean(dim=2) * inv[:, None].double()
-    return spearman(step_sums(s.maps, key, steps), variance)
+    return _similarity(step_sums(s.maps, key, steps), variance, similarity)
 
 
 def _uniform_scores(s: PerturbSetup, key: Tensor, draws: Tensor) -> Tensor:
@@ -240,6 +274,10 @@ def sensitivity_n(
     return SensitivityN(ns=torch.tensor(ns), correlation=torch.stack(out, dim=1))
 
 
+#: An infidelity loss: (score drops, I^T g), both Tensor[B, T] (float64), -> Tensor[B].
+InfidelityLoss = Callable[[Tensor, Tensor], Tensor]
+
+
 def infidelity(
     model: nn.Module,
     inputs: Tensor,
@@ -250,31 +288,89 @@ def infidelity(
     score: str = "logit",
     batch_size: int | None = None,
     forward: Forward | None = None,
+    *,
+    perturbation: str = "baseline",
+    samples: int = 10,
+    noise_mean: float = 0.0,
+    noise_std: float = 0.01,
+    loss: str | InfidelityLoss = "mse",
+    seed: int = 0,
 ) -> Tensor:
     """Infidelity (Yeh et al. 2019; lower is better), Tensor[B].
 
     Paper: ``E_I[(I^T g(f, x) - (f(x) - f(x - I)))^2]`` over perturbations I. Choices (Quantus 0.6.0's square
-    removal): for each patch size p, the p x p squares of the image in raster order are replaced by ``baseline``
-    one after the other, cumulatively; perturbation t is ``I = x - x_t`` (the first t + 1 squares replaced),
-    ``I^T g = sum over channels and pixels of I * map``; the squared errors are averaged over the steps, then over
-    the patch sizes; the logit. Squares at the right and bottom edges are cut to the image (Quantus pads; both
-    agree where p divides the height and width). The map's scale matters (no optimal rescaling).
+    perturbation): for each patch size p, the p x p squares of the image in raster order are perturbed one after
+    the other, cumulatively; perturbation t is ``I = x - x_t`` (the first t + 1 squares perturbed), ``I^T g`` =
+    sum over channels and pixels of ``I * map``; the loss over the steps, averaged over the patch sizes, then
+    over the ``samples`` draws; the logit. Squares at the right and bottom edges are cut to the image (Quantus
+    pads; both agree where p divides the height and width). The map's scale matters (no optimal rescaling).
+
+    Args:
+        perturbation: ``"baseline"``: a square takes ``baseline``'s values (Quantus' default perturbation);
+            ``baseline="uniform"`` gives each square one value from U(0, 1) per image (Quantus' ``"uniform"``).
+            ``"gaussian"``: a square gets noise N(``noise_mean``, ``noise_std``^2) added to each of its values
+            (Quantus' ``batch_gaussian_noise``; ``baseline`` is not used). With one square covering a square image
+            (``patch_sizes=(H,)``) each draw is the paper's noisy baseline, I = -noise on the whole image.
+        samples: draws of a random perturbation (``"gaussian"``, ``"uniform"``), averaged (Quantus'
+            ``n_perturb_samples``, 10); a deterministic baseline is computed once (every draw would be the same).
+        loss: ``"mse"`` (the mean squared error over the steps, Quantus' default) or a function
+            ``loss(drops, dots)`` of Tensor[B, T] -> Tensor[B] (Quantus' ``loss_func(a=drops, b=dots)``).
+        seed: seed of the CPU generator of the draws: per draw, per patch size in order, ``torch.randn(B, C, H,
+            W)`` (``"gaussian"``, each square's noise where it lies) or ``torch.rand(B, squares)``
+            (``"uniform"``).
     """
+    random = _check_infidelity(perturbation, baseline, samples, noise_std, loss)
     s = prepare(model, inputs, maps, classes, score, batch_size, forward)
-    b, _, h, w = s.x.shape
-    base = fill_baseline(s.x, baseline)
-    losses = []
-    for p in patch_sizes:
-        if isinstance(p, bool) or not isinstance(p, int) or p < 1:
-            raise CamkitError(f"patch sizes must be ints >= 1, got {p!r}")
-        cols = math.ceil(w / p)
-        rows = torch.arange(h, device=s.x.device)[:, None] // p
-        block = (rows * cols + torch.arange(w, device=s.x.device)[None] // p).flatten().expand(b, -1)
-        steps = math.ceil(h / p) * cols
-        drops = s.y[:, None] - step_scores(s, s.x, base, block, steps, cumulative=True)
-        diff = ((s.x - base) * s.maps[:, None]).sum(dim=1).flatten(1).double()  # I^T g of each pixel
-        pixel_sums = torch.zeros(b, steps, dtype=torch.float64, device=s.x.device).scatter_add_(
-            1, block, diff
-        )
-        losses.append((pixel_sums.cumsum(dim=1) - drops.double()).pow(2).mean(dim=1))
-    return torch.stack(losses, dim=1).mean(dim=1).float()
+    grids = [square_grid(s.x.shape[2], s.x.shape[3], p, s.x.device) for p in patch_sizes]
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    fixed = None if random else fill_baseline(s.x, baseline)
+    draws = []
+    for _ in range(samples if random else 1):
+        losses = []
+        for block, steps in grids:
+            if fixed is not None:
+                fill = fixed
+            elif perturbation == "gaussian":
+                noise = torch.randn(s.x.shape, generator=gen).to(s.x.device, s.x.dtype)
+                fill = s.x + noise * noise_std + noise_mean
+            else:
+                fill = square_fill(s.x, block, steps, gen)
+            losses.append(_square_loss(s, fill, block, steps, loss))
+        draws.append(torch.stack(losses, dim=1).mean(dim=1))
+    return torch.stack(draws, dim=1).mean(dim=1).float()
+
+
+def _check_infidelity(
+    perturbation: str, baseline: Baseline, samples: int, noise_std: float, loss: str | InfidelityLoss
+) -> bool:
+    """Check infidelity's options; True where its perturbation is random."""
+    if perturbation not in ("baseline", "gaussian"):
+        raise CamkitError(f"unknown perturbation {perturbation!r}: 'baseline' or 'gaussian'")
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise CamkitError(f"samples must be an int >= 1, got {samples!r}")
+    if not noise_std >= 0:
+        raise CamkitError(f"noise_std must be >= 0, got {noise_std!r}")
+    if not (loss == "mse" or (callable(loss) and not isinstance(loss, str))):
+        raise CamkitError(f"unknown loss {loss!r}: 'mse' or a function loss(drops, dots) -> Tensor[B]")
+    return perturbation == "gaussian" or is_uniform(baseline)
+
+
+def _square_loss(
+    s: PerturbSetup, fill: Tensor, block: Tensor, steps: int, loss: str | InfidelityLoss
+) -> Tensor:
+    """Tensor[B] (float64): the loss between the score drops and ``I^T g`` while the squares ``block`` take
+    ``fill``'s values, cumulatively."""
+    b = s.x.shape[0]
+    key = block.expand(b, -1)
+    drops = (s.y[:, None] - step_scores(s, s.x, fill, key, steps, cumulative=True)).double()
+    diff = ((s.x - fill) * s.maps[:, None]).sum(dim=1).flatten(1).double()  # I^T g of each pixel
+    dots = (
+        torch.zeros(b, steps, dtype=torch.float64, device=s.x.device).scatter_add_(1, key, diff).cumsum(dim=1)
+    )
+    if isinstance(loss, str):  # "mse", checked
+        return (dots - drops).pow(2).mean(dim=1)
+    out = loss(drops, dots)
+    if not isinstance(out, Tensor) or tuple(out.shape) != (b,):
+        got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise CamkitError(f"the infidelity loss must give a Tensor of shape ({b},), got {got}")
+    return out.to(s.x.device).double()

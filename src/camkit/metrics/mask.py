@@ -122,13 +122,17 @@ def relevance_rank_accuracy(maps: Tensor, mask: Tensor) -> Tensor:
     return _nan_where_empty(value, s)
 
 
-def top_k_intersection(maps: Tensor, mask: Tensor, k: float = 0.02) -> Tensor:
+def top_k_intersection(
+    maps: Tensor, mask: Tensor, k: float = 0.02, concept_influence: bool = False
+) -> Tensor:
     """Top-k intersection (Theiner et al., "Interpretable Semantic Photo Geolocalization", WACV 2022): the
     fraction of the k highest-valued map pixels that lie in the mask. Tensor[B] in [0, 1], NaN for an empty mask.
 
     Args:
         k: a fraction of the map's pixels in (0, 1] (default 0.02: Quantus's k = 1000 pixels at 224 x 224), rounded
             to a whole count of at least 1; or an int >= 1, a count of pixels. Ties in raster order.
+        concept_influence: divide by the mask's share of the map's pixels (the paper's concept influence, Quantus'
+            ``concept_influence``): 1 means as many hits as a map placed at random would make; no longer in [0, 1].
     """
     m, s = _pair(maps, mask)
     n = m.shape[1]
@@ -142,6 +146,8 @@ def top_k_intersection(maps: Tensor, mask: Tensor, k: float = 0.02) -> Tensor:
     count = k if isinstance(k, int) else max(1, round(k * n))
     top = torch.argsort(m, dim=1, descending=True, stable=True)[:, :count]
     value = s.gather(1, top).double().mean(dim=1)
+    if concept_influence:
+        value = value * n / s.sum(dim=1).clamp_min(1)
     return _nan_where_empty(value, s)
 
 

@@ -26,10 +26,14 @@ __all__ = [
     "PerturbSetup",
     "fill_baseline",
     "group_steps",
+    "is_uniform",
     "pearson",
     "perturbed_scores",
     "prepare",
     "random_subsets",
+    "square_fill",
+    "square_grid",
+    "step_fill",
     "step_scores",
     "step_sums",
     "subset_scores",
@@ -57,12 +61,13 @@ def fill_baseline(x: Tensor, baseline: Baseline) -> Tensor:
     return make_baseline(x, baseline, "zeros")
 
 
-def random_subsets(b: int, runs: int, n: int, k: int, seed: int = 0) -> Tensor:
+def random_subsets(b: int, runs: int, n: int, k: int, seed: int | torch.Generator = 0) -> Tensor:
     """LongTensor[b, runs, k]: for each image and run, k distinct pixel indices of n, uniformly drawn (a random
-    permutation's first k, from a CPU generator seeded with ``seed``)."""
+    permutation's first k, ``torch.rand(b, runs, n).argsort(dim=2)``, from a CPU generator seeded with ``seed``,
+    or from the generator given)."""
     if not 1 <= k <= n:
         raise CamkitError(f"a subset must have between 1 and {n} pixels (the image's), got {k}")
-    gen = torch.Generator(device="cpu").manual_seed(seed)
+    gen = seed if isinstance(seed, torch.Generator) else torch.Generator(device="cpu").manual_seed(seed)
     return torch.rand(b, runs, n, generator=gen).argsort(dim=2)[..., :k]
 
 
@@ -122,8 +127,9 @@ def step_scores(
     return perturbed_scores(s, b * steps, make, (b, steps))
 
 
-def subset_scores(s: PerturbSetup, base: Tensor, idx: Tensor) -> Tensor:
-    """Tensor[B, R]: the score with the pixels ``idx`` (LongTensor[B, R, k]) replaced by ``base``."""
+def subset_scores(s: PerturbSetup, base: Tensor, idx: Tensor, values: Tensor | None = None) -> Tensor:
+    """Tensor[B, R]: the score with the pixels ``idx`` (LongTensor[B, R, k]) replaced by ``base``, or by the value
+    of ``values`` (Tensor[B, R]) of that image and run."""
     b, runs, _ = idx.shape
     _, _, h, w = s.x.shape
     idx = idx.to(s.x.device)
@@ -132,7 +138,8 @@ def subset_scores(s: PerturbSetup, base: Tensor, idx: Tensor) -> Tensor:
         img, r = i // runs, i % runs
         mask = torch.zeros(i.shape[0], h * w, dtype=torch.bool, device=s.x.device)
         mask.scatter_(1, idx[img, r], True)
-        return torch.where(mask.view(-1, 1, h, w), base[img], s.x[img]), img
+        fill = base[img] if values is None else values[img, r].view(-1, 1, 1, 1).to(s.x.dtype)
+        return torch.where(mask.view(-1, 1, h, w), fill, s.x[img]), img
 
     return perturbed_scores(s, b * runs, make, (b, runs))
 
@@ -152,3 +159,35 @@ def step_sums(maps: Tensor, key: Tensor, steps: int) -> Tensor:
     return torch.zeros(flat.shape[0], steps, dtype=torch.float64, device=flat.device).scatter_add_(
         1, key, flat
     )
+
+
+def square_grid(h: int, w: int, p: int, device: torch.device | str | None = None) -> tuple[Tensor, int]:
+    """The square of each pixel, LongTensor[H*W] (``p`` x ``p`` squares of a grid from the top left, in raster order;
+    those at the right and bottom edges cut to the image), and the number of squares."""
+    if isinstance(p, bool) or not isinstance(p, int) or p < 1:
+        raise CamkitError(f"patch sizes must be ints >= 1, got {p!r}")
+    cols = math.ceil(w / p)
+    rows = torch.arange(h, device=device)[:, None] // p
+    return (rows * cols + torch.arange(w, device=device)[None] // p).flatten(), math.ceil(h / p) * cols
+
+
+def is_uniform(baseline: object) -> bool:
+    """``baseline`` is ``"uniform"``: one U(0, 1) value per image and step (Quantus 0.6.0's batched ``"uniform"``)."""
+    return isinstance(baseline, str) and baseline == "uniform"
+
+
+def step_fill(x: Tensor, baseline: Baseline, key: Tensor, steps: int, seed: int) -> Tensor:
+    """:func:`fill_baseline`, or for ``"uniform"`` :func:`square_fill` with a CPU generator seeded with ``seed``
+    (one value per image and step of ``key``)."""
+    if is_uniform(baseline):
+        return square_fill(x, key, steps, torch.Generator(device="cpu").manual_seed(seed))
+    return fill_baseline(x, baseline)
+
+
+def square_fill(x: Tensor, key: Tensor, steps: int, gen: torch.Generator) -> Tensor:
+    """Tensor like ``x`` Tensor[B, C, H, W]: one value from U(0, 1) per image and step, on every channel of the
+    pixels whose ``key`` (LongTensor[B, H*W] or [H*W]) is that step (Quantus 0.6.0's batched ``"uniform"``
+    baseline); the values are ``torch.rand(B, steps, generator=gen)``."""
+    b, c, h, w = x.shape
+    u = torch.rand(b, steps, generator=gen).to(x.device, x.dtype)
+    return u.gather(1, key.expand(b, -1)).view(b, 1, h, w).expand(b, c, h, w).contiguous()

@@ -138,6 +138,7 @@ def mprt(
     modules: Sequence[str | Sequence[str]] | None = None,
     seed: int = 43,
     forward: Forward | None = None,
+    layer_order: str = "top_down",
 ) -> MprtResult:
     """Cascading model parameter randomisation test (Adebayo et al., "Sanity Checks for Saliency Maps", NeurIPS
     2018, section 3.1), per image: Spearman correlation (ties averaged, 0 for a constant map) between each map and
@@ -157,7 +158,12 @@ def mprt(
         modules: the randomisation steps, top down (a module name, or a list of names randomised together).
         seed: the seed of each step's re-initialisation.
         forward: how the inputs reach the model (for the top-1).
+        layer_order: ``"top_down"`` (cascading, the paper's section 3.1) or ``"independent"`` (each step
+            re-initialises its module(s) alone on the trained weights, the paper's independent randomisation;
+            Quantus' ``layer_order``).
     """
+    if layer_order not in ("top_down", "independent"):
+        raise CamkitError(f"unknown layer_order {layer_order!r}: 'top_down' or 'independent'")
     x, m = check_inputs(model, inputs, maps)
     cls = resolve_targets(forward or Forward(model), x, classes)
     steps = list(modules) if modules is not None else randomizable_modules(model)
@@ -175,6 +181,8 @@ def mprt(
     cuda = [x.device] if x.device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):
         for group in groups:
+            if layer_order == "independent":
+                work.load_state_dict(model.state_dict())
             torch.manual_seed(seed)
             for name in group:
                 reinitialize(names[name])

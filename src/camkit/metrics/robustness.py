@@ -21,13 +21,38 @@ from torch import Tensor, nn
 from camkit.errors import CamkitError
 from camkit.metrics._common import Forward, check_inputs
 
-__all__ = ["SensitivityResult", "avg_sensitivity", "max_sensitivity", "sensitivity", "uniform_noise"]
+__all__ = [
+    "Radius",
+    "SensitivityResult",
+    "avg_sensitivity",
+    "max_sensitivity",
+    "sensitivity",
+    "uniform_noise",
+]
 
 
-def uniform_noise(shape: tuple[int, ...], samples: int, radius: float, seed: int = 0) -> Tensor:
-    """Tensor[samples, *shape]: uniform noise in [-radius, radius) from a CPU generator seeded with ``seed``."""
+#: The noise's range: a radius r (U(-r, r)) or bounds (low, high) (U(low, high)).
+Radius = float | tuple[float, float]
+
+
+def uniform_noise(shape: tuple[int, ...], samples: int, radius: Radius, seed: int = 0) -> Tensor:
+    """Tensor[samples, *shape]: uniform noise in [-radius, radius), or in [low, high) for ``radius=(low, high)``,
+    from ``torch.rand(samples, *shape)`` of a CPU generator seeded with ``seed``."""
+    low, high = _bounds(radius)
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    return (torch.rand(samples, *shape, generator=gen) * 2 - 1) * radius
+    u = torch.rand(samples, *shape, generator=gen)
+    return (u * 2 - 1) * high if isinstance(radius, (int, float)) else low + u * (high - low)
+
+
+def _bounds(radius: Radius) -> tuple[float, float]:
+    if isinstance(radius, tuple) and len(radius) == 2:
+        low, high = float(radius[0]), float(radius[1])
+        if not low < high:
+            raise CamkitError(f"radius (low, high) must have low < high, got {radius!r}")
+        return low, high
+    if isinstance(radius, bool) or not isinstance(radius, (int, float)) or not radius >= 0:
+        raise CamkitError(f"radius must be a number >= 0 or a pair (low, high), got {radius!r}")
+    return -float(radius), float(radius)
 
 
 @dataclass(frozen=True)
@@ -61,7 +86,7 @@ def sensitivity(
     maps: Tensor,
     remap: Callable[[Tensor], Tensor],
     samples: int = 200,
-    radius: float = 0.2,
+    radius: Radius = 0.2,
     seed: int = 0,
     nan_when_prediction_changes: bool = False,
     forward: Forward | None = None,
@@ -75,7 +100,8 @@ def sensitivity(
         remap: the same method's maps of perturbed inputs for the same classes -> Tensor[B, H, W], e.g.
             ``lambda x: camkit.explain(model, x, "gradcam", targets=classes).maps``.
         samples: number of draws (Quantus: 200).
-        radius: half-width of the uniform noise on the normalised input (Quantus: 0.2).
+        radius: half-width of the uniform noise on the normalised input (Quantus' ``lower_bound``, 0.2), or a pair
+            (low, high): noise from U(low, high) (Quantus' ``lower_bound`` and ``upper_bound``).
         seed: seed of the noise.
         nan_when_prediction_changes: a draw that changes the model's top-1 counts as NaN (Quantus'
             ``return_nan_when_prediction_changes``).
@@ -83,8 +109,6 @@ def sensitivity(
     """
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
         raise CamkitError(f"samples must be an int >= 1, got {samples!r}")
-    if not radius >= 0:
-        raise CamkitError(f"radius must be >= 0, got {radius!r}")
     x, m = check_inputs(model, inputs, maps)
     fwd = forward or Forward(model)
     noise = uniform_noise(tuple(x.shape), samples, radius, seed)
@@ -112,7 +136,7 @@ def max_sensitivity(
     maps: Tensor,
     remap: Callable[[Tensor], Tensor],
     samples: int = 200,
-    radius: float = 0.2,
+    radius: Radius = 0.2,
     seed: int = 0,
     forward: Forward | None = None,
 ) -> Tensor:
@@ -126,7 +150,7 @@ def avg_sensitivity(
     maps: Tensor,
     remap: Callable[[Tensor], Tensor],
     samples: int = 200,
-    radius: float = 0.2,
+    radius: Radius = 0.2,
     seed: int = 0,
     forward: Forward | None = None,
 ) -> Tensor:
