@@ -47,7 +47,9 @@ from camkit.metrics.robustness import sensitivity
 
 __all__ = [
     "CURVE",
+    "DEFAULT_BOX_THRESHOLD",
     "DEFAULT_METRICS",
+    "DEFAULT_STEPS",
     "IOU_THRESHOLDS",
     "METRICS",
     "Metric",
@@ -58,6 +60,12 @@ __all__ = [
 
 #: The map thresholds of the MaxBoxAccV2 IoU curves (wsolevaluation's 0, 0.01, ..., 0.99).
 IOU_THRESHOLDS: Tensor = torch.arange(0, 1, 0.01)
+
+#: The default deletion/insertion steps (and the size of the Quantus family's perturbations, see below).
+DEFAULT_STEPS = 50
+
+#: The default map threshold (fraction of the max) of the ``box`` metric.
+DEFAULT_BOX_THRESHOLD = 0.2
 
 #: The value key of the per-image IoU curves (``maxboxacc``: a value over the whole data set, made from them).
 CURVE = "iou_curve"
@@ -92,8 +100,8 @@ class MetricBatch:
     classes: Tensor | None
     boxes: Sequence[Sequence[Sequence[float]]]
     sizes: Sequence[tuple[int, int]]
-    steps: int = 50
-    box_threshold: float = 0.2
+    steps: int = DEFAULT_STEPS
+    box_threshold: float = DEFAULT_BOX_THRESHOLD
     thresholds: Tensor = field(default_factory=lambda: IOU_THRESHOLDS.clone())
     remap: Callable[[Tensor], Tensor] | None = None
     explain: Explainer | None = None
