@@ -169,7 +169,9 @@ def test_config_lists_the_registrys_metrics(client: TestClient) -> None:
     cfg = client.get("/api/config").json()
     assert [m["name"] for m in cfg["metrics"]] == list(METRICS)
     rows = {m["name"]: m for m in cfg["metrics"]}
-    assert rows["road"]["columns"] == ["road_morf", "road_lerf"] and rows["maxboxacc"]["columns"] == ["maxboxacc"]
+    assert rows["road"]["columns"] == ["road_morf", "road_lerf"] and rows["maxboxacc"]["columns"] == [
+        "maxboxacc"
+    ]
     assert rows["box"]["needs_boxes"] and not rows["deletion"]["needs_boxes"]
     assert cfg["metric_steps"] == STEPS
 
@@ -232,9 +234,7 @@ def chromium() -> Iterator[object]:
     yield from _browser.launch_chromium()
 
 
-def test_the_page_offers_the_metrics_and_shows_their_values(
-    chromium: object, client: TestClient
-) -> None:
+def test_the_page_offers_the_metrics_and_shows_their_values(chromium: object, client: TestClient) -> None:
     app = client.app
     with BackgroundServer(app) as srv:  # type: ignore[arg-type]
         page = chromium.new_page()  # type: ignore[attr-defined]

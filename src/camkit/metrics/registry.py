@@ -1,7 +1,7 @@
-"""The metric registry: every metric that ``camkit evaluate``, ``camkit run`` and ``camkit report`` compute per
-batch of maps, by name, with its columns and how it is computed. A new metric is one :class:`Metric` entry in
-:data:`METRICS`; :class:`MetricScorer` is the one dispatcher the three commands share, so their numbers cannot
-drift apart.
+"""The metric registry: every metric that ``camkit evaluate``, ``camkit run``, ``camkit report`` and the web app
+(``camkit serve``) compute per batch of maps, by name, with its columns and how it is computed. A new metric is one
+:class:`Metric` entry in :data:`METRICS`; :class:`MetricScorer` is the one dispatcher the three commands and the
+app share, so their numbers cannot drift apart.
 
 >>> from camkit.metrics.registry import METRICS, MetricBatch, MetricScorer
 >>> METRICS["road"].columns
