@@ -5,7 +5,8 @@ each (LayerMethod, PerturbationMethod, PassMethod on a tiny CNN; AttentionMethod
 rows that mix kinds in one call and one of configured methods (``finercam(alpha=0.5)``, ``sscam(samples=2)``). Columns are the entry points that take methods: the library's ``explain``,
 ``compare`` (and TopK) and ``augment=``; the ``explain`` command (several methods and layers, ``--target top2``,
 ``--augment``); ``localize``; ``run`` at both resolutions with every metric (a manifest with boxes); ``report``
-from images and from those stores; ``evaluate`` on images and on the stores; and the web app's API.
+from images and from those stores; ``evaluate`` on images and on the stores; and the web app's API (with a
+metric).
 
 Every cell checks what came out (files, map shapes, finite values, one ok row per image, a number per method and
 metric), not only the exit status. The models are built by a stand-in for :func:`camkit.load_model` (the one
@@ -621,10 +622,13 @@ def test_app_api(row_id: str, images: Path, client: Any) -> None:
     png = (images / "a.png").read_bytes()
     for method in row.methods:
         assert kinds[method.split("(")[0]] == type(get_method(method)).__name__  # a configured one: its base
-        res = client.post("/api/explain", data={"model": row.model, "method": method, "alpha": "0.4"},
+        res = client.post("/api/explain", data={"model": row.model, "method": method, "alpha": "0.4",
+                                                "metrics": "deletion"},
                           files={"file": ("a.png", png, "image/png")})  # fmt: skip
         assert res.status_code == 200, (method, res.status_code, res.text)
         ans = res.json()
+        assert [m["name"] for m in ans["metrics"]] == ["deletion"], ans["metrics"]
+        assert 0.0 <= ans["metrics"][0]["values"]["deletion"] <= 1.0, (method, ans["metrics"])
         assert ans["method"] == method and ans["model"] == row.model
         assert ans["size"] == [48, 40] and ans["label"] in LABELS and len(ans["top5"]) == 5
         arr = np.frombuffer(base64.b64decode(ans["map"]), dtype="<f4").reshape(ans["map_shape"])

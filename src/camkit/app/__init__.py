@@ -1,5 +1,6 @@
 """The local web app of ``camkit serve``: upload a photo (or pick a sample), choose the model, method, layer,
-class and alpha, and see the overlay, the top-5 and the boxes.
+class and alpha, and see the overlay, the top-5, the boxes and, when chosen, metrics of the map (the metric
+registry's: :mod:`camkit.app.metrics`).
 
 >>> from camkit.app import AppConfig, create_app, serve
 >>> serve(AppConfig(model="efficientnet_lite0"), host="127.0.0.1", port=8000)   # blocks; Ctrl-C stops

@@ -1,12 +1,15 @@
 """The web app behind ``camkit serve``: a FastAPI application with one plain page and a small JSON API.
 
 * ``GET /``: the page (vanilla HTML, CSS and script, shipped inside the package: nothing is fetched elsewhere).
-* ``GET /api/config``: the defaults, the models served, the sample photos, the methods and the upload limits.
+* ``GET /api/config``: the defaults, the models served, the sample photos, the methods, the metrics of the metric
+  registry (``camkit.metrics.METRICS``) and the upload limits.
 * ``GET /api/layers?model=NAME``: the model's hookable layers and its automatic choice.
 * ``POST /api/explain`` (multipart form): ``file`` (an upload) or ``sample``, ``model``, ``method``, ``layer``,
   ``target`` (index or name, empty: top-1), ``alpha`` -> the overlay as a PNG ``data:`` URI, the photo and the
   colored map alone (PNG ``data:`` URIs: the page blends them at any alpha without asking again), the map
-  (float32, base64), the top-5, the explained class, the boxes.
+  (float32, base64), the top-5, the explained class, the boxes; with ``metrics`` (names of the metric registry,
+  repeated or comma-separated) and ``boxes`` (JSON ``[[x0, y0, x1, y1], ...]`` in the image's pixels, for the box
+  metrics), the metrics of the map (:mod:`camkit.app.metrics`).
 
 Errors are JSON ``{"detail": message}``: 400 for a ``Host`` header that is not served, 403 for a cross-site
 request, 413 for a body or an upload over the byte or pixel limit, 415 for a file that is not an image of an
@@ -240,7 +243,8 @@ class Activity:
         dropped: requests whose client disconnected while they waited for a thread: their work never ran.
         stopped: requests whose client disconnected while their work ran: it stopped at the next check (between
             two batches of forward passes of a perturbation method, or between the steps of any method).
-        forwards: forward passes of the perturbation methods run so far (all requests together).
+        forwards: forward passes of the perturbation methods and of the metrics run so far (all requests
+            together).
         last_stop: ``(done, total)`` forward passes of the last stopped perturbation run (None: none yet).
         refused_host: requests refused for their ``Host`` header.
         refused_origin: requests refused as cross-site.
@@ -633,6 +637,9 @@ class ExplainRequest:
         layer: a layer name or ``"auto"`` (empty: auto).
         target: a class index or name (empty: top-1).
         alpha: weight of the heatmap in the overlay.
+        metrics: metric names of :data:`camkit.metrics.METRICS` to compute for the map (checked by
+            :func:`camkit.app.metrics.choose_metrics`).
+        boxes: the ground-truth boxes of the box metrics, ``(x0, y0, x1, y1)`` in the image's pixels.
     """
 
     model: str
@@ -640,6 +647,8 @@ class ExplainRequest:
     layer: str = "auto"
     target: str = ""
     alpha: float = 0.5
+    metrics: tuple[str, ...] = ()
+    boxes: tuple[tuple[float, ...], ...] = ()
 
 
 class _Watch:
@@ -655,6 +664,14 @@ class _Watch:
         """Raise :class:`Cancelled` once the client has disconnected."""
         if self.cancel.is_set():
             raise Cancelled("the client disconnected")
+
+    def count(self, n: int) -> None:
+        """Count ``n`` forward passes of the metrics."""
+        self.activity.add("forwards", n)
+
+    def again(self) -> _Watch:
+        """A watch of the same request for another perturbation run (its own count of forwards done)."""
+        return _Watch(self.cancel, self.activity)
 
     def progress(self, done: int, total: int) -> None:
         """The perturbation engine's ``f(done, total)``: count the forwards, stop when cancelled."""
@@ -694,11 +711,26 @@ def _explain(
         perturbation=PerturbationOptions(batch_size=config.batch_size, progress=watch.progress),
     )  # fmt: skip
     watch.check()
-    return {
-        "model": loaded.name,
-        **_answer(expl, image, loaded, ask.alpha, config.max_side),
-        "seconds": time.perf_counter() - start,
-    }
+    answer = {"model": loaded.name, **_answer(expl, image, loaded, ask.alpha, config.max_side)}
+    if ask.metrics:
+        answer["metrics"] = _metrics(loaded, image, expl, ask, config, watch)
+        watch.check()
+    return {**answer, "seconds": time.perf_counter() - start}
+
+
+def _metrics(
+    loaded: LoadedModel,
+    image: Image.Image,
+    expl: Explanation,
+    ask: ExplainRequest,
+    config: AppConfig,
+    watch: _Watch,
+) -> list[dict[str, Any]]:
+    """The metrics asked for, of the map just made (:func:`camkit.app.metrics.score_metrics`)."""
+    from camkit.app.metrics import MetricJob, score_metrics
+
+    job = MetricJob(ask.metrics, ask.boxes, ask.method, ask.layer.strip() or "auto", config.batch_size)
+    return score_metrics(loaded, image, expl, job, watch)
 
 
 def _top5(expl: Explanation, labels: list[str] | None) -> list[dict[str, Any]]:
@@ -906,7 +938,9 @@ def index(request: Request) -> HTMLResponse:
 
 
 def api_config(request: Request) -> dict[str, Any]:
-    """``GET /api/config``: the defaults, the models served, the samples, the methods and the upload limits."""
+    """``GET /api/config``: the defaults, the models served, the samples, the methods, the metrics and the upload
+    limits."""
+    from camkit.app.metrics import STEPS, metric_rows
     from camkit.io.images import SAMPLES
     from camkit.methods import get_method, method_names
 
@@ -917,6 +951,8 @@ def api_config(request: Request) -> dict[str, Any]:
         "pretrained": config.pretrained,
         "samples": list(SAMPLES),
         "methods": [{"name": n, "kind": type(get_method(n)).__name__} for n in method_names()],
+        "metrics": metric_rows(),
+        "metric_steps": STEPS,
         "max_bytes": config.max_bytes,
         "max_pixels": config.max_pixels,
         "formats": list(ACCEPTED_FORMATS),
@@ -960,8 +996,11 @@ async def api_explain(
     layer: str = Form("auto"),
     target: str = Form(""),
     alpha: float = Form(0.5),
+    metrics: list[str] = Form([]),
+    boxes: str = Form(""),
 ) -> JSONResponse:
-    """``POST /api/explain``: one explanation (:func:`_explain`)."""
+    """``POST /api/explain``: one explanation (:func:`_explain`), with the metrics asked for."""
+    from camkit.app.metrics import choose_metrics, parse_boxes
     from camkit.methods import get_method
 
     state = _state(request)
@@ -969,9 +1008,12 @@ async def api_explain(
         raise HTTPException(422, f"alpha is the heatmap's weight, within [0, 1]; got {alpha}")
     try:
         get_method(method)
+        gt = parse_boxes(boxes)
+        chosen = choose_metrics(metrics, bool(gt))
     except CamkitError as err:
         raise HTTPException(422, str(err)) from err
-    ask = ExplainRequest(state.served(model.strip() or state.config.model), method, layer, target, alpha)
+    name = state.served(model.strip() or state.config.model)
+    ask = ExplainRequest(name, method, layer, target, alpha, chosen, gt)
     picture = await _picture(state, file, sample_name)
     result = await state.admitted(
         request,

@@ -76,7 +76,7 @@ def serve(
     ] = 10.0,
 ) -> None:
     """A local web app: upload a photo or pick a sample; choose the model, method, layer, class and alpha; see the
-    overlay, the top-5 and the boxes; download the overlay as PNG.
+    overlay, the top-5, the boxes and the metrics chosen; download the overlay as PNG.
 
     Only the models of --models are served (default: --model and efficientnet_lite0). The model given by --model
     is loaded before the server starts, the others on first use, and kept within --cache-mb and --cache-models.

@@ -1,7 +1,7 @@
-"""The metric registry: every metric that ``camkit evaluate``, ``camkit run`` and ``camkit report`` compute per
-batch of maps, by name, with its columns and how it is computed. A new metric is one :class:`Metric` entry in
-:data:`METRICS`; :class:`MetricScorer` is the one dispatcher the three commands share, so their numbers cannot
-drift apart.
+"""The metric registry: every metric that ``camkit evaluate``, ``camkit run``, ``camkit report`` and the web app
+(``camkit serve``) compute per batch of maps, by name, with its columns and how it is computed. A new metric is one
+:class:`Metric` entry in :data:`METRICS`; :class:`MetricScorer` is the one dispatcher the three commands and the
+app share, so their numbers cannot drift apart.
 
 >>> from camkit.metrics.registry import METRICS, MetricBatch, MetricScorer
 >>> METRICS["road"].columns
@@ -47,7 +47,9 @@ from camkit.metrics.robustness import sensitivity
 
 __all__ = [
     "CURVE",
+    "DEFAULT_BOX_THRESHOLD",
     "DEFAULT_METRICS",
+    "DEFAULT_STEPS",
     "IOU_THRESHOLDS",
     "METRICS",
     "Metric",
@@ -58,6 +60,12 @@ __all__ = [
 
 #: The map thresholds of the MaxBoxAccV2 IoU curves (wsolevaluation's 0, 0.01, ..., 0.99).
 IOU_THRESHOLDS: Tensor = torch.arange(0, 1, 0.01)
+
+#: The default deletion/insertion steps (and the size of the Quantus family's perturbations, see below).
+DEFAULT_STEPS = 50
+
+#: The default map threshold (fraction of the max) of the ``box`` metric.
+DEFAULT_BOX_THRESHOLD = 0.2
 
 #: The value key of the per-image IoU curves (``maxboxacc``: a value over the whole data set, made from them).
 CURVE = "iou_curve"
@@ -92,8 +100,8 @@ class MetricBatch:
     classes: Tensor | None
     boxes: Sequence[Sequence[Sequence[float]]]
     sizes: Sequence[tuple[int, int]]
-    steps: int = 50
-    box_threshold: float = 0.2
+    steps: int = DEFAULT_STEPS
+    box_threshold: float = DEFAULT_BOX_THRESHOLD
     thresholds: Tensor = field(default_factory=lambda: IOU_THRESHOLDS.clone())
     remap: Callable[[Tensor], Tensor] | None = None
     explain: Explainer | None = None
