@@ -43,10 +43,30 @@ if TYPE_CHECKING:
     from camkit.adapters import LoadedModel
     from camkit.core.explanation import Explanation
 
-__all__ = ["STEPS", "MetricJob", "Watch", "choose_metrics", "metric_rows", "parse_boxes", "score_metrics"]
+__all__ = [
+    "DEFAULT_OFFERED",
+    "EXPLAIN_MANY",
+    "STEPS",
+    "MetricJob",
+    "Watch",
+    "choose_metrics",
+    "metric_rows",
+    "offered_metrics",
+    "parse_boxes",
+    "score_metrics",
+]
 
 #: Deletion/insertion steps (and the size of the Quantus family's perturbations) of the app's metrics.
 STEPS = DEFAULT_STEPS
+
+#: The metrics that explain the image many times again, left out of what the app offers unless the operator names
+#: them (``camkit serve --metrics``): ``max_sensitivity`` and ``avg_sensitivity`` (one explanation per perturbed
+#: sample, 10 at the registry's default steps) and ``mprt`` (one per module with parameters: 99 for
+#: EfficientNet-Lite0). ``arcc`` and ``random_logit`` explain once more each and stay offered.
+EXPLAIN_MANY = ("max_sensitivity", "avg_sensitivity", "mprt")
+
+#: The metrics the app offers by default: every metric of the registry but :data:`EXPLAIN_MANY`.
+DEFAULT_OFFERED: tuple[str, ...] = tuple(name for name in METRICS if name not in EXPLAIN_MANY)
 
 #: The column of ``maxboxacc`` (its value over the request's one image).
 MAXBOXACC = "maxboxacc"
@@ -90,7 +110,20 @@ class MetricJob:
     batch_size: int | None = None
 
 
-def metric_rows() -> list[dict[str, Any]]:
+def offered_metrics(names: Sequence[str]) -> tuple[str, ...]:
+    """The metric names the app offers, in the registry's order: ``names`` (names of :data:`METRICS` or ``all``,
+    as ``camkit serve --metrics`` gives them), or :data:`DEFAULT_OFFERED` when empty.
+
+    Raises:
+        CamkitError: an unknown name (the message of ``camkit evaluate --metrics``).
+    """
+    if not names:
+        return DEFAULT_OFFERED
+    chosen = set(resolve_metrics(names, have_boxes=True))
+    return tuple(name for name in METRICS if name in chosen)
+
+
+def metric_rows(offered: Sequence[str] = DEFAULT_OFFERED) -> list[dict[str, Any]]:
     """The metrics the app offers (``GET /api/config``), in the registry's order: name, columns, whether it
     needs boxes and whether lower is better."""
     return [
@@ -101,27 +134,45 @@ def metric_rows() -> list[dict[str, Any]]:
             "lower_is_better": metric.lower_is_better,
         }
         for name, metric in METRICS.items()
+        if name in offered
     ]
 
 
-def choose_metrics(raw: Sequence[str], have_boxes: bool) -> tuple[str, ...]:
+def choose_metrics(
+    raw: Sequence[str], have_boxes: bool, offered: Sequence[str] = DEFAULT_OFFERED
+) -> tuple[str, ...]:
     """The metric names asked for (each field may hold comma-separated names), checked before any work.
 
+    Args:
+        raw: the request's ``metrics`` fields.
+        have_boxes: the request gave ground-truth boxes.
+        offered: the metric names the app offers (``all``: these).
+
     Raises:
-        CamkitError: an unknown name (the message of ``camkit evaluate --metrics``), or a box metric named
-            without boxes (``all`` without boxes leaves the box metrics out, as ``camkit evaluate`` does).
+        CamkitError: an unknown name (the message of ``camkit evaluate --metrics``), a metric the app does not
+            offer, or a box metric named without boxes (``all`` without boxes leaves the box metrics out, as
+            ``camkit evaluate`` does).
     """
     names = [part.strip() for field in raw for part in field.split(",") if part.strip()]
     if not names:
         return ()
-    resolve_metrics(names, have_boxes=True)  # an unknown name: the command's own message
+    named = [n for n in names if n.lower() != "all"]
+    asked = resolve_metrics(named, have_boxes=True)  # an unknown name: the command's own message
+    refused = [m for m in asked if m not in offered]
+    if refused:
+        raise CamkitError(
+            f"metric {refused[0]!r} is not offered by this server; it offers {', '.join(offered)} (the operator "
+            "chooses them with camkit serve --metrics)"
+        )
     if not have_boxes:
-        named = [n for n in names if n.lower() != "all"]
-        missing = [m for m in resolve_metrics(named, have_boxes=True) if METRICS[m].needs_boxes]
+        missing = [m for m in asked if METRICS[m].needs_boxes]
         if missing:
             what = f"metric {missing[0]!r} needs" if len(missing) == 1 else f"metrics {missing} need"
             raise CamkitError(f"{what} ground-truth boxes: {BOXES_HINT}")
-    return tuple(resolve_metrics(names, have_boxes))
+    every = (
+        [m for m in offered if have_boxes or not METRICS[m].needs_boxes] if len(named) < len(names) else []
+    )
+    return tuple(dict.fromkeys(asked + every))
 
 
 def parse_boxes(raw: str) -> tuple[tuple[float, ...], ...]:
