@@ -60,6 +60,8 @@ from camkit.metrics.registry import (
     METRICS,
     Metric,
     MetricScorer,
+    metric_columns,
+    metric_of,
     resolve_metrics,
 )
 
@@ -453,7 +455,7 @@ def plan_evaluation(
         order=order,
         cam_methods=cam_methods,
         chosen=chosen,
-        columns=[c for m in chosen for c in METRICS[m].columns],
+        columns=[c for m in chosen for c in metric_columns(m)],
         preprocess=preprocess or Preprocess.for_model(model),
         labels=labels,
         layers=layers,
@@ -790,7 +792,7 @@ def summarize(plan: EvaluationPlan, batches: Iterable[BatchResult]) -> Evaluatio
     mba = _maxboxacc(curves) if "maxboxacc" in plan.chosen else {}
     for method, values in mba.items():
         summary[method]["maxboxacc"] = values["value"]
-    boxed = any(METRICS[m].needs_boxes for m in plan.chosen)
+    boxed = any(metric_of(m).needs_boxes for m in plan.chosen)
     anns = plan.annotations
     timing = {
         "total": time.perf_counter() - plan.started,
