@@ -5,13 +5,17 @@
 * A metric outside the list is refused (422) in one line naming the list, before any work; ``all`` means the
   offered ones.
 * ``camkit serve --metrics`` fills the list; an unknown name is a usage error (exit 2).
+* A request configures a metric as ``camkit evaluate --metrics`` does, except for the settings that set its cost.
 """
 
 from __future__ import annotations
 
+import base64
+import math
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from fastapi.testclient import TestClient
@@ -21,10 +25,11 @@ from typer.testing import CliRunner
 import camkit
 from camkit.adapters import LoadedModel, Preprocess
 from camkit.app import AppConfig, create_app
-from camkit.app.metrics import DEFAULT_OFFERED, EXPLAIN_MANY
+from camkit.app.metrics import DEFAULT_OFFERED, EXPLAIN_MANY, STEPS
 from camkit.cli import app as cli
 from camkit.errors import CamkitError
-from camkit.metrics import METRICS
+from camkit.io.images import sample_image
+from camkit.metrics import METRICS, infidelity
 
 LABELS = ["ant", "bee", "cat"]
 
@@ -104,3 +109,29 @@ def test_cli_serve_metrics_fills_the_allow_list(fake_serve: list[Any]) -> None:
         res = runner.invoke(cli, ["serve", "--metrics", value])
         assert res.exit_code == 2 and message in res.output, res.output
     assert len(fake_serve) == 2
+
+
+def test_a_request_configures_a_metric_as_evaluate_does(loaded: LoadedModel) -> None:
+    """``metrics=infidelity(perturbation=gaussian)``: its own key and column, the function's value with that
+    setting, next to the default; bad or costly settings are one-line 422s."""
+    with _client() as client:
+        res = _explain(client, ["infidelity(perturbation=gaussian, noise_std=0.1),infidelity", "sparseness"])
+        assert res.status_code == 200, res.text
+        answer = res.json()
+        key = "infidelity(perturbation=gaussian,noise_std=0.1)"
+        assert [m["name"] for m in answer["metrics"]] == [key, "infidelity", "sparseness"]
+        got = {col: v for m in answer["metrics"] for col, v in m["values"].items()}
+        raw = np.frombuffer(base64.b64decode(answer["map"]), dtype="<f4").reshape(answer["map_shape"])
+        maps, classes = torch.from_numpy(raw.copy())[None], torch.tensor([answer["class"]])
+        x = loaded.preprocess([sample_image("chelsea")])
+        side = math.ceil(math.sqrt(16 * 16 / STEPS))  # the registry's squares: about STEPS of them
+        want = infidelity(loaded.model, x, maps, classes, (side,), perturbation="gaussian", noise_std=0.1)
+        assert got[key] == pytest.approx(float(want[0]), rel=1e-5)
+        assert got[key] != got["infidelity"]
+        for spec, message in [("infidelity(perturbaton=gaussian)", "did you mean 'perturbation'"),
+                              ("irof(segmentation=quick)", "unknown segmentation 'quick'"),
+                              ("infidelity(samples=500)", "does not take the setting 'samples'"),
+                              ("mprt(seed=1)", "'mprt' is not offered")]:  # fmt: skip
+            res = _explain(client, [spec])
+            assert res.status_code == 422 and message in res.json()["detail"], res.text
+            assert "\n" not in res.json()["detail"]

@@ -20,7 +20,7 @@ from PIL import Image
 from torch import nn
 from typer.testing import CliRunner
 
-from camkit.adapters import Preprocess
+from camkit.adapters import LoadedModel, Preprocess
 from camkit.cli import app as cli
 from camkit.errors import CamkitError
 from camkit.evaluate import baseline_map, evaluate
@@ -34,6 +34,7 @@ from camkit.metrics import (
     road,
 )
 from camkit.metrics.registry import BY_STEPS, metric_columns, metric_key, resolve_metrics
+from camkit.report.records import build_records
 
 SIDE = 16
 
@@ -146,3 +147,24 @@ def test_the_scorer_keeps_configured_and_default_passes_apart() -> None:
     assert values["avg_drop(baseline=blur)"].tolist() == pytest.approx(blur.drop.tolist())
     assert values["avg_drop"].tolist() == pytest.approx(zeros.drop.tolist())
     assert values["increase"].tolist() == pytest.approx(zeros.increase.tolist())
+
+
+def test_report_records_carry_the_configured_columns() -> None:
+    loaded = LoadedModel(_model(), Preprocess(size=(SIDE, SIDE)), None, "tiny")
+    asked = ["road(noise=0.2, seed=1)", "road"]
+    record = next(iter(build_records(loaded, _pictures()[:1], ["gradcam"], metrics=asked, steps=4)))
+    values = record.metrics["gradcam"]
+    assert set(values) == {
+        "road_morf(noise=0.2,seed=1)",
+        "road_lerf(noise=0.2,seed=1)",
+        "road_morf",
+        "road_lerf",
+    }
+    assert all(math.isfinite(v) for v in values.values())
+    assert values["road_morf(noise=0.2,seed=1)"] != values["road_morf"]
+    with pytest.raises(CamkitError, match="unknown order 'sideways'"):
+        list(
+            build_records(
+                loaded, _pictures()[:1], ["gradcam"], metrics=["region_perturbation(order=sideways)"]
+            )
+        )
