@@ -33,7 +33,7 @@ from camkit.metrics import (
     region_perturbation,
     road,
 )
-from camkit.metrics.registry import BY_STEPS, metric_columns, metric_key, resolve_metrics
+from camkit.metrics.registry import BY_STEPS, metric_columns, metric_key, resolve_metrics, settings_table
 from camkit.report.records import build_records
 
 SIDE = 16
@@ -168,3 +168,8 @@ def test_report_records_carry_the_configured_columns() -> None:
                 loaded, _pictures()[:1], ["gradcam"], metrics=["region_perturbation(order=sideways)"]
             )
         )
+
+
+def test_the_docs_table_of_settings_is_the_registrys() -> None:
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "metrics.md").read_text()
+    assert settings_table() in docs

@@ -66,6 +66,7 @@ __all__ = [
     "metric_of",
     "parse_metric",
     "resolve_metrics",
+    "settings_table",
 ]
 
 #: The map thresholds of the MaxBoxAccV2 IoU curves (wsolevaluation's 0, 0.01, ..., 0.99).
@@ -600,6 +601,16 @@ def _try_settings(name: str, key: str, settings: Mapping[str, object]) -> None:
             raise CamkitError(
                 f"{key}: a setting's value is refused ({err}); see camkit evaluate --help"
             ) from err
+
+
+def settings_table() -> str:
+    """The Markdown table of every metric's settings and their defaults (docs/metrics.md, "Settings")."""
+    lines = ["| metric | settings (default) |", "| --- | --- |"]
+    for name, metric in METRICS.items():
+        cells = ", ".join(f"`{k}` ({_text(v) if not isinstance(v, BySteps) else 'auto'})" for k, v in
+                          metric.settings.items())  # fmt: skip
+        lines.append(f"| `{name}` | {cells or 'none'} |")
+    return "\n".join(lines) + "\n"
 
 
 def _passes(chosen: Sequence[str]) -> list[str]:
