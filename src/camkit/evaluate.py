@@ -850,8 +850,9 @@ def evaluate(
         model: classifier in eval mode.
         images: paths, or (name, PIL image) pairs.
         methods: CAM method names and/or ``center``, ``random``; gradient methods share one pass per batch.
-        metrics: names from :data:`METRICS` (default: deletion, insertion, avg_drop, increase, and the box
-            metrics when boxes are given).
+        metrics: names from :data:`METRICS`, or specs with settings (``infidelity(perturbation=gaussian)``,
+            :func:`camkit.metrics.resolve_metrics`; their columns end with the settings) (default: deletion,
+            insertion, avg_drop, increase, and the box metrics when boxes are given).
         annotations: a dict from :func:`read_annotations`, or its file.
         preprocess: model input preprocessing (default: the model's own).
         labels: class names (ImageNet's for 1000-class models by default).

@@ -116,6 +116,8 @@ def test_settings_declared_from_the_functions_and_keys_that_name_only_what_diffe
         ("region_perturbation(order=sideways)", "unknown order 'sideways'"),
         ("faithfulness_correlation(similarity=kendall)", "unknown similarity 'kendall'"),
         ("road(percentages=(0.5,2))", "percentages are fractions in [0, 1]"),
+        ("sensitivity_n(runs=-1)", "sensitivity_n(runs=-1): runs must be an int >= 1, got -1"),
+        ("road(percentages=abc)", "road(percentages=abc): a setting's value is refused (could not convert"),
     ],
 )  # fmt: skip
 def test_a_bad_setting_is_one_line_with_the_functions_own_message(spec: str, message: str) -> None:

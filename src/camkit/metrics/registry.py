@@ -575,6 +575,9 @@ def check_settings(name: str, settings: Mapping[str, object]) -> str:
             raise CamkitError(
                 f"metric {name!r} has no setting {key!r}{hint}; its settings: {', '.join(declared)}"
             )
+    for key, value in settings.items():
+        if key in _COUNTS and value is not None and (type(value) is not int or value < 1):
+            raise CamkitError(f"{name}({key}={_text(value)}): {key} must be an int >= 1, got {value!r}")
     key = metric_key(name, settings)
     if key != name:
         _try_settings(name, key, parse_metric(key)[1])
@@ -591,15 +594,15 @@ def _try_settings(name: str, key: str, settings: Mapping[str, object]) -> None:
         x, maps = torch.rand(1, 3, 32, 32), torch.rand(1, 32, 32)
         batch = MetricBatch(model.eval(), Forward(model), x, maps, None, [[[4, 4, 20, 20]]], [(32, 32)], steps=4,
                             remap=lambda z: torch.rand(z.shape[0], 32, 32),
-                            explain=lambda _m, z, _c: torch.rand(z.shape[0], 32, 32), settings=settings)  # fmt: skip
+                            explain=lambda _m, z, _c: torch.rand(z.shape[0], 32, 32), settings=_small(settings))  # fmt: skip
         try:
             with torch.no_grad():
                 METRICS[name].compute(batch)
         except CamkitError as err:
             raise CamkitError(f"{key}: {err}") from err
-        except (TypeError, ValueError) as err:
+        except (TypeError, ValueError, RuntimeError, IndexError) as err:
             raise CamkitError(
-                f"{key}: a setting's value is refused ({err}); see camkit evaluate --help"
+                f"{key}: a setting's value is refused ({err}); the settings and their defaults: docs/metrics.md"
             ) from err
 
 
@@ -611,6 +614,18 @@ def settings_table() -> str:
                           metric.settings.items())  # fmt: skip
         lines.append(f"| `{name}` | {cells or 'none'} |")
     return "\n".join(lines) + "\n"
+
+
+#: Settings that count repetitions: checked with at most 2 of them (a valid count stays valid, the check stays fast).
+_COUNTS = ("samples", "runs", "regions", "steps")
+
+
+def _small(settings: Mapping[str, object]) -> dict[str, object]:
+    """``settings`` with the counts of :data:`_COUNTS` above 2 lowered to 2, for the check run."""
+    return {
+        k: 2 if k in _COUNTS and type(v) is int and v > 2 else v  # bool is no count
+        for k, v in settings.items()
+    }
 
 
 def _passes(chosen: Sequence[str]) -> list[str]:
