@@ -60,6 +60,8 @@ from camkit.metrics.registry import (
     METRICS,
     Metric,
     MetricScorer,
+    metric_columns,
+    metric_of,
     resolve_metrics,
 )
 
@@ -453,7 +455,7 @@ def plan_evaluation(
         order=order,
         cam_methods=cam_methods,
         chosen=chosen,
-        columns=[c for m in chosen for c in METRICS[m].columns],
+        columns=[c for m in chosen for c in metric_columns(m)],
         preprocess=preprocess or Preprocess.for_model(model),
         labels=labels,
         layers=layers,
@@ -790,7 +792,7 @@ def summarize(plan: EvaluationPlan, batches: Iterable[BatchResult]) -> Evaluatio
     mba = _maxboxacc(curves) if "maxboxacc" in plan.chosen else {}
     for method, values in mba.items():
         summary[method]["maxboxacc"] = values["value"]
-    boxed = any(METRICS[m].needs_boxes for m in plan.chosen)
+    boxed = any(metric_of(m).needs_boxes for m in plan.chosen)
     anns = plan.annotations
     timing = {
         "total": time.perf_counter() - plan.started,
@@ -848,8 +850,9 @@ def evaluate(
         model: classifier in eval mode.
         images: paths, or (name, PIL image) pairs.
         methods: CAM method names and/or ``center``, ``random``; gradient methods share one pass per batch.
-        metrics: names from :data:`METRICS` (default: deletion, insertion, avg_drop, increase, and the box
-            metrics when boxes are given).
+        metrics: names from :data:`METRICS`, or specs with settings (``infidelity(perturbation=gaussian)``,
+            :func:`camkit.metrics.resolve_metrics`; their columns end with the settings) (default: deletion,
+            insertion, avg_drop, increase, and the box metrics when boxes are given).
         annotations: a dict from :func:`read_annotations`, or its file.
         preprocess: model input preprocessing (default: the model's own).
         labels: class names (ImageNet's for 1000-class models by default).

@@ -85,7 +85,7 @@ def one_thread() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def client(loaded: LoadedModel) -> Iterator[TestClient]:
-    app = create_app(AppConfig(model="tiny", models=("tiny",), pretrained=False))
+    app = create_app(AppConfig(model="tiny", models=("tiny",), pretrained=False, metrics=("all",)))
     with TestClient(app, base_url="http://127.0.0.1") as c:
         yield c
 

@@ -1,14 +1,15 @@
 """The metrics of ``POST /api/explain``: the metric registry's metrics of the map the request just produced.
 
-The names are those of :data:`camkit.metrics.METRICS` (``all`` too), checked by
-:func:`camkit.metrics.resolve_metrics` as ``camkit evaluate`` checks them; the values come from the code that
+The names are those of :data:`camkit.metrics.METRICS` (``all`` too), with settings as ``camkit evaluate --metrics``
+takes them (``infidelity(perturbation=gaussian)``), checked by :func:`camkit.metrics.resolve_metrics` as
+``camkit evaluate`` checks them, among the metrics the operator offers (``camkit serve --metrics``); the values come from the code that
 ``camkit evaluate`` and ``camkit run`` score with: :func:`camkit.evaluate.joint_scores` for deletion and
 insertion, :class:`camkit.metrics.MetricScorer` for the others, and :func:`camkit.metrics.max_box_acc_v2` for
 ``maxboxacc`` (here over one image). The box metrics take the request's boxes (``[[x0, y0, x1, y1], ...]`` in the
 image's pixels, checked by :func:`camkit.io.annotations.read_boxes`, the box rules of annotation files).
 
 Cost: the steps are the registry's default (:data:`camkit.metrics.registry.DEFAULT_STEPS`), not a request's
-choice; every model call runs on the request's worker thread, in chunks, and stops at the next chunk once the
+choice, nor are the settings that set how many model calls a metric makes (:data:`COST_SETTINGS`); every model call runs on the request's worker thread, in chunks, and stops at the next chunk once the
 client has disconnected (as a perturbation method's forwards do); the metrics that explain again (``arcc``,
 ``max_sensitivity``, ``avg_sensitivity``, ``random_logit``, ``mprt``) explain with the request's method and layers,
 stopping likewise.
@@ -26,16 +27,21 @@ from PIL import Image
 from torch import Tensor, nn
 
 from camkit.core.outputs import model_device
+from camkit.core.spec import split_specs
 from camkit.errors import CamkitError
 from camkit.evaluate import JOINT, joint_scores
 from camkit.io.annotations import Annotation, fit_boxes, read_boxes
 from camkit.metrics import Forward, max_box_acc_v2
 from camkit.metrics.registry import (
+    BY_STEPS,
     DEFAULT_BOX_THRESHOLD,
     DEFAULT_STEPS,
     IOU_THRESHOLDS,
     METRICS,
     MetricScorer,
+    metric_columns,
+    metric_of,
+    parse_metric,
     resolve_metrics,
 )
 
@@ -43,10 +49,35 @@ if TYPE_CHECKING:
     from camkit.adapters import LoadedModel
     from camkit.core.explanation import Explanation
 
-__all__ = ["STEPS", "MetricJob", "Watch", "choose_metrics", "metric_rows", "parse_boxes", "score_metrics"]
+__all__ = [
+    "COST_SETTINGS",
+    "DEFAULT_OFFERED",
+    "EXPLAIN_MANY",
+    "STEPS",
+    "MetricJob",
+    "Watch",
+    "choose_metrics",
+    "metric_rows",
+    "offered_metrics",
+    "parse_boxes",
+    "score_metrics",
+]
 
 #: Deletion/insertion steps (and the size of the Quantus family's perturbations) of the app's metrics.
 STEPS = DEFAULT_STEPS
+
+#: The metrics that explain the image many times again, left out of what the app offers unless the operator names
+#: them (``camkit serve --metrics``): ``max_sensitivity`` and ``avg_sensitivity`` (one explanation per perturbed
+#: sample, 10 at the registry's default steps) and ``mprt`` (one per module with parameters: 99 for
+#: EfficientNet-Lite0). ``arcc`` and ``random_logit`` explain once more each and stay offered.
+EXPLAIN_MANY = ("max_sensitivity", "avg_sensitivity", "mprt")
+
+#: The settings that a request cannot give (a 422): they set how many model calls or explanations a metric makes
+#: (as do those the registry sizes by ``steps``, :data:`camkit.metrics.registry.BY_STEPS`).
+COST_SETTINGS = frozenset({"samples", "runs", "regions", "percentages", "fractions", "steps"})
+
+#: The metrics the app offers by default: every metric of the registry but :data:`EXPLAIN_MANY`.
+DEFAULT_OFFERED: tuple[str, ...] = tuple(name for name in METRICS if name not in EXPLAIN_MANY)
 
 #: The column of ``maxboxacc`` (its value over the request's one image).
 MAXBOXACC = "maxboxacc"
@@ -76,7 +107,7 @@ class MetricJob:
     """The metrics of one request.
 
     Attributes:
-        names: metric names of :data:`METRICS` (from :func:`choose_metrics`).
+        names: metric keys, names of :data:`METRICS` or configured specs (from :func:`choose_metrics`).
         boxes: the ground-truth boxes, ``[x0, y0, x1, y1]`` in the image's pixels (from :func:`parse_boxes`).
         method: the request's method (the metrics that explain again use it).
         layers: the request's layer spec.
@@ -90,7 +121,20 @@ class MetricJob:
     batch_size: int | None = None
 
 
-def metric_rows() -> list[dict[str, Any]]:
+def offered_metrics(names: Sequence[str]) -> tuple[str, ...]:
+    """The metric names the app offers, in the registry's order: ``names`` (names of :data:`METRICS` or ``all``,
+    as ``camkit serve --metrics`` gives them), or :data:`DEFAULT_OFFERED` when empty.
+
+    Raises:
+        CamkitError: an unknown name (the message of ``camkit evaluate --metrics``).
+    """
+    if not names:
+        return DEFAULT_OFFERED
+    chosen = set(resolve_metrics(names, have_boxes=True))
+    return tuple(name for name in METRICS if name in chosen)
+
+
+def metric_rows(offered: Sequence[str] = DEFAULT_OFFERED) -> list[dict[str, Any]]:
     """The metrics the app offers (``GET /api/config``), in the registry's order: name, columns, whether it
     needs boxes and whether lower is better."""
     return [
@@ -101,27 +145,59 @@ def metric_rows() -> list[dict[str, Any]]:
             "lower_is_better": metric.lower_is_better,
         }
         for name, metric in METRICS.items()
+        if name in offered
     ]
 
 
-def choose_metrics(raw: Sequence[str], have_boxes: bool) -> tuple[str, ...]:
+def choose_metrics(
+    raw: Sequence[str], have_boxes: bool, offered: Sequence[str] = DEFAULT_OFFERED
+) -> tuple[str, ...]:
     """The metric names asked for (each field may hold comma-separated names), checked before any work.
 
+    Args:
+        raw: the request's ``metrics`` fields: names or specs with settings (``infidelity(perturbation=gaussian)``),
+            comma-separated.
+        have_boxes: the request gave ground-truth boxes.
+        offered: the metric names the app offers (``all``: these).
+
     Raises:
-        CamkitError: an unknown name (the message of ``camkit evaluate --metrics``), or a box metric named
-            without boxes (``all`` without boxes leaves the box metrics out, as ``camkit evaluate`` does).
+        CamkitError: an unknown name or setting, a value its function refuses (the messages of ``camkit evaluate
+            --metrics``), a metric the app does not offer, a setting of :data:`COST_SETTINGS`, or a box metric named without boxes (``all`` without boxes leaves the box metrics out, as
+            ``camkit evaluate`` does).
     """
-    names = [part.strip() for field in raw for part in field.split(",") if part.strip()]
+    names = [part for field in raw for part in split_specs(field)]
     if not names:
         return ()
-    resolve_metrics(names, have_boxes=True)  # an unknown name: the command's own message
+    named = [n for n in names if n.lower() != "all"]
+    asked = resolve_metrics(named, have_boxes=True)  # unknown names or settings: the command's own messages
+    refused = [m for m in asked if parse_metric(m)[0] not in offered]
+    if refused:
+        raise CamkitError(
+            f"metric {parse_metric(refused[0])[0]!r} is not offered by this server; it offers {', '.join(offered)} "
+            "(the operator chooses them with camkit serve --metrics)"
+        )
+    for key in asked:
+        _check_cost(key)
     if not have_boxes:
-        named = [n for n in names if n.lower() != "all"]
-        missing = [m for m in resolve_metrics(named, have_boxes=True) if METRICS[m].needs_boxes]
+        missing = [m for m in asked if metric_of(m).needs_boxes]
         if missing:
             what = f"metric {missing[0]!r} needs" if len(missing) == 1 else f"metrics {missing} need"
             raise CamkitError(f"{what} ground-truth boxes: {BOXES_HINT}")
-    return tuple(resolve_metrics(names, have_boxes))
+    every = (
+        [m for m in offered if have_boxes or not METRICS[m].needs_boxes] if len(named) < len(names) else []
+    )
+    return tuple(dict.fromkeys(asked + every))
+
+
+def _check_cost(key: str) -> None:
+    """Refuse a setting of :data:`COST_SETTINGS`: a request does not choose how much work its metrics do."""
+    name, settings = parse_metric(key)
+    costly = [k for k in settings if k in COST_SETTINGS or METRICS[name].settings[k] is BY_STEPS]
+    if costly:
+        raise CamkitError(
+            f"{key}: the app does not take the setting {costly[0]!r}, which sets how many model calls the metric "
+            "makes (the app's metrics run at the default size); compute it with camkit evaluate"
+        )
 
 
 def parse_boxes(raw: str) -> tuple[tuple[float, ...], ...]:
@@ -218,8 +294,8 @@ def score_metrics(
     return [
         {
             "name": name,
-            "values": {col: _number(values[col]) for col in METRICS[name].columns or (MAXBOXACC,)},
-            "lower_is_better": METRICS[name].lower_is_better,
+            "values": {col: _number(values[col]) for col in metric_columns(name) or (MAXBOXACC,)},
+            "lower_is_better": metric_of(name).lower_is_better,
         }
         for name in job.names
     ]

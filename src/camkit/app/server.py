@@ -133,6 +133,9 @@ class AppConfig:
         body_timeout: seconds a request body may pause between two reads; then the connection is closed.
         prompts: the text prompts of the CLIP models served (``clip:``, ``hf:`` CLIP / SigLIP folders), one per
             zero-shot class; empty for other models.
+        metrics: the metric names the app offers (names of :data:`camkit.metrics.METRICS`, or ``all``); any other
+            is refused (422). Empty (default): :data:`camkit.app.metrics.DEFAULT_OFFERED`, every metric but those
+            that explain the image many times again.
     """
 
     model: str = "efficientnet_lite0"
@@ -153,6 +156,7 @@ class AppConfig:
     header_timeout: float = 10.0
     body_timeout: float = 30.0
     prompts: tuple[str, ...] = ()
+    metrics: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("max_bytes", "max_pixels", "workers", "cache_models", "cache_bytes", "max_side"):
@@ -174,13 +178,16 @@ class AppConfig:
                 raise CamkitError(
                     f"AppConfig.{name} must be a positive number of seconds, got {getattr(self, name)!r}"
                 )
-        for name in ("models", "allowed_hosts"):
+        for name in ("models", "allowed_hosts", "metrics"):
             value = getattr(self, name)
             if isinstance(value, str) or not all(isinstance(v, str) and v.strip() for v in value):
                 raise CamkitError(f"AppConfig.{name} must be a tuple of non-empty names, got {value!r}")
             object.__setattr__(self, name, tuple(v.strip() for v in value))
         if not isinstance(self.model, str) or not self.model.strip():
             raise CamkitError(f"AppConfig.model must be a model name, got {self.model!r}")
+        from camkit.app.metrics import offered_metrics
+
+        offered_metrics(self.metrics)  # an unknown metric name: refused here, with the registry's message
         if self.models and self.model.strip() not in self.models:
             raise CamkitError(
                 f"the model shown first ({self.model!r}) must be one of the models served ({', '.join(self.models)})"
@@ -196,6 +203,14 @@ class AppConfig:
             device=self.device,
             prompts=self.prompts if name.lower().startswith(("clip:", "hf:")) else (),
         )
+
+    @property
+    def served_metrics(self) -> tuple[str, ...]:
+        """The metric names offered, in the registry's order (:attr:`metrics`, or
+        :data:`camkit.app.metrics.DEFAULT_OFFERED`)."""
+        from camkit.app.metrics import offered_metrics
+
+        return offered_metrics(self.metrics)
 
     @property
     def served_models(self) -> tuple[str, ...]:
@@ -637,8 +652,8 @@ class ExplainRequest:
         layer: a layer name or ``"auto"`` (empty: auto).
         target: a class index or name (empty: top-1).
         alpha: weight of the heatmap in the overlay.
-        metrics: metric names of :data:`camkit.metrics.METRICS` to compute for the map (checked by
-            :func:`camkit.app.metrics.choose_metrics`).
+        metrics: metric specs of :data:`camkit.metrics.METRICS` to compute for the map, among those the app
+            offers (checked by :func:`camkit.app.metrics.choose_metrics`).
         boxes: the ground-truth boxes of the box metrics, ``(x0, y0, x1, y1)`` in the image's pixels.
     """
 
@@ -951,7 +966,7 @@ def api_config(request: Request) -> dict[str, Any]:
         "pretrained": config.pretrained,
         "samples": list(SAMPLES),
         "methods": [{"name": n, "kind": type(get_method(n)).__name__} for n in method_names()],
-        "metrics": metric_rows(),
+        "metrics": metric_rows(config.served_metrics),
         "metric_steps": STEPS,
         "max_bytes": config.max_bytes,
         "max_pixels": config.max_pixels,
@@ -1009,7 +1024,7 @@ async def api_explain(
     try:
         get_method(method)
         gt = parse_boxes(boxes)
-        chosen = choose_metrics(metrics, bool(gt))
+        chosen = choose_metrics(metrics, bool(gt), state.config.served_metrics)
     except CamkitError as err:
         raise HTTPException(422, str(err)) from err
     name = state.served(model.strip() or state.config.model)

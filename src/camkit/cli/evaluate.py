@@ -37,7 +37,6 @@ from camkit.cli.common import (
     load_model,
     max_pixels_limit,
     out_option,
-    split,
     split_methods,
     user_errors,
     versions,
@@ -80,7 +79,10 @@ def evaluate(
             "--metrics",
             help="deletion,insertion,avg_drop,increase,road,arcc,pointing,pointing_strict,box,maxboxacc,"
             "energy_pointing,relevance_mass,relevance_rank,mask_auc,top_k,sparseness,entropy,effective_complexity,random_logit,mprt or all (docs/metrics.md) "
-            "(default: the first four, plus the box metrics with --annotations).",
+            "(default: the first four, plus the box metrics with --annotations). Settings in parentheses, as for "
+            "methods: 'infidelity(perturbation=gaussian,samples=5),deletion' (a configured metric's columns end "
+            "with its settings). Each metric's settings and defaults: docs/metrics.md; an unknown setting's error "
+            "lists them.",
         ),
     ] = None,
     annotations: Annotated[
@@ -115,6 +117,7 @@ def evaluate(
     from camkit.evaluate import evaluate as run_evaluation
     from camkit.io.files import prepare_out_dir, write_json
     from camkit.methods import get_method
+    from camkit.metrics.registry import resolve_metrics
 
     if images and len(images) == 1 and (images[0] / "run.json").is_file():
         _print_store(images[0], fmt)  # a `camkit run` store: its summary, nothing recomputed
@@ -128,6 +131,9 @@ def evaluate(
                 get_method(m)
         if steps < 1:
             raise CamkitError(f"--steps must be at least 1, got {steps}")
+        metric_list = split_methods(metrics) if metrics else None
+        if metric_list:
+            resolve_metrics(metric_list, have_boxes=True)  # names and settings, before the model loads
         anns = read_annotations(annotations) if annotations is not None else {}
         items: list[tuple[str, Path | Image.Image]] = (
             list(_samples()) if not images else _named(collect_images(images), anns)
@@ -145,7 +151,7 @@ def evaluate(
                 loaded.model,
                 items,
                 methods=method_list,
-                metrics=split(metrics) if metrics else None,
+                metrics=metric_list,
                 annotations=anns,
                 preprocess=loaded.preprocess,
                 labels=loaded.labels,
@@ -262,8 +268,9 @@ def _print(
         table = Table(title=title)
         table.add_column("method", overflow="fold")
         for col in cols:
+            base = col.partition("(")[0]  # a configured metric's column: its own column, then its settings
             lower = next(
-                (m.lower_is_better for k, m in METRICS.items() if col in m.columns or col == k), False
+                (m.lower_is_better for k, m in METRICS.items() if base in m.columns or base == k), False
             )
             table.add_column(f"{col} {'↓' if lower else '↑'}", justify="right", overflow="fold")
         for method, *vals in rows:

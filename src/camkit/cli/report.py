@@ -36,7 +36,6 @@ from camkit.cli.common import (
     read_annotated,
     read_or_skip,
     resolve_inputs,
-    split,
     split_methods,
     user_errors,
 )
@@ -84,7 +83,8 @@ def report(
         str,
         typer.Option(
             help="Metrics per image and method, comma-separated: deletion, insertion, avg_drop, increase, road, arcc, "
-            "sparseness, entropy, effective_complexity, random_logit, mprt."
+            "sparseness, entropy, effective_complexity, random_logit, mprt; settings in parentheses as for camkit "
+            "evaluate: 'road(noise=0.05),deletion' (docs/metrics.md)."
         ),
     ] = "",
     steps: Annotated[int, typer.Option(help="Steps of the deletion / insertion curves.")] = 20,
@@ -267,7 +267,15 @@ def _report_images(args: ReportArgs) -> tuple[int, int]:
             yield item.name, pil
 
     records = build_records(
-        loaded, pictures(), method_list, args.layers, spec, split(args.metrics), args.steps, parsed, targets
+        loaded,
+        pictures(),
+        method_list,
+        args.layers,
+        spec,
+        split_methods(args.metrics),
+        args.steps,
+        parsed,
+        targets,
     )
     stats = write_report(records, args.out, replace(page, meta=meta))
     console.print(

@@ -28,7 +28,6 @@ from camkit.cli.common import (
     err_console,
     max_pixels_limit,
     out_option,
-    split,
     split_methods,
     user_errors,
 )
@@ -83,7 +82,8 @@ def run(
         str,
         typer.Option(
             help="Per-image metrics, comma-separated: deletion,insertion,avg_drop,increase,road,arcc,pointing,pointing_strict,box,maxboxacc,"
-            "energy_pointing,relevance_mass,relevance_rank,mask_auc,top_k,sparseness,entropy,effective_complexity,random_logit,mprt (those of camkit evaluate)."
+            "energy_pointing,relevance_mass,relevance_rank,mask_auc,top_k,sparseness,entropy,effective_complexity,random_logit,mprt (those of camkit evaluate); "
+            "settings in parentheses as there, 'infidelity(perturbation=gaussian),deletion' (docs/metrics.md)."
         ),
     ] = "",
     steps: Annotated[int, typer.Option(help="Deletion/insertion steps.")] = 20,
@@ -137,7 +137,7 @@ def run(
             resolution=resolution,
             topk=topk,
             threshold=threshold,
-            metrics=tuple(split(metrics)),
+            metrics=_metric_keys(split_methods(metrics)),
             steps=steps,
             thumbnails=thumbnails,
             image_size=image_size,
@@ -220,3 +220,11 @@ def print_summary(summary: dict[str, Any], where: str) -> None:
             table.add_row(m, *("-" if vals.get(c) is None else f"{vals[c]:.4f}" for c in cols))
         console.print(table)
     console.print(f"store: {where} (read it with camkit.run.open_store)", highlight=False, soft_wrap=True)
+
+
+def _metric_keys(specs: list[str]) -> tuple[str, ...]:
+    """``--metrics`` items as the store records them: a spec with settings as its key (its settings checked,
+    :func:`camkit.metrics.resolve_metrics`), a name as given."""
+    from camkit.metrics.registry import resolve_metrics
+
+    return tuple(resolve_metrics([m], have_boxes=True)[0] if "(" in m else m for m in specs)

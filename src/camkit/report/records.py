@@ -171,11 +171,12 @@ def _check(
             "your own network: LoadedModel(model=..., preprocess=camkit.Preprocess(...), labels=...)"
         )
     check_eval(loaded.model, stacklevel=4)  # before any forward, which would update BatchNorm stats
-    unknown = [n for n in metrics if n not in METRICS]
+    unknown = [n for n in metrics if registry.parse_metric(n)[0] not in METRICS]
     if unknown:
         raise CamkitError(
             f"unknown metric(s) {', '.join(map(repr, unknown))}; choose among {', '.join(METRICS)}"
         )
+    metrics = [registry.resolve_metrics([n], have_boxes=True)[0] for n in metrics]  # settings checked: keys
     if isinstance(target, TopK):
         raise CamkitError("a report explains one class per image: give a class index or name, not topK")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
@@ -239,7 +240,7 @@ def _metric_values(
 
     values, _ = scorer(x, expl.maps[:1].float(), expl.classes, [[]], [size], remap=remap, explain=again)
     names = job.metrics
-    return {col: float(values[col][0]) for name in names for col in registry.METRICS[name].columns}
+    return {col: float(values[col][0]) for name in names for col in registry.metric_columns(name)}
 
 
 def _record(job: _Job, name: str, image: Image.Image | Path, scorer: MetricScorer | None) -> ImageRecord:
@@ -301,7 +302,8 @@ def build_records(
             and the fused one are shown; a method that makes its map in its own passes shows it in the
             :data:`OWN_MAP` column.
         target: the class to explain (None: the top-1 of each image); a ``TopK`` is refused.
-        metrics: names among :data:`METRICS`, computed per image and method on the fused map (their columns:
+        metrics: names among :data:`METRICS` or their specs with settings (``infidelity(perturbation=gaussian)``,
+            :func:`camkit.metrics.resolve_metrics`), computed per image and method on the fused map (their columns:
             ``road`` gives ``road_morf`` and ``road_lerf``).
         steps: steps of the deletion and insertion curves.
         threshold: the localisation threshold (:func:`camkit.localize.localize`).

@@ -24,6 +24,7 @@ from camkit.adapters.spec import ModelSpec
 from camkit.errors import CamkitError
 from camkit.evaluate import METRICS
 from camkit.methods import get_method
+from camkit.metrics.registry import parse_metric
 from camkit.run import distributed, raydata
 from camkit.run.extra import require_run_extra
 from camkit.run.runner import Explainer, RunOptions, process_shards
@@ -100,7 +101,7 @@ BOX_METRICS = tuple(name for name, metric in METRICS.items() if metric.needs_box
 def check_boxes(items: Sequence[Item], metrics: Sequence[str]) -> str | None:
     """Box metrics asked for on images without boxes: a ValueError when none has a box (before any work), else
     a note saying how many images the box metrics leave out (None when all have boxes or none is asked for)."""
-    asked = [m for m in metrics if m in BOX_METRICS]
+    asked = [m for m in metrics if parse_metric(m)[0] in BOX_METRICS]
     if not asked:
         return None
     without = sum(1 for it in items if not it.boxes)

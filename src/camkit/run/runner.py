@@ -43,6 +43,7 @@ from camkit.io.images import DEFAULT_MAX_PIXELS
 from camkit.localize import localize
 from camkit.methods import get_method
 from camkit.metrics._common import Forward
+from camkit.metrics.registry import metric_columns, parse_metric, resolve_metrics
 from camkit.run.sources import ImageDataset, Item, Sample, collate, die_with_parent
 from camkit.run.store import Store
 from camkit.viz import overlay
@@ -59,6 +60,7 @@ __all__ = [
     "RunOptions",
     "ShardWriter",
     "process_shards",
+    "run_metric_columns",
     "shard_batches",
 ]
 
@@ -69,6 +71,14 @@ __all__ = [
 METRIC_COLUMNS: dict[str, tuple[str, ...]] = {
     name: (metric.columns if name != "maxboxacc" else ("iou_curve",)) for name, metric in METRICS.items()
 }
+
+
+def run_metric_columns(key: str) -> tuple[str, ...]:
+    """A metric key's per-method columns in a run's table (:data:`METRIC_COLUMNS`; a configured metric's columns
+    end with its settings, :func:`camkit.metrics.registry.metric_columns`)."""
+    return ("iou_curve",) if key == "maxboxacc" else metric_columns(key)
+
+
 TARGETS = ("top1", "true")
 RESOLUTIONS = ("feature", "input")
 
@@ -89,7 +99,10 @@ class RunOptions:
         metrics: per-image metrics, those of ``camkit evaluate`` (:data:`camkit.evaluate.METRICS`): ``deletion``,
             ``insertion`` (``steps`` steps), ``avg_drop``, ``increase``, ``road``, ``arcc``, the complexity and
             randomisation metrics, and with ground-truth boxes ``pointing``, ``pointing_strict``, ``box`` (at
-            ``threshold``), ``maxboxacc`` and the mask metrics (NaN without boxes); see ``docs/metrics.md``.
+            ``threshold``), ``maxboxacc`` and the mask metrics (NaN without boxes); see ``docs/metrics.md``. A
+            metric with settings is given by its key (:func:`camkit.metrics.resolve_metrics`:
+            ``infidelity(perturbation=gaussian)``); its columns end with its settings, and a store is resumed
+            only with the same keys.
         steps: deletion/insertion steps.
         thumbnails: longer side of the JPEG overlays written per image and method (0: none).
         image_size: resize images to this square size instead of the model's own input size (None: the model's).
@@ -135,8 +148,13 @@ class RunOptions:
         if not 0.0 < self.threshold < 1.0:
             raise CamkitError(f"--threshold is a fraction of the map's max, in (0, 1); got {self.threshold}")
         for m in self.metrics:
-            if m not in METRIC_COLUMNS:
+            if parse_metric(m)[0] not in METRIC_COLUMNS:
                 raise CamkitError(f"unknown metric {m!r}; choose from {', '.join(METRIC_COLUMNS)}")
+            key = resolve_metrics([m], have_boxes=True)[0]  # its settings checked, as evaluate checks them
+            if key != m:
+                raise CamkitError(
+                    f"metric {m!r} is written {key!r} in a run (its key, as the store records it)"
+                )
         if self.image_size is not None and self.image_size < 16:
             raise CamkitError(f"--image-size must be at least 16 pixels, got {self.image_size}")
 
@@ -400,7 +418,7 @@ class Explainer:
             for metric in self.options.metrics:
                 fields += [
                     (f"{m}.{col}", pa.list_(pa.float32()) if col == "iou_curve" else pa.float64())
-                    for col in METRIC_COLUMNS[metric]
+                    for col in run_metric_columns(metric)
                 ]
         return pa.schema(fields)
 

@@ -828,7 +828,9 @@ def summarize(table: pa.Table, methods: Sequence[str], config: dict[str, Any]) -
         "metrics": means,
     }
     box_metrics = [
-        m for m in config.get("options", {}).get("metrics", ()) if m in METRICS and METRICS[m].needs_boxes
+        m
+        for m in config.get("options", {}).get("metrics", ())
+        if m.partition("(")[0] in METRICS and METRICS[m.partition("(")[0]].needs_boxes
     ]
     if box_metrics and n:  # images the box metrics leave out: ok rows without ground-truth boxes
         boxes = table.column("gt_boxes").to_pylist()
