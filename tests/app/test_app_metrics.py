@@ -255,3 +255,10 @@ def test_the_page_offers_the_metrics_and_shows_their_values(chromium: object, cl
         finally:
             page.close()
     assert problems == []
+
+
+def test_each_column_says_which_way_is_better(client: TestClient) -> None:
+    res = explain(client, method="gradcam", metrics=["road"])
+    assert res.status_code == 200, res.text
+    (road,) = res.json()["metrics"]
+    assert road["columns_lower_is_better"] == {"road_morf": True, "road_lerf": False}

@@ -175,3 +175,17 @@ def test_report_records_carry_the_configured_columns() -> None:
 def test_the_docs_table_of_settings_is_the_registrys() -> None:
     docs = (Path(__file__).resolve().parents[2] / "docs" / "metrics.md").read_text()
     assert settings_table() in docs
+
+
+def test_roads_lerf_column_is_higher_is_better_also_when_configured() -> None:
+    """ROAD gives two columns that go opposite ways: fewer MoRF points is better, more LeRF points is better."""
+    road = METRICS["road"]
+    assert road.column_lower_is_better("road_morf") and road.column_lower_is_better("road_morf(noise=0.05)")
+    assert not road.column_lower_is_better("road_lerf")
+    assert not road.column_lower_is_better("road_lerf(noise=0.05)")
+    assert all(
+        m.column_lower_is_better(c) == m.lower_is_better
+        for k, m in METRICS.items()
+        if k != "road"
+        for c in m.columns
+    )

@@ -296,6 +296,10 @@ def score_metrics(
             "name": name,
             "values": {col: _number(values[col]) for col in metric_columns(name) or (MAXBOXACC,)},
             "lower_is_better": metric_of(name).lower_is_better,
+            "columns_lower_is_better": {
+                col: metric_of(name).column_lower_is_better(col)
+                for col in metric_columns(name) or (MAXBOXACC,)
+            },
         }
         for name in job.names
     ]

@@ -270,7 +270,8 @@ def _print(
         for col in cols:
             base = col.partition("(")[0]  # a configured metric's column: its own column, then its settings
             lower = next(
-                (m.lower_is_better for k, m in METRICS.items() if base in m.columns or base == k), False
+                (m.column_lower_is_better(col) for k, m in METRICS.items() if base in m.columns or base == k),
+                False,
             )
             table.add_column(f"{col} {'↓' if lower else '↑'}", justify="right", overflow="fold")
         for method, *vals in rows:

@@ -143,11 +143,12 @@ class Metric:
     Attributes:
         columns: its per-image column(s) in a table of results (none for ``maxboxacc``, a value over all images).
         needs_boxes: it compares the maps with ground-truth boxes.
-        lower_is_better: a lower value means a better map.
+        lower_is_better: a lower value means a better map (for every column but ``higher_columns``).
         compute: the values of one batch, column -> Tensor[B] (``maxboxacc``: :data:`CURVE` -> Tensor[B, T]);
             it may give more columns than its own (``avg_drop`` and ``increase`` come from one pass).
         settings: its settings, name -> default: keyword arguments of its function
             (``infidelity(perturbation=gaussian)``; :data:`BY_STEPS`: sized from ``steps`` unless given).
+        higher_columns: the columns where, against ``lower_is_better``, a higher value is better (ROAD's LeRF).
     """
 
     columns: tuple[str, ...]
@@ -155,6 +156,11 @@ class Metric:
     lower_is_better: bool
     compute: Callable[[MetricBatch], dict[str, Tensor]] = field(repr=False, compare=False)
     settings: Mapping[str, object] = field(default_factory=dict)
+    higher_columns: tuple[str, ...] = ()
+
+    def column_lower_is_better(self, column: str) -> bool:
+        """Whether a lower value of this column (a configured metric's too: ``road_lerf(noise=0.05)``) is better."""
+        return self.lower_is_better and column.partition("(")[0] not in self.higher_columns
 
 
 def _deletion(b: MetricBatch) -> dict[str, Tensor]:
@@ -365,7 +371,12 @@ METRICS: dict[str, Metric] = {
     "avg_drop": Metric(("avg_drop",), False, True, _confidence, _CONFIDENCE),
     "increase": Metric(("increase",), False, False, _confidence, _CONFIDENCE),
     "road": Metric(
-        ("road_morf", "road_lerf"), False, True, _road, _settings(road, "percentages noise seed score")
+        ("road_morf", "road_lerf"),
+        False,
+        True,
+        _road,
+        _settings(road, "percentages noise seed score"),
+        higher_columns=("road_lerf",),
     ),
     "arcc": Metric(("arcc",), False, False, _arcc, _settings(arcc, "percentages noise seed")),
     "pointing": Metric(("pointing",), True, False, _pointing, _settings(pointing_game, "tolerance")),
