@@ -4,10 +4,15 @@ The layer methods' one forward and one backward to the target layers run, by def
 for it, never on the model itself:
 
 * every ``nn.BatchNorm2d`` and timm ``BatchNormAct2d`` that reads a convolution's output is folded into that
-  convolution (:func:`camkit.core.accel.fold_batchnorm`): one pass over each feature map less, forward and
-  backward; a convolution that is itself a target layer keeps its own output (it is not folded);
+  convolution (:func:`camkit.core.accel.fold_batchnorm`, the folded weights computed in float64 and rounded once):
+  one pass over each feature map less, forward and backward; a convolution that is itself a target layer keeps its
+  own output (it is not folded);
 * on CPU the input is sent channels-last, so oneDNN runs the whole network on NHWC tensors (faster convolutions,
   depthwise ones above all).
+
+The copy's other parameters share the model's storage (no second set of them in memory); only the folded
+convolutions have weights of their own. The conv/BatchNorm pairs are found by one forward on a copy on the meta
+device (shapes only), or on the copy itself for a model that does not run on meta tensors.
 
 The hooks of the capture go on the copy's modules of the same names, so ``A`` and ``dS/dA`` are the target layers'
 output and its gradient, as on the model, up to float rounding. The activations and gradients handed on are
@@ -15,12 +20,17 @@ contiguous (NCHW) tensors, as from the model.
 
 The copy is made once per model, device, dtype and set of target layers, and kept while the model is unchanged
 (the cache of :mod:`camkit.core.accel`, same invalidation; :func:`camkit.core.accel.clear_cache` forgets it). The
-first capture of each input shape also runs on the model as given and is compared with the copy's: the same
-explained classes, each target layer's map (Grad-CAM's, or the channel sum without gradients) within :data:`RTOL`
-of its scale, and the output, every activation and every gradient within :data:`TENSOR_RTOL` of the largest value
-of the model's. A copy that cannot be made or run, or that disagrees, is dropped for that model with one
-:class:`camkit.core.accel.AccelWarning` naming the reason, and the model as given runs the capture, as before.
-Nothing is chosen by timing: two identical calls give identical maps.
+first capture of each input shape runs on the copy, then on the model as given,
+:data:`camkit.core.accel.CHECK_ROWS` images at a time (the whole batch for a callable target; the copy's graph is
+freed first, so the check costs about the memory of the copy's pass alone), and the two are compared:
+the same explained classes, each target layer's map (Grad-CAM's, or the channel sum without gradients) within
+:data:`RTOL` of its scale, and the output, every activation and every gradient within :data:`TENSOR_RTOL` of the
+largest value of the model's. An image that fails is computed again by a float64 copy of the model, alone, and
+judged against that exact result instead: the float32 model itself can be the one that is off, where a
+pre-activation lies within rounding of a ReLU's bend (EfficientNet-Lite0's ``blocks.4``: the model's map at one
+thread is 3.7e-4 of its scale from the float64 map, the copy's 6e-7). A copy that cannot be made or run, or that
+disagrees, is dropped for that model with one :class:`camkit.core.accel.AccelWarning` naming the reason, and the
+model as given runs the capture, as before. Nothing is chosen by timing: two identical calls give identical maps.
 
 Not used (the model as given runs the capture): ``explain(..., accelerate=False)``, input that is not a float32
 image batch Tensor[B, C, H, W] (clips, half precision), torchvision segmentation and detection models, Keras models, a model carrying
