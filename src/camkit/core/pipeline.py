@@ -44,7 +44,7 @@ from camkit.core.prepared import (
     contiguous,
     disagreement,
     exact_rows,
-    may_prepare,
+    lookup,
     prepared_copy,
 )
 from camkit.core.targets import TargetSpec, TopK, resolve_classes, score_fn
@@ -248,9 +248,9 @@ def _capture(
     prepared copy of the model (:mod:`camkit.core.prepared`), checked against the model on the first batch of each
     shape (:func:`_checked_copy`)."""
     classifier = plan.task == "classification" and model_task(model) == "classification"
-    if not (accelerate and classifier and may_prepare(model, x, layers)):
+    allowed, prep = lookup(model, x, layers) if accelerate and classifier else (False, None)
+    if not allowed:
         return _capture_on(model, x, layers, plan, need_grad, read)
-    prep = prepared_copy(model, x, layers, build=False)
     if prep is not None and prep.checked(x):
         return _capture_prepared(prep, x, plan, need_grad, read)
     got = _checked_copy(model, x, layers, plan, need_grad, read)

@@ -68,7 +68,7 @@ __all__ = [
     "contiguous",
     "disagreement",
     "exact_rows",
-    "may_prepare",
+    "lookup",
     "prepared_copy",
 ]
 
@@ -145,33 +145,28 @@ def _shape(x: Tensor) -> tuple[object, ...]:
     return tuple(x.shape), x.dtype, x.device
 
 
-def prepared_copy(
-    model: nn.Module, x: Tensor, layers: dict[str, nn.Module], build: bool = True
-) -> PreparedCopy | None:
-    """The prepared copy for capturing ``layers`` of ``model`` on inputs like ``x``, or None where the model as
-    given runs the capture (see the module's notes: not an image batch, Keras, hooks of the user's, layers that are
-    not submodules under their names, nothing to gain, or a copy that failed). ``build`` False: None also when the
-    copy is not made yet (nothing is made)."""
+def prepared_copy(model: nn.Module, x: Tensor, layers: dict[str, nn.Module]) -> PreparedCopy | None:
+    """The prepared copy for capturing ``layers`` of ``model`` on inputs like ``x`` (made now if need be), or None
+    where the model as given runs the capture (see the module's notes: not an image batch, Keras, hooks of the
+    user's, layers that are not submodules under their names, nothing to gain, or a copy that failed)."""
     key = _key(model, x, layers)
     if key is None:
         return None
-    found = (
-        cached(model, key, lambda: _prepare(model, x[:1], sorted(layers), bool(key[3])))
-        if build
-        else peek(model, key)
-    )
-    prep = found if isinstance(found, PreparedCopy) else None
-    return None if prep is None or prep.failed is not None or prep.module is None else prep
+    prep = cached(model, key, lambda: _prepare(model, x[:1], sorted(layers), bool(key[3])))
+    return None if prep.failed is not None or prep.module is None else prep
 
 
-def may_prepare(model: nn.Module, x: Tensor, layers: dict[str, nn.Module]) -> bool:
-    """Whether a prepared copy may run the capture of ``layers`` on inputs like ``x``: the model and input allow
-    one, and no copy of it was dropped (made or not yet)."""
+def lookup(model: nn.Module, x: Tensor, layers: dict[str, nn.Module]) -> tuple[bool, PreparedCopy | None]:
+    """Without making anything: whether a prepared copy may run the capture of ``layers`` on inputs like ``x``
+    (the model and input allow one, and none was dropped), and the copy if it is made and in use."""
     key = _key(model, x, layers)
     if key is None:
-        return False
+        return False, None
     found = peek(model, key)
-    return not isinstance(found, PreparedCopy) or found.failed is None
+    if not isinstance(found, PreparedCopy):
+        return True, None
+    usable = found.failed is None and found.module is not None
+    return usable, found if usable else None
 
 
 def _key(model: nn.Module, x: Tensor, layers: dict[str, nn.Module]) -> tuple[object, ...] | None:
