@@ -5,6 +5,7 @@ Run from the repository root:
     .venv/bin/python benchmarks/bench_gradient.py                  # full run: 1 thread, batch 8, 7 repeats
     .venv/bin/python benchmarks/bench_gradient.py --methods gradcam --repeats 9   # the goals only
     .venv/bin/python benchmarks/bench_gradient.py --quick --models lite0 --no-memory   # smoke run
+    .venv/bin/python benchmarks/bench_gradient.py --memory-only --models lite0          # the memory table alone
 
 What runs:
 
@@ -452,6 +453,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="comma-separated: gradcam, gradcam++, layercam",
     )
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory table (CPU)")
+    p.add_argument("--memory-only", action="store_true", help="only the peak-memory table (CPU, Linux)")
     p.add_argument("--quick", action="store_true", help="smoke run: 2 repeats unless --repeats is given")
     args = p.parse_args(argv)
     if args.repeats is None:
@@ -563,6 +565,8 @@ def run_device(args: argparse.Namespace, device: torch.device) -> None:
             x = torch.randn(batch, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(SEED)).to(device)
             if device.type == "cpu" and not args.no_memory and sys.platform.startswith("linux"):
                 mem_rows += memory_rows(case, x)
+            if args.memory_only:
+                continue
             contenders, first = measure(case, x, args.repeats, methods)
             stats = {c.name: Stat.of(c.seconds, batch) for c in contenders}
             fwd = stats["forward"]
@@ -594,18 +598,21 @@ def print_tables(
     mem_rows: list[list[str]],
     goals: list[tuple[str, float, str, bool]],
 ) -> None:
-    print(f"## {device.type.upper()}: Grad-CAM family, ms/image and ratios\n")
-    header = ["model", "batch", "method", "forward", "camkit", "grad-cam", "torchcam"]
-    header += ["camkit/forward", "torchcam/camkit", "grad-cam/camkit"]
-    print(markdown(header, main_rows))
-    print(
-        f"\n## {device.type.upper()}: camkit Grad-CAM against other forwards and against itself without the copy\n"
-    )
-    print(markdown(["model", "batch", "contender", "ms/image", "camkit Grad-CAM / contender"], fwd_rows))
-    print(
-        f"\n## {device.type.upper()}: agreement in the warm-up round (max |camkit - library|, maps in [0, 1])\n"
-    )
-    print(markdown(["model", "batch", "method", "grad-cam", "torchcam", "camkit maps all zero"], agree_rows))
+    if main_rows:  # not with --memory-only
+        print(f"## {device.type.upper()}: Grad-CAM family, ms/image and ratios\n")
+        header = ["model", "batch", "method", "forward", "camkit", "grad-cam", "torchcam"]
+        header += ["camkit/forward", "torchcam/camkit", "grad-cam/camkit"]
+        print(markdown(header, main_rows))
+        print(
+            f"\n## {device.type.upper()}: camkit Grad-CAM against other forwards and against itself without the copy\n"
+        )
+        print(markdown(["model", "batch", "contender", "ms/image", "camkit Grad-CAM / contender"], fwd_rows))
+        print(
+            f"\n## {device.type.upper()}: agreement in the warm-up round (max |camkit - library|, maps in [0, 1])\n"
+        )
+        print(
+            markdown(["model", "batch", "method", "grad-cam", "torchcam", "camkit maps all zero"], agree_rows)
+        )
     if mem_rows:
         print("\n## CPU: peak memory beyond the resident set, MiB (fresh forked child each, VmHWM)\n")
         header = ["model", "batch", "forward", "forward, 2nd call", "camkit Grad-CAM", "camkit, 2nd call"]

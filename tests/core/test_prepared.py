@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import threading
 import warnings
-from collections.abc import Iterator
+import weakref
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
@@ -313,3 +314,149 @@ def test_threads_share_the_copy() -> None:
     assert all(torch.equal(m, expected) for m in out)
     assert_unchanged(before, net)
     assert len(_used(net)) == 1
+
+
+# --------------------------------------------------------------------------------------------- memory
+
+
+def test_copy_shares_unfolded_weights_and_folds_in_float64() -> None:
+    net, x = _randomize_norms(BnNet()), _x()
+    twin, n = fold_batchnorm(net, x[:1], share=True)
+    assert n == 3
+    assert twin.fc.weight.data_ptr() == net.fc.weight.data_ptr()  # unfolded: the model's storage, no copy
+    assert not twin.fc.weight.requires_grad and net.fc.weight.requires_grad  # the model's flags untouched
+    conv, bn = net.block[0], net.block[1]
+    s = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
+    want_w = (conv.weight.double() * s[:, None, None, None]).float()
+    want_b = ((conv.bias.double() - bn.running_mean.double()) * s + bn.bias.double()).float()
+    folded = twin.block[0]
+    assert folded.weight.data_ptr() != conv.weight.data_ptr()
+    assert torch.equal(folded.weight, want_w) and torch.equal(folded.bias, want_b)  # rounded once
+    assert type(net.block[1]) is nn.BatchNorm2d  # the model keeps its BatchNorm
+    with torch.inference_mode():
+        torch.testing.assert_close(twin(x), net(x), rtol=1e-5, atol=1e-6)
+
+
+class DataDependent(nn.Module):
+    """A forward that reads a value (fails on meta tensors): the pairs are found on the real copy instead."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.feat = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU())
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.feat(x)
+        if float(h.mean()) > 1e9:  # never true; reads data
+            h = h * 0
+        return self.fc(h.mean(dim=(2, 3)))
+
+
+def test_pairs_found_on_meta_tensors_else_on_the_copy(monkeypatch: pytest.MonkeyPatch) -> None:
+    devices: list[str] = []
+    real = accel._conv_norm_pairs
+
+    def spy(twin: nn.Module, convs: object, norms: object, example: Tensor) -> object:
+        devices.append(example.device.type)
+        return real(twin, convs, norms, example)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(accel, "_conv_norm_pairs", spy)
+    assert fold_batchnorm(_randomize_norms(BnNet()), _x(1))[1] == 3
+    assert devices == ["meta"]  # no forward on real tensors
+    devices.clear()
+    net, x = _randomize_norms(DataDependent()), _x()
+    twin, n = fold_batchnorm(net, x[:1])
+    assert n == 1 and devices == ["meta", "cpu"]
+    with torch.inference_mode():
+        torch.testing.assert_close(twin(x), net(x), rtol=1e-5, atol=1e-6)
+
+
+def test_first_call_runs_the_copy_then_the_model_a_few_images_at_a_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    net, x = _randomize_norms(BnNet()), _x(5)
+    runs: list[tuple[bool, int, bool]] = []  # (the model as given?, images, the copy's graph already freed?)
+    graphs: list[object] = []
+    forward = camkit.core.capture.LayerCapture.forward
+
+    def spy(self: object, model: nn.Module, inputs: Tensor, output_fn: object = None) -> Tensor:
+        runs.append((model is net, inputs.shape[0], all(g() is None for g in graphs)))
+        out = forward(self, model, inputs, output_fn)  # type: ignore[arg-type]
+        if model is not net:
+            graphs.append(weakref.ref(out))  # the copy's output, holding its autograd graph
+        return out
+
+    monkeypatch.setattr(camkit.core.capture.LayerCapture, "forward", spy)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", AccelWarning)
+        first = camkit.explain(net, x, "gradcam", layers="head")
+    rows = accel.CHECK_ROWS
+    assert runs == [(False, 5, True)] + [(True, min(rows, 5 - i), True) for i in range(0, 5, rows)]
+    runs.clear()
+    again = camkit.explain(net, x, "gradcam", layers="head")
+    assert runs == [(False, 5, True)] and torch.equal(again.maps, first.maps)  # checked: the copy alone
+    _assert_same({"g": first}, {"g": camkit.explain(net, x, "gradcam", layers="head", accelerate=False)})
+
+
+# --------------------------------------------------------------------------------------------- exact check
+
+
+def _cap(a: Tensor, g: Tensor) -> camkit.core.capture.Captured:
+    out = a.flatten(1)[:, :3].clone()
+    return camkit.core.capture.Captured(out, {"l": a}, {"l": g}, out[:, 0], ["l"], {"l": 1})
+
+
+def test_an_image_the_float32_model_gets_wrong_is_judged_against_float64() -> None:
+    g = torch.Generator().manual_seed(0)
+    a, grad = torch.rand(3, 4, 5, 5, generator=g), torch.rand(3, 4, 5, 5, generator=g)
+    got = _cap(a, grad)
+    off = grad.clone()
+    off[1, 0, 0, 0] += 0.5  # the model's float32 gradient of image 1 is off (a ReLU bend on the other side)
+    ref = _cap(a, off)
+    cls = torch.zeros(3, dtype=torch.long)
+    asked: list[int] = []
+
+    def exact_like(right: camkit.core.capture.Captured) -> Callable[[int], camkit.core.capture.Captured]:
+        def run(i: int) -> camkit.core.capture.Captured:
+            asked.append(i)
+            return prepared._image(right, i)
+
+        return run
+
+    assert "its map of 'l'" in str(prepared.disagreement(ref, got, cls, cls))  # no exact result: fails
+    assert prepared.disagreement(ref, got, cls, cls, exact_like(got)) is None  # the copy is the exact one
+    assert asked == [1]  # only the image that disagreed was recomputed
+    assert prepared.disagreement(ref, got, cls, cls, exact_like(ref)) is not None  # the model was right
+
+    def no_float64(i: int) -> camkit.core.capture.Captured:
+        raise RuntimeError("expected scalar type Float")
+
+    assert prepared.disagreement(ref, got, cls, cls, no_float64) is not None
+
+
+def test_the_check_asks_the_float64_model_when_the_float32_model_disagrees(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    net, x = _randomize_norms(BnNet()), _x(3)
+    rows = prepared.capture_rows
+
+    def off_by_rounding(model: nn.Module, *args: object, **kwargs: object) -> camkit.core.capture.Captured:
+        cap = rows(model, *args, **kwargs)  # type: ignore[arg-type]
+        if cap.output.dtype == torch.float32:  # the float32 model's gradient of image 0 is off
+            cap.gradients["head"][0, 0] += 1.0  # type: ignore[index]
+        return cap
+
+    monkeypatch.setattr(camkit.core.pipeline, "capture_rows", off_by_rounding)
+    monkeypatch.setattr(prepared, "capture_rows", off_by_rounding)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", AccelWarning)
+        e = camkit.explain(net, x, "gradcam", layers="head")  # the float64 model agrees with the copy
+    assert _used(net)
+    _assert_same({"g": e}, {"g": camkit.explain(net, x, "gradcam", layers="head", accelerate=False)})
+    accel.clear_cache()
+    monkeypatch.setattr(accel, "float64_copy", lambda m: (_ for _ in ()).throw(RuntimeError("no float64")))
+    monkeypatch.setattr(prepared, "float64_copy", accel.float64_copy)
+    with pytest.warns(AccelWarning, match="gradient of 'head'|its map of 'head'"):
+        camkit.explain(net, x, "gradcam", layers="head")
+    assert not _used(net)

@@ -4,8 +4,8 @@ Every batch of perturbed inputs (Score-CAM's masked images, deletion/insertion s
 :class:`BatchForward`. It runs one of three paths, all on public PyTorch only:
 
 * **default** (deterministic): on a copy of the model (never yours), every ``nn.BatchNorm2d`` that reads an
-  ``nn.Conv2d``'s output is folded into that convolution with :func:`torch.nn.utils.fusion.fuse_conv_bn_eval`
-  (one pass over each feature map less), and on CPU the inputs are sent channels-last (oneDNN's convolutions are
+  ``nn.Conv2d``'s output is folded into that convolution (:func:`fold_weights`, computed in float64 and rounded
+  once: one pass over each feature map less), and on CPU the inputs are sent channels-last (oneDNN's convolutions are
   faster on NHWC tensors and keep their input's layout, so the whole network runs NHWC). The first batch is checked
   ONCE against the model as given (its first :data:`CHECK_ROWS` rows, ``rtol=1e-3`` and ``atol=1e-4`` of the
   output's scale). Nothing is chosen by timing, so two identical calls give bitwise-identical outputs. A model
@@ -59,7 +59,6 @@ from typing import Literal, TypeVar, cast
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from camkit.core.capture import HOOK_LOCK, drop_thread_hooks, is_thread_hook
 from camkit.errors import CamkitError
@@ -74,7 +73,10 @@ __all__ = [
     "cached",
     "check_compile",
     "clear_cache",
+    "float64_copy",
     "fold_batchnorm",
+    "fold_weights",
+    "peek",
     "warn_once",
 ]
 
@@ -239,6 +241,13 @@ def cached(model: nn.Module, key: Hashable, build: Callable[[], T]) -> T:
         return cast(T, entry.kept[key])
 
 
+def peek(model: nn.Module, key: Hashable) -> object | None:
+    """What :func:`cached` built for ``model`` and ``key`` while the model is unchanged, or None (nothing built)."""
+    entry = _entry(model)
+    with _LOCK:
+        return entry.kept.get(key)
+
+
 def warn_once(model: nn.Module, reason: str) -> None:
     """Emit ``reason`` as an :class:`AccelWarning` the first time it is given for ``model`` (while it is unchanged)."""
     _warn_once(_entry(model), reason)
@@ -247,10 +256,30 @@ def warn_once(model: nn.Module, reason: str) -> None:
 # ------------------------------------------------------------------------------------------------- folding
 
 
-def _copy(model: nn.Module) -> nn.Module:
-    """A deep copy for inference, without gradients."""
+def _copy(model: nn.Module, share: bool = False) -> nn.Module:
+    """A deep copy for inference, without gradients. ``share``: the copy's parameters are new ``Parameter``
+    objects (``requires_grad=False``) over the model's own storage, not copies of it (no memory for them; the
+    caller must never write into them); buffers are copied either way."""
+    return _twin(model, (lambda p: p.detach()) if share else None)
+
+
+def float64_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` in float64 (parameters and floating-point buffers), without gradients; its parameters
+    are made in float64 directly, with no transient float32 copy."""
+    return _twin(
+        model, lambda p: p.detach().double() if p.is_floating_point() else p.detach().clone()
+    ).double()
+
+
+def _twin(model: nn.Module, param: Callable[[Tensor], Tensor] | None) -> nn.Module:
+    """A deep copy without gradients and without camkit's per-thread hooks; ``param`` (if given) makes each of
+    the copy's parameters from the model's instead of a deep copy."""
+    memo: dict[int, object] = {}
+    if param is not None:
+        for p in model.parameters():
+            memo[id(p)] = nn.Parameter(param(p), requires_grad=False)
     with HOOK_LOCK:  # no other thread adds or removes a hook while the copy walks the hook dictionaries
-        twin = copy.deepcopy(model)
+        twin = copy.deepcopy(model, memo)
     drop_thread_hooks(twin)  # another thread's call may have had its hooks on the model: not on the copy
     for p in twin.parameters():
         p.requires_grad_(False)
@@ -296,12 +325,14 @@ def _after_fold(norm: nn.BatchNorm2d) -> nn.Module:
     return FoldedNormAct(drop, act)
 
 
-def fold_batchnorm(model: nn.Module, example: Tensor, keep: Collection[str] = ()) -> tuple[nn.Module, int]:
+def fold_batchnorm(
+    model: nn.Module, example: Tensor, keep: Collection[str] = (), share: bool = False
+) -> tuple[nn.Module, int]:
     """A copy of ``model`` in which each ``nn.BatchNorm2d`` or timm ``BatchNormAct2d`` (with running statistics,
     called once per forward) that receives an ``nn.Conv2d``'s output (that conv called once) is folded into the
-    conv with :func:`torch.nn.utils.fusion.fuse_conv_bn_eval`, and the number of folds. The BatchNorm is replaced by
-    ``nn.Identity`` (a ``BatchNormAct2d`` by :class:`FoldedNormAct`, its dropout and activation); module names
-    stay valid in the copy.
+    conv (:func:`fold_weights`: computed in float64, rounded once), and the number of folds. The BatchNorm is
+    replaced by ``nn.Identity`` (a ``BatchNormAct2d`` by :class:`FoldedNormAct`, its dropout and activation);
+    module names stay valid in the copy.
 
     One forward of ``example`` (one image) on the copy finds the pairs. The caller must check the copy's outputs:
     a conv output that is also used elsewhere (a skip connection before the BatchNorm) makes it differ.
@@ -311,26 +342,46 @@ def fold_batchnorm(model: nn.Module, example: Tensor, keep: Collection[str] = ()
         example: an input of one image.
         keep: names of modules whose output must stay what the model computes (target layers): a convolution named
             here is not folded (a BatchNorm named here may be: the module in its place returns its output).
+        share: the copy's unfolded parameters share the model's storage (:func:`_copy`); the folded weights are
+            new tensors either way, made without a transient copy of the convolution.
 
     Raises:
         TypeError, RuntimeError, copy.Error: the model cannot be deep-copied or run on ``example``.
     """
-    twin = _copy(model)
+    twin = _copy(model, share)
     kept = {id(twin.get_submodule(name)) for name in keep if _has(twin, name)}
     convs: set[nn.Module] = {m for m in twin.modules() if type(m) is nn.Conv2d and id(m) not in kept}
     norms = {m for m in twin.modules() if _foldable_norm(m)}
     if not convs or not norms:
         return twin, 0
-    pairs = _conv_norm_pairs(twin, convs, norms, example)
+    pairs = _find_pairs(twin, convs, norms, example)
     names = {id(m): name for name, m in twin.named_modules()}
     for conv, norm in pairs:
-        fused = fuse_conv_bn_eval(conv.eval(), norm)
-        for p in fused.parameters():
-            p.requires_grad_(False)
-        for module, replacement in ((conv, fused), (norm, _after_fold(norm))):
-            parent, _, child = names[id(module)].rpartition(".")
-            setattr(twin.get_submodule(parent), child, replacement)
+        weight, bias = fold_weights(conv, norm)
+        conv.eval()
+        conv.weight = nn.Parameter(
+            weight, requires_grad=False
+        )  # the copy's own conv: the model's is untouched
+        conv.bias = nn.Parameter(bias, requires_grad=False)
+        parent, _, child = names[id(norm)].rpartition(".")
+        setattr(twin.get_submodule(parent), child, _after_fold(norm))
     return twin, len(pairs)
+
+
+def fold_weights(conv: nn.Conv2d, norm: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
+    """The weight and bias of ``norm(conv(x))`` as one convolution, in the conv's dtype: ``w * s`` and
+    ``(b - mean) * s + beta`` per output channel, ``s = gamma / sqrt(var + eps)``, computed in float64 (float32 on
+    devices without it) and rounded once."""
+    w = conv.weight.detach()
+    wide = torch.float32 if w.device.type == "mps" else torch.float64
+    mean, var = cast(Tensor, norm.running_mean).to(wide), cast(Tensor, norm.running_var).to(wide)
+    scale = torch.rsqrt(var + norm.eps)
+    if norm.weight is not None:
+        scale = scale * norm.weight.detach().to(wide)
+    shift = -mean if conv.bias is None else conv.bias.detach().to(wide) - mean
+    bias = shift * scale + (0 if norm.bias is None else norm.bias.detach().to(wide))
+    weight = w.to(wide) * scale.reshape(-1, *([1] * (w.dim() - 1)))
+    return weight.to(w.dtype), bias.to(w.dtype)
 
 
 def _has(model: nn.Module, name: str) -> bool:
@@ -339,6 +390,34 @@ def _has(model: nn.Module, name: str) -> bool:
     except AttributeError:
         return False
     return True
+
+
+def _find_pairs(
+    twin: nn.Module, convs: set[nn.Module], norms: set[nn.Module], example: Tensor
+) -> list[tuple[nn.Conv2d, nn.BatchNorm2d]]:
+    """:func:`_conv_norm_pairs`, found first on a copy of ``twin`` on the meta device (shapes only: no memory, no
+    arithmetic), else (a model that does not run on meta tensors: data-dependent code, ``.item()``, a tensor
+    attribute that is not a buffer...) on ``twin`` itself."""
+    try:
+        meta = _meta_copy(twin)
+        back = {id(m): t for m, t in zip(meta.modules(), twin.modules(), strict=True)}
+        to_meta = {id(t): m for m, t in zip(meta.modules(), twin.modules(), strict=True)}
+        found = _conv_norm_pairs(
+            meta, {to_meta[id(c)] for c in convs}, {to_meta[id(n)] for n in norms}, example.to("meta")
+        )
+    except Exception:  # any failure on meta tensors: find them on the real copy
+        return _conv_norm_pairs(twin, convs, norms, example)
+    return [(cast(nn.Conv2d, back[id(c)]), cast(nn.BatchNorm2d, back[id(n)])) for c, n in found]
+
+
+def _meta_copy(twin: nn.Module) -> nn.Module:
+    """A copy of ``twin`` whose parameters and buffers are on the meta device (no data)."""
+    with torch.inference_mode(False):
+        memo: dict[int, object] = {
+            id(p): nn.Parameter(p.detach().to("meta"), False) for p in twin.parameters()
+        }
+        memo.update({id(b): b.detach().to("meta") for b in twin.buffers()})
+        return copy.deepcopy(twin, memo)
 
 
 def _conv_norm_pairs(

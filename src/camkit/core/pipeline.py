@@ -37,7 +37,16 @@ from camkit.core.layers import LayerSpec, resolve_layers
 from camkit.core.options import ExplainOptions
 from camkit.core.outputs import OutputSpec, model_device, output_fn
 from camkit.core.postprocess import fuse, normalize, upsample
-from camkit.core.prepared import PreparedCopy, contiguous, disagreement, prepared_copy
+from camkit.core.prepared import (
+    PreparedCopy,
+    batch_first,
+    capture_rows,
+    contiguous,
+    disagreement,
+    exact_rows,
+    lookup,
+    prepared_copy,
+)
 from camkit.core.targets import TargetSpec, TopK, resolve_classes, score_fn
 from camkit.core.tasks import ChosenTarget, default_targets, model_task, score_threshold
 from camkit.core.tokens import FeatureMaps, Reshape, to_spatial, unwrap
@@ -235,23 +244,49 @@ def _capture(
     accelerate: bool = True,
 ) -> tuple[Captured, Targets]:
     """4. One forward (and one backward for ``need_grad``); the plan is resolved on the output in between. With
-    ``accelerate`` (classifiers: not torchvision detection or segmentation models, whatever the target), on the prepared copy of the model (:mod:`camkit.core.prepared`), checked against
-    the model on the first batch of each shape."""
+    ``accelerate`` (classifiers: not torchvision detection or segmentation models, whatever the target), on the
+    prepared copy of the model (:mod:`camkit.core.prepared`), checked against the model on the first batch of each
+    shape (:func:`_checked_copy`)."""
     classifier = plan.task == "classification" and model_task(model) == "classification"
-    prep = prepared_copy(model, x, layers) if accelerate and classifier else None
-    if prep is None:
+    allowed, prep = lookup(model, x, layers) if accelerate and classifier else (False, None)
+    if not allowed:
         return _capture_on(model, x, layers, plan, need_grad, read)
-    if prep.checked(x):
+    if prep is not None and prep.checked(x):
         return _capture_prepared(prep, x, plan, need_grad, read)
-    ref = _capture_on(model, x, layers, plan, need_grad, read)
+    got = _checked_copy(model, x, layers, plan, need_grad, read)
+    return got if got is not None else _capture_on(model, x, layers, plan, need_grad, read)
+
+
+def _checked_copy(
+    model: nn.Module,
+    x: Tensor,
+    layers: dict[str, nn.Module],
+    plan: TargetPlan,
+    need_grad: bool,
+    read: Callable[[object], Tensor],
+) -> tuple[Captured, Targets] | None:
+    """The first batch of a shape: the copy (made once) captures it, then the model as given runs the same
+    capture :data:`camkit.core.accel.CHECK_ROWS` images at a time for the check (all images; the model's whole
+    batch only for a callable target), so that no two passes hold memory at once and the model's pass costs the
+    memory of a few images. The copy's capture, or None where it was dropped (the model as given runs it)."""
+    prep = prepared_copy(model, x, layers)
+    if prep is None:
+        return None
     try:
         got = _capture_prepared(prep, x, plan, need_grad, read)
     except (RuntimeError, TypeError) as err:  # e.g. ``.view`` of a channels-last feature map
         prep.settle(model, x, f"it raised {type(err).__name__}: {err}")
-        return ref
-    reason = disagreement(ref[0], got[0], ref[1].classes, got[1].classes)
+        return None
+    classes = got[1].classes
+    if classes is None or not batch_first(got[0]):
+        ref, exact = _capture_on(model, x, layers, plan, need_grad, read), None
+    else:
+        part = capture_rows(model, x, layers, classes, need_grad, read)
+        ref = part, _resolve(plan, part.output)
+        exact = exact_rows(model, x, list(layers), classes, need_grad, read)
+    reason = disagreement(ref[0], got[0], ref[1].classes, classes, exact)
     prep.settle(model, x, reason)
-    return ref if reason else got
+    return None if reason else got
 
 
 def _capture_prepared(
