@@ -21,7 +21,8 @@ Cost per image: 1 forward + 1 backward (A and G), Score-CAM's K masked forwards 
 fewer when two channels give the same mask), then 3 forwards (0, X * L_den, X * L_reg, in one batch) and 1
 (X * L_fus): on EfficientNet-Lite0's ``bn2`` (1280 channels) about 1,285 forwards.
 
-camkit's choices, fixed before any measurement: theta = 10; the denoised gradient map is the per-cell, per-channel
+The three modules are the paper's as its abstract describes them; their details below are camkit's choices, fixed
+before any measurement and not checked against the paper's equations: theta = 10; the denoised gradient map is the per-cell, per-channel
 normalised form above (not a single weight per channel); the ReLU before normalising L_den (the sum is >= 0 on a
 layer after a ReLU, and CAMs drop negative evidence); the zero input as the baseline (the input a mask of 0 gives,
 as in Score-CAM's masking); the region CAM is Score-CAM with camkit's defaults (the authors' probability weights);
