@@ -173,6 +173,8 @@ def test_config_lists_the_registrys_metrics(client: TestClient) -> None:
         "maxboxacc"
     ]
     assert rows["box"]["needs_boxes"] and not rows["deletion"]["needs_boxes"]
+    assert rows["road"]["columns_lower_is_better"] == {"road_morf": True, "road_lerf": False}
+    assert rows["insertion"]["columns_lower_is_better"] == {"insertion": False}
     assert cfg["metric_steps"] == STEPS
 
 

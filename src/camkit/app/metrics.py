@@ -136,13 +136,16 @@ def offered_metrics(names: Sequence[str]) -> tuple[str, ...]:
 
 def metric_rows(offered: Sequence[str] = DEFAULT_OFFERED) -> list[dict[str, Any]]:
     """The metrics the app offers (``GET /api/config``), in the registry's order: name, columns, whether it
-    needs boxes and whether lower is better."""
+    needs boxes and whether lower is better (for the metric, and for each column)."""
     return [
         {
             "name": name,
             "columns": list(metric.columns) or [MAXBOXACC],
             "needs_boxes": metric.needs_boxes,
             "lower_is_better": metric.lower_is_better,
+            "columns_lower_is_better": {
+                col: metric.column_lower_is_better(col) for col in metric.columns or (MAXBOXACC,)
+            },
         }
         for name, metric in METRICS.items()
         if name in offered
