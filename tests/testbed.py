@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -464,3 +466,31 @@ def save_hf(family: str, folder: Path, size: int = 32) -> Path:
         size={"height": size, "width": size}, image_mean=list(HF_MEAN), image_std=list(HF_STD)
     ).save_pretrained(folder)
     return folder
+
+
+def two_conv_net(channels: int, seed: int) -> nn.Sequential:
+    """A seeded two-convolution classifier (3 classes) in eval mode: ``c1`` (4 channels, full size), ``c2``
+    (``channels``, half size), then global average pooling and ``fc``."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        OrderedDict(
+            c1=nn.Conv2d(3, 4, 3, padding=1),
+            r1=nn.ReLU(),
+            c2=nn.Conv2d(4, channels, 3, padding=1, stride=2),
+            r2=nn.ReLU(),
+            pool=nn.AdaptiveAvgPool2d(1),
+            flat=nn.Flatten(),
+            fc=nn.Linear(channels, 3),
+        )
+    ).eval()
+
+
+def images_through(model: nn.Module, fn: Callable[[], object]) -> int:
+    """How many images the model's forward saw while ``fn()`` ran."""
+    seen = [0]
+    handle = model.register_forward_pre_hook(lambda _m, args: seen.__setitem__(0, seen[0] + args[0].shape[0]))
+    try:
+        fn()
+    finally:
+        handle.remove()
+    return seen[0]

@@ -3,8 +3,6 @@ models, the cost in images sent through the model, and the model left as it was.
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,21 +13,11 @@ import camkit
 from camkit.core.targets import TopK
 from camkit.errors import CamkitError
 from camkit.methods.sharper import blur, group_maps, match_values, polycam_recursion
+from testbed import images_through, two_conv_net
 
 
 def _net(channels: int = 4, seed: int = 0) -> nn.Sequential:
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        OrderedDict(
-            c1=nn.Conv2d(3, 4, 3, padding=1),
-            r1=nn.ReLU(),
-            c2=nn.Conv2d(4, channels, 3, padding=1, stride=2),
-            r2=nn.ReLU(),
-            pool=nn.AdaptiveAvgPool2d(1),
-            flat=nn.Flatten(),
-            fc=nn.Linear(channels, 3),
-        )
-    ).eval()
+    return two_conv_net(channels, seed)
 
 
 def _state(model: nn.Module) -> list[object]:
@@ -37,18 +25,6 @@ def _state(model: nn.Module) -> list[object]:
         (n, m.training, len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks))
         for n, m in model.named_modules()
     ] + [(n, p.requires_grad, p.grad) for n, p in model.named_parameters()]
-
-
-def _images_through(model: nn.Module, fn: object) -> int:
-    """How many images the model's forward saw while ``fn()`` ran."""
-    seen = [0]
-    handle = model.register_forward_pre_hook(lambda _m, args: seen.__setitem__(0, seen[0] + args[0].shape[0]))
-    try:
-        assert callable(fn)
-        fn()
-    finally:
-        handle.remove()
-    return seen[0]
 
 
 def test_group_maps_and_blur_known_answers() -> None:
@@ -111,8 +87,8 @@ def test_groupcam_follows_the_paper_and_costs_one_forward_per_group() -> None:
     assert _state(model) == before
     # cost: 4 channels -> 4 groups; the pipeline's forward, Group-CAM's forward + backward, then the blurred
     # input and one masked input per non-constant group in one batch
-    plain = _images_through(model, lambda: camkit.explain(model, x, method="gradcam", layers="r2", targets=1))
-    n = _images_through(model, lambda: camkit.explain(model, x, method="groupcam", layers="r2", targets=1))
+    plain = images_through(model, lambda: camkit.explain(model, x, method="gradcam", layers="r2", targets=1))
+    n = images_through(model, lambda: camkit.explain(model, x, method="groupcam", layers="r2", targets=1))
     groups = int((group_maps(*_act_alpha(model, x, 1)).flatten(2).amax(2) > 0).sum())
     assert n == plain + 1 + 1 + groups
 
@@ -144,8 +120,8 @@ def test_polycam_matched_is_polycam_order_with_gradcam_values() -> None:
     torch.testing.assert_close(out.flatten(1).sort(dim=1).values, ref.flatten(1).sort(dim=1).values)
     assert _state(model) == before
     # the same passes as Poly-CAM
-    n_poly = _images_through(model, lambda: camkit.explain(model, x, method="polycam", **kw))  # type: ignore[arg-type]
-    n_match = _images_through(model, lambda: camkit.explain(model, x, method="polycam-matched", **kw))  # type: ignore[arg-type]
+    n_poly = images_through(model, lambda: camkit.explain(model, x, method="polycam", **kw))  # type: ignore[arg-type]
+    n_match = images_through(model, lambda: camkit.explain(model, x, method="polycam-matched", **kw))  # type: ignore[arg-type]
     assert n_match == n_poly
 
 
@@ -191,6 +167,6 @@ def test_pcam_variants_follow_the_authors_weights_and_cost(name: str, signed: bo
     )
     assert _state(model) == before
     # cost: Poly-CAM's passes, then one masked input per channel of each layer (4 + 5), two each for PCAM+/-
-    n_poly = _images_through(model, lambda: camkit.explain(model, x, method="polycam", **kw))  # type: ignore[arg-type]
-    n = _images_through(model, lambda: camkit.explain(model, x, method=name, **kw))  # type: ignore[arg-type]
+    n_poly = images_through(model, lambda: camkit.explain(model, x, method="polycam", **kw))  # type: ignore[arg-type]
+    n = images_through(model, lambda: camkit.explain(model, x, method=name, **kw))  # type: ignore[arg-type]
     assert n == n_poly + (2 if signed else 1) * (4 + 5)

@@ -3,8 +3,6 @@ number of images it sends through the model, its setting, and the model left as 
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import numpy as np
 import pytest
 import torch
@@ -17,34 +15,11 @@ from camkit.errors import CamkitError
 from camkit.methods import get_method, method_parameters
 from camkit.methods.registry import PassInput
 from camkit.methods.union import denoised_map, select_map
-from testbed import assert_unchanged, snapshot
+from testbed import assert_unchanged, images_through, snapshot, two_conv_net
 
 
 def _net(channels: int = 5, seed: int = 3) -> nn.Sequential:
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        OrderedDict(
-            c1=nn.Conv2d(3, 4, 3, padding=1),
-            r1=nn.ReLU(),
-            c2=nn.Conv2d(4, channels, 3, padding=1, stride=2),
-            r2=nn.ReLU(),
-            pool=nn.AdaptiveAvgPool2d(1),
-            flat=nn.Flatten(),
-            fc=nn.Linear(channels, 3),
-        )
-    ).eval()
-
-
-def _images_through(model: nn.Module, fn: object) -> int:
-    """How many images the model's forward saw while ``fn()`` ran."""
-    seen = [0]
-    handle = model.register_forward_pre_hook(lambda _m, args: seen.__setitem__(0, seen[0] + args[0].shape[0]))
-    try:
-        assert callable(fn)
-        fn()
-    finally:
-        handle.remove()
-    return seen[0]
+    return two_conv_net(channels, seed)
 
 
 def test_denoised_map_known_answer() -> None:
@@ -136,9 +111,9 @@ def test_unioncam_follows_the_paper_and_counts_its_forwards(theta: float) -> Non
     # call, as the counting hook changes the model) + per image its own capture forward, the zero input,
     # X * L_den, X * L_reg and X * L_fus
     kw: dict[str, object] = {"layers": "r2", "targets": [1, 2]}
-    plain = _images_through(model, lambda: camkit.explain(model, x, method="gradcam", **kw))  # type: ignore[arg-type]
-    score = _images_through(model, lambda: camkit.explain(model, x, method="scorecam", **kw))  # type: ignore[arg-type]
-    n = _images_through(model, lambda: camkit.explain(model, x, method=spec, **kw))  # type: ignore[arg-type]
+    plain = images_through(model, lambda: camkit.explain(model, x, method="gradcam", **kw))  # type: ignore[arg-type]
+    score = images_through(model, lambda: camkit.explain(model, x, method="scorecam", **kw))  # type: ignore[arg-type]
+    n = images_through(model, lambda: camkit.explain(model, x, method=spec, **kw))  # type: ignore[arg-type]
     a = model[:4](x).detach().flatten(2)
     assert score - plain == int((a.amax(2) > a.amin(2)).sum()) + 1 + 2 == 13
     assert n == score + 2 * (1 + 4)
