@@ -102,6 +102,9 @@ def test_layers_lists_hookable_layers_and_the_auto_choice(client: TestClient) ->
     cfg = client.get("/api/config").json()
     assert cfg["model"] == MODEL and cfg["samples"] == ["chelsea", "coffee", "astronaut"]
     assert "gradcam" in [m["name"] for m in cfg["methods"]] and cfg["max_bytes"] == 300_000
+    rows = {m["name"]: m for m in cfg["methods"]}
+    assert rows["polycam"]["family"] == "own-pass" and "backward" in rows["polycam"]["cost"]
+    assert "development set" in rows["polycam"]["prefer"]  # the measured recommendation, shown by the page
 
 
 def _cut() -> bytes:
@@ -271,6 +274,7 @@ def test_page_in_chromium_upload_then_method_changes_the_overlay(
             page.wait_for_function(ready, arg=src1, timeout=60_000)
             src2 = page.get_attribute("#overlay", "data-key")
             assert src2 != src1 and "layercam" in page.inner_text("#figures")
+            assert page.inner_text("#method-hint").startswith("1 forward")  # its cost, then when to prefer it
             assert page.get_attribute("#download", "download") == "disc_layercam.png"
             assert page.locator("#top5 tr").count() == 6 and page.locator("#classes option").count() == 5
             assert page.locator("#boxes rect").count() >= 1

@@ -61,6 +61,7 @@ from camkit.errors import CamkitError
 
 if TYPE_CHECKING:
     from camkit.core.explanation import Explanation
+    from camkit.methods.registry import Method
 
 __all__ = [
     "ACCEPTED_FORMATS",
@@ -965,12 +966,24 @@ def api_config(request: Request) -> dict[str, Any]:
         "models": list(_state(request).cache.allowed),
         "pretrained": config.pretrained,
         "samples": list(SAMPLES),
-        "methods": [{"name": n, "kind": type(get_method(n)).__name__} for n in method_names()],
+        "methods": [_method_row(get_method(n)) for n in method_names()],
         "metrics": metric_rows(config.served_metrics),
         "metric_steps": STEPS,
         "max_bytes": config.max_bytes,
         "max_pixels": config.max_pixels,
         "formats": list(ACCEPTED_FORMATS),
+    }
+
+
+def _method_row(method: Method) -> dict[str, str]:
+    """One method of ``/api/config``: its name, class, family, cost in passes per image and when to prefer it
+    (the page shows the last two beside the method list, as ``camkit methods`` does)."""
+    return {
+        "name": method.name,
+        "kind": type(method).__name__,
+        "family": method.family,
+        "cost": method.cost,
+        "prefer": method.prefer,
     }
 
 
