@@ -156,13 +156,14 @@ def load_photos(paths: list[Path]) -> dict[str, dict[str, Photos]]:
     return out
 
 
-def compare_to_reference(per_method: Photos, column: str) -> dict[str, tuple[float, object]]:
-    """method -> (its value on the photos it shares with Grad-CAM, the PairedBootstrap of method - Grad-CAM)."""
+def compare_to_reference(per_method: Photos, column: str) -> dict[str, tuple[float, object, int]]:
+    """method -> (its value on the photos it shares with Grad-CAM, the PairedBootstrap of method - Grad-CAM, the
+    number of those photos)."""
     from camkit.metrics import max_box_acc_value, paired_bootstrap
 
     ref = per_method.get(REFERENCE, {})
     stat = max_box_acc_value if column == "maxboxacc" else None
-    out: dict[str, tuple[float, object]] = {}
+    out: dict[str, tuple[float, object, int]] = {}
     for method, values in per_method.items():
         shared = sorted(set(values) & set(ref))
         if method == REFERENCE or len(shared) < 2:
@@ -170,17 +171,20 @@ def compare_to_reference(per_method: Photos, column: str) -> dict[str, tuple[flo
         a = [values[i] for i in shared]
         b = [ref[i] for i in shared]
         res = paired_bootstrap(a, b, stat, resamples=RESAMPLES, confidence=CONFIDENCE, seed=SEED)
-        out[method] = (res.estimate + (stat(b) if stat else sum(b) / len(b)), res)  # type: ignore[arg-type, operator]
+        out[method] = (res.estimate + (stat(b) if stat else sum(b) / len(b)), res, len(shared))  # type: ignore[arg-type, operator]
     return out
 
 
-def _cell(value: float, res: object, higher: bool) -> str:
+def _cell(value: float, res: object, higher: bool, subset: int | None = None) -> str:
+    """One cell; ``subset``: the method was measured on fewer photos than Grad-CAM, and the value and the paired
+    difference are over those photos only."""
     from camkit.metrics import PairedBootstrap
 
     assert isinstance(res, PairedBootstrap)
     good = res.sign * (1 if higher else -1)
     word = "**better**" if good > 0 else "worse" if good < 0 else "no difference"
-    return f"{value:.3f} ({res.estimate:+.3f} [{res.low:+.3f}, {res.high:+.3f}]) {word}"
+    where = "" if subset is None else f", on {subset} photos"
+    return f"{value:.3f} ({res.estimate:+.3f} [{res.low:+.3f}, {res.high:+.3f}]) {word}{where}"
 
 
 def stats_tables(photos: dict[str, dict[str, Photos]]) -> tuple[str, dict[str, dict[str, list[int]]]]:
@@ -202,9 +206,10 @@ def stats_tables(photos: dict[str, dict[str, Photos]]) -> tuple[str, dict[str, d
         lines.append(f"| {REFERENCE} | " + " | ".join(ref_cells) + " |")
         for method in methods:
             cells = []
-            for m in models:
-                value, res = found[m].get(method, (math.nan, None))
-                cells.append("" if res is None else _cell(value, res, higher))
+            for m, n in zip(models, counts, strict=True):
+                value, res, shared = found[m].get(method, (math.nan, None, 0))
+                subset = shared if shared < n else None
+                cells.append("" if res is None else _cell(value, res, higher, subset))
                 if res is not None:
                     signs.setdefault(method, {}).setdefault(column, []).append(
                         res.sign * (1 if higher else -1)

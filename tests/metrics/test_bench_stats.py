@@ -62,3 +62,18 @@ def test_stats_tables_verdicts_and_docs_block(tmp_path: Path) -> None:
     doc.write_text(f"before\n{bench.START}\nold\n{bench.END}\nafter\n")
     bench.write_block(doc, "NEW")
     assert doc.read_text() == f"before\n{bench.START}\n\nNEW\n\n{bench.END}\nafter\n"
+
+
+def test_a_method_measured_on_fewer_photos_says_on_how_many(tmp_path: Path) -> None:
+    bench = _bench()
+    full = tmp_path / "full.json"
+    full.write_text(json.dumps(_record("m0", {"gradcam": 0.0}, n=30)))
+    part = _record("m0", {"gradcam": 0.0, "some": 0.05}, n=30)
+    part["rows"] = [r for r in part["rows"] if r["method"] == "some" and int(r["image"][1:-4]) < 12]
+    part["iou_curves"] = {"some": {k: v for k, v in part["iou_curves"]["some"].items() if int(k[1:-4]) < 12}}
+    sub = tmp_path / "sub.json"
+    sub.write_text(json.dumps(part))
+    text, _ = bench.stats_tables(bench.load_photos([full, sub]))
+    rows = [line for line in text.splitlines() if line.startswith("| some |")]
+    assert len(rows) == 2 and all(line.endswith(", on 12 photos |") for line in rows)
+    assert "(photos: m0 30)" in text  # Grad-CAM's count heads the table
