@@ -70,11 +70,11 @@ __all__ = [
     "BatchForward",
     "Compile",
     "FoldedNormAct",
-    "compile_backend",
     "cached",
     "check_compile",
-    "compiled_forward",
     "clear_cache",
+    "compile_backend",
+    "compiled_forward",
     "float64_copy",
     "fold_batchnorm",
     "fold_weights",
@@ -720,14 +720,18 @@ class BatchForward:
         assert self.batch is not None
         try:
             if backend == "inductor":
-                return _Path(backend, compiled_forward(_copy(self.model), inputs, backend), nhwc, pad_to=self.batch)
+                return _Path(
+                    backend, compiled_forward(_copy(self.model), inputs, backend), nhwc, pad_to=self.batch
+                )
             folded, _ = fold_batchnorm(self.model, inputs[:1])
             example = inputs[: self.batch]
             if example.shape[0] < self.batch:
                 example = torch.cat(
                     [example, example.new_zeros(self.batch - example.shape[0], *example.shape[1:])]
                 )
-            return _Path(backend, compiled_forward(folded, example.contiguous(), backend), False, pad_to=self.batch)
+            return _Path(
+                backend, compiled_forward(folded, example.contiguous(), backend), False, pad_to=self.batch
+            )
         except Exception as err:  # any model the tracer or compiler cannot take: the default path
             why = str(err) if isinstance(err, _NotPrepared) else f"{type(err).__name__}: {err}"
             _warn_once(

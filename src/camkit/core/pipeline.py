@@ -30,8 +30,8 @@ from torch import Tensor, nn
 
 from camkit.adapters import Preprocess, imagenet_labels
 from camkit.adapters.video import postprocess_clip
-from camkit.core.augment import Augment, AugmentSpec, average
 from camkit.core.accel import Compile
+from camkit.core.augment import Augment, AugmentSpec, average
 from camkit.core.capture import Captured, LayerCapture, check_eval
 from camkit.core.explanation import Explanation
 from camkit.core.layers import LayerSpec, resolve_layers
@@ -249,13 +249,14 @@ def _capture(
     """4. One forward (and one backward for ``need_grad``); the plan is resolved on the output in between. With
     ``accelerate`` (classifiers: not torchvision detection or segmentation models, whatever the target), on the
     prepared copy of the model (:mod:`camkit.core.prepared`), checked against the model on the first batch of each
-    shape (:func:`_checked_copy`); with ``compiled`` (the ``compile`` setting) too, on that copy split before its earliest target layer, the
-    part before it compiled (:mod:`camkit.core.split`, checked alike)."""
+    shape (:func:`_checked_copy`); with ``compiled`` (the ``compile`` setting) and ``need_grad`` too, on that
+    copy split before its earliest target layer, the part before it compiled (:mod:`camkit.core.split`, checked
+    alike)."""
     classifier = plan.task == "classification" and model_task(model) == "classification"
     allowed, prep = lookup(model, x, layers) if accelerate and classifier else (False, None)
     if not allowed:
         return _capture_on(model, x, layers, plan, need_grad, read)
-    if compiled:
+    if compiled and need_grad:
         split = _split_capture(model, x, layers, plan, need_grad, read, compiled)
         if split is not None:
             return split
@@ -294,7 +295,9 @@ def _split_capture(
 
     if split.checked(x):
         return on_split()
-    return _checked(model, x, layers, plan, need_grad, read, on_split, lambda why: split.settle(model, x, why))
+    return _checked(
+        model, x, layers, plan, need_grad, read, on_split, lambda why: split.settle(model, x, why)
+    )
 
 
 def _checked_copy(

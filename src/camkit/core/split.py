@@ -1,8 +1,8 @@
 """The capture's prepared copy split at its earliest target layer, the part before it compiled (``compile=``).
 
 With ``compile`` (``PerturbationOptions(compile=...)``, the CLI's ``--compile``), the shared capture of the layer
-methods (:mod:`camkit.core.capture`) runs on the prepared copy (:mod:`camkit.core.prepared`) cut in two with
-``torch.fx``:
+methods that need dS/dA (:mod:`camkit.core.capture`: Grad-CAM and every method sharing its forward and backward)
+runs on the prepared copy (:mod:`camkit.core.prepared`) cut in two with ``torch.fx``:
 
 * the copy is symbolically traced with every target layer kept as a leaf module (called as a module, so the
   capture's per-thread forward hooks fire on it unchanged); a module class whose ``forward`` ``torch.fx`` cannot
@@ -21,7 +21,13 @@ Each input shape is checked once against the model as given, by the rules of the
 in the model's own ``forward``), a target layer that is not called as a module in the traced graph, a value crossing
 the cut that is not a tensor, a compiler failure or a disagreement drop the split with one
 :class:`camkit.core.accel.AccelWarning` naming the reason; the uncompiled prepared copy (or the model) then runs the
-capture.
+capture. A capture without gradients (CAM, Eigen-CAM, the Score-CAM family's capture) is never split: it runs
+with grad mode off from end to end already. Without a prepared copy (``accelerate=False``, a model the copy does not
+take, see :mod:`camkit.core.prepared`) there is no split either.
+
+Cost: the trace and the cut take well under a second; the prefix is compiled once per input shape (``"jit"``: a
+few seconds for ResNet-50; ``"inductor"``: tens of seconds), then the first capture of each shape is checked
+against the model.
 
 Threads: the split is shared. ``torch.fx`` patches ``nn.Module.__call__`` for the whole process while it traces;
 the tracer here only acts in its own thread, so another thread's forward meanwhile runs as usual. The compiled
@@ -41,7 +47,15 @@ from torch import Tensor, fx, nn
 from camkit.core.accel import Compile, cached, compile_backend, compiled_forward, warn_once
 from camkit.core.prepared import prepared_copy
 
-__all__ = ["SplitCopy", "SplitError", "SplitForward", "split_copy", "split_for", "split_graph", "trace_with_leaves"]
+__all__ = [
+    "SplitCopy",
+    "SplitError",
+    "SplitForward",
+    "split_copy",
+    "split_for",
+    "split_graph",
+    "trace_with_leaves",
+]
 
 _RETRACES = 32
 """At most this many module classes are made leaves because ``torch.fx`` cannot trace their ``forward``."""
@@ -255,7 +269,9 @@ def _compile_prefix(prefix: fx.GraphModule, example: Tensor, backend: str) -> Ca
     return run
 
 
-def split_copy(model: nn.Module, copy: nn.Module, layers: dict[str, nn.Module], backend: str, nhwc: bool) -> SplitCopy:
+def split_copy(
+    model: nn.Module, copy: nn.Module, layers: dict[str, nn.Module], backend: str, nhwc: bool
+) -> SplitCopy:
     """The prepared ``copy`` of ``model`` split before its earliest target layer of ``layers`` (the copy's
     modules by name); a split that cannot be made is returned failed, with one warning naming why."""
     split = SplitCopy(backend, dict(layers), nhwc)
@@ -272,7 +288,9 @@ def split_copy(model: nn.Module, copy: nn.Module, layers: dict[str, nn.Module], 
     return split
 
 
-def split_for(model: nn.Module, x: Tensor, layers: dict[str, nn.Module], setting: Compile) -> SplitCopy | None:
+def split_for(
+    model: nn.Module, x: Tensor, layers: dict[str, nn.Module], setting: Compile
+) -> SplitCopy | None:
     """The split of the prepared copy of ``model`` for capturing ``layers`` on inputs like ``x`` with the
     ``compile`` setting ``setting`` (made once per model, backend, device, dtype and layers), or None where there is
     no prepared copy or the split was dropped."""
