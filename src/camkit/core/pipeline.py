@@ -820,7 +820,8 @@ def explain(
             of camkit's inference of token / channels-last layouts (:mod:`camkit.core.tokens`).
         perturbation: settings of Score-CAM, SS-CAM, IS-CAM and Ablation-CAM (batch size, the
             pytorch-grad-cam variants, top-k channels, progress callback): see
-            :class:`camkit.methods.perturbation.PerturbationOptions`.
+            :class:`camkit.methods.perturbation.PerturbationOptions`. Its ``compile`` also compiles the part of
+            the gradient methods' shared capture before the target layers (:mod:`camkit.core.split`).
         eigen_smooth: replace each layer's map by the first principal component of its per-channel terms
             (w_k A_k, g_k A_k, ...), as pytorch-grad-cam's ``eigen_smooth``; layer and perturbation methods whose
             map is a sum over channels (a ``ValueError`` for the others).
