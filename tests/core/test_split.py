@@ -114,6 +114,20 @@ def test_jit_split_gives_the_default_maps(methods: list[str], layers: str | list
     assert_unchanged(before, net)
 
 
+def test_each_input_shape_gets_its_own_checked_prefix() -> None:
+    net = _norms(TinyResNet())
+    for n in (2, 3):
+        x = _x(n)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", AccelWarning)
+            fast = camkit.explain(net, x, "gradcam", "stage2", perturbation=JIT)
+        torch.testing.assert_close(
+            fast.maps, camkit.explain(net, x, "gradcam", "stage2").maps, rtol=0, atol=1e-5
+        )
+    (used,) = _splits(net)
+    assert used.checked(_x(2)) and used.checked(_x(3)) and len(used._runs) == 2
+
+
 def test_the_cut_passes_the_shortcut_and_keeps_the_target_modules() -> None:
     net = _norms(TinyResNet())
     target = {"stage2.0.conv1": net.stage2[0].conv1}

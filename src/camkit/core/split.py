@@ -23,11 +23,12 @@ the cut that is not a tensor, a compiler failure or a disagreement drop the spli
 :class:`camkit.core.accel.AccelWarning` naming the reason; the uncompiled prepared copy (or the model) then runs the
 capture. A capture without gradients (CAM, Eigen-CAM, the Score-CAM family's capture) is never split: it runs
 with grad mode off from end to end already. Without a prepared copy (``accelerate=False``, a model the copy does not
-take, see :mod:`camkit.core.prepared`) there is no split either.
+take, see :mod:`camkit.core.prepared`; on a GPU, a model without a BatchNorm to fold) there is no split either.
 
 Cost: the trace and the cut take well under a second; the prefix is compiled once per input shape (``"jit"``: a
 few seconds for ResNet-50; ``"inductor"``: tens of seconds), then the first capture of each shape is checked
-against the model.
+against the model. A compiled prefix holds its own frozen (for ``"jit"``: pre-packed) weights, about the size of
+the weights before the target layer, per input shape, for as long as the model lives.
 
 Threads: the split is shared. ``torch.fx`` patches ``nn.Module.__call__`` for the whole process while it traces;
 the tracer here only acts in its own thread, so another thread's forward meanwhile runs as usual. The compiled
