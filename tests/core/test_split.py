@@ -142,6 +142,27 @@ def test_the_cut_passes_the_shortcut_and_keeps_the_target_modules() -> None:
         torch.testing.assert_close(suffix(*values), net(x))
 
 
+def test_a_module_fx_cannot_trace_into_stays_whole() -> None:
+    from timm.layers import Conv2dSame
+    from timm.models._efficientnet_builder import decode_arch_def
+    from timm.models.efficientnet import EfficientNet
+
+    torch.manual_seed(0)
+    arch = decode_arch_def([["ds_r1_k3_s1_e1_c8"], ["ir_r1_k3_s2_e2_c16"]])
+    net = _norms(EfficientNet(arch, num_classes=5, stem_size=8, num_features=24, pad_type="same"))
+    gm = trace_with_leaves(net, [net.bn2])  # Conv2dSame computes its padding from the input's size in Python
+    leaves = [n.target for n in gm.graph.nodes if n.op == "call_module"]
+    assert "conv_stem" in leaves and isinstance(net.conv_stem, Conv2dSame)
+    x = _x()
+    plain = camkit.explain(net, x, "gradcam", "bn2")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", AccelWarning)
+        fast = camkit.explain(net, x, "gradcam", "bn2", perturbation=JIT)
+    (used,) = _splits(net)
+    assert used.failed is None and used.checked(x)
+    torch.testing.assert_close(fast.maps, plain.maps, rtol=0, atol=1e-5)
+
+
 def test_an_untraceable_model_falls_back_with_one_warning() -> None:
     net, x = _norms(Branchy()), _x()
     before = snapshot(net)
