@@ -25,7 +25,10 @@ What runs:
       not need ``requires_grad`` (the parameters do). torchcam stops at normalised maps at feature resolution
       (7x7), it does not upsample;
   plus ``forward``: ``with torch.inference_mode(): model(x)`` on the model as given (eager, NCHW), the reference,
-  and ``camkit Grad-CAM accelerate=False`` (the capture on the model as given). With CUDA, every table is also
+  ``camkit Grad-CAM accelerate=False`` (the capture on the model as given) and ``camkit Grad-CAM compile=jit``
+  (``PerturbationOptions(compile="jit")``: the prepared copy split before the target layer, the part before it a
+  frozen ``torch.jit`` trace, ``camkit/core/split.py``; ``--inductor`` adds ``compile=inductor``). Their table
+  shows the preparation time: the warm-up call minus the median of the timed calls (the whole batch). With CUDA, every table is also
   made on the GPU, with two more forwards to compare with: ``forward channels-last`` (a channels-last copy of the
   model, channels-last input) and ``forward inductor`` (``torch.compile`` of a copy, compiled before timing);
   each timed call ends with ``torch.cuda.synchronize()``.
@@ -70,7 +73,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pytorch_grad_cam
@@ -81,6 +84,8 @@ import torchvision
 from torch import Tensor, nn
 
 import camkit
+from camkit import PerturbationOptions
+from camkit.core.accel import Compile
 from camkit.core.postprocess import normalize
 
 SIZE = 224
@@ -121,6 +126,7 @@ class Contender:
     check: Callable[[object], None]
     leaves_param_grads: bool = False
     seconds: list[float] = field(default_factory=list)
+    first: float | None = None  # the untimed warm-up call
 
 
 # --- the contenders -------------------------------------------------------------------------------------------
@@ -132,9 +138,10 @@ def run_forward(model: nn.Module, x: Tensor) -> Tensor:
 
 
 def run_camkit(
-    model: nn.Module, x: Tensor, method: str, layer: str, accelerate: bool = True
+    model: nn.Module, x: Tensor, method: str, layer: str, accelerate: bool = True, compile: Compile = False
 ) -> camkit.Explanation:
-    return camkit.explain(model, x, method=method, layers=layer, accelerate=accelerate)
+    options = PerturbationOptions(compile=compile)
+    return camkit.explain(model, x, method=method, layers=layer, accelerate=accelerate, perturbation=options)
 
 
 def run_gradcam_lib(model: nn.Module, x: Tensor, cls: Callable[..., Any], layer: str) -> np.ndarray:
@@ -271,7 +278,9 @@ def agreement(
 # --- timing --------------------------------------------------------------------------------------------------
 
 
-def build_contenders(case: ModelCase, x: Tensor, methods: Sequence[MethodSpec]) -> list[Contender]:
+def build_contenders(
+    case: ModelCase, x: Tensor, methods: Sequence[MethodSpec], compiled: Sequence[str] = ("jit",)
+) -> list[Contender]:
     m, layer, b = case.model, case.layer, x.shape[0]
     out = [Contender("forward", partial(run_forward, m, x), check_logits(b))]
     out.append(
@@ -281,6 +290,14 @@ def build_contenders(case: ModelCase, x: Tensor, methods: Sequence[MethodSpec]) 
             check_explanation(b),
         )
     )
+    for backend in compiled:
+        out.append(
+            Contender(
+                f"camkit Grad-CAM compile={backend}",
+                partial(run_camkit, m, x, "gradcam", layer, True, cast(Compile, backend)),
+                check_explanation(b),
+            )
+        )
     out += gpu_forwards(m, x)
     for spec in methods:
         out.append(
@@ -309,9 +326,14 @@ def build_contenders(case: ModelCase, x: Tensor, methods: Sequence[MethodSpec]) 
 
 
 def measure(
-    case: ModelCase, x: Tensor, repeats: int, methods: Sequence[MethodSpec], warmup: int = 1
+    case: ModelCase,
+    x: Tensor,
+    repeats: int,
+    methods: Sequence[MethodSpec],
+    compiled: Sequence[str] = ("jit",),
+    warmup: int = 1,
 ) -> tuple[list[Contender], dict[str, object]]:
-    contenders = build_contenders(case, x, methods)
+    contenders = build_contenders(case, x, methods, compiled)
     state = ModelState.of(case.model)
     assert hook_count(case.model) == 0, "the model carries hooks before the benchmark"
     first: dict[str, object] = {}
@@ -329,6 +351,7 @@ def measure(
             check_model_clean(case.model, state, c)
             if rep < warmup:
                 first[c.name] = result
+                c.first = dt if c.first is None else c.first
             else:
                 c.seconds.append(dt)
             del result
@@ -455,6 +478,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory table (CPU)")
     p.add_argument("--memory-only", action="store_true", help="only the peak-memory table (CPU, Linux)")
     p.add_argument("--quick", action="store_true", help="smoke run: 2 repeats unless --repeats is given")
+    p.add_argument(
+        "--inductor",
+        action="store_true",
+        help="also time camkit Grad-CAM with compile='inductor' (tens of seconds of compiling per model)",
+    )
     args = p.parse_args(argv)
     if args.repeats is None:
         args.repeats = 2 if args.quick else 7
@@ -474,6 +502,24 @@ def chosen_methods(spec: str) -> list[MethodSpec]:
     return [by_name[n] for n in names]
 
 
+def compiled_rows(
+    key: str, batch: int, contenders: Sequence[Contender], stats: dict[str, Stat]
+) -> list[list[str]]:
+    """camkit Grad-CAM with ``compile=`` (and the default path, for comparison): ms/image, the preparation time
+    (the warm-up call minus the median of the timed calls, whole batch) and the ratios."""
+    rows = []
+    fwd, tc, gl = stats["forward"], stats["torchcam Grad-CAM"], stats["grad-cam Grad-CAM"]
+    default = stats["camkit Grad-CAM"]
+    for c in contenders:
+        if c.name != "camkit Grad-CAM" and not c.name.startswith("camkit Grad-CAM compile="):
+            continue
+        st = stats[c.name]
+        prepare = "n/a" if c.first is None else f"{c.first - statistics.median(c.seconds):.1f}"
+        ratios = [st.ratio(fwd), tc.ratio(st), gl.ratio(st), default.ratio(st)]
+        rows.append([key, str(batch), c.name, str(st), prepare, *(fmt_ratio(r) for r in ratios)])
+    return rows
+
+
 # --- goals ---------------------------------------------------------------------------------------------------
 
 #: per model: camkit Grad-CAM / forward at most, torchcam / camkit at least (CPU, batch 8, ratios of bests)
@@ -491,11 +537,24 @@ def goal_rows(
     r_fwd = ck.ratio(fwd)[1]
     r_tc = stats["torchcam Grad-CAM"].ratio(ck)[1]
     r_gl = stats["grad-cam Grad-CAM"].ratio(ck)[1]
-    return [
+    rows = [
         (f"Grad-CAM camkit/forward, {key} batch {batch}", r_fwd, f"<= {top_fwd}", r_fwd <= top_fwd),
         (f"Grad-CAM torchcam/camkit, {key} batch {batch}", r_tc, f">= {low_tc}", r_tc >= low_tc),
         (f"Grad-CAM grad-cam/camkit, {key} batch {batch}", r_gl, "(shown)", True),
     ]
+    for name in [n for n in stats if n.startswith("camkit Grad-CAM compile=")]:
+        which = name.removeprefix("camkit Grad-CAM ")
+        c_fwd, c_tc = stats[name].ratio(fwd)[1], stats["torchcam Grad-CAM"].ratio(stats[name])[1]
+        rows += [
+            (
+                f"Grad-CAM {which} camkit/forward, {key} batch {batch}",
+                c_fwd,
+                f"<= {top_fwd}",
+                c_fwd <= top_fwd,
+            ),
+            (f"Grad-CAM {which} torchcam/camkit, {key} batch {batch}", c_tc, f">= {low_tc}", c_tc >= low_tc),
+        ]
+    return rows
 
 
 # --- peak memory (CPU) ---------------------------------------------------------------------------------------
@@ -559,6 +618,7 @@ def run_device(args: argparse.Namespace, device: torch.device) -> None:
     fwd_rows: list[list[str]] = []
     agree_rows: list[list[str]] = []
     mem_rows: list[list[str]] = []
+    comp_rows: list[list[str]] = []
     goals: list[tuple[str, float, str, bool]] = []
     for case in cases:
         for batch in batches:
@@ -567,8 +627,10 @@ def run_device(args: argparse.Namespace, device: torch.device) -> None:
                 mem_rows += memory_rows(case, x)
             if args.memory_only:
                 continue
-            contenders, first = measure(case, x, args.repeats, methods)
+            compiled = ("jit", "inductor") if args.inductor else ("jit",)
+            contenders, first = measure(case, x, args.repeats, methods, compiled)
             stats = {c.name: Stat.of(c.seconds, batch) for c in contenders}
+            comp_rows += compiled_rows(case.key, batch, contenders, stats)
             fwd = stats["forward"]
             for spec in methods:
                 ck = stats[f"camkit {spec.title}"]
@@ -588,6 +650,11 @@ def run_device(args: argparse.Namespace, device: torch.device) -> None:
                 )
             goals += goal_rows(case.key, batch, stats, device.type)
     print_tables(device, main_rows, fwd_rows, agree_rows, mem_rows, goals)
+    if comp_rows:
+        print(f"\n## {device.type.upper()}: camkit Grad-CAM with its capture compiled (`compile=`)\n")
+        header = ["model", "batch", "contender", "ms/image", "prepare (s)", "/forward", "torchcam/it"]
+        header += ["grad-cam/it", "camkit default/it"]
+        print(markdown(header, comp_rows))
 
 
 def print_tables(

@@ -237,8 +237,9 @@ def explain(
         bool,
         typer.Option(
             "--compile",
-            help="Score-CAM family: run the masked inputs through a compiled copy of the model (CPU: a frozen "
-            "torch.jit trace, prepared in seconds; GPU: torch.compile), reused for every image.",
+            help="Run the Score-CAM family's masked inputs, and the gradient methods' shared capture up to the "
+            "target layer, through a compiled copy of the model (CPU: a frozen torch.jit trace, prepared in "
+            "seconds per input shape; GPU: torch.compile, tens of seconds), checked once, reused for every image.",
         ),
     ] = False,
     input_size: Annotated[

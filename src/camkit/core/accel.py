@@ -73,6 +73,8 @@ __all__ = [
     "cached",
     "check_compile",
     "clear_cache",
+    "compile_backend",
+    "compiled_forward",
     "float64_copy",
     "fold_batchnorm",
     "fold_weights",
@@ -96,6 +98,14 @@ def check_compile(value: object) -> None:
     """Raise ValueError unless ``value`` is one of :data:`COMPILE_CHOICES`."""
     if not (isinstance(value, bool) or (isinstance(value, str) and value in ("jit", "inductor"))):
         raise CamkitError(f"compile must be False, True, 'jit' or 'inductor', got {value!r}")
+
+
+def compile_backend(value: Compile, device: torch.device) -> str:
+    """The backend a ``compile`` setting (not False) means on ``device``: ``"jit"`` or ``"inductor"`` (True:
+    ``"jit"`` on CPU, ``"inductor"`` elsewhere)."""
+    if value is True:
+        return "jit" if device.type == "cpu" else "inductor"
+    return str(value)
 
 
 class AccelWarning(UserWarning):
@@ -515,6 +525,19 @@ def _trace_model(module: nn.Module, example: Tensor) -> ModelForward:
     return prepared
 
 
+def compiled_forward(module: nn.Module, example: Tensor, backend: str) -> ModelForward:
+    """``module`` (a copy in eval mode, for inference) prepared by ``backend``: ``"jit"`` (a frozen trace on
+    ``example``, optimised for inference: seconds) or ``"inductor"`` (``torch.compile`` with freezing, compiled on
+    its first call: tens of seconds).
+
+    Raises:
+        Exception: any failure to prepare it (a tracer warning, a compiler error); the message says why.
+    """
+    if backend == "inductor":
+        return _compile_model(module)
+    return _trace_model(module, example)
+
+
 # ------------------------------------------------------------------------------------------------- the forward
 
 
@@ -668,9 +691,7 @@ class BatchForward:
     # -- compiled path
 
     def _backend(self, inputs: Tensor) -> str:
-        if self.compile is True:
-            return "jit" if inputs.device.type == "cpu" else "inductor"
-        return str(self.compile)
+        return compile_backend(self.compile, inputs.device)
 
     def _compiled(self, entry: _Entry, inputs: Tensor) -> Tensor | None:
         backend = self._backend(inputs)
@@ -699,14 +720,18 @@ class BatchForward:
         assert self.batch is not None
         try:
             if backend == "inductor":
-                return _Path(backend, _compile_model(_copy(self.model)), nhwc, pad_to=self.batch)
+                return _Path(
+                    backend, compiled_forward(_copy(self.model), inputs, backend), nhwc, pad_to=self.batch
+                )
             folded, _ = fold_batchnorm(self.model, inputs[:1])
             example = inputs[: self.batch]
             if example.shape[0] < self.batch:
                 example = torch.cat(
                     [example, example.new_zeros(self.batch - example.shape[0], *example.shape[1:])]
                 )
-            return _Path(backend, _trace_model(folded, example.contiguous()), False, pad_to=self.batch)
+            return _Path(
+                backend, compiled_forward(folded, example.contiguous(), backend), False, pad_to=self.batch
+            )
         except Exception as err:  # any model the tracer or compiler cannot take: the default path
             why = str(err) if isinstance(err, _NotPrepared) else f"{type(err).__name__}: {err}"
             _warn_once(

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from camkit.adapters import Preprocess, imagenet_labels
 from camkit.adapters.video import postprocess_clip
+from camkit.core.accel import Compile
 from camkit.core.augment import Augment, AugmentSpec, average
 from camkit.core.capture import Captured, LayerCapture, check_eval
 from camkit.core.explanation import Explanation
@@ -47,6 +48,7 @@ from camkit.core.prepared import (
     lookup,
     prepared_copy,
 )
+from camkit.core.split import SplitError, split_for
 from camkit.core.targets import TargetSpec, TopK, resolve_classes, score_fn
 from camkit.core.tasks import ChosenTarget, default_targets, model_task, score_threshold
 from camkit.core.tokens import FeatureMaps, Reshape, to_spatial, unwrap
@@ -242,19 +244,60 @@ def _capture(
     need_grad: bool,
     read: Callable[[object], Tensor],
     accelerate: bool = True,
+    compiled: Compile = False,
 ) -> tuple[Captured, Targets]:
     """4. One forward (and one backward for ``need_grad``); the plan is resolved on the output in between. With
     ``accelerate`` (classifiers: not torchvision detection or segmentation models, whatever the target), on the
     prepared copy of the model (:mod:`camkit.core.prepared`), checked against the model on the first batch of each
-    shape (:func:`_checked_copy`)."""
+    shape (:func:`_checked_copy`); with ``compiled`` (the ``compile`` setting) and ``need_grad`` too, on that
+    copy split before its earliest target layer, the part before it compiled (:mod:`camkit.core.split`, checked
+    alike)."""
     classifier = plan.task == "classification" and model_task(model) == "classification"
     allowed, prep = lookup(model, x, layers) if accelerate and classifier else (False, None)
     if not allowed:
         return _capture_on(model, x, layers, plan, need_grad, read)
+    if compiled and need_grad:
+        split = _split_capture(model, x, layers, plan, need_grad, read, compiled)
+        if split is not None:
+            return split
+        allowed, prep = lookup(model, x, layers)
+        if not allowed:
+            return _capture_on(model, x, layers, plan, need_grad, read)
     if prep is not None and prep.checked(x):
         return _capture_prepared(prep, x, plan, need_grad, read)
     got = _checked_copy(model, x, layers, plan, need_grad, read)
     return got if got is not None else _capture_on(model, x, layers, plan, need_grad, read)
+
+
+def _split_capture(
+    model: nn.Module,
+    x: Tensor,
+    layers: dict[str, nn.Module],
+    plan: TargetPlan,
+    need_grad: bool,
+    read: Callable[[object], Tensor],
+    setting: Compile,
+) -> tuple[Captured, Targets] | None:
+    """Stage 4 on the compiled split of the prepared copy (:mod:`camkit.core.split`), checked against the model on
+    the first batch of each shape; None where there is no split or it was dropped (with one warning)."""
+    split = split_for(model, x, layers, setting)
+    if split is None:
+        return None
+    try:
+        run = split.forward_for(x)
+    except SplitError as err:
+        split.settle(model, x, str(err))
+        return None
+
+    def on_split() -> tuple[Captured, Targets]:
+        cap, targets = _capture_on(run, x, split.layers, plan, need_grad, read)
+        return contiguous(cap), targets
+
+    if split.checked(x):
+        return on_split()
+    return _checked(
+        model, x, layers, plan, need_grad, read, on_split, lambda why: split.settle(model, x, why)
+    )
 
 
 def _checked_copy(
@@ -265,17 +308,42 @@ def _checked_copy(
     need_grad: bool,
     read: Callable[[object], Tensor],
 ) -> tuple[Captured, Targets] | None:
-    """The first batch of a shape: the copy (made once) captures it, then the model as given runs the same
-    capture :data:`camkit.core.accel.CHECK_ROWS` images at a time for the check (all images; the model's whole
-    batch only for a callable target), so that no two passes hold memory at once and the model's pass costs the
-    memory of a few images. The copy's capture, or None where it was dropped (the model as given runs it)."""
+    """The first batch of a shape on the prepared copy (made once), checked (:func:`_checked`); the copy's capture,
+    or None where it was dropped (the model as given runs it)."""
     prep = prepared_copy(model, x, layers)
     if prep is None:
         return None
+    return _checked(
+        model,
+        x,
+        layers,
+        plan,
+        need_grad,
+        read,
+        lambda: _capture_prepared(prep, x, plan, need_grad, read),
+        lambda why: prep.settle(model, x, why),
+    )
+
+
+def _checked(
+    model: nn.Module,
+    x: Tensor,
+    layers: dict[str, nn.Module],
+    plan: TargetPlan,
+    need_grad: bool,
+    read: Callable[[object], Tensor],
+    faster: Callable[[], tuple[Captured, Targets]],
+    settle: Callable[[str | None], None],
+) -> tuple[Captured, Targets] | None:
+    """The first batch of a shape: ``faster()`` (a copy's capture) runs it, then the model as given runs the same
+    capture :data:`camkit.core.accel.CHECK_ROWS` images at a time for the check (all images; the model's whole
+    batch only for a callable target), so that no two passes hold memory at once and the model's pass costs the
+    memory of a few images. ``settle`` records the verdict (None: they agree, else why not). The copy's capture, or
+    None where it disagreed or raised."""
     try:
-        got = _capture_prepared(prep, x, plan, need_grad, read)
+        got = faster()
     except (RuntimeError, TypeError) as err:  # e.g. ``.view`` of a channels-last feature map
-        prep.settle(model, x, f"it raised {type(err).__name__}: {err}")
+        settle(f"it raised {type(err).__name__}: {err}")
         return None
     classes = got[1].classes
     if classes is None or not batch_first(got[0]):
@@ -285,7 +353,7 @@ def _checked_copy(
         ref = part, _resolve(plan, part.output)
         exact = exact_rows(model, x, list(layers), classes, need_grad, read)
     reason = disagreement(ref[0], got[0], ref[1].classes, classes, exact)
-    prep.settle(model, x, reason)
+    settle(reason)
     return None if reason else got
 
 
@@ -495,7 +563,9 @@ def _compute(model: nn.Module, inputs: Inputs, methods: Sequence[Method], opts: 
     modules = _layers(model, opts.layers, inputs.x)
     plan = _targets(model, opts.targets, opts.labels, methods)
     need_grad = any(m.needs_grad for m in methods)
-    cap, resolved = _capture(model, inputs.x, modules, plan, need_grad, read, opts.accelerate)
+    cap, resolved = _capture(
+        model, inputs.x, modules, plan, need_grad, read, opts.accelerate, opts.perturbation.compile
+    )
     features = _token_layout(model, modules, cap, inputs.x, opts.reshape)
     progress = Progress(opts.perturbation.progress)
     shared = Shared(model, inputs.x, modules, cap, features, resolved, read, opts, progress)
@@ -750,7 +820,8 @@ def explain(
             of camkit's inference of token / channels-last layouts (:mod:`camkit.core.tokens`).
         perturbation: settings of Score-CAM, SS-CAM, IS-CAM and Ablation-CAM (batch size, the
             pytorch-grad-cam variants, top-k channels, progress callback): see
-            :class:`camkit.methods.perturbation.PerturbationOptions`.
+            :class:`camkit.methods.perturbation.PerturbationOptions`. Its ``compile`` also compiles the part of
+            the gradient methods' shared capture before the target layers (:mod:`camkit.core.split`).
         eigen_smooth: replace each layer's map by the first principal component of its per-channel terms
             (w_k A_k, g_k A_k, ...), as pytorch-grad-cam's ``eigen_smooth``; layer and perturbation methods whose
             map is a sum over channels (a ``ValueError`` for the others).
