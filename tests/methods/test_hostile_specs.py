@@ -5,7 +5,10 @@ runs, never an OverflowError, a RecursionError or a traceback from torch."""
 from __future__ import annotations
 
 import pytest
+import torch
+from torch import nn
 
+import camkit
 from camkit.core.spec import parse_spec
 from camkit.errors import CamkitError
 from camkit.methods import get_method
@@ -36,3 +39,30 @@ def test_integers_within_64_bits_are_kept() -> None:
 def test_a_value_nested_too_deeply_is_one_error(value: str) -> None:
     with pytest.raises(CamkitError, match="nested"):
         parse_spec(f"finercam(alpha={value})")
+
+
+def _net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 7), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3),
+    ).eval()  # fmt: skip
+
+
+@pytest.mark.parametrize("method", ["cameras", "multiscalecam"])
+@pytest.mark.parametrize("factor", ["1e308", "1e6", "inf"])
+def test_a_scale_that_overflows_the_input_is_refused(method: str, factor: str) -> None:
+    with pytest.raises(CamkitError, match=r"scale|factor"):
+        camkit.explain(_net(), torch.rand(1, 3, 16, 16), f"{method}(scales=(1,{factor}))", layers="2")
+
+
+@pytest.mark.parametrize("method", ["cameras", "multiscalecam"])
+def test_a_scale_the_model_cannot_take_is_one_error(method: str) -> None:
+    """A 16 px input shrunk by 1e-3 is 1 x 1: the 7 x 7 convolution refuses it."""
+    with pytest.raises(CamkitError, match="does not take that size"):
+        camkit.explain(_net(), torch.rand(1, 3, 16, 16), f"{method}(scales=(1,1e-3))", layers="2")
+
+
+def test_multiscalecam_refuses_booleans_as_factors() -> None:
+    with pytest.raises(CamkitError, match="factors"):
+        get_method("multiscalecam(scales=(True,))")

@@ -85,6 +85,7 @@ from camkit.core.targets import score_fn
 from camkit.core.tokens import FeatureMaps, Layout, to_spatial
 from camkit.errors import CamkitError
 from camkit.methods.engine import PerturbationContext
+from camkit.methods.passes import scaled_size
 from camkit.methods.perturbation import register_tunable
 from camkit.methods.registry import PassInput, PassMethod, PerturbationMethod, configured_name, register
 
@@ -290,10 +291,19 @@ def cameras(inp: PassInput, scales: Sequence[float] = CAMERAS_SCALES) -> Tensor:
     name, layer = _deepest(inp, "cameras")
     height, width = inp.x.shape[-2:]
     pairs = []
-    for s in sorted(scales):
-        size = (max(1, round(height * s)), max(1, round(width * s)))
+    sizes = [scaled_size("cameras", (height, width), s) for s in sorted(scales)]  # all checked first
+    for s, size in zip(sorted(scales), sizes, strict=True):
         xs = inp.x if size == (height, width) else F.interpolate(inp.x, size=size, mode="bilinear")
-        cap = capture(inp.model, xs, {name: layer}, score, inp.output_fn)
+        try:
+            cap = capture(inp.model, xs, {name: layer}, score, inp.output_fn)
+        except (RuntimeError, AssertionError, ValueError) as err:
+            if size == (height, width):
+                raise
+            raise CamkitError(
+                f"cameras resizes the input by {s:g} to {size[0]}x{size[1]}, and this model does not take that "
+                f"size ({type(err).__name__}: {err}); use scales of 1 and above, or a model that accepts any "
+                "input size"
+            ) from err
         features = _features(inp, cap, {name: layer}, xs)
         g = features.gradients[name]
         assert isinstance(g, Tensor)
