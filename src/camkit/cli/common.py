@@ -423,7 +423,7 @@ def previous_entries(path: Path) -> list[dict[str, Any]]:
         return []
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
         raise CamkitError(
             f"{str(path)!r} exists and is not a camkit summary ({err}); move it away or choose another --out"
         ) from err
