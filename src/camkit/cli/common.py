@@ -69,6 +69,7 @@ __all__ = [
     "error_line",
     "fail",
     "file_part",
+    "join_methods",
     "load_model",
     "load_pictures",
     "max_pixels_limit",
@@ -270,6 +271,12 @@ def user_errors() -> Iterator[None]:
 def split(text: str) -> list[str]:
     """``"a, b,,c"`` -> ``["a", "b", "c"]``."""
     return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def join_methods(given: list[str] | None, default: str) -> str:
+    """The ``--methods`` text of an option that may be repeated (``--method gradcam --method "finercam(alpha=0.5)"``):
+    the values joined by commas, in order; ``default`` when the option is not given."""
+    return ",".join(given) if given is not None else default
 
 
 def split_methods(text: str) -> list[str]:

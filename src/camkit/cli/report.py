@@ -31,6 +31,7 @@ from camkit.cli.common import (
     annotated_targets,
     console,
     err_console,
+    join_methods,
     load_model,
     max_pixels_limit,
     read_annotated,
@@ -66,14 +67,15 @@ def report(
     threads: ThreadsOption = None,
     prompt: PromptOption = None,
     methods: Annotated[
-        str,
+        list[str] | None,
         typer.Option(
             "--methods",
             "--method",
             "-m",
-            help="CAM methods, comma-separated; parameters in parentheses: 'finercam(alpha=0.5),gradcam'.",
+            show_default="gradcam",
+            help="CAM methods, comma-separated or the option repeated; parameters in parentheses: 'finercam(alpha=0.5),gradcam'.",
         ),
-    ] = "gradcam",
+    ] = None,
     layers: LayersOption = "auto",
     target: Annotated[
         str | None, typer.Option("--target", "-t", help="Class index or name (default: each image's top-1).")
@@ -137,7 +139,7 @@ def report(
     args = ReportArgs(
         images=tuple(images or ()),
         model=ModelOptions(model, weights, pretrained, seed, threads, device, prompts=tuple(prompt or ())),
-        methods=methods,
+        methods=join_methods(methods, "gradcam"),
         layers=layers,
         target=target,
         annotations=annotations,

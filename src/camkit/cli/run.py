@@ -26,6 +26,7 @@ from camkit.cli.common import (
     ThreadsOption,
     WeightsOption,
     err_console,
+    join_methods,
     max_pixels_limit,
     out_option,
     split_methods,
@@ -51,14 +52,15 @@ def run(
         ),
     ] = Path("store"),
     methods: Annotated[
-        str,
+        list[str] | None,
         typer.Option(
             "--methods",
             "--method",
             "-m",
-            help="CAM methods, comma-separated; parameters in parentheses: 'finercam(alpha=0.5)'.",
+            show_default="gradcam",
+            help="CAM methods, comma-separated or the option repeated; parameters in parentheses: 'finercam(alpha=0.5)'.",
         ),
-    ] = "gradcam",
+    ] = None,
     layers: LayersOption = "auto",
     layout: Annotated[
         str, typer.Option(help="auto, folder, imagefolder (class = first folder), manifest or tar.")
@@ -131,7 +133,7 @@ def run(
 
     with user_errors():
         options = RunOptions(
-            methods=tuple(split_methods(methods)),
+            methods=tuple(split_methods(join_methods(methods, "gradcam"))),
             layers=layers,
             target=target,
             resolution=resolution,
