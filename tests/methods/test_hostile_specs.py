@@ -66,3 +66,16 @@ def test_a_scale_the_model_cannot_take_is_one_error(method: str) -> None:
 def test_multiscalecam_refuses_booleans_as_factors() -> None:
     with pytest.raises(CamkitError, match="factors"):
         get_method("multiscalecam(scales=(True,))")
+
+
+@pytest.mark.parametrize(
+    ("spec", "needle"),
+    [("finercam(alpha=1e400)", "alpha must be a finite number"),
+     ("finercam(alpha=-1e400)", "alpha must be a finite number"),
+     ("smoothgradcam++(sigma=1e400)", "sigma must be a finite number >= 0"),
+     ("sscam(noise_std=1e400)", "noise_std must be a finite number >= 0"),
+     ("sscam(noise_std=-1.0)", "noise_std must be a finite number >= 0")],
+)  # fmt: skip
+def test_a_non_finite_or_negative_spread_is_refused(spec: str, needle: str) -> None:
+    with pytest.raises(CamkitError, match=needle):
+        get_method(spec)

@@ -113,6 +113,8 @@ class PerturbationOptions:
             raise CamkitError(f"weighting must be 'prob' or 'channel-softmax', got {self.weighting!r}")
         if self.ablation not in ("zero", "gradcam-min"):
             raise CamkitError(f"ablation must be 'zero' or 'gradcam-min', got {self.ablation!r}")
+        if not 0 <= self.noise_std < float("inf"):  # NaN too
+            raise CamkitError(f"noise_std must be a finite number >= 0, got {self.noise_std!r}")
         if self.top_channels is not None and self.top_channels < 1:
             raise CamkitError(f"top_channels must be >= 1, got {self.top_channels}")
         if self.channels_last not in (None, True, False):
