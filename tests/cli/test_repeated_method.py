@@ -1,4 +1,4 @@
-"""``--method`` given several times (as docs/cli.md shows) runs every method given, in order, as one
+"""``--method`` (and ``--metrics``) given several times (as docs/cli.md shows) runs every one given, in order, as one
 comma-separated ``--methods`` does; before, only the last one ran and the others were dropped silently."""
 
 from __future__ import annotations
@@ -27,3 +27,15 @@ def test_a_repeated_method_option_runs_each_method(tmp_path: Path) -> None:
     assert [e["method"] for e in summary if e["method"] != "grid"][:4] == [
         "gradcam", "layercam", "gradcam++", "xgradcam"
     ]  # fmt: skip
+
+
+def test_a_repeated_metrics_option_computes_each_metric(tmp_path: Path) -> None:
+    img = tmp_path / "x.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(img)
+    args = ["evaluate", str(img), *FAST, "--out", str(tmp_path / "o"), "--methods", "gradcam",
+            "--metrics", "avg_drop", "--metrics", "increase,sparseness"]  # fmt: skip
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    means = json.loads((tmp_path / "o" / "evaluate.json").read_text())
+    text = json.dumps(means)
+    assert all(m in text for m in ("avg_drop", "increase", "sparseness")), text[:500]

@@ -80,7 +80,7 @@ def evaluate(
         ),
     ] = None,
     metrics: Annotated[
-        str | None,
+        list[str] | None,
         typer.Option(
             "--metrics",
             help="deletion,insertion,avg_drop,increase,road,arcc,pointing,pointing_strict,box,maxboxacc,"
@@ -137,7 +137,7 @@ def evaluate(
                 get_method(m)
         if steps < 1:
             raise CamkitError(f"--steps must be at least 1, got {steps}")
-        metric_list = split_methods(metrics) if metrics else None
+        metric_list = split_methods(join_methods(metrics, "")) if metrics else None
         if metric_list:
             resolve_metrics(metric_list, have_boxes=True)  # names and settings, before the model loads
         anns = read_annotations(annotations) if annotations is not None else {}

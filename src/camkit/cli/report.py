@@ -82,13 +82,14 @@ def report(
     ] = None,
     annotations: AnnotationsOption = None,
     metrics: Annotated[
-        str,
+        list[str] | None,
         typer.Option(
             help="Metrics per image and method, comma-separated: deletion, insertion, avg_drop, increase, road, arcc, "
             "sparseness, entropy, effective_complexity, random_logit, mprt; settings in parentheses as for camkit "
-            "evaluate: 'road(noise=0.05),deletion' (docs/metrics.md)."
+            "evaluate: 'road(noise=0.05),deletion' (docs/metrics.md).",
+            show_default=False,
         ),
-    ] = "",
+    ] = None,
     steps: Annotated[int, typer.Option(help="Steps of the deletion / insertion curves.")] = 20,
     threshold: Annotated[
         str, typer.Option(help="Localisation threshold: fraction of the max (0.2), value:0.5, or otsu.")
@@ -143,7 +144,7 @@ def report(
         layers=layers,
         target=target,
         annotations=annotations,
-        metrics=metrics,
+        metrics=join_methods(metrics, ""),
         steps=steps,
         threshold=threshold,
         out=out,

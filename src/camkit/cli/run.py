@@ -81,13 +81,14 @@ def run(
         str, typer.Option(help="Stored maps at the layer's 'feature' resolution or the model's 'input' size.")
     ] = "feature",
     metrics: Annotated[
-        str,
+        list[str] | None,
         typer.Option(
             help="Per-image metrics, comma-separated: deletion,insertion,avg_drop,increase,road,arcc,pointing,pointing_strict,box,maxboxacc,"
             "energy_pointing,relevance_mass,relevance_rank,mask_auc,top_k,sparseness,entropy,effective_complexity,random_logit,mprt (those of camkit evaluate); "
-            "settings in parentheses as there, 'infidelity(perturbation=gaussian),deletion' (docs/metrics.md)."
+            "settings in parentheses as there, 'infidelity(perturbation=gaussian),deletion' (docs/metrics.md).",
+            show_default=False,
         ),
-    ] = "",
+    ] = None,
     steps: Annotated[int, typer.Option(help="Deletion/insertion steps.")] = 20,
     topk: Annotated[int, typer.Option(help="Predicted classes kept per image, with probabilities.")] = 5,
     threshold: Annotated[float, typer.Option(help="Box threshold, a fraction of the map's max.")] = 0.2,
@@ -139,7 +140,7 @@ def run(
             resolution=resolution,
             topk=topk,
             threshold=threshold,
-            metrics=_metric_keys(split_methods(metrics)),
+            metrics=_metric_keys(split_methods(join_methods(metrics, ""))),
             steps=steps,
             thumbnails=thumbnails,
             image_size=image_size,
