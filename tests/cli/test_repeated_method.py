@@ -39,3 +39,13 @@ def test_a_repeated_metrics_option_computes_each_metric(tmp_path: Path) -> None:
     means = json.loads((tmp_path / "o" / "evaluate.json").read_text())
     text = json.dumps(means)
     assert all(m in text for m in ("avg_drop", "increase", "sparseness")), text[:500]
+
+
+def test_localize_refuses_a_repeated_method_option(tmp_path: Path) -> None:
+    """localize boxes one method: a second --method is an error, not a silent choice of the last."""
+    res = runner.invoke(app, ["localize", *FAST, "--method", "gradcam", "--method", "layercam",
+                              "--out", str(tmp_path / "o")])  # fmt: skip
+    assert res.exit_code == 2, res.output
+    errors = [line for line in res.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "--method" in errors[0], res.output
+    assert not (tmp_path / "o").exists()
