@@ -23,6 +23,7 @@ from camkit.methods.registry import PassInput
 __all__ = [
     "MAX_SCALED_PIXELS",
     "Hooks",
+    "image_rows",
     "layer_features",
     "multi",
     "per_target",
@@ -80,6 +81,19 @@ def score_rows(inp: PassInput, output: Tensor) -> Tensor:
     """The explained scores of ``output`` as Tensor[T, B] (T = targets per image)."""
     scores = score_fn(inp.classes, inp.target_fn)(output)
     return scores[None] if scores.dim() == 1 else scores
+
+
+def image_rows(inp: PassInput, output: Tensor, image: int) -> Tensor:
+    """The callable target's value for each row of ``output``, every row a copy of image ``image`` (masked,
+    blurred, ...): a target chosen per image (a detection's, :class:`camkit.core.tasks.PerImageTargets`) scores
+    each row for that image's choice."""
+    assert inp.target_fn is not None
+    rows = getattr(inp.target_fn, "score_rows", None)
+    if rows is None:
+        return inp.target_fn(output).float()
+    which = torch.full((output.shape[0],), image, dtype=torch.long, device=output.device)
+    scores: Tensor = rows(output, which)
+    return scores.float()
 
 
 def stack_targets(inp: PassInput, per_target: Sequence[Tensor]) -> Tensor:
