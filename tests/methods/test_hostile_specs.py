@@ -79,3 +79,22 @@ def test_multiscalecam_refuses_booleans_as_factors() -> None:
 def test_a_non_finite_or_negative_spread_is_refused(spec: str, needle: str) -> None:
     with pytest.raises(CamkitError, match=needle):
         get_method(spec)
+
+
+def test_cameras_on_a_fixed_size_model_is_one_error() -> None:
+    """A model that checks its input size (as Hugging Face ViTs do) refuses the enlarged copies."""
+
+    class Fixed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = _net()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if x.shape[-2:] != (16, 16):
+                raise ValueError(
+                    f"Input image size ({x.shape[-2]}*{x.shape[-1]}) doesn't match model (16*16)."
+                )
+            return self.net(x)
+
+    with pytest.raises(CamkitError, match=r"does not take that size .*scales=\(1,\)"):
+        camkit.explain(Fixed().eval(), torch.rand(1, 3, 16, 16), "cameras(scales=(1,2))", layers="net.2")

@@ -313,8 +313,8 @@ def cameras(inp: PassInput, scales: Sequence[float] = CAMERAS_SCALES) -> Tensor:
                 raise
             raise CamkitError(
                 f"cameras resizes the input by {s:g} to {size[0]}x{size[1]}, and this model does not take that "
-                f"size ({type(err).__name__}: {err}); use scales of 1 and above, or a model that accepts any "
-                "input size"
+                f"size ({type(err).__name__}: {err}); use scales this model takes (scales=(1,) for a fixed input "
+                "size), or a model that accepts any input size"
             ) from err
         features = _features(inp, cap, {name: layer}, xs)
         g = features.gradients[name]
