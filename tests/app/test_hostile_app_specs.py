@@ -9,6 +9,8 @@ from fastapi.testclient import TestClient
 
 from _browser import SMALL_SIZE
 from camkit.app import AppConfig, create_app
+from camkit.app.metrics import offered_metrics
+from camkit.errors import CamkitError
 
 HUGE = "99999999999999999999"
 
@@ -36,3 +38,10 @@ def test_a_hostile_field_is_a_422(client: TestClient, form: dict[str, str], need
     assert res.status_code == 422, res.text
     detail = res.json()["detail"]
     assert needle in detail and "\n" not in detail
+
+
+@pytest.mark.parametrize("names", [("road(noise=0.05)",), ("deletion", "infidelity(perturbation=gaussian)")])
+def test_serve_metrics_with_settings_is_refused(names: tuple[str, ...]) -> None:
+    """The operator's list names metrics; a request gives the settings. A spec there offered no metric at all."""
+    with pytest.raises(CamkitError, match="takes metric names"):
+        offered_metrics(names)
