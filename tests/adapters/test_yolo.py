@@ -208,3 +208,16 @@ def test_pil_open_is_left_as_it_was(yolo: Any, tmp_path: Path) -> None:
         Image.open(bad)
     with pytest.raises(UnidentifiedImageError):
         open_image(bad)
+
+
+@pytest.mark.parametrize("method", ["reciprocam", "groupcam(groups=4)", "unioncam"])
+def test_masking_methods_score_the_chosen_detection(yolo: Any, method: str) -> None:
+    """Methods that score masked copies of one image in a batch score each copy for that image's detection (was:
+    'targets were chosen for 1 images, but the output has 9 rows'; Recipro-CAM's replay broke on the neck's
+    concatenation of a batch of masked maps with the one image's earlier features)."""
+    image = camkit.sample_image("chelsea").resize((64, 64))
+    before = snapshot(yolo.model)
+    expl = camkit.explain(yolo.model, image, method, preprocess=yolo.preprocess, labels=yolo.labels)
+    assert_unchanged(before, yolo.model)
+    assert expl.maps.shape == (1, 64, 64) and torch.isfinite(expl.maps).all()
+    assert expl.chosen[0].task == "detection"

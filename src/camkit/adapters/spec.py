@@ -19,10 +19,13 @@ from camkit.errors import CamkitError
 if TYPE_CHECKING:
     from camkit.adapters.zoo import LoadedModel
 
-__all__ = ["DEFAULT_MODEL", "ModelSpec"]
+__all__ = ["DEFAULT_MODEL", "MAX_THREADS", "ModelSpec"]
 
 #: The model of every command when none is named: EfficientNet-Lite0 with offline ImageNet weights.
 DEFAULT_MODEL = "efficientnet_lite0"
+
+#: The most CPU threads ``--threads`` may ask for.
+MAX_THREADS = 4096
 
 
 @dataclass(frozen=True)
@@ -65,17 +68,24 @@ class ModelSpec:
         called, so that a replacement of ``camkit.load_model`` serves every command).
 
         Raises:
-            ValueError: ``threads`` under 1, or what :func:`load_model` raises.
+            ValueError: ``threads`` outside 1 .. :data:`MAX_THREADS`, a ``seed`` that torch does not take, or what
+                :func:`load_model` raises.
         """
         import torch
 
         import camkit
 
         if self.threads is not None:
-            if self.threads < 1:
-                raise CamkitError(f"--threads must be at least 1, got {self.threads}")
+            if not 1 <= self.threads <= MAX_THREADS:
+                raise CamkitError(
+                    f"--threads must be at least 1 and at most {MAX_THREADS}, got {self.threads}"
+                )
             torch.set_num_threads(self.threads)
         if self.seed is not None:
+            if not -(2**63) <= self.seed < 2**64:
+                raise CamkitError(
+                    f"--seed must lie within -2**63 .. 2**64 - 1 (torch's seeds), got {self.seed}"
+                )
             torch.manual_seed(self.seed)
         extra = {"prompts": list(self.prompts)} if self.prompts else {}
         loaded: LoadedModel = camkit.load_model(

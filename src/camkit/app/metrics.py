@@ -126,11 +126,18 @@ def offered_metrics(names: Sequence[str]) -> tuple[str, ...]:
     as ``camkit serve --metrics`` gives them), or :data:`DEFAULT_OFFERED` when empty.
 
     Raises:
-        CamkitError: an unknown name (the message of ``camkit evaluate --metrics``).
+        CamkitError: an unknown name (the message of ``camkit evaluate --metrics``), or a name with settings (a
+            request gives its own).
     """
     if not names:
         return DEFAULT_OFFERED
     chosen = set(resolve_metrics(names, have_boxes=True))
+    configured = sorted(key for key in chosen if key not in METRICS)
+    if configured:
+        raise CamkitError(
+            f"camkit serve --metrics takes metric names, not settings (got {configured[0]!r}): each request gives "
+            f"its own settings; write {parse_metric(configured[0])[0]}"
+        )
     return tuple(name for name in METRICS if name in chosen)
 
 

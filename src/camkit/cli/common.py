@@ -69,6 +69,7 @@ __all__ = [
     "error_line",
     "fail",
     "file_part",
+    "join_methods",
     "load_model",
     "load_pictures",
     "max_pixels_limit",
@@ -272,6 +273,12 @@ def split(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
+def join_methods(given: list[str] | None, default: str) -> str:
+    """The ``--methods`` text of an option that may be repeated (``--method gradcam --method "finercam(alpha=0.5)"``):
+    the values joined by commas, in order; ``default`` when the option is not given."""
+    return ",".join(given) if given is not None else default
+
+
 def split_methods(text: str) -> list[str]:
     """``--methods``: ``"finercam(alpha=0.5, n_similar=2),gradcam"`` -> ``["finercam(alpha=0.5, n_similar=2)",
     "gradcam"]`` (commas inside parentheses and quotes kept; :func:`camkit.methods.registry.split_specs`)."""
@@ -423,7 +430,7 @@ def previous_entries(path: Path) -> list[dict[str, Any]]:
         return []
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
         raise CamkitError(
             f"{str(path)!r} exists and is not a camkit summary ({err}); move it away or choose another --out"
         ) from err

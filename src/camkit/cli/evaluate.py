@@ -34,6 +34,7 @@ from camkit.cli.common import (
     ThreadsOption,
     WeightsOption,
     err_console,
+    join_methods,
     load_model,
     max_pixels_limit,
     out_option,
@@ -57,6 +58,10 @@ __all__ = ["evaluate"]
 EXIT_SOME_SKIPPED = 1
 
 
+#: The methods of ``camkit evaluate`` without ``--methods``.
+EVALUATE_METHODS = "gradcam,gradcam++,xgradcam,hirescam,layercam,center,random"
+
+
 def evaluate(
     images: Annotated[
         list[Path] | None,
@@ -65,16 +70,17 @@ def evaluate(
         ),
     ] = None,
     methods: Annotated[
-        str,
+        list[str] | None,
         typer.Option(
             "--methods",
             "--method",
             "-m",
-            help="Methods, comma-separated; also the reference maps 'center', 'random' (smooth) and 'noise' (per pixel).",
+            show_default=EVALUATE_METHODS,
+            help="Methods, comma-separated or the option repeated; also the reference maps 'center', 'random' (smooth) and 'noise' (per pixel).",
         ),
-    ] = "gradcam,gradcam++,xgradcam,hirescam,layercam,center,random",
+    ] = None,
     metrics: Annotated[
-        str | None,
+        list[str] | None,
         typer.Option(
             "--metrics",
             help="deletion,insertion,avg_drop,increase,road,arcc,pointing,pointing_strict,box,maxboxacc,"
@@ -123,7 +129,7 @@ def evaluate(
         _print_store(images[0], fmt)  # a `camkit run` store: its summary, nothing recomputed
         return
     with user_errors():
-        method_list = split_methods(methods)
+        method_list = split_methods(join_methods(methods, EVALUATE_METHODS))
         if not method_list:
             raise CamkitError("--methods is empty; give at least one method (see `camkit methods`)")
         for m in method_list:
@@ -131,7 +137,7 @@ def evaluate(
                 get_method(m)
         if steps < 1:
             raise CamkitError(f"--steps must be at least 1, got {steps}")
-        metric_list = split_methods(metrics) if metrics else None
+        metric_list = split_methods(join_methods(metrics, "")) if metrics else None
         if metric_list:
             resolve_metrics(metric_list, have_boxes=True)  # names and settings, before the model loads
         anns = read_annotations(annotations) if annotations is not None else {}

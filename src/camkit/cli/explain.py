@@ -31,6 +31,7 @@ from camkit.cli.common import (
     console,
     err_console,
     file_part,
+    join_methods,
     load_model,
     max_pixels_limit,
     new_table,
@@ -174,15 +175,16 @@ def explain(
     threads: ThreadsOption = None,
     prompt: PromptOption = None,
     methods: Annotated[
-        str,
+        list[str] | None,
         typer.Option(
             "--method",
             "--methods",
             "-m",
-            help="Method name(s), comma-separated; a method's parameters in parentheses: "
+            show_default="gradcam",
+            help="Method name(s), comma-separated or the option repeated; a method's parameters in parentheses: "
             "'finercam(alpha=0.5),gradcam'; see `camkit methods`.",
         ),
-    ] = "gradcam",
+    ] = None,
     layers: LayersOption = "auto",
     target: Annotated[
         str | None,
@@ -286,7 +288,7 @@ def explain(
     args = ExplainArgs(
         images=tuple(images or ()),
         model=ModelOptions(model, weights, pretrained, seed, threads, device, prompts=tuple(prompt or ())),
-        methods=methods,
+        methods=join_methods(methods, "gradcam"),
         layers=layers,
         target=target,
         annotations=annotations,

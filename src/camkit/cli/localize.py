@@ -27,6 +27,7 @@ from camkit.cli.common import (
     WeightsOption,
     console,
     err_console,
+    fail,
     file_part,
     load_model,
     max_pixels_limit,
@@ -150,9 +151,14 @@ def localize(
     seed: SeedOption = 0,
     threads: ThreadsOption = None,
     method: Annotated[
-        str,
-        typer.Option("--method", "-m", help="CAM method; parameters in parentheses: 'finercam(alpha=0.5)'."),
-    ] = "gradcam",
+        list[str] | None,
+        typer.Option(
+            "--method",
+            "-m",
+            show_default="gradcam",
+            help="CAM method (one); parameters in parentheses: 'finercam(alpha=0.5)'.",
+        ),
+    ] = None,
     layers: LayersOption = "auto",
     target: Annotated[
         str | None, typer.Option("--target", "-t", help="Class index or name (default top-1).")
@@ -178,7 +184,7 @@ def localize(
     args = LocalizeArgs(
         images=tuple(images or ()),
         model=ModelOptions(model, weights, pretrained, seed, threads, device),
-        method=method,
+        method=_one_method(method),
         layers=layers,
         target=target,
         threshold=threshold,
@@ -275,3 +281,14 @@ def _localize_inputs(run: _Localizer, inputs: list[Input], args: LocalizeArgs) -
     console.print(table)
     console.print(f"written to {args.out}/ (boxes.json: x1, y1 exclusive, original-image pixels)")
     return failed
+
+
+def _one_method(given: list[str] | None) -> str:
+    """The one ``--method`` of ``camkit localize`` (``gradcam`` when not given); given twice is an error."""
+    if given is None:
+        return "gradcam"
+    if len(given) > 1:
+        fail(
+            f"--method is given {len(given)} times ({', '.join(given)}); camkit localize boxes one method: give it once"
+        )
+    return given[0]

@@ -31,6 +31,7 @@ from camkit.cli.common import (
     annotated_targets,
     console,
     err_console,
+    join_methods,
     load_model,
     max_pixels_limit,
     read_annotated,
@@ -66,27 +67,29 @@ def report(
     threads: ThreadsOption = None,
     prompt: PromptOption = None,
     methods: Annotated[
-        str,
+        list[str] | None,
         typer.Option(
             "--methods",
             "--method",
             "-m",
-            help="CAM methods, comma-separated; parameters in parentheses: 'finercam(alpha=0.5),gradcam'.",
+            show_default="gradcam",
+            help="CAM methods, comma-separated or the option repeated; parameters in parentheses: 'finercam(alpha=0.5),gradcam'.",
         ),
-    ] = "gradcam",
+    ] = None,
     layers: LayersOption = "auto",
     target: Annotated[
         str | None, typer.Option("--target", "-t", help="Class index or name (default: each image's top-1).")
     ] = None,
     annotations: AnnotationsOption = None,
     metrics: Annotated[
-        str,
+        list[str] | None,
         typer.Option(
             help="Metrics per image and method, comma-separated: deletion, insertion, avg_drop, increase, road, arcc, "
             "sparseness, entropy, effective_complexity, random_logit, mprt; settings in parentheses as for camkit "
-            "evaluate: 'road(noise=0.05),deletion' (docs/metrics.md)."
+            "evaluate: 'road(noise=0.05),deletion' (docs/metrics.md).",
+            show_default=False,
         ),
-    ] = "",
+    ] = None,
     steps: Annotated[int, typer.Option(help="Steps of the deletion / insertion curves.")] = 20,
     threshold: Annotated[
         str, typer.Option(help="Localisation threshold: fraction of the max (0.2), value:0.5, or otsu.")
@@ -137,11 +140,11 @@ def report(
     args = ReportArgs(
         images=tuple(images or ()),
         model=ModelOptions(model, weights, pretrained, seed, threads, device, prompts=tuple(prompt or ())),
-        methods=methods,
+        methods=join_methods(methods, "gradcam"),
         layers=layers,
         target=target,
         annotations=annotations,
-        metrics=metrics,
+        metrics=join_methods(metrics, ""),
         steps=steps,
         threshold=threshold,
         out=out,

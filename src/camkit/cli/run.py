@@ -26,6 +26,7 @@ from camkit.cli.common import (
     ThreadsOption,
     WeightsOption,
     err_console,
+    join_methods,
     max_pixels_limit,
     out_option,
     split_methods,
@@ -51,14 +52,15 @@ def run(
         ),
     ] = Path("store"),
     methods: Annotated[
-        str,
+        list[str] | None,
         typer.Option(
             "--methods",
             "--method",
             "-m",
-            help="CAM methods, comma-separated; parameters in parentheses: 'finercam(alpha=0.5)'.",
+            show_default="gradcam",
+            help="CAM methods, comma-separated or the option repeated; parameters in parentheses: 'finercam(alpha=0.5)'.",
         ),
-    ] = "gradcam",
+    ] = None,
     layers: LayersOption = "auto",
     layout: Annotated[
         str, typer.Option(help="auto, folder, imagefolder (class = first folder), manifest or tar.")
@@ -79,13 +81,14 @@ def run(
         str, typer.Option(help="Stored maps at the layer's 'feature' resolution or the model's 'input' size.")
     ] = "feature",
     metrics: Annotated[
-        str,
+        list[str] | None,
         typer.Option(
             help="Per-image metrics, comma-separated: deletion,insertion,avg_drop,increase,road,arcc,pointing,pointing_strict,box,maxboxacc,"
             "energy_pointing,relevance_mass,relevance_rank,mask_auc,top_k,sparseness,entropy,effective_complexity,random_logit,mprt (those of camkit evaluate); "
-            "settings in parentheses as there, 'infidelity(perturbation=gaussian),deletion' (docs/metrics.md)."
+            "settings in parentheses as there, 'infidelity(perturbation=gaussian),deletion' (docs/metrics.md).",
+            show_default=False,
         ),
-    ] = "",
+    ] = None,
     steps: Annotated[int, typer.Option(help="Deletion/insertion steps.")] = 20,
     topk: Annotated[int, typer.Option(help="Predicted classes kept per image, with probabilities.")] = 5,
     threshold: Annotated[float, typer.Option(help="Box threshold, a fraction of the map's max.")] = 0.2,
@@ -131,13 +134,13 @@ def run(
 
     with user_errors():
         options = RunOptions(
-            methods=tuple(split_methods(methods)),
+            methods=tuple(split_methods(join_methods(methods, "gradcam"))),
             layers=layers,
             target=target,
             resolution=resolution,
             topk=topk,
             threshold=threshold,
-            metrics=_metric_keys(split_methods(metrics)),
+            metrics=_metric_keys(split_methods(join_methods(metrics, ""))),
             steps=steps,
             thumbnails=thumbnails,
             image_size=image_size,

@@ -66,7 +66,8 @@ def parse_spec(text: str, kind: str = "method") -> tuple[str, dict[str, object] 
     in the messages.
 
     Raises:
-        CamkitError: not ``name(key=value, ...)``, a value without a key, a key given twice.
+        CamkitError: not ``name(key=value, ...)``, a value without a key, a key given twice, a value nested too
+            deeply, an integer outside the signed 64 bits that torch takes.
     """
     text = text.strip()
     if "(" not in text and ")" not in text:
@@ -86,8 +87,35 @@ def parse_spec(text: str, kind: str = "method") -> tuple[str, dict[str, object] 
             )
         if key in settings:
             raise CamkitError(f"{text!r} gives {key!r} twice")
-        settings[key] = _value(raw.strip())
+        settings[key] = _checked_value(text, key, raw.strip())
     return name.strip(), settings
+
+
+def _checked_value(text: str, key: str, raw: str) -> object:
+    """:func:`_value`, refusing a value nested too deeply to read and integers that no tensor holds."""
+    try:
+        value = _value(raw)
+        fits = _fits_64_bits(value)
+    except RecursionError:
+        raise CamkitError(
+            f"{text[:80]!r}...: the value of {key!r} is nested too deeply; write it flat"
+        ) from None
+    if not fits:
+        raise CamkitError(
+            f"{text!r}: the value of {key!r} is out of range: integers must lie within -2**63 .. 2**63 - 1"
+        )
+    return value
+
+
+def _fits_64_bits(value: object) -> bool:
+    """Whether every integer in ``value`` (in its sequences, sets and dicts too) fits a signed 64-bit integer."""
+    if isinstance(value, int):
+        return -(2**63) <= value < 2**63
+    if isinstance(value, (tuple, list, set, frozenset)):
+        return all(_fits_64_bits(v) for v in value)
+    if isinstance(value, dict):
+        return all(_fits_64_bits(k) and _fits_64_bits(v) for k, v in value.items())
+    return True
 
 
 def _value(raw: str) -> object:

@@ -77,7 +77,11 @@ def read_annotations(path: str | Path) -> dict[str, Annotation]:
         return dict([_voc(p)])
     try:
         data = json.loads(p.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    except (
+        json.JSONDecodeError,
+        UnicodeDecodeError,
+        RecursionError,
+    ) as err:  # RecursionError: nested too deeply
         raise CamkitError(f"annotation file {str(p)!r} is not valid JSON ({err})") from err
     if isinstance(data, dict) and "images" in data and "annotations" in data:
         return _coco(data, p)
@@ -123,7 +127,7 @@ def read_boxes(raw: object, where: str) -> list[list[float]]:
     if isinstance(raw, str):
         try:
             raw = json.loads(raw)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):  # RecursionError: nested too deeply
             raise CamkitError(
                 f"{where}: boxes must be a JSON list of [x0, y0, x1, y1], got {raw!r}"
             ) from None

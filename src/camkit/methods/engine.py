@@ -119,6 +119,8 @@ class PerturbationOptions:
             raise CamkitError(f"weighting must be 'prob' or 'channel-softmax', got {self.weighting!r}")
         if self.ablation not in ("zero", "gradcam-min"):
             raise CamkitError(f"ablation must be 'zero' or 'gradcam-min', got {self.ablation!r}")
+        if not 0 <= self.noise_std < float("inf"):  # NaN too
+            raise CamkitError(f"noise_std must be a finite number >= 0, got {self.noise_std!r}")
         if self.top_channels is not None and self.top_channels < 1:
             raise CamkitError(f"top_channels must be >= 1, got {self.top_channels}")
         if self.channels_last not in (None, True, False):
@@ -128,6 +130,8 @@ class PerturbationOptions:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise CamkitError(f"{name} must be >= 1, got {value}")
+            if value is not None and value >= 2**63:
+                raise CamkitError(f"{name} must be below 2**63, got {value}")
         if self.forward is not None and not callable(self.forward):
             raise TypeError(
                 f"forward must be a callable Tensor[N, C, H, W] -> model output, got {self.forward!r}"
@@ -371,6 +375,11 @@ def _distinct(ctx: PerturbationContext, bidx: Tensor, kidx: Tensor) -> tuple[Ten
     return reps, torch.searchsorted(reps, rep)
 
 
+def _seed64(seed: int) -> int:
+    """``seed`` as torch's generators take it (-2**63 .. 2**64 - 1): as it is when it fits, else modulo 2**64."""
+    return seed if -(2**63) <= seed < 2**64 else seed % 2**64
+
+
 def noise(ctx: PerturbationContext, image: Tensor, channel: Tensor, n: int, std: float) -> Tensor:
     """n Gaussian noise maps N(0, std^2) per (image, channel) pair, Tensor[len(image), n, H, W] (a clip:
     Tensor[len(image), n, T, H, W]).
@@ -381,7 +390,9 @@ def noise(ctx: PerturbationContext, image: Tensor, channel: Tensor, n: int, std:
     kch = ctx.activations.shape[1]
     maps = [
         torch.randn(
-            n, *space, generator=torch.Generator().manual_seed(ctx.options.seed * 1_000_003 + b * kch + k)
+            n,
+            *space,
+            generator=torch.Generator().manual_seed(_seed64(ctx.options.seed * 1_000_003 + b * kch + k)),
         )
         for b, k in zip(image.tolist(), channel.tolist(), strict=True)
     ]

@@ -15,6 +15,7 @@ transformers with a fixed token grid fail at other scales (use ``scales=(1.0,)``
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -23,7 +24,7 @@ from torch import Tensor
 
 from camkit.core.postprocess import normalize, upsample
 from camkit.errors import CamkitError
-from camkit.methods.passes import layer_features, per_target, stack_targets, target_count
+from camkit.methods.passes import layer_features, per_target, scaled_size, stack_targets, target_count
 from camkit.methods.registry import (
     LayerMethod,
     MethodInput,
@@ -47,8 +48,11 @@ def multiscalecam(scales: Sequence[float] = (1.0, 1.5, 2.0), base: str = "gradca
         base: a gradient layer method (``gradcam``, ``gradcam++``, ``layercam``, ...) computed at each scale.
     """
     sequence = isinstance(scales, Sequence) and not isinstance(scales, (str, bytes))
-    factors = [float(s) for s in scales] if sequence else []
-    if not factors or any(not s > 0 for s in factors):
+    given = list(scales) if sequence else []
+    if not given or any(isinstance(s, bool) or not isinstance(s, (int, float)) for s in given):
+        raise CamkitError(f"scales must be a non-empty sequence of factors > 0, got {scales!r}")
+    factors = [float(s) for s in given]
+    if any(not 0 < s < math.inf for s in factors):
         raise CamkitError(f"scales must be a non-empty sequence of factors > 0, got {scales!r}")
     formula = get_method(base)
     if not isinstance(formula, LayerMethod) or not formula.needs_grad or formula.needs_classifier:
@@ -75,7 +79,7 @@ def _run(inp: PassInput, scales: list[float], fn: Callable[[MethodInput], Tensor
     k = target_count(inp)
     sums: dict[str, list[Tensor]] = {}
     for s in scales:
-        h, w = max(1, round(size[0] * s)), max(1, round(size[1] * s))
+        h, w = scaled_size("multiscalecam", size, s)
         x = (
             inp.x
             if (h, w) == size

@@ -17,9 +17,25 @@ from torch.utils.hooks import RemovableHandle
 from camkit.core.capture import capture, hook_forward
 from camkit.core.targets import score_fn
 from camkit.core.tokens import FeatureMaps, to_spatial
+from camkit.errors import CamkitError
 from camkit.methods.registry import PassInput
 
-__all__ = ["Hooks", "layer_features", "multi", "per_target", "score_rows", "stack_targets", "target_count"]
+__all__ = [
+    "MAX_SCALED_PIXELS",
+    "Hooks",
+    "image_rows",
+    "layer_features",
+    "multi",
+    "per_target",
+    "scaled_size",
+    "score_rows",
+    "stack_targets",
+    "target_count",
+]
+
+#: The most pixels of an input resized by a method's scale factor (``cameras``, ``multiscalecam``): PIL's
+#: decompression-bomb limit, the default of ``--max-pixels``.
+MAX_SCALED_PIXELS = 89_478_485
 
 
 class Hooks:
@@ -67,6 +83,19 @@ def score_rows(inp: PassInput, output: Tensor) -> Tensor:
     return scores[None] if scores.dim() == 1 else scores
 
 
+def image_rows(inp: PassInput, output: Tensor, image: int) -> Tensor:
+    """The callable target's value for each row of ``output``, every row a copy of image ``image`` (masked,
+    blurred, ...): a target chosen per image (a detection's, :class:`camkit.core.tasks.PerImageTargets`) scores
+    each row for that image's choice."""
+    assert inp.target_fn is not None
+    rows = getattr(inp.target_fn, "score_rows", None)
+    if rows is None:
+        return inp.target_fn(output).float()
+    which = torch.full((output.shape[0],), image, dtype=torch.long, device=output.device)
+    scores: Tensor = rows(output, which)
+    return scores.float()
+
+
 def stack_targets(inp: PassInput, per_target: Sequence[Tensor]) -> Tensor:
     """Maps per target -> Tensor[B, ...] for one target, Tensor[B, k, ...] for classes [B, k]."""
     return torch.stack(list(per_target), dim=1) if multi(inp) else per_target[0]
@@ -85,3 +114,18 @@ def layer_features(inp: PassInput, x: Tensor, score: Callable[[Tensor], Tensor] 
 def per_target(grads: Tensor | list[Tensor], n: int) -> list[Tensor]:
     """A captured gradient (one tensor, or one per target) as a list of n float tensors."""
     return [g.float() for g in grads] if isinstance(grads, list) else [grads.float()] * n
+
+
+def scaled_size(method: str, size: tuple[int, int], factor: float) -> tuple[int, int]:
+    """The (height, width) of an input of ``size`` resized by ``factor`` (at least 1 x 1).
+
+    Raises:
+        CamkitError: more than :data:`MAX_SCALED_PIXELS` pixels (an overflowing or infinite factor included).
+    """
+    h, w = size[0] * factor, size[1] * factor
+    if not h * w <= MAX_SCALED_PIXELS:
+        raise CamkitError(
+            f"{method} resizes the input by the scale factor {factor:g} to {h:.0f}x{w:.0f}, more than "
+            f"{MAX_SCALED_PIXELS} pixels; use smaller scales, e.g. scales=(1, 1.5, 2)"
+        )
+    return max(1, round(h)), max(1, round(w))

@@ -85,6 +85,7 @@ from camkit.core.targets import score_fn
 from camkit.core.tokens import FeatureMaps, Layout, to_spatial
 from camkit.errors import CamkitError
 from camkit.methods.engine import PerturbationContext
+from camkit.methods.passes import image_rows, scaled_size
 from camkit.methods.perturbation import register_tunable
 from camkit.methods.registry import PassInput, PassMethod, PerturbationMethod, configured_name, register
 
@@ -153,8 +154,7 @@ def _deepest(inp: PassInput, name: str) -> tuple[str, nn.Module]:
 def _probabilities(inp: PassInput, out: Tensor, image: int) -> Tensor:
     """Scores of one image's target for each row of ``out``: p_c, or the callable target's value."""
     if inp.classes is None:
-        assert inp.target_fn is not None
-        return inp.target_fn(out).float()
+        return image_rows(inp, out, image)
     return torch.softmax(out.float(), dim=1)[:, int(inp.classes[image])]
 
 
@@ -214,6 +214,24 @@ def recipro_masks(h: int, w: int, mask: str = "onehot", device: torch.device | N
     return F.conv2d(eye, g.view(1, 1, 3, 3), padding=1)
 
 
+def _replay(inp: PassInput, layer: nn.Module, hook: _Replace, x: Tensor) -> Tensor:
+    """The model's output when ``layer`` hands on ``hook``'s n feature maps: one forward of the one image ``x``;
+    where the layers after it join earlier features that do not broadcast to n rows (a concatenation with a
+    skip connection, as in a YOLO neck), the image repeated n times (the same earlier features in each row)."""
+    n = hook.value.shape[0]
+    for rows in (x, x.expand(n, *x.shape[1:])) if n > 1 else (x,):
+        hook.seen = 0
+        handle = hook_forward(layer, hook)
+        try:
+            return inp.output_fn(inp.model(rows))
+        except RuntimeError:
+            if rows.shape[0] == n:
+                raise
+        finally:
+            handle.remove()
+    raise AssertionError("unreachable")
+
+
 def reciprocam(inp: PassInput, batch_size: int = 64, mask: str = "onehot") -> Tensor:
     """Recipro-CAM (Byun & Lee 2022): S(i, j) = p_c(tail(A_ij M_ij)), A_ij the channels' values at cell (i, j)
     and M_ij its mask (:func:`recipro_masks`; one-hot: A * M_ij, the paper's).
@@ -248,12 +266,7 @@ def reciprocam(inp: PassInput, batch_size: int = 64, mask: str = "onehot") -> Te
             for start in range(0, h * w, batch_size):
                 masks = eye[start : start + batch_size]
                 feats = cells[start : start + batch_size] * masks  # [n, K, h, w]
-                hook = _Replace(calls, feats, layout)
-                handle = hook_forward(layer, hook)
-                try:
-                    out = inp.output_fn(inp.model(inp.x[b : b + 1]))
-                finally:
-                    handle.remove()
+                out = _replay(inp, layer, _Replace(calls, feats, layout), inp.x[b : b + 1])
                 out_maps[b, start : start + masks.shape[0]] = _probabilities(inp, out, b)
     return out_maps.view(bsz, h, w)
 
@@ -290,10 +303,19 @@ def cameras(inp: PassInput, scales: Sequence[float] = CAMERAS_SCALES) -> Tensor:
     name, layer = _deepest(inp, "cameras")
     height, width = inp.x.shape[-2:]
     pairs = []
-    for s in sorted(scales):
-        size = (max(1, round(height * s)), max(1, round(width * s)))
+    sizes = [scaled_size("cameras", (height, width), s) for s in sorted(scales)]  # all checked first
+    for s, size in zip(sorted(scales), sizes, strict=True):
         xs = inp.x if size == (height, width) else F.interpolate(inp.x, size=size, mode="bilinear")
-        cap = capture(inp.model, xs, {name: layer}, score, inp.output_fn)
+        try:
+            cap = capture(inp.model, xs, {name: layer}, score, inp.output_fn)
+        except (RuntimeError, AssertionError, ValueError) as err:
+            if size == (height, width):
+                raise
+            raise CamkitError(
+                f"cameras resizes the input by {s:g} to {size[0]}x{size[1]}, and this model does not take that "
+                f"size ({type(err).__name__}: {err}); use scales this model takes (scales=(1,) for a fixed input "
+                "size), or a model that accepts any input size"
+            ) from err
         features = _features(inp, cap, {name: layer}, xs)
         g = features.gradients[name]
         assert isinstance(g, Tensor)

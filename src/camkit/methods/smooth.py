@@ -42,8 +42,8 @@ def smoothgradcampp(n: int = 4, sigma: float = 0.3, seed: int = 0, variant: str 
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise CamkitError(f"n (noisy copies) must be an integer >= 1, got {n!r}")
-    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not sigma >= 0:
-        raise CamkitError(f"sigma must be a number >= 0, got {sigma!r}")
+    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not 0 <= sigma < float("inf"):
+        raise CamkitError(f"sigma must be a finite number >= 0, got {sigma!r}")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int, got {type(seed).__name__}")
     if variant not in ("paper", "torchcam"):

@@ -42,6 +42,7 @@ from camkit.core.targets import score_fn
 from camkit.core.tokens import FeatureMaps, to_spatial
 from camkit.errors import CamkitError
 from camkit.methods.engine import PerturbationContext
+from camkit.methods.passes import image_rows
 from camkit.methods.perturbation import scorecam
 from camkit.methods.registry import PassInput, PassMethod, configured_name, register
 
@@ -69,8 +70,7 @@ def _layer(inp: PassInput) -> tuple[str, nn.Module]:
 def _scores(inp: PassInput, out: Tensor, image: int) -> Tensor:
     """p_c of image ``image``'s class for each row of ``out`` (a callable target: its value)."""
     if inp.classes is None:
-        assert inp.target_fn is not None
-        return inp.target_fn(out).float()
+        return image_rows(inp, out, image)
     return torch.softmax(out.float(), dim=1)[:, int(inp.classes[image])]
 
 

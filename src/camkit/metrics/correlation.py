@@ -25,6 +25,7 @@ the model in chunks (:class:`camkit.metrics.Forward`), on the model's device.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -319,7 +320,7 @@ def infidelity(
             W)`` (``"gaussian"``, each square's noise where it lies) or ``torch.rand(B, squares)``
             (``"uniform"``).
     """
-    random = _check_infidelity(perturbation, baseline, samples, noise_std, loss)
+    random = _check_infidelity(perturbation, baseline, samples, (noise_mean, noise_std), loss)
     s = prepare(model, inputs, maps, classes, score, batch_size, forward)
     grids = [square_grid(s.x.shape[2], s.x.shape[3], p, s.x.device) for p in patch_sizes]
     gen = torch.Generator(device="cpu").manual_seed(seed)
@@ -341,15 +342,30 @@ def infidelity(
 
 
 def _check_infidelity(
-    perturbation: str, baseline: Baseline, samples: int, noise_std: float, loss: str | InfidelityLoss
+    perturbation: str,
+    baseline: Baseline,
+    samples: int,
+    noise: tuple[float, float],
+    loss: str | InfidelityLoss,
 ) -> bool:
-    """Check infidelity's options; True where its perturbation is random."""
+    """Check infidelity's options (``noise``: its mean and std); True where its perturbation is random."""
+    noise_mean, noise_std = noise
+    if (
+        isinstance(noise_mean, bool)
+        or not isinstance(noise_mean, (int, float))
+        or not math.isfinite(noise_mean)
+    ):
+        raise CamkitError(f"noise_mean must be a finite number, got {noise_mean!r}")
     if perturbation not in ("baseline", "gaussian"):
         raise CamkitError(f"unknown perturbation {perturbation!r}: 'baseline' or 'gaussian'")
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
         raise CamkitError(f"samples must be an int >= 1, got {samples!r}")
-    if not noise_std >= 0:
-        raise CamkitError(f"noise_std must be >= 0, got {noise_std!r}")
+    if (
+        isinstance(noise_std, bool)
+        or not isinstance(noise_std, (int, float))
+        or not 0 <= noise_std < math.inf
+    ):
+        raise CamkitError(f"noise_std must be a finite number >= 0, got {noise_std!r}")
     if not (loss == "mse" or (callable(loss) and not isinstance(loss, str))):
         raise CamkitError(f"unknown loss {loss!r}: 'mse' or a function loss(drops, dots) -> Tensor[B]")
     return perturbation == "gaussian" or is_uniform(baseline)

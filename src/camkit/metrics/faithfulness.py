@@ -18,6 +18,7 @@ steps and images are stacked and sent to the model in chunks of ``batch_size`` (
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -376,6 +377,7 @@ def noisy_linear_impute(
         noise: standard deviation of the added noise.
         generator: for the noise, for reproducible results.
     """
+    _check_noise(noise)
     x = inputs.float()
     n, _, h, w = x.shape
     u = remove.reshape(n, 1, h, w).to(x.device, torch.float32)
@@ -386,6 +388,12 @@ def noisy_linear_impute(
         )
         sol = sol + noise * u * eps.to(x.device)
     return x * (1 - u) + u * sol
+
+
+def _check_noise(noise: object) -> None:
+    """ROAD's imputation noise: a finite number >= 0 (a standard deviation), else a CamkitError."""
+    if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not 0 <= noise < math.inf:
+        raise CamkitError(f"noise must be a finite number >= 0 (the imputation noise's std), got {noise!r}")
 
 
 @dataclass
@@ -437,13 +445,14 @@ def road(
     """
     if order not in ("morf", "lerf"):
         raise CamkitError(f"unknown order {order!r}: 'morf' (most relevant first) or 'lerf'")
+    _check_noise(noise)
     x, m = check_inputs(model, inputs, maps)
     fwd = forward or Forward(model, batch_size)
     cls = resolve_targets(fwd, x, classes)
     b, _, h, w = x.shape
     pct = torch.tensor([float(p) for p in percentages], dtype=torch.float64)
-    if ((pct < 0) | (pct > 1)).any():
-        raise CamkitError(f"percentages are fractions in [0, 1], got {list(percentages)}")
+    if pct.numel() == 0 or not ((pct >= 0) & (pct <= 1)).all():  # NaN too
+        raise CamkitError(f"percentages are fractions in [0, 1] (at least one), got {list(percentages)}")
     counts = torch.round(pct * h * w).long().to(x.device)
     ranks = pixel_ranks(m, descending=(order == "morf")).view(b, h, w)
     gen = torch.Generator(device="cpu").manual_seed(seed)

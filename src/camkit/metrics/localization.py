@@ -8,6 +8,7 @@ resized the image (camkit's does: the whole image, no crop), otherwise the map's
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -106,6 +107,12 @@ def pointing_game(
     Returns:
         Tensor[B]: 1.0 hit, 0.0 miss, NaN without ground truth.
     """
+    if (
+        isinstance(tolerance, bool)
+        or not isinstance(tolerance, (int, float))
+        or not 0 <= tolerance < math.inf
+    ):
+        raise CamkitError(f"tolerance must be a finite number of pixels >= 0 (0: strict), got {tolerance!r}")
     m = _maps3(maps)
     _check_lengths(m, gt_boxes, image_sizes)
     b, h, w = m.shape

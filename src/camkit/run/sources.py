@@ -130,7 +130,7 @@ def _manifest(path: Path) -> list[Item]:
                 continue
             try:
                 row = json.loads(line)
-            except json.JSONDecodeError as err:
+            except (json.JSONDecodeError, RecursionError) as err:  # RecursionError: nested too deeply
                 raise CamkitError(f"manifest {str(path)!r} line {n} is not JSON: {err}") from err
             if not isinstance(row, dict) or "path" not in row:
                 raise CamkitError(
@@ -214,7 +214,7 @@ def _tar_labels(
         text = _label(tf, members[".json"], where) or "{}"
         try:
             meta = json.loads(text)
-        except json.JSONDecodeError as err:
+        except (json.JSONDecodeError, RecursionError) as err:  # RecursionError: nested too deeply
             raise CamkitError(f"{where} is not valid JSON ({err})") from None
         if isinstance(meta, dict):
             boxes = _boxes(meta.get("boxes"), where)

@@ -142,7 +142,7 @@ def read_marker(path: str | Path) -> dict[str, Any] | None:
     if cfg.is_file() and not cfg.is_symlink():
         try:
             data = json.loads(cfg.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
             data = None
     if isinstance(data, dict) and data.get("format") == FORMAT:
         version = data.get("version")
