@@ -68,6 +68,7 @@ __all__ = [
     "BUG_DETAIL",
     "FORM_OVERHEAD",
     "LOCAL_HOSTS",
+    "METHOD_COST_SETTINGS",
     "Activity",
     "AppConfig",
     "AppState",
@@ -76,6 +77,7 @@ __all__ = [
     "Limiter",
     "ModelCache",
     "allow_host",
+    "bound_method_cost",
     "content_security_policy",
     "create_app",
     "model_bytes",
@@ -1036,6 +1038,7 @@ async def api_explain(
         raise HTTPException(422, f"alpha is the heatmap's weight, within [0, 1]; got {alpha}")
     try:
         get_method(method)
+        bound_method_cost(method)
         gt = parse_boxes(boxes)
         chosen = choose_metrics(metrics, bool(gt), state.config.served_metrics)
     except CamkitError as err:
@@ -1048,6 +1051,49 @@ async def api_explain(
         lambda cancel: _explain(state.cache, picture, ask, state.config, _Watch(cancel, state.activity)),
     )
     return JSONResponse(result)
+
+
+#: The method settings that set how much work one explanation is (passes, samples, scales, blur kernel, batch
+#: memory): a request may lower them, not raise them above the method's default (:func:`bound_method_cost`).
+METHOD_COST_SETTINGS = frozenset(
+    {"samples", "n", "n_similar", "scales", "batch_size", "groups", "kernel_size", "top_channels"}
+)
+
+
+def bound_method_cost(spec: str) -> None:
+    """Refuse a method spec whose settings make one explanation cost more than the method's default
+    (:data:`METHOD_COST_SETTINGS`): numbers above the default, more scales or a larger one. A local page's request
+    must not hold a worker for hours; ``camkit explain`` takes any value.
+
+    Raises:
+        CamkitError: a setting above its default, naming it, the default and where larger values are allowed.
+    """
+    from camkit.methods.registry import method_parameters
+    from camkit.methods.spec import parse_spec
+
+    base, settings = parse_spec(spec)
+    defaults = method_parameters(base)
+    for key, value in (settings or {}).items():
+        if key not in METHOD_COST_SETTINGS or key not in defaults:
+            continue
+        default = defaults[key]
+        if _costlier(value, default):
+            raise CamkitError(
+                f"{base}: {key}={value!r} costs more than the app allows (at most the default, {default!r}); "
+                "run `camkit explain` for larger values"
+            )
+
+
+def _costlier(value: object, default: object) -> bool:
+    """Whether a cost setting ``value`` asks for more work than ``default`` (None: every channel, the most)."""
+    if value is None:
+        return default is not None
+    if isinstance(value, (list, tuple)) and isinstance(default, (list, tuple)):
+        nums = [float(v) for v in value if isinstance(v, (int, float))]
+        return len(value) > len(default) or bool(nums and max(nums) > max(float(d) for d in default))
+    if isinstance(value, (int, float)) and isinstance(default, (int, float)):
+        return float(value) > float(default)
+    return default is not None and isinstance(value, (int, float))
 
 
 def create_app(config: AppConfig | None = None) -> FastAPI:
