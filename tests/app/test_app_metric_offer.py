@@ -135,3 +135,14 @@ def test_a_request_configures_a_metric_as_evaluate_does(loaded: LoadedModel) -> 
             res = _explain(client, [spec])
             assert res.status_code == 422 and message in res.json()["detail"], res.text
             assert "\n" not in res.json()["detail"]
+
+
+def test_cli_serve_list_options_given_twice_add_up(fake_serve: list[Any]) -> None:
+    args = ["serve", "--metrics", "deletion", "--metrics", "mprt", "--models", "resnet18"]
+    args += ["--models", "squeezenet1_1", "--allowed-hosts", "a.example", "--allowed-hosts", "b.example"]
+    res = CliRunner().invoke(cli, [*args, "--no-pretrained"])
+    assert res.exit_code == 0, res.output
+    config = fake_serve[-1]
+    assert config.served_metrics == ("deletion", "mprt")
+    assert config.models == ("resnet18", "squeezenet1_1")
+    assert config.allowed_hosts == ("a.example", "b.example")

@@ -51,9 +51,9 @@ def serve(
         int, typer.Option(help="Largest upload, in pixels, read from the header before decoding (413 above).")
     ] = 25_000_000,
     models: Annotated[
-        str | None,
+        list[str] | None,
         typer.Option(
-            help="The models served, separated by commas (any other name is refused; the page opens on --model, "
+            help="The models served, separated by commas or the option repeated (any other name is refused; the page opens on --model, "
             "or on the first of these when --model is not given). Default: --model and efficientnet_lite0."
         ),
     ] = None,
@@ -66,10 +66,10 @@ def serve(
     ] = 2000.0,
     cache_models: Annotated[int, typer.Option(help="Models kept loaded at most.")] = 3,
     allowed_hosts: Annotated[
-        str | None,
+        list[str] | None,
         typer.Option(
             help="Host names accepted in requests besides the bound address, localhost, 127.0.0.1 and ::1, "
-            "separated by commas (e.g. the machine's name when serving on a network)."
+            "separated by commas or the option repeated (e.g. the machine's name when serving on a network)."
         ),
     ] = None,
     header_timeout: Annotated[
@@ -79,9 +79,9 @@ def serve(
         ),
     ] = 10.0,
     metrics: Annotated[
-        str | None,
+        list[str] | None,
         typer.Option(
-            help="The metrics the app offers, separated by commas (names of the metric registry, or all; any "
+            help="The metrics the app offers, separated by commas or the option repeated (names of the metric registry, or all; any "
             "other is refused). Default: all but max_sensitivity, avg_sensitivity and mprt, which explain the "
             "image many times again (docs/app.md)."
         ),
@@ -98,7 +98,8 @@ def serve(
     """
     args = ServeArgs(
         host, port, model, pretrained, seed, threads, tuple(prompt or ()), device, workers, queue, max_upload_mb,
-        max_pixels, models, cache_mb, cache_models, allowed_hosts, header_timeout, metrics,
+        max_pixels, _joined(models), cache_mb, cache_models, _joined(allowed_hosts), header_timeout,
+        _joined(metrics),
     )  # fmt: skip
     try:
         from camkit.app import serve as run_app
@@ -113,6 +114,12 @@ def serve(
             run_app(config, host=host, port=port)
     except KeyboardInterrupt:
         pass
+
+
+def _joined(given: list[str] | None) -> str | None:
+    """A list option that may be repeated (``--models a --models b``) as one comma-separated text, in order; None
+    when it is not given."""
+    return None if given is None else ",".join(given)
 
 
 @dataclass(frozen=True)
