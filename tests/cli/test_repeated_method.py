@@ -49,3 +49,14 @@ def test_localize_refuses_a_repeated_method_option(tmp_path: Path) -> None:
     errors = [line for line in res.output.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "--method" in errors[0], res.output
     assert not (tmp_path / "o").exists()
+
+
+def test_an_empty_metrics_option_is_an_error_not_the_default(tmp_path: Path) -> None:
+    img = tmp_path / "x.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(img)
+    for value in ("", " , "):
+        res = runner.invoke(
+            app, ["evaluate", str(img), *FAST, "--out", str(tmp_path / "o"), "--metrics", value]
+        )
+        assert res.exit_code == 2 and "--metrics is empty" in res.output, res.output
+    assert not (tmp_path / "o").exists()  # refused before anything ran

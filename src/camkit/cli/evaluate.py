@@ -138,6 +138,10 @@ def evaluate(
         if steps < 1:
             raise CamkitError(f"--steps must be at least 1, got {steps}")
         metric_list = split_methods(join_methods(metrics, "")) if metrics else None
+        if metrics is not None and not metric_list:
+            raise CamkitError(
+                "--metrics is empty; give at least one metric (docs/metrics.md), or leave it out for the default"
+            )
         if metric_list:
             resolve_metrics(metric_list, have_boxes=True)  # names and settings, before the model loads
         anns = read_annotations(annotations) if annotations is not None else {}
