@@ -123,7 +123,6 @@ def evaluate(
     from camkit.evaluate import evaluate as run_evaluation
     from camkit.io.files import prepare_out_dir, write_json
     from camkit.methods import get_method
-    from camkit.metrics.registry import resolve_metrics
 
     if images and len(images) == 1 and (images[0] / "run.json").is_file():
         _print_store(images[0], fmt)  # a `camkit run` store: its summary, nothing recomputed
@@ -137,13 +136,7 @@ def evaluate(
                 get_method(m)
         if steps < 1:
             raise CamkitError(f"--steps must be at least 1, got {steps}")
-        metric_list = split_methods(join_methods(metrics, "")) if metrics else None
-        if metrics is not None and not metric_list:
-            raise CamkitError(
-                "--metrics is empty; give at least one metric (docs/metrics.md), or leave it out for the default"
-            )
-        if metric_list:
-            resolve_metrics(metric_list, have_boxes=True)  # names and settings, before the model loads
+        metric_list = _metric_list(metrics)
         anns = read_annotations(annotations) if annotations is not None else {}
         items: list[tuple[str, Path | Image.Image]] = (
             list(_samples()) if not images else _named(collect_images(images), anns)
@@ -182,6 +175,26 @@ def evaluate(
         err_console.print(f"note: replaced {' and '.join(replaced)} of an earlier run", highlight=False)
     if result.skipped:
         raise typer.Exit(code=EXIT_SOME_SKIPPED)
+
+
+def _metric_list(metrics: list[str] | None) -> list[str] | None:
+    """The ``--metrics`` given (repeated options joined), checked by name and settings before the model loads;
+    None when the option is not given (the default metrics).
+
+    Raises:
+        CamkitError: an empty list, an unknown metric or a bad setting.
+    """
+    from camkit.metrics.registry import resolve_metrics
+
+    if metrics is None:
+        return None
+    metric_list = split_methods(join_methods(metrics, ""))
+    if not metric_list:
+        raise CamkitError(
+            "--metrics is empty; give at least one metric (docs/metrics.md), or leave it out for the default"
+        )
+    resolve_metrics(metric_list, have_boxes=True)
+    return metric_list
 
 
 def _print_store(path: Path, fmt: Format) -> None:
