@@ -11,16 +11,19 @@ repository: the data are generated from a seed, the model is trained once per te
 from __future__ import annotations
 
 import hashlib
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+T = TypeVar("T")
 
 SIZE = 64
 CLASSES = ("disc", "ring", "plus", "checker")
@@ -494,3 +497,26 @@ def images_through(model: nn.Module, fn: Callable[[], object]) -> int:
     finally:
         handle.remove()
     return seen[0]
+
+
+def in_threads(fn: Callable[[], T], threads: int, calls: int) -> list[T]:
+    """``fn``'s results when ``threads`` threads each call it ``calls`` times at once; the first error of any
+    thread is raised after all have ended."""
+    out: list[T] = []
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            for _ in range(calls):
+                out.append(fn())
+        except BaseException as err:  # reported below, in the test's thread
+            errors.append(err)
+
+    workers = [threading.Thread(target=work) for _ in range(threads)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    if errors:
+        raise errors[0]
+    return out

@@ -16,9 +16,14 @@ runner = CliRunner()
 FAST = ["--model", "squeezenet1_0", "--no-pretrained", "--threads", "1"]
 
 
-def test_a_repeated_method_option_runs_each_method(tmp_path: Path) -> None:
-    img = tmp_path / "x.png"
+def _image(folder: Path) -> Path:
+    img = folder / "x.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(img)
+    return img
+
+
+def test_a_repeated_method_option_runs_each_method(tmp_path: Path) -> None:
+    img = _image(tmp_path)
     args = ["explain", str(img), *FAST, "--out", str(tmp_path / "o"), "--method", "gradcam",
             "--method", "layercam,gradcam++", "-m", "xgradcam"]  # fmt: skip
     res = runner.invoke(app, args)
@@ -30,8 +35,7 @@ def test_a_repeated_method_option_runs_each_method(tmp_path: Path) -> None:
 
 
 def test_a_repeated_metrics_option_computes_each_metric(tmp_path: Path) -> None:
-    img = tmp_path / "x.png"
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(img)
+    img = _image(tmp_path)
     args = ["evaluate", str(img), *FAST, "--out", str(tmp_path / "o"), "--methods", "gradcam",
             "--metrics", "avg_drop", "--metrics", "increase,sparseness"]  # fmt: skip
     res = runner.invoke(app, args)
@@ -52,8 +56,7 @@ def test_localize_refuses_a_repeated_method_option(tmp_path: Path) -> None:
 
 
 def test_an_empty_metrics_option_is_an_error_not_the_default(tmp_path: Path) -> None:
-    img = tmp_path / "x.png"
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(img)
+    img = _image(tmp_path)
     for value in ("", " , "):
         res = runner.invoke(
             app, ["evaluate", str(img), *FAST, "--out", str(tmp_path / "o"), "--metrics", value]

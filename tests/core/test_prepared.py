@@ -4,7 +4,6 @@ deterministic, the user's model untouched."""
 
 from __future__ import annotations
 
-import threading
 import warnings
 import weakref
 from collections.abc import Callable, Iterator
@@ -16,7 +15,7 @@ from torch import Tensor, nn
 import camkit
 from camkit.core import accel, prepared
 from camkit.core.accel import AccelWarning, FoldedNormAct, fold_batchnorm
-from testbed import assert_unchanged, snapshot
+from testbed import assert_unchanged, in_threads, snapshot
 
 SIDE = 32
 
@@ -295,22 +294,8 @@ def test_threads_share_the_copy() -> None:
     net, x = _randomize_norms(BnNet()), _x(4)
     expected = camkit.explain(net, x, "gradcam++", layers="head").maps
     before = snapshot(net)
-    out: list[Tensor] = []
-    errors: list[BaseException] = []
-
-    def work() -> None:
-        try:
-            for _ in range(3):
-                out.append(camkit.explain(net, x, "gradcam++", layers="head").maps)
-        except BaseException as err:  # pragma: no cover - reported below
-            errors.append(err)
-
-    threads = [threading.Thread(target=work) for _ in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors and len(out) == 9
+    out = in_threads(lambda: camkit.explain(net, x, "gradcam++", layers="head").maps, threads=3, calls=3)
+    assert len(out) == 9
     assert all(torch.equal(m, expected) for m in out)
     assert_unchanged(before, net)
     assert len(_used(net)) == 1

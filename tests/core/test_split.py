@@ -20,7 +20,7 @@ from camkit import PerturbationOptions
 from camkit.core import accel, split
 from camkit.core.accel import AccelWarning
 from camkit.core.split import SplitCopy, split_graph, trace_with_leaves
-from testbed import assert_unchanged, snapshot
+from testbed import assert_unchanged, in_threads, snapshot
 
 SIDE = 32
 JIT = PerturbationOptions(compile="jit")
@@ -207,22 +207,10 @@ def test_threads_share_the_split() -> None:
     net, x = _norms(TinyResNet()), _x(3)
     expected = camkit.explain(net, x, "gradcam++", "stage2", perturbation=JIT).maps
     before = snapshot(net)
-    out: list[Tensor] = []
-    errors: list[BaseException] = []
-
-    def work() -> None:
-        try:
-            for _ in range(3):
-                out.append(camkit.explain(net, x, "gradcam++", "stage2", perturbation=JIT).maps)
-        except BaseException as err:  # pragma: no cover - reported below
-            errors.append(err)
-
-    threads = [threading.Thread(target=work) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors and len(out) == 6
+    out = in_threads(
+        lambda: camkit.explain(net, x, "gradcam++", "stage2", perturbation=JIT).maps, threads=2, calls=3
+    )
+    assert len(out) == 6
     assert all(torch.equal(m, expected) for m in out)
     assert_unchanged(before, net)
 
