@@ -278,6 +278,12 @@ def test_interrupt_inside_a_command_is_one_line(tmp_path: Path, monkeypatch: pyt
     assert res.stderr == "interrupted\n" and "Traceback" not in res.output
 
 
+def _default_sigint() -> None:
+    """In the child before exec: SIGINT back to its default, as in a terminal. A suite started in the background
+    of a shell without job control inherits SIGINT ignored, and Python keeps an ignored SIGINT ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("delay", [0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 4.0])
 def test_ctrl_c_at_any_moment_is_one_line_and_130(tmp_path: Path, delay: float) -> None:
     """Start-up (imports of typer, torch, the library), model loading, Score-CAM's forwards: Ctrl-C ends the process
@@ -288,7 +294,7 @@ def test_ctrl_c_at_any_moment_is_one_line_and_130(tmp_path: Path, delay: float) 
     proc = subprocess.Popen(
         [sys.executable, "-m", "camkit", "explain", *map(str, photos), *FAST, "--methods", "scorecam",
          "--out", str(tmp_path / "o")],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=tmp_path,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=tmp_path, preexec_fn=_default_sigint,
     )  # fmt: skip
     time.sleep(delay)
     still_running = proc.poll() is None
