@@ -27,15 +27,18 @@ What runs:
   plus ``forward``: ``with torch.inference_mode(): model(x)`` on the model as given (eager, NCHW), the reference,
   ``camkit Grad-CAM accelerate=False`` (the capture on the model as given) and ``camkit Grad-CAM compile=jit``
   (``PerturbationOptions(compile="jit")``: the prepared copy split before the target layer, the part before it a
-  frozen ``torch.jit`` trace, ``camkit/core/split.py``; ``--inductor`` adds ``compile=inductor``). Their table
+  frozen ``torch.jit`` trace, ``camkit/core/split.py``), ``compile=onnx`` on CPU where ONNX Runtime is installed
+  (the part before the target layer exported to ONNX and run by ONNX Runtime); ``--inductor`` adds
+  ``compile=inductor``. Their table
   shows the preparation time: the warm-up call minus the median of the timed calls (the whole batch). With CUDA, every table is also
   made on the GPU, with two more forwards to compare with: ``forward channels-last`` (a channels-last copy of the
   model, channels-last input) and ``forward inductor`` (``torch.compile`` of a copy, compiled before timing);
   each timed call ends with ``torch.cuda.synchronize()``.
 * peak memory (CPU, Linux; ``--no-memory`` skips it): in a freshly forked child per cell, ``/proc/self/clear_refs``
   then one call, ``VmHWM`` minus the resident size before it; the children are forked before the parent runs
-  anything on the model: the forward, camkit's Grad-CAM (its first call makes and checks the copy) and camkit with
-  ``accelerate=False``, each as a first call and as a second call (after one untimed call).
+  anything on the model: the forward, camkit's Grad-CAM (its first call makes and checks the copy), camkit with
+  ``accelerate=False`` and, where ONNX Runtime is installed, camkit with ``compile="onnx"`` (its first call
+  exports the prefix and opens the session), each as a first call and as a second call (after one untimed call).
 
 Methodology: ``torch.set_num_threads(--threads)`` (default 1; OpenCV, used by pytorch-grad-cam to resize, gets the
 same count); the load average (``os.getloadavg()``) is printed at the start and the end. For each (model, batch) all contenders are interleaved round-robin: every repetition runs each
@@ -85,7 +88,7 @@ from torch import Tensor, nn
 
 import camkit
 from camkit import PerturbationOptions
-from camkit.core.accel import Compile
+from camkit.core.accel import Compile, onnx_available
 from camkit.core.postprocess import normalize
 
 SIZE = 224
@@ -574,6 +577,8 @@ def _memory_child(case: ModelCase, x: Tensor, which: str, queue: Any) -> None:
     run: Callable[[], object]
     if which.startswith("forward"):
         run = partial(run_forward, case.model, x)
+    elif "onnx" in which:
+        run = partial(run_camkit, case.model, x, "gradcam", case.layer, True, "onnx")
     else:
         run = partial(run_camkit, case.model, x, "gradcam", case.layer, "plain" not in which)
     if "later" in which:
@@ -587,6 +592,7 @@ def _memory_child(case: ModelCase, x: Tensor, which: str, queue: Any) -> None:
 
 
 MEMORY_CELLS = ("forward", "forward later", "camkit", "camkit later", "camkit plain", "camkit plain later")
+ONNX_CELLS = ("camkit onnx", "camkit onnx later")
 
 
 def memory_rows(case: ModelCase, x: Tensor) -> list[list[str]]:
@@ -596,7 +602,7 @@ def memory_rows(case: ModelCase, x: Tensor) -> list[list[str]]:
 
     ctx = mp.get_context("fork")
     cells = []
-    for which in MEMORY_CELLS:
+    for which in MEMORY_CELLS + (ONNX_CELLS if onnx_available() else ()):
         queue = ctx.Queue()
         proc = ctx.Process(target=_memory_child, args=(case, x, which, queue))
         proc.start()
@@ -627,7 +633,11 @@ def run_device(args: argparse.Namespace, device: torch.device) -> None:
                 mem_rows += memory_rows(case, x)
             if args.memory_only:
                 continue
-            compiled = ("jit", "inductor") if args.inductor else ("jit",)
+            compiled = ["jit"]
+            if device.type == "cpu" and onnx_available():
+                compiled.append("onnx")
+            if args.inductor:
+                compiled.append("inductor")
             contenders, first = measure(case, x, args.repeats, methods, compiled)
             stats = {c.name: Stat.of(c.seconds, batch) for c in contenders}
             comp_rows += compiled_rows(case.key, batch, contenders, stats)
@@ -684,6 +694,8 @@ def print_tables(
         print("\n## CPU: peak memory beyond the resident set, MiB (fresh forked child each, VmHWM)\n")
         header = ["model", "batch", "forward", "forward, 2nd call", "camkit Grad-CAM", "camkit, 2nd call"]
         header += ["camkit accelerate=False", "accelerate=False, 2nd call"]
+        if len(mem_rows[0]) > len(header):
+            header += ["camkit compile=onnx", "compile=onnx, 2nd call"]
         print(markdown(header, mem_rows))
     if goals:
         print("\n## Goals (ratios of bests)\n")

@@ -36,7 +36,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from camkit.adapters import Preprocess, imagenet_labels
-from camkit.core.accel import Compile, check_compile
+from camkit.core.accel import Compile, check_compile, one_lookup
 from camkit.core.capture import check_eval
 from camkit.core.explanation import Explanation
 from camkit.core.outputs import model_device
@@ -741,7 +741,9 @@ def iter_evaluate(
         raise _none_read(plan.given, plan.unreadable)
     track.report(track.done, "starting")
     for start in range(0, len(plan.items), plan.images_per_batch):
-        yield _evaluate_batch(plan, start, track, on_skip)
+        with one_lookup(plan.model):  # the model's prepared-copy cache checked once per batch, not per chunk
+            batch = _evaluate_batch(plan, start, track, on_skip)
+        yield batch
 
 
 def _maxboxacc(curves: dict[str, list[Tensor]]) -> dict[str, dict[str, float]]:
@@ -868,7 +870,9 @@ def evaluate(
         max_pixels: image files with more pixels are skipped (decompression bombs); None: no limit.
         compile: how the metrics' perturbed images run (:class:`camkit.metrics.Forward`): False (default) the
             BatchNorm-folded, channels-last copy of the model; ``"jit"`` a traced and frozen copy, prepared once
-            (seconds); True ``"jit"`` on CPU and ``"inductor"`` elsewhere. A model that cannot be prepared so
+            (seconds); ``"onnx"`` the copy exported to ONNX and run by ONNX Runtime on the CPU (seconds;
+            ``camkit[onnx]``); ``"inductor"`` ``torch.compile``; True ``"onnx"`` on CPU where ONNX Runtime is
+            installed, else ``"jit"``, and ``"inductor"`` elsewhere. A model that cannot be prepared so
             falls back to the default with a warning (:mod:`camkit.core.accel`).
     """
     plan = plan_evaluation(

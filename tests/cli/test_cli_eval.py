@@ -480,3 +480,27 @@ def test_images_that_share_a_file_name_get_distinct_rows(tmp_path, loads) -> Non
     ann.write_text(json.dumps({"x.png": {"boxes": [[0, 0, 4, 4]]}}))
     res = runner.invoke(app, [*args, "-a", str(ann), "-o", str(tmp_path / "o2")])
     assert res.exit_code == 2 and "2 images are named 'x.png'" in res.output
+
+
+def test_evaluate_compile_runs_the_metrics_through_onnx_with_the_same_numbers(
+    tmp_path, loads, monkeypatch
+) -> None:
+    from camkit.core import accel
+
+    exports: list[object] = []
+    real = accel._onnx_model
+    monkeypatch.setattr(accel, "_onnx_model", lambda m, x: exports.append(m) or real(m, x))
+    accel.clear_cache()
+    img = _image(tmp_path / "a.png", size=(64, 48))
+    base = ["evaluate", str(img), "-m", "gradcam,layercam", "--metrics", "deletion,insertion,avg_drop"]
+    base += ["--steps", "5", "--format", "json"]
+    plain = runner.invoke(app, [*base, "-o", str(tmp_path / "o1")])
+    fast = runner.invoke(app, [*base, "--compile", "-o", str(tmp_path / "o2")])
+    assert plain.exit_code == 0 and fast.exit_code == 0, (plain.output, fast.output)
+    assert "warning" not in fast.stderr.lower()
+    assert exports, "--compile did not run the metrics through ONNX Runtime"
+    a, b = _strict(plain.stdout)["summary"], _strict(fast.stdout)["summary"]
+    assert a.keys() == b.keys()
+    for method, values in a.items():
+        for column, value in values.items():
+            assert abs(value - b[method][column]) <= 1e-5, (method, column, value, b[method][column])

@@ -379,14 +379,86 @@ def test_jit_path_agrees_and_is_prepared_once(monkeypatch) -> None:
     torch.testing.assert_close(changed, ref, rtol=1e-4, atol=1e-6)
 
 
-def test_compile_true_means_jit_on_cpu(monkeypatch) -> None:
+def test_compile_true_means_jit_on_cpu_without_onnxruntime(monkeypatch) -> None:
     traces = _counting_traces(monkeypatch)
     monkeypatch.setattr(accel, "_compile_model", lambda _m: pytest.fail("inductor on CPU"))
+    monkeypatch.setattr(accel, "onnx_available", lambda: False)
     net = ConvBN().eval()
     with torch.inference_mode():
         ff = BatchForward(net, _identity, compile=True)
         out = ff(torch.randn(4, 3, 8, 8))
     assert ff.path == "jit" and len(traces) == 1 and out.shape == (4, 3)
+
+
+def test_compile_true_means_onnx_on_cpu_with_onnxruntime(monkeypatch) -> None:
+    monkeypatch.setattr(accel, "_trace_model", lambda *_a: pytest.fail("jit with ONNX Runtime installed"))
+    assert accel.onnx_available()  # camkit[onnx] is part of the test extra
+    assert accel.compile_backend(True, torch.device("cpu")) == "onnx"
+    assert accel.compile_backend(True, torch.device("cuda")) == "inductor"
+    net = ConvBN().eval()
+    with torch.inference_mode():
+        ff = BatchForward(net, _identity, compile=True)
+        out = ff(torch.randn(4, 3, 8, 8))
+    assert ff.path == "onnx" and out.shape == (4, 3)
+
+
+def _counting_exports(monkeypatch) -> list[nn.Module]:
+    exports: list[nn.Module] = []
+    real = accel._onnx_model
+
+    def counting(module: nn.Module, example: Tensor) -> accel.ModelForward:
+        exports.append(module)
+        return real(module, example)
+
+    monkeypatch.setattr(accel, "_onnx_model", counting)
+    return exports
+
+
+def test_onnx_path_agrees_is_prepared_once_and_deterministic(monkeypatch) -> None:
+    exports = _counting_exports(monkeypatch)
+    net = ConvBN().eval()
+    before = snapshot(net)
+    x = torch.randn(2, 3, 8, 8)
+    default = camkit.explain(net, x, "scorecam", "c2", perturbation=PerturbationOptions(batch_size=3)).raw[
+        "c2"
+    ]
+    opts = PerturbationOptions(batch_size=3, compile="onnx")  # batches of 3, 3, 2 (the last one padded)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback, and the exporter's own warnings are not shown
+        fast = [camkit.explain(net, x, "scorecam", "c2", perturbation=opts).raw["c2"] for _ in range(2)]
+    assert len(exports) == 1 and exports[0] is not net and isinstance(exports[0].b1, nn.Identity)
+    torch.testing.assert_close(fast[0], default, rtol=1e-4, atol=1e-6)
+    assert torch.equal(fast[0], fast[1])
+    assert_unchanged(before, net)
+    fwd = Forward(net, batch_size=3, compile="onnx")  # the same batch shape: the same session
+    with torch.inference_mode():
+        out = fwd(torch.randn(7, 3, 8, 8))  # 3, 3 and 1 padded to 3
+    assert fwd.fast.path == "onnx" and out.shape == (7, 3) and len(exports) == 1
+    with torch.no_grad():
+        expected = net(torch.randn(7, 3, 8, 8, generator=torch.Generator().manual_seed(5)))
+        got = fwd(torch.randn(7, 3, 8, 8, generator=torch.Generator().manual_seed(5)))
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+class DictOut(ConvBN):
+    """A model whose output is a dict: the onnx backend does not take it."""
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:  # type: ignore[override]
+        return {"logits": super().forward(x)}
+
+
+def test_onnx_unsupported_output_or_device_falls_back_with_one_warning() -> None:
+    net = DictOut().eval()
+    x = torch.randn(3, 3, 8, 8)
+    with torch.inference_mode():
+        ref = BatchForward(net, lambda o: o["logits"])(x)
+        with pytest.warns(AccelWarning, match="not a Tensor or a tuple of Tensors") as got:
+            ff = BatchForward(net, lambda o: o["logits"], compile="onnx")
+            out = [ff(x) for _ in range(2)]
+    assert len([w for w in got if issubclass(w.category, AccelWarning)]) == 1
+    assert ff.path != "onnx" and torch.equal(out[0], ref) and torch.equal(out[1], ref)
+    with pytest.raises(accel._NotPrepared, match="CPU only"):
+        accel._onnx_model(ConvBN().eval(), torch.empty(1, 3, 8, 8, device="meta"))
 
 
 class Branchy(ConvBN):
@@ -430,7 +502,7 @@ def test_invalid_compile_values_raise(value: object) -> None:
         lambda: BatchForward(ConvBN().eval(), _identity, compile=value),  # type: ignore[arg-type]
         lambda: Forward(ConvBN().eval(), compile=value),  # type: ignore[arg-type]
     ):
-        with pytest.raises(ValueError, match="compile must be False, True, 'jit' or 'inductor'"):
+        with pytest.raises(ValueError, match="compile must be False, True, 'jit', 'inductor' or 'onnx'"):
             make()
 
 

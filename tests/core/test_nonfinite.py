@@ -147,3 +147,23 @@ def test_non_finite_perturbed_score_is_named(method: str, whole_channel: bool, w
     with pytest.raises(ValueError, match=rf"score of {what} is not finite \(NaN or Inf\) for image\(s\) 0"):
         camkit.explain(net, x, method, layers="1", perturbation=opts)
     assert_unchanged(before, net)
+
+
+def test_finite_values_whose_sum_overflows_are_finite() -> None:
+    """The finiteness checks sum first: a sum that overflows (finite values near the float32 maximum) must still
+    pass, and one NaN or infinity anywhere must still be found."""
+    from camkit.core.pipeline import _all_finite
+
+    big = torch.full((2, 3, 8, 8), 3e38)
+    assert not torch.isfinite(big.sum()) and _all_finite(big)
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        t = big.clone()
+        t[1, 2, 7, 7] = bad
+        assert not _all_finite(t)
+        small = torch.zeros(5)
+        small[3] = bad
+        assert not _all_finite(small)
+    assert _all_finite(torch.tensor([1, 2, 3])) and _all_finite(torch.zeros(0))
+    net = _net()
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        camkit.explain(net, torch.full((1, 3, 16, 16), float("nan")))

@@ -99,16 +99,20 @@ def _same(fast: dict[str, camkit.Explanation], plain: dict[str, camkit.Explanati
         (["layercam", "xgradcam"], ["stem", "stage1", "stage2"]),  # layers at three depths, maps fused
     ],
 )
-def test_jit_split_gives_the_default_maps(methods: list[str], layers: str | list[str]) -> None:
+@pytest.mark.parametrize("backend", ["jit", "onnx"])
+def test_compiled_split_gives_the_default_maps(
+    methods: list[str], layers: str | list[str], backend: accel.Compile
+) -> None:
     net, x = _norms(TinyResNet()), _x()
     before = snapshot(net)
     plain = camkit.compare(net, x, methods, layers)
+    opts = PerturbationOptions(compile=backend)
     with warnings.catch_warnings():
         warnings.simplefilter("error", AccelWarning)  # no fallback
-        fast = camkit.compare(net, x, methods, layers, perturbation=JIT)
-        again = camkit.compare(net, x, methods, layers, perturbation=JIT)  # the checked split, reused
+        fast = camkit.compare(net, x, methods, layers, perturbation=opts)
+        again = camkit.compare(net, x, methods, layers, perturbation=opts)  # the checked split, reused
     (used,) = _splits(net)
-    assert used.failed is None and used.checked(x) and used.backend == "jit"
+    assert used.failed is None and used.checked(x) and used.backend == backend
     _same(fast, plain)
     assert all(torch.equal(again[m].maps, fast[m].maps) for m in methods)  # deterministic
     assert_unchanged(before, net)
@@ -132,7 +136,8 @@ def test_the_cut_passes_the_shortcut_and_keeps_the_target_modules() -> None:
     net = _norms(TinyResNet())
     target = {"stage2.0.conv1": net.stage2[0].conv1}
     gm = trace_with_leaves(net, list(target.values()))
-    prefix, suffix = split_graph(gm, target)
+    prefix, suffix, replaced = split_graph(gm, target)
+    assert not replaced
     assert suffix.get_submodule("stage2.0.conv1") is net.stage2[0].conv1  # the very module: hooks fire on it
     assert not any(n.target == "stage2.0.conv1" for n in prefix.graph.nodes)
     x = _x()
@@ -140,6 +145,53 @@ def test_the_cut_passes_the_shortcut_and_keeps_the_target_modules() -> None:
         values = prefix(x)
         assert len(values) == 1  # the block's input, read by conv1 and by the downsampling shortcut
         torch.testing.assert_close(suffix(*values), net(x))
+
+
+def test_the_prefix_computes_the_first_target_when_it_is_called_once() -> None:
+    net = _norms(TinyResNet())
+    target = {"stage2.0.conv1": net.stage2[0].conv1, "stage2.1": net.stage2[1]}
+    gm = trace_with_leaves(net, list(target.values()))
+    prefix, suffix, replaced = split_graph(gm, target, through=True)
+    assert list(replaced) == ["stage2.0.conv1"] and isinstance(replaced["stage2.0.conv1"], split.TargetOutput)
+    assert any(n.target == "stage2.0.conv1" for n in prefix.graph.nodes)  # computed before the cut
+    called = [n.target for n in suffix.graph.nodes if n.op == "call_module"]
+    assert called[0] == "_camkit_target_output" and "stage2.0.conv1" not in called and "stage2.1" in called
+    x = _x()
+    with torch.no_grad():
+        torch.testing.assert_close(suffix(*prefix(x)), net(x))
+    # through a cut there, the capture sees the layer's output on the stand-in: the maps are the default ones
+    plain = camkit.compare(net, x, ["gradcam", "layercam"], list(target))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", AccelWarning)
+        fast = camkit.compare(net, x, ["gradcam", "layercam"], list(target), perturbation=JIT)
+    (used,) = _splits(net)
+    assert isinstance(used.layers["stage2.0.conv1"], split.TargetOutput)
+    assert type(used.layers["stage2.1"]) is BasicBlock  # the later target: the copy's own module
+    _same(fast, plain)
+
+
+class Twice(TinyResNet):
+    """Calls its last stage's second block twice: that module cannot be computed before the cut."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.stage2[0](self.stage1(self.stem(x)))
+        h = self.stage2[1](self.stage2[1](h))
+        return self.fc(h.mean(dim=(2, 3)))
+
+
+@pytest.mark.filterwarnings("ignore:layer 'stage2.1' ran 2 times")
+def test_a_target_called_twice_stays_after_the_cut() -> None:
+    net, x = _norms(Twice()), _x()
+    layer = {"stage2.1": net.stage2[1]}
+    gm = trace_with_leaves(net, list(layer.values()))
+    _prefix, suffix, replaced = split_graph(gm, layer, through=True)
+    assert not replaced
+    assert [n.target for n in suffix.graph.nodes if n.op == "call_module"][:2] == ["stage2.1", "stage2.1"]
+    plain = camkit.explain(net, x, "gradcam", "stage2.1")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", AccelWarning)
+        fast = camkit.explain(net, x, "gradcam", "stage2.1", perturbation=JIT)
+    torch.testing.assert_close(fast.maps, plain.maps, rtol=0, atol=1e-5)
 
 
 def test_a_module_fx_cannot_trace_into_stays_whole() -> None:
@@ -268,3 +320,52 @@ def test_inductor_split_gives_the_default_maps() -> None:
     (used,) = _splits(net)
     assert used.failed is None and used.backend == "inductor"
     torch.testing.assert_close(fast.maps, plain.maps, rtol=0, atol=1e-5)
+
+
+def test_onnx_split_of_the_pretrained_default_model_gives_the_default_maps() -> None:
+    """The pretrained EfficientNet-Lite0 at its default layer: the part before ``bn2`` (nearly the whole network,
+    timm's same-padding convolutions included) runs in ONNX Runtime; maps within 1e-5, the same classes."""
+    loaded = camkit.load_model()
+    net = loaded.model
+    before = snapshot(net)
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(3))
+    plain = camkit.compare(net, x, ["gradcam", "gradcam++"])
+    opts = PerturbationOptions(compile="onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", AccelWarning)
+        fast = camkit.compare(net, x, ["gradcam", "gradcam++"], perturbation=opts)
+        again = camkit.compare(net, x, ["gradcam", "gradcam++"], perturbation=opts)
+    (used,) = _splits(net)
+    assert (
+        used.failed is None
+        and used.backend == "onnx"
+        and isinstance(used._runs[next(iter(used._runs))]._prefix, accel.OnnxForward)
+    )
+    _same(fast, plain)
+    assert all(torch.equal(again[m].maps, fast[m].maps) for m in plain)
+    assert_unchanged(before, net)
+
+
+def test_onnx_split_threads_share_one_session() -> None:
+    net, x = _norms(TinyResNet()), _x(3)
+    opts = PerturbationOptions(compile="onnx")
+    expected = camkit.explain(net, x, "gradcam", "stage2", perturbation=opts).maps
+    out = in_threads(
+        lambda: camkit.explain(net, x, "gradcam", "stage2", perturbation=opts).maps, threads=2, calls=3
+    )
+    assert all(torch.equal(m, expected) for m in out)
+    (used,) = _splits(net)
+    assert len(used._runs) == 1
+
+
+def test_onnx_without_onnxruntime_falls_back_with_one_warning(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(accel, "onnx_available", lambda: False)
+    net, x = _norms(TinyResNet()), _x()
+    plain = camkit.explain(net, x, "gradcam", "stage2")
+    opts = PerturbationOptions(compile="onnx")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        fast = [camkit.explain(net, x, "gradcam", "stage2", perturbation=opts) for _ in range(2)]
+    found = [str(w.message) for w in seen if issubclass(w.category, AccelWarning)]
+    assert len(found) == 1 and "pip install 'camkit[onnx]'" in found[0], found
+    assert all(torch.equal(f.maps, plain.maps) for f in fast)

@@ -93,9 +93,10 @@ def test_evaluate_compile_gives_the_same_numbers_and_refuses_unknown_backends() 
     ]
     kw = {"preprocess": Preprocess(size=(16, 16)), "steps": 5}
     plain = evaluate(model, pics, ["gradcam"], ["deletion", "insertion"], **kw)
-    jit = evaluate(model, pics, ["gradcam"], ["deletion", "insertion"], compile="jit", **kw)
-    for a, b in zip(plain.rows, jit.rows, strict=True):
-        for col in ("deletion", "insertion"):
-            assert abs(a.values[col] - b.values[col]) <= 1e-5
+    for backend in ("jit", "onnx"):
+        fast = evaluate(model, pics, ["gradcam"], ["deletion", "insertion"], compile=backend, **kw)
+        for a, b in zip(plain.rows, fast.rows, strict=True):
+            for col in ("deletion", "insertion"):
+                assert abs(a.values[col] - b.values[col]) <= 1e-5, (backend, col)
     with pytest.raises(ValueError, match="compile must be"):
         evaluate(model, pics, ["gradcam"], ["deletion"], compile="tvm", **kw)  # type: ignore[arg-type]

@@ -107,6 +107,15 @@ def evaluate(
     batch_size: Annotated[
         int | None, typer.Option(help="Images per model call (default 8 on CPU, 64 on GPU).")
     ] = None,
+    compile: Annotated[
+        bool,
+        typer.Option(
+            "--compile",
+            help="Run the metrics' perturbed images through a compiled copy of the model (CPU: ONNX Runtime where "
+            "camkit[onnx] is installed, else a frozen torch.jit trace; GPU: torch.compile), prepared once per "
+            "batch shape and checked once against the model; a model it cannot take runs uncompiled, with a warning.",
+        ),
+    ] = False,
     out: Annotated[Path, out_option("Folder for evaluate.csv and evaluate.json.")] = Path("out"),
     device: DeviceOption = "cpu",
     fmt: FormatOption = Format.table,
@@ -164,6 +173,7 @@ def evaluate(
                 progress=report,
                 on_skip=_report_skip,
                 max_pixels=limit,
+                compile=compile,
             )
         csv_path, json_path = out / "evaluate.csv", out / "evaluate.json"
         replaced = [str(f) for f in (csv_path, json_path) if f.exists()]

@@ -240,8 +240,9 @@ def explain(
         typer.Option(
             "--compile",
             help="Run the Score-CAM family's masked inputs, and the gradient methods' shared capture up to the "
-            "target layer, through a compiled copy of the model (CPU: a frozen torch.jit trace, prepared in "
-            "seconds per input shape; GPU: torch.compile, tens of seconds), checked once, reused for every image.",
+            "target layer, through a compiled copy of the model (CPU: ONNX Runtime where camkit[onnx] is installed, "
+            "else a frozen torch.jit trace, prepared in seconds per input shape; GPU: torch.compile, tens of "
+            "seconds), checked once, reused for every image.",
         ),
     ] = False,
     input_size: Annotated[

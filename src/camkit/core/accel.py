@@ -12,7 +12,7 @@ Every batch of perturbed inputs (Score-CAM's masked images, deletion/insertion s
   whose code breaks under the fold or the layout (``.view`` on a feature map, a convolution output also used
   outside its BatchNorm) falls back to the next path: folded + channels-last, then channels-last alone, then the
   model as given. Each fallback emits one :class:`AccelWarning` naming the reason.
-* **compiled** (``compile=...``, opt-in), one of two backends on a copy of the model:
+* **compiled** (``compile=...``, opt-in), one of three backends on a copy of the model:
 
   - ``"jit"``: the BatchNorm-folded copy in eval mode is traced with ``torch.jit.trace`` on an example batch, then
     ``torch.jit.freeze`` (weights become constants) and ``torch.jit.optimize_for_inference`` (conv/BatchNorm
@@ -22,12 +22,20 @@ Every batch of perturbed inputs (Score-CAM's masked images, deletion/insertion s
   - ``"inductor"``: ``torch.compile`` with inductor's ``freezing`` (weights become constants: BatchNorm folding,
     weight pre-packing and layout choice happen at compile time). Compiling costs tens of seconds once.
 
-  ``compile=True`` means ``"jit"`` on CPU (per batch as fast as inductor there, for a fraction of the preparation
-  time, see ``benchmarks/README.md``) and ``"inductor"`` on other devices. Either is prepared once per model,
+  - ``"onnx"`` (CPU only; ``pip install 'camkit[onnx]'``): the BatchNorm-folded copy is exported for the batch
+    shape with ``torch.onnx.export(..., dynamo=True)`` and run by an ONNX Runtime session (its CPU provider,
+    ``torch.get_num_threads()`` threads, deterministic compute; its graph optimisations fuse convolutions with
+    their activations). Preparing takes seconds. It is the fastest of the three on CPU (``docs/performance.md``).
+    ONNX Runtime's outputs are new CPU tensors without gradients.
+
+  ``compile=True`` means ``"onnx"`` on CPU where ONNX Runtime and onnxscript are installed, else ``"jit"`` (per
+  batch as fast as inductor there, for a fraction of the preparation time, see ``benchmarks/README.md``), and
+  ``"inductor"`` on other devices. Either is prepared once per model,
   dtype, device, memory format and batch size, and kept for the process; a smaller last batch is padded to the
   prepared batch size, so no second preparation happens. The first batch is checked against the model like the
   default path; a failure to prepare (a tracer warning, a compiler error, no ``torch.jit.freeze`` in this torch)
-  or a disagreement warns once and falls back to the default path. Worth it for many images of one model.
+  or a disagreement warns once and falls back to the default path. No ONNX Runtime for ``"onnx"``, or an input
+  off the CPU, counts as a failure to prepare. Worth it for many images of one model.
 * **your callable** (``forward=f``): ``f(inputs)`` instead of the model, e.g. an ONNX Runtime session you wrapped
   (it must return what the model returns). It is used as given: no copy, no check.
 
@@ -49,11 +57,13 @@ change, and a copy never carries them. Prepared copies have no hooks and are run
 from __future__ import annotations
 
 import copy
+import importlib.util
 import itertools
 import threading
 import warnings
 import weakref
-from collections.abc import Callable, Collection, Hashable
+from collections.abc import Callable, Collection, Hashable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Literal, TypeVar, cast
 
@@ -70,6 +80,7 @@ __all__ = [
     "BatchForward",
     "Compile",
     "FoldedNormAct",
+    "OnnxForward",
     "cached",
     "check_compile",
     "clear_cache",
@@ -78,7 +89,10 @@ __all__ = [
     "float64_copy",
     "fold_batchnorm",
     "fold_weights",
+    "one_lookup",
+    "onnx_available",
     "peek",
+    "scoped",
     "warn_once",
 ]
 
@@ -88,23 +102,32 @@ CHECK_ROWS = 2
 ModelForward = Callable[[Tensor], object]
 T = TypeVar("T")
 
-Compile = bool | Literal["jit", "inductor"]
-"""The ``compile`` setting: False (default path), True (the device's default backend), ``"jit"`` or ``"inductor"``."""
+Compile = bool | Literal["jit", "inductor", "onnx"]
+"""The ``compile`` setting: False (default path), True (the device's default backend), ``"jit"``, ``"inductor"``
+or ``"onnx"``."""
 
-COMPILE_CHOICES: tuple[Compile, ...] = (False, True, "jit", "inductor")
+COMPILE_CHOICES: tuple[Compile, ...] = (False, True, "jit", "inductor", "onnx")
 
 
 def check_compile(value: object) -> None:
     """Raise ValueError unless ``value`` is one of :data:`COMPILE_CHOICES`."""
-    if not (isinstance(value, bool) or (isinstance(value, str) and value in ("jit", "inductor"))):
-        raise CamkitError(f"compile must be False, True, 'jit' or 'inductor', got {value!r}")
+    if not (isinstance(value, bool) or (isinstance(value, str) and value in ("jit", "inductor", "onnx"))):
+        raise CamkitError(f"compile must be False, True, 'jit', 'inductor' or 'onnx', got {value!r}")
+
+
+def onnx_available() -> bool:
+    """Whether the ``"onnx"`` backend can be prepared here: ONNX Runtime and onnxscript (the exporter's) are
+    installed (``pip install 'camkit[onnx]'``)."""
+    return all(importlib.util.find_spec(name) is not None for name in ("onnxruntime", "onnxscript"))
 
 
 def compile_backend(value: Compile, device: torch.device) -> str:
-    """The backend a ``compile`` setting (not False) means on ``device``: ``"jit"`` or ``"inductor"`` (True:
-    ``"jit"`` on CPU, ``"inductor"`` elsewhere)."""
+    """The backend a ``compile`` setting (not False) means on ``device``: ``"jit"``, ``"inductor"`` or ``"onnx"``
+    (True: ``"onnx"`` on CPU where ONNX Runtime is installed, else ``"jit"`` on CPU, ``"inductor"`` elsewhere)."""
     if value is True:
-        return "jit" if device.type == "cpu" else "inductor"
+        if device.type != "cpu":
+            return "inductor"
+        return "onnx" if onnx_available() else "jit"
     return str(value)
 
 
@@ -190,6 +213,13 @@ def _tensor(t: Tensor) -> tuple[object, ...]:
     return id(t), t.data_ptr(), _version(t), t.dtype, t.device, tuple(t.shape)
 
 
+def _hook_keys(hooks: dict[int, Callable[..., object]]) -> tuple[int, ...]:
+    """The keys of a module's hook dictionary, without camkit's per-thread hooks (of another thread's call)."""
+    if not hooks:
+        return ()
+    return tuple(k for k, fn in list(hooks.items()) if not is_thread_hook(fn))
+
+
 def _signature(model: nn.Module) -> tuple[object, ...]:
     """What must not change for a prepared copy to stay valid (cheap: no pass over the weights' values).
 
@@ -210,8 +240,8 @@ def _signature(model: nn.Module) -> tuple[object, ...]:
                 getattr(type(m), "forward", None),
                 m.training,
                 # another thread's camkit call may have its (per-thread) hooks on the model just now: not a change
-                tuple(k for k, fn in list(m._forward_hooks.items()) if not is_thread_hook(fn)),
-                tuple(k for k, fn in list(m._forward_pre_hooks.items()) if not is_thread_hook(fn)),
+                _hook_keys(m._forward_hooks),
+                _hook_keys(m._forward_pre_hooks),
                 tuple((k, _value(v)) for k, v in list(state.items()) if k not in _MODULE_STATE),
             )
         )
@@ -222,7 +252,48 @@ def _signature(model: nn.Module) -> tuple[object, ...]:
     return tuple(modules), tuple(tensors)
 
 
+_SCOPE = threading.local()
+"""Per thread: the model whose cache entry :func:`one_lookup` holds, its entry and what :func:`scoped` computed."""
+
+
+@contextmanager
+def one_lookup(model: nn.Module) -> Iterator[None]:
+    """Within this block, in this thread, ``model``'s cache entry is looked up (its signature computed) once, and
+    :func:`scoped` computes each of its values once: for one camkit call, during which the model does not change
+    (a call that changes the model it explains is not supported anyway). Nested blocks share the outer one's."""
+    if getattr(_SCOPE, "model", None) is not None:
+        yield
+        return
+    _SCOPE.model, _SCOPE.entry, _SCOPE.values = model, None, {}
+    try:
+        yield
+    finally:
+        _SCOPE.model = _SCOPE.entry = _SCOPE.values = None
+
+
+def scoped(model: nn.Module, key: Hashable, compute: Callable[[], T]) -> T:
+    """``compute()``, computed once per :func:`one_lookup` block of ``model`` in this thread (every time outside
+    one)."""
+    if getattr(_SCOPE, "model", None) is not model:
+        return compute()
+    values = cast(dict[Hashable, object], _SCOPE.values)
+    if key not in values:
+        values[key] = compute()
+    return cast(T, values[key])
+
+
 def _entry(model: nn.Module) -> _Entry:
+    if getattr(_SCOPE, "model", None) is model and _SCOPE.entry is not None:
+        with _LOCK:
+            if _CACHE.get(model) is _SCOPE.entry:  # not replaced by another thread meanwhile
+                return cast(_Entry, _SCOPE.entry)
+    entry = _lookup(model)
+    if getattr(_SCOPE, "model", None) is model:
+        _SCOPE.entry = entry
+    return entry
+
+
+def _lookup(model: nn.Module) -> _Entry:
     sig = _signature(model)
     with _LOCK:
         entry = _CACHE.get(model)
@@ -525,16 +596,83 @@ def _trace_model(module: nn.Module, example: Tensor) -> ModelForward:
     return prepared
 
 
-def compiled_forward(module: nn.Module, example: Tensor, backend: str) -> ModelForward:
-    """``module`` (a copy in eval mode, for inference) prepared by ``backend``: ``"jit"`` (a frozen trace on
-    ``example``, optimised for inference: seconds) or ``"inductor"`` (``torch.compile`` with freezing, compiled on
-    its first call: tens of seconds).
+class OnnxForward:
+    """A module exported to ONNX for one input shape and run by an ONNX Runtime session on CPU: takes a Tensor
+    shaped like the export's example, returns what the module returned (a Tensor, or a tuple of Tensors) as CPU
+    tensors without gradients. Several threads may call it at once (ONNX Runtime's ``run`` is thread-safe and
+    releases the GIL)."""
+
+    def __init__(self, session: object, single: bool) -> None:
+        self.session = session
+        self.single = single
+        inputs = session.get_inputs()  # type: ignore[attr-defined]
+        self.input = str(inputs[0].name)
+
+    def __call__(self, x: Tensor) -> Tensor | tuple[Tensor, ...]:
+        array = x.detach().contiguous().numpy()
+        outs = self.session.run(None, {self.input: array})  # type: ignore[attr-defined]
+        tensors = tuple(torch.from_numpy(o) for o in outs)
+        return tensors[0] if self.single else tensors
+
+
+def _onnx_model(module: nn.Module, example: Tensor) -> ModelForward:
+    """``module`` (a folded copy in eval mode, or a split's prefix) exported to ONNX with ``torch.onnx.export``
+    (``dynamo=True``: ``torch.export``, then onnxscript) for ``example``'s shape and run by ONNX Runtime's CPU
+    provider with ``torch.get_num_threads()`` threads and its deterministic compute. Seconds to prepare.
 
     Raises:
-        Exception: any failure to prepare it (a tracer warning, a compiler error); the message says why.
+        _NotPrepared: ONNX Runtime or onnxscript is missing, the input is not on the CPU, or the module's output is
+            not a Tensor or a tuple/list of Tensors.
+        Exception: the export or the session failed (an operator ONNX has no export for...).
+    """
+    if example.device.type != "cpu":
+        raise _NotPrepared(f"the onnx backend runs on the CPU only, the input is on {example.device}")
+    if not onnx_available():
+        raise _NotPrepared("ONNX Runtime or onnxscript is not installed (pip install 'camkit[onnx]')")
+    import onnxruntime as ort
+
+    with torch.inference_mode(False):
+        ex = example.detach().clone().contiguous()
+        with torch.no_grad():
+            out = module(ex)
+        if isinstance(out, Tensor):
+            single = True
+        elif isinstance(out, (tuple, list)) and all(isinstance(o, Tensor) for o in out):
+            single = False
+        else:
+            raise _NotPrepared(f"its output is a {type(out).__name__}, not a Tensor or a tuple of Tensors")
+        with warnings.catch_warnings():
+            warnings.simplefilter(
+                "ignore"
+            )  # the exporter's notes on its own internals: not the user's concern
+            program = torch.onnx.export(module, (ex,), dynamo=True, verbose=False)
+        if program is None:
+            raise _NotPrepared("torch.onnx.export returned no program")
+        proto = program.model_proto.SerializeToString()
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    options.use_deterministic_compute = True
+    options.log_severity_level = 3  # errors only: its notes on unused initialisers are not the user's concern
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    session = ort.InferenceSession(proto, options, providers=["CPUExecutionProvider"])
+    return OnnxForward(session, single)
+
+
+def compiled_forward(module: nn.Module, example: Tensor, backend: str) -> ModelForward:
+    """``module`` (a copy in eval mode, for inference) prepared by ``backend``: ``"jit"`` (a frozen trace on
+    ``example``, optimised for inference: seconds), ``"inductor"`` (``torch.compile`` with freezing, compiled on
+    its first call: tens of seconds) or ``"onnx"`` (exported for ``example``'s shape and run by ONNX Runtime on
+    the CPU: seconds).
+
+    Raises:
+        Exception: any failure to prepare it (a tracer warning, a compiler error, no ONNX Runtime); the message
+            says why.
     """
     if backend == "inductor":
         return _compile_model(module)
+    if backend == "onnx":
+        return _onnx_model(module, example)
     return _trace_model(module, example)
 
 

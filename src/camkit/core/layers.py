@@ -280,6 +280,12 @@ def _name_of(model: nn.Module, module: nn.Module) -> str:
 
 def _canonical(model: nn.Module, name: str) -> str:
     """Accept names with or without the ``module.`` (DataParallel) / ``_orig_mod.`` (torch.compile) prefixes."""
+    if name:
+        try:
+            model.get_submodule(name)  # the usual case, without a walk over every module
+            return name
+        except AttributeError:
+            pass
     names = {n for n, _ in model.named_modules() if n}
     if name in names:
         return name

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from camkit.adapters import Preprocess, imagenet_labels
 from camkit.adapters.video import postprocess_clip
-from camkit.core.accel import Compile
+from camkit.core.accel import Compile, one_lookup
 from camkit.core.augment import Augment, AugmentSpec, average
 from camkit.core.capture import Captured, LayerCapture, check_eval
 from camkit.core.explanation import Explanation
@@ -252,6 +252,20 @@ def _capture(
     shape (:func:`_checked_copy`); with ``compiled`` (the ``compile`` setting) and ``need_grad`` too, on that
     copy split before its earliest target layer, the part before it compiled (:mod:`camkit.core.split`, checked
     alike)."""
+    with one_lookup(model):  # the model's cache entry found once for this capture, not once per question
+        return _capture_in(model, x, layers, plan, need_grad, read, accelerate, compiled)
+
+
+def _capture_in(
+    model: nn.Module,
+    x: Tensor,
+    layers: dict[str, nn.Module],
+    plan: TargetPlan,
+    need_grad: bool,
+    read: Callable[[object], Tensor],
+    accelerate: bool,
+    compiled: Compile,
+) -> tuple[Captured, Targets]:
     classifier = plan.task == "classification" and model_task(model) == "classification"
     allowed, prep = lookup(model, x, layers) if accelerate and classifier else (False, None)
     if not allowed:
@@ -715,14 +729,25 @@ def _check_clip_methods(x: Tensor, methods: Sequence[Method]) -> None:
         )
 
 
+def _all_finite(t: Tensor) -> bool:
+    """Whether every value of ``t`` is finite: its sum first (a NaN or an infinity anywhere makes it non-finite, one
+    reduction instead of a mask as large as ``t``), the value-by-value test only when the sum is not finite (finite
+    values whose sum overflows)."""
+    if not t.is_floating_point() and not t.is_complex():
+        return True
+    if bool(torch.isfinite(t.sum())):
+        return True
+    return bool(torch.isfinite(t).all())
+
+
 def _check_finite(t: Tensor, batch: int, what: str, hint: str, batch_dim: int = 0) -> None:
     """Raise a ValueError naming the images (indices in the batch) for which ``t`` holds NaN or Inf.
 
     ``batch_dim`` is the axis of ``t`` that runs over the images; a tensor without such an axis is named whole.
     """
-    finite = torch.isfinite(t)
-    if bool(finite.all()):
+    if _all_finite(t):
         return
+    finite = torch.isfinite(t)
     if t.dim() > 0 and t.shape[batch_dim] == batch:
         ok = finite.movedim(batch_dim, 0).reshape(batch, -1).all(dim=1)
         bad = [int(i) for i in (~ok).nonzero()[:, 0]]
@@ -743,7 +768,7 @@ def _check_tensor(model: nn.Module, images: Tensor) -> Tensor:
     """A user's image tensor, checked: [B, C, H, W] (or [C, H, W]), float, the model's channels, finite; for a
     model of 3-D convolutions a clip [B, C, T, H, W]."""
     x = images.unsqueeze(0) if images.dim() == 3 else images
-    conv3d = [m for m in model.modules() if isinstance(m, nn.Conv3d)]
+    conv3d = [m for m in model.modules() if isinstance(m, nn.Conv3d)] if x.dim() == 5 else []
     if x.dim() == 5 and conv3d:
         if x.shape[1] != conv3d[0].in_channels:
             raise CamkitError(
@@ -762,14 +787,14 @@ def _check_tensor(model: nn.Module, images: Tensor) -> Tensor:
             f"the image tensor has dtype {x.dtype}; pass a normalised float tensor, or pass PIL images / "
             "paths and camkit will preprocess them"
         )
-    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
-    if convs and x.shape[1] != convs[0].in_channels:
+    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    if conv is not None and x.shape[1] != conv.in_channels:
         raise CamkitError(
             f"the image tensor has {x.shape[1]} channel(s) (shape {tuple(x.shape)}), the model's first "
-            f"convolution expects {convs[0].in_channels}; for a grayscale image repeat it to 3 channels, for RGBA "
+            f"convolution expects {conv.in_channels}; for a grayscale image repeat it to 3 channels, for RGBA "
             "drop alpha, or pass the image file and camkit converts it"
         )
-    if not torch.isfinite(x).all():
+    if not _all_finite(x):
         raise CamkitError("the image tensor contains NaN or infinite values")
     return x
 

@@ -54,7 +54,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules import module as torch_module
 
-from camkit.core.accel import CHECK_ROWS, cached, float64_copy, fold_batchnorm, peek, warn_once
+from camkit.core.accel import CHECK_ROWS, cached, float64_copy, fold_batchnorm, peek, scoped, warn_once
 from camkit.core.capture import Captured, Gradients, LayerCapture, is_thread_hook
 from camkit.core.targets import score_fn
 
@@ -171,7 +171,9 @@ def lookup(model: nn.Module, x: Tensor, layers: dict[str, nn.Module]) -> tuple[b
 
 def _key(model: nn.Module, x: Tensor, layers: dict[str, nn.Module]) -> tuple[object, ...] | None:
     """The cache key of the copy for ``layers`` on inputs like ``x``, or None where no copy may be made."""
-    if x.dim() != 4 or x.dtype != torch.float32 or not layers or _keras(model) or _user_hooks(model):
+    if x.dim() != 4 or x.dtype != torch.float32 or not layers:
+        return None
+    if scoped(model, "keras-or-user-hooks", lambda: _keras(model) or _user_hooks(model)):
         return None
     for name, module in layers.items():
         try:
@@ -280,6 +282,8 @@ def _keras(model: nn.Module) -> bool:
 def _user_hooks(model: nn.Module) -> bool:
     """Whether the model or torch carries module hooks other than camkit's per-thread ones."""
     for m in model.modules():
+        if not (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks):
+            continue  # the usual case, checked without a look at each dictionary's values
         for hooks in (m._forward_hooks, m._forward_pre_hooks, m._backward_hooks, m._backward_pre_hooks):
             if any(not is_thread_hook(fn) for fn in list(hooks.values())):
                 return True

@@ -8,12 +8,17 @@ runs on the prepared copy (:mod:`camkit.core.prepared`) cut in two with ``torch.
   capture's per-thread forward hooks fire on it unchanged); a module class whose ``forward`` ``torch.fx`` cannot
   trace (timm's ``Conv2dSame``, data-dependent code inside a block) is kept as a leaf too, and the trace is
   repeated;
-* the graph is cut just before the first call of the earliest target layer: the **prefix** returns every value
-  that a later node reads (skip connections across the cut included), the **suffix** takes them and holds the
-  target layers (the copy's very modules, under the same names);
+* the graph is cut just after the call of the earliest target layer: the **prefix** computes that layer too and
+  returns every value that a later node reads (skip connections across the cut included, and the layer's output);
+  the **suffix** takes them, first passes the layer's output through a :class:`TargetOutput` (an identity module
+  that takes the layer's name for the capture, so its hooks see the layer's output there), and holds the later
+  target layers (the copy's very modules, under the same names). The capture's gradients stop at the target
+  layers' outputs, so nothing needs the layer's own backward. A target layer called more than once in the graph
+  (or under two names) is not computed before the cut: the cut then comes just before its first call;
 * the prefix needs no gradient: it runs under ``torch.no_grad`` through the compiled forwards of
   :mod:`camkit.core.accel` (``"jit"``: ``torch.jit.trace`` + ``freeze`` + ``optimize_for_inference``, prepared in
-  seconds; ``"inductor"``: ``torch.compile`` with freezing, tens of seconds), one per input shape; the suffix runs
+  seconds; ``"onnx"``: exported to ONNX and run by ONNX Runtime on the CPU, seconds, the fastest there;
+  ``"inductor"``: ``torch.compile`` with freezing, tens of seconds), one per input shape; the suffix runs
   eagerly with the capture's hooks, and the backward goes through it alone, as without the split.
 
 Each input shape is checked once against the model as given, by the rules of the prepared copy
@@ -52,6 +57,7 @@ __all__ = [
     "SplitCopy",
     "SplitError",
     "SplitForward",
+    "TargetOutput",
     "split_copy",
     "split_for",
     "split_graph",
@@ -140,13 +146,48 @@ def _first_target(gm: fx.GraphModule, targets: dict[str, nn.Module]) -> int:
     return first
 
 
-def split_graph(gm: fx.GraphModule, targets: dict[str, nn.Module]) -> tuple[fx.GraphModule, fx.GraphModule]:
+class TargetOutput(nn.Module):
+    """Stands in the suffix for the earliest target layer once the prefix computes it: returns its input (the
+    layer's output, computed by the prefix), so that the capture's hooks on this module see that output."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x
+
+
+_STAND_IN = "_camkit_target_output"
+
+
+def _through(gm: fx.GraphModule, targets: dict[str, nn.Module], cut: int) -> str | None:
+    """The name of the target layer the prefix may compute itself (the one called at node ``cut``), or None: it
+    must be called exactly once in the graph, under one target name only."""
+    node = list(gm.graph.nodes)[cut]
+    module = gm.get_submodule(str(node.target))
+    names = [name for name, m in targets.items() if m is module]
+    calls = sum(
+        1 for n in gm.graph.nodes if n.op == "call_module" and gm.get_submodule(str(n.target)) is module
+    )
+    return names[0] if len(names) == 1 and calls == 1 else None
+
+
+def split_graph(
+    gm: fx.GraphModule, targets: dict[str, nn.Module], through: bool = False
+) -> tuple[fx.GraphModule, fx.GraphModule, dict[str, nn.Module]]:
     """``gm`` cut just before the first call of a target layer: the prefix (the input -> the tuple of every value
-    a later node reads) and the suffix (those values, in that order -> the output), sharing ``gm``'s modules."""
+    a later node reads) and the suffix (those values, in that order -> the output), sharing ``gm``'s modules; and
+    the target layers the suffix calls in another module's place (empty).
+
+    ``through``: where that first target layer is called once, the cut comes just after it instead: the prefix
+    computes the layer too, and the suffix first passes its output through a :class:`TargetOutput`, returned
+    under the layer's name in the third value (the capture hooks it there: its output is the layer's)."""
     nodes = list(gm.graph.nodes)
     cut = _first_target(gm, targets)
+    name = _through(gm, targets, cut) if through else None
+    if name is not None:
+        cut += 1
     head, tail = nodes[:cut], set(nodes[cut:])
     crossing = [n for n in head if n.op != "get_attr" and any(u in tail for u in n.users)]
+    if name is not None and nodes[cut - 1] not in crossing:
+        crossing.append(nodes[cut - 1])  # its output is captured even where nothing later reads it
     attrs = [n for n in head if n.op == "get_attr" and any(u in tail for u in n.users)]
     first: fx.Graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
@@ -155,23 +196,32 @@ def split_graph(gm: fx.GraphModule, targets: dict[str, nn.Module]) -> tuple[fx.G
     first.output(tuple(env[n] for n in crossing))
     second: fx.Graph = fx.Graph()
     env2: dict[fx.Node, fx.Node] = {n: second.placeholder(n.name) for n in crossing}
+    replaced: dict[str, nn.Module] = {}
+    if name is not None:
+        stand_in = TargetOutput()
+        gm.add_submodule(_STAND_IN, stand_in)  # the traced copy's own graph never calls it
+        env2[nodes[cut - 1]] = second.call_module(_STAND_IN, (env2[nodes[cut - 1]],))
+        replaced[name] = stand_in
     for n in [*attrs, *nodes[cut:]]:
         env2[n] = second.node_copy(n, lambda a: env2[a])
-    return fx.GraphModule(gm, first, "Prefix"), fx.GraphModule(gm, second, "Suffix")
+    return fx.GraphModule(gm, first, "Prefix"), fx.GraphModule(gm, second, "Suffix"), replaced
 
 
 class SplitForward(nn.Module):
     """The split copy's forward for one input shape: the compiled prefix without gradients, then the suffix."""
 
-    def __init__(self, prefix: Callable[[Tensor], Any], suffix: fx.GraphModule, nhwc: bool) -> None:
+    def __init__(
+        self, prefix: Callable[[Tensor], Any], suffix: fx.GraphModule, nhwc: bool, nhwc_input: bool
+    ) -> None:
         super().__init__()
         self._prefix = prefix  # not a submodule: a compiled callable
         self.suffix = suffix
         self.nhwc = nhwc
+        self.nhwc_input = nhwc_input
 
     def forward(self, x: Tensor) -> Any:
         with torch.no_grad():
-            values = self._prefix(_layout(x, self.nhwc))
+            values = self._prefix(_layout(x, self.nhwc_input))
         if self.nhwc:
             values = tuple(
                 v.contiguous(memory_format=torch.channels_last) if v.dim() == 4 else v for v in values
@@ -192,8 +242,9 @@ class SplitCopy:
     """The prepared copy split at its earliest target layer, with its compiled prefixes by input shape.
 
     Attributes:
-        backend: ``"jit"`` or ``"inductor"``.
-        layers: the copy's target modules, by the model's layer names (the suffix calls these very modules).
+        backend: ``"jit"``, ``"onnx"`` or ``"inductor"``.
+        layers: the modules the capture hooks, by the model's layer names: the copy's target modules (the suffix
+            calls these very modules), the earliest one's :class:`TargetOutput` where the prefix computes it.
         nhwc: the suffix takes channels-last feature maps (CPU, as the prepared copy).
         failed: why the split is not used (None: it is).
     """
@@ -229,8 +280,9 @@ class SplitCopy:
                 raise SplitError(self.failed or "it was not made")
             run = self._runs.get(_shape(x))
             if run is None:
-                prefix = _compile_prefix(self.prefix, _layout(x, self.nhwc), self.backend)
-                run = SplitForward(prefix, self.suffix, self.nhwc)
+                nhwc_input = self.nhwc and self.backend != "onnx"  # ONNX Runtime takes NCHW arrays
+                prefix = _compile_prefix(self.prefix, _layout(x, nhwc_input), self.backend)
+                run = SplitForward(prefix, self.suffix, self.nhwc, nhwc_input)
                 self._runs[_shape(x)] = run
             return run
 
@@ -278,7 +330,8 @@ def split_copy(
     split = SplitCopy(backend, dict(layers), nhwc)
     try:
         gm = trace_with_leaves(copy, list(layers.values()))
-        split.prefix, split.suffix = split_graph(gm, layers)
+        split.prefix, split.suffix, replaced = split_graph(gm, layers, through=True)
+        split.layers.update(replaced)
     except SplitError as err:
         split.failed = str(err)
         warn_once(

@@ -74,12 +74,15 @@ class PerturbationOptions:
             the BatchNorm-folded copy, ``torch.jit.freeze`` and ``torch.jit.optimize_for_inference`` (seconds to
             prepare; a model whose trace warns, e.g. data-dependent control flow, falls back to the default path
             with one ``AccelWarning``); ``"inductor"``: ``torch.compile`` with freezing (tens of seconds to
-            compile); True: ``"jit"`` on CPU, ``"inductor"`` on other devices; False (default): neither. It also
+            compile); ``"onnx"``: the BatchNorm-folded copy exported by ``torch.onnx.export`` and run by ONNX
+            Runtime on the CPU (seconds to prepare; ``pip install 'camkit[onnx]'``); True: ``"onnx"`` on CPU where
+            ONNX Runtime is installed, else ``"jit"``, and ``"inductor"`` on other devices; False (default):
+            none. It also
             covers the shared capture of the methods that need dS/dA (Grad-CAM and the methods sharing its forward
             and backward): the prepared copy of :mod:`camkit.core.prepared` is cut by ``torch.fx`` before the
             earliest target layer and the part before it, which needs no gradient, runs compiled by the same
-            backend (:mod:`camkit.core.split`; prepared once per input shape: seconds with ``"jit"``, tens of
-            seconds with ``"inductor"``; checked once against the model; a model ``torch.fx`` cannot trace falls
+            backend (:mod:`camkit.core.split`; prepared once per input shape: seconds with ``"jit"`` and
+            ``"onnx"``, tens of seconds with ``"inductor"``; checked once against the model; a model ``torch.fx`` cannot trace falls
             back to the uncompiled copy with one ``AccelWarning``).
         forward: a callable ``Tensor[N, C, H, W] -> model output`` used for the masked inputs instead of the
             model (Score-CAM family), for example your own compiled model or an ONNX Runtime session::

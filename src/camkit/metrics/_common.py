@@ -40,8 +40,9 @@ class Forward:
 
     The chunks go through :class:`camkit.core.accel.BatchForward`: by default a BatchNorm-folded copy of the model with
     channels-last inputs on CPU, checked once against the model on the first chunk (``channels_last=False``: the
-    model as given); ``compile``: a traced and frozen copy (``"jit"``) or a ``torch.compile``'d one
-    (``"inductor"``; True: ``"jit"`` on CPU, ``"inductor"`` elsewhere), prepared once per model and chunk shape and
+    model as given); ``compile``: a traced and frozen copy (``"jit"``), a ``torch.compile``'d one (``"inductor"``)
+    or an ONNX Runtime session of an exported copy (``"onnx"``, CPU; True: ``"onnx"`` on CPU where ONNX Runtime is
+    installed, else ``"jit"``, and ``"inductor"`` elsewhere), prepared once per model and chunk shape and
     reused by every later ``Forward`` of the same model in the process (see :mod:`camkit.core.accel`).
 
     Attributes:
