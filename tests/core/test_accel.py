@@ -334,20 +334,21 @@ def test_a_compiler_failure_warns_once_and_runs_the_default_path(monkeypatch) ->
     assert torch.equal(maps[0], default) and torch.equal(maps[1], default)
 
 
-def _counting_traces(monkeypatch) -> list[nn.Module]:
-    traces: list[nn.Module] = []
-    real = accel._trace_model
+def _counting(monkeypatch, name: str = "_trace_model") -> list[nn.Module]:
+    """The modules accel's backend function ``name`` (``_trace_model``, ``_onnx_model``) is called on."""
+    seen: list[nn.Module] = []
+    real = getattr(accel, name)
 
     def counting(module: nn.Module, example: Tensor) -> accel.ModelForward:
-        traces.append(module)
+        seen.append(module)
         return real(module, example)
 
-    monkeypatch.setattr(accel, "_trace_model", counting)
-    return traces
+    monkeypatch.setattr(accel, name, counting)
+    return seen
 
 
 def test_jit_path_agrees_and_is_prepared_once(monkeypatch) -> None:
-    traces = _counting_traces(monkeypatch)
+    traces = _counting(monkeypatch)
     net = ConvBN().eval()
     before = snapshot(net)
     x = torch.randn(2, 3, 8, 8)
@@ -380,7 +381,7 @@ def test_jit_path_agrees_and_is_prepared_once(monkeypatch) -> None:
 
 
 def test_compile_true_means_jit_on_cpu_without_onnxruntime(monkeypatch) -> None:
-    traces = _counting_traces(monkeypatch)
+    traces = _counting(monkeypatch)
     monkeypatch.setattr(accel, "_compile_model", lambda _m: pytest.fail("inductor on CPU"))
     monkeypatch.setattr(accel, "onnx_available", lambda: False)
     net = ConvBN().eval()
@@ -402,20 +403,8 @@ def test_compile_true_means_onnx_on_cpu_with_onnxruntime(monkeypatch) -> None:
     assert ff.path == "onnx" and out.shape == (4, 3)
 
 
-def _counting_exports(monkeypatch) -> list[nn.Module]:
-    exports: list[nn.Module] = []
-    real = accel._onnx_model
-
-    def counting(module: nn.Module, example: Tensor) -> accel.ModelForward:
-        exports.append(module)
-        return real(module, example)
-
-    monkeypatch.setattr(accel, "_onnx_model", counting)
-    return exports
-
-
 def test_onnx_path_agrees_is_prepared_once_and_deterministic(monkeypatch) -> None:
-    exports = _counting_exports(monkeypatch)
+    exports = _counting(monkeypatch, "_onnx_model")
     net = ConvBN().eval()
     before = snapshot(net)
     x = torch.randn(2, 3, 8, 8)

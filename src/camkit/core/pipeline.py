@@ -253,34 +253,21 @@ def _capture(
     copy split before its earliest target layer, the part before it compiled (:mod:`camkit.core.split`, checked
     alike)."""
     with one_lookup(model):  # the model's cache entry found once for this capture, not once per question
-        return _capture_in(model, x, layers, plan, need_grad, read, accelerate, compiled)
-
-
-def _capture_in(
-    model: nn.Module,
-    x: Tensor,
-    layers: dict[str, nn.Module],
-    plan: TargetPlan,
-    need_grad: bool,
-    read: Callable[[object], Tensor],
-    accelerate: bool,
-    compiled: Compile,
-) -> tuple[Captured, Targets]:
-    classifier = plan.task == "classification" and model_task(model) == "classification"
-    allowed, prep = lookup(model, x, layers) if accelerate and classifier else (False, None)
-    if not allowed:
-        return _capture_on(model, x, layers, plan, need_grad, read)
-    if compiled and need_grad:
-        split = _split_capture(model, x, layers, plan, need_grad, read, compiled)
-        if split is not None:
-            return split
-        allowed, prep = lookup(model, x, layers)
+        classifier = plan.task == "classification" and model_task(model) == "classification"
+        allowed, prep = lookup(model, x, layers) if accelerate and classifier else (False, None)
         if not allowed:
             return _capture_on(model, x, layers, plan, need_grad, read)
-    if prep is not None and prep.checked(x):
-        return _capture_prepared(prep, x, plan, need_grad, read)
-    got = _checked_copy(model, x, layers, plan, need_grad, read)
-    return got if got is not None else _capture_on(model, x, layers, plan, need_grad, read)
+        if compiled and need_grad:
+            split = _split_capture(model, x, layers, plan, need_grad, read, compiled)
+            if split is not None:
+                return split
+            allowed, prep = lookup(model, x, layers)
+            if not allowed:
+                return _capture_on(model, x, layers, plan, need_grad, read)
+        if prep is not None and prep.checked(x):
+            return _capture_prepared(prep, x, plan, need_grad, read)
+        got = _checked_copy(model, x, layers, plan, need_grad, read)
+        return got if got is not None else _capture_on(model, x, layers, plan, need_grad, read)
 
 
 def _split_capture(
