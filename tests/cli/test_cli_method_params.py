@@ -142,7 +142,10 @@ def test_unknown_parameter_lists_the_parameters_with_the_closest() -> None:
 @pytest.mark.parametrize(
     ("spec", "needle"),
     [
-        ("finercam(alpha=abc)", "finercam: alpha must be a number, got str"),  # the factory's own TypeError
+        (
+            "finercam(alpha=abc)",
+            "finercam: alpha must be a finite number, got 'abc' (str)",
+        ),  # the factory's own TypeError
         ("finercam(n_similar=0)", "n_similar must be an integer >= 1"),
         ("smoothgradcam++(seed=1.5)", "seed must be an int"),
         ("sscam(samples=two)", "sscam: samples must be of type int"),

@@ -98,3 +98,16 @@ def test_cameras_on_a_fixed_size_model_is_one_error() -> None:
 
     with pytest.raises(CamkitError, match=r"does not take that size .*scales=\(1,\)"):
         camkit.explain(Fixed().eval(), torch.rand(1, 3, 16, 16), "cameras(scales=(1,2))", layers="net.2")
+
+
+@pytest.mark.parametrize("spec", ["finercam(alpha=1,,n_similar=2)", "finercam(,alpha=1)", "sscam(,)"])
+def test_an_empty_setting_between_commas_is_refused(spec: str) -> None:
+    with pytest.raises(CamkitError, match="empty setting between commas"):
+        parse_spec(spec)
+    with pytest.raises(CamkitError, match="empty setting between commas"):
+        get_method(spec)
+
+
+def test_a_trailing_comma_is_allowed_as_in_python() -> None:
+    assert parse_spec("finercam(alpha=0.5,)") == ("finercam", {"alpha": 0.5})
+    assert parse_spec("finercam(alpha=0.5, n_similar=2 , )") == ("finercam", {"alpha": 0.5, "n_similar": 2})

@@ -29,9 +29,9 @@ _OPEN = {"(": ")", "[": "]", "{": "}"}
 _CLOSE = {v: k for k, v in _OPEN.items()}
 
 
-def split_specs(text: str, sep: str = ",") -> list[str]:
-    """Split on the ``sep`` outside brackets and quotes, items stripped, empty ones dropped:
-    ``"finercam(alpha=0.5, n_similar=2),gradcam"`` -> ``["finercam(alpha=0.5, n_similar=2)", "gradcam"]``.
+def split_specs(text: str, sep: str = ",", keep_empty: bool = False) -> list[str]:
+    """Split on the ``sep`` outside brackets and quotes, items stripped, empty ones dropped (``keep_empty``: kept,
+    as ``""``): ``"finercam(alpha=0.5, n_similar=2),gradcam"`` -> ``["finercam(alpha=0.5, n_similar=2)", "gradcam"]``.
 
     Raises:
         CamkitError: unbalanced brackets or an unclosed quote.
@@ -57,7 +57,7 @@ def split_specs(text: str, sep: str = ",") -> list[str]:
         what = f"an unclosed {stack[-1]!r}" if stack else f"an unclosed quote {quote}"
         raise CamkitError(f"{text!r} has {what}; write name(key=value, ...)")
     parts.append(text[start:])
-    return [p.strip() for p in parts if p.strip()]
+    return [p.strip() for p in parts if keep_empty or p.strip()]
 
 
 def parse_spec(text: str, kind: str = "method") -> tuple[str, dict[str, object] | None]:
@@ -75,9 +75,16 @@ def parse_spec(text: str, kind: str = "method") -> tuple[str, dict[str, object] 
     if not text.endswith(")") or text.startswith("("):
         raise CamkitError(f"{text!r} is not a {kind} spec; write name or name(key=value, ...)")
     name, _, inner = text[:-1].partition("(")
-    split_specs(inner)  # balanced brackets and quotes, else the error says so
+    items = split_specs(inner, keep_empty=True)  # balanced brackets and quotes, else the error says so
+    if items and not items[-1]:
+        items.pop()  # a trailing comma, as Python allows: name(a=1,) and name()
+    if "" in items:
+        raise CamkitError(
+            f"{text!r} has an empty setting between commas; write {name.strip()}(key=value, ...) with one comma "
+            "between settings"
+        )
     settings: dict[str, object] = {}
-    for item in split_specs(inner):
+    for item in items:
         key, eq, raw = item.partition("=")
         key = key.strip()
         if not eq or not key.isidentifier():

@@ -63,7 +63,7 @@ def finercam(alpha: float = 1.0, n_similar: int = 3, base: str = "gradcam") -> P
         base: a gradient layer method whose formula makes the map (``gradcam``, ``gradcam++``, ``layercam``, ...).
     """
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
-        raise TypeError(f"alpha must be a number, got {type(alpha).__name__}")
+        raise TypeError(f"alpha must be a finite number, got {alpha!r} ({type(alpha).__name__})")
     if not -float("inf") < alpha < float("inf"):
         raise CamkitError(f"alpha must be a finite number, got {alpha!r}")
     if isinstance(n_similar, bool) or not isinstance(n_similar, int) or n_similar < 1:
