@@ -29,6 +29,7 @@ the model it ran): its traceback is printed, then one line asking to report it, 
 from __future__ import annotations
 
 import errno
+import re
 import traceback
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,7 @@ from camkit.cli import report as report_cli
 from camkit.cli import serve as serve_cli
 from camkit.cli.common import err_console, error_line, fail, os_error_message
 
-__all__ = ["BUG_LINE", "EXIT_BUG", "CamkitCommand", "app", "report_bug", "run_app"]
+__all__ = ["BUG_LINE", "EXIT_BUG", "CamkitCommand", "app", "out_of_memory", "report_bug", "run_app"]
 
 #: Exit status of a command stopped by a bug (an exception that is neither a user error nor an OS error).
 EXIT_BUG = 3
@@ -86,8 +87,33 @@ class CamkitCommand(TyperCommand):
         except Exception as err:
             if _command_flow(err):
                 raise
+            memory = out_of_memory(err)
+            if memory is not None:
+                fail(memory)
             report_bug(err)
             raise typer.Exit(code=EXIT_BUG) from None
+
+
+def out_of_memory(err: BaseException) -> str | None:
+    """The one line for an allocation that failed (``MemoryError``, torch's out-of-memory error, the CPU
+    allocator's refusal), naming the size asked for when the message gives it; None for any other error."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    oom = getattr(torch, "OutOfMemoryError", None) if torch is not None else None
+    text = str(err)
+    if not (
+        isinstance(err, MemoryError)
+        or (oom is not None and isinstance(err, oom))
+        or (isinstance(err, RuntimeError) and "can't allocate memory" in text)
+    ):
+        return None
+    found = re.search(r"allocate (\d+) bytes", text)
+    asked = f" (an allocation of {int(found.group(1)) / 2**30:,.1f} GiB)" if found else ""
+    return (
+        f"out of memory{asked}: lower the sizes given (a method's samples or batch size, --batch-size, the number "
+        "or size of the images) or free memory"
+    )
 
 
 def _command_flow(err: Exception) -> bool:
