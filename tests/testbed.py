@@ -520,3 +520,19 @@ def in_threads(fn: Callable[[], T], threads: int, calls: int) -> list[T]:
     if errors:
         raise errors[0]
     return out
+
+
+def randomize_norms(model: nn.Module, seed: int = 0, bias: bool = True) -> nn.Module:
+    """Non-trivial BatchNorm statistics and scales (and shifts, with ``bias``), so that folding a BatchNorm into
+    its convolution changes the weights; returns the model in eval mode."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                n = m.num_features
+                m.running_mean.copy_(torch.randn(n, generator=g) * 0.2)
+                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
+                if bias:
+                    m.bias.copy_(torch.randn(n, generator=g) * 0.2)
+    return model.eval()

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 import camkit
 from camkit.core import accel, prepared
 from camkit.core.accel import AccelWarning, FoldedNormAct, fold_batchnorm
-from testbed import assert_unchanged, in_threads, snapshot
+from testbed import assert_unchanged, in_threads, randomize_norms, snapshot
 
 SIDE = 32
 
@@ -25,20 +25,6 @@ def _fresh_cache() -> Iterator[None]:
     accel.clear_cache()
     yield
     accel.clear_cache()
-
-
-def _randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Non-trivial BatchNorm statistics and affine parameters, so that folding changes the weights."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                n = m.num_features
-                m.running_mean.copy_(torch.randn(n, generator=g) * 0.2)
-                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(n, generator=g) * 0.2)
-    return model.eval()
 
 
 class BnNet(nn.Module):
@@ -67,7 +53,7 @@ def tiny_timm_efficientnet() -> nn.Module:
 
     torch.manual_seed(0)
     arch = decode_arch_def([["ds_r1_k3_s1_e1_c8"], ["ir_r1_k3_s2_e2_c16"]])
-    return _randomize_norms(EfficientNet(arch, num_classes=5, stem_size=8, num_features=24))
+    return randomize_norms(EfficientNet(arch, num_classes=5, stem_size=8, num_features=24))
 
 
 def tiny_vit() -> nn.Module:
@@ -130,7 +116,7 @@ PERTURB_AND_PASSES = ("scorecam", "fullgrad", "guided-gradcam", "smoothgradcam++
 
 @pytest.mark.parametrize(
     ("build", "layers"),
-    [(lambda: _randomize_norms(BnNet()), "head,block"), (tiny_timm_efficientnet, "bn2,blocks.1")],
+    [(lambda: randomize_norms(BnNet()), "head,block"), (tiny_timm_efficientnet, "bn2,blocks.1")],
     ids=["batchnorm", "timm-batchnormact"],
 )
 def test_every_method_kind_same_maps_on_the_copy(build: object, layers: str) -> None:
@@ -161,7 +147,7 @@ def test_attention_and_topk_same_maps_on_the_copy() -> None:
     fast = camkit.compare(vit, x, ("gradcam", "rollout", "legrad"))
     assert _used(vit)  # channels-last input (nothing to fold)
     _assert_same(fast, plain)
-    net = _randomize_norms(BnNet())
+    net = randomize_norms(BnNet())
     top = camkit.explain(net, x, "layercam", layers="head", targets=camkit.TopK(3))
     top_plain = camkit.explain(net, x, "layercam", layers="head", targets=camkit.TopK(3), accelerate=False)
     assert top.classes is not None and top_plain.classes is not None
@@ -170,7 +156,7 @@ def test_attention_and_topk_same_maps_on_the_copy() -> None:
 
 
 def test_conv_target_layer_is_not_folded() -> None:
-    net, x = _randomize_norms(BnNet()), _x()
+    net, x = randomize_norms(BnNet()), _x()
     fast = camkit.explain(net, x, "gradcam", layers="head.0")  # the conv itself: its own output, not BN's
     plain = camkit.explain(net, x, "gradcam", layers="head.0", accelerate=False)
     _assert_same({"g": fast}, {"g": plain})
@@ -214,7 +200,7 @@ class ViewsFeatures(nn.Module):
 @pytest.mark.parametrize(
     ("build", "why"),
     [
-        (lambda: _randomize_norms(SkipBeforeNorm()), "differs from the model's"),
+        (lambda: randomize_norms(SkipBeforeNorm()), "differs from the model's"),
         (lambda: ViewsFeatures().eval(), "it raised"),
     ],
     ids=["mismatch", "raises"],
@@ -238,7 +224,7 @@ def test_fallback_warns_once_and_gives_the_models_maps(build: object, why: str) 
 
 
 def test_forced_mismatch_by_tolerance(monkeypatch: pytest.MonkeyPatch) -> None:
-    net, x = _randomize_norms(BnNet()), _x()
+    net, x = randomize_norms(BnNet()), _x()
     monkeypatch.setattr(prepared, "RTOL", -1.0)  # no map can agree
     with pytest.warns(AccelWarning, match="its map of 'head'"):
         e = camkit.explain(net, x, "gradcam", layers="head")
@@ -259,7 +245,7 @@ def test_disagreement_names_classes_and_missing_gradients() -> None:
 
 
 def test_model_untouched_after_an_exception_mid_way() -> None:
-    net, x = _randomize_norms(BnNet()), _x()
+    net, x = randomize_norms(BnNet()), _x()
     for p in net.fc.parameters():
         p.requires_grad_(False)  # a mixed requires_grad state to keep
     before = snapshot(net)
@@ -276,7 +262,7 @@ def test_model_untouched_after_an_exception_mid_way() -> None:
 
 
 def test_not_used_where_the_model_must_run_itself() -> None:
-    net, x = _randomize_norms(BnNet()), _x()
+    net, x = randomize_norms(BnNet()), _x()
     seen: list[int] = []
     handle = net.head.register_forward_hook(lambda m, i, o: seen.append(1))  # the user's own hook
     try:
@@ -291,7 +277,7 @@ def test_not_used_where_the_model_must_run_itself() -> None:
 
 
 def test_threads_share_the_copy() -> None:
-    net, x = _randomize_norms(BnNet()), _x(4)
+    net, x = randomize_norms(BnNet()), _x(4)
     expected = camkit.explain(net, x, "gradcam++", layers="head").maps
     before = snapshot(net)
     out = in_threads(lambda: camkit.explain(net, x, "gradcam++", layers="head").maps, threads=3, calls=3)
@@ -305,7 +291,7 @@ def test_threads_share_the_copy() -> None:
 
 
 def test_copy_shares_unfolded_weights_and_folds_in_float64() -> None:
-    net, x = _randomize_norms(BnNet()), _x()
+    net, x = randomize_norms(BnNet()), _x()
     twin, n = fold_batchnorm(net, x[:1], share=True)
     assert n == 3
     assert twin.fc.weight.data_ptr() == net.fc.weight.data_ptr()  # unfolded: the model's storage, no copy
@@ -347,10 +333,10 @@ def test_pairs_found_on_meta_tensors_else_on_the_copy(monkeypatch: pytest.Monkey
         return real(twin, convs, norms, example)  # type: ignore[arg-type]
 
     monkeypatch.setattr(accel, "_conv_norm_pairs", spy)
-    assert fold_batchnorm(_randomize_norms(BnNet()), _x(1))[1] == 3
+    assert fold_batchnorm(randomize_norms(BnNet()), _x(1))[1] == 3
     assert devices == ["meta"]  # no forward on real tensors
     devices.clear()
-    net, x = _randomize_norms(DataDependent()), _x()
+    net, x = randomize_norms(DataDependent()), _x()
     twin, n = fold_batchnorm(net, x[:1])
     assert n == 1 and devices == ["meta", "cpu"]
     with torch.inference_mode():
@@ -360,7 +346,7 @@ def test_pairs_found_on_meta_tensors_else_on_the_copy(monkeypatch: pytest.Monkey
 def test_first_call_runs_the_copy_then_the_model_a_few_images_at_a_time(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    net, x = _randomize_norms(BnNet()), _x(5)
+    net, x = randomize_norms(BnNet()), _x(5)
     runs: list[tuple[bool, int, bool]] = []  # (the model as given?, images, the copy's graph already freed?)
     graphs: list[object] = []
     forward = camkit.core.capture.LayerCapture.forward
@@ -423,7 +409,7 @@ def test_an_image_the_float32_model_gets_wrong_is_judged_against_float64() -> No
 def test_the_check_asks_the_float64_model_when_the_float32_model_disagrees(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    net, x = _randomize_norms(BnNet()), _x(3)
+    net, x = randomize_norms(BnNet()), _x(3)
     rows = prepared.capture_rows
 
     def off_by_rounding(model: nn.Module, *args: object, **kwargs: object) -> camkit.core.capture.Captured:

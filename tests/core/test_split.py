@@ -20,7 +20,7 @@ from camkit import PerturbationOptions
 from camkit.core import accel, split
 from camkit.core.accel import AccelWarning
 from camkit.core.split import SplitCopy, split_graph, trace_with_leaves
-from testbed import assert_unchanged, in_threads, snapshot
+from testbed import assert_unchanged, in_threads, randomize_norms, snapshot
 
 SIDE = 32
 JIT = PerturbationOptions(compile="jit")
@@ -35,14 +35,7 @@ def _fresh_cache() -> Iterator[None]:
 
 def _norms(model: nn.Module) -> nn.Module:
     """Non-trivial BatchNorm statistics, so that the fold changes the weights."""
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.2)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-    return model.eval()
+    return randomize_norms(model, bias=False)
 
 
 class TinyResNet(nn.Module):

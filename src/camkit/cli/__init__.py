@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import errno
 import re
+import sys
 import traceback
 from pathlib import Path
 from typing import Any
@@ -97,8 +98,6 @@ class CamkitCommand(TyperCommand):
 def out_of_memory(err: BaseException) -> str | None:
     """The one line for an allocation that failed (``MemoryError``, torch's out-of-memory error, the CPU
     allocator's refusal), naming the size asked for when the message gives it; None for any other error."""
-    import sys
-
     torch = sys.modules.get("torch")
     oom = getattr(torch, "OutOfMemoryError", None) if torch is not None else None
     text = str(err)
