@@ -409,3 +409,22 @@ def test_build_records_metrics_come_from_the_metric_registry(small_model: camkit
     assert record.metrics["gradcam"]["deletion"] == pytest.approx(float(direct), abs=1e-6)
     morf = M.road(small_model.model, x, expl.maps, expl.classes).mean_score[0]
     assert record.metrics["gradcam"]["road_morf"] == pytest.approx(float(morf), abs=1e-6)
+
+
+@pytest.mark.parametrize("flag", ["--progress", "--no-progress"])
+def test_cli_report_moves_one_bar_per_image(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flag: str) -> None:
+    from camkit.cli import progress
+
+    shown: list[tuple[bool, str]] = []
+    monkeypatch.setattr(
+        progress.RunProgress, "image_done", lambda self, name: shown.append((self._bar is not None, name))
+    )
+    for i in range(2):
+        photo(64, 48, i).save(tmp_path / f"p{i}.png")
+    out = tmp_path / "rep.html"
+    res = CliRunner().invoke(
+        app, ["report", str(tmp_path / "p0.png"), str(tmp_path / "p1.png"), *FAST, flag, "-o", str(out)]
+    )
+    assert res.exit_code == 0, res.output
+    assert shown == [(flag == "--progress", "p0"), (flag == "--progress", "p1")]  # each image as it is done
+    assert [im["name"] for im in _data(out.read_text(encoding="utf-8"))["images"]] == ["p0", "p1"]

@@ -23,6 +23,7 @@ from camkit.cli.common import (
     ModelOption,
     ModelOptions,
     PretrainedOption,
+    ProgressOption,
     PromptOption,
     SampleOption,
     SeedOption,
@@ -37,6 +38,7 @@ from camkit.cli.common import (
     read_annotated,
     read_or_skip,
     resolve_inputs,
+    run_progress,
     split_methods,
     user_errors,
 )
@@ -45,7 +47,7 @@ from camkit.errors import CamkitError
 if TYPE_CHECKING:
     from PIL import Image
 
-    from camkit.report import ReportOptions
+    from camkit.report import ImageRecord, ReportOptions
 
 __all__ = ["ReportArgs", "report"]
 
@@ -84,9 +86,12 @@ def report(
     metrics: Annotated[
         list[str] | None,
         typer.Option(
-            help="Metrics per image and method, comma-separated: deletion, insertion, avg_drop, increase, road, arcc, "
-            "sparseness, entropy, effective_complexity, random_logit, mprt; settings in parentheses as for camkit "
-            "evaluate: 'road(noise=0.05),deletion' (docs/metrics.md).",
+            help="Metrics per image and method, comma-separated: the per-image metrics of camkit evaluate (deletion, "
+            "insertion, avg_drop, increase, road, arcc, ..., sparseness, entropy, effective_complexity, "
+            "random_logit, mprt; `camkit evaluate --help`); settings in parentheses as for camkit evaluate: "
+            "'road(noise=0.05),deletion' (docs/metrics.md). Those that explain again (max_sensitivity, "
+            "avg_sensitivity, random_logit, mprt) multiply the cost of the methods: mprt explains each image once "
+            "per module with parameters.",
             show_default=False,
         ),
     ] = None,
@@ -124,6 +129,7 @@ def report(
     sample: SampleOption = "chelsea",
     device: DeviceOption = "cpu",
     max_pixels: MaxPixelsOption = DEFAULT_MAX_PIXELS,
+    progress: ProgressOption = None,
 ) -> None:
     """One HTML file that opens offline: per image the photo, the top-5, methods x layers overlays, the boxes and
     the metrics asked for; a sortable, filterable table over the images; pages of --per-page images.
@@ -161,6 +167,7 @@ def report(
         sample=sample,
         max_pixels=max_pixels,
         given=frozenset(_given(ctx)),
+        progress=progress,
     )
     with user_errors():
         if len(args.images) == 1 and is_store(args.images[0]):
@@ -204,6 +211,7 @@ class ReportArgs:
     max_pixels: int
     given: frozenset[str]
     annotations: Path | None = None
+    progress: bool | None = None
 
     def page(self, store: bool, meta: str | None = None) -> ReportOptions:
         """The report's page options (checked); a store's: thumbnails of 128 pixels and no full view unless
@@ -280,7 +288,14 @@ def _report_images(args: ReportArgs) -> tuple[int, int]:
         parsed,
         targets,
     )
-    stats = write_report(records, args.out, replace(page, meta=meta))
+    with run_progress(len(inputs), enabled=args.progress) as bar:
+
+        def counted() -> Iterator[ImageRecord]:
+            for record in records:
+                bar.image_done(record.name)
+                yield record
+
+        stats = write_report(counted(), args.out, replace(page, meta=meta))
     console.print(
         f"written {args.out} ({stats.bytes / 1e6:.2f} MB, {stats.images} images, "
         f"{stats.bytes_per_image / 1e3:.0f} kB per image)"
