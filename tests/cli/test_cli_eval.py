@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -504,3 +505,22 @@ def test_evaluate_compile_runs_the_metrics_through_onnx_with_the_same_numbers(
     for method, values in a.items():
         for column, value in values.items():
             assert abs(value - b[method][column]) <= 1e-5, (method, column, value, b[method][column])
+
+
+@pytest.mark.parametrize(
+    ("argv", "preset", "expected"),
+    [
+        (["camkit", "evaluate", "x.png", "--compile"], None, "PASSIVE"),  # before torch is imported
+        (["camkit", "evaluate", "x.png", "--compile"], "ACTIVE", "ACTIVE"),  # the user's own setting stays
+        (["camkit", "evaluate", "x.png"], None, None),  # the default path: spinning threads are faster
+        (["camkit", "explain", "x.png", "--compile"], None, None),
+    ],
+)
+def test_evaluate_compile_lets_torchs_openmp_threads_sleep(monkeypatch, argv, preset, expected) -> None:
+    from camkit import _entry
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    if preset is not None:
+        monkeypatch.setenv("OMP_WAIT_POLICY", preset)
+    _entry._passive_openmp(argv)
+    assert os.environ.get("OMP_WAIT_POLICY") == expected

@@ -412,7 +412,9 @@ def test_build_records_metrics_come_from_the_metric_registry(small_model: camkit
 
 
 @pytest.mark.parametrize("flag", ["--progress", "--no-progress"])
-def test_cli_report_moves_one_bar_per_image(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flag: str) -> None:
+def test_cli_report_moves_one_bar_per_image(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flag: str
+) -> None:
     from camkit.cli import progress
 
     shown: list[tuple[bool, str]] = []
