@@ -230,6 +230,28 @@ def test_cli_report_store_usage_errors_exit_2(
     assert not out.exists()
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--steps", "9", "--compile"], "--compile, --steps: a store is summarised as the run computed it"),
+        (["--model", "resnet50", "--metrics", "road"], "--metrics, --model: a store"),
+        (["--methods", "scorecam"], "--methods: a store"),
+        (["-o", "elsewhere"], "--out: a store"),
+    ],
+)
+def test_cli_evaluate_store_refuses_options_it_would_ignore(
+    store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, args: list[str], message: str
+) -> None:
+    """``camkit evaluate STORE`` prints what the run computed: an option that would change the numbers (or
+    ``--out``, which it never writes) is an error, not silently dropped."""
+    monkeypatch.chdir(tmp_path)
+    res = runner.invoke(app, ["evaluate", str(store), *args])
+    assert res.exit_code == 2 and message in res.output, res.output
+    assert list(tmp_path.iterdir()) == []  # nothing written
+    fine = runner.invoke(app, ["evaluate", str(store), "--format", "json", "--no-progress"])
+    assert fine.exit_code == 0 and '"store"' in fine.stdout, fine.output
+
+
 def test_cli_limit_without_a_store_is_an_error(tmp_path: Path) -> None:
     res = runner.invoke(app, ["report", "--limit", "3", "-o", str(tmp_path / "r.html")])
     assert res.exit_code == 2 and "for a `camkit run` store" in res.output

@@ -69,6 +69,7 @@ __all__ = [
     "error_line",
     "fail",
     "file_part",
+    "given_options",
     "join_methods",
     "load_model",
     "load_pictures",
@@ -83,6 +84,7 @@ __all__ = [
     "read_annotated",
     "read_input",
     "read_or_skip",
+    "refuse_for_store",
     "resolve_inputs",
     "run_progress",
     "split",
@@ -257,6 +259,28 @@ def os_error_message(err: OSError, out: Path | None = None) -> str:
     if err.errno in _OS_ADVICE:
         line += "; " + _OS_ADVICE[err.errno][0 if out is not None else 1]
     return line
+
+
+def given_options(ctx: typer.Context) -> set[str]:
+    """The parameters the user set on the command line (not left at their defaults)."""
+    given = set()
+    for name in ctx.params:
+        source = ctx.get_parameter_source(name)
+        if source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP"):
+            given.add(name)
+    return given
+
+
+def refuse_for_store(given: set[str] | frozenset[str], model_work: Sequence[str], what: str) -> None:
+    """A command given a ``camkit run`` store reads the results as the run computed them: the options in
+    ``model_work`` that the user set (``given``) would change nothing, so they are an error, named as flags."""
+    ignored = sorted(n for n in given if n in model_work)
+    if ignored:
+        flags = ", ".join("--" + n.replace("_", "-") for n in ignored)
+        raise CamkitError(
+            f"{flags}: a store is {what} as the run computed it, nothing is recomputed; drop these options (or run "
+            "`camkit run` again with them into a new store)"
+        )
 
 
 @contextmanager

@@ -34,10 +34,12 @@ from camkit.cli.common import (
     ThreadsOption,
     WeightsOption,
     err_console,
+    given_options,
     join_methods,
     load_model,
     max_pixels_limit,
     out_option,
+    refuse_for_store,
     split_methods,
     user_errors,
     versions,
@@ -62,7 +64,15 @@ EXIT_SOME_SKIPPED = 1
 EVALUATE_METHODS = "gradcam,gradcam++,xgradcam,hirescam,layercam,center,random"
 
 
+#: Options that decide what a model computes, or where files go: meaningless for a store, whose summary is read.
+_MODEL_WORK = (
+    "methods", "metrics", "annotations", "model", "weights", "pretrained", "seed", "threads", "prompt", "max_pixels",
+    "layers", "steps", "batch_size", "compile", "out", "device",
+)  # fmt: skip
+
+
 def evaluate(
+    ctx: typer.Context,
     images: Annotated[
         list[Path] | None,
         typer.Argument(
@@ -123,7 +133,8 @@ def evaluate(
 ) -> None:
     """Score methods on images: faithfulness (deletion, insertion, ...) and, with boxes, localization.
 
-    Given a `camkit run` store (a folder with run.json), prints its summary without recomputing anything.
+    Given a `camkit run` store (a folder with run.json), prints its summary without recomputing anything (the
+    options that would change the results, or --out, are then an error).
 
     Exit status: 0 when every image was evaluated, 1 when some could not be read (skipped, listed on stderr and
     in evaluate.json), 2 on a usage error (nothing evaluated).
@@ -134,6 +145,8 @@ def evaluate(
     from camkit.methods import get_method
 
     if images and len(images) == 1 and (images[0] / "run.json").is_file():
+        with user_errors():
+            refuse_for_store(given_options(ctx), _MODEL_WORK, "summarised")
         _print_store(images[0], fmt)  # a `camkit run` store: its summary, nothing recomputed
         return
     with user_errors():

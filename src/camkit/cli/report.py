@@ -32,11 +32,13 @@ from camkit.cli.common import (
     annotated_targets,
     console,
     err_console,
+    given_options,
     join_methods,
     load_model,
     max_pixels_limit,
     read_annotated,
     read_or_skip,
+    refuse_for_store,
     resolve_inputs,
     run_progress,
     split_methods,
@@ -166,7 +168,7 @@ def report(
         image_root=image_root,
         sample=sample,
         max_pixels=max_pixels,
-        given=frozenset(_given(ctx)),
+        given=frozenset(given_options(ctx)),
         progress=progress,
     )
     with user_errors():
@@ -303,16 +305,6 @@ def _report_images(args: ReportArgs) -> tuple[int, int]:
     return len(failed), len(inputs)
 
 
-def _given(ctx: typer.Context) -> set[str]:
-    """The parameters the user set on the command line (not left at their defaults)."""
-    given = set()
-    for name in ctx.params:
-        source = ctx.get_parameter_source(name)
-        if source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP"):
-            given.add(name)
-    return given
-
-
 def _report_store(args: ReportArgs) -> None:
     """``camkit report STORE``: the stored results as a report, no model loaded."""
     from camkit.report.store import report_store
@@ -322,13 +314,7 @@ def _report_store(args: ReportArgs) -> None:
     path, out, limit = args.images[0], args.out, args.limit
     options = args.page(store=True)
     colormap_table(options.cmap)
-    ignored = sorted(n for n in args.given if n in _MODEL_WORK)
-    if ignored:
-        flags = ", ".join("--" + n.replace("_", "-") for n in ignored)
-        raise CamkitError(
-            f"{flags}: a store is reported as the run computed it, nothing is recomputed; drop these options "
-            "(or run `camkit run` again with them into a new store)"
-        )
+    refuse_for_store(args.given, _MODEL_WORK, "reported")
     if limit is not None and limit < 1:
         raise CamkitError(f"--limit must be at least 1, got {limit}")
     _check_out(out)
