@@ -262,6 +262,14 @@ def test_out_that_is_a_file_fails_before_the_model(tmp_path, no_model) -> None:
     assert blocker.read_text() == "keep me"
 
 
+@pytest.mark.parametrize("size", ["0", "-3"])
+def test_batch_size_below_1_fails_before_the_model(tmp_path, no_model, size) -> None:
+    img = _image(tmp_path / "a.png")
+    res = runner.invoke(app, ["evaluate", str(img), "--batch-size", size, "-o", str(tmp_path / "o")])
+    _one_error_line(res, f"--batch-size must be at least 1, got {size}")
+    assert not (tmp_path / "o").exists()
+
+
 # ------------------------------------------------------------------- folders and unreadable images (13)
 
 

@@ -158,6 +158,8 @@ def evaluate(
                 get_method(m)
         if steps < 1:
             raise CamkitError(f"--steps must be at least 1, got {steps}")
+        if batch_size is not None and batch_size < 1:
+            raise CamkitError(f"--batch-size must be at least 1, got {batch_size}")
         metric_list = _metric_list(metrics)
         anns = read_annotations(annotations) if annotations is not None else {}
         items: list[tuple[str, Path | Image.Image]] = (
