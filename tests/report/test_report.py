@@ -418,15 +418,28 @@ def test_cli_report_moves_one_bar_per_image(
     from camkit.cli import progress
 
     shown: list[tuple[bool, str]] = []
+    stages: list[str] = []
     monkeypatch.setattr(
         progress.RunProgress, "image_done", lambda self, name: shown.append((self._bar is not None, name))
+    )
+    real_stage = progress.RunProgress.stage
+    monkeypatch.setattr(
+        progress.RunProgress, "stage", lambda self, text: stages.append(text) or real_stage(self, text)
     )
     for i in range(2):
         photo(64, 48, i).save(tmp_path / f"p{i}.png")
     out = tmp_path / "rep.html"
     res = CliRunner().invoke(
-        app, ["report", str(tmp_path / "p0.png"), str(tmp_path / "p1.png"), *FAST, flag, "-o", str(out)]
-    )
+        app,
+        ["report", str(tmp_path / "p0.png"), str(tmp_path / "p1.png"), *FAST, flag, "-o", str(out),
+         "--methods", "gradcam,eigencam", "--metrics", "deletion", "--steps", "2"],
+    )  # fmt: skip
     assert res.exit_code == 0, res.output
     assert shown == [(flag == "--progress", "p0"), (flag == "--progress", "p1")]  # each image as it is done
+    # within an image, what it is at: the explanation, then each method's metrics (mprt can take minutes there)
+    assert stages == [
+        f"{name}: {part}"
+        for name in ("p0", "p1")
+        for part in ("explaining", "metrics of gradcam", "metrics of eigencam")
+    ]
     assert [im["name"] for im in _data(out.read_text(encoding="utf-8"))["images"]] == ["p0", "p1"]

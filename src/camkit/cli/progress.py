@@ -99,6 +99,11 @@ class RunProgress:
         if self._bar is not None:
             self._bar.update(self._task, completed=self._images, description=f"images ({name})")
 
+    def stage(self, text: str) -> None:
+        """What the current image's work is at (shown beside the bar until the next stage or image)."""
+        if self._bar is not None:
+            self._bar.update(self._task, description=f"images ({text})")
+
     def forwards(self) -> Callable[[int, int], None] | None:
         """The ``f(done, total)`` callback of the current image's perturbation methods (None when not shown)."""
         if self._bar is None or self._steps == 0:

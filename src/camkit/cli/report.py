@@ -279,18 +279,19 @@ def _report_images(args: ReportArgs) -> tuple[int, int]:
                 continue
             yield item.name, pil
 
-    records = build_records(
-        loaded,
-        pictures(),
-        method_list,
-        args.layers,
-        spec,
-        split_methods(args.metrics),
-        args.steps,
-        parsed,
-        targets,
-    )
     with run_progress(len(inputs), enabled=args.progress) as bar:
+        records = build_records(
+            loaded,
+            pictures(),
+            method_list,
+            args.layers,
+            spec,
+            split_methods(args.metrics),
+            args.steps,
+            parsed,
+            targets,
+            stage=bar.stage,
+        )
 
         def counted() -> Iterator[ImageRecord]:
             for record in records:

@@ -9,7 +9,7 @@ only reads records, so any source of maps (a live model here, a stored run later
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -153,6 +153,7 @@ class _Job:
     steps: int
     threshold: Threshold
     targets: Mapping[str, TargetSpec] | None = None
+    stage: Callable[[str], None] | None = None
 
 
 def _check(
@@ -258,6 +259,8 @@ def _record(job: _Job, name: str, image: Image.Image | Path, scorer: MetricScore
                 + ("its top-1" if target is None else "the default target")
                 + " is explained"
             )
+    if job.stage is not None:
+        job.stage(f"{name}: explaining")
     result = compare(
         loaded.model,
         [pil],
@@ -272,7 +275,10 @@ def _record(job: _Job, name: str, image: Image.Image | Path, scorer: MetricScore
     values: dict[str, dict[str, float]] = {}
     if scorer is not None:
         x = loaded.preprocess([pil])
-        values = {m: _metric_values(scorer, x, expl, pil.size, job) for m, expl in result.items()}
+        for m, expl in result.items():
+            if job.stage is not None:
+                job.stage(f"{name}: metrics of {m}")
+            values[m] = _metric_values(scorer, x, expl, pil.size, job)
     source = str(image) if isinstance(image, Path) else name
     return ImageRecord(name, image, top5, chosen, entries, values, source, notes=notes)
 
@@ -287,6 +293,7 @@ def build_records(
     steps: int = 20,
     threshold: Threshold = 0.2,
     targets: Mapping[str, TargetSpec] | None = None,
+    stage: Callable[[str], None] | None = None,
 ) -> Iterator[ImageRecord]:
     """Explain each image with every method (one :func:`camkit.compare` per image) and make its record.
 
@@ -309,11 +316,15 @@ def build_records(
         threshold: the localisation threshold (:func:`camkit.localize.localize`).
         targets: image name -> the class to explain for that image (its annotated class), instead of
             ``target``; an image not in it gets ``target`` and a note in its card saying so.
+        stage: called with what an image's work is at as it starts each part (``"NAME: explaining"``, then
+            ``"NAME: metrics of METHOD"`` per method): a progress display's text.
 
     Raises:
         ValueError: an unknown metric or method, a ``TopK`` target, ``steps`` below 1.
     """
-    job = replace(_check(loaded, methods, layers, target, metrics, steps, threshold), targets=targets)
+    job = replace(
+        _check(loaded, methods, layers, target, metrics, steps, threshold), targets=targets, stage=stage
+    )
     if targets is not None and any(isinstance(t, TopK) for t in targets.values()):
         raise CamkitError("a report explains one class per image: give a class index or name, not topK")
     scorer = (
