@@ -145,9 +145,9 @@ def evaluate(
     from camkit.methods import get_method
 
     if images and len(images) == 1 and (images[0] / "run.json").is_file():
-        with user_errors():
-            refuse_for_store(given_options(ctx), _MODEL_WORK, "summarised")
-        _print_store(images[0], fmt)  # a `camkit run` store: its summary, nothing recomputed
+        _print_store(
+            images[0], fmt, given_options(ctx)
+        )  # a `camkit run` store: its summary, nothing recomputed
         return
     with user_errors():
         method_list = split_methods(join_methods(methods, EVALUATE_METHODS))
@@ -222,12 +222,14 @@ def _metric_list(metrics: list[str] | None) -> list[str] | None:
     return metric_list
 
 
-def _print_store(path: Path, fmt: Format) -> None:
-    """The summary of a ``camkit run`` store (``summary.json``, or computed from its table), no model work."""
+def _print_store(path: Path, fmt: Format, given: set[str]) -> None:
+    """The summary of a ``camkit run`` store (``summary.json``, or computed from its table), no model work; the
+    options in ``given`` that would change the numbers (or ``--out``) are refused."""
     from camkit.cli.run import print_summary
     from camkit.run import open_store
 
     with user_errors():
+        refuse_for_store(given, _MODEL_WORK, "summarised")
         store = open_store(path)
         summary = store.summary()
     if fmt is Format.json:
