@@ -145,9 +145,7 @@ def evaluate(
     from camkit.methods import get_method
 
     if images and len(images) == 1 and (images[0] / "run.json").is_file():
-        _print_store(
-            images[0], fmt, given_options(ctx)
-        )  # a `camkit run` store: its summary, nothing recomputed
+        _print_store(images[0], fmt, given_options(ctx))
         return
     with user_errors():
         method_list = split_methods(join_methods(methods, EVALUATE_METHODS))
