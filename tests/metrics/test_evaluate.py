@@ -242,3 +242,67 @@ def test_collect_images_walks_nested_folders_in_the_order_of_run(tmp_path) -> No
         Path(it.path).resolve().relative_to(tmp_path.resolve()).as_posix() for it in collect_items([tmp_path])
     ]
     assert run_order == found
+
+
+def test_evaluate_scores_the_maps_of_the_model_as_given(pretrained) -> None:
+    """Deletion and insertion rank pixels by the map, so the prepared copy's rounding-level map differences move
+    them (on the pretrained Lite0: chelsea's Grad-CAM insertion by 1.9e-5, astronaut's Grad-CAM++ deletion by
+    2.6e-5); ``evaluate`` scores the maps of the model as given, as computed by hand here."""
+    from camkit import compare
+    from camkit.io import sample_image
+    from camkit.metrics import deletion, insertion
+
+    names, methods = ("chelsea", "astronaut"), ["gradcam", "gradcam++"]
+    res = evaluate(
+        pretrained.model,
+        [(n, sample_image(n)) for n in names],
+        methods=methods,
+        metrics=["deletion", "insertion"],
+        preprocess=pretrained.preprocess,
+        steps=50,
+    )
+    for name in names:
+        x = pretrained.preprocess(sample_image(name))
+        own = compare(pretrained.model, x, methods=methods, accelerate=False)
+        for method in methods:
+            row = next(r for r in res.rows if r["image"] == name and r["method"] == method)
+            maps = own[method].maps
+            assert row["deletion"] == pytest.approx(deletion(pretrained.model, x, maps).auc.item(), abs=3e-6)
+            assert row["insertion"] == pytest.approx(
+                insertion(pretrained.model, x, maps).auc.item(), abs=3e-6
+            )
+
+
+def test_evaluate_and_its_reexplaining_metrics_prepare_no_copy(tiny, monkeypatch) -> None:
+    """MPRT changes its copy of the model at every step: a prepared copy per step (made and checked against the
+    model) would cost more than the step's explanation. ``evaluate`` and the metrics that explain again run on
+    the model as given: the prepared-copy lookup is never reached."""
+    import camkit.core.pipeline as pipeline
+
+    calls: list[int] = []
+    real = pipeline.lookup
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "lookup", spy)
+    g = torch.Generator().manual_seed(0)
+    imgs = [
+        (f"im{i}.png", Image.fromarray((torch.rand(40, 60, 3, generator=g) * 255).byte().numpy()))
+        for i in range(2)
+    ]
+    res = evaluate(
+        tiny,
+        imgs,
+        methods=["gradcam"],
+        metrics=["deletion", "mprt", "max_sensitivity", "random_logit"],
+        preprocess=Preprocess(size=(32, 32)),
+        layers="features.2",
+        steps=4,
+    )
+    assert len(res.rows) == 2 and all(not math.isnan(r["mprt"]) for r in res.rows)
+    assert calls == []
+    camkit_explain = __import__("camkit").explain
+    camkit_explain(tiny, torch.rand(1, 3, 32, 32), "gradcam", "features.2")
+    assert calls == [1]  # the spy sees the default path's lookup

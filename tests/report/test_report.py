@@ -102,6 +102,28 @@ def test_build_records_holds_the_librarys_maps_top5_and_boxes(small_model: camki
     assert 0.0 <= r.metrics["gradcam"]["insertion"] <= 1.0
 
 
+def test_build_records_metrics_explain_again_without_a_prepared_copy(
+    small_model: camkit.LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The shown maps are ``camkit.explain``'s (one prepared-copy lookup per image); MPRT's explanations of its
+    re-initialised copies run on them as given (before: 84 lookups here, a copy made and checked per step)."""
+    import camkit.core.pipeline as pipeline
+
+    calls: list[int] = []
+    real = pipeline.lookup
+
+    def spy(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "lookup", spy)
+    pics = [("a", photo(64, 48, 0)), ("b", photo(48, 48, 1))]
+    records = list(build_records(small_model, pics, ["gradcam"], "layer4", metrics=["mprt"]))
+    assert [r.name for r in records] == ["a", "b"]
+    assert all(-1.0 <= r.metrics["gradcam"]["mprt"] <= 1.0 for r in records)
+    assert len(calls) == 2
+
+
 def test_build_records_refuses_bad_arguments_before_any_work(small_model: camkit.LoadedModel) -> None:
     pics = [("a", photo())]
     with pytest.raises(ValueError, match="unknown metric"):

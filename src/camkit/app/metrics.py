@@ -259,7 +259,7 @@ class _Again:
         self.watch.check()
         options = PerturbationOptions(batch_size=self.job.batch_size, progress=self.watch.again().progress)
         expl = explain(model, x, method=self.job.method, layers=self.job.layers, targets=classes.tolist(),
-                       perturbation=options)  # fmt: skip
+                       perturbation=options, accelerate=False)  # fmt: skip
         return expl.maps
 
     def remap(self, x: Tensor) -> Tensor:

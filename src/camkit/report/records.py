@@ -234,10 +234,10 @@ def _metric_values(
     targets = expl.classes.tolist() if expl.classes is not None else None
 
     def remap(xm: Tensor) -> Tensor:
-        return compare(job.loaded.model, xm, [method], job.layers, targets)[method].maps
+        return compare(job.loaded.model, xm, [method], job.layers, targets, accelerate=False)[method].maps
 
     def again(model: nn.Module, xm: Tensor, classes: Tensor) -> Tensor:
-        return compare(model, xm, [method], job.layers, classes.tolist())[method].maps
+        return compare(model, xm, [method], job.layers, classes.tolist(), accelerate=False)[method].maps
 
     values, _ = scorer(x, expl.maps[:1].float(), expl.classes, [[]], [size], remap=remap, explain=again)
     names = job.metrics

@@ -212,6 +212,8 @@ class Explainer:
             )
         self.preprocess = preprocess
         self.device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        # maps that metrics score are the model's own (as camkit evaluate's): no prepared copy then
+        self.accelerate = not options.metrics
         self._classes: list[int] | None = None
         self._scorer: MetricScorer | None = None
         self._shapes: dict[str, tuple[int, int]] | None = None
@@ -234,7 +236,14 @@ class Explainer:
             if model_task(self.model) != "classification":  # before a forward that would choose a target
                 raise refusal
             x = torch.zeros(1, 3, *self.preprocess.size, device=self.device)
-            expl = compare(self.model, x, self.methods, self.options.layers, labels=self.labels)
+            expl = compare(
+                self.model,
+                x,
+                self.methods,
+                self.options.layers,
+                labels=self.labels,
+                accelerate=self.accelerate,
+            )
             first = expl[self.methods[0]]
             if first.classes is None or first.output is None or first.output.dim() != 2:
                 raise refusal
@@ -289,7 +298,15 @@ class Explainer:
         x = torch.stack([s.x for s in read if s.x is not None]).to(self.device)
         x = x.contiguous(memory_format=torch.channels_last)
         targets = [self._classes[s.index] for s in read] if self._classes is not None else None
-        expl = compare(self.model, x, self.methods, self.options.layers, targets, labels=self.labels)
+        expl = compare(
+            self.model,
+            x,
+            self.methods,
+            self.options.layers,
+            targets,
+            labels=self.labels,
+            accelerate=self.accelerate,
+        )
         first = expl[self.methods[0]]
         for k, cells in zip(ok, self._prediction_cells(first), strict=True):
             rows[k].update(cells)
@@ -356,14 +373,10 @@ class Explainer:
             targets = classes.tolist()
 
             def remap(xm: Tensor) -> Tensor:
-                return compare(self.model, xm, [method], opts.layers, targets, labels=self.labels)[
-                    method
-                ].maps
+                return compare(self.model, xm, [method], opts.layers, targets, accelerate=False)[method].maps
 
             def again(model: nn.Module, xm: Tensor, cls: Tensor) -> Tensor:
-                return compare(model, xm, [method], opts.layers, cls.tolist(), labels=self.labels)[
-                    method
-                ].maps
+                return compare(model, xm, [method], opts.layers, cls.tolist(), accelerate=False)[method].maps
 
             more, curves = self.scorer()(x, full, classes, gt, sizes, remap=remap, explain=again)
             values.update(more)
