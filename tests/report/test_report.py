@@ -465,3 +465,25 @@ def test_cli_report_moves_one_bar_per_image(
         for part in ("explaining", "metrics of gradcam", "metrics of eigencam")
     ]
     assert [im["name"] for im in _data(out.read_text(encoding="utf-8"))["images"]] == ["p0", "p1"]
+
+
+def test_cli_report_counts_the_explanations_a_metric_asks_for_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """MPRT explains once per module with parameters: the stage text counts them, so a long metric is seen to
+    move."""
+    from camkit.cli import progress
+
+    stages: list[str] = []
+    monkeypatch.setattr(progress.RunProgress, "stage", lambda self, text: stages.append(text))
+    photo(64, 48, 0).save(tmp_path / "p0.png")
+    res = CliRunner().invoke(
+        app,
+        ["report", str(tmp_path / "p0.png"), *FAST, "--progress", "-o", str(tmp_path / "rep.html"),
+         "--methods", "gradcam", "--metrics", "mprt"],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert stages[:2] == ["p0: explaining", "p0: metrics of gradcam"]
+    counted = stages[2:]
+    assert len(counted) > 10  # one per randomised module of the model
+    assert counted == [f"p0: metrics of gradcam, explained again: {k}" for k in range(1, len(counted) + 1)]

@@ -8,6 +8,7 @@ only reads records, so any source of maps (a live model here, a stored run later
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -227,16 +228,25 @@ def _explained(
 
 
 def _metric_values(
-    scorer: MetricScorer, x: Tensor, expl: Explanation, size: tuple[int, int], job: _Job
+    scorer: MetricScorer, x: Tensor, expl: Explanation, size: tuple[int, int], job: _Job, stage: str
 ) -> dict[str, float]:
-    """The metrics of the fused map, metric column -> value, from the one metric dispatcher."""
+    """The metrics of the fused map, metric column -> value, from the one metric dispatcher; each explanation a
+    metric asks for again (MPRT's steps, the sensitivities' samples) is counted in the stage text after
+    ``stage``."""
     method = expl.method
     targets = expl.classes.tolist() if expl.classes is not None else None
+    count = itertools.count(1)
+
+    def counted() -> None:
+        if job.stage is not None:
+            job.stage(f"{stage}, explained again: {next(count)}")
 
     def remap(xm: Tensor) -> Tensor:
+        counted()
         return compare(job.loaded.model, xm, [method], job.layers, targets, accelerate=False)[method].maps
 
     def again(model: nn.Module, xm: Tensor, classes: Tensor) -> Tensor:
+        counted()
         return compare(model, xm, [method], job.layers, classes.tolist(), accelerate=False)[method].maps
 
     values, _ = scorer(x, expl.maps[:1].float(), expl.classes, [[]], [size], remap=remap, explain=again)
@@ -278,7 +288,7 @@ def _record(job: _Job, name: str, image: Image.Image | Path, scorer: MetricScore
         for m, expl in result.items():
             if job.stage is not None:
                 job.stage(f"{name}: metrics of {m}")
-            values[m] = _metric_values(scorer, x, expl, pil.size, job)
+            values[m] = _metric_values(scorer, x, expl, pil.size, job, f"{name}: metrics of {m}")
     source = str(image) if isinstance(image, Path) else name
     return ImageRecord(name, image, top5, chosen, entries, values, source, notes=notes)
 
