@@ -11,6 +11,7 @@ from camkit import compare
 from camkit.adapters import Preprocess
 from camkit.evaluate import baseline_map, evaluate
 from camkit.metrics import Forward
+from camkit.metrics._common import make_baseline
 from camkit.metrics.faithfulness import confidence_change, deletion, deletion_insertion, insertion
 from testbed import TinyNonlinearHead
 
@@ -48,6 +49,50 @@ def test_joint_curves_equal_the_curves_map_by_map() -> None:
         )
     # the ends are shared: 3 images per image (itself, zeroed, blurred) instead of 4 per image and map
     assert fwd.images == 3 * 3 + 3 * 3 * 2 * 6
+
+
+def _curve_by_definition(model, x, m, cls, steps, start, finish) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    """Each step's image built alone: the first ``round(k * H * W / steps)`` pixels in decreasing map order (ties
+    in raster order) taken from ``finish``, the rest from ``start``; its class probability."""
+    b, _, h, w = x.shape
+    out = torch.empty(b, steps + 1)
+    for i in range(b):
+        order = torch.argsort(-m[i].flatten(), stable=True)
+        for k in range(steps + 1):
+            switched = torch.zeros(h * w, dtype=torch.bool)
+            switched[order[: round(k * h * w / steps)]] = True
+            img = torch.where(switched.view(1, h, w), finish[i], start[i])
+            with torch.no_grad():
+                out[i, k] = model(img[None]).softmax(dim=1)[0, cls[i]]
+    return out
+
+
+@pytest.mark.parametrize("batch_size", [1, 4, 5, 64])
+def test_deletion_and_insertion_follow_their_definition_step_by_step(batch_size: int) -> None:
+    """Every step's image built alone, against the chunked stream (chunks that straddle images and curves)."""
+    model = _model()
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 3, 12, 12, generator=g)
+    m = torch.rand(3, 12, 12, generator=g)
+    m[1] = m[1].round(decimals=1)  # ties
+    cls = torch.tensor([1, 0, 3])
+    zeros, blur = torch.zeros_like(x), make_baseline(x, "blur", "blur")
+    fwd = Forward(model, batch_size=batch_size)
+    d = deletion(model, x, m, cls, steps=7, forward=fwd)
+    i = insertion(model, x, m, cls, steps=7, forward=fwd)
+    torch.testing.assert_close(
+        d.scores, _curve_by_definition(model, x, m, cls, 7, x, zeros), rtol=0, atol=1e-6
+    )
+    torch.testing.assert_close(
+        i.scores, _curve_by_definition(model, x, m, cls, 7, blur, x), rtol=0, atol=1e-6
+    )
+    joint = deletion_insertion(model, x, {"m": m, "flat": torch.ones(3, 12, 12)}, cls, steps=7, forward=fwd)
+    torch.testing.assert_close(joint["m"][0].scores, d.scores, rtol=0, atol=1e-6)
+    torch.testing.assert_close(joint["m"][1].scores, i.scores, rtol=0, atol=1e-6)
+    flat = torch.ones(3, 12, 12)
+    torch.testing.assert_close(
+        joint["flat"][1].scores, _curve_by_definition(model, x, flat, cls, 7, blur, x), rtol=0, atol=1e-6
+    )
 
 
 def test_evaluate_equals_the_metrics_method_by_method() -> None:

@@ -111,14 +111,8 @@ def _causal_curve(
     # the two ends do not depend on the map: one call for all images
     ends = fwd.scores(torch.cat([start, finish]), torch.cat([cls, cls]), score)
     scores[:, 0], scores[:, n_steps] = ends[:b], ends[b:]
-    if n_steps > 1:
-        counts_dev = counts.to(x.device)
-        pairs = torch.cartesian_prod(torch.arange(b), torch.arange(1, n_steps)).to(x.device)  # (image, step)
-        for lo, hi in chunks(pairs.shape[0], fwd.batch_size):
-            img, step = pairs[lo:hi, 0], pairs[lo:hi, 1]
-            switched = ranks[img] < counts_dev[step].view(-1, *(1,) * (x.dim() - 1))
-            batch = torch.where(switched, finish[img], start[img])
-            scores[img, step] = fwd.scores(batch, cls[img], score)
+    # the inner steps: one curve (curve 0 of _step_scores) per image
+    _step_scores(fwd, (start[None], finish[None]), ranks[None], counts, cls, score, scores[None])
     fractions = counts.to(x.device, torch.float32) / space.numel()
     auc = torch.trapezoid(scores, fractions, dim=1)
     return Curve(auc=auc, fractions=fractions, scores=scores, classes=cls)
@@ -198,20 +192,36 @@ def _step_scores(
 ) -> None:
     """Fill ``scores[j, i, 1:-1]`` (Tensor[J, B, S + 1]) with the class scores of the inner steps of curve ``j`` on
     image ``i``: curve ``j`` switches the pixels of ``ranks[j // 2]`` from ``start[j % 2]`` to ``finish[j % 2]``
-    (``ends`` = (start, finish), each Tensor[2, B, C, H, W]); every (curve, image, step) in one stream of chunks."""
+    (``ends`` = (start, finish), each Tensor[2, B, C, H, W], or [1, B, C, H, W] for a single curve); every (curve,
+    image, step) in one stream of chunks."""
     n_steps = counts.shape[0] - 1
     if n_steps < 2:
         return
     start, finish = ends
     jobs, b = scores.shape[:2]
-    tasks = torch.cartesian_prod(torch.arange(jobs), torch.arange(b), torch.arange(1, n_steps)).to(cls.device)
+    tasks = torch.cartesian_prod(torch.arange(jobs), torch.arange(b), torch.arange(1, n_steps))
     counts_dev = counts.to(cls.device)
+    shape = (-1, *(1,) * (ranks.dim() - 2))
     for lo, hi in chunks(tasks.shape[0], fwd.batch_size):
-        job, img, step = tasks[lo:hi].unbind(1)
-        kind = job % 2
-        switched = ranks[job // 2, img] < counts_dev[step].view(-1, *(1,) * (ranks.dim() - 2))
-        batch = torch.where(switched, finish[kind, img], start[kind, img])
+        job, img, step = tasks[lo:hi].to(cls.device).unbind(1)
+        batch = start.new_empty((hi - lo, *start.shape[2:]))
+        # the rows of one (curve, image) pair are consecutive steps: their images are written straight from that
+        # pair's start and finish (broadcast), with no gathered copies of them
+        for a, z, j, i in _runs(tasks[lo:hi, 0].tolist(), tasks[lo:hi, 1].tolist()):
+            switched = ranks[j // 2, i] < counts_dev[step[a:z]].view(shape)
+            torch.where(switched, finish[j % 2, i], start[j % 2, i], out=batch[a:z])
         scores[job, img, step] = fwd.scores(batch, cls[img], score)
+
+
+def _runs(jobs: list[int], images: list[int]) -> list[tuple[int, int, int, int]]:
+    """(first row, end row, curve, image) of each run of rows with the same curve and image."""
+    out: list[tuple[int, int, int, int]] = []
+    for row, pair in enumerate(zip(jobs, images, strict=True)):
+        if out and (out[-1][2], out[-1][3]) == pair:
+            out[-1] = (out[-1][0], row + 1, *pair)
+        else:
+            out.append((row, row + 1, *pair))
+    return out
 
 
 def deletion_insertion(
