@@ -309,6 +309,32 @@ def _subprocess_env() -> dict[str, str]:
     return env
 
 
+def test_resume_deletes_the_temporary_files_a_killed_run_left(tmp_path: Path) -> None:
+    """A run killed while writing leaves the temporary files of its atomic writes (a shard's Parquet file,
+    run.json) and zarr's; the run that resumes deletes them, and nothing of the user's, even a name that looks
+    like a temporary file of a file camkit does not write."""
+    data = make_images(tmp_path / "d", 24)
+    out = tmp_path / "s"
+    args = ("--methods", "gradcam", "--shard-size", "8")
+    assert runner.invoke(app, run_args(data, out, *args)).exit_code == 0
+    (out / "shards" / "000001.done").unlink()  # the run "died" in shard 1
+    (out / "table.parquet").unlink()
+    planted = [
+        out / "shards" / ".000001.parquet.ab12cd34.part",
+        out / ".run.json.zz99yy88.part",
+        out / "maps.zarr" / "gradcam" / ("zarr." + "0" * 32 + ".partial"),
+    ]
+    for f in planted:
+        f.write_bytes(b"half")
+    mine = out / "shards" / ".mine.ab12cd34.part"
+    mine.write_text("mine")
+    res = runner.invoke(app, run_args(data, out, *args))
+    assert res.exit_code == 0, res.output
+    assert [f for f in planted if f.exists()] == []
+    assert mine.read_text() == "mine"
+    assert open_store(out).is_finished()
+
+
 def test_sigkill_and_resume_equals_uninterrupted(tmp_path: Path) -> None:
     """A run over 120 images (2 unreadable) killed with SIGKILL three times at random points and restarted with
     the same command ends with the same table and maps as an uninterrupted run; no row lost or duplicated."""

@@ -676,6 +676,16 @@ def store_lock(path: str | Path) -> Iterator[None]:
         yield
 
 
+def _drop_temporaries(p: Path, methods: Sequence[str]) -> None:
+    """Delete the temporary files of camkit's atomic writes and zarr's (``_RULES``) that a killed run left in
+    the store ``p``; the caller holds the store's lock, so no writer of the store is running. Only names that
+    camkit or zarr write are touched; the user's files, and camkit's finished files, stay."""
+    files, _dirs, _foreign = _own_tree(p, methods)
+    for f in files:
+        if re.search(_PART + "$|" + _PARTIAL + "$", f.name) is not None:
+            f.unlink(missing_ok=True)
+
+
 def create_store(
     path: str | Path,
     config: dict[str, Any],
@@ -687,7 +697,8 @@ def create_store(
     """Create a store, or open an existing one made with the same settings and inputs (and verify its done
     shards, dropping the markers of those that do not verify). Call it holding :func:`store_lock`.
 
-    A half-created store (``state`` still ``"creating"``: its creator was killed, since the lock is free) and,
+    Resuming deletes the temporary files that a killed run left (:func:`_drop_temporaries`). A half-created
+    store (``state`` still ``"creating"``: its creator was killed, since the lock is free) and,
     with ``overwrite``, a finished one are started again: camkit deletes its own files of the store (never
     ``lock``), and refuses when the folder holds anything else.
 
@@ -705,6 +716,7 @@ def create_store(
         diff = settings_differences(found, config)
         if diff:
             raise CamkitError(_differ_message(p, diff))
+        _drop_temporaries(p, list(found.get("methods") or []))
         store = Store(p)
         store.check_done(warn)
         return store
